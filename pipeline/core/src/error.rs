@@ -1,0 +1,36 @@
+//! Errors of the shared plumbing, each saying whether retrying can help.
+
+/// Decoding or encoding a record failed; retrying the same bytes cannot help.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    #[error("record is too short for the Confluent wire format ({0} bytes, need at least 5)")]
+    TooShort(usize),
+    #[error("wrong magic byte {0:#04x} (the Confluent wire format starts with 0x00)")]
+    WrongMagic(u8),
+    #[error("Avro: {0}")]
+    Avro(String),
+    #[error("{path}: {message}")]
+    Field { path: String, message: String },
+}
+
+/// Errors talking to the schema registry.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("schema id {0} is not known to the schema registry")]
+    UnknownSchemaId(u32),
+    #[error("subject {0} has no registered schema")]
+    UnknownSubject(String),
+    #[error("schema registry rejected the schema: {0}")]
+    Rejected(String),
+    #[error("schema registry unreachable or failing: {0}")]
+    Unavailable(String),
+    #[error("schema {0} is not valid Avro: {1}")]
+    InvalidSchema(String, String),
+}
+
+impl RegistryError {
+    /// Whether the same request may succeed later.
+    pub fn is_retriable(&self) -> bool {
+        matches!(self, RegistryError::Unavailable(_))
+    }
+}

@@ -1,0 +1,15 @@
+//! Shared plumbing for every tidings stage: the Confluent wire format, schema-guided JSON⇄Avro
+//! conversion, the cached schema-registry client, the notification record and Kafka client settings.
+//! No stage logic lives here; the crate is small enough to fuzz and property-test in isolation.
+
+pub mod error;
+pub mod json_avro;
+pub mod kafka;
+pub mod notification;
+pub mod registry;
+pub mod shutdown;
+pub mod wire;
+
+pub use error::{CodecError, RegistryError};
+pub use notification::Notification;
+pub use registry::{DecodeError, FramedEncoder, RegistryClient};

@@ -8,6 +8,7 @@ pub mod kafka;
 pub mod notification;
 pub mod registry;
 pub mod shutdown;
+pub mod trace;
 pub mod wire;
 
 pub use error::{CodecError, RegistryError};

@@ -18,7 +18,7 @@ CREATE TABLE notifications (
     stored_at        timestamptz NOT NULL DEFAULT now(),
     read_at          timestamptz
 );
-CREATE INDEX notifications_user_inbox ON notifications (user_id, stream_partition, stream_offset DESC);
+CREATE INDEX notifications_user_inbox ON notifications (user_id, stream_partition, stream_offset);
 
 -- Chat room history, written from the `chat` topic.
 CREATE TABLE chat_messages (

@@ -19,7 +19,7 @@ CREATE TABLE notifications (
     stored_at        integer     NOT NULL DEFAULT (CAST(unixepoch('subsec') * 1000000 AS INTEGER)),
     read_at          integer       
 );
-CREATE INDEX notifications_user_inbox ON notifications (user_id, stream_partition, stream_offset DESC);
+CREATE INDEX notifications_user_inbox ON notifications (user_id, stream_partition, stream_offset);
 
 -- Chat room history, written from the `chat` topic.
 CREATE TABLE chat_messages (

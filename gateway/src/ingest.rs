@@ -1,0 +1,149 @@
+//! `POST /v1/events/{topic}`: takes one event as JSON, validates it against the latest schema
+//! registered for `<topic>-value` (400 with the field path on mismatch), encodes it as Avro in the
+//! Confluent wire format and produces it keyed by the topic's key field. Answers 202 once the
+//! broker has acknowledged the record.
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+use tidings_core::json_avro::json_to_avro;
+use tidings_core::kafka::H_TRACEPARENT;
+use tidings_core::{CodecError, FramedEncoder, RegistryClient};
+
+/// Largest accepted event body.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+/// How long a looked-up schema is reused before asking the registry for the latest again.
+const SCHEMA_TTL: Duration = Duration::from_secs(30);
+
+/// A topic that accepts events over HTTP.
+#[derive(Debug, Clone)]
+pub struct IngestTopic {
+    /// Cluster name of the topic.
+    pub physical: String,
+    /// Top-level field whose value is the Kafka key.
+    pub key_field: Option<String>,
+}
+
+/// Shared state of the ingest endpoint.
+pub struct IngestState {
+    pub topics: HashMap<String, IngestTopic>,
+    pub registry: RegistryClient,
+    pub producer: FutureProducer,
+    encoders: RwLock<HashMap<String, (Instant, Arc<(FramedEncoder, &'static apache_avro::Schema)>)>>,
+}
+
+impl IngestState {
+    pub fn new(topics: HashMap<String, IngestTopic>, registry: RegistryClient, producer: FutureProducer) -> Self {
+        IngestState { topics, registry, producer, encoders: RwLock::new(HashMap::new()) }
+    }
+
+    async fn encoder(&self, physical: &str) -> Result<Arc<(FramedEncoder, &'static apache_avro::Schema)>, ApiError> {
+        if let Some((at, e)) = self.encoders.read().expect("lock").get(physical) {
+            if at.elapsed() < SCHEMA_TTL {
+                return Ok(e.clone());
+            }
+        }
+        let (id, schema) = self.registry.latest(&format!("{physical}-value")).await.map_err(|e| {
+            if e.is_retriable() {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "registry_unavailable", e.to_string())
+            } else {
+                ApiError::new(StatusCode::NOT_FOUND, "schema_not_found", e.to_string())
+            }
+        })?;
+        let enc = FramedEncoder::new(id, schema).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+        let e = Arc::new((enc, schema));
+        self.encoders.write().expect("lock").insert(physical.to_string(), (Instant::now(), e.clone()));
+        Ok(e)
+    }
+}
+
+/// A JSON error with a stable shape: `{"error": {"code", "message", "path"?}}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    path: Option<String>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError { status, code, message: message.into(), path: None }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut err = json!({"code": self.code, "message": self.message});
+        if let Some(p) = self.path {
+            err["path"] = Value::String(p);
+        }
+        (self.status, Json(json!({ "error": err }))).into_response()
+    }
+}
+
+pub fn router(state: Arc<IngestState>) -> Router {
+    Router::new()
+        .route("/v1/events/{topic}", post(ingest))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+async fn ingest(
+    State(state): State<Arc<IngestState>>,
+    Path(topic): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let Some(t) = state.topics.get(&topic) else {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "unknown_topic", format!("topic {topic:?} does not accept events")));
+    };
+    let json: Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", format!("body is not valid JSON: {e}")))?;
+    let enc = state.encoder(&t.physical).await?;
+    let (encoder, schema) = (&enc.0, enc.1);
+    let value = json_to_avro(schema, &json).map_err(|e| match e {
+        CodecError::Field { path, message } => ApiError {
+            status: StatusCode::BAD_REQUEST,
+            code: "schema_mismatch",
+            message: format!("{path}: {message}"),
+            path: Some(path),
+        },
+        other => ApiError::new(StatusCode::BAD_REQUEST, "schema_mismatch", other.to_string()),
+    })?;
+    let payload = encoder.encode(value).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "schema_mismatch", e.to_string()))?;
+    let key = t.key_field.as_ref().and_then(|k| json.get(k)).and_then(Value::as_str).map(str::to_string);
+    let traceparent = headers
+        .get(H_TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| tidings_core::trace::parse_traceparent(v).is_some())
+        .map(str::to_string)
+        .unwrap_or_else(tidings_core::trace::new_traceparent);
+    let mut rec: FutureRecord<'_, str, [u8]> = FutureRecord::to(&t.physical)
+        .payload(payload.as_slice())
+        .headers(OwnedHeaders::new().insert(Header { key: H_TRACEPARENT, value: Some(&traceparent) }));
+    if let Some(k) = &key {
+        rec = rec.key(k.as_str());
+    }
+    let delivery = state
+        .producer
+        .send(rec, Duration::from_secs(5))
+        .await
+        .map_err(|(e, _)| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "broker_unavailable", e.to_string()))?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({
+            "topic": t.physical, "partition": delivery.partition, "offset": delivery.offset,
+            "schema_id": encoder.schema_id(), "traceparent": traceparent,
+        })),
+    ))
+}

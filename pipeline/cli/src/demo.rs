@@ -1,0 +1,144 @@
+//! `tidings demo`: a realistic mixed stream (orders moving through their lifecycle, coupons,
+//! a campaign, a chat room) sent through the gateway's HTTP ingest, so a newcomer sees
+//! notifications land within seconds.
+
+use anyhow::Context;
+use clap::Args;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use crate::endpoints::Endpoints;
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Gateway base URL. Default: the one a running `tidings up` wrote to its endpoints file.
+    #[arg(long, env = "TIDINGS_GATEWAY_URL")]
+    pub gateway: Option<String>,
+    /// How many events to send.
+    #[arg(long, default_value_t = 500)]
+    pub events: u32,
+    /// Events per second.
+    #[arg(long, default_value_t = 100)]
+    pub rate: u32,
+    /// Number of distinct users.
+    #[arg(long, default_value_t = 50)]
+    pub users: u32,
+    #[arg(long, env = "TIDINGS_DATA_DIR", default_value = "tidings-data")]
+    pub data_dir: std::path::PathBuf,
+}
+
+fn user(i: u32) -> String {
+    format!("u{:04}", i + 1)
+}
+
+fn now_micros() -> i64 {
+    chrono::Utc::now().timestamp_micros()
+}
+
+fn envelope(extra: Value) -> Value {
+    let mut v = json!({ "event_id": uuid::Uuid::new_v4().to_string(), "occurred_at": now_micros() });
+    if let (Some(o), Value::Object(e)) = (v.as_object_mut(), extra) {
+        o.extend(e);
+    }
+    v
+}
+
+/// The next event: a weighted pick over the domain, keeping per-order lifecycle state.
+struct Gen {
+    rng: SmallRng,
+    users: u32,
+    open_orders: Vec<(String, String, u8)>,
+    seq: u32,
+}
+
+impl Gen {
+    fn next(&mut self) -> (&'static str, Value) {
+        self.seq += 1;
+        let roll = self.rng.random_range(0..100);
+        let u = user(self.rng.random_range(0..self.users));
+        let locale = if self.rng.random_bool(0.3) { json!("ko") } else { json!("en") };
+        if roll < 55 {
+            // Advance an open order, or place a new one.
+            if !self.open_orders.is_empty() && self.rng.random_bool(0.7) {
+                let i = self.rng.random_range(0..self.open_orders.len());
+                let (order, buyer, stage) = self.open_orders[i].clone();
+                let payload = match stage {
+                    0 => json!({"OrderPaid": {"amount_cents": 4200, "currency": "EUR", "payment_method": "card"}}),
+                    1 => json!({"OrderShipped": {"carrier": "DHL", "tracking_number": format!("TRK{}", self.seq)}}),
+                    2 => json!({"OrderDelivered": {"delivered_to": "front door"}}),
+                    _ => json!({"OrderCancelled": {"reason": "changed my mind"}}),
+                };
+                if stage >= 2 {
+                    self.open_orders.swap_remove(i);
+                } else {
+                    self.open_orders[i].2 += 1;
+                }
+                return ("orders", envelope(json!({"order_id": order, "buyer_id": buyer, "locale": locale, "payload": payload})));
+            }
+            let order = format!("o-{}", self.seq);
+            self.open_orders.push((order.clone(), u.clone(), 0));
+            let qty = self.rng.random_range(1..4);
+            ("orders", envelope(json!({"order_id": order, "buyer_id": u, "locale": locale, "payload": {"OrderPlaced": {
+                "amount_cents": 1400 * qty, "currency": "EUR",
+                "items": [{"sku": "tea-01", "name": "Green tea", "quantity": qty, "unit_price_cents": 1400}]}}})))
+        } else if roll < 75 {
+            let expires = now_micros() + 7 * 86_400_000_000;
+            let payload = if self.rng.random_bool(0.7) {
+                json!({"CouponIssued": {"user_id": u, "code": format!("SAVE{}", self.seq), "discount_percent": 10, "expires_at": expires}})
+            } else {
+                json!({"CouponExpiring": {"user_id": u, "code": format!("SAVE{}", self.seq), "expires_at": expires}})
+            };
+            ("coupons", envelope(json!({"coupon_id": format!("c-{}", self.seq), "locale": locale, "payload": payload})))
+        } else if roll < 78 {
+            let audience: Vec<String> = (0..self.users).map(user).collect();
+            ("coupons", envelope(json!({"coupon_id": format!("camp-{}", self.seq), "payload": {"CampaignLaunched": {
+                "campaign_id": format!("camp-{}", self.seq), "title": "Weekend sale", "discount_percent": 20,
+                "audience": {"InlineAudience": {"user_ids": audience}}}}})))
+        } else {
+            let sender = user(self.rng.random_range(0..5));
+            ("chat", envelope(json!({"room_id": "room-lobby", "payload": {"MessageSent": {
+                "message_id": format!("m-{}", self.seq), "sender_id": sender, "text": format!("hello #{}", self.seq)}}})))
+        }
+    }
+}
+
+pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
+    let base = match args.gateway {
+        Some(g) => g,
+        None => Endpoints::read(&args.data_dir).map(|e| e.http).filter(|h| !h.is_empty()).unwrap_or_else(|| "http://127.0.0.1:8080".into()),
+    };
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
+    let send = |topic: &'static str, body: Value| {
+        let http = http.clone();
+        let url = format!("{base}/v1/events/{topic}");
+        async move {
+            let resp = http.post(&url).json(&body).send().await.with_context(|| format!("POST {url} (is `tidings up` running?)"))?;
+            let status = resp.status();
+            if !status.is_success() {
+                let text = resp.text().await.unwrap_or_default();
+                anyhow::bail!("POST {url}: {status}: {text}");
+            }
+            anyhow::Ok(())
+        }
+    };
+    // The chat room exists before anyone talks in it.
+    let members: Vec<String> = (0..args.users.min(10)).map(user).collect();
+    send("chat", envelope(json!({"room_id": "room-lobby", "payload": {"RoomCreated": {"name": "Lobby", "creator_id": user(0), "members": members}}}))).await?;
+    let mut g = Gen { rng: SmallRng::seed_from_u64(7), users: args.users.max(1), open_orders: Vec::new(), seq: 0 };
+    let started = Instant::now();
+    let interval = Duration::from_secs_f64(1.0 / f64::from(args.rate.max(1)));
+    for i in 0..args.events {
+        let (topic, ev) = g.next();
+        send(topic, ev).await?;
+        if (i + 1) % 100 == 0 {
+            eprintln!("{} events sent", i + 1);
+        }
+        let due = started + interval * (i + 1);
+        tokio::time::sleep_until(due.into()).await;
+    }
+    println!("Sent {} events in {:.1}s. See them: `tidings inbox --user u0001` or `tidings stats`.", args.events + 1, started.elapsed().as_secs_f64());
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,142 @@
+//! The small commands: topology check/apply, produce, inbox, stats and segment loading.
+
+use anyhow::{bail, Context};
+use rdkafka::admin::AdminClient;
+use rdkafka::client::DefaultClientContext;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use std::io::BufRead;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+use tidings_core::json_avro::json_to_avro;
+use tidings_core::kafka::KafkaConfig;
+use tidings_core::{FramedEncoder, RegistryClient};
+use tidings_pipeline::topology::{self, Topology};
+use tidings_sinks::Store;
+
+use crate::endpoints::{database_url, Endpoints};
+use crate::up::load_topology;
+use crate::Infra;
+
+pub fn topology_check(path: &Path) -> anyhow::Result<ExitCode> {
+    match Topology::load(path) {
+        Ok(t) => {
+            for w in &t.warnings {
+                println!("warning: {w}");
+            }
+            println!("{}: OK ({} topics, {} templates)", path.display(), t.topics.len(), t.templates.len());
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(errs) => {
+            eprintln!("{}: {} error(s)", path.display(), errs.0.len());
+            for d in &errs.0 {
+                eprintln!("  {d}");
+            }
+            Ok(ExitCode::from(2))
+        }
+    }
+}
+
+fn brokers(infra: &Infra) -> anyhow::Result<String> {
+    infra
+        .brokers
+        .clone()
+        .or_else(|| Endpoints::read(&infra.data_dir).map(|e| e.brokers))
+        .context("no --brokers given and no running `tidings up` found (its endpoints.json)")
+}
+
+fn registry_url(infra: &Infra) -> anyhow::Result<String> {
+    infra
+        .schema_registry_url
+        .clone()
+        .or_else(|| Endpoints::read(&infra.data_dir).map(|e| e.schema_registry_url))
+        .context("no --schema-registry-url given and no running `tidings up` found (its endpoints.json)")
+}
+
+fn topology_with_running_prefix(infra: &Infra) -> anyhow::Result<Topology> {
+    let topo = load_topology(infra)?;
+    if infra.topic_prefix.is_none() {
+        if let Some(e) = Endpoints::read(&infra.data_dir) {
+            return Ok(topo.with_prefix(&e.topic_prefix));
+        }
+    }
+    Ok(topo)
+}
+
+pub async fn topology_apply(infra: &Infra) -> anyhow::Result<ExitCode> {
+    let topo = load_topology(infra)?;
+    let admin: AdminClient<DefaultClientContext> = KafkaConfig::new(brokers(infra)?).admin().create()?;
+    let report = topology::apply::apply(&topo, &admin, Duration::from_secs(30)).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    println!("{report}");
+    Ok(if report.is_clean() { ExitCode::SUCCESS } else { ExitCode::from(3) })
+}
+
+pub async fn produce(topic: &str, infra: &Infra) -> anyhow::Result<ExitCode> {
+    let topo = topology_with_running_prefix(infra)?;
+    let Some(spec) = topo.topics.get(topic) else { bail!("topic {topic:?} is not declared in {}", infra.topology.display()) };
+    let physical = topo.topic_name(topic);
+    let registry = RegistryClient::new(&registry_url(infra)?)?;
+    let (id, schema) = registry.latest(&format!("{physical}-value")).await?;
+    let encoder = FramedEncoder::new(id, schema)?;
+    let producer: FutureProducer = KafkaConfig::new(brokers(infra)?).producer().create()?;
+    let (mut ok, mut bad) = (0u64, 0u64);
+    for (n, line) in std::io::stdin().lock().lines().enumerate() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let json: serde_json::Value = match serde_json::from_str(&line) {
+            Ok(j) => j,
+            Err(e) => {
+                eprintln!("line {}: not JSON: {e}", n + 1);
+                bad += 1;
+                continue;
+            }
+        };
+        let payload = match json_to_avro(schema, &json).and_then(|v| encoder.encode(v)) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("line {}: {e}", n + 1);
+                bad += 1;
+                continue;
+            }
+        };
+        let key = spec.key.as_ref().and_then(|k| json.get(k)).and_then(|v| v.as_str()).map(str::to_string);
+        let mut rec: FutureRecord<'_, str, [u8]> = FutureRecord::to(&physical).payload(payload.as_slice());
+        if let Some(k) = &key {
+            rec = rec.key(k.as_str());
+        }
+        producer.send(rec, Duration::from_secs(10)).await.map_err(|(e, _)| anyhow::anyhow!("line {}: {e}", n + 1))?;
+        ok += 1;
+    }
+    eprintln!("{ok} event(s) produced to {physical}, {bad} rejected.");
+    Ok(if bad == 0 { ExitCode::SUCCESS } else { ExitCode::from(4) })
+}
+
+pub async fn inbox(user: &str, limit: u32, infra: &Infra) -> anyhow::Result<ExitCode> {
+    let store = Store::connect(&database_url(infra)).await?;
+    let items = store.inbox(user, None, limit).await?;
+    let unread = store.unread_count(user).await?;
+    println!("{user}: {unread} unread");
+    for i in items {
+        let n = &i.notification;
+        let when = chrono::DateTime::from_timestamp_micros(n.occurred_at).map(|t| t.to_rfc3339()).unwrap_or_default();
+        println!("{} {:<16} {}  {}", when, n.kind, n.title, if i.read { "" } else { "(unread)" });
+        println!("    {}", n.body);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn stats(infra: &Infra) -> anyhow::Result<ExitCode> {
+    let store = Store::connect(&database_url(infra)).await?;
+    println!("{}", serde_json::json!({ "notifications": store.count_notifications().await? }));
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn segment(name: &str, infra: &Infra) -> anyhow::Result<ExitCode> {
+    let store = Store::connect(&database_url(infra)).await?;
+    let users: Vec<String> = std::io::stdin().lock().lines().map_while(Result::ok).map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect();
+    let added = store.add_segment_members(name, &users).await?;
+    println!("segment {name}: {} user(s) read, {added} new", users.len());
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,227 @@
+//! `tidings up`: starts the store, the schema registry (embedded unless a URL is given), the
+//! broker (an in-process mock cluster unless `--brokers` is given), applies the topology, then
+//! runs the selected stages under one shutdown tree until SIGTERM or Ctrl-C.
+
+use anyhow::{bail, Context};
+use clap::Args;
+use rdkafka::admin::AdminClient;
+use rdkafka::client::DefaultClientContext;
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::FutureProducer;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+use tidings_core::kafka::KafkaConfig;
+use tidings_core::shutdown::TaskTree;
+use tidings_core::RegistryClient;
+use tidings_gateway::{IngestState, IngestTopic, Readiness};
+use tidings_pipeline::stages::templating::{self, TemplatingConfig};
+use tidings_pipeline::topology::{self, Topology};
+use tidings_sinks::persistence::{self, PersistenceConfig};
+use tidings_sinks::Store;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::endpoints::Endpoints;
+use crate::Infra;
+
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    #[command(flatten)]
+    pub infra: Infra,
+    /// Listen address of the HTTP gateway (/healthz, /readyz, /v1/events/{topic}).
+    #[arg(long, env = "TIDINGS_HTTP", default_value = "127.0.0.1:8080")]
+    pub http: SocketAddr,
+    /// Listen address of the embedded schema registry (used when no --schema-registry-url).
+    #[arg(long, env = "TIDINGS_REGISTRY_LISTEN", default_value = "127.0.0.1:8081")]
+    pub registry_listen: SocketAddr,
+    /// Stages to run, comma-separated: templating, persistence, gateway.
+    #[arg(long, env = "TIDINGS_STAGES", value_delimiter = ',', default_value = "templating,persistence,gateway")]
+    pub stages: Vec<String>,
+    /// Seconds to let tasks finish their work after SIGTERM before exiting anyway.
+    #[arg(long, env = "TIDINGS_GRACE_SECS", default_value_t = 15)]
+    pub grace_secs: u64,
+}
+
+pub(crate) fn load_topology(infra: &Infra) -> anyhow::Result<Topology> {
+    let topo = Topology::load(&infra.topology).map_err(|errs| anyhow::anyhow!("{} is invalid:\n{errs}", infra.topology.display()))?;
+    Ok(match &infra.topic_prefix {
+        Some(p) => topo.with_prefix(p),
+        None => topo,
+    })
+}
+
+async fn shutdown_signal(token: CancellationToken) {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received; finishing in-flight work, then exiting."),
+        _ = tokio::signal::ctrl_c() => info!("Ctrl-C received; finishing in-flight work, then exiting."),
+        _ = token.cancelled() => {}
+    }
+    token.cancel();
+}
+
+pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
+    for s in &args.stages {
+        if !["templating", "persistence", "gateway"].contains(&s.as_str()) {
+            bail!("unknown stage {s:?} (expected templating, persistence or gateway)");
+        }
+    }
+    let topo = Arc::new(load_topology(&args.infra)?);
+    std::fs::create_dir_all(&args.infra.data_dir).with_context(|| format!("creating {}", args.infra.data_dir.display()))?;
+    let database_url = args
+        .infra
+        .database_url
+        .clone()
+        .unwrap_or_else(|| format!("sqlite://{}/tidings.db", args.infra.data_dir.display()));
+    let store = Store::connect(&database_url).await.with_context(|| format!("opening the store at {database_url}"))?;
+    info!(backend = store.backend(), "Store ready at {database_url}.");
+
+    let token = CancellationToken::new();
+    let mut tasks = TaskTree::new(token.clone());
+    let readiness = Readiness::default();
+
+    // Schema registry: external by URL, or the embedded one on its own listener.
+    let registry_url = match &args.infra.schema_registry_url {
+        Some(url) => url.clone(),
+        None => {
+            let registry = tidings_pipeline::registry::Registry::open(store.clone()).await.context("opening the embedded schema registry")?;
+            let listener = tokio::net::TcpListener::bind(args.registry_listen)
+                .await
+                .with_context(|| format!("binding the schema registry to {}", args.registry_listen))?;
+            let addr = listener.local_addr()?;
+            let t = token.clone();
+            tasks.spawn("schema-registry", async move { tidings_pipeline::registry::serve(listener, registry, t).await });
+            info!("Embedded schema registry listening on http://{addr}.");
+            format!("http://{addr}")
+        }
+    };
+
+    // Kafka: external brokers, or an in-process mock cluster whose listener other clients can use.
+    let mock: Option<MockCluster<'static, _>>;
+    let brokers = match &args.infra.brokers {
+        Some(b) => {
+            mock = None;
+            b.clone()
+        }
+        None => {
+            let m = MockCluster::new(1).context("starting the embedded Kafka mock cluster")?;
+            let b = m.bootstrap_servers();
+            let report = topology::apply::apply_mock(&topo, &m).map_err(|e| anyhow::anyhow!("creating topics on the mock cluster: {e}"))?;
+            info!("Embedded Kafka (librdkafka mock cluster) at {b}; {report}");
+            mock = Some(m);
+            b
+        }
+    };
+    let kafka = KafkaConfig::new(brokers.clone());
+    if mock.is_none() {
+        let admin: AdminClient<DefaultClientContext> = kafka.admin().create()?;
+        let report = topology::apply::apply(&topo, &admin, Duration::from_secs(30)).await.map_err(|e| anyhow::anyhow!("applying the topology: {e}"))?;
+        info!("Topology applied: {report}");
+    }
+
+    // Every topic with a schema has it registered under <topic>-value, so ingest and producers find it.
+    let client = RegistryClient::new(&registry_url)?;
+    for (logical, _) in topo.topics.iter() {
+        if let Some(text) = topo.schema_text(logical) {
+            let subject = format!("{}-value", topo.topic_name(logical));
+            let id = register_with_retry(&client, &subject, text).await?;
+            info!("Schema for {subject} registered as id {id}.");
+        }
+    }
+
+    let run = |name: &str| args.stages.iter().any(|s| s == name);
+    if run("templating") {
+        let cfg = TemplatingConfig { kafka: kafka.clone(), registry_url: registry_url.clone(), topology: topo.clone() };
+        let (s, t) = (store.clone(), token.clone());
+        readiness.set("templating", true);
+        tasks.spawn("templating", async move { templating::run(cfg, s, t).await });
+    }
+    if run("persistence") {
+        let spec = &topo.stages.persistence;
+        let chat = spec.inputs.iter().find(|t| t.as_str() == "chat");
+        let notifications = spec.inputs.iter().find(|t| t.as_str() != "chat").cloned().unwrap_or_else(|| "notifications".into());
+        let cfg = PersistenceConfig {
+            kafka: kafka.clone(),
+            registry_url: registry_url.clone(),
+            group: topo.group_name(&spec.group),
+            notifications_topic: topo.topic_name(&notifications),
+            chat_topic: chat.map(|c| topo.topic_name(c)),
+            chat_schema: chat.and_then(|c| topo.schema_text(c)).map(str::to_string),
+            dead_letter: topo.topic_name(&spec.dead_letter),
+            batch_size: spec.batch_size,
+            linger: Duration::from_millis(spec.linger_ms),
+        };
+        let (s, t) = (store.clone(), token.clone());
+        readiness.set("persistence", true);
+        tasks.spawn("persistence", async move { persistence::run(cfg, s, t).await });
+    }
+    let mut http = String::new();
+    if run("gateway") {
+        let producer: FutureProducer = kafka.producer().create()?;
+        let topics: HashMap<String, IngestTopic> = topo
+            .topics
+            .iter()
+            .filter(|(name, _)| topo.stages.templating.inputs.contains(name))
+            .map(|(name, spec)| (name.clone(), IngestTopic { physical: topo.topic_name(name), key_field: spec.key.clone() }))
+            .collect();
+        let ingest = Arc::new(IngestState::new(topics, client.clone(), producer));
+        let app = tidings_gateway::app(ingest, readiness.clone());
+        let listener = tokio::net::TcpListener::bind(args.http).await.with_context(|| format!("binding the gateway to {}", args.http))?;
+        let addr = listener.local_addr()?;
+        http = format!("http://{addr}");
+        readiness.set("gateway", true);
+        let t = token.clone();
+        tasks.spawn("gateway", async move { tidings_gateway::serve(listener, app, t).await });
+        info!("Gateway listening on {http} (GET /healthz, GET /readyz, POST /v1/events/{{topic}}).");
+    }
+
+    Endpoints {
+        brokers: brokers.clone(),
+        schema_registry_url: registry_url.clone(),
+        database_url: database_url.clone(),
+        http: http.clone(),
+        topic_prefix: topo.topic_prefix.clone(),
+    }
+    .write(&args.infra.data_dir)?;
+    println!("tidings is up.");
+    println!("  Kafka bootstrap:  {brokers}{}", if mock.is_some() { "   (embedded mock cluster; any Kafka client can produce here)" } else { "" });
+    println!("  Schema registry:  {registry_url}");
+    println!("  Store:            {database_url}");
+    if !http.is_empty() {
+        println!("  Gateway:          {http}");
+    }
+    println!("Try `tidings demo` in another terminal, then `tidings inbox --user u0001`.");
+
+    tokio::spawn(shutdown_signal(token.clone()));
+    let failures = tasks.run(Duration::from_secs(args.grace_secs)).await;
+    drop(mock);
+    if failures.is_empty() {
+        info!("tidings stopped cleanly.");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        for (name, e) in &failures {
+            eprintln!("error: {name}: {e}");
+        }
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+/// The registry may be starting (embedded) or briefly unreachable (external): retry only that.
+async fn register_with_retry(client: &RegistryClient, subject: &str, text: &str) -> anyhow::Result<u32> {
+    let mut delay = Duration::from_millis(200);
+    for _ in 0..10 {
+        match client.register(subject, text).await {
+            Ok(id) => return Ok(id),
+            Err(e) if e.is_retriable() => {
+                tracing::warn!(error = %e, "Schema registry not reachable; retrying in {delay:?}.");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+            Err(e) => return Err(anyhow::anyhow!("registering {subject}: {e}")),
+        }
+    }
+    bail!("schema registry at {} unreachable", client.url())
+}

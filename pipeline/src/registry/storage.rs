@@ -1,0 +1,256 @@
+//! SQL persistence of the registry in the `registry_*` tables of the store, for PostgreSQL and
+//! SQLite alike. The statements are the same text for both backends (`$n` placeholders work in
+//! both); only the connection types differ, which the `on_conn!` macro papers over.
+
+use sqlx::pool::PoolConnection;
+use sqlx::{Postgres, Row, Sqlite, Transaction};
+use tidings_sinks::{Store, StoreError};
+
+use super::Mutation;
+
+/// Key of the PostgreSQL advisory lock that serializes registry writes across processes
+/// ("tidingsr" in ASCII), so two instances never hand out the same id or version.
+const WRITE_LOCK_KEY: i64 = 0x7469_6469_6e67_7372;
+
+pub(crate) struct SchemaRow {
+    pub id: u32,
+    pub schema_type: String,
+    pub schema: String,
+}
+
+pub(crate) struct VersionRow {
+    pub subject: String,
+    pub version: u32,
+    pub schema_id: u32,
+    pub deleted: bool,
+}
+
+pub(crate) struct ConfigRow {
+    pub subject: String,
+    pub compatibility: String,
+}
+
+/// The full content of the registry tables.
+pub(crate) struct Snapshot {
+    pub schemas: Vec<SchemaRow>,
+    pub versions: Vec<VersionRow>,
+    pub config: Vec<ConfigRow>,
+}
+
+/// Runs `$body` with `$conn` bound to the backend's `&mut` connection.
+macro_rules! on_conn {
+    ($target:expr, |$conn:ident| $body:expr) => {
+        match $target {
+            Conn::Postgres($conn) => $body,
+            Conn::Sqlite($conn) => $body,
+        }
+    };
+}
+
+/// A pooled connection or an open transaction of either backend.
+enum Conn<P, S> {
+    Postgres(P),
+    Sqlite(S),
+}
+
+/// A write transaction holding the registry write lock.
+pub(crate) struct Tx(Conn<Transaction<'static, Postgres>, Transaction<'static, Sqlite>>);
+
+/// Reads the whole registry.
+pub(crate) async fn load(store: &Store) -> Result<Snapshot, StoreError> {
+    let mut conn: Conn<PoolConnection<Postgres>, PoolConnection<Sqlite>> = match store {
+        Store::Postgres(pool) => Conn::Postgres(pool.acquire().await?),
+        Store::Sqlite(pool) => Conn::Sqlite(pool.acquire().await?),
+    };
+    on_conn!(&mut conn, |c| LoadConn::load(&mut **c).await)
+}
+
+/// Opens a write transaction. On PostgreSQL it takes a transaction-scoped advisory lock first;
+/// SQLite serializes writers by itself.
+pub(crate) async fn begin(store: &Store) -> Result<Tx, StoreError> {
+    let conn = match store {
+        Store::Postgres(pool) => {
+            let mut tx = pool.begin().await?;
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(WRITE_LOCK_KEY)
+                .execute(&mut *tx)
+                .await?;
+            Conn::Postgres(tx)
+        }
+        Store::Sqlite(pool) => Conn::Sqlite(pool.begin().await?),
+    };
+    Ok(Tx(conn))
+}
+
+impl Tx {
+    pub(crate) async fn load(&mut self) -> Result<Snapshot, StoreError> {
+        on_conn!(&mut self.0, |c| LoadConn::load(&mut **c).await)
+    }
+
+    pub(crate) async fn apply(&mut self, mutation: &Mutation) -> Result<(), StoreError> {
+        match mutation {
+            Mutation::InsertSchema {
+                id,
+                schema_type,
+                text,
+                key,
+                ..
+            } => {
+                let id = to_db(*id)?;
+                on_conn!(&mut self.0, |c| {
+                    sqlx::query(
+                        "INSERT INTO registry_schemas (id, schema_type, schema, canonical) VALUES ($1, $2, $3, $4)",
+                    )
+                    .bind(id)
+                    .bind(schema_type)
+                    .bind(text)
+                    .bind(key)
+                    .execute(&mut **c)
+                    .await
+                    .map(|_| ())
+                })?;
+            }
+            Mutation::InsertVersion {
+                subject,
+                version,
+                schema_id,
+            } => {
+                let (version, schema_id) = (to_db(*version)?, to_db(*schema_id)?);
+                on_conn!(&mut self.0, |c| {
+                    sqlx::query(
+                        "INSERT INTO registry_versions (subject, version, schema_id, deleted) VALUES ($1, $2, $3, $4)",
+                    )
+                    .bind(subject)
+                    .bind(version)
+                    .bind(schema_id)
+                    .bind(false)
+                    .execute(&mut **c)
+                    .await
+                    .map(|_| ())
+                })?;
+            }
+            Mutation::SoftDeleteVersion { subject, version } => {
+                let version = to_db(*version)?;
+                on_conn!(&mut self.0, |c| {
+                    sqlx::query("UPDATE registry_versions SET deleted = $1 WHERE subject = $2 AND version = $3")
+                        .bind(true)
+                        .bind(subject)
+                        .bind(version)
+                        .execute(&mut **c)
+                        .await
+                        .map(|_| ())
+                })?;
+            }
+            Mutation::HardDeleteVersion { subject, version } => {
+                let version = to_db(*version)?;
+                on_conn!(&mut self.0, |c| {
+                    sqlx::query("DELETE FROM registry_versions WHERE subject = $1 AND version = $2")
+                        .bind(subject)
+                        .bind(version)
+                        .execute(&mut **c)
+                        .await
+                        .map(|_| ())
+                })?;
+            }
+            Mutation::PutLevel { subject, level } => {
+                on_conn!(&mut self.0, |c| {
+                    sqlx::query(
+                        "INSERT INTO registry_config (subject, compatibility) VALUES ($1, $2) \
+                         ON CONFLICT (subject) DO UPDATE SET compatibility = EXCLUDED.compatibility",
+                    )
+                    .bind(subject)
+                    .bind(level.as_str())
+                    .execute(&mut **c)
+                    .await
+                    .map(|_| ())
+                })?;
+            }
+            Mutation::DeleteLevel { subject } => {
+                on_conn!(&mut self.0, |c| {
+                    sqlx::query("DELETE FROM registry_config WHERE subject = $1")
+                        .bind(subject)
+                        .execute(&mut **c)
+                        .await
+                        .map(|_| ())
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn commit(self) -> Result<(), StoreError> {
+        on_conn!(self.0, |tx| tx.commit().await)?;
+        Ok(())
+    }
+}
+
+/// Reads the three tables over one connection, written once for both backends by `impl_load!`.
+/// Versions are read before schemas: a version row is committed together with (or after) its
+/// schema row and schemas are never deleted, so every version read references a schema that is
+/// read too, even outside a snapshot transaction.
+trait LoadConn {
+    async fn load(&mut self) -> Result<Snapshot, StoreError>;
+}
+
+macro_rules! impl_load {
+    ($conn:ty) => {
+        impl LoadConn for $conn {
+            async fn load(&mut self) -> Result<Snapshot, StoreError> {
+                let versions = sqlx::query(
+                    "SELECT subject, version, schema_id, deleted FROM registry_versions ORDER BY subject, version",
+                )
+                .fetch_all(&mut *self)
+                .await?
+                .iter()
+                .map(|row| {
+                    Ok(VersionRow {
+                        subject: row.try_get("subject")?,
+                        version: from_db(row.try_get("version")?)?,
+                        schema_id: from_db(row.try_get("schema_id")?)?,
+                        deleted: row.try_get("deleted")?,
+                    })
+                })
+                .collect::<Result<Vec<_>, StoreError>>()?;
+                let schemas = sqlx::query("SELECT id, schema_type, schema FROM registry_schemas ORDER BY id")
+                    .fetch_all(&mut *self)
+                    .await?
+                    .iter()
+                    .map(|row| {
+                        Ok(SchemaRow {
+                            id: from_db(row.try_get("id")?)?,
+                            schema_type: row.try_get("schema_type")?,
+                            schema: row.try_get("schema")?,
+                        })
+                    })
+                    .collect::<Result<Vec<_>, StoreError>>()?;
+                let config = sqlx::query("SELECT subject, compatibility FROM registry_config")
+                    .fetch_all(&mut *self)
+                    .await?
+                    .iter()
+                    .map(|row| {
+                        Ok(ConfigRow { subject: row.try_get("subject")?, compatibility: row.try_get("compatibility")? })
+                    })
+                    .collect::<Result<Vec<_>, StoreError>>()?;
+                Ok(Snapshot { schemas, versions, config })
+            }
+        }
+    };
+}
+
+impl_load!(sqlx::PgConnection);
+impl_load!(sqlx::SqliteConnection);
+
+/// Ids and versions are `integer` columns; ours are allocated from 1 upwards, so this only fails
+/// past 2^31 - 1 of them.
+fn to_db(n: u32) -> Result<i32, StoreError> {
+    i32::try_from(n).map_err(|_| {
+        StoreError::Config(format!(
+            "registry number {n} exceeds the integer column range"
+        ))
+    })
+}
+
+fn from_db(n: i32) -> Result<u32, StoreError> {
+    u32::try_from(n)
+        .map_err(|_| StoreError::Config(format!("negative registry number {n} in the store")))
+}

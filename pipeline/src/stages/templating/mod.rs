@@ -1,0 +1,400 @@
+//! The templating stage: consumes the domain topics, decodes each event through the registry,
+//! resolves its recipients, renders a notification per recipient and produces them keyed by user.
+//! Offsets are stored only once every output of an event (or its dead-letter copy) is acknowledged,
+//! in order, so a crash replays rather than loses; replays are harmless because notification ids
+//! are deterministic.
+
+pub mod render;
+#[cfg(test)]
+mod tests;
+
+use apache_avro::Schema;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use serde_json::Value as Json;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tidings_core::json_avro::{avro_to_json, union_branch_name};
+use tidings_core::kafka::{dlq_headers, header_str, KafkaConfig, H_TRACEPARENT};
+use tidings_core::notification::{NOTIFICATION_SCHEMA, NOTIFICATION_SCHEMA_JSON};
+use tidings_core::{DecodeError, FramedEncoder, Notification, RegistryClient};
+use tidings_sinks::Store;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::error::StageError;
+use crate::topology::Topology;
+use render::{Audience, RenderError, Renderer};
+
+/// Name used in dead-letter headers and logs.
+pub const STAGE: &str = "templating";
+
+/// What the stage needs to run.
+#[derive(Clone)]
+pub struct TemplatingConfig {
+    pub kafka: KafkaConfig,
+    pub registry_url: String,
+    pub topology: Arc<Topology>,
+}
+
+/// Outputs of one input record, awaiting acknowledgement before its offset may be stored.
+struct InFlight {
+    topic: String,
+    partition: i32,
+    offset: i64,
+    deliveries: Vec<DeliveryFuture>,
+    _permits: Option<OwnedSemaphorePermit>,
+}
+
+/// Runs the stage until `shutdown`, restarting it after transient failures (broker or registry
+/// outages) with a capped backoff.
+pub async fn run(cfg: TemplatingConfig, store: Store, shutdown: CancellationToken) -> Result<(), StageError> {
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        match run_once(&cfg, &store, &shutdown).await {
+            Ok(()) => return Ok(()),
+            Err(_) if shutdown.is_cancelled() => return Ok(()),
+            Err(e) if e.is_retriable() => {
+                warn!(error = %e, "Templating stage failed; restarting from the last stored offsets in {backoff:?}.");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Per-run state: the reader schema of each input topic, the notification encoder, templates.
+struct Stage {
+    topology: Arc<Topology>,
+    registry: RegistryClient,
+    store: Store,
+    producer: FutureProducer,
+    renderer: Renderer,
+    readers: HashMap<String, &'static Schema>,
+    encoder: FramedEncoder,
+    output: String,
+    dead_letter: String,
+}
+
+async fn run_once(cfg: &TemplatingConfig, store: &Store, shutdown: &CancellationToken) -> Result<(), StageError> {
+    let topo = cfg.topology.clone();
+    let spec = &topo.stages.templating;
+    let registry = RegistryClient::new(&cfg.registry_url)?;
+    let mut readers = HashMap::new();
+    for logical in &spec.inputs {
+        let schema = topo
+            .schema(logical)
+            .ok_or_else(|| StageError::Config(format!("input topic {logical} has no schema in topology.yaml")))?;
+        // Leaked once per stage start: decoders borrow reader schemas for 'static so they can be
+        // cached per writer schema id (see tidings_core::registry).
+        readers.insert(topo.topic_name(logical), &*Box::leak(Box::new(schema.clone())));
+    }
+    let output = topo.topic_name(&spec.output);
+    let id = registry.register(&format!("{output}-value"), NOTIFICATION_SCHEMA_JSON).await?;
+    let encoder = FramedEncoder::new(id, &NOTIFICATION_SCHEMA).map_err(|e| StageError::Config(e.to_string()))?;
+    let renderer = Renderer::new(&topo).map_err(|e| StageError::Config(e.to_string()))?;
+    let producer: FutureProducer = cfg.kafka.producer().create()?;
+    let consumer: Arc<StreamConsumer> = Arc::new(cfg.kafka.consumer(&topo.group_name(&spec.group)).create()?);
+    let topics: Vec<String> = spec.inputs.iter().map(|t| topo.topic_name(t)).collect();
+    consumer.subscribe(&topics.iter().map(String::as_str).collect::<Vec<_>>())?;
+    info!(topics = ?topics, output = %output, "Templating stage consuming {topics:?} into {output}.");
+
+    let stage = Stage {
+        dead_letter: topo.topic_name(&spec.dead_letter),
+        topology: topo.clone(),
+        registry,
+        store: store.clone(),
+        producer,
+        renderer,
+        readers,
+        encoder,
+        output,
+    };
+    let max_in_flight = spec.max_in_flight.max(1);
+    let budget = Arc::new(Semaphore::new(max_in_flight));
+    let (tx, rx) = mpsc::channel::<InFlight>(1024);
+    let mut acker = tokio::spawn(ack_in_order(rx, consumer.clone()));
+
+    let result: Result<(), StageError> = loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break Ok(()),
+            done = &mut acker => {
+                break Err(done.unwrap_or_else(|e| Err(StageError::Delivery(e.to_string()))).err()
+                    .unwrap_or_else(|| StageError::Delivery("acknowledger stopped".into())));
+            }
+            msg = consumer.recv() => {
+                let msg = match msg {
+                    Ok(m) => m,
+                    Err(e) => {
+                        warn!(error = %e, "Kafka consumer error; continuing.");
+                        continue;
+                    }
+                };
+                match stage.process(&msg, shutdown, &budget, max_in_flight).await {
+                    Ok(inflight) => {
+                        if tx.send(inflight).await.is_err() {
+                            break Err(StageError::Delivery("acknowledger stopped".into()));
+                        }
+                    }
+                    Err(e) => break Err(e),
+                }
+            }
+        }
+    };
+    // Drain: let every produced output be acknowledged and its offset stored, then commit what
+    // was stored (only fully acknowledged records ever are, so committing is always safe).
+    drop(tx);
+    let drained = if acker.is_finished() && result.is_err() {
+        Ok(())
+    } else {
+        acker.await.unwrap_or_else(|e| Err(StageError::Delivery(e.to_string())))
+    };
+    if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+        // Nothing stored since the last commit is not an error.
+        if e.rdkafka_error_code() != Some(RDKafkaErrorCode::NoOffset) {
+            warn!(error = %e, "Final offset commit failed; the next start replays from the previous commit.");
+        }
+    }
+    if shutdown.is_cancelled() {
+        info!("Templating stage stopped after committing its offsets.");
+        return Ok(());
+    }
+    result.and(drained)
+}
+
+/// Awaits each record's outputs in consumption order and only then stores its offset.
+async fn ack_in_order(mut rx: mpsc::Receiver<InFlight>, consumer: Arc<StreamConsumer>) -> Result<(), StageError> {
+    while let Some(f) = rx.recv().await {
+        for d in f.deliveries {
+            match d.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => return Err(StageError::Delivery(format!("{}[{}]@{}: {e}", f.topic, f.partition, f.offset))),
+                Err(_) => return Err(StageError::Delivery("producer dropped the delivery".into())),
+            }
+        }
+        if let Err(e) = consumer.store_offset(&f.topic, f.partition, f.offset + 1) {
+            // The partition was revoked meanwhile; its new owner replays from the last commit.
+            debug!(error = %e, topic = %f.topic, partition = f.partition, "Offset not stored (partition no longer assigned).");
+        }
+    }
+    Ok(())
+}
+
+/// The outcome of one record: notifications to produce, or a dead-letter reason.
+enum Outcome {
+    Notifications(Vec<Notification>),
+    Dead { reason: &'static str, error: String },
+}
+
+impl Stage {
+    async fn process(
+        &self,
+        msg: &BorrowedMessage<'_>,
+        shutdown: &CancellationToken,
+        budget: &Arc<Semaphore>,
+        max_in_flight: usize,
+    ) -> Result<InFlight, StageError> {
+        let topic = msg.topic().to_string();
+        let traceparent = msg.headers().and_then(|h| header_str(h, H_TRACEPARENT)).map(str::to_string);
+        let span = tracing::info_span!("templating.event", topic = %topic, partition = msg.partition(), offset = msg.offset(),
+            traceparent = traceparent.as_deref().unwrap_or(""));
+        let _guard = span.enter();
+        let outcome = self.outcome(msg, shutdown).await?;
+        let mut deliveries = Vec::new();
+        let notifications = match outcome {
+            Outcome::Dead { reason, error } => {
+                warn!(reason, error = %error, topic = %topic, partition = msg.partition(), offset = msg.offset(),
+                    "Event sent to the dead-letter topic {}: {error}", self.dead_letter);
+                let headers = dlq_headers(msg.headers(), STAGE, reason, &error, &topic, msg.partition(), msg.offset());
+                let mut rec = FutureRecord::to(&self.dead_letter).headers(headers);
+                if let Some(p) = msg.payload() {
+                    rec = rec.payload(p);
+                }
+                if let Some(k) = msg.key() {
+                    rec = rec.key(k);
+                }
+                deliveries.push(self.enqueue(rec).await?);
+                Vec::new()
+            }
+            Outcome::Notifications(n) => n,
+        };
+        // Bound the outputs awaiting acknowledgement; a fan-out larger than the budget takes all of it.
+        let permits = if notifications.is_empty() {
+            None
+        } else {
+            let n = notifications.len().min(max_in_flight) as u32;
+            Some(budget.clone().acquire_many_owned(n).await.map_err(|e| StageError::Delivery(e.to_string()))?)
+        };
+        let headers = traceparent.as_deref().map(|tp| {
+            OwnedHeaders::new().insert(Header { key: H_TRACEPARENT, value: Some(tp) })
+        });
+        deliveries.reserve(notifications.len());
+        for n in &notifications {
+            let payload = self.encoder.encode(n.to_value()).map_err(|e| StageError::Config(e.to_string()))?;
+            let mut rec = FutureRecord::to(&self.output).key(n.user_id.as_str()).payload(&payload);
+            if let Some(h) = &headers {
+                rec = rec.headers(h.clone());
+            }
+            deliveries.push(self.enqueue(rec).await?);
+        }
+        if !notifications.is_empty() {
+            debug!(count = notifications.len(), "Produced {} notification(s).", notifications.len());
+        }
+        Ok(InFlight { topic, partition: msg.partition(), offset: msg.offset(), deliveries, _permits: permits })
+    }
+
+    /// Enqueues a record, waiting while the producer's local queue is full.
+    /// Keeps trying through shutdown: the record is consumed and must be produced before its offset
+    /// is stored; the process's grace timeout bounds how long this can take.
+    async fn enqueue<'a, K: rdkafka::message::ToBytes + ?Sized, P: rdkafka::message::ToBytes + ?Sized>(
+        &self,
+        mut rec: FutureRecord<'a, K, P>,
+    ) -> Result<DeliveryFuture, StageError> {
+        loop {
+            match self.producer.send_result(rec) {
+                Ok(d) => return Ok(d),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    rec = r;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((e, _)) => return Err(StageError::Kafka(e)),
+            }
+        }
+    }
+
+    async fn outcome(&self, msg: &BorrowedMessage<'_>, shutdown: &CancellationToken) -> Result<Outcome, StageError> {
+        let topic = msg.topic();
+        let Some(reader) = self.readers.get(topic).copied() else {
+            return Ok(Outcome::Dead { reason: "unexpected-topic", error: format!("no reader schema for topic {topic}") });
+        };
+        let Some(payload) = msg.payload() else {
+            return Ok(Outcome::Dead { reason: "empty-payload", error: "record has no value".into() });
+        };
+        let value = match retry(shutdown, "decode", || self.registry.decode(payload, reader), DecodeError::is_retriable).await? {
+            Ok(v) => v,
+            Err(e) => return Ok(Outcome::Dead { reason: e.reason_code(), error: e.to_string() }),
+        };
+        let Some(event) = union_branch_name(reader, &value, "payload").map(str::to_string) else {
+            return Ok(Outcome::Dead { reason: "missing-field", error: "event has no `payload` union".into() });
+        };
+        let json = avro_to_json(&value);
+        let logical = self.topology.logical_topic(topic).unwrap_or(topic).to_string();
+        if logical == "chat" {
+            if let Some(dead) = self.track_membership(&event, &json, shutdown).await? {
+                return Ok(dead);
+            }
+        }
+        let (Some(event_id), Some(occurred_at)) = (json.get("event_id").and_then(Json::as_str), json.get("occurred_at").and_then(Json::as_i64)) else {
+            return Ok(Outcome::Dead { reason: "missing-field", error: "event has no event_id or occurred_at".into() });
+        };
+        let audience = match self.renderer.audience(&logical, &event, &json) {
+            Ok(Some(a)) => a,
+            Ok(None) => return Ok(Outcome::Notifications(Vec::new())),
+            Err(e) => return Ok(dead(e)),
+        };
+        let recipients = match audience {
+            Audience::Users(u) => u,
+            Audience::Segment(seg) => {
+                let members = retry(shutdown, "segment lookup", || self.store.segment_members(&seg), |e| e.is_retriable()).await?;
+                match members {
+                    Ok(m) if !m.is_empty() => m,
+                    Ok(_) => return Ok(dead(RenderError::MissingRecipient(format!("audience segment {seg:?} has no members")))),
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Audience::Room { room, exclude } => {
+                let members = retry(shutdown, "room lookup", || self.store.room_members(&room), |e| e.is_retriable()).await?;
+                match members {
+                    Ok(m) if !m.is_empty() => m.into_iter().filter(|u| Some(u) != exclude.as_ref()).collect(),
+                    Ok(_) => return Ok(dead(RenderError::MissingRecipient(format!("chat room {room:?} has no known members")))),
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        };
+        let texts = match self.renderer.render(&logical, &event, &json, &recipients) {
+            Ok(t) => t,
+            Err(e) => return Ok(dead(e)),
+        };
+        let notifications = recipients
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, user)| {
+                let t = if texts.len() == 1 { &texts[0] } else { texts.get(i)? };
+                Some(Notification {
+                    notification_id: Notification::id_for(event_id, &user),
+                    user_id: user,
+                    kind: t.kind.clone(),
+                    title: t.title.clone(),
+                    body: t.body.clone(),
+                    link: t.link.clone(),
+                    source_event_id: event_id.to_string(),
+                    occurred_at,
+                    source_topic: topic.to_string(),
+                    source_partition: msg.partition(),
+                    source_offset: msg.offset(),
+                })
+            })
+            .collect();
+        Ok(Outcome::Notifications(notifications))
+    }
+
+    /// Keeps room membership in the store as chat events arrive (in order, since chat is keyed by room).
+    async fn track_membership(&self, event: &str, json: &Json, shutdown: &CancellationToken) -> Result<Option<Outcome>, StageError> {
+        let Some(room) = json.get("room_id").and_then(Json::as_str) else {
+            return Ok(Some(Outcome::Dead { reason: "missing-field", error: "chat event has no room_id".into() }));
+        };
+        let p = &json["payload"];
+        let str_of = |k: &str| p.get(k).and_then(Json::as_str).map(str::to_string);
+        let (add, remove): (Vec<String>, Vec<String>) = match event {
+            "RoomCreated" => {
+                let mut members: Vec<String> = p["members"].as_array().into_iter().flatten().filter_map(|v| v.as_str().map(str::to_string)).collect();
+                members.extend(str_of("creator_id"));
+                (members, vec![])
+            }
+            "MemberJoined" => (str_of("user_id").into_iter().collect(), vec![]),
+            "MemberLeft" => (vec![], str_of("user_id").into_iter().collect()),
+            _ => return Ok(None),
+        };
+        match retry(shutdown, "room update", || self.store.update_room(room, &add, &remove), |e| e.is_retriable()).await? {
+            Ok(()) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+fn dead(e: RenderError) -> Outcome {
+    Outcome::Dead { reason: e.reason_code(), error: e.to_string() }
+}
+
+/// Retries `op` while its error is retriable, backing off up to 30 s, until shutdown.
+/// Returns the final result (Ok or a non-retriable error); `Err(StageError)` only on shutdown.
+async fn retry<T, E, F, Fut>(shutdown: &CancellationToken, what: &str, mut op: F, retriable: impl Fn(&E) -> bool) -> Result<Result<T, E>, StageError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+    E: std::fmt::Display,
+{
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match op().await {
+            Err(e) if retriable(&e) => {
+                warn!(error = %e, "{what} failed; retrying in {delay:?} (the partition waits, nothing is skipped).");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Err(StageError::Delivery(format!("shut down while retrying {what}"))),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+            other => return Ok(other),
+        }
+    }
+}

@@ -1,0 +1,274 @@
+//! Templates and recipients: compiles every template of the topology once, picks the locale,
+//! and turns one decoded event into the list of (recipient, title, body, link) it produces.
+
+use minijinja::{Environment, Value as Tpl};
+use serde_json::Value as Json;
+use std::collections::HashMap;
+
+use crate::topology::{Recipients, TemplateSpec, Topology};
+
+/// Why an event produced no notifications although it has a template.
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    #[error("missing recipient: {0}")]
+    MissingRecipient(String),
+    #[error("missing field: {0}")]
+    MissingField(String),
+    #[error("template error in {name}: {message}")]
+    Template { name: String, message: String },
+}
+
+impl RenderError {
+    /// Reason code for dead-letter headers.
+    pub fn reason_code(&self) -> &'static str {
+        match self {
+            RenderError::MissingRecipient(_) => "missing-recipient",
+            RenderError::MissingField(_) => "missing-field",
+            RenderError::Template { .. } => "template-error",
+        }
+    }
+}
+
+/// Who to notify, as far as the event alone says; segments and rooms are expanded from the store.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Audience {
+    Users(Vec<String>),
+    Segment(String),
+    Room { room: String, exclude: Option<String> },
+}
+
+struct Compiled {
+    spec: TemplateSpec,
+    /// Whether any text mentions `recipient`; if not, texts are rendered once per event.
+    per_recipient: bool,
+}
+
+/// All templates of a topology, compiled.
+pub struct Renderer {
+    env: Environment<'static>,
+    by_event: HashMap<(String, String), Compiled>,
+}
+
+/// Texts rendered for one recipient (or for all, when they do not depend on the recipient).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rendered {
+    pub kind: String,
+    pub title: String,
+    pub body: String,
+    pub link: Option<String>,
+}
+
+fn name(topic: &str, event: &str, locale: &str, part: &str) -> String {
+    format!("{topic}/{event}/{locale}/{part}")
+}
+
+/// Formats microseconds since the epoch as RFC 3339 (UTC), for templates: `{{ occurred_at | datetime }}`.
+fn datetime(micros: i64) -> String {
+    chrono::DateTime::from_timestamp_micros(micros)
+        .map(|t| t.format("%Y-%m-%d %H:%M UTC").to_string())
+        .unwrap_or_else(|| micros.to_string())
+}
+
+/// Formats an amount in minor units: `{{ payload.amount_cents | money(payload.currency) }}`.
+fn money(cents: i64, currency: Option<String>) -> String {
+    let sign = if cents < 0 { "-" } else { "" };
+    let c = cents.unsigned_abs();
+    let cur = currency.unwrap_or_default();
+    // Currencies without minor units in everyday use.
+    if matches!(cur.as_str(), "KRW" | "JPY") {
+        format!("{sign}{c} {cur}")
+    } else {
+        format!("{sign}{}.{:02} {cur}", c / 100, c % 100)
+    }
+}
+
+impl Renderer {
+    /// Compiles every template; the topology was checked, so errors here are unexpected but reported.
+    pub fn new(topology: &Topology) -> Result<Self, RenderError> {
+        let mut env = Environment::new();
+        env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+        env.add_filter("datetime", datetime);
+        env.add_filter("money", money);
+        let mut by_event = HashMap::new();
+        for spec in &topology.templates {
+            let mut texts: Vec<(String, &str)> = vec![
+                (name(&spec.topic, &spec.event, "", "title"), spec.title.as_str()),
+                (name(&spec.topic, &spec.event, "", "body"), spec.body.as_str()),
+            ];
+            if let Some(link) = &spec.link {
+                texts.push((name(&spec.topic, &spec.event, "", "link"), link.as_str()));
+            }
+            for (locale, t) in &spec.locales {
+                texts.push((name(&spec.topic, &spec.event, locale, "title"), t.title.as_str()));
+                texts.push((name(&spec.topic, &spec.event, locale, "body"), t.body.as_str()));
+            }
+            let mut per_recipient = false;
+            for (n, src) in texts {
+                env.add_template_owned(n.clone(), src.to_owned())
+                    .map_err(|e| RenderError::Template { name: n.clone(), message: e.to_string() })?;
+                let t = env.get_template(&n).map_err(|e| RenderError::Template { name: n.clone(), message: e.to_string() })?;
+                per_recipient |= t.undeclared_variables(false).contains("recipient");
+            }
+            by_event.insert((spec.topic.clone(), spec.event.clone()), Compiled { spec: spec.clone(), per_recipient });
+        }
+        Ok(Renderer { env, by_event })
+    }
+
+    /// Whether `event` on logical `topic` has a template.
+    pub fn has_template(&self, topic: &str, event: &str) -> bool {
+        self.by_event.contains_key(&(topic.to_string(), event.to_string()))
+    }
+
+    /// Who the event is for, as the template's `recipients` says.
+    pub fn audience(&self, topic: &str, event: &str, json: &Json) -> Result<Option<Audience>, RenderError> {
+        let Some(c) = self.by_event.get(&(topic.to_string(), event.to_string())) else { return Ok(None) };
+        Ok(Some(match &c.spec.recipients {
+            Recipients::User(p) => {
+                let u = lookup(json, p).and_then(Json::as_str).filter(|s| !s.is_empty());
+                Audience::Users(vec![u.ok_or_else(|| RenderError::MissingRecipient(format!("no user id at `{p}`")))?.to_string()])
+            }
+            Recipients::Users(p) => Audience::Users(string_array(json, p)?),
+            Recipients::Audience(p) => {
+                let a = lookup(json, p).ok_or_else(|| RenderError::MissingRecipient(format!("no audience at `{p}`")))?;
+                if let Some(seg) = a.get("segment").and_then(Json::as_str) {
+                    Audience::Segment(seg.to_string())
+                } else {
+                    Audience::Users(string_array(a, "user_ids")?)
+                }
+            }
+            Recipients::Room { room, exclude } => Audience::Room {
+                room: lookup(json, room)
+                    .and_then(Json::as_str)
+                    .ok_or_else(|| RenderError::MissingRecipient(format!("no room id at `{room}`")))?
+                    .to_string(),
+                exclude: exclude.as_ref().and_then(|p| lookup(json, p)).and_then(Json::as_str).map(str::to_string),
+            },
+        }))
+    }
+
+    /// Renders the texts for each recipient. Texts that do not mention `recipient` are rendered
+    /// once and shared, which is what makes a 100,000-user campaign cheap.
+    pub fn render(&self, topic: &str, event: &str, json: &Json, recipients: &[String]) -> Result<Vec<Rendered>, RenderError> {
+        let Some(c) = self.by_event.get(&(topic.to_string(), event.to_string())) else { return Ok(Vec::new()) };
+        let locale = json.get("locale").and_then(Json::as_str);
+        let loc_key = locale
+            .and_then(|tag| {
+                if c.spec.locales.contains_key(tag) {
+                    Some(tag)
+                } else {
+                    let primary = tag.split(['-', '_']).next().unwrap_or(tag);
+                    c.spec.locales.get_key_value(primary).map(|(k, _)| k.as_str())
+                }
+            })
+            .unwrap_or("");
+        let base = Tpl::from_serialize(json);
+        let render_one = |recipient: &str| -> Result<Rendered, RenderError> {
+            let ctx = minijinja::context! { event_type => event, recipient => recipient, ..base.clone() };
+            let r = |part: &str, loc: &str| -> Result<String, RenderError> {
+                let n = name(topic, event, loc, part);
+                let t = self.env.get_template(&n).map_err(|e| RenderError::Template { name: n.clone(), message: e.to_string() })?;
+                t.render(&ctx).map_err(|e| RenderError::Template { name: n.clone(), message: format!("{e:#}") })
+            };
+            Ok(Rendered {
+                kind: c.spec.kind.clone(),
+                title: r("title", loc_key)?,
+                body: r("body", loc_key)?,
+                link: if c.spec.link.is_some() { Some(r("link", "")?) } else { None },
+            })
+        };
+        if c.per_recipient {
+            recipients.iter().map(|u| render_one(u)).collect()
+        } else {
+            let one = render_one(recipients.first().map(String::as_str).unwrap_or(""))?;
+            Ok(vec![one; recipients.len().min(1)])
+        }
+    }
+
+    /// Whether rendered texts differ per recipient (if not, `render` returns one shared text).
+    pub fn per_recipient(&self, topic: &str, event: &str) -> bool {
+        self.by_event.get(&(topic.to_string(), event.to_string())).is_some_and(|c| c.per_recipient)
+    }
+}
+
+/// Follows a dot-separated path through JSON objects.
+pub fn lookup<'a>(json: &'a Json, path: &str) -> Option<&'a Json> {
+    path.split('.').try_fold(json, |v, key| v.get(key))
+}
+
+fn string_array(json: &Json, path: &str) -> Result<Vec<String>, RenderError> {
+    let arr = lookup(json, path)
+        .and_then(Json::as_array)
+        .ok_or_else(|| RenderError::MissingRecipient(format!("no list of user ids at `{path}`")))?;
+    arr.iter()
+        .map(|v| v.as_str().map(str::to_string).ok_or_else(|| RenderError::MissingRecipient(format!("`{path}` holds a non-string user id"))))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn topology() -> Topology {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        Topology::load(&dir.join("topology.yaml")).unwrap()
+    }
+
+    #[test]
+    fn renders_order_placed_in_the_buyers_language() {
+        let r = Renderer::new(&topology()).unwrap();
+        let mut ev = json!({"event_id": "e1", "occurred_at": 0, "order_id": "o-7", "buyer_id": "u1", "locale": "ko-KR",
+            "payload": {"amount_cents": 1250, "currency": "EUR", "items": [{"sku": "a", "name": "n", "quantity": 1, "unit_price_cents": 1250}]}});
+        assert_eq!(r.audience("orders", "OrderPlaced", &ev).unwrap(), Some(Audience::Users(vec!["u1".into()])));
+        let ko = r.render("orders", "OrderPlaced", &ev, &["u1".into()]).unwrap();
+        assert_eq!(ko.len(), 1);
+        assert!(ko[0].title.contains("o-7") && ko[0].title.contains("주문"), "{:?}", ko[0]);
+        ev["locale"] = Json::Null;
+        let en = r.render("orders", "OrderPlaced", &ev, &["u1".into()]).unwrap();
+        assert!(en[0].title.contains("o-7") && !en[0].title.contains("주문"), "{:?}", en[0]);
+        assert_eq!(en[0].link.as_deref(), Some("/orders/o-7"));
+    }
+
+    #[test]
+    fn missing_buyer_is_a_missing_recipient() {
+        let r = Renderer::new(&topology()).unwrap();
+        let ev = json!({"order_id": "o", "buyer_id": "", "payload": {}});
+        assert!(matches!(r.audience("orders", "OrderPaid", &ev), Err(RenderError::MissingRecipient(_))));
+    }
+
+    #[test]
+    fn campaign_audience_inline_or_segment() {
+        let r = Renderer::new(&topology()).unwrap();
+        let inline = json!({"payload": {"audience": {"user_ids": ["a", "b"]}}});
+        assert_eq!(r.audience("coupons", "CampaignLaunched", &inline).unwrap(), Some(Audience::Users(vec!["a".into(), "b".into()])));
+        let seg = json!({"payload": {"audience": {"segment": "vip"}}});
+        assert_eq!(r.audience("coupons", "CampaignLaunched", &seg).unwrap(), Some(Audience::Segment("vip".into())));
+    }
+
+    #[test]
+    fn chat_message_goes_to_the_room_except_the_sender() {
+        let r = Renderer::new(&topology()).unwrap();
+        let ev = json!({"room_id": "r1", "payload": {"sender_id": "s", "message_id": "m", "text": "hi"}});
+        assert_eq!(
+            r.audience("chat", "MessageSent", &ev).unwrap(),
+            Some(Audience::Room { room: "r1".into(), exclude: Some("s".into()) })
+        );
+        assert_eq!(r.audience("chat", "RoomCreated", &ev).unwrap(), None, "no template, no audience");
+    }
+
+    #[test]
+    fn a_template_referring_to_a_missing_field_is_an_error() {
+        let r = Renderer::new(&topology()).unwrap();
+        let ev = json!({"order_id": "o", "buyer_id": "u", "payload": {}});
+        let err = r.render("orders", "OrderShipped", &ev, &["u".into()]).unwrap_err();
+        assert_eq!(err.reason_code(), "template-error", "{err}");
+    }
+
+    #[test]
+    fn money_and_datetime_filters() {
+        assert_eq!(money(1250, Some("EUR".into())), "12.50 EUR");
+        assert_eq!(money(-5, Some("USD".into())), "-0.05 USD");
+        assert_eq!(money(15000, Some("KRW".into())), "15000 KRW");
+        assert_eq!(datetime(0), "1970-01-01 00:00 UTC");
+    }
+}

@@ -1,0 +1,463 @@
+//! `topology.yaml`: the single file that declares tidings' Kafka topics, its two stages and the
+//! notification templates. [`Topology::load`] parses it and runs every check in `check`, reporting
+//! all problems at once; [`apply`] makes a Kafka cluster's topics match it.
+
+pub mod apply;
+mod check;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer};
+
+pub use apply::{apply, apply_mock, ApplyError, ApplyReport, Drift, Grown};
+
+/// A parsed and checked `topology.yaml`.
+///
+/// Topic and group names in the file are *logical*; [`Topology::topic_name`] and
+/// [`Topology::group_name`] give the names used on the cluster (with `topic_prefix`).
+#[derive(Debug, Clone)]
+pub struct Topology {
+    /// Prepended to every topic name and consumer group on the cluster. Default: `""`.
+    /// Tests set a unique prefix so parallel runs share one broker without colliding.
+    pub topic_prefix: String,
+    /// Topics by logical name.
+    pub topics: BTreeMap<String, TopicSpec>,
+    /// The templating and persistence stages.
+    pub stages: Stages,
+    /// Notification templates, in file order.
+    pub templates: Vec<TemplateSpec>,
+    /// Problems that do not stop the pipeline, e.g. an input event type with no template
+    /// (the templating stage skips such events).
+    pub warnings: Vec<Diagnostic>,
+    /// Loaded Avro schemas by logical topic.
+    schemas: BTreeMap<String, LoadedSchema>,
+}
+
+#[derive(Debug, Clone)]
+struct LoadedSchema {
+    text: String,
+    parsed: apache_avro::Schema,
+}
+
+/// One topic. Written as `name: { partitions: 6, replication_factor: 1, ... }`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicSpec {
+    /// Number of partitions, at least 1. Required. Kafka can add partitions to an existing
+    /// topic but never remove them, so start with enough.
+    pub partitions: i32,
+    /// Copies of each partition, at least 1. Required: 1 on a single broker, 3 in production.
+    pub replication_factor: i32,
+    /// Envelope field whose value producers use as the Kafka message key, so that events with
+    /// the same key stay ordered (e.g. `order_id`). Default: none (raw topics such as dead
+    /// letters). Must be a top-level string field of the schema when a schema is given.
+    #[serde(default)]
+    pub key: Option<String>,
+    /// Avro schema (`.avsc`) of the message values, relative to the directory of
+    /// `topology.yaml`. Default: none, meaning values are raw bytes (dead-letter topics keep the
+    /// original bytes plus headers). Registered under the subject `<topic>-value`.
+    #[serde(default)]
+    pub schema: Option<PathBuf>,
+    /// Kafka `cleanup.policy`: `delete` or `compact`. Default: `delete`.
+    #[serde(default)]
+    pub cleanup_policy: CleanupPolicy,
+    /// Kafka `retention.ms`; `-1` keeps messages forever. Default: the broker's default
+    /// (7 days on stock Kafka).
+    #[serde(default)]
+    pub retention_ms: Option<i64>,
+    /// Further topic configs passed verbatim at creation, e.g. `min.insync.replicas: 2`.
+    /// Values may be strings, numbers or booleans. Default: none. `cleanup.policy` and
+    /// `retention.ms` are not allowed here (use the fields above).
+    #[serde(default, deserialize_with = "scalar_map")]
+    pub configs: BTreeMap<String, String>,
+}
+
+impl TopicSpec {
+    /// Every Kafka topic config this spec sets, as passed to CreateTopics.
+    pub fn kafka_configs(&self) -> Vec<(String, String)> {
+        let mut out = vec![(
+            "cleanup.policy".to_owned(),
+            self.cleanup_policy.as_kafka().to_owned(),
+        )];
+        if let Some(ms) = self.retention_ms {
+            out.push(("retention.ms".to_owned(), ms.to_string()));
+        }
+        out.extend(self.configs.iter().map(|(k, v)| (k.clone(), v.clone())));
+        out
+    }
+}
+
+/// Kafka `cleanup.policy` of a topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CleanupPolicy {
+    /// Old segments are deleted after `retention.ms` (the default).
+    #[default]
+    Delete,
+    /// Only the latest value per key is kept.
+    Compact,
+}
+
+impl CleanupPolicy {
+    /// The value Kafka expects for `cleanup.policy`.
+    pub fn as_kafka(self) -> &'static str {
+        match self {
+            CleanupPolicy::Delete => "delete",
+            CleanupPolicy::Compact => "compact",
+        }
+    }
+}
+
+/// The pipeline's two stages; both are required.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stages {
+    /// Turns domain events into notifications.
+    pub templating: TemplatingStage,
+    /// Writes notifications (and chat messages) to the database.
+    pub persistence: PersistenceStage,
+}
+
+/// `stages.templating`: consumes domain events, renders templates, produces notifications.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemplatingStage {
+    /// Logical topics to consume; each needs a schema whose `payload` is a union of records.
+    /// Required, at least one.
+    pub inputs: Vec<String>,
+    /// Logical topic the notifications go to; needs a schema. Required.
+    pub output: String,
+    /// Logical topic receiving events that cannot be decoded or rendered, with their original
+    /// bytes and error headers. Required.
+    pub dead_letter: String,
+    /// Consumer group (prefixed with `topic_prefix`). Default: `tidings-templating`.
+    #[serde(default = "default_templating_group")]
+    pub group: String,
+    /// Notifications produced but not yet acknowledged by the brokers; when reached, consuming
+    /// pauses until acks arrive (bounds memory and the replay window). Default: 20000.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+}
+
+/// `stages.persistence`: consumes notifications and chat events and bulk-writes them.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PersistenceStage {
+    /// Logical topics to consume; each needs a schema. Required, at least one.
+    pub inputs: Vec<String>,
+    /// Logical topic receiving records that cannot be decoded or stored. Required.
+    pub dead_letter: String,
+    /// Consumer group (prefixed with `topic_prefix`); must differ from the templating group.
+    /// Default: `tidings-persistence`.
+    #[serde(default = "default_persistence_group")]
+    pub group: String,
+    /// Most rows written in one database transaction. Default: 20000.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// How long a partial batch may wait for more records before it is written. Default: 250.
+    #[serde(default = "default_linger_ms")]
+    pub linger_ms: u64,
+}
+
+fn default_templating_group() -> String {
+    "tidings-templating".to_owned()
+}
+fn default_persistence_group() -> String {
+    "tidings-persistence".to_owned()
+}
+fn default_max_in_flight() -> usize {
+    20_000
+}
+fn default_batch_size() -> usize {
+    20_000
+}
+fn default_linger_ms() -> u64 {
+    250
+}
+
+/// One entry of `templates`: how one event type on one topic becomes notifications.
+///
+/// Texts are minijinja templates. Their context is the decoded event as JSON (envelope fields
+/// at the top level, the payload branch's fields under `payload`), plus `event_type` (the
+/// payload branch name) and `recipient` (the user id being notified).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateSpec {
+    /// Logical topic; must be an input of the templating stage. Required.
+    pub topic: String,
+    /// Branch name of the topic schema's `payload` union, e.g. `OrderPlaced`. Required.
+    pub event: String,
+    /// Notification kind stored with each notification, e.g. `order.placed`. Required.
+    pub kind: String,
+    /// Who is notified. Required.
+    pub recipients: Recipients,
+    /// Title template. Required.
+    pub title: String,
+    /// Body template. Required.
+    pub body: String,
+    /// Link template (a path in the client app). Default: no link.
+    #[serde(default)]
+    pub link: Option<String>,
+    /// Translations keyed by language tag, chosen by the event's `locale` field; the top-level
+    /// `title`/`body` are used when the event has no locale or no translation matches.
+    /// Default: none. Requires a top-level `locale` field in the topic's schema.
+    #[serde(default)]
+    pub locales: BTreeMap<String, LocalizedText>,
+}
+
+impl TemplateSpec {
+    /// Title and body templates for `locale`: an exact match (`ko-KR`), then the primary
+    /// language (`ko`), then the top-level text.
+    pub fn texts(&self, locale: Option<&str>) -> (&str, &str) {
+        let found = locale.and_then(|tag| {
+            self.locales.get(tag).or_else(|| {
+                let primary = tag.split(['-', '_']).next().unwrap_or(tag);
+                self.locales.get(primary)
+            })
+        });
+        match found {
+            Some(t) => (&t.title, &t.body),
+            None => (&self.title, &self.body),
+        }
+    }
+}
+
+/// A translation of a template's texts.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalizedText {
+    /// Title template in this language.
+    pub title: String,
+    /// Body template in this language.
+    pub body: String,
+}
+
+/// Who a template notifies. Every value is a dot-separated path into the event JSON
+/// (`buyer_id`, `payload.user_id`); `payload.x` names field `x` of the template's event branch.
+///
+/// Written as a mapping with exactly one of `user`, `users`, `audience`, `room`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recipients {
+    /// `user: <path>`: one user id (a string field).
+    User(String),
+    /// `users: <path>`: an array of user ids.
+    Users(String),
+    /// `audience: <path>`: an `InlineAudience | SegmentAudience` union; a segment is expanded
+    /// from the database.
+    Audience(String),
+    /// `room: <path>` (+ optional `exclude: <path>`): every member of a chat room, except the
+    /// user id at `exclude` (e.g. the sender).
+    Room {
+        /// Path of the room id.
+        room: String,
+        /// Path of a user id not to notify. Default: none.
+        exclude: Option<String>,
+    },
+}
+
+impl Recipients {
+    /// The main path (user, users, audience or room).
+    pub fn path(&self) -> &str {
+        match self {
+            Recipients::User(p) | Recipients::Users(p) | Recipients::Audience(p) => p,
+            Recipients::Room { room, .. } => room,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Recipients {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // The one-of check runs inside the visitor so the YAML deserializer stamps its error
+        // with the position and path of `recipients` (serde's `try_from` would lose both).
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Recipients;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a mapping with one of `user`, `users`, `audience`, `room`")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Recipients, A::Error> {
+                let raw =
+                    RawRecipients::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Recipients::try_from(raw).map_err(serde::de::Error::custom)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRecipients {
+    user: Option<String>,
+    users: Option<String>,
+    audience: Option<String>,
+    room: Option<String>,
+    exclude: Option<String>,
+}
+
+impl TryFrom<RawRecipients> for Recipients {
+    type Error = String;
+
+    fn try_from(raw: RawRecipients) -> Result<Self, Self::Error> {
+        let given: Vec<&str> = [
+            ("user", raw.user.is_some()),
+            ("users", raw.users.is_some()),
+            ("audience", raw.audience.is_some()),
+            ("room", raw.room.is_some()),
+        ]
+        .iter()
+        .filter(|(_, set)| *set)
+        .map(|(name, _)| *name)
+        .collect();
+        if given.len() != 1 {
+            return Err(format!(
+                "recipients needs exactly one of `user`, `users`, `audience`, `room`; found {}",
+                if given.is_empty() {
+                    "none".to_owned()
+                } else {
+                    given.join(", ")
+                }
+            ));
+        }
+        if raw.exclude.is_some() && raw.room.is_none() {
+            return Err("`exclude` is only allowed together with `room`".to_owned());
+        }
+        if let Some(p) = raw.user {
+            return Ok(Recipients::User(p));
+        }
+        if let Some(p) = raw.users {
+            return Ok(Recipients::Users(p));
+        }
+        if let Some(p) = raw.audience {
+            return Ok(Recipients::Audience(p));
+        }
+        match raw.room {
+            Some(room) => Ok(Recipients::Room {
+                room,
+                exclude: raw.exclude,
+            }),
+            None => Err("recipients needs one of `user`, `users`, `audience`, `room`".to_owned()),
+        }
+    }
+}
+
+/// Accepts `{key: scalar}` and turns every scalar into the string Kafka expects.
+fn scalar_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    use serde::de::Error;
+    let raw = BTreeMap::<String, serde_yaml::Value>::deserialize(d)?;
+    raw.into_iter()
+        .map(|(k, v)| {
+            let s = match v {
+                serde_yaml::Value::String(s) => s,
+                serde_yaml::Value::Number(n) => n.to_string(),
+                serde_yaml::Value::Bool(b) => b.to_string(),
+                other => {
+                    return Err(D::Error::custom(format!(
+                        "config `{k}` must be a string, number or boolean, not {other:?}"
+                    )))
+                }
+            };
+            Ok((k, s))
+        })
+        .collect()
+}
+
+/// One problem in `topology.yaml`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    /// File, line and column when known, then the entry path, e.g.
+    /// `topology.yaml:14:5 templates[2].recipients`.
+    pub location: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.location, self.message)
+    }
+}
+
+/// Every problem found in `topology.yaml`. Fixing the file is the only remedy: retrying the
+/// same file gives the same errors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopologyErrors(pub Vec<Diagnostic>);
+
+impl fmt::Display for TopologyErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, d) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{d}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for TopologyErrors {}
+
+impl Topology {
+    /// Reads, parses and checks the file at `path`; schema paths are resolved relative to its
+    /// directory. On failure returns every problem found.
+    pub fn load(path: &Path) -> Result<Topology, TopologyErrors> {
+        let source = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            TopologyErrors(vec![Diagnostic {
+                location: source.clone(),
+                message: format!("cannot read the topology file: {e}"),
+            }])
+        })?;
+        let base_dir = path.parent().unwrap_or_else(|| Path::new("."));
+        check::parse(&text, &source, base_dir)
+    }
+
+    /// Parses and checks `yaml`; `base_dir` resolves schema paths. Diagnostics name the source
+    /// `topology.yaml`.
+    pub fn from_str(yaml: &str, base_dir: &Path) -> Result<Topology, TopologyErrors> {
+        check::parse(yaml, "topology.yaml", base_dir)
+    }
+
+    /// The cluster name of a logical topic: `topic_prefix` + `logical`.
+    pub fn topic_name(&self, logical: &str) -> String {
+        format!("{}{}", self.topic_prefix, logical)
+    }
+
+    /// The cluster name of a logical consumer group: `topic_prefix` + `logical`.
+    pub fn group_name(&self, logical: &str) -> String {
+        format!("{}{}", self.topic_prefix, logical)
+    }
+
+    /// The logical topic for a cluster topic name, if it is one of ours.
+    pub fn logical_topic(&self, physical: &str) -> Option<&str> {
+        let logical = physical.strip_prefix(self.topic_prefix.as_str())?;
+        self.topics.get_key_value(logical).map(|(k, _)| k.as_str())
+    }
+
+    /// The `.avsc` text of a logical topic's schema, if it has one.
+    pub fn schema_text(&self, logical_topic: &str) -> Option<&str> {
+        self.schemas.get(logical_topic).map(|s| s.text.as_str())
+    }
+
+    /// The parsed Avro schema of a logical topic, if it has one.
+    pub fn schema(&self, logical_topic: &str) -> Option<&apache_avro::Schema> {
+        self.schemas.get(logical_topic).map(|s| &s.parsed)
+    }
+
+    /// The template for `event` (a payload branch name) on a logical topic.
+    pub fn template(&self, logical_topic: &str, event: &str) -> Option<&TemplateSpec> {
+        self.templates
+            .iter()
+            .find(|t| t.topic == logical_topic && t.event == event)
+    }
+
+    /// The same topology with `topic_prefix` replaced by `prefix`.
+    pub fn with_prefix(mut self, prefix: &str) -> Topology {
+        self.topic_prefix = prefix.to_owned();
+        self
+    }
+}

@@ -1,0 +1,373 @@
+//! PostgreSQL backend of the store. Batches go through binary `COPY` into per-connection temporary
+//! staging tables, then one `INSERT … SELECT … ON CONFLICT DO NOTHING` per table, all in the same
+//! transaction as the offset upsert.
+
+use sqlx::postgres::{PgPoolOptions, PgRow};
+use sqlx::{Executor, PgConnection, PgPool, Row};
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::time::Duration;
+
+use super::copy::{CopyEncoder, CopyError};
+use super::{Batch, ChatMessage, InboxItem, StoredNotification, WriteStats};
+use crate::error::StoreError;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+const STAGING: &str = include_str!("sql/pg_staging.sql");
+const INSERT_NOTIFICATIONS: &str = include_str!("sql/pg_insert_notifications.sql");
+const INSERT_CHAT: &str = include_str!("sql/pg_insert_chat.sql");
+const UPSERT_OFFSETS: &str = include_str!("sql/pg_upsert_offsets.sql");
+const INBOX: &str = include_str!("sql/inbox.sql");
+const INBOX_BEFORE: &str = include_str!("sql/inbox_before.sql");
+const NOTIFICATIONS_AFTER: &str = include_str!("sql/notifications_after.sql");
+
+/// COPY data is sent whenever this much is encoded, bounding memory for any batch size.
+const COPY_CHUNK_BYTES: usize = 1 << 20;
+
+/// Connects and migrates. Every pooled connection creates its staging tables once, on connect.
+pub async fn connect(url: &str) -> Result<PgPool, StoreError> {
+    let pool = PgPoolOptions::new()
+        .max_connections(8)
+        .acquire_timeout(Duration::from_secs(5))
+        .after_connect(|conn, _meta| {
+            Box::pin(async move {
+                // A bare string has no arguments, so it goes through the simple-query protocol, which
+                // accepts the several statements of the file (`raw_sql` trips a lifetime issue here).
+                conn.execute(STAGING).await?;
+                Ok(())
+            })
+        })
+        .connect(url)
+        .await?;
+    MIGRATOR.run(&pool).await?;
+    Ok(pool)
+}
+
+/// PostgreSQL `text` cannot hold NUL characters; storing U+FFFD instead keeps one such value from
+/// failing its whole batch forever. Applied to every text written or compared, so lookups match.
+fn pg_text(s: &str) -> Cow<'_, str> {
+    if s.contains('\0') {
+        Cow::Owned(s.replace('\0', "\u{FFFD}"))
+    } else {
+        Cow::Borrowed(s)
+    }
+}
+
+fn pg_texts(v: &[String]) -> Vec<String> {
+    v.iter().map(|s| pg_text(s).into_owned()).collect()
+}
+
+fn count(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
+/// Streams `rows` into `COPY … FROM STDIN (FORMAT binary)` in ~1 MiB chunks; returns the rows copied.
+async fn copy_rows<T>(
+    conn: &mut PgConnection,
+    statement: &str,
+    rows: &[T],
+    mut encode: impl FnMut(&mut CopyEncoder, &T) -> Result<(), CopyError>,
+) -> Result<u64, StoreError> {
+    let mut copy = conn.copy_in_raw(statement).await?;
+    let mut enc = CopyEncoder::with_capacity(COPY_CHUNK_BYTES + COPY_CHUNK_BYTES / 4);
+    for row in rows {
+        if let Err(e) = encode(&mut enc, row) {
+            // End the COPY properly so the connection stays usable; the caller's transaction rolls back.
+            copy.abort(e.to_string()).await?;
+            return Err(e.into());
+        }
+        if enc.len() >= COPY_CHUNK_BYTES {
+            copy.send(enc.take()).await?;
+        }
+    }
+    copy.send(enc.finish()).await?;
+    Ok(copy.finish().await?)
+}
+
+/// One `notifications_staging` row; field order is the staging table's column order.
+fn encode_notification(enc: &mut CopyEncoder, s: &StoredNotification) -> Result<(), CopyError> {
+    let n = &s.notification;
+    enc.begin_row(13);
+    enc.uuid(&n.notification_id);
+    enc.text(&pg_text(&n.user_id))?;
+    enc.text(&pg_text(&n.kind))?;
+    enc.text(&pg_text(&n.title))?;
+    enc.text(&pg_text(&n.body))?;
+    enc.opt_text(n.link.as_deref().map(pg_text).as_deref())?;
+    enc.text(&pg_text(&n.source_event_id))?;
+    enc.timestamptz_unix_micros(n.occurred_at);
+    enc.text(&pg_text(&n.source_topic))?;
+    enc.i32(n.source_partition);
+    enc.i64(n.source_offset);
+    enc.i32(s.stream_partition);
+    enc.i64(s.stream_offset);
+    Ok(())
+}
+
+/// One `chat_staging` row.
+fn encode_chat(enc: &mut CopyEncoder, m: &ChatMessage) -> Result<(), CopyError> {
+    enc.begin_row(7);
+    enc.text(&pg_text(&m.message_id))?;
+    enc.text(&pg_text(&m.room_id))?;
+    enc.text(&pg_text(&m.sender_id))?;
+    enc.text(&pg_text(&m.text))?;
+    enc.timestamptz_unix_micros(m.occurred_at);
+    enc.i32(m.source_partition);
+    enc.i64(m.source_offset);
+    Ok(())
+}
+
+/// See [`crate::Store::write_batch`].
+pub async fn write_batch(
+    pool: &PgPool,
+    consumer: &str,
+    batch: &Batch,
+) -> Result<WriteStats, StoreError> {
+    let mut stats = WriteStats::default();
+    let mut tx = pool.begin().await?;
+    if !batch.notifications.is_empty() {
+        copy_rows(
+            &mut tx,
+            "COPY notifications_staging FROM STDIN (FORMAT binary)",
+            &batch.notifications,
+            encode_notification,
+        )
+        .await?;
+        stats.notifications_inserted = sqlx::query(INSERT_NOTIFICATIONS)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+    }
+    if !batch.chat_messages.is_empty() {
+        copy_rows(
+            &mut tx,
+            "COPY chat_staging FROM STDIN (FORMAT binary)",
+            &batch.chat_messages,
+            encode_chat,
+        )
+        .await?;
+        stats.chat_inserted = sqlx::query(INSERT_CHAT)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+    }
+    let offsets = batch.merged_offsets();
+    if !offsets.is_empty() {
+        let topics: Vec<String> = offsets
+            .iter()
+            .map(|(t, _, _)| pg_text(t).into_owned())
+            .collect();
+        let partitions: Vec<i32> = offsets.iter().map(|(_, p, _)| *p).collect();
+        let next: Vec<i64> = offsets.iter().map(|(_, _, o)| *o).collect();
+        sqlx::query(UPSERT_OFFSETS)
+            .bind(pg_text(consumer).as_ref())
+            .bind(topics)
+            .bind(partitions)
+            .bind(next)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(stats)
+}
+
+/// See [`crate::Store::load_offsets`].
+pub async fn load_offsets(
+    pool: &PgPool,
+    consumer: &str,
+    topic: &str,
+) -> Result<HashMap<i32, i64>, StoreError> {
+    let rows: Vec<(i32, i64)> = sqlx::query_as(
+        "SELECT partition, next_offset FROM sink_offsets WHERE consumer = $1 AND topic = $2",
+    )
+    .bind(pg_text(consumer).as_ref())
+    .bind(pg_text(topic).as_ref())
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// See [`crate::Store::segment_members`].
+pub async fn segment_members(pool: &PgPool, segment: &str) -> Result<Vec<String>, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT user_id FROM audience_segments WHERE segment = $1 ORDER BY user_id",
+    )
+    .bind(pg_text(segment).as_ref())
+    .fetch_all(pool)
+    .await?)
+}
+
+/// See [`crate::Store::add_segment_members`]. Segments can hold millions of users, hence COPY.
+pub async fn add_segment_members(
+    pool: &PgPool,
+    segment: &str,
+    users: &[String],
+) -> Result<u64, StoreError> {
+    if users.is_empty() {
+        return Ok(0);
+    }
+    let mut tx = pool.begin().await?;
+    copy_rows(
+        &mut tx,
+        "COPY users_staging FROM STDIN (FORMAT binary)",
+        users,
+        |enc, u| {
+            enc.begin_row(1);
+            enc.text(&pg_text(u))
+        },
+    )
+    .await?;
+    let added = sqlx::query(
+        "INSERT INTO audience_segments (segment, user_id) SELECT $1, user_id FROM users_staging ON CONFLICT DO NOTHING",
+    )
+    .bind(pg_text(segment).as_ref())
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    tx.commit().await?;
+    Ok(added)
+}
+
+/// See [`crate::Store::room_members`].
+pub async fn room_members(pool: &PgPool, room: &str) -> Result<Vec<String>, StoreError> {
+    Ok(
+        sqlx::query_scalar("SELECT user_id FROM room_members WHERE room_id = $1 ORDER BY user_id")
+            .bind(pg_text(room).as_ref())
+            .fetch_all(pool)
+            .await?,
+    )
+}
+
+/// See [`crate::Store::update_room`].
+pub async fn update_room(
+    pool: &PgPool,
+    room: &str,
+    add: &[String],
+    remove: &[String],
+) -> Result<(), StoreError> {
+    let room = pg_text(room);
+    let mut tx = pool.begin().await?;
+    if !add.is_empty() {
+        sqlx::query(
+            "INSERT INTO room_members (room_id, user_id) SELECT $1, u FROM UNNEST($2::text[]) AS u ON CONFLICT DO NOTHING",
+        )
+        .bind(room.as_ref())
+        .bind(pg_texts(add))
+        .execute(&mut *tx)
+        .await?;
+    }
+    if !remove.is_empty() {
+        sqlx::query("DELETE FROM room_members WHERE room_id = $1 AND user_id = ANY($2::text[])")
+            .bind(room.as_ref())
+            .bind(pg_texts(remove))
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+fn inbox_item(row: &PgRow) -> Result<InboxItem, sqlx::Error> {
+    let occurred_at: chrono::DateTime<chrono::Utc> = row.try_get("occurred_at")?;
+    Ok(InboxItem {
+        notification: tidings_core::Notification {
+            notification_id: row.try_get("id")?,
+            user_id: row.try_get("user_id")?,
+            kind: row.try_get("kind")?,
+            title: row.try_get("title")?,
+            body: row.try_get("body")?,
+            link: row.try_get("link")?,
+            source_event_id: row.try_get("source_event_id")?,
+            occurred_at: occurred_at.timestamp_micros(),
+            source_topic: row.try_get("source_topic")?,
+            source_partition: row.try_get("source_partition")?,
+            source_offset: row.try_get("source_offset")?,
+        },
+        stream_partition: row.try_get("stream_partition")?,
+        stream_offset: row.try_get("stream_offset")?,
+        read: row.try_get("read")?,
+    })
+}
+
+fn inbox_items(rows: Vec<PgRow>) -> Result<Vec<InboxItem>, StoreError> {
+    Ok(rows.iter().map(inbox_item).collect::<Result<_, _>>()?)
+}
+
+/// See [`crate::Store::inbox`].
+pub async fn inbox(
+    pool: &PgPool,
+    user: &str,
+    before: Option<(i32, i64)>,
+    limit: u32,
+) -> Result<Vec<InboxItem>, StoreError> {
+    let user = pg_text(user);
+    let rows = match before {
+        None => {
+            sqlx::query(INBOX)
+                .bind(user.as_ref())
+                .bind(i64::from(limit))
+                .fetch_all(pool)
+                .await?
+        }
+        Some((partition, offset)) => {
+            sqlx::query(INBOX_BEFORE)
+                .bind(user.as_ref())
+                .bind(partition)
+                .bind(offset)
+                .bind(i64::from(limit))
+                .fetch_all(pool)
+                .await?
+        }
+    };
+    inbox_items(rows)
+}
+
+/// See [`crate::Store::unread_count`].
+pub async fn unread_count(pool: &PgPool, user: &str) -> Result<u64, StoreError> {
+    let n: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM notifications WHERE user_id = $1 AND read_at IS NULL",
+    )
+    .bind(pg_text(user).as_ref())
+    .fetch_one(pool)
+    .await?;
+    Ok(count(n))
+}
+
+/// See [`crate::Store::mark_read`].
+pub async fn mark_read(pool: &PgPool, user: &str, id: uuid::Uuid) -> Result<bool, StoreError> {
+    let updated =
+        sqlx::query("UPDATE notifications SET read_at = COALESCE(read_at, now()) WHERE id = $1 AND user_id = $2")
+            .bind(id)
+            .bind(pg_text(user).as_ref())
+            .execute(pool)
+            .await?
+            .rows_affected();
+    Ok(updated > 0)
+}
+
+/// See [`crate::Store::count_notifications`].
+pub async fn count_notifications(pool: &PgPool) -> Result<u64, StoreError> {
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM notifications")
+        .fetch_one(pool)
+        .await?;
+    Ok(count(n))
+}
+
+/// See [`crate::Store::notifications_after`].
+pub async fn notifications_after(
+    pool: &PgPool,
+    user: &str,
+    partition: i32,
+    after_offset: i64,
+    limit: u32,
+) -> Result<Vec<InboxItem>, StoreError> {
+    let rows = sqlx::query(NOTIFICATIONS_AFTER)
+        .bind(pg_text(user).as_ref())
+        .bind(partition)
+        .bind(after_offset)
+        .bind(i64::from(limit))
+        .fetch_all(pool)
+        .await?;
+    inbox_items(rows)
+}

@@ -1,0 +1,4 @@
+INSERT OR IGNORE INTO notifications (
+    id, user_id, kind, title, body, link, source_event_id, occurred_at,
+    source_topic, source_partition, source_offset, stream_partition, stream_offset
+) 

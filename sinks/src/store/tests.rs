@@ -1,0 +1,625 @@
+//! Store operations checked against both backends (a fresh PostgreSQL database and a fresh SQLite
+//! file per test), plus PostgreSQL-only checks of large batches and transactional failure.
+
+use super::*;
+use std::time::Instant;
+use tidings_core::Notification;
+
+/// Runs each named `async fn check(&Store)` once on PostgreSQL and once on SQLite.
+macro_rules! on_both_backends {
+    ($($check:ident),* $(,)?) => { $(
+        mod $check {
+            #[tokio::test]
+            async fn postgres() {
+                let (store, _url) = crate::testing::fresh_postgres().await.unwrap();
+                super::$check(&store).await;
+            }
+            #[tokio::test]
+            async fn sqlite() {
+                let (store, _dir) = crate::testing::fresh_sqlite().await.unwrap();
+                super::$check(&store).await;
+            }
+        }
+    )* };
+}
+
+on_both_backends!(
+    write_batch_inserts_rows,
+    same_batch_twice_inserts_nothing,
+    offsets_are_saved_and_never_move_backward,
+    large_batches_go_through,
+    segments_are_idempotent,
+    rooms_add_and_remove,
+    inbox_pages_with_cursor,
+    unread_and_mark_read,
+    notifications_after_resumes_oldest_first,
+    nul_characters_do_not_fail_a_batch,
+);
+
+fn notification(
+    user: &str,
+    event: &str,
+    stream_partition: i32,
+    stream_offset: i64,
+) -> StoredNotification {
+    StoredNotification {
+        notification: Notification {
+            notification_id: Notification::id_for(event, user),
+            user_id: user.into(),
+            kind: "order.placed".into(),
+            title: format!("Order {event} placed"),
+            body: "Thanks for your order — ünïcödé 😀".into(),
+            link: Some(format!("/orders/{event}")),
+            source_event_id: event.into(),
+            occurred_at: 1_700_000_000_123_456 + stream_offset,
+            source_topic: "orders".into(),
+            source_partition: 1,
+            source_offset: 1000 + stream_offset,
+        },
+        stream_partition,
+        stream_offset,
+    }
+}
+
+fn chat(id: &str, room: &str, text: &str, offset: i64) -> ChatMessage {
+    ChatMessage {
+        message_id: id.into(),
+        room_id: room.into(),
+        sender_id: "alice".into(),
+        text: text.into(),
+        occurred_at: 1_700_000_000_000_001 + offset,
+        source_partition: 0,
+        source_offset: offset,
+    }
+}
+
+fn offset(topic: &str, partition: i32, next_offset: i64) -> OffsetUpdate {
+    OffsetUpdate {
+        topic: topic.into(),
+        partition,
+        next_offset,
+    }
+}
+
+/// Chat rows as stored, ordered by id, read back with backend-specific SQL.
+async fn stored_chat(store: &Store) -> Vec<ChatMessage> {
+    const COLS: &str = "message_id, room_id, sender_id, text, source_partition, source_offset";
+    match store {
+        Store::Postgres(p) => {
+            let sql = format!(
+                "SELECT {COLS}, (extract(epoch FROM occurred_at) * 1000000)::int8 FROM chat_messages ORDER BY message_id"
+            );
+            let rows: Vec<(String, String, String, String, i32, i64, i64)> =
+                sqlx::query_as(&sql).fetch_all(p).await.unwrap();
+            rows.into_iter()
+                .map(
+                    |(
+                        message_id,
+                        room_id,
+                        sender_id,
+                        text,
+                        source_partition,
+                        source_offset,
+                        occurred_at,
+                    )| {
+                        ChatMessage {
+                            message_id,
+                            room_id,
+                            sender_id,
+                            text,
+                            occurred_at,
+                            source_partition,
+                            source_offset,
+                        }
+                    },
+                )
+                .collect()
+        }
+        Store::Sqlite(p) => {
+            let sql = format!("SELECT {COLS}, occurred_at FROM chat_messages ORDER BY message_id");
+            let rows: Vec<(String, String, String, String, i32, i64, i64)> =
+                sqlx::query_as(&sql).fetch_all(p).await.unwrap();
+            rows.into_iter()
+                .map(
+                    |(
+                        message_id,
+                        room_id,
+                        sender_id,
+                        text,
+                        source_partition,
+                        source_offset,
+                        occurred_at,
+                    )| {
+                        ChatMessage {
+                            message_id,
+                            room_id,
+                            sender_id,
+                            text,
+                            occurred_at,
+                            source_partition,
+                            source_offset,
+                        }
+                    },
+                )
+                .collect()
+        }
+    }
+}
+
+async fn write_batch_inserts_rows(store: &Store) {
+    let mut no_link = notification("bob", "e3", 0, 7);
+    no_link.notification.link = None;
+    no_link.notification.title = String::new();
+    let batch = Batch {
+        notifications: vec![
+            notification("alice", "e1", 0, 5),
+            notification("alice", "e2", 0, 6),
+            no_link.clone(),
+        ],
+        chat_messages: vec![chat("m2", "r1", "hi 👋", 11), chat("m1", "r1", "", 10)],
+        offsets: vec![offset("notifications", 0, 8), offset("chat", 0, 12)],
+    };
+    let stats = store.write_batch("sink", &batch).await.unwrap();
+    assert_eq!(
+        stats,
+        WriteStats {
+            notifications_inserted: 3,
+            chat_inserted: 2
+        }
+    );
+    assert_eq!(store.count_notifications().await.unwrap(), 3);
+
+    // Every field comes back as written, including the timestamp to the microsecond and the NULL link.
+    let alice = store.inbox("alice", None, 10).await.unwrap();
+    let expected: Vec<InboxItem> = batch.notifications[..2]
+        .iter()
+        .rev()
+        .map(|s| InboxItem {
+            notification: s.notification.clone(),
+            stream_partition: s.stream_partition,
+            stream_offset: s.stream_offset,
+            read: false,
+        })
+        .collect();
+    assert_eq!(alice, expected);
+    let bob = store.inbox("bob", None, 10).await.unwrap();
+    assert_eq!(bob.len(), 1);
+    assert_eq!(bob[0].notification, no_link.notification);
+
+    let mut chats = batch.chat_messages.clone();
+    chats.sort_by(|a, b| a.message_id.cmp(&b.message_id));
+    assert_eq!(stored_chat(store).await, chats);
+}
+
+async fn same_batch_twice_inserts_nothing(store: &Store) {
+    let batch = Batch {
+        notifications: (0..50)
+            .map(|i| notification(&format!("u{}", i % 7), &format!("e{i}"), 0, i))
+            .collect(),
+        chat_messages: (0..20)
+            .map(|i| chat(&format!("m{i}"), "r", "text", i))
+            .collect(),
+        offsets: vec![offset("notifications", 0, 50)],
+    };
+    let first = store.write_batch("sink", &batch).await.unwrap();
+    assert_eq!(
+        first,
+        WriteStats {
+            notifications_inserted: 50,
+            chat_inserted: 20
+        }
+    );
+    let second = store.write_batch("sink", &batch).await.unwrap();
+    assert_eq!(
+        second,
+        WriteStats {
+            notifications_inserted: 0,
+            chat_inserted: 0
+        }
+    );
+    assert_eq!(store.count_notifications().await.unwrap(), 50);
+    assert_eq!(stored_chat(store).await.len(), 20);
+
+    // Overlapping redelivery plus a duplicate inside one batch: only the genuinely new rows count.
+    let mut overlap = Batch {
+        notifications: batch.notifications[40..].to_vec(),
+        chat_messages: vec![chat("m19", "r", "changed", 19), chat("m20", "r", "new", 20)],
+        offsets: vec![],
+    };
+    overlap.notifications.push(notification("u1", "e50", 0, 50));
+    overlap.notifications.push(notification("u1", "e50", 0, 50));
+    let third = store.write_batch("sink", &overlap).await.unwrap();
+    assert_eq!(
+        third,
+        WriteStats {
+            notifications_inserted: 1,
+            chat_inserted: 1
+        }
+    );
+    assert_eq!(store.count_notifications().await.unwrap(), 51);
+    // The first write wins: a redelivered id never overwrites the stored row.
+    let m19 = stored_chat(store)
+        .await
+        .into_iter()
+        .find(|m| m.message_id == "m19")
+        .unwrap();
+    assert_eq!(m19.text, "text");
+}
+
+async fn offsets_are_saved_and_never_move_backward(store: &Store) {
+    assert!(store
+        .load_offsets("sink", "notifications")
+        .await
+        .unwrap()
+        .is_empty());
+    let batch = Batch {
+        notifications: vec![notification("a", "e1", 0, 9)],
+        offsets: vec![
+            offset("notifications", 0, 10),
+            offset("notifications", 1, 5),
+            offset("chat", 0, 3),
+        ],
+        ..Batch::default()
+    };
+    store.write_batch("sink", &batch).await.unwrap();
+    let saved = store.load_offsets("sink", "notifications").await.unwrap();
+    assert_eq!(saved, HashMap::from([(0, 10), (1, 5)]));
+    assert_eq!(
+        store.load_offsets("sink", "chat").await.unwrap(),
+        HashMap::from([(0, 3)])
+    );
+    assert!(store
+        .load_offsets("other-consumer", "notifications")
+        .await
+        .unwrap()
+        .is_empty());
+
+    // Partition 0 goes back (ignored), 1 goes forward; repeated entries for one partition keep the max.
+    let offsets_only = Batch {
+        offsets: vec![
+            offset("notifications", 0, 7),
+            offset("notifications", 1, 9),
+            offset("notifications", 1, 8),
+            offset("notifications", 2, 1),
+        ],
+        ..Batch::default()
+    };
+    assert_eq!(
+        store.write_batch("sink", &offsets_only).await.unwrap(),
+        WriteStats::default()
+    );
+    let saved = store.load_offsets("sink", "notifications").await.unwrap();
+    assert_eq!(saved, HashMap::from([(0, 10), (1, 9), (2, 1)]));
+}
+
+/// Many notifications over many users in one transaction, then 20k-row batches with the rate printed
+/// (informational only: `cargo test … -- --nocapture`).
+async fn large_batches_go_through(store: &Store) {
+    let make = |from: i64, n: i64| Batch {
+        notifications: (from..from + n)
+            .map(|i| {
+                notification(
+                    &format!("user-{}", i % 5000),
+                    &format!("ev-{i}"),
+                    (i % 4) as i32,
+                    i,
+                )
+            })
+            .collect(),
+        offsets: vec![offset("notifications", 0, from + n)],
+        ..Batch::default()
+    };
+    let big = make(0, 100_000);
+    let stats = store.write_batch("sink", &big).await.unwrap();
+    assert_eq!(stats.notifications_inserted, 100_000);
+    assert_eq!(store.count_notifications().await.unwrap(), 100_000);
+    assert_eq!(
+        store.load_offsets("sink", "notifications").await.unwrap(),
+        HashMap::from([(0, 100_000)])
+    );
+
+    let batches: Vec<Batch> = (0..5).map(|b| make(100_000 + b * 20_000, 20_000)).collect();
+    let started = Instant::now();
+    for batch in &batches {
+        assert_eq!(
+            store
+                .write_batch("sink", batch)
+                .await
+                .unwrap()
+                .notifications_inserted,
+            20_000
+        );
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "{}: 5 x 20000-row batches in {secs:.2}s = {:.0} rows/s (debug build of this crate)",
+        store.backend(),
+        100_000.0 / secs
+    );
+    assert_eq!(store.count_notifications().await.unwrap(), 200_000);
+}
+
+async fn segments_are_idempotent(store: &Store) {
+    let users = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    assert_eq!(
+        store
+            .add_segment_members("vip", &users(&["c", "a", "b"]))
+            .await
+            .unwrap(),
+        3
+    );
+    assert_eq!(
+        store
+            .add_segment_members("vip", &users(&["b", "d", "d", "c"]))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(store.add_segment_members("vip", &[]).await.unwrap(), 0);
+    assert_eq!(
+        store.segment_members("vip").await.unwrap(),
+        users(&["a", "b", "c", "d"])
+    );
+    assert!(store.segment_members("nobody").await.unwrap().is_empty());
+
+    // Larger than one SQLite statement chunk and one COPY chunk.
+    let many: Vec<String> = (0..60_000)
+        .map(|i| format!("segment-user-{i:06}"))
+        .collect();
+    assert_eq!(
+        store.add_segment_members("all", &many).await.unwrap(),
+        60_000
+    );
+    assert_eq!(store.add_segment_members("all", &many).await.unwrap(), 0);
+    assert_eq!(store.segment_members("all").await.unwrap(), many);
+    assert_eq!(store.segment_members("vip").await.unwrap().len(), 4);
+}
+
+async fn rooms_add_and_remove(store: &Store) {
+    let users = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    store
+        .update_room("r1", &users(&["carol", "alice", "bob"]), &[])
+        .await
+        .unwrap();
+    store
+        .update_room("r2", &users(&["alice"]), &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.room_members("r1").await.unwrap(),
+        users(&["alice", "bob", "carol"])
+    );
+
+    // Adding an existing member is fine; removing a non-member is fine; a user in both ends up removed.
+    store
+        .update_room(
+            "r1",
+            &users(&["dave", "bob", "erin"]),
+            &users(&["alice", "zed", "erin"]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store.room_members("r1").await.unwrap(),
+        users(&["bob", "carol", "dave"])
+    );
+    assert_eq!(store.room_members("r2").await.unwrap(), users(&["alice"]));
+
+    let crowd: Vec<String> = (0..2500).map(|i| format!("guest-{i:04}")).collect();
+    store.update_room("r1", &crowd, &[]).await.unwrap();
+    assert_eq!(store.room_members("r1").await.unwrap().len(), 2503);
+    store.update_room("r1", &[], &crowd).await.unwrap();
+    assert_eq!(
+        store.room_members("r1").await.unwrap(),
+        users(&["bob", "carol", "dave"])
+    );
+    assert!(store.room_members("empty").await.unwrap().is_empty());
+}
+
+async fn inbox_pages_with_cursor(store: &Store) {
+    // alice: 25 notifications on partition 2 plus 2 older ones on partition 1; bob interleaved.
+    let mut notifications: Vec<StoredNotification> = (0..25)
+        .map(|i| notification("alice", &format!("a{i}"), 2, 100 + 2 * i))
+        .collect();
+    notifications.extend((0..25).map(|i| notification("bob", &format!("b{i}"), 2, 101 + 2 * i)));
+    notifications.push(notification("alice", "old0", 1, 500));
+    notifications.push(notification("alice", "old1", 1, 501));
+    store
+        .write_batch(
+            "sink",
+            &Batch {
+                notifications,
+                ..Batch::default()
+            },
+        )
+        .await
+        .unwrap();
+
+    let mut seen = Vec::new();
+    let mut cursor = None;
+    let mut pages = 0;
+    loop {
+        let page = store.inbox("alice", cursor, 10).await.unwrap();
+        if page.is_empty() {
+            break;
+        }
+        pages += 1;
+        assert!(page.len() <= 10);
+        assert!(page.iter().all(|i| i.notification.user_id == "alice"));
+        let last = page.last().unwrap();
+        cursor = Some((last.stream_partition, last.stream_offset));
+        seen.extend(
+            page.into_iter()
+                .map(|i| (i.stream_partition, i.stream_offset)),
+        );
+    }
+    assert_eq!(pages, 3);
+    let mut expected: Vec<(i32, i64)> = (0..25).rev().map(|i| (2, 100 + 2 * i)).collect();
+    expected.extend([(1, 501), (1, 500)]);
+    assert_eq!(seen, expected);
+
+    // A cursor in the middle of a page resumes strictly after it.
+    let page = store.inbox("alice", Some((2, 110)), 3).await.unwrap();
+    let offsets: Vec<i64> = page.iter().map(|i| i.stream_offset).collect();
+    assert_eq!(offsets, vec![108, 106, 104]);
+    assert!(store.inbox("nobody", None, 10).await.unwrap().is_empty());
+}
+
+async fn unread_and_mark_read(store: &Store) {
+    let batch = Batch {
+        notifications: vec![
+            notification("alice", "e1", 0, 1),
+            notification("alice", "e2", 0, 2),
+            notification("alice", "e3", 0, 3),
+            notification("bob", "e1", 0, 4),
+        ],
+        ..Batch::default()
+    };
+    store.write_batch("sink", &batch).await.unwrap();
+    assert_eq!(store.unread_count("alice").await.unwrap(), 3);
+    assert_eq!(store.unread_count("bob").await.unwrap(), 1);
+    assert_eq!(store.unread_count("nobody").await.unwrap(), 0);
+
+    let e2 = Notification::id_for("e2", "alice");
+    assert!(store.mark_read("alice", e2).await.unwrap());
+    assert_eq!(store.unread_count("alice").await.unwrap(), 2);
+    // Marking again still reports the notification as the user's and changes nothing.
+    assert!(store.mark_read("alice", e2).await.unwrap());
+    assert_eq!(store.unread_count("alice").await.unwrap(), 2);
+
+    // Someone else's notification, or an unknown id: false, and nothing changes.
+    let bobs = Notification::id_for("e1", "bob");
+    assert!(!store.mark_read("alice", bobs).await.unwrap());
+    assert!(!store
+        .mark_read("alice", uuid::Uuid::new_v4())
+        .await
+        .unwrap());
+    assert_eq!(store.unread_count("bob").await.unwrap(), 1);
+
+    let inbox = store.inbox("alice", None, 10).await.unwrap();
+    let read: Vec<(i64, bool)> = inbox.iter().map(|i| (i.stream_offset, i.read)).collect();
+    assert_eq!(read, vec![(3, false), (2, true), (1, false)]);
+    assert!(!store.inbox("bob", None, 10).await.unwrap()[0].read);
+}
+
+async fn notifications_after_resumes_oldest_first(store: &Store) {
+    let mut notifications: Vec<StoredNotification> = (0..10)
+        .map(|i| notification("alice", &format!("a{i}"), 3, 10 * i))
+        .collect();
+    notifications.push(notification("alice", "elsewhere", 1, 1000));
+    notifications.push(notification("bob", "b", 3, 55));
+    store
+        .write_batch(
+            "sink",
+            &Batch {
+                notifications,
+                ..Batch::default()
+            },
+        )
+        .await
+        .unwrap();
+
+    let after = store
+        .notifications_after("alice", 3, 40, 100)
+        .await
+        .unwrap();
+    let offsets: Vec<i64> = after.iter().map(|i| i.stream_offset).collect();
+    assert_eq!(offsets, vec![50, 60, 70, 80, 90]);
+    assert!(after
+        .iter()
+        .all(|i| i.notification.user_id == "alice" && i.stream_partition == 3));
+    let limited = store.notifications_after("alice", 3, 35, 2).await.unwrap();
+    assert_eq!(
+        limited.iter().map(|i| i.stream_offset).collect::<Vec<_>>(),
+        vec![40, 50]
+    );
+    assert!(store
+        .notifications_after("alice", 3, 90, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        store
+            .notifications_after("alice", 1, -1, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+async fn nul_characters_do_not_fail_a_batch(store: &Store) {
+    let mut n = notification("alice", "nul", 0, 1);
+    n.notification.body = "a\0b".into();
+    let batch = Batch {
+        notifications: vec![n],
+        chat_messages: vec![chat("m\0", "r", "x\0y", 1)],
+        offsets: vec![offset("chat", 0, 2)],
+    };
+    let stats = store.write_batch("sink", &batch).await.unwrap();
+    assert_eq!(
+        stats,
+        WriteStats {
+            notifications_inserted: 1,
+            chat_inserted: 1
+        }
+    );
+    let body = store
+        .inbox("alice", None, 1)
+        .await
+        .unwrap()
+        .remove(0)
+        .notification
+        .body;
+    // PostgreSQL text cannot hold NUL, so the store keeps U+FFFD there; SQLite keeps the text as is.
+    match store {
+        Store::Postgres(_) => assert_eq!(body, "a\u{FFFD}b"),
+        Store::Sqlite(_) => assert_eq!(body, "a\0b"),
+    }
+    // The replacement is deterministic, so a redelivery still deduplicates.
+    assert_eq!(
+        store.write_batch("sink", &batch).await.unwrap(),
+        WriteStats::default()
+    );
+}
+
+/// A batch that PostgreSQL rejects mid-COPY stores neither rows nor offsets, is not retriable, and
+/// leaves the pool usable.
+#[tokio::test]
+async fn postgres_failed_batch_leaves_nothing() {
+    let (store, _url) = crate::testing::fresh_postgres().await.unwrap();
+    let mut bad = notification("alice", "bad", 0, 2);
+    // Before 4713 BC, and so far back that the shift to PostgreSQL's epoch overflows: must not turn
+    // into `-infinity` (which PostgreSQL would accept).
+    bad.notification.occurred_at = i64::MIN;
+    let batch = Batch {
+        notifications: vec![notification("alice", "good", 0, 1), bad],
+        chat_messages: vec![chat("m1", "r", "hi", 1)],
+        offsets: vec![offset("notifications", 0, 3)],
+    };
+    // More attempts than pooled connections: every connection must come back usable.
+    for _ in 0..10 {
+        let err = store.write_batch("sink", &batch).await.unwrap_err();
+        assert!(!err.is_retriable(), "{err}");
+    }
+    assert_eq!(store.count_notifications().await.unwrap(), 0);
+    assert!(stored_chat(&store).await.is_empty());
+    assert!(store
+        .load_offsets("sink", "notifications")
+        .await
+        .unwrap()
+        .is_empty());
+
+    let good = Batch {
+        notifications: vec![notification("alice", "good", 0, 1)],
+        ..Batch::default()
+    };
+    assert_eq!(
+        store
+            .write_batch("sink", &good)
+            .await
+            .unwrap()
+            .notifications_inserted,
+        1
+    );
+}

@@ -33,12 +33,15 @@ pub struct IngestTopic {
     pub key_field: Option<String>,
 }
 
+/// The encoder of a topic's latest schema, and that schema (to validate JSON against).
+type TopicEncoder = (FramedEncoder, &'static apache_avro::Schema);
+
 /// Shared state of the ingest endpoint.
 pub struct IngestState {
     pub topics: HashMap<String, IngestTopic>,
     pub registry: RegistryClient,
     pub producer: FutureProducer,
-    encoders: RwLock<HashMap<String, (Instant, Arc<(FramedEncoder, &'static apache_avro::Schema)>)>>,
+    encoders: RwLock<HashMap<String, (Instant, Arc<TopicEncoder>)>>,
 }
 
 impl IngestState {
@@ -46,7 +49,7 @@ impl IngestState {
         IngestState { topics, registry, producer, encoders: RwLock::new(HashMap::new()) }
     }
 
-    async fn encoder(&self, physical: &str) -> Result<Arc<(FramedEncoder, &'static apache_avro::Schema)>, ApiError> {
+    async fn encoder(&self, physical: &str) -> Result<Arc<TopicEncoder>, ApiError> {
         if let Some((at, e)) = self.encoders.read().expect("lock").get(physical) {
             if at.elapsed() < SCHEMA_TTL {
                 return Ok(e.clone());

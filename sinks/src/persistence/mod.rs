@@ -4,8 +4,6 @@
 //! at any instant neither loses nor duplicates a row. Kafka commits only feed lag monitoring.
 
 pub mod config;
-#[cfg(test)]
-mod tests;
 
 use apache_avro::Schema;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, StreamConsumer};

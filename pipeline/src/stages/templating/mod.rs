@@ -5,8 +5,6 @@
 //! are deterministic.
 
 pub mod render;
-#[cfg(test)]
-mod tests;
 
 use apache_avro::Schema;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};

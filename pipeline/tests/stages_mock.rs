@@ -1,0 +1,258 @@
+//! Both stages against the in-process librdkafka mock cluster and a SQLite store: fast checks of
+//! dead-lettering, fan-out and where the persistence stage starts. The same flows run against the
+//! real tansu broker and PostgreSQL in `pipeline/cli/tests/`.
+
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::json;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tidings_core::json_avro::json_to_avro;
+use tidings_core::kafka::{KafkaConfig, H_DLQ_OFFSET, H_DLQ_REASON};
+use tidings_core::notification::NOTIFICATION_SCHEMA;
+use tidings_core::{FramedEncoder, Notification, RegistryClient};
+use tidings_pipeline::registry::Registry;
+use tidings_pipeline::stages::templating::{self, TemplatingConfig};
+use tidings_pipeline::topology::{apply::apply_mock, Topology};
+use tidings_sinks::persistence::{self, PersistenceConfig};
+use tidings_sinks::store::{Batch, OffsetUpdate};
+use tidings_sinks::Store;
+use tokio_util::sync::CancellationToken;
+
+struct Env {
+    kafka: KafkaConfig,
+    registry_url: String,
+    store: Store,
+    topo: Arc<Topology>,
+    token: CancellationToken,
+    _dir: tempfile::TempDir,
+}
+
+async fn env(mock: &MockCluster<'static, rdkafka::producer::DefaultProducerContext>) -> Env {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let topo = Topology::load(&root.join("topology.yaml")).unwrap();
+    apply_mock(&topo, mock).unwrap();
+    let (store, dir) = tidings_sinks::testing::fresh_sqlite().await.unwrap();
+    let registry = Registry::open(store.clone()).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let registry_url = format!("http://{}", listener.local_addr().unwrap());
+    let token = CancellationToken::new();
+    tokio::spawn(tidings_pipeline::registry::serve(listener, registry.clone(), token.clone()));
+    for name in topo.topics.keys() {
+        if let Some(text) = topo.schema_text(name) {
+            registry.register(&format!("{name}-value"), text).await.unwrap();
+        }
+    }
+    Env { kafka: KafkaConfig::new(mock.bootstrap_servers()), registry_url, store, topo: Arc::new(topo), token, _dir: dir }
+}
+
+async fn encoder(env: &Env, subject: &str) -> (FramedEncoder, &'static apache_avro::Schema) {
+    let (id, schema) = RegistryClient::new(&env.registry_url).unwrap().latest(subject).await.unwrap();
+    (FramedEncoder::new(id, schema).unwrap(), schema)
+}
+
+fn consumer(env: &Env, topic: &str) -> StreamConsumer {
+    let c: StreamConsumer = env.kafka.consumer(&format!("reader-{}", uuid::Uuid::new_v4())).create().unwrap();
+    c.subscribe(&[topic]).unwrap();
+    c
+}
+
+/// Reads `n` records (bounded wait) as (key, value, headers-as-pairs).
+async fn read(c: &StreamConsumer, n: usize) -> Vec<(Option<Vec<u8>>, Option<Vec<u8>>, Vec<(String, String)>, i32, i64)> {
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while out.len() < n {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let m = tokio::time::timeout(left, c.recv()).await.unwrap_or_else(|_| panic!("only {} of {n} records arrived", out.len())).unwrap();
+        let headers = m
+            .headers()
+            .map(|h| h.iter().map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned())).collect())
+            .unwrap_or_default();
+        out.push((m.key().map(<[u8]>::to_vec), m.payload().map(<[u8]>::to_vec), headers, m.partition(), m.offset()));
+    }
+    out
+}
+
+fn order(event_id: &str, buyer: &str) -> serde_json::Value {
+    json!({"event_id": event_id, "occurred_at": 1_700_000_000_000_000i64, "order_id": format!("o-{event_id}"), "buyer_id": buyer,
+        "payload": {"OrderShipped": {"carrier": "DHL", "tracking_number": "T1"}}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn templating_renders_dead_letters_and_keeps_going() {
+    let mock = MockCluster::new(1).unwrap();
+    let env = env(&mock).await;
+    let stage = tokio::spawn(templating::run(
+        TemplatingConfig { kafka: env.kafka.clone(), registry_url: env.registry_url.clone(), topology: env.topo.clone() },
+        env.store.clone(),
+        env.token.clone(),
+    ));
+    let (enc, schema) = encoder(&env, "orders-value").await;
+    let producer: FutureProducer = env.kafka.producer().create().unwrap();
+    let valid = |id: &str, buyer: &str| enc.encode(json_to_avro(schema, &order(id, buyer)).unwrap()).unwrap();
+    let mut unknown_id = valid("x", "u9");
+    unknown_id[1..5].copy_from_slice(&999_999u32.to_be_bytes());
+    let mut truncated = valid("y", "u9");
+    truncated.truncate(12);
+    let inputs: Vec<(&str, Vec<u8>, Option<&str>)> = vec![
+        ("valid", valid("e1", "u1"), None),
+        ("garbage", b"hello, world".to_vec(), Some("wrong-magic-byte")),
+        ("short", vec![0, 0], Some("too-short")),
+        ("unknown id", unknown_id, Some("unknown-schema-id")),
+        ("truncated", truncated, Some("malformed-avro")),
+        ("empty buyer", valid("e2", ""), Some("missing-recipient")),
+        ("valid after", valid("e3", "u3"), None),
+    ];
+    let mut expected_dead = Vec::new();
+    for (what, bytes, reason) in &inputs {
+        let offset =
+            producer.send(FutureRecord::to("orders").key("k").payload(bytes), Duration::from_secs(5)).await.unwrap().offset;
+        if let Some(r) = reason {
+            expected_dead.push((what.to_string(), r.to_string(), offset));
+        }
+    }
+    let registry = RegistryClient::new(&env.registry_url).unwrap();
+    let out = read(&consumer(&env, "notifications"), 2).await;
+    let mut users = Vec::new();
+    for (key, value, _, _, _) in &out {
+        let n = Notification::from_value(registry.decode(value.as_ref().unwrap(), &NOTIFICATION_SCHEMA).await.unwrap()).unwrap();
+        assert_eq!(key.as_deref(), Some(n.user_id.as_bytes()), "notifications are keyed by user");
+        assert_eq!(n.notification_id, Notification::id_for(&n.source_event_id, &n.user_id));
+        assert_eq!(n.kind, "order.shipped");
+        users.push(n.user_id);
+    }
+    users.sort();
+    assert_eq!(users, ["u1", "u3"]);
+    let dead = read(&consumer(&env, "tidings.dlq.templating"), expected_dead.len()).await;
+    for ((what, reason, offset), (key, _, headers, _, _)) in expected_dead.iter().zip(&dead) {
+        let h = |k: &str| headers.iter().find(|(hk, _)| hk == k).map(|(_, v)| v.clone());
+        assert_eq!(h(H_DLQ_REASON).as_deref(), Some(reason.as_str()), "{what}: {headers:?}");
+        assert_eq!(h(H_DLQ_OFFSET), Some(offset.to_string()), "{what}");
+        assert_eq!(key.as_deref(), Some(&b"k"[..]), "{what}: original key kept");
+    }
+    env.token.cancel();
+    tokio::time::timeout(Duration::from_secs(20), stage).await.unwrap().unwrap().unwrap();
+    drop(mock);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn campaign_fans_out_to_every_inline_user() {
+    let mock = MockCluster::new(1).unwrap();
+    let env = env(&mock).await;
+    let stage = tokio::spawn(templating::run(
+        TemplatingConfig { kafka: env.kafka.clone(), registry_url: env.registry_url.clone(), topology: env.topo.clone() },
+        env.store.clone(),
+        env.token.clone(),
+    ));
+    let (enc, schema) = encoder(&env, "coupons-value").await;
+    let users: Vec<String> = (0..2000).map(|i| format!("user-{i}")).collect();
+    let ev = json!({"event_id": "camp-1", "occurred_at": 1, "coupon_id": "camp-1", "payload": {"CampaignLaunched": {
+        "campaign_id": "camp-1", "title": "Sale", "discount_percent": 30, "audience": {"InlineAudience": {"user_ids": users}}}}});
+    let producer: FutureProducer = env.kafka.producer().create().unwrap();
+    let bytes = enc.encode(json_to_avro(schema, &ev).unwrap()).unwrap();
+    producer.send(FutureRecord::to("coupons").key("camp-1").payload(&bytes), Duration::from_secs(5)).await.unwrap();
+    let out = read(&consumer(&env, "notifications"), 2000).await;
+    let mut keys: Vec<String> = out.iter().map(|(k, ..)| String::from_utf8(k.clone().unwrap()).unwrap()).collect();
+    keys.sort();
+    keys.dedup();
+    assert_eq!(keys.len(), 2000, "one notification per audience member");
+    env.token.cancel();
+    // Clients must be gone before the mock cluster is destroyed.
+    tokio::time::timeout(Duration::from_secs(20), stage).await.unwrap().unwrap().unwrap();
+    drop(mock);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistence_starts_from_the_offsets_in_the_store_and_never_duplicates() {
+    let mock = MockCluster::new(1).unwrap();
+    let env = env(&mock).await;
+    let (enc, _) = encoder(&env, "notifications-value").await;
+    let producer: FutureProducer = env.kafka.producer().create().unwrap();
+    let mut partition = 0;
+    let mut ids = Vec::new();
+    let send = |i: usize| {
+        let n = Notification {
+            notification_id: Notification::id_for(&format!("ev-{i}"), "u1"),
+            user_id: "u1".into(),
+            kind: "k".into(),
+            title: format!("t{i}"),
+            body: "b".into(),
+            link: None,
+            source_event_id: format!("ev-{i}"),
+            occurred_at: 1_700_000_000_000_000,
+            source_topic: "orders".into(),
+            source_partition: 0,
+            source_offset: i as i64,
+        };
+        (n.notification_id, enc.encode(n.to_value()).unwrap())
+    };
+    for i in 0..10 {
+        let (id, bytes) = send(i);
+        ids.push(id);
+        let d = producer.send(FutureRecord::to("notifications").key("u1").payload(&bytes), Duration::from_secs(5)).await.unwrap();
+        let (p, o) = (d.partition, d.offset);
+        assert_eq!(o, i as i64);
+        partition = p;
+    }
+    // The store says offsets 0..4 of that partition are already stored: the stage must start at 4.
+    let group = env.topo.group_name(&env.topo.stages.persistence.group);
+    let seed = Batch {
+        offsets: vec![OffsetUpdate { topic: "notifications".into(), partition, next_offset: 4 }],
+        ..Batch::default()
+    };
+    env.store.write_batch(&group, &seed).await.unwrap();
+    let cfg = PersistenceConfig {
+        kafka: env.kafka.clone(),
+        registry_url: env.registry_url.clone(),
+        group: group.clone(),
+        notifications_topic: "notifications".into(),
+        chat_topic: None,
+        chat_schema: None,
+        dead_letter: "tidings.dlq.persistence".into(),
+        batch_size: 3,
+        linger: Duration::from_millis(50),
+    };
+    let run = |token: CancellationToken| tokio::spawn(persistence::run(cfg.clone(), env.store.clone(), token));
+    let wait_for = |n: u64| {
+        let store = env.store.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let c = store.count_notifications().await.unwrap();
+                if c == n {
+                    return;
+                }
+                assert!(c < n && Instant::now() < deadline, "expected {n} stored notifications, have {c}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let t1 = CancellationToken::new();
+    let stage = run(t1.clone());
+    wait_for(6).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(env.store.count_notifications().await.unwrap(), 6, "offsets 0..4 were skipped as the store said");
+    let stored: Vec<uuid::Uuid> = env.store.inbox("u1", None, 100).await.unwrap().into_iter().map(|i| i.notification.notification_id).collect();
+    for id in &ids[..4] {
+        assert!(!stored.contains(id));
+    }
+    t1.cancel();
+    stage.await.unwrap().unwrap();
+    assert_eq!(env.store.load_offsets(&group, "notifications").await.unwrap().get(&partition), Some(&10));
+
+    // Restart: nothing is re-stored, and new records continue from offset 10.
+    for i in 10..12 {
+        let (_, bytes) = send(i);
+        producer.send(FutureRecord::to("notifications").key("u1").payload(&bytes), Duration::from_secs(5)).await.unwrap();
+    }
+    let t2 = CancellationToken::new();
+    let stage = run(t2.clone());
+    wait_for(8).await;
+    t2.cancel();
+    stage.await.unwrap().unwrap();
+    assert_eq!(env.store.load_offsets(&group, "notifications").await.unwrap().get(&partition), Some(&12));
+    env.token.cancel();
+    drop(mock);
+}

@@ -3,16 +3,14 @@
 //! current-thread runtime, for a mix of order events in English and Korean. Prints one JSON line.
 //! Env: BENCH_EVENTS (default 200000).
 
-use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
-use apache_avro::Schema;
 use serde_json::{json, Value as Json};
-use tidings_core::json_avro::{avro_to_json, json_to_avro, union_branch_name};
-use tidings_core::notification::{NOTIFICATION_SCHEMA, NOTIFICATION_SCHEMA_JSON};
-use tidings_core::{FramedEncoder, Notification, RegistryClient};
-use tidings_pipeline::stages::templating::render::{Audience, Renderer};
+use tidings_core::json_avro::json_to_avro;
+use tidings_core::{FramedEncoder, RegistryClient};
+use tidings_pipeline::stages::templating::{Outcome, RecordRef, Templater};
 use tidings_pipeline::topology::Topology;
 use tokio_util::sync::CancellationToken;
 
@@ -22,15 +20,6 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// (the stage does them once per schema id for the life of the process).
 const WARMUP: usize = 2_000;
 
-/// What the stage needs per event, as `Stage` holds it (minus Kafka).
-struct Ctx {
-    topology: Topology,
-    registry: RegistryClient,
-    renderer: Renderer,
-    readers: HashMap<String, &'static Schema>,
-    encoder: FramedEncoder,
-}
-
 /// One consumed record as the stage sees it.
 struct Record {
     topic: String,
@@ -39,53 +28,15 @@ struct Record {
     payload: Vec<u8>,
 }
 
-/// Replicates `Stage::outcome` plus the per-notification encode of `Stage::process` for the
-/// `Users` audiences order events have; returns the framed notifications. Any dead-letter outcome
-/// is an error here: every generated event is valid, so one would mean the bench measures nothing.
-async fn template_one(ctx: &Ctx, rec: &Record) -> Result<Vec<Vec<u8>>, BoxError> {
-    let topic = rec.topic.as_str();
-    let reader = ctx.readers.get(topic).copied().ok_or_else(|| format!("no reader schema for topic {topic}"))?;
-    let value = ctx.registry.decode(&rec.payload, reader).await?;
-    let event =
-        union_branch_name(reader, &value, "payload").map(str::to_string).ok_or("event has no `payload` union")?;
-    let json = avro_to_json(&value);
-    let logical = ctx.topology.logical_topic(topic).unwrap_or(topic).to_string();
-    let (Some(event_id), Some(occurred_at)) =
-        (json.get("event_id").and_then(Json::as_str), json.get("occurred_at").and_then(Json::as_i64))
-    else {
-        return Err("event has no event_id or occurred_at".into());
-    };
-    let recipients = match ctx.renderer.audience(&logical, &event, &json)? {
-        Some(Audience::Users(u)) => u,
-        Some(other) => return Err(format!("order events have user audiences, got {other:?}").into()),
-        None => return Err(format!("no template for {logical}/{event}").into()),
-    };
-    let texts = ctx.renderer.render(&logical, &event, &json, &recipients)?;
-    let notifications: Vec<Notification> = recipients
-        .into_iter()
-        .enumerate()
-        .filter_map(|(i, user)| {
-            let t = if texts.len() == 1 { &texts[0] } else { texts.get(i)? };
-            Some(Notification {
-                notification_id: Notification::id_for(event_id, &user),
-                user_id: user,
-                kind: t.kind.clone(),
-                title: t.title.clone(),
-                body: t.body.clone(),
-                link: t.link.clone(),
-                source_event_id: event_id.to_string(),
-                occurred_at,
-                source_topic: topic.to_string(),
-                source_partition: rec.partition,
-                source_offset: rec.offset,
-            })
-        })
-        .collect();
-    let mut framed = Vec::with_capacity(notifications.len());
-    for n in &notifications {
-        framed.push(ctx.encoder.encode(n.to_value())?);
+/// The stage's own per-event path (`Templater::outcome`) plus the encode of each notification.
+/// A dead-letter outcome is an error here: every generated event is valid, so one would mean the
+/// bench measures nothing.
+async fn template_one(t: &Templater, rec: &Record, shutdown: &CancellationToken) -> Result<Vec<Vec<u8>>, BoxError> {
+    let r = RecordRef { topic: &rec.topic, partition: rec.partition, offset: rec.offset, payload: Some(&rec.payload) };
+    match t.outcome(r, shutdown).await? {
+        Outcome::Notifications(ns) => Ok(ns.iter().map(|n| t.encode(n)).collect::<Result<Vec<_>, _>>()?),
+        Outcome::Dead { reason, error } => Err(format!("event dead-lettered ({reason}): {error}").into()),
     }
-    Ok(framed)
 }
 
 /// Event `i` of a realistic order stream: placed / paid / shipped, 30% Korean, 1,000 buyers.
@@ -121,7 +72,7 @@ async fn bench() -> Result<Json, BoxError> {
 
     // The embedded registry, in-process, over HTTP as the stage reaches it.
     let (store, _dir) = tidings_sinks::testing::fresh_sqlite().await?;
-    let registry = tidings_pipeline::registry::Registry::open(store).await?;
+    let registry = tidings_pipeline::registry::Registry::open(store.clone()).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
     let shutdown = CancellationToken::new();
@@ -132,22 +83,7 @@ async fn bench() -> Result<Json, BoxError> {
     let order_text = topology.schema_text("orders").ok_or("topology has no orders schema")?;
     let order_id = client.register(&format!("{orders_topic}-value"), order_text).await?;
     let order_writer = client.schema_by_id(order_id).await?;
-    let output = topology.topic_name(&topology.stages.templating.output);
-    let notif_id = client.register(&format!("{output}-value"), NOTIFICATION_SCHEMA_JSON).await?;
-
-    // Reader schemas leaked once, as the stage does, so cached decoders can borrow them.
-    let mut readers = HashMap::new();
-    for logical in &topology.stages.templating.inputs {
-        let schema = topology.schema(logical).ok_or_else(|| format!("input {logical} has no schema"))?;
-        readers.insert(topology.topic_name(logical), &*Box::leak(Box::new(schema.clone())));
-    }
-    let ctx = Ctx {
-        renderer: Renderer::new(&topology)?,
-        encoder: FramedEncoder::new(notif_id, &NOTIFICATION_SCHEMA)?,
-        topology,
-        registry: client,
-        readers,
-    };
+    let templater = Templater::new(Arc::new(topology), &url, store).await?;
 
     // Producer side, untimed: framed Avro records as ingest writes them.
     let producer = FramedEncoder::new(order_id, order_writer)?;
@@ -165,12 +101,12 @@ async fn bench() -> Result<Json, BoxError> {
 
     let mut bytes = 0usize;
     for rec in &records[..WARMUP] {
-        bytes += template_one(&ctx, rec).await?.iter().map(Vec::len).sum::<usize>();
+        bytes += template_one(&templater, rec, &shutdown).await?.iter().map(Vec::len).sum::<usize>();
     }
     let mut notifications = 0usize;
     let started = Instant::now();
     for rec in &records[WARMUP..] {
-        let out = template_one(&ctx, rec).await?;
+        let out = template_one(&templater, rec, &shutdown).await?;
         notifications += out.len();
         // Keeps the encoded output observable so no part of the work can be optimised away.
         bytes += out.iter().map(Vec::len).sum::<usize>();

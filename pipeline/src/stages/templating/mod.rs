@@ -69,53 +69,80 @@ pub async fn run(cfg: TemplatingConfig, store: Store, shutdown: CancellationToke
     }
 }
 
-/// Per-run state: the reader schema of each input topic, the notification encoder, templates.
-struct Stage {
+/// The per-event work of the stage without Kafka: decode through the registry, track chat
+/// membership, resolve recipients, render, build and encode notifications. The stage and the
+/// templating benchmark both drive this.
+pub struct Templater {
     topology: Arc<Topology>,
     registry: RegistryClient,
     store: Store,
-    producer: FutureProducer,
     renderer: Renderer,
     readers: HashMap<String, &'static Schema>,
     encoder: FramedEncoder,
+}
+
+/// One consumed record as the templater sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct RecordRef<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    pub offset: i64,
+    pub payload: Option<&'a [u8]>,
+}
+
+/// The outcome of one record: notifications to produce, or why it goes to the dead-letter topic.
+#[derive(Debug)]
+pub enum Outcome {
+    Notifications(Vec<Notification>),
+    Dead { reason: &'static str, error: String },
+}
+
+/// The templater plus Kafka.
+struct Stage {
+    templater: Templater,
+    producer: FutureProducer,
     output: String,
     dead_letter: String,
+}
+
+impl Templater {
+    /// Registers the notification schema under `<output>-value` and compiles the templates.
+    pub async fn new(topology: Arc<Topology>, registry_url: &str, store: Store) -> Result<Self, StageError> {
+        let spec = &topology.stages.templating;
+        let registry = RegistryClient::new(registry_url)?;
+        let mut readers = HashMap::new();
+        for logical in &spec.inputs {
+            let schema = topology
+                .schema(logical)
+                .ok_or_else(|| StageError::Config(format!("input topic {logical} has no schema in topology.yaml")))?;
+            // Leaked once per stage start: decoders borrow reader schemas for 'static so they can be
+            // cached per writer schema id (see tidings_core::registry).
+            readers.insert(topology.topic_name(logical), &*Box::leak(Box::new(schema.clone())));
+        }
+        let output = topology.topic_name(&spec.output);
+        let id = registry.register(&format!("{output}-value"), NOTIFICATION_SCHEMA_JSON).await?;
+        let encoder = FramedEncoder::new(id, &NOTIFICATION_SCHEMA).map_err(|e| StageError::Config(e.to_string()))?;
+        let renderer = Renderer::new(&topology).map_err(|e| StageError::Config(e.to_string()))?;
+        Ok(Templater { topology, registry, store, renderer, readers, encoder })
+    }
+
+    /// Encodes a notification in the wire format under the registered notification schema.
+    pub fn encode(&self, n: &Notification) -> Result<Vec<u8>, StageError> {
+        self.encoder.encode(n.to_value()).map_err(|e| StageError::Config(e.to_string()))
+    }
 }
 
 async fn run_once(cfg: &TemplatingConfig, store: &Store, shutdown: &CancellationToken) -> Result<(), StageError> {
     let topo = cfg.topology.clone();
     let spec = &topo.stages.templating;
-    let registry = RegistryClient::new(&cfg.registry_url)?;
-    let mut readers = HashMap::new();
-    for logical in &spec.inputs {
-        let schema = topo
-            .schema(logical)
-            .ok_or_else(|| StageError::Config(format!("input topic {logical} has no schema in topology.yaml")))?;
-        // Leaked once per stage start: decoders borrow reader schemas for 'static so they can be
-        // cached per writer schema id (see tidings_core::registry).
-        readers.insert(topo.topic_name(logical), &*Box::leak(Box::new(schema.clone())));
-    }
+    let templater = Templater::new(topo.clone(), &cfg.registry_url, store.clone()).await?;
     let output = topo.topic_name(&spec.output);
-    let id = registry.register(&format!("{output}-value"), NOTIFICATION_SCHEMA_JSON).await?;
-    let encoder = FramedEncoder::new(id, &NOTIFICATION_SCHEMA).map_err(|e| StageError::Config(e.to_string()))?;
-    let renderer = Renderer::new(&topo).map_err(|e| StageError::Config(e.to_string()))?;
     let producer: FutureProducer = cfg.kafka.producer().create()?;
     let consumer: Arc<StreamConsumer> = Arc::new(cfg.kafka.consumer(&topo.group_name(&spec.group)).create()?);
     let topics: Vec<String> = spec.inputs.iter().map(|t| topo.topic_name(t)).collect();
     consumer.subscribe(&topics.iter().map(String::as_str).collect::<Vec<_>>())?;
     info!(topics = ?topics, output = %output, "Templating stage consuming {topics:?} into {output}.");
-
-    let stage = Stage {
-        dead_letter: topo.topic_name(&spec.dead_letter),
-        topology: topo.clone(),
-        registry,
-        store: store.clone(),
-        producer,
-        renderer,
-        readers,
-        encoder,
-        output,
-    };
+    let stage = Stage { templater, producer, output, dead_letter: topo.topic_name(&spec.dead_letter) };
     let max_in_flight = spec.max_in_flight.max(1);
     let budget = Arc::new(Semaphore::new(max_in_flight));
     let (tx, rx) = mpsc::channel::<InFlight>(1024);
@@ -187,12 +214,6 @@ async fn ack_in_order(mut rx: mpsc::Receiver<InFlight>, consumer: Arc<StreamCons
     Ok(())
 }
 
-/// The outcome of one record: notifications to produce, or a dead-letter reason.
-enum Outcome {
-    Notifications(Vec<Notification>),
-    Dead { reason: &'static str, error: String },
-}
-
 impl Stage {
     async fn process(
         &self,
@@ -206,7 +227,8 @@ impl Stage {
         let span = tracing::info_span!("templating.event", topic = %topic, partition = msg.partition(), offset = msg.offset(),
             traceparent = traceparent.as_deref().unwrap_or(""));
         let _guard = span.enter();
-        let outcome = self.outcome(msg, shutdown).await?;
+        let rec = RecordRef { topic: &topic, partition: msg.partition(), offset: msg.offset(), payload: msg.payload() };
+        let outcome = self.templater.outcome(rec, shutdown).await?;
         let mut deliveries = Vec::new();
         let notifications = match outcome {
             Outcome::Dead { reason, error } => {
@@ -237,7 +259,7 @@ impl Stage {
         });
         deliveries.reserve(notifications.len());
         for n in &notifications {
-            let payload = self.encoder.encode(n.to_value()).map_err(|e| StageError::Config(e.to_string()))?;
+            let payload = self.templater.encode(n)?;
             let mut rec = FutureRecord::to(&self.output).key(n.user_id.as_str()).payload(&payload);
             if let Some(h) = &headers {
                 rec = rec.headers(h.clone());
@@ -268,13 +290,16 @@ impl Stage {
             }
         }
     }
+}
 
-    async fn outcome(&self, msg: &BorrowedMessage<'_>, shutdown: &CancellationToken) -> Result<Outcome, StageError> {
-        let topic = msg.topic();
+impl Templater {
+    /// What one record turns into. `Err` only for failures a retry of the whole stage can fix.
+    pub async fn outcome(&self, rec: RecordRef<'_>, shutdown: &CancellationToken) -> Result<Outcome, StageError> {
+        let topic = rec.topic;
         let Some(reader) = self.readers.get(topic).copied() else {
             return Ok(Outcome::Dead { reason: "unexpected-topic", error: format!("no reader schema for topic {topic}") });
         };
-        let Some(payload) = msg.payload() else {
+        let Some(payload) = rec.payload else {
             return Ok(Outcome::Dead { reason: "empty-payload", error: "record has no value".into() });
         };
         let value = match retry(shutdown, "decode", || self.registry.decode(payload, reader), DecodeError::is_retriable).await? {
@@ -337,8 +362,8 @@ impl Stage {
                     source_event_id: event_id.to_string(),
                     occurred_at,
                     source_topic: topic.to_string(),
-                    source_partition: msg.partition(),
-                    source_offset: msg.offset(),
+                    source_partition: rec.partition,
+                    source_offset: rec.offset,
                 })
             })
             .collect();

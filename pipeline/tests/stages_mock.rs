@@ -256,3 +256,135 @@ async fn persistence_starts_from_the_offsets_in_the_store_and_never_duplicates()
     env.token.cancel();
     drop(mock);
 }
+
+/// A TCP proxy in front of PostgreSQL that can be cut (every connection dropped, new ones
+/// refused) and restored, to play a database outage without touching the shared server.
+struct PgProxy {
+    addr: std::net::SocketAddr,
+    up: Arc<std::sync::atomic::AtomicBool>,
+    cut: tokio::sync::watch::Sender<u64>,
+}
+
+impl PgProxy {
+    async fn start(target: &str) -> PgProxy {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (cut, _) = tokio::sync::watch::channel(0u64);
+        let (up2, cut2, target) = (up.clone(), cut.clone(), target.to_string());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else { return };
+                if !up2.load(Ordering::SeqCst) {
+                    continue; // dropped: the client sees the connection close
+                }
+                let mut cut_rx = cut2.subscribe();
+                let target = target.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(&target).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = cut_rx.changed() => {}
+                    }
+                });
+            }
+        });
+        PgProxy { addr, up, cut }
+    }
+
+    fn set_up(&self, up: bool) {
+        self.up.store(up, std::sync::atomic::Ordering::SeqCst);
+        if !up {
+            self.cut.send_modify(|n| *n += 1);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistence_waits_out_a_database_outage_without_losing_or_duplicating() {
+    let mock = MockCluster::new(1).unwrap();
+    let env = env(&mock).await;
+    let (_, pg_url) = tidings_sinks::testing::fresh_postgres().await.unwrap();
+    let proxy = PgProxy::start("127.0.0.1:5432").await;
+    let db = pg_url.rsplit('/').next().unwrap();
+    let proxied = Store::connect(&format!("postgres://postgres@{}/{db}", proxy.addr)).await.unwrap();
+    let direct = Store::connect(&pg_url).await.unwrap();
+    let (enc, _) = encoder(&env, "notifications-value").await;
+    let producer: FutureProducer = env.kafka.producer().create().unwrap();
+    let produce = |range: std::ops::Range<usize>| {
+        let mut recs = Vec::new();
+        for i in range {
+            let user = format!("u{}", i % 7);
+            let n = Notification {
+                notification_id: Notification::id_for(&format!("ev-{i}"), &user),
+                user_id: user.clone(),
+                kind: "k".into(),
+                title: "t".into(),
+                body: "b".into(),
+                link: None,
+                source_event_id: format!("ev-{i}"),
+                occurred_at: 1_700_000_000_000_000,
+                source_topic: "orders".into(),
+                source_partition: 0,
+                source_offset: i as i64,
+            };
+            recs.push((user, enc.encode(n.to_value()).unwrap()));
+        }
+        recs
+    };
+    let send_all = |recs: Vec<(String, Vec<u8>)>| {
+        let producer = producer.clone();
+        async move {
+            for (user, bytes) in recs {
+                producer.send(FutureRecord::to("notifications").key(&user).payload(&bytes), Duration::from_secs(5)).await.unwrap();
+            }
+        }
+    };
+    let cfg = PersistenceConfig {
+        kafka: env.kafka.clone(),
+        registry_url: env.registry_url.clone(),
+        group: "outage-test".into(),
+        notifications_topic: "notifications".into(),
+        chat_topic: None,
+        chat_schema: None,
+        dead_letter: "tidings.dlq.persistence".into(),
+        batch_size: 50,
+        linger: Duration::from_millis(50),
+    };
+    let token = CancellationToken::new();
+    let stage = tokio::spawn(persistence::run(cfg, proxied, token.clone()));
+    send_all(produce(0..100)).await;
+    let wait_for = |n: u64, secs: u64| {
+        let direct = direct.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(secs);
+            loop {
+                let c = direct.count_notifications().await.unwrap();
+                if c == n {
+                    return;
+                }
+                assert!(c < n && Instant::now() < deadline, "expected {n} stored notifications, have {c}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    wait_for(100, 30).await;
+
+    // Outage: the next 200 records cannot be stored; nothing may be lost or stored twice.
+    proxy.set_up(false);
+    send_all(produce(100..300)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(direct.count_notifications().await.unwrap(), 100, "nothing is stored while the database is down");
+    assert!(!stage.is_finished(), "the stage waits for the database instead of failing");
+    proxy.set_up(true);
+    wait_for(300, 60).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(direct.count_notifications().await.unwrap(), 300);
+    let next: i64 = direct.load_offsets("outage-test", "notifications").await.unwrap().values().sum();
+    assert_eq!(next, 300, "stored offsets cover every record exactly");
+    token.cancel();
+    tokio::time::timeout(Duration::from_secs(20), stage).await.unwrap().unwrap().unwrap();
+    env.token.cancel();
+    drop(mock);
+}

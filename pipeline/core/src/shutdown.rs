@@ -77,3 +77,35 @@ impl TaskTree {
         failures
     }
 }
+
+/// Runs `attempt` until it succeeds, fails for good, or `shutdown` is cancelled, restarting it
+/// after failures `retriable` accepts with a backoff capped at 30 s. Failures after shutdown began
+/// count as a clean stop. Every stage's `run` is this loop around its `run_once`.
+pub async fn restart_on_transient<E, F, Fut>(
+    stage: &str,
+    shutdown: &CancellationToken,
+    mut attempt: F,
+    retriable: impl Fn(&E) -> bool,
+) -> Result<(), E>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        match attempt().await {
+            Ok(()) => return Ok(()),
+            Err(_) if shutdown.is_cancelled() => return Ok(()),
+            Err(e) if retriable(&e) => {
+                tracing::warn!(error = %e, "{stage} stage failed; restarting from its stored offsets in {backoff:?}.");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}

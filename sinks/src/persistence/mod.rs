@@ -155,22 +155,8 @@ impl ConsumerContext for SinkContext {
 
 /// Runs the stage until `shutdown`, restarting after transient failures.
 pub async fn run(cfg: PersistenceConfig, store: Store, shutdown: CancellationToken) -> Result<(), PersistError> {
-    let mut backoff = Duration::from_millis(500);
-    loop {
-        match run_once(&cfg, &store, &shutdown).await {
-            Ok(()) => return Ok(()),
-            Err(_) if shutdown.is_cancelled() => return Ok(()),
-            Err(e) if e.is_retriable() => {
-                warn!(error = %e, "Persistence stage failed; restarting from the offsets stored in the database in {backoff:?}.");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-            }
-            Err(e) => return Err(e),
-        }
-    }
+    tidings_core::shutdown::restart_on_transient("Persistence", &shutdown, || run_once(&cfg, &store, &shutdown), PersistError::is_retriable)
+        .await
 }
 
 struct Pending {

@@ -51,22 +51,8 @@ struct InFlight {
 /// Runs the stage until `shutdown`, restarting it after transient failures (broker or registry
 /// outages) with a capped backoff.
 pub async fn run(cfg: TemplatingConfig, store: Store, shutdown: CancellationToken) -> Result<(), StageError> {
-    let mut backoff = Duration::from_millis(500);
-    loop {
-        match run_once(&cfg, &store, &shutdown).await {
-            Ok(()) => return Ok(()),
-            Err(_) if shutdown.is_cancelled() => return Ok(()),
-            Err(e) if e.is_retriable() => {
-                warn!(error = %e, "Templating stage failed; restarting from the last stored offsets in {backoff:?}.");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-            }
-            Err(e) => return Err(e),
-        }
-    }
+    tidings_core::shutdown::restart_on_transient("Templating", &shutdown, || run_once(&cfg, &store, &shutdown), StageError::is_retriable)
+        .await
 }
 
 /// The per-event work of the stage without Kafka: decode through the registry, track chat

@@ -16,8 +16,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use tidings_core::json_avro::json_to_avro;
-use tidings_core::kafka::H_TRACEPARENT;
-use tidings_core::{CodecError, FramedEncoder, RegistryClient};
+use tidings_core::kafka::{header_str, H_TRACEPARENT};
+use tidings_core::{trace, CodecError, FramedEncoder, RegistryClient};
+use tracing::Instrument;
 
 /// Largest accepted event body.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -107,10 +108,34 @@ async fn ingest(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let Some(t) = state.topics.get(&topic) else {
+    let incoming = headers.get(H_TRACEPARENT).and_then(|v| v.to_str().ok()).filter(|v| trace::parse_traceparent(v).is_some());
+    let span = tracing::info_span!("ingest", topic = %topic, otel.status_code = tracing::field::Empty);
+    if let Some(tp) = incoming {
+        trace::set_span_parent(&span, trace::context_from_traceparent(tp));
+    }
+    // The record carries the ingest span's context when OpenTelemetry records it, else the
+    // caller's traceparent as is, else a new trace: templating continues whichever it gets.
+    let trace_headers = trace::propagation_headers(&span, incoming).unwrap_or_else(|| {
+        let tp = trace::new_traceparent();
+        OwnedHeaders::new().insert(Header { key: H_TRACEPARENT, value: Some(&tp) })
+    });
+    let result = ingest_event(&state, &topic, &body, trace_headers).instrument(span.clone()).await;
+    if result.is_err() {
+        span.record("otel.status_code", "ERROR");
+    }
+    result
+}
+
+async fn ingest_event(
+    state: &IngestState,
+    topic: &str,
+    body: &[u8],
+    trace_headers: OwnedHeaders,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let Some(t) = state.topics.get(topic) else {
         return Err(ApiError::new(StatusCode::NOT_FOUND, "unknown_topic", format!("topic {topic:?} does not accept events")));
     };
-    let json: Value = serde_json::from_slice(&body)
+    let json: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", format!("body is not valid JSON: {e}")))?;
     let enc = state.encoder(&t.physical).await?;
     let (encoder, schema) = (&enc.0, enc.1);
@@ -125,15 +150,9 @@ async fn ingest(
     })?;
     let payload = encoder.encode(value).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "schema_mismatch", e.to_string()))?;
     let key = t.key_field.as_ref().and_then(|k| json.get(k)).and_then(Value::as_str).map(str::to_string);
-    let traceparent = headers
-        .get(H_TRACEPARENT)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| tidings_core::trace::parse_traceparent(v).is_some())
-        .map(str::to_string)
-        .unwrap_or_else(tidings_core::trace::new_traceparent);
-    let mut rec: FutureRecord<'_, str, [u8]> = FutureRecord::to(&t.physical)
-        .payload(payload.as_slice())
-        .headers(OwnedHeaders::new().insert(Header { key: H_TRACEPARENT, value: Some(&traceparent) }));
+    let traceparent = header_str(&trace_headers, H_TRACEPARENT).unwrap_or_default().to_string();
+    let mut rec: FutureRecord<'_, str, [u8]> =
+        FutureRecord::to(&t.physical).payload(payload.as_slice()).headers(trace_headers);
     if let Some(k) = &key {
         rec = rec.key(k.as_str());
     }

@@ -8,6 +8,8 @@ mod tools;
 mod up;
 
 use clap::{Args, Parser, Subcommand};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::trace::SdkTracerProvider;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -94,16 +96,99 @@ enum TopologyCmd {
     },
 }
 
-fn init_tracing() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("TIDINGS_LOG").unwrap_or_else(|_| EnvFilter::new("info,librdkafka=warn,rdkafka=warn,sqlx=warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+/// Default log filter when TIDINGS_LOG is unset.
+const DEFAULT_LOG: &str = "info,librdkafka=warn,rdkafka=warn,sqlx=warn";
+
+/// Logs to stderr; with an OTLP endpoint, also exports the stages' spans (`ingest`,
+/// `templating.event`, `persistence.batch`, ...) through a batch processor. Returns the provider
+/// to flush on exit.
+fn init_tracing(otlp_endpoint: Option<&str>) -> anyhow::Result<Option<SdkTracerProvider>> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, Layer};
+    let filter = EnvFilter::try_from_env("TIDINGS_LOG").unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG));
+    let Some(url) = otlp_traces_url(otlp_endpoint) else {
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+        return Ok(None);
+    };
+    let provider = otlp_provider(&url)?;
+    tidings_core::trace::install_propagator();
+    // Only tidings' own spans are exported, whatever TIDINGS_LOG lets through to the log: library
+    // spans would be noise, and the exporter's own logs must never feed back into it.
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer("tidings"))
+        .with_filter(tracing_subscriber::filter::Targets::new().with_target("tidings", tracing::Level::INFO));
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(filter))
+        .with(otel)
+        .init();
+    tracing::info!("Exporting spans over OTLP/HTTP to {url}.");
+    Ok(Some(provider))
+}
+
+/// Where spans go: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT as is (it wins, per the OTel spec), else
+/// `<endpoint>/v1/traces`. None: no export.
+fn otlp_traces_url(endpoint: Option<&str>) -> Option<String> {
+    let nonempty = |s: String| (!s.trim().is_empty()).then_some(s);
+    std::env::var(opentelemetry_otlp::OTEL_EXPORTER_OTLP_TRACES_ENDPOINT)
+        .ok()
+        .and_then(nonempty)
+        .or_else(|| endpoint.map(|e| format!("{}/v1/traces", e.trim().trim_end_matches('/'))).and_then(nonempty))
+}
+
+fn otlp_provider(url: &str) -> anyhow::Result<SdkTracerProvider> {
+    use opentelemetry_otlp::WithExportConfig;
+    use opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor;
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+        .with_endpoint(url)
+        .build()
+        .map_err(|e| anyhow::anyhow!("OTLP exporter for {url}: {e}"))?;
+    let service = std::env::var("OTEL_SERVICE_NAME").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| "tidings".into());
+    // The async-runtime processor exports on the tokio runtime, which the async reqwest client
+    // needs; batch size and delay follow the standard OTEL_BSP_* variables.
+    let processor = BatchSpanProcessor::builder(exporter, opentelemetry_sdk::runtime::Tokio).build();
+    Ok(SdkTracerProvider::builder()
+        .with_span_processor(processor)
+        .with_resource(opentelemetry_sdk::Resource::builder().with_service_name(service).build())
+        .build())
+}
+
+/// Exports what is still buffered and stops the exporter, waiting at most 5 s (a collector that
+/// is down must not hold up exit).
+async fn shutdown_tracing(provider: SdkTracerProvider) {
+    // The processor's shutdown blocks its caller until the runtime has run the final export, so
+    // it runs on its own thread while this runtime keeps going.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new().name("otel-shutdown".into()).spawn(move || {
+        let _ = tx.send(provider.shutdown());
+    });
+    if spawned.is_err() {
+        eprintln!("warning: could not flush the remaining spans (no thread for the exporter shutdown)");
+        return;
+    }
+    match tokio::time::timeout(std::time::Duration::from_secs(5), rx).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => eprintln!("warning: flushing spans to the OTLP endpoint failed: {e}"),
+        Ok(Err(_)) | Err(_) => eprintln!("warning: flushing spans to the OTLP endpoint did not finish within 5 s"),
+    }
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    let otlp_endpoint = match &cli.command {
+        Command::Up(args) => args.otlp_endpoint.clone(),
+        _ => std::env::var(opentelemetry_otlp::OTEL_EXPORTER_OTLP_ENDPOINT).ok(),
+    };
+    let provider = match init_tracing(otlp_endpoint.as_deref()) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     let result = match cli.command {
         Command::Up(args) => up::run(args).await,
         Command::Topology(TopologyCmd::Check { topology }) => tools::topology_check(&topology),
@@ -114,6 +199,9 @@ async fn main() -> ExitCode {
         Command::Stats { infra } => tools::stats(&infra).await,
         Command::Segment { name, infra } => tools::segment(&name, &infra).await,
     };
+    if let Some(p) = provider {
+        shutdown_tracing(p).await;
+    }
     match result {
         Ok(code) => code,
         Err(e) => {

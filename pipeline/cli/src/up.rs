@@ -43,6 +43,10 @@ pub struct UpArgs {
     /// Seconds to let tasks finish their work after SIGTERM before exiting anyway.
     #[arg(long, env = "TIDINGS_GRACE_SECS", default_value_t = 15)]
     pub grace_secs: u64,
+    /// OTLP/HTTP collector base URL (e.g. http://127.0.0.1:4318): spans are exported as protobuf to
+    /// <url>/v1/traces. Unset: no export, only the traceparent headers travel.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
 }
 
 pub(crate) fn load_topology(infra: &Infra) -> anyhow::Result<Topology> {

@@ -16,12 +16,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tidings_core::json_avro::{avro_to_json, union_branch_name};
-use tidings_core::kafka::dlq_headers;
+use tidings_core::kafka::{dlq_headers, header_str, H_TRACEPARENT};
 use tidings_core::notification::NOTIFICATION_SCHEMA;
 use tidings_core::{DecodeError, Notification, RegistryClient};
 use tokio::runtime::{Handle, RuntimeFlavor};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, info, warn, Instrument};
 
 pub use config::PersistenceConfig;
 
@@ -167,11 +167,53 @@ struct Pending {
     dead: Vec<DeliveryFuture>,
     started: Option<Instant>,
     records: usize,
+    trace: BatchTrace,
+}
+
+/// Most links one batch span carries (the SDK's default link limit); later records go unlinked.
+const MAX_BATCH_LINKS: usize = 128;
+
+/// The `persistence.batch` span: open from the batch's first record until it is stored, linked
+/// to the trace of each record (notifications are many traces' children, so links, not a parent).
+/// Headers are only read while an OpenTelemetry layer records the span.
+struct BatchTrace {
+    span: tracing::Span,
+    traced: bool,
+    links: usize,
+    /// The last linked traceparent: a fan-out's notifications share one, linked once.
+    last: Vec<u8>,
+}
+
+impl BatchTrace {
+    fn none() -> Self {
+        BatchTrace { span: tracing::Span::none(), traced: false, links: 0, last: Vec::new() }
+    }
+
+    fn start() -> Self {
+        let span = tracing::info_span!("persistence.batch", rows = tracing::field::Empty, otel.status_code = tracing::field::Empty);
+        let traced = tidings_core::trace::is_traced(&span);
+        BatchTrace { span, traced, links: 0, last: Vec::new() }
+    }
+
+    fn link(&mut self, m: &BorrowedMessage<'_>) {
+        if !self.traced || self.links >= MAX_BATCH_LINKS {
+            return;
+        }
+        let Some(headers) = m.headers() else { return };
+        let Some(tp) = header_str(headers, H_TRACEPARENT) else { return };
+        if tp.as_bytes() == self.last.as_slice() {
+            return;
+        }
+        self.last.clear();
+        self.last.extend_from_slice(tp.as_bytes());
+        tidings_core::trace::add_span_link(&self.span, &tidings_core::trace::extract_context(headers));
+        self.links += 1;
+    }
 }
 
 impl Pending {
     fn new() -> Self {
-        Pending { batch: Batch::default(), next: HashMap::new(), dead: Vec::new(), started: None, records: 0 }
+        Pending { batch: Batch::default(), next: HashMap::new(), dead: Vec::new(), started: None, records: 0, trace: BatchTrace::none() }
     }
     fn rows(&self) -> usize {
         self.batch.notifications.len() + self.batch.chat_messages.len()
@@ -260,9 +302,13 @@ async fn take(
             return Ok(());
         }
     }
-    pending.started.get_or_insert_with(Instant::now);
+    if pending.started.is_none() {
+        pending.started = Some(Instant::now());
+        pending.trace = BatchTrace::start();
+    }
     pending.records += 1;
     pending.next.insert(key, m.offset() + 1);
+    pending.trace.link(m);
     let Some(payload) = m.payload() else {
         return dead_letter(m, pending, "empty-payload", "record has no value", cfg, producer).await;
     };
@@ -358,24 +404,33 @@ async fn flush(
         .map(|((topic, partition), next)| OffsetUpdate { topic: topic.clone(), partition: *partition, next_offset: *next })
         .collect();
     let rows = pending.rows();
-    let mut delay = Duration::from_millis(500);
-    let started = Instant::now();
-    loop {
-        match store.write_batch(&cfg.group, &pending.batch).await {
-            Ok(stats) => {
-                debug!(rows, inserted = stats.notifications_inserted + stats.chat_inserted, took_ms = started.elapsed().as_millis() as u64, "Stored a batch.");
-                break;
-            }
-            Err(e) if e.is_retriable() => {
-                warn!(error = %e, "Database unavailable; retrying batch of {rows} rows in {delay:?}. No offset advances until it is stored.");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Err(PersistError::Store(e)),
-                    _ = tokio::time::sleep(delay) => {}
+    let span = pending.trace.span.clone();
+    span.record("rows", rows);
+    let batch = &pending.batch;
+    let write = async {
+        let mut delay = Duration::from_millis(500);
+        let started = Instant::now();
+        loop {
+            match store.write_batch(&cfg.group, batch).await {
+                Ok(stats) => {
+                    debug!(rows, inserted = stats.notifications_inserted + stats.chat_inserted, took_ms = started.elapsed().as_millis() as u64, "Stored a batch.");
+                    return Ok(());
                 }
-                delay = (delay * 2).min(Duration::from_secs(30));
+                Err(e) if e.is_retriable() => {
+                    warn!(error = %e, "Database unavailable; retrying batch of {rows} rows in {delay:?}. No offset advances until it is stored.");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Err(PersistError::Store(e)),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(30));
+                }
+                Err(e) => return Err(PersistError::from(e)),
             }
-            Err(e) => return Err(e.into()),
         }
+    };
+    if let Err(e) = write.instrument(span.clone()).await {
+        span.record("otel.status_code", "ERROR");
+        return Err(e);
     }
     let mut tpl = TopicPartitionList::new();
     {

@@ -9,7 +9,7 @@ pub mod render;
 use apache_avro::Schema;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Message, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use serde_json::Value as Json;
 use std::collections::HashMap;
@@ -18,11 +18,11 @@ use std::time::Duration;
 use tidings_core::json_avro::{avro_to_json, union_branch_name};
 use tidings_core::kafka::{dlq_headers, header_str, KafkaConfig, H_TRACEPARENT};
 use tidings_core::notification::{NOTIFICATION_SCHEMA, NOTIFICATION_SCHEMA_JSON};
-use tidings_core::{DecodeError, FramedEncoder, Notification, RegistryClient};
+use tidings_core::{trace, DecodeError, FramedEncoder, Notification, RegistryClient};
 use tidings_sinks::Store;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Instrument};
 
 use crate::error::StageError;
 use crate::topology::Topology;
@@ -209,10 +209,29 @@ impl Stage {
         max_in_flight: usize,
     ) -> Result<InFlight, StageError> {
         let topic = msg.topic().to_string();
-        let traceparent = msg.headers().and_then(|h| header_str(h, H_TRACEPARENT)).map(str::to_string);
+        let traceparent = msg.headers().and_then(|h| header_str(h, H_TRACEPARENT));
         let span = tracing::info_span!("templating.event", topic = %topic, partition = msg.partition(), offset = msg.offset(),
-            traceparent = traceparent.as_deref().unwrap_or(""));
-        let _guard = span.enter();
+            traceparent = traceparent.unwrap_or(""));
+        if let Some(h) = msg.headers() {
+            trace::set_span_parent(&span, trace::extract_context(h));
+        }
+        // Outputs carry this span's context (the event's child) when OpenTelemetry records it,
+        // else the incoming traceparent as is.
+        let headers = trace::propagation_headers(&span, traceparent);
+        // Instrumented rather than entered: a guard held across awaits would leak this span into
+        // whatever else runs on the worker meanwhile.
+        self.process_traced(msg, topic, headers, shutdown, budget, max_in_flight).instrument(span).await
+    }
+
+    async fn process_traced(
+        &self,
+        msg: &BorrowedMessage<'_>,
+        topic: String,
+        headers: Option<OwnedHeaders>,
+        shutdown: &CancellationToken,
+        budget: &Arc<Semaphore>,
+        max_in_flight: usize,
+    ) -> Result<InFlight, StageError> {
         let rec = RecordRef { topic: &topic, partition: msg.partition(), offset: msg.offset(), payload: msg.payload() };
         let outcome = self.templater.outcome(rec, shutdown).await?;
         let mut deliveries = Vec::new();
@@ -240,9 +259,6 @@ impl Stage {
             let n = notifications.len().min(max_in_flight) as u32;
             Some(budget.clone().acquire_many_owned(n).await.map_err(|e| StageError::Delivery(e.to_string()))?)
         };
-        let headers = traceparent.as_deref().map(|tp| {
-            OwnedHeaders::new().insert(Header { key: H_TRACEPARENT, value: Some(tp) })
-        });
         deliveries.reserve(notifications.len());
         for n in &notifications {
             let payload = self.templater.encode(n)?;

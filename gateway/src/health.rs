@@ -25,10 +25,7 @@ impl Readiness {
 }
 
 pub fn router(readiness: Readiness) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .with_state(readiness)
+    Router::new().route("/healthz", get(|| async { "ok\n" })).route("/readyz", get(readyz)).with_state(readiness)
 }
 
 async fn readyz(State(r): State<Readiness>) -> (StatusCode, Json<serde_json::Value>) {

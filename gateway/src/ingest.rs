@@ -63,7 +63,8 @@ impl IngestState {
                 ApiError::new(StatusCode::NOT_FOUND, "schema_not_found", e.to_string())
             }
         })?;
-        let enc = FramedEncoder::new(id, schema).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+        let enc = FramedEncoder::new(id, schema)
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
         let e = Arc::new((enc, schema));
         self.encoders.write().expect("lock").insert(physical.to_string(), (Instant::now(), e.clone()));
         Ok(e)
@@ -108,7 +109,8 @@ async fn ingest(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let incoming = headers.get(H_TRACEPARENT).and_then(|v| v.to_str().ok()).filter(|v| trace::parse_traceparent(v).is_some());
+    let incoming =
+        headers.get(H_TRACEPARENT).and_then(|v| v.to_str().ok()).filter(|v| trace::parse_traceparent(v).is_some());
     let span = tracing::info_span!("ingest", topic = %topic, otel.status_code = tracing::field::Empty);
     if let Some(tp) = incoming {
         trace::set_span_parent(&span, trace::context_from_traceparent(tp));
@@ -133,7 +135,11 @@ async fn ingest_event(
     trace_headers: OwnedHeaders,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let Some(t) = state.topics.get(topic) else {
-        return Err(ApiError::new(StatusCode::NOT_FOUND, "unknown_topic", format!("topic {topic:?} does not accept events")));
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_topic",
+            format!("topic {topic:?} does not accept events"),
+        ));
     };
     let json: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", format!("body is not valid JSON: {e}")))?;
@@ -148,7 +154,8 @@ async fn ingest_event(
         },
         other => ApiError::new(StatusCode::BAD_REQUEST, "schema_mismatch", other.to_string()),
     })?;
-    let payload = encoder.encode(value).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "schema_mismatch", e.to_string()))?;
+    let payload =
+        encoder.encode(value).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "schema_mismatch", e.to_string()))?;
     let key = t.key_field.as_ref().and_then(|k| json.get(k)).and_then(Value::as_str).map(str::to_string);
     let traceparent = header_str(&trace_headers, H_TRACEPARENT).unwrap_or_default().to_string();
     let mut rec: FutureRecord<'_, str, [u8]> =

@@ -45,7 +45,14 @@ async fn env(mock: &MockCluster<'static, rdkafka::producer::DefaultProducerConte
             registry.register(&format!("{name}-value"), text).await.unwrap();
         }
     }
-    Env { kafka: KafkaConfig::new(mock.bootstrap_servers()), registry_url, store, topo: Arc::new(topo), token, _dir: dir }
+    Env {
+        kafka: KafkaConfig::new(mock.bootstrap_servers()),
+        registry_url,
+        store,
+        topo: Arc::new(topo),
+        token,
+        _dir: dir,
+    }
 }
 
 async fn encoder(env: &Env, subject: &str) -> (FramedEncoder, &'static apache_avro::Schema) {
@@ -60,15 +67,25 @@ fn consumer(env: &Env, topic: &str) -> StreamConsumer {
 }
 
 /// Reads `n` records (bounded wait) as (key, value, headers-as-pairs).
-async fn read(c: &StreamConsumer, n: usize) -> Vec<(Option<Vec<u8>>, Option<Vec<u8>>, Vec<(String, String)>, i32, i64)> {
+async fn read(
+    c: &StreamConsumer,
+    n: usize,
+) -> Vec<(Option<Vec<u8>>, Option<Vec<u8>>, Vec<(String, String)>, i32, i64)> {
     let mut out = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     while out.len() < n {
         let left = deadline.saturating_duration_since(Instant::now());
-        let m = tokio::time::timeout(left, c.recv()).await.unwrap_or_else(|_| panic!("only {} of {n} records arrived", out.len())).unwrap();
+        let m = tokio::time::timeout(left, c.recv())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of {n} records arrived", out.len()))
+            .unwrap();
         let headers = m
             .headers()
-            .map(|h| h.iter().map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned())).collect())
+            .map(|h| {
+                h.iter()
+                    .map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
+                    .collect()
+            })
             .unwrap_or_default();
         out.push((m.key().map(<[u8]>::to_vec), m.payload().map(<[u8]>::to_vec), headers, m.partition(), m.offset()));
     }
@@ -85,7 +102,11 @@ async fn templating_renders_dead_letters_and_keeps_going() {
     let mock = MockCluster::new(1).unwrap();
     let env = env(&mock).await;
     let stage = tokio::spawn(templating::run(
-        TemplatingConfig { kafka: env.kafka.clone(), registry_url: env.registry_url.clone(), topology: env.topo.clone() },
+        TemplatingConfig {
+            kafka: env.kafka.clone(),
+            registry_url: env.registry_url.clone(),
+            topology: env.topo.clone(),
+        },
         env.store.clone(),
         env.token.clone(),
     ));
@@ -107,8 +128,11 @@ async fn templating_renders_dead_letters_and_keeps_going() {
     ];
     let mut expected_dead = Vec::new();
     for (what, bytes, reason) in &inputs {
-        let offset =
-            producer.send(FutureRecord::to("orders").key("k").payload(bytes), Duration::from_secs(5)).await.unwrap().offset;
+        let offset = producer
+            .send(FutureRecord::to("orders").key("k").payload(bytes), Duration::from_secs(5))
+            .await
+            .unwrap()
+            .offset;
         if let Some(r) = reason {
             expected_dead.push((what.to_string(), r.to_string(), offset));
         }
@@ -117,7 +141,8 @@ async fn templating_renders_dead_letters_and_keeps_going() {
     let out = read(&consumer(&env, "notifications"), 2).await;
     let mut users = Vec::new();
     for (key, value, _, _, _) in &out {
-        let n = Notification::from_value(registry.decode(value.as_ref().unwrap(), &NOTIFICATION_SCHEMA).await.unwrap()).unwrap();
+        let n = Notification::from_value(registry.decode(value.as_ref().unwrap(), &NOTIFICATION_SCHEMA).await.unwrap())
+            .unwrap();
         assert_eq!(key.as_deref(), Some(n.user_id.as_bytes()), "notifications are keyed by user");
         assert_eq!(n.notification_id, Notification::id_for(&n.source_event_id, &n.user_id));
         assert_eq!(n.kind, "order.shipped");
@@ -142,7 +167,11 @@ async fn campaign_fans_out_to_every_inline_user() {
     let mock = MockCluster::new(1).unwrap();
     let env = env(&mock).await;
     let stage = tokio::spawn(templating::run(
-        TemplatingConfig { kafka: env.kafka.clone(), registry_url: env.registry_url.clone(), topology: env.topo.clone() },
+        TemplatingConfig {
+            kafka: env.kafka.clone(),
+            registry_url: env.registry_url.clone(),
+            topology: env.topo.clone(),
+        },
         env.store.clone(),
         env.token.clone(),
     ));
@@ -191,7 +220,10 @@ async fn persistence_starts_from_the_offsets_in_the_store_and_never_duplicates()
     for i in 0..10 {
         let (id, bytes) = send(i);
         ids.push(id);
-        let d = producer.send(FutureRecord::to("notifications").key("u1").payload(&bytes), Duration::from_secs(5)).await.unwrap();
+        let d = producer
+            .send(FutureRecord::to("notifications").key("u1").payload(&bytes), Duration::from_secs(5))
+            .await
+            .unwrap();
         let (p, o) = (d.partition, d.offset);
         assert_eq!(o, i as i64);
         partition = p;
@@ -234,7 +266,8 @@ async fn persistence_starts_from_the_offsets_in_the_store_and_never_duplicates()
     wait_for(6).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(env.store.count_notifications().await.unwrap(), 6, "offsets 0..4 were skipped as the store said");
-    let stored: Vec<uuid::Uuid> = env.store.inbox("u1", None, 100).await.unwrap().into_iter().map(|i| i.notification.notification_id).collect();
+    let stored: Vec<uuid::Uuid> =
+        env.store.inbox("u1", None, 100).await.unwrap().into_iter().map(|i| i.notification.notification_id).collect();
     for id in &ids[..4] {
         assert!(!stored.contains(id));
     }
@@ -245,7 +278,10 @@ async fn persistence_starts_from_the_offsets_in_the_store_and_never_duplicates()
     // Restart: nothing is re-stored, and new records continue from offset 10.
     for i in 10..12 {
         let (_, bytes) = send(i);
-        producer.send(FutureRecord::to("notifications").key("u1").payload(&bytes), Duration::from_secs(5)).await.unwrap();
+        producer
+            .send(FutureRecord::to("notifications").key("u1").payload(&bytes), Duration::from_secs(5))
+            .await
+            .unwrap();
     }
     let t2 = CancellationToken::new();
     let stage = run(t2.clone());
@@ -337,7 +373,10 @@ async fn persistence_waits_out_a_database_outage_without_losing_or_duplicating()
         let producer = producer.clone();
         async move {
             for (user, bytes) in recs {
-                producer.send(FutureRecord::to("notifications").key(&user).payload(&bytes), Duration::from_secs(5)).await.unwrap();
+                producer
+                    .send(FutureRecord::to("notifications").key(&user).payload(&bytes), Duration::from_secs(5))
+                    .await
+                    .unwrap();
             }
         }
     };

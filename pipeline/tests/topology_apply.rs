@@ -14,10 +14,7 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 
 fn partition_count(admin: &AdminClient<DefaultClientContext>, topic: &str) -> Option<usize> {
     let md = admin.inner().fetch_metadata(None, TIMEOUT).ok()?;
-    md.topics()
-        .iter()
-        .find(|t| t.name() == topic && t.error().is_none())
-        .map(|t| t.partitions().len())
+    md.topics().iter().find(|t| t.name() == topic && t.error().is_none()).map(|t| t.partitions().len())
 }
 
 /// Metadata can lag an admin change by a moment on some brokers.
@@ -28,42 +25,26 @@ async fn wait_for_partitions(admin: &AdminClient<DefaultClientContext>, topic: &
         if got == Some(want) {
             return;
         }
-        assert!(
-            Instant::now() < deadline,
-            "{topic}: expected {want} partitions, metadata says {got:?}"
-        );
+        assert!(Instant::now() < deadline, "{topic}: expected {want} partitions, metadata says {got:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apply_creates_is_idempotent_grows_and_reports_drift() {
-    let Some(brokers) = std::env::var("TIDINGS_TEST_BROKERS")
-        .ok()
-        .filter(|b| !b.is_empty())
-    else {
+    let Some(brokers) = std::env::var("TIDINGS_TEST_BROKERS").ok().filter(|b| !b.is_empty()) else {
         println!("skipped: TIDINGS_TEST_BROKERS not set");
         return;
     };
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../topology.yaml");
     let prefix = format!("it-{}-", uuid::Uuid::new_v4().simple());
-    let topology = Topology::load(&path)
-        .unwrap_or_else(|e| panic!("{e}"))
-        .with_prefix(&prefix);
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .create()
-        .expect("admin client");
-    let mut all: Vec<String> = topology
-        .topics
-        .keys()
-        .map(|t| topology.topic_name(t))
-        .collect();
+    let topology = Topology::load(&path).unwrap_or_else(|e| panic!("{e}")).with_prefix(&prefix);
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", &brokers).create().expect("admin client");
+    let mut all: Vec<String> = topology.topics.keys().map(|t| topology.topic_name(t)).collect();
     all.sort();
 
-    let first = apply(&topology, &admin, TIMEOUT)
-        .await
-        .expect("first apply");
+    let first = apply(&topology, &admin, TIMEOUT).await.expect("first apply");
     let mut created = first.created.clone();
     created.sort();
     assert_eq!(created, all, "first run:\n{first}");
@@ -73,9 +54,7 @@ async fn apply_creates_is_idempotent_grows_and_reports_drift() {
         wait_for_partitions(&admin, &name, spec.partitions as usize).await;
     }
 
-    let second = apply(&topology, &admin, TIMEOUT)
-        .await
-        .expect("second apply");
+    let second = apply(&topology, &admin, TIMEOUT).await.expect("second apply");
     let mut unchanged = second.unchanged.clone();
     unchanged.sort();
     assert_eq!(unchanged, all, "second run:\n{second}");
@@ -105,11 +84,7 @@ async fn apply_creates_is_idempotent_grows_and_reports_drift() {
     } else {
         assert_eq!(
             grown.grown,
-            vec![Grown {
-                topic: orders.clone(),
-                from: declared,
-                to: declared + 2
-            }],
+            vec![Grown { topic: orders.clone(), from: declared, to: declared + 2 }],
             "grow run:\n{grown}"
         );
         assert!(grown.is_clean(), "grow run:\n{grown}");
@@ -123,9 +98,8 @@ async fn apply_creates_is_idempotent_grows_and_reports_drift() {
     let drift = apply(&fewer, &admin, TIMEOUT).await.expect("drift apply");
     let mut messages: Vec<&str> = drift.drift.iter().map(|d| d.message.as_str()).collect();
     messages.sort();
-    let mut expected = vec![format!(
-        "topic {coupons} has 6 partitions, topology.yaml declares 3; Kafka cannot remove partitions"
-    )];
+    let mut expected =
+        vec![format!("topic {coupons} has 6 partitions, topology.yaml declares 3; Kafka cannot remove partitions")];
     // If `orders` grew above, it now has more partitions than the original file declares.
     if orders_now > declared {
         expected.push(format!(
@@ -139,10 +113,5 @@ async fn apply_creates_is_idempotent_grows_and_reports_drift() {
 
     // Best effort: brokers without DeleteTopics keep the prefixed topics.
     let names: Vec<&str> = all.iter().map(String::as_str).collect();
-    let _ = admin
-        .delete_topics(
-            &names,
-            &AdminOptions::new().operation_timeout(Some(TIMEOUT)),
-        )
-        .await;
+    let _ = admin.delete_topics(&names, &AdminOptions::new().operation_timeout(Some(TIMEOUT))).await;
 }

@@ -76,14 +76,20 @@ impl Gen {
                 } else {
                     self.open_orders[i].2 += 1;
                 }
-                return ("orders", envelope(json!({"order_id": order, "buyer_id": buyer, "locale": locale, "payload": payload})));
+                return (
+                    "orders",
+                    envelope(json!({"order_id": order, "buyer_id": buyer, "locale": locale, "payload": payload})),
+                );
             }
             let order = format!("o-{}", self.seq);
             self.open_orders.push((order.clone(), u.clone(), 0));
             let qty = self.rng.random_range(1..4);
-            ("orders", envelope(json!({"order_id": order, "buyer_id": u, "locale": locale, "payload": {"OrderPlaced": {
+            (
+                "orders",
+                envelope(json!({"order_id": order, "buyer_id": u, "locale": locale, "payload": {"OrderPlaced": {
                 "amount_cents": 1400 * qty, "currency": "EUR",
-                "items": [{"sku": "tea-01", "name": "Green tea", "quantity": qty, "unit_price_cents": 1400}]}}})))
+                "items": [{"sku": "tea-01", "name": "Green tea", "quantity": qty, "unit_price_cents": 1400}]}}})),
+            )
         } else if roll < 75 {
             let expires = now_micros() + 7 * 86_400_000_000;
             let payload = if self.rng.random_bool(0.7) {
@@ -94,13 +100,19 @@ impl Gen {
             ("coupons", envelope(json!({"coupon_id": format!("c-{}", self.seq), "locale": locale, "payload": payload})))
         } else if roll < 78 {
             let audience: Vec<String> = (0..self.users).map(user).collect();
-            ("coupons", envelope(json!({"coupon_id": format!("camp-{}", self.seq), "payload": {"CampaignLaunched": {
+            (
+                "coupons",
+                envelope(json!({"coupon_id": format!("camp-{}", self.seq), "payload": {"CampaignLaunched": {
                 "campaign_id": format!("camp-{}", self.seq), "title": "Weekend sale", "discount_percent": 20,
-                "audience": {"InlineAudience": {"user_ids": audience}}}}})))
+                "audience": {"InlineAudience": {"user_ids": audience}}}}})),
+            )
         } else {
             let sender = user(self.rng.random_range(0..5));
-            ("chat", envelope(json!({"room_id": "room-lobby", "payload": {"MessageSent": {
-                "message_id": format!("m-{}", self.seq), "sender_id": sender, "text": format!("hello #{}", self.seq)}}})))
+            (
+                "chat",
+                envelope(json!({"room_id": "room-lobby", "payload": {"MessageSent": {
+                "message_id": format!("m-{}", self.seq), "sender_id": sender, "text": format!("hello #{}", self.seq)}}})),
+            )
         }
     }
 }
@@ -108,14 +120,22 @@ impl Gen {
 pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let base = match args.gateway {
         Some(g) => g,
-        None => Endpoints::read(&args.data_dir).map(|e| e.http).filter(|h| !h.is_empty()).unwrap_or_else(|| "http://127.0.0.1:8080".into()),
+        None => Endpoints::read(&args.data_dir)
+            .map(|e| e.http)
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "http://127.0.0.1:8080".into()),
     };
     let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
     let send = |topic: &'static str, body: Value| {
         let http = http.clone();
         let url = format!("{base}/v1/events/{topic}");
         async move {
-            let resp = http.post(&url).json(&body).send().await.with_context(|| format!("POST {url} (is `tidings up` running?)"))?;
+            let resp = http
+                .post(&url)
+                .json(&body)
+                .send()
+                .await
+                .with_context(|| format!("POST {url} (is `tidings up` running?)"))?;
             let status = resp.status();
             if !status.is_success() {
                 let text = resp.text().await.unwrap_or_default();
@@ -139,6 +159,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         let due = started + interval * (i + 1);
         tokio::time::sleep_until(due.into()).await;
     }
-    println!("Sent {} events in {:.1}s. See them: `tidings inbox --user u0001` or `tidings stats`.", args.events + 1, started.elapsed().as_secs_f64());
+    println!(
+        "Sent {} events in {:.1}s. See them: `tidings inbox --user u0001` or `tidings stats`.",
+        args.events + 1,
+        started.elapsed().as_secs_f64()
+    );
     Ok(ExitCode::SUCCESS)
 }

@@ -66,14 +66,17 @@ fn topology_with_running_prefix(infra: &Infra) -> anyhow::Result<Topology> {
 pub async fn topology_apply(infra: &Infra) -> anyhow::Result<ExitCode> {
     let topo = load_topology(infra)?;
     let admin: AdminClient<DefaultClientContext> = KafkaConfig::new(brokers(infra)?).admin().create()?;
-    let report = topology::apply::apply(&topo, &admin, Duration::from_secs(30)).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let report =
+        topology::apply::apply(&topo, &admin, Duration::from_secs(30)).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     println!("{report}");
     Ok(if report.is_clean() { ExitCode::SUCCESS } else { ExitCode::from(3) })
 }
 
 pub async fn produce(topic: &str, infra: &Infra) -> anyhow::Result<ExitCode> {
     let topo = topology_with_running_prefix(infra)?;
-    let Some(spec) = topo.topics.get(topic) else { bail!("topic {topic:?} is not declared in {}", infra.topology.display()) };
+    let Some(spec) = topo.topics.get(topic) else {
+        bail!("topic {topic:?} is not declared in {}", infra.topology.display())
+    };
     let physical = topo.topic_name(topic);
     let registry = RegistryClient::new(&registry_url(infra)?)?;
     let (id, schema) = registry.latest(&format!("{physical}-value")).await?;
@@ -135,7 +138,13 @@ pub async fn stats(infra: &Infra) -> anyhow::Result<ExitCode> {
 
 pub async fn segment(name: &str, infra: &Infra) -> anyhow::Result<ExitCode> {
     let store = Store::connect(&database_url(infra)).await?;
-    let users: Vec<String> = std::io::stdin().lock().lines().map_while(Result::ok).map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect();
+    let users: Vec<String> = std::io::stdin()
+        .lock()
+        .lines()
+        .map_while(Result::ok)
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect();
     let added = store.add_segment_members(name, &users).await?;
     println!("segment {name}: {} user(s) read, {added} new", users.len());
     Ok(ExitCode::SUCCESS)

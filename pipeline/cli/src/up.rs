@@ -50,7 +50,8 @@ pub struct UpArgs {
 }
 
 pub(crate) fn load_topology(infra: &Infra) -> anyhow::Result<Topology> {
-    let topo = Topology::load(&infra.topology).map_err(|errs| anyhow::anyhow!("{} is invalid:\n{errs}", infra.topology.display()))?;
+    let topo = Topology::load(&infra.topology)
+        .map_err(|errs| anyhow::anyhow!("{} is invalid:\n{errs}", infra.topology.display()))?;
     Ok(match &infra.topic_prefix {
         Some(p) => topo.with_prefix(p),
         None => topo,
@@ -74,7 +75,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let topo = Arc::new(load_topology(&args.infra)?);
-    std::fs::create_dir_all(&args.infra.data_dir).with_context(|| format!("creating {}", args.infra.data_dir.display()))?;
+    std::fs::create_dir_all(&args.infra.data_dir)
+        .with_context(|| format!("creating {}", args.infra.data_dir.display()))?;
     let database_url = args
         .infra
         .database_url
@@ -91,13 +93,18 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     let registry_url = match &args.infra.schema_registry_url {
         Some(url) => url.clone(),
         None => {
-            let registry = tidings_pipeline::registry::Registry::open(store.clone()).await.context("opening the embedded schema registry")?;
+            let registry = tidings_pipeline::registry::Registry::open(store.clone())
+                .await
+                .context("opening the embedded schema registry")?;
             let listener = tokio::net::TcpListener::bind(args.registry_listen)
                 .await
                 .with_context(|| format!("binding the schema registry to {}", args.registry_listen))?;
             let addr = listener.local_addr()?;
             let t = token.clone();
-            tasks.spawn("schema-registry", async move { tidings_pipeline::registry::serve(listener, registry, t).await });
+            tasks.spawn(
+                "schema-registry",
+                async move { tidings_pipeline::registry::serve(listener, registry, t).await },
+            );
             info!("Embedded schema registry listening on http://{addr}.");
             format!("http://{addr}")
         }
@@ -113,7 +120,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         None => {
             let m = MockCluster::new(1).context("starting the embedded Kafka mock cluster")?;
             let b = m.bootstrap_servers();
-            let report = topology::apply::apply_mock(&topo, &m).map_err(|e| anyhow::anyhow!("creating topics on the mock cluster: {e}"))?;
+            let report = topology::apply::apply_mock(&topo, &m)
+                .map_err(|e| anyhow::anyhow!("creating topics on the mock cluster: {e}"))?;
             info!("Embedded Kafka (librdkafka mock cluster) at {b}; {report}");
             mock = Some(m);
             b
@@ -122,7 +130,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     let kafka = KafkaConfig::new(brokers.clone());
     if mock.is_none() {
         let admin: AdminClient<DefaultClientContext> = kafka.admin().create()?;
-        let report = topology::apply::apply(&topo, &admin, Duration::from_secs(30)).await.map_err(|e| anyhow::anyhow!("applying the topology: {e}"))?;
+        let report = topology::apply::apply(&topo, &admin, Duration::from_secs(30))
+            .await
+            .map_err(|e| anyhow::anyhow!("applying the topology: {e}"))?;
         info!("Topology applied: {report}");
     }
 
@@ -146,7 +156,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     if run("persistence") {
         let spec = &topo.stages.persistence;
         let chat = spec.inputs.iter().find(|t| t.as_str() == "chat");
-        let notifications = spec.inputs.iter().find(|t| t.as_str() != "chat").cloned().unwrap_or_else(|| "notifications".into());
+        let notifications =
+            spec.inputs.iter().find(|t| t.as_str() != "chat").cloned().unwrap_or_else(|| "notifications".into());
         let cfg = PersistenceConfig {
             kafka: kafka.clone(),
             registry_url: registry_url.clone(),
@@ -169,11 +180,15 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             .topics
             .iter()
             .filter(|(name, _)| topo.stages.templating.inputs.contains(name))
-            .map(|(name, spec)| (name.clone(), IngestTopic { physical: topo.topic_name(name), key_field: spec.key.clone() }))
+            .map(|(name, spec)| {
+                (name.clone(), IngestTopic { physical: topo.topic_name(name), key_field: spec.key.clone() })
+            })
             .collect();
         let ingest = Arc::new(IngestState::new(topics, client.clone(), producer));
         let app = tidings_gateway::app(ingest, readiness.clone());
-        let listener = tokio::net::TcpListener::bind(args.http).await.with_context(|| format!("binding the gateway to {}", args.http))?;
+        let listener = tokio::net::TcpListener::bind(args.http)
+            .await
+            .with_context(|| format!("binding the gateway to {}", args.http))?;
         let addr = listener.local_addr()?;
         http = format!("http://{addr}");
         readiness.set("gateway", true);
@@ -191,7 +206,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     }
     .write(&args.infra.data_dir)?;
     println!("tidings is up.");
-    println!("  Kafka bootstrap:  {brokers}{}", if mock.is_some() { "   (embedded mock cluster; any Kafka client can produce here)" } else { "" });
+    println!(
+        "  Kafka bootstrap:  {brokers}{}",
+        if mock.is_some() { "   (embedded mock cluster; any Kafka client can produce here)" } else { "" }
+    );
     println!("  Schema registry:  {registry_url}");
     println!("  Store:            {database_url}");
     if !http.is_empty() {

@@ -9,9 +9,8 @@ use std::sync::LazyLock;
 use crate::error::CodecError;
 
 /// The Avro schema of `notifications` values, compiled once.
-pub static NOTIFICATION_SCHEMA: LazyLock<Schema> = LazyLock::new(|| {
-    Schema::parse_str(NOTIFICATION_SCHEMA_JSON).expect("schemas/notification.avsc is valid Avro")
-});
+pub static NOTIFICATION_SCHEMA: LazyLock<Schema> =
+    LazyLock::new(|| Schema::parse_str(NOTIFICATION_SCHEMA_JSON).expect("schemas/notification.avsc is valid Avro"));
 
 /// The text of `schemas/notification.avsc`.
 pub const NOTIFICATION_SCHEMA_JSON: &str = include_str!("../../../schemas/notification.avsc");
@@ -94,7 +93,8 @@ impl Notification {
             };
             match (name.as_str(), v) {
                 ("notification_id", Value::String(s)) => {
-                    n.notification_id = s.parse().map_err(|_| CodecError::Avro(format!("notification_id {s:?} is not a UUID")))?
+                    n.notification_id =
+                        s.parse().map_err(|_| CodecError::Avro(format!("notification_id {s:?} is not a UUID")))?
                 }
                 ("user_id", Value::String(s)) => n.user_id = s,
                 ("kind", Value::String(s)) => n.kind = s,

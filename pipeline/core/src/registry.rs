@@ -2,8 +2,8 @@
 //! (the embedded one or an external one) and caches schemas by id and readers per writer schema,
 //! because building a resolved schema is the dominant cost of Avro decoding.
 
-use apache_avro::types::Value;
 use apache_avro::reader::datum::GenericDatumReader;
+use apache_avro::types::Value;
 use apache_avro::writer::datum::GenericDatumWriter;
 use apache_avro::Schema;
 use schema_registry_converter::async_impl::schema_registry::{

@@ -12,16 +12,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use super::{
-    CompatibilityLevel, Registry, RegistryServerError, SubjectVersion, VersionSelector, AVRO,
-};
+use super::{CompatibilityLevel, Registry, RegistryServerError, SubjectVersion, VersionSelector, AVRO};
 
 const SR_CONTENT_TYPE: &str = "application/vnd.schemaregistry.v1+json";
-const ACCEPTED_CONTENT_TYPES: [&str; 3] = [
-    "application/vnd.schemaregistry.v1+json",
-    "application/vnd.schemaregistry+json",
-    "application/json",
-];
+const ACCEPTED_CONTENT_TYPES: [&str; 3] =
+    ["application/vnd.schemaregistry.v1+json", "application/vnd.schemaregistry+json", "application/json"];
 
 /// The registry's routes.
 pub fn router(registry: Registry) -> Router {
@@ -29,47 +24,18 @@ pub fn router(registry: Registry) -> Router {
         .route("/", get(root))
         .route("/subjects", get(list_subjects))
         .route("/subjects/{subject}", post(lookup).delete(delete_subject))
-        .route(
-            "/subjects/{subject}/versions",
-            get(list_versions).post(register),
-        )
-        .route(
-            "/subjects/{subject}/versions/{version}",
-            get(get_version).delete(delete_version),
-        )
-        .route(
-            "/subjects/{subject}/versions/{version}/schema",
-            get(get_version_schema),
-        )
+        .route("/subjects/{subject}/versions", get(list_versions).post(register))
+        .route("/subjects/{subject}/versions/{version}", get(get_version).delete(delete_version))
+        .route("/subjects/{subject}/versions/{version}/schema", get(get_version_schema))
         .route("/schemas/ids/{id}", get(schema_by_id))
         .route("/schemas/ids/{id}/versions", get(schema_usages))
-        .route(
-            "/compatibility/subjects/{subject}/versions",
-            post(check_against_all),
-        )
-        .route(
-            "/compatibility/subjects/{subject}/versions/{version}",
-            post(check_against_version),
-        )
-        .route(
-            "/config",
-            get(get_global_level)
-                .put(put_global_level)
-                .delete(delete_global_level),
-        )
-        .route(
-            "/config/{subject}",
-            get(get_subject_level)
-                .put(put_subject_level)
-                .delete(delete_subject_level),
-        )
+        .route("/compatibility/subjects/{subject}/versions", post(check_against_all))
+        .route("/compatibility/subjects/{subject}/versions/{version}", post(check_against_version))
+        .route("/config", get(get_global_level).put(put_global_level).delete(delete_global_level))
+        .route("/config/{subject}", get(get_subject_level).put(put_subject_level).delete(delete_subject_level))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, 404, "HTTP 404 Not Found") })
         .method_not_allowed_fallback(|| async {
-            ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                405,
-                "HTTP 405 Method Not Allowed",
-            )
+            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, 405, "HTTP 405 Method Not Allowed")
         })
         .with_state(registry)
 }
@@ -80,9 +46,7 @@ pub async fn serve(
     registry: Registry,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(registry))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    axum::serve(listener, router(registry)).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
 }
 
 /// Confluent's error body: `{"error_code": int, "message": string}`.
@@ -95,11 +59,7 @@ pub(crate) struct ApiError {
 
 impl ApiError {
     fn new(status: StatusCode, code: u32, message: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            code,
-            message: message.into(),
-        }
+        ApiError { status, code, message: message.into() }
     }
 }
 
@@ -108,9 +68,7 @@ impl From<RegistryServerError> for ApiError {
         use RegistryServerError as E;
         let (status, code) = match &e {
             E::InvalidSchema(_) => (StatusCode::UNPROCESSABLE_ENTITY, 42201),
-            E::UnsupportedSchemaType(_) | E::InvalidVersion(_) => {
-                (StatusCode::UNPROCESSABLE_ENTITY, 42202)
-            }
+            E::UnsupportedSchemaType(_) | E::InvalidVersion(_) => (StatusCode::UNPROCESSABLE_ENTITY, 42202),
             E::InvalidCompatibilityLevel(_) => (StatusCode::UNPROCESSABLE_ENTITY, 42203),
             E::Incompatible { .. } => (StatusCode::CONFLICT, 409),
             E::SubjectNotFound(_) => (StatusCode::NOT_FOUND, 40401),
@@ -137,10 +95,7 @@ impl From<RegistryServerError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        sr_json(
-            self.status,
-            &json!({ "error_code": self.code, "message": self.message }),
-        )
+        sr_json(self.status, &json!({ "error_code": self.code, "message": self.message }))
     }
 }
 
@@ -148,11 +103,7 @@ impl IntoResponse for ApiError {
 fn sr_json<T: Serialize>(status: StatusCode, body: &T) -> Response {
     match serde_json::to_vec(body) {
         Ok(bytes) => (status, [(header::CONTENT_TYPE, SR_CONTENT_TYPE)], bytes).into_response(),
-        Err(e) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("cannot serialize response: {e}"),
-        )
-            .into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot serialize response: {e}")).into_response(),
     }
 }
 
@@ -182,20 +133,12 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for SrJson<T> {
                 ));
             }
         }
-        let body = Bytes::from_request(req, state).await.map_err(|e| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                400,
-                format!("cannot read the request body: {e}"),
-            )
-        })?;
-        serde_json::from_slice(&body).map(SrJson).map_err(|e| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                400,
-                format!("Unrecognized request body: {e}"),
-            )
-        })
+        let body = Bytes::from_request(req, state)
+            .await
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, 400, format!("cannot read the request body: {e}")))?;
+        serde_json::from_slice(&body)
+            .map(SrJson)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, 400, format!("Unrecognized request body: {e}")))
     }
 }
 
@@ -215,10 +158,8 @@ impl SchemaRequest {
         if self.references.is_empty() {
             Ok(self)
         } else {
-            Err(RegistryServerError::InvalidSchema(
-                "schema references are not supported by this registry".into(),
-            )
-            .into())
+            Err(RegistryServerError::InvalidSchema("schema references are not supported by this registry".into())
+                .into())
         }
     }
 }
@@ -241,8 +182,7 @@ struct Flags {
 }
 
 fn version_json(v: &SubjectVersion) -> serde_json::Value {
-    let mut body =
-        json!({ "subject": v.subject, "version": v.version, "id": v.id, "schema": v.schema });
+    let mut body = json!({ "subject": v.subject, "version": v.version, "id": v.id, "schema": v.schema });
     // Confluent leaves schemaType out for AVRO, the default.
     if v.schema_type != AVRO {
         body["schemaType"] = json!(v.schema_type);
@@ -251,8 +191,7 @@ fn version_json(v: &SubjectVersion) -> serde_json::Value {
 }
 
 fn parse_id(raw: &str) -> Result<u32, ApiError> {
-    raw.parse()
-        .map_err(|_| RegistryServerError::SchemaNotFound(raw.to_string()).into())
+    raw.parse().map_err(|_| RegistryServerError::SchemaNotFound(raw.to_string()).into())
 }
 
 async fn root() -> Response {
@@ -269,9 +208,7 @@ async fn register(
     SrJson(body): SrJson<SchemaRequest>,
 ) -> Result<Response, ApiError> {
     let body = body.checked()?;
-    let id = r
-        .register_typed(&subject, &body.schema, body.schema_type.as_deref())
-        .await?;
+    let id = r.register_typed(&subject, &body.schema, body.schema_type.as_deref()).await?;
     Ok(ok(&json!({ "id": id })))
 }
 
@@ -282,14 +219,7 @@ async fn lookup(
     SrJson(body): SrJson<SchemaRequest>,
 ) -> Result<Response, ApiError> {
     let body = body.checked()?;
-    let found = r
-        .lookup(
-            &subject,
-            &body.schema,
-            body.schema_type.as_deref(),
-            flags.deleted,
-        )
-        .await?;
+    let found = r.lookup(&subject, &body.schema, body.schema_type.as_deref(), flags.deleted).await?;
     Ok(ok(&version_json(&found)))
 }
 
@@ -314,9 +244,7 @@ async fn get_version(
     Path((subject, version)): Path<(String, String)>,
     Query(flags): Query<Flags>,
 ) -> Result<Response, ApiError> {
-    let found = r
-        .version(&subject, VersionSelector::parse(&version)?, flags.deleted)
-        .await?;
+    let found = r.version(&subject, VersionSelector::parse(&version)?, flags.deleted).await?;
     Ok(ok(&version_json(&found)))
 }
 
@@ -325,15 +253,8 @@ async fn get_version_schema(
     Path((subject, version)): Path<(String, String)>,
     Query(flags): Query<Flags>,
 ) -> Result<Response, ApiError> {
-    let found = r
-        .version(&subject, VersionSelector::parse(&version)?, flags.deleted)
-        .await?;
-    Ok((
-        StatusCode::OK,
-        [(header::CONTENT_TYPE, SR_CONTENT_TYPE)],
-        found.schema,
-    )
-        .into_response())
+    let found = r.version(&subject, VersionSelector::parse(&version)?, flags.deleted).await?;
+    Ok((StatusCode::OK, [(header::CONTENT_TYPE, SR_CONTENT_TYPE)], found.schema).into_response())
 }
 
 async fn delete_version(
@@ -341,16 +262,11 @@ async fn delete_version(
     Path((subject, version)): Path<(String, String)>,
     Query(flags): Query<Flags>,
 ) -> Result<Response, ApiError> {
-    let deleted = r
-        .delete_version(&subject, VersionSelector::parse(&version)?, flags.permanent)
-        .await?;
+    let deleted = r.delete_version(&subject, VersionSelector::parse(&version)?, flags.permanent).await?;
     Ok(ok(&deleted))
 }
 
-async fn schema_by_id(
-    State(r): State<Registry>,
-    Path(id): Path<String>,
-) -> Result<Response, ApiError> {
+async fn schema_by_id(State(r): State<Registry>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let (schema_type, schema) = r.schema_with_type(parse_id(&id)?).await?;
     let mut body = json!({ "schema": schema });
     if schema_type != AVRO {
@@ -365,10 +281,8 @@ async fn schema_usages(
     Query(flags): Query<Flags>,
 ) -> Result<Response, ApiError> {
     let usages = r.usages(parse_id(&id)?, flags.deleted).await?;
-    let body: Vec<_> = usages
-        .iter()
-        .map(|(subject, version)| json!({ "subject": subject, "version": version }))
-        .collect();
+    let body: Vec<_> =
+        usages.iter().map(|(subject, version)| json!({ "subject": subject, "version": version })).collect();
     Ok(ok(&body))
 }
 
@@ -387,14 +301,7 @@ async fn check_against_version(
 ) -> Result<Response, ApiError> {
     let body = body.checked()?;
     let selector = VersionSelector::parse(&version)?;
-    let problems = r
-        .check_compatibility(
-            &subject,
-            Some(selector),
-            &body.schema,
-            body.schema_type.as_deref(),
-        )
-        .await?;
+    let problems = r.check_compatibility(&subject, Some(selector), &body.schema, body.schema_type.as_deref()).await?;
     Ok(compatibility_json(problems))
 }
 
@@ -404,9 +311,7 @@ async fn check_against_all(
     SrJson(body): SrJson<SchemaRequest>,
 ) -> Result<Response, ApiError> {
     let body = body.checked()?;
-    let problems = r
-        .check_compatibility(&subject, None, &body.schema, body.schema_type.as_deref())
-        .await?;
+    let problems = r.check_compatibility(&subject, None, &body.schema, body.schema_type.as_deref()).await?;
     Ok(compatibility_json(problems))
 }
 
@@ -418,10 +323,7 @@ async fn get_global_level(State(r): State<Registry>) -> Response {
     level_json(r.global_level())
 }
 
-async fn put_global_level(
-    State(r): State<Registry>,
-    SrJson(body): SrJson<LevelRequest>,
-) -> Result<Response, ApiError> {
+async fn put_global_level(State(r): State<Registry>, SrJson(body): SrJson<LevelRequest>) -> Result<Response, ApiError> {
     let level = CompatibilityLevel::parse(&body.compatibility)?;
     r.set_level(None, level).await?;
     Ok(ok(&json!({ "compatibility": level.as_str() })))
@@ -453,9 +355,6 @@ async fn put_subject_level(
     Ok(ok(&json!({ "compatibility": level.as_str() })))
 }
 
-async fn delete_subject_level(
-    State(r): State<Registry>,
-    Path(subject): Path<String>,
-) -> Result<Response, ApiError> {
+async fn delete_subject_level(State(r): State<Registry>, Path(subject): Path<String>) -> Result<Response, ApiError> {
     Ok(level_json(r.delete_level(Some(&subject)).await?))
 }

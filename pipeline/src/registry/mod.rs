@@ -38,10 +38,7 @@ pub enum RegistryServerError {
         "Schema being registered is incompatible with an earlier schema for subject {subject:?}, details: [{}]",
         .reasons.join("; ")
     )]
-    Incompatible {
-        subject: String,
-        reasons: Vec<String>,
-    },
+    Incompatible { subject: String, reasons: Vec<String> },
     #[error("Subject '{0}' not found.")]
     SubjectNotFound(String),
     #[error("Version {version} not found for subject '{subject}'.")]
@@ -118,11 +115,7 @@ impl CompatibilityLevel {
             "FORWARD_TRANSITIVE" => CompatibilityLevel::ForwardTransitive,
             "FULL" => CompatibilityLevel::Full,
             "FULL_TRANSITIVE" => CompatibilityLevel::FullTransitive,
-            _ => {
-                return Err(RegistryServerError::InvalidCompatibilityLevel(
-                    name.to_string(),
-                ))
-            }
+            _ => return Err(RegistryServerError::InvalidCompatibilityLevel(name.to_string())),
         };
         Ok(level)
     }
@@ -209,22 +202,15 @@ struct Candidate {
 }
 
 /// Parses `text` as a schema of `schema_type` (None means AVRO, as in Confluent's API).
-fn parse_candidate(
-    text: &str,
-    schema_type: Option<&str>,
-) -> Result<Candidate, RegistryServerError> {
+fn parse_candidate(text: &str, schema_type: Option<&str>) -> Result<Candidate, RegistryServerError> {
     if let Some(t) = schema_type {
         if !t.eq_ignore_ascii_case(AVRO) {
             return Err(RegistryServerError::UnsupportedSchemaType(t.to_string()));
         }
     }
-    let parsed =
-        Schema::parse_str(text).map_err(|e| RegistryServerError::InvalidSchema(e.to_string()))?;
+    let parsed = Schema::parse_str(text).map_err(|e| RegistryServerError::InvalidSchema(e.to_string()))?;
     let key = dedup_key(&parsed)?;
-    Ok(Candidate {
-        parsed: Arc::new(parsed),
-        key,
-    })
+    Ok(Candidate { parsed: Arc::new(parsed), key })
 }
 
 /// The identity of a schema for id reuse. Not the Parsing Canonical Form: that strips `default`,
@@ -300,31 +286,20 @@ impl State {
         schemas.sort_by_key(|s| s.id);
         for row in schemas {
             let candidate = parse_candidate(&row.schema, Some(&row.schema_type)).map_err(|e| {
-                RegistryServerError::InvalidSchema(format!(
-                    "stored schema {} no longer parses: {e}",
-                    row.id
-                ))
+                RegistryServerError::InvalidSchema(format!("stored schema {} no longer parses: {e}", row.id))
             })?;
             state.ids_by_key.entry(candidate.key).or_insert(row.id);
             state.schemas.insert(
                 row.id,
-                StoredSchema {
-                    schema_type: row.schema_type,
-                    text: row.schema,
-                    parsed: candidate.parsed,
-                },
+                StoredSchema { schema_type: row.schema_type, text: row.schema, parsed: candidate.parsed },
             );
         }
         for row in snapshot.versions {
-            state
-                .subjects
-                .entry(row.subject)
-                .or_default()
-                .push(VersionEntry {
-                    version: row.version,
-                    schema_id: row.schema_id,
-                    deleted: row.deleted,
-                });
+            state.subjects.entry(row.subject).or_default().push(VersionEntry {
+                version: row.version,
+                schema_id: row.schema_id,
+                deleted: row.deleted,
+            });
         }
         for versions in state.subjects.values_mut() {
             versions.sort_by_key(|v| v.version);
@@ -342,41 +317,18 @@ impl State {
 
     fn apply(&mut self, mutation: Mutation) {
         match mutation {
-            Mutation::InsertSchema {
-                id,
-                schema_type,
-                text,
-                key,
-                parsed,
-            } => {
+            Mutation::InsertSchema { id, schema_type, text, key, parsed } => {
                 self.ids_by_key.entry(key).or_insert(id);
-                self.schemas.insert(
-                    id,
-                    StoredSchema {
-                        schema_type,
-                        text,
-                        parsed,
-                    },
-                );
+                self.schemas.insert(id, StoredSchema { schema_type, text, parsed });
             }
-            Mutation::InsertVersion {
-                subject,
-                version,
-                schema_id,
-            } => {
+            Mutation::InsertVersion { subject, version, schema_id } => {
                 let versions = self.subjects.entry(subject).or_default();
-                versions.push(VersionEntry {
-                    version,
-                    schema_id,
-                    deleted: false,
-                });
+                versions.push(VersionEntry { version, schema_id, deleted: false });
                 versions.sort_by_key(|v| v.version);
             }
             Mutation::SoftDeleteVersion { subject, version } => {
-                if let Some(v) = self
-                    .subjects
-                    .get_mut(&subject)
-                    .and_then(|vs| vs.iter_mut().find(|v| v.version == version))
+                if let Some(v) =
+                    self.subjects.get_mut(&subject).and_then(|vs| vs.iter_mut().find(|v| v.version == version))
                 {
                     v.deleted = true;
                 }
@@ -411,28 +363,16 @@ impl State {
     }
 
     fn level_for(&self, subject: &str) -> CompatibilityLevel {
-        self.subject_levels
-            .get(subject)
-            .copied()
-            .unwrap_or_else(|| self.global_level())
+        self.subject_levels.get(subject).copied().unwrap_or_else(|| self.global_level())
     }
 
     /// The versions of `subject` visible with or without soft-deleted ones; a subject with none
     /// visible does not exist.
-    fn visible(
-        &self,
-        subject: &str,
-        include_deleted: bool,
-    ) -> Result<Vec<VersionEntry>, RegistryServerError> {
+    fn visible(&self, subject: &str, include_deleted: bool) -> Result<Vec<VersionEntry>, RegistryServerError> {
         let versions: Vec<VersionEntry> = self
             .subjects
             .get(subject)
-            .map(|vs| {
-                vs.iter()
-                    .filter(|v| include_deleted || !v.deleted)
-                    .copied()
-                    .collect()
-            })
+            .map(|vs| vs.iter().filter(|v| include_deleted || !v.deleted).copied().collect())
             .unwrap_or_default();
         if versions.is_empty() {
             return Err(RegistryServerError::SubjectNotFound(subject.to_string()));
@@ -458,16 +398,10 @@ impl State {
     }
 
     fn schema(&self, id: u32) -> Result<&StoredSchema, RegistryServerError> {
-        self.schemas
-            .get(&id)
-            .ok_or_else(|| RegistryServerError::SchemaNotFound(id.to_string()))
+        self.schemas.get(&id).ok_or_else(|| RegistryServerError::SchemaNotFound(id.to_string()))
     }
 
-    fn subject_version(
-        &self,
-        subject: &str,
-        entry: VersionEntry,
-    ) -> Result<SubjectVersion, RegistryServerError> {
+    fn subject_version(&self, subject: &str, entry: VersionEntry) -> Result<SubjectVersion, RegistryServerError> {
         let stored = self.schema(entry.schema_id)?;
         Ok(SubjectVersion {
             subject: subject.to_string(),
@@ -481,11 +415,7 @@ impl State {
     /// The id of `candidate` if it is already a live version of `subject`.
     fn registered_id(&self, subject: &str, candidate: &Candidate) -> Option<u32> {
         let id = *self.ids_by_key.get(&candidate.key)?;
-        self.subjects
-            .get(subject)?
-            .iter()
-            .any(|v| !v.deleted && v.schema_id == id)
-            .then_some(id)
+        self.subjects.get(subject)?.iter().any(|v| !v.deleted && v.schema_id == id).then_some(id)
     }
 
     /// The live versions a registration under `level` is checked against.
@@ -503,12 +433,7 @@ impl State {
     }
 
     /// Why `candidate` is incompatible with `against` under `level`; empty when it is compatible.
-    fn problems(
-        &self,
-        level: CompatibilityLevel,
-        candidate: &Schema,
-        against: &[VersionEntry],
-    ) -> Vec<String> {
+    fn problems(&self, level: CompatibilityLevel, candidate: &Schema, against: &[VersionEntry]) -> Vec<String> {
         let mut problems = Vec::new();
         for entry in against {
             let Some(old) = self.schemas.get(&entry.schema_id) else {
@@ -539,10 +464,7 @@ impl State {
     }
 
     fn next_version(&self, subject: &str) -> u32 {
-        self.subjects
-            .get(subject)
-            .and_then(|vs| vs.last())
-            .map_or(1, |v| v.version + 1)
+        self.subjects.get(subject).and_then(|vs| vs.last()).map_or(1, |v| v.version + 1)
     }
 }
 
@@ -563,26 +485,16 @@ fn cannot_read(writer: &Schema, reader: &Schema) -> Option<String> {
 /// `WrongType` carries.
 fn describe_incompatibility(error: &CompatibilityError) -> String {
     fn kind(debug_dump: &str) -> &str {
-        let end = debug_dump
-            .find(|c: char| !c.is_ascii_alphanumeric())
-            .unwrap_or(debug_dump.len());
+        let end = debug_dump.find(|c: char| !c.is_ascii_alphanumeric()).unwrap_or(debug_dump.len());
         &debug_dump[..end]
     }
     match error {
         CompatibilityError::FieldTypeMismatch(field, inner) => {
-            format!(
-                "field '{field}' has an incompatible type: {}",
-                describe_incompatibility(inner)
-            )
+            format!("field '{field}' has an incompatible type: {}", describe_incompatibility(inner))
         }
-        CompatibilityError::WrongType {
-            writer_schema_type,
-            reader_schema_type,
-        } => format!(
-            "writer type {} cannot be read as {}",
-            kind(writer_schema_type),
-            kind(reader_schema_type)
-        ),
+        CompatibilityError::WrongType { writer_schema_type, reader_schema_type } => {
+            format!("writer type {} cannot be read as {}", kind(writer_schema_type), kind(reader_schema_type))
+        }
         other => other.to_string(),
     }
 }
@@ -603,9 +515,7 @@ pub struct Registry {
 
 impl fmt::Debug for Registry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Registry")
-            .field("store", &self.inner.store.backend())
-            .finish_non_exhaustive()
+        f.debug_struct("Registry").field("store", &self.inner.store.backend()).finish_non_exhaustive()
     }
 }
 
@@ -630,8 +540,7 @@ impl Registry {
 
     /// The schema text registered under `id`.
     pub async fn schema_by_id(&self, id: u32) -> Result<String, RegistryServerError> {
-        self.read(|s| s.schema(id).map(|stored| stored.text.clone()))
-            .await
+        self.read(|s| s.schema(id).map(|stored| stored.text.clone())).await
     }
 
     pub(crate) async fn register_typed(
@@ -649,16 +558,9 @@ impl Registry {
                 return Ok((Vec::new(), id));
             }
             let level = state.level_for(subject);
-            let problems = state.problems(
-                level,
-                &candidate.parsed,
-                &state.versions_to_check(subject, level),
-            );
+            let problems = state.problems(level, &candidate.parsed, &state.versions_to_check(subject, level));
             if !problems.is_empty() {
-                return Err(RegistryServerError::Incompatible {
-                    subject: subject.to_string(),
-                    reasons: problems,
-                });
+                return Err(RegistryServerError::Incompatible { subject: subject.to_string(), reasons: problems });
             }
             let mut mutations = Vec::new();
             let id = match state.ids_by_key.get(&candidate.key) {
@@ -698,28 +600,17 @@ impl Registry {
             let versions = s.visible(subject, include_deleted)?;
             let id = s.ids_by_key.get(&candidate.key).copied();
             let newest_first = || versions.iter().rev().filter(|v| Some(v.schema_id) == id);
-            let best = newest_first()
-                .find(|v| !v.deleted)
-                .or_else(|| newest_first().next());
+            let best = newest_first().find(|v| !v.deleted).or_else(|| newest_first().next());
             match best {
                 Some(entry) => s.subject_version(subject, *entry),
-                None => Err(RegistryServerError::SchemaNotFound(format!(
-                    "under subject '{subject}'"
-                ))),
+                None => Err(RegistryServerError::SchemaNotFound(format!("under subject '{subject}'"))),
             }
         })
         .await
     }
 
-    pub(crate) async fn schema_with_type(
-        &self,
-        id: u32,
-    ) -> Result<(String, String), RegistryServerError> {
-        self.read(|s| {
-            s.schema(id)
-                .map(|stored| (stored.schema_type.clone(), stored.text.clone()))
-        })
-        .await
+    pub(crate) async fn schema_with_type(&self, id: u32) -> Result<(String, String), RegistryServerError> {
+        self.read(|s| s.schema(id).map(|stored| (stored.schema_type.clone(), stored.text.clone()))).await
     }
 
     /// The subject/version pairs using schema `id`.
@@ -753,18 +644,8 @@ impl Registry {
         })
     }
 
-    pub(crate) async fn versions(
-        &self,
-        subject: &str,
-        include_deleted: bool,
-    ) -> Result<Vec<u32>, RegistryServerError> {
-        self.read(|s| {
-            Ok(s.visible(subject, include_deleted)?
-                .iter()
-                .map(|v| v.version)
-                .collect())
-        })
-        .await
+    pub(crate) async fn versions(&self, subject: &str, include_deleted: bool) -> Result<Vec<u32>, RegistryServerError> {
+        self.read(|s| Ok(s.visible(subject, include_deleted)?.iter().map(|v| v.version).collect())).await
     }
 
     pub(crate) async fn version(
@@ -773,8 +654,7 @@ impl Registry {
         selector: VersionSelector,
         include_deleted: bool,
     ) -> Result<SubjectVersion, RegistryServerError> {
-        self.read(|s| s.subject_version(subject, s.resolve(subject, selector, include_deleted)?))
-            .await
+        self.read(|s| s.subject_version(subject, s.resolve(subject, selector, include_deleted)?)).await
     }
 
     /// Problems `schema` has against `subject` under its level: against one version, or (None)
@@ -809,17 +689,9 @@ impl Registry {
             let entry = s.resolve(subject, selector, permanent)?;
             let (subject, version) = (subject.to_string(), entry.version);
             match (permanent, entry.deleted) {
-                (false, _) => Ok((
-                    vec![Mutation::SoftDeleteVersion { subject, version }],
-                    version,
-                )),
-                (true, true) => Ok((
-                    vec![Mutation::HardDeleteVersion { subject, version }],
-                    version,
-                )),
-                (true, false) => {
-                    Err(RegistryServerError::VersionNotSoftDeleted { subject, version })
-                }
+                (false, _) => Ok((vec![Mutation::SoftDeleteVersion { subject, version }], version)),
+                (true, true) => Ok((vec![Mutation::HardDeleteVersion { subject, version }], version)),
+                (true, false) => Err(RegistryServerError::VersionNotSoftDeleted { subject, version }),
             }
         })
         .await
@@ -827,10 +699,7 @@ impl Registry {
             // Soft-deleting a soft-deleted version resolves to "not found"; Confluent says why.
             RegistryServerError::VersionNotFound { .. } if !permanent => match selector {
                 VersionSelector::Number(version) if self.is_soft_deleted(subject, version) => {
-                    RegistryServerError::VersionSoftDeleted {
-                        subject: subject.to_string(),
-                        version,
-                    }
+                    RegistryServerError::VersionSoftDeleted { subject: subject.to_string(), version }
                 }
                 _ => e,
             },
@@ -840,25 +709,17 @@ impl Registry {
 
     fn is_soft_deleted(&self, subject: &str, version: u32) -> bool {
         self.with_state(|s| {
-            s.subjects
-                .get(subject)
-                .is_some_and(|vs| vs.iter().any(|v| v.version == version && v.deleted))
+            s.subjects.get(subject).is_some_and(|vs| vs.iter().any(|v| v.version == version && v.deleted))
         })
     }
 
     /// Soft-deletes every live version (or, when `permanent`, removes a fully soft-deleted
     /// subject); returns the versions affected.
-    pub(crate) async fn delete_subject(
-        &self,
-        subject: &str,
-        permanent: bool,
-    ) -> Result<Vec<u32>, RegistryServerError> {
+    pub(crate) async fn delete_subject(&self, subject: &str, permanent: bool) -> Result<Vec<u32>, RegistryServerError> {
         self.write(|s| {
             let versions = s.visible(subject, permanent)?;
             if permanent && versions.iter().any(|v| !v.deleted) {
-                return Err(RegistryServerError::SubjectNotSoftDeleted(
-                    subject.to_string(),
-                ));
+                return Err(RegistryServerError::SubjectNotSoftDeleted(subject.to_string()));
             }
             let numbers: Vec<u32> = versions.iter().map(|v| v.version).collect();
             let mutations = numbers
@@ -893,15 +754,11 @@ impl Registry {
         level: CompatibilityLevel,
     ) -> Result<(), RegistryServerError> {
         let subject = subject.unwrap_or_default().to_string();
-        self.write(|_| Ok((vec![Mutation::PutLevel { subject, level }], ())))
-            .await
+        self.write(|_| Ok((vec![Mutation::PutLevel { subject, level }], ()))).await
     }
 
     /// Removes the level of `subject` (or resets the global one); returns the level it had.
-    pub(crate) async fn delete_level(
-        &self,
-        subject: Option<&str>,
-    ) -> Result<CompatibilityLevel, RegistryServerError> {
+    pub(crate) async fn delete_level(&self, subject: Option<&str>) -> Result<CompatibilityLevel, RegistryServerError> {
         self.write(|s| {
             let previous = match subject {
                 None => s.global_level(),
@@ -917,41 +774,21 @@ impl Registry {
     }
 
     fn with_state<T>(&self, f: impl FnOnce(&State) -> T) -> T {
-        let guard = self
-            .inner
-            .state
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
+        let guard = self.inner.state.read().unwrap_or_else(PoisonError::into_inner);
         f(&guard)
     }
 
     fn replace_state(&self, state: State) {
-        *self
-            .inner
-            .state
-            .write()
-            .unwrap_or_else(PoisonError::into_inner) = state;
-        *self
-            .inner
-            .last_refresh
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Instant::now();
+        *self.inner.state.write().unwrap_or_else(PoisonError::into_inner) = state;
+        *self.inner.last_refresh.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();
     }
 
     /// Answers from the mirror; on a "not found", reloads it once (rate-limited) in case another
     /// registry instance sharing the store wrote it, and answers again.
-    async fn read<T>(
-        &self,
-        f: impl Fn(&State) -> Result<T, RegistryServerError>,
-    ) -> Result<T, RegistryServerError> {
+    async fn read<T>(&self, f: impl Fn(&State) -> Result<T, RegistryServerError>) -> Result<T, RegistryServerError> {
         match self.with_state(&f) {
             Err(e) if e.is_not_found() => {
-                let due = self
-                    .inner
-                    .last_refresh
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .elapsed()
+                let due = self.inner.last_refresh.lock().unwrap_or_else(PoisonError::into_inner).elapsed()
                     >= MISS_REFRESH_INTERVAL;
                 if !due {
                     return Err(e);

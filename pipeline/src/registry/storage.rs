@@ -71,10 +71,7 @@ pub(crate) async fn begin(store: &Store) -> Result<Tx, StoreError> {
     let conn = match store {
         Store::Postgres(pool) => {
             let mut tx = pool.begin().await?;
-            sqlx::query("SELECT pg_advisory_xact_lock($1)")
-                .bind(WRITE_LOCK_KEY)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(WRITE_LOCK_KEY).execute(&mut *tx).await?;
             Conn::Postgres(tx)
         }
         Store::Sqlite(pool) => Conn::Sqlite(pool.begin().await?),
@@ -89,13 +86,7 @@ impl Tx {
 
     pub(crate) async fn apply(&mut self, mutation: &Mutation) -> Result<(), StoreError> {
         match mutation {
-            Mutation::InsertSchema {
-                id,
-                schema_type,
-                text,
-                key,
-                ..
-            } => {
+            Mutation::InsertSchema { id, schema_type, text, key, .. } => {
                 let id = to_db(*id)?;
                 on_conn!(&mut self.0, |c| {
                     sqlx::query(
@@ -110,11 +101,7 @@ impl Tx {
                     .map(|_| ())
                 })?;
             }
-            Mutation::InsertVersion {
-                subject,
-                version,
-                schema_id,
-            } => {
+            Mutation::InsertVersion { subject, version, schema_id } => {
                 let (version, schema_id) = (to_db(*version)?, to_db(*schema_id)?);
                 on_conn!(&mut self.0, |c| {
                     sqlx::query(
@@ -243,14 +230,9 @@ impl_load!(sqlx::SqliteConnection);
 /// Ids and versions are `integer` columns; ours are allocated from 1 upwards, so this only fails
 /// past 2^31 - 1 of them.
 fn to_db(n: u32) -> Result<i32, StoreError> {
-    i32::try_from(n).map_err(|_| {
-        StoreError::Config(format!(
-            "registry number {n} exceeds the integer column range"
-        ))
-    })
+    i32::try_from(n).map_err(|_| StoreError::Config(format!("registry number {n} exceeds the integer column range")))
 }
 
 fn from_db(n: i32) -> Result<u32, StoreError> {
-    u32::try_from(n)
-        .map_err(|_| StoreError::Config(format!("negative registry number {n} in the store")))
+    u32::try_from(n).map_err(|_| StoreError::Config(format!("negative registry number {n} in the store")))
 }

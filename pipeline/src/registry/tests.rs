@@ -7,9 +7,7 @@ use std::time::Duration;
 use apache_avro::types::Value;
 use schema_registry_converter::async_impl::avro::{AvroDecoder, AvroEncoder};
 use schema_registry_converter::async_impl::schema_registry::SrSettings;
-use schema_registry_converter::schema_registry_common::{
-    SchemaType, SubjectNameStrategy, SuppliedSchema,
-};
+use schema_registry_converter::schema_registry_common::{SchemaType, SubjectNameStrategy, SuppliedSchema};
 use serde_json::{json, Value as Json};
 use tidings_sinks::testing::{fresh_postgres, fresh_sqlite};
 use tidings_sinks::Store;
@@ -20,8 +18,7 @@ use super::*;
 
 const ORDER_EVENT: &str = include_str!("../../../schemas/order_event.avsc");
 
-const THING_V1: &str =
-    r#"{"type":"record","name":"Thing","namespace":"t","fields":[{"name":"a","type":"string"}]}"#;
+const THING_V1: &str = r#"{"type":"record","name":"Thing","namespace":"t","fields":[{"name":"a","type":"string"}]}"#;
 /// V1 with the same content written differently: must map to the same id.
 const THING_V1_REFORMATTED: &str = r#"{
   "namespace": "t", "name": "Thing", "type": "record",
@@ -32,7 +29,8 @@ const THING_V2: &str = r#"{"type":"record","name":"Thing","namespace":"t","field
 /// Adds a field without a default: the new schema cannot read V2 data (not BACKWARD).
 const THING_V3_NO_DEFAULT: &str = r#"{"type":"record","name":"Thing","namespace":"t","fields":[{"name":"a","type":"string"},{"name":"b","type":"int","default":0},{"name":"c","type":"string"}]}"#;
 /// Drops `a`, which has no default: V2 readers cannot read its data (not FORWARD).
-const THING_WITHOUT_A: &str = r#"{"type":"record","name":"Thing","namespace":"t","fields":[{"name":"b","type":"int","default":0}]}"#;
+const THING_WITHOUT_A: &str =
+    r#"{"type":"record","name":"Thing","namespace":"t","fields":[{"name":"b","type":"int","default":0}]}"#;
 
 struct Server {
     base: String,
@@ -46,11 +44,7 @@ impl Server {
         let base = format!("http://{}", listener.local_addr().unwrap());
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(serve(listener, registry, shutdown.clone()));
-        Server {
-            base,
-            shutdown,
-            task,
-        }
+        Server { base, shutdown, task }
     }
 
     async fn stop(self) {
@@ -67,40 +61,20 @@ struct Http {
 
 impl Http {
     fn new(server: &Server) -> Http {
-        Http {
-            client: reqwest::Client::builder().no_proxy().build().unwrap(),
-            base: server.base.clone(),
-        }
+        Http { client: reqwest::Client::builder().no_proxy().build().unwrap(), base: server.base.clone() }
     }
 
-    async fn call(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<(&str, Json)>,
-    ) -> (u16, Json) {
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<(&str, Json)>) -> (u16, Json) {
         let mut request = self.client.request(method, format!("{}{path}", self.base));
         if let Some((content_type, body)) = body {
-            request = request
-                .header("content-type", content_type)
-                .body(body.to_string());
+            request = request.header("content-type", content_type).body(body.to_string());
         }
         let response = request.send().await.unwrap();
         let status = response.status().as_u16();
-        let content_type = response
-            .headers()
-            .get("content-type")
-            .map(|v| v.to_str().unwrap().to_string());
-        assert_eq!(
-            content_type.as_deref(),
-            Some("application/vnd.schemaregistry.v1+json"),
-            "{path}"
-        );
+        let content_type = response.headers().get("content-type").map(|v| v.to_str().unwrap().to_string());
+        assert_eq!(content_type.as_deref(), Some("application/vnd.schemaregistry.v1+json"), "{path}");
         let text = response.text().await.unwrap();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Json::String(text)),
-        )
+        (status, serde_json::from_str(&text).unwrap_or(Json::String(text)))
     }
 
     async fn get(&self, path: &str) -> (u16, Json) {
@@ -112,29 +86,15 @@ impl Http {
     }
 
     async fn post(&self, path: &str, body: Json) -> (u16, Json) {
-        self.call(
-            reqwest::Method::POST,
-            path,
-            Some(("application/vnd.schemaregistry.v1+json", body)),
-        )
-        .await
+        self.call(reqwest::Method::POST, path, Some(("application/vnd.schemaregistry.v1+json", body))).await
     }
 
     async fn put(&self, path: &str, body: Json) -> (u16, Json) {
-        self.call(
-            reqwest::Method::PUT,
-            path,
-            Some(("application/vnd.schemaregistry.v1+json", body)),
-        )
-        .await
+        self.call(reqwest::Method::PUT, path, Some(("application/vnd.schemaregistry.v1+json", body))).await
     }
 
     async fn register(&self, subject: &str, schema: &str) -> (u16, Json) {
-        self.post(
-            &format!("/subjects/{subject}/versions"),
-            json!({ "schema": schema }),
-        )
-        .await
+        self.post(&format!("/subjects/{subject}/versions"), json!({ "schema": schema })).await
     }
 }
 
@@ -142,10 +102,7 @@ impl Http {
 fn error_message(answer: &(u16, Json), status: u16, code: u64) -> String {
     assert_eq!(answer.0, status, "{answer:?}");
     assert_eq!(answer.1["error_code"], json!(code), "{answer:?}");
-    answer.1["message"]
-        .as_str()
-        .expect("message is a string")
-        .to_string()
+    answer.1["message"].as_str().expect("message is a string").to_string()
 }
 
 fn order_placed() -> Value {
@@ -157,16 +114,10 @@ fn order_placed() -> Value {
     ]);
     Value::Record(vec![
         ("event_id".into(), Value::String("evt-1".into())),
-        (
-            "occurred_at".into(),
-            Value::TimestampMicros(1_700_000_000_123_456),
-        ),
+        ("occurred_at".into(), Value::TimestampMicros(1_700_000_000_123_456)),
         ("order_id".into(), Value::String("order-7".into())),
         ("buyer_id".into(), Value::String("user-3".into())),
-        (
-            "locale".into(),
-            Value::Union(1, Box::new(Value::String("ko".into()))),
-        ),
+        ("locale".into(), Value::Union(1, Box::new(Value::String("ko".into())))),
         (
             "payload".into(),
             Value::Union(
@@ -184,12 +135,7 @@ fn order_placed() -> Value {
 /// The order envelope with one more event type appended to the `payload` union.
 fn order_event_with_refund() -> String {
     let mut schema: Json = serde_json::from_str(ORDER_EVENT).unwrap();
-    let payload = schema["fields"]
-        .as_array_mut()
-        .unwrap()
-        .iter_mut()
-        .find(|f| f["name"] == "payload")
-        .unwrap();
+    let payload = schema["fields"].as_array_mut().unwrap().iter_mut().find(|f| f["name"] == "payload").unwrap();
     payload["type"].as_array_mut().unwrap().push(json!({
         "type": "record", "name": "OrderRefunded",
         "fields": [{"name": "amount_cents", "type": "long"}]
@@ -202,50 +148,28 @@ async fn converter_round_trips_through_the_registry() {
     let (store, _dir) = fresh_sqlite().await.unwrap();
     let registry = Registry::open(store).await.unwrap();
     let server = Server::start(registry.clone()).await;
-    let settings = SrSettings::new_builder(server.base.clone())
-        .no_proxy()
-        .build()
-        .unwrap();
+    let settings = SrSettings::new_builder(server.base.clone()).no_proxy().build().unwrap();
     let strategy = SubjectNameStrategy::TopicNameStrategyWithSchema(
         "orders".into(),
         false,
-        SuppliedSchema::new(
-            Some("tidings.orders.OrderEvent".into()),
-            SchemaType::Avro,
-            ORDER_EVENT.into(),
-        ),
+        SuppliedSchema::new(Some("tidings.orders.OrderEvent".into()), SchemaType::Avro, ORDER_EVENT.into()),
     );
 
     let value = order_placed();
-    let bytes = AvroEncoder::new(settings.clone())
-        .encode_value(value.clone(), &strategy)
-        .await
-        .unwrap();
+    let bytes = AvroEncoder::new(settings.clone()).encode_value(value.clone(), &strategy).await.unwrap();
 
     // The encoder auto-registered the schema; registering it again is a no-op returning its id.
-    let id = registry
-        .register("orders-value", ORDER_EVENT)
-        .await
-        .unwrap();
+    let id = registry.register("orders-value", ORDER_EVENT).await.unwrap();
     assert_eq!(id, 1);
-    assert_eq!(
-        registry.versions("orders-value", true).await.unwrap(),
-        vec![1]
-    );
+    assert_eq!(registry.versions("orders-value", true).await.unwrap(), vec![1]);
     assert_eq!(bytes[0], 0, "magic byte");
     assert_eq!(bytes[1..5], id.to_be_bytes(), "schema id prefix");
 
     // A fresh encoder (no cache) gets the same id and produces the same bytes.
-    let again = AvroEncoder::new(settings.clone())
-        .encode_value(value.clone(), &strategy)
-        .await
-        .unwrap();
+    let again = AvroEncoder::new(settings.clone()).encode_value(value.clone(), &strategy).await.unwrap();
     assert_eq!(again, bytes);
 
-    let decoded = AvroDecoder::new(settings)
-        .decode(Some(&bytes))
-        .await
-        .unwrap();
+    let decoded = AvroDecoder::new(settings).decode(Some(&bytes)).await.unwrap();
     assert_eq!(decoded.value, value);
     server.stop().await;
 }
@@ -260,84 +184,42 @@ async fn rest_api_follows_confluent() {
     assert_eq!(http.get("/").await, (200, json!({})));
 
     // Idempotent registration, same id across subjects, ids from 1.
-    assert_eq!(
-        http.register("things-value", THING_V1).await,
-        (200, json!({"id": 1}))
-    );
-    assert_eq!(
-        http.register("things-value", THING_V1_REFORMATTED).await,
-        (200, json!({"id": 1}))
-    );
+    assert_eq!(http.register("things-value", THING_V1).await, (200, json!({"id": 1})));
+    assert_eq!(http.register("things-value", THING_V1_REFORMATTED).await, (200, json!({"id": 1})));
     for content_type in ["application/json", "application/vnd.schemaregistry+json"] {
         let answer = http
             .call(
                 reqwest::Method::POST,
                 "/subjects/things-value/versions",
-                Some((
-                    content_type,
-                    json!({"schema": THING_V1, "schemaType": "AVRO"}),
-                )),
+                Some((content_type, json!({"schema": THING_V1, "schemaType": "AVRO"}))),
             )
             .await;
         assert_eq!(answer, (200, json!({"id": 1})), "{content_type}");
     }
-    assert_eq!(
-        http.get("/subjects/things-value/versions").await,
-        (200, json!([1]))
-    );
-    assert_eq!(
-        http.register("other-value", THING_V1).await,
-        (200, json!({"id": 1}))
-    );
-    assert_eq!(
-        http.get("/schemas/ids/1").await,
-        (200, json!({"schema": THING_V1}))
-    );
+    assert_eq!(http.get("/subjects/things-value/versions").await, (200, json!([1])));
+    assert_eq!(http.register("other-value", THING_V1).await, (200, json!({"id": 1})));
+    assert_eq!(http.get("/schemas/ids/1").await, (200, json!({"schema": THING_V1})));
     assert_eq!(
         http.get("/schemas/ids/1/versions").await,
-        (
-            200,
-            json!([{"subject": "other-value", "version": 1}, {"subject": "things-value", "version": 1}])
-        )
+        (200, json!([{"subject": "other-value", "version": 1}, {"subject": "things-value", "version": 1}]))
     );
 
     // Compatibility endpoint, both outcomes.
-    let ok = http
-        .post(
-            "/compatibility/subjects/things-value/versions/latest",
-            json!({"schema": THING_V2}),
-        )
-        .await;
+    let ok = http.post("/compatibility/subjects/things-value/versions/latest", json!({"schema": THING_V2})).await;
     assert_eq!(ok, (200, json!({"is_compatible": true})));
-    let bad = http
-        .post(
-            "/compatibility/subjects/things-value/versions/1",
-            json!({"schema": THING_V3_NO_DEFAULT}),
-        )
-        .await;
+    let bad =
+        http.post("/compatibility/subjects/things-value/versions/1", json!({"schema": THING_V3_NO_DEFAULT})).await;
     assert_eq!(bad.0, 200);
     assert_eq!(bad.1["is_compatible"], json!(false));
     let messages = bad.1["messages"].as_array().unwrap();
-    assert!(
-        messages.iter().any(|m| m.as_str().unwrap().contains("'c'")),
-        "{messages:?}"
-    );
+    assert!(messages.iter().any(|m| m.as_str().unwrap().contains("'c'")), "{messages:?}");
 
     // A second version, latest, raw schema.
-    assert_eq!(
-        http.register("things-value", THING_V2).await,
-        (200, json!({"id": 2}))
-    );
-    assert_eq!(
-        http.get("/subjects/things-value/versions").await,
-        (200, json!([1, 2]))
-    );
+    assert_eq!(http.register("things-value", THING_V2).await, (200, json!({"id": 2})));
+    assert_eq!(http.get("/subjects/things-value/versions").await, (200, json!([1, 2])));
     assert_eq!(
         http.get("/subjects/things-value/versions/latest").await,
-        (
-            200,
-            json!({"subject": "things-value", "version": 2, "id": 2, "schema": THING_V2})
-        )
+        (200, json!({"subject": "things-value", "version": 2, "id": 2, "schema": THING_V2}))
     );
     let raw = http.get("/subjects/things-value/versions/1/schema").await;
     assert_eq!(raw, (200, serde_json::from_str::<Json>(THING_V1).unwrap()));
@@ -351,189 +233,65 @@ async fn rest_api_follows_confluent() {
         ),
         "{message}"
     );
-    assert!(
-        message.contains("'c'") && message.contains("default"),
-        "{message}"
-    );
-    assert_eq!(
-        http.get("/subjects/things-value/versions").await,
-        (200, json!([1, 2]))
-    );
+    assert!(message.contains("'c'") && message.contains("default"), "{message}");
+    assert_eq!(http.get("/subjects/things-value/versions").await, (200, json!([1, 2])));
 
     // Lookup.
     assert_eq!(
-        http.post(
-            "/subjects/things-value",
-            json!({"schema": THING_V1_REFORMATTED})
-        )
-        .await,
-        (
-            200,
-            json!({"subject": "things-value", "version": 1, "id": 1, "schema": THING_V1})
-        )
+        http.post("/subjects/things-value", json!({"schema": THING_V1_REFORMATTED})).await,
+        (200, json!({"subject": "things-value", "version": 1, "id": 1, "schema": THING_V1}))
     );
-    error_message(
-        &http
-            .post("/subjects/things-value", json!({"schema": THING_WITHOUT_A}))
-            .await,
-        404,
-        40403,
-    );
-    error_message(
-        &http
-            .post("/subjects/nope", json!({"schema": THING_V1}))
-            .await,
-        404,
-        40401,
-    );
+    error_message(&http.post("/subjects/things-value", json!({"schema": THING_WITHOUT_A})).await, 404, 40403);
+    error_message(&http.post("/subjects/nope", json!({"schema": THING_V1})).await, 404, 40401);
 
     // Config: global and per subject; a subject level takes effect on registration.
-    assert_eq!(
-        http.get("/config").await,
-        (200, json!({"compatibilityLevel": "BACKWARD"}))
-    );
+    assert_eq!(http.get("/config").await, (200, json!({"compatibilityLevel": "BACKWARD"})));
     error_message(&http.get("/config/things-value").await, 404, 40408);
     assert_eq!(
         http.get("/config/things-value?defaultToGlobal=true").await,
         (200, json!({"compatibilityLevel": "BACKWARD"}))
     );
     assert_eq!(
-        http.put("/config/things-value", json!({"compatibility": "NONE"}))
-            .await,
+        http.put("/config/things-value", json!({"compatibility": "NONE"})).await,
         (200, json!({"compatibility": "NONE"}))
     );
-    assert_eq!(
-        http.get("/config/things-value").await,
-        (200, json!({"compatibilityLevel": "NONE"}))
-    );
-    assert_eq!(
-        http.register("things-value", THING_V3_NO_DEFAULT).await,
-        (200, json!({"id": 3}))
-    );
-    assert_eq!(
-        http.delete("/config/things-value").await,
-        (200, json!({"compatibilityLevel": "NONE"}))
-    );
+    assert_eq!(http.get("/config/things-value").await, (200, json!({"compatibilityLevel": "NONE"})));
+    assert_eq!(http.register("things-value", THING_V3_NO_DEFAULT).await, (200, json!({"id": 3})));
+    assert_eq!(http.delete("/config/things-value").await, (200, json!({"compatibilityLevel": "NONE"})));
     error_message(&http.get("/config/things-value").await, 404, 40408);
-    error_message(
-        &http
-            .put("/config", json!({"compatibility": "SIDEWAYS"}))
-            .await,
-        422,
-        42203,
-    );
-    assert_eq!(
-        http.put("/config", json!({"compatibility": "FULL"})).await,
-        (200, json!({"compatibility": "FULL"}))
-    );
-    assert_eq!(
-        http.get("/config").await,
-        (200, json!({"compatibilityLevel": "FULL"}))
-    );
+    error_message(&http.put("/config", json!({"compatibility": "SIDEWAYS"})).await, 422, 42203);
+    assert_eq!(http.put("/config", json!({"compatibility": "FULL"})).await, (200, json!({"compatibility": "FULL"})));
+    assert_eq!(http.get("/config").await, (200, json!({"compatibilityLevel": "FULL"})));
 
     // FULL also checks the forward direction: the old schema must read the new data.
-    assert_eq!(
-        http.register("full-value", THING_V2).await,
-        (200, json!({"id": 2}))
-    );
-    let message = error_message(
-        &http.register("full-value", THING_WITHOUT_A).await,
-        409,
-        409,
-    );
-    assert!(
-        message.contains("FULL: version 1 cannot read data written with the new schema"),
-        "{message}"
-    );
+    assert_eq!(http.register("full-value", THING_V2).await, (200, json!({"id": 2})));
+    let message = error_message(&http.register("full-value", THING_WITHOUT_A).await, 409, 409);
+    assert!(message.contains("FULL: version 1 cannot read data written with the new schema"), "{message}");
     assert!(message.contains("'a'"), "{message}");
 
     // Soft deletes.
-    assert_eq!(
-        http.delete("/subjects/things-value/versions/3").await,
-        (200, json!(3))
-    );
-    assert_eq!(
-        http.get("/subjects/things-value/versions").await,
-        (200, json!([1, 2]))
-    );
-    assert_eq!(
-        http.get("/subjects/things-value/versions?deleted=true")
-            .await,
-        (200, json!([1, 2, 3]))
-    );
-    error_message(
-        &http.get("/subjects/things-value/versions/3").await,
-        404,
-        40402,
-    );
-    assert_eq!(
-        http.get("/subjects/things-value/versions/3?deleted=true")
-            .await
-            .1["id"],
-        json!(3)
-    );
-    error_message(
-        &http.delete("/subjects/things-value/versions/3").await,
-        404,
-        40406,
-    );
-    assert_eq!(
-        http.get("/subjects/things-value/versions/latest").await.1["version"],
-        json!(2)
-    );
-    assert_eq!(
-        http.delete("/subjects/other-value").await,
-        (200, json!([1]))
-    );
-    assert_eq!(
-        http.get("/subjects").await,
-        (200, json!(["full-value", "things-value"]))
-    );
-    assert_eq!(
-        http.get("/subjects?deleted=true").await,
-        (200, json!(["full-value", "other-value", "things-value"]))
-    );
-    error_message(
-        &http.get("/subjects/other-value/versions").await,
-        404,
-        40401,
-    );
-    assert_eq!(
-        http.get("/schemas/ids/1/versions").await,
-        (200, json!([{"subject": "things-value", "version": 1}]))
-    );
+    assert_eq!(http.delete("/subjects/things-value/versions/3").await, (200, json!(3)));
+    assert_eq!(http.get("/subjects/things-value/versions").await, (200, json!([1, 2])));
+    assert_eq!(http.get("/subjects/things-value/versions?deleted=true").await, (200, json!([1, 2, 3])));
+    error_message(&http.get("/subjects/things-value/versions/3").await, 404, 40402);
+    assert_eq!(http.get("/subjects/things-value/versions/3?deleted=true").await.1["id"], json!(3));
+    error_message(&http.delete("/subjects/things-value/versions/3").await, 404, 40406);
+    assert_eq!(http.get("/subjects/things-value/versions/latest").await.1["version"], json!(2));
+    assert_eq!(http.delete("/subjects/other-value").await, (200, json!([1])));
+    assert_eq!(http.get("/subjects").await, (200, json!(["full-value", "things-value"])));
+    assert_eq!(http.get("/subjects?deleted=true").await, (200, json!(["full-value", "other-value", "things-value"])));
+    error_message(&http.get("/subjects/other-value/versions").await, 404, 40401);
+    assert_eq!(http.get("/schemas/ids/1/versions").await, (200, json!([{"subject": "things-value", "version": 1}])));
     // Permanent deletion only after a soft delete.
-    error_message(
-        &http
-            .delete("/subjects/things-value/versions/1?permanent=true")
-            .await,
-        404,
-        40407,
-    );
-    assert_eq!(
-        http.delete("/subjects/other-value?permanent=true").await,
-        (200, json!([1]))
-    );
-    assert_eq!(
-        http.get("/subjects?deleted=true").await,
-        (200, json!(["full-value", "things-value"]))
-    );
+    error_message(&http.delete("/subjects/things-value/versions/1?permanent=true").await, 404, 40407);
+    assert_eq!(http.delete("/subjects/other-value?permanent=true").await, (200, json!([1])));
+    assert_eq!(http.get("/subjects?deleted=true").await, (200, json!(["full-value", "things-value"])));
     // The schema itself outlives its versions, as ids are referenced by data on Kafka.
     assert_eq!(http.get("/schemas/ids/1").await.0, 200);
 
     // Invalid input and unknown things.
-    error_message(
-        &http.register("things-value", "{not avro").await,
-        422,
-        42201,
-    );
-    error_message(
-        &http
-            .register("things-value", r#"{"type":"record","fields":[]}"#)
-            .await,
-        422,
-        42201,
-    );
+    error_message(&http.register("things-value", "{not avro").await, 422, 42201);
+    error_message(&http.register("things-value", r#"{"type":"record","fields":[]}"#).await, 422, 42201);
     error_message(
         &http
             .post(
@@ -544,35 +302,15 @@ async fn rest_api_follows_confluent() {
         422,
         42202,
     );
-    error_message(
-        &http.get("/subjects/things-value/versions/abc").await,
-        422,
-        42202,
-    );
-    error_message(
-        &http.get("/subjects/things-value/versions/0").await,
-        422,
-        42202,
-    );
-    error_message(
-        &http.get("/subjects/things-value/versions/99").await,
-        404,
-        40402,
-    );
+    error_message(&http.get("/subjects/things-value/versions/abc").await, 422, 42202);
+    error_message(&http.get("/subjects/things-value/versions/0").await, 422, 42202);
+    error_message(&http.get("/subjects/things-value/versions/99").await, 404, 40402);
     error_message(&http.get("/subjects/nope/versions").await, 404, 40401);
-    error_message(
-        &http.get("/subjects/nope/versions/latest").await,
-        404,
-        40401,
-    );
+    error_message(&http.get("/subjects/nope/versions/latest").await, 404, 40401);
     error_message(&http.get("/schemas/ids/999").await, 404, 40403);
     error_message(&http.get("/schemas/ids/999/versions").await, 404, 40403);
     let wrong_type = http
-        .call(
-            reqwest::Method::POST,
-            "/subjects/x/versions",
-            Some(("text/plain", json!({"schema": THING_V1}))),
-        )
+        .call(reqwest::Method::POST, "/subjects/x/versions", Some(("text/plain", json!({"schema": THING_V1}))))
         .await;
     error_message(&wrong_type, 415, 415);
     error_message(&http.get("/no/such/path").await, 404, 404);
@@ -585,82 +323,31 @@ async fn appending_a_union_branch_is_backward_but_not_forward_compatible() {
     let (store, _dir) = fresh_sqlite().await.unwrap();
     let registry = Registry::open(store).await.unwrap();
     let with_refund = order_event_with_refund();
-    assert_eq!(
-        registry
-            .register("orders-value", ORDER_EVENT)
-            .await
-            .unwrap(),
-        1
-    );
+    assert_eq!(registry.register("orders-value", ORDER_EVENT).await.unwrap(), 1);
     // Old readers would meet an unknown branch: a partial match, which FORWARD must reject.
-    registry
-        .set_level(Some("orders-value"), CompatibilityLevel::Forward)
-        .await
-        .unwrap();
-    let problems = registry
-        .check_compatibility("orders-value", None, &with_refund, None)
-        .await
-        .unwrap();
+    registry.set_level(Some("orders-value"), CompatibilityLevel::Forward).await.unwrap();
+    let problems = registry.check_compatibility("orders-value", None, &with_refund, None).await.unwrap();
     assert_eq!(problems.len(), 1, "{problems:?}");
-    assert!(
-        problems[0].starts_with("FORWARD: version 1 cannot read"),
-        "{problems:?}"
-    );
-    let err = registry
-        .register("orders-value", &with_refund)
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(err, RegistryServerError::Incompatible { .. }),
-        "{err}"
-    );
+    assert!(problems[0].starts_with("FORWARD: version 1 cannot read"), "{problems:?}");
+    let err = registry.register("orders-value", &with_refund).await.unwrap_err();
+    assert!(matches!(err, RegistryServerError::Incompatible { .. }), "{err}");
     assert!(!err.is_retriable());
 
-    registry
-        .set_level(Some("orders-value"), CompatibilityLevel::Backward)
-        .await
-        .unwrap();
-    assert_eq!(
-        registry
-            .register("orders-value", &with_refund)
-            .await
-            .unwrap(),
-        2
-    );
-    let again = registry
-        .register("orders-value", ORDER_EVENT)
-        .await
-        .unwrap();
-    assert_eq!(
-        again, 1,
-        "v1 is still a live version, so registering it is idempotent"
-    );
+    registry.set_level(Some("orders-value"), CompatibilityLevel::Backward).await.unwrap();
+    assert_eq!(registry.register("orders-value", &with_refund).await.unwrap(), 2);
+    let again = registry.register("orders-value", ORDER_EVENT).await.unwrap();
+    assert_eq!(again, 1, "v1 is still a live version, so registering it is idempotent");
     // Once v1 is gone, going back to the narrower union is checked against v2 and is not
     // BACKWARD (the new reader lacks a branch); under NONE nothing is checked.
-    registry
-        .delete_version("orders-value", VersionSelector::Number(1), false)
-        .await
-        .unwrap();
+    registry.delete_version("orders-value", VersionSelector::Number(1), false).await.unwrap();
     assert!(matches!(
         registry.register("orders-value", ORDER_EVENT).await,
         Err(RegistryServerError::Incompatible { .. })
     ));
-    registry
-        .set_level(Some("orders-value"), CompatibilityLevel::None)
-        .await
-        .unwrap();
+    registry.set_level(Some("orders-value"), CompatibilityLevel::None).await.unwrap();
     // Re-registering a soft-deleted schema creates a new version with its old id.
-    assert_eq!(
-        registry
-            .register("orders-value", ORDER_EVENT)
-            .await
-            .unwrap(),
-        1
-    );
-    assert_eq!(
-        registry.versions("orders-value", false).await.unwrap(),
-        vec![2, 3]
-    );
+    assert_eq!(registry.register("orders-value", ORDER_EVENT).await.unwrap(), 1);
+    assert_eq!(registry.versions("orders-value", false).await.unwrap(), vec![2, 3]);
 }
 
 #[tokio::test]
@@ -677,141 +364,59 @@ async fn transitive_levels_check_every_live_version() {
     // No reader among int, long and float reads double: FORWARD only looks at the latest
     // version, FORWARD_TRANSITIVE at all three.
     registry.register("n-value", float_v).await.unwrap();
-    registry
-        .set_level(Some("n-value"), CompatibilityLevel::Forward)
-        .await
-        .unwrap();
-    let latest_only = registry
-        .check_compatibility("n-value", None, double_v, None)
-        .await
-        .unwrap();
+    registry.set_level(Some("n-value"), CompatibilityLevel::Forward).await.unwrap();
+    let latest_only = registry.check_compatibility("n-value", None, double_v, None).await.unwrap();
     assert_eq!(latest_only.len(), 1, "{latest_only:?}");
-    registry
-        .set_level(Some("n-value"), CompatibilityLevel::ForwardTransitive)
-        .await
-        .unwrap();
-    let all = registry
-        .check_compatibility("n-value", None, double_v, None)
-        .await
-        .unwrap();
+    registry.set_level(Some("n-value"), CompatibilityLevel::ForwardTransitive).await.unwrap();
+    let all = registry.check_compatibility("n-value", None, double_v, None).await.unwrap();
     assert_eq!(all.len(), 3, "{all:?}");
-    assert!(
-        all.iter().any(|p| p.contains("version 1")) && all.iter().any(|p| p.contains("version 3")),
-        "{all:?}"
-    );
+    assert!(all.iter().any(|p| p.contains("version 1")) && all.iter().any(|p| p.contains("version 3")), "{all:?}");
 }
 
 /// Registers, drops the registry, reopens it from the database URL: everything is still there
 /// and ids continue; also a second instance on the same database sees the first one's writes.
 async fn survives_restart(store: Store, url: &str) {
     let registry = Registry::open(store).await.unwrap();
-    assert_eq!(
-        registry
-            .register("orders-value", ORDER_EVENT)
-            .await
-            .unwrap(),
-        1
-    );
-    assert_eq!(
-        registry.register("things-value", THING_V1).await.unwrap(),
-        2
-    );
-    assert_eq!(
-        registry.register("things-value", THING_V2).await.unwrap(),
-        3
-    );
-    registry
-        .delete_version("things-value", VersionSelector::Number(1), false)
-        .await
-        .unwrap();
-    registry
-        .set_level(Some("things-value"), CompatibilityLevel::FullTransitive)
-        .await
-        .unwrap();
-    registry
-        .set_level(None, CompatibilityLevel::Forward)
-        .await
-        .unwrap();
+    assert_eq!(registry.register("orders-value", ORDER_EVENT).await.unwrap(), 1);
+    assert_eq!(registry.register("things-value", THING_V1).await.unwrap(), 2);
+    assert_eq!(registry.register("things-value", THING_V2).await.unwrap(), 3);
+    registry.delete_version("things-value", VersionSelector::Number(1), false).await.unwrap();
+    registry.set_level(Some("things-value"), CompatibilityLevel::FullTransitive).await.unwrap();
+    registry.set_level(None, CompatibilityLevel::Forward).await.unwrap();
     drop(registry);
 
-    let reopened = Registry::open(Store::connect(url).await.unwrap())
-        .await
-        .unwrap();
+    let reopened = Registry::open(Store::connect(url).await.unwrap()).await.unwrap();
     assert_eq!(reopened.schema_by_id(1).await.unwrap(), ORDER_EVENT);
     assert_eq!(reopened.schema_by_id(3).await.unwrap(), THING_V2);
-    assert_eq!(
-        reopened.versions("things-value", false).await.unwrap(),
-        vec![2]
-    );
-    assert_eq!(
-        reopened.versions("things-value", true).await.unwrap(),
-        vec![1, 2]
-    );
-    assert_eq!(
-        reopened.subjects(false),
-        vec!["orders-value".to_string(), "things-value".to_string()]
-    );
-    assert_eq!(
-        reopened.subject_level("things-value"),
-        Some(CompatibilityLevel::FullTransitive)
-    );
+    assert_eq!(reopened.versions("things-value", false).await.unwrap(), vec![2]);
+    assert_eq!(reopened.versions("things-value", true).await.unwrap(), vec![1, 2]);
+    assert_eq!(reopened.subjects(false), vec!["orders-value".to_string(), "things-value".to_string()]);
+    assert_eq!(reopened.subject_level("things-value"), Some(CompatibilityLevel::FullTransitive));
     assert_eq!(reopened.global_level(), CompatibilityLevel::Forward);
-    assert_eq!(
-        reopened
-            .register("orders-value", ORDER_EVENT)
-            .await
-            .unwrap(),
-        1
-    );
-    assert_eq!(
-        reopened.versions("orders-value", false).await.unwrap(),
-        vec![1]
-    );
+    assert_eq!(reopened.register("orders-value", ORDER_EVENT).await.unwrap(), 1);
+    assert_eq!(reopened.versions("orders-value", false).await.unwrap(), vec![1]);
     // The REST view of the reopened registry.
     let server = Server::start(reopened.clone()).await;
     let http = Http::new(&server);
     assert_eq!(
         http.get("/subjects/things-value/versions/latest").await,
-        (
-            200,
-            json!({"subject": "things-value", "version": 2, "id": 3, "schema": THING_V2})
-        )
+        (200, json!({"subject": "things-value", "version": 2, "id": 3, "schema": THING_V2}))
     );
     server.stop().await;
 
     // A second instance on the same database: its writes take the next id, and the first
     // instance finds them once its rate-limited refresh on a miss is due.
-    let other = Registry::open(Store::connect(url).await.unwrap())
-        .await
-        .unwrap();
+    let other = Registry::open(Store::connect(url).await.unwrap()).await.unwrap();
     let with_refund = order_event_with_refund();
-    other
-        .set_level(None, CompatibilityLevel::Backward)
-        .await
-        .unwrap();
-    assert_eq!(
-        other.register("orders-value", &with_refund).await.unwrap(),
-        4
-    );
+    other.set_level(None, CompatibilityLevel::Backward).await.unwrap();
+    assert_eq!(other.register("orders-value", &with_refund).await.unwrap(), 4);
     // Writes reload under the lock before allocating, so the stale instance does not reuse 4.
-    assert_eq!(
-        reopened.register("x-value", THING_WITHOUT_A).await.unwrap(),
-        5
-    );
-    assert_eq!(
-        other
-            .register("y-value", THING_V3_NO_DEFAULT)
-            .await
-            .unwrap(),
-        6
-    );
+    assert_eq!(reopened.register("x-value", THING_WITHOUT_A).await.unwrap(), 5);
+    assert_eq!(other.register("y-value", THING_V3_NO_DEFAULT).await.unwrap(), 6);
     tokio::time::sleep(MISS_REFRESH_INTERVAL + Duration::from_millis(100)).await;
     assert_eq!(reopened.schema_by_id(6).await.unwrap(), THING_V3_NO_DEFAULT);
     assert_eq!(reopened.versions("y-value", false).await.unwrap(), vec![1]);
-    assert_eq!(
-        reopened.versions("orders-value", false).await.unwrap(),
-        vec![1, 2]
-    );
+    assert_eq!(reopened.versions("orders-value", false).await.unwrap(), vec![1, 2]);
 }
 
 #[tokio::test]
@@ -829,36 +434,14 @@ async fn persists_in_sqlite() {
 
 #[test]
 fn versions_and_levels_parse_like_confluent() {
-    assert_eq!(
-        VersionSelector::parse("latest").unwrap(),
-        VersionSelector::Latest
-    );
-    assert_eq!(
-        VersionSelector::parse("-1").unwrap(),
-        VersionSelector::Latest
-    );
-    assert_eq!(
-        VersionSelector::parse("7").unwrap(),
-        VersionSelector::Number(7)
-    );
+    assert_eq!(VersionSelector::parse("latest").unwrap(), VersionSelector::Latest);
+    assert_eq!(VersionSelector::parse("-1").unwrap(), VersionSelector::Latest);
+    assert_eq!(VersionSelector::parse("7").unwrap(), VersionSelector::Number(7));
     for bad in ["0", "-2", "x", "2147483648", ""] {
-        assert!(
-            matches!(
-                VersionSelector::parse(bad),
-                Err(RegistryServerError::InvalidVersion(_))
-            ),
-            "{bad}"
-        );
+        assert!(matches!(VersionSelector::parse(bad), Err(RegistryServerError::InvalidVersion(_))), "{bad}");
     }
-    for level in [
-        "NONE",
-        "BACKWARD",
-        "BACKWARD_TRANSITIVE",
-        "FORWARD",
-        "FORWARD_TRANSITIVE",
-        "FULL",
-        "FULL_TRANSITIVE",
-    ] {
+    for level in ["NONE", "BACKWARD", "BACKWARD_TRANSITIVE", "FORWARD", "FORWARD_TRANSITIVE", "FULL", "FULL_TRANSITIVE"]
+    {
         assert_eq!(CompatibilityLevel::parse(level).unwrap().as_str(), level);
     }
     assert!(CompatibilityLevel::parse("SOMETIMES").is_err());
@@ -868,14 +451,10 @@ fn versions_and_levels_parse_like_confluent() {
 fn ids_distinguish_what_the_canonical_form_drops() {
     // The Parsing Canonical Form strips defaults, yet they decide compatibility (see THING_V3).
     let without_default = r#"{"type":"record","name":"T","fields":[{"name":"n","type":"int"}]}"#;
-    let with_default =
-        r#"{"type":"record","name":"T","fields":[{"name":"n","type":"int","default":0}]}"#;
+    let with_default = r#"{"type":"record","name":"T","fields":[{"name":"n","type":"int","default":0}]}"#;
     let without_default = parse_candidate(without_default, None).unwrap();
     let with_default = parse_candidate(with_default, None).unwrap();
-    assert_eq!(
-        without_default.parsed.canonical_form(),
-        with_default.parsed.canonical_form()
-    );
+    assert_eq!(without_default.parsed.canonical_form(), with_default.parsed.canonical_form());
     assert_ne!(without_default.key, with_default.key);
     // Formatting and attribute order do not matter.
     assert_eq!(

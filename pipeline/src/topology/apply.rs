@@ -41,11 +41,7 @@ impl fmt::Display for ApplyReport {
             writeln!(f, "created   {t}")?;
         }
         for g in &self.grown {
-            writeln!(
-                f,
-                "grown     {} ({} -> {} partitions)",
-                g.topic, g.from, g.to
-            )?;
+            writeln!(f, "grown     {} ({} -> {} partitions)", g.topic, g.from, g.to)?;
         }
         for t in &self.unchanged {
             writeln!(f, "unchanged {t}")?;
@@ -129,9 +125,7 @@ impl ApplyError {
     /// Whether running apply again unchanged may succeed (the broker was unreachable or busy).
     pub fn is_retryable(&self) -> bool {
         match self {
-            ApplyError::Metadata(e) | ApplyError::Request { source: e, .. } => {
-                error_code(e).is_none_or(retryable_code)
-            }
+            ApplyError::Metadata(e) | ApplyError::Request { source: e, .. } => error_code(e).is_none_or(retryable_code),
             ApplyError::Topic { code, .. } => retryable_code(*code),
             ApplyError::Unsupported { .. } | ApplyError::Mock { .. } => false,
         }
@@ -170,9 +164,7 @@ fn existing_topics<C: ClientContext>(
     client: &Client<C>,
     timeout: Duration,
 ) -> Result<HashMap<String, Existing>, ApplyError> {
-    let metadata = client
-        .fetch_metadata(None, timeout)
-        .map_err(ApplyError::Metadata)?;
+    let metadata = client.fetch_metadata(None, timeout).map_err(ApplyError::Metadata)?;
     Ok(metadata
         .topics()
         .iter()
@@ -240,10 +232,7 @@ fn compare(
 }
 
 fn unsupported_code(code: RDKafkaErrorCode) -> bool {
-    matches!(
-        code,
-        RDKafkaErrorCode::UnsupportedFeature | RDKafkaErrorCode::UnsupportedVersion
-    )
+    matches!(code, RDKafkaErrorCode::UnsupportedFeature | RDKafkaErrorCode::UnsupportedVersion)
 }
 
 /// librdkafka's `rdkafka_error_code` leaves out admin errors.
@@ -256,20 +245,14 @@ fn error_code(e: &KafkaError) -> Option<RDKafkaErrorCode> {
 
 fn request_error(api: &'static str, e: KafkaError) -> ApplyError {
     match error_code(&e) {
-        Some(code) if unsupported_code(code) => ApplyError::Unsupported {
-            api,
-            detail: e.to_string(),
-        },
+        Some(code) if unsupported_code(code) => ApplyError::Unsupported { api, detail: e.to_string() },
         _ => ApplyError::Request { api, source: e },
     }
 }
 
 fn topic_error(api: &'static str, topic: String, code: RDKafkaErrorCode) -> ApplyError {
     if unsupported_code(code) {
-        ApplyError::Unsupported {
-            api,
-            detail: format!("topic {topic}: {code}"),
-        }
+        ApplyError::Unsupported { api, detail: format!("topic {topic}: {code}") }
     } else {
         ApplyError::Topic { api, topic, code }
     }
@@ -307,9 +290,7 @@ pub async fn apply(
         }
     }
     let existing = existing_topics(admin.inner(), timeout)?;
-    let opts = AdminOptions::new()
-        .request_timeout(Some(timeout))
-        .operation_timeout(Some(timeout));
+    let opts = AdminOptions::new().request_timeout(Some(timeout)).operation_timeout(Some(timeout));
     let mut report = ApplyReport::default();
     let mut grow = Vec::new();
     let mut missing: Vec<Missing<'_>> = Vec::new();
@@ -317,39 +298,23 @@ pub async fn apply(
         let name = topology.topic_name(logical);
         match existing.get(&name) {
             Some(e) => compare(&name, spec, *e, true, &mut report, &mut grow),
-            None => missing.push(Missing {
-                configs: spec.kafka_configs(),
-                name,
-                spec,
-            }),
+            None => missing.push(Missing { configs: spec.kafka_configs(), name, spec }),
         }
     }
 
     if !missing.is_empty() {
         let new_topics: Vec<NewTopic<'_>> = missing
             .iter()
-            .map(
-                |Missing {
-                     name,
-                     spec,
-                     configs,
-                 }| {
-                    let mut t = NewTopic::new(
-                        name,
-                        spec.partitions,
-                        TopicReplication::Fixed(spec.replication_factor),
-                    );
-                    for (k, v) in configs {
-                        t = t.set(k, v);
-                    }
-                    t
-                },
-            )
+            .map(|Missing { name, spec, configs }| {
+                let mut t = NewTopic::new(name, spec.partitions, TopicReplication::Fixed(spec.replication_factor));
+                for (k, v) in configs {
+                    t = t.set(k, v);
+                }
+                t
+            })
             .collect();
-        let results = admin
-            .create_topics(new_topics.iter(), &opts)
-            .await
-            .map_err(|e| request_error("CreateTopics", e))?;
+        let results =
+            admin.create_topics(new_topics.iter(), &opts).await.map_err(|e| request_error("CreateTopics", e))?;
         let mut raced = Vec::new();
         for result in results {
             match result {
@@ -375,18 +340,15 @@ pub async fn apply(
     }
 
     if !grow.is_empty() {
-        let requests: Vec<NewPartitions<'_>> = grow
-            .iter()
-            .map(|(name, _, to)| NewPartitions::new(name, *to as usize))
-            .collect();
+        let requests: Vec<NewPartitions<'_>> =
+            grow.iter().map(|(name, _, to)| NewPartitions::new(name, *to as usize)).collect();
         let results = match admin.create_partitions(requests.iter(), &opts).await {
             Ok(results) => results,
             // Some brokers (tansu 0.6) lack CreatePartitions: the topics stay usable, just
             // smaller than declared, so report that instead of failing the whole apply.
-            Err(e) if error_code(&e).is_some_and(unsupported_code) => grow
-                .iter()
-                .map(|(name, _, _)| Err((name.clone(), RDKafkaErrorCode::UnsupportedFeature)))
-                .collect(),
+            Err(e) if error_code(&e).is_some_and(unsupported_code) => {
+                grow.iter().map(|(name, _, _)| Err((name.clone(), RDKafkaErrorCode::UnsupportedFeature))).collect()
+            }
             Err(e) => return Err(request_error("CreatePartitions", e)),
         };
         for result in results {
@@ -399,11 +361,7 @@ pub async fn apply(
                 continue;
             };
             match outcome {
-                None => report.grown.push(Grown {
-                    topic: topic.clone(),
-                    from: *from,
-                    to: *to,
-                }),
+                None => report.grown.push(Grown { topic: topic.clone(), from: *from, to: *to }),
                 Some(code) => report.drift.push(Drift {
                     topic: topic.clone(),
                     message: format!(
@@ -421,10 +379,7 @@ pub async fn apply(
 /// topics with `MockCluster::create_topic` (partitions and replication factor only; the mock
 /// ignores topic configs). It cannot add partitions, so fewer partitions than declared is
 /// reported as drift. Blocks the calling thread while reading metadata (at most 10 s).
-pub fn apply_mock<C: ClientContext>(
-    topology: &Topology,
-    mock: &MockCluster<'_, C>,
-) -> Result<ApplyReport, ApplyError> {
+pub fn apply_mock<C: ClientContext>(topology: &Topology, mock: &MockCluster<'_, C>) -> Result<ApplyReport, ApplyError> {
     let timeout = Duration::from_secs(10);
     let client: BaseProducer = ClientConfig::new()
         .set("bootstrap.servers", mock.bootstrap_servers())
@@ -439,10 +394,7 @@ pub fn apply_mock<C: ClientContext>(
             Some(e) => compare(&name, spec, *e, false, &mut report, &mut grow),
             None => {
                 mock.create_topic(&name, spec.partitions, spec.replication_factor)
-                    .map_err(|source| ApplyError::Mock {
-                        topic: name.clone(),
-                        source,
-                    })?;
+                    .map_err(|source| ApplyError::Mock { topic: name.clone(), source })?;
                 report.created.push(name);
             }
         }
@@ -461,25 +413,13 @@ mod tests {
     }
 
     fn admin_for(bootstrap: &str) -> AdminClient<DefaultClientContext> {
-        ClientConfig::new()
-            .set("bootstrap.servers", bootstrap)
-            .create()
-            .unwrap()
+        ClientConfig::new().set("bootstrap.servers", bootstrap).create().unwrap()
     }
 
     fn partitions_of(bootstrap: &str, topic: &str) -> Option<usize> {
-        let client: BaseProducer = ClientConfig::new()
-            .set("bootstrap.servers", bootstrap)
-            .create()
-            .unwrap();
-        let md = client
-            .client()
-            .fetch_metadata(None, Duration::from_secs(10))
-            .unwrap();
-        md.topics()
-            .iter()
-            .find(|t| t.name() == topic)
-            .map(|t| t.partitions().len())
+        let client: BaseProducer = ClientConfig::new().set("bootstrap.servers", bootstrap).create().unwrap();
+        let md = client.client().fetch_metadata(None, Duration::from_secs(10)).unwrap();
+        md.topics().iter().find(|t| t.name() == topic).map(|t| t.partitions().len())
     }
 
     #[test]
@@ -489,10 +429,7 @@ mod tests {
         let first = apply_mock(&topology, &mock).unwrap();
         assert_eq!(first.created.len(), topology.topics.len(), "{first}");
         assert!(first.unchanged.is_empty() && first.drift.is_empty());
-        assert_eq!(
-            partitions_of(&mock.bootstrap_servers(), "mock1.notifications"),
-            Some(12)
-        );
+        assert_eq!(partitions_of(&mock.bootstrap_servers(), "mock1.notifications"), Some(12));
 
         let second = apply_mock(&topology, &mock).unwrap();
         assert!(second.created.is_empty(), "{second}");
@@ -515,25 +452,11 @@ mod tests {
         let mock = MockCluster::new(1).unwrap();
         let admin = admin_for(&mock.bootstrap_servers());
         let topology = project().with_prefix("mock2.");
-        let err = apply(&topology, &admin, Duration::from_secs(5))
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(
-                err,
-                ApplyError::Unsupported {
-                    api: "CreateTopics",
-                    ..
-                }
-            ),
-            "{err:?}"
-        );
+        let err = apply(&topology, &admin, Duration::from_secs(5)).await.unwrap_err();
+        assert!(matches!(err, ApplyError::Unsupported { api: "CreateTopics", .. }), "{err:?}");
         assert!(err.to_string().contains("apply_mock"), "{err}");
         assert!(!err.is_retryable());
         // Nothing was created by the failed attempt.
-        assert_eq!(
-            partitions_of(&mock.bootstrap_servers(), "mock2.orders"),
-            None
-        );
+        assert_eq!(partitions_of(&mock.bootstrap_servers(), "mock2.orders"), None);
     }
 }

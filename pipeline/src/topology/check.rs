@@ -7,15 +7,13 @@ use std::fmt;
 use std::path::Path;
 
 use apache_avro::Schema;
-use serde::de::{
-    self, DeserializeOwned, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor,
-};
+use serde::de::{self, DeserializeOwned, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserializer;
 use serde_yaml::Value;
 
 use super::{
-    Diagnostic, LoadedSchema, PersistenceStage, Recipients, Stages, TemplateSpec, TemplatingStage,
-    TopicSpec, Topology, TopologyErrors,
+    Diagnostic, LoadedSchema, PersistenceStage, Recipients, Stages, TemplateSpec, TemplatingStage, TopicSpec, Topology,
+    TopologyErrors,
 };
 
 /// Kafka's limit on topic name length.
@@ -35,18 +33,10 @@ pub(super) fn parse(text: &str, source: &str, base_dir: &Path) -> Result<Topolog
                 Some(l) => format!("{source}:{}:{}", l.line(), l.column()),
                 None => source.to_owned(),
             };
-            return Err(TopologyErrors(vec![Diagnostic {
-                location,
-                message: format!("YAML syntax error: {e}"),
-            }]));
+            return Err(TopologyErrors(vec![Diagnostic { location, message: format!("YAML syntax error: {e}") }]));
         }
     };
-    let mut checker = Checker {
-        text,
-        source,
-        errors: Vec::new(),
-        warnings: Vec::new(),
-    };
+    let mut checker = Checker { text, source, errors: Vec::new(), warnings: Vec::new() };
     let parsed = checker.structure(&root);
     let schemas = checker.load_schemas(&parsed, base_dir);
     checker.semantics(&parsed, &schemas);
@@ -65,10 +55,7 @@ pub(super) fn parse(text: &str, source: &str, base_dir: &Path) -> Result<Topolog
     Ok(Topology {
         topic_prefix: parsed.topic_prefix,
         topics: parsed.topics,
-        stages: Stages {
-            templating,
-            persistence,
-        },
+        stages: Stages { templating, persistence },
         templates: parsed.templates.into_iter().map(|(_, t)| t).collect(),
         warnings: checker.warnings,
         schemas,
@@ -175,11 +162,7 @@ impl<'de, X: Terminal> DeserializeSeed<'de> for Walk<'_, X> {
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
         match self.path.split_first() {
             None => self.term.run(d),
-            Some((seg, rest)) => d.deserialize_any(WalkVisitor {
-                seg,
-                rest,
-                term: self.term,
-            }),
+            Some((seg, rest)) => d.deserialize_any(WalkVisitor { seg, rest, term: self.term }),
         }
     }
 }
@@ -203,10 +186,7 @@ impl<'de, X: Terminal> Visitor<'de> for WalkVisitor<'_, X> {
             let hit = matches!((&key, self.seg), (Value::String(k), Seg::Key(want)) if k == want);
             if hit {
                 if let Some(t) = term.take() {
-                    map.next_value_seed(Walk {
-                        path: self.rest,
-                        term: t,
-                    })?;
+                    map.next_value_seed(Walk { path: self.rest, term: t })?;
                     continue;
                 }
             }
@@ -225,10 +205,7 @@ impl<'de, X: Terminal> Visitor<'de> for WalkVisitor<'_, X> {
         loop {
             if Some(i) == want {
                 if let Some(t) = term.take() {
-                    let found = seq.next_element_seed(Walk {
-                        path: self.rest,
-                        term: t,
-                    })?;
+                    let found = seq.next_element_seed(Walk { path: self.rest, term: t })?;
                     if found.is_none() {
                         return Ok(());
                     }
@@ -267,12 +244,7 @@ impl<'de, X: Terminal> Visitor<'de> for WalkVisitor<'_, X> {
 /// 1-based line and column of the node at `path`, if it exists.
 fn locate(text: &str, path: &YamlPath) -> Option<(usize, usize)> {
     let de = serde_yaml::Deserializer::from_str(text);
-    let err = Walk {
-        path: &path.0,
-        term: Locate,
-    }
-    .deserialize(de)
-    .err()?;
+    let err = Walk { path: &path.0, term: Locate }.deserialize(de).err()?;
     if !err.to_string().contains(LOCATE_MARKER) {
         return None;
     }
@@ -324,11 +296,7 @@ impl Checker<'_> {
     fn extract<T: DeserializeOwned>(&mut self, path: &YamlPath) -> Option<T> {
         let mut slot = None;
         let de = serde_yaml::Deserializer::from_str(self.text);
-        let walked = Walk {
-            path: &path.0,
-            term: Extract(&mut slot),
-        }
-        .deserialize(de);
+        let walked = Walk { path: &path.0, term: Extract(&mut slot) }.deserialize(de);
         match walked {
             Ok(()) if slot.is_some() => slot,
             Ok(()) => {
@@ -355,9 +323,7 @@ impl Checker<'_> {
         let entry_text = entry.to_string();
         // serde_norway prefixes the message with the path of the failing node.
         let (path_text, message) = match message.split_once(": ") {
-            Some((p, rest)) if p.starts_with(&entry_text) && !p.contains(' ') => {
-                (p.to_owned(), rest.to_owned())
-            }
+            Some((p, rest)) if p.starts_with(&entry_text) && !p.contains(' ') => (p.to_owned(), rest.to_owned()),
             _ => (entry_text, message),
         };
         let location = match location {
@@ -372,10 +338,7 @@ impl Checker<'_> {
         let mut parsed = Parsed::default();
         let top = YamlPath::default();
         let Value::Mapping(map) = root else {
-            self.error(
-                &top,
-                "expected a mapping with `topics`, `stages` and `templates`",
-            );
+            self.error(&top, "expected a mapping with `topics`, `stages` and `templates`");
             return parsed;
         };
         for (key, value) in map {
@@ -393,13 +356,7 @@ impl Checker<'_> {
                 "topics" => self.structure_topics(&path, value, &mut parsed),
                 "stages" => self.structure_stages(&path, value, &mut parsed),
                 "templates" => self.structure_templates(&path, value, &mut parsed),
-                other => self.error(
-                    &path,
-                    format!(
-                        "unknown key `{other}`; expected one of {}",
-                        ROOT_KEYS.join(", ")
-                    ),
-                ),
+                other => self.error(&path, format!("unknown key `{other}`; expected one of {}", ROOT_KEYS.join(", "))),
             }
         }
         for required in ["topics", "stages"] {
@@ -412,10 +369,7 @@ impl Checker<'_> {
 
     fn structure_topics(&mut self, path: &YamlPath, value: &Value, parsed: &mut Parsed) {
         let Value::Mapping(topics) = value else {
-            self.error(
-                path,
-                "`topics` must be a mapping from topic name to its settings",
-            );
+            self.error(path, "`topics` must be a mapping from topic name to its settings");
             return;
         };
         for (name, _) in topics {
@@ -432,10 +386,7 @@ impl Checker<'_> {
 
     fn structure_stages(&mut self, path: &YamlPath, value: &Value, parsed: &mut Parsed) {
         let Value::Mapping(stages) = value else {
-            self.error(
-                path,
-                "`stages` must be a mapping with `templating` and `persistence`",
-            );
+            self.error(path, "`stages` must be a mapping with `templating` and `persistence`");
             return;
         };
         for (name, _) in stages {
@@ -446,12 +397,9 @@ impl Checker<'_> {
                 Value::String(n) if n == "persistence" => {
                     parsed.persistence = self.extract(&path.key(n));
                 }
-                other => self.error(
-                    path,
-                    format!(
-                        "unknown stage {other:?}; the stages are `templating` and `persistence`"
-                    ),
-                ),
+                other => {
+                    self.error(path, format!("unknown stage {other:?}; the stages are `templating` and `persistence`"))
+                }
             }
         }
         for required in ["templating", "persistence"] {
@@ -487,10 +435,7 @@ impl Checker<'_> {
             let text = match std::fs::read_to_string(&file) {
                 Ok(t) => t,
                 Err(e) => {
-                    self.error(
-                        &path,
-                        format!("cannot read schema file {}: {e}", file.display()),
-                    );
+                    self.error(&path, format!("cannot read schema file {}: {e}", file.display()));
                     continue;
                 }
             };
@@ -498,26 +443,18 @@ impl Checker<'_> {
                 Ok(parsed) => {
                     out.insert(name.clone(), LoadedSchema { text, parsed });
                 }
-                Err(e) => self.error(
-                    &path,
-                    format!("{} is not a valid Avro schema: {e}", file.display()),
-                ),
+                Err(e) => self.error(&path, format!("{} is not a valid Avro schema: {e}", file.display())),
             }
         }
         out
     }
 
     fn semantics(&mut self, parsed: &Parsed, schemas: &BTreeMap<String, LoadedSchema>) {
-        let views: BTreeMap<&str, SchemaView<'_>> = schemas
-            .iter()
-            .map(|(name, s)| (name.as_str(), SchemaView::new(&s.parsed)))
-            .collect();
+        let views: BTreeMap<&str, SchemaView<'_>> =
+            schemas.iter().map(|(name, s)| (name.as_str(), SchemaView::new(&s.parsed))).collect();
         let top = YamlPath::default();
         if !parsed.topic_prefix.chars().all(valid_topic_char) {
-            self.error(
-                &top.key("topic_prefix"),
-                "may only contain ASCII letters, digits, `.`, `_` and `-`",
-            );
+            self.error(&top.key("topic_prefix"), "may only contain ASCII letters, digits, `.`, `_` and `-`");
         }
         for (name, spec) in &parsed.topics {
             self.check_topic(parsed, name, spec, views.get(name.as_str()));
@@ -549,11 +486,7 @@ impl Checker<'_> {
                     continue;
                 };
                 for (event, _) in branches {
-                    if !parsed
-                        .templates
-                        .iter()
-                        .any(|(_, t)| t.topic == *input && t.event == event)
-                    {
+                    if !parsed.templates.iter().any(|(_, t)| t.topic == *input && t.event == event) {
                         self.warn(
                             &top.key("stages").key("templating").key("inputs").index(i),
                             format!(
@@ -566,20 +499,11 @@ impl Checker<'_> {
         }
     }
 
-    fn check_topic(
-        &mut self,
-        parsed: &Parsed,
-        name: &str,
-        spec: &TopicSpec,
-        view: Option<&SchemaView<'_>>,
-    ) {
+    fn check_topic(&mut self, parsed: &Parsed, name: &str, spec: &TopicSpec, view: Option<&SchemaView<'_>>) {
         let path = YamlPath::default().key("topics").key(name);
         let full_len = parsed.topic_prefix.len() + name.len();
         if name.is_empty() || !name.chars().all(valid_topic_char) || name == "." || name == ".." {
-            self.error(
-                &path,
-                "topic names may only contain ASCII letters, digits, `.`, `_` and `-`",
-            );
+            self.error(&path, "topic names may only contain ASCII letters, digits, `.`, `_` and `-`");
         } else if full_len > MAX_TOPIC_NAME {
             self.error(
                 &path,
@@ -587,18 +511,12 @@ impl Checker<'_> {
             );
         }
         if spec.partitions < 1 {
-            self.error(
-                &path.key("partitions"),
-                format!("partitions must be at least 1, got {}", spec.partitions),
-            );
+            self.error(&path.key("partitions"), format!("partitions must be at least 1, got {}", spec.partitions));
         }
         if spec.replication_factor < 1 {
             self.error(
                 &path.key("replication_factor"),
-                format!(
-                    "replication_factor must be at least 1, got {}",
-                    spec.replication_factor
-                ),
+                format!("replication_factor must be at least 1, got {}", spec.replication_factor),
             );
         }
         if let Some(ms) = spec.retention_ms {
@@ -613,20 +531,14 @@ impl Checker<'_> {
             if spec.configs.contains_key(key) {
                 self.error(
                     &path.key("configs").key(key),
-                    format!(
-                        "set `{key}` with the topic's own `{}` field",
-                        key.replace('.', "_")
-                    ),
+                    format!("set `{key}` with the topic's own `{}` field", key.replace('.', "_")),
                 );
             }
         }
         if let (Some(key), Some(view)) = (&spec.key, view) {
             match view.field_of(view.root, key) {
                 Some(s) if view.is_string(s) => {}
-                Some(_) => self.error(
-                    &path.key("key"),
-                    format!("envelope field `{key}` is not a string"),
-                ),
+                Some(_) => self.error(&path.key("key"), format!("envelope field `{key}` is not a string")),
                 None => self.error(
                     &path.key("key"),
                     format!(
@@ -639,24 +551,13 @@ impl Checker<'_> {
     }
 
     /// Checks a stage's reference to a topic: declared, and (optionally) with a schema.
-    fn check_topic_ref(
-        &mut self,
-        parsed: &Parsed,
-        path: &YamlPath,
-        topic: &str,
-        needs_schema: Option<&str>,
-    ) -> bool {
+    fn check_topic_ref(&mut self, parsed: &Parsed, path: &YamlPath, topic: &str, needs_schema: Option<&str>) -> bool {
         if !parsed.declared.contains(topic) {
             self.error(
                 path,
                 format!(
                     "topic `{topic}` is not declared under `topics` (declared: {})",
-                    parsed
-                        .declared
-                        .iter()
-                        .cloned()
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    parsed.declared.iter().cloned().collect::<Vec<_>>().join(", ")
                 ),
             );
             return false;
@@ -670,25 +571,12 @@ impl Checker<'_> {
         true
     }
 
-    fn check_templating(
-        &mut self,
-        parsed: &Parsed,
-        stage: &TemplatingStage,
-        views: &BTreeMap<&str, SchemaView<'_>>,
-    ) {
+    fn check_templating(&mut self, parsed: &Parsed, stage: &TemplatingStage, views: &BTreeMap<&str, SchemaView<'_>>) {
         let path = YamlPath::default().key("stages").key("templating");
-        self.check_inputs(
-            parsed,
-            &path,
-            &stage.inputs,
-            "the templating stage decodes its inputs with it",
-        );
+        self.check_inputs(parsed, &path, &stage.inputs, "the templating stage decodes its inputs with it");
         for (i, input) in stage.inputs.iter().enumerate() {
             if let Some(Err(why)) = views.get(input.as_str()).map(SchemaView::branches) {
-                self.error(
-                    &path.key("inputs").index(i),
-                    format!("topic `{input}`: {why}"),
-                );
+                self.error(&path.key("inputs").index(i), format!("topic `{input}`: {why}"));
             }
         }
         let output = path.key("output");
@@ -699,53 +587,33 @@ impl Checker<'_> {
             Some("the templating stage encodes notifications with it"),
         ) && stage.inputs.contains(&stage.output)
         {
-            self.error(
-                &output,
-                "the output topic is also an input; notifications would loop",
-            );
+            self.error(&output, "the output topic is also an input; notifications would loop");
         }
         let dlq = path.key("dead_letter");
         if self.check_topic_ref(parsed, &dlq, &stage.dead_letter, None)
             && (stage.inputs.contains(&stage.dead_letter) || stage.dead_letter == stage.output)
         {
-            self.error(
-                &dlq,
-                "the dead-letter topic must not be an input or the output",
-            );
+            self.error(&dlq, "the dead-letter topic must not be an input or the output");
         }
         if stage.group.is_empty() {
             self.error(&path.key("group"), "the consumer group must not be empty");
         }
         if stage.max_in_flight == 0 {
-            self.error(
-                &path.key("max_in_flight"),
-                "max_in_flight must be at least 1",
-            );
+            self.error(&path.key("max_in_flight"), "max_in_flight must be at least 1");
         }
     }
 
     fn check_persistence(&mut self, parsed: &Parsed, stage: &PersistenceStage) {
         let path = YamlPath::default().key("stages").key("persistence");
-        self.check_inputs(
-            parsed,
-            &path,
-            &stage.inputs,
-            "the persistence stage decodes its inputs with it",
-        );
+        self.check_inputs(parsed, &path, &stage.inputs, "the persistence stage decodes its inputs with it");
         let dlq = path.key("dead_letter");
-        if self.check_topic_ref(parsed, &dlq, &stage.dead_letter, None)
-            && stage.inputs.contains(&stage.dead_letter)
-        {
+        if self.check_topic_ref(parsed, &dlq, &stage.dead_letter, None) && stage.inputs.contains(&stage.dead_letter) {
             self.error(&dlq, "the dead-letter topic must not be an input");
         }
         if stage.group.is_empty() {
             self.error(&path.key("group"), "the consumer group must not be empty");
         }
-        if parsed
-            .templating
-            .as_ref()
-            .is_some_and(|t| t.group == stage.group)
-        {
+        if parsed.templating.as_ref().is_some_and(|t| t.group == stage.group) {
             self.error(
                 &path.key("group"),
                 "both stages use the same consumer group; they would take partitions from each other",
@@ -778,8 +646,7 @@ impl Checker<'_> {
         views: &BTreeMap<&str, SchemaView<'_>>,
     ) {
         // Syntax is checked even when the topic or event is wrong.
-        let mut texts: Vec<(YamlPath, &str)> =
-            vec![(path.key("title"), &t.title), (path.key("body"), &t.body)];
+        let mut texts: Vec<(YamlPath, &str)> = vec![(path.key("title"), &t.title), (path.key("body"), &t.body)];
         if let Some(link) = &t.link {
             texts.push((path.key("link"), link));
         }
@@ -793,8 +660,7 @@ impl Checker<'_> {
         for (text_path, text) in &texts {
             match env.template_from_str(text) {
                 Ok(tmpl) => {
-                    let mut vars: Vec<String> =
-                        tmpl.undeclared_variables(true).into_iter().collect();
+                    let mut vars: Vec<String> = tmpl.undeclared_variables(true).into_iter().collect();
                     vars.sort();
                     variables.extend(vars.into_iter().map(|v| (text_path.clone(), v)));
                 }
@@ -803,14 +669,8 @@ impl Checker<'_> {
                         Some(d) => format!("{}: {d}", e.kind()),
                         None => e.kind().to_string(),
                     };
-                    let line = e
-                        .line()
-                        .map(|l| format!(" (line {l} of the template)"))
-                        .unwrap_or_default();
-                    self.error(
-                        text_path,
-                        format!("template does not compile: {what}{line}"),
-                    );
+                    let line = e.line().map(|l| format!(" (line {l} of the template)")).unwrap_or_default();
+                    self.error(text_path, format!("template does not compile: {what}{line}"));
                 }
             }
         }
@@ -820,33 +680,23 @@ impl Checker<'_> {
 
         let topic_path = path.key("topic");
         if !parsed.declared.contains(&t.topic) {
-            self.error(
-                &topic_path,
-                format!("topic `{}` is not declared under `topics`", t.topic),
-            );
+            self.error(&topic_path, format!("topic `{}` is not declared under `topics`", t.topic));
             return;
         }
         if let Some(stage) = &parsed.templating {
             if !stage.inputs.contains(&t.topic) {
                 self.error(
                     &topic_path,
-                    format!("topic `{}` is not an input of stages.templating, so this template would never be used", t.topic),
+                    format!(
+                        "topic `{}` is not an input of stages.templating, so this template would never be used",
+                        t.topic
+                    ),
                 );
             }
         }
         let Some(view) = views.get(t.topic.as_str()) else {
-            if parsed
-                .topics
-                .get(&t.topic)
-                .is_some_and(|s| s.schema.is_none())
-            {
-                self.error(
-                    &topic_path,
-                    format!(
-                        "topic `{}` has no schema, so it has no event types",
-                        t.topic
-                    ),
-                );
+            if parsed.topics.get(&t.topic).is_some_and(|s| s.schema.is_none()) {
+                self.error(&topic_path, format!("topic `{}` has no schema, so it has no event types", t.topic));
             }
             return;
         };
@@ -854,22 +704,14 @@ impl Checker<'_> {
             // Reported at the stage input, or the topic is not an input (reported above).
             return;
         };
-        let Some(branch) = branches
-            .iter()
-            .find(|(name, _)| *name == t.event)
-            .map(|(_, s)| *s)
-        else {
+        let Some(branch) = branches.iter().find(|(name, _)| *name == t.event).map(|(_, s)| *s) else {
             self.error(
                 &path.key("event"),
                 format!(
                     "`{}` is not an event of topic `{}`; its payload branches are: {}",
                     t.event,
                     t.topic,
-                    branches
-                        .iter()
-                        .map(|(n, _)| *n)
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    branches.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
                 ),
             );
             return;
@@ -909,17 +751,12 @@ impl Checker<'_> {
                 }
             }
         }
-        if let Recipients::Room {
-            exclude: Some(exclude),
-            ..
-        } = &t.recipients
-        {
+        if let Recipients::Room { exclude: Some(exclude), .. } = &t.recipients {
             match view.walk(branch, exclude) {
                 Err(why) => self.error(&rpath.key("exclude"), format!("path `{exclude}`: {why}")),
-                Ok(s) if !view.is_string(s) => self.error(
-                    &rpath.key("exclude"),
-                    format!("path `{exclude}` is not a string (a user id)"),
-                ),
+                Ok(s) if !view.is_string(s) => {
+                    self.error(&rpath.key("exclude"), format!("path `{exclude}` is not a string (a user id)"))
+                }
                 Ok(_) => {}
             }
         }
@@ -964,11 +801,7 @@ impl<'a> SchemaView<'a> {
 
     fn field_of(&self, s: &'a Schema, field: &str) -> Option<&'a Schema> {
         match self.non_null(s) {
-            Schema::Record(r) => r
-                .lookup
-                .get(field)
-                .and_then(|&i| r.fields.get(i))
-                .map(|f| &f.schema),
+            Schema::Record(r) => r.lookup.get(field).and_then(|&i| r.fields.get(i)).map(|f| &f.schema),
             // A field of any record branch may be present at run time.
             Schema::Union(u) => u.variants().iter().find_map(|v| self.field_of(v, field)),
             _ => None,
@@ -979,11 +812,7 @@ impl<'a> SchemaView<'a> {
         match self.non_null(s) {
             Schema::Record(r) => r.fields.iter().map(|f| f.name.as_str()).collect(),
             Schema::Union(u) => {
-                let mut all: Vec<&str> = u
-                    .variants()
-                    .iter()
-                    .flat_map(|v| self.field_names(v))
-                    .collect();
+                let mut all: Vec<&str> = u.variants().iter().flat_map(|v| self.field_names(v)).collect();
                 all.dedup();
                 all
             }
@@ -996,9 +825,9 @@ impl<'a> SchemaView<'a> {
         let Schema::Record(_) = self.resolve(self.root) else {
             return Err("the schema is not a record".to_owned());
         };
-        let payload = self.field_of(self.root, "payload").ok_or_else(|| {
-            "the schema has no `payload` field (a union with one record per event type)".to_owned()
-        })?;
+        let payload = self
+            .field_of(self.root, "payload")
+            .ok_or_else(|| "the schema has no `payload` field (a union with one record per event type)".to_owned())?;
         let Schema::Union(u) = self.resolve(payload) else {
             return Err("`payload` must be a union with one record per event type".to_owned());
         };
@@ -1025,11 +854,7 @@ impl<'a> SchemaView<'a> {
                 current = match self.field_of(current, seg) {
                     Some(s) => s,
                     None => {
-                        let owner = if walked.is_empty() {
-                            "the event"
-                        } else {
-                            walked.as_str()
-                        };
+                        let owner = if walked.is_empty() { "the event" } else { walked.as_str() };
                         let fields = self.field_names(current);
                         let hint = if fields.is_empty() {
                             " (it is not a record)".to_owned()
@@ -1072,11 +897,7 @@ impl<'a> SchemaView<'a> {
         for v in u.variants() {
             match self.resolve(v) {
                 Schema::Null => {}
-                Schema::Record(r)
-                    if matches!(r.name.name(), "InlineAudience" | "SegmentAudience") =>
-                {
-                    records += 1
-                }
+                Schema::Record(r) if matches!(r.name.name(), "InlineAudience" | "SegmentAudience") => records += 1,
                 _ => return false,
             }
         }
@@ -1150,32 +971,20 @@ templates:
     fn valid_file_loads_with_defaults() {
         let t = Topology::from_str(VALID, &workspace()).unwrap();
         assert_eq!(t.topic_name("orders"), "t1.orders");
-        assert_eq!(
-            t.group_name(&t.stages.templating.group),
-            "t1.tidings-templating"
-        );
+        assert_eq!(t.group_name(&t.stages.templating.group), "t1.tidings-templating");
         assert_eq!(t.logical_topic("t1.orders"), Some("orders"));
         assert_eq!(t.logical_topic("orders"), None);
         assert_eq!(t.topics["orders"].partitions, 3);
-        assert_eq!(
-            t.topics["orders"].cleanup_policy,
-            super::super::CleanupPolicy::Delete
-        );
+        assert_eq!(t.topics["orders"].cleanup_policy, super::super::CleanupPolicy::Delete);
         assert_eq!(t.stages.templating.max_in_flight, 20_000);
         assert_eq!(t.stages.persistence.batch_size, 10);
         assert_eq!(t.stages.persistence.linger_ms, 250);
         assert_eq!(t.stages.persistence.group, "tidings-persistence");
         assert_eq!(
             t.topics["dlq"].kafka_configs(),
-            vec![
-                ("cleanup.policy".to_owned(), "compact".to_owned()),
-                ("retention.ms".to_owned(), "-1".to_owned())
-            ]
+            vec![("cleanup.policy".to_owned(), "compact".to_owned()), ("retention.ms".to_owned(), "-1".to_owned())]
         );
-        assert_eq!(
-            t.topics["notifications"].configs["min.insync.replicas"],
-            "1"
-        );
+        assert_eq!(t.topics["notifications"].configs["min.insync.replicas"], "1");
         assert!(t.schema_text("orders").unwrap().contains("OrderPlaced"));
         assert!(t.schema("orders").is_some());
         assert!(t.schema_text("dlq").is_none());
@@ -1186,22 +995,14 @@ templates:
         assert_eq!(tpl.texts(None).0, "Order {{ order_id }} placed");
         // The other four order events have no template.
         assert_eq!(t.warnings.len(), 4, "{:?}", t.warnings);
-        assert!(
-            t.warnings[0].location.starts_with("topology.yaml:14:"),
-            "{:?}",
-            t.warnings[0]
-        );
+        assert!(t.warnings[0].location.starts_with("topology.yaml:14:"), "{:?}", t.warnings[0]);
         let t = t.with_prefix("run42-");
         assert_eq!(t.topic_name("dlq"), "run42-dlq");
     }
 
     #[test]
     fn syntax_error_is_reported_alone_with_position() {
-        let err = Topology::from_str(
-            "topics:\n  orders: { partitions: 1\nstages: [",
-            &workspace(),
-        )
-        .unwrap_err();
+        let err = Topology::from_str("topics:\n  orders: { partitions: 1\nstages: [", &workspace()).unwrap_err();
         assert_eq!(err.0.len(), 1, "{err}");
         assert!(err.0[0].location.starts_with("topology.yaml:"), "{err}");
         assert!(err.0[0].message.starts_with("YAML syntax error"), "{err}");
@@ -1258,75 +1059,28 @@ templates:
         let err = Topology::from_str(BROKEN, &workspace()).unwrap_err();
         let text = err.to_string();
         let expect = [
-            (
-                "topology.yaml:3:",
-                "topics.coupons.partitions",
-                "at least 1",
-            ),
-            (
-                "topology.yaml:4:",
-                "topics.chat",
-                "unknown field `partitons`",
-            ),
-            (
-                "topology.yaml:7:",
-                "topics.extra.schema",
-                "cannot read schema file",
-            ),
-            (
-                "topology.yaml:10:",
-                "stages.templating.inputs[2]",
-                "`ordes` is not declared",
-            ),
-            (
-                "topology.yaml:21:",
-                "templates[0].title",
-                "does not compile",
-            ),
-            (
-                "topology.yaml:24:",
-                "templates[1].event",
-                "`OrderShiped` is not an event",
-            ),
-            (
-                "topology.yaml:33:",
-                "templates[2].recipients.user",
-                "has no field `usr_id`",
-            ),
-            (
-                "topology.yaml:35:",
-                "templates[2].body",
-                "unknown variable `payload.discount`",
-            ),
-            (
-                "topology.yaml:39:",
-                "templates[3].recipients",
-                "exactly one of",
-            ),
+            ("topology.yaml:3:", "topics.coupons.partitions", "at least 1"),
+            ("topology.yaml:4:", "topics.chat", "unknown field `partitons`"),
+            ("topology.yaml:7:", "topics.extra.schema", "cannot read schema file"),
+            ("topology.yaml:10:", "stages.templating.inputs[2]", "`ordes` is not declared"),
+            ("topology.yaml:21:", "templates[0].title", "does not compile"),
+            ("topology.yaml:24:", "templates[1].event", "`OrderShiped` is not an event"),
+            ("topology.yaml:33:", "templates[2].recipients.user", "has no field `usr_id`"),
+            ("topology.yaml:35:", "templates[2].body", "unknown variable `payload.discount`"),
+            ("topology.yaml:39:", "templates[3].recipients", "exactly one of"),
         ];
         for (line, path, msg) in expect {
             assert!(
-                err.0.iter().any(|d| d.location.starts_with(line)
-                    && d.location.ends_with(path)
-                    && d.message.contains(msg)),
+                err.0
+                    .iter()
+                    .any(|d| d.location.starts_with(line) && d.location.ends_with(path) && d.message.contains(msg)),
                 "missing `{line} {path}: {msg}` in:\n{text}"
             );
         }
-        assert_eq!(
-            err.0.len(),
-            expect.len(),
-            "unexpected extra errors:\n{text}"
-        );
+        assert_eq!(err.0.len(), expect.len(), "unexpected extra errors:\n{text}");
         assert_eq!(text.lines().count(), expect.len());
-        let lines: Vec<usize> = err
-            .0
-            .iter()
-            .map(|d| d.location.split(':').nth(1).unwrap().parse().unwrap())
-            .collect();
-        assert!(
-            lines.windows(2).all(|w| w[0] <= w[1]),
-            "not in file order:\n{text}"
-        );
+        let lines: Vec<usize> = err.0.iter().map(|d| d.location.split(':').nth(1).unwrap().parse().unwrap()).collect();
+        assert!(lines.windows(2).all(|w| w[0] <= w[1]), "not in file order:\n{text}");
     }
 
     #[test]
@@ -1409,46 +1163,30 @@ templates:
 
     #[test]
     fn project_topology_passes() {
-        let t =
-            Topology::load(&workspace().join("topology.yaml")).unwrap_or_else(|e| panic!("{e}"));
-        for event in [
-            "OrderPlaced",
-            "OrderPaid",
-            "OrderShipped",
-            "OrderDelivered",
-            "OrderCancelled",
-        ] {
+        let t = Topology::load(&workspace().join("topology.yaml")).unwrap_or_else(|e| panic!("{e}"));
+        for event in ["OrderPlaced", "OrderPaid", "OrderShipped", "OrderDelivered", "OrderCancelled"] {
             let tpl = t.template("orders", event).unwrap();
             assert!(tpl.locales.contains_key("ko"), "{event} has no Korean text");
             assert_eq!(tpl.recipients, Recipients::User("buyer_id".to_owned()));
         }
         assert_eq!(
-            t.template("coupons", "CampaignLaunched")
-                .unwrap()
-                .recipients,
+            t.template("coupons", "CampaignLaunched").unwrap().recipients,
             Recipients::Audience("payload.audience".to_owned())
         );
         let chat = t.template("chat", "MessageSent").unwrap();
         assert_eq!(chat.kind, "chat.message");
         assert_eq!(
             chat.recipients,
-            Recipients::Room {
-                room: "room_id".to_owned(),
-                exclude: Some("payload.sender_id".to_owned())
-            }
+            Recipients::Room { room: "room_id".to_owned(), exclude: Some("payload.sender_id".to_owned()) }
         );
         // Only chat membership events go without a template.
         assert_eq!(t.warnings.len(), 3, "{:?}", t.warnings);
-        assert!(t
-            .warnings
-            .iter()
-            .all(|w| w.message.contains("topic `chat`")));
+        assert!(t.warnings.iter().all(|w| w.message.contains("topic `chat`")));
     }
 
     #[test]
     fn project_templates_render() {
-        let t =
-            Topology::load(&workspace().join("topology.yaml")).unwrap_or_else(|e| panic!("{e}"));
+        let t = Topology::load(&workspace().join("topology.yaml")).unwrap_or_else(|e| panic!("{e}"));
         let env = minijinja::Environment::new();
         let placed = t.template("orders", "OrderPlaced").unwrap();
         let ctx = serde_json::json!({
@@ -1461,23 +1199,12 @@ templates:
         let (title, body) = placed.texts(Some("ko"));
         assert!(render(title).contains("o-7"));
         assert!(render(body).contains("1234.50"), "{}", render(body));
-        assert!(
-            render(placed.texts(None).1).contains("1234.50 KRW"),
-            "{}",
-            render(placed.texts(None).1)
-        );
+        assert!(render(placed.texts(None).1).contains("1234.50 KRW"), "{}", render(placed.texts(None).1));
         let delivered = t.template("orders", "OrderDelivered").unwrap();
         let ctx_none = serde_json::json!({"order_id": "o-7", "payload": {"delivered_to": null}});
-        let ctx_some =
-            serde_json::json!({"order_id": "o-7", "payload": {"delivered_to": "front door"}});
+        let ctx_some = serde_json::json!({"order_id": "o-7", "payload": {"delivered_to": "front door"}});
         let no_place = env.render_str(&delivered.body, &ctx_none).unwrap();
-        assert!(
-            !no_place.contains("None") && !no_place.contains("none"),
-            "{no_place}"
-        );
-        assert!(env
-            .render_str(&delivered.body, &ctx_some)
-            .unwrap()
-            .contains("front door"));
+        assert!(!no_place.contains("None") && !no_place.contains("none"), "{no_place}");
+        assert!(env.render_str(&delivered.body, &ctx_some).unwrap().contains("front door"));
     }
 }

@@ -77,10 +77,7 @@ pub struct TopicSpec {
 impl TopicSpec {
     /// Every Kafka topic config this spec sets, as passed to CreateTopics.
     pub fn kafka_configs(&self) -> Vec<(String, String)> {
-        let mut out = vec![(
-            "cleanup.policy".to_owned(),
-            self.cleanup_policy.as_kafka().to_owned(),
-        )];
+        let mut out = vec![("cleanup.policy".to_owned(), self.cleanup_policy.as_kafka().to_owned())];
         if let Some(ms) = self.retention_ms {
             out.push(("retention.ms".to_owned(), ms.to_string()));
         }
@@ -276,12 +273,8 @@ impl<'de> Deserialize<'de> for Recipients {
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a mapping with one of `user`, `users`, `audience`, `room`")
             }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                map: A,
-            ) -> Result<Recipients, A::Error> {
-                let raw =
-                    RawRecipients::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Recipients, A::Error> {
+                let raw = RawRecipients::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
                 Recipients::try_from(raw).map_err(serde::de::Error::custom)
             }
         }
@@ -316,11 +309,7 @@ impl TryFrom<RawRecipients> for Recipients {
         if given.len() != 1 {
             return Err(format!(
                 "recipients needs exactly one of `user`, `users`, `audience`, `room`; found {}",
-                if given.is_empty() {
-                    "none".to_owned()
-                } else {
-                    given.join(", ")
-                }
+                if given.is_empty() { "none".to_owned() } else { given.join(", ") }
             ));
         }
         if raw.exclude.is_some() && raw.room.is_none() {
@@ -336,10 +325,7 @@ impl TryFrom<RawRecipients> for Recipients {
             return Ok(Recipients::Audience(p));
         }
         match raw.room {
-            Some(room) => Ok(Recipients::Room {
-                room,
-                exclude: raw.exclude,
-            }),
+            Some(room) => Ok(Recipients::Room { room, exclude: raw.exclude }),
             None => Err("recipients needs one of `user`, `users`, `audience`, `room`".to_owned()),
         }
     }
@@ -450,9 +436,7 @@ impl Topology {
 
     /// The template for `event` (a payload branch name) on a logical topic.
     pub fn template(&self, logical_topic: &str, event: &str) -> Option<&TemplateSpec> {
-        self.templates
-            .iter()
-            .find(|t| t.topic == logical_topic && t.event == event)
+        self.templates.iter().find(|t| t.topic == logical_topic && t.event == event)
     }
 
     /// The same topology with `topic_prefix` replaced by `prefix`.

@@ -81,7 +81,8 @@ impl SinkContext {
             self.runtime.block_on(async {
                 let mut all = HashMap::new();
                 for t in topics {
-                    let got = tokio::time::timeout(Duration::from_secs(5), self.store.load_offsets(&self.group, t)).await;
+                    let got =
+                        tokio::time::timeout(Duration::from_secs(5), self.store.load_offsets(&self.group, t)).await;
                     match got {
                         Ok(Ok(m)) => all.extend(m.into_iter().map(|(p, o)| ((t.clone(), p), o))),
                         Ok(Err(e)) => {
@@ -134,13 +135,20 @@ impl ConsumerContext for SinkContext {
                         error!(error = %e, "Could not set the start offset of {topic}[{partition}].");
                     }
                 }
-                info!(partitions = assigned.len(), "Assigned {} partition(s); starting each at its offset stored in the database.", assigned.len());
+                info!(
+                    partitions = assigned.len(),
+                    "Assigned {} partition(s); starting each at its offset stored in the database.",
+                    assigned.len()
+                );
                 if let Err(e) = consumer.assign(tpl) {
                     error!(error = %e, "Assigning partitions failed.");
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
-                info!(partitions = tpl.count(), "Partitions revoked; anything not yet committed to the database is re-read by their next owner.");
+                info!(
+                    partitions = tpl.count(),
+                    "Partitions revoked; anything not yet committed to the database is re-read by their next owner."
+                );
                 if let Err(e) = consumer.unassign() {
                     error!(error = %e, "Unassigning partitions failed.");
                 }
@@ -155,8 +163,13 @@ impl ConsumerContext for SinkContext {
 
 /// Runs the stage until `shutdown`, restarting after transient failures.
 pub async fn run(cfg: PersistenceConfig, store: Store, shutdown: CancellationToken) -> Result<(), PersistError> {
-    tidings_core::shutdown::restart_on_transient("Persistence", &shutdown, || run_once(&cfg, &store, &shutdown), PersistError::is_retriable)
-        .await
+    tidings_core::shutdown::restart_on_transient(
+        "Persistence",
+        &shutdown,
+        || run_once(&cfg, &store, &shutdown),
+        PersistError::is_retriable,
+    )
+    .await
 }
 
 struct Pending {
@@ -190,7 +203,11 @@ impl BatchTrace {
     }
 
     fn start() -> Self {
-        let span = tracing::info_span!("persistence.batch", rows = tracing::field::Empty, otel.status_code = tracing::field::Empty);
+        let span = tracing::info_span!(
+            "persistence.batch",
+            rows = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty
+        );
         let traced = tidings_core::trace::is_traced(&span);
         BatchTrace { span, traced, links: 0, last: Vec::new() }
     }
@@ -213,7 +230,14 @@ impl BatchTrace {
 
 impl Pending {
     fn new() -> Self {
-        Pending { batch: Batch::default(), next: HashMap::new(), dead: Vec::new(), started: None, records: 0, trace: BatchTrace::none() }
+        Pending {
+            batch: Batch::default(),
+            next: HashMap::new(),
+            dead: Vec::new(),
+            started: None,
+            records: 0,
+            trace: BatchTrace::none(),
+        }
     }
     fn rows(&self) -> usize {
         self.batch.notifications.len() + self.batch.chat_messages.len()
@@ -240,7 +264,12 @@ async fn run_once(cfg: &PersistenceConfig, store: &Store, shutdown: &Cancellatio
             known.lock().expect("lock").insert((t.clone(), p), o);
         }
     }
-    let ctx = SinkContext { store: store.clone(), group: cfg.group.clone(), known: known.clone(), runtime: Handle::current() };
+    let ctx = SinkContext {
+        store: store.clone(),
+        group: cfg.group.clone(),
+        known: known.clone(),
+        runtime: Handle::current(),
+    };
     let mut cc = cfg.kafka.consumer(&cfg.group);
     cc.set("enable.auto.commit", "false").set("partition.assignment.strategy", "range,roundrobin");
     let consumer: StreamConsumer<SinkContext> = cc.create_with_context(ctx)?;
@@ -312,7 +341,11 @@ async fn take(
     let Some(payload) = m.payload() else {
         return dead_letter(m, pending, "empty-payload", "record has no value", cfg, producer).await;
     };
-    let reader = if m.topic() == cfg.notifications_topic { &*NOTIFICATION_SCHEMA } else { chat_schema.unwrap_or(&NOTIFICATION_SCHEMA) };
+    let reader = if m.topic() == cfg.notifications_topic {
+        &*NOTIFICATION_SCHEMA
+    } else {
+        chat_schema.unwrap_or(&NOTIFICATION_SCHEMA)
+    };
     let mut delay = Duration::from_millis(200);
     let value = loop {
         match registry.decode(payload, reader).await {
@@ -323,14 +356,19 @@ async fn take(
                 delay = (delay * 2).min(Duration::from_secs(30));
             }
             Err(e) => {
-                let reason = if let DecodeError::RegistryUnavailable(_) = e { "registry-unavailable" } else { e.reason_code() };
+                let reason =
+                    if let DecodeError::RegistryUnavailable(_) = e { "registry-unavailable" } else { e.reason_code() };
                 return dead_letter(m, pending, reason, &e.to_string(), cfg, producer).await;
             }
         }
     };
     if m.topic() == cfg.notifications_topic {
         match Notification::from_value(value) {
-            Ok(n) => pending.batch.notifications.push(StoredNotification { notification: n, stream_partition: m.partition(), stream_offset: m.offset() }),
+            Ok(n) => pending.batch.notifications.push(StoredNotification {
+                notification: n,
+                stream_partition: m.partition(),
+                stream_offset: m.offset(),
+            }),
             Err(e) => return dead_letter(m, pending, "malformed-avro", &e.to_string(), cfg, producer).await,
         }
     } else if union_branch_name(reader, &value, "payload") == Some("MessageSent") {
@@ -349,7 +387,10 @@ async fn take(
         })();
         match msg {
             Some(c) => pending.batch.chat_messages.push(c),
-            None => return dead_letter(m, pending, "missing-field", "MessageSent lacks a required field", cfg, producer).await,
+            None => {
+                return dead_letter(m, pending, "missing-field", "MessageSent lacks a required field", cfg, producer)
+                    .await
+            }
         }
     }
     Ok(())
@@ -363,7 +404,14 @@ async fn dead_letter(
     cfg: &PersistenceConfig,
     producer: &FutureProducer,
 ) -> Result<(), PersistError> {
-    warn!(reason, topic = m.topic(), partition = m.partition(), offset = m.offset(), "Record sent to the dead-letter topic {}: {error}", cfg.dead_letter);
+    warn!(
+        reason,
+        topic = m.topic(),
+        partition = m.partition(),
+        offset = m.offset(),
+        "Record sent to the dead-letter topic {}: {error}",
+        cfg.dead_letter
+    );
     let headers = dlq_headers(m.headers(), STAGE, reason, error, m.topic(), m.partition(), m.offset());
     let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&cfg.dead_letter).headers(headers);
     if let Some(p) = m.payload() {
@@ -401,7 +449,11 @@ async fn flush(
     pending.batch.offsets = pending
         .next
         .iter()
-        .map(|((topic, partition), next)| OffsetUpdate { topic: topic.clone(), partition: *partition, next_offset: *next })
+        .map(|((topic, partition), next)| OffsetUpdate {
+            topic: topic.clone(),
+            partition: *partition,
+            next_offset: *next,
+        })
         .collect();
     let rows = pending.rows();
     let span = pending.trace.span.clone();
@@ -413,7 +465,12 @@ async fn flush(
         loop {
             match store.write_batch(&cfg.group, batch).await {
                 Ok(stats) => {
-                    debug!(rows, inserted = stats.notifications_inserted + stats.chat_inserted, took_ms = started.elapsed().as_millis() as u64, "Stored a batch.");
+                    debug!(
+                        rows,
+                        inserted = stats.notifications_inserted + stats.chat_inserted,
+                        took_ms = started.elapsed().as_millis() as u64,
+                        "Stored a batch."
+                    );
                     return Ok(());
                 }
                 Err(e) if e.is_retriable() => {

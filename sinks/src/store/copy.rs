@@ -54,10 +54,7 @@ impl CopyEncoder {
         buf.extend_from_slice(SIGNATURE);
         buf.extend_from_slice(&0i32.to_be_bytes()); // flags: no OIDs
         buf.extend_from_slice(&0i32.to_be_bytes()); // header extension length
-        Self {
-            buf,
-            pending_fields: 0,
-        }
+        Self { buf, pending_fields: 0 }
     }
 
     /// Starts a row of `n_fields` fields (the staging table's column count).
@@ -80,10 +77,7 @@ impl CopyEncoder {
     }
 
     fn count_field(&mut self) {
-        debug_assert!(
-            self.pending_fields > 0,
-            "more COPY fields than begin_row announced"
-        );
+        debug_assert!(self.pending_fields > 0, "more COPY fields than begin_row announced");
         self.pending_fields -= 1;
     }
 
@@ -128,9 +122,7 @@ impl CopyEncoder {
     /// are rejected by the server; values that would overflow here are sent as `i64::MIN + 1`
     /// (also out of range) rather than `i64::MIN`, which PostgreSQL would read as `-infinity`.
     pub fn timestamptz_unix_micros(&mut self, micros: i64) {
-        let pg = micros
-            .checked_sub(PG_EPOCH_OFFSET_MICROS)
-            .unwrap_or(i64::MIN + 1);
+        let pg = micros.checked_sub(PG_EPOCH_OFFSET_MICROS).unwrap_or(i64::MIN + 1);
         self.fixed(&8i32.to_be_bytes(), &pg.to_be_bytes());
     }
 
@@ -203,10 +195,7 @@ mod tests {
             return Err("flags not zero".into());
         }
         let ext = i32::from_be_bytes(take(&mut data, 4)?.try_into().unwrap());
-        take(
-            &mut data,
-            usize::try_from(ext).map_err(|_| "negative extension")?,
-        )?;
+        take(&mut data, usize::try_from(ext).map_err(|_| "negative extension")?)?;
         let mut rows = Vec::new();
         loop {
             let n = i16::from_be_bytes(take(&mut data, 2)?.try_into().unwrap());
@@ -237,29 +226,18 @@ mod tests {
         match (like, raw) {
             (Field::Text(_), Some(b)) => Field::Text(text(b)),
             (Field::OptText(_), b) => Field::OptText(b.as_ref().map(text)),
-            (Field::Int4(_), Some(b)) => {
-                Field::Int4(i32::from_be_bytes(b.as_slice().try_into().unwrap()))
+            (Field::Int4(_), Some(b)) => Field::Int4(i32::from_be_bytes(b.as_slice().try_into().unwrap())),
+            (Field::Int8(_), Some(b)) => Field::Int8(i64::from_be_bytes(b.as_slice().try_into().unwrap())),
+            (Field::Uuid(_), Some(b)) => Field::Uuid(u128::from_be_bytes(b.as_slice().try_into().unwrap())),
+            (Field::Ts(_), Some(b)) => {
+                Field::Ts(i64::from_be_bytes(b.as_slice().try_into().unwrap()) + PG_EPOCH_OFFSET_MICROS)
             }
-            (Field::Int8(_), Some(b)) => {
-                Field::Int8(i64::from_be_bytes(b.as_slice().try_into().unwrap()))
-            }
-            (Field::Uuid(_), Some(b)) => {
-                Field::Uuid(u128::from_be_bytes(b.as_slice().try_into().unwrap()))
-            }
-            (Field::Ts(_), Some(b)) => Field::Ts(
-                i64::from_be_bytes(b.as_slice().try_into().unwrap()) + PG_EPOCH_OFFSET_MICROS,
-            ),
             (like, None) => panic!("unexpected NULL for {like:?}"),
         }
     }
 
     fn any_text() -> impl Strategy<Value = String> {
-        prop_oneof![
-            Just(String::new()),
-            "[a-z]{0,8}",
-            any::<String>(),
-            "[é€😀\u{10FFFF}\\t\\n\\\\]{0,6}"
-        ]
+        prop_oneof![Just(String::new()), "[a-z]{0,8}", any::<String>(), "[é€😀\u{10FFFF}\\t\\n\\\\]{0,6}"]
     }
 
     fn any_field() -> impl Strategy<Value = Field> {
@@ -340,23 +318,11 @@ mod tests {
             -200_000_000_000_000_000i64..200_000_000_000_000_000,
         );
         let mut runner = TestRunner::deterministic();
-        let mut rows = proptest::collection::vec(row, 300)
-            .new_tree(&mut runner)
-            .unwrap()
-            .current();
+        let mut rows = proptest::collection::vec(row, 300).new_tree(&mut runner).unwrap().current();
         rows.push((0, String::new(), Some(String::new()), i32::MIN, i64::MIN, 0));
-        rows.push((
-            u128::MAX,
-            "日本語 😀 \t\n\\N".into(),
-            None,
-            i32::MAX,
-            i64::MAX,
-            -1,
-        ));
+        rows.push((u128::MAX, "日本語 😀 \t\n\\N".into(), None, i32::MAX, i64::MAX, -1));
 
-        let mut conn = sqlx::PgConnection::connect(&crate::testing::admin_url())
-            .await
-            .unwrap();
+        let mut conn = sqlx::PgConnection::connect(&crate::testing::admin_url()).await.unwrap();
         sqlx::raw_sql(
             "CREATE TEMP TABLE copy_check (seq int4, u uuid, t text, nt text, i int4, l int8, ts timestamptz)",
         )
@@ -364,10 +330,7 @@ mod tests {
         .await
         .unwrap();
         let mut enc = CopyEncoder::with_capacity(1024);
-        let mut copy = conn
-            .copy_in_raw("COPY copy_check FROM STDIN (FORMAT binary)")
-            .await
-            .unwrap();
+        let mut copy = conn.copy_in_raw("COPY copy_check FROM STDIN (FORMAT binary)").await.unwrap();
         for (seq, (u, t, nt, i, l, ts)) in rows.iter().enumerate() {
             enc.begin_row(7);
             enc.i32(seq as i32);
@@ -384,10 +347,8 @@ mod tests {
         copy.send(enc.finish()).await.unwrap();
         assert_eq!(copy.finish().await.unwrap(), rows.len() as u64);
 
-        let back = sqlx::query("SELECT u, t, nt, i, l, ts FROM copy_check ORDER BY seq")
-            .fetch_all(&mut conn)
-            .await
-            .unwrap();
+        let back =
+            sqlx::query("SELECT u, t, nt, i, l, ts FROM copy_check ORDER BY seq").fetch_all(&mut conn).await.unwrap();
         assert_eq!(back.len(), rows.len());
         for (r, (u, t, nt, i, l, ts)) in back.iter().zip(&rows) {
             assert_eq!(r.get::<uuid::Uuid, _>("u"), uuid::Uuid::from_u128(*u));
@@ -395,11 +356,7 @@ mod tests {
             assert_eq!(&r.get::<Option<String>, _>("nt"), nt);
             assert_eq!(r.get::<i32, _>("i"), *i);
             assert_eq!(r.get::<i64, _>("l"), *l);
-            assert_eq!(
-                r.get::<chrono::DateTime<chrono::Utc>, _>("ts")
-                    .timestamp_micros(),
-                *ts
-            );
+            assert_eq!(r.get::<chrono::DateTime<chrono::Utc>, _>("ts").timestamp_micros(), *ts);
         }
     }
 }

@@ -60,9 +60,7 @@ impl Batch {
     pub(crate) fn merged_offsets(&self) -> Vec<(&str, i32, i64)> {
         let mut max: HashMap<(&str, i32), i64> = HashMap::with_capacity(self.offsets.len());
         for o in &self.offsets {
-            let e = max
-                .entry((o.topic.as_str(), o.partition))
-                .or_insert(o.next_offset);
+            let e = max.entry((o.topic.as_str(), o.partition)).or_insert(o.next_offset);
             *e = (*e).max(o.next_offset);
         }
         let mut out: Vec<_> = max.into_iter().map(|((t, p), o)| (t, p, o)).collect();
@@ -104,20 +102,14 @@ impl Store {
         } else if url.starts_with("sqlite:") {
             Store::Sqlite(sqlite::connect(url).await?)
         } else {
-            return Err(StoreError::Config(format!(
-                "database URL {url:?} is neither postgres://… nor sqlite:…"
-            )));
+            return Err(StoreError::Config(format!("database URL {url:?} is neither postgres://… nor sqlite:…")));
         };
         Ok(store)
     }
 
     /// Writes the batch's rows and offsets in one transaction, skipping rows already stored (by
     /// notification id / chat message id). Stored offsets only move forward.
-    pub async fn write_batch(
-        &self,
-        consumer: &str,
-        batch: &Batch,
-    ) -> Result<WriteStats, StoreError> {
+    pub async fn write_batch(&self, consumer: &str, batch: &Batch) -> Result<WriteStats, StoreError> {
         match self {
             Store::Postgres(p) => postgres::write_batch(p, consumer, batch).await,
             Store::Sqlite(p) => sqlite::write_batch(p, consumer, batch).await,
@@ -125,11 +117,7 @@ impl Store {
     }
 
     /// The stored next offset per partition of `topic` for `consumer`.
-    pub async fn load_offsets(
-        &self,
-        consumer: &str,
-        topic: &str,
-    ) -> Result<HashMap<i32, i64>, StoreError> {
+    pub async fn load_offsets(&self, consumer: &str, topic: &str) -> Result<HashMap<i32, i64>, StoreError> {
         match self {
             Store::Postgres(p) => postgres::load_offsets(p, consumer, topic).await,
             Store::Sqlite(p) => sqlite::load_offsets(p, consumer, topic).await,
@@ -145,11 +133,7 @@ impl Store {
     }
 
     /// Adds users to a segment (idempotent); returns how many were new.
-    pub async fn add_segment_members(
-        &self,
-        segment: &str,
-        users: &[String],
-    ) -> Result<u64, StoreError> {
+    pub async fn add_segment_members(&self, segment: &str, users: &[String]) -> Result<u64, StoreError> {
         match self {
             Store::Postgres(p) => postgres::add_segment_members(p, segment, users).await,
             Store::Sqlite(p) => sqlite::add_segment_members(p, segment, users).await,
@@ -165,12 +149,7 @@ impl Store {
     }
 
     /// Adds then removes room members in one transaction (a user in both lists ends up removed).
-    pub async fn update_room(
-        &self,
-        room: &str,
-        add: &[String],
-        remove: &[String],
-    ) -> Result<(), StoreError> {
+    pub async fn update_room(&self, room: &str, add: &[String], remove: &[String]) -> Result<(), StoreError> {
         match self {
             Store::Postgres(p) => postgres::update_room(p, room, add, remove).await,
             Store::Sqlite(p) => sqlite::update_room(p, room, add, remove).await,
@@ -225,12 +204,8 @@ impl Store {
         limit: u32,
     ) -> Result<Vec<InboxItem>, StoreError> {
         match self {
-            Store::Postgres(p) => {
-                postgres::notifications_after(p, user, partition, after_offset, limit).await
-            }
-            Store::Sqlite(p) => {
-                sqlite::notifications_after(p, user, partition, after_offset, limit).await
-            }
+            Store::Postgres(p) => postgres::notifications_after(p, user, partition, after_offset, limit).await,
+            Store::Sqlite(p) => sqlite::notifications_after(p, user, partition, after_offset, limit).await,
         }
     }
 

@@ -119,11 +119,7 @@ fn encode_chat(enc: &mut CopyEncoder, m: &ChatMessage) -> Result<(), CopyError> 
 }
 
 /// See [`crate::Store::write_batch`].
-pub async fn write_batch(
-    pool: &PgPool,
-    consumer: &str,
-    batch: &Batch,
-) -> Result<WriteStats, StoreError> {
+pub async fn write_batch(pool: &PgPool, consumer: &str, batch: &Batch) -> Result<WriteStats, StoreError> {
     let mut stats = WriteStats::default();
     let mut tx = pool.begin().await?;
     if !batch.notifications.is_empty() {
@@ -134,30 +130,15 @@ pub async fn write_batch(
             encode_notification,
         )
         .await?;
-        stats.notifications_inserted = sqlx::query(INSERT_NOTIFICATIONS)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+        stats.notifications_inserted = sqlx::query(INSERT_NOTIFICATIONS).execute(&mut *tx).await?.rows_affected();
     }
     if !batch.chat_messages.is_empty() {
-        copy_rows(
-            &mut tx,
-            "COPY chat_staging FROM STDIN (FORMAT binary)",
-            &batch.chat_messages,
-            encode_chat,
-        )
-        .await?;
-        stats.chat_inserted = sqlx::query(INSERT_CHAT)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+        copy_rows(&mut tx, "COPY chat_staging FROM STDIN (FORMAT binary)", &batch.chat_messages, encode_chat).await?;
+        stats.chat_inserted = sqlx::query(INSERT_CHAT).execute(&mut *tx).await?.rows_affected();
     }
     let offsets = batch.merged_offsets();
     if !offsets.is_empty() {
-        let topics: Vec<String> = offsets
-            .iter()
-            .map(|(t, _, _)| pg_text(t).into_owned())
-            .collect();
+        let topics: Vec<String> = offsets.iter().map(|(t, _, _)| pg_text(t).into_owned()).collect();
         let partitions: Vec<i32> = offsets.iter().map(|(_, p, _)| *p).collect();
         let next: Vec<i64> = offsets.iter().map(|(_, _, o)| *o).collect();
         sqlx::query(UPSERT_OFFSETS)
@@ -173,50 +154,34 @@ pub async fn write_batch(
 }
 
 /// See [`crate::Store::load_offsets`].
-pub async fn load_offsets(
-    pool: &PgPool,
-    consumer: &str,
-    topic: &str,
-) -> Result<HashMap<i32, i64>, StoreError> {
-    let rows: Vec<(i32, i64)> = sqlx::query_as(
-        "SELECT partition, next_offset FROM sink_offsets WHERE consumer = $1 AND topic = $2",
-    )
-    .bind(pg_text(consumer).as_ref())
-    .bind(pg_text(topic).as_ref())
-    .fetch_all(pool)
-    .await?;
+pub async fn load_offsets(pool: &PgPool, consumer: &str, topic: &str) -> Result<HashMap<i32, i64>, StoreError> {
+    let rows: Vec<(i32, i64)> =
+        sqlx::query_as("SELECT partition, next_offset FROM sink_offsets WHERE consumer = $1 AND topic = $2")
+            .bind(pg_text(consumer).as_ref())
+            .bind(pg_text(topic).as_ref())
+            .fetch_all(pool)
+            .await?;
     Ok(rows.into_iter().collect())
 }
 
 /// See [`crate::Store::segment_members`].
 pub async fn segment_members(pool: &PgPool, segment: &str) -> Result<Vec<String>, StoreError> {
-    Ok(sqlx::query_scalar(
-        "SELECT user_id FROM audience_segments WHERE segment = $1 ORDER BY user_id",
-    )
-    .bind(pg_text(segment).as_ref())
-    .fetch_all(pool)
-    .await?)
+    Ok(sqlx::query_scalar("SELECT user_id FROM audience_segments WHERE segment = $1 ORDER BY user_id")
+        .bind(pg_text(segment).as_ref())
+        .fetch_all(pool)
+        .await?)
 }
 
 /// See [`crate::Store::add_segment_members`]. Segments can hold millions of users, hence COPY.
-pub async fn add_segment_members(
-    pool: &PgPool,
-    segment: &str,
-    users: &[String],
-) -> Result<u64, StoreError> {
+pub async fn add_segment_members(pool: &PgPool, segment: &str, users: &[String]) -> Result<u64, StoreError> {
     if users.is_empty() {
         return Ok(0);
     }
     let mut tx = pool.begin().await?;
-    copy_rows(
-        &mut tx,
-        "COPY users_staging FROM STDIN (FORMAT binary)",
-        users,
-        |enc, u| {
-            enc.begin_row(1);
-            enc.text(&pg_text(u))
-        },
-    )
+    copy_rows(&mut tx, "COPY users_staging FROM STDIN (FORMAT binary)", users, |enc, u| {
+        enc.begin_row(1);
+        enc.text(&pg_text(u))
+    })
     .await?;
     let added = sqlx::query(
         "INSERT INTO audience_segments (segment, user_id) SELECT $1, user_id FROM users_staging ON CONFLICT DO NOTHING",
@@ -231,21 +196,14 @@ pub async fn add_segment_members(
 
 /// See [`crate::Store::room_members`].
 pub async fn room_members(pool: &PgPool, room: &str) -> Result<Vec<String>, StoreError> {
-    Ok(
-        sqlx::query_scalar("SELECT user_id FROM room_members WHERE room_id = $1 ORDER BY user_id")
-            .bind(pg_text(room).as_ref())
-            .fetch_all(pool)
-            .await?,
-    )
+    Ok(sqlx::query_scalar("SELECT user_id FROM room_members WHERE room_id = $1 ORDER BY user_id")
+        .bind(pg_text(room).as_ref())
+        .fetch_all(pool)
+        .await?)
 }
 
 /// See [`crate::Store::update_room`].
-pub async fn update_room(
-    pool: &PgPool,
-    room: &str,
-    add: &[String],
-    remove: &[String],
-) -> Result<(), StoreError> {
+pub async fn update_room(pool: &PgPool, room: &str, add: &[String], remove: &[String]) -> Result<(), StoreError> {
     let room = pg_text(room);
     let mut tx = pool.begin().await?;
     if !add.is_empty() {
@@ -303,13 +261,7 @@ pub async fn inbox(
 ) -> Result<Vec<InboxItem>, StoreError> {
     let user = pg_text(user);
     let rows = match before {
-        None => {
-            sqlx::query(INBOX)
-                .bind(user.as_ref())
-                .bind(i64::from(limit))
-                .fetch_all(pool)
-                .await?
-        }
+        None => sqlx::query(INBOX).bind(user.as_ref()).bind(i64::from(limit)).fetch_all(pool).await?,
         Some((partition, offset)) => {
             sqlx::query(INBOX_BEFORE)
                 .bind(user.as_ref())
@@ -325,12 +277,10 @@ pub async fn inbox(
 
 /// See [`crate::Store::unread_count`].
 pub async fn unread_count(pool: &PgPool, user: &str) -> Result<u64, StoreError> {
-    let n: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM notifications WHERE user_id = $1 AND read_at IS NULL",
-    )
-    .bind(pg_text(user).as_ref())
-    .fetch_one(pool)
-    .await?;
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM notifications WHERE user_id = $1 AND read_at IS NULL")
+        .bind(pg_text(user).as_ref())
+        .fetch_one(pool)
+        .await?;
     Ok(count(n))
 }
 
@@ -348,9 +298,7 @@ pub async fn mark_read(pool: &PgPool, user: &str, id: uuid::Uuid) -> Result<bool
 
 /// See [`crate::Store::count_notifications`].
 pub async fn count_notifications(pool: &PgPool) -> Result<u64, StoreError> {
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM notifications")
-        .fetch_one(pool)
-        .await?;
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM notifications").fetch_one(pool).await?;
     Ok(count(n))
 }
 

@@ -1,9 +1,7 @@
 //! SQLite backend of the store (the embedded default). Batches are written as chunked multi-row
 //! `INSERT OR IGNORE` statements inside one transaction together with the offset upsert.
 
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
-};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
 use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection, SqlitePool};
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -36,10 +34,7 @@ pub async fn connect(url: &str) -> Result<SqlitePool, StoreError> {
         // FULL: a committed batch (rows + offsets) survives power loss, which exactly-once relies on.
         .synchronous(SqliteSynchronous::Full)
         .busy_timeout(Duration::from_secs(10));
-    let pool = SqlitePoolOptions::new()
-        .max_connections(4)
-        .connect_with(opts)
-        .await?;
+    let pool = SqlitePoolOptions::new().max_connections(4).connect_with(opts).await?;
     MIGRATOR.run(&pool).await?;
     Ok(pool)
 }
@@ -58,11 +53,7 @@ fn now_micros() -> i64 {
 }
 
 /// See [`crate::Store::write_batch`].
-pub async fn write_batch(
-    pool: &SqlitePool,
-    consumer: &str,
-    batch: &Batch,
-) -> Result<WriteStats, StoreError> {
+pub async fn write_batch(pool: &SqlitePool, consumer: &str, batch: &Batch) -> Result<WriteStats, StoreError> {
     let mut stats = WriteStats::default();
     let mut tx = pool.begin().await?;
     for chunk in batch.notifications.chunks(ROWS_PER_INSERT) {
@@ -112,18 +103,13 @@ pub async fn write_batch(
 }
 
 /// See [`crate::Store::load_offsets`].
-pub async fn load_offsets(
-    pool: &SqlitePool,
-    consumer: &str,
-    topic: &str,
-) -> Result<HashMap<i32, i64>, StoreError> {
-    let rows: Vec<(i32, i64)> = sqlx::query_as(
-        "SELECT partition, next_offset FROM sink_offsets WHERE consumer = $1 AND topic = $2",
-    )
-    .bind(consumer)
-    .bind(topic)
-    .fetch_all(pool)
-    .await?;
+pub async fn load_offsets(pool: &SqlitePool, consumer: &str, topic: &str) -> Result<HashMap<i32, i64>, StoreError> {
+    let rows: Vec<(i32, i64)> =
+        sqlx::query_as("SELECT partition, next_offset FROM sink_offsets WHERE consumer = $1 AND topic = $2")
+            .bind(consumer)
+            .bind(topic)
+            .fetch_all(pool)
+            .await?;
     Ok(rows.into_iter().collect())
 }
 
@@ -147,57 +133,33 @@ async fn insert_members(
 
 /// See [`crate::Store::segment_members`].
 pub async fn segment_members(pool: &SqlitePool, segment: &str) -> Result<Vec<String>, StoreError> {
-    Ok(sqlx::query_scalar(
-        "SELECT user_id FROM audience_segments WHERE segment = $1 ORDER BY user_id",
-    )
-    .bind(segment)
-    .fetch_all(pool)
-    .await?)
+    Ok(sqlx::query_scalar("SELECT user_id FROM audience_segments WHERE segment = $1 ORDER BY user_id")
+        .bind(segment)
+        .fetch_all(pool)
+        .await?)
 }
 
 /// See [`crate::Store::add_segment_members`].
-pub async fn add_segment_members(
-    pool: &SqlitePool,
-    segment: &str,
-    users: &[String],
-) -> Result<u64, StoreError> {
+pub async fn add_segment_members(pool: &SqlitePool, segment: &str, users: &[String]) -> Result<u64, StoreError> {
     let mut tx = pool.begin().await?;
-    let added = insert_members(
-        &mut tx,
-        "INSERT OR IGNORE INTO audience_segments (segment, user_id) ",
-        segment,
-        users,
-    )
-    .await?;
+    let added =
+        insert_members(&mut tx, "INSERT OR IGNORE INTO audience_segments (segment, user_id) ", segment, users).await?;
     tx.commit().await?;
     Ok(added)
 }
 
 /// See [`crate::Store::room_members`].
 pub async fn room_members(pool: &SqlitePool, room: &str) -> Result<Vec<String>, StoreError> {
-    Ok(
-        sqlx::query_scalar("SELECT user_id FROM room_members WHERE room_id = $1 ORDER BY user_id")
-            .bind(room)
-            .fetch_all(pool)
-            .await?,
-    )
+    Ok(sqlx::query_scalar("SELECT user_id FROM room_members WHERE room_id = $1 ORDER BY user_id")
+        .bind(room)
+        .fetch_all(pool)
+        .await?)
 }
 
 /// See [`crate::Store::update_room`].
-pub async fn update_room(
-    pool: &SqlitePool,
-    room: &str,
-    add: &[String],
-    remove: &[String],
-) -> Result<(), StoreError> {
+pub async fn update_room(pool: &SqlitePool, room: &str, add: &[String], remove: &[String]) -> Result<(), StoreError> {
     let mut tx = pool.begin().await?;
-    insert_members(
-        &mut tx,
-        "INSERT OR IGNORE INTO room_members (room_id, user_id) ",
-        room,
-        add,
-    )
-    .await?;
+    insert_members(&mut tx, "INSERT OR IGNORE INTO room_members (room_id, user_id) ", room, add).await?;
     for chunk in remove.chunks(MEMBERS_PER_STATEMENT) {
         let mut q = QueryBuilder::<Sqlite>::new("DELETE FROM room_members WHERE room_id = ");
         q.push_bind(room).push(" AND user_id IN (");
@@ -214,10 +176,8 @@ pub async fn update_room(
 
 fn inbox_item(row: &SqliteRow) -> Result<InboxItem, sqlx::Error> {
     let id: String = row.try_get("id")?;
-    let notification_id = uuid::Uuid::parse_str(&id).map_err(|e| sqlx::Error::ColumnDecode {
-        index: "id".into(),
-        source: Box::new(e),
-    })?;
+    let notification_id = uuid::Uuid::parse_str(&id)
+        .map_err(|e| sqlx::Error::ColumnDecode { index: "id".into(), source: Box::new(e) })?;
     Ok(InboxItem {
         notification: tidings_core::Notification {
             notification_id,
@@ -250,13 +210,7 @@ pub async fn inbox(
     limit: u32,
 ) -> Result<Vec<InboxItem>, StoreError> {
     let rows = match before {
-        None => {
-            sqlx::query(INBOX)
-                .bind(user)
-                .bind(i64::from(limit))
-                .fetch_all(pool)
-                .await?
-        }
+        None => sqlx::query(INBOX).bind(user).bind(i64::from(limit)).fetch_all(pool).await?,
         Some((partition, offset)) => {
             sqlx::query(INBOX_BEFORE)
                 .bind(user)
@@ -272,34 +226,29 @@ pub async fn inbox(
 
 /// See [`crate::Store::unread_count`].
 pub async fn unread_count(pool: &SqlitePool, user: &str) -> Result<u64, StoreError> {
-    let n: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM notifications WHERE user_id = $1 AND read_at IS NULL",
-    )
-    .bind(user)
-    .fetch_one(pool)
-    .await?;
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM notifications WHERE user_id = $1 AND read_at IS NULL")
+        .bind(user)
+        .fetch_one(pool)
+        .await?;
     Ok(count(n))
 }
 
 /// See [`crate::Store::mark_read`].
 pub async fn mark_read(pool: &SqlitePool, user: &str, id: uuid::Uuid) -> Result<bool, StoreError> {
-    let updated = sqlx::query(
-        "UPDATE notifications SET read_at = COALESCE(read_at, $3) WHERE id = $1 AND user_id = $2",
-    )
-    .bind(id_text(&id))
-    .bind(user)
-    .bind(now_micros())
-    .execute(pool)
-    .await?
-    .rows_affected();
+    let updated =
+        sqlx::query("UPDATE notifications SET read_at = COALESCE(read_at, $3) WHERE id = $1 AND user_id = $2")
+            .bind(id_text(&id))
+            .bind(user)
+            .bind(now_micros())
+            .execute(pool)
+            .await?
+            .rows_affected();
     Ok(updated > 0)
 }
 
 /// See [`crate::Store::count_notifications`].
 pub async fn count_notifications(pool: &SqlitePool) -> Result<u64, StoreError> {
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM notifications")
-        .fetch_one(pool)
-        .await?;
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM notifications").fetch_one(pool).await?;
     Ok(count(n))
 }
 

@@ -36,12 +36,7 @@ on_both_backends!(
     nul_characters_do_not_fail_a_batch,
 );
 
-fn notification(
-    user: &str,
-    event: &str,
-    stream_partition: i32,
-    stream_offset: i64,
-) -> StoredNotification {
+fn notification(user: &str, event: &str, stream_partition: i32, stream_offset: i64) -> StoredNotification {
     StoredNotification {
         notification: Notification {
             notification_id: Notification::id_for(event, user),
@@ -74,11 +69,7 @@ fn chat(id: &str, room: &str, text: &str, offset: i64) -> ChatMessage {
 }
 
 fn offset(topic: &str, partition: i32, next_offset: i64) -> OffsetUpdate {
-    OffsetUpdate {
-        topic: topic.into(),
-        partition,
-        next_offset,
-    }
+    OffsetUpdate { topic: topic.into(), partition, next_offset }
 }
 
 /// Chat rows as stored, ordered by id, read back with backend-specific SQL.
@@ -92,27 +83,9 @@ async fn stored_chat(store: &Store) -> Vec<ChatMessage> {
             let rows: Vec<(String, String, String, String, i32, i64, i64)> =
                 sqlx::query_as(&sql).fetch_all(p).await.unwrap();
             rows.into_iter()
-                .map(
-                    |(
-                        message_id,
-                        room_id,
-                        sender_id,
-                        text,
-                        source_partition,
-                        source_offset,
-                        occurred_at,
-                    )| {
-                        ChatMessage {
-                            message_id,
-                            room_id,
-                            sender_id,
-                            text,
-                            occurred_at,
-                            source_partition,
-                            source_offset,
-                        }
-                    },
-                )
+                .map(|(message_id, room_id, sender_id, text, source_partition, source_offset, occurred_at)| {
+                    ChatMessage { message_id, room_id, sender_id, text, occurred_at, source_partition, source_offset }
+                })
                 .collect()
         }
         Store::Sqlite(p) => {
@@ -120,27 +93,9 @@ async fn stored_chat(store: &Store) -> Vec<ChatMessage> {
             let rows: Vec<(String, String, String, String, i32, i64, i64)> =
                 sqlx::query_as(&sql).fetch_all(p).await.unwrap();
             rows.into_iter()
-                .map(
-                    |(
-                        message_id,
-                        room_id,
-                        sender_id,
-                        text,
-                        source_partition,
-                        source_offset,
-                        occurred_at,
-                    )| {
-                        ChatMessage {
-                            message_id,
-                            room_id,
-                            sender_id,
-                            text,
-                            occurred_at,
-                            source_partition,
-                            source_offset,
-                        }
-                    },
-                )
+                .map(|(message_id, room_id, sender_id, text, source_partition, source_offset, occurred_at)| {
+                    ChatMessage { message_id, room_id, sender_id, text, occurred_at, source_partition, source_offset }
+                })
                 .collect()
         }
     }
@@ -151,22 +106,12 @@ async fn write_batch_inserts_rows(store: &Store) {
     no_link.notification.link = None;
     no_link.notification.title = String::new();
     let batch = Batch {
-        notifications: vec![
-            notification("alice", "e1", 0, 5),
-            notification("alice", "e2", 0, 6),
-            no_link.clone(),
-        ],
+        notifications: vec![notification("alice", "e1", 0, 5), notification("alice", "e2", 0, 6), no_link.clone()],
         chat_messages: vec![chat("m2", "r1", "hi 👋", 11), chat("m1", "r1", "", 10)],
         offsets: vec![offset("notifications", 0, 8), offset("chat", 0, 12)],
     };
     let stats = store.write_batch("sink", &batch).await.unwrap();
-    assert_eq!(
-        stats,
-        WriteStats {
-            notifications_inserted: 3,
-            chat_inserted: 2
-        }
-    );
+    assert_eq!(stats, WriteStats { notifications_inserted: 3, chat_inserted: 2 });
     assert_eq!(store.count_notifications().await.unwrap(), 3);
 
     // Every field comes back as written, including the timestamp to the microsecond and the NULL link.
@@ -193,30 +138,14 @@ async fn write_batch_inserts_rows(store: &Store) {
 
 async fn same_batch_twice_inserts_nothing(store: &Store) {
     let batch = Batch {
-        notifications: (0..50)
-            .map(|i| notification(&format!("u{}", i % 7), &format!("e{i}"), 0, i))
-            .collect(),
-        chat_messages: (0..20)
-            .map(|i| chat(&format!("m{i}"), "r", "text", i))
-            .collect(),
+        notifications: (0..50).map(|i| notification(&format!("u{}", i % 7), &format!("e{i}"), 0, i)).collect(),
+        chat_messages: (0..20).map(|i| chat(&format!("m{i}"), "r", "text", i)).collect(),
         offsets: vec![offset("notifications", 0, 50)],
     };
     let first = store.write_batch("sink", &batch).await.unwrap();
-    assert_eq!(
-        first,
-        WriteStats {
-            notifications_inserted: 50,
-            chat_inserted: 20
-        }
-    );
+    assert_eq!(first, WriteStats { notifications_inserted: 50, chat_inserted: 20 });
     let second = store.write_batch("sink", &batch).await.unwrap();
-    assert_eq!(
-        second,
-        WriteStats {
-            notifications_inserted: 0,
-            chat_inserted: 0
-        }
-    );
+    assert_eq!(second, WriteStats { notifications_inserted: 0, chat_inserted: 0 });
     assert_eq!(store.count_notifications().await.unwrap(), 50);
     assert_eq!(stored_chat(store).await.len(), 20);
 
@@ -229,50 +158,25 @@ async fn same_batch_twice_inserts_nothing(store: &Store) {
     overlap.notifications.push(notification("u1", "e50", 0, 50));
     overlap.notifications.push(notification("u1", "e50", 0, 50));
     let third = store.write_batch("sink", &overlap).await.unwrap();
-    assert_eq!(
-        third,
-        WriteStats {
-            notifications_inserted: 1,
-            chat_inserted: 1
-        }
-    );
+    assert_eq!(third, WriteStats { notifications_inserted: 1, chat_inserted: 1 });
     assert_eq!(store.count_notifications().await.unwrap(), 51);
     // The first write wins: a redelivered id never overwrites the stored row.
-    let m19 = stored_chat(store)
-        .await
-        .into_iter()
-        .find(|m| m.message_id == "m19")
-        .unwrap();
+    let m19 = stored_chat(store).await.into_iter().find(|m| m.message_id == "m19").unwrap();
     assert_eq!(m19.text, "text");
 }
 
 async fn offsets_are_saved_and_never_move_backward(store: &Store) {
-    assert!(store
-        .load_offsets("sink", "notifications")
-        .await
-        .unwrap()
-        .is_empty());
+    assert!(store.load_offsets("sink", "notifications").await.unwrap().is_empty());
     let batch = Batch {
         notifications: vec![notification("a", "e1", 0, 9)],
-        offsets: vec![
-            offset("notifications", 0, 10),
-            offset("notifications", 1, 5),
-            offset("chat", 0, 3),
-        ],
+        offsets: vec![offset("notifications", 0, 10), offset("notifications", 1, 5), offset("chat", 0, 3)],
         ..Batch::default()
     };
     store.write_batch("sink", &batch).await.unwrap();
     let saved = store.load_offsets("sink", "notifications").await.unwrap();
     assert_eq!(saved, HashMap::from([(0, 10), (1, 5)]));
-    assert_eq!(
-        store.load_offsets("sink", "chat").await.unwrap(),
-        HashMap::from([(0, 3)])
-    );
-    assert!(store
-        .load_offsets("other-consumer", "notifications")
-        .await
-        .unwrap()
-        .is_empty());
+    assert_eq!(store.load_offsets("sink", "chat").await.unwrap(), HashMap::from([(0, 3)]));
+    assert!(store.load_offsets("other-consumer", "notifications").await.unwrap().is_empty());
 
     // Partition 0 goes back (ignored), 1 goes forward; repeated entries for one partition keep the max.
     let offsets_only = Batch {
@@ -284,10 +188,7 @@ async fn offsets_are_saved_and_never_move_backward(store: &Store) {
         ],
         ..Batch::default()
     };
-    assert_eq!(
-        store.write_batch("sink", &offsets_only).await.unwrap(),
-        WriteStats::default()
-    );
+    assert_eq!(store.write_batch("sink", &offsets_only).await.unwrap(), WriteStats::default());
     let saved = store.load_offsets("sink", "notifications").await.unwrap();
     assert_eq!(saved, HashMap::from([(0, 10), (1, 9), (2, 1)]));
 }
@@ -297,14 +198,7 @@ async fn offsets_are_saved_and_never_move_backward(store: &Store) {
 async fn large_batches_go_through(store: &Store) {
     let make = |from: i64, n: i64| Batch {
         notifications: (from..from + n)
-            .map(|i| {
-                notification(
-                    &format!("user-{}", i % 5000),
-                    &format!("ev-{i}"),
-                    (i % 4) as i32,
-                    i,
-                )
-            })
+            .map(|i| notification(&format!("user-{}", i % 5000), &format!("ev-{i}"), (i % 4) as i32, i))
             .collect(),
         offsets: vec![offset("notifications", 0, from + n)],
         ..Batch::default()
@@ -313,22 +207,12 @@ async fn large_batches_go_through(store: &Store) {
     let stats = store.write_batch("sink", &big).await.unwrap();
     assert_eq!(stats.notifications_inserted, 100_000);
     assert_eq!(store.count_notifications().await.unwrap(), 100_000);
-    assert_eq!(
-        store.load_offsets("sink", "notifications").await.unwrap(),
-        HashMap::from([(0, 100_000)])
-    );
+    assert_eq!(store.load_offsets("sink", "notifications").await.unwrap(), HashMap::from([(0, 100_000)]));
 
     let batches: Vec<Batch> = (0..5).map(|b| make(100_000 + b * 20_000, 20_000)).collect();
     let started = Instant::now();
     for batch in &batches {
-        assert_eq!(
-            store
-                .write_batch("sink", batch)
-                .await
-                .unwrap()
-                .notifications_inserted,
-            20_000
-        );
+        assert_eq!(store.write_batch("sink", batch).await.unwrap().notifications_inserted, 20_000);
     }
     let secs = started.elapsed().as_secs_f64();
     println!(
@@ -341,35 +225,15 @@ async fn large_batches_go_through(store: &Store) {
 
 async fn segments_are_idempotent(store: &Store) {
     let users = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-    assert_eq!(
-        store
-            .add_segment_members("vip", &users(&["c", "a", "b"]))
-            .await
-            .unwrap(),
-        3
-    );
-    assert_eq!(
-        store
-            .add_segment_members("vip", &users(&["b", "d", "d", "c"]))
-            .await
-            .unwrap(),
-        1
-    );
+    assert_eq!(store.add_segment_members("vip", &users(&["c", "a", "b"])).await.unwrap(), 3);
+    assert_eq!(store.add_segment_members("vip", &users(&["b", "d", "d", "c"])).await.unwrap(), 1);
     assert_eq!(store.add_segment_members("vip", &[]).await.unwrap(), 0);
-    assert_eq!(
-        store.segment_members("vip").await.unwrap(),
-        users(&["a", "b", "c", "d"])
-    );
+    assert_eq!(store.segment_members("vip").await.unwrap(), users(&["a", "b", "c", "d"]));
     assert!(store.segment_members("nobody").await.unwrap().is_empty());
 
     // Larger than one SQLite statement chunk and one COPY chunk.
-    let many: Vec<String> = (0..60_000)
-        .map(|i| format!("segment-user-{i:06}"))
-        .collect();
-    assert_eq!(
-        store.add_segment_members("all", &many).await.unwrap(),
-        60_000
-    );
+    let many: Vec<String> = (0..60_000).map(|i| format!("segment-user-{i:06}")).collect();
+    assert_eq!(store.add_segment_members("all", &many).await.unwrap(), 60_000);
     assert_eq!(store.add_segment_members("all", &many).await.unwrap(), 0);
     assert_eq!(store.segment_members("all").await.unwrap(), many);
     assert_eq!(store.segment_members("vip").await.unwrap().len(), 4);
@@ -377,63 +241,31 @@ async fn segments_are_idempotent(store: &Store) {
 
 async fn rooms_add_and_remove(store: &Store) {
     let users = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-    store
-        .update_room("r1", &users(&["carol", "alice", "bob"]), &[])
-        .await
-        .unwrap();
-    store
-        .update_room("r2", &users(&["alice"]), &[])
-        .await
-        .unwrap();
-    assert_eq!(
-        store.room_members("r1").await.unwrap(),
-        users(&["alice", "bob", "carol"])
-    );
+    store.update_room("r1", &users(&["carol", "alice", "bob"]), &[]).await.unwrap();
+    store.update_room("r2", &users(&["alice"]), &[]).await.unwrap();
+    assert_eq!(store.room_members("r1").await.unwrap(), users(&["alice", "bob", "carol"]));
 
     // Adding an existing member is fine; removing a non-member is fine; a user in both ends up removed.
-    store
-        .update_room(
-            "r1",
-            &users(&["dave", "bob", "erin"]),
-            &users(&["alice", "zed", "erin"]),
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        store.room_members("r1").await.unwrap(),
-        users(&["bob", "carol", "dave"])
-    );
+    store.update_room("r1", &users(&["dave", "bob", "erin"]), &users(&["alice", "zed", "erin"])).await.unwrap();
+    assert_eq!(store.room_members("r1").await.unwrap(), users(&["bob", "carol", "dave"]));
     assert_eq!(store.room_members("r2").await.unwrap(), users(&["alice"]));
 
     let crowd: Vec<String> = (0..2500).map(|i| format!("guest-{i:04}")).collect();
     store.update_room("r1", &crowd, &[]).await.unwrap();
     assert_eq!(store.room_members("r1").await.unwrap().len(), 2503);
     store.update_room("r1", &[], &crowd).await.unwrap();
-    assert_eq!(
-        store.room_members("r1").await.unwrap(),
-        users(&["bob", "carol", "dave"])
-    );
+    assert_eq!(store.room_members("r1").await.unwrap(), users(&["bob", "carol", "dave"]));
     assert!(store.room_members("empty").await.unwrap().is_empty());
 }
 
 async fn inbox_pages_with_cursor(store: &Store) {
     // alice: 25 notifications on partition 2 plus 2 older ones on partition 1; bob interleaved.
-    let mut notifications: Vec<StoredNotification> = (0..25)
-        .map(|i| notification("alice", &format!("a{i}"), 2, 100 + 2 * i))
-        .collect();
+    let mut notifications: Vec<StoredNotification> =
+        (0..25).map(|i| notification("alice", &format!("a{i}"), 2, 100 + 2 * i)).collect();
     notifications.extend((0..25).map(|i| notification("bob", &format!("b{i}"), 2, 101 + 2 * i)));
     notifications.push(notification("alice", "old0", 1, 500));
     notifications.push(notification("alice", "old1", 1, 501));
-    store
-        .write_batch(
-            "sink",
-            &Batch {
-                notifications,
-                ..Batch::default()
-            },
-        )
-        .await
-        .unwrap();
+    store.write_batch("sink", &Batch { notifications, ..Batch::default() }).await.unwrap();
 
     let mut seen = Vec::new();
     let mut cursor = None;
@@ -448,10 +280,7 @@ async fn inbox_pages_with_cursor(store: &Store) {
         assert!(page.iter().all(|i| i.notification.user_id == "alice"));
         let last = page.last().unwrap();
         cursor = Some((last.stream_partition, last.stream_offset));
-        seen.extend(
-            page.into_iter()
-                .map(|i| (i.stream_partition, i.stream_offset)),
-        );
+        seen.extend(page.into_iter().map(|i| (i.stream_partition, i.stream_offset)));
     }
     assert_eq!(pages, 3);
     let mut expected: Vec<(i32, i64)> = (0..25).rev().map(|i| (2, 100 + 2 * i)).collect();
@@ -490,10 +319,7 @@ async fn unread_and_mark_read(store: &Store) {
     // Someone else's notification, or an unknown id: false, and nothing changes.
     let bobs = Notification::id_for("e1", "bob");
     assert!(!store.mark_read("alice", bobs).await.unwrap());
-    assert!(!store
-        .mark_read("alice", uuid::Uuid::new_v4())
-        .await
-        .unwrap());
+    assert!(!store.mark_read("alice", uuid::Uuid::new_v4()).await.unwrap());
     assert_eq!(store.unread_count("bob").await.unwrap(), 1);
 
     let inbox = store.inbox("alice", None, 10).await.unwrap();
@@ -503,49 +329,20 @@ async fn unread_and_mark_read(store: &Store) {
 }
 
 async fn notifications_after_resumes_oldest_first(store: &Store) {
-    let mut notifications: Vec<StoredNotification> = (0..10)
-        .map(|i| notification("alice", &format!("a{i}"), 3, 10 * i))
-        .collect();
+    let mut notifications: Vec<StoredNotification> =
+        (0..10).map(|i| notification("alice", &format!("a{i}"), 3, 10 * i)).collect();
     notifications.push(notification("alice", "elsewhere", 1, 1000));
     notifications.push(notification("bob", "b", 3, 55));
-    store
-        .write_batch(
-            "sink",
-            &Batch {
-                notifications,
-                ..Batch::default()
-            },
-        )
-        .await
-        .unwrap();
+    store.write_batch("sink", &Batch { notifications, ..Batch::default() }).await.unwrap();
 
-    let after = store
-        .notifications_after("alice", 3, 40, 100)
-        .await
-        .unwrap();
+    let after = store.notifications_after("alice", 3, 40, 100).await.unwrap();
     let offsets: Vec<i64> = after.iter().map(|i| i.stream_offset).collect();
     assert_eq!(offsets, vec![50, 60, 70, 80, 90]);
-    assert!(after
-        .iter()
-        .all(|i| i.notification.user_id == "alice" && i.stream_partition == 3));
+    assert!(after.iter().all(|i| i.notification.user_id == "alice" && i.stream_partition == 3));
     let limited = store.notifications_after("alice", 3, 35, 2).await.unwrap();
-    assert_eq!(
-        limited.iter().map(|i| i.stream_offset).collect::<Vec<_>>(),
-        vec![40, 50]
-    );
-    assert!(store
-        .notifications_after("alice", 3, 90, 10)
-        .await
-        .unwrap()
-        .is_empty());
-    assert_eq!(
-        store
-            .notifications_after("alice", 1, -1, 10)
-            .await
-            .unwrap()
-            .len(),
-        1
-    );
+    assert_eq!(limited.iter().map(|i| i.stream_offset).collect::<Vec<_>>(), vec![40, 50]);
+    assert!(store.notifications_after("alice", 3, 90, 10).await.unwrap().is_empty());
+    assert_eq!(store.notifications_after("alice", 1, -1, 10).await.unwrap().len(), 1);
 }
 
 async fn nul_characters_do_not_fail_a_batch(store: &Store) {
@@ -557,30 +354,15 @@ async fn nul_characters_do_not_fail_a_batch(store: &Store) {
         offsets: vec![offset("chat", 0, 2)],
     };
     let stats = store.write_batch("sink", &batch).await.unwrap();
-    assert_eq!(
-        stats,
-        WriteStats {
-            notifications_inserted: 1,
-            chat_inserted: 1
-        }
-    );
-    let body = store
-        .inbox("alice", None, 1)
-        .await
-        .unwrap()
-        .remove(0)
-        .notification
-        .body;
+    assert_eq!(stats, WriteStats { notifications_inserted: 1, chat_inserted: 1 });
+    let body = store.inbox("alice", None, 1).await.unwrap().remove(0).notification.body;
     // PostgreSQL text cannot hold NUL, so the store keeps U+FFFD there; SQLite keeps the text as is.
     match store {
         Store::Postgres(_) => assert_eq!(body, "a\u{FFFD}b"),
         Store::Sqlite(_) => assert_eq!(body, "a\0b"),
     }
     // The replacement is deterministic, so a redelivery still deduplicates.
-    assert_eq!(
-        store.write_batch("sink", &batch).await.unwrap(),
-        WriteStats::default()
-    );
+    assert_eq!(store.write_batch("sink", &batch).await.unwrap(), WriteStats::default());
 }
 
 /// A batch that PostgreSQL rejects mid-COPY stores neither rows nor offsets, is not retriable, and
@@ -604,22 +386,8 @@ async fn postgres_failed_batch_leaves_nothing() {
     }
     assert_eq!(store.count_notifications().await.unwrap(), 0);
     assert!(stored_chat(&store).await.is_empty());
-    assert!(store
-        .load_offsets("sink", "notifications")
-        .await
-        .unwrap()
-        .is_empty());
+    assert!(store.load_offsets("sink", "notifications").await.unwrap().is_empty());
 
-    let good = Batch {
-        notifications: vec![notification("alice", "good", 0, 1)],
-        ..Batch::default()
-    };
-    assert_eq!(
-        store
-            .write_batch("sink", &good)
-            .await
-            .unwrap()
-            .notifications_inserted,
-        1
-    );
+    let good = Batch { notifications: vec![notification("alice", "good", 0, 1)], ..Batch::default() };
+    assert_eq!(store.write_batch("sink", &good).await.unwrap().notifications_inserted, 1);
 }

@@ -54,7 +54,9 @@ impl<'s> Converter<'_, 's> {
             Schema::Boolean => Value::Boolean(json.as_bool().ok_or_else(|| expected("a boolean"))?),
             Schema::Int => {
                 let n = json.as_i64().ok_or_else(|| expected("an integer"))?;
-                Value::Int(i32::try_from(n).map_err(|_| field_err(path, format!("{n} does not fit in an int (32-bit)")))?)
+                Value::Int(
+                    i32::try_from(n).map_err(|_| field_err(path, format!("{n} does not fit in an int (32-bit)")))?,
+                )
             }
             Schema::Long => Value::Long(json.as_i64().ok_or_else(|| expected("an integer"))?),
             Schema::Float => Value::Float(json.as_f64().ok_or_else(|| expected("a number"))? as f32),
@@ -72,9 +74,11 @@ impl<'s> Converter<'_, 's> {
             Schema::LocalTimestampMillis => Value::LocalTimestampMillis(self.timestamp(json, path, 1_000)?),
             Schema::Enum(e) => {
                 let s = json.as_str().ok_or_else(|| expected("an enum symbol"))?;
-                let idx = e.symbols.iter().position(|x| x == s).ok_or_else(|| {
-                    field_err(path, format!("{s:?} is not one of {}", e.symbols.join(", ")))
-                })?;
+                let idx = e
+                    .symbols
+                    .iter()
+                    .position(|x| x == s)
+                    .ok_or_else(|| field_err(path, format!("{s:?} is not one of {}", e.symbols.join(", "))))?;
                 Value::Enum(idx as u32, s.to_owned())
             }
             Schema::Array(a) => {
@@ -104,7 +108,10 @@ impl<'s> Converter<'_, 's> {
                 for key in obj.keys() {
                     if !r.lookup.contains_key(key) {
                         let at = if path.is_empty() { key.clone() } else { format!("{path}.{key}") };
-                        return Err(field_err(&at, format!("unknown field (record {} has no field {key:?})", r.name.name())));
+                        return Err(field_err(
+                            &at,
+                            format!("unknown field (record {} has no field {key:?})", r.name.name()),
+                        ));
                     }
                 }
                 let mut fields = Vec::with_capacity(r.fields.len());
@@ -126,7 +133,9 @@ impl<'s> Converter<'_, 's> {
             }
             Schema::Union(u) => return self.union(u.variants(), json, path),
             Schema::Ref { name } => {
-                let target = self.lookup(name).ok_or_else(|| field_err(path, format!("schema refers to unknown type {}", name.name())))?;
+                let target = self
+                    .lookup(name)
+                    .ok_or_else(|| field_err(path, format!("schema refers to unknown type {}", name.name())))?;
                 return self.convert(target, json, path);
             }
             other => return Err(field_err(path, format!("Avro type {other:?} is not supported for JSON input"))),
@@ -200,7 +209,9 @@ impl<'s> Converter<'_, 's> {
             .map(|v| self.branch_name(v).map(|(s, _)| s.to_string()).unwrap_or_else(|| primitive_name(v).to_string()))
             .collect();
         match best {
-            Some(CodecError::Field { path: p, message }) if p.len() > path.len() && p != "$" => Err(CodecError::Field { path: p, message }),
+            Some(CodecError::Field { path: p, message }) if p.len() > path.len() && p != "$" => {
+                Err(CodecError::Field { path: p, message })
+            }
             _ => Err(field_err(path, format!("{} matches no branch of the union [{}]", kind(json), names.join(", ")))),
         }
     }
@@ -216,7 +227,10 @@ impl<'s> Converter<'_, 's> {
                     _ => t.timestamp_micros(),
                 })
             }
-            other => Err(field_err(path, format!("expected a timestamp (integer or RFC 3339 string), found {}", kind(other)))),
+            other => Err(field_err(
+                path,
+                format!("expected a timestamp (integer or RFC 3339 string), found {}", kind(other)),
+            )),
         }
     }
 }

@@ -19,7 +19,11 @@ fn converts_and_encodes_a_valid_event() {
     let schema = order_schema();
     let v = json_to_avro(&schema, &placed(json!(1))).unwrap();
     assert_eq!(union_branch_name(&schema, &v, "payload"), Some("OrderPlaced"));
-    let bytes = apache_avro::writer::datum::GenericDatumWriter::builder(&schema).build().unwrap().write_value_to_vec(v.clone()).unwrap();
+    let bytes = apache_avro::writer::datum::GenericDatumWriter::builder(&schema)
+        .build()
+        .unwrap()
+        .write_value_to_vec(v.clone())
+        .unwrap();
     assert!(!bytes.is_empty());
     let back = avro_to_json(&v);
     assert_eq!(back["occurred_at"], json!(1_795_341_600_000_000i64));

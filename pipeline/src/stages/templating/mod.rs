@@ -51,8 +51,13 @@ struct InFlight {
 /// Runs the stage until `shutdown`, restarting it after transient failures (broker or registry
 /// outages) with a capped backoff.
 pub async fn run(cfg: TemplatingConfig, store: Store, shutdown: CancellationToken) -> Result<(), StageError> {
-    tidings_core::shutdown::restart_on_transient("Templating", &shutdown, || run_once(&cfg, &store, &shutdown), StageError::is_retriable)
-        .await
+    tidings_core::shutdown::restart_on_transient(
+        "Templating",
+        &shutdown,
+        || run_once(&cfg, &store, &shutdown),
+        StageError::is_retriable,
+    )
+    .await
 }
 
 /// The per-event work of the stage without Kafka: decode through the registry, track chat
@@ -188,7 +193,9 @@ async fn ack_in_order(mut rx: mpsc::Receiver<InFlight>, consumer: Arc<StreamCons
         for d in f.deliveries {
             match d.await {
                 Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => return Err(StageError::Delivery(format!("{}[{}]@{}: {e}", f.topic, f.partition, f.offset))),
+                Ok(Err((e, _))) => {
+                    return Err(StageError::Delivery(format!("{}[{}]@{}: {e}", f.topic, f.partition, f.offset)))
+                }
                 Err(_) => return Err(StageError::Delivery("producer dropped the delivery".into())),
             }
         }
@@ -299,12 +306,17 @@ impl Templater {
     pub async fn outcome(&self, rec: RecordRef<'_>, shutdown: &CancellationToken) -> Result<Outcome, StageError> {
         let topic = rec.topic;
         let Some(reader) = self.readers.get(topic).copied() else {
-            return Ok(Outcome::Dead { reason: "unexpected-topic", error: format!("no reader schema for topic {topic}") });
+            return Ok(Outcome::Dead {
+                reason: "unexpected-topic",
+                error: format!("no reader schema for topic {topic}"),
+            });
         };
         let Some(payload) = rec.payload else {
             return Ok(Outcome::Dead { reason: "empty-payload", error: "record has no value".into() });
         };
-        let value = match retry(shutdown, "decode", || self.registry.decode(payload, reader), DecodeError::is_retriable).await? {
+        let value = match retry(shutdown, "decode", || self.registry.decode(payload, reader), DecodeError::is_retriable)
+            .await?
+        {
             Ok(v) => v,
             Err(e) => return Ok(Outcome::Dead { reason: e.reason_code(), error: e.to_string() }),
         };
@@ -318,7 +330,9 @@ impl Templater {
                 return Ok(dead);
             }
         }
-        let (Some(event_id), Some(occurred_at)) = (json.get("event_id").and_then(Json::as_str), json.get("occurred_at").and_then(Json::as_i64)) else {
+        let (Some(event_id), Some(occurred_at)) =
+            (json.get("event_id").and_then(Json::as_str), json.get("occurred_at").and_then(Json::as_i64))
+        else {
             return Ok(Outcome::Dead { reason: "missing-field", error: "event has no event_id or occurred_at".into() });
         };
         let audience = match self.renderer.audience(&logical, &event, &json) {
@@ -329,18 +343,29 @@ impl Templater {
         let recipients = match audience {
             Audience::Users(u) => u,
             Audience::Segment(seg) => {
-                let members = retry(shutdown, "segment lookup", || self.store.segment_members(&seg), |e| e.is_retriable()).await?;
+                let members =
+                    retry(shutdown, "segment lookup", || self.store.segment_members(&seg), |e| e.is_retriable())
+                        .await?;
                 match members {
                     Ok(m) if !m.is_empty() => m,
-                    Ok(_) => return Ok(dead(RenderError::MissingRecipient(format!("audience segment {seg:?} has no members")))),
+                    Ok(_) => {
+                        return Ok(dead(RenderError::MissingRecipient(format!(
+                            "audience segment {seg:?} has no members"
+                        ))))
+                    }
                     Err(e) => return Err(e.into()),
                 }
             }
             Audience::Room { room, exclude } => {
-                let members = retry(shutdown, "room lookup", || self.store.room_members(&room), |e| e.is_retriable()).await?;
+                let members =
+                    retry(shutdown, "room lookup", || self.store.room_members(&room), |e| e.is_retriable()).await?;
                 match members {
                     Ok(m) if !m.is_empty() => m.into_iter().filter(|u| Some(u) != exclude.as_ref()).collect(),
-                    Ok(_) => return Ok(dead(RenderError::MissingRecipient(format!("chat room {room:?} has no known members")))),
+                    Ok(_) => {
+                        return Ok(dead(RenderError::MissingRecipient(format!(
+                            "chat room {room:?} has no known members"
+                        ))))
+                    }
                     Err(e) => return Err(e.into()),
                 }
             }
@@ -373,7 +398,12 @@ impl Templater {
     }
 
     /// Keeps room membership in the store as chat events arrive (in order, since chat is keyed by room).
-    async fn track_membership(&self, event: &str, json: &Json, shutdown: &CancellationToken) -> Result<Option<Outcome>, StageError> {
+    async fn track_membership(
+        &self,
+        event: &str,
+        json: &Json,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Outcome>, StageError> {
         let Some(room) = json.get("room_id").and_then(Json::as_str) else {
             return Ok(Some(Outcome::Dead { reason: "missing-field", error: "chat event has no room_id".into() }));
         };
@@ -381,7 +411,12 @@ impl Templater {
         let str_of = |k: &str| p.get(k).and_then(Json::as_str).map(str::to_string);
         let (add, remove): (Vec<String>, Vec<String>) = match event {
             "RoomCreated" => {
-                let mut members: Vec<String> = p["members"].as_array().into_iter().flatten().filter_map(|v| v.as_str().map(str::to_string)).collect();
+                let mut members: Vec<String> = p["members"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect();
                 members.extend(str_of("creator_id"));
                 (members, vec![])
             }
@@ -389,7 +424,9 @@ impl Templater {
             "MemberLeft" => (vec![], str_of("user_id").into_iter().collect()),
             _ => return Ok(None),
         };
-        match retry(shutdown, "room update", || self.store.update_room(room, &add, &remove), |e| e.is_retriable()).await? {
+        match retry(shutdown, "room update", || self.store.update_room(room, &add, &remove), |e| e.is_retriable())
+            .await?
+        {
             Ok(()) => Ok(None),
             Err(e) => Err(e.into()),
         }
@@ -402,7 +439,12 @@ fn dead(e: RenderError) -> Outcome {
 
 /// Retries `op` while its error is retriable, backing off up to 30 s, until shutdown.
 /// Returns the final result (Ok or a non-retriable error); `Err(StageError)` only on shutdown.
-async fn retry<T, E, F, Fut>(shutdown: &CancellationToken, what: &str, mut op: F, retriable: impl Fn(&E) -> bool) -> Result<Result<T, E>, StageError>
+async fn retry<T, E, F, Fut>(
+    shutdown: &CancellationToken,
+    what: &str,
+    mut op: F,
+    retriable: impl Fn(&E) -> bool,
+) -> Result<Result<T, E>, StageError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, E>>,

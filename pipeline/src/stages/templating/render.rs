@@ -106,7 +106,9 @@ impl Renderer {
             for (n, src) in texts {
                 env.add_template_owned(n.clone(), src.to_owned())
                     .map_err(|e| RenderError::Template { name: n.clone(), message: e.to_string() })?;
-                let t = env.get_template(&n).map_err(|e| RenderError::Template { name: n.clone(), message: e.to_string() })?;
+                let t = env
+                    .get_template(&n)
+                    .map_err(|e| RenderError::Template { name: n.clone(), message: e.to_string() })?;
                 per_recipient |= t.undeclared_variables(false).contains("recipient");
             }
             by_event.insert((spec.topic.clone(), spec.event.clone()), Compiled { spec: spec.clone(), per_recipient });
@@ -125,11 +127,14 @@ impl Renderer {
         Ok(Some(match &c.spec.recipients {
             Recipients::User(p) => {
                 let u = lookup(json, p).and_then(Json::as_str).filter(|s| !s.is_empty());
-                Audience::Users(vec![u.ok_or_else(|| RenderError::MissingRecipient(format!("no user id at `{p}`")))?.to_string()])
+                Audience::Users(vec![u
+                    .ok_or_else(|| RenderError::MissingRecipient(format!("no user id at `{p}`")))?
+                    .to_string()])
             }
             Recipients::Users(p) => Audience::Users(string_array(json, p)?),
             Recipients::Audience(p) => {
-                let a = lookup(json, p).ok_or_else(|| RenderError::MissingRecipient(format!("no audience at `{p}`")))?;
+                let a =
+                    lookup(json, p).ok_or_else(|| RenderError::MissingRecipient(format!("no audience at `{p}`")))?;
                 if let Some(seg) = a.get("segment").and_then(Json::as_str) {
                     Audience::Segment(seg.to_string())
                 } else {
@@ -148,7 +153,13 @@ impl Renderer {
 
     /// Renders the texts for each recipient. Texts that do not mention `recipient` are rendered
     /// once and shared, which is what makes a 100,000-user campaign cheap.
-    pub fn render(&self, topic: &str, event: &str, json: &Json, recipients: &[String]) -> Result<Vec<Rendered>, RenderError> {
+    pub fn render(
+        &self,
+        topic: &str,
+        event: &str,
+        json: &Json,
+        recipients: &[String],
+    ) -> Result<Vec<Rendered>, RenderError> {
         let Some(c) = self.by_event.get(&(topic.to_string(), event.to_string())) else { return Ok(Vec::new()) };
         let locale = json.get("locale").and_then(Json::as_str);
         let loc_key = locale
@@ -166,7 +177,10 @@ impl Renderer {
             let ctx = minijinja::context! { event_type => event, recipient => recipient, ..base.clone() };
             let r = |part: &str, loc: &str| -> Result<String, RenderError> {
                 let n = name(topic, event, loc, part);
-                let t = self.env.get_template(&n).map_err(|e| RenderError::Template { name: n.clone(), message: e.to_string() })?;
+                let t = self
+                    .env
+                    .get_template(&n)
+                    .map_err(|e| RenderError::Template { name: n.clone(), message: e.to_string() })?;
                 t.render(&ctx).map_err(|e| RenderError::Template { name: n.clone(), message: format!("{e:#}") })
             };
             Ok(Rendered {
@@ -200,7 +214,11 @@ fn string_array(json: &Json, path: &str) -> Result<Vec<String>, RenderError> {
         .and_then(Json::as_array)
         .ok_or_else(|| RenderError::MissingRecipient(format!("no list of user ids at `{path}`")))?;
     arr.iter()
-        .map(|v| v.as_str().map(str::to_string).ok_or_else(|| RenderError::MissingRecipient(format!("`{path}` holds a non-string user id"))))
+        .map(|v| {
+            v.as_str()
+                .map(str::to_string)
+                .ok_or_else(|| RenderError::MissingRecipient(format!("`{path}` holds a non-string user id")))
+        })
         .collect()
 }
 
@@ -240,7 +258,10 @@ mod tests {
     fn campaign_audience_inline_or_segment() {
         let r = Renderer::new(&topology()).unwrap();
         let inline = json!({"payload": {"audience": {"user_ids": ["a", "b"]}}});
-        assert_eq!(r.audience("coupons", "CampaignLaunched", &inline).unwrap(), Some(Audience::Users(vec!["a".into(), "b".into()])));
+        assert_eq!(
+            r.audience("coupons", "CampaignLaunched", &inline).unwrap(),
+            Some(Audience::Users(vec!["a".into(), "b".into()]))
+        );
         let seg = json!({"payload": {"audience": {"segment": "vip"}}});
         assert_eq!(r.audience("coupons", "CampaignLaunched", &seg).unwrap(), Some(Audience::Segment("vip".into())));
     }

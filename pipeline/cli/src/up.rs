@@ -120,6 +120,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         None => {
             let m = MockCluster::new(1).context("starting the embedded Kafka mock cluster")?;
             let b = m.bootstrap_servers();
+            // The mock cluster starts empty every time; offsets a previous run stored with its
+            // rows would point past the end of the new topics and hide their first records.
+            let forgotten = store.forget_offsets(&topo.group_name(&topo.stages.persistence.group)).await?;
+            if forgotten > 0 {
+                info!("Embedded Kafka starts empty; forgot {forgotten} offset(s) stored by the previous run (stored rows stay).");
+            }
             let report = topology::apply::apply_mock(&topo, &m)
                 .map_err(|e| anyhow::anyhow!("creating topics on the mock cluster: {e}"))?;
             info!("Embedded Kafka (librdkafka mock cluster) at {b}; {report}");

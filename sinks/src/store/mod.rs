@@ -124,6 +124,16 @@ impl Store {
         }
     }
 
+    /// Forgets every offset stored for `consumer`: for a broker that starts empty (the embedded
+    /// mock cluster), offsets of an earlier run point past the end and would hide new records.
+    pub async fn forget_offsets(&self, consumer: &str) -> Result<u64, StoreError> {
+        const SQL: &str = "DELETE FROM sink_offsets WHERE consumer = $1";
+        Ok(match self {
+            Store::Postgres(p) => sqlx::query(SQL).bind(consumer).execute(p).await?.rows_affected(),
+            Store::Sqlite(p) => sqlx::query(SQL).bind(consumer).execute(p).await?.rows_affected(),
+        })
+    }
+
     /// Users of an audience segment, sorted.
     pub async fn segment_members(&self, segment: &str) -> Result<Vec<String>, StoreError> {
         match self {

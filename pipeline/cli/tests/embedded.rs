@@ -1,0 +1,105 @@
+//! README's run command on its embedded defaults (mock Kafka, SQLite, embedded registry): `up`,
+//! `demo`, notifications stored and readable with `stats`/`inbox`; SIGTERM stops it cleanly; a
+//! second run over the same data directory stores the second demo's notifications too.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn tidings(data: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tidings"));
+    c.env("TIDINGS_DATA_DIR", data).env_remove("TIDINGS_BROKERS").env_remove("TIDINGS_DATABASE_URL");
+    c
+}
+
+fn up(data: &Path) -> Guard {
+    let topology = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../topology.yaml");
+    let _ = std::fs::remove_file(data.join("endpoints.json"));
+    let log = std::fs::File::create(data.join(format!("up-{}.log", uuid::Uuid::new_v4().simple()))).unwrap();
+    let child = tidings(data)
+        .args(["up", "--http", "127.0.0.1:0", "--registry-listen", "127.0.0.1:0", "--topology"])
+        .arg(topology)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !data.join("endpoints.json").exists() {
+        assert!(Instant::now() < deadline, "tidings up did not start within 60 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Guard(child)
+}
+
+fn stored(data: &Path) -> u64 {
+    let out = tidings(data).arg("stats").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["notifications"].as_u64().unwrap()
+}
+
+/// Waits until the count stops changing for 3 s and is above `at_least`.
+fn settled(data: &Path, at_least: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let (mut last, mut since) = (u64::MAX, Instant::now());
+    loop {
+        let n = stored(data);
+        if n != last {
+            (last, since) = (n, Instant::now());
+        } else if n > at_least && since.elapsed() > Duration::from_secs(3) {
+            return n;
+        }
+        assert!(Instant::now() < deadline, "stored count did not settle above {at_least} (now {n})");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+fn demo(data: &Path) {
+    let out = tidings(data).args(["demo", "--events", "120", "--rate", "200"]).output().unwrap();
+    assert!(out.status.success(), "demo failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn terminate(mut g: Guard) {
+    let pid = g.0.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = g.0.try_wait().unwrap() {
+            assert!(status.success(), "tidings up exited with {status} after SIGTERM");
+            return;
+        }
+        assert!(Instant::now() < deadline, "tidings up did not exit within 30 s of SIGTERM");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn up_demo_inbox_on_embedded_defaults_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+
+    let first = up(data);
+    demo(data);
+    let n1 = settled(data, 0);
+    let inbox = tidings(data).args(["inbox", "--user", "u0001"]).output().unwrap();
+    let text = String::from_utf8_lossy(&inbox.stdout);
+    assert!(inbox.status.success() && text.contains("u0001:") && text.contains("unread"), "{text}");
+    terminate(first);
+
+    // Same data directory, fresh embedded broker: the same demo stores as many again.
+    let second = up(data);
+    demo(data);
+    let n2 = settled(data, n1);
+    assert_eq!(n2, 2 * n1, "the second run's demo stored {} notifications, the first {n1}", n2 - n1);
+    terminate(second);
+}

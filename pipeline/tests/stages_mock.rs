@@ -427,3 +427,72 @@ async fn persistence_waits_out_a_database_outage_without_losing_or_duplicating()
     env.token.cancel();
     drop(mock);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistence_dead_letters_what_it_cannot_store_and_keeps_going() {
+    let mock = MockCluster::new(1).unwrap();
+    let env = env(&mock).await;
+    let (enc, _) = encoder(&env, "notifications-value").await;
+    let producer: FutureProducer = env.kafka.producer().create().unwrap();
+    let notification = |i: i64, occurred_at: i64| Notification {
+        notification_id: Notification::id_for(&format!("ev-{i}"), "u1"),
+        user_id: "u1".into(),
+        kind: "k".into(),
+        title: "t".into(),
+        body: "b".into(),
+        link: None,
+        source_event_id: format!("ev-{i}"),
+        occurred_at,
+        source_topic: "orders".into(),
+        source_partition: 0,
+        source_offset: i,
+    };
+    let inputs: Vec<(Vec<u8>, Option<&str>)> = vec![
+        (enc.encode(notification(0, 1_700_000_000_000_000).to_value()).unwrap(), None),
+        (b"not avro at all".to_vec(), Some("wrong-magic-byte")),
+        (enc.encode(notification(1, i64::MIN).to_value()).unwrap(), Some("timestamp-out-of-range")),
+        (enc.encode(notification(2, 1_700_000_000_000_001).to_value()).unwrap(), None),
+    ];
+    let mut expected = Vec::new();
+    for (bytes, reason) in &inputs {
+        let d = producer
+            .send(FutureRecord::to("notifications").key("u1").payload(bytes), Duration::from_secs(5))
+            .await
+            .unwrap();
+        if let Some(r) = reason {
+            expected.push((r.to_string(), d.offset));
+        }
+    }
+    let token = CancellationToken::new();
+    let cfg = PersistenceConfig {
+        kafka: env.kafka.clone(),
+        registry_url: env.registry_url.clone(),
+        group: "dlq-test".into(),
+        notifications_topic: "notifications".into(),
+        chat_topic: None,
+        chat_schema: None,
+        dead_letter: "tidings.dlq.persistence".into(),
+        batch_size: 100,
+        linger: Duration::from_millis(50),
+    };
+    let stage = tokio::spawn(persistence::run(cfg, env.store.clone(), token.clone()));
+    let dead = read(&consumer(&env, "tidings.dlq.persistence"), expected.len()).await;
+    for ((reason, offset), (_, _, headers, _, _)) in expected.iter().zip(&dead) {
+        let h = |k: &str| headers.iter().find(|(hk, _)| hk == k).map(|(_, v)| v.clone());
+        assert_eq!(h(H_DLQ_REASON).as_deref(), Some(reason.as_str()), "{headers:?}");
+        assert_eq!(h(H_DLQ_OFFSET), Some(offset.to_string()));
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while env.store.count_notifications().await.unwrap() < 2 {
+        assert!(Instant::now() < deadline, "the valid notifications around the bad ones were not stored");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(env.store.count_notifications().await.unwrap(), 2);
+    let next: i64 = env.store.load_offsets("dlq-test", "notifications").await.unwrap().values().sum();
+    assert_eq!(next, 4, "the dead-lettered records' offsets advance with the batch");
+    token.cancel();
+    tokio::time::timeout(Duration::from_secs(20), stage).await.unwrap().unwrap().unwrap();
+    env.token.cancel();
+    drop(mock);
+}

@@ -31,6 +31,10 @@ use crate::{Store, StoreError};
 /// Name used in dead-letter headers and logs.
 pub const STAGE: &str = "persistence";
 
+/// Timestamps the store accepts (years 1 to 9999, in microseconds since the Unix epoch). Anything
+/// else would fail its whole batch on every retry, so such a record is dead-lettered instead.
+const STORABLE_MICROS: std::ops::RangeInclusive<i64> = -62_135_596_800_000_000..=253_402_300_799_999_999;
+
 /// Errors that stop the stage.
 #[derive(Debug, thiserror::Error)]
 pub enum PersistError {
@@ -364,6 +368,10 @@ async fn take(
     };
     if m.topic() == cfg.notifications_topic {
         match Notification::from_value(value) {
+            Ok(n) if !STORABLE_MICROS.contains(&n.occurred_at) => {
+                let error = format!("occurred_at {} is outside years 1-9999", n.occurred_at);
+                return dead_letter(m, pending, "timestamp-out-of-range", &error, cfg, producer).await;
+            }
             Ok(n) => pending.batch.notifications.push(StoredNotification {
                 notification: n,
                 stream_partition: m.partition(),
@@ -386,6 +394,10 @@ async fn take(
             })
         })();
         match msg {
+            Some(c) if !STORABLE_MICROS.contains(&c.occurred_at) => {
+                let error = format!("occurred_at {} is outside years 1-9999", c.occurred_at);
+                return dead_letter(m, pending, "timestamp-out-of-range", &error, cfg, producer).await;
+            }
             Some(c) => pending.batch.chat_messages.push(c),
             None => {
                 return dead_letter(m, pending, "missing-field", "MessageSent lacks a required field", cfg, producer)

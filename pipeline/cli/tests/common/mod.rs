@@ -1,0 +1,235 @@
+//! Shared helpers for the integration tests that run the real `tidings` binary against a real
+//! broker (`TIDINGS_TEST_BROKERS`, tansu in practice) and a fresh PostgreSQL database: process
+//! guards that always kill their child, bounded waits that fail with the child's log, Kafka probes.
+#![allow(dead_code)] // Each test binary uses a different subset.
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::ClientConfig;
+use serde::Deserialize;
+use std::fs::File;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// The broker under test, or `None` (after saying so) when the test should be skipped.
+/// Under CI a missing broker is an error, so the suite cannot pass by skipping everything.
+pub fn brokers_or_skip() -> Option<String> {
+    match std::env::var("TIDINGS_TEST_BROKERS") {
+        Ok(b) if !b.trim().is_empty() => Some(b.trim().to_string()),
+        _ => {
+            if std::env::var_os("CI").is_some() {
+                panic!(
+                    "TIDINGS_TEST_BROKERS is not set but CI is: start a broker (compose/start-tansu.sh) and export it"
+                );
+            }
+            eprintln!("skipped: TIDINGS_TEST_BROKERS not set");
+            None
+        }
+    }
+}
+
+/// A topic prefix no other test run shares, so tests can run side by side on one broker.
+pub fn unique_prefix() -> String {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    format!("t{}.", &id[..8])
+}
+
+/// A fresh, migrated PostgreSQL database: its pool and URL.
+pub async fn fresh_pg() -> (sqlx::PgPool, String) {
+    let (store, url) = tidings_sinks::testing::fresh_postgres().await.unwrap_or_else(|e| {
+        panic!("cannot create a test database (is PostgreSQL at TIDINGS_TEST_PG / 127.0.0.1:5432 up?): {e}")
+    });
+    match store {
+        tidings_sinks::Store::Postgres(pool) => (pool, url),
+        tidings_sinks::Store::Sqlite(_) => panic!("fresh_postgres returned a SQLite store"),
+    }
+}
+
+pub fn topology_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../topology.yaml")
+}
+
+/// What `tidings up` wrote to `<data-dir>/endpoints.json`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Endpoints {
+    pub brokers: String,
+    pub schema_registry_url: String,
+    pub database_url: String,
+    pub http: String,
+    pub topic_prefix: String,
+}
+
+/// How to start one `tidings up`.
+pub struct Up<'a> {
+    pub brokers: &'a str,
+    pub database_url: &'a str,
+    pub prefix: &'a str,
+    pub stages: &'a str,
+    /// External registry; `None` makes the process serve the embedded one.
+    pub registry_url: Option<&'a str>,
+}
+
+/// A running `tidings up`. Dropping it SIGKILLs the process if it is still alive, so a failing
+/// test never leaves children behind.
+pub struct Tidings {
+    pub name: String,
+    child: Child,
+    log: PathBuf,
+    data_dir: tempfile::TempDir,
+}
+
+impl Tidings {
+    pub fn spawn(name: &str, up: &Up<'_>) -> Tidings {
+        let data_dir = tempfile::Builder::new().prefix(&format!("tidings-{name}-")).tempdir().expect("temp dir");
+        let log = data_dir.path().join("tidings.log");
+        let out = File::create(&log).expect("log file");
+        let err = out.try_clone().expect("log file");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tidings"));
+        cmd.arg("up")
+            .args(["--brokers", up.brokers])
+            .args(["--database-url", up.database_url])
+            .args(["--topic-prefix", up.prefix])
+            .args(["--http", "127.0.0.1:0", "--registry-listen", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(data_dir.path())
+            .args(["--stages", up.stages])
+            .arg("--topology")
+            .arg(topology_path())
+            .env("TIDINGS_LOG", "info,librdkafka=warn,rdkafka=warn,sqlx=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err));
+        if let Some(r) = up.registry_url {
+            cmd.args(["--schema-registry-url", r]);
+        }
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawning {}: {e}", env!("CARGO_BIN_EXE_tidings")));
+        Tidings { name: name.to_string(), child, log, data_dir }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The last `lines` lines of the process's combined stdout/stderr.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        let tail = all[all.len().saturating_sub(lines)..].join("\n");
+        format!("---- last {lines} log lines of {} (pid {}) ----\n{tail}\n----", self.name, self.pid())
+    }
+
+    /// Whether the process has exited (and how).
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().expect("try_wait")
+    }
+
+    /// Waits (bounded) until the process has written its endpoints file, i.e. it is up.
+    pub async fn endpoints(&mut self, timeout: Duration) -> Endpoints {
+        let path = self.data_dir.path().join("endpoints.json");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(text) = std::fs::read(&path) {
+                if let Ok(e) = serde_json::from_slice::<Endpoints>(&text) {
+                    return e;
+                }
+            }
+            if let Some(status) = self.exited() {
+                panic!("{} exited ({status}) before writing {}\n{}", self.name, path.display(), self.log_tail(40));
+            }
+            if Instant::now() > deadline {
+                panic!("{} did not write {} within {timeout:?}\n{}", self.name, path.display(), self.log_tail(40));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Sends a signal with the `kill` command (`TERM`, `KILL`, …).
+    pub fn signal(&self, sig: &str) {
+        let status =
+            Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status().expect("running kill");
+        assert!(status.success(), "kill -{sig} {} failed: {status}", self.pid());
+    }
+
+    /// `kill -9`, then reaps the process.
+    pub fn kill9(&mut self) {
+        if self.exited().is_none() {
+            self.signal("KILL");
+        }
+        let _ = self.child.wait();
+    }
+
+    /// Waits (bounded) for the process to exit.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.exited() {
+                return Some(s);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Tidings {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `check` every `every` until it yields `Ok`, or panics after `timeout` with the last
+/// observed state and the tails of the given processes' logs.
+pub async fn eventually<T, F, Fut>(
+    what: &str,
+    timeout: Duration,
+    every: Duration,
+    procs: &[&Tidings],
+    mut check: F,
+) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        let last = match check().await {
+            Ok(v) => return v,
+            Err(state) => state,
+        };
+        if Instant::now() > deadline {
+            let logs: Vec<String> = procs.iter().map(|p| p.log_tail(40)).collect();
+            panic!("timed out after {timeout:?} waiting for {what}; last state: {last}\n{}", logs.join("\n"));
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+pub async fn count_notifications(pool: &sqlx::PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM notifications").fetch_one(pool).await.expect("count notifications")
+}
+
+/// Per-partition high watermarks of `topic` (partition index = position).
+pub async fn high_watermarks(brokers: &str, topic: &str) -> Vec<i64> {
+    let (brokers, topic) = (brokers.to_string(), topic.to_string());
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("group.id", format!("probe-{}", uuid::Uuid::new_v4().simple()))
+            .create()
+            .expect("probe consumer");
+        let md = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10)).expect("metadata");
+        let parts = md.topics().first().map(|t| t.partitions().len()).unwrap_or(0);
+        assert!(parts > 0, "topic {topic} has no partitions");
+        (0..parts as i32)
+            .map(|p| consumer.fetch_watermarks(&topic, p, Duration::from_secs(10)).expect("watermarks").1)
+            .collect()
+    })
+    .await
+    .expect("watermark probe")
+}

@@ -38,9 +38,29 @@ pub struct Infra {
     /// Prefix for every topic and consumer group (isolates test runs on a shared broker).
     #[arg(long, env = "TIDINGS_TOPIC_PREFIX")]
     pub topic_prefix: Option<String>,
+    /// Extra librdkafka property for every client, `key=value`, repeatable (e.g.
+    /// `group.instance.id=pipeline-1` for static membership, `session.timeout.ms=6000`).
+    #[arg(long = "kafka-opt", env = "TIDINGS_KAFKA_OPTS", value_delimiter = ',', value_parser = parse_kafka_opt)]
+    pub kafka_opts: Vec<(String, String)>,
     /// Directory for the embedded store and the endpoints file.
     #[arg(long, env = "TIDINGS_DATA_DIR", default_value = "tidings-data")]
     pub data_dir: PathBuf,
+}
+
+fn parse_kafka_opt(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.trim().to_string())),
+        _ => Err(format!("{s:?} is not key=value")),
+    }
+}
+
+impl Infra {
+    /// Kafka settings for `brokers` plus the `--kafka-opt` properties.
+    pub fn kafka(&self, brokers: String) -> tidings_core::kafka::KafkaConfig {
+        let mut k = tidings_core::kafka::KafkaConfig::new(brokers);
+        k.extra = self.kafka_opts.clone();
+        k
+    }
 }
 
 #[derive(Subcommand)]

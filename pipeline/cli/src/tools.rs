@@ -9,7 +9,6 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 use tidings_core::json_avro::json_to_avro;
-use tidings_core::kafka::KafkaConfig;
 use tidings_core::{FramedEncoder, RegistryClient};
 use tidings_pipeline::topology::{self, Topology};
 use tidings_sinks::Store;
@@ -65,7 +64,7 @@ fn topology_with_running_prefix(infra: &Infra) -> anyhow::Result<Topology> {
 
 pub async fn topology_apply(infra: &Infra) -> anyhow::Result<ExitCode> {
     let topo = load_topology(infra)?;
-    let admin: AdminClient<DefaultClientContext> = KafkaConfig::new(brokers(infra)?).admin().create()?;
+    let admin: AdminClient<DefaultClientContext> = infra.kafka(brokers(infra)?).admin().create()?;
     let report =
         topology::apply::apply(&topo, &admin, Duration::from_secs(30)).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     println!("{report}");
@@ -81,7 +80,7 @@ pub async fn produce(topic: &str, infra: &Infra) -> anyhow::Result<ExitCode> {
     let registry = RegistryClient::new(&registry_url(infra)?)?;
     let (id, schema) = registry.latest(&format!("{physical}-value")).await?;
     let encoder = FramedEncoder::new(id, schema)?;
-    let producer: FutureProducer = KafkaConfig::new(brokers(infra)?).producer().create()?;
+    let producer: FutureProducer = infra.kafka(brokers(infra)?).producer().create()?;
     let (mut ok, mut bad) = (0u64, 0u64);
     for (n, line) in std::io::stdin().lock().lines().enumerate() {
         let line = line?;

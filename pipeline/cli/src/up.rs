@@ -13,7 +13,6 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
-use tidings_core::kafka::KafkaConfig;
 use tidings_core::shutdown::TaskTree;
 use tidings_core::RegistryClient;
 use tidings_gateway::{IngestState, IngestTopic, Readiness};
@@ -133,7 +132,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             b
         }
     };
-    let kafka = KafkaConfig::new(brokers.clone());
+    let kafka = args.infra.kafka(brokers.clone());
     if mock.is_none() {
         let admin: AdminClient<DefaultClientContext> = kafka.admin().create()?;
         let report = topology::apply::apply(&topo, &admin, Duration::from_secs(30))

@@ -93,6 +93,24 @@ enum Command {
         #[command(flatten)]
         infra: Infra,
     },
+    /// Print an HS256 token for a user, signed with the gateway's secret (dev default if unset).
+    Token {
+        /// The user id (`sub`).
+        #[arg(long)]
+        user: String,
+        /// Lifetime of the token in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl_secs: u64,
+        /// HS256 secret; default: the dev secret `tidings up` uses when none is given.
+        #[arg(long, env = "TIDINGS_JWT_SECRET", hide_env_values = true)]
+        jwt_secret: Option<String>,
+        /// `iss` claim to include.
+        #[arg(long, env = "TIDINGS_JWT_ISSUER")]
+        jwt_issuer: Option<String>,
+        /// `aud` claim to include.
+        #[arg(long, env = "TIDINGS_JWT_AUDIENCE")]
+        jwt_audience: Option<String>,
+    },
     /// Load a named audience segment (one user id per line on stdin) for campaigns.
     Segment {
         /// Segment name, as used by `SegmentAudience.segment`.
@@ -195,6 +213,26 @@ async fn shutdown_tracing(provider: SdkTracerProvider) {
     }
 }
 
+/// `tidings token`: the token goes to stdout alone so it can be captured (`T=$(tidings token ...)`).
+fn print_token(
+    user: &str,
+    ttl_secs: u64,
+    secret: Option<&str>,
+    issuer: Option<&str>,
+    audience: Option<&str>,
+) -> anyhow::Result<ExitCode> {
+    if user.is_empty() {
+        anyhow::bail!("--user must not be empty");
+    }
+    let secret = secret.unwrap_or_else(|| {
+        tracing::warn!("No --jwt-secret: signing with the dev secret, which only a dev-mode `tidings up` accepts.");
+        tidings_gateway::auth::DEV_SECRET
+    });
+    let ttl = std::time::Duration::from_secs(ttl_secs);
+    println!("{}", tidings_gateway::auth::mint_hs256(secret.as_bytes(), user, ttl, issuer, audience)?);
+    Ok(ExitCode::SUCCESS)
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -218,6 +256,9 @@ async fn main() -> ExitCode {
         Command::Inbox { user, limit, infra } => tools::inbox(&user, limit, &infra).await,
         Command::Stats { infra } => tools::stats(&infra).await,
         Command::Segment { name, infra } => tools::segment(&name, &infra).await,
+        Command::Token { user, ttl_secs, jwt_secret, jwt_issuer, jwt_audience } => {
+            print_token(&user, ttl_secs, jwt_secret.as_deref(), jwt_issuer.as_deref(), jwt_audience.as_deref())
+        }
     };
     if let Some(p) = provider {
         shutdown_tracing(p).await;

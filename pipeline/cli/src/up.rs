@@ -15,7 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tidings_core::shutdown::TaskTree;
 use tidings_core::RegistryClient;
-use tidings_gateway::{IngestState, IngestTopic, Readiness};
+use tidings_gateway::auth::{self, Key};
+use tidings_gateway::{AuthConfig, InboxState, IngestState, IngestTopic, Readiness};
 use tidings_pipeline::stages::templating::{self, TemplatingConfig};
 use tidings_pipeline::topology::{self, Topology};
 use tidings_sinks::persistence::{self, PersistenceConfig};
@@ -46,6 +47,52 @@ pub struct UpArgs {
     /// <url>/v1/traces. Unset: no export, only the traceparent headers travel.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
+    #[command(flatten)]
+    pub jwt: JwtArgs,
+}
+
+/// How the gateway authenticates users (JWT). With neither a secret nor a public key, the embedded
+/// dev secret is used.
+#[derive(Args, Clone, Debug)]
+pub struct JwtArgs {
+    /// HS256 shared secret. Default (when no --jwt-public-key-file either): the dev secret
+    /// `tidings-dev-secret`, which is only fit for local use.
+    #[arg(long, env = "TIDINGS_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// PEM public key: RS256 for an RSA key, ES256 for an EC P-256 key.
+    #[arg(long, env = "TIDINGS_JWT_PUBLIC_KEY_FILE")]
+    pub jwt_public_key_file: Option<std::path::PathBuf>,
+    /// Required `iss` claim.
+    #[arg(long, env = "TIDINGS_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Required `aud` claim.
+    #[arg(long, env = "TIDINGS_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+}
+
+impl JwtArgs {
+    /// The gateway's auth settings; warns when falling back to the dev secret.
+    pub fn auth_config(&self) -> anyhow::Result<AuthConfig> {
+        let mut keys = Vec::new();
+        if let Some(secret) = &self.jwt_secret {
+            keys.push(Key::hs256(secret.as_bytes()));
+        }
+        if let Some(path) = &self.jwt_public_key_file {
+            let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            let key = Key::from_public_pem(&pem).with_context(|| format!("loading {}", path.display()))?;
+            info!("Gateway accepts {:?} tokens signed for the key in {}.", key.algorithm(), path.display());
+            keys.push(key);
+        }
+        if keys.is_empty() {
+            tracing::warn!(
+                "No --jwt-secret or --jwt-public-key-file: the gateway accepts HS256 tokens signed with the \
+                 built-in dev secret {:?}. Anyone can mint those; set TIDINGS_JWT_SECRET outside local dev.",
+                auth::DEV_SECRET
+            );
+            keys.push(Key::hs256(auth::DEV_SECRET.as_bytes()));
+        }
+        Ok(AuthConfig { issuer: self.jwt_issuer.clone(), audience: self.jwt_audience.clone(), keys })
+    }
 }
 
 pub(crate) fn load_topology(infra: &Infra) -> anyhow::Result<Topology> {
@@ -190,7 +237,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             })
             .collect();
         let ingest = Arc::new(IngestState::new(topics, client.clone(), producer));
-        let app = tidings_gateway::app(ingest, readiness.clone());
+        let inbox = InboxState { store: store.clone(), auth: Arc::new(args.jwt.auth_config()?) };
+        let app = tidings_gateway::app(Some(ingest), Some(inbox), readiness.clone());
         let listener = tokio::net::TcpListener::bind(args.http)
             .await
             .with_context(|| format!("binding the gateway to {}", args.http))?;
@@ -199,7 +247,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         readiness.set("gateway", true);
         let t = token.clone();
         tasks.spawn("gateway", async move { tidings_gateway::serve(listener, app, t).await });
-        info!("Gateway listening on {http} (GET /healthz, GET /readyz, POST /v1/events/{{topic}}).");
+        info!("Gateway listening on {http} (GET /healthz, GET /readyz, POST /v1/events/{{topic}}, GET /v1/notifications).");
     }
 
     Endpoints {

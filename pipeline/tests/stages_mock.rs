@@ -117,12 +117,18 @@ async fn templating_renders_dead_letters_and_keeps_going() {
     unknown_id[1..5].copy_from_slice(&999_999u32.to_be_bytes());
     let mut truncated = valid("y", "u9");
     truncated.truncate(12);
+    // Cut inside the last field, a string: apache-avro alone would read it as null.
+    let cancelled = json!({"event_id": "z", "occurred_at": 1, "order_id": "o-z", "buyer_id": "u9",
+        "payload": {"OrderCancelled": {"reason": "changed my mind"}}});
+    let mut cut_string = enc.encode(json_to_avro(schema, &cancelled).unwrap()).unwrap();
+    cut_string.truncate(cut_string.len() - 3);
     let inputs: Vec<(&str, Vec<u8>, Option<&str>)> = vec![
         ("valid", valid("e1", "u1"), None),
         ("garbage", b"hello, world".to_vec(), Some("wrong-magic-byte")),
         ("short", vec![0, 0], Some("too-short")),
         ("unknown id", unknown_id, Some("unknown-schema-id")),
         ("truncated", truncated, Some("malformed-avro")),
+        ("truncated trailing string", cut_string, Some("malformed-avro")),
         ("empty buyer", valid("e2", ""), Some("missing-recipient")),
         ("valid after", valid("e3", "u3"), None),
     ];

@@ -3,6 +3,7 @@
 //! because building a resolved schema is the dominant cost of Avro decoding.
 
 use apache_avro::reader::datum::GenericDatumReader;
+use apache_avro::schema::ResolvedSchema;
 use apache_avro::types::Value;
 use apache_avro::writer::datum::GenericDatumWriter;
 use apache_avro::Schema;
@@ -17,6 +18,9 @@ use std::time::Duration;
 
 use crate::error::{CodecError, RegistryError};
 use crate::wire;
+
+/// Largest single allocation the Avro decoder may make.
+pub const MAX_AVRO_ALLOCATION: usize = 64 * 1024 * 1024;
 
 /// Why a framed record could not be decoded.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +61,9 @@ impl DecodeError {
 /// schema id for the life of the process (a handful), so readers can borrow them for `'static`.
 struct CachedReader {
     reader: GenericDatumReader<'static>,
+    /// The reader schema's named types, resolved once, to validate each decoded value.
+    names: ResolvedSchema<'static>,
+    schema: &'static Schema,
 }
 
 /// Cached access to a schema registry.
@@ -87,6 +94,10 @@ fn classify(e: SRCError, not_found: impl FnOnce() -> RegistryError) -> RegistryE
 impl RegistryClient {
     /// A client for the registry at `url` (e.g. `http://127.0.0.1:8081`).
     pub fn new(url: &str) -> Result<Self, RegistryError> {
+        // Caps any single allocation the Avro decoder makes from a length it read from untrusted
+        // bytes (the default is 512 MiB): a 6-byte record must not be able to claim gigabytes.
+        // 64 MiB still fits a legitimate 1 MiB record of one-byte array items (~40 MB as values).
+        apache_avro::util::max_allocation_bytes(MAX_AVRO_ALLOCATION);
         let settings = SrSettings::new_builder(url.trim_end_matches('/').to_string())
             .set_timeout(Duration::from_secs(10))
             .build()
@@ -159,7 +170,9 @@ impl RegistryClient {
                     .maybe_reader_schema(if same { None } else { Some(reader) })
                     .build()
                     .map_err(|e| DecodeError::Incompatible { id, reason: e.to_string() })?;
-                let c = Arc::new(CachedReader { reader: built });
+                let names = ResolvedSchema::try_from(reader)
+                    .map_err(|e| DecodeError::Incompatible { id, reason: e.to_string() })?;
+                let c = Arc::new(CachedReader { reader: built, names, schema: reader });
                 self.inner.readers.write().expect("lock").insert(key, c.clone());
                 c
             }
@@ -168,6 +181,13 @@ impl RegistryClient {
             .reader
             .read_value(&mut datum)
             .map_err(|e| DecodeError::Malformed(CodecError::Avro(e.to_string())))?;
+        // apache-avro 0.22 reads a string cut off at the end of the input as null; validation
+        // against the schema turns such a truncated record into the error it is.
+        if !value.validate_with_names(cached.schema, cached.names.get_names()) {
+            return Err(DecodeError::Malformed(CodecError::Avro(
+                "datum is truncated or does not match its schema".into(),
+            )));
+        }
         if !datum.is_empty() {
             return Err(DecodeError::Malformed(CodecError::Avro(format!(
                 "{} trailing bytes after the datum",

@@ -1,6 +1,7 @@
 //! README's run command on its embedded defaults (mock Kafka, SQLite, embedded registry): `up`,
 //! `demo`, notifications stored and readable with `stats`/`inbox`; SIGTERM stops it cleanly; a
-//! second run over the same data directory stores the second demo's notifications too.
+//! second run over the same data directory stores the second demo's notifications too; `produce`
+//! turns JSON lines into Avro events and reports a bad line with its field path.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -17,7 +18,10 @@ impl Drop for Guard {
 
 fn tidings(data: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_tidings"));
-    c.env("TIDINGS_DATA_DIR", data).env_remove("TIDINGS_BROKERS").env_remove("TIDINGS_DATABASE_URL");
+    c.env("TIDINGS_DATA_DIR", data)
+        .env("TIDINGS_TOPOLOGY", Path::new(env!("CARGO_MANIFEST_DIR")).join("../../topology.yaml"))
+        .env_remove("TIDINGS_BROKERS")
+        .env_remove("TIDINGS_DATABASE_URL");
     c
 }
 
@@ -94,12 +98,28 @@ fn up_demo_inbox_on_embedded_defaults_across_a_restart() {
     let inbox = tidings(data).args(["inbox", "--user", "u0001"]).output().unwrap();
     let text = String::from_utf8_lossy(&inbox.stdout);
     assert!(inbox.status.success() && text.contains("u0001:") && text.contains("unread"), "{text}");
+
+    // `tidings produce`: JSON lines in, Avro out; a bad line is reported with its field path and skipped.
+    let mut child =
+        tidings(data).args(["produce", "orders"]).stdin(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        writeln!(stdin, r#"{{"event_id":"cli-1","occurred_at":"2026-11-22T10:00:00Z","order_id":"o-cli","buyer_id":"u0001","payload":{{"OrderShipped":{{"carrier":"DHL","tracking_number":"T9"}}}}}}"#).unwrap();
+        writeln!(stdin, r#"{{"event_id":"cli-2","occurred_at":1,"order_id":"o-cli","buyer_id":"u0001","payload":{{"OrderPaid":{{"amount_cents":"lots","currency":"EUR","payment_method":"card"}}}}}}"#).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "one rejected line gives exit code 4: {err}");
+    assert!(err.contains("line 2") && err.contains("payload.amount_cents"), "{err}");
+    let np = settled(data, n1);
+    assert_eq!(np, n1 + 1, "the valid produced event became one notification");
     terminate(first);
 
     // Same data directory, fresh embedded broker: the same demo stores as many again.
     let second = up(data);
     demo(data);
-    let n2 = settled(data, n1);
-    assert_eq!(n2, 2 * n1, "the second run's demo stored {} notifications, the first {n1}", n2 - n1);
+    let n2 = settled(data, np);
+    assert_eq!(n2 - np, n1, "the second run's demo stored {} notifications, the first {n1}", n2 - np);
     terminate(second);
 }

@@ -97,6 +97,38 @@ fn order(event_id: &str, buyer: &str) -> serde_json::Value {
         "payload": {"OrderShipped": {"carrier": "DHL", "tracking_number": "T1"}}})
 }
 
+/// Notification number `i` for `user`, as the templating stage would emit it.
+fn notification(i: usize, user: &str, occurred_at: i64) -> Notification {
+    Notification {
+        notification_id: Notification::id_for(&format!("ev-{i}"), user),
+        user_id: user.into(),
+        kind: "k".into(),
+        title: format!("t{i}"),
+        body: "b".into(),
+        link: None,
+        source_event_id: format!("ev-{i}"),
+        occurred_at,
+        source_topic: "orders".into(),
+        source_partition: 0,
+        source_offset: i as i64,
+    }
+}
+
+/// Persistence settings for the `notifications` topic of `env` under consumer group `group`.
+fn persistence_cfg(env: &Env, group: &str, batch_size: usize) -> PersistenceConfig {
+    PersistenceConfig {
+        kafka: env.kafka.clone(),
+        registry_url: env.registry_url.clone(),
+        group: group.into(),
+        notifications_topic: "notifications".into(),
+        chat_topic: None,
+        chat_schema: None,
+        dead_letter: "tidings.dlq.persistence".into(),
+        batch_size,
+        linger: Duration::from_millis(50),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn templating_renders_dead_letters_and_keeps_going() {
     let mock = MockCluster::new(1).unwrap();
@@ -208,19 +240,7 @@ async fn persistence_starts_from_the_offsets_in_the_store_and_never_duplicates()
     let mut partition = 0;
     let mut ids = Vec::new();
     let send = |i: usize| {
-        let n = Notification {
-            notification_id: Notification::id_for(&format!("ev-{i}"), "u1"),
-            user_id: "u1".into(),
-            kind: "k".into(),
-            title: format!("t{i}"),
-            body: "b".into(),
-            link: None,
-            source_event_id: format!("ev-{i}"),
-            occurred_at: 1_700_000_000_000_000,
-            source_topic: "orders".into(),
-            source_partition: 0,
-            source_offset: i as i64,
-        };
+        let n = notification(i, "u1", 1_700_000_000_000_000);
         (n.notification_id, enc.encode(n.to_value()).unwrap())
     };
     for i in 0..10 {
@@ -241,17 +261,7 @@ async fn persistence_starts_from_the_offsets_in_the_store_and_never_duplicates()
         ..Batch::default()
     };
     env.store.write_batch(&group, &seed).await.unwrap();
-    let cfg = PersistenceConfig {
-        kafka: env.kafka.clone(),
-        registry_url: env.registry_url.clone(),
-        group: group.clone(),
-        notifications_topic: "notifications".into(),
-        chat_topic: None,
-        chat_schema: None,
-        dead_letter: "tidings.dlq.persistence".into(),
-        batch_size: 3,
-        linger: Duration::from_millis(50),
-    };
+    let cfg = persistence_cfg(&env, &group, 3);
     let run = |token: CancellationToken| tokio::spawn(persistence::run(cfg.clone(), env.store.clone(), token));
     let wait_for = |n: u64| {
         let store = env.store.clone();
@@ -358,19 +368,7 @@ async fn persistence_waits_out_a_database_outage_without_losing_or_duplicating()
         let mut recs = Vec::new();
         for i in range {
             let user = format!("u{}", i % 7);
-            let n = Notification {
-                notification_id: Notification::id_for(&format!("ev-{i}"), &user),
-                user_id: user.clone(),
-                kind: "k".into(),
-                title: "t".into(),
-                body: "b".into(),
-                link: None,
-                source_event_id: format!("ev-{i}"),
-                occurred_at: 1_700_000_000_000_000,
-                source_topic: "orders".into(),
-                source_partition: 0,
-                source_offset: i as i64,
-            };
+            let n = notification(i, &user, 1_700_000_000_000_000);
             recs.push((user, enc.encode(n.to_value()).unwrap()));
         }
         recs
@@ -386,17 +384,7 @@ async fn persistence_waits_out_a_database_outage_without_losing_or_duplicating()
             }
         }
     };
-    let cfg = PersistenceConfig {
-        kafka: env.kafka.clone(),
-        registry_url: env.registry_url.clone(),
-        group: "outage-test".into(),
-        notifications_topic: "notifications".into(),
-        chat_topic: None,
-        chat_schema: None,
-        dead_letter: "tidings.dlq.persistence".into(),
-        batch_size: 50,
-        linger: Duration::from_millis(50),
-    };
+    let cfg = persistence_cfg(&env, "outage-test", 50);
     let token = CancellationToken::new();
     let stage = tokio::spawn(persistence::run(cfg, proxied, token.clone()));
     send_all(produce(0..100)).await;
@@ -440,24 +428,11 @@ async fn persistence_dead_letters_what_it_cannot_store_and_keeps_going() {
     let env = env(&mock).await;
     let (enc, _) = encoder(&env, "notifications-value").await;
     let producer: FutureProducer = env.kafka.producer().create().unwrap();
-    let notification = |i: i64, occurred_at: i64| Notification {
-        notification_id: Notification::id_for(&format!("ev-{i}"), "u1"),
-        user_id: "u1".into(),
-        kind: "k".into(),
-        title: "t".into(),
-        body: "b".into(),
-        link: None,
-        source_event_id: format!("ev-{i}"),
-        occurred_at,
-        source_topic: "orders".into(),
-        source_partition: 0,
-        source_offset: i,
-    };
     let inputs: Vec<(Vec<u8>, Option<&str>)> = vec![
-        (enc.encode(notification(0, 1_700_000_000_000_000).to_value()).unwrap(), None),
+        (enc.encode(notification(0, "u1", 1_700_000_000_000_000).to_value()).unwrap(), None),
         (b"not avro at all".to_vec(), Some("wrong-magic-byte")),
-        (enc.encode(notification(1, i64::MIN).to_value()).unwrap(), Some("timestamp-out-of-range")),
-        (enc.encode(notification(2, 1_700_000_000_000_001).to_value()).unwrap(), None),
+        (enc.encode(notification(1, "u1", i64::MIN).to_value()).unwrap(), Some("timestamp-out-of-range")),
+        (enc.encode(notification(2, "u1", 1_700_000_000_000_001).to_value()).unwrap(), None),
     ];
     let mut expected = Vec::new();
     for (bytes, reason) in &inputs {
@@ -470,17 +445,7 @@ async fn persistence_dead_letters_what_it_cannot_store_and_keeps_going() {
         }
     }
     let token = CancellationToken::new();
-    let cfg = PersistenceConfig {
-        kafka: env.kafka.clone(),
-        registry_url: env.registry_url.clone(),
-        group: "dlq-test".into(),
-        notifications_topic: "notifications".into(),
-        chat_topic: None,
-        chat_schema: None,
-        dead_letter: "tidings.dlq.persistence".into(),
-        batch_size: 100,
-        linger: Duration::from_millis(50),
-    };
+    let cfg = persistence_cfg(&env, "dlq-test", 100);
     let stage = tokio::spawn(persistence::run(cfg, env.store.clone(), token.clone()));
     let dead = read(&consumer(&env, "tidings.dlq.persistence"), expected.len()).await;
     for ((reason, offset), (_, _, headers, _, _)) in expected.iter().zip(&dead) {

@@ -324,7 +324,7 @@ impl Templater {
             return Ok(Outcome::Dead { reason: "missing-field", error: "event has no `payload` union".into() });
         };
         let json = avro_to_json(&value);
-        let logical = self.topology.logical_topic(topic).unwrap_or(topic).to_string();
+        let logical = self.topology.logical_topic(topic).unwrap_or(topic);
         if logical == "chat" {
             if let Some(dead) = self.track_membership(&event, &json, shutdown).await? {
                 return Ok(dead);
@@ -335,7 +335,7 @@ impl Templater {
         else {
             return Ok(Outcome::Dead { reason: "missing-field", error: "event has no event_id or occurred_at".into() });
         };
-        let audience = match self.renderer.audience(&logical, &event, &json) {
+        let audience = match self.renderer.audience(logical, &event, &json) {
             Ok(Some(a)) => a,
             Ok(None) => return Ok(Outcome::Notifications(Vec::new())),
             Err(e) => return Ok(dead(e)),
@@ -370,7 +370,7 @@ impl Templater {
                 }
             }
         };
-        let texts = match self.renderer.render(&logical, &event, &json, &recipients) {
+        let texts = match self.renderer.render(logical, &event, &json, &recipients) {
             Ok(t) => t,
             Err(e) => return Ok(dead(e)),
         };

@@ -46,7 +46,8 @@ struct Compiled {
 /// All templates of a topology, compiled.
 pub struct Renderer {
     env: Environment<'static>,
-    by_event: HashMap<(String, String), Compiled>,
+    /// Keyed by logical topic, then event name, so per-event lookups borrow instead of allocating.
+    by_event: HashMap<String, HashMap<String, Compiled>>,
 }
 
 /// Texts rendered for one recipient (or for all, when they do not depend on the recipient).
@@ -89,7 +90,7 @@ impl Renderer {
         env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
         env.add_filter("datetime", datetime);
         env.add_filter("money", money);
-        let mut by_event = HashMap::new();
+        let mut by_event: HashMap<String, HashMap<String, Compiled>> = HashMap::new();
         for spec in &topology.templates {
             let mut texts: Vec<(String, &str)> = vec![
                 (name(&spec.topic, &spec.event, "", "title"), spec.title.as_str()),
@@ -111,19 +112,21 @@ impl Renderer {
                     .map_err(|e| RenderError::Template { name: n.clone(), message: e.to_string() })?;
                 per_recipient |= t.undeclared_variables(false).contains("recipient");
             }
-            by_event.insert((spec.topic.clone(), spec.event.clone()), Compiled { spec: spec.clone(), per_recipient });
+            by_event
+                .entry(spec.topic.clone())
+                .or_default()
+                .insert(spec.event.clone(), Compiled { spec: spec.clone(), per_recipient });
         }
         Ok(Renderer { env, by_event })
     }
 
-    /// Whether `event` on logical `topic` has a template.
-    pub fn has_template(&self, topic: &str, event: &str) -> bool {
-        self.by_event.contains_key(&(topic.to_string(), event.to_string()))
+    fn compiled(&self, topic: &str, event: &str) -> Option<&Compiled> {
+        self.by_event.get(topic)?.get(event)
     }
 
     /// Who the event is for, as the template's `recipients` says.
     pub fn audience(&self, topic: &str, event: &str, json: &Json) -> Result<Option<Audience>, RenderError> {
-        let Some(c) = self.by_event.get(&(topic.to_string(), event.to_string())) else { return Ok(None) };
+        let Some(c) = self.compiled(topic, event) else { return Ok(None) };
         Ok(Some(match &c.spec.recipients {
             Recipients::User(p) => {
                 let u = lookup(json, p).and_then(Json::as_str).filter(|s| !s.is_empty());
@@ -160,7 +163,7 @@ impl Renderer {
         json: &Json,
         recipients: &[String],
     ) -> Result<Vec<Rendered>, RenderError> {
-        let Some(c) = self.by_event.get(&(topic.to_string(), event.to_string())) else { return Ok(Vec::new()) };
+        let Some(c) = self.compiled(topic, event) else { return Ok(Vec::new()) };
         let locale = json.get("locale").and_then(Json::as_str);
         let loc_key = locale
             .and_then(|tag| {
@@ -196,11 +199,6 @@ impl Renderer {
             let one = render_one(recipients.first().map(String::as_str).unwrap_or(""))?;
             Ok(vec![one; recipients.len().min(1)])
         }
-    }
-
-    /// Whether rendered texts differ per recipient (if not, `render` returns one shared text).
-    pub fn per_recipient(&self, topic: &str, event: &str) -> bool {
-        self.by_event.get(&(topic.to_string(), event.to_string())).is_some_and(|c| c.per_recipient)
     }
 }
 

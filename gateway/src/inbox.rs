@@ -67,20 +67,13 @@ fn store_error(e: StoreError) -> ApiError {
 }
 
 fn item_json(item: &InboxItem) -> Value {
-    let n = &item.notification;
-    let occurred_at = chrono::DateTime::from_timestamp_micros(n.occurred_at)
-        .map(|t| Value::String(t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)))
-        .unwrap_or(Value::Null);
-    json!({
-        "id": n.notification_id.hyphenated().to_string(),
-        "kind": n.kind,
-        "title": n.title,
-        "body": n.body,
-        "link": n.link,
-        "occurred_at": occurred_at,
-        "read": item.read,
-        "source_event_id": n.source_event_id,
-    })
+    // Same shape as the stream's `data:`, plus the read flag.
+    let mut m = crate::delivery::stream::notification_json(
+        &item.notification,
+        Some((item.stream_partition, item.stream_offset)),
+    );
+    m.insert("read".into(), item.read.into());
+    Value::Object(m)
 }
 
 #[derive(Deserialize)]

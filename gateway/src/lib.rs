@@ -1,29 +1,46 @@
-//! The HTTP gateway: health and readiness, and JSON event ingest for services that do not speak
-//! Kafka. (SSE delivery per owned partition builds on this router.)
+//! The HTTP gateway: SSE delivery of each user's notifications from the partitions this instance
+//! owns, the inbox, JSON event ingest for services that do not speak Kafka, health and metrics.
 //!
+//! - `delivery`: the per-partition delivery stage and `GET /v1/stream`.
 //! - `ingest`: `POST /v1/events/{topic}` validates JSON against the registered schema and produces Avro.
 //! - `health`: `/healthz` (process up) and `/readyz` (stages running).
 //! - `auth`: JWT verification and the `AuthUser` extractor for user-facing endpoints.
 //! - `inbox`: `GET /v1/notifications`, `GET /v1/notifications/unread_count`,
 //!   `POST /v1/notifications/{id}/read` for the token's user.
+//! - `metrics`: Prometheus `/metrics`.
 
 pub mod auth;
+pub mod delivery;
 pub mod health;
 pub mod inbox;
 pub mod ingest;
+pub mod metrics;
 
 use axum::Router;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 pub use auth::{AuthConfig, AuthUser};
+pub use delivery::StreamState;
 pub use health::Readiness;
 pub use inbox::InboxState;
 pub use ingest::{IngestState, IngestTopic};
 
-/// The gateway's router: health always, ingest and the inbox when given (tests serve just a part).
-pub fn app(ingest: Option<Arc<IngestState>>, inbox: Option<InboxState>, readiness: Readiness) -> Router {
-    let mut router = Router::new().merge(health::router(readiness));
+/// The parts of the gateway a process serves; health and metrics are always there.
+#[derive(Default)]
+pub struct Parts {
+    pub ingest: Option<Arc<IngestState>>,
+    pub inbox: Option<InboxState>,
+    pub stream: Option<StreamState>,
+}
+
+/// The gateway's router: health and metrics always, the other parts when given.
+pub fn app(parts: Parts, readiness: Readiness) -> Router {
+    let Parts { ingest, inbox, stream } = parts;
+    let mut router = Router::new().merge(health::router(readiness)).merge(metrics::router());
+    if let Some(stream) = stream {
+        router = router.merge(delivery::stream::router(stream));
+    }
     if let Some(ingest) = ingest {
         router = router.merge(ingest::router(ingest));
     }
@@ -31,6 +48,20 @@ pub fn app(ingest: Option<Arc<IngestState>>, inbox: Option<InboxState>, readines
         router = router.merge(inbox::router(inbox));
     }
     router
+}
+
+/// Binds the gateway's listener. `send_buffer` fixes each connection's kernel send buffer
+/// (`SO_SNDBUF`, inherited by accepted sockets), which also turns off its autotuning: without it a
+/// stalled SSE client can park megabytes per connection in the kernel before our own bounded
+/// queue ever sees back-pressure.
+pub fn bind(addr: std::net::SocketAddr, send_buffer: Option<u32>) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    if let Some(size) = send_buffer {
+        socket.set_send_buffer_size(size)?;
+    }
+    socket.bind(addr)?;
+    socket.listen(4096)
 }
 
 /// Serves `app` on `listener` until `shutdown` is cancelled.

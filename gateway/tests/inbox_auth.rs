@@ -115,7 +115,10 @@ async fn start() -> Server {
         audience: Some(AUDIENCE.into()),
         keys: vec![Key::hs256(SECRET), Key::from_public_pem(EC_PUBLIC.as_bytes()).unwrap()],
     };
-    let app = tidings_gateway::app(None, Some(InboxState { store, auth: Arc::new(auth) }), Readiness::default());
+    let app = tidings_gateway::app(
+        tidings_gateway::Parts { inbox: Some(InboxState { store, auth: Arc::new(auth) }), ..Default::default() },
+        Readiness::default(),
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await });

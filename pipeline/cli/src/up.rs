@@ -16,7 +16,9 @@ use std::time::Duration;
 use tidings_core::shutdown::TaskTree;
 use tidings_core::RegistryClient;
 use tidings_gateway::auth::{self, Key};
-use tidings_gateway::{AuthConfig, InboxState, IngestState, IngestTopic, Readiness};
+use tidings_gateway::delivery::hub::StoreResume;
+use tidings_gateway::delivery::{self, DeliveryConfig, HubConfig, Hub, Owners};
+use tidings_gateway::{AuthConfig, InboxState, IngestState, IngestTopic, Parts, Readiness, StreamState};
 use tidings_pipeline::stages::templating::{self, TemplatingConfig};
 use tidings_pipeline::topology::{self, Topology};
 use tidings_sinks::persistence::{self, PersistenceConfig};
@@ -49,6 +51,63 @@ pub struct UpArgs {
     pub otlp_endpoint: Option<String>,
     #[command(flatten)]
     pub jwt: JwtArgs,
+    #[command(flatten)]
+    pub sse: SseArgs,
+}
+
+/// Delivery over SSE: who owns which partition, and the bounds that keep memory flat.
+#[derive(Args, Clone, Debug)]
+pub struct SseArgs {
+    /// URL clients reach this gateway at; other instances redirect this instance's users here.
+    /// Default: http://<bound --http address>.
+    #[arg(long, env = "TIDINGS_ADVERTISE_URL")]
+    pub advertise_url: Option<String>,
+    /// Consumer group shared by all gateway instances (prefixed with the topic prefix).
+    #[arg(long, env = "TIDINGS_DELIVERY_GROUP", default_value = "tidings-delivery")]
+    pub delivery_group: String,
+    /// Logical topic (declared in topology.yaml) where instances announce the partitions they own.
+    #[arg(long, env = "TIDINGS_OWNERS_TOPIC", default_value = "tidings.gateway.owners")]
+    pub owners_topic: String,
+    /// Seconds between heartbeat comments on an idle stream.
+    #[arg(long, env = "TIDINGS_SSE_HEARTBEAT_SECS", default_value_t = 15)]
+    pub sse_heartbeat_secs: u64,
+    /// Reconnect delay hinted to clients (`retry:`), in milliseconds.
+    #[arg(long, env = "TIDINGS_SSE_RETRY_MS", default_value_t = 2000)]
+    pub sse_retry_ms: u64,
+    /// Events queued per stream before the client counts as slow and is closed.
+    #[arg(long, env = "TIDINGS_SSE_QUEUE_EVENTS", default_value_t = 256)]
+    pub sse_queue_events: usize,
+    /// Bytes queued per stream before the client counts as slow and is closed.
+    #[arg(long, env = "TIDINGS_SSE_QUEUE_BYTES", default_value_t = 256 * 1024)]
+    pub sse_queue_bytes: usize,
+    /// Streams per user; past it the oldest is closed.
+    #[arg(long, env = "TIDINGS_SSE_MAX_PER_USER", default_value_t = 8)]
+    pub sse_max_per_user: usize,
+    /// Kernel send buffer per connection in bytes (SO_SNDBUF); bounds what a stalled client can
+    /// park in the kernel. 0 leaves it to the kernel's autotuning (up to megabytes per connection).
+    #[arg(long, env = "TIDINGS_SOCKET_SEND_BUFFER", default_value_t = 64 * 1024)]
+    pub socket_send_buffer: u32,
+    /// Recent events kept per owned partition for resumes.
+    #[arg(long, env = "TIDINGS_RING_EVENTS", default_value_t = 4096)]
+    pub ring_events: usize,
+    /// Bytes of recent events kept per owned partition for resumes.
+    #[arg(long, env = "TIDINGS_RING_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub ring_bytes: usize,
+}
+
+impl SseArgs {
+    pub fn hub_config(&self) -> HubConfig {
+        HubConfig {
+            ring_events: self.ring_events,
+            ring_bytes: self.ring_bytes,
+            queue_events: self.sse_queue_events,
+            queue_bytes: self.sse_queue_bytes,
+            max_connections_per_user: self.sse_max_per_user,
+            heartbeat: Duration::from_secs(self.sse_heartbeat_secs.max(1)),
+            retry: Duration::from_millis(self.sse_retry_ms),
+            ..HubConfig::default()
+        }
+    }
 }
 
 /// How the gateway authenticates users (JWT). With neither a secret nor a public key, the embedded
@@ -237,17 +296,54 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             })
             .collect();
         let ingest = Arc::new(IngestState::new(topics, client.clone(), producer));
-        let inbox = InboxState { store: store.clone(), auth: Arc::new(args.jwt.auth_config()?) };
-        let app = tidings_gateway::app(Some(ingest), Some(inbox), readiness.clone());
-        let listener = tokio::net::TcpListener::bind(args.http)
-            .await
+        let auth = Arc::new(args.jwt.auth_config()?);
+        let inbox = InboxState { store: store.clone(), auth: auth.clone() };
+        let send_buffer = (args.sse.socket_send_buffer > 0).then_some(args.sse.socket_send_buffer);
+        let listener = tidings_gateway::bind(args.http, send_buffer)
             .with_context(|| format!("binding the gateway to {}", args.http))?;
         let addr = listener.local_addr()?;
         http = format!("http://{addr}");
+        let advertised = args.sse.advertise_url.clone().unwrap_or_else(|| http.clone());
+
+        // Delivery: this instance's share of the notifications partitions, streamed over SSE.
+        let notifications = topo.topic_name(&topo.stages.templating.output);
+        let persistence_group = topo.group_name(&topo.stages.persistence.group);
+        let resume = StoreResume { store: store.clone(), group: persistence_group, topic: notifications.clone() };
+        let hub = Hub::new(args.sse.hub_config(), Some(resume));
+        let owners = Owners::new(&advertised, &notifications);
+        if !topo.topics.contains_key(&args.sse.owners_topic) {
+            bail!(
+                "the owners topic {:?} is not declared in {}; add it (1 partition, cleanup_policy: compact)",
+                args.sse.owners_topic,
+                args.infra.topology.display()
+            );
+        }
+        let dcfg = DeliveryConfig {
+            kafka: kafka.clone(),
+            registry_url: registry_url.clone(),
+            topic: notifications,
+            group: topo.group_name(&args.sse.delivery_group),
+            owners_topic: topo.topic_name(&args.sse.owners_topic),
+            advertised_url: advertised.clone(),
+        };
+        {
+            let (h, o, t) = (hub.clone(), owners.clone(), token.clone());
+            tasks.spawn("delivery", async move { delivery::consumer::run(dcfg, h, o, t).await });
+            let h = hub.clone();
+            readiness.set_check("delivery", move || h.is_ready());
+        }
+        let stream = StreamState { hub, owners, auth };
+        let app = tidings_gateway::app(
+            Parts { ingest: Some(ingest), inbox: Some(inbox), stream: Some(stream) },
+            readiness.clone(),
+        );
         readiness.set("gateway", true);
         let t = token.clone();
         tasks.spawn("gateway", async move { tidings_gateway::serve(listener, app, t).await });
-        info!("Gateway listening on {http} (GET /healthz, GET /readyz, POST /v1/events/{{topic}}, GET /v1/notifications).");
+        info!(
+            "Gateway listening on {http}, advertised as {advertised} (GET /v1/stream, GET /v1/notifications, \
+             POST /v1/events/{{topic}}, GET /healthz, /readyz, /metrics)."
+        );
     }
 
     Endpoints {

@@ -81,6 +81,11 @@ pub struct Tidings {
 
 impl Tidings {
     pub fn spawn(name: &str, up: &Up<'_>) -> Tidings {
+        Self::spawn_env(name, up, &[])
+    }
+
+    /// Like `spawn`, with extra environment variables (the `TIDINGS_*` settings of `up`).
+    pub fn spawn_env(name: &str, up: &Up<'_>, env: &[(&str, &str)]) -> Tidings {
         let data_dir = tempfile::Builder::new().prefix(&format!("tidings-{name}-")).tempdir().expect("temp dir");
         let log = data_dir.path().join("tidings.log");
         let out = File::create(&log).expect("log file");
@@ -103,6 +108,7 @@ impl Tidings {
         if let Some(r) = up.registry_url {
             cmd.args(["--schema-registry-url", r]);
         }
+        cmd.envs(env.iter().copied());
         let child = cmd.spawn().unwrap_or_else(|e| panic!("spawning {}: {e}", env!("CARGO_BIN_EXE_tidings")));
         Tidings { name: name.to_string(), child, log, data_dir }
     }

@@ -1,0 +1,56 @@
+//! Settings of the delivery stage: where it consumes from and how much it may buffer per
+//! partition and per connection. Every bound here is what keeps memory flat under any load.
+
+use std::time::Duration;
+use tidings_core::kafka::KafkaConfig;
+
+/// Bounds and timings of the hub (rings, connection queues, heartbeats).
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    /// Events kept per owned partition for resumes. Default 4096.
+    pub ring_events: usize,
+    /// Bytes kept per owned partition for resumes. Default 4 MiB.
+    pub ring_bytes: usize,
+    /// Events queued per connection before it counts as slow and is closed. Default 256.
+    pub queue_events: usize,
+    /// Bytes queued per connection before it counts as slow and is closed. Default 256 KiB.
+    pub queue_bytes: usize,
+    /// Concurrent streams per user; the oldest is closed past it. Default 8.
+    pub max_connections_per_user: usize,
+    /// Interval of heartbeat comments on idle streams. Default 15 s.
+    pub heartbeat: Duration,
+    /// The `retry:` hint sent to clients (reconnect delay). Default 2 s.
+    pub retry: Duration,
+    /// Most notifications a resume may read from the store before answering `reset`. Default 5000.
+    pub max_store_resume: usize,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        HubConfig {
+            ring_events: 4096,
+            ring_bytes: 4 << 20,
+            queue_events: 256,
+            queue_bytes: 256 << 10,
+            max_connections_per_user: 8,
+            heartbeat: Duration::from_secs(15),
+            retry: Duration::from_secs(2),
+            max_store_resume: 5000,
+        }
+    }
+}
+
+/// The delivery stage's Kafka side.
+#[derive(Debug, Clone)]
+pub struct DeliveryConfig {
+    pub kafka: KafkaConfig,
+    pub registry_url: String,
+    /// Physical notifications topic.
+    pub topic: String,
+    /// Delivery consumer group (all gateway instances share it).
+    pub group: String,
+    /// Physical owners topic (compacted, one partition): partition → owning gateway URL.
+    pub owners_topic: String,
+    /// This instance's URL as clients reach it; redirects point here.
+    pub advertised_url: String,
+}

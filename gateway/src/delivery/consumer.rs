@@ -1,0 +1,298 @@
+//! The delivery consumer: joins the delivery group on the notifications topic, starts every
+//! assigned partition a ring's length before its end (so resumes right after a move are served
+//! from memory), feeds decoded notifications to the hub and announces ownership on the owners topic.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::producer::FutureProducer;
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tidings_core::notification::NOTIFICATION_SCHEMA;
+use tidings_core::{Notification, RegistryClient};
+use tokio::runtime::{Handle, RuntimeFlavor};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use super::stream::event_from_notification;
+use super::{owners, DeliveryConfig, Hub, Owners};
+
+/// Why the delivery stage stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    /// Broker unreachable, topic missing, request failed: restarting can help.
+    #[error("Kafka (retriable): {0}")]
+    Kafka(KafkaError),
+    /// The notifications topic does not exist (yet): retriable, it may be created.
+    #[error("topic {0} has no partitions (not created yet?); retrying")]
+    MissingTopic(String),
+    /// Bad settings: restarting does not help.
+    #[error("configuration (not retriable): {0}")]
+    Config(String),
+}
+
+impl DeliveryError {
+    pub fn is_retriable(&self) -> bool {
+        matches!(self, DeliveryError::Kafka(_) | DeliveryError::MissingTopic(_))
+    }
+}
+
+impl From<KafkaError> for DeliveryError {
+    fn from(e: KafkaError) -> Self {
+        DeliveryError::Kafka(e)
+    }
+}
+
+const WATERMARK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// State shared between the rebalance callback and the main loop.
+#[derive(Default)]
+struct Shared {
+    /// Newly assigned partitions not yet announced on the owners topic.
+    to_announce: Mutex<Vec<i32>>,
+    /// Assigned partitions whose start could not be computed in the callback; the main loop
+    /// retries and seeks them.
+    pending: Mutex<BTreeSet<i32>>,
+    wake: Notify,
+}
+
+struct DeliveryContext {
+    hub: Arc<Hub>,
+    topic: String,
+    shared: Arc<Shared>,
+    multi_thread: bool,
+}
+
+impl ClientContext for DeliveryContext {}
+
+/// Runs blocking librdkafka calls from async code without stalling the runtime's other tasks.
+fn blocking<T>(multi_thread: bool, f: impl FnOnce() -> T) -> T {
+    if multi_thread {
+        tokio::task::block_in_place(f)
+    } else {
+        f()
+    }
+}
+
+/// Where to start reading `partition` (a ring's length before the end) and the end itself.
+fn start_of<C: Consumer<X>, X: ConsumerContext>(c: &C, topic: &str, partition: i32, ring: usize) -> Result<(i64, i64), KafkaError> {
+    let (low, high) = c.fetch_watermarks(topic, partition, WATERMARK_TIMEOUT)?;
+    Ok(((high - ring as i64).max(low), high))
+}
+
+impl ConsumerContext for DeliveryContext {
+    // Eager assignors only: the assignment is rewritten with explicit start offsets.
+    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        let parts: Vec<i32> = tpl.elements().iter().filter(|e| e.topic() == self.topic).map(|e| e.partition()).collect();
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let ring = self.hub.config().ring_events;
+                for &p in &parts {
+                    match blocking(self.multi_thread, || start_of(consumer, &self.topic, p, ring)) {
+                        Ok((start, high)) => {
+                            if let Err(e) = tpl.set_partition_offset(&self.topic, p, Offset::Offset(start)) {
+                                error!(error = %e, "Could not set the start of partition {p}.");
+                            }
+                            self.hub.assign(p, start, high);
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "Watermarks of partition {p} unavailable; will retry and seek.");
+                            self.shared.pending.lock().expect("lock").insert(p);
+                        }
+                    }
+                }
+                self.hub.set_joined();
+                info!(partitions = ?parts, "Delivery owns {} partition(s) now.", parts.len());
+                if let Err(e) = consumer.assign(tpl) {
+                    error!(error = %e, "Assigning partitions failed.");
+                }
+                self.shared.to_announce.lock().expect("lock").extend(parts);
+                self.shared.wake.notify_one();
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                info!(partitions = ?parts, "Delivery gives up {} partition(s); their streams get `reconnect`.", parts.len());
+                self.hub.revoke(&parts);
+                {
+                    let mut pending = self.shared.pending.lock().expect("lock");
+                    parts.iter().for_each(|p| {
+                        pending.remove(p);
+                    });
+                }
+                if let Err(e) = consumer.unassign() {
+                    error!(error = %e, "Unassigning partitions failed.");
+                }
+            }
+            other => {
+                error!(error = ?other, "Rebalance error; dropping the assignment.");
+                self.hub.revoke(&self.hub.owned());
+                let _ = consumer.unassign();
+            }
+        }
+    }
+}
+
+/// Runs the delivery stage until `shutdown`, restarting after transient failures. On shutdown,
+/// every stream gets `reconnect` and the consumer leaves the group.
+pub async fn run(cfg: DeliveryConfig, hub: Arc<Hub>, owners: Arc<Owners>, shutdown: CancellationToken) -> Result<(), DeliveryError> {
+    let result = tidings_core::shutdown::restart_on_transient(
+        "delivery",
+        &shutdown,
+        || run_once(&cfg, &hub, &owners, &shutdown),
+        DeliveryError::is_retriable,
+    )
+    .await;
+    hub.close_all();
+    result
+}
+
+async fn run_once(cfg: &DeliveryConfig, hub: &Arc<Hub>, owners: &Arc<Owners>, shutdown: &CancellationToken) -> Result<(), DeliveryError> {
+    let registry = RegistryClient::new(&cfg.registry_url).map_err(|e| DeliveryError::Config(e.to_string()))?;
+    let multi_thread = Handle::current().runtime_flavor() == RuntimeFlavor::MultiThread;
+    let shared = Arc::new(Shared::default());
+    let ctx = DeliveryContext { hub: hub.clone(), topic: cfg.topic.clone(), shared: shared.clone(), multi_thread };
+    let mut cc = cfg.kafka.consumer(&cfg.group);
+    // Nothing is committed: every owner starts a ring's length before the end.
+    cc.set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "latest")
+        .set("partition.assignment.strategy", "range,roundrobin");
+    let consumer: StreamConsumer<DeliveryContext> = cc.create_with_context(ctx)?;
+
+    let count = blocking(multi_thread, || partition_count(&consumer, &cfg.topic))?;
+    if count == 0 {
+        return Err(DeliveryError::MissingTopic(cfg.topic.clone()));
+    }
+    hub.set_partition_count(count);
+    consumer.subscribe(&[&cfg.topic])?;
+    let producer: FutureProducer = cfg.kafka.producer().create()?;
+    let instance = uuid::Uuid::new_v4().to_string();
+    let follower = {
+        let (kafka, topic, owners, token) = (cfg.kafka.clone(), cfg.owners_topic.clone(), owners.clone(), shutdown.child_token());
+        tokio::spawn(async move { owners::follow(&kafka, &topic, owners, token).await })
+    };
+    info!(topic = %cfg.topic, group = %cfg.group, partitions = count, "Delivery consuming {} as {}.", cfg.topic, owners.self_url());
+
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    let mut ticks = 0u64;
+    let result = loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break Ok(()),
+            _ = shared.wake.notified() => {
+                let parts = std::mem::take(&mut *shared.to_announce.lock().expect("lock"));
+                let parts: Vec<i32> = parts.into_iter().filter(|p| hub.owns(*p) || shared.pending.lock().expect("lock").contains(p)).collect();
+                if !parts.is_empty() {
+                    if let Err(e) = owners::announce(&producer, &cfg.owners_topic, owners, &instance, &parts).await {
+                        warn!(error = %e, "Announcing ownership failed; retrying on the next tick.");
+                        shared.to_announce.lock().expect("lock").extend(parts);
+                    }
+                }
+            }
+            _ = tick.tick() => {
+                ticks += 1;
+                maintain(&consumer, cfg, hub, &shared, multi_thread, ticks);
+            }
+            m = consumer.recv() => match m {
+                Ok(m) => deliver(&m, &registry, hub, shutdown).await,
+                Err(e) => warn!(error = %e, "Delivery consumer error; continuing."),
+            },
+        }
+    };
+    hub.close_all();
+    follower.abort();
+    // Leaving the group now (instead of when the session times out) moves our partitions at once.
+    consumer.unsubscribe();
+    drop(consumer);
+    info!("Delivery left the group.");
+    result
+}
+
+fn partition_count<C: Consumer<X>, X: ConsumerContext>(c: &C, topic: &str) -> Result<i32, DeliveryError> {
+    let md = c.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    Ok(md.topics().iter().find(|t| t.name() == topic).map(|t| t.partitions().len() as i32).unwrap_or(0))
+}
+
+/// Periodic work: start partitions whose watermarks were unavailable, refresh lag and the
+/// partition count, re-announce ownership that failed to send.
+fn maintain(consumer: &StreamConsumer<DeliveryContext>, cfg: &DeliveryConfig, hub: &Hub, shared: &Shared, multi_thread: bool, ticks: u64) {
+    let pending: Vec<i32> = shared.pending.lock().expect("lock").iter().copied().collect();
+    for p in pending {
+        let started = blocking(multi_thread, || {
+            let (start, high) = start_of(consumer, &cfg.topic, p, hub.config().ring_events)?;
+            consumer.seek(&cfg.topic, p, Offset::Offset(start), WATERMARK_TIMEOUT)?;
+            Ok::<_, KafkaError>((start, high))
+        });
+        match started {
+            Ok((start, high)) => {
+                hub.assign(p, start, high);
+                shared.pending.lock().expect("lock").remove(&p);
+                shared.to_announce.lock().expect("lock").push(p);
+                shared.wake.notify_one();
+            }
+            Err(e) => warn!(error = %e, "Partition {p} still cannot be started; retrying."),
+        }
+    }
+    if !shared.to_announce.lock().expect("lock").is_empty() {
+        shared.wake.notify_one();
+    }
+    if ticks % 5 == 0 {
+        for p in hub.owned() {
+            if let Ok((_, high)) = blocking(multi_thread, || consumer.fetch_watermarks(&cfg.topic, p, WATERMARK_TIMEOUT)) {
+                hub.set_high_watermark(p, high);
+            }
+        }
+        if let Ok(n) = blocking(multi_thread, || partition_count(consumer, &cfg.topic)) {
+            if n > 0 {
+                hub.set_partition_count(n);
+            }
+        }
+    }
+}
+
+/// Decodes one notification and hands it to the hub. Undecodable records are skipped here (the
+/// persistence stage dead-letters the same record with its reason); a registry outage is waited out.
+async fn deliver(m: &BorrowedMessage<'_>, registry: &RegistryClient, hub: &Hub, shutdown: &CancellationToken) {
+    let (p, o) = (m.partition(), m.offset());
+    let Some(payload) = m.payload() else {
+        hub.skip(p, o);
+        return;
+    };
+    let mut delay = Duration::from_millis(200);
+    let value = loop {
+        match registry.decode(payload, &NOTIFICATION_SCHEMA).await {
+            Ok(v) => break v,
+            Err(e) if e.is_retriable() && !shutdown.is_cancelled() => {
+                warn!(error = %e, "Schema registry unavailable while decoding {p}@{o}; retrying in {delay:?}.");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => {
+                warn!(error = %e, reason = e.reason_code(), "Skipping undecodable notification {p}@{o} (dead-lettered by persistence).");
+                metrics::counter!("tidings_gateway_undecodable_total").increment(1);
+                hub.skip(p, o);
+                return;
+            }
+        }
+    };
+    match Notification::from_value(value) {
+        Ok(n) => {
+            if let Some(home) = hub.partition_of(&n.user_id).filter(|home| *home != p) {
+                // Keyed by something other than the user id with murmur2: the user's stream
+                // lives on another partition and would never see this.
+                metrics::counter!("tidings_gateway_misrouted_total").increment(1);
+                warn!(user = %n.user_id, "Notification {p}@{o} is not on its user's partition {home}.");
+            }
+            let ts = m.timestamp().to_millis().unwrap_or(0);
+            hub.push(event_from_notification(p, o, &n, ts));
+        }
+        Err(e) => {
+            warn!(error = %e, "Skipping notification {p}@{o} with unexpected fields.");
+            metrics::counter!("tidings_gateway_undecodable_total").increment(1);
+            hub.skip(p, o);
+        }
+    }
+}

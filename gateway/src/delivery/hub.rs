@@ -1,0 +1,732 @@
+//! The hub: the partitions this gateway owns, each with its ring and the connections of its users.
+//! Appending an event and registering a connection happen under the partition's lock, so a resume
+//! never misses an event that arrives while it is being served, and never sends one twice.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use metrics::{counter, gauge, Counter, Gauge};
+use tidings_sinks::{Store, StoreError};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::ring::Ring;
+use super::{partition_for, position_id, Event, HubConfig};
+
+/// Why the server ends a stream. Each is sent to the client as the stream's last event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The user's partition moved to another gateway: reconnect (and be redirected).
+    PartitionRevoked,
+    /// This gateway is stopping: reconnect to another.
+    Shutdown,
+    /// The user opened more streams than allowed; this was the oldest.
+    TooManyConnections,
+    /// The client did not read fast enough and its queue overflowed: reconnect with the last id.
+    SlowConsumer,
+}
+
+impl CloseReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::PartitionRevoked => "partition_moved",
+            CloseReason::Shutdown => "shutdown",
+            CloseReason::TooManyConnections => "too_many_connections",
+            CloseReason::SlowConsumer => "slow_consumer",
+        }
+    }
+
+    /// The SSE event name: `reconnect` when the client should come back right away (to another
+    /// instance), `close` otherwise.
+    pub fn event_name(self) -> &'static str {
+        match self {
+            CloseReason::PartitionRevoked | CloseReason::Shutdown => "reconnect",
+            CloseReason::TooManyConnections | CloseReason::SlowConsumer => "close",
+        }
+    }
+
+    const ALL: [CloseReason; 4] = [
+        CloseReason::PartitionRevoked,
+        CloseReason::Shutdown,
+        CloseReason::TooManyConnections,
+        CloseReason::SlowConsumer,
+    ];
+}
+
+/// What a connection's stream emits, in order.
+#[derive(Debug, Clone)]
+pub enum Frame {
+    /// The first frame: the `retry:` hint, and for a fresh stream the position it starts from.
+    Hello { id: Option<String> },
+    Event(Arc<Event>),
+    /// The position asked for cannot be served without a gap: refetch the inbox, continue at `id`.
+    Reset { id: String, reason: &'static str },
+    Close(CloseReason),
+}
+
+/// How a resume was served (the `outcome` label of `tidings_gateway_resumes_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResumeOutcome {
+    /// No Last-Event-ID: live from the current position.
+    Fresh,
+    Ring,
+    Store,
+    Reset,
+}
+
+impl ResumeOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResumeOutcome::Fresh => "fresh",
+            ResumeOutcome::Ring => "ring",
+            ResumeOutcome::Store => "store",
+            ResumeOutcome::Reset => "reset",
+        }
+    }
+}
+
+/// Why a stream cannot be opened here.
+#[derive(Debug, thiserror::Error)]
+pub enum SubscribeError {
+    /// Another gateway owns the user's partition (or nobody does right now).
+    #[error("partition {0} is not owned by this gateway")]
+    NotOwned(i32),
+    /// Owned but still filling its ring, or the partition count is not known yet, or stopping.
+    #[error("not ready to serve partition {0} yet")]
+    NotReady(i32),
+    /// The store was needed for the resume and failed; retrying later can help when retriable.
+    #[error("the store could not serve the resume: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// The persisted notifications and how far persistence has got, for resumes the ring cannot serve.
+#[derive(Clone, Debug)]
+pub struct StoreResume {
+    pub store: Store,
+    /// Persistence stage's consumer group (its offsets say how far the store is complete).
+    pub group: String,
+    /// Physical notifications topic.
+    pub topic: String,
+}
+
+/// One open stream.
+#[derive(Debug)]
+pub struct Conn {
+    pub id: u64,
+    tx: mpsc::Sender<Frame>,
+    queued_bytes: AtomicUsize,
+    kill: CancellationToken,
+    kill_reason: Mutex<Option<CloseReason>>,
+}
+
+impl Conn {
+    /// Closes after what is queued has been written (if the queue has room), else right away.
+    fn close(&self, reason: CloseReason) {
+        if self.tx.try_send(Frame::Close(reason)).is_err() {
+            self.abort(reason);
+        }
+    }
+
+    /// Closes right away, dropping what is queued.
+    fn abort(&self, reason: CloseReason) {
+        self.kill_reason.lock().expect("lock").get_or_insert(reason);
+        self.kill.cancel();
+    }
+
+    /// Resolves when the connection was aborted, with the reason.
+    pub async fn aborted(&self) -> CloseReason {
+        self.kill.cancelled().await;
+        self.kill_reason.lock().expect("lock").unwrap_or(CloseReason::Shutdown)
+    }
+
+    /// Called by the stream for each event it takes off the queue.
+    pub fn dequeued(&self, ev: &Event) {
+        self.queued_bytes.fetch_sub(ev.size(), Ordering::Relaxed);
+    }
+}
+
+struct Sub {
+    conn: Arc<Conn>,
+    /// Only events after this offset go to this connection (everything up to it was sent or
+    /// already seen by the client).
+    after: i64,
+}
+
+struct Partition {
+    ring: Ring,
+    /// Per user, oldest connection first.
+    subs: HashMap<Box<str>, Vec<Sub>>,
+    /// Caught up: consumed up to the end the partition had when it was assigned.
+    live: bool,
+    /// The high watermark at assignment; live once the ring reaches it.
+    target: i64,
+    lag: Gauge,
+}
+
+/// A registered stream: frames to send first, then the queue. Dropping it unregisters.
+pub struct Subscription {
+    pub conn: Arc<Conn>,
+    pub rx: mpsc::Receiver<Frame>,
+    pub backlog: Vec<Frame>,
+    pub outcome: ResumeOutcome,
+    hub: Arc<Hub>,
+    partition: i32,
+    user: Box<str>,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.hub.unregister(self.partition, &self.user, self.conn.id);
+        // Whatever the stream did not take is released now.
+        let left = self.conn.queued_bytes.load(Ordering::Relaxed);
+        self.hub.metrics.queued_bytes.decrement(left as f64);
+        self.hub.metrics.queued_events.decrement(self.rx.len() as f64);
+        self.hub.metrics.connections.decrement(1.0);
+    }
+}
+
+struct Metrics {
+    connections: Gauge,
+    queued_events: Gauge,
+    queued_bytes: Gauge,
+    owned: Gauge,
+    delivered: Counter,
+    closes: HashMap<&'static str, Counter>,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        Metrics {
+            connections: gauge!("tidings_gateway_connections"),
+            queued_events: gauge!("tidings_gateway_queued_events"),
+            queued_bytes: gauge!("tidings_gateway_queued_bytes"),
+            owned: gauge!("tidings_gateway_owned_partitions"),
+            delivered: counter!("tidings_gateway_events_delivered_total"),
+            closes: CloseReason::ALL
+                .iter()
+                .map(|r| (r.as_str(), counter!("tidings_gateway_closes_total", "reason" => r.as_str())))
+                .collect(),
+        }
+    }
+}
+
+/// All owned partitions of one gateway and their connections.
+pub struct Hub {
+    cfg: HubConfig,
+    partitions: RwLock<HashMap<i32, Arc<Mutex<Partition>>>>,
+    partition_count: AtomicI32,
+    /// The group has given this instance an assignment (possibly empty).
+    joined: AtomicBool,
+    closing: AtomicBool,
+    next_conn: AtomicU64,
+    store: Option<StoreResume>,
+    metrics: Metrics,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub").field("owned", &self.owned()).finish_non_exhaustive()
+    }
+}
+
+impl Hub {
+    pub fn new(cfg: HubConfig, store: Option<StoreResume>) -> Arc<Hub> {
+        Arc::new(Hub {
+            cfg,
+            partitions: RwLock::new(HashMap::new()),
+            partition_count: AtomicI32::new(0),
+            joined: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
+            next_conn: AtomicU64::new(1),
+            store,
+            metrics: Metrics::new(),
+        })
+    }
+
+    pub fn config(&self) -> &HubConfig {
+        &self.cfg
+    }
+
+    /// Number of partitions of the notifications topic (0 until known).
+    pub fn set_partition_count(&self, n: i32) {
+        self.partition_count.store(n, Ordering::Relaxed);
+    }
+
+    /// The user's partition, once the partition count is known.
+    pub fn partition_of(&self, user: &str) -> Option<i32> {
+        match self.partition_count.load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(partition_for(user, n)),
+        }
+    }
+
+    /// Owned partitions, sorted.
+    pub fn owned(&self) -> Vec<i32> {
+        let mut v: Vec<i32> = self.partitions.read().expect("lock").keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
+    pub fn owns(&self, partition: i32) -> bool {
+        self.partitions.read().expect("lock").contains_key(&partition)
+    }
+
+    /// Ready: assigned by the group and every owned partition caught up (and not stopping).
+    pub fn is_ready(&self) -> bool {
+        self.joined.load(Ordering::Relaxed)
+            && !self.closing.load(Ordering::Relaxed)
+            && self.partitions.read().expect("lock").values().all(|p| p.lock().expect("lock").live)
+    }
+
+    /// Open streams.
+    pub fn connections(&self) -> usize {
+        let parts: Vec<_> = self.partitions.read().expect("lock").values().cloned().collect();
+        parts.iter().map(|p| p.lock().expect("lock").subs.values().map(Vec::len).sum::<usize>()).sum()
+    }
+
+    /// Takes `partition`, consumed from `start`; it is live once offset `high - 1` is consumed.
+    pub fn assign(&self, partition: i32, start: i64, high: i64) {
+        let part = Partition {
+            ring: Ring::new(start, self.cfg.ring_events, self.cfg.ring_bytes),
+            subs: HashMap::new(),
+            live: high <= start,
+            target: high,
+            lag: gauge!("tidings_gateway_partition_lag", "partition" => partition.to_string()),
+        };
+        part.lag.set((high - start).max(0) as f64);
+        self.partitions.write().expect("lock").insert(partition, Arc::new(Mutex::new(part)));
+        self.joined.store(true, Ordering::Relaxed);
+        self.metrics.owned.set(self.partitions.read().expect("lock").len() as f64);
+    }
+
+    /// Marks that the group answered with an assignment, even an empty one.
+    pub fn set_joined(&self) {
+        self.joined.store(true, Ordering::Relaxed);
+    }
+
+    /// Gives `partitions` up: their connections get `reconnect` after what is queued.
+    pub fn revoke(&self, partitions: &[i32]) {
+        let removed: Vec<_> = {
+            let mut map = self.partitions.write().expect("lock");
+            partitions.iter().filter_map(|p| map.remove(p)).collect()
+        };
+        for part in removed {
+            let part = part.lock().expect("lock");
+            for subs in part.subs.values() {
+                for s in subs {
+                    self.count_close(CloseReason::PartitionRevoked);
+                    s.conn.close(CloseReason::PartitionRevoked);
+                }
+            }
+            part.lag.set(0.0);
+        }
+        self.metrics.owned.set(self.partitions.read().expect("lock").len() as f64);
+    }
+
+    /// Stops taking streams and closes every open one with `reconnect` (SIGTERM).
+    pub fn close_all(&self) {
+        self.closing.store(true, Ordering::Relaxed);
+        let parts: Vec<_> = self.partitions.read().expect("lock").values().cloned().collect();
+        for part in parts {
+            let mut part = part.lock().expect("lock");
+            for (_, subs) in part.subs.drain() {
+                for s in subs {
+                    self.count_close(CloseReason::Shutdown);
+                    s.conn.close(CloseReason::Shutdown);
+                }
+            }
+        }
+    }
+
+    fn count_close(&self, reason: CloseReason) {
+        if let Some(c) = self.metrics.closes.get(reason.as_str()) {
+            c.increment(1);
+        }
+    }
+
+    fn partition(&self, p: i32) -> Option<Arc<Mutex<Partition>>> {
+        self.partitions.read().expect("lock").get(&p).cloned()
+    }
+
+    /// Appends a consumed event to its partition's ring and queues it for its user's streams.
+    /// Streams whose queue is full (by count or bytes) are closed as slow.
+    pub fn push(&self, ev: Event) {
+        let Some(part) = self.partition(ev.partition) else { return };
+        let ev = Arc::new(ev);
+        let mut part = part.lock().expect("lock");
+        part.ring.push(ev.clone());
+        Self::advance(&mut part, ev.offset);
+        let Some(subs) = part.subs.get_mut(&ev.user) else { return };
+        let size = ev.size();
+        subs.retain(|s| {
+            if ev.offset <= s.after {
+                return true;
+            }
+            if s.conn.queued_bytes.load(Ordering::Relaxed) + size > self.cfg.queue_bytes {
+                self.slow(&s.conn);
+                return false;
+            }
+            match s.conn.tx.try_send(Frame::Event(ev.clone())) {
+                Ok(()) => {
+                    s.conn.queued_bytes.fetch_add(size, Ordering::Relaxed);
+                    self.metrics.queued_bytes.increment(size as f64);
+                    self.metrics.queued_events.increment(1.0);
+                    true
+                }
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    self.slow(&s.conn);
+                    false
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            }
+        });
+        if subs.is_empty() {
+            part.subs.remove(&ev.user);
+        }
+    }
+
+    /// Records that `offset` of `partition` was consumed without producing an event (a record
+    /// that could not be decoded; the persistence stage dead-letters it).
+    pub fn skip(&self, partition: i32, offset: i64) {
+        if let Some(part) = self.partition(partition) {
+            Self::advance(&mut part.lock().expect("lock"), offset);
+        }
+    }
+
+    fn advance(part: &mut Partition, offset: i64) {
+        if !part.live && offset + 1 >= part.target {
+            part.live = true;
+        }
+        part.lag.set((part.target - offset - 1).max(0) as f64);
+    }
+
+    /// Updates the partition's lag from a fresh high watermark.
+    pub fn set_high_watermark(&self, partition: i32, high: i64) {
+        if let Some(part) = self.partition(partition) {
+            let part = part.lock().expect("lock");
+            part.lag.set((high - part.ring.last() - 1).max(0) as f64);
+        }
+    }
+
+    fn slow(&self, conn: &Conn) {
+        self.count_close(CloseReason::SlowConsumer);
+        conn.abort(CloseReason::SlowConsumer);
+    }
+
+    fn unregister(&self, partition: i32, user: &str, conn: u64) {
+        let Some(part) = self.partition(partition) else { return };
+        let mut part = part.lock().expect("lock");
+        if let Some(subs) = part.subs.get_mut(user) {
+            subs.retain(|s| s.conn.id != conn);
+            if subs.is_empty() {
+                part.subs.remove(user);
+            }
+        }
+    }
+
+    /// Opens a stream for `user`, resuming after `last` (a position from `Last-Event-ID`) when
+    /// given: from the ring if it still holds everything after it, else from the store if that
+    /// has everything up to where the ring starts, else with a `reset`.
+    pub async fn subscribe(
+        self: &Arc<Self>,
+        user: &str,
+        last: Option<(i32, i64)>,
+    ) -> Result<Subscription, SubscribeError> {
+        let partition = self.partition_of(user).ok_or(SubscribeError::NotReady(-1))?;
+        // A position from another partition (the topic grew) cannot be compared with this one.
+        let last = last.filter(|(p, _)| *p == partition);
+        let mut store_rows: Vec<Arc<Event>> = Vec::new();
+        let mut store_boundary: Option<i64> = None;
+        for _attempt in 0..3 {
+            let part = self.partition(partition).ok_or(SubscribeError::NotOwned(partition))?;
+            if self.closing.load(Ordering::Relaxed) {
+                return Err(SubscribeError::NotReady(partition));
+            }
+            let covered_from = {
+                let mut guard = part.lock().expect("lock");
+                if !guard.live {
+                    return Err(SubscribeError::NotReady(partition));
+                }
+                match (last, store_boundary) {
+                    (None, _) => {
+                        let id = Some(position_id(partition, guard.ring.last()));
+                        let after = guard.ring.last();
+                        return Ok(self.register(&mut guard, partition, user, after, vec![Frame::Hello { id }], ResumeOutcome::Fresh));
+                    }
+                    (Some((_, lo)), _) if guard.ring.covers(lo) => {
+                        let mut backlog = vec![Frame::Hello { id: None }];
+                        backlog.extend(guard.ring.after(user, lo).into_iter().map(Frame::Event));
+                        let after = lo.max(guard.ring.last());
+                        return Ok(self.register(&mut guard, partition, user, after, backlog, ResumeOutcome::Ring));
+                    }
+                    // The store was read up to `boundary` and the ring still holds everything from there.
+                    (Some((_, lo)), Some(boundary)) if guard.ring.covered_from() <= boundary => {
+                        let mut backlog = vec![Frame::Hello { id: None }];
+                        backlog.extend(std::mem::take(&mut store_rows).into_iter().map(Frame::Event));
+                        backlog.extend(guard.ring.after(user, lo.max(boundary - 1)).into_iter().map(Frame::Event));
+                        let after = lo.max(guard.ring.last());
+                        return Ok(self.register(&mut guard, partition, user, after, backlog, ResumeOutcome::Store));
+                    }
+                    (Some(_), _) => guard.ring.covered_from(),
+                }
+            };
+            let lo = last.map(|(_, o)| o).unwrap_or(-1);
+            match self.read_store(user, partition, lo, covered_from).await? {
+                Some(rows) => {
+                    store_rows = rows;
+                    store_boundary = Some(covered_from);
+                }
+                None => return self.reset(partition, user, "position_too_old"),
+            }
+        }
+        // The ring kept moving past what the store had: give up on a gapless resume.
+        self.reset(partition, user, "position_too_old")
+    }
+
+    fn reset(self: &Arc<Self>, partition: i32, user: &str, reason: &'static str) -> Result<Subscription, SubscribeError> {
+        let part = self.partition(partition).ok_or(SubscribeError::NotOwned(partition))?;
+        let mut guard = part.lock().expect("lock");
+        let after = guard.ring.last();
+        let backlog = vec![Frame::Hello { id: None }, Frame::Reset { id: position_id(partition, after), reason }];
+        Ok(self.register(&mut guard, partition, user, after, backlog, ResumeOutcome::Reset))
+    }
+
+    /// `user`'s persisted notifications with offsets in (`after`, `before`), when the store holds
+    /// all of that range; `None` when it does not (or there are too many to replay).
+    async fn read_store(
+        &self,
+        user: &str,
+        partition: i32,
+        after: i64,
+        before: i64,
+    ) -> Result<Option<Vec<Arc<Event>>>, SubscribeError> {
+        let Some(s) = &self.store else { return Ok(None) };
+        let stored_next = s.store.load_offsets(&s.group, &s.topic).await?.get(&partition).copied().unwrap_or(0);
+        if stored_next < before {
+            return Ok(None);
+        }
+        const PAGE: u32 = 500;
+        let mut rows = Vec::new();
+        let mut cursor = after;
+        loop {
+            let page = s.store.notifications_after(user, partition, cursor, PAGE).await?;
+            let full = page.len() == PAGE as usize;
+            for item in page {
+                if item.stream_offset >= before {
+                    return Ok(Some(rows));
+                }
+                cursor = item.stream_offset;
+                rows.push(Arc::new(super::stream::event_from_notification(
+                    partition,
+                    item.stream_offset,
+                    &item.notification,
+                    0,
+                )));
+                if rows.len() > self.cfg.max_store_resume {
+                    return Ok(None);
+                }
+            }
+            if !full {
+                return Ok(Some(rows));
+            }
+        }
+    }
+
+    fn register(
+        self: &Arc<Self>,
+        part: &mut Partition,
+        partition: i32,
+        user: &str,
+        after: i64,
+        backlog: Vec<Frame>,
+        outcome: ResumeOutcome,
+    ) -> Subscription {
+        let (tx, rx) = mpsc::channel(self.cfg.queue_events.max(1));
+        let conn = Arc::new(Conn {
+            id: self.next_conn.fetch_add(1, Ordering::Relaxed),
+            tx,
+            queued_bytes: AtomicUsize::new(0),
+            kill: CancellationToken::new(),
+            kill_reason: Mutex::new(None),
+        });
+        let subs = part.subs.entry(user.into()).or_default();
+        while subs.len() >= self.cfg.max_connections_per_user.max(1) {
+            let oldest = subs.remove(0);
+            self.count_close(CloseReason::TooManyConnections);
+            oldest.conn.close(CloseReason::TooManyConnections);
+        }
+        subs.push(Sub { conn: conn.clone(), after });
+        self.metrics.connections.increment(1.0);
+        counter!("tidings_gateway_resumes_total", "outcome" => outcome.as_str()).increment(1);
+        Subscription { conn, rx, backlog, outcome, hub: self.clone(), partition, user: user.into() }
+    }
+
+    /// Called by a stream for each event it writes.
+    pub fn delivered(&self, ev: &Event) {
+        self.metrics.delivered.increment(1);
+        self.metrics.queued_events.decrement(1.0);
+        self.metrics.queued_bytes.decrement(ev.size() as f64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn cfg() -> HubConfig {
+        HubConfig { ring_events: 8, queue_events: 4, max_connections_per_user: 2, ..HubConfig::default() }
+    }
+
+    fn hub_with(user: &str, cfg: HubConfig) -> (Arc<Hub>, i32) {
+        let hub = Hub::new(cfg, None);
+        hub.set_partition_count(1);
+        hub.assign(0, 0, 0);
+        assert_eq!(hub.partition_of(user), Some(0));
+        (hub, 0)
+    }
+
+    fn ev(offset: i64, user: &str) -> Event {
+        Event::new(0, offset, user, "k", Bytes::from(format!("{{\"n\":{offset}}}")), 0)
+    }
+
+    fn offsets(frames: &[Frame]) -> Vec<i64> {
+        frames
+            .iter()
+            .filter_map(|f| match f {
+                Frame::Event(e) => Some(e.offset),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn drain(sub: &mut Subscription) -> Vec<Frame> {
+        let mut v = std::mem::take(&mut sub.backlog);
+        while let Ok(f) = sub.rx.try_recv() {
+            if let Frame::Event(e) = &f {
+                sub.conn.dequeued(e);
+            }
+            v.push(f);
+        }
+        v
+    }
+
+    #[tokio::test]
+    async fn fresh_stream_gets_only_its_users_events_after_connecting() {
+        let (hub, _) = hub_with("alice", cfg());
+        hub.push(ev(0, "alice"));
+        let mut sub = hub.subscribe("alice", None).await.unwrap();
+        assert!(matches!(&sub.backlog[0], Frame::Hello { id: Some(id) } if id == "0.0"));
+        hub.push(ev(1, "bob"));
+        hub.push(ev(2, "alice"));
+        assert_eq!(offsets(&drain(&mut sub)), vec![2]);
+        assert_eq!(sub.outcome, ResumeOutcome::Fresh);
+    }
+
+    #[tokio::test]
+    async fn resume_from_ring_is_gapless_and_without_duplicates() {
+        let (hub, _) = hub_with("alice", cfg());
+        for o in 0..6 {
+            hub.push(ev(o, if o % 2 == 0 { "alice" } else { "bob" }));
+        }
+        let mut sub = hub.subscribe("alice", Some((0, 0))).await.unwrap();
+        hub.push(ev(6, "alice"));
+        assert_eq!(offsets(&drain(&mut sub)), vec![2, 4, 6]);
+        assert_eq!(sub.outcome, ResumeOutcome::Ring);
+        // A client ahead of this instance (it saw offset 8 elsewhere) gets nothing twice.
+        let mut ahead = hub.subscribe("alice", Some((0, 8))).await.unwrap();
+        hub.push(ev(7, "alice"));
+        hub.push(ev(8, "alice"));
+        hub.push(ev(9, "alice"));
+        assert_eq!(offsets(&drain(&mut ahead)), vec![9]);
+    }
+
+    #[tokio::test]
+    async fn position_older_than_the_ring_without_store_resets() {
+        let (hub, _) = hub_with("alice", cfg());
+        for o in 0..20 {
+            hub.push(ev(o, "alice"));
+        }
+        let mut sub = hub.subscribe("alice", Some((0, 3))).await.unwrap();
+        let frames = drain(&mut sub);
+        assert!(matches!(&frames[1], Frame::Reset { id, .. } if id == "0.19"), "{frames:?}");
+        assert!(offsets(&frames).is_empty());
+        assert_eq!(sub.outcome, ResumeOutcome::Reset);
+        hub.push(ev(20, "alice"));
+        assert_eq!(offsets(&drain(&mut sub)), vec![20]);
+    }
+
+    #[tokio::test]
+    async fn overflowing_queue_closes_only_the_slow_stream() {
+        let (hub, _) = hub_with("alice", cfg());
+        let slow = hub.subscribe("alice", None).await.unwrap();
+        let mut fast = hub.subscribe("alice", None).await.unwrap();
+        for o in 0..10 {
+            hub.push(ev(o, "alice"));
+            drain(&mut fast);
+        }
+        assert_eq!(slow.conn.aborted().await, CloseReason::SlowConsumer);
+        assert!(!fast.conn.kill.is_cancelled());
+        assert_eq!(hub.connections(), 1);
+    }
+
+    #[tokio::test]
+    async fn byte_bound_closes_a_stream_before_the_count_bound() {
+        let (hub, _) = hub_with("alice", HubConfig { queue_events: 1000, queue_bytes: 500, ..cfg() });
+        let sub = hub.subscribe("alice", None).await.unwrap();
+        for o in 0..10 {
+            hub.push(ev(o, "alice"));
+        }
+        assert!(sub.rx.len() < 10);
+        assert_eq!(sub.conn.aborted().await, CloseReason::SlowConsumer);
+    }
+
+    #[tokio::test]
+    async fn too_many_connections_closes_the_oldest() {
+        let (hub, _) = hub_with("alice", cfg());
+        let mut first = hub.subscribe("alice", None).await.unwrap();
+        let _second = hub.subscribe("alice", None).await.unwrap();
+        let _third = hub.subscribe("alice", None).await.unwrap();
+        let frames = drain(&mut first);
+        assert!(matches!(frames.last(), Some(Frame::Close(CloseReason::TooManyConnections))), "{frames:?}");
+        assert_eq!(hub.connections(), 2);
+    }
+
+    #[tokio::test]
+    async fn revoke_sends_reconnect_after_queued_events_and_unowned_is_refused() {
+        let (hub, _) = hub_with("alice", cfg());
+        let mut sub = hub.subscribe("alice", None).await.unwrap();
+        hub.push(ev(0, "alice"));
+        hub.revoke(&[0]);
+        let frames = drain(&mut sub);
+        assert_eq!(offsets(&frames), vec![0]);
+        assert!(matches!(frames.last(), Some(Frame::Close(CloseReason::PartitionRevoked))));
+        assert!(matches!(hub.subscribe("alice", None).await, Err(SubscribeError::NotOwned(0))));
+    }
+
+    #[tokio::test]
+    async fn not_live_until_caught_up() {
+        let hub = Hub::new(cfg(), None);
+        hub.set_partition_count(1);
+        hub.assign(0, 5, 8);
+        assert!(!hub.is_ready());
+        assert!(matches!(hub.subscribe("alice", None).await, Err(SubscribeError::NotReady(0))));
+        hub.push(ev(5, "x"));
+        hub.skip(0, 6);
+        assert!(!hub.is_ready());
+        hub.push(ev(7, "x"));
+        assert!(hub.is_ready());
+        assert!(hub.subscribe("alice", None).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn dropping_a_subscription_unregisters_it() {
+        let (hub, _) = hub_with("alice", cfg());
+        let sub = hub.subscribe("alice", None).await.unwrap();
+        assert_eq!(hub.connections(), 1);
+        drop(sub);
+        assert_eq!(hub.connections(), 0);
+        hub.push(ev(0, "alice"));
+    }
+}

@@ -1,0 +1,127 @@
+//! Per-partition delivery: the gateway joins the delivery consumer group on `notifications`, keeps a
+//! ring of recent events per owned partition and hands each event to the SSE connections of its
+//! user. Users of partitions owned elsewhere are redirected to the owner, learned through Kafka.
+//!
+//! - `ring`: recent events of one partition, bounded by count and bytes, for resumes.
+//! - `hub`: owned partitions, their rings and subscribers; resume (ring → store → reset), limits.
+//! - `consumer`: the Kafka side (assignment, rebalance, decoding) feeding the hub.
+//! - `owners`: the compacted owners topic mapping each partition to its gateway's URL.
+//! - `stream`: `GET /v1/stream`, the SSE endpoint.
+
+pub mod config;
+pub mod consumer;
+pub mod hub;
+pub mod owners;
+pub mod ring;
+pub mod stream;
+
+use bytes::Bytes;
+
+pub use config::{DeliveryConfig, HubConfig};
+pub use hub::{CloseReason, Hub};
+pub use owners::Owners;
+pub use stream::StreamState;
+
+/// The partition of `user` among `partitions`, exactly as Kafka producers with the murmur2
+/// partitioner (Java's default, librdkafka's `murmur2_random`) place a record keyed by it.
+pub fn partition_for(user: &str, partitions: i32) -> i32 {
+    let h = murmur2::murmur2(user.as_bytes(), murmur2::KAFKA_SEED);
+    ((h & 0x7fff_ffff) % partitions.max(1) as u32) as i32
+}
+
+/// One notification as delivered: its stream position, user, kind and JSON body (shared by the
+/// ring and every connection queue it sits in).
+#[derive(Debug)]
+pub struct Event {
+    pub partition: i32,
+    pub offset: i64,
+    pub user: Box<str>,
+    pub kind: Box<str>,
+    /// The notification as JSON (the SSE `data:`).
+    pub data: Bytes,
+    /// The Kafka record timestamp (ms since the epoch), for end-to-end latency.
+    pub timestamp_ms: i64,
+}
+
+impl Event {
+    pub fn new(partition: i32, offset: i64, user: &str, kind: &str, data: Bytes, timestamp_ms: i64) -> Self {
+        Event { partition, offset, user: user.into(), kind: kind.into(), data, timestamp_ms }
+    }
+
+    /// The SSE `id:`: the stream position `partition.offset`, monotonic per user.
+    pub fn id(&self) -> String {
+        position_id(self.partition, self.offset)
+    }
+
+    /// Approximate memory held by this event, for the byte bounds of rings and queues.
+    pub fn size(&self) -> usize {
+        std::mem::size_of::<Self>() + self.user.len() + self.kind.len() + self.data.len()
+    }
+}
+
+/// Formats a stream position as an SSE id.
+pub fn position_id(partition: i32, offset: i64) -> String {
+    format!("{partition}.{offset}")
+}
+
+/// Parses an SSE id `partition.offset` (offset ≥ -1, where -1 means "before the first record").
+pub fn parse_position(id: &str) -> Option<(i32, i64)> {
+    let (p, o) = id.trim().split_once('.')?;
+    let digits = |s: &str| !s.is_empty() && s.len() <= 19 && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(p) {
+        return None;
+    }
+    let offset = if o == "-1" {
+        -1
+    } else if digits(o) {
+        o.parse().ok()?
+    } else {
+        return None;
+    };
+    Some((p.parse().ok()?, offset))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn murmur2_matches_kafka() {
+        // Expected values from Apache Kafka's UtilsTest.testMurmur2 (Java's signed ints).
+        let cases: [(&str, i32); 6] = [
+            ("21", -973932308),
+            ("foobar", -790332482),
+            ("a-little-bit-long-string", -985981536),
+            ("a-little-bit-longer-string", -1486304829),
+            ("lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8", -58897971),
+            ("abc", 479470107),
+        ];
+        for (input, want) in cases {
+            assert_eq!(murmur2::murmur2(input.as_bytes(), murmur2::KAFKA_SEED) as i32, want, "{input}");
+        }
+        // Java: toPositive(murmur2) % n.
+        assert_eq!(partition_for("foobar", 12), ((-790332482i32 & 0x7fff_ffff) % 12));
+    }
+
+    #[test]
+    fn positions_round_trip_and_reject_garbage() {
+        assert_eq!(parse_position(&position_id(3, 42)), Some((3, 42)));
+        assert_eq!(parse_position("0.-1"), Some((0, -1)));
+        for bad in ["", "3", "3.", ".4", "a.b", "-1.2", "3.-2", "3.4.5", "99999999999.1", "1.+2", "1.99999999999999999999"] {
+            assert_eq!(parse_position(bad), None, "{bad:?}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn any_position_round_trips(p in 0i32..=i32::MAX, o in -1i64..=i64::MAX) {
+            prop_assert_eq!(parse_position(&position_id(p, o)), Some((p, o)));
+        }
+
+        #[test]
+        fn parse_never_panics(s in ".{0,40}") {
+            let _ = parse_position(&s);
+        }
+    }
+}

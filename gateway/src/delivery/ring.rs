@@ -1,0 +1,134 @@
+//! The per-partition ring of recent events that serves resumes: bounded by count and by bytes, it
+//! remembers from which offset on it holds *every* consumed event of its partition, so a resume is
+//! served from it only when nothing the client missed has been evicted.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use super::Event;
+
+/// Recent events of one partition, oldest first.
+#[derive(Debug)]
+pub struct Ring {
+    events: VecDeque<Arc<Event>>,
+    bytes: usize,
+    max_events: usize,
+    max_bytes: usize,
+    /// Every event of the partition with an offset ≥ this that has been consumed is in the ring.
+    covered_from: i64,
+    /// The offset after the last consumed event (the next one expected).
+    next: i64,
+}
+
+impl Ring {
+    /// An empty ring for a partition whose consumption starts at `start`.
+    pub fn new(start: i64, max_events: usize, max_bytes: usize) -> Self {
+        Ring {
+            events: VecDeque::new(),
+            bytes: 0,
+            max_events: max_events.max(1),
+            max_bytes,
+            covered_from: start,
+            next: start,
+        }
+    }
+
+    /// Appends the next consumed event and evicts the oldest ones past either bound.
+    pub fn push(&mut self, ev: Arc<Event>) {
+        if self.events.is_empty() && ev.offset > self.covered_from {
+            // The first event came later than the start offset (compaction, transaction markers or
+            // a broker that resumes at the next batch): only claim what was actually seen.
+            self.covered_from = ev.offset;
+        }
+        self.next = ev.offset + 1;
+        self.bytes += ev.size();
+        self.events.push_back(ev);
+        while self.events.len() > self.max_events || (self.bytes > self.max_bytes && self.events.len() > 1) {
+            let old = self.events.pop_front().expect("non-empty");
+            self.bytes -= old.size();
+            self.covered_from = old.offset + 1;
+        }
+    }
+
+    /// True when every event after `after` that was consumed is still here.
+    pub fn covers(&self, after: i64) -> bool {
+        after + 1 >= self.covered_from
+    }
+
+    /// The lowest offset from which the ring holds every consumed event.
+    pub fn covered_from(&self) -> i64 {
+        self.covered_from
+    }
+
+    /// The offset of the last consumed event (`start - 1` before any).
+    pub fn last(&self) -> i64 {
+        self.next - 1
+    }
+
+    /// `user`'s events with an offset greater than `after`, oldest first.
+    pub fn after(&self, user: &str, after: i64) -> Vec<Arc<Event>> {
+        let from = self.events.partition_point(|e| e.offset <= after);
+        self.events.range(from..).filter(|e| &*e.user == user).cloned().collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(offset: i64, user: &str, len: usize) -> Arc<Event> {
+        Arc::new(Event::new(0, offset, user, "k", bytes::Bytes::from(vec![b'x'; len]), 0))
+    }
+
+    #[test]
+    fn evicts_by_count_and_tracks_coverage() {
+        let mut r = Ring::new(10, 3, usize::MAX);
+        assert!(r.covers(9) && !r.covers(8));
+        for o in 10..15 {
+            r.push(ev(o, if o % 2 == 0 { "a" } else { "b" }, 1));
+        }
+        assert_eq!(r.len(), 3);
+        assert_eq!(r.covered_from(), 12);
+        assert_eq!(r.last(), 14);
+        assert!(r.covers(11) && !r.covers(10));
+        let a: Vec<i64> = r.after("a", 11).iter().map(|e| e.offset).collect();
+        assert_eq!(a, vec![12, 14]);
+        assert!(r.after("a", 14).is_empty());
+    }
+
+    #[test]
+    fn evicts_by_bytes_but_keeps_the_newest() {
+        let mut r = Ring::new(0, 100, 1000);
+        let one = ev(0, "a", 10).size();
+        for o in 0..10 {
+            r.push(ev(o, "a", 10));
+        }
+        assert!(r.bytes() <= 1000);
+        assert_eq!(r.len(), 1000 / one);
+        // One event larger than the whole budget still stays (the ring is never empty after a push).
+        r.push(ev(10, "a", 5000));
+        assert_eq!(r.len(), 1);
+        assert_eq!(r.covered_from(), 10);
+    }
+
+    #[test]
+    fn first_event_past_the_start_narrows_coverage() {
+        let mut r = Ring::new(5, 10, usize::MAX);
+        r.push(ev(8, "a", 1));
+        assert_eq!(r.covered_from(), 8);
+        assert!(!r.covers(6));
+        assert!(r.covers(7));
+    }
+}

@@ -78,7 +78,10 @@ impl Gw {
         let owners = Owners::new(&url, "notifications");
         let auth = Arc::new(AuthConfig { keys: vec![Key::hs256(SECRET)], ..Default::default() });
         let app = tidings_gateway::app(
-            Parts { stream: Some(StreamState { hub: hub.clone(), owners: owners.clone(), auth }), ..Default::default() },
+            Parts {
+                stream: Some(StreamState { hub: hub.clone(), owners: owners.clone(), auth }),
+                ..Default::default()
+            },
             Readiness::default(),
         );
         let stop = CancellationToken::new();
@@ -164,8 +167,7 @@ async fn tokens_are_checked_and_users_only_see_their_own_notifications() {
     assert_eq!(alice_resp.headers()["content-type"], "text/event-stream");
     let bob_resp = http.get(format!("{url}?access_token={}", token(&bob))).send().await.unwrap();
     assert_eq!(bob_resp.status(), 200);
-    let cookie_resp =
-        http.get(&url).header("cookie", format!("tidings_token={}", token(&bob))).send().await.unwrap();
+    let cookie_resp = http.get(&url).header("cookie", format!("tidings_token={}", token(&bob))).send().await.unwrap();
     assert_eq!(cookie_resp.status(), 200);
     for i in 0..3 {
         gw.push("alice", i);
@@ -274,8 +276,10 @@ async fn resume_comes_from_the_ring_then_the_store_else_reset() {
     let got: Vec<String> = seen.iter().map(|e| e["id"].clone()).collect();
     let want: Vec<String> = (3..20).map(|o| format!("{p}.{o}")).collect();
     assert_eq!(got, want);
-    let titles: Vec<String> =
-        seen.iter().map(|e| serde_json::from_str::<Value>(&e["data"]).unwrap()["title"].as_str().unwrap().into()).collect();
+    let titles: Vec<String> = seen
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(&e["data"]).unwrap()["title"].as_str().unwrap().into())
+        .collect();
     assert_eq!(titles, (3..20).map(|i| format!("title {i}")).collect::<Vec<_>>());
 }
 
@@ -338,7 +342,9 @@ async fn a_thousand_stalled_clients_are_cut_off_and_do_not_hold_up_the_rest() {
             let mut worst = Duration::ZERO;
             let mut got = 0;
             while got < EVENTS {
-                let Ok(Ok(Some(chunk))) = tokio::time::timeout(Duration::from_secs(30), resp.chunk()).await else { break };
+                let Ok(Ok(Some(chunk))) = tokio::time::timeout(Duration::from_secs(30), resp.chunk()).await else {
+                    break;
+                };
                 buf.push_str(std::str::from_utf8(&chunk).unwrap());
                 while let Some(end) = buf.find("\n\n") {
                     let block: String = buf.drain(..end + 2).collect();

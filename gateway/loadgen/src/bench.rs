@@ -237,9 +237,21 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let db = format!("sqlite://{}/bench.db", root.path().display());
     let base = |stages: &str| -> Vec<String> {
         [
-            "up", "--brokers", &args.brokers, "--topic-prefix", &prefix, "--topology",
-            topology.to_str().unwrap_or("topology.yaml"), "--database-url", &db, "--stages", stages,
-            "--http", "127.0.0.1:0", "--registry-listen", "127.0.0.1:0",
+            "up",
+            "--brokers",
+            &args.brokers,
+            "--topic-prefix",
+            &prefix,
+            "--topology",
+            topology.to_str().unwrap_or("topology.yaml"),
+            "--database-url",
+            &db,
+            "--stages",
+            stages,
+            "--http",
+            "127.0.0.1:0",
+            "--registry-listen",
+            "127.0.0.1:0",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -289,7 +301,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         };
         let n = args.idle;
         let t = Instant::now();
-        let clients = start_clients(&[url.clone()], "b", 0, n, tidings_gateway::auth::DEV_SECRET, 4000, &stop, &totals, cb).await;
+        let clients =
+            start_clients(&[url.clone()], "b", 0, n, tidings_gateway::auth::DEV_SECRET, 4000, &stop, &totals, cb).await;
         let deadline = Instant::now() + Duration::from_secs(300);
         while (totals.connected.load(Ordering::Relaxed) as usize) < n && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(100)).await;

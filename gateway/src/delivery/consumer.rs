@@ -80,7 +80,12 @@ fn blocking<T>(multi_thread: bool, f: impl FnOnce() -> T) -> T {
 }
 
 /// Where to start reading `partition` (a ring's length before the end) and the end itself.
-fn start_of<C: Consumer<X>, X: ConsumerContext>(c: &C, topic: &str, partition: i32, ring: usize) -> Result<(i64, i64), KafkaError> {
+fn start_of<C: Consumer<X>, X: ConsumerContext>(
+    c: &C,
+    topic: &str,
+    partition: i32,
+    ring: usize,
+) -> Result<(i64, i64), KafkaError> {
     let (low, high) = c.fetch_watermarks(topic, partition, WATERMARK_TIMEOUT)?;
     Ok(((high - ring as i64).max(low), high))
 }
@@ -88,7 +93,8 @@ fn start_of<C: Consumer<X>, X: ConsumerContext>(c: &C, topic: &str, partition: i
 impl ConsumerContext for DeliveryContext {
     // Eager assignors only: the assignment is rewritten with explicit start offsets.
     fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
-        let parts: Vec<i32> = tpl.elements().iter().filter(|e| e.topic() == self.topic).map(|e| e.partition()).collect();
+        let parts: Vec<i32> =
+            tpl.elements().iter().filter(|e| e.topic() == self.topic).map(|e| e.partition()).collect();
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let ring = self.hub.config().ring_events;
@@ -138,7 +144,12 @@ impl ConsumerContext for DeliveryContext {
 
 /// Runs the delivery stage until `shutdown`, restarting after transient failures. On shutdown,
 /// every stream gets `reconnect` and the consumer leaves the group.
-pub async fn run(cfg: DeliveryConfig, hub: Arc<Hub>, owners: Arc<Owners>, shutdown: CancellationToken) -> Result<(), DeliveryError> {
+pub async fn run(
+    cfg: DeliveryConfig,
+    hub: Arc<Hub>,
+    owners: Arc<Owners>,
+    shutdown: CancellationToken,
+) -> Result<(), DeliveryError> {
     let result = tidings_core::shutdown::restart_on_transient(
         "delivery",
         &shutdown,
@@ -150,7 +161,12 @@ pub async fn run(cfg: DeliveryConfig, hub: Arc<Hub>, owners: Arc<Owners>, shutdo
     result
 }
 
-async fn run_once(cfg: &DeliveryConfig, hub: &Arc<Hub>, owners: &Arc<Owners>, shutdown: &CancellationToken) -> Result<(), DeliveryError> {
+async fn run_once(
+    cfg: &DeliveryConfig,
+    hub: &Arc<Hub>,
+    owners: &Arc<Owners>,
+    shutdown: &CancellationToken,
+) -> Result<(), DeliveryError> {
     let registry = RegistryClient::new(&cfg.registry_url).map_err(|e| DeliveryError::Config(e.to_string()))?;
     let multi_thread = Handle::current().runtime_flavor() == RuntimeFlavor::MultiThread;
     let shared = Arc::new(Shared::default());
@@ -159,6 +175,9 @@ async fn run_once(cfg: &DeliveryConfig, hub: &Arc<Hub>, owners: &Arc<Owners>, sh
     // Nothing is committed: every owner starts a ring's length before the end.
     cc.set("enable.auto.commit", "false")
         .set("auto.offset.reset", "latest")
+        // A fetch returns when data arrives on Kafka; brokers without long-poll wake-ups (tansu)
+        // answer only after this wait, which then bounds delivery latency.
+        .set("fetch.wait.max.ms", "100")
         .set("partition.assignment.strategy", "range,roundrobin");
     let consumer: StreamConsumer<DeliveryContext> = cc.create_with_context(ctx)?;
 
@@ -171,7 +190,8 @@ async fn run_once(cfg: &DeliveryConfig, hub: &Arc<Hub>, owners: &Arc<Owners>, sh
     let producer: FutureProducer = cfg.kafka.producer().create()?;
     let instance = uuid::Uuid::new_v4().to_string();
     let follower = {
-        let (kafka, topic, owners, token) = (cfg.kafka.clone(), cfg.owners_topic.clone(), owners.clone(), shutdown.child_token());
+        let (kafka, topic, owners, token) =
+            (cfg.kafka.clone(), cfg.owners_topic.clone(), owners.clone(), shutdown.child_token());
         tokio::spawn(async move { owners::follow(&kafka, &topic, owners, token).await })
     };
     info!(topic = %cfg.topic, group = %cfg.group, partitions = count, "Delivery consuming {} as {}.", cfg.topic, owners.self_url());
@@ -218,7 +238,14 @@ fn partition_count<C: Consumer<X>, X: ConsumerContext>(c: &C, topic: &str) -> Re
 
 /// Periodic work: start partitions whose watermarks were unavailable, refresh lag and the
 /// partition count, re-announce ownership that failed to send.
-fn maintain(consumer: &StreamConsumer<DeliveryContext>, cfg: &DeliveryConfig, hub: &Hub, shared: &Shared, multi_thread: bool, ticks: u64) {
+fn maintain(
+    consumer: &StreamConsumer<DeliveryContext>,
+    cfg: &DeliveryConfig,
+    hub: &Hub,
+    shared: &Shared,
+    multi_thread: bool,
+    ticks: u64,
+) {
     let pending: Vec<i32> = shared.pending.lock().expect("lock").iter().copied().collect();
     for p in pending {
         let started = blocking(multi_thread, || {
@@ -241,7 +268,9 @@ fn maintain(consumer: &StreamConsumer<DeliveryContext>, cfg: &DeliveryConfig, hu
     }
     if ticks % 5 == 0 {
         for p in hub.owned() {
-            if let Ok((_, high)) = blocking(multi_thread, || consumer.fetch_watermarks(&cfg.topic, p, WATERMARK_TIMEOUT)) {
+            if let Ok((_, high)) =
+                blocking(multi_thread, || consumer.fetch_watermarks(&cfg.topic, p, WATERMARK_TIMEOUT))
+            {
                 hub.set_high_watermark(p, high);
             }
         }

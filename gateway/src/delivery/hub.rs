@@ -58,10 +58,15 @@ impl CloseReason {
 #[derive(Debug, Clone)]
 pub enum Frame {
     /// The first frame: the `retry:` hint, and for a fresh stream the position it starts from.
-    Hello { id: Option<String> },
+    Hello {
+        id: Option<String>,
+    },
     Event(Arc<Event>),
     /// The position asked for cannot be served without a gap: refetch the inbox, continue at `id`.
-    Reset { id: String, reason: &'static str },
+    Reset {
+        id: String,
+        reason: &'static str,
+    },
     Close(CloseReason),
 }
 
@@ -232,6 +237,8 @@ impl std::fmt::Debug for Hub {
 
 impl Hub {
     pub fn new(cfg: HubConfig, store: Option<StoreResume>) -> Arc<Hub> {
+        // Handles made before a recorder exists would record nowhere.
+        crate::metrics::install();
         Arc::new(Hub {
             cfg,
             partitions: RwLock::new(HashMap::new()),
@@ -452,7 +459,14 @@ impl Hub {
                     (None, _) => {
                         let id = Some(position_id(partition, guard.ring.last()));
                         let after = guard.ring.last();
-                        return Ok(self.register(&mut guard, partition, user, after, vec![Frame::Hello { id }], ResumeOutcome::Fresh));
+                        return Ok(self.register(
+                            &mut guard,
+                            partition,
+                            user,
+                            after,
+                            vec![Frame::Hello { id }],
+                            ResumeOutcome::Fresh,
+                        ));
                     }
                     (Some((_, lo)), _) if guard.ring.covers(lo) => {
                         let mut backlog = vec![Frame::Hello { id: None }];
@@ -484,7 +498,12 @@ impl Hub {
         self.reset(partition, user, "position_too_old")
     }
 
-    fn reset(self: &Arc<Self>, partition: i32, user: &str, reason: &'static str) -> Result<Subscription, SubscribeError> {
+    fn reset(
+        self: &Arc<Self>,
+        partition: i32,
+        user: &str,
+        reason: &'static str,
+    ) -> Result<Subscription, SubscribeError> {
         let part = self.partition(partition).ok_or(SubscribeError::NotOwned(partition))?;
         let mut guard = part.lock().expect("lock");
         let after = guard.ring.last();

@@ -108,7 +108,9 @@ mod tests {
     fn positions_round_trip_and_reject_garbage() {
         assert_eq!(parse_position(&position_id(3, 42)), Some((3, 42)));
         assert_eq!(parse_position("0.-1"), Some((0, -1)));
-        for bad in ["", "3", "3.", ".4", "a.b", "-1.2", "3.-2", "3.4.5", "99999999999.1", "1.+2", "1.99999999999999999999"] {
+        for bad in
+            ["", "3", "3.", ".4", "a.b", "-1.2", "3.-2", "3.4.5", "99999999999.1", "1.+2", "1.99999999999999999999"]
+        {
             assert_eq!(parse_position(bad), None, "{bad:?}");
         }
     }

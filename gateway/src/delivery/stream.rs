@@ -88,7 +88,9 @@ async fn open(
 ) -> Response {
     let Query(params) = match params {
         Ok(p) => p,
-        Err(e) => return ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_query", e.body_text()).into_response(),
+        Err(e) => {
+            return ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_query", e.body_text()).into_response()
+        }
     };
     let last_raw = headers
         .get("last-event-id")
@@ -154,7 +156,11 @@ struct StreamCursor {
     done: bool,
 }
 
-fn frames(sub: Subscription, hub: Arc<Hub>, retry: Duration) -> impl Stream<Item = Result<SseEvent, std::convert::Infallible>> {
+fn frames(
+    sub: Subscription,
+    hub: Arc<Hub>,
+    retry: Duration,
+) -> impl Stream<Item = Result<SseEvent, std::convert::Infallible>> {
     let cursor = StreamCursor { sub, hub, next_backlog: 0, done: false };
     stream::unfold(cursor, move |mut c| async move {
         if c.done {

@@ -17,7 +17,7 @@ use tidings_core::shutdown::TaskTree;
 use tidings_core::RegistryClient;
 use tidings_gateway::auth::{self, Key};
 use tidings_gateway::delivery::hub::StoreResume;
-use tidings_gateway::delivery::{self, DeliveryConfig, HubConfig, Hub, Owners};
+use tidings_gateway::delivery::{self, DeliveryConfig, Hub, HubConfig, Owners};
 use tidings_gateway::{AuthConfig, InboxState, IngestState, IngestTopic, Parts, Readiness, StreamState};
 use tidings_pipeline::stages::templating::{self, TemplatingConfig};
 use tidings_pipeline::topology::{self, Topology};

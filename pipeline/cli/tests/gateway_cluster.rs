@@ -82,12 +82,18 @@ async fn three_gateways_deliver_exactly_once_in_order_through_sigkill_and_sigter
         gws.push(g);
     }
     let http = reqwest::Client::new();
-    eventually("all three gateways ready", Duration::from_secs(90), Duration::from_millis(500), &[&gws[0], &gws[1], &gws[2]], || async {
-        for u in &urls {
-            ready(&http, u).await?;
-        }
-        Ok(())
-    })
+    eventually(
+        "all three gateways ready",
+        Duration::from_secs(90),
+        Duration::from_millis(500),
+        &[&gws[0], &gws[1], &gws[2]],
+        || async {
+            for u in &urls {
+                ready(&http, u).await?;
+            }
+            Ok(())
+        },
+    )
     .await;
 
     // 1,500 clients, spread over the three instances; each follows redirects to its owner.
@@ -108,14 +114,20 @@ async fn three_gateways_deliver_exactly_once_in_order_through_sigkill_and_sigter
         let (stop, totals) = (stop.clone(), totals.clone());
         clients.push(tokio::spawn(async move { c.run(u, stop, totals, |_, _| {}).await }));
     }
-    eventually("1,500 streams open", Duration::from_secs(60), Duration::from_millis(250), &[&gws[0], &gws[1], &gws[2]], || async {
-        let n = totals.connected.load(Ordering::Relaxed);
-        if n as usize == USERS {
-            Ok(())
-        } else {
-            Err(format!("{n} connected"))
-        }
-    })
+    eventually(
+        "1,500 streams open",
+        Duration::from_secs(60),
+        Duration::from_millis(250),
+        &[&gws[0], &gws[1], &gws[2]],
+        || async {
+            let n = totals.connected.load(Ordering::Relaxed);
+            if n as usize == USERS {
+                Ok(())
+            } else {
+                Err(format!("{n} connected"))
+            }
+        },
+    )
     .await;
     eprintln!("all {USERS} streams open");
 
@@ -237,7 +249,12 @@ async fn three_gateways_deliver_exactly_once_in_order_through_sigkill_and_sigter
     eprintln!(
         "{USERS} clients: {connects} streams opened, {redirects} redirects followed, {reconnects} reconnect/close events, {resets} resets"
     );
-    assert!(failures.is_empty(), "{} clients saw a gap, duplicate or reorder:\n{}", failures.len(), failures[..failures.len().min(20)].join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} clients saw a gap, duplicate or reorder:\n{}",
+        failures.len(),
+        failures[..failures.len().min(20)].join("\n")
+    );
     assert!(redirects > 0, "no client was ever redirected to an owner");
     assert!(reconnects > 0, "no stream was told to reconnect (revoke / SIGTERM)");
     assert_eq!(totals.events.load(Ordering::Relaxed), want, "extra deliveries");

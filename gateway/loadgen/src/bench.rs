@@ -18,7 +18,7 @@ use tidings_core::{FramedEncoder, Notification, RegistryClient};
 use tidings_loadgen::Totals;
 use tokio_util::sync::CancellationToken;
 
-use crate::{start_clients, user_id};
+use crate::{start_clients, user_id, Fleet};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -301,8 +301,20 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         };
         let n = args.idle;
         let t = Instant::now();
-        let clients =
-            start_clients(&[url.clone()], "b", 0, n, tidings_gateway::auth::DEV_SECRET, 4000, &stop, &totals, cb).await;
+        let clients = start_clients(
+            &Fleet {
+                gateways: std::slice::from_ref(&url),
+                prefix: "b",
+                secret: tidings_gateway::auth::DEV_SECRET,
+                ramp: 4000,
+            },
+            0,
+            n,
+            &stop,
+            &totals,
+            cb,
+        )
+        .await;
         let deadline = Instant::now() + Duration::from_secs(300);
         while (totals.connected.load(Ordering::Relaxed) as usize) < n && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(100)).await;

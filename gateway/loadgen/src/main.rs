@@ -61,18 +61,27 @@ pub fn user_id(prefix: &str, i: usize) -> String {
     format!("{prefix}{i:06}")
 }
 
-/// Starts `count` clients (users `from..from+count`) at `ramp` per second.
+/// Who the clients are and where they connect.
+pub struct Fleet<'a> {
+    pub gateways: &'a [String],
+    /// User id prefix.
+    pub prefix: &'a str,
+    /// HS256 secret the gateways accept.
+    pub secret: &'a str,
+    /// New connections per second.
+    pub ramp: usize,
+}
+
+/// Starts `count` clients (users `from..from+count`) at the fleet's ramp.
 pub async fn start_clients(
-    gateways: &[String],
-    prefix: &str,
+    fleet: &Fleet<'_>,
     from: usize,
     count: usize,
-    secret: &str,
-    ramp: usize,
     stop: &CancellationToken,
     totals: &Arc<Totals>,
     on_event: Arc<dyn Fn(&serde_json::Value) + Send + Sync>,
 ) -> Vec<tokio::task::JoinHandle<tidings_loadgen::Seen>> {
+    let Fleet { gateways, prefix, secret, ramp } = *fleet;
     let http = http_client();
     let mut handles = Vec::with_capacity(count);
     let started = std::time::Instant::now();
@@ -127,18 +136,8 @@ async fn hold(args: HoldArgs) -> anyhow::Result<()> {
             }
         })
     };
-    let handles = start_clients(
-        &args.gateways,
-        &args.user_prefix,
-        args.from,
-        args.count,
-        &args.secret,
-        args.ramp,
-        &stop,
-        &totals,
-        Arc::new(|_| {}),
-    )
-    .await;
+    let fleet = Fleet { gateways: &args.gateways, prefix: &args.user_prefix, secret: &args.secret, ramp: args.ramp };
+    let handles = start_clients(&fleet, args.from, args.count, &stop, &totals, Arc::new(|_| {})).await;
     stop.cancelled().await;
     for h in handles {
         let _ = h.await;

@@ -266,7 +266,7 @@ fn maintain(
     if !shared.to_announce.lock().expect("lock").is_empty() {
         shared.wake.notify_one();
     }
-    if ticks % 5 == 0 {
+    if ticks.is_multiple_of(5) {
         for p in hub.owned() {
             if let Ok((_, high)) =
                 blocking(multi_thread, || consumer.fetch_watermarks(&cfg.topic, p, WATERMARK_TIMEOUT))

@@ -11,6 +11,7 @@
 
 pub mod auth;
 pub mod delivery;
+pub mod front;
 pub mod health;
 pub mod inbox;
 pub mod ingest;
@@ -64,7 +65,24 @@ pub fn bind(addr: std::net::SocketAddr, send_buffer: Option<u32>) -> std::io::Re
     socket.listen(4096)
 }
 
-/// Serves `app` on `listener` until `shutdown` is cancelled.
+/// Serves `app` on `listener` until `shutdown` is cancelled (every request through axum).
 pub async fn serve(listener: tokio::net::TcpListener, app: Router, shutdown: CancellationToken) -> std::io::Result<()> {
     axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
+}
+
+/// Serves `app` on `listener` with streams of `stream` written straight to their sockets (see
+/// `front`), until `shutdown` is cancelled; then waits for open streams to send their last event.
+pub async fn serve_gateway(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    stream: Option<StreamState>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let streams = tokio_util::task::TaskTracker::new();
+    let front = front::front(listener, stream, shutdown.clone(), streams.clone())?;
+    let t = shutdown.clone();
+    axum::serve(front, app).with_graceful_shutdown(async move { t.cancelled().await }).await?;
+    streams.close();
+    streams.wait().await;
+    Ok(())
 }

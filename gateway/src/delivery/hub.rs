@@ -70,6 +70,23 @@ pub enum Frame {
     Close(CloseReason),
 }
 
+/// What goes through a connection's queue: 16 bytes, so the queue's first block of 32 slots
+/// (allocated with the channel, for every stream) stays small.
+#[derive(Debug, Clone)]
+pub enum Queued {
+    Event(Arc<Event>),
+    Close(CloseReason),
+}
+
+impl From<Queued> for Frame {
+    fn from(q: Queued) -> Frame {
+        match q {
+            Queued::Event(e) => Frame::Event(e),
+            Queued::Close(r) => Frame::Close(r),
+        }
+    }
+}
+
 /// How a resume was served (the `outcome` label of `tidings_gateway_resumes_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ResumeOutcome {
@@ -119,7 +136,7 @@ pub struct StoreResume {
 #[derive(Debug)]
 pub struct Conn {
     pub id: u64,
-    tx: mpsc::Sender<Frame>,
+    tx: mpsc::Sender<Queued>,
     queued_bytes: AtomicUsize,
     kill: CancellationToken,
     kill_reason: Mutex<Option<CloseReason>>,
@@ -128,7 +145,7 @@ pub struct Conn {
 impl Conn {
     /// Closes after what is queued has been written (if the queue has room), else right away.
     fn close(&self, reason: CloseReason) {
-        if self.tx.try_send(Frame::Close(reason)).is_err() {
+        if self.tx.try_send(Queued::Close(reason)).is_err() {
             self.abort(reason);
         }
     }
@@ -172,7 +189,7 @@ struct Partition {
 /// A registered stream: frames to send first, then the queue. Dropping it unregisters.
 pub struct Subscription {
     pub conn: Arc<Conn>,
-    pub rx: mpsc::Receiver<Frame>,
+    pub rx: mpsc::Receiver<Queued>,
     pub backlog: Vec<Frame>,
     pub outcome: ResumeOutcome,
     hub: Arc<Hub>,
@@ -374,7 +391,7 @@ impl Hub {
                 self.slow(&s.conn);
                 return false;
             }
-            match s.conn.tx.try_send(Frame::Event(ev.clone())) {
+            match s.conn.tx.try_send(Queued::Event(ev.clone())) {
                 Ok(()) => {
                     s.conn.queued_bytes.fetch_add(size, Ordering::Relaxed);
                     self.metrics.queued_bytes.increment(size as f64);
@@ -623,12 +640,18 @@ mod tests {
     fn drain(sub: &mut Subscription) -> Vec<Frame> {
         let mut v = std::mem::take(&mut sub.backlog);
         while let Ok(f) = sub.rx.try_recv() {
-            if let Frame::Event(e) = &f {
+            if let Queued::Event(e) = &f {
                 sub.conn.dequeued(e);
             }
-            v.push(f);
+            v.push(f.into());
         }
         v
+    }
+
+    #[test]
+    fn queued_items_are_two_words() {
+        // Every stream's queue allocates a block of 32 of these up front.
+        assert_eq!(std::mem::size_of::<Queued>(), 16);
     }
 
     #[tokio::test]

@@ -5,19 +5,20 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{FromRef, Query, RawQuery, State};
-use axum::http::header::{CACHE_CONTROL, LOCATION, RETRY_AFTER};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::body::Body;
+use axum::extract::{FromRef, FromRequestParts, Query, State};
+use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE, LOCATION, RETRY_AFTER};
+use axum::http::request::Parts;
+use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use futures::stream::{self, Stream};
+use bytes::Bytes;
+use futures::stream;
 use serde_json::json;
 use tidings_core::Notification;
 
-use super::hub::{Frame, SubscribeError, Subscription};
+use super::hub::{CloseReason, Frame, Queued, SubscribeError, Subscription};
 use super::{parse_position, Event, Hub, Owners};
 use crate::auth::{AuthConfig, AuthUser};
 use crate::ingest::ApiError;
@@ -79,20 +80,45 @@ struct Params {
     last_event_id: Option<String>,
 }
 
-async fn open(
-    State(state): State<StreamState>,
-    AuthUser(user): AuthUser,
-    headers: HeaderMap,
-    RawQuery(raw_query): RawQuery,
-    params: Result<Query<Params>, QueryRejection>,
-) -> Response {
-    let Query(params) = match params {
-        Ok(p) => p,
+async fn open(State(state): State<StreamState>, mut parts: Parts) -> Response {
+    match open_subscription(&state, &mut parts).await {
+        Ok(sub) => {
+            let cursor = StreamCursor::new(sub, state.hub.clone());
+            let body = stream::unfold(cursor, |mut c| async move {
+                let mut out = Vec::new();
+                c.next_chunk(&mut out).await.then(|| (Ok::<_, std::convert::Infallible>(Bytes::from(out)), c))
+            });
+            let mut r = Response::new(Body::from_stream(body));
+            r.headers_mut().extend(sse_headers());
+            r
+        }
+        Err(r) => r,
+    }
+}
+
+/// The response headers of a stream.
+pub fn sse_headers() -> [(HeaderName, HeaderValue); 3] {
+    [
+        (CONTENT_TYPE, HeaderValue::from_static("text/event-stream")),
+        (CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+        // Tells nginx-style proxies not to buffer the stream.
+        (HeaderName::from_static("x-accel-buffering"), HeaderValue::from_static("no")),
+    ]
+}
+
+/// Authenticates a stream request and registers its subscription, or returns the answer to give
+/// instead (401, 422, 307 to the owner, 503 + `Retry-After`). Shared by the axum route and the
+/// gateway's direct stream path (see `crate::front`).
+pub async fn open_subscription(state: &StreamState, parts: &mut Parts) -> Result<Subscription, Response> {
+    let AuthUser(user) = AuthUser::from_request_parts(parts, &state.auth).await.map_err(IntoResponse::into_response)?;
+    let params = match Query::<Params>::try_from_uri(&parts.uri) {
+        Ok(Query(p)) => p,
         Err(e) => {
-            return ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_query", e.body_text()).into_response()
+            return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_query", e.body_text()).into_response())
         }
     };
-    let last_raw = headers
+    let last_raw = parts
+        .headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .map(str::to_string)
@@ -102,22 +128,22 @@ async fn open(
         None => None,
         Some(Some(pos)) => Some(pos),
         Some(None) => {
-            return ApiError::new(
+            return Err(ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "invalid_last_event_id",
                 "Last-Event-ID is not an id this stream sent",
             )
-            .into_response()
+            .into_response())
         }
     };
     match state.hub.subscribe(&user, last).await {
-        Ok(sub) => sse(sub, state.hub.clone()),
-        Err(SubscribeError::NotOwned(p)) => match state.owners.owner(p) {
+        Ok(sub) => Ok(sub),
+        Err(SubscribeError::NotOwned(p)) => Err(match state.owners.owner(p) {
             Some(url) if url != state.owners.self_url() => {
                 let mut location = format!("{}/v1/stream", url.trim_end_matches('/'));
-                if let Some(q) = raw_query.filter(|q| !q.is_empty()) {
+                if let Some(q) = parts.uri.query().filter(|q| !q.is_empty()) {
                     location.push('?');
-                    location.push_str(&q);
+                    location.push_str(q);
                 }
                 match HeaderValue::from_str(&location) {
                     Ok(v) => (StatusCode::TEMPORARY_REDIRECT, [(LOCATION, v)]).into_response(),
@@ -125,95 +151,112 @@ async fn open(
                 }
             }
             _ => retry_after(1, "partition_unassigned", format!("partition {p} is being reassigned; retry")),
-        },
+        }),
         Err(SubscribeError::NotReady(p)) => {
-            retry_after(1, "not_ready", format!("this gateway is not ready to serve partition {p} yet"))
+            Err(retry_after(1, "not_ready", format!("this gateway is not ready to serve partition {p} yet")))
         }
         Err(SubscribeError::Store(e)) if e.is_retriable() => {
-            retry_after(2, "store_unavailable", format!("the resume needs the store, which is unavailable: {e}"))
+            Err(retry_after(2, "store_unavailable", format!("the resume needs the store, which is unavailable: {e}")))
         }
         Err(SubscribeError::Store(e)) => {
             tracing::error!(error = %e, "Resume from the store failed.");
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the resume failed").into_response()
+            Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the resume failed").into_response())
         }
     }
 }
 
-fn sse(sub: Subscription, hub: Arc<Hub>) -> Response {
-    let cfg = hub.config().clone();
-    let body = frames(sub, hub, cfg.retry);
-    let mut r = Sse::new(body).keep_alive(KeepAlive::new().interval(cfg.heartbeat).text("hb")).into_response();
-    r.headers_mut().insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    // Tells nginx-style proxies not to buffer the stream.
-    r.headers_mut().insert("x-accel-buffering", HeaderValue::from_static("no"));
-    r
-}
-
-struct StreamCursor {
+/// One open stream as bytes to write: its backlog, then its queue, with heartbeats in silences.
+pub struct StreamCursor {
     sub: Subscription,
     hub: Arc<Hub>,
     next_backlog: usize,
     done: bool,
+    heartbeat: Duration,
+    retry_ms: u128,
 }
 
-fn frames(
-    sub: Subscription,
-    hub: Arc<Hub>,
-    retry: Duration,
-) -> impl Stream<Item = Result<SseEvent, std::convert::Infallible>> {
-    let cursor = StreamCursor { sub, hub, next_backlog: 0, done: false };
-    stream::unfold(cursor, move |mut c| async move {
-        if c.done {
-            return None;
+impl StreamCursor {
+    pub fn new(sub: Subscription, hub: Arc<Hub>) -> Self {
+        let cfg = hub.config();
+        let (heartbeat, retry_ms) = (cfg.heartbeat, cfg.retry.as_millis());
+        StreamCursor { sub, hub, next_backlog: 0, done: false, heartbeat, retry_ms }
+    }
+
+    /// Resolves when the hub aborted this stream (a slow client's queue overflowed).
+    pub async fn aborted(&self) -> CloseReason {
+        self.sub.conn.aborted().await
+    }
+
+    /// Appends the next SSE bytes to `out`: a frame, or a heartbeat comment after `heartbeat` of
+    /// silence. False once the stream is over (after its closing frame). Cancel-safe: nothing is
+    /// taken off the queue unless it is also written to `out`.
+    pub async fn next_chunk(&mut self, out: &mut Vec<u8>) -> bool {
+        if self.done {
+            return false;
         }
-        let frame = if c.next_backlog < c.sub.backlog.len() {
-            c.next_backlog += 1;
-            let f = c.sub.backlog[c.next_backlog - 1].clone();
-            if c.next_backlog == c.sub.backlog.len() {
-                c.sub.backlog = Vec::new();
-                c.next_backlog = 0;
+        let frame = if self.next_backlog < self.sub.backlog.len() {
+            self.next_backlog += 1;
+            let f = std::mem::replace(&mut self.sub.backlog[self.next_backlog - 1], Frame::Hello { id: None });
+            if self.next_backlog == self.sub.backlog.len() {
+                self.sub.backlog = Vec::new();
+                self.next_backlog = 0;
             }
             f
         } else {
-            let conn = c.sub.conn.clone();
+            let conn = self.sub.conn.clone();
             tokio::select! {
                 biased;
                 reason = conn.aborted() => Frame::Close(reason),
-                f = c.sub.rx.recv() => match f {
+                f = self.sub.rx.recv() => match f {
                     Some(f) => {
-                        if let Frame::Event(e) = &f {
-                            c.sub.conn.dequeued(e);
+                        if let Queued::Event(e) = &f {
+                            self.sub.conn.dequeued(e);
                         }
-                        f
+                        f.into()
                     }
-                    None => return None,
+                    None => return false,
                 },
+                _ = tokio::time::sleep(self.heartbeat) => {
+                    out.extend_from_slice(b": hb\n\n");
+                    return true;
+                }
             }
         };
-        let event = match frame {
+        self.encode(frame, out);
+        true
+    }
+
+    // SSE framing is a few `field: value` lines; written here because the gateway's direct stream
+    // path (crate::front) writes these bytes to the socket itself, without a framework's buffers.
+    fn encode(&mut self, frame: Frame, out: &mut Vec<u8>) {
+        use std::io::Write;
+        match frame {
             Frame::Hello { id } => {
-                let e = SseEvent::default().retry(retry).comment("tidings");
-                match id {
-                    Some(id) => e.id(id),
-                    None => e,
+                let _ = write!(out, "retry: {}\n: tidings\n", self.retry_ms);
+                if let Some(id) = id {
+                    let _ = writeln!(out, "id: {id}");
                 }
             }
             Frame::Event(e) => {
-                c.hub.delivered(&e);
-                SseEvent::default().id(e.id()).event(&*e.kind).data(std::str::from_utf8(&e.data).unwrap_or("{}"))
+                self.hub.delivered(&e);
+                let _ = write!(out, "id: {}.{}\nevent: ", e.partition, e.offset);
+                // A field value cannot hold a line break; kinds come from topology.yaml.
+                out.extend(e.kind.bytes().filter(|b| *b != b'\n' && *b != b'\r'));
+                out.extend_from_slice(b"\ndata: ");
+                // Compact JSON: line breaks inside strings are escaped, so one `data:` line.
+                out.extend_from_slice(&e.data);
+                out.push(b'\n');
             }
-            Frame::Reset { id, reason } => SseEvent::default()
-                .id(id)
-                .event("reset")
-                .data(json!({ "reason": reason, "refetch": "/v1/notifications" }).to_string()),
+            Frame::Reset { id, reason } => {
+                let data = json!({ "reason": reason, "refetch": "/v1/notifications" });
+                let _ = write!(out, "id: {id}\nevent: reset\ndata: {data}\n");
+            }
             Frame::Close(reason) => {
-                c.done = true;
-                SseEvent::default()
-                    .event(reason.event_name())
-                    .retry(retry)
-                    .data(json!({ "reason": reason.as_str() }).to_string())
+                self.done = true;
+                let data = json!({ "reason": reason.as_str() });
+                let _ = write!(out, "event: {}\nretry: {}\ndata: {data}\n", reason.event_name(), self.retry_ms);
             }
-        };
-        Some((Ok(event), c))
-    })
+        }
+        out.push(b'\n');
+    }
 }

@@ -334,12 +334,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         }
         let stream = StreamState { hub, owners, auth };
         let app = tidings_gateway::app(
-            Parts { ingest: Some(ingest), inbox: Some(inbox), stream: Some(stream) },
+            Parts { ingest: Some(ingest), inbox: Some(inbox), stream: Some(stream.clone()) },
             readiness.clone(),
         );
         readiness.set("gateway", true);
         let t = token.clone();
-        tasks.spawn("gateway", async move { tidings_gateway::serve(listener, app, t).await });
+        tasks.spawn("gateway", async move { tidings_gateway::serve_gateway(listener, app, Some(stream), t).await });
         info!(
             "Gateway listening on {http}, advertised as {advertised} (GET /v1/stream, GET /v1/notifications, \
              POST /v1/events/{{topic}}, GET /healthz, /readyz, /metrics)."

@@ -27,6 +27,9 @@ use crate::delivery::StreamState;
 const MAX_HEAD: usize = 16 * 1024;
 /// How long a client may take to send its request head (slow-loris bound).
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// A write to a stream that does not complete within this drops the connection (a client that
+/// stopped reading, at a moment its queue had no reason to overflow, e.g. during shutdown).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections sniffed but not yet taken by axum's accept loop.
 const HANDOFF_QUEUE: usize = 1024;
 
@@ -213,7 +216,7 @@ async fn serve_stream(mut sock: TcpStream, mut cursor: StreamCursor) {
         };
         if !out.is_empty() {
             let written = tokio::select! {
-                r = wr.write_all(&out) => r.is_ok(),
+                r = tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&out)) => matches!(r, Ok(Ok(()))),
                 // A stalled client is cut off when its queue overflows, even mid-write.
                 _ = cursor.aborted() => false,
             };

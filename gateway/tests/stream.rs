@@ -241,6 +241,19 @@ async fn unowned_partitions_redirect_to_the_owner_and_unknown_owners_answer_503(
     let r = http.get(format!("{}/v1/stream", fresh.url)).bearer_auth(token("x")).send().await.unwrap();
     assert_eq!(r.status(), 503);
     assert!(r.headers().contains_key("retry-after"));
+
+    // Prometheus text at /metrics, with what this test did in it.
+    let text = http.get(format!("{}/metrics", a.url)).send().await.unwrap().text().await.unwrap();
+    for metric in [
+        "tidings_gateway_connections",
+        "tidings_gateway_events_delivered_total",
+        "tidings_gateway_resumes_total{outcome=",
+        "tidings_gateway_owned_partitions",
+        "tidings_gateway_partition_lag{partition=",
+        "tidings_gateway_queued_events",
+    ] {
+        assert!(text.contains(metric), "{metric} missing from /metrics:\n{text}");
+    }
 }
 
 #[tokio::test]

@@ -179,9 +179,9 @@ async fn run_once(
         // answer only after this wait, which then bounds delivery latency.
         .set("fetch.wait.max.ms", "100")
         .set("partition.assignment.strategy", "range,roundrobin");
-    let consumer: StreamConsumer<DeliveryContext> = cc.create_with_context(ctx)?;
+    let consumer: Arc<StreamConsumer<DeliveryContext>> = Arc::new(cc.create_with_context(ctx)?);
 
-    let count = blocking(multi_thread, || partition_count(&consumer, &cfg.topic))?;
+    let count = blocking(multi_thread, || partition_count(consumer.as_ref(), &cfg.topic))?;
     if count == 0 {
         return Err(DeliveryError::MissingTopic(cfg.topic.clone()));
     }
@@ -198,6 +198,7 @@ async fn run_once(
 
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     let mut ticks = 0u64;
+    let mut refreshing: Option<tokio::task::JoinHandle<()>> = None;
     let result = loop {
         tokio::select! {
             biased;
@@ -214,7 +215,11 @@ async fn run_once(
             }
             _ = tick.tick() => {
                 ticks += 1;
-                maintain(&consumer, cfg, hub, &shared, multi_thread, ticks);
+                maintain(&consumer, cfg, hub, &shared, multi_thread);
+                if ticks.is_multiple_of(5) && refreshing.as_ref().is_none_or(|j| j.is_finished()) {
+                    let (c, h, t) = (consumer.clone(), hub.clone(), cfg.topic.clone());
+                    refreshing = Some(tokio::task::spawn_blocking(move || refresh(&c, &t, &h)));
+                }
             }
             m = consumer.recv() => match m {
                 Ok(m) => deliver(&m, &registry, hub, shutdown).await,
@@ -226,6 +231,9 @@ async fn run_once(
     follower.abort();
     // Leaving the group now (instead of when the session times out) moves our partitions at once.
     consumer.unsubscribe();
+    if let Some(job) = refreshing {
+        let _ = job.await;
+    }
     drop(consumer);
     info!("Delivery left the group.");
     result
@@ -236,15 +244,29 @@ fn partition_count<C: Consumer<X>, X: ConsumerContext>(c: &C, topic: &str) -> Re
     Ok(md.topics().iter().find(|t| t.name() == topic).map(|t| t.partitions().len() as i32).unwrap_or(0))
 }
 
-/// Periodic work: start partitions whose watermarks were unavailable, refresh lag and the
-/// partition count, re-announce ownership that failed to send.
+/// Refreshes per-partition lag and the partition count. Runs on a blocking thread beside the
+/// poll loop: a dozen broker round trips inline would hold up delivery every time.
+fn refresh(consumer: &StreamConsumer<DeliveryContext>, topic: &str, hub: &Hub) {
+    for p in hub.owned() {
+        if let Ok((_, high)) = consumer.fetch_watermarks(topic, p, WATERMARK_TIMEOUT) {
+            hub.set_high_watermark(p, high);
+        }
+    }
+    if let Ok(n) = partition_count(consumer, topic) {
+        if n > 0 {
+            hub.set_partition_count(n);
+        }
+    }
+}
+
+/// Periodic work: start partitions whose watermarks were unavailable and re-announce ownership
+/// that failed to send.
 fn maintain(
     consumer: &StreamConsumer<DeliveryContext>,
     cfg: &DeliveryConfig,
     hub: &Hub,
     shared: &Shared,
     multi_thread: bool,
-    ticks: u64,
 ) {
     let pending: Vec<i32> = shared.pending.lock().expect("lock").iter().copied().collect();
     for p in pending {
@@ -265,20 +287,6 @@ fn maintain(
     }
     if !shared.to_announce.lock().expect("lock").is_empty() {
         shared.wake.notify_one();
-    }
-    if ticks.is_multiple_of(5) {
-        for p in hub.owned() {
-            if let Ok((_, high)) =
-                blocking(multi_thread, || consumer.fetch_watermarks(&cfg.topic, p, WATERMARK_TIMEOUT))
-            {
-                hub.set_high_watermark(p, high);
-            }
-        }
-        if let Ok(n) = blocking(multi_thread, || partition_count(consumer, &cfg.topic)) {
-            if n > 0 {
-                hub.set_partition_count(n);
-            }
-        }
     }
 }
 

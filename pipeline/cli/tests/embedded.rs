@@ -123,3 +123,75 @@ fn up_demo_inbox_on_embedded_defaults_across_a_restart() {
     assert_eq!(n2 - np, n1, "the second run's demo stored {} notifications, the first {n1}", n2 - np);
     terminate(second);
 }
+
+/// The live stream on embedded defaults: a token from `tidings token`, `GET /v1/stream` once
+/// `/readyz` says delivery caught up, the demo's notifications for one user arrive with their
+/// positions in order, and SIGTERM ends the stream with `reconnect`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_on_embedded_defaults_ends_with_reconnect_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_path_buf();
+    let g = up(&data);
+    let ep: serde_json::Value = serde_json::from_slice(&std::fs::read(data.join("endpoints.json")).unwrap()).unwrap();
+    let http_url = ep["http"].as_str().unwrap().to_string();
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http.get(format!("{http_url}/readyz")).send().await.map(|r| r.status() != 200).unwrap_or(true) {
+        assert!(Instant::now() < deadline, "not ready within 60 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let out = tidings(&data).args(["token", "--user", "u0001"]).output().unwrap();
+    assert!(out.status.success());
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let mut resp = http.get(format!("{http_url}/v1/stream")).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let demo_dir = data.clone();
+    let demo_run = tokio::task::spawn_blocking(move || demo(&demo_dir));
+
+    // Read until the demo is done and a few events arrived, then stop the process.
+    let mut text = String::new();
+    let mut stopped = false;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let chunk = tokio::time::timeout(Duration::from_secs(2), resp.chunk()).await;
+        match chunk {
+            Ok(Ok(Some(c))) => text.push_str(std::str::from_utf8(&c).unwrap()),
+            Ok(_) => break,
+            Err(_) => {}
+        }
+        if !stopped && demo_run.is_finished() && text.matches("\ndata: ").count() >= 3 {
+            let pid = g.0.id().to_string();
+            assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+            stopped = true;
+        }
+        assert!(Instant::now() < deadline, "stream did not end within 60 s:\n{text}");
+    }
+    assert!(stopped, "the stream ended before SIGTERM:\n{text}");
+    let blocks: Vec<&str> = text.split("\n\n").filter(|b| !b.trim().is_empty()).collect();
+    assert!(blocks[0].starts_with("retry: ") && blocks[0].contains("\nid: "), "{}", blocks[0]);
+    let mut last = (-1i32, -1i64);
+    let mut events = 0;
+    for b in &blocks[1..] {
+        let field = |name: &str| b.lines().find_map(|l| l.strip_prefix(name)).map(str::to_string);
+        let (Some(id), Some(data)) = (field("id: "), field("data: ")) else { continue };
+        let v: serde_json::Value = serde_json::from_str(&data).unwrap();
+        assert_eq!(v["position"], id.as_str());
+        assert!(v["occurred_at"].is_string() && v["title"].is_string(), "{v}");
+        let (p, o) = id.split_once('.').unwrap();
+        let pos = (p.parse().unwrap(), o.parse().unwrap());
+        assert!(pos > last, "positions out of order: {last:?} then {pos:?}");
+        last = pos;
+        events += 1;
+    }
+    assert!(events >= 3, "{text}");
+    let final_block = blocks.last().unwrap();
+    assert!(final_block.contains("event: reconnect") && final_block.contains("shutdown"), "{final_block}");
+    let mut g = g;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while g.0.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "tidings up did not exit within 30 s of SIGTERM");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(g.0.try_wait().unwrap().unwrap().success());
+    demo_run.await.unwrap();
+}

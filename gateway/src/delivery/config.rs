@@ -49,8 +49,7 @@ pub struct DeliveryConfig {
     pub topic: String,
     /// Delivery consumer group (all gateway instances share it).
     pub group: String,
-    /// Physical owners topic (compacted, one partition): partition → owning gateway URL.
+    /// Physical owners topic (compacted, one partition): partition → owning gateway URL (this
+    /// instance's URL is the `Owners` directory's `self_url`).
     pub owners_topic: String,
-    /// This instance's URL as clients reach it; redirects point here.
-    pub advertised_url: String,
 }

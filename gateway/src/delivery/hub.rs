@@ -98,6 +98,9 @@ pub enum ResumeOutcome {
 }
 
 impl ResumeOutcome {
+    const ALL: [ResumeOutcome; 4] =
+        [ResumeOutcome::Fresh, ResumeOutcome::Ring, ResumeOutcome::Store, ResumeOutcome::Reset];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ResumeOutcome::Fresh => "fresh",
@@ -215,6 +218,7 @@ struct Metrics {
     owned: Gauge,
     delivered: Counter,
     closes: HashMap<&'static str, Counter>,
+    resumes: HashMap<&'static str, Counter>,
 }
 
 impl Metrics {
@@ -228,6 +232,10 @@ impl Metrics {
             closes: CloseReason::ALL
                 .iter()
                 .map(|r| (r.as_str(), counter!("tidings_gateway_closes_total", "reason" => r.as_str())))
+                .collect(),
+            resumes: ResumeOutcome::ALL
+                .iter()
+                .map(|o| (o.as_str(), counter!("tidings_gateway_resumes_total", "outcome" => o.as_str())))
                 .collect(),
         }
     }
@@ -594,7 +602,9 @@ impl Hub {
         }
         subs.push(Sub { conn: conn.clone(), after });
         self.metrics.connections.increment(1.0);
-        counter!("tidings_gateway_resumes_total", "outcome" => outcome.as_str()).increment(1);
+        if let Some(c) = self.metrics.resumes.get(outcome.as_str()) {
+            c.increment(1);
+        }
         Subscription { conn, rx, backlog, outcome, hub: self.clone(), partition, user: user.into() }
     }
 

@@ -48,11 +48,6 @@ impl Event {
         Event { partition, offset, user: user.into(), kind: kind.into(), data, timestamp_ms }
     }
 
-    /// The SSE `id:`: the stream position `partition.offset`, monotonic per user.
-    pub fn id(&self) -> String {
-        position_id(self.partition, self.offset)
-    }
-
     /// Approximate memory held by this event, for the byte bounds of rings and queues.
     pub fn size(&self) -> usize {
         std::mem::size_of::<Self>() + self.user.len() + self.kind.len() + self.data.len()

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{FromRef, FromRequestParts, Query, State};
+use axum::extract::{FromRequestParts, Query, State};
 use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE, LOCATION, RETRY_AFTER};
 use axum::http::request::Parts;
 use axum::http::{HeaderName, HeaderValue, StatusCode};
@@ -29,12 +29,6 @@ pub struct StreamState {
     pub hub: Arc<Hub>,
     pub owners: Arc<Owners>,
     pub auth: Arc<AuthConfig>,
-}
-
-impl FromRef<StreamState> for Arc<AuthConfig> {
-    fn from_ref(s: &StreamState) -> Self {
-        s.auth.clone()
-    }
 }
 
 pub fn router(state: StreamState) -> Router {

@@ -324,7 +324,6 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             topic: notifications,
             group: topo.group_name(&args.sse.delivery_group),
             owners_topic: topo.topic_name(&args.sse.owners_topic),
-            advertised_url: advertised.clone(),
         };
         {
             let (h, o, t) = (hub.clone(), owners.clone(), token.clone());

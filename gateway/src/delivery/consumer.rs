@@ -175,10 +175,12 @@ async fn run_once(
     // Nothing is committed: every owner starts a ring's length before the end.
     cc.set("enable.auto.commit", "false")
         .set("auto.offset.reset", "latest")
-        // A fetch returns when data arrives on Kafka; brokers without long-poll wake-ups (tansu)
-        // answer only after this wait, which then bounds delivery latency.
-        .set("fetch.wait.max.ms", "100")
         .set("partition.assignment.strategy", "range,roundrobin");
+    // A fetch returns when data arrives on Kafka; brokers without long-poll wake-ups (tansu)
+    // answer only after this wait, which then bounds delivery latency. `--kafka-opt` still wins.
+    if !cfg.kafka.extra.iter().any(|(k, _)| k == "fetch.wait.max.ms") {
+        cc.set("fetch.wait.max.ms", "100");
+    }
     let consumer: Arc<StreamConsumer<DeliveryContext>> = Arc::new(cc.create_with_context(ctx)?);
 
     let count = blocking(multi_thread, || partition_count(consumer.as_ref(), &cfg.topic))?;

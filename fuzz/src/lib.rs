@@ -1,5 +1,6 @@
 //! Fuzz target bodies for everything in tidings that parses untrusted input: the Confluent wire
-//! framing, JSON→Avro conversion, Avro datum decoding, `topology.yaml` and `traceparent` headers.
+//! framing, JSON→Avro conversion, Avro datum decoding, `topology.yaml`, `traceparent` headers, and
+//! the gateway's stream request heads and `Last-Event-ID` positions.
 //! libFuzzer (fuzz_targets/*.rs, nightly) and the stable smoke tests (src/smoke.rs) run the same code.
 
 use std::path::Path;
@@ -208,4 +209,22 @@ pub fn traceparent(data: &[u8]) {
         trace::parse_traceparent(&child).unwrap_or_else(|| panic!("child {child:?} of {s:?} does not parse"));
     assert_eq!(child_trace, trace_id);
     assert_eq!(child[53..], s[53..], "child {child:?} lost the flags of {s:?}");
+}
+
+/// Any bytes as the head of a request to the gateway's TCP front, and as a `Last-Event-ID`: only a
+/// complete `GET /v1/stream` head is taken for the direct stream path, and an accepted position is
+/// one the stream could have sent (it formats back to the same value).
+pub fn sse_request(data: &[u8]) {
+    if let Some(parts) = tidings_gateway::front::stream_request(data) {
+        assert_eq!(parts.method, "GET");
+        assert_eq!(parts.uri.path(), "/v1/stream", "took {:?}", parts.uri);
+    }
+    let Ok(s) = std::str::from_utf8(data) else { return };
+    if let Some((p, o)) = tidings_gateway::delivery::parse_position(s) {
+        assert!(p >= 0 && o >= -1, "{s:?} gave ({p}, {o})");
+        assert_eq!(
+            tidings_gateway::delivery::parse_position(&tidings_gateway::delivery::position_id(p, o)),
+            Some((p, o))
+        );
+    }
 }

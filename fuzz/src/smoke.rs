@@ -201,6 +201,11 @@ fn smoke_traceparent() {
     }
 }
 
+#[test]
+fn smoke_sse_request() {
+    smoke("sse_request", sse_request);
+}
+
 /// The seeds are valid inputs, so the targets get past the first checks from the start.
 #[test]
 fn seeds_are_valid() {
@@ -229,6 +234,10 @@ fn seeds_are_valid() {
         .filter(|(_, b)| std::str::from_utf8(b).ok().and_then(trace::parse_traceparent).is_some())
         .count();
     assert_eq!(accepted, 2, "valid_sampled and valid_unsampled parse, the rest are rejected");
+    for (name, bytes) in seeds("sse_request") {
+        let taken = tidings_gateway::front::stream_request(&bytes).is_some();
+        assert_eq!(taken, name.starts_with("stream_"), "{name}");
+    }
 }
 
 fn zigzag(n: i64) -> Vec<u8> {

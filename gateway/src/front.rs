@@ -178,8 +178,9 @@ async fn read_head(sock: &mut TcpStream) -> io::Result<Vec<u8>> {
     }
 }
 
-/// The request's parts when it is a complete `GET /v1/stream` head.
-fn stream_request(head: &[u8]) -> Option<Parts> {
+/// The request's parts when `head` is a complete `GET /v1/stream` request head (untrusted bytes
+/// straight from the socket; fuzzed by `fuzz/` target `sse_request`).
+pub fn stream_request(head: &[u8]) -> Option<Parts> {
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut req = httparse::Request::new(&mut headers);
     if !matches!(req.parse(head), Ok(httparse::Status::Complete(_))) {

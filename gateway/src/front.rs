@@ -130,8 +130,8 @@ pub fn front(
                     }
                 },
             };
-            let (tx, stream) = (tx.clone(), stream.clone());
-            tracker.spawn(async move { connection(sock, addr, stream, tx).await });
+            let (tx, stream, stop) = (tx.clone(), stream.clone(), shutdown.clone());
+            tracker.spawn(async move { connection(sock, addr, stream, tx, stop).await });
         }
     });
     Ok(FrontListener { rx, local })
@@ -142,11 +142,16 @@ async fn connection(
     addr: SocketAddr,
     stream: Option<StreamState>,
     handoff: mpsc::Sender<(Replayed, SocketAddr)>,
+    shutdown: CancellationToken,
 ) {
     let _ = sock.set_nodelay(true);
-    let head = match tokio::time::timeout(HEAD_TIMEOUT, Box::pin(read_head(&mut sock))).await {
-        Ok(Ok(h)) => h,
-        _ => return,
+    // A client that has not sent its request by shutdown gets nothing: stopping does not wait for it.
+    let head = tokio::select! {
+        r = tokio::time::timeout(HEAD_TIMEOUT, Box::pin(read_head(&mut sock))) => match r {
+            Ok(Ok(h)) => h,
+            _ => return,
+        },
+        _ = shutdown.cancelled() => return,
     };
     if let Some(state) = &stream {
         let opened = match stream_request(&head) {

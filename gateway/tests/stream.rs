@@ -430,3 +430,36 @@ async fn a_thousand_stalled_clients_are_cut_off_and_do_not_hold_up_the_rest() {
     gw.stop.cancel();
     let _ = Bytes::new();
 }
+
+/// Shutdown does not wait for a client that connected but never sent its request (the front
+/// would otherwise hold it for its 10 s head timeout), and open streams end with `reconnect`.
+#[tokio::test]
+async fn shutdown_ends_streams_and_does_not_wait_for_silent_connections() {
+    let listener = tidings_gateway::bind("127.0.0.1:0".parse().unwrap(), None).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hub = Hub::new(HubConfig::default(), None);
+    hub.set_partition_count(PARTITIONS);
+    for p in 0..PARTITIONS {
+        hub.assign(p, 0, 0);
+    }
+    let owners = Owners::new(&format!("http://{addr}"), "notifications");
+    let auth = Arc::new(AuthConfig { keys: vec![Key::hs256(SECRET)], ..Default::default() });
+    let state = StreamState { hub: hub.clone(), owners, auth };
+    let app = tidings_gateway::app(Parts { stream: Some(state.clone()), ..Default::default() }, Readiness::default());
+    let stop = CancellationToken::new();
+    let server = tokio::spawn(tidings_gateway::serve_gateway(listener, app, Some(state), stop.clone()));
+
+    let _silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let stream = client().get(format!("http://{addr}/v1/stream")).bearer_auth(token("dave")).send().await.unwrap();
+    assert_eq!(stream.status(), 200);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let t = Instant::now();
+    stop.cancel();
+    // What the delivery stage does on SIGTERM.
+    hub.close_all();
+    let seen = read_events(stream, 1, Duration::from_secs(5)).await;
+    assert_eq!(seen.first().map(|e| e["event"].as_str()), Some("reconnect"), "{seen:?}");
+    tokio::time::timeout(Duration::from_secs(3), server).await.expect("serve_gateway ended").unwrap().unwrap();
+    assert!(t.elapsed() < Duration::from_secs(3));
+}

@@ -6,7 +6,6 @@
 mod common;
 
 use common::{eventually, Tidings, Up};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -150,18 +149,8 @@ async fn three_gateways_deliver_exactly_once_in_order_through_sigkill_and_sigter
                     let i = n * USERS + u;
                     let notif = notification(u, n);
                     let payload = encoder.encode(notif.to_value()).unwrap();
-                    let mut rec: FutureRecord<'_, str, [u8]> =
-                        FutureRecord::to(&topic).key(notif.user_id.as_str()).payload(&payload);
-                    loop {
-                        match producer.send_result(rec) {
-                            Ok(d) => break pending.push(d),
-                            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                                rec = r;
-                                tokio::time::sleep(Duration::from_millis(5)).await;
-                            }
-                            Err((e, _)) => panic!("producing {i}: {e}"),
-                        }
-                    }
+                    let rec = FutureRecord::to(&topic).key(notif.user_id.as_str()).payload(&payload[..]);
+                    pending.push(common::send_when_room(&producer, rec, &format!("notification {i}")).await);
                     if i % 100 == 99 {
                         for d in pending.drain(..) {
                             d.await.unwrap().map_err(|(e, _)| e).expect("acknowledged");

@@ -7,7 +7,6 @@ mod common;
 use common::{count_notifications, eventually, Tidings, Up};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -65,18 +64,8 @@ async fn produce_all(producer: FutureProducer, encoder: FramedEncoder, topic: St
         for i in step * STEP..((step + 1) * STEP).min(TOTAL) {
             let n = notification(i);
             let payload = encoder.encode(n.to_value()).expect("notification encodes");
-            let mut rec: FutureRecord<'_, str, [u8]> =
-                FutureRecord::to(&topic).key(n.user_id.as_str()).payload(&payload);
-            loop {
-                match producer.send_result(rec) {
-                    Ok(d) => break deliveries.push(d),
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                        rec = r;
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                    }
-                    Err((e, _)) => panic!("producing notification {i}: {e}"),
-                }
-            }
+            let rec = FutureRecord::to(&topic).key(n.user_id.as_str()).payload(&payload[..]);
+            deliveries.push(common::send_when_room(&producer, rec, &format!("notification {i}")).await);
         }
         in_flight.push_back(deliveries);
         while in_flight.len() > STEPS_IN_FLIGHT || (step + 1 == TOTAL.div_ceil(STEP) && !in_flight.is_empty()) {

@@ -216,6 +216,26 @@ where
     }
 }
 
+/// Enqueues `rec` on `producer`, waiting while librdkafka's queue is full; panics on any other
+/// error (with `what` in the message).
+pub async fn send_when_room(
+    producer: &rdkafka::producer::FutureProducer,
+    mut rec: rdkafka::producer::FutureRecord<'_, str, [u8]>,
+    what: &str,
+) -> rdkafka::producer::DeliveryFuture {
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+    loop {
+        match producer.send_result(rec) {
+            Ok(d) => return d,
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                rec = r;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err((e, _)) => panic!("producing {what}: {e}"),
+        }
+    }
+}
+
 pub async fn count_notifications(pool: &sqlx::PgPool) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM notifications").fetch_one(pool).await.expect("count notifications")
 }

@@ -14,6 +14,7 @@ use tidings_sinks::store::InboxItem;
 use tidings_sinks::{Store, StoreError};
 
 use crate::auth::{AuthConfig, AuthUser};
+use crate::delivery::stream::NotificationJson;
 use crate::ingest::ApiError;
 
 /// Page size when the request gives none.
@@ -68,12 +69,9 @@ fn store_error(e: StoreError) -> ApiError {
 
 fn item_json(item: &InboxItem) -> Value {
     // Same shape as the stream's `data:`, plus the read flag.
-    let mut m = crate::delivery::stream::notification_json(
-        &item.notification,
-        Some((item.stream_partition, item.stream_offset)),
-    );
-    m.insert("read".into(), item.read.into());
-    Value::Object(m)
+    let mut json = NotificationJson::new(&item.notification, item.stream_partition, item.stream_offset);
+    json.read = Some(item.read);
+    serde_json::to_value(json).expect("notification serializes")
 }
 
 #[derive(Deserialize)]

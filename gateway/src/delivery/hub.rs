@@ -165,8 +165,7 @@ impl Conn {
         self.kill_reason.lock().expect("lock").unwrap_or(CloseReason::Shutdown)
     }
 
-    /// Called by the stream for each event it takes off the queue.
-    pub fn dequeued(&self, ev: &Event) {
+    fn dequeued(&self, ev: &Event) {
         self.queued_bytes.fetch_sub(ev.size(), Ordering::Relaxed);
     }
 }
@@ -609,8 +608,14 @@ impl Hub {
     }
 
     /// Called by a stream for each event it writes.
-    pub fn delivered(&self, ev: &Event) {
+    pub fn delivered(&self) {
         self.metrics.delivered.increment(1);
+    }
+
+    /// Called by a stream for each event it takes off its queue (backlog events were never queued,
+    /// so they do not count here).
+    pub fn dequeued(&self, conn: &Conn, ev: &Event) {
+        conn.dequeued(ev);
         self.metrics.queued_events.decrement(1.0);
         self.metrics.queued_bytes.decrement(ev.size() as f64);
     }

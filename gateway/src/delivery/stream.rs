@@ -35,28 +35,45 @@ pub fn router(state: StreamState) -> Router {
     Router::new().route("/v1/stream", get(open)).with_state(state)
 }
 
-/// The JSON body of a notification, shared by the stream (`data:`) and the inbox.
-pub fn notification_json(n: &Notification, position: Option<(i32, i64)>) -> serde_json::Map<String, serde_json::Value> {
-    let occurred_at = chrono::DateTime::from_timestamp_micros(n.occurred_at)
-        .map(|t| serde_json::Value::String(t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)))
-        .unwrap_or(serde_json::Value::Null);
-    let mut m = serde_json::Map::new();
-    m.insert("id".into(), n.notification_id.hyphenated().to_string().into());
-    m.insert("kind".into(), n.kind.clone().into());
-    m.insert("title".into(), n.title.clone().into());
-    m.insert("body".into(), n.body.clone().into());
-    m.insert("link".into(), n.link.clone().into());
-    m.insert("occurred_at".into(), occurred_at);
-    m.insert("source_event_id".into(), n.source_event_id.clone().into());
-    if let Some((p, o)) = position {
-        m.insert("position".into(), super::position_id(p, o).into());
+/// The JSON body of a notification, shared by the stream (`data:`) and the inbox; borrows the
+/// notification, so the per-event serialization copies nothing but the output.
+#[derive(serde::Serialize)]
+pub struct NotificationJson<'a> {
+    pub id: String,
+    pub kind: &'a str,
+    pub title: &'a str,
+    pub body: &'a str,
+    pub link: Option<&'a str>,
+    /// RFC 3339, from the source event's `occurred_at`.
+    pub occurred_at: Option<String>,
+    pub source_event_id: &'a str,
+    /// The stream position `partition.offset` (the SSE id; also a Last-Event-ID to resume from).
+    pub position: String,
+    /// Inbox only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub read: Option<bool>,
+}
+
+impl<'a> NotificationJson<'a> {
+    pub fn new(n: &'a Notification, partition: i32, offset: i64) -> Self {
+        NotificationJson {
+            id: n.notification_id.hyphenated().to_string(),
+            kind: &n.kind,
+            title: &n.title,
+            body: &n.body,
+            link: n.link.as_deref(),
+            occurred_at: chrono::DateTime::from_timestamp_micros(n.occurred_at)
+                .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)),
+            source_event_id: &n.source_event_id,
+            position: super::position_id(partition, offset),
+            read: None,
+        }
     }
-    m
 }
 
 /// The delivered form of a notification at a stream position.
 pub fn event_from_notification(partition: i32, offset: i64, n: &Notification, timestamp_ms: i64) -> Event {
-    let mut data = serde_json::to_vec(&notification_json(n, Some((partition, offset)))).expect("JSON map serializes");
+    let mut data = serde_json::to_vec(&NotificationJson::new(n, partition, offset)).expect("notification serializes");
     // The vector grew by doubling; rings and queues account by length, so hold no more than that.
     data.shrink_to_fit();
     Event::new(partition, offset, &n.user_id, &n.kind, data.into(), timestamp_ms)
@@ -204,7 +221,7 @@ impl StreamCursor {
                 f = self.sub.rx.recv() => match f {
                     Some(f) => {
                         if let Queued::Event(e) = &f {
-                            self.sub.conn.dequeued(e);
+                            self.hub.dequeued(&self.sub.conn, e);
                         }
                         f.into()
                     }
@@ -232,7 +249,7 @@ impl StreamCursor {
                 }
             }
             Frame::Event(e) => {
-                self.hub.delivered(&e);
+                self.hub.delivered();
                 let _ = write!(out, "id: {}.{}\nevent: ", e.partition, e.offset);
                 // A field value cannot hold a line break; kinds come from topology.yaml.
                 out.extend(e.kind.bytes().filter(|b| *b != b'\n' && *b != b'\r'));

@@ -118,7 +118,7 @@ fn notification(i: usize, user: &str, occurred_at: i64) -> Notification {
 fn persistence_cfg(env: &Env, group: &str, batch_size: usize) -> PersistenceConfig {
     PersistenceConfig {
         kafka: env.kafka.clone(),
-        registry_url: env.registry_url.clone(),
+        registry: env.registry_url.clone().into(),
         group: group.into(),
         notifications_topic: "notifications".into(),
         chat_topic: None,
@@ -136,7 +136,7 @@ async fn templating_renders_dead_letters_and_keeps_going() {
     let stage = tokio::spawn(templating::run(
         TemplatingConfig {
             kafka: env.kafka.clone(),
-            registry_url: env.registry_url.clone(),
+            registry: env.registry_url.clone().into(),
             topology: env.topo.clone(),
         },
         env.store.clone(),
@@ -207,7 +207,7 @@ async fn campaign_fans_out_to_every_inline_user() {
     let stage = tokio::spawn(templating::run(
         TemplatingConfig {
             kafka: env.kafka.clone(),
-            registry_url: env.registry_url.clone(),
+            registry: env.registry_url.clone().into(),
             topology: env.topo.clone(),
         },
         env.store.clone(),

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 use tidings_core::kafka::KafkaConfig;
+use tidings_core::RegistryEndpoint;
 
 /// Bounds and timings of the hub (rings, connection queues, heartbeats).
 #[derive(Debug, Clone)]
@@ -44,7 +45,7 @@ impl Default for HubConfig {
 #[derive(Debug, Clone)]
 pub struct DeliveryConfig {
     pub kafka: KafkaConfig,
-    pub registry_url: String,
+    pub registry: RegistryEndpoint,
     /// Physical notifications topic.
     pub topic: String,
     /// Delivery consumer group (all gateway instances share it).

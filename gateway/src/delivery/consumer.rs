@@ -167,20 +167,17 @@ async fn run_once(
     owners: &Arc<Owners>,
     shutdown: &CancellationToken,
 ) -> Result<(), DeliveryError> {
-    let registry = RegistryClient::new(&cfg.registry_url).map_err(|e| DeliveryError::Config(e.to_string()))?;
+    let registry = RegistryClient::new(&cfg.registry).map_err(|e| DeliveryError::Config(e.to_string()))?;
     let multi_thread = Handle::current().runtime_flavor() == RuntimeFlavor::MultiThread;
     let shared = Arc::new(Shared::default());
     let ctx = DeliveryContext { hub: hub.clone(), topic: cfg.topic.clone(), shared: shared.clone(), multi_thread };
-    let mut cc = cfg.kafka.consumer(&cfg.group);
-    // Nothing is committed: every owner starts a ring's length before the end.
-    cc.set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "latest")
-        .set("partition.assignment.strategy", "range,roundrobin");
-    // A fetch returns when data arrives on Kafka; brokers without long-poll wake-ups (tansu)
-    // answer only after this wait, which then bounds delivery latency. `--kafka-opt` still wins.
-    if !cfg.kafka.extra.iter().any(|(k, _)| k == "fetch.wait.max.ms") {
-        cc.set("fetch.wait.max.ms", "100");
-    }
+    // Nothing is committed: every owner starts a ring's length before the end (eager assignors,
+    // because the rebalance callback rewrites the assignment with those offsets).
+    let cc = cfg.kafka.consumer_with(
+        &cfg.group,
+        &[("auto.offset.reset", "latest")],
+        &[("enable.auto.commit", "false"), ("partition.assignment.strategy", "range,roundrobin")],
+    );
     let consumer: Arc<StreamConsumer<DeliveryContext>> = Arc::new(cc.create_with_context(ctx)?);
 
     let count = blocking(multi_thread, || partition_count(consumer.as_ref(), &cfg.topic))?;

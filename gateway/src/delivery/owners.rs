@@ -97,8 +97,11 @@ pub async fn follow(
     shutdown: CancellationToken,
 ) -> Result<(), DeliveryError> {
     // Assigned, not subscribed: every instance reads the whole topic, and nothing is committed.
-    let mut cc = kafka.consumer(&format!("tidings-owners-reader-{}", uuid::Uuid::new_v4()));
-    cc.set("enable.auto.commit", "false").set("auto.offset.reset", "earliest");
+    let cc = kafka.consumer_with(
+        &format!("tidings-owners-reader-{}", uuid::Uuid::new_v4()),
+        &[("auto.offset.reset", "earliest")],
+        &[("enable.auto.commit", "false")],
+    );
     let consumer: StreamConsumer = cc.create().map_err(DeliveryError::Kafka)?;
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(owners_topic, 0, Offset::Beginning).map_err(DeliveryError::Kafka)?;

@@ -42,6 +42,31 @@ pub struct Infra {
     /// `group.instance.id=pipeline-1` for static membership, `session.timeout.ms=6000`).
     #[arg(long = "kafka-opt", env = "TIDINGS_KAFKA_OPTS", value_delimiter = ',', value_parser = parse_kafka_opt)]
     pub kafka_opts: Vec<(String, String)>,
+    /// Kafka `security.protocol`: plaintext, ssl, sasl_plaintext or sasl_ssl.
+    #[arg(long, env = "TIDINGS_KAFKA_SECURITY_PROTOCOL")]
+    pub kafka_security_protocol: Option<String>,
+    /// Kafka `sasl.mechanism`: PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 or OAUTHBEARER.
+    #[arg(long, env = "TIDINGS_KAFKA_SASL_MECHANISM")]
+    pub kafka_sasl_mechanism: Option<String>,
+    /// Kafka `sasl.username`.
+    #[arg(long, env = "TIDINGS_KAFKA_SASL_USERNAME")]
+    pub kafka_sasl_username: Option<String>,
+    /// Kafka `sasl.password`; prefer the env var (a flag shows in `ps`).
+    #[arg(long, env = "TIDINGS_KAFKA_SASL_PASSWORD", hide_env_values = true)]
+    pub kafka_sasl_password: Option<String>,
+    /// Kafka `ssl.ca.location`: PEM file of the CA(s) that signed the brokers' certificates
+    /// (default: the system trust store).
+    #[arg(long, env = "TIDINGS_KAFKA_SSL_CA_LOCATION")]
+    pub kafka_ssl_ca_location: Option<PathBuf>,
+    /// Schema registry HTTP basic credentials `user:password` (Confluent Cloud: API key:secret).
+    #[arg(long, env = "TIDINGS_SCHEMA_REGISTRY_BASIC_AUTH", hide_env_values = true)]
+    pub schema_registry_basic_auth: Option<String>,
+    /// Schema registry bearer token.
+    #[arg(long, env = "TIDINGS_SCHEMA_REGISTRY_BEARER_TOKEN", hide_env_values = true)]
+    pub schema_registry_bearer_token: Option<String>,
+    /// Extra CA certificate (PEM) to trust for an https schema registry.
+    #[arg(long, env = "TIDINGS_SCHEMA_REGISTRY_CA_FILE")]
+    pub schema_registry_ca_file: Option<PathBuf>,
     /// Directory for the embedded store and the endpoints file.
     #[arg(long, env = "TIDINGS_DATA_DIR", default_value = "tidings-data")]
     pub data_dir: PathBuf,
@@ -55,11 +80,42 @@ fn parse_kafka_opt(s: &str) -> Result<(String, String), String> {
 }
 
 impl Infra {
-    /// Kafka settings for `brokers` plus the `--kafka-opt` properties.
-    pub fn kafka(&self, brokers: String) -> tidings_core::kafka::KafkaConfig {
-        let mut k = tidings_core::kafka::KafkaConfig::new(brokers);
-        k.extra = self.kafka_opts.clone();
-        k
+    /// Kafka settings for `brokers`: the security flags and the `--kafka-opt` properties, which
+    /// win over every default; pinned or repeated keys are refused, all of them at once.
+    pub fn kafka(&self, brokers: String) -> anyhow::Result<tidings_core::kafka::KafkaConfig> {
+        let mut opts: Vec<(String, String)> = [
+            ("security.protocol", self.kafka_security_protocol.clone()),
+            ("sasl.mechanism", self.kafka_sasl_mechanism.clone()),
+            ("sasl.username", self.kafka_sasl_username.clone()),
+            ("sasl.password", self.kafka_sasl_password.clone()),
+            ("ssl.ca.location", self.kafka_ssl_ca_location.as_ref().map(|p| p.display().to_string())),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| (k.to_string(), v)))
+        .collect();
+        opts.extend(self.kafka_opts.iter().cloned());
+        Ok(tidings_core::kafka::KafkaConfig::with_opts(brokers, opts)?)
+    }
+
+    /// The registry at `url` with the credentials and CA given by flags.
+    pub fn registry(&self, url: String) -> anyhow::Result<tidings_core::RegistryEndpoint> {
+        let basic_auth = match &self.schema_registry_basic_auth {
+            Some(s) => match s.split_once(':') {
+                Some((u, p)) => Some((u.to_string(), p.to_string())),
+                None => anyhow::bail!("--schema-registry-basic-auth must be user:password"),
+            },
+            None => None,
+        };
+        let ca_pem = match &self.schema_registry_ca_file {
+            Some(p) => Some(std::fs::read(p).map_err(|e| anyhow::anyhow!("reading {}: {e}", p.display()))?),
+            None => None,
+        };
+        Ok(tidings_core::RegistryEndpoint {
+            url,
+            basic_auth,
+            bearer_token: self.schema_registry_bearer_token.clone(),
+            ca_pem,
+        })
     }
 }
 

@@ -64,7 +64,7 @@ fn topology_with_running_prefix(infra: &Infra) -> anyhow::Result<Topology> {
 
 pub async fn topology_apply(infra: &Infra) -> anyhow::Result<ExitCode> {
     let topo = load_topology(infra)?;
-    let admin: AdminClient<DefaultClientContext> = infra.kafka(brokers(infra)?).admin().create()?;
+    let admin: AdminClient<DefaultClientContext> = infra.kafka(brokers(infra)?)?.admin().create()?;
     let report =
         topology::apply::apply(&topo, &admin, Duration::from_secs(30)).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     println!("{report}");
@@ -77,10 +77,10 @@ pub async fn produce(topic: &str, infra: &Infra) -> anyhow::Result<ExitCode> {
         bail!("topic {topic:?} is not declared in {}", infra.topology.display())
     };
     let physical = topo.topic_name(topic);
-    let registry = RegistryClient::new(&registry_url(infra)?)?;
+    let registry = RegistryClient::new(infra.registry(registry_url(infra)?)?)?;
     let (id, schema) = registry.latest(&format!("{physical}-value")).await?;
     let encoder = FramedEncoder::new(id, schema)?;
-    let producer: FutureProducer = infra.kafka(brokers(infra)?).producer().create()?;
+    let producer: FutureProducer = infra.kafka(brokers(infra)?)?.producer().create()?;
     let (mut ok, mut bad) = (0u64, 0u64);
     for (n, line) in std::io::stdin().lock().lines().enumerate() {
         let line = line?;

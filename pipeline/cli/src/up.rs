@@ -179,6 +179,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             bail!("unknown stage {s:?} (expected templating, persistence or gateway)");
         }
     }
+    // Refused Kafka settings are reported before anything starts.
+    args.infra.kafka(String::new())?;
     let topo = Arc::new(load_topology(&args.infra)?);
     std::fs::create_dir_all(&args.infra.data_dir)
         .with_context(|| format!("creating {}", args.infra.data_dir.display()))?;
@@ -195,8 +197,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     let readiness = Readiness::default();
 
     // Schema registry: external by URL, or the embedded one on its own listener.
-    let registry_url = match &args.infra.schema_registry_url {
-        Some(url) => url.clone(),
+    let (registry_url, registry) = match &args.infra.schema_registry_url {
+        Some(url) => (url.clone(), args.infra.registry(url.clone())?),
         None => {
             let registry = tidings_pipeline::registry::Registry::open(store.clone())
                 .await
@@ -211,7 +213,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
                 async move { tidings_pipeline::registry::serve(listener, registry, t).await },
             );
             info!("Embedded schema registry listening on http://{addr}.");
-            format!("http://{addr}")
+            let url = format!("http://{addr}");
+            (url.clone(), url.into())
         }
     };
 
@@ -238,8 +241,18 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             b
         }
     };
-    let kafka = args.infra.kafka(brokers.clone());
-    if mock.is_none() {
+    let mut kafka = args.infra.kafka(brokers.clone())?;
+    if mock.is_some() {
+        // The mock cluster answers a fetch only when its wait ends (Kafka answers as soon as data
+        // is there), so the wait is delivery latency here; 5 ms costs little on loopback.
+        kafka.tuned.push(("fetch.wait.max.ms".into(), "5".into()));
+    } else {
+        // A wrong password or CA fails here, at once and clearly, instead of in every stage.
+        let probe_cfg = kafka.clone();
+        tokio::task::spawn_blocking(move || tidings_core::kafka::probe(&probe_cfg, Duration::from_secs(30)))
+            .await
+            .context("Kafka connection probe")??;
+        info!("Connected to Kafka at {brokers}.");
         let admin: AdminClient<DefaultClientContext> = kafka.admin().create()?;
         let report = topology::apply::apply(&topo, &admin, Duration::from_secs(30))
             .await
@@ -248,7 +261,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     }
 
     // Every topic with a schema has it registered under <topic>-value, so ingest and producers find it.
-    let client = RegistryClient::new(&registry_url)?;
+    let client = RegistryClient::new(&registry)?;
     for (logical, _) in topo.topics.iter() {
         if let Some(text) = topo.schema_text(logical) {
             let subject = format!("{}-value", topo.topic_name(logical));
@@ -259,7 +272,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
 
     let run = |name: &str| args.stages.iter().any(|s| s == name);
     if run("templating") {
-        let cfg = TemplatingConfig { kafka: kafka.clone(), registry_url: registry_url.clone(), topology: topo.clone() };
+        let cfg = TemplatingConfig { kafka: kafka.clone(), registry: registry.clone(), topology: topo.clone() };
         let (s, t) = (store.clone(), token.clone());
         readiness.set("templating", true);
         tasks.spawn("templating", async move { templating::run(cfg, s, t).await });
@@ -271,7 +284,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             spec.inputs.iter().find(|t| t.as_str() != "chat").cloned().unwrap_or_else(|| "notifications".into());
         let cfg = PersistenceConfig {
             kafka: kafka.clone(),
-            registry_url: registry_url.clone(),
+            registry: registry.clone(),
             group: topo.group_name(&spec.group),
             notifications_topic: topo.topic_name(&notifications),
             chat_topic: chat.map(|c| topo.topic_name(c)),
@@ -320,7 +333,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         }
         let dcfg = DeliveryConfig {
             kafka: kafka.clone(),
-            registry_url: registry_url.clone(),
+            registry: registry.clone(),
             topic: notifications,
             group: topo.group_name(&args.sse.delivery_group),
             owners_topic: topo.topic_name(&args.sse.owners_topic),

@@ -1,6 +1,9 @@
-//! Crash safety of the persistence stage on a real broker and PostgreSQL: while 100,000
-//! notifications flow, the stage is SIGKILLed again and again mid-stream; the table ends with
-//! exactly the 100,000 expected rows (none lost, none duplicated) and every partition fully consumed.
+//! Crash safety of the persistence stage on Apache Kafka and PostgreSQL: while 100,000
+//! notifications flow (in ordinary multi-record batches), the stage is SIGKILLed again and again
+//! mid-stream; the table ends with exactly the 100,000 expected rows (none lost, none duplicated)
+//! and the offsets stored with them reach every partition's high watermark. Each restart rejoins
+//! with the same `group.instance.id` (static membership), as an orchestrator's restarted pod
+//! would: Kafka hands it the dead member's partitions at once instead of after a session timeout.
 
 mod common;
 
@@ -101,13 +104,8 @@ async fn persistence_killed_repeatedly_stores_every_notification_exactly_once() 
     let (id, schema) =
         registry.latest(&format!("{topic}-value")).await.expect("notifications schema registered by `up`");
     let encoder = FramedEncoder::new(id, schema).unwrap();
-    // One record per batch. tansu 0.6.0 gap: a fetch whose offset falls inside a multi-record
-    // batch skips the rest of that batch (dynostore `fetch` keeps only batches whose base offset is
-    // >= the fetch offset), so a consumer resuming mid-batch from its stored offset silently loses
-    // records; Kafka returns the whole batch and the client drops the records before the offset.
-    // Seen here: offsets 170-172 of a partition never reached the final run, which resumed at 170.
-    let producer: FutureProducer =
-        KafkaConfig::new(brokers.clone()).producer().set("batch.num.messages", "1").create().unwrap();
+    // Ordinary batching (100 records per 25 ms step): restarts resume mid-batch from stored offsets.
+    let producer: FutureProducer = KafkaConfig::new(brokers.clone()).producer().create().unwrap();
     let producing = tokio::spawn(produce_all(producer, encoder, topic.clone()));
 
     // TIDINGS_KILL9_SEED replays a schedule that failed.
@@ -124,12 +122,12 @@ async fn persistence_killed_repeatedly_stores_every_notification_exactly_once() 
         stages: "persistence",
         registry_url: Some(&ep.schema_registry_url),
     };
+    let static_member = [("TIDINGS_KAFKA_OPTS", "group.instance.id=kill9-persistence")];
     let started = Instant::now();
     // (lifetime ms, rows when it started, rows right after its SIGKILL)
     let mut kills: Vec<(u64, i64, i64)> = Vec::new();
-    // A killed member stays in the group until its session times out (10 s), and a rebalance waits
-    // for it, so many restarts never get to write before their kill. Keep going a little past the
-    // minimum while rows still flow, so that several kills hit a process in the middle of writing.
+    // Keep going a little past the minimum while rows still flow, so that several kills hit a
+    // process in the middle of writing.
     let writers = |kills: &[(u64, i64, i64)]| kills.iter().filter(|(_, before, after)| after > before).count();
     loop {
         let now = count_notifications(&pool).await;
@@ -143,7 +141,7 @@ async fn persistence_killed_repeatedly_stores_every_notification_exactly_once() 
         }
         assert!(started.elapsed() < Duration::from_secs(120), "kill loop still running after 120 s: {kills:?}");
         let before = now;
-        let mut stage = Tidings::spawn(&format!("persistence-{}", kills.len() + 1), &persistence);
+        let mut stage = Tidings::spawn_env(&format!("persistence-{}", kills.len() + 1), &persistence, &static_member);
         let life = rng.random_range(500..=3000);
         tokio::time::sleep(Duration::from_millis(life)).await;
         if let Some(status) = stage.exited() {
@@ -152,7 +150,6 @@ async fn persistence_killed_repeatedly_stores_every_notification_exactly_once() 
         stage.kill9();
         kills.push((life, before, count_notifications(&pool).await));
     }
-    let last_kill = Instant::now();
     let acked = producing.await.expect("producer task");
     assert_eq!(acked.values().map(|(n, _)| n).sum::<i64>(), TOTAL as i64);
     // A fresh topic: offsets start at 0 and are dense, so the next offset is the record count.
@@ -164,15 +161,8 @@ async fn persistence_killed_repeatedly_stores_every_notification_exactly_once() 
         "no kill landed mid-stream: {kills:?}"
     );
 
-    // tansu 0.6.0 gap: when a killed member's session expires through a JoinGroup/SyncGroup of
-    // another member, the group goes back to "forming" without a new generation and the survivors'
-    // heartbeats keep answering OK, so they never rejoin and the dead member's partitions stay
-    // unconsumed (seen here: the final process held 3 of 18 partitions for 180 s). Kafka would
-    // rebalance the survivors. Starting the final process only after every killed member's session
-    // (10 s) has expired lets tansu drop them when it joins, so it owns every partition.
-    tokio::time::sleep_until((last_kill + Duration::from_secs(12)).into()).await;
-
-    let last = Tidings::spawn("persistence-final", &persistence);
+    // Right after the last kill: the static member's partitions pass to the new process at once.
+    let last = Tidings::spawn_env("persistence-final", &persistence, &static_member);
     let t = Instant::now();
     eventually(
         "all 100,000 rows after the last restart",
@@ -217,10 +207,10 @@ async fn persistence_killed_repeatedly_stores_every_notification_exactly_once() 
     assert_eq!(stored.iter().map(|(_, o)| o).sum::<i64>(), TOTAL as i64, "stored next offsets {stored:?}");
     let ends: Vec<(i32, i64)> = acked.iter().map(|(p, (_, end))| (*p, *end)).collect();
     assert_eq!(stored, ends, "stored next offsets vs the end of what the broker acknowledged");
-    // Not asserted: tansu 0.6.0 answers ListOffsets(latest) with the base offset + 1 of the newest
-    // batch, which is short of the high watermark whenever that batch holds several records.
     let marks = common::high_watermarks(&brokers, &topic).await;
-    eprintln!("broker-reported high watermarks {marks:?} (sum {})", marks.iter().sum::<i64>());
+    let stored_next: Vec<i64> =
+        (0..marks.len() as i32).map(|p| stored.iter().find(|(sp, _)| *sp == p).map(|(_, o)| *o).unwrap_or(0)).collect();
+    assert_eq!(stored_next, marks, "stored next offsets vs the broker's high watermarks");
 
     assert!(kills.len() >= MIN_KILLS);
     assert!(gateway.exited().is_none(), "the gateway process died\n{}", gateway.log_tail(40));

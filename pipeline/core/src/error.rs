@@ -26,6 +26,9 @@ pub enum RegistryError {
     Unavailable(String),
     #[error("schema {0} is not valid Avro: {1}")]
     InvalidSchema(String, String),
+    /// The client settings (URL, credentials, CA) are unusable; fix the configuration.
+    #[error("schema registry client settings: {0}")]
+    Config(String),
 }
 
 impl RegistryError {

@@ -17,63 +17,120 @@ pub const H_DLQ_STAGE: &str = "tidings.dlq.stage";
 /// W3C trace context header (https://www.w3.org/TR/trace-context/).
 pub const H_TRACEPARENT: &str = "traceparent";
 
-/// Where the brokers are and any extra librdkafka settings.
+/// librdkafka settings tidings fixes because correctness depends on them, with the reason given
+/// when `--kafka-opt` tries to change one. Everything else may be overridden and `--kafka-opt` wins.
+pub const PINNED: &[(&str, &str)] = &[
+    ("bootstrap.servers", "set the brokers with --brokers"),
+    ("group.id", "each stage's consumer group comes from topology.yaml"),
+    ("enable.auto.offset.store", "stages store an offset only once its work is durable"),
+    ("enable.auto.commit", "each stage decides whether Kafka or the database holds its offsets"),
+    ("partition.assignment.strategy", "the persistence and delivery stages rewrite their assignments"),
+    ("enable.idempotence", "producer retries must not duplicate or reorder a partition"),
+    ("partitioner", "users are routed to the gateway owning murmur2(user id), as Java clients place them"),
+];
+
+/// `--kafka-opt` settings that tidings refuses, every one of them at once.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .0.join("; "))]
+pub struct KafkaOptsError(pub Vec<String>);
+
+/// Where the brokers are, how to reach them and any extra librdkafka settings.
 #[derive(Debug, Clone)]
 pub struct KafkaConfig {
     /// `host:port,...`
     pub brokers: String,
-    /// Extra librdkafka properties applied last (e.g. from `--kafka-opt k=v`).
+    /// Defaults for this deployment (e.g. short fetch waits for the embedded mock cluster),
+    /// applied after the stage defaults and before `extra`.
+    pub tuned: Vec<(String, String)>,
+    /// The operator's librdkafka properties (`--kafka-opt k=v`, security flags): applied after
+    /// every default, so they win; keys in [`PINNED`] are refused by [`KafkaConfig::with_opts`].
     pub extra: Vec<(String, String)>,
 }
 
 impl KafkaConfig {
     pub fn new(brokers: impl Into<String>) -> Self {
-        KafkaConfig { brokers: brokers.into(), extra: Vec::new() }
+        KafkaConfig { brokers: brokers.into(), tuned: Vec::new(), extra: Vec::new() }
     }
 
-    fn base(&self) -> ClientConfig {
+    /// `new` plus the operator's properties, refusing pinned and repeated keys (all reported).
+    pub fn with_opts(brokers: impl Into<String>, opts: Vec<(String, String)>) -> Result<Self, KafkaOptsError> {
+        let mut errors = Vec::new();
+        for (i, (k, _)) in opts.iter().enumerate() {
+            if let Some((_, why)) = PINNED.iter().find(|(p, _)| p == k) {
+                errors.push(format!("--kafka-opt {k} is set by tidings itself ({why})"));
+            } else if opts[..i].iter().any(|(e, _)| e == k) {
+                errors.push(format!("--kafka-opt {k} is given twice (a security flag may set it too)"));
+            }
+        }
+        if !errors.is_empty() {
+            return Err(KafkaOptsError(errors));
+        }
+        Ok(KafkaConfig { extra: opts, ..KafkaConfig::new(brokers) })
+    }
+
+    /// Stage defaults first, then the deployment's, then the operator's, then the pinned ones.
+    fn build(&self, defaults: &[(&str, &str)], pinned: &[(&str, &str)]) -> ClientConfig {
         let mut c = ClientConfig::new();
-        c.set("bootstrap.servers", &self.brokers);
-        c
-    }
-
-    fn finish(&self, mut c: ClientConfig) -> ClientConfig {
-        for (k, v) in &self.extra {
+        c.set("bootstrap.servers", &self.brokers)
+            // Small records on loopback and LANs: Nagle plus delayed ACKs can hold a produce request
+            // for 40 ms; latency matters more here than packet count.
+            .set("socket.nagle.disable", "true");
+        for (k, v) in defaults {
+            c.set(*k, *v);
+        }
+        for (k, v) in self.tuned.iter().chain(&self.extra) {
             c.set(k, v);
+        }
+        for (k, v) in pinned {
+            c.set(*k, *v);
         }
         c
     }
 
     /// An idempotent producer: retries cannot duplicate or reorder within a partition.
     pub fn producer(&self) -> ClientConfig {
-        let mut c = self.base();
-        c.set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("partitioner", "murmur2_random")
-            .set("linger.ms", "5")
-            .set("compression.type", "none")
-            .set("message.timeout.ms", "120000");
-        self.finish(c)
+        self.producer_with(&[])
     }
 
-    /// A group consumer that stores offsets only when told to (after the work is durable).
+    /// `producer` with stage defaults (which `--kafka-opt` overrides).
+    pub fn producer_with(&self, defaults: &[(&str, &str)]) -> ClientConfig {
+        // linger 1 ms: a record waits at most 1 ms for company; under load batches still fill
+        // while earlier requests are in flight.
+        let mut all =
+            vec![("acks", "all"), ("linger.ms", "1"), ("compression.type", "none"), ("message.timeout.ms", "120000")];
+        all.extend_from_slice(defaults);
+        self.build(&all, &[("enable.idempotence", "true"), ("partitioner", "murmur2_random")])
+    }
+
+    /// A group consumer that stores offsets only when told to (after the work is durable), with
+    /// Kafka committing the stored offsets (also on revoke, as auto-commit does) and cooperative
+    /// rebalancing, so a member joining or leaving moves only the partitions that change owner.
     pub fn consumer(&self, group: &str) -> ClientConfig {
-        let mut c = self.base();
-        c.set("group.id", group)
-            .set("enable.auto.commit", "true")
-            .set("auto.commit.interval.ms", "1000")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("enable.partition.eof", "false")
-            .set("session.timeout.ms", "10000")
-            .set("heartbeat.interval.ms", "1000")
-            .set("max.poll.interval.ms", "300000");
-        self.finish(c)
+        self.consumer_with(group, &[], &[("partition.assignment.strategy", "cooperative-sticky")])
+    }
+
+    /// A group consumer with stage `defaults` (which `--kafka-opt` overrides) and stage `pinned`
+    /// settings (which it may not: list their keys in [`PINNED`]), e.g. `enable.auto.commit=false`
+    /// when the stage keeps its offsets elsewhere.
+    pub fn consumer_with(&self, group: &str, defaults: &[(&str, &str)], pinned: &[(&str, &str)]) -> ClientConfig {
+        let mut all = vec![
+            ("auto.commit.interval.ms", "1000"),
+            ("auto.offset.reset", "earliest"),
+            ("enable.partition.eof", "false"),
+            ("session.timeout.ms", "10000"),
+            ("heartbeat.interval.ms", "1000"),
+            ("max.poll.interval.ms", "300000"),
+        ];
+        all.extend_from_slice(defaults);
+        let mut fixed =
+            vec![("group.id", group), ("enable.auto.commit", "true"), ("enable.auto.offset.store", "false")];
+        fixed.extend_from_slice(pinned);
+        self.build(&all, &fixed)
     }
 
     /// An admin client.
     pub fn admin(&self) -> ClientConfig {
-        self.finish(self.base())
+        self.build(&[], &[])
     }
 }
 
@@ -108,4 +165,123 @@ pub fn dlq_headers(
 /// Reads a UTF-8 header value.
 pub fn header_str<'a, H: Headers>(headers: &'a H, key: &str) -> Option<&'a str> {
     headers.iter().find(|h| h.key == key).and_then(|h| h.value).and_then(|v| std::str::from_utf8(v).ok())
+}
+
+/// Why the brokers could not be reached at startup.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The brokers refused our credentials; retrying with the same ones cannot help.
+    #[error("Kafka authentication failed at {brokers}: {detail} (check the SASL mechanism, user name and password)")]
+    Authentication { brokers: String, detail: String },
+    /// The TLS handshake failed (wrong CA, hostname, or a plaintext listener); retrying cannot help.
+    #[error("TLS to Kafka at {brokers} failed: {detail} (check security.protocol and ssl.ca.location)")]
+    Tls { brokers: String, detail: String },
+    /// No broker answered in time; they may be starting, so a later attempt may succeed.
+    #[error("no Kafka broker at {brokers} answered within {waited:?}: {detail}")]
+    Unreachable { brokers: String, waited: std::time::Duration, detail: String },
+    #[error("Kafka client settings are invalid: {0}")]
+    Client(#[from] rdkafka::error::KafkaError),
+}
+
+impl ConnectError {
+    pub fn is_retriable(&self) -> bool {
+        matches!(self, ConnectError::Unreachable { .. })
+    }
+}
+
+/// Remembers the errors librdkafka reports while the probe connects.
+#[derive(Default)]
+struct ProbeContext {
+    fatal: std::sync::Mutex<Option<(rdkafka::types::RDKafkaErrorCode, String)>>,
+    last: std::sync::Mutex<Option<String>>,
+}
+
+impl rdkafka::consumer::ConsumerContext for ProbeContext {}
+
+impl rdkafka::ClientContext for ProbeContext {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        use rdkafka::types::RDKafkaErrorCode as C;
+        match error.rdkafka_error_code() {
+            Some(code @ (C::Authentication | C::SaslAuthenticationFailed | C::SSL)) => {
+                self.fatal.lock().expect("lock").get_or_insert((code, reason.to_string()));
+            }
+            _ => *self.last.lock().expect("lock") = Some(reason.to_string()),
+        }
+    }
+}
+
+/// Connects with `cfg`'s settings (security included) and asks for metadata, so a wrong password
+/// or CA fails at startup with a clear error instead of every stage retrying silently. Blocking:
+/// call it from `spawn_blocking`.
+pub fn probe(cfg: &KafkaConfig, timeout: std::time::Duration) -> Result<(), ConnectError> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::types::RDKafkaErrorCode as C;
+    let consumer: BaseConsumer<ProbeContext> = cfg.admin().create_with_context(ProbeContext::default())?;
+    let started = std::time::Instant::now();
+    loop {
+        let attempt = consumer.fetch_metadata(None, std::time::Duration::from_millis(500));
+        // Error events reach the context only while the client is polled.
+        let _ = consumer.poll(std::time::Duration::ZERO);
+        if let Some((code, detail)) = consumer.context().fatal.lock().expect("lock").take() {
+            let brokers = cfg.brokers.clone();
+            return Err(match code {
+                C::SSL => ConnectError::Tls { brokers, detail },
+                _ => ConnectError::Authentication { brokers, detail },
+            });
+        }
+        match attempt {
+            Ok(_) => return Ok(()),
+            Err(e) if started.elapsed() >= timeout => {
+                let detail = consumer.context().last.lock().expect("lock").take().unwrap_or_else(|| e.to_string());
+                return Err(ConnectError::Unreachable {
+                    brokers: cfg.brokers.clone(),
+                    waited: started.elapsed(),
+                    detail,
+                });
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(kv: &[(&str, &str)]) -> Vec<(String, String)> {
+        kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn operator_settings_win_over_stage_and_deployment_defaults() {
+        let mut k = KafkaConfig::with_opts("b:9092", opts(&[("fetch.wait.max.ms", "7"), ("linger.ms", "20")])).unwrap();
+        k.tuned.push(("fetch.wait.max.ms".into(), "5".into()));
+        let c = k.consumer_with("g", &[("fetch.wait.max.ms", "100")], &[("enable.auto.commit", "false")]);
+        assert_eq!(c.get("fetch.wait.max.ms"), Some("7"));
+        assert_eq!(c.get("enable.auto.commit"), Some("false"));
+        assert_eq!(c.get("group.id"), Some("g"));
+        assert_eq!(k.producer().get("linger.ms"), Some("20"));
+        assert_eq!(k.producer().get("partitioner"), Some("murmur2_random"));
+
+        let mut tuned_only = KafkaConfig::new("b:9092");
+        tuned_only.tuned.push(("fetch.wait.max.ms".into(), "5".into()));
+        assert_eq!(
+            tuned_only.consumer_with("g", &[("fetch.wait.max.ms", "100")], &[]).get("fetch.wait.max.ms"),
+            Some("5")
+        );
+    }
+
+    #[test]
+    fn pinned_and_repeated_keys_are_refused_together() {
+        let err = KafkaConfig::with_opts(
+            "b:9092",
+            opts(&[("group.id", "x"), ("sasl.username", "a"), ("partitioner", "random"), ("sasl.username", "b")]),
+        )
+        .unwrap_err();
+        assert_eq!(err.0.len(), 3, "{err}");
+        assert!(
+            err.0[0].contains("group.id") && err.0[1].contains("partitioner") && err.0[2].contains("given twice"),
+            "{err}"
+        );
+    }
 }

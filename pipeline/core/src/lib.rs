@@ -13,4 +13,4 @@ pub mod wire;
 
 pub use error::{CodecError, RegistryError};
 pub use notification::Notification;
-pub use registry::{DecodeError, FramedEncoder, RegistryClient};
+pub use registry::{DecodeError, FramedEncoder, RegistryClient, RegistryEndpoint};

@@ -66,6 +66,54 @@ struct CachedReader {
     schema: &'static Schema,
 }
 
+/// Where a schema registry is and how to authenticate to it (Confluent Cloud style: https with
+/// an API key and secret as basic auth, or a bearer token).
+#[derive(Clone, Default)]
+pub struct RegistryEndpoint {
+    pub url: String,
+    /// `(user, password)` for HTTP basic auth.
+    pub basic_auth: Option<(String, String)>,
+    pub bearer_token: Option<String>,
+    /// An extra trusted CA (PEM), for an https registry signed by a private CA.
+    pub ca_pem: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for RegistryEndpoint {
+    // Credentials stay out of logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryEndpoint")
+            .field("url", &self.url)
+            .field("basic_auth", &self.basic_auth.as_ref().map(|(u, _)| u))
+            .field("bearer_token", &self.bearer_token.as_ref().map(|_| "…"))
+            .field("ca_pem", &self.ca_pem.is_some())
+            .finish()
+    }
+}
+
+impl From<&str> for RegistryEndpoint {
+    fn from(url: &str) -> Self {
+        RegistryEndpoint { url: url.to_string(), ..Default::default() }
+    }
+}
+
+impl From<String> for RegistryEndpoint {
+    fn from(url: String) -> Self {
+        RegistryEndpoint { url, ..Default::default() }
+    }
+}
+
+impl From<&String> for RegistryEndpoint {
+    fn from(url: &String) -> Self {
+        url.as_str().into()
+    }
+}
+
+impl From<&RegistryEndpoint> for RegistryEndpoint {
+    fn from(e: &RegistryEndpoint) -> Self {
+        e.clone()
+    }
+}
+
 /// Cached access to a schema registry.
 #[derive(Clone)]
 pub struct RegistryClient {
@@ -92,16 +140,30 @@ fn classify(e: SRCError, not_found: impl FnOnce() -> RegistryError) -> RegistryE
 }
 
 impl RegistryClient {
-    /// A client for the registry at `url` (e.g. `http://127.0.0.1:8081`).
-    pub fn new(url: &str) -> Result<Self, RegistryError> {
+    /// A client for the registry at `endpoint` (a URL such as `http://127.0.0.1:8081`, or a
+    /// [`RegistryEndpoint`] with credentials).
+    pub fn new(endpoint: impl Into<RegistryEndpoint>) -> Result<Self, RegistryError> {
+        let endpoint = endpoint.into();
+        let url = endpoint.url.as_str();
         // Caps any single allocation the Avro decoder makes from a length it read from untrusted
         // bytes (the default is 512 MiB): a 6-byte record must not be able to claim gigabytes.
         // 64 MiB still fits a legitimate 1 MiB record of one-byte array items (~40 MB as values).
         apache_avro::util::max_allocation_bytes(MAX_AVRO_ALLOCATION);
-        let settings = SrSettings::new_builder(url.trim_end_matches('/').to_string())
-            .set_timeout(Duration::from_secs(10))
-            .build()
-            .map_err(|e| RegistryError::Unavailable(e.to_string()))?;
+        let mut builder = SrSettings::new_builder(url.trim_end_matches('/').to_string());
+        builder.set_timeout(Duration::from_secs(10));
+        if let Some((user, password)) = &endpoint.basic_auth {
+            builder.set_basic_authorization(user, Some(password));
+        }
+        if let Some(token) = &endpoint.bearer_token {
+            builder.set_token_authorization(token);
+        }
+        let mut http = reqwest::Client::builder();
+        if let Some(pem) = &endpoint.ca_pem {
+            let ca = reqwest::Certificate::from_pem(pem)
+                .map_err(|e| RegistryError::Config(format!("schema registry CA certificate: {e}")))?;
+            http = http.add_root_certificate(ca);
+        }
+        let settings = builder.build_with(http).map_err(|e| RegistryError::Config(e.to_string()))?;
         Ok(RegistryClient {
             inner: Arc::new(Inner {
                 url: url.to_string(),

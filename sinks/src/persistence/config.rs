@@ -2,13 +2,14 @@
 
 use std::time::Duration;
 use tidings_core::kafka::KafkaConfig;
+use tidings_core::RegistryEndpoint;
 
 /// What the persistence stage consumes and how it batches.
 #[derive(Debug, Clone)]
 pub struct PersistenceConfig {
     pub kafka: KafkaConfig,
     /// URL of the schema registry the records were written through.
-    pub registry_url: String,
+    pub registry: RegistryEndpoint,
     /// Consumer group; also the key of the offsets stored with the rows.
     pub group: String,
     /// The `notifications` topic (cluster name).

@@ -249,7 +249,7 @@ impl Pending {
 }
 
 async fn run_once(cfg: &PersistenceConfig, store: &Store, shutdown: &CancellationToken) -> Result<(), PersistError> {
-    let registry = RegistryClient::new(&cfg.registry_url).map_err(|e| PersistError::Config(e.to_string()))?;
+    let registry = RegistryClient::new(&cfg.registry).map_err(|e| PersistError::Config(e.to_string()))?;
     let chat_schema: Option<&'static Schema> = match (&cfg.chat_topic, &cfg.chat_schema) {
         (Some(_), Some(text)) => {
             let s = Schema::parse_str(text).map_err(|e| PersistError::Config(format!("chat schema: {e}")))?;
@@ -274,8 +274,12 @@ async fn run_once(cfg: &PersistenceConfig, store: &Store, shutdown: &Cancellatio
         known: known.clone(),
         runtime: Handle::current(),
     };
-    let mut cc = cfg.kafka.consumer(&cfg.group);
-    cc.set("enable.auto.commit", "false").set("partition.assignment.strategy", "range,roundrobin");
+    // The database holds the offsets; eager assignors, because `rebalance` rewrites the assignment.
+    let cc = cfg.kafka.consumer_with(
+        &cfg.group,
+        &[],
+        &[("enable.auto.commit", "false"), ("partition.assignment.strategy", "range,roundrobin")],
+    );
     let consumer: StreamConsumer<SinkContext> = cc.create_with_context(ctx)?;
     consumer.subscribe(&topics.iter().map(String::as_str).collect::<Vec<_>>())?;
     let producer: FutureProducer = cfg.kafka.producer().create()?;

@@ -1,5 +1,5 @@
 //! Shared helpers for the integration tests that run the real `tidings` binary against a real
-//! broker (`TIDINGS_TEST_BROKERS`, tansu in practice) and a fresh PostgreSQL database: process
+//! broker (`TIDINGS_TEST_BROKERS`: Apache Kafka in CI) and a fresh PostgreSQL database: process
 //! guards that always kill their child, bounded waits that fail with the child's log, Kafka probes.
 #![allow(dead_code)] // Each test binary uses a different subset.
 
@@ -20,7 +20,7 @@ pub fn brokers_or_skip() -> Option<String> {
         _ => {
             if std::env::var_os("CI").is_some() {
                 panic!(
-                    "TIDINGS_TEST_BROKERS is not set but CI is: start a broker (compose/start-tansu.sh) and export it"
+                    "TIDINGS_TEST_BROKERS is not set but CI is: start a broker (compose/start-kafka.sh) and export it"
                 );
             }
             eprintln!("skipped: TIDINGS_TEST_BROKERS not set");

@@ -18,7 +18,7 @@ use std::time::Duration;
 use tidings_core::json_avro::{avro_to_json, union_branch_name};
 use tidings_core::kafka::{dlq_headers, header_str, KafkaConfig, H_TRACEPARENT};
 use tidings_core::notification::{NOTIFICATION_SCHEMA, NOTIFICATION_SCHEMA_JSON};
-use tidings_core::{trace, DecodeError, FramedEncoder, Notification, RegistryClient};
+use tidings_core::{trace, DecodeError, FramedEncoder, Notification, RegistryClient, RegistryEndpoint};
 use tidings_sinks::Store;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -35,7 +35,7 @@ pub const STAGE: &str = "templating";
 #[derive(Clone)]
 pub struct TemplatingConfig {
     pub kafka: KafkaConfig,
-    pub registry_url: String,
+    pub registry: RegistryEndpoint,
     pub topology: Arc<Topology>,
 }
 
@@ -98,9 +98,13 @@ struct Stage {
 
 impl Templater {
     /// Registers the notification schema under `<output>-value` and compiles the templates.
-    pub async fn new(topology: Arc<Topology>, registry_url: &str, store: Store) -> Result<Self, StageError> {
+    pub async fn new(
+        topology: Arc<Topology>,
+        registry: impl Into<RegistryEndpoint>,
+        store: Store,
+    ) -> Result<Self, StageError> {
         let spec = &topology.stages.templating;
-        let registry = RegistryClient::new(registry_url)?;
+        let registry = RegistryClient::new(registry)?;
         let mut readers = HashMap::new();
         for logical in &spec.inputs {
             let schema = topology
@@ -126,7 +130,7 @@ impl Templater {
 async fn run_once(cfg: &TemplatingConfig, store: &Store, shutdown: &CancellationToken) -> Result<(), StageError> {
     let topo = cfg.topology.clone();
     let spec = &topo.stages.templating;
-    let templater = Templater::new(topo.clone(), &cfg.registry_url, store.clone()).await?;
+    let templater = Templater::new(topo.clone(), &cfg.registry, store.clone()).await?;
     let output = topo.topic_name(&spec.output);
     let producer: FutureProducer = cfg.kafka.producer().create()?;
     let consumer: Arc<StreamConsumer> = Arc::new(cfg.kafka.consumer(&topo.group_name(&spec.group)).create()?);

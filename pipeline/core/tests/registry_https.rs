@@ -1,0 +1,143 @@
+//! The registry client against an https, credential-checking registry (Confluent Cloud style):
+//! a TLS stand-in with a CA and certificate generated here answers `GET /schemas/ids/1` only
+//! with the expected `Authorization`; the client must trust the given CA and send the credentials.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use tidings_core::{RegistryClient, RegistryEndpoint, RegistryError};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A CA and a server certificate for 127.0.0.1, made with the `openssl` command: (ca, cert, key).
+fn certs(dir: &Path) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).current_dir(dir).output().expect("running openssl");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=registry test CA",
+    ]);
+    run(&["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "srv.key", "-out", "srv.csr", "-subj", "/CN=127.0.0.1"]);
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "srv.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "srv.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    ]);
+    run(&["pkcs8", "-topk8", "-nocrypt", "-in", "srv.key", "-out", "srv.pk8"]);
+    let read = |f: &str| std::fs::read(dir.join(f)).unwrap();
+    (read("ca.pem"), read("srv.pem"), read("srv.pk8"))
+}
+
+/// Serves `GET /schemas/ids/1` over TLS, 401 unless `Authorization` is `want`; records what came.
+async fn serve(cert: Vec<u8>, key: Vec<u8>, want: String, seen: Arc<Mutex<Vec<String>>>) -> String {
+    let identity = tokio_native_tls::native_tls::Identity::from_pkcs8(&cert, &key).expect("identity");
+    let acceptor = tokio_native_tls::TlsAcceptor::from(
+        tokio_native_tls::native_tls::TlsAcceptor::new(identity).expect("acceptor"),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://127.0.0.1:{}", listener.local_addr().unwrap().port());
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            let (acceptor, want, seen) = (acceptor.clone(), want.clone(), seen.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+                let mut buf = vec![0u8; 8192];
+                let mut len = 0;
+                while !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") && len < buf.len() {
+                    match tls.read(&mut buf[len..]).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => len += n,
+                    }
+                }
+                let head = String::from_utf8_lossy(&buf[..len]).to_string();
+                let auth = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("authorization: ").or_else(|| l.strip_prefix("Authorization: ")))
+                    .unwrap_or("")
+                    .to_string();
+                seen.lock().unwrap().push(auth.clone());
+                let (status, body) = if auth == want && head.starts_with("GET /schemas/ids/1?") {
+                    ("200 OK", r#"{"schema":"\"string\""}"#.to_string())
+                } else {
+                    ("401 Unauthorized", r#"{"error_code":401,"message":"Unauthorized"}"#.to_string())
+                };
+                let resp = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = tls.write_all(resp.as_bytes()).await;
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    url
+}
+
+#[tokio::test]
+async fn https_registry_with_basic_auth_or_bearer_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = certs(dir.path());
+
+    // Basic auth (API key:secret): base64("key-1:s3cret") = a2V5LTE6czNjcmV0.
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let url = serve(cert.clone(), key.clone(), "Basic a2V5LTE6czNjcmV0".into(), seen.clone()).await;
+    let endpoint = RegistryEndpoint {
+        url: url.clone(),
+        basic_auth: Some(("key-1".into(), "s3cret".into())),
+        ca_pem: Some(ca.clone()),
+        ..Default::default()
+    };
+    let schema = RegistryClient::new(&endpoint).unwrap().schema_by_id(1).await.expect("schema over https + basic auth");
+    assert_eq!(schema.canonical_form(), "\"string\"");
+    assert_eq!(seen.lock().unwrap().as_slice(), ["Basic a2V5LTE6czNjcmV0"]);
+
+    // Wrong credentials: refused by status (401), not retried as an outage.
+    let wrong = RegistryEndpoint { basic_auth: Some(("key-1".into(), "nope".into())), ..endpoint.clone() };
+    let got = RegistryClient::new(&wrong).unwrap().schema_by_id(1).await;
+    let err = got
+        .map(|s| s.canonical_form())
+        .expect_err(&format!("wrong password accepted; seen {:?}", seen.lock().unwrap()));
+    assert!(!matches!(err, RegistryError::UnknownSchemaId(_)), "a 401 is not an unknown id: {err}");
+
+    // Without the CA the server's certificate is not trusted: the request fails, nothing is read.
+    let untrusted = RegistryEndpoint { ca_pem: None, ..endpoint.clone() };
+    let before = seen.lock().unwrap().len();
+    assert!(
+        RegistryClient::new(&untrusted).unwrap().schema_by_id(1).await.is_err(),
+        "an untrusted certificate was accepted"
+    );
+    assert_eq!(seen.lock().unwrap().len(), before, "a request got through without a trusted certificate");
+
+    // Bearer token.
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let url = serve(cert, key, "Bearer tok-123".into(), seen.clone()).await;
+    let bearer = RegistryEndpoint { url, bearer_token: Some("tok-123".into()), ca_pem: Some(ca), ..Default::default() };
+    RegistryClient::new(&bearer).unwrap().schema_by_id(1).await.expect("schema over https + bearer token");
+    assert_eq!(seen.lock().unwrap().as_slice(), ["Bearer tok-123"]);
+}

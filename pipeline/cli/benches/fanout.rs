@@ -244,7 +244,7 @@ async fn bench() -> Result<Value, BoxError> {
         "audience": audience,
         "wall_s": (wall * 1000.0).round() / 1000.0,
         "notifications_per_s": (audience as f64 / wall).round(),
-        "broker": if brokers.is_some() { "tansu" } else { "mock" },
+        "broker": if brokers.is_some() { "kafka" } else { "mock" },
     }))
 }
 

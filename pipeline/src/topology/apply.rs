@@ -268,7 +268,7 @@ struct Missing<'a> {
 /// Creates missing topics (with their partitions, replication factor, `cleanup.policy`,
 /// `retention.ms` and extra configs) and adds partitions to topics that have fewer than
 /// declared. Never deletes or shrinks anything: more partitions than declared, another
-/// replication factor, or fewer partitions on a broker without CreatePartitions (tansu) is
+/// replication factor, or fewer partitions on a broker without CreatePartitions is
 /// reported as drift. Existing topics' configs are not compared.
 ///
 /// `timeout` bounds each broker request. Reading the cluster id and metadata blocks the calling
@@ -344,7 +344,7 @@ pub async fn apply(
             grow.iter().map(|(name, _, to)| NewPartitions::new(name, *to as usize)).collect();
         let results = match admin.create_partitions(requests.iter(), &opts).await {
             Ok(results) => results,
-            // Some brokers (tansu 0.6) lack CreatePartitions: the topics stay usable, just
+            // Some Kafka-compatible brokers lack CreatePartitions: the topics stay usable, just
             // smaller than declared, so report that instead of failing the whole apply.
             Err(e) if error_code(&e).is_some_and(unsupported_code) => {
                 grow.iter().map(|(name, _, _)| Err((name.clone(), RDKafkaErrorCode::UnsupportedFeature))).collect()

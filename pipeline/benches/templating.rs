@@ -1,7 +1,8 @@
 //! Templating throughput per core: the CPU path of the templating stage without Kafka (decode
-//! through the registry client, audience, render, build and encode the notifications), on one
-//! current-thread runtime, for a mix of order events in English and Korean. Prints one JSON line.
-//! Env: BENCH_EVENTS (default 200000).
+//! through the registry client, audience, render, encode the notifications), on one
+//! current-thread runtime, for a mix of order events in English and Korean, and for campaigns
+//! (one event, thousands of recipients). Prints one JSON line.
+//! Env: BENCH_EVENTS (default 200000), BENCH_CAMPAIGNS (20) of BENCH_AUDIENCE users (10000) each.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -31,12 +32,41 @@ struct Record {
 /// The stage's own per-event path (`Templater::outcome`) plus the encode of each notification.
 /// A dead-letter outcome is an error here: every generated event is valid, so one would mean the
 /// bench measures nothing.
-async fn template_one(t: &Templater, rec: &Record, shutdown: &CancellationToken) -> Result<Vec<Vec<u8>>, BoxError> {
+/// Returns (notifications, bytes) so no part of the work can be optimised away.
+async fn template_one(t: &Templater, rec: &Record, shutdown: &CancellationToken) -> Result<(usize, usize), BoxError> {
     let r = RecordRef { topic: &rec.topic, partition: rec.partition, offset: rec.offset, payload: Some(&rec.payload) };
     match t.outcome(r, shutdown).await? {
-        Outcome::Notifications(ns) => Ok(ns.iter().map(|n| t.encode(n)).collect::<Result<Vec<_>, _>>()?),
+        Outcome::Notifications(fanout) => {
+            let (mut count, mut bytes) = (0, 0);
+            let mut records = t.encoded(&fanout)?;
+            while let Some(record) = records.next_record() {
+                let (user, payload) = record?;
+                count += 1;
+                bytes += user.len() + payload.len();
+            }
+            Ok((count, bytes))
+        }
         Outcome::Dead { reason, error } => Err(format!("event dead-lettered ({reason}): {error}").into()),
     }
+}
+
+fn env_usize(name: &str, default: usize) -> Result<usize, BoxError> {
+    match std::env::var(name) {
+        Ok(v) => Ok(v.parse::<usize>().map_err(|e| format!("{name}={v:?}: {e}"))?.max(1)),
+        Err(_) => Ok(default),
+    }
+}
+
+/// Campaign `i`: a CampaignLaunched with an inline audience of `audience` users.
+fn campaign_event(i: usize, audience: usize) -> Json {
+    json!({
+        "event_id": uuid::Uuid::from_u128(0xca0c_0000_0000_0000_0000_0000_0000_0000 | i as u128).to_string(),
+        "occurred_at": 1_700_000_000_000_000i64 + i as i64 * 1_000,
+        "coupon_id": format!("camp-{i}"),
+        "payload": {"CampaignLaunched": {"campaign_id": format!("camp-{i}"), "title": "Weekend sale",
+            "discount_percent": 20, "audience": {"InlineAudience": {
+                "user_ids": (0..audience).map(|u| format!("u{u:06}")).collect::<Vec<_>>()}}}},
+    })
 }
 
 /// Event `i` of a realistic order stream: placed / paid / shipped, 30% Korean, 1,000 buyers.
@@ -63,10 +93,9 @@ fn order_event(i: usize) -> Json {
 }
 
 async fn bench() -> Result<Json, BoxError> {
-    let events: usize = match std::env::var("BENCH_EVENTS") {
-        Ok(v) => v.parse::<usize>().map_err(|e| format!("BENCH_EVENTS={v:?}: {e}"))?.max(1),
-        Err(_) => 200_000,
-    };
+    let events = env_usize("BENCH_EVENTS", 200_000)?;
+    let campaigns = env_usize("BENCH_CAMPAIGNS", 20)?;
+    let audience = env_usize("BENCH_AUDIENCE", 10_000)?;
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let topology = Topology::load(&root.join("topology.yaml")).map_err(|e| e.to_string())?;
 
@@ -83,6 +112,10 @@ async fn bench() -> Result<Json, BoxError> {
     let order_text = topology.schema_text("orders").ok_or("topology has no orders schema")?;
     let order_id = client.register(&format!("{orders_topic}-value"), order_text).await?;
     let order_writer = client.schema_by_id(order_id).await?;
+    let coupons_topic = topology.topic_name("coupons");
+    let coupon_text = topology.schema_text("coupons").ok_or("topology has no coupons schema")?;
+    let coupon_id = client.register(&format!("{coupons_topic}-value"), coupon_text).await?;
+    let coupon_writer = client.schema_by_id(coupon_id).await?;
     let templater = Templater::new(Arc::new(topology), &url, store).await?;
 
     // Producer side, untimed: framed Avro records as ingest writes them.
@@ -99,22 +132,45 @@ async fn bench() -> Result<Json, BoxError> {
         })
         .collect::<Result<Vec<_>, BoxError>>()?;
 
+    let campaign_encoder = FramedEncoder::new(coupon_id, coupon_writer)?;
+    let campaign_records = (0..=campaigns)
+        .map(|i| {
+            let value = json_to_avro(coupon_writer, &campaign_event(i, audience))?;
+            Ok(Record {
+                topic: coupons_topic.clone(),
+                partition: 0,
+                offset: i as i64,
+                payload: campaign_encoder.encode(value)?,
+            })
+        })
+        .collect::<Result<Vec<_>, BoxError>>()?;
+
     let mut bytes = 0usize;
-    for rec in &records[..WARMUP] {
-        bytes += template_one(&templater, rec, &shutdown).await?.iter().map(Vec::len).sum::<usize>();
+    for rec in records[..WARMUP].iter().chain(&campaign_records[..1]) {
+        bytes += template_one(&templater, rec, &shutdown).await?.1;
     }
     let mut notifications = 0usize;
     let started = Instant::now();
     for rec in &records[WARMUP..] {
-        let out = template_one(&templater, rec, &shutdown).await?;
-        notifications += out.len();
-        // Keeps the encoded output observable so no part of the work can be optimised away.
-        bytes += out.iter().map(Vec::len).sum::<usize>();
+        let (n, b) = template_one(&templater, rec, &shutdown).await?;
+        notifications += n;
+        bytes += b;
     }
     let secs = started.elapsed().as_secs_f64();
-    std::hint::black_box(bytes);
     if notifications != events {
         return Err(format!("{events} order events gave {notifications} notifications").into());
+    }
+    let mut campaign_notifications = 0usize;
+    let started = Instant::now();
+    for rec in &campaign_records[1..] {
+        let (n, b) = template_one(&templater, rec, &shutdown).await?;
+        campaign_notifications += n;
+        bytes += b;
+    }
+    let campaign_secs = started.elapsed().as_secs_f64();
+    std::hint::black_box(bytes);
+    if campaign_notifications != campaigns * audience {
+        return Err(format!("{campaigns} campaigns gave {campaign_notifications} notifications").into());
     }
 
     shutdown.cancel();
@@ -124,6 +180,9 @@ async fn bench() -> Result<Json, BoxError> {
         "events": events,
         "events_per_s_per_core": (events as f64 / secs).round(),
         "notifications_per_s_per_core": (notifications as f64 / secs).round(),
+        "campaigns": campaigns,
+        "campaign_audience": audience,
+        "campaign_notifications_per_s_per_core": (campaign_notifications as f64 / campaign_secs).round(),
     }))
 }
 

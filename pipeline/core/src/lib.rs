@@ -12,5 +12,5 @@ pub mod trace;
 pub mod wire;
 
 pub use error::{CodecError, RegistryError};
-pub use notification::Notification;
+pub use notification::{Notification, NotificationEncoder, SharedFields};
 pub use registry::{DecodeError, FramedEncoder, RegistryClient, RegistryEndpoint};

@@ -114,9 +114,133 @@ impl Notification {
     }
 }
 
+/// Everything of a notification but its id and recipient: what every recipient of one rendered
+/// text shares (a campaign's 100,000 notifications differ only in those two fields).
+#[derive(Debug, Clone, Copy)]
+pub struct SharedFields<'a> {
+    pub kind: &'a str,
+    pub title: &'a str,
+    pub body: &'a str,
+    pub link: Option<&'a str>,
+    pub source_event_id: &'a str,
+    pub occurred_at: i64,
+    pub source_topic: &'a str,
+    pub source_partition: i32,
+    pub source_offset: i64,
+}
+
+/// [`NOTIFICATION_SCHEMA`] without its first two fields (`notification_id`, `user_id`), derived
+/// from the same file so the two cannot drift apart. An Avro record is the concatenation of its
+/// fields' encodings, so a notification's bytes are: id, user, then this record's bytes.
+static SHARED_SCHEMA: LazyLock<Schema> = LazyLock::new(|| {
+    let mut json: serde_json::Value =
+        serde_json::from_str(NOTIFICATION_SCHEMA_JSON).expect("notification.avsc is JSON");
+    let fields = json["fields"].as_array_mut().expect("notification.avsc has fields");
+    assert_eq!(fields[0]["name"], "notification_id");
+    assert_eq!(fields[1]["name"], "user_id");
+    fields.drain(..2);
+    json["name"] = "NotificationShared".into();
+    Schema::parse(&json).expect("the shared part of notification.avsc is valid Avro")
+});
+
+/// Encodes notifications in the Confluent wire format under a registered id of
+/// [`NOTIFICATION_SCHEMA`]: the shared fields once per rendered text ([`Self::shared`]), then per
+/// recipient only the id and user id are written in front of them ([`Self::encode_into`]).
+pub struct NotificationEncoder {
+    schema_id: u32,
+    shared: apache_avro::writer::datum::GenericDatumWriter<'static>,
+}
+
+impl NotificationEncoder {
+    pub fn new(schema_id: u32) -> Result<Self, CodecError> {
+        let shared = apache_avro::writer::datum::GenericDatumWriter::builder(&SHARED_SCHEMA)
+            .build()
+            .map_err(|e| CodecError::Avro(e.to_string()))?;
+        Ok(NotificationEncoder { schema_id, shared })
+    }
+
+    /// The Avro bytes of the shared fields.
+    pub fn shared(&self, f: &SharedFields<'_>) -> Result<Vec<u8>, CodecError> {
+        let link = match f.link {
+            None => Value::Union(0, Box::new(Value::Null)),
+            Some(l) => Value::Union(1, Box::new(Value::String(l.to_string()))),
+        };
+        let value = Value::Record(vec![
+            ("kind".into(), Value::String(f.kind.to_string())),
+            ("title".into(), Value::String(f.title.to_string())),
+            ("body".into(), Value::String(f.body.to_string())),
+            ("link".into(), link),
+            ("source_event_id".into(), Value::String(f.source_event_id.to_string())),
+            ("occurred_at".into(), Value::TimestampMicros(f.occurred_at)),
+            ("source_topic".into(), Value::String(f.source_topic.to_string())),
+            ("source_partition".into(), Value::Int(f.source_partition)),
+            ("source_offset".into(), Value::Long(f.source_offset)),
+        ]);
+        self.shared.write_value_to_vec(value).map_err(|e| CodecError::Avro(e.to_string()))
+    }
+
+    /// Replaces `out` with the framed record of `(id, user_id)` plus `shared` (from [`Self::shared`]).
+    pub fn encode_into(&self, id: &uuid::Uuid, user_id: &str, shared: &[u8], out: &mut Vec<u8>) {
+        out.clear();
+        crate::wire::frame_into(self.schema_id, &[], out);
+        let mut buf = uuid::Uuid::encode_buffer();
+        put_avro_string(id.hyphenated().encode_lower(&mut buf), out);
+        put_avro_string(user_id, out);
+        out.extend_from_slice(shared);
+    }
+}
+
+/// An Avro string: zig-zag varint length, then the UTF-8 bytes. Written here because
+/// apache-avro keeps its varint writer crate-private and building a `Value` per recipient is the
+/// cost this encoder exists to avoid.
+fn put_avro_string(s: &str, out: &mut Vec<u8>) {
+    let len = s.len() as i64;
+    let mut z = ((len << 1) ^ (len >> 63)) as u64;
+    while z >= 0x80 {
+        out.push((z as u8 & 0x7f) | 0x80);
+        z >>= 7;
+    }
+    out.push(z as u8);
+    out.extend_from_slice(s.as_bytes());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The shared-fields encoder writes exactly what apache-avro writes for the whole record.
+        #[test]
+        fn shared_encoding_equals_the_full_record(
+            event in ".{0,40}", user in ".{0,200}", kind in "[a-z.]{1,20}", title in ".{0,300}",
+            body in ".{0,3000}", link in proptest::option::of(".{0,50}"), occurred_at in any::<i64>(),
+            topic in "[a-z.]{1,30}", partition in any::<i32>(), offset in any::<i64>(), schema_id in any::<u32>(),
+        ) {
+            let n = Notification {
+                notification_id: Notification::id_for(&event, &user),
+                user_id: user.clone(),
+                kind: kind.clone(),
+                title: title.clone(),
+                body: body.clone(),
+                link: link.clone(),
+                source_event_id: event.clone(),
+                occurred_at,
+                source_topic: topic.clone(),
+                source_partition: partition,
+                source_offset: offset,
+            };
+            let full = crate::FramedEncoder::new(schema_id, &NOTIFICATION_SCHEMA).unwrap().encode(n.to_value()).unwrap();
+            let enc = NotificationEncoder::new(schema_id).unwrap();
+            let shared = enc.shared(&SharedFields {
+                kind: &kind, title: &title, body: &body, link: link.as_deref(), source_event_id: &event,
+                occurred_at, source_topic: &topic, source_partition: partition, source_offset: offset,
+            }).unwrap();
+            let mut out = vec![1, 2, 3];
+            enc.encode_into(&n.notification_id, &user, &shared, &mut out);
+            prop_assert_eq!(out, full);
+        }
+    }
 
     #[test]
     fn ids_are_deterministic_and_distinct() {

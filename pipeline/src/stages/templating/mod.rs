@@ -17,8 +17,10 @@ use std::sync::Arc;
 use std::time::Duration;
 use tidings_core::json_avro::{avro_to_json, union_branch_name};
 use tidings_core::kafka::{dlq_headers, header_str, KafkaConfig, H_TRACEPARENT};
-use tidings_core::notification::{NOTIFICATION_SCHEMA, NOTIFICATION_SCHEMA_JSON};
-use tidings_core::{trace, DecodeError, FramedEncoder, Notification, RegistryClient, RegistryEndpoint};
+use tidings_core::notification::NOTIFICATION_SCHEMA_JSON;
+use tidings_core::{
+    trace, DecodeError, Notification, NotificationEncoder, RegistryClient, RegistryEndpoint, SharedFields,
+};
 use tidings_sinks::Store;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -26,6 +28,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::error::StageError;
 use crate::topology::Topology;
+pub use render::Rendered;
 use render::{Audience, RenderError, Renderer};
 
 /// Name used in dead-letter headers and logs.
@@ -69,7 +72,7 @@ pub struct Templater {
     store: Store,
     renderer: Renderer,
     readers: HashMap<String, &'static Schema>,
-    encoder: FramedEncoder,
+    encoder: NotificationEncoder,
 }
 
 /// One consumed record as the templater sees it.
@@ -84,8 +87,74 @@ pub struct RecordRef<'a> {
 /// The outcome of one record: notifications to produce, or why it goes to the dead-letter topic.
 #[derive(Debug)]
 pub enum Outcome {
-    Notifications(Vec<Notification>),
+    Notifications(Fanout),
     Dead { reason: &'static str, error: String },
+}
+
+/// The notifications of one event, one per recipient. They share the event's coordinates and,
+/// unless a text mentions `recipient`, one rendered text, so nothing is copied per recipient and
+/// a shared text is encoded once ([`Templater::encode_each`]).
+#[derive(Debug, Default)]
+pub struct Fanout {
+    pub event_id: String,
+    pub occurred_at: i64,
+    pub source_topic: String,
+    pub source_partition: i32,
+    pub source_offset: i64,
+    pub recipients: Vec<String>,
+    /// One text for every recipient, or one per recipient (same order).
+    pub texts: Vec<Rendered>,
+}
+
+impl Fanout {
+    pub fn len(&self) -> usize {
+        self.recipients.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.recipients.is_empty()
+    }
+
+    fn text(&self, i: usize) -> &Rendered {
+        if self.texts.len() == 1 {
+            &self.texts[0]
+        } else {
+            &self.texts[i]
+        }
+    }
+
+    fn shared(&self, i: usize) -> SharedFields<'_> {
+        let t = self.text(i);
+        SharedFields {
+            kind: &t.kind,
+            title: &t.title,
+            body: &t.body,
+            link: t.link.as_deref(),
+            source_event_id: &self.event_id,
+            occurred_at: self.occurred_at,
+            source_topic: &self.source_topic,
+            source_partition: self.source_partition,
+            source_offset: self.source_offset,
+        }
+    }
+
+    /// Recipient `i`'s notification as a struct (tests and tools; the stage encodes without it).
+    pub fn notification(&self, i: usize) -> Notification {
+        let (user, t) = (&self.recipients[i], self.text(i));
+        Notification {
+            notification_id: Notification::id_for(&self.event_id, user),
+            user_id: user.clone(),
+            kind: t.kind.clone(),
+            title: t.title.clone(),
+            body: t.body.clone(),
+            link: t.link.clone(),
+            source_event_id: self.event_id.clone(),
+            occurred_at: self.occurred_at,
+            source_topic: self.source_topic.clone(),
+            source_partition: self.source_partition,
+            source_offset: self.source_offset,
+        }
+    }
 }
 
 /// The templater plus Kafka.
@@ -116,14 +185,53 @@ impl Templater {
         }
         let output = topology.topic_name(&spec.output);
         let id = registry.register(&format!("{output}-value"), NOTIFICATION_SCHEMA_JSON).await?;
-        let encoder = FramedEncoder::new(id, &NOTIFICATION_SCHEMA).map_err(|e| StageError::Config(e.to_string()))?;
+        let encoder = NotificationEncoder::new(id).map_err(|e| StageError::Config(e.to_string()))?;
         let renderer = Renderer::new(&topology).map_err(|e| StageError::Config(e.to_string()))?;
         Ok(Templater { topology, registry, store, renderer, readers, encoder })
     }
 
-    /// Encodes a notification in the wire format under the registered notification schema.
-    pub fn encode(&self, n: &Notification) -> Result<Vec<u8>, StageError> {
-        self.encoder.encode(n.to_value()).map_err(|e| StageError::Config(e.to_string()))
+    /// The wire-format records of `fanout` under the registered notification schema, one per
+    /// recipient in order. A shared text's fields are encoded once, here.
+    pub fn encoded<'a>(&'a self, fanout: &'a Fanout) -> Result<EncodedFanout<'a>, StageError> {
+        let common = if fanout.texts.len() == 1 { Some(self.encode_shared(fanout, 0)?) } else { None };
+        Ok(EncodedFanout { templater: self, fanout, common, out: Vec::with_capacity(256), next: 0 })
+    }
+
+    fn encode_shared(&self, fanout: &Fanout, i: usize) -> Result<Vec<u8>, StageError> {
+        self.encoder.shared(&fanout.shared(i)).map_err(|e| StageError::Config(e.to_string()))
+    }
+}
+
+/// Yields the records of one [`Fanout`]; per recipient only its id and user id are written
+/// (into one reused buffer) in front of the shared fields.
+pub struct EncodedFanout<'a> {
+    templater: &'a Templater,
+    fanout: &'a Fanout,
+    common: Option<Vec<u8>>,
+    out: Vec<u8>,
+    next: usize,
+}
+
+impl<'a> EncodedFanout<'a> {
+    /// The next recipient and its framed record (valid until the next call), or `None` at the end.
+    pub fn next_record(&mut self) -> Option<Result<(&'a str, &[u8]), StageError>> {
+        let i = self.next;
+        let user = self.fanout.recipients.get(i)?;
+        self.next += 1;
+        let own;
+        let shared = match &self.common {
+            Some(c) => c,
+            None => match self.templater.encode_shared(self.fanout, i) {
+                Ok(v) => {
+                    own = v;
+                    &own
+                }
+                Err(e) => return Some(Err(e)),
+            },
+        };
+        let id = Notification::id_for(&self.fanout.event_id, user);
+        self.templater.encoder.encode_into(&id, user, shared, &mut self.out);
+        Some(Ok((user.as_str(), &self.out)))
     }
 }
 
@@ -259,9 +367,9 @@ impl Stage {
                     rec = rec.key(k);
                 }
                 deliveries.push(self.enqueue(rec).await?);
-                Vec::new()
+                Fanout::default()
             }
-            Outcome::Notifications(n) => n,
+            Outcome::Notifications(f) => f,
         };
         // Bound the outputs awaiting acknowledgement; a fan-out larger than the budget takes all of it.
         let permits = if notifications.is_empty() {
@@ -271,9 +379,11 @@ impl Stage {
             Some(budget.clone().acquire_many_owned(n).await.map_err(|e| StageError::Delivery(e.to_string()))?)
         };
         deliveries.reserve(notifications.len());
-        for n in &notifications {
-            let payload = self.templater.encode(n)?;
-            let mut rec = FutureRecord::to(&self.output).key(n.user_id.as_str()).payload(&payload);
+        // librdkafka copies key and payload on send, so one buffer serves every recipient.
+        let mut records = self.templater.encoded(&notifications)?;
+        while let Some(record) = records.next_record() {
+            let (user, payload) = record?;
+            let mut rec = FutureRecord::to(&self.output).key(user).payload(payload);
             if let Some(h) = &headers {
                 rec = rec.headers(h.clone());
             }
@@ -341,7 +451,7 @@ impl Templater {
         };
         let audience = match self.renderer.audience(logical, &event, &json) {
             Ok(Some(a)) => a,
-            Ok(None) => return Ok(Outcome::Notifications(Vec::new())),
+            Ok(None) => return Ok(Outcome::Notifications(Fanout::default())),
             Err(e) => return Ok(dead(e)),
         };
         let recipients = match audience {
@@ -378,27 +488,15 @@ impl Templater {
             Ok(t) => t,
             Err(e) => return Ok(dead(e)),
         };
-        let notifications = recipients
-            .into_iter()
-            .enumerate()
-            .filter_map(|(i, user)| {
-                let t = if texts.len() == 1 { &texts[0] } else { texts.get(i)? };
-                Some(Notification {
-                    notification_id: Notification::id_for(event_id, &user),
-                    user_id: user,
-                    kind: t.kind.clone(),
-                    title: t.title.clone(),
-                    body: t.body.clone(),
-                    link: t.link.clone(),
-                    source_event_id: event_id.to_string(),
-                    occurred_at,
-                    source_topic: topic.to_string(),
-                    source_partition: rec.partition,
-                    source_offset: rec.offset,
-                })
-            })
-            .collect();
-        Ok(Outcome::Notifications(notifications))
+        Ok(Outcome::Notifications(Fanout {
+            event_id: event_id.to_string(),
+            occurred_at,
+            source_topic: topic.to_string(),
+            source_partition: rec.partition,
+            source_offset: rec.offset,
+            recipients,
+            texts,
+        }))
     }
 
     /// Keeps room membership in the store as chat events arrive (in order, since chat is keyed by room).

@@ -1,24 +1,33 @@
-//! The gateway benchmark: starts real `tidings up` processes on a broker (tansu in practice), holds
-//! SSE connections and measures memory per connection and produce-to-receipt latency. Prints one
-//! JSON line per scenario. Latency is receipt time minus the notification's `occurred_at`, which
-//! the benchmark sets when it produces (same machine, same clock).
+//! The gateway benchmark: starts real `tidings up` processes on a broker (Apache Kafka in practice)
+//! or on the embedded mock cluster, holds SSE connections and measures memory per connection and
+//! send-to-receipt latency; the same loads also run against nginx + nchan for comparison. Prints
+//! one JSON line per scenario. Latency is receipt time minus the notification's `occurred_at`,
+//! which the benchmark sets just before it produces or POSTs (same machine, same clock).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use eventsource_stream::Eventsource;
+use futures::StreamExt;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Message, Offset, TopicPartitionList};
 use serde_json::{json, Value};
 use tidings_core::kafka::KafkaConfig;
 use tidings_core::{FramedEncoder, Notification, RegistryClient};
-use tidings_loadgen::Totals;
+use tidings_loadgen::{Seen, Totals};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::{start_clients, user_id, Fleet};
+
+/// Every scenario, in the order they run.
+const ALL: &str = "ingest_latency,broadcast,ingest_latency_embedded,nchan_fanout,nchan_broadcast,idle,fanout,campaign,sustained,multi";
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -31,9 +40,29 @@ pub struct BenchArgs {
     /// topology.yaml.
     #[arg(long, default_value = "topology.yaml")]
     topology: PathBuf,
-    /// Scenarios to run, comma-separated: idle, fanout, campaign, sustained, multi.
-    #[arg(long, value_delimiter = ',', default_value = "idle,fanout,campaign,sustained,multi")]
+    /// Scenarios to run, comma-separated: ingest_latency, broadcast, ingest_latency_embedded,
+    /// nchan_fanout, nchan_broadcast, idle, fanout, campaign, sustained, multi. A `comparison` line
+    /// follows when a tidings scenario and its nchan counterpart both ran.
+    #[arg(long, value_delimiter = ',', default_value = ALL)]
     scenarios: Vec<String>,
+    /// nginx + nchan base URL for the nchan scenarios (compose/start-nchan.sh prints it).
+    #[arg(long, env = "TIDINGS_BENCH_NCHAN_URL")]
+    nchan: Option<String>,
+    /// Users (one stream and one event each) in ingest_latency and nchan_fanout.
+    #[arg(long, default_value_t = 2_000)]
+    latency_users: usize,
+    /// Events per second POSTed in ingest_latency and nchan_fanout.
+    #[arg(long, default_value_t = 2_000)]
+    latency_rate: usize,
+    /// Connected users, each in every campaign's audience, in broadcast and nchan_broadcast.
+    #[arg(long, default_value_t = 10_000)]
+    broadcast_users: usize,
+    /// Campaigns (messages) in broadcast and nchan_broadcast.
+    #[arg(long, default_value_t = 10)]
+    campaigns: usize,
+    /// Campaigns per second.
+    #[arg(long, default_value_t = 10)]
+    campaign_rate: usize,
     /// Idle connections held by one gateway process (stay under its 20,000 open files).
     #[arg(long, default_value_t = 19_000)]
     idle: usize,
@@ -105,12 +134,77 @@ impl Proc {
     fn term(&self) {
         let _ = Command::new("kill").arg("-TERM").arg(self.pid().to_string()).status();
     }
+
+    /// SIGTERM, then up to 20 s for a clean exit (dropping it kills it after that).
+    async fn shutdown(&mut self) {
+        self.term();
+        let _ = tokio::time::timeout(Duration::from_secs(20), async {
+            while self.child.try_wait().ok().flatten().is_none() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await;
+    }
 }
 
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// `tidings up` arguments: no `brokers` runs it on the embedded mock cluster, no `prefix` on the
+/// topology's own topic names.
+fn up_args(brokers: Option<&str>, prefix: Option<&str>, topology: &Path, db: &str, stages: &str) -> Vec<String> {
+    let mut a = vec!["up".to_string()];
+    let topology = topology.to_str().unwrap_or("topology.yaml");
+    let flags = [
+        ("--brokers", brokers),
+        ("--topic-prefix", prefix),
+        ("--topology", Some(topology)),
+        ("--database-url", Some(db)),
+        ("--stages", Some(stages)),
+        ("--http", Some("127.0.0.1:0")),
+        ("--registry-listen", Some("127.0.0.1:0")),
+    ];
+    for (flag, value) in flags {
+        if let Some(v) = value {
+            a.extend([flag.to_string(), v.to_string()]);
+        }
+    }
+    a
+}
+
+/// An all-stages `tidings up` (templating, persistence and gateway in one process) on its own
+/// topics and database: the latency scenarios measure one process's whole chain, and nothing else
+/// joins its consumer groups.
+struct Stack {
+    proc: Proc,
+    url: String,
+    /// What it runs on (the mock cluster's listener when embedded), from its endpoints.json.
+    brokers: String,
+    prefix: String,
+}
+
+impl Stack {
+    async fn start(
+        bin: &Path,
+        root: &Path,
+        name: &str,
+        topology: &Path,
+        brokers: Option<&str>,
+        prefix: Option<&str>,
+        http: &reqwest::Client,
+    ) -> anyhow::Result<Stack> {
+        let db = format!("sqlite://{}/{name}.db", root.display());
+        let args = up_args(brokers, prefix, topology, &db, "templating,persistence,gateway");
+        let mut proc = Proc::spawn(bin, name, root, &args, &[])?;
+        let ep = proc.endpoints().await?;
+        let field = |k: &str| ep[k].as_str().unwrap_or_default().to_string();
+        let (url, brokers, prefix) = (field("http"), field("brokers"), field("topic_prefix"));
+        wait_ready(http, &url, Duration::from_secs(120)).await?;
+        Ok(Stack { proc, url, brokers, prefix })
     }
 }
 
@@ -153,42 +247,66 @@ fn now_micros() -> i64 {
     chrono::Utc::now().timestamp_micros()
 }
 
-/// Latency samples (µs) of the current phase.
+/// One notification (or nchan message) as it arrived.
+struct Arrival {
+    received_us: i64,
+    occurred_us: i64,
+    source_event_id: String,
+}
+
+/// Arrivals of the current phase.
 #[derive(Default)]
 struct Samples {
     phase: AtomicU8,
-    by_phase: Mutex<HashMap<u8, Vec<i64>>>,
+    by_phase: Mutex<HashMap<u8, Vec<Arrival>>>,
 }
 
 impl Samples {
     fn record(&self, v: &Value) {
+        let received_us = now_micros();
         let Some(at) = v["occurred_at"].as_str().and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok()) else {
             return;
         };
-        let lat = now_micros() - at.timestamp_micros();
+        let arrival = Arrival {
+            received_us,
+            occurred_us: at.timestamp_micros(),
+            source_event_id: v["source_event_id"].as_str().unwrap_or_default().to_string(),
+        };
         let phase = self.phase.load(Ordering::Relaxed);
-        self.by_phase.lock().unwrap().entry(phase).or_default().push(lat);
+        self.by_phase.lock().unwrap().entry(phase).or_default().push(arrival);
     }
 
     fn count(&self, phase: u8) -> usize {
         self.by_phase.lock().unwrap().get(&phase).map_or(0, Vec::len)
     }
 
-    fn summary(&self, phase: u8) -> Value {
-        let mut v = self.by_phase.lock().unwrap().get(&phase).cloned().unwrap_or_default();
-        v.sort_unstable();
-        let pct = |q: f64| -> f64 {
-            if v.is_empty() {
-                return f64::NAN;
-            }
-            let i = ((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1;
-            v[i] as f64 / 1000.0
-        };
-        json!({
-            "received": v.len(),
-            "latency_ms": { "p50": pct(0.50), "p99": pct(0.99), "p999": pct(0.999), "max": pct(1.0) },
-        })
+    fn take(&self, phase: u8) -> Vec<Arrival> {
+        self.by_phase.lock().unwrap().remove(&phase).unwrap_or_default()
     }
+
+    fn summary(&self, phase: u8) -> Value {
+        let lat: Vec<i64> = self
+            .by_phase
+            .lock()
+            .unwrap()
+            .get(&phase)
+            .map(|v| v.iter().map(|a| a.received_us - a.occurred_us).collect())
+            .unwrap_or_default();
+        json!({ "received": lat.len(), "latency_ms": percentiles(lat) })
+    }
+}
+
+/// p50 / p99 / p99.9 / max in ms of values in µs (NaN, printed as null, when there are none).
+fn percentiles(mut v: Vec<i64>) -> Value {
+    v.sort_unstable();
+    let pct = |q: f64| -> f64 {
+        if v.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1;
+        v[i] as f64 / 1000.0
+    };
+    json!({ "p50": pct(0.50), "p99": pct(0.99), "p999": pct(0.999), "max": pct(1.0) })
 }
 
 async fn wait_samples(samples: &Samples, phase: u8, want: usize, timeout: Duration) -> bool {
@@ -200,6 +318,435 @@ async fn wait_samples(samples: &Samples, phase: u8, want: usize, timeout: Durati
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     true
+}
+
+/// Waits until `want` streams are open (or `timeout`); answers how many are.
+async fn wait_connected(totals: &Totals, want: usize, timeout: Duration) -> usize {
+    let deadline = Instant::now() + timeout;
+    while (totals.connected.load(Ordering::Relaxed) as usize) < want && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    totals.connected.load(Ordering::Relaxed) as usize
+}
+
+/// The benchmark's SSE users (`<prefix>000000`, …) on one gateway, recording into one `Samples`.
+struct Users {
+    url: String,
+    prefix: &'static str,
+    stop: CancellationToken,
+    totals: Arc<Totals>,
+    samples: Arc<Samples>,
+    clients: Vec<JoinHandle<Seen>>,
+}
+
+impl Users {
+    fn new(url: &str, prefix: &'static str) -> Users {
+        Users {
+            url: url.to_string(),
+            prefix,
+            stop: CancellationToken::new(),
+            totals: Arc::default(),
+            samples: Arc::default(),
+            clients: Vec::new(),
+        }
+    }
+
+    /// Opens streams for the users up to `n` not yet started, then waits (at most `timeout`) until
+    /// `n` are open; answers how many are.
+    async fn grow(&mut self, n: usize, timeout: Duration) -> usize {
+        let from = self.clients.len();
+        if n > from {
+            let s = self.samples.clone();
+            let fleet = Fleet {
+                gateways: std::slice::from_ref(&self.url),
+                prefix: self.prefix,
+                secret: tidings_gateway::auth::DEV_SECRET,
+                ramp: 4000,
+            };
+            let cb = Arc::new(move |v: &Value| s.record(v));
+            self.clients.extend(start_clients(&fleet, from, n - from, &self.stop, &self.totals, cb).await);
+        }
+        wait_connected(&self.totals, n, timeout).await
+    }
+
+    fn user(&self, i: usize) -> String {
+        user_id(self.prefix, i)
+    }
+
+    async fn close(self) {
+        self.stop.cancel();
+        for c in self.clients {
+            let _ = c.await;
+        }
+    }
+}
+
+/// The CreateTime (ms) of every record on some topics, by topic and key, read from their start by
+/// an assigned consumer (no group rebalance to wait for). Producers stamp it when they produce, so
+/// it tells when each stage handed a record on. Stops when dropped.
+struct RecordTimes {
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<HashMap<(String, String), i64>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RecordTimes {
+    fn start(brokers: &str, topics: &[&str]) -> anyhow::Result<RecordTimes> {
+        let group = format!("tidings-bench-times-{}", uuid::Uuid::new_v4().simple());
+        let consumer: BaseConsumer =
+            KafkaConfig::new(brokers).consumer_with(&group, &[("fetch.wait.max.ms", "10")], &[]).create()?;
+        let mut tpl = TopicPartitionList::new();
+        for t in topics {
+            let md = consumer.fetch_metadata(Some(t), Duration::from_secs(10))?;
+            let partitions = md.topics().first().map_or(0, |m| m.partitions().len());
+            if partitions == 0 {
+                bail!("topic {t} has no partitions");
+            }
+            for p in 0..partitions as i32 {
+                tpl.add_partition_offset(t, p, Offset::Beginning)?;
+            }
+        }
+        consumer.assign(&tpl)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(HashMap::new()));
+        let thread = std::thread::spawn({
+            let (stop, seen) = (stop.clone(), seen.clone());
+            move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) else { continue };
+                    if let (Some(key), Some(ts)) = (m.key(), m.timestamp().to_millis()) {
+                        let key = String::from_utf8_lossy(key).into_owned();
+                        seen.lock().unwrap().insert((m.topic().to_string(), key), ts);
+                    }
+                }
+            }
+        });
+        Ok(RecordTimes { stop, seen, thread: Some(thread) })
+    }
+
+    fn get(&self, topic: &str, key: &str) -> Option<i64> {
+        self.seen.lock().unwrap().get(&(topic.to_string(), key.to_string())).copied()
+    }
+
+    fn count(&self, topic: &str) -> usize {
+        self.seen.lock().unwrap().keys().filter(|(t, _)| t == topic).count()
+    }
+}
+
+impl Drop for RecordTimes {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Sleeps so that item `k` (from 0) goes out at `rate` per second since `start`, in bursts of
+/// 1/100 s.
+async fn pace(start: Instant, k: usize, rate: usize) {
+    let step = (rate / 100).max(1);
+    if k % step == step - 1 {
+        let due = start + Duration::from_secs_f64((k + 1) as f64 / rate.max(1) as f64);
+        tokio::time::sleep_until(due.into()).await;
+    }
+}
+
+/// POSTs a JSON body in its own task (so a slow answer does not hold up the next send); the task
+/// answers whether it was accepted and how long after `sent_us` the answer came (µs).
+fn post(http: &reqwest::Client, url: String, body: String, sent_us: i64) -> JoinHandle<(bool, i64)> {
+    let req =
+        http.post(url).header("content-type", "application/json").body(body).timeout(Duration::from_secs(30)).send();
+    tokio::spawn(async move {
+        let ok = match req.await {
+            // Reading the body gives the connection back to the pool.
+            Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
+            Err(_) => false,
+        };
+        (ok, now_micros() - sent_us)
+    })
+}
+
+/// How many POSTs were accepted and how long their answers took.
+async fn posted(posts: Vec<JoinHandle<(bool, i64)>>) -> Value {
+    let done: Vec<(bool, i64)> = futures::future::join_all(posts).await.into_iter().filter_map(Result::ok).collect();
+    json!({
+        "accepted": done.iter().filter(|(ok, _)| *ok).count(),
+        "answer_ms": percentiles(done.iter().map(|(_, us)| *us).collect()),
+    })
+}
+
+fn order_paid(event_id: &str, user: &str, at_us: i64) -> String {
+    json!({"event_id": event_id, "occurred_at": at_us, "order_id": event_id, "buyer_id": user, "locale": "en",
+        "payload": {"OrderPaid": {"amount_cents": 4200, "currency": "EUR", "payment_method": "card"}}})
+    .to_string()
+}
+
+fn campaign(id: &str, users: &[String], at_us: i64) -> String {
+    json!({
+        "event_id": id, "occurred_at": at_us, "coupon_id": id,
+        "payload": {"CampaignLaunched": {"campaign_id": id, "title": "Benchmark sale",
+            "discount_percent": 10, "audience": {"InlineAudience": {"user_ids": users}}}}
+    })
+    .to_string()
+}
+
+const PHASE_WARM: u8 = 10;
+const PHASE_LATENCY: u8 = 11;
+const PHASE_BROADCAST: u8 = 12;
+
+/// `ingest_latency`: one OrderPaid per user at `rate`/s to `POST /v1/events/orders`; per user the
+/// time from just before its POST to its notification on its stream, split into hops by the
+/// CreateTime of its `orders` record (ingest produced it) and its `notifications` record
+/// (templating produced it).
+async fn ingest_latency(
+    name: &str,
+    stack: &Stack,
+    users: &mut Users,
+    n: usize,
+    rate: usize,
+    http: &reqwest::Client,
+) -> anyhow::Result<Value> {
+    let (orders, notifications) = (format!("{}orders", stack.prefix), format!("{}notifications", stack.prefix));
+    let times = RecordTimes::start(&stack.brokers, &[&orders, &notifications])?;
+    let ingest = format!("{}/v1/events/orders", stack.url);
+    let connected = users.grow(n, Duration::from_secs(120)).await;
+    // One event through the whole chain first, so that producer connections, group assignments
+    // and schema look-ups are not part of the first users' latency.
+    users.samples.phase.store(PHASE_WARM, Ordering::Relaxed);
+    let warm = format!("warm-{}", uuid::Uuid::new_v4().simple());
+    post(http, ingest.clone(), order_paid(&warm, &users.user(0), now_micros()), 0).await?;
+    let warmed_up = wait_samples(&users.samples, PHASE_WARM, 1, Duration::from_secs(60)).await;
+
+    users.samples.phase.store(PHASE_LATENCY, Ordering::Relaxed);
+    let t = Instant::now();
+    let mut posts = Vec::with_capacity(n);
+    for i in 0..n {
+        let user = users.user(i);
+        let at = now_micros();
+        posts.push(post(http, ingest.clone(), order_paid(&format!("lat-{user}"), &user, at), at));
+        pace(t, i, rate).await;
+    }
+    let post_secs = t.elapsed().as_secs_f64();
+    let posts = posted(posts).await;
+    let complete = wait_samples(&users.samples, PHASE_LATENCY, n, Duration::from_secs(60)).await;
+    let wall_secs = t.elapsed().as_secs_f64();
+    // The timestamp consumer may trail the streams a little.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (times.count(&orders) < n || times.count(&notifications) < n) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut v = users.samples.summary(PHASE_LATENCY);
+    let (mut produce, mut templating, mut delivery) = (Vec::new(), Vec::new(), Vec::new());
+    for a in users.samples.take(PHASE_LATENCY) {
+        let Some(user) = a.source_event_id.strip_prefix("lat-") else { continue };
+        // The warm-up's notification for user 0 came first on its partition, so it was overwritten.
+        let (Some(o), Some(nt)) = (times.get(&orders, &a.source_event_id), times.get(&notifications, user)) else {
+            continue;
+        };
+        produce.push(o * 1000 - a.occurred_us);
+        templating.push((nt - o) * 1000);
+        delivery.push(a.received_us - nt * 1000);
+    }
+    v["scenario"] = json!(name);
+    v["users"] = json!(n);
+    v["connected"] = json!(connected);
+    v["target_rate"] = json!(rate);
+    v["achieved_rate"] = json!(n as f64 / post_secs);
+    v["posts"] = posts;
+    v["warmed_up"] = json!(warmed_up);
+    v["complete"] = json!(complete);
+    v["wall_secs"] = json!(wall_secs);
+    v["hops_ms"] = json!({
+        "matched": produce.len(),
+        "post_to_orders_record": percentiles(produce),
+        "orders_to_notifications_record": percentiles(templating),
+        "notifications_record_to_stream": percentiles(delivery),
+        "note": "from Kafka CreateTime, whole milliseconds: each hop is ±1 ms",
+    });
+    v["path"] = json!("POST /v1/events/orders → orders → templating → notifications → delivery → stream");
+    Ok(v)
+}
+
+/// `broadcast`: `campaigns` CampaignLaunched at `rate`/s, each with all `n` users as its inline
+/// audience (10,000 ids are about 110 KB, under ingest's 1 MiB body limit); latency from just
+/// before each POST to each user's receipt, over every receipt.
+async fn broadcast(
+    stack: &Stack,
+    users: &mut Users,
+    n: usize,
+    campaigns: usize,
+    rate: usize,
+    http: &reqwest::Client,
+) -> anyhow::Result<Value> {
+    let connected = users.grow(n, Duration::from_secs(300)).await;
+    let audience: Vec<String> = (0..n).map(|i| users.user(i)).collect();
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    users.samples.phase.store(PHASE_BROADCAST, Ordering::Relaxed);
+    let t = Instant::now();
+    let mut posts = Vec::with_capacity(campaigns);
+    for k in 0..campaigns {
+        let at = now_micros();
+        let body = campaign(&format!("bench-bcast-{run}-{k}"), &audience, at);
+        posts.push(post(http, format!("{}/v1/events/coupons", stack.url), body, at));
+        pace(t, k, rate).await;
+    }
+    let posts = posted(posts).await;
+    let expected = n * campaigns;
+    let complete = wait_samples(&users.samples, PHASE_BROADCAST, expected, Duration::from_secs(120)).await;
+    let mut v = users.samples.summary(PHASE_BROADCAST);
+    v["scenario"] = json!("broadcast");
+    v["users"] = json!(n);
+    v["connected"] = json!(connected);
+    v["campaigns"] = json!(campaigns);
+    v["campaign_rate"] = json!(rate);
+    v["expected"] = json!(expected);
+    v["posts"] = posts;
+    v["complete"] = json!(complete);
+    v["wall_secs"] = json!(t.elapsed().as_secs_f64());
+    v["path"] = json!("POST /v1/events/coupons → coupons → templating fan-out → notifications → delivery → streams");
+    Ok(v)
+}
+
+/// nchan EventSource subscribers, one task per entry of `channels` (`GET /sub/<channel>`), opened
+/// at 4,000/s; each message's JSON is recorded as a notification is. They reconnect after an
+/// error until `stop`.
+async fn nchan_subscribe(
+    base: &str,
+    channels: &[String],
+    stop: &CancellationToken,
+    totals: &Arc<Totals>,
+    samples: &Arc<Samples>,
+) -> Vec<JoinHandle<()>> {
+    let http = tidings_loadgen::http_client();
+    let started = Instant::now();
+    let mut handles = Vec::with_capacity(channels.len());
+    for (n, ch) in channels.iter().enumerate() {
+        let url = format!("{base}/sub/{ch}");
+        let (http, stop, totals, samples) = (http.clone(), stop.clone(), totals.clone(), samples.clone());
+        handles.push(tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                let req = http.get(&url).header("accept", "text/event-stream").send();
+                let resp = tokio::select! {
+                    _ = stop.cancelled() => break,
+                    r = req => r,
+                };
+                match resp {
+                    Ok(r) if r.status() == 200 => {
+                        totals.connected.fetch_add(1, Ordering::Relaxed);
+                        let mut events = r.bytes_stream().eventsource();
+                        loop {
+                            let next = tokio::select! {
+                                _ = stop.cancelled() => None,
+                                e = events.next() => e,
+                            };
+                            let Some(Ok(ev)) = next else { break };
+                            if let Ok(v) = serde_json::from_str::<Value>(&ev.data) {
+                                samples.record(&v);
+                            }
+                        }
+                        totals.connected.fetch_sub(1, Ordering::Relaxed);
+                    }
+                    _ => {
+                        totals.errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+            }
+        }));
+        pace(started, n, 4000).await;
+    }
+    handles
+}
+
+/// An nchan scenario: subscribers on `subscribe` (one each), then one message per entry of
+/// `publish` at `rate`/s by `POST /pub/<channel>`; latency from just before each POST to each
+/// receipt, until `expected` receipts arrived.
+async fn nchan_run(
+    name: &str,
+    base: &str,
+    subscribe: &[String],
+    publish: &[String],
+    rate: usize,
+    expected: usize,
+    http: &reqwest::Client,
+) -> Value {
+    let (stop, totals, samples) = (CancellationToken::new(), Arc::<Totals>::default(), Arc::<Samples>::default());
+    let subs = nchan_subscribe(base, subscribe, &stop, &totals, &samples).await;
+    let connected = wait_connected(&totals, subscribe.len(), Duration::from_secs(300)).await;
+    // A subscriber counts as connected when its headers arrive; give nchan's workers a moment to
+    // finish registering subscriptions with the worker that owns each channel.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    samples.phase.store(1, Ordering::Relaxed);
+    let t = Instant::now();
+    let mut posts = Vec::with_capacity(publish.len());
+    for (k, ch) in publish.iter().enumerate() {
+        let at = now_micros();
+        let occurred = chrono::DateTime::from_timestamp_micros(at)
+            .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
+            .unwrap_or_default();
+        let body = json!({"occurred_at": occurred, "source_event_id": format!("{name}-{k}")}).to_string();
+        posts.push(post(http, format!("{base}/pub/{ch}"), body, at));
+        pace(t, k, rate).await;
+    }
+    let post_secs = t.elapsed().as_secs_f64();
+    let posts = posted(posts).await;
+    let complete = wait_samples(&samples, 1, expected, Duration::from_secs(120)).await;
+    let mut v = samples.summary(1);
+    v["scenario"] = json!(name);
+    v["subscribers"] = json!(subscribe.len());
+    v["connected"] = json!(connected);
+    v["messages"] = json!(publish.len());
+    v["target_rate"] = json!(rate);
+    v["achieved_rate"] = json!(publish.len() as f64 / post_secs);
+    v["expected"] = json!(expected);
+    v["posts"] = posts;
+    v["complete"] = json!(complete);
+    v["wall_secs"] = json!(t.elapsed().as_secs_f64());
+    v["subscriber_errors"] = json!(totals.errors.load(Ordering::Relaxed));
+    stop.cancel();
+    for s in subs {
+        let _ = s.await;
+    }
+    v
+}
+
+/// tidings ÷ nchan latency for each pair of scenarios that both ran.
+fn comparison(results: &HashMap<String, Value>) -> Option<Value> {
+    let pairs = [
+        ("ingest_latency", "nchan_fanout"),
+        ("ingest_latency_embedded", "nchan_fanout"),
+        ("broadcast", "nchan_broadcast"),
+    ];
+    let mut out = serde_json::Map::new();
+    for (ours, theirs) in pairs {
+        let (Some(a), Some(b)) = (results.get(ours), results.get(theirs)) else { continue };
+        let q = |v: &Value, k: &str| v["latency_ms"][k].as_f64();
+        let ratio = |k: &str| Some(q(a, k)? / q(b, k)?);
+        out.insert(
+            format!("{ours}/{theirs}"),
+            json!({
+                "p50_ratio": ratio("p50"), "p99_ratio": ratio("p99"),
+                "tidings_ms": {"p50": q(a, "p50"), "p99": q(a, "p99")},
+                "nchan_ms": {"p50": q(b, "p50"), "p99": q(b, "p99")},
+            }),
+        );
+    }
+    if out.is_empty() {
+        return None;
+    }
+    out.insert("scenario".into(), json!("comparison"));
+    out.insert(
+        "note".into(),
+        json!(
+            "latency ratio tidings / nchan (> 1: tidings slower); nchan publishes straight to its subscribers, \
+               tidings goes through Kafka twice (orders, notifications) plus templating"
+        ),
+    );
+    Some(Value::Object(out))
 }
 
 fn notification(user: &str, seq: usize) -> Notification {
@@ -219,8 +766,22 @@ fn notification(user: &str, seq: usize) -> Notification {
     }
 }
 
-fn emit(v: Value) {
+/// Prints a JSON line, with the 1-minute load average: the clients, broker and servers share the
+/// machine, and anything else running on it shows up in the latencies.
+fn emit(mut v: Value) {
+    let load = std::fs::read_to_string("/proc/loadavg").ok().and_then(|s| s.split(' ').next()?.parse::<f64>().ok());
+    v["load_avg_1m"] = json!(load);
     println!("{v}");
+}
+
+/// Prints a scenario's line (an `error` line if it failed, so the other scenarios still run) and
+/// keeps it for the comparison.
+fn report(results: &mut HashMap<String, Value>, name: &str, outcome: anyhow::Result<Value>) {
+    let v = outcome.unwrap_or_else(|e| json!({"scenario": name, "error": format!("{e:#}")}));
+    emit(v.clone());
+    if v.get("error").is_none() {
+        results.insert(name.to_string(), v);
+    }
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -234,32 +795,91 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let topology = std::fs::canonicalize(&args.topology).context("topology.yaml")?;
     let root = tempfile::Builder::new().prefix("tidings-bench-").tempdir()?;
     let prefix = format!("bench{}.", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    let db = format!("sqlite://{}/bench.db", root.path().display());
-    let base = |stages: &str| -> Vec<String> {
-        [
-            "up",
-            "--brokers",
-            &args.brokers,
-            "--topic-prefix",
-            &prefix,
-            "--topology",
-            topology.to_str().unwrap_or("topology.yaml"),
-            "--database-url",
-            &db,
-            "--stages",
-            stages,
-            "--http",
-            "127.0.0.1:0",
-            "--registry-listen",
-            "127.0.0.1:0",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-    };
     let run = |s: &str| args.scenarios.iter().any(|x| x == s);
     let http = reqwest::Client::new();
     eprintln!("bench: prefix {prefix}, work dir {}", root.path().display());
+    let mut results = HashMap::new();
+
+    // Latency through the whole chain, on one all-stages process per broker.
+    if run("ingest_latency") || run("broadcast") {
+        let stack_prefix = format!("{prefix}all.");
+        match Stack::start(&bin, root.path(), "all-kafka", &topology, Some(&args.brokers), Some(&stack_prefix), &http)
+            .await
+        {
+            Ok(mut stack) => {
+                let mut users = Users::new(&stack.url, "l");
+                if run("ingest_latency") {
+                    let v = ingest_latency(
+                        "ingest_latency",
+                        &stack,
+                        &mut users,
+                        args.latency_users,
+                        args.latency_rate,
+                        &http,
+                    )
+                    .await;
+                    report(&mut results, "ingest_latency", v);
+                }
+                if run("broadcast") {
+                    let v =
+                        broadcast(&stack, &mut users, args.broadcast_users, args.campaigns, args.campaign_rate, &http)
+                            .await;
+                    report(&mut results, "broadcast", v);
+                }
+                users.close().await;
+                stack.proc.shutdown().await;
+            }
+            Err(e) => report(&mut results, "ingest_latency", Err(e)),
+        }
+    }
+    if run("ingest_latency_embedded") {
+        let name = "ingest_latency_embedded";
+        let v = async {
+            let mut stack = Stack::start(&bin, root.path(), "all-embedded", &topology, None, None, &http).await?;
+            let mut users = Users::new(&stack.url, "e");
+            let v = ingest_latency(name, &stack, &mut users, args.latency_users, args.latency_rate, &http).await;
+            users.close().await;
+            stack.proc.shutdown().await;
+            v.map(|mut v| {
+                v["broker"] = json!("embedded librdkafka mock cluster (`tidings up` without --brokers)");
+                v
+            })
+        }
+        .await;
+        report(&mut results, name, v);
+    }
+
+    // The same loads on nginx + nchan: publish over HTTP straight to EventSource subscribers.
+    for (name, fanout) in [("nchan_fanout", true), ("nchan_broadcast", false)] {
+        if !run(name) {
+            continue;
+        }
+        let Some(base) = args.nchan.as_deref() else {
+            emit(json!({"scenario": name, "skipped": "no --nchan / TIDINGS_BENCH_NCHAN_URL (compose/start-nchan.sh)"}));
+            continue;
+        };
+        let base = base.trim_end_matches('/');
+        let v = if fanout {
+            let channels: Vec<String> = (0..args.latency_users).map(|i| user_id("n", i)).collect();
+            nchan_run(name, base, &channels, &channels, args.latency_rate, channels.len(), &http).await
+        } else {
+            let channel = format!("all{}", uuid::Uuid::new_v4().simple());
+            let subscribe = vec![channel.clone(); args.broadcast_users];
+            let publish = vec![channel; args.campaigns];
+            nchan_run(name, base, &subscribe, &publish, args.campaign_rate, subscribe.len() * publish.len(), &http)
+                .await
+        };
+        report(&mut results, name, Ok(v));
+    }
+    if let Some(v) = comparison(&results) {
+        emit(v);
+    }
+
+    if !["idle", "fanout", "campaign", "sustained", "multi"].iter().any(|s| run(s)) {
+        return Ok(());
+    }
+    let db = format!("sqlite://{}/bench.db", root.path().display());
+    let base = |stages: &str| up_args(Some(&args.brokers), Some(&prefix), &topology, &db, stages);
 
     // The pipeline (templating for the campaign, persistence) and the embedded registry.
     let mut core = Proc::spawn(&bin, "core", root.path(), &base("templating,persistence"), &[])?;
@@ -292,34 +912,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let baseline = rss_bytes(gw.pid());
 
-        let stop = CancellationToken::new();
-        let totals = Arc::new(Totals::default());
-        let samples = Arc::new(Samples::default());
-        let cb = {
-            let s = samples.clone();
-            Arc::new(move |v: &Value| s.record(v)) as Arc<dyn Fn(&Value) + Send + Sync>
-        };
-        let n = args.idle;
+        let mut users = Users::new(&url, "b");
+        let samples = users.samples.clone();
         let t = Instant::now();
-        let clients = start_clients(
-            &Fleet {
-                gateways: std::slice::from_ref(&url),
-                prefix: "b",
-                secret: tidings_gateway::auth::DEV_SECRET,
-                ramp: 4000,
-            },
-            0,
-            n,
-            &stop,
-            &totals,
-            cb,
-        )
-        .await;
-        let deadline = Instant::now() + Duration::from_secs(300);
-        while (totals.connected.load(Ordering::Relaxed) as usize) < n && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let connected = totals.connected.load(Ordering::Relaxed) as usize;
+        let connected = users.grow(args.idle, Duration::from_secs(300)).await;
         let connect_secs = t.elapsed().as_secs_f64();
         // Let allocations settle (heartbeat timers armed, buffers shrunk) before reading RSS.
         tokio::time::sleep(Duration::from_secs(3)).await;
@@ -360,15 +956,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 
         if run("campaign") {
             samples.phase.store(2, Ordering::Relaxed);
-            let users: Vec<String> = (0..connected).map(|i| user_id("b", i)).collect();
-            let campaign = format!("bench-camp-{}", uuid::Uuid::new_v4().simple());
-            let body = json!({
-                "event_id": campaign.clone(), "occurred_at": now_micros(), "coupon_id": campaign.clone(),
-                "payload": {"CampaignLaunched": {"campaign_id": campaign, "title": "Benchmark sale",
-                    "discount_percent": 10, "audience": {"InlineAudience": {"user_ids": users}}}}
-            });
+            let audience: Vec<String> = (0..connected).map(|i| user_id("b", i)).collect();
+            let id = format!("bench-camp-{}", uuid::Uuid::new_v4().simple());
             let t = Instant::now();
-            let r = http.post(format!("{url}/v1/events/coupons")).json(&body).send().await?;
+            let r = http
+                .post(format!("{url}/v1/events/coupons"))
+                .header("content-type", "application/json")
+                .body(campaign(&id, &audience, now_micros()))
+                .send()
+                .await?;
             if !r.status().is_success() {
                 bail!("campaign ingest failed: {} {}", r.status(), r.text().await.unwrap_or_default());
             }
@@ -386,14 +982,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             samples.phase.store(3, Ordering::Relaxed);
             let total = args.rate * args.sustain_secs as usize;
             let t = Instant::now();
-            let step = (args.rate / 100).max(1);
             let mut acks = Vec::with_capacity(total);
             for k in 0..total {
                 acks.push(send(notification(&user_id("b", (k * 7919) % connected.max(1)), 1_000_000 + k)));
-                if k % step == step - 1 {
-                    let due = t + Duration::from_secs_f64((k + 1) as f64 / args.rate as f64);
-                    tokio::time::sleep_until(due.into()).await;
-                }
+                pace(t, k, args.rate).await;
             }
             let produce_secs = t.elapsed().as_secs_f64();
             let acked = futures::future::join_all(acks).await.into_iter().filter(|ok| *ok).count();
@@ -408,17 +1000,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             v["connections"] = json!(connected);
             emit(v);
         }
-        stop.cancel();
-        for c in clients {
-            let _ = c.await;
-        }
-        gw.term();
-        let _ = tokio::time::timeout(Duration::from_secs(20), async {
-            while gw.child.try_wait().ok().flatten().is_none() {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        })
-        .await;
+        users.close().await;
+        gw.shutdown().await;
     }
 
     if run("multi") {
@@ -518,12 +1101,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             g.term();
         }
     }
-    core.term();
-    let _ = tokio::time::timeout(Duration::from_secs(20), async {
-        while core.child.try_wait().ok().flatten().is_none() {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await;
+    core.shutdown().await;
     Ok(())
 }

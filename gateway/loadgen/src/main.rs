@@ -5,7 +5,9 @@
 //!   runs start several.
 //! - `bench`: the gateway benchmark (one command, one JSON line per scenario): idle connections and
 //!   RSS per connection, fan-out latency to 10,000 users and for a campaign, sustained latency at a
-//!   fixed rate, and many gateway + client processes holding 100,000 connections.
+//!   fixed rate, many gateway + client processes holding 100,000 connections, HTTP-ingest-to-stream
+//!   latency with its per-hop split (Apache Kafka and the embedded mock cluster), a 10,000-user
+//!   broadcast, and the same loads on nginx + nchan for comparison.
 
 mod bench;
 

@@ -104,6 +104,10 @@ share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
 group.min.session.timeout.ms=1000
 log.retention.hours=24
+# Two cores run the broker, tidings and the load clients: fewer broker threads hand requests
+# between fewer threads (Kafka's defaults, 3 network and 8 I/O threads, suit a dedicated host).
+num.network.threads=${KAFKA_NETWORK_THREADS:-2}
+num.io.threads=${KAFKA_IO_THREADS:-2}
 $tls
 $sasl
 PROPS

@@ -25,21 +25,18 @@ async fn probe_async(cfg: KafkaConfig) -> Result<(), ConnectError> {
     tokio::task::spawn_blocking(move || probe(&cfg, Duration::from_secs(15))).await.unwrap()
 }
 
-/// Runs `up` with the given security settings, posts one order event and waits for its row.
-async fn end_to_end(name: &str, brokers: &str, security: &[(&str, &str)]) {
+/// All stages of `up` on a fresh database, with the given `TIDINGS_*` security settings.
+async fn spawn_up(name: &str, brokers: &str, security: &[(&str, &str)]) -> (sqlx::PgPool, Tidings) {
     let (pool, db_url) = common::fresh_pg().await;
     let prefix = common::unique_prefix();
-    let mut up = Tidings::spawn_env(
-        name,
-        &Up {
-            brokers,
-            database_url: &db_url,
-            prefix: &prefix,
-            stages: "templating,persistence,gateway",
-            registry_url: None,
-        },
-        security,
-    );
+    let stages = "templating,persistence,gateway";
+    let up = Up { brokers, database_url: &db_url, prefix: &prefix, stages, registry_url: None };
+    (pool, Tidings::spawn_env(name, &up, security))
+}
+
+/// Runs `up` with the given security settings, posts one order event and waits for its row.
+async fn end_to_end(name: &str, brokers: &str, security: &[(&str, &str)]) {
+    let (pool, mut up) = spawn_up(name, brokers, security).await;
     let ep = up.endpoints(Duration::from_secs(60)).await;
     let http = reqwest::Client::builder().timeout(Duration::from_secs(15)).build().unwrap();
     let event = json!({"event_id": uuid::Uuid::new_v4().to_string(),
@@ -67,19 +64,7 @@ async fn end_to_end(name: &str, brokers: &str, security: &[(&str, &str)]) {
 
 /// `up` with bad credentials must exit non-zero within `within`, saying `expect`.
 async fn refused(name: &str, brokers: &str, security: &[(&str, &str)], expect: &str, within: Duration) {
-    let (_pool, db_url) = common::fresh_pg().await;
-    let prefix = common::unique_prefix();
-    let mut up = Tidings::spawn_env(
-        name,
-        &Up {
-            brokers,
-            database_url: &db_url,
-            prefix: &prefix,
-            stages: "templating,persistence,gateway",
-            registry_url: None,
-        },
-        security,
-    );
+    let (_pool, mut up) = spawn_up(name, brokers, security).await;
     let started = Instant::now();
     let status = up.wait_exit(within).await;
     let log = up.log_tail(20);

@@ -1,4 +1,5 @@
-//! `POST /v1/events/{topic}`: takes one event as JSON, validates it against the latest schema
+//! `POST /v1/events/{topic}`, for upstream services (a service token, see `service_auth`; user
+//! tokens get 403): takes one event as JSON, validates it against the latest schema
 //! registered for `<topic>-value` (400 with the field path on mismatch), encodes it as Avro in the
 //! Confluent wire format and produces it keyed by the topic's key field. Answers 202 once the
 //! broker has acknowledged the record.
@@ -19,6 +20,9 @@ use tidings_core::json_avro::json_to_avro;
 use tidings_core::kafka::{header_str, H_TRACEPARENT};
 use tidings_core::{trace, CodecError, FramedEncoder, RegistryClient};
 use tracing::Instrument;
+
+use crate::auth::AuthConfig;
+use crate::service_auth::ServiceTokens;
 
 /// Largest accepted event body.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -42,12 +46,22 @@ pub struct IngestState {
     pub topics: HashMap<String, IngestTopic>,
     pub registry: RegistryClient,
     pub producer: FutureProducer,
+    /// Who may produce.
+    pub tokens: ServiceTokens,
+    /// The gateway's user-token settings, to tell a user token (403) from a wrong one (401).
+    pub users: Option<Arc<AuthConfig>>,
     encoders: RwLock<HashMap<String, (Instant, Arc<TopicEncoder>)>>,
 }
 
 impl IngestState {
-    pub fn new(topics: HashMap<String, IngestTopic>, registry: RegistryClient, producer: FutureProducer) -> Self {
-        IngestState { topics, registry, producer, encoders: RwLock::new(HashMap::new()) }
+    pub fn new(
+        topics: HashMap<String, IngestTopic>,
+        registry: RegistryClient,
+        producer: FutureProducer,
+        tokens: ServiceTokens,
+        users: Option<Arc<AuthConfig>>,
+    ) -> Self {
+        IngestState { topics, registry, producer, tokens, users, encoders: RwLock::new(HashMap::new()) }
     }
 
     async fn encoder(&self, physical: &str) -> Result<Arc<TopicEncoder>, ApiError> {
@@ -99,8 +113,21 @@ impl IntoResponse for ApiError {
 pub fn router(state: Arc<IngestState>) -> Router {
     Router::new()
         .route("/v1/events/{topic}", post(ingest))
+        // The credential is checked before the body is read.
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_service))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
+}
+
+async fn require_service(
+    State(state): State<Arc<IngestState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match state.tokens.check(req.headers(), state.users.as_deref()) {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
 }
 
 async fn ingest(

@@ -2,7 +2,8 @@
 //! owns, the inbox, JSON event ingest for services that do not speak Kafka, health and metrics.
 //!
 //! - `delivery`: the per-partition delivery stage and `GET /v1/stream`.
-//! - `ingest`: `POST /v1/events/{topic}` validates JSON against the registered schema and produces Avro.
+//! - `ingest`: `POST /v1/events/{topic}` (services only, on its own listener) validates JSON against
+//!   the registered schema and produces Avro; `service_auth` checks the service credential.
 //! - `health`: `/healthz` (process up) and `/readyz` (stages running).
 //! - `auth`: JWT verification and the `AuthUser` extractor for user-facing endpoints.
 //! - `inbox`: `GET /v1/notifications`, `GET /v1/notifications/unread_count`,
@@ -16,6 +17,7 @@ pub mod health;
 pub mod inbox;
 pub mod ingest;
 pub mod metrics;
+pub mod service_auth;
 
 use axum::Router;
 use std::sync::Arc;
@@ -27,28 +29,30 @@ pub use health::Readiness;
 pub use inbox::InboxState;
 pub use ingest::{IngestState, IngestTopic};
 
-/// The parts of the gateway a process serves; health and metrics are always there.
+/// The parts of the public gateway a process serves; health and metrics are always there.
 #[derive(Default)]
 pub struct Parts {
-    pub ingest: Option<Arc<IngestState>>,
     pub inbox: Option<InboxState>,
     pub stream: Option<StreamState>,
 }
 
-/// The gateway's router: health and metrics always, the other parts when given.
+/// The public gateway's router (browsers): health and metrics always, the other parts when given.
+/// Ingest is not among them: it has its own listener ([`ingest_app`]).
 pub fn app(parts: Parts, readiness: Readiness) -> Router {
-    let Parts { ingest, inbox, stream } = parts;
+    let Parts { inbox, stream } = parts;
     let mut router = Router::new().merge(health::router(readiness)).merge(metrics::router());
     if let Some(stream) = stream {
         router = router.merge(delivery::stream::router(stream));
-    }
-    if let Some(ingest) = ingest {
-        router = router.merge(ingest::router(ingest));
     }
     if let Some(inbox) = inbox {
         router = router.merge(inbox::router(inbox));
     }
     router
+}
+
+/// The ingest listener's router (services): `POST /v1/events/{topic}` and health.
+pub fn ingest_app(ingest: Arc<IngestState>, readiness: Readiness) -> Router {
+    Router::new().merge(health::router(readiness)).merge(ingest::router(ingest))
 }
 
 /// Binds the gateway's listener. `send_buffer` fixes each connection's kernel send buffer

@@ -215,7 +215,18 @@ async fn unowned_partitions_redirect_to_the_owner_and_unknown_owners_answer_503(
     let r = http.get(format!("{}/v1/stream?access_token={}", a.url, token(&on_b))).send().await.unwrap();
     assert_eq!(r.status(), 503);
     assert_eq!(r.headers()["retry-after"], "1");
-    // Once `b`'s announcement is read, `a` redirects there, keeping the query (token, last id).
+    // An announced owner outside the allow-list (here: not this host) is never a redirect target.
+    a.owners.apply(&tidings_gateway::delivery::owners::OwnerRecord {
+        topic: "notifications".into(),
+        partition: 2,
+        url: "http://evil.example:8080".into(),
+        instance: "mallory".into(),
+        at_ms: 0,
+    });
+    let r = http.get(format!("{}/v1/stream", a.url)).bearer_auth(token(&on_b)).send().await.unwrap();
+    assert_eq!(r.status(), 503, "redirected to a URL outside the allow-list");
+    assert!(r.headers().get("location").is_none());
+    // Once `b`'s announcement is read, `a` redirects there, keeping the query but the token.
     a.owners.apply(&tidings_gateway::delivery::owners::OwnerRecord {
         topic: "notifications".into(),
         partition: 2,
@@ -223,12 +234,15 @@ async fn unowned_partitions_redirect_to_the_owner_and_unknown_owners_answer_503(
         instance: "b".into(),
         at_ms: 0,
     });
-    let query = format!("access_token={}&last_event_id=2.-1", token(&on_b));
-    let r = http.get(format!("{}/v1/stream?{query}", a.url)).send().await.unwrap();
+    let bearer = token(&on_b);
+    let r = http.get(format!("{}/v1/stream?access_token={bearer}&last_event_id=2.-1", a.url)).send().await.unwrap();
     assert_eq!(r.status(), 307);
     let location = r.headers()["location"].to_str().unwrap().to_string();
-    assert_eq!(location, format!("{}/v1/stream?{query}", b.url));
-    let r = http.get(&location).send().await.unwrap();
+    assert_eq!(location, format!("{}/v1/stream?last_event_id=2.-1", b.url));
+    assert!(!location.contains(&bearer), "the token was copied into Location");
+    // Without a token the owner refuses; the client attaches it again (header or cookie).
+    assert_eq!(http.get(&location).send().await.unwrap().status(), 401);
+    let r = http.get(&location).bearer_auth(&bearer).send().await.unwrap();
     assert_eq!(r.status(), 200);
     a.push(&on_b, 0); // a does not own 2: ignored
     b.push(&on_b, 0);

@@ -167,7 +167,10 @@ fn up_args(brokers: Option<&str>, prefix: Option<&str>, topology: &Path, db: &st
         ("--stages", Some(stages)),
         ("--http", Some("127.0.0.1:0")),
         ("--registry-listen", Some("127.0.0.1:0")),
+        ("--ingest-listen", Some("127.0.0.1:0")),
     ];
+    // Dev mode: the bench's users hold dev-secret tokens and it posts with the dev service token.
+    a.push("--dev".to_string());
     for (flag, value) in flags {
         if let Some(v) = value {
             a.extend([flag.to_string(), v.to_string()]);
@@ -182,6 +185,8 @@ fn up_args(brokers: Option<&str>, prefix: Option<&str>, topology: &Path, db: &st
 struct Stack {
     proc: Proc,
     url: String,
+    /// HTTP ingest (the dev service token posts there).
+    ingest: String,
     /// What it runs on (the mock cluster's listener when embedded), from its endpoints.json.
     brokers: String,
     prefix: String,
@@ -202,9 +207,9 @@ impl Stack {
         let mut proc = Proc::spawn(bin, name, root, &args, &[])?;
         let ep = proc.endpoints().await?;
         let field = |k: &str| ep[k].as_str().unwrap_or_default().to_string();
-        let (url, brokers, prefix) = (field("http"), field("brokers"), field("topic_prefix"));
+        let (url, ingest, brokers, prefix) = (field("http"), field("ingest"), field("brokers"), field("topic_prefix"));
         wait_ready(http, &url, Duration::from_secs(120)).await?;
-        Ok(Stack { proc, url, brokers, prefix })
+        Ok(Stack { proc, url, ingest, brokers, prefix })
     }
 }
 
@@ -459,10 +464,16 @@ async fn pace(start: Instant, k: usize, rate: usize) {
 }
 
 /// POSTs a JSON body in its own task (so a slow answer does not hold up the next send); the task
-/// answers whether it was accepted and how long after `sent_us` the answer came (µs).
+/// answers whether it was accepted and how long after `sent_us` the answer came (µs). Carries the
+/// dev service token that tidings' ingest asks for (nchan ignores it).
 fn post(http: &reqwest::Client, url: String, body: String, sent_us: i64) -> JoinHandle<(bool, i64)> {
-    let req =
-        http.post(url).header("content-type", "application/json").body(body).timeout(Duration::from_secs(30)).send();
+    let req = http
+        .post(url)
+        .bearer_auth(tidings_gateway::service_auth::DEV_SERVICE_TOKEN)
+        .header("content-type", "application/json")
+        .body(body)
+        .timeout(Duration::from_secs(30))
+        .send();
     tokio::spawn(async move {
         let ok = match req.await {
             // Reading the body gives the connection back to the pool.
@@ -518,7 +529,7 @@ async fn ingest_latency(
 ) -> anyhow::Result<Value> {
     let (orders, notifications) = (format!("{}orders", stack.prefix), format!("{}notifications", stack.prefix));
     let times = RecordTimes::start(&stack.brokers, &[&orders, &notifications])?;
-    let ingest = format!("{}/v1/events/orders", stack.url);
+    let ingest = format!("{}/v1/events/orders", stack.ingest);
     let connected = users.grow(n, Duration::from_secs(120)).await;
     // The same load, unmeasured, for WARM_ROUNDS rounds first: connections, group assignments,
     // schema look-ups and the broker's JIT (a freshly started JVM runs its first thousands of
@@ -616,7 +627,7 @@ async fn broadcast(
             for k in 0..campaigns {
                 let at = now_micros();
                 let body = campaign(&format!("bench-bcast-{run}-{round}-{k}"), audience, at);
-                posts.push(post(http, format!("{}/v1/events/coupons", stack.url), body, at));
+                posts.push(post(http, format!("{}/v1/events/coupons", stack.ingest), body, at));
                 pace(t, k, rate).await;
             }
             posted(posts).await
@@ -946,7 +957,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 
     if run("idle") || run("fanout") || run("campaign") || run("sustained") {
         let mut gw = Proc::spawn(&bin, "gateway-single", root.path(), &gw_args, &[])?;
-        let url = gw.endpoints().await?["http"].as_str().unwrap_or_default().to_string();
+        let gw_ep = gw.endpoints().await?;
+        let url = gw_ep["http"].as_str().unwrap_or_default().to_string();
+        let ingest = gw_ep["ingest"].as_str().unwrap_or_default().to_string();
         wait_ready(&http, &url, Duration::from_secs(120)).await?;
         tokio::time::sleep(Duration::from_secs(2)).await;
         let baseline = rss_bytes(gw.pid());
@@ -999,7 +1012,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             let id = format!("bench-camp-{}", uuid::Uuid::new_v4().simple());
             let t = Instant::now();
             let r = http
-                .post(format!("{url}/v1/events/coupons"))
+                .post(format!("{ingest}/v1/events/coupons"))
+                .bearer_auth(tidings_gateway::service_auth::DEV_SERVICE_TOKEN)
                 .header("content-type", "application/json")
                 .body(campaign(&id, &audience, now_micros()))
                 .send()

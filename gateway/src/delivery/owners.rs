@@ -29,18 +29,84 @@ pub struct OwnerRecord {
     pub at_ms: i64,
 }
 
+/// Where redirects may send a browser. The owners topic is writable by any Kafka client, so an
+/// announced URL is only followed when it matches: entries are origins (`https://gw-1.example.com`,
+/// `http://10.0.0.5:8080`; no port = any port) and may start the host with `*.` for any subdomain.
+/// Empty: the host of this instance's own URL, any port.
+#[derive(Debug, Clone, Default)]
+pub struct RedirectAllow {
+    entries: Vec<(String, String, Option<u16>)>,
+}
+
+impl RedirectAllow {
+    /// Parses the entries, reporting every bad one.
+    pub fn new<'a>(entries: impl IntoIterator<Item = &'a str>) -> Result<Self, String> {
+        let mut ok = Vec::new();
+        let mut bad = Vec::new();
+        for e in entries.into_iter().map(str::trim).filter(|e| !e.is_empty()) {
+            // `*.` is not a valid host for the URL parser: check the rest and put it back.
+            let (wild, rest) = match e.split_once("://*.") {
+                Some((scheme, rest)) => (true, format!("{scheme}://{rest}")),
+                None => (false, e.to_string()),
+            };
+            match url::Url::parse(&rest) {
+                Ok(u) if u.host_str().is_some() && matches!(u.scheme(), "http" | "https") && u.path() == "/" => {
+                    let host = u.host_str().unwrap_or_default().to_ascii_lowercase();
+                    let host = if wild { format!("*.{host}") } else { host };
+                    ok.push((u.scheme().to_string(), host, u.port()));
+                }
+                _ => bad.push(format!("{e:?} is not an http(s) origin")),
+            }
+        }
+        if bad.is_empty() {
+            Ok(RedirectAllow { entries: ok })
+        } else {
+            Err(bad.join("; "))
+        }
+    }
+
+    fn allows(&self, self_url: &str, target: &str) -> bool {
+        let Ok(t) = url::Url::parse(target) else { return false };
+        let host = t.host_str().unwrap_or_default().to_ascii_lowercase();
+        if self.entries.is_empty() {
+            let own = url::Url::parse(self_url).ok();
+            return own
+                .is_some_and(|o| o.scheme() == t.scheme() && o.host_str().map(str::to_ascii_lowercase) == Some(host));
+        }
+        self.entries.iter().any(|(scheme, h, port)| {
+            let host_ok = match h.strip_prefix("*.") {
+                Some(suffix) => host.strip_suffix(suffix).is_some_and(|sub| sub.ends_with('.') && sub.len() > 1),
+                None => *h == host,
+            };
+            scheme == t.scheme() && host_ok && port.is_none_or(|p| Some(p) == t.port_or_known_default())
+        })
+    }
+}
+
 /// The directory as this instance knows it.
 #[derive(Debug)]
 pub struct Owners {
     self_url: String,
     topic: String,
     map: RwLock<HashMap<i32, String>>,
+    allow: RedirectAllow,
 }
 
 impl Owners {
-    /// A directory for partitions of `topic`, as seen by the instance reachable at `self_url`.
+    /// A directory for partitions of `topic`, as seen by the instance reachable at `self_url`,
+    /// redirecting only to owners on `self_url`'s host.
     pub fn new(self_url: &str, topic: &str) -> Arc<Owners> {
-        Arc::new(Owners { self_url: self_url.to_string(), topic: topic.to_string(), map: RwLock::new(HashMap::new()) })
+        Self::with_allow(self_url, topic, RedirectAllow::default())
+    }
+
+    /// Like `new`, redirecting only to owners that `allow` lists.
+    pub fn with_allow(self_url: &str, topic: &str, allow: RedirectAllow) -> Arc<Owners> {
+        Arc::new(Owners {
+            self_url: self_url.to_string(),
+            topic: topic.to_string(),
+            map: RwLock::new(HashMap::new()),
+            allow,
+        })
     }
 
     pub fn self_url(&self) -> &str {
@@ -50,6 +116,11 @@ impl Owners {
     /// The last announced owner of `partition`.
     pub fn owner(&self, partition: i32) -> Option<String> {
         self.map.read().expect("lock").get(&partition).cloned()
+    }
+
+    /// Whether a browser may be sent to `url` (see [`RedirectAllow`]).
+    pub fn may_redirect_to(&self, url: &str) -> bool {
+        self.allow.allows(&self.self_url, url)
     }
 
     /// Applies one record read from the owners topic (records of other topics are ignored).
@@ -143,5 +214,25 @@ mod tests {
         o.apply(&rec("http://d", "other"));
         assert_eq!(o.owner(3).as_deref(), Some("http://c"));
         assert_eq!(o.owner(4), None);
+    }
+
+    #[test]
+    fn redirects_follow_the_allow_list_or_stay_on_this_host() {
+        let same_host = Owners::new("http://127.0.0.1:8080", "n");
+        assert!(same_host.may_redirect_to("http://127.0.0.1:9999"));
+        assert!(!same_host.may_redirect_to("http://evil.example:8080"));
+        assert!(!same_host.may_redirect_to("https://127.0.0.1:8080"), "scheme differs");
+
+        let allow = RedirectAllow::new(["https://*.gw.example.com", "http://10.0.0.5:8080"]).unwrap();
+        let listed = Owners::with_allow("https://a.gw.example.com", "n", allow);
+        assert!(listed.may_redirect_to("https://b.gw.example.com/"));
+        assert!(!listed.may_redirect_to("https://gw.example.com.evil.net"));
+        assert!(!listed.may_redirect_to("https://evilgw.example.com"));
+        assert!(listed.may_redirect_to("http://10.0.0.5:8080"));
+        assert!(!listed.may_redirect_to("http://10.0.0.5:8081"));
+        assert!(!listed.may_redirect_to("javascript:alert(1)"));
+
+        let err = RedirectAllow::new(["ftp://x", "not a url", "https://ok.example"]).unwrap_err();
+        assert!(err.contains("ftp://x") && err.contains("not a url") && !err.contains("ok.example"), "{err}");
     }
 }

@@ -150,11 +150,27 @@ pub async fn open_subscription(state: &StreamState, parts: &mut Parts) -> Result
     match state.hub.subscribe(&user, last).await {
         Ok(sub) => Ok(sub),
         Err(SubscribeError::NotOwned(p)) => Err(match state.owners.owner(p) {
+            Some(url) if url != state.owners.self_url() && !state.owners.may_redirect_to(&url) => {
+                tracing::warn!(
+                    "Partition {p}'s announced owner {url} is not on the redirect allow-list (--redirect-allow); \
+                     answering 503 instead of redirecting there."
+                );
+                metrics::counter!("tidings_gateway_redirects_refused_total").increment(1);
+                retry_after(1, "owner_not_allowed", format!("partition {p} has no allowed owner URL"))
+            }
             Some(url) if url != state.owners.self_url() => {
                 let mut location = format!("{}/v1/stream", url.trim_end_matches('/'));
-                if let Some(q) = parts.uri.query().filter(|q| !q.is_empty()) {
+                // Everything but the token: a Location header ends up in logs and browser history.
+                let query: Vec<&str> = parts
+                    .uri
+                    .query()
+                    .unwrap_or("")
+                    .split('&')
+                    .filter(|kv| !kv.is_empty() && kv.split('=').next() != Some("access_token"))
+                    .collect();
+                if !query.is_empty() {
                     location.push('?');
-                    location.push_str(q);
+                    location.push_str(&query.join("&"));
                 }
                 match HeaderValue::from_str(&location) {
                     Ok(v) => (StatusCode::TEMPORARY_REDIRECT, [(LOCATION, v)]).into_response(),

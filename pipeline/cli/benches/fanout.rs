@@ -36,7 +36,8 @@ fn ensure_running(child: &mut Child, log: &Path) -> Result<(), BoxError> {
 }
 
 /// Waits for `<data-dir>/endpoints.json` and returns the gateway's base URL.
-async fn wait_for_gateway(child: &mut Child, data_dir: &Path, log: &Path) -> Result<String, BoxError> {
+/// The gateway's and the ingest listener's URLs, once `up` has written them.
+async fn wait_for_gateway(child: &mut Child, data_dir: &Path, log: &Path) -> Result<(String, String), BoxError> {
     let deadline = Instant::now() + STARTUP_LIMIT;
     let file = data_dir.join("endpoints.json");
     loop {
@@ -44,8 +45,9 @@ async fn wait_for_gateway(child: &mut Child, data_dir: &Path, log: &Path) -> Res
         if let Ok(text) = std::fs::read(&file) {
             // The file may be caught half-written; the next poll sees it whole.
             if let Ok(v) = serde_json::from_slice::<Value>(&text) {
-                if let Some(http) = v.get("http").and_then(Value::as_str).filter(|h| !h.is_empty()) {
-                    return Ok(http.to_string());
+                let url = |k: &str| v.get(k).and_then(Value::as_str).filter(|h| !h.is_empty()).map(str::to_string);
+                if let (Some(http), Some(ingest)) = (url("http"), url("ingest")) {
+                    return Ok((http, ingest));
                 }
             }
         }
@@ -107,7 +109,13 @@ impl Run<'_> {
         limit: Duration,
     ) -> Result<f64, BoxError> {
         let started = Instant::now();
-        let resp = self.http.post(format!("{}/v1/events/{topic}", self.base)).json(event).send().await?;
+        let resp = self
+            .http
+            .post(format!("{}/v1/events/{topic}", self.base))
+            .bearer_auth(tidings_gateway::service_auth::DEV_SERVICE_TOKEN)
+            .json(event)
+            .send()
+            .await?;
         if !resp.status().is_success() {
             let status = resp.status();
             return Err(format!("POST /v1/events/{topic}: {status}: {}", resp.text().await.unwrap_or_default()).into());
@@ -146,7 +154,7 @@ async fn fanout(
     cmd.arg("up")
         .arg("--database-url")
         .arg(url)
-        .args(["--http", "127.0.0.1:0", "--registry-listen", "127.0.0.1:0"])
+        .args(["--http", "127.0.0.1:0", "--registry-listen", "127.0.0.1:0", "--ingest-listen", "127.0.0.1:0", "--dev"])
         .arg("--data-dir")
         .arg(data_dir)
         .arg("--topic-prefix")
@@ -164,9 +172,9 @@ async fn fanout(
         cmd.stdin(Stdio::null()).stdout(log_file.try_clone()?).stderr(log_file).kill_on_drop(true).spawn()?;
 
     let result: Result<f64, BoxError> = async {
-        let base = wait_for_gateway(&mut child, data_dir, &log).await?;
+        let (gateway, base) = wait_for_gateway(&mut child, data_dir, &log).await?;
         let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
-        wait_ready(&http, &base, &mut child, &log).await?;
+        wait_ready(&http, &gateway, &mut child, &log).await?;
 
         // Warm-up: one coupon for a user outside the segment, so consumer-group joins and the
         // first registry lookups are done before the clock starts; the figure is the fan-out itself.

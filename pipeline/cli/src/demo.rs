@@ -14,9 +14,12 @@ use crate::endpoints::Endpoints;
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
-    /// Gateway base URL. Default: the one a running `tidings up` wrote to its endpoints file.
-    #[arg(long, env = "TIDINGS_GATEWAY_URL")]
-    pub gateway: Option<String>,
+    /// HTTP ingest base URL. Default: the one a running `tidings up` wrote to its endpoints file.
+    #[arg(long, env = "TIDINGS_INGEST_URL")]
+    pub ingest: Option<String>,
+    /// Service token for ingest. Default: the dev token a `tidings up --dev` wrote there.
+    #[arg(long, env = "TIDINGS_INGEST_TOKEN", hide_env_values = true)]
+    pub ingest_token: Option<String>,
     /// How many events to send.
     #[arg(long, default_value_t = 500)]
     pub events: u32,
@@ -118,20 +121,26 @@ impl Gen {
 }
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
-    let base = match args.gateway {
-        Some(g) => g,
-        None => Endpoints::read(&args.data_dir)
-            .map(|e| e.http)
-            .filter(|h| !h.is_empty())
-            .unwrap_or_else(|| "http://127.0.0.1:8080".into()),
-    };
+    let running = Endpoints::read(&args.data_dir);
+    let base =
+        match args.ingest {
+            Some(url) => url,
+            None => running.as_ref().map(|e| e.ingest.clone()).filter(|u| !u.is_empty()).context(
+                "no --ingest URL given and no running `tidings up` with HTTP ingest found (its endpoints.json)",
+            )?,
+        };
+    let token = args
+        .ingest_token
+        .or_else(|| running.and_then(|e| e.ingest_token))
+        .context("no --ingest-token (TIDINGS_INGEST_TOKEN) given, and the running `tidings up` is not in --dev mode")?;
     let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
     let send = |topic: &'static str, body: Value| {
-        let http = http.clone();
+        let (http, token) = (http.clone(), token.clone());
         let url = format!("{base}/v1/events/{topic}");
         async move {
             let resp = http
                 .post(&url)
+                .bearer_auth(token)
                 .json(&body)
                 .send()
                 .await

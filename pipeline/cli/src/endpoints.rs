@@ -10,6 +10,12 @@ pub struct Endpoints {
     pub schema_registry_url: String,
     pub database_url: String,
     pub http: String,
+    /// HTTP ingest for services; empty when it is off.
+    #[serde(default)]
+    pub ingest: String,
+    /// The dev service token, in dev mode only.
+    #[serde(default)]
+    pub ingest_token: Option<String>,
     pub topic_prefix: String,
 }
 

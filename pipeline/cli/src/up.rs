@@ -17,7 +17,9 @@ use tidings_core::shutdown::TaskTree;
 use tidings_core::RegistryClient;
 use tidings_gateway::auth::{self, Key};
 use tidings_gateway::delivery::hub::StoreResume;
+use tidings_gateway::delivery::owners::RedirectAllow;
 use tidings_gateway::delivery::{self, DeliveryConfig, Hub, HubConfig, Owners};
+use tidings_gateway::service_auth::ServiceTokens;
 use tidings_gateway::{AuthConfig, InboxState, IngestState, IngestTopic, Parts, Readiness, StreamState};
 use tidings_pipeline::stages::templating::{self, TemplatingConfig};
 use tidings_pipeline::topology::{self, Topology};
@@ -33,9 +35,21 @@ use crate::Infra;
 pub struct UpArgs {
     #[command(flatten)]
     pub infra: Infra,
-    /// Listen address of the HTTP gateway (/healthz, /readyz, /v1/events/{topic}).
+    /// Listen address of the public HTTP gateway (streams, inbox, /healthz, /readyz, /metrics).
     #[arg(long, env = "TIDINGS_HTTP", default_value = "127.0.0.1:8080")]
     pub http: SocketAddr,
+    /// Listen address of HTTP event ingest (`POST /v1/events/{topic}`), for upstream services
+    /// only: keep it on loopback or a private network. Served only when a service token is set.
+    #[arg(long, env = "TIDINGS_INGEST_LISTEN", default_value = "127.0.0.1:8090")]
+    pub ingest_listen: SocketAddr,
+    /// Service tokens that may produce over HTTP ingest (`Authorization: Bearer <token>`), at
+    /// least 16 characters each; comma-separated in the env var.
+    #[arg(long = "ingest-token", env = "TIDINGS_INGEST_TOKENS", value_delimiter = ',', hide_env_values = true)]
+    pub ingest_tokens: Vec<String>,
+    /// Development mode: also accept user tokens signed with the public dev secret and the public
+    /// dev ingest token. Never in production: anyone can mint those.
+    #[arg(long, env = "TIDINGS_DEV")]
+    pub dev: bool,
     /// Listen address of the embedded schema registry (used when no --schema-registry-url).
     #[arg(long, env = "TIDINGS_REGISTRY_LISTEN", default_value = "127.0.0.1:8081")]
     pub registry_listen: SocketAddr,
@@ -62,6 +76,10 @@ pub struct SseArgs {
     /// Default: http://<bound --http address>.
     #[arg(long, env = "TIDINGS_ADVERTISE_URL")]
     pub advertise_url: Option<String>,
+    /// Origins other instances may redirect browsers to (`https://gw-1.example.com`, `https://*.gw.example.com`,
+    /// `http://10.0.0.5:8080`), comma-separated in the env var. Default: this instance's own host, any port.
+    #[arg(long = "redirect-allow", env = "TIDINGS_REDIRECT_ALLOW", value_delimiter = ',')]
+    pub redirect_allow: Vec<String>,
     /// Consumer group shared by all gateway instances (prefixed with the topic prefix).
     #[arg(long, env = "TIDINGS_DELIVERY_GROUP", default_value = "tidings-delivery")]
     pub delivery_group: String,
@@ -110,12 +128,12 @@ impl SseArgs {
     }
 }
 
-/// How the gateway authenticates users (JWT). With neither a secret nor a public key, the embedded
-/// dev secret is used.
+/// How the gateway authenticates users (JWT). With neither a secret nor a public key, `up` refuses
+/// to start unless `--dev` allows the public dev secret.
 #[derive(Args, Clone, Debug)]
 pub struct JwtArgs {
-    /// HS256 shared secret. Default (when no --jwt-public-key-file either): the dev secret
-    /// `tidings-dev-secret`, which is only fit for local use.
+    /// HS256 shared secret. Needed (or --jwt-public-key-file) unless --dev, which accepts the
+    /// public dev secret `tidings-dev-secret`.
     #[arg(long, env = "TIDINGS_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
     /// PEM public key: RS256 for an RSA key, ES256 for an EC P-256 key.
@@ -130,8 +148,8 @@ pub struct JwtArgs {
 }
 
 impl JwtArgs {
-    /// The gateway's auth settings; warns when falling back to the dev secret.
-    pub fn auth_config(&self) -> anyhow::Result<AuthConfig> {
+    /// The gateway's auth settings; the dev secret only in dev mode (with a warning).
+    pub fn auth_config(&self, dev: bool) -> anyhow::Result<AuthConfig> {
         let mut keys = Vec::new();
         if let Some(secret) = &self.jwt_secret {
             keys.push(Key::hs256(secret.as_bytes()));
@@ -141,6 +159,13 @@ impl JwtArgs {
             let key = Key::from_public_pem(&pem).with_context(|| format!("loading {}", path.display()))?;
             info!("Gateway accepts {:?} tokens signed for the key in {}.", key.algorithm(), path.display());
             keys.push(key);
+        }
+        if keys.is_empty() && !dev {
+            bail!(
+                "the gateway has no key to check user tokens with: set --jwt-secret (TIDINGS_JWT_SECRET) or \
+                 --jwt-public-key-file, or pass --dev to accept tokens signed with the public dev secret \
+                 (local development only)"
+            );
         }
         if keys.is_empty() {
             tracing::warn!(
@@ -297,7 +322,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         readiness.set("persistence", true);
         tasks.spawn("persistence", async move { persistence::run(cfg, s, t).await });
     }
-    let mut http = String::new();
+    let (mut http, mut ingest_url) = (String::new(), String::new());
     if run("gateway") {
         let producer: FutureProducer = kafka.producer().create()?;
         let topics: HashMap<String, IngestTopic> = topo
@@ -308,8 +333,24 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
                 (name.clone(), IngestTopic { physical: topo.topic_name(name), key_field: spec.key.clone() })
             })
             .collect();
-        let ingest = Arc::new(IngestState::new(topics, client.clone(), producer));
-        let auth = Arc::new(args.jwt.auth_config()?);
+        let auth = Arc::new(args.jwt.auth_config(args.dev)?);
+        let mut tokens: Vec<&str> = args.ingest_tokens.iter().map(String::as_str).collect();
+        if args.dev {
+            tokens.push(tidings_gateway::service_auth::DEV_SERVICE_TOKEN);
+        }
+        let tokens = ServiceTokens::new(tokens).map_err(|e| anyhow::anyhow!("--ingest-token: {e}"))?;
+        if tokens.is_empty() {
+            info!("HTTP ingest is off: no --ingest-token (TIDINGS_INGEST_TOKENS) is set.");
+        } else {
+            let ingest = Arc::new(IngestState::new(topics, client.clone(), producer, tokens, Some(auth.clone())));
+            let listener = tidings_gateway::bind(args.ingest_listen, None)
+                .with_context(|| format!("binding HTTP ingest to {}", args.ingest_listen))?;
+            ingest_url = format!("http://{}", listener.local_addr()?);
+            let app = tidings_gateway::ingest_app(ingest, readiness.clone());
+            let t = token.clone();
+            tasks.spawn("ingest", async move { tidings_gateway::serve(listener, app, t).await });
+            info!("HTTP ingest for services listening on {ingest_url} (POST /v1/events/{{topic}}, service token required).");
+        }
         let inbox = InboxState { store: store.clone(), auth: auth.clone() };
         let send_buffer = (args.sse.socket_send_buffer > 0).then_some(args.sse.socket_send_buffer);
         let listener = tidings_gateway::bind(args.http, send_buffer)
@@ -323,7 +364,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         let persistence_group = topo.group_name(&topo.stages.persistence.group);
         let resume = StoreResume { store: store.clone(), group: persistence_group, topic: notifications.clone() };
         let hub = Hub::new(args.sse.hub_config(), Some(resume));
-        let owners = Owners::new(&advertised, &notifications);
+        let allow = RedirectAllow::new(args.sse.redirect_allow.iter().map(String::as_str))
+            .map_err(|e| anyhow::anyhow!("--redirect-allow: {e}"))?;
+        let owners = Owners::with_allow(&advertised, &notifications, allow);
         if !topo.topics.contains_key(&args.sse.owners_topic) {
             bail!(
                 "the owners topic {:?} is not declared in {}; add it (1 partition, cleanup_policy: compact)",
@@ -345,16 +388,13 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             readiness.set_check("delivery", move || h.is_ready());
         }
         let stream = StreamState { hub, owners, auth };
-        let app = tidings_gateway::app(
-            Parts { ingest: Some(ingest), inbox: Some(inbox), stream: Some(stream.clone()) },
-            readiness.clone(),
-        );
+        let app = tidings_gateway::app(Parts { inbox: Some(inbox), stream: Some(stream.clone()) }, readiness.clone());
         readiness.set("gateway", true);
         let t = token.clone();
         tasks.spawn("gateway", async move { tidings_gateway::serve_gateway(listener, app, Some(stream), t).await });
         info!(
             "Gateway listening on {http}, advertised as {advertised} (GET /v1/stream, GET /v1/notifications, \
-             POST /v1/events/{{topic}}, GET /healthz, /readyz, /metrics)."
+             GET /healthz, /readyz, /metrics)."
         );
     }
 
@@ -363,6 +403,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         schema_registry_url: registry_url.clone(),
         database_url: database_url.clone(),
         http: http.clone(),
+        ingest: ingest_url.clone(),
+        // The dev token is public anyway; real tokens are never written to disk.
+        ingest_token: args.dev.then(|| tidings_gateway::service_auth::DEV_SERVICE_TOKEN.to_string()),
         topic_prefix: topo.topic_prefix.clone(),
     }
     .write(&args.infra.data_dir)?;
@@ -375,6 +418,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     println!("  Store:            {database_url}");
     if !http.is_empty() {
         println!("  Gateway:          {http}");
+    }
+    if !ingest_url.is_empty() {
+        println!("  Ingest (services): {ingest_url}");
     }
     println!("Try `tidings demo` in another terminal, then `tidings inbox --user u0001`.");
 

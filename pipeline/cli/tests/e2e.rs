@@ -18,7 +18,13 @@ fn now_micros() -> i64 {
 }
 
 async fn post(http: &reqwest::Client, base: &str, topic: &str, body: &Value) -> (u16, Value) {
-    let resp = http.post(format!("{base}/v1/events/{topic}")).json(body).send().await.expect("POST to ingest");
+    let resp = http
+        .post(format!("{base}/v1/events/{topic}"))
+        .bearer_auth(common::ingest_token())
+        .json(body)
+        .send()
+        .await
+        .expect("POST to ingest");
     let status = resp.status().as_u16();
     let body = resp.json::<Value>().await.unwrap_or(Value::Null);
     (status, body)
@@ -48,7 +54,7 @@ async fn events_become_notifications_and_sigterm_exits_cleanly() {
     let ep = up.endpoints(Duration::from_secs(60)).await;
     assert_eq!(ep.topic_prefix, prefix);
     let http = reqwest::Client::builder().timeout(Duration::from_secs(15)).build().unwrap();
-    let base = ep.http.clone();
+    let base = ep.ingest.clone();
 
     let room = "room-e2e";
     let room_ev = uuid::Uuid::new_v4().to_string();

@@ -30,7 +30,8 @@ fn up(data: &Path) -> Guard {
     let _ = std::fs::remove_file(data.join("endpoints.json"));
     let log = std::fs::File::create(data.join(format!("up-{}.log", uuid::Uuid::new_v4().simple()))).unwrap();
     let child = tidings(data)
-        .args(["up", "--http", "127.0.0.1:0", "--registry-listen", "127.0.0.1:0", "--topology"])
+        .args(["up", "--dev", "--http", "127.0.0.1:0", "--registry-listen", "127.0.0.1:0"])
+        .args(["--ingest-listen", "127.0.0.1:0", "--topology"])
         .arg(topology)
         .stdin(Stdio::null())
         .stdout(Stdio::null())

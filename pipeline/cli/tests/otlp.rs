@@ -167,7 +167,7 @@ async fn one_event_is_one_trace_from_ingest_through_persistence() {
         .arg("up")
         .arg("--database-url")
         .arg(format!("sqlite://{}/t.db", tmp.path().display()))
-        .args(["--http", "127.0.0.1:0", "--registry-listen", "127.0.0.1:0"])
+        .args(["--http", "127.0.0.1:0", "--registry-listen", "127.0.0.1:0", "--ingest-listen", "127.0.0.1:0", "--dev"])
         .arg("--data-dir")
         .arg(tmp.path())
         .arg("--topology")
@@ -197,7 +197,7 @@ async fn one_event_is_one_trace_from_ingest_through_persistence() {
         if let Some(http) = std::fs::read(&endpoints)
             .ok()
             .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-            .and_then(|v| v["http"].as_str().map(str::to_string))
+            .and_then(|v| v["ingest"].as_str().map(str::to_string))
         {
             break http;
         }
@@ -217,6 +217,7 @@ async fn one_event_is_one_trace_from_ingest_through_persistence() {
     let http = reqwest::Client::builder().timeout(Duration::from_secs(15)).build().unwrap();
     let resp = http
         .post(format!("{gateway}/v1/events/orders"))
+        .bearer_auth(tidings_gateway::service_auth::DEV_SERVICE_TOKEN)
         .header("traceparent", &traceparent)
         .json(&event)
         .send()

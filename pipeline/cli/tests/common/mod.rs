@@ -57,7 +57,14 @@ pub struct Endpoints {
     pub schema_registry_url: String,
     pub database_url: String,
     pub http: String,
+    /// HTTP ingest (services); post with [`ingest_token`].
+    pub ingest: String,
     pub topic_prefix: String,
+}
+
+/// The service token a `tidings up --dev` accepts on its ingest listener.
+pub fn ingest_token() -> &'static str {
+    tidings_gateway::service_auth::DEV_SERVICE_TOKEN
 }
 
 /// How to start one `tidings up`.
@@ -95,7 +102,10 @@ impl Tidings {
             .args(["--brokers", up.brokers])
             .args(["--database-url", up.database_url])
             .args(["--topic-prefix", up.prefix])
-            .args(["--http", "127.0.0.1:0", "--registry-listen", "127.0.0.1:0"])
+            .args(["--http", "127.0.0.1:0", "--registry-listen", "127.0.0.1:0", "--ingest-listen", "127.0.0.1:0"])
+            // The dev user secret and the dev ingest token (`DEV_SERVICE_TOKEN`); a test of the
+            // refusals outside dev mode passes TIDINGS_DEV=false.
+            .env("TIDINGS_DEV", "true")
             .arg("--data-dir")
             .arg(data_dir.path())
             .args(["--stages", up.stages])

@@ -1,0 +1,138 @@
+//! Secure by default, on the embedded defaults: the dev secret and dev ingest token only with
+//! `--dev`; event ingest only on its own listener and only for a service token (401 without or
+//! with an unknown one, 403 for a user's token); the public port does not serve it at all.
+
+use serde_json::{json, Value};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tidings_gateway::auth::{mint_hs256, DEV_SECRET};
+use tidings_gateway::service_auth::DEV_SERVICE_TOKEN;
+
+/// A `tidings up` on embedded defaults in its own data directory; killed when dropped.
+struct Up {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn command(dir: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tidings"));
+    c.arg("up")
+        .args(["--http", "127.0.0.1:0", "--registry-listen", "127.0.0.1:0", "--ingest-listen", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(dir)
+        .arg("--topology")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../topology.yaml"))
+        .args(args)
+        .env("TIDINGS_LOG", "warn")
+        .env_remove("TIDINGS_DEV")
+        .env_remove("TIDINGS_JWT_SECRET")
+        .env_remove("TIDINGS_INGEST_TOKENS")
+        .env_remove("TIDINGS_BROKERS")
+        .env_remove("TIDINGS_DATABASE_URL")
+        .stdin(Stdio::null());
+    c
+}
+
+/// Starts `up` and waits for its endpoints file.
+fn start(args: &[&str]) -> (Up, Value) {
+    let dir = tempfile::tempdir().unwrap();
+    let log = std::fs::File::create(dir.path().join("up.log")).unwrap();
+    let child = command(dir.path(), args).stdout(Stdio::null()).stderr(log).spawn().unwrap();
+    let mut up = Up { child, dir };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(ep) = std::fs::read(up.dir.path().join("endpoints.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+        {
+            return (up, ep);
+        }
+        if let Some(status) = up.child.try_wait().unwrap() {
+            let log = std::fs::read_to_string(up.dir.path().join("up.log")).unwrap_or_default();
+            panic!("`up {args:?}` exited ({status}) before it was up:\n{log}");
+        }
+        assert!(Instant::now() < deadline, "`up {args:?}` did not start within 60 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn order() -> Value {
+    json!({"event_id": uuid::Uuid::new_v4().to_string(), "occurred_at": chrono::Utc::now().timestamp_micros(),
+        "order_id": "o-sec", "buyer_id": "u-sec", "payload": {"OrderPaid": {"amount_cents": 100, "currency": "EUR",
+        "payment_method": "card"}}})
+}
+
+/// POSTs an order event to `base`, with `token` as the bearer when given: (status, error code).
+async fn post(base: &str, token: Option<&str>) -> (u16, String) {
+    let mut req = reqwest::Client::new().post(format!("{base}/v1/events/orders")).json(&order());
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req.send().await.expect("POST");
+    let status = resp.status().as_u16();
+    let body: Value = resp.json().await.unwrap_or(Value::Null);
+    (status, body["error"]["code"].as_str().unwrap_or_default().to_string())
+}
+
+fn user_token(secret: &str) -> String {
+    mint_hs256(secret.as_bytes(), "u-sec", Duration::from_secs(600), None, None).unwrap()
+}
+
+#[test]
+fn without_dev_mode_or_a_jwt_key_up_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = command(dir.path(), &[]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "`up` started with the public dev secret outside --dev:\n{stderr}");
+    assert!(stderr.contains("--jwt-secret") && stderr.contains("--dev"), "unclear error:\n{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_takes_only_service_tokens_and_only_on_its_own_listener() {
+    let (_up, ep) = start(&["--dev"]);
+    let (http, ingest) = (ep["http"].as_str().unwrap(), ep["ingest"].as_str().unwrap());
+    assert!(!ingest.is_empty() && ingest != http, "ingest must have its own listener: {ep}");
+
+    assert_eq!(post(http, Some(DEV_SERVICE_TOKEN)).await.0, 404, "the public port serves ingest");
+    assert_eq!(post(ingest, None).await, (401, "missing_credential".to_string()));
+    assert_eq!(post(ingest, Some("not-a-known-token-at-all")).await, (401, "invalid_credential".to_string()));
+    assert_eq!(post(ingest, Some(&user_token(DEV_SECRET))).await, (403, "user_token".to_string()));
+    assert_eq!(post(ingest, Some(DEV_SERVICE_TOKEN)).await.0, 202);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outside_dev_mode_only_configured_secrets_and_tokens_work() {
+    let secret = "a-real-secret-for-this-test-only";
+    let service = "svc-orders-7f3c9a1e5b2d";
+
+    // No ingest token configured: ingest is off, and the dev secret is refused.
+    let (_up, ep) = start(&["--jwt-secret", secret]);
+    assert_eq!(ep["ingest"], "", "ingest served without any service token: {ep}");
+    assert!(ep["ingest_token"].is_null(), "a token written outside dev mode: {ep}");
+    let inbox = |base: &str, token: String| {
+        let req = reqwest::Client::new().get(format!("{base}/v1/notifications")).bearer_auth(token);
+        async move { req.send().await.expect("GET").status().as_u16() }
+    };
+    let http = ep["http"].as_str().unwrap();
+    assert_eq!(inbox(http, user_token(DEV_SECRET)).await, 401, "the dev secret was accepted outside --dev");
+    assert_eq!(inbox(http, user_token(secret)).await, 200);
+
+    // A configured service token: accepted; the dev token is not.
+    let (_up2, ep) = start(&["--jwt-secret", secret, "--ingest-token", service]);
+    let ingest = ep["ingest"].as_str().unwrap();
+    assert_eq!(post(ingest, Some(DEV_SERVICE_TOKEN)).await.0, 401, "the dev token was accepted outside --dev");
+    assert_eq!(post(ingest, Some(service)).await.0, 202);
+
+    // Guessable tokens are refused at startup.
+    let dir = tempfile::tempdir().unwrap();
+    let out = command(dir.path(), &["--jwt-secret", secret, "--ingest-token", "short"]).output().unwrap();
+    assert!(!out.status.success(), "a 5-character service token was accepted");
+}

@@ -53,6 +53,10 @@ pub struct UpArgs {
     /// Listen address of the embedded schema registry (used when no --schema-registry-url).
     #[arg(long, env = "TIDINGS_REGISTRY_LISTEN", default_value = "127.0.0.1:8081")]
     pub registry_listen: SocketAddr,
+    /// Token that lets other hosts write to the embedded registry (bearer, or basic auth's
+    /// password); without it only loopback peers may register, delete or change levels.
+    #[arg(long, env = "TIDINGS_REGISTRY_WRITE_TOKEN", hide_env_values = true)]
+    pub registry_write_token: Option<String>,
     /// Stages to run, comma-separated: templating, persistence, gateway.
     #[arg(long, env = "TIDINGS_STAGES", value_delimiter = ',', default_value = "templating,persistence,gateway")]
     pub stages: Vec<String>,
@@ -232,11 +236,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
                 .await
                 .with_context(|| format!("binding the schema registry to {}", args.registry_listen))?;
             let addr = listener.local_addr()?;
-            let t = token.clone();
-            tasks.spawn(
-                "schema-registry",
-                async move { tidings_pipeline::registry::serve(listener, registry, t).await },
-            );
+            let (t, write_token) = (token.clone(), args.registry_write_token.clone());
+            tasks.spawn("schema-registry", async move {
+                tidings_pipeline::registry::serve_with(listener, registry, write_token, t).await
+            });
             info!("Embedded schema registry listening on http://{addr}.");
             let url = format!("http://{addr}");
             (url.clone(), url.into())

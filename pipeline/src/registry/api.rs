@@ -40,13 +40,81 @@ pub fn router(registry: Registry) -> Router {
         .with_state(registry)
 }
 
-/// Serves until `shutdown` is cancelled.
+/// Serves until `shutdown` is cancelled; writes only from loopback peers (see [`serve_with`]).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     registry: Registry,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(registry)).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
+    serve_with(listener, registry, None, shutdown).await
+}
+
+/// Serves until `shutdown` is cancelled. Reads are open, as in Confluent's default; writes
+/// (register, delete, config changes) are taken from loopback peers, and from elsewhere only with
+/// `write_token` as a bearer token (or as the password of basic auth): 401 otherwise.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    registry: Registry,
+    write_token: Option<String>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let app = guarded_router(registry, write_token);
+    axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>())
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+/// The routes behind the write guard; needs the peer address (`ConnectInfo<SocketAddr>`).
+pub fn guarded_router(registry: Registry, write_token: Option<String>) -> Router {
+    let guard = std::sync::Arc::new(WriteGuard { token: write_token });
+    router(registry).layer(axum::middleware::from_fn_with_state(guard, guard_writes))
+}
+
+struct WriteGuard {
+    token: Option<String>,
+}
+
+impl WriteGuard {
+    fn presented_token_matches(&self, headers: &axum::http::HeaderMap) -> bool {
+        use base64::Engine as _;
+        let Some(token) = &self.token else { return false };
+        let Some(auth) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else { return false };
+        let presented = if let Some(b) = auth.strip_prefix("Bearer ") {
+            b.trim().to_string()
+        } else if let Some(b) = auth.strip_prefix("Basic ") {
+            let decoded = base64::engine::general_purpose::STANDARD.decode(b.trim()).unwrap_or_default();
+            let text = String::from_utf8_lossy(&decoded).to_string();
+            text.split_once(':').map(|(_, p)| p.to_string()).unwrap_or_default()
+        } else {
+            return false;
+        };
+        subtle::ConstantTimeEq::ct_eq(presented.as_bytes(), token.as_bytes()).into()
+    }
+}
+
+/// Reads (GET, and the POSTs that only look up or check compatibility) pass; writes need a
+/// loopback peer or the write token.
+async fn guard_writes(
+    State(guard): State<std::sync::Arc<WriteGuard>>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = req.uri().path();
+    let write = match *req.method() {
+        axum::http::Method::GET | axum::http::Method::HEAD => false,
+        axum::http::Method::POST => path.ends_with("/versions") && path.starts_with("/subjects/"),
+        _ => true,
+    };
+    if write && !peer.ip().is_loopback() && !guard.presented_token_matches(req.headers()) {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            40101,
+            "schema registry writes from other hosts need the registry's write token",
+        )
+        .into_response();
+    }
+    next.run(req).await
 }
 
 /// Confluent's error body: `{"error_code": int, "message": string}`.

@@ -462,3 +462,52 @@ fn ids_distinguish_what_the_canonical_form_drops() {
         parse_candidate(THING_V1_REFORMATTED, None).unwrap().key
     );
 }
+
+/// Serves the guarded routes as if every request came from `peer`.
+async fn start_as_peer(registry: Registry, token: Option<&str>, peer: std::net::SocketAddr) -> Server {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let shutdown = CancellationToken::new();
+    let app =
+        guarded_router(registry, token.map(str::to_string)).layer(axum::extract::connect_info::MockConnectInfo(peer));
+    let t = shutdown.clone();
+    let task =
+        tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(t.cancelled_owned()).await });
+    Server { base, shutdown, task }
+}
+
+#[tokio::test]
+async fn writes_from_other_hosts_need_the_write_token_and_reads_stay_open() {
+    let (store, _dir) = fresh_sqlite().await.unwrap();
+    let registry = Registry::open(store).await.unwrap();
+    let remote: std::net::SocketAddr = "192.0.2.77:40000".parse().unwrap();
+    let server = start_as_peer(registry.clone(), Some("write-token-0123456789"), remote).await;
+    let http = Http::new(&server);
+    let (status, body) = http.register("things-value", THING_V1).await;
+    assert_eq!((status, body["error_code"].as_u64()), (401, Some(40101)), "{body}");
+    for (method, path) in [(reqwest::Method::DELETE, "/subjects/things-value"), (reqwest::Method::PUT, "/config")] {
+        let body = (method == reqwest::Method::PUT).then(|| ("application/json", json!({"compatibility": "NONE"})));
+        assert_eq!(http.call(method, path, body).await.0, 401, "{path}");
+    }
+    assert_eq!(http.get("/subjects").await, (200, json!([])), "reads stay open");
+    // With the token as a bearer, or as basic auth's password (Confluent clients' USER_INFO).
+    let send = |auth: (&str, String)| {
+        http.client
+            .post(format!("{}/subjects/things-value/versions", http.base))
+            .header("content-type", "application/json")
+            .header("authorization", format!("{} {}", auth.0, auth.1))
+            .body(json!({ "schema": THING_V1 }).to_string())
+            .send()
+    };
+    assert_eq!(send(("Bearer", "wrong-token-0123456789".into())).await.unwrap().status(), 401);
+    assert_eq!(send(("Bearer", "write-token-0123456789".into())).await.unwrap().status(), 200);
+    use base64::Engine as _;
+    let basic = base64::engine::general_purpose::STANDARD.encode("svc:write-token-0123456789");
+    assert_eq!(send(("Basic", basic)).await.unwrap().status(), 200);
+    server.stop().await;
+
+    // From loopback, writes need nothing (the processes of one deployment on one host).
+    let local = start_as_peer(registry, None, "127.0.0.1:40000".parse().unwrap()).await;
+    assert_eq!(Http::new(&local).register("local-value", THING_V1).await.0, 200);
+    local.stop().await;
+}

@@ -14,9 +14,10 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::http::request::Parts;
+use tidings_core::http::Limits;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -25,8 +26,6 @@ use crate::delivery::StreamState;
 
 /// Largest request head read before handing the connection to axum (which answers 431).
 const MAX_HEAD: usize = 16 * 1024;
-/// How long a client may take to send its request head (slow-loris bound).
-const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// A write to a stream that does not complete within this drops the connection (a client that
 /// stopped reading, at a moment its queue had no reason to overflow, e.g. during shutdown).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -42,6 +41,9 @@ pub struct Replayed {
     pos: usize,
     inner: TcpStream,
 }
+
+/// A connection on its way to axum, with its place under the connection cap.
+type Handoff = (Replayed, SocketAddr, OwnedSemaphorePermit);
 
 impl AsyncRead for Replayed {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
@@ -84,24 +86,18 @@ impl AsyncWrite for Replayed {
 
 /// What axum accepts from: connections the front did not serve itself.
 pub struct FrontListener {
-    rx: mpsc::Receiver<(Replayed, SocketAddr)>,
-    local: SocketAddr,
+    rx: mpsc::Receiver<Handoff>,
 }
 
-impl axum::serve::Listener for FrontListener {
+impl tidings_core::http::Accept for FrontListener {
     type Io = Replayed;
-    type Addr = SocketAddr;
 
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+    async fn accept(&mut self) -> (Self::Io, SocketAddr, Option<OwnedSemaphorePermit>) {
         match self.rx.recv().await {
-            Some(c) => c,
-            // The front stopped accepting (shutdown): axum's graceful shutdown ends the loop.
+            Some((io, addr, permit)) => (io, addr, Some(permit)),
+            // The front stopped accepting (shutdown): the server loop's shutdown ends it.
             None => std::future::pending().await,
         }
-    }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        Ok(self.local)
     }
 }
 
@@ -110,10 +106,10 @@ impl axum::serve::Listener for FrontListener {
 pub fn front(
     listener: TcpListener,
     stream: Option<StreamState>,
+    limits: Limits,
     shutdown: CancellationToken,
     streams: TaskTracker,
 ) -> io::Result<FrontListener> {
-    let local = listener.local_addr()?;
     let (tx, rx) = mpsc::channel(HANDOFF_QUEUE);
     let tracker = streams.clone();
     streams.spawn(async move {
@@ -130,28 +126,32 @@ pub fn front(
                     }
                 },
             };
-            let (tx, stream, stop) = (tx.clone(), stream.clone(), shutdown.clone());
-            tracker.spawn(async move { connection(sock, addr, stream, tx, stop).await });
+            // At the cap the connection is closed at once (and counted).
+            let Some(permit) = limits.admit() else { continue };
+            let (tx, stream, stop, limits) = (tx.clone(), stream.clone(), shutdown.clone(), limits.clone());
+            tracker.spawn(async move { connection(sock, addr, permit, stream, tx, &limits, stop).await });
         }
     });
-    Ok(FrontListener { rx, local })
+    Ok(FrontListener { rx })
 }
 
 async fn connection(
     mut sock: TcpStream,
     addr: SocketAddr,
+    permit: OwnedSemaphorePermit,
     stream: Option<StreamState>,
-    handoff: mpsc::Sender<(Replayed, SocketAddr)>,
+    handoff: mpsc::Sender<Handoff>,
+    limits: &Limits,
     shutdown: CancellationToken,
 ) {
     let _ = sock.set_nodelay(true);
     // A client that has not sent its request by shutdown gets nothing: stopping does not wait for it.
     let head = tokio::select! {
-        r = tokio::time::timeout(HEAD_TIMEOUT, Box::pin(read_head(&mut sock))) => match r {
+        r = tokio::time::timeout(limits.header_timeout, Box::pin(read_head(&mut sock))) => match r {
             Ok(Ok(h)) => h,
-            _ => return,
+            _ => return limits.release(permit),
         },
-        _ = shutdown.cancelled() => return,
+        _ = shutdown.cancelled() => return limits.release(permit),
     };
     if let Some(state) = &stream {
         let opened = match stream_request(&head) {
@@ -163,24 +163,46 @@ async fn connection(
         if let Some(sub) = opened {
             drop(head);
             serve_stream(sock, StreamCursor::new(sub, state.hub.clone())).await;
-            return;
+            return limits.release(permit);
         }
     }
-    let _ = Box::pin(handoff.send((Replayed { head, pos: 0, inner: sock }, addr))).await;
+    if let Err(mpsc::error::SendError((_, _, permit))) =
+        Box::pin(handoff.send((Replayed { head, pos: 0, inner: sock }, addr, permit))).await
+    {
+        limits.release(permit);
+    }
 }
 
-/// Reads until the end of the request head, EOF, or `MAX_HEAD` bytes.
+/// Reads until the end of the request head, EOF, or `MAX_HEAD` bytes. Each read only scans what
+/// it added (plus the 2 bytes before), so a head trickled in byte by byte costs linear time.
 async fn read_head(sock: &mut TcpStream) -> io::Result<Vec<u8>> {
     let mut buf = Vec::with_capacity(1024);
+    let mut scanned = 0;
     loop {
-        if buf.len() >= MAX_HEAD || buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        if head_end(&buf, scanned).is_some() || buf.len() >= MAX_HEAD {
             return Ok(buf);
         }
+        scanned = buf.len().saturating_sub(2);
         buf.reserve(1024);
         if sock.read_buf(&mut buf).await? == 0 {
             return Ok(buf);
         }
     }
+}
+
+/// Where the head in `buf` ends (after its blank line), looking from `from` on. Like hyper
+/// (httparse), a bare LF ends a line as well as CRLF: `\n\n` and `\n\r\n` both end the head.
+pub fn head_end(buf: &[u8], from: usize) -> Option<usize> {
+    let mut i = from;
+    while let Some(p) = buf.get(i..)?.iter().position(|&b| b == b'\n') {
+        let nl = i + p;
+        match buf.get(nl + 1..) {
+            Some([b'\n', ..]) => return Some(nl + 2),
+            Some([b'\r', b'\n', ..]) => return Some(nl + 3),
+            _ => i = nl + 1,
+        }
+    }
+    None
 }
 
 /// The request's parts when `head` is a complete `GET /v1/stream` request head (untrusted bytes
@@ -237,6 +259,56 @@ async fn serve_stream(mut sock: TcpStream, mut cursor: StreamCursor) {
         // Idle streams hold no write buffer.
         if out.capacity() > 4096 {
             out = Vec::new();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn heads_end_at_a_blank_line_with_crlf_or_bare_lf() {
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nhost: x\r\n\r\nbody", 0), Some(27));
+        assert_eq!(head_end(b"GET / HTTP/1.1\nhost: x\n\nbody", 0), Some(24));
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nhost: x\n\r\n", 0), Some(26));
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nhost: x\r\n", 0), None);
+        assert_eq!(
+            stream_request(b"GET /v1/stream HTTP/1.1\nhost: x\n\n").map(|p| p.uri.path().to_string()).as_deref(),
+            Some("/v1/stream")
+        );
+    }
+
+    proptest! {
+        /// Scanning each read's new bytes (from 2 before them) finds the same end as scanning the
+        /// whole head at once, however the head is split into reads.
+        #[test]
+        fn incremental_scan_finds_the_same_end(
+            lines in proptest::collection::vec("[a-z-]{1,10}: [ -~]{0,20}", 0..8),
+            lf_only in any::<bool>(),
+            cuts in proptest::collection::vec(1usize..7, 1..40),
+        ) {
+            let eol = if lf_only { "\n" } else { "\r\n" };
+            let mut head = format!("GET /v1/stream HTTP/1.1{eol}");
+            for l in &lines {
+                head.push_str(l);
+                head.push_str(eol);
+            }
+            head.push_str(eol);
+            let bytes = head.as_bytes();
+            let whole = head_end(bytes, 0);
+            prop_assert_eq!(whole, Some(bytes.len()));
+            let (mut buf, mut scanned, mut at, mut found) = (Vec::new(), 0, 0, None);
+            for c in cuts.iter().cycle() {
+                if at >= bytes.len() { break; }
+                let next = (at + c).min(bytes.len());
+                buf.extend_from_slice(&bytes[at..next]);
+                at = next;
+                if let Some(e) = head_end(&buf, scanned) { found = Some(e); break; }
+                scanned = buf.len().saturating_sub(2);
+            }
+            prop_assert_eq!(found, whole);
         }
     }
 }

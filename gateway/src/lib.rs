@@ -21,6 +21,7 @@ pub mod service_auth;
 
 use axum::Router;
 use std::sync::Arc;
+pub use tidings_core::http::Limits;
 use tokio_util::sync::CancellationToken;
 
 pub use auth::{AuthConfig, AuthUser};
@@ -45,15 +46,22 @@ pub fn app(parts: Parts, readiness: Readiness) -> Router {
         router = router.merge(delivery::stream::router(stream));
     }
     if let Some(inbox) = inbox {
-        router = router.merge(inbox::router(inbox));
+        router = router.merge(
+            inbox::router(inbox)
+                .layer(axum::middleware::from_fn_with_state(REQUEST_TIMEOUT, tidings_core::http::request_timeout)),
+        );
     }
     router
 }
 
 /// The ingest listener's router (services): `POST /v1/events/{topic}` and health.
 pub fn ingest_app(ingest: Arc<IngestState>, readiness: Readiness) -> Router {
-    Router::new().merge(health::router(readiness)).merge(ingest::router(ingest))
+    let timeout = axum::middleware::from_fn_with_state(REQUEST_TIMEOUT, tidings_core::http::request_timeout);
+    Router::new().merge(health::router(readiness)).merge(ingest::router(ingest).layer(timeout))
 }
+
+/// Requests that are not streams must complete, body read included, within this.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Binds the gateway's listener. `send_buffer` fixes each connection's kernel send buffer
 /// (`SO_SNDBUF`, inherited by accepted sockets), which also turns off its autotuning: without it a
@@ -69,23 +77,31 @@ pub fn bind(addr: std::net::SocketAddr, send_buffer: Option<u32>) -> std::io::Re
     socket.listen(4096)
 }
 
-/// Serves `app` on `listener` until `shutdown` is cancelled (every request through axum).
-pub async fn serve(listener: tokio::net::TcpListener, app: Router, shutdown: CancellationToken) -> std::io::Result<()> {
-    axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
+/// Serves `app` on `listener` until `shutdown` is cancelled (every request through axum), within
+/// `limits` (header timeout, connection cap).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    limits: Limits,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let accept = tidings_core::http::Capped::new(listener, limits.clone());
+    tidings_core::http::serve(accept, app, limits, shutdown).await
 }
 
 /// Serves `app` on `listener` with streams of `stream` written straight to their sockets (see
-/// `front`), until `shutdown` is cancelled; then waits for open streams to send their last event.
+/// `front`), within `limits`, until `shutdown` is cancelled; then waits for open streams to send
+/// their last event.
 pub async fn serve_gateway(
     listener: tokio::net::TcpListener,
     app: Router,
     stream: Option<StreamState>,
+    limits: Limits,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let streams = tokio_util::task::TaskTracker::new();
-    let front = front::front(listener, stream, shutdown.clone(), streams.clone())?;
-    let t = shutdown.clone();
-    axum::serve(front, app).with_graceful_shutdown(async move { t.cancelled().await }).await?;
+    let front = front::front(listener, stream, limits.clone(), shutdown.clone(), streams.clone())?;
+    tidings_core::http::serve(front, app, limits, shutdown).await?;
     streams.close();
     streams.wait().await;
     Ok(())

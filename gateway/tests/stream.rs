@@ -12,7 +12,7 @@ use tidings_gateway::auth::{AuthConfig, Key};
 use tidings_gateway::delivery::hub::StoreResume;
 use tidings_gateway::delivery::stream::event_from_notification;
 use tidings_gateway::delivery::{partition_for, Event, Hub, HubConfig, Owners};
-use tidings_gateway::{Parts, Readiness, StreamState};
+use tidings_gateway::{Limits, Parts, Readiness, StreamState};
 use tidings_sinks::{Batch, OffsetUpdate, StoredNotification};
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
@@ -88,9 +88,9 @@ impl Gw {
             tidings_gateway::app(Parts { stream: Some(state.clone()), ..Default::default() }, Readiness::default());
         let stop = CancellationToken::new();
         if direct {
-            tokio::spawn(tidings_gateway::serve_gateway(listener, app, Some(state), stop.clone()));
+            tokio::spawn(tidings_gateway::serve_gateway(listener, app, Some(state), Limits::default(), stop.clone()));
         } else {
-            tokio::spawn(tidings_gateway::serve(listener, app, stop.clone()));
+            tokio::spawn(tidings_gateway::serve(listener, app, Limits::default(), stop.clone()));
         }
         Gw { url, hub, owners, stop, next: Default::default() }
     }
@@ -461,7 +461,8 @@ async fn shutdown_ends_streams_and_does_not_wait_for_silent_connections() {
     let state = StreamState { hub: hub.clone(), owners, auth };
     let app = tidings_gateway::app(Parts { stream: Some(state.clone()), ..Default::default() }, Readiness::default());
     let stop = CancellationToken::new();
-    let server = tokio::spawn(tidings_gateway::serve_gateway(listener, app, Some(state), stop.clone()));
+    let server =
+        tokio::spawn(tidings_gateway::serve_gateway(listener, app, Some(state), Limits::default(), stop.clone()));
 
     let _silent = tokio::net::TcpStream::connect(addr).await.unwrap();
     let stream = client().get(format!("http://{addr}/v1/stream")).bearer_auth(token("dave")).send().await.unwrap();

@@ -46,6 +46,10 @@ pub struct UpArgs {
     /// least 16 characters each; comma-separated in the env var.
     #[arg(long = "ingest-token", env = "TIDINGS_INGEST_TOKENS", value_delimiter = ',', hide_env_values = true)]
     pub ingest_tokens: Vec<String>,
+    /// Open HTTP connections (streams included) this process holds at most, over all its
+    /// listeners; past it new connections are closed at once (`tidings_http_connections_refused_total`).
+    #[arg(long, env = "TIDINGS_MAX_CONNECTIONS", default_value_t = 50_000)]
+    pub max_connections: usize,
     /// Development mode: also accept user tokens signed with the public dev secret and the public
     /// dev ingest token. Never in production: anyone can mint those.
     #[arg(long, env = "TIDINGS_DEV")]
@@ -223,6 +227,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
 
     let token = CancellationToken::new();
     let mut tasks = TaskTree::new(token.clone());
+    // One connection cap and header timeout for every listener of this process.
+    let limits = tidings_gateway::Limits::new(args.max_connections);
     let readiness = Readiness::default();
 
     // Schema registry: external by URL, or the embedded one on its own listener.
@@ -236,9 +242,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
                 .await
                 .with_context(|| format!("binding the schema registry to {}", args.registry_listen))?;
             let addr = listener.local_addr()?;
-            let (t, write_token) = (token.clone(), args.registry_write_token.clone());
+            let (t, write_token, limits) = (token.clone(), args.registry_write_token.clone(), limits.clone());
             tasks.spawn("schema-registry", async move {
-                tidings_pipeline::registry::serve_with(listener, registry, write_token, t).await
+                tidings_pipeline::registry::serve_with(listener, registry, write_token, limits, t).await
             });
             info!("Embedded schema registry listening on http://{addr}.");
             let url = format!("http://{addr}");
@@ -351,7 +357,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             ingest_url = format!("http://{}", listener.local_addr()?);
             let app = tidings_gateway::ingest_app(ingest, readiness.clone());
             let t = token.clone();
-            tasks.spawn("ingest", async move { tidings_gateway::serve(listener, app, t).await });
+            let limits = limits.clone();
+            tasks.spawn("ingest", async move { tidings_gateway::serve(listener, app, limits, t).await });
             info!("HTTP ingest for services listening on {ingest_url} (POST /v1/events/{{topic}}, service token required).");
         }
         let inbox = InboxState { store: store.clone(), auth: auth.clone() };
@@ -394,7 +401,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         let app = tidings_gateway::app(Parts { inbox: Some(inbox), stream: Some(stream.clone()) }, readiness.clone());
         readiness.set("gateway", true);
         let t = token.clone();
-        tasks.spawn("gateway", async move { tidings_gateway::serve_gateway(listener, app, Some(stream), t).await });
+        let limits = limits.clone();
+        tasks.spawn(
+            "gateway",
+            async move { tidings_gateway::serve_gateway(listener, app, Some(stream), limits, t).await },
+        );
         info!(
             "Gateway listening on {http}, advertised as {advertised} (GET /v1/stream, GET /v1/notifications, \
              GET /healthz, /readyz, /metrics)."

@@ -3,6 +3,7 @@
 //! No stage logic lives here; the crate is small enough to fuzz and property-test in isolation.
 
 pub mod error;
+pub mod http;
 pub mod json_avro;
 pub mod kafka;
 pub mod notification;

@@ -46,7 +46,7 @@ pub async fn serve(
     registry: Registry,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    serve_with(listener, registry, None, shutdown).await
+    serve_with(listener, registry, None, tidings_core::http::Limits::default(), shutdown).await
 }
 
 /// Serves until `shutdown` is cancelled. Reads are open, as in Confluent's default; writes
@@ -56,12 +56,13 @@ pub async fn serve_with(
     listener: tokio::net::TcpListener,
     registry: Registry,
     write_token: Option<String>,
+    limits: tidings_core::http::Limits,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let app = guarded_router(registry, write_token);
-    axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>())
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    let timeout = axum::middleware::from_fn_with_state(limits.request_timeout, tidings_core::http::request_timeout);
+    let app = guarded_router(registry, write_token).layer(timeout);
+    let accept = tidings_core::http::Capped::new(listener, limits.clone());
+    tidings_core::http::serve(accept, app, limits, shutdown).await
 }
 
 /// The routes behind the write guard; needs the peer address (`ConnectInfo<SocketAddr>`).

@@ -465,8 +465,14 @@ impl Hub {
         last: Option<(i32, i64)>,
     ) -> Result<Subscription, SubscribeError> {
         let partition = self.partition_of(user).ok_or(SubscribeError::NotReady(-1))?;
-        // A position from another partition (the topic grew) cannot be compared with this one.
-        let last = last.filter(|(p, _)| *p == partition);
+        // A position from another partition (the topic grew, so the user moved) says nothing about
+        // what this partition holds for the user: start over with `reset`, never silently fresh.
+        if last.is_some_and(|(p, _)| p != partition) {
+            if self.closing.load(Ordering::Relaxed) {
+                return Err(SubscribeError::NotReady(partition));
+            }
+            return self.reset(partition, user, "partition_changed");
+        }
         let mut store_rows: Vec<Arc<Event>> = Vec::new();
         let mut store_boundary: Option<i64> = None;
         for _attempt in 0..3 {
@@ -697,6 +703,22 @@ mod tests {
         hub.push(ev(8, "alice"));
         hub.push(ev(9, "alice"));
         assert_eq!(offsets(&drain(&mut ahead)), vec![9]);
+    }
+
+    #[tokio::test]
+    async fn a_position_on_another_partition_resets() {
+        let (hub, _) = hub_with("alice", cfg());
+        hub.push(ev(0, "alice"));
+        let other = hub.partition_of("alice").unwrap() + 1;
+        let mut sub = hub.subscribe("alice", Some((other, 5))).await.unwrap();
+        let frames = drain(&mut sub);
+        assert!(
+            matches!(&frames[1], Frame::Reset { reason: "partition_changed", .. }),
+            "a position of partition {other} must reset: {frames:?}"
+        );
+        assert_eq!(sub.outcome, ResumeOutcome::Reset);
+        hub.push(ev(1, "alice"));
+        assert_eq!(offsets(&drain(&mut sub)), vec![1]);
     }
 
     #[tokio::test]

@@ -458,7 +458,8 @@ async fn register_with_retry(client: &RegistryClient, subject: &str, text: &str)
     for _ in 0..10 {
         match client.register(subject, text).await {
             Ok(id) => return Ok(id),
-            Err(e) if e.is_retriable() => {
+            // Wrong credentials at startup are a configuration error: say so at once.
+            Err(e) if e.is_retriable() && !matches!(e, tidings_core::RegistryError::Unauthorized(..)) => {
                 tracing::warn!(error = %e, "Schema registry not reachable; retrying in {delay:?}.");
                 tokio::time::sleep(delay).await;
                 delay *= 2;

@@ -24,6 +24,12 @@ pub enum RegistryError {
     Rejected(String),
     #[error("schema registry unreachable or failing: {0}")]
     Unavailable(String),
+    /// 401/403: the credentials are wrong or lack a permission (retried; alert an operator).
+    #[error("schema registry refused our credentials (HTTP {0}): {1}")]
+    Unauthorized(u16, String),
+    /// 429: over the registry's request quota (retried).
+    #[error("schema registry throttled us (HTTP 429): {0}")]
+    Throttled(String),
     #[error("schema {0} is not valid Avro: {1}")]
     InvalidSchema(String, String),
     /// The client settings (URL, credentials, CA) are unusable; fix the configuration.
@@ -34,6 +40,6 @@ pub enum RegistryError {
 impl RegistryError {
     /// Whether the same request may succeed later.
     pub fn is_retriable(&self) -> bool {
-        matches!(self, RegistryError::Unavailable(_))
+        matches!(self, RegistryError::Unavailable(_) | RegistryError::Unauthorized(..) | RegistryError::Throttled(_))
     }
 }

@@ -1,17 +1,14 @@
 //! Schema-registry client used by every stage: talks to any Confluent-compatible registry by URL
 //! (the embedded one or an external one) and caches schemas by id and readers per writer schema,
-//! because building a resolved schema is the dominant cost of Avro decoding.
+//! because building a resolved schema is the dominant cost of Avro decoding. The REST calls are
+//! made here with reqwest rather than through schema_registry_converter, which keeps an error's
+//! HTTP status only inside its message text: errors are classified by status instead.
 
 use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::schema::ResolvedSchema;
 use apache_avro::types::Value;
 use apache_avro::writer::datum::GenericDatumWriter;
 use apache_avro::Schema;
-use schema_registry_converter::async_impl::schema_registry::{
-    get_schema_by_id, get_schema_by_subject, post_schema, SrSettings,
-};
-use schema_registry_converter::error::SRCError;
-use schema_registry_converter::schema_registry_common::{SchemaType, SubjectNameStrategy, SuppliedSchema};
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -122,20 +119,37 @@ pub struct RegistryClient {
 
 struct Inner {
     url: String,
-    settings: SrSettings,
+    /// The base URL, for appending path segments (percent-encoded by the URL type).
+    base: reqwest::Url,
+    http: reqwest::Client,
+    auth: Auth,
     by_id: RwLock<HashMap<u32, &'static Schema>>,
     /// Readers keyed by (writer id, reader schema address).
     readers: RwLock<HashMap<(u32, usize), Arc<CachedReader>>>,
 }
 
-fn classify(e: SRCError, not_found: impl FnOnce() -> RegistryError) -> RegistryError {
-    let text = e.to_string();
-    if text.contains("status 404") {
-        not_found()
-    } else if text.contains("status 4") {
-        RegistryError::Rejected(e.cause.clone().unwrap_or(e.error))
-    } else {
-        RegistryError::Unavailable(text)
+/// How requests authenticate.
+enum Auth {
+    None,
+    Basic(String, String),
+    Bearer(String),
+}
+
+/// Classifies an answer by its HTTP status: 404 → `not_found`; 401/403 → `Unauthorized` and 429 →
+/// `Throttled` (retried and alerted: credentials and quotas get fixed, the records stay good);
+/// 408 and 5xx → `Unavailable`; other 4xx → `Rejected` (the request itself is wrong).
+fn classify(status: reqwest::StatusCode, body: &str, not_found: impl FnOnce() -> RegistryError) -> RegistryError {
+    // Confluent's error body is {"error_code", "message"}; anything else is shown as it came.
+    let message = serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("message").and_then(|m| m.as_str()).map(str::to_string))
+        .unwrap_or_else(|| body.chars().take(200).collect());
+    match status.as_u16() {
+        404 => not_found(),
+        401 | 403 => RegistryError::Unauthorized(status.as_u16(), message),
+        429 => RegistryError::Throttled(message),
+        408 | 500..=599 => RegistryError::Unavailable(format!("HTTP {status}: {message}")),
+        _ => RegistryError::Rejected(format!("HTTP {status}: {message}")),
     }
 }
 
@@ -149,25 +163,29 @@ impl RegistryClient {
         // bytes (the default is 512 MiB): a 6-byte record must not be able to claim gigabytes.
         // 64 MiB still fits a legitimate 1 MiB record of one-byte array items (~40 MB as values).
         apache_avro::util::max_allocation_bytes(MAX_AVRO_ALLOCATION);
-        let mut builder = SrSettings::new_builder(url.trim_end_matches('/').to_string());
-        builder.set_timeout(Duration::from_secs(10));
-        if let Some((user, password)) = &endpoint.basic_auth {
-            builder.set_basic_authorization(user, Some(password));
+        let base = reqwest::Url::parse(url.trim_end_matches('/'))
+            .map_err(|e| RegistryError::Config(format!("schema registry URL {url:?}: {e}")))?;
+        if base.cannot_be_a_base() || !matches!(base.scheme(), "http" | "https") {
+            return Err(RegistryError::Config(format!("schema registry URL {url:?} is not http(s)")));
         }
-        if let Some(token) = &endpoint.bearer_token {
-            builder.set_token_authorization(token);
-        }
-        let mut http = reqwest::Client::builder();
+        let auth = match (&endpoint.basic_auth, &endpoint.bearer_token) {
+            (Some((u, p)), _) => Auth::Basic(u.clone(), p.clone()),
+            (None, Some(t)) => Auth::Bearer(t.clone()),
+            (None, None) => Auth::None,
+        };
+        let mut http = reqwest::Client::builder().timeout(Duration::from_secs(10));
         if let Some(pem) = &endpoint.ca_pem {
             let ca = reqwest::Certificate::from_pem(pem)
                 .map_err(|e| RegistryError::Config(format!("schema registry CA certificate: {e}")))?;
             http = http.add_root_certificate(ca);
         }
-        let settings = builder.build_with(http).map_err(|e| RegistryError::Config(e.to_string()))?;
+        let http = http.build().map_err(|e| RegistryError::Config(e.to_string()))?;
         Ok(RegistryClient {
             inner: Arc::new(Inner {
                 url: url.to_string(),
-                settings,
+                base,
+                http,
+                auth,
                 by_id: RwLock::new(HashMap::new()),
                 readers: RwLock::new(HashMap::new()),
             }),
@@ -183,11 +201,16 @@ impl RegistryClient {
         if let Some(s) = self.inner.by_id.read().expect("lock").get(&id) {
             return Ok(s);
         }
-        let registered = get_schema_by_id(id, &self.inner.settings)
-            .await
-            .map_err(|e| classify(e, || RegistryError::UnknownSchemaId(id)))?;
-        let schema = Schema::parse_str(&registered.schema)
-            .map_err(|e| RegistryError::InvalidSchema(format!("id {id}"), e.to_string()))?;
+        let answer = self
+            .call(reqwest::Method::GET, &["schemas", "ids", &id.to_string()], None, || {
+                RegistryError::UnknownSchemaId(id)
+            })
+            .await?;
+        let text = answer.get("schema").and_then(|v| v.as_str()).ok_or_else(|| {
+            RegistryError::InvalidSchema(format!("id {id}"), "the registry's answer has no `schema`".into())
+        })?;
+        let schema =
+            Schema::parse_str(text).map_err(|e| RegistryError::InvalidSchema(format!("id {id}"), e.to_string()))?;
         let mut map = self.inner.by_id.write().expect("lock");
         let leaked: &'static Schema = map.get(&id).copied().unwrap_or_else(|| Box::leak(Box::new(schema)));
         map.insert(id, leaked);
@@ -196,22 +219,66 @@ impl RegistryClient {
 
     /// Registers `schema` under `subject` (idempotent) and returns its id.
     pub async fn register(&self, subject: &str, schema: &str) -> Result<u32, RegistryError> {
-        let supplied = SuppliedSchema::new(None, SchemaType::Avro, schema.to_string());
-        let registered = post_schema(&self.inner.settings, subject.to_string(), supplied)
-            .await
-            .map_err(|e| classify(e, || RegistryError::UnknownSubject(subject.to_string())))?;
-        Ok(registered.id)
+        let body = serde_json::json!({ "schema": schema });
+        let answer = self
+            .call(reqwest::Method::POST, &["subjects", subject, "versions"], Some(body), || {
+                RegistryError::UnknownSubject(subject.to_string())
+            })
+            .await?;
+        answer
+            .get("id")
+            .and_then(|v| v.as_u64())
+            .and_then(|v| u32::try_from(v).ok())
+            .ok_or_else(|| RegistryError::Rejected(format!("registering {subject}: the answer has no id: {answer}")))
     }
 
     /// The latest schema of `subject` and its id.
     pub async fn latest(&self, subject: &str) -> Result<(u32, &'static Schema), RegistryError> {
-        let topic = subject.strip_suffix("-value").unwrap_or(subject).to_string();
-        let strategy = SubjectNameStrategy::TopicNameStrategy(topic, false);
-        let registered = get_schema_by_subject(&self.inner.settings, &strategy)
-            .await
-            .map_err(|e| classify(e, || RegistryError::UnknownSubject(subject.to_string())))?;
-        let id = registered.id;
+        let answer = self
+            .call(reqwest::Method::GET, &["subjects", subject, "versions", "latest"], None, || {
+                RegistryError::UnknownSubject(subject.to_string())
+            })
+            .await?;
+        let id =
+            answer.get("id").and_then(|v| v.as_u64()).and_then(|v| u32::try_from(v).ok()).ok_or_else(|| {
+                RegistryError::Rejected(format!("latest of {subject}: the answer has no id: {answer}"))
+            })?;
         Ok((id, self.schema_by_id(id).await?))
+    }
+
+    /// One Confluent REST call: `path` segments under the base URL (percent-encoded), the body as
+    /// `application/vnd.schemaregistry.v1+json`; the answer's JSON, or the error its status means.
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &[&str],
+        body: Option<serde_json::Value>,
+        not_found: impl FnOnce() -> RegistryError,
+    ) -> Result<serde_json::Value, RegistryError> {
+        const CONTENT_TYPE: &str = "application/vnd.schemaregistry.v1+json";
+        let mut url = self.inner.base.clone();
+        url.path_segments_mut()
+            .map_err(|_| RegistryError::Config(format!("schema registry URL {} cannot take a path", self.inner.url)))?
+            .pop_if_empty()
+            .extend(path);
+        let mut req = self.inner.http.request(method, url).header(reqwest::header::ACCEPT, CONTENT_TYPE);
+        req = match &self.inner.auth {
+            Auth::None => req,
+            Auth::Basic(u, p) => req.basic_auth(u, Some(p)),
+            Auth::Bearer(t) => req.bearer_auth(t),
+        };
+        if let Some(b) = body {
+            req = req.header(reqwest::header::CONTENT_TYPE, CONTENT_TYPE).body(b.to_string());
+        }
+        // Transport failures (refused, reset, timed out, TLS) can all pass: retriable.
+        let resp = req.send().await.map_err(|e| RegistryError::Unavailable(format!("{e:#}")))?;
+        let status = resp.status();
+        let text = resp.text().await.map_err(|e| RegistryError::Unavailable(format!("{e:#}")))?;
+        if !status.is_success() {
+            return Err(classify(status, &text, not_found));
+        }
+        serde_json::from_str(&text)
+            .map_err(|e| RegistryError::Rejected(format!("the registry's answer is not JSON: {e}")))
     }
 
     /// Decodes a framed record, resolving the writer schema against `reader` when they differ.
@@ -224,7 +291,10 @@ impl RegistryClient {
             None => {
                 let writer = self.schema_by_id(id).await.map_err(|e| match e {
                     RegistryError::UnknownSchemaId(id) => DecodeError::UnknownSchemaId(id),
-                    RegistryError::Unavailable(m) => DecodeError::RegistryUnavailable(m),
+                    // Outages, credentials and quotas get fixed; the record stays good.
+                    e @ (RegistryError::Unavailable(_)
+                    | RegistryError::Unauthorized(..)
+                    | RegistryError::Throttled(_)) => DecodeError::RegistryUnavailable(e.to_string()),
                     other => DecodeError::Incompatible { id, reason: other.to_string() },
                 })?;
                 let same = writer.canonical_form() == reader.canonical_form();

@@ -82,7 +82,9 @@ async fn serve(cert: Vec<u8>, key: Vec<u8>, want: String, seen: Arc<Mutex<Vec<St
                     .unwrap_or("")
                     .to_string();
                 seen.lock().unwrap().push(auth.clone());
-                let (status, body) = if auth == want && head.starts_with("GET /schemas/ids/1?") {
+                let (status, body) = if auth == want
+                    && (head.starts_with("GET /schemas/ids/1 ") || head.starts_with("GET /schemas/ids/1?"))
+                {
                     ("200 OK", r#"{"schema":"\"string\""}"#.to_string())
                 } else {
                     ("401 Unauthorized", r#"{"error_code":401,"message":"Unauthorized"}"#.to_string())
@@ -140,4 +142,58 @@ async fn https_registry_with_basic_auth_or_bearer_token() {
     let bearer = RegistryEndpoint { url, bearer_token: Some("tok-123".into()), ca_pem: Some(ca), ..Default::default() };
     RegistryClient::new(&bearer).unwrap().schema_by_id(1).await.expect("schema over https + bearer token");
     assert_eq!(seen.lock().unwrap().as_slice(), ["Bearer tok-123"]);
+}
+
+/// A plain-HTTP stand-in that answers every request with `status` and a Confluent error body.
+async fn answering(status: u16) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else { return };
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut len = 0;
+                while !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+                    match sock.read(&mut buf[len..]).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => len += n,
+                    }
+                }
+                let body = format!(r#"{{"error_code":{status},"message":"stand-in says {status}"}}"#);
+                let resp = format!(
+                    "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = sock.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    url
+}
+
+/// Registry errors are classified by status: credentials and quotas are retried (a record whose
+/// schema cannot be fetched for those reasons is never dead-lettered), 404 is an unknown id.
+#[tokio::test]
+async fn registry_errors_are_classified_by_status() {
+    for (status, retriable) in
+        [(401, true), (403, true), (429, true), (500, true), (503, true), (404, false), (400, false)]
+    {
+        let client = RegistryClient::new(answering(status).await.as_str()).unwrap();
+        let err = client.schema_by_id(7).await.unwrap_err();
+        assert_eq!(err.is_retriable(), retriable, "HTTP {status}: {err:?}");
+        match status {
+            401 | 403 => assert!(matches!(err, RegistryError::Unauthorized(s, _) if s == status), "{err:?}"),
+            429 => assert!(matches!(err, RegistryError::Throttled(_)), "{err:?}"),
+            404 => assert!(matches!(err, RegistryError::UnknownSchemaId(7)), "{err:?}"),
+            _ => {}
+        }
+        // Decoding a record of that schema id: retried (registry-unavailable), not dead-lettered.
+        let framed = tidings_core::wire::frame(7, &[2, b'x']);
+        let decode = client.decode(&framed, &tidings_core::notification::NOTIFICATION_SCHEMA).await.unwrap_err();
+        assert_eq!(decode.is_retriable(), retriable, "HTTP {status}: decode gave {decode:?}");
+        if status == 404 {
+            assert_eq!(decode.reason_code(), "unknown-schema-id");
+        }
+    }
 }

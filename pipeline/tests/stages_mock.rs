@@ -467,3 +467,70 @@ async fn persistence_dead_letters_what_it_cannot_store_and_keeps_going() {
     env.token.cancel();
     drop(mock);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_during_a_registry_outage_dead_letters_nothing_and_stores_no_offset() {
+    let mock = MockCluster::new(1).unwrap();
+    let env = env(&mock).await;
+    let (enc, _) = encoder(&env, "notifications-value").await;
+    let producer: FutureProducer = env.kafka.producer().create().unwrap();
+    for i in 0..3 {
+        let bytes = enc.encode(notification(i, "u-outage", 1_700_000_000_000_000).to_value()).unwrap();
+        producer
+            .send(FutureRecord::to("notifications").key("u-outage").payload(&bytes), Duration::from_secs(5))
+            .await
+            .unwrap();
+    }
+    // The registry is down for this run: its address takes connections and drops them, counting
+    // them, so the test knows when the stage is in its retry loop.
+    let down = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead_registry = format!("http://{}", down.local_addr().unwrap());
+    let attempts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = attempts.clone();
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = down.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            drop(sock);
+        }
+    });
+    let group = "outage-group";
+    let mut cfg = persistence_cfg(&env, group, 100);
+    cfg.registry = dead_registry.as_str().into();
+    let stop = CancellationToken::new();
+    let stage = tokio::spawn(persistence::run(cfg, env.store.clone(), stop.clone()));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while attempts.load(std::sync::atomic::Ordering::Relaxed) < 3 {
+        assert!(Instant::now() < deadline, "the stage never asked the registry");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let asked = Instant::now();
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(5), stage)
+        .await
+        .expect("the stage slept through shutdown while retrying")
+        .unwrap()
+        .unwrap();
+    eprintln!("stopped {:?} after shutdown was asked", asked.elapsed());
+
+    // Nothing was dead-lettered and no offset advanced: the records are good, only unread.
+    let probe: StreamConsumer = env.kafka.consumer("probe").create().unwrap();
+    let (_, dlq_high) = probe.fetch_watermarks("tidings.dlq.persistence", 0, Duration::from_secs(5)).unwrap();
+    assert_eq!(dlq_high, 0, "good records were dead-lettered because the stage stopped during an outage");
+    assert!(
+        env.store.load_offsets(group, "notifications").await.unwrap().values().all(|o| *o == 0),
+        "an offset advanced past records that were never stored"
+    );
+
+    // With the registry back, the next start stores all three.
+    let stop = CancellationToken::new();
+    let stage = tokio::spawn(persistence::run(persistence_cfg(&env, group, 100), env.store.clone(), stop.clone()));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while env.store.count_notifications().await.unwrap() < 3 {
+        assert!(Instant::now() < deadline, "the records were not stored after the registry came back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(20), stage).await.unwrap().unwrap().unwrap();
+    env.token.cancel();
+    drop(mock);
+}

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use tidings_core::json_avro::{avro_to_json, union_branch_name};
 use tidings_core::kafka::{dlq_headers, header_str, H_TRACEPARENT};
 use tidings_core::notification::NOTIFICATION_SCHEMA;
-use tidings_core::{DecodeError, Notification, RegistryClient};
+use tidings_core::{Notification, RegistryClient};
 use tokio::runtime::{Handle, RuntimeFlavor};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
@@ -339,6 +339,39 @@ async fn take(
             return Ok(());
         }
     }
+    let reader = if m.topic() == cfg.notifications_topic {
+        &*NOTIFICATION_SCHEMA
+    } else {
+        chat_schema.unwrap_or(&NOTIFICATION_SCHEMA)
+    };
+    // Decided before the record joins the batch: a record left undecided at shutdown must not
+    // advance its partition's offset (the next start reads it again).
+    let decoded = match m.payload() {
+        None => Err(("empty-payload", "record has no value".to_string())),
+        Some(payload) => {
+            let mut delay = Duration::from_millis(200);
+            loop {
+                match registry.decode(payload, reader).await {
+                    Ok(v) => break Ok(v),
+                    // The registry being down, or refusing us, says nothing about the record.
+                    Err(e) if e.is_retriable() => {
+                        if shutdown.is_cancelled() {
+                            info!(topic = m.topic(), partition = m.partition(), offset = m.offset(),
+                                "Stopping while the schema registry is unavailable; this record is read again on the next start.");
+                            return Ok(());
+                        }
+                        warn!(error = %e, "Schema registry unavailable; retrying in {delay:?} (the partition waits, nothing is skipped).");
+                        tokio::select! {
+                            _ = shutdown.cancelled() => {}
+                            _ = tokio::time::sleep(delay) => {}
+                        }
+                        delay = (delay * 2).min(Duration::from_secs(30));
+                    }
+                    Err(e) => break Err((e.reason_code(), e.to_string())),
+                }
+            }
+        }
+    };
     if pending.started.is_none() {
         pending.started = Some(Instant::now());
         pending.trace = BatchTrace::start();
@@ -346,29 +379,9 @@ async fn take(
     pending.records += 1;
     pending.next.insert(key, m.offset() + 1);
     pending.trace.link(m);
-    let Some(payload) = m.payload() else {
-        return dead_letter(m, pending, "empty-payload", "record has no value", cfg, producer).await;
-    };
-    let reader = if m.topic() == cfg.notifications_topic {
-        &*NOTIFICATION_SCHEMA
-    } else {
-        chat_schema.unwrap_or(&NOTIFICATION_SCHEMA)
-    };
-    let mut delay = Duration::from_millis(200);
-    let value = loop {
-        match registry.decode(payload, reader).await {
-            Ok(v) => break v,
-            Err(e) if e.is_retriable() && !shutdown.is_cancelled() => {
-                warn!(error = %e, "Schema registry unavailable; retrying in {delay:?}.");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(30));
-            }
-            Err(e) => {
-                let reason =
-                    if let DecodeError::RegistryUnavailable(_) = e { "registry-unavailable" } else { e.reason_code() };
-                return dead_letter(m, pending, reason, &e.to_string(), cfg, producer).await;
-            }
-        }
+    let value = match decoded {
+        Ok(v) => v,
+        Err((reason, error)) => return dead_letter(m, pending, reason, &error, cfg, producer).await,
     };
     if m.topic() == cfg.notifications_topic {
         match Notification::from_value(value) {

@@ -126,6 +126,7 @@ fn persistence_cfg(env: &Env, group: &str, batch_size: usize) -> PersistenceConf
         dead_letter: "tidings.dlq.persistence".into(),
         batch_size,
         linger: Duration::from_millis(50),
+        health: Default::default(),
     }
 }
 
@@ -138,6 +139,7 @@ async fn templating_renders_dead_letters_and_keeps_going() {
             kafka: env.kafka.clone(),
             registry: env.registry_url.clone().into(),
             topology: env.topo.clone(),
+            health: Default::default(),
         },
         env.store.clone(),
         env.token.clone(),
@@ -209,6 +211,7 @@ async fn campaign_fans_out_to_every_inline_user() {
             kafka: env.kafka.clone(),
             registry: env.registry_url.clone().into(),
             topology: env.topo.clone(),
+            health: Default::default(),
         },
         env.store.clone(),
         env.token.clone(),

@@ -46,6 +46,8 @@ impl Default for HubConfig {
 pub struct DeliveryConfig {
     pub kafka: KafkaConfig,
     pub registry: RegistryEndpoint,
+    /// Up while the stage runs (not while it waits to restart); for `/readyz`.
+    pub health: tidings_core::shutdown::StageHealth,
     /// Physical notifications topic.
     pub topic: String,
     /// Delivery consumer group (all gateway instances share it).

@@ -152,6 +152,7 @@ pub async fn run(
 ) -> Result<(), DeliveryError> {
     let result = tidings_core::shutdown::restart_on_transient(
         "delivery",
+        &cfg.health,
         &shutdown,
         || run_once(&cfg, &hub, &owners, &shutdown),
         DeliveryError::is_retriable,

@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
+use tidings_core::shutdown::StageHealth;
 use tidings_core::shutdown::TaskTree;
 use tidings_core::RegistryClient;
 use tidings_gateway::auth::{self, Key};
@@ -306,9 +307,16 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
 
     let run = |name: &str| args.stages.iter().any(|s| s == name);
     if run("templating") {
-        let cfg = TemplatingConfig { kafka: kafka.clone(), registry: registry.clone(), topology: topo.clone() };
+        let health = StageHealth::default();
+        let cfg = TemplatingConfig {
+            kafka: kafka.clone(),
+            registry: registry.clone(),
+            topology: topo.clone(),
+            health: health.clone(),
+        };
         let (s, t) = (store.clone(), token.clone());
-        readiness.set("templating", true);
+        // Ready while running, not while waiting to restart after a broker or registry outage.
+        readiness.set_check("templating", move || health.is_up());
         tasks.spawn("templating", async move { templating::run(cfg, s, t).await });
     }
     if run("persistence") {
@@ -326,9 +334,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             dead_letter: topo.topic_name(&spec.dead_letter),
             batch_size: spec.batch_size,
             linger: Duration::from_millis(spec.linger_ms),
+            health: StageHealth::default(),
         };
         let (s, t) = (store.clone(), token.clone());
-        readiness.set("persistence", true);
+        let health = cfg.health.clone();
+        readiness.set_check("persistence", move || health.is_up());
         tasks.spawn("persistence", async move { persistence::run(cfg, s, t).await });
     }
     let (mut http, mut ingest_url) = (String::new(), String::new());
@@ -390,12 +400,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             topic: notifications,
             group: topo.group_name(&args.sse.delivery_group),
             owners_topic: topo.topic_name(&args.sse.owners_topic),
+            health: StageHealth::default(),
         };
         {
             let (h, o, t) = (hub.clone(), owners.clone(), token.clone());
+            let health = dcfg.health.clone();
             tasks.spawn("delivery", async move { delivery::consumer::run(dcfg, h, o, t).await });
             let h = hub.clone();
-            readiness.set_check("delivery", move || h.is_ready());
+            readiness.set_check("delivery", move || health.is_up() && h.is_ready());
         }
         let stream = StreamState { hub, owners, auth };
         let app = tidings_gateway::app(Parts { inbox: Some(inbox), stream: Some(stream.clone()) }, readiness.clone());

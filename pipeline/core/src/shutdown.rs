@@ -2,6 +2,8 @@
 //! stragglers are reported and abandoned.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -78,11 +80,28 @@ impl TaskTree {
     }
 }
 
+/// Whether a stage is running an attempt (as opposed to waiting out a backoff after a failure,
+/// or stopped): what its `/readyz` component reports.
+#[derive(Debug, Clone, Default)]
+pub struct StageHealth(Arc<AtomicBool>);
+
+impl StageHealth {
+    pub fn is_up(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn set(&self, up: bool) {
+        self.0.store(up, Ordering::Relaxed);
+    }
+}
+
 /// Runs `attempt` until it succeeds, fails for good, or `shutdown` is cancelled, restarting it
 /// after failures `retriable` accepts with a backoff capped at 30 s. Failures after shutdown began
-/// count as a clean stop. Every stage's `run` is this loop around its `run_once`.
+/// count as a clean stop. Every stage's `run` is this loop around its `run_once`. `health` is up
+/// only while an attempt runs.
 pub async fn restart_on_transient<E, F, Fut>(
     stage: &str,
+    health: &StageHealth,
     shutdown: &CancellationToken,
     mut attempt: F,
     retriable: impl Fn(&E) -> bool,
@@ -94,7 +113,10 @@ where
 {
     let mut backoff = Duration::from_millis(500);
     loop {
-        match attempt().await {
+        health.set(true);
+        let result = attempt().await;
+        health.set(false);
+        match result {
             Ok(()) => return Ok(()),
             Err(_) if shutdown.is_cancelled() => return Ok(()),
             Err(e) if retriable(&e) => {
@@ -107,5 +129,48 @@ where
             }
             Err(e) => return Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn health_is_down_while_a_stage_waits_to_restart() {
+        let (health, shutdown) = (StageHealth::default(), CancellationToken::new());
+        let attempts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let run = {
+            let (health, shutdown, attempts) = (health.clone(), shutdown.clone(), attempts.clone());
+            tokio::spawn(async move {
+                restart_on_transient(
+                    "Test",
+                    &health,
+                    &shutdown.clone(),
+                    || {
+                        let (n, shutdown) = (attempts.fetch_add(1, Ordering::Relaxed), shutdown.clone());
+                        async move {
+                            if n == 0 {
+                                Err("broker down".to_string())
+                            } else {
+                                shutdown.cancelled().await;
+                                Ok(())
+                            }
+                        }
+                    },
+                    |_| true,
+                )
+                .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(attempts.load(Ordering::Relaxed), 1);
+        assert!(!health.is_up(), "up while waiting out the backoff after a failure");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(attempts.load(Ordering::Relaxed), 2);
+        assert!(health.is_up(), "down while the second attempt runs");
+        shutdown.cancel();
+        run.await.unwrap().unwrap();
+        assert!(!health.is_up(), "up after the stage stopped");
     }
 }

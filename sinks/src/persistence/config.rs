@@ -24,4 +24,6 @@ pub struct PersistenceConfig {
     pub batch_size: usize,
     /// Longest a record waits for its batch to fill (default 250 ms).
     pub linger: Duration,
+    /// Up while the stage runs (not while it waits to restart); for `/readyz`.
+    pub health: tidings_core::shutdown::StageHealth,
 }

@@ -169,6 +169,7 @@ impl ConsumerContext for SinkContext {
 pub async fn run(cfg: PersistenceConfig, store: Store, shutdown: CancellationToken) -> Result<(), PersistError> {
     tidings_core::shutdown::restart_on_transient(
         "Persistence",
+        &cfg.health,
         &shutdown,
         || run_once(&cfg, &store, &shutdown),
         PersistError::is_retriable,

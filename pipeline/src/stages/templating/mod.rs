@@ -40,6 +40,8 @@ pub struct TemplatingConfig {
     pub kafka: KafkaConfig,
     pub registry: RegistryEndpoint,
     pub topology: Arc<Topology>,
+    /// Up while the stage runs (not while it waits to restart); for `/readyz`.
+    pub health: tidings_core::shutdown::StageHealth,
 }
 
 /// Outputs of one input record, awaiting acknowledgement before its offset may be stored.
@@ -56,6 +58,7 @@ struct InFlight {
 pub async fn run(cfg: TemplatingConfig, store: Store, shutdown: CancellationToken) -> Result<(), StageError> {
     tidings_core::shutdown::restart_on_transient(
         "Templating",
+        &cfg.health,
         &shutdown,
         || run_once(&cfg, &store, &shutdown),
         StageError::is_retriable,

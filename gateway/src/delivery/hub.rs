@@ -186,6 +186,35 @@ struct Partition {
     /// The high watermark at assignment; live once the ring reaches it.
     target: i64,
     lag: Gauge,
+    /// Revoked or shutting down: set under this lock by whoever drained `subs`, so a subscribe
+    /// that took this partition before that (and locks it after) cannot register into it.
+    closed: Option<Closed>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Closed {
+    Revoked,
+    ShuttingDown,
+}
+
+impl Partition {
+    /// Refuses new streams once closed (the caller holds this partition's lock).
+    fn open(&self, partition: i32) -> Result<(), SubscribeError> {
+        match self.closed {
+            None => Ok(()),
+            Some(Closed::Revoked) => Err(SubscribeError::NotOwned(partition)),
+            Some(Closed::ShuttingDown) => Err(SubscribeError::NotReady(partition)),
+        }
+    }
+}
+
+/// What a look at the ring decided.
+enum Registered {
+    Done(Subscription),
+    /// The ring starts at `covered_from`, after the asked position: the store must fill the gap.
+    NeedsStore {
+        covered_from: i64,
+    },
 }
 
 /// A registered stream: frames to send first, then the queue. Dropping it unregisters.
@@ -324,6 +353,7 @@ impl Hub {
             live: high <= start,
             target: high,
             lag: gauge!("tidings_gateway_partition_lag", "partition" => partition.to_string()),
+            closed: None,
         };
         part.lag.set((high - start).max(0) as f64);
         self.partitions.write().expect("lock").insert(partition, Arc::new(Mutex::new(part)));
@@ -343,8 +373,9 @@ impl Hub {
             partitions.iter().filter_map(|p| map.remove(p)).collect()
         };
         for part in removed {
-            let part = part.lock().expect("lock");
-            for subs in part.subs.values() {
+            let mut part = part.lock().expect("lock");
+            part.closed = Some(Closed::Revoked);
+            for (_, subs) in part.subs.drain() {
                 for s in subs {
                     self.count_close(CloseReason::PartitionRevoked);
                     s.conn.close(CloseReason::PartitionRevoked);
@@ -357,10 +388,11 @@ impl Hub {
 
     /// Stops taking streams and closes every open one with `reconnect` (SIGTERM).
     pub fn close_all(&self) {
-        self.closing.store(true, Ordering::Relaxed);
+        self.closing.store(true, Ordering::SeqCst);
         let parts: Vec<_> = self.partitions.read().expect("lock").values().cloned().collect();
         for part in parts {
             let mut part = part.lock().expect("lock");
+            part.closed = Some(Closed::ShuttingDown);
             for (_, subs) in part.subs.drain() {
                 for s in subs {
                     self.count_close(CloseReason::Shutdown);
@@ -468,64 +500,77 @@ impl Hub {
         // A position from another partition (the topic grew, so the user moved) says nothing about
         // what this partition holds for the user: start over with `reset`, never silently fresh.
         if last.is_some_and(|(p, _)| p != partition) {
-            if self.closing.load(Ordering::Relaxed) {
-                return Err(SubscribeError::NotReady(partition));
-            }
             return self.reset(partition, user, "partition_changed");
         }
-        let mut store_rows: Vec<Arc<Event>> = Vec::new();
-        let mut store_boundary: Option<i64> = None;
+        // Rows read from the store and the ring position they were read up to.
+        let mut from_store: Option<(i64, Vec<Arc<Event>>)> = None;
         for _attempt in 0..3 {
             let part = self.partition(partition).ok_or(SubscribeError::NotOwned(partition))?;
-            if self.closing.load(Ordering::Relaxed) {
-                return Err(SubscribeError::NotReady(partition));
-            }
-            let covered_from = {
-                let mut guard = part.lock().expect("lock");
-                if !guard.live {
-                    return Err(SubscribeError::NotReady(partition));
-                }
-                match (last, store_boundary) {
-                    (None, _) => {
-                        let id = Some(position_id(partition, guard.ring.last()));
-                        let after = guard.ring.last();
-                        return Ok(self.register(
-                            &mut guard,
-                            partition,
-                            user,
-                            after,
-                            vec![Frame::Hello { id }],
-                            ResumeOutcome::Fresh,
-                        ));
-                    }
-                    (Some((_, lo)), _) if guard.ring.covers(lo) => {
-                        let mut backlog = vec![Frame::Hello { id: None }];
-                        backlog.extend(guard.ring.after(user, lo).into_iter().map(Frame::Event));
-                        let after = lo.max(guard.ring.last());
-                        return Ok(self.register(&mut guard, partition, user, after, backlog, ResumeOutcome::Ring));
-                    }
-                    // The store was read up to `boundary` and the ring still holds everything from there.
-                    (Some((_, lo)), Some(boundary)) if guard.ring.covered_from() <= boundary => {
-                        let mut backlog = vec![Frame::Hello { id: None }];
-                        backlog.extend(std::mem::take(&mut store_rows).into_iter().map(Frame::Event));
-                        backlog.extend(guard.ring.after(user, lo.max(boundary - 1)).into_iter().map(Frame::Event));
-                        let after = lo.max(guard.ring.last());
-                        return Ok(self.register(&mut guard, partition, user, after, backlog, ResumeOutcome::Store));
-                    }
-                    (Some(_), _) => guard.ring.covered_from(),
-                }
+            let covered_from = match self.register_from_ring(&part, partition, user, last, &mut from_store)? {
+                Registered::Done(sub) => return Ok(sub),
+                Registered::NeedsStore { covered_from } => covered_from,
             };
             let lo = last.map(|(_, o)| o).unwrap_or(-1);
             match self.read_store(user, partition, lo, covered_from).await? {
-                Some(rows) => {
-                    store_rows = rows;
-                    store_boundary = Some(covered_from);
-                }
+                Some(rows) => from_store = Some((covered_from, rows)),
                 None => return self.reset(partition, user, "position_too_old"),
             }
         }
         // The ring kept moving past what the store had: give up on a gapless resume.
         self.reset(partition, user, "position_too_old")
+    }
+
+    /// Under `part`'s lock: registers the stream when the ring (plus `from_store`, rows read up to
+    /// a boundary the ring still covers) serves everything after `last`; else says where the ring
+    /// starts. Refuses a partition that was revoked or closed after the caller looked it up.
+    fn register_from_ring(
+        self: &Arc<Self>,
+        part: &Mutex<Partition>,
+        partition: i32,
+        user: &str,
+        last: Option<(i32, i64)>,
+        from_store: &mut Option<(i64, Vec<Arc<Event>>)>,
+    ) -> Result<Registered, SubscribeError> {
+        let mut guard = part.lock().expect("lock");
+        self.check_open(&guard, partition)?;
+        if !guard.live {
+            return Err(SubscribeError::NotReady(partition));
+        }
+        let boundary = from_store.as_ref().map(|(b, _)| *b);
+        let sub = match (last, boundary) {
+            (None, _) => {
+                let id = Some(position_id(partition, guard.ring.last()));
+                let after = guard.ring.last();
+                self.register(&mut guard, partition, user, after, vec![Frame::Hello { id }], ResumeOutcome::Fresh)
+            }
+            (Some((_, lo)), _) if guard.ring.covers(lo) => {
+                let mut backlog = vec![Frame::Hello { id: None }];
+                backlog.extend(guard.ring.after(user, lo).into_iter().map(Frame::Event));
+                let after = lo.max(guard.ring.last());
+                self.register(&mut guard, partition, user, after, backlog, ResumeOutcome::Ring)
+            }
+            // The store was read up to `boundary` and the ring still holds everything from there.
+            (Some((_, lo)), Some(boundary)) if guard.ring.covered_from() <= boundary => {
+                let mut backlog = vec![Frame::Hello { id: None }];
+                let rows = from_store.take().map(|(_, rows)| rows).unwrap_or_default();
+                backlog.extend(rows.into_iter().map(Frame::Event));
+                backlog.extend(guard.ring.after(user, lo.max(boundary - 1)).into_iter().map(Frame::Event));
+                let after = lo.max(guard.ring.last());
+                self.register(&mut guard, partition, user, after, backlog, ResumeOutcome::Store)
+            }
+            (Some(_), _) => return Ok(Registered::NeedsStore { covered_from: guard.ring.covered_from() }),
+        };
+        Ok(Registered::Done(sub))
+    }
+
+    /// New streams only while neither this partition nor the hub is closed (checked under the
+    /// partition's lock, which revoke and close_all hold while they drain it).
+    fn check_open(&self, part: &Partition, partition: i32) -> Result<(), SubscribeError> {
+        part.open(partition)?;
+        if self.closing.load(Ordering::SeqCst) {
+            return Err(SubscribeError::NotReady(partition));
+        }
+        Ok(())
     }
 
     fn reset(
@@ -535,7 +580,18 @@ impl Hub {
         reason: &'static str,
     ) -> Result<Subscription, SubscribeError> {
         let part = self.partition(partition).ok_or(SubscribeError::NotOwned(partition))?;
+        self.reset_on(&part, partition, user, reason)
+    }
+
+    fn reset_on(
+        self: &Arc<Self>,
+        part: &Mutex<Partition>,
+        partition: i32,
+        user: &str,
+        reason: &'static str,
+    ) -> Result<Subscription, SubscribeError> {
         let mut guard = part.lock().expect("lock");
+        self.check_open(&guard, partition)?;
         let after = guard.ring.last();
         let backlog = vec![Frame::Hello { id: None }, Frame::Reset { id: position_id(partition, after), reason }];
         Ok(self.register(&mut guard, partition, user, after, backlog, ResumeOutcome::Reset))
@@ -703,6 +759,33 @@ mod tests {
         hub.push(ev(8, "alice"));
         hub.push(ev(9, "alice"));
         assert_eq!(offsets(&drain(&mut ahead)), vec![9]);
+    }
+
+    /// The race a subscribe loses to a revoke or shutdown: it looked the partition up before the
+    /// revoke/close_all drained it and locks it after. Driven step by step with that stale handle.
+    #[tokio::test]
+    async fn a_subscribe_that_loses_the_race_to_revoke_or_shutdown_is_refused() {
+        let (hub, p) = hub_with("alice", cfg());
+        let stale = hub.partition(p).unwrap();
+        hub.revoke(&[p]);
+        let r = hub.register_from_ring(&stale, p, "alice", None, &mut None);
+        assert!(matches!(r, Err(SubscribeError::NotOwned(_))), "registered into a revoked partition");
+        assert!(matches!(hub.reset_on(&stale, p, "alice", "x"), Err(SubscribeError::NotOwned(_))));
+
+        let (hub, p) = hub_with("alice", cfg());
+        let stale = hub.partition(p).unwrap();
+        hub.close_all();
+        let r = hub.register_from_ring(&stale, p, "alice", None, &mut None);
+        assert!(matches!(r, Err(SubscribeError::NotReady(_))), "registered after shutdown drained the partition");
+        assert!(matches!(hub.reset_on(&stale, p, "alice", "x"), Err(SubscribeError::NotReady(_))));
+        // A partition assigned after shutdown began takes nothing either.
+        hub.assign(p + 1, 0, 0);
+        let fresh = hub.partition(p + 1).unwrap();
+        assert!(matches!(
+            hub.register_from_ring(&fresh, p + 1, "bob", None, &mut None),
+            Err(SubscribeError::NotReady(_))
+        ));
+        assert_eq!(hub.connections(), 0);
     }
 
     #[tokio::test]

@@ -35,13 +35,18 @@ pub use ingest::{IngestState, IngestTopic};
 pub struct Parts {
     pub inbox: Option<InboxState>,
     pub stream: Option<StreamState>,
+    /// `/metrics` is served on a listener of its own ([`metrics_app`]), not here.
+    pub metrics_elsewhere: bool,
 }
 
 /// The public gateway's router (browsers): health and metrics always, the other parts when given.
 /// Ingest is not among them: it has its own listener ([`ingest_app`]).
 pub fn app(parts: Parts, readiness: Readiness) -> Router {
-    let Parts { inbox, stream } = parts;
-    let mut router = Router::new().merge(health::router(readiness)).merge(metrics::router());
+    let Parts { inbox, stream, metrics_elsewhere } = parts;
+    let mut router = Router::new().merge(health::router(readiness));
+    if !metrics_elsewhere {
+        router = router.merge(metrics::router());
+    }
     if let Some(stream) = stream {
         router = router.merge(delivery::stream::router(stream));
     }
@@ -52,6 +57,11 @@ pub fn app(parts: Parts, readiness: Readiness) -> Router {
         );
     }
     router
+}
+
+/// A metrics-only router, for `--metrics-listen` (e.g. a port only the Prometheus scraper reaches).
+pub fn metrics_app() -> Router {
+    metrics::router()
 }
 
 /// The ingest listener's router (services): `POST /v1/events/{topic}` and health.

@@ -47,6 +47,10 @@ pub struct UpArgs {
     /// least 16 characters each; comma-separated in the env var.
     #[arg(long = "ingest-token", env = "TIDINGS_INGEST_TOKENS", value_delimiter = ',', hide_env_values = true)]
     pub ingest_tokens: Vec<String>,
+    /// Serve `/metrics` on this address only (e.g. a port only the scraper reaches) instead of on
+    /// the public gateway port.
+    #[arg(long, env = "TIDINGS_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Open HTTP connections (streams included) this process holds at most, over all its
     /// listeners; past it new connections are closed at once (`tidings_http_connections_refused_total`).
     #[arg(long, env = "TIDINGS_MAX_CONNECTIONS", default_value_t = 50_000)]
@@ -410,8 +414,23 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             readiness.set_check("delivery", move || health.is_up() && h.is_ready());
         }
         let stream = StreamState { hub, owners, auth };
-        let app = tidings_gateway::app(Parts { inbox: Some(inbox), stream: Some(stream.clone()) }, readiness.clone());
+        let app = tidings_gateway::app(
+            Parts {
+                inbox: Some(inbox),
+                stream: Some(stream.clone()),
+                metrics_elsewhere: args.metrics_listen.is_some(),
+            },
+            readiness.clone(),
+        );
         readiness.set("gateway", true);
+        if let Some(addr) = args.metrics_listen {
+            let listener = tidings_gateway::bind(addr, None).with_context(|| format!("binding /metrics to {addr}"))?;
+            info!("Prometheus /metrics on http://{} only.", listener.local_addr()?);
+            let (t, limits) = (token.clone(), limits.clone());
+            tasks.spawn("metrics", async move {
+                tidings_gateway::serve(listener, tidings_gateway::metrics_app(), limits, t).await
+            });
+        }
         let t = token.clone();
         let limits = limits.clone();
         tasks.spawn(

@@ -136,3 +136,17 @@ async fn outside_dev_mode_only_configured_secrets_and_tokens_work() {
     let out = command(dir.path(), &["--jwt-secret", secret, "--ingest-token", "short"]).output().unwrap();
     assert!(!out.status.success(), "a 5-character service token was accepted");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_can_move_off_the_public_port() {
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let metrics_addr = free.local_addr().unwrap().to_string();
+    drop(free);
+    let (_up, ep) = start(&["--dev", "--metrics-listen", &metrics_addr]);
+    let http = ep["http"].as_str().unwrap();
+    let get = |url: String| async move { reqwest::get(url).await.expect("GET") };
+    assert_eq!(get(format!("{http}/metrics")).await.status(), 404, "/metrics still on the public port");
+    let resp = get(format!("http://{metrics_addr}/metrics")).await;
+    assert_eq!(resp.status(), 200);
+    assert!(resp.text().await.unwrap().contains("tidings_"), "no tidings metrics on the metrics port");
+}

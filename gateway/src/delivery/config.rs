@@ -24,6 +24,9 @@ pub struct HubConfig {
     pub retry: Duration,
     /// Most notifications a resume may read from the store before answering `reset`. Default 5000.
     pub max_store_resume: usize,
+    /// Notification ids remembered per owned partition, so a replay of the templating stage (the
+    /// same id again at a later offset) reaches each stream at most once. Default 8192.
+    pub dedupe_ids: usize,
 }
 
 impl Default for HubConfig {
@@ -37,6 +40,7 @@ impl Default for HubConfig {
             heartbeat: Duration::from_secs(15),
             retry: Duration::from_secs(2),
             max_store_resume: 5000,
+            dedupe_ids: 8192,
         }
     }
 }

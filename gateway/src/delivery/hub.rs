@@ -186,9 +186,38 @@ struct Partition {
     /// The high watermark at assignment; live once the ring reaches it.
     target: i64,
     lag: Gauge,
+    /// Recently delivered notification ids (a replay of the templating stage repeats them).
+    recent: RecentIds,
     /// Revoked or shutting down: set under this lock by whoever drained `subs`, so a subscribe
     /// that took this partition before that (and locks it after) cannot register into it.
     closed: Option<Closed>,
+}
+
+/// The last `cap` ids seen, with O(1) membership: bounded memory, oldest forgotten first.
+struct RecentIds {
+    set: std::collections::HashSet<u128>,
+    order: std::collections::VecDeque<u128>,
+    cap: usize,
+}
+
+impl RecentIds {
+    fn new(cap: usize) -> Self {
+        RecentIds { set: Default::default(), order: Default::default(), cap: cap.max(1) }
+    }
+
+    /// Records `id`; false when it was already among the recent ones.
+    fn first_time(&mut self, id: u128) -> bool {
+        if !self.set.insert(id) {
+            return false;
+        }
+        self.order.push_back(id);
+        if self.order.len() > self.cap {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+        true
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -353,6 +382,7 @@ impl Hub {
             live: high <= start,
             target: high,
             lag: gauge!("tidings_gateway_partition_lag", "partition" => partition.to_string()),
+            recent: RecentIds::new(self.cfg.dedupe_ids),
             closed: None,
         };
         part.lag.set((high - start).max(0) as f64);
@@ -418,6 +448,12 @@ impl Hub {
         let Some(part) = self.partition(ev.partition) else { return };
         let ev = Arc::new(ev);
         let mut part = part.lock().expect("lock");
+        if !part.recent.first_time(ev.id) {
+            // The same notification again (templating replayed its input): consumed, not delivered.
+            Self::advance(&mut part, ev.offset);
+            metrics::counter!("tidings_gateway_duplicates_dropped_total").increment(1);
+            return;
+        }
         part.ring.push(ev.clone());
         Self::advance(&mut part, ev.offset);
         let Some(subs) = part.subs.get_mut(&ev.user) else { return };
@@ -701,7 +737,7 @@ mod tests {
     }
 
     fn ev(offset: i64, user: &str) -> Event {
-        Event::new(0, offset, user, "k", Bytes::from(format!("{{\"n\":{offset}}}")), 0)
+        Event::new(0, offset, offset as u128, user, "k", Bytes::from(format!("{{\"n\":{offset}}}")), 0)
     }
 
     fn offsets(frames: &[Frame]) -> Vec<i64> {
@@ -786,6 +822,26 @@ mod tests {
             Err(SubscribeError::NotReady(_))
         ));
         assert_eq!(hub.connections(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_replayed_notification_reaches_each_stream_once_within_a_bounded_window() {
+        let (hub, _) = hub_with("alice", HubConfig { dedupe_ids: 3, ..cfg() });
+        let mut sub = hub.subscribe("alice", None).await.unwrap();
+        let with_id = |offset: i64, id: u128| {
+            Event::new(0, offset, id, "alice", "k", Bytes::from(format!("{{\"n\":{offset}}}")), 0)
+        };
+        hub.push(with_id(0, 100));
+        hub.push(with_id(1, 101));
+        hub.push(with_id(2, 100)); // templating replayed notification 100 at a later offset
+        assert_eq!(offsets(&drain(&mut sub)), vec![0, 1], "a replayed id was delivered twice");
+        // The window is bounded: past 3 newer ids, 100 is forgotten (and delivered again).
+        for (o, id) in [(3, 102), (4, 103), (5, 104), (6, 100)] {
+            hub.push(with_id(o, id));
+        }
+        assert_eq!(offsets(&drain(&mut sub)), vec![3, 4, 5, 6]);
+        let p = hub.partition(0).unwrap();
+        assert!(p.lock().unwrap().recent.set.len() <= 3, "the id window grew past its bound");
     }
 
     #[tokio::test]

@@ -35,6 +35,8 @@ pub fn partition_for(user: &str, partitions: i32) -> i32 {
 pub struct Event {
     pub partition: i32,
     pub offset: i64,
+    /// The notification id (a UUID): the same for a notification replayed at a later offset.
+    pub id: u128,
     pub user: Box<str>,
     pub kind: Box<str>,
     /// The notification as JSON (the SSE `data:`).
@@ -44,8 +46,8 @@ pub struct Event {
 }
 
 impl Event {
-    pub fn new(partition: i32, offset: i64, user: &str, kind: &str, data: Bytes, timestamp_ms: i64) -> Self {
-        Event { partition, offset, user: user.into(), kind: kind.into(), data, timestamp_ms }
+    pub fn new(partition: i32, offset: i64, id: u128, user: &str, kind: &str, data: Bytes, timestamp_ms: i64) -> Self {
+        Event { partition, offset, id, user: user.into(), kind: kind.into(), data, timestamp_ms }
     }
 
     /// Approximate memory held by this event, for the byte bounds of rings and queues.

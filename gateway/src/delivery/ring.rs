@@ -89,7 +89,7 @@ mod tests {
     use super::*;
 
     fn ev(offset: i64, user: &str, len: usize) -> Arc<Event> {
-        Arc::new(Event::new(0, offset, user, "k", bytes::Bytes::from(vec![b'x'; len]), 0))
+        Arc::new(Event::new(0, offset, offset as u128, user, "k", bytes::Bytes::from(vec![b'x'; len]), 0))
     }
 
     #[test]

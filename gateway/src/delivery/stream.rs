@@ -76,7 +76,7 @@ pub fn event_from_notification(partition: i32, offset: i64, n: &Notification, ti
     let mut data = serde_json::to_vec(&NotificationJson::new(n, partition, offset)).expect("notification serializes");
     // The vector grew by doubling; rings and queues account by length, so hold no more than that.
     data.shrink_to_fit();
-    Event::new(partition, offset, &n.user_id, &n.kind, data.into(), timestamp_ms)
+    Event::new(partition, offset, n.notification_id.as_u128(), &n.user_id, &n.kind, data.into(), timestamp_ms)
 }
 
 fn retry_after(secs: u64, code: &'static str, message: String) -> Response {

@@ -13,7 +13,8 @@ use rdkafka::producer::FutureProducer;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tidings_core::notification::NOTIFICATION_SCHEMA;
-use tidings_core::{Notification, RegistryClient};
+use tidings_core::retry::{until_done, GaveUp};
+use tidings_core::{DecodeError, Notification, RegistryClient};
 use tokio::runtime::{Handle, RuntimeFlavor};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -298,21 +299,25 @@ async fn deliver(m: &BorrowedMessage<'_>, registry: &RegistryClient, hub: &Hub, 
         hub.skip(p, o);
         return;
     };
-    let mut delay = Duration::from_millis(200);
-    let value = loop {
-        match registry.decode(payload, &NOTIFICATION_SCHEMA).await {
-            Ok(v) => break v,
-            Err(e) if e.is_retriable() && !shutdown.is_cancelled() => {
-                warn!(error = %e, "Schema registry unavailable while decoding {p}@{o}; retrying in {delay:?}.");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-            Err(e) => {
-                warn!(error = %e, reason = e.reason_code(), "Skipping undecodable notification {p}@{o} (dead-lettered by persistence).");
-                metrics::counter!("tidings_gateway_undecodable_total").increment(1);
-                hub.skip(p, o);
-                return;
-            }
+    let what = format!("Decoding notification {p}@{o} through the schema registry");
+    let window = (Duration::from_millis(200), Duration::from_secs(5));
+    let value = match until_done(
+        shutdown,
+        &what,
+        window,
+        || registry.decode(payload, &NOTIFICATION_SCHEMA),
+        DecodeError::is_retriable,
+    )
+    .await
+    {
+        Ok(v) => v,
+        // Stopping: the streams end with `reconnect` and the next owner delivers it.
+        Err(GaveUp::ShutDown(_)) => return,
+        Err(GaveUp::Failed(e)) => {
+            warn!(error = %e, reason = e.reason_code(), "Skipping undecodable notification {p}@{o} (dead-lettered by persistence).");
+            metrics::counter!("tidings_gateway_undecodable_total").increment(1);
+            hub.skip(p, o);
+            return;
         }
     };
     match Notification::from_value(value) {

@@ -8,6 +8,7 @@ pub mod json_avro;
 pub mod kafka;
 pub mod notification;
 pub mod registry;
+pub mod retry;
 pub mod shutdown;
 pub mod trace;
 pub mod wire;

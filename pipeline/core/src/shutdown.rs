@@ -111,7 +111,7 @@ where
     Fut: Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
-    let mut backoff = Duration::from_millis(500);
+    let mut delays = crate::retry::schedule(Duration::from_millis(500), Duration::from_secs(30));
     loop {
         health.set(true);
         let result = attempt().await;
@@ -120,12 +120,12 @@ where
             Ok(()) => return Ok(()),
             Err(_) if shutdown.is_cancelled() => return Ok(()),
             Err(e) if retriable(&e) => {
+                let backoff = delays.next().unwrap_or(Duration::from_secs(30));
                 tracing::warn!(error = %e, "{stage} stage failed; restarting from its stored offsets in {backoff:?}.");
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),
                     _ = tokio::time::sleep(backoff) => {}
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
             }
             Err(e) => return Err(e),
         }

@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 use tidings_core::json_avro::{avro_to_json, union_branch_name};
 use tidings_core::kafka::{dlq_headers, header_str, H_TRACEPARENT};
 use tidings_core::notification::NOTIFICATION_SCHEMA;
-use tidings_core::{Notification, RegistryClient};
+use tidings_core::retry::{until_done, GaveUp};
+use tidings_core::{DecodeError, Notification, RegistryClient};
 use tokio::runtime::{Handle, RuntimeFlavor};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
@@ -347,32 +348,28 @@ async fn take(
     };
     // Decided before the record joins the batch: a record left undecided at shutdown must not
     // advance its partition's offset (the next start reads it again).
-    let decoded = match m.payload() {
-        None => Err(("empty-payload", "record has no value".to_string())),
-        Some(payload) => {
-            let mut delay = Duration::from_millis(200);
-            loop {
-                match registry.decode(payload, reader).await {
-                    Ok(v) => break Ok(v),
-                    // The registry being down, or refusing us, says nothing about the record.
-                    Err(e) if e.is_retriable() => {
-                        if shutdown.is_cancelled() {
-                            info!(topic = m.topic(), partition = m.partition(), offset = m.offset(),
-                                "Stopping while the schema registry is unavailable; this record is read again on the next start.");
-                            return Ok(());
-                        }
-                        warn!(error = %e, "Schema registry unavailable; retrying in {delay:?} (the partition waits, nothing is skipped).");
-                        tokio::select! {
-                            _ = shutdown.cancelled() => {}
-                            _ = tokio::time::sleep(delay) => {}
-                        }
-                        delay = (delay * 2).min(Duration::from_secs(30));
-                    }
-                    Err(e) => break Err((e.reason_code(), e.to_string())),
+    let decoded =
+        match m.payload() {
+            None => Err(("empty-payload", "record has no value".to_string())),
+            // The registry being down, or refusing us, says nothing about the record: retried.
+            Some(payload) => match until_done(
+                shutdown,
+                "Decoding through the schema registry",
+                (Duration::from_millis(200), Duration::from_secs(30)),
+                || registry.decode(payload, reader),
+                DecodeError::is_retriable,
+            )
+            .await
+            {
+                Ok(v) => Ok(v),
+                Err(GaveUp::Failed(e)) => Err((e.reason_code(), e.to_string())),
+                Err(GaveUp::ShutDown(_)) => {
+                    info!(topic = m.topic(), partition = m.partition(), offset = m.offset(),
+                    "Stopping while the schema registry is unavailable; this record is read again on the next start.");
+                    return Ok(());
                 }
-            }
-        }
-    };
+            },
+        };
     if pending.started.is_none() {
         pending.started = Some(Instant::now());
         pending.trace = BatchTrace::start();
@@ -490,29 +487,29 @@ async fn flush(
     span.record("rows", rows);
     let batch = &pending.batch;
     let write = async {
-        let mut delay = Duration::from_millis(500);
         let started = Instant::now();
-        loop {
-            match store.write_batch(&cfg.group, batch).await {
-                Ok(stats) => {
-                    debug!(
-                        rows,
-                        inserted = stats.notifications_inserted + stats.chat_inserted,
-                        took_ms = started.elapsed().as_millis() as u64,
-                        "Stored a batch."
-                    );
-                    return Ok(());
-                }
-                Err(e) if e.is_retriable() => {
-                    warn!(error = %e, "Database unavailable; retrying batch of {rows} rows in {delay:?}. No offset advances until it is stored.");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return Err(PersistError::Store(e)),
-                        _ = tokio::time::sleep(delay) => {}
-                    }
-                    delay = (delay * 2).min(Duration::from_secs(30));
-                }
-                Err(e) => return Err(PersistError::from(e)),
+        // No offset advances until the batch is stored: they are written with it.
+        let what = format!("Storing a batch of {rows} rows");
+        match until_done(
+            shutdown,
+            &what,
+            (Duration::from_millis(500), Duration::from_secs(30)),
+            || store.write_batch(&cfg.group, batch),
+            StoreError::is_retriable,
+        )
+        .await
+        {
+            Ok(stats) => {
+                debug!(
+                    rows,
+                    inserted = stats.notifications_inserted + stats.chat_inserted,
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "Stored a batch."
+                );
+                Ok(())
             }
+            Err(GaveUp::ShutDown(e)) => Err(PersistError::Store(e)),
+            Err(GaveUp::Failed(e)) => Err(PersistError::from(e)),
         }
     };
     if let Err(e) = write.instrument(span.clone()).await {

@@ -18,6 +18,7 @@ use std::time::Duration;
 use tidings_core::json_avro::{avro_to_json, union_branch_name};
 use tidings_core::kafka::{dlq_headers, header_str, KafkaConfig, H_TRACEPARENT};
 use tidings_core::notification::NOTIFICATION_SCHEMA_JSON;
+use tidings_core::retry::{until_done, GaveUp};
 use tidings_core::{
     trace, DecodeError, Notification, NotificationEncoder, RegistryClient, RegistryEndpoint, SharedFields,
 };
@@ -542,12 +543,12 @@ fn dead(e: RenderError) -> Outcome {
     Outcome::Dead { reason: e.reason_code(), error: e.to_string() }
 }
 
-/// Retries `op` while its error is retriable, backing off up to 30 s, until shutdown.
-/// Returns the final result (Ok or a non-retriable error); `Err(StageError)` only on shutdown.
+/// Retries `op` while its error is retriable (200 ms doubling to 30 s, the partition waits);
+/// the final result, or `Err(StageError)` when shutdown begins first.
 async fn retry<T, E, F, Fut>(
     shutdown: &CancellationToken,
     what: &str,
-    mut op: F,
+    op: F,
     retriable: impl Fn(&E) -> bool,
 ) -> Result<Result<T, E>, StageError>
 where
@@ -555,18 +556,9 @@ where
     Fut: std::future::Future<Output = Result<T, E>>,
     E: std::fmt::Display,
 {
-    let mut delay = Duration::from_millis(200);
-    loop {
-        match op().await {
-            Err(e) if retriable(&e) => {
-                warn!(error = %e, "{what} failed; retrying in {delay:?} (the partition waits, nothing is skipped).");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Err(StageError::Delivery(format!("shut down while retrying {what}"))),
-                    _ = tokio::time::sleep(delay) => {}
-                }
-                delay = (delay * 2).min(Duration::from_secs(30));
-            }
-            other => return Ok(other),
-        }
+    match until_done(shutdown, what, (Duration::from_millis(200), Duration::from_secs(30)), op, retriable).await {
+        Ok(v) => Ok(Ok(v)),
+        Err(GaveUp::Failed(e)) => Ok(Err(e)),
+        Err(GaveUp::ShutDown(_)) => Err(StageError::Delivery(format!("shut down while retrying {what}"))),
     }
 }

@@ -299,11 +299,11 @@ async fn deliver(m: &BorrowedMessage<'_>, registry: &RegistryClient, hub: &Hub, 
         hub.skip(p, o);
         return;
     };
-    let what = format!("Decoding notification {p}@{o} through the schema registry");
+    let what = || format!("Decoding notification {p}@{o} through the schema registry");
     let window = (Duration::from_millis(200), Duration::from_secs(5));
     let value = match until_done(
         shutdown,
-        &what,
+        what,
         window,
         || registry.decode(payload, &NOTIFICATION_SCHEMA),
         DecodeError::is_retriable,

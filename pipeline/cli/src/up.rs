@@ -347,7 +347,6 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     }
     let (mut http, mut ingest_url) = (String::new(), String::new());
     if run("gateway") {
-        let producer: FutureProducer = kafka.producer().create()?;
         let topics: HashMap<String, IngestTopic> = topo
             .topics
             .iter()
@@ -365,6 +364,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         if tokens.is_empty() {
             info!("HTTP ingest is off: no --ingest-token (TIDINGS_INGEST_TOKENS) is set.");
         } else {
+            let producer: FutureProducer = kafka.producer().create()?;
             let ingest = Arc::new(IngestState::new(topics, client.clone(), producer, tokens, Some(auth.clone())));
             let listener = tidings_gateway::bind(args.ingest_listen, None)
                 .with_context(|| format!("binding HTTP ingest to {}", args.ingest_listen))?;

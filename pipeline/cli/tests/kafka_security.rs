@@ -127,56 +127,14 @@ async fn sasl_scram_and_plain_work_and_a_wrong_password_fails_fast() {
     refused("sasl-listener-without-sasl", &sasl, &[], "Kafka", Duration::from_secs(45)).await;
 }
 
-/// A CA and a server certificate for 127.0.0.1/localhost, made with the `openssl` command.
+/// A CA and the PEM keystore Kafka takes: an unencrypted PKCS#8 key, then the certificate chain.
 fn make_certs(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
-    let run = |args: &[&str]| {
-        let out = Command::new("openssl").args(args).current_dir(dir).output().expect("running openssl");
-        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    };
-    let (ca_key, ca) = (format!("{name}-ca.key"), format!("{name}-ca.pem"));
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        &ca_key,
-        "-out",
-        &ca,
-        "-days",
-        "2",
-        "-subj",
-        &format!("/CN={name} test CA"),
-    ]);
-    let (key, csr, cert) = (format!("{name}-server.key"), format!("{name}-server.csr"), format!("{name}-server.pem"));
-    run(&["req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &csr, "-subj", "/CN=localhost"]);
-    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n").unwrap();
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        &csr,
-        "-CA",
-        &ca,
-        "-CAkey",
-        &ca_key,
-        "-CAcreateserial",
-        "-out",
-        &cert,
-        "-days",
-        "2",
-        "-extfile",
-        "san.ext",
-    ]);
-    // Kafka's PEM keystore: an unencrypted PKCS#8 key followed by the certificate chain.
-    let pkcs8 = format!("{name}-server.pk8");
-    run(&["pkcs8", "-topk8", "-nocrypt", "-in", &key, "-out", &pkcs8]);
+    let c = tidings_core::testing::certificates(dir, name);
     let keystore = dir.join(format!("{name}-keystore.pem"));
-    let mut pem = std::fs::read(dir.join(&pkcs8)).unwrap();
-    pem.extend(std::fs::read(dir.join(&cert)).unwrap());
+    let mut pem = std::fs::read(&c.key_pkcs8).unwrap();
+    pem.extend(std::fs::read(&c.cert).unwrap());
     std::fs::write(&keystore, pem).unwrap();
-    (dir.join(ca), keystore)
+    (c.ca, keystore)
 }
 
 /// A broker started by compose/start-kafka.sh for this test alone; stopped (and its storage

@@ -23,10 +23,11 @@ pub fn schedule(first: Duration, max: Duration) -> impl Iterator<Item = Duration
 }
 
 /// Runs `op` until it succeeds, fails with an error `retriable` rejects, or `shutdown` begins
-/// while it fails; logs each retry as `what`.
+/// while it fails; logs each retry as `what()`. Called per record by the stages: nothing is built
+/// (no schedule, no message) unless `op` fails.
 pub async fn until_done<T, E, F, Fut>(
     shutdown: &CancellationToken,
-    what: &str,
+    what: impl Fn() -> String,
     (first, max): (Duration, Duration),
     mut op: F,
     retriable: impl Fn(&E) -> bool,
@@ -36,15 +37,15 @@ where
     Fut: Future<Output = Result<T, E>>,
     E: std::fmt::Display,
 {
-    let mut delays = schedule(first, max);
+    let mut delays = None;
     loop {
         match op().await {
             Ok(v) => return Ok(v),
             Err(e) if !retriable(&e) => return Err(GaveUp::Failed(e)),
             Err(e) if shutdown.is_cancelled() => return Err(GaveUp::ShutDown(e)),
             Err(e) => {
-                let delay = delays.next().unwrap_or(max);
-                tracing::warn!(error = %e, "{what} failed; retrying in {delay:?} (nothing is skipped meanwhile).");
+                let delay = delays.get_or_insert_with(|| schedule(first, max)).next().unwrap_or(max);
+                tracing::warn!(error = %e, "{} failed; retrying in {delay:?} (nothing is skipped meanwhile).", what());
                 tokio::select! {
                     _ = shutdown.cancelled() => return Err(GaveUp::ShutDown(e)),
                     _ = tokio::time::sleep(delay) => {}
@@ -67,7 +68,7 @@ mod tests {
         // Two outages, then success.
         let r = until_done(
             &shutdown,
-            "t",
+            || "t".into(),
             window,
             || async {
                 if calls.fetch_add(1, Ordering::Relaxed) < 2 {
@@ -84,7 +85,7 @@ mod tests {
         calls.store(0, Ordering::Relaxed);
         let r = until_done(
             &shutdown,
-            "t",
+            || "t".into(),
             window,
             || async {
                 calls.fetch_add(1, Ordering::Relaxed);
@@ -103,7 +104,7 @@ mod tests {
         let started = tokio::time::Instant::now();
         let r = until_done(
             &shutdown,
-            "t",
+            || "t".into(),
             (Duration::from_secs(10), Duration::from_secs(10)),
             || async { Err::<(), _>("down") },
             |_| true,

@@ -3,54 +3,15 @@
 //! with the expected `Authorization`; the client must trust the given CA and send the credentials.
 
 use std::path::Path;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use tidings_core::{RegistryClient, RegistryEndpoint, RegistryError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// A CA and a server certificate for 127.0.0.1, made with the `openssl` command: (ca, cert, key).
+/// A CA and a server certificate for 127.0.0.1: (ca, cert, key) as PEM bytes.
 fn certs(dir: &Path) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
-    let run = |args: &[&str]| {
-        let out = Command::new("openssl").args(args).current_dir(dir).output().expect("running openssl");
-        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    };
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=registry test CA",
-    ]);
-    run(&["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "srv.key", "-out", "srv.csr", "-subj", "/CN=127.0.0.1"]);
-    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "srv.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "srv.pem",
-        "-days",
-        "2",
-        "-extfile",
-        "san.ext",
-    ]);
-    run(&["pkcs8", "-topk8", "-nocrypt", "-in", "srv.key", "-out", "srv.pk8"]);
-    let read = |f: &str| std::fs::read(dir.join(f)).unwrap();
-    (read("ca.pem"), read("srv.pem"), read("srv.pk8"))
+    let c = tidings_core::testing::certificates(dir, "registry");
+    let read = |p: &Path| std::fs::read(p).unwrap();
+    (read(&c.ca), read(&c.cert), read(&c.key_pkcs8))
 }
 
 /// Serves `GET /schemas/ids/1` over TLS, 401 unless `Authorization` is `want`; records what came.

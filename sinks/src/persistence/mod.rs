@@ -354,7 +354,7 @@ async fn take(
             // The registry being down, or refusing us, says nothing about the record: retried.
             Some(payload) => match until_done(
                 shutdown,
-                "Decoding through the schema registry",
+                || "Decoding through the schema registry".to_string(),
                 (Duration::from_millis(200), Duration::from_secs(30)),
                 || registry.decode(payload, reader),
                 DecodeError::is_retriable,
@@ -489,10 +489,9 @@ async fn flush(
     let write = async {
         let started = Instant::now();
         // No offset advances until the batch is stored: they are written with it.
-        let what = format!("Storing a batch of {rows} rows");
         match until_done(
             shutdown,
-            &what,
+            || format!("Storing a batch of {rows} rows"),
             (Duration::from_millis(500), Duration::from_secs(30)),
             || store.write_batch(&cfg.group, batch),
             StoreError::is_retriable,

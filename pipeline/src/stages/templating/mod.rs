@@ -556,7 +556,15 @@ where
     Fut: std::future::Future<Output = Result<T, E>>,
     E: std::fmt::Display,
 {
-    match until_done(shutdown, what, (Duration::from_millis(200), Duration::from_secs(30)), op, retriable).await {
+    match until_done(
+        shutdown,
+        || what.to_string(),
+        (Duration::from_millis(200), Duration::from_secs(30)),
+        op,
+        retriable,
+    )
+    .await
+    {
         Ok(v) => Ok(Ok(v)),
         Err(GaveUp::Failed(e)) => Ok(Err(e)),
         Err(GaveUp::ShutDown(_)) => Err(StageError::Delivery(format!("shut down while retrying {what}"))),

@@ -14,6 +14,7 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tidings_core::notification::NOTIFICATION_SCHEMA;
 use tidings_core::retry::{until_done, GaveUp};
+use tidings_core::stage::Processor;
 use tidings_core::{DecodeError, Notification, RegistryClient};
 use tokio::runtime::{Handle, RuntimeFlavor};
 use tokio::sync::Notify;
@@ -143,19 +144,19 @@ impl ConsumerContext for DeliveryContext {
     }
 }
 
-/// Runs the delivery stage until `shutdown`, restarting after transient failures. On shutdown,
-/// every stream gets `reconnect` and the consumer leaves the group.
+/// Runs the delivery stage until `shutdown` on the shared skeleton, restarting after transient
+/// failures. On shutdown, every stream gets `reconnect` and the consumer leaves the group.
 pub async fn run(
     cfg: DeliveryConfig,
     hub: Arc<Hub>,
     owners: Arc<Owners>,
     shutdown: CancellationToken,
 ) -> Result<(), DeliveryError> {
-    let result = tidings_core::shutdown::restart_on_transient(
-        "delivery",
+    let result = tidings_core::stage::run(
+        STAGE,
         &cfg.health,
         &shutdown,
-        || run_once(&cfg, &hub, &owners, &shutdown),
+        || start(&cfg, &hub, &owners, &shutdown),
         DeliveryError::is_retriable,
     )
     .await;
@@ -163,12 +164,40 @@ pub async fn run(
     result
 }
 
-async fn run_once(
+/// Name used in logs and metrics.
+pub const STAGE: &str = "delivery";
+
+/// One attempt of the stage: the consumer feeding the hub, and its periodic upkeep.
+struct Delivery {
+    cfg: DeliveryConfig,
+    hub: Arc<Hub>,
+    owners: Arc<Owners>,
+    registry: RegistryClient,
+    consumer: Arc<StreamConsumer<DeliveryContext>>,
+    shared: Arc<Shared>,
+    producer: FutureProducer,
+    instance: String,
+    follower: tokio::task::JoinHandle<Result<(), DeliveryError>>,
+    tick: tokio::time::Interval,
+    ticks: u64,
+    refreshing: Option<tokio::task::JoinHandle<()>>,
+    multi_thread: bool,
+    shutdown: CancellationToken,
+}
+
+/// Upkeep that is due besides records.
+enum Upkeep {
+    /// Newly owned partitions to announce.
+    Announce,
+    Tick,
+}
+
+async fn start(
     cfg: &DeliveryConfig,
     hub: &Arc<Hub>,
     owners: &Arc<Owners>,
     shutdown: &CancellationToken,
-) -> Result<(), DeliveryError> {
+) -> Result<(Delivery, Arc<StreamConsumer<DeliveryContext>>), DeliveryError> {
     let registry = RegistryClient::new(&cfg.registry).map_err(|e| DeliveryError::Config(e.to_string()))?;
     let multi_thread = Handle::current().runtime_flavor() == RuntimeFlavor::MultiThread;
     let shared = Arc::new(Shared::default());
@@ -189,55 +218,92 @@ async fn run_once(
     hub.set_partition_count(count);
     consumer.subscribe(&[&cfg.topic])?;
     let producer: FutureProducer = cfg.kafka.producer().create()?;
-    let instance = uuid::Uuid::new_v4().to_string();
     let follower = {
         let (kafka, topic, owners, token) =
             (cfg.kafka.clone(), cfg.owners_topic.clone(), owners.clone(), shutdown.child_token());
         tokio::spawn(async move { owners::follow(&kafka, &topic, owners, token).await })
     };
     info!(topic = %cfg.topic, group = %cfg.group, partitions = count, "Delivery consuming {} as {}.", cfg.topic, owners.self_url());
+    let delivery = Delivery {
+        cfg: cfg.clone(),
+        hub: hub.clone(),
+        owners: owners.clone(),
+        registry,
+        consumer: consumer.clone(),
+        shared,
+        producer,
+        instance: uuid::Uuid::new_v4().to_string(),
+        follower,
+        tick: tokio::time::interval(Duration::from_secs(2)),
+        ticks: 0,
+        refreshing: None,
+        multi_thread,
+        shutdown: shutdown.clone(),
+    };
+    Ok((delivery, consumer))
+}
 
-    let mut tick = tokio::time::interval(Duration::from_secs(2));
-    let mut ticks = 0u64;
-    let mut refreshing: Option<tokio::task::JoinHandle<()>> = None;
-    let result = loop {
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break Ok(()),
-            _ = shared.wake.notified() => {
+impl Processor for Delivery {
+    type Error = DeliveryError;
+    type Due = Upkeep;
+
+    async fn process(&mut self, m: &BorrowedMessage<'_>) -> Result<(), DeliveryError> {
+        deliver(m, &self.registry, &self.hub, &self.shutdown).await;
+        Ok(())
+    }
+
+    fn due(&mut self) -> impl std::future::Future<Output = Upkeep> + Send {
+        let (shared, tick) = (&self.shared, &mut self.tick);
+        async move {
+            tokio::select! {
+                biased;
+                _ = shared.wake.notified() => Upkeep::Announce,
+                _ = tick.tick() => Upkeep::Tick,
+            }
+        }
+    }
+
+    async fn on_due(&mut self, due: Upkeep) -> Result<(), DeliveryError> {
+        let (cfg, hub, shared) = (&self.cfg, &self.hub, &self.shared);
+        match due {
+            Upkeep::Announce => {
                 let parts = std::mem::take(&mut *shared.to_announce.lock().expect("lock"));
-                let parts: Vec<i32> = parts.into_iter().filter(|p| hub.owns(*p) || shared.pending.lock().expect("lock").contains(p)).collect();
+                let parts: Vec<i32> = parts
+                    .into_iter()
+                    .filter(|p| hub.owns(*p) || shared.pending.lock().expect("lock").contains(p))
+                    .collect();
                 if !parts.is_empty() {
-                    if let Err(e) = owners::announce(&producer, &cfg.owners_topic, owners, &instance, &parts).await {
+                    if let Err(e) =
+                        owners::announce(&self.producer, &cfg.owners_topic, &self.owners, &self.instance, &parts).await
+                    {
                         warn!(error = %e, "Announcing ownership failed; retrying on the next tick.");
                         shared.to_announce.lock().expect("lock").extend(parts);
                     }
                 }
             }
-            _ = tick.tick() => {
-                ticks += 1;
-                maintain(&consumer, cfg, hub, &shared, multi_thread);
-                if ticks.is_multiple_of(5) && refreshing.as_ref().is_none_or(|j| j.is_finished()) {
-                    let (c, h, t) = (consumer.clone(), hub.clone(), cfg.topic.clone());
-                    refreshing = Some(tokio::task::spawn_blocking(move || refresh(&c, &t, &h)));
+            Upkeep::Tick => {
+                self.ticks += 1;
+                maintain(&self.consumer, cfg, hub, shared, self.multi_thread);
+                if self.ticks.is_multiple_of(5) && self.refreshing.as_ref().is_none_or(|j| j.is_finished()) {
+                    let (c, h, t) = (self.consumer.clone(), hub.clone(), cfg.topic.clone());
+                    self.refreshing = Some(tokio::task::spawn_blocking(move || refresh(&c, &t, &h)));
                 }
             }
-            m = consumer.recv() => match m {
-                Ok(m) => deliver(&m, &registry, hub, shutdown).await,
-                Err(e) => warn!(error = %e, "Delivery consumer error; continuing."),
-            },
         }
-    };
-    hub.close_all();
-    follower.abort();
-    // Leaving the group now (instead of when the session times out) moves our partitions at once.
-    consumer.unsubscribe();
-    if let Some(job) = refreshing {
-        let _ = job.await;
+        Ok(())
     }
-    drop(consumer);
-    info!("Delivery left the group.");
-    result
+
+    async fn finish(self, ended: Result<(), DeliveryError>) -> Result<(), DeliveryError> {
+        self.hub.close_all();
+        self.follower.abort();
+        // Leaving the group now (instead of when the session times out) moves our partitions at once.
+        self.consumer.unsubscribe();
+        if let Some(job) = self.refreshing {
+            let _ = job.await;
+        }
+        info!("Delivery left the group.");
+        ended
+    }
 }
 
 fn partition_count<C: Consumer<X>, X: ConsumerContext>(c: &C, topic: &str) -> Result<i32, DeliveryError> {

@@ -10,6 +10,7 @@ pub mod notification;
 pub mod registry;
 pub mod retry;
 pub mod shutdown;
+pub mod stage;
 pub mod testing;
 pub mod trace;
 pub mod wire;

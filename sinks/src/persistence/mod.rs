@@ -9,16 +9,17 @@ use apache_avro::Schema;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tidings_core::json_avro::{avro_to_json, union_branch_name};
-use tidings_core::kafka::{dlq_headers, header_str, H_TRACEPARENT};
+use tidings_core::kafka::{header_str, H_TRACEPARENT};
 use tidings_core::notification::NOTIFICATION_SCHEMA;
 use tidings_core::retry::{until_done, GaveUp};
+use tidings_core::stage::{acknowledged, DeadLetters, Processor};
 use tidings_core::{DecodeError, Notification, RegistryClient};
 use tokio::runtime::{Handle, RuntimeFlavor};
 use tokio_util::sync::CancellationToken;
@@ -166,16 +167,29 @@ impl ConsumerContext for SinkContext {
     }
 }
 
-/// Runs the stage until `shutdown`, restarting after transient failures.
+/// Runs the stage until `shutdown` on the shared skeleton, restarting after transient failures.
 pub async fn run(cfg: PersistenceConfig, store: Store, shutdown: CancellationToken) -> Result<(), PersistError> {
-    tidings_core::shutdown::restart_on_transient(
-        "Persistence",
+    tidings_core::stage::run(
+        STAGE,
         &cfg.health,
         &shutdown,
-        || run_once(&cfg, &store, &shutdown),
+        || start(&cfg, &store, &shutdown),
         PersistError::is_retriable,
     )
     .await
+}
+
+/// One attempt of the stage: the batch being built and what writing it needs.
+struct Sink {
+    cfg: PersistenceConfig,
+    store: Store,
+    registry: RegistryClient,
+    chat_schema: Option<&'static Schema>,
+    known: Arc<Mutex<HashMap<Tp, i64>>>,
+    consumer: Arc<StreamConsumer<SinkContext>>,
+    dead: DeadLetters,
+    pending: Pending,
+    shutdown: CancellationToken,
 }
 
 struct Pending {
@@ -250,7 +264,11 @@ impl Pending {
     }
 }
 
-async fn run_once(cfg: &PersistenceConfig, store: &Store, shutdown: &CancellationToken) -> Result<(), PersistError> {
+async fn start(
+    cfg: &PersistenceConfig,
+    store: &Store,
+    shutdown: &CancellationToken,
+) -> Result<(Sink, Arc<StreamConsumer<SinkContext>>), PersistError> {
     let registry = RegistryClient::new(&cfg.registry).map_err(|e| PersistError::Config(e.to_string()))?;
     let chat_schema: Option<&'static Schema> = match (&cfg.chat_topic, &cfg.chat_schema) {
         (Some(_), Some(text)) => {
@@ -282,74 +300,81 @@ async fn run_once(cfg: &PersistenceConfig, store: &Store, shutdown: &Cancellatio
         &[],
         &[("enable.auto.commit", "false"), ("partition.assignment.strategy", "range,roundrobin")],
     );
-    let consumer: StreamConsumer<SinkContext> = cc.create_with_context(ctx)?;
+    let consumer: Arc<StreamConsumer<SinkContext>> = Arc::new(cc.create_with_context(ctx)?);
     consumer.subscribe(&topics.iter().map(String::as_str).collect::<Vec<_>>())?;
     let producer: FutureProducer = cfg.kafka.producer().create()?;
     info!(topics = ?topics, batch_size = cfg.batch_size, "Persistence stage consuming {topics:?} into the {} store.", store.backend());
-
-    let mut pending = Pending::new();
-    let linger = cfg.linger;
-    let result = loop {
-        let deadline = pending.started.map(|s| s + linger);
-        let flush_due = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break Ok(()),
-            _ = async { match deadline { Some(d) => tokio::time::sleep_until(d.into()).await, None => std::future::pending().await } } => true,
-            msg = consumer.recv() => match msg {
-                Ok(m) => {
-                    if let Err(e) = take(&m, &mut pending, &known, &registry, chat_schema, cfg, &producer, shutdown).await {
-                        break Err(e);
-                    }
-                    pending.rows() >= cfg.batch_size || pending.records >= cfg.batch_size
-                }
-                Err(e) => {
-                    warn!(error = %e, "Kafka consumer error; continuing.");
-                    false
-                }
-            },
-        };
-        if flush_due {
-            if let Err(e) = flush(&mut pending, store, cfg, &known, &consumer, shutdown).await {
-                break Err(e);
-            }
-        }
+    let sink = Sink {
+        cfg: cfg.clone(),
+        store: store.clone(),
+        registry,
+        chat_schema,
+        known,
+        consumer: consumer.clone(),
+        dead: DeadLetters::new(producer, cfg.dead_letter.clone(), STAGE),
+        pending: Pending::new(),
+        shutdown: shutdown.clone(),
     };
-    if result.is_ok() && pending.records > 0 {
-        // Shutdown: store what was consumed so a restart does not re-read it.
-        flush(&mut pending, store, cfg, &known, &consumer, &CancellationToken::new()).await?;
-        info!("Persistence stage stopped after storing its last batch.");
-    }
-    result
+    Ok((sink, consumer))
 }
 
-/// Adds one record to the pending batch (or dead-letters it).
-#[allow(clippy::too_many_arguments)]
-async fn take(
-    m: &BorrowedMessage<'_>,
-    pending: &mut Pending,
-    known: &Mutex<HashMap<Tp, i64>>,
-    registry: &RegistryClient,
-    chat_schema: Option<&'static Schema>,
-    cfg: &PersistenceConfig,
-    producer: &FutureProducer,
-    shutdown: &CancellationToken,
-) -> Result<(), PersistError> {
-    let key = (m.topic().to_string(), m.partition());
-    // Records below the stored offset were written already (fetched before the assignment applied).
-    if let Some(&stored) = known.lock().expect("lock").get(&key) {
-        if m.offset() < stored && !pending.next.contains_key(&key) {
-            return Ok(());
+impl Processor for Sink {
+    type Error = PersistError;
+    /// The batch's linger time is over.
+    type Due = ();
+
+    async fn process(&mut self, m: &BorrowedMessage<'_>) -> Result<(), PersistError> {
+        self.take(m).await?;
+        if self.pending.rows() >= self.cfg.batch_size || self.pending.records >= self.cfg.batch_size {
+            self.flush(&self.shutdown.clone()).await?;
+        }
+        Ok(())
+    }
+
+    fn due(&mut self) -> impl std::future::Future<Output = ()> + Send {
+        let deadline = self.pending.started.map(|s| s + self.cfg.linger);
+        async move {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d.into()).await,
+                None => std::future::pending().await,
+            }
         }
     }
-    let reader = if m.topic() == cfg.notifications_topic {
-        &*NOTIFICATION_SCHEMA
-    } else {
-        chat_schema.unwrap_or(&NOTIFICATION_SCHEMA)
-    };
-    // Decided before the record joins the batch: a record left undecided at shutdown must not
-    // advance its partition's offset (the next start reads it again).
-    let decoded =
-        match m.payload() {
+
+    async fn on_due(&mut self, (): ()) -> Result<(), PersistError> {
+        self.flush(&self.shutdown.clone()).await
+    }
+
+    async fn finish(mut self, ended: Result<(), PersistError>) -> Result<(), PersistError> {
+        if ended.is_ok() && self.pending.records > 0 {
+            // Shutdown: store what was consumed so a restart does not re-read it.
+            self.flush(&CancellationToken::new()).await?;
+            info!("Persistence stage stopped after storing its last batch.");
+        }
+        ended
+    }
+}
+
+impl Sink {
+    /// Adds one record to the pending batch (or dead-letters it).
+    async fn take(&mut self, m: &BorrowedMessage<'_>) -> Result<(), PersistError> {
+        let Sink { cfg, registry, chat_schema, known, pending, shutdown, .. } = self;
+        let chat_schema = *chat_schema;
+        let key = (m.topic().to_string(), m.partition());
+        // Records below the stored offset were written already (fetched before the assignment applied).
+        if let Some(&stored) = known.lock().expect("lock").get(&key) {
+            if m.offset() < stored && !pending.next.contains_key(&key) {
+                return Ok(());
+            }
+        }
+        let reader = if m.topic() == cfg.notifications_topic {
+            &*NOTIFICATION_SCHEMA
+        } else {
+            chat_schema.unwrap_or(&NOTIFICATION_SCHEMA)
+        };
+        // Decided before the record joins the batch: a record left undecided at shutdown must not
+        // advance its partition's offset (the next start reads it again).
+        let decoded = match m.payload() {
             None => Err(("empty-payload", "record has no value".to_string())),
             // The registry being down, or refusing us, says nothing about the record: retried.
             Some(payload) => match until_done(
@@ -370,162 +395,132 @@ async fn take(
                 }
             },
         };
-    if pending.started.is_none() {
-        pending.started = Some(Instant::now());
-        pending.trace = BatchTrace::start();
-    }
-    pending.records += 1;
-    pending.next.insert(key, m.offset() + 1);
-    pending.trace.link(m);
-    let value = match decoded {
-        Ok(v) => v,
-        Err((reason, error)) => return dead_letter(m, pending, reason, &error, cfg, producer).await,
-    };
-    if m.topic() == cfg.notifications_topic {
-        match Notification::from_value(value) {
-            Ok(n) if !STORABLE_MICROS.contains(&n.occurred_at) => {
-                let error = format!("occurred_at {} is outside years 1-9999", n.occurred_at);
-                return dead_letter(m, pending, "timestamp-out-of-range", &error, cfg, producer).await;
-            }
-            Ok(n) => pending.batch.notifications.push(StoredNotification {
-                notification: n,
-                stream_partition: m.partition(),
-                stream_offset: m.offset(),
-            }),
-            Err(e) => return dead_letter(m, pending, "malformed-avro", &e.to_string(), cfg, producer).await,
+        if pending.started.is_none() {
+            pending.started = Some(Instant::now());
+            pending.trace = BatchTrace::start();
         }
-    } else if union_branch_name(reader, &value, "payload") == Some("MessageSent") {
-        let j = avro_to_json(&value);
-        let s = |v: &serde_json::Value| v.as_str().map(str::to_string);
-        let msg = (|| {
-            Some(ChatMessage {
-                message_id: s(&j["payload"]["message_id"])?,
-                room_id: s(&j["room_id"])?,
-                sender_id: s(&j["payload"]["sender_id"])?,
-                text: s(&j["payload"]["text"])?,
-                occurred_at: j["occurred_at"].as_i64()?,
-                source_partition: m.partition(),
-                source_offset: m.offset(),
+        pending.records += 1;
+        pending.next.insert(key, m.offset() + 1);
+        pending.trace.link(m);
+        let value = match decoded {
+            Ok(v) => v,
+            Err((reason, error)) => return self.dead_letter(m, reason, &error).await,
+        };
+        if m.topic() == cfg.notifications_topic {
+            match Notification::from_value(value) {
+                Ok(n) if !STORABLE_MICROS.contains(&n.occurred_at) => {
+                    let error = format!("occurred_at {} is outside years 1-9999", n.occurred_at);
+                    return self.dead_letter(m, "timestamp-out-of-range", &error).await;
+                }
+                Ok(n) => pending.batch.notifications.push(StoredNotification {
+                    notification: n,
+                    stream_partition: m.partition(),
+                    stream_offset: m.offset(),
+                }),
+                Err(e) => return self.dead_letter(m, "malformed-avro", &e.to_string()).await,
+            }
+        } else if union_branch_name(reader, &value, "payload") == Some("MessageSent") {
+            let j = avro_to_json(&value);
+            let s = |v: &serde_json::Value| v.as_str().map(str::to_string);
+            let msg = (|| {
+                Some(ChatMessage {
+                    message_id: s(&j["payload"]["message_id"])?,
+                    room_id: s(&j["room_id"])?,
+                    sender_id: s(&j["payload"]["sender_id"])?,
+                    text: s(&j["payload"]["text"])?,
+                    occurred_at: j["occurred_at"].as_i64()?,
+                    source_partition: m.partition(),
+                    source_offset: m.offset(),
+                })
+            })();
+            match msg {
+                Some(c) if !STORABLE_MICROS.contains(&c.occurred_at) => {
+                    let error = format!("occurred_at {} is outside years 1-9999", c.occurred_at);
+                    return self.dead_letter(m, "timestamp-out-of-range", &error).await;
+                }
+                Some(c) => pending.batch.chat_messages.push(c),
+                None => return self.dead_letter(m, "missing-field", "MessageSent lacks a required field").await,
+            }
+        }
+        Ok(())
+    }
+
+    async fn dead_letter(
+        &mut self,
+        m: &BorrowedMessage<'_>,
+        reason: &'static str,
+        error: &str,
+    ) -> Result<(), PersistError> {
+        let delivery = self.dead.send(m, reason, error).await?;
+        self.pending.dead.push(delivery);
+        Ok(())
+    }
+
+    /// Writes the pending batch and its offsets in one transaction, retrying while the database is
+    /// unavailable (no offset advances meanwhile), then commits the offsets to Kafka for lag metrics.
+    async fn flush(&mut self, shutdown: &CancellationToken) -> Result<(), PersistError> {
+        let Sink { cfg, store, known, consumer, pending, .. } = self;
+        if pending.records == 0 {
+            pending.started = None;
+            return Ok(());
+        }
+        for d in pending.dead.drain(..) {
+            acknowledged(d).await.map_err(|e| PersistError::DeadLetter(e.to_string()))?;
+        }
+        pending.batch.offsets = pending
+            .next
+            .iter()
+            .map(|((topic, partition), next)| OffsetUpdate {
+                topic: topic.clone(),
+                partition: *partition,
+                next_offset: *next,
             })
-        })();
-        match msg {
-            Some(c) if !STORABLE_MICROS.contains(&c.occurred_at) => {
-                let error = format!("occurred_at {} is outside years 1-9999", c.occurred_at);
-                return dead_letter(m, pending, "timestamp-out-of-range", &error, cfg, producer).await;
+            .collect();
+        let rows = pending.rows();
+        let span = pending.trace.span.clone();
+        span.record("rows", rows);
+        let batch = &pending.batch;
+        let write = async {
+            let started = Instant::now();
+            // No offset advances until the batch is stored: they are written with it.
+            match until_done(
+                shutdown,
+                || format!("Storing a batch of {rows} rows"),
+                (Duration::from_millis(500), Duration::from_secs(30)),
+                || store.write_batch(&cfg.group, batch),
+                StoreError::is_retriable,
+            )
+            .await
+            {
+                Ok(stats) => {
+                    debug!(
+                        rows,
+                        inserted = stats.notifications_inserted + stats.chat_inserted,
+                        took_ms = started.elapsed().as_millis() as u64,
+                        "Stored a batch."
+                    );
+                    Ok(())
+                }
+                Err(GaveUp::ShutDown(e)) => Err(PersistError::Store(e)),
+                Err(GaveUp::Failed(e)) => Err(PersistError::from(e)),
             }
-            Some(c) => pending.batch.chat_messages.push(c),
-            None => {
-                return dead_letter(m, pending, "missing-field", "MessageSent lacks a required field", cfg, producer)
-                    .await
-            }
+        };
+        if let Err(e) = write.instrument(span.clone()).await {
+            span.record("otel.status_code", "ERROR");
+            return Err(e);
         }
-    }
-    Ok(())
-}
-
-async fn dead_letter(
-    m: &BorrowedMessage<'_>,
-    pending: &mut Pending,
-    reason: &str,
-    error: &str,
-    cfg: &PersistenceConfig,
-    producer: &FutureProducer,
-) -> Result<(), PersistError> {
-    warn!(
-        reason,
-        topic = m.topic(),
-        partition = m.partition(),
-        offset = m.offset(),
-        "Record sent to the dead-letter topic {}: {error}",
-        cfg.dead_letter
-    );
-    let headers = dlq_headers(m.headers(), STAGE, reason, error, m.topic(), m.partition(), m.offset());
-    let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&cfg.dead_letter).headers(headers);
-    if let Some(p) = m.payload() {
-        rec = rec.payload(p);
-    }
-    if let Some(k) = m.key() {
-        rec = rec.key(k);
-    }
-    let d = producer.send_result(rec).map_err(|(e, _)| PersistError::Kafka(e))?;
-    pending.dead.push(d);
-    Ok(())
-}
-
-/// Writes the pending batch and its offsets in one transaction, retrying while the database is
-/// unavailable (no offset advances meanwhile), then commits the offsets to Kafka for lag metrics.
-async fn flush(
-    pending: &mut Pending,
-    store: &Store,
-    cfg: &PersistenceConfig,
-    known: &Mutex<HashMap<Tp, i64>>,
-    consumer: &StreamConsumer<SinkContext>,
-    shutdown: &CancellationToken,
-) -> Result<(), PersistError> {
-    if pending.records == 0 {
-        pending.started = None;
-        return Ok(());
-    }
-    for d in pending.dead.drain(..) {
-        match d.await {
-            Ok(Ok(_)) => {}
-            Ok(Err((e, _))) => return Err(PersistError::DeadLetter(e.to_string())),
-            Err(_) => return Err(PersistError::DeadLetter("producer dropped the delivery".into())),
-        }
-    }
-    pending.batch.offsets = pending
-        .next
-        .iter()
-        .map(|((topic, partition), next)| OffsetUpdate {
-            topic: topic.clone(),
-            partition: *partition,
-            next_offset: *next,
-        })
-        .collect();
-    let rows = pending.rows();
-    let span = pending.trace.span.clone();
-    span.record("rows", rows);
-    let batch = &pending.batch;
-    let write = async {
-        let started = Instant::now();
-        // No offset advances until the batch is stored: they are written with it.
-        match until_done(
-            shutdown,
-            || format!("Storing a batch of {rows} rows"),
-            (Duration::from_millis(500), Duration::from_secs(30)),
-            || store.write_batch(&cfg.group, batch),
-            StoreError::is_retriable,
-        )
-        .await
+        let mut tpl = TopicPartitionList::new();
         {
-            Ok(stats) => {
-                debug!(
-                    rows,
-                    inserted = stats.notifications_inserted + stats.chat_inserted,
-                    took_ms = started.elapsed().as_millis() as u64,
-                    "Stored a batch."
-                );
-                Ok(())
+            let mut k = known.lock().expect("lock");
+            for ((topic, partition), next) in &pending.next {
+                k.insert((topic.clone(), *partition), *next);
+                let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*next));
             }
-            Err(GaveUp::ShutDown(e)) => Err(PersistError::Store(e)),
-            Err(GaveUp::Failed(e)) => Err(PersistError::from(e)),
         }
-    };
-    if let Err(e) = write.instrument(span.clone()).await {
-        span.record("otel.status_code", "ERROR");
-        return Err(e);
-    }
-    let mut tpl = TopicPartitionList::new();
-    {
-        let mut k = known.lock().expect("lock");
-        for ((topic, partition), next) in &pending.next {
-            k.insert((topic.clone(), *partition), *next);
-            let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*next));
+        if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+            debug!(error = %e, "Kafka offset commit (for lag monitoring only) failed.");
         }
+        *pending = Pending::new();
+        Ok(())
     }
-    if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
-        debug!(error = %e, "Kafka offset commit (for lag monitoring only) failed.");
-    }
-    *pending = Pending::new();
-    Ok(())
 }

@@ -8,7 +8,7 @@ pub mod render;
 
 use apache_avro::Schema;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{BorrowedMessage, Message, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use serde_json::Value as Json;
@@ -16,14 +16,16 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tidings_core::json_avro::{avro_to_json, union_branch_name};
-use tidings_core::kafka::{dlq_headers, header_str, KafkaConfig, H_TRACEPARENT};
+use tidings_core::kafka::{header_str, KafkaConfig, H_TRACEPARENT};
 use tidings_core::notification::NOTIFICATION_SCHEMA_JSON;
 use tidings_core::retry::{until_done, GaveUp};
+use tidings_core::stage::{acknowledged, enqueue, DeadLetters, Processor};
 use tidings_core::{
     trace, DecodeError, Notification, NotificationEncoder, RegistryClient, RegistryEndpoint, SharedFields,
 };
 use tidings_sinks::Store;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
@@ -54,17 +56,11 @@ struct InFlight {
     _permits: Option<OwnedSemaphorePermit>,
 }
 
-/// Runs the stage until `shutdown`, restarting it after transient failures (broker or registry
-/// outages) with a capped backoff.
+/// Runs the stage until `shutdown` on the shared skeleton, restarting it after transient failures
+/// (broker or registry outages) with a capped backoff.
 pub async fn run(cfg: TemplatingConfig, store: Store, shutdown: CancellationToken) -> Result<(), StageError> {
-    tidings_core::shutdown::restart_on_transient(
-        "Templating",
-        &cfg.health,
-        &shutdown,
-        || run_once(&cfg, &store, &shutdown),
-        StageError::is_retriable,
-    )
-    .await
+    tidings_core::stage::run(STAGE, &cfg.health, &shutdown, || start(&cfg, &store, &shutdown), StageError::is_retriable)
+        .await
 }
 
 /// The per-event work of the stage without Kafka: decode through the registry, track chat
@@ -161,12 +157,20 @@ impl Fanout {
     }
 }
 
-/// The templater plus Kafka.
+/// The templater plus Kafka: one attempt of the stage.
 struct Stage {
     templater: Templater,
     producer: FutureProducer,
     output: String,
-    dead_letter: String,
+    dead: DeadLetters,
+    consumer: Arc<StreamConsumer>,
+    shutdown: CancellationToken,
+    /// Outputs awaiting acknowledgement, at most `max_in_flight`.
+    budget: Arc<Semaphore>,
+    max_in_flight: usize,
+    /// To the acknowledger, which stores each record's offset once its outputs are acknowledged.
+    acks: mpsc::Sender<InFlight>,
+    acker: Option<JoinHandle<Result<(), StageError>>>,
 }
 
 impl Templater {
@@ -239,7 +243,11 @@ impl<'a> EncodedFanout<'a> {
     }
 }
 
-async fn run_once(cfg: &TemplatingConfig, store: &Store, shutdown: &CancellationToken) -> Result<(), StageError> {
+async fn start(
+    cfg: &TemplatingConfig,
+    store: &Store,
+    shutdown: &CancellationToken,
+) -> Result<(Stage, Arc<StreamConsumer>), StageError> {
     let topo = cfg.topology.clone();
     let spec = &topo.stages.templating;
     let templater = Templater::new(topo.clone(), &cfg.registry, store.clone()).await?;
@@ -249,70 +257,77 @@ async fn run_once(cfg: &TemplatingConfig, store: &Store, shutdown: &Cancellation
     let topics: Vec<String> = spec.inputs.iter().map(|t| topo.topic_name(t)).collect();
     consumer.subscribe(&topics.iter().map(String::as_str).collect::<Vec<_>>())?;
     info!(topics = ?topics, output = %output, "Templating stage consuming {topics:?} into {output}.");
-    let stage = Stage { templater, producer, output, dead_letter: topo.topic_name(&spec.dead_letter) };
     let max_in_flight = spec.max_in_flight.max(1);
-    let budget = Arc::new(Semaphore::new(max_in_flight));
-    let (tx, rx) = mpsc::channel::<InFlight>(1024);
-    let mut acker = tokio::spawn(ack_in_order(rx, consumer.clone()));
+    let (acks, rx) = mpsc::channel::<InFlight>(1024);
+    let acker = tokio::spawn(ack_in_order(rx, consumer.clone()));
+    let stage = Stage {
+        templater,
+        dead: DeadLetters::new(producer.clone(), topo.topic_name(&spec.dead_letter), STAGE),
+        producer,
+        output,
+        consumer: consumer.clone(),
+        shutdown: shutdown.clone(),
+        budget: Arc::new(Semaphore::new(max_in_flight)),
+        max_in_flight,
+        acks,
+        acker: Some(acker),
+    };
+    Ok((stage, consumer))
+}
 
-    let result: Result<(), StageError> = loop {
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break Ok(()),
-            done = &mut acker => {
-                break Err(done.unwrap_or_else(|e| Err(StageError::Delivery(e.to_string()))).err()
-                    .unwrap_or_else(|| StageError::Delivery("acknowledger stopped".into())));
-            }
-            msg = consumer.recv() => {
-                let msg = match msg {
-                    Ok(m) => m,
-                    Err(e) => {
-                        warn!(error = %e, "Kafka consumer error; continuing.");
-                        continue;
-                    }
-                };
-                match stage.process(&msg, shutdown, &budget, max_in_flight).await {
-                    Ok(inflight) => {
-                        if tx.send(inflight).await.is_err() {
-                            break Err(StageError::Delivery("acknowledger stopped".into()));
-                        }
-                    }
-                    Err(e) => break Err(e),
-                }
+impl Processor for Stage {
+    type Error = StageError;
+    /// The acknowledger ended (only on a failed delivery or a dropped producer).
+    type Due = Result<(), StageError>;
+
+    async fn process(&mut self, msg: &BorrowedMessage<'_>) -> Result<(), StageError> {
+        let inflight = self.process_traced_record(msg).await?;
+        self.acks.send(inflight).await.map_err(|_| StageError::Delivery("acknowledger stopped".into()))
+    }
+
+    fn due(&mut self) -> impl std::future::Future<Output = Self::Due> + Send {
+        async {
+            match self.acker.as_mut() {
+                Some(acker) => acker.await.unwrap_or_else(|e| Err(StageError::Delivery(e.to_string()))),
+                None => std::future::pending().await,
             }
         }
-    };
-    // Drain: let every produced output be acknowledged and its offset stored, then commit what
-    // was stored (only fully acknowledged records ever are, so committing is always safe).
-    drop(tx);
-    let drained = if acker.is_finished() && result.is_err() {
-        Ok(())
-    } else {
-        acker.await.unwrap_or_else(|e| Err(StageError::Delivery(e.to_string())))
-    };
-    if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
-        // Nothing stored since the last commit is not an error.
-        if e.rdkafka_error_code() != Some(RDKafkaErrorCode::NoOffset) {
-            warn!(error = %e, "Final offset commit failed; the next start replays from the previous commit.");
+    }
+
+    async fn on_due(&mut self, ended: Self::Due) -> Result<(), StageError> {
+        self.acker = None;
+        Err(ended.err().unwrap_or_else(|| StageError::Delivery("acknowledger stopped".into())))
+    }
+
+    /// Lets every produced output be acknowledged and its offset stored, then commits what was
+    /// stored (only fully acknowledged records ever are, so committing is always safe).
+    async fn finish(self, ended: Result<(), StageError>) -> Result<(), StageError> {
+        let Stage { acks, acker, consumer, shutdown, .. } = self;
+        drop(acks);
+        let drained = match acker {
+            Some(acker) => acker.await.unwrap_or_else(|e| Err(StageError::Delivery(e.to_string()))),
+            None => Ok(()),
+        };
+        if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+            // Nothing stored since the last commit is not an error.
+            if e.rdkafka_error_code() != Some(RDKafkaErrorCode::NoOffset) {
+                warn!(error = %e, "Final offset commit failed; the next start replays from the previous commit.");
+            }
         }
+        if shutdown.is_cancelled() {
+            info!("Templating stage stopped after committing its offsets.");
+            return Ok(());
+        }
+        ended.and(drained)
     }
-    if shutdown.is_cancelled() {
-        info!("Templating stage stopped after committing its offsets.");
-        return Ok(());
-    }
-    result.and(drained)
 }
 
 /// Awaits each record's outputs in consumption order and only then stores its offset.
 async fn ack_in_order(mut rx: mpsc::Receiver<InFlight>, consumer: Arc<StreamConsumer>) -> Result<(), StageError> {
     while let Some(f) = rx.recv().await {
         for d in f.deliveries {
-            match d.await {
-                Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => {
-                    return Err(StageError::Delivery(format!("{}[{}]@{}: {e}", f.topic, f.partition, f.offset)))
-                }
-                Err(_) => return Err(StageError::Delivery("producer dropped the delivery".into())),
+            if let Err(e) = acknowledged(d).await {
+                return Err(StageError::Delivery(format!("{}[{}]@{}: {e}", f.topic, f.partition, f.offset)));
             }
         }
         if let Err(e) = consumer.store_offset(&f.topic, f.partition, f.offset + 1) {
@@ -324,13 +339,7 @@ async fn ack_in_order(mut rx: mpsc::Receiver<InFlight>, consumer: Arc<StreamCons
 }
 
 impl Stage {
-    async fn process(
-        &self,
-        msg: &BorrowedMessage<'_>,
-        shutdown: &CancellationToken,
-        budget: &Arc<Semaphore>,
-        max_in_flight: usize,
-    ) -> Result<InFlight, StageError> {
+    async fn process_traced_record(&self, msg: &BorrowedMessage<'_>) -> Result<InFlight, StageError> {
         let topic = msg.topic().to_string();
         let traceparent = msg.headers().and_then(|h| header_str(h, H_TRACEPARENT));
         let span = tracing::info_span!("templating.event", topic = %topic, partition = msg.partition(), offset = msg.offset(),
@@ -343,7 +352,7 @@ impl Stage {
         let headers = trace::propagation_headers(&span, traceparent);
         // Instrumented rather than entered: a guard held across awaits would leak this span into
         // whatever else runs on the worker meanwhile.
-        self.process_traced(msg, topic, headers, shutdown, budget, max_in_flight).instrument(span).await
+        self.process_traced(msg, topic, headers).instrument(span).await
     }
 
     async fn process_traced(
@@ -351,26 +360,13 @@ impl Stage {
         msg: &BorrowedMessage<'_>,
         topic: String,
         headers: Option<OwnedHeaders>,
-        shutdown: &CancellationToken,
-        budget: &Arc<Semaphore>,
-        max_in_flight: usize,
     ) -> Result<InFlight, StageError> {
         let rec = RecordRef { topic: &topic, partition: msg.partition(), offset: msg.offset(), payload: msg.payload() };
-        let outcome = self.templater.outcome(rec, shutdown).await?;
+        let outcome = self.templater.outcome(rec, &self.shutdown).await?;
         let mut deliveries = Vec::new();
         let notifications = match outcome {
             Outcome::Dead { reason, error } => {
-                warn!(reason, error = %error, topic = %topic, partition = msg.partition(), offset = msg.offset(),
-                    "Event sent to the dead-letter topic {}: {error}", self.dead_letter);
-                let headers = dlq_headers(msg.headers(), STAGE, reason, &error, &topic, msg.partition(), msg.offset());
-                let mut rec = FutureRecord::to(&self.dead_letter).headers(headers);
-                if let Some(p) = msg.payload() {
-                    rec = rec.payload(p);
-                }
-                if let Some(k) = msg.key() {
-                    rec = rec.key(k);
-                }
-                deliveries.push(self.enqueue(rec).await?);
+                deliveries.push(self.dead.send(msg, reason, &error).await?);
                 Fanout::default()
             }
             Outcome::Notifications(f) => f,
@@ -379,8 +375,8 @@ impl Stage {
         let permits = if notifications.is_empty() {
             None
         } else {
-            let n = notifications.len().min(max_in_flight) as u32;
-            Some(budget.clone().acquire_many_owned(n).await.map_err(|e| StageError::Delivery(e.to_string()))?)
+            let n = notifications.len().min(self.max_in_flight) as u32;
+            Some(self.budget.clone().acquire_many_owned(n).await.map_err(|e| StageError::Delivery(e.to_string()))?)
         };
         deliveries.reserve(notifications.len());
         // librdkafka copies key and payload on send, so one buffer serves every recipient.
@@ -391,31 +387,12 @@ impl Stage {
             if let Some(h) = &headers {
                 rec = rec.headers(h.clone());
             }
-            deliveries.push(self.enqueue(rec).await?);
+            deliveries.push(enqueue(&self.producer, rec).await?);
         }
         if !notifications.is_empty() {
             debug!(count = notifications.len(), "Produced {} notification(s).", notifications.len());
         }
         Ok(InFlight { topic, partition: msg.partition(), offset: msg.offset(), deliveries, _permits: permits })
-    }
-
-    /// Enqueues a record, waiting while the producer's local queue is full.
-    /// Keeps trying through shutdown: the record is consumed and must be produced before its offset
-    /// is stored; the process's grace timeout bounds how long this can take.
-    async fn enqueue<'a, K: rdkafka::message::ToBytes + ?Sized, P: rdkafka::message::ToBytes + ?Sized>(
-        &self,
-        mut rec: FutureRecord<'a, K, P>,
-    ) -> Result<DeliveryFuture, StageError> {
-        loop {
-            match self.producer.send_result(rec) {
-                Ok(d) => return Ok(d),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                    rec = r;
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                Err((e, _)) => return Err(StageError::Kafka(e)),
-            }
-        }
     }
 }
 

@@ -1,0 +1,376 @@
+//! The one stage skeleton: consume → process → dead-letter → commit, restarted after transient
+//! failures with a shutdown-aware backoff, reporting readiness and per-stage metrics. Templating,
+//! persistence and delivery are each a [`Processor`] that [`run`] drives; none has a loop of its own.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics::Counter;
+use rdkafka::consumer::{ConsumerContext, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, Message, ToBytes};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use tokio_util::sync::CancellationToken;
+
+use crate::kafka::dlq_headers;
+use crate::shutdown::StageHealth;
+
+/// What a stage does with its records. [`run`] owns the loop around it.
+pub trait Processor: Send {
+    type Error: std::fmt::Display + Send;
+    /// Work a stage waits for besides records (a batch deadline, a timer, its acknowledger).
+    type Due: Send;
+
+    /// Handles one record: produces its outputs or its dead-letter copy ([`DeadLetters`]). Its
+    /// offset is the processor's to store or commit, once those outputs are safe.
+    fn process(&mut self, msg: &BorrowedMessage<'_>) -> impl Future<Output = Result<(), Self::Error>> + Send;
+
+    /// Resolves when something other than a record needs doing. Must be cancel-safe: it is
+    /// dropped whenever a record or shutdown comes first.
+    fn due(&mut self) -> impl Future<Output = Self::Due> + Send;
+
+    /// Does what [`Processor::due`] announced.
+    fn on_due(&mut self, due: Self::Due) -> impl Future<Output = Result<(), Self::Error>> + Send;
+
+    /// Ends an attempt with how its loop ended (`Ok` = shutdown): makes what was processed durable
+    /// (drain acknowledgements, store the last batch, commit) and releases what the attempt holds.
+    fn finish(self, ended: Result<(), Self::Error>) -> impl Future<Output = Result<(), Self::Error>> + Send;
+}
+
+/// The counters every stage reports, labelled `stage`.
+struct StageMetrics {
+    records: Counter,
+    consumer_errors: Counter,
+    restarts: Counter,
+}
+
+impl StageMetrics {
+    fn new(stage: &'static str) -> Self {
+        StageMetrics {
+            records: metrics::counter!("tidings_stage_records_total", "stage" => stage),
+            consumer_errors: metrics::counter!("tidings_stage_consumer_errors_total", "stage" => stage),
+            restarts: metrics::counter!("tidings_stage_restarts_total", "stage" => stage),
+        }
+    }
+}
+
+/// Runs a stage until `shutdown`: each attempt `start`s a processor and its consumer and drives
+/// them; a failure `retriable` accepts restarts the attempt (from the stored offsets) after a
+/// backoff capped at 30 s, any other ends the stage. Failures after shutdown began count as a
+/// clean stop. `health` is up only while an attempt runs.
+pub async fn run<P, C, S, Fut>(
+    stage: &'static str,
+    health: &StageHealth,
+    shutdown: &CancellationToken,
+    mut start: S,
+    retriable: impl Fn(&P::Error) -> bool,
+) -> Result<(), P::Error>
+where
+    P: Processor,
+    C: ConsumerContext + 'static,
+    S: FnMut() -> Fut,
+    Fut: Future<Output = Result<(P, Arc<StreamConsumer<C>>), P::Error>>,
+{
+    let metrics = StageMetrics::new(stage);
+    let mut delays = crate::retry::schedule(Duration::from_millis(500), Duration::from_secs(30));
+    loop {
+        health.set(true);
+        let result = match start().await {
+            Ok((processor, consumer)) => drive(stage, processor, &consumer, shutdown, &metrics).await,
+            Err(e) => Err(e),
+        };
+        health.set(false);
+        match result {
+            Ok(()) => return Ok(()),
+            Err(_) if shutdown.is_cancelled() => return Ok(()),
+            Err(e) if retriable(&e) => {
+                metrics.restarts.increment(1);
+                let backoff = delays.next().unwrap_or(Duration::from_secs(30));
+                tracing::warn!(error = %e, "The {stage} stage failed; restarting from its stored offsets in {backoff:?}.");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+enum Next<'a, D> {
+    Due(D),
+    Record(Result<BorrowedMessage<'a>, KafkaError>),
+}
+
+async fn drive<P: Processor, C: ConsumerContext + 'static>(
+    stage: &'static str,
+    mut processor: P,
+    consumer: &StreamConsumer<C>,
+    shutdown: &CancellationToken,
+    metrics: &StageMetrics,
+) -> Result<(), P::Error> {
+    let ended = loop {
+        let next = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break Ok(()),
+            due = processor.due() => Next::Due(due),
+            msg = consumer.recv() => Next::Record(msg),
+        };
+        let done = match next {
+            Next::Due(due) => processor.on_due(due).await,
+            Next::Record(Ok(msg)) => {
+                metrics.records.increment(1);
+                processor.process(&msg).await
+            }
+            Next::Record(Err(e)) => {
+                // librdkafka reports broker trouble here and recovers by itself; the stage goes on.
+                metrics.consumer_errors.increment(1);
+                tracing::warn!(error = %e, "The {stage} stage's Kafka consumer reported an error; continuing.");
+                Ok(())
+            }
+        };
+        if let Err(e) = done {
+            break Err(e);
+        }
+    };
+    processor.finish(ended).await
+}
+
+/// A stage's dead-letter topic: a record that cannot be processed goes there with why, so its
+/// partition moves on and nothing is dropped silently.
+pub struct DeadLetters {
+    producer: FutureProducer,
+    topic: String,
+    stage: &'static str,
+}
+
+impl DeadLetters {
+    pub fn new(producer: FutureProducer, topic: String, stage: &'static str) -> Self {
+        DeadLetters { producer, topic, stage }
+    }
+
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// Produces a copy of `msg` (key, payload, headers) with the reason headers. The returned
+    /// delivery must be acknowledged before the record's offset is stored.
+    pub async fn send(
+        &self,
+        msg: &BorrowedMessage<'_>,
+        reason: &'static str,
+        error: &str,
+    ) -> Result<DeliveryFuture, KafkaError> {
+        tracing::warn!(
+            stage = self.stage,
+            reason,
+            topic = msg.topic(),
+            partition = msg.partition(),
+            offset = msg.offset(),
+            "Record sent to the dead-letter topic {}: {error}",
+            self.topic
+        );
+        metrics::counter!("tidings_dead_letters_total", "stage" => self.stage, "reason" => reason).increment(1);
+        let headers = dlq_headers(msg.headers(), self.stage, reason, error, msg.topic(), msg.partition(), msg.offset());
+        let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.topic).headers(headers);
+        if let Some(p) = msg.payload() {
+            rec = rec.payload(p);
+        }
+        if let Some(k) = msg.key() {
+            rec = rec.key(k);
+        }
+        enqueue(&self.producer, rec).await
+    }
+}
+
+/// Enqueues a record, waiting while the producer's local queue is full. Keeps trying through
+/// shutdown: the record's input is consumed and must be produced before its offset is stored; the
+/// process's grace timeout bounds how long this can take.
+pub async fn enqueue<'a, K: ToBytes + ?Sized, P: ToBytes + ?Sized>(
+    producer: &FutureProducer,
+    mut rec: FutureRecord<'a, K, P>,
+) -> Result<DeliveryFuture, KafkaError> {
+    loop {
+        match producer.send_result(rec) {
+            Ok(d) => return Ok(d),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                rec = r;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
+}
+
+/// Awaits a produced record's acknowledgement.
+pub async fn acknowledged(delivery: DeliveryFuture) -> Result<(), KafkaError> {
+    match delivery.await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err((e, _))) => Err(e),
+        Err(_) => Err(KafkaError::Canceled),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::producer::{BaseProducer, Producer};
+    use rdkafka::ClientConfig;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Counts records; fails its first attempt after the first record.
+    struct Counting {
+        seen: Arc<AtomicUsize>,
+        attempt: usize,
+        finished: Arc<AtomicUsize>,
+    }
+
+    impl Processor for Counting {
+        type Error = String;
+        type Due = ();
+
+        async fn process(&mut self, _msg: &BorrowedMessage<'_>) -> Result<(), String> {
+            self.seen.fetch_add(1, Ordering::SeqCst);
+            if self.attempt == 0 {
+                return Err("broker went away".into());
+            }
+            Ok(())
+        }
+
+        fn due(&mut self) -> impl Future<Output = ()> + Send {
+            std::future::pending()
+        }
+
+        async fn on_due(&mut self, _: ()) -> Result<(), String> {
+            Ok(())
+        }
+
+        async fn finish(self, ended: Result<(), String>) -> Result<(), String> {
+            self.finished.fetch_add(1, Ordering::SeqCst);
+            ended
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_attempt_finishes_restarts_and_health_follows_it() {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("t", 1, 1).unwrap();
+        let brokers = cluster.bootstrap_servers();
+        let producer: BaseProducer = ClientConfig::new().set("bootstrap.servers", &brokers).create().unwrap();
+        for i in 0..3 {
+            producer
+                .send(rdkafka::producer::BaseRecord::<str, str>::to("t").key("k").payload(&format!("{i}")))
+                .unwrap();
+        }
+        producer.flush(Duration::from_secs(5)).unwrap();
+
+        let (seen, finished) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (health, shutdown) = (StageHealth::default(), CancellationToken::new());
+        let attempts = Arc::new(AtomicUsize::new(0));
+        let task = {
+            let (seen, finished, health, shutdown, attempts) =
+                (seen.clone(), finished.clone(), health.clone(), shutdown.clone(), attempts.clone());
+            tokio::spawn(async move {
+                run(
+                    "test",
+                    &health,
+                    &shutdown,
+                    || {
+                        let attempt = attempts.fetch_add(1, Ordering::SeqCst);
+                        let (seen, finished, brokers) = (seen.clone(), finished.clone(), brokers.clone());
+                        async move {
+                            let consumer: StreamConsumer = ClientConfig::new()
+                                .set("bootstrap.servers", &brokers)
+                                .set("group.id", "g")
+                                .set("auto.offset.reset", "earliest")
+                                .set("enable.auto.commit", "false")
+                                .create()
+                                .map_err(|e| e.to_string())?;
+                            // Assigned, not subscribed: no group rebalance to wait for between attempts.
+                            let mut tpl = rdkafka::TopicPartitionList::new();
+                            tpl.add_partition_offset("t", 0, rdkafka::Offset::Beginning).map_err(|e| e.to_string())?;
+                            rdkafka::consumer::Consumer::assign(&consumer, &tpl).map_err(|e| e.to_string())?;
+                            Ok((Counting { seen, attempt, finished }, Arc::new(consumer)))
+                        }
+                    },
+                    |e: &String| e.contains("went away"),
+                )
+                .await
+            })
+        };
+        // Nothing is committed, so the second attempt reads all three records again.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while seen.load(Ordering::SeqCst) < 4 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(seen.load(Ordering::SeqCst), 4, "1 record in the failed attempt + 3 after the restart");
+        assert_eq!(attempts.load(Ordering::SeqCst), 2);
+        assert_eq!(finished.load(Ordering::SeqCst), 1, "the failed attempt was finished before the restart");
+        assert!(health.is_up(), "the second attempt runs");
+        shutdown.cancel();
+        task.await.unwrap().unwrap();
+        assert_eq!(finished.load(Ordering::SeqCst), 2, "the stopped attempt was finished too");
+        assert!(!health.is_up());
+    }
+
+    #[tokio::test]
+    async fn an_error_no_retry_can_fix_ends_the_stage() {
+        let (health, shutdown) = (StageHealth::default(), CancellationToken::new());
+        let r = run::<Counting, rdkafka::consumer::DefaultConsumerContext, _, _>(
+            "test",
+            &health,
+            &shutdown,
+            || async { Err("bad configuration".to_string()) },
+            |e: &String| e.contains("went away"),
+        )
+        .await;
+        assert_eq!(r, Err("bad configuration".to_string()));
+        assert!(!health.is_up());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn health_is_down_while_a_stage_waits_to_restart() {
+        let (health, shutdown) = (StageHealth::default(), CancellationToken::new());
+        let attempts = Arc::new(AtomicUsize::new(0));
+        let task = {
+            let (health, shutdown, attempts) = (health.clone(), shutdown.clone(), attempts.clone());
+            tokio::spawn(async move {
+                run(
+                    "test",
+                    &health,
+                    &shutdown,
+                    || {
+                        let n = attempts.fetch_add(1, Ordering::SeqCst);
+                        async move {
+                            if n == 0 {
+                                return Err("broker went away".to_string());
+                            }
+                            // Never connects (nothing listens there): the attempt just runs.
+                            let consumer: StreamConsumer = ClientConfig::new()
+                                .set("bootstrap.servers", "127.0.0.1:1")
+                                .set("group.id", "g")
+                                .create()
+                                .map_err(|e| e.to_string())?;
+                            let counting =
+                                Counting { seen: Default::default(), attempt: 1, finished: Default::default() };
+                            Ok((counting, Arc::new(consumer)))
+                        }
+                    },
+                    |e: &String| e.contains("went away"),
+                )
+                .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(attempts.load(Ordering::SeqCst), 1);
+        assert!(!health.is_up(), "up while waiting out the backoff after a failure");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(attempts.load(Ordering::SeqCst), 2);
+        assert!(health.is_up(), "down while the second attempt runs");
+        shutdown.cancel();
+        task.await.unwrap().unwrap();
+        assert!(!health.is_up(), "up after the stage stopped");
+    }
+}

@@ -285,12 +285,10 @@ impl Processor for Stage {
         self.acks.send(inflight).await.map_err(|_| StageError::Delivery("acknowledger stopped".into()))
     }
 
-    fn due(&mut self) -> impl std::future::Future<Output = Self::Due> + Send {
-        async {
-            match self.acker.as_mut() {
-                Some(acker) => acker.await.unwrap_or_else(|e| Err(StageError::Delivery(e.to_string()))),
-                None => std::future::pending().await,
-            }
+    async fn due(&mut self) -> Self::Due {
+        match self.acker.as_mut() {
+            Some(acker) => acker.await.unwrap_or_else(|e| Err(StageError::Delivery(e.to_string()))),
+            None => std::future::pending().await,
         }
     }
 

@@ -112,6 +112,10 @@ fn client() -> reqwest::Client {
 }
 
 /// Reads SSE blocks from a streaming response until `want` blocks matched `keep`, or `timeout`.
+/// The memory test measures the whole process: it runs alone (write), every other test of this
+/// file beside the others (read).
+static RSS_ALONE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 async fn read_events(resp: reqwest::Response, want: usize, timeout: Duration) -> Vec<HashMap<String, String>> {
     let mut resp = resp;
     let mut buf = String::new();
@@ -143,6 +147,7 @@ async fn read_events(resp: reqwest::Response, want: usize, timeout: Duration) ->
 
 #[tokio::test]
 async fn tokens_are_checked_and_users_only_see_their_own_notifications() {
+    let _alone = RSS_ALONE.read().await;
     for direct in [true, false] {
         tokens_and_isolation(direct).await;
     }
@@ -207,6 +212,7 @@ async fn tokens_and_isolation(direct: bool) {
 
 #[tokio::test]
 async fn unowned_partitions_redirect_to_the_owner_and_unknown_owners_answer_503() {
+    let _alone = RSS_ALONE.read().await;
     let a = Gw::start(&[0, 1], HubConfig::default(), None).await;
     let b = Gw::start(&[2, 3], HubConfig::default(), None).await;
     let http = client();
@@ -272,9 +278,11 @@ async fn unowned_partitions_redirect_to_the_owner_and_unknown_owners_answer_503(
 
 #[tokio::test]
 async fn resume_comes_from_the_ring_then_the_store_else_reset() {
+    let _alone = RSS_ALONE.read().await;
     let (store, _dir) = tidings_sinks::testing::fresh_sqlite().await.unwrap();
     let resume = StoreResume { store: store.clone(), group: "persist".into(), topic: "notifications".into() };
-    let cfg = HubConfig { ring_events: 5, ..HubConfig::default() };
+    // Queues of 4: the store part of a resume is read in pages of 4.
+    let cfg = HubConfig { ring_events: 5, queue_events: 4, ..HubConfig::default() };
     let gw = Gw::start(&[0, 1, 2, 3], cfg, Some(resume)).await;
     let http = client();
     let url = format!("{}/v1/stream", gw.url);
@@ -320,6 +328,51 @@ async fn resume_comes_from_the_ring_then_the_store_else_reset() {
         .map(|e| serde_json::from_str::<Value>(&e["data"]).unwrap()["title"].as_str().unwrap().into())
         .collect();
     assert_eq!(titles, (3..20).map(|i| format!("title {i}")).collect::<Vec<_>>());
+
+    // Live events keep coming after a resume from the store, once, in order.
+    let r = http.get(&url).bearer_auth(token("carol")).header("last-event-id", format!("{p}.9")).send().await.unwrap();
+    let live = gw.push("carol", 20);
+    let seen = read_events(r, 11, Duration::from_secs(5)).await;
+    let got: Vec<String> = seen.iter().map(|e| e["id"].clone()).collect();
+    let mut want: Vec<String> = (10..20).map(|o| format!("{p}.{o}")).collect();
+    want.push(format!("{}.{}", live.0, live.1));
+    assert_eq!(got, want);
+}
+
+/// A resume longer than `max_store_resume` streams that many from the store, then says `reset`
+/// (refetch the inbox) and goes on from the ring: bounded work per resume, and no gap unannounced.
+#[tokio::test]
+async fn a_resume_longer_than_the_limit_ends_its_store_part_with_reset() {
+    let _alone = RSS_ALONE.read().await;
+    let (store, _dir) = tidings_sinks::testing::fresh_sqlite().await.unwrap();
+    let resume = StoreResume { store: store.clone(), group: "persist".into(), topic: "notifications".into() };
+    let cfg = HubConfig { ring_events: 5, queue_events: 4, max_store_resume: 6, ..HubConfig::default() };
+    let gw = Gw::start(&[0, 1, 2, 3], cfg, Some(resume)).await;
+    let p = partition_for("dave", PARTITIONS);
+    let positions: Vec<(i32, i64)> = (0..20).map(|i| gw.push("dave", i)).collect();
+    let batch = Batch {
+        notifications: positions
+            .iter()
+            .enumerate()
+            .map(|(i, (p, o))| StoredNotification {
+                notification: notification("dave", i),
+                stream_partition: *p,
+                stream_offset: *o,
+            })
+            .collect(),
+        chat_messages: Vec::new(),
+        offsets: vec![OffsetUpdate { topic: "notifications".into(), partition: p, next_offset: 20 }],
+    };
+    store.write_batch("persist", &batch).await.unwrap();
+    let url = format!("{}/v1/stream", gw.url);
+    let r = client().get(&url).bearer_auth(token("dave")).header("last-event-id", format!("{p}.0")).send().await.unwrap();
+    // Store: 1..=6 (the limit, in pages of 4), then reset at the ring's start (15), then 15..19.
+    let seen = read_events(r, 12, Duration::from_secs(5)).await;
+    let got: Vec<String> = seen.iter().map(|e| format!("{} {}", e["event"], e["id"])).collect();
+    let mut want: Vec<String> = (1..=6).map(|o| format!("order.paid {p}.{o}")).collect();
+    want.push(format!("reset {p}.14"));
+    want.extend((15..20).map(|o| format!("order.paid {p}.{o}")));
+    assert_eq!(got, want);
 }
 
 fn rss_bytes() -> u64 {
@@ -339,6 +392,7 @@ fn rss_bytes() -> u64 {
 /// same partitions gets every one of its events, each within a second of being pushed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_stalled_clients_are_cut_off_and_do_not_hold_up_the_rest() {
+    let _alone = RSS_ALONE.write().await;
     const SLOW: usize = 1_000;
     const EVENTS: usize = 600;
     let cfg = HubConfig { queue_events: 64, queue_bytes: 64 << 10, ..HubConfig::default() };
@@ -449,6 +503,7 @@ async fn a_thousand_stalled_clients_are_cut_off_and_do_not_hold_up_the_rest() {
 /// would otherwise hold it for its 10 s head timeout), and open streams end with `reconnect`.
 #[tokio::test]
 async fn shutdown_ends_streams_and_does_not_wait_for_silent_connections() {
+    let _alone = RSS_ALONE.read().await;
     let listener = tidings_gateway::bind("127.0.0.1:0".parse().unwrap(), None).unwrap();
     let addr = listener.local_addr().unwrap();
     let hub = Hub::new(HubConfig::default(), None);

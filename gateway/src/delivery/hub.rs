@@ -25,6 +25,8 @@ pub enum CloseReason {
     TooManyConnections,
     /// The client did not read fast enough and its queue overflowed: reconnect with the last id.
     SlowConsumer,
+    /// A resume was being read from the store, which failed: reconnect with the last id.
+    StoreUnavailable,
 }
 
 impl CloseReason {
@@ -34,6 +36,7 @@ impl CloseReason {
             CloseReason::Shutdown => "shutdown",
             CloseReason::TooManyConnections => "too_many_connections",
             CloseReason::SlowConsumer => "slow_consumer",
+            CloseReason::StoreUnavailable => "store_unavailable",
         }
     }
 
@@ -41,16 +44,17 @@ impl CloseReason {
     /// instance), `close` otherwise.
     pub fn event_name(self) -> &'static str {
         match self {
-            CloseReason::PartitionRevoked | CloseReason::Shutdown => "reconnect",
+            CloseReason::PartitionRevoked | CloseReason::Shutdown | CloseReason::StoreUnavailable => "reconnect",
             CloseReason::TooManyConnections | CloseReason::SlowConsumer => "close",
         }
     }
 
-    const ALL: [CloseReason; 4] = [
+    const ALL: [CloseReason; 5] = [
         CloseReason::PartitionRevoked,
         CloseReason::Shutdown,
         CloseReason::TooManyConnections,
         CloseReason::SlowConsumer,
+        CloseReason::StoreUnavailable,
     ];
 }
 
@@ -62,6 +66,12 @@ pub enum Frame {
         id: Option<String>,
     },
     Event(Arc<Event>),
+    /// The user's stored notifications with offsets in (`after`, `before`): read from the store a
+    /// page at a time while the stream is written, so a long resume never sits in memory whole.
+    Stored {
+        after: i64,
+        before: i64,
+    },
     /// The position asked for cannot be served without a gap: refetch the inbox, continue at `id`.
     Reset {
         id: String,
@@ -240,10 +250,8 @@ impl Partition {
 /// What a look at the ring decided.
 enum Registered {
     Done(Subscription),
-    /// The ring starts at `covered_from`, after the asked position: the store must fill the gap.
-    NeedsStore {
-        covered_from: i64,
-    },
+    /// The ring starts after the asked position: the store must fill the gap, if it has it.
+    NeedsStore,
 }
 
 /// A registered stream: frames to send first, then the queue. Dropping it unregisters.
@@ -255,6 +263,16 @@ pub struct Subscription {
     hub: Arc<Hub>,
     partition: i32,
     user: Box<str>,
+}
+
+impl Subscription {
+    pub fn partition(&self) -> i32 {
+        self.partition
+    }
+
+    pub fn user(&self) -> &str {
+        &self.user
+    }
 }
 
 impl Drop for Subscription {
@@ -538,17 +556,15 @@ impl Hub {
         if last.is_some_and(|(p, _)| p != partition) {
             return self.reset(partition, user, "partition_changed");
         }
-        // Rows read from the store and the ring position they were read up to.
-        let mut from_store: Option<(i64, Vec<Arc<Event>>)> = None;
+        // How far the store is complete (its next offset), once the ring turned out not to be enough.
+        let mut stored_next: Option<i64> = None;
         for _attempt in 0..3 {
             let part = self.partition(partition).ok_or(SubscribeError::NotOwned(partition))?;
-            let covered_from = match self.register_from_ring(&part, partition, user, last, &mut from_store)? {
-                Registered::Done(sub) => return Ok(sub),
-                Registered::NeedsStore { covered_from } => covered_from,
-            };
-            let lo = last.map(|(_, o)| o).unwrap_or(-1);
-            match self.read_store(user, partition, lo, covered_from).await? {
-                Some(rows) => from_store = Some((covered_from, rows)),
+            if let Registered::Done(sub) = self.register_from_ring(&part, partition, user, last, stored_next)? {
+                return Ok(sub);
+            }
+            match self.stored_next(partition).await? {
+                Some(next) => stored_next = Some(next),
                 None => return self.reset(partition, user, "position_too_old"),
             }
         }
@@ -556,24 +572,23 @@ impl Hub {
         self.reset(partition, user, "position_too_old")
     }
 
-    /// Under `part`'s lock: registers the stream when the ring (plus `from_store`, rows read up to
-    /// a boundary the ring still covers) serves everything after `last`; else says where the ring
-    /// starts. Refuses a partition that was revoked or closed after the caller looked it up.
+    /// Under `part`'s lock: registers the stream when the ring serves everything after `last`, or
+    /// the ring plus the store does (`stored_next`: the store holds every offset below it); else
+    /// says the store is needed. Refuses a partition revoked or closed after the caller looked it up.
     fn register_from_ring(
         self: &Arc<Self>,
         part: &Mutex<Partition>,
         partition: i32,
         user: &str,
         last: Option<(i32, i64)>,
-        from_store: &mut Option<(i64, Vec<Arc<Event>>)>,
+        stored_next: Option<i64>,
     ) -> Result<Registered, SubscribeError> {
         let mut guard = part.lock().expect("lock");
         self.check_open(&guard, partition)?;
         if !guard.live {
             return Err(SubscribeError::NotReady(partition));
         }
-        let boundary = from_store.as_ref().map(|(b, _)| *b);
-        let sub = match (last, boundary) {
+        let sub = match (last, stored_next) {
             (None, _) => {
                 let id = Some(position_id(partition, guard.ring.last()));
                 let after = guard.ring.last();
@@ -585,16 +600,16 @@ impl Hub {
                 let after = lo.max(guard.ring.last());
                 self.register(&mut guard, partition, user, after, backlog, ResumeOutcome::Ring)
             }
-            // The store was read up to `boundary` and the ring still holds everything from there.
-            (Some((_, lo)), Some(boundary)) if guard.ring.covered_from() <= boundary => {
-                let mut backlog = vec![Frame::Hello { id: None }];
-                let rows = from_store.take().map(|(_, rows)| rows).unwrap_or_default();
-                backlog.extend(rows.into_iter().map(Frame::Event));
-                backlog.extend(guard.ring.after(user, lo.max(boundary - 1)).into_iter().map(Frame::Event));
+            // The store holds everything before the ring's start: the gap from there, the rest from
+            // the ring, the live events from the queue.
+            (Some((_, lo)), Some(stored_next)) if guard.ring.covered_from() <= stored_next => {
+                let before = guard.ring.covered_from();
+                let mut backlog = vec![Frame::Hello { id: None }, Frame::Stored { after: lo, before }];
+                backlog.extend(guard.ring.after(user, lo.max(before - 1)).into_iter().map(Frame::Event));
                 let after = lo.max(guard.ring.last());
                 self.register(&mut guard, partition, user, after, backlog, ResumeOutcome::Store)
             }
-            (Some(_), _) => return Ok(Registered::NeedsStore { covered_from: guard.ring.covered_from() }),
+            (Some(_), _) => return Ok(Registered::NeedsStore),
         };
         Ok(Registered::Done(sub))
     }
@@ -633,45 +648,34 @@ impl Hub {
         Ok(self.register(&mut guard, partition, user, after, backlog, ResumeOutcome::Reset))
     }
 
-    /// `user`'s persisted notifications with offsets in (`after`, `before`), when the store holds
-    /// all of that range; `None` when it does not (or there are too many to replay).
-    async fn read_store(
+    /// The store's next offset of `partition` (everything below it is stored); `None` without a store.
+    async fn stored_next(&self, partition: i32) -> Result<Option<i64>, SubscribeError> {
+        let Some(s) = &self.store else { return Ok(None) };
+        Ok(Some(s.store.load_offsets(&s.group, &s.topic).await?.get(&partition).copied().unwrap_or(0)))
+    }
+
+    /// One page (at most a queue's worth) of `user`'s stored notifications on `partition` with
+    /// offsets in (`after`, `before`), oldest first, and whether more may follow.
+    pub async fn stored_page(
         &self,
         user: &str,
         partition: i32,
         after: i64,
         before: i64,
-    ) -> Result<Option<Vec<Arc<Event>>>, SubscribeError> {
-        let Some(s) = &self.store else { return Ok(None) };
-        let stored_next = s.store.load_offsets(&s.group, &s.topic).await?.get(&partition).copied().unwrap_or(0);
-        if stored_next < before {
-            return Ok(None);
-        }
-        const PAGE: u32 = 500;
-        let mut rows = Vec::new();
-        let mut cursor = after;
-        loop {
-            let page = s.store.notifications_after(user, partition, cursor, PAGE).await?;
-            let full = page.len() == PAGE as usize;
-            for item in page {
-                if item.stream_offset >= before {
-                    return Ok(Some(rows));
-                }
-                cursor = item.stream_offset;
-                rows.push(Arc::new(super::stream::event_from_notification(
-                    partition,
-                    item.stream_offset,
-                    &item.notification,
-                    0,
-                )));
-                if rows.len() > self.cfg.max_store_resume {
-                    return Ok(None);
-                }
+    ) -> Result<(Vec<Arc<Event>>, bool), StoreError> {
+        let Some(s) = &self.store else { return Ok((Vec::new(), false)) };
+        let limit = self.cfg.queue_events.clamp(1, 500);
+        let page = s.store.notifications_after(user, partition, after, limit as u32).await?;
+        let full = page.len() == limit;
+        let mut events = Vec::with_capacity(page.len());
+        for item in page {
+            if item.stream_offset >= before {
+                return Ok((events, false));
             }
-            if !full {
-                return Ok(Some(rows));
-            }
+            let e = super::stream::event_from_notification(partition, item.stream_offset, &item.notification, 0);
+            events.push(Arc::new(e));
         }
+        Ok((events, full))
     }
 
     fn register(
@@ -804,21 +808,21 @@ mod tests {
         let (hub, p) = hub_with("alice", cfg());
         let stale = hub.partition(p).unwrap();
         hub.revoke(&[p]);
-        let r = hub.register_from_ring(&stale, p, "alice", None, &mut None);
+        let r = hub.register_from_ring(&stale, p, "alice", None, None);
         assert!(matches!(r, Err(SubscribeError::NotOwned(_))), "registered into a revoked partition");
         assert!(matches!(hub.reset_on(&stale, p, "alice", "x"), Err(SubscribeError::NotOwned(_))));
 
         let (hub, p) = hub_with("alice", cfg());
         let stale = hub.partition(p).unwrap();
         hub.close_all();
-        let r = hub.register_from_ring(&stale, p, "alice", None, &mut None);
+        let r = hub.register_from_ring(&stale, p, "alice", None, None);
         assert!(matches!(r, Err(SubscribeError::NotReady(_))), "registered after shutdown drained the partition");
         assert!(matches!(hub.reset_on(&stale, p, "alice", "x"), Err(SubscribeError::NotReady(_))));
         // A partition assigned after shutdown began takes nothing either.
         hub.assign(p + 1, 0, 0);
         let fresh = hub.partition(p + 1).unwrap();
         assert!(matches!(
-            hub.register_from_ring(&fresh, p + 1, "bob", None, &mut None),
+            hub.register_from_ring(&fresh, p + 1, "bob", None, None),
             Err(SubscribeError::NotReady(_))
         ));
         assert_eq!(hub.connections(), 0);

@@ -197,16 +197,69 @@ pub struct StreamCursor {
     sub: Subscription,
     hub: Arc<Hub>,
     next_backlog: usize,
+    /// A store range of the backlog being written, a page at a time.
+    stored: Option<StoredRange>,
     done: bool,
     heartbeat: Duration,
     retry_ms: u128,
+}
+
+/// Where a resume from the store stands: the page read and not yet written, and what is left.
+struct StoredRange {
+    /// The last offset read; the next page starts after it.
+    after: i64,
+    before: i64,
+    page: std::collections::VecDeque<Arc<Event>>,
+    more: bool,
+    written: usize,
 }
 
 impl StreamCursor {
     pub fn new(sub: Subscription, hub: Arc<Hub>) -> Self {
         let cfg = hub.config();
         let (heartbeat, retry_ms) = (cfg.heartbeat, cfg.retry.as_millis());
-        StreamCursor { sub, hub, next_backlog: 0, done: false, heartbeat, retry_ms }
+        StreamCursor { sub, hub, next_backlog: 0, stored: None, done: false, heartbeat, retry_ms }
+    }
+
+    /// The next frame of the store range being written, reading its next page when the last one
+    /// is written; `None` once the range is done. A resume longer than `max_store_resume` ends in
+    /// `reset` (refetch the inbox) at the range's end; a store failure ends the stream with
+    /// `reconnect`, so the client resumes from what it got.
+    async fn next_stored(&mut self) -> Option<Frame> {
+        let range = self.stored.as_mut()?;
+        if range.page.is_empty() && range.more {
+            if range.written >= self.hub.config().max_store_resume {
+                range.more = false;
+                let id = super::position_id(self.sub.partition(), range.before - 1);
+                return Some(Frame::Reset { id, reason: "position_too_old" });
+            }
+            // Cancel-safe: nothing changes until the page is in.
+            match self.hub.stored_page(self.sub.user(), self.sub.partition(), range.after, range.before).await {
+                Ok((mut page, more)) => {
+                    let room = self.hub.config().max_store_resume - range.written;
+                    // Past the limit, the next call answers `reset`.
+                    range.more = more || page.len() > room;
+                    page.truncate(room);
+                    range.after = page.last().map_or(range.after, |e| e.offset);
+                    range.page = page.into();
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "Reading a resume from the store failed; the client reconnects.");
+                    range.more = false;
+                    return Some(Frame::Close(CloseReason::StoreUnavailable));
+                }
+            }
+        }
+        match range.page.pop_front() {
+            Some(e) => {
+                range.written += 1;
+                Some(Frame::Event(e))
+            }
+            None => {
+                self.stored = None;
+                None
+            }
+        }
     }
 
     /// Resolves when the hub aborted this stream (a slow client's queue overflowed).
@@ -221,12 +274,27 @@ impl StreamCursor {
         if self.done {
             return false;
         }
+        if let Some(frame) = self.next_stored().await {
+            self.encode(frame, out);
+            return true;
+        }
         let frame = if self.next_backlog < self.sub.backlog.len() {
             self.next_backlog += 1;
             let f = std::mem::replace(&mut self.sub.backlog[self.next_backlog - 1], Frame::Hello { id: None });
             if self.next_backlog == self.sub.backlog.len() {
                 self.sub.backlog = Vec::new();
                 self.next_backlog = 0;
+            }
+            if let Frame::Stored { after, before } = f {
+                self.stored = Some(StoredRange { after, before, page: Default::default(), more: true, written: 0 });
+                return match self.next_stored().await {
+                    Some(frame) => {
+                        self.encode(frame, out);
+                        true
+                    }
+                    // Nothing stored in the range: go on with the backlog (an empty chunk).
+                    None => true,
+                };
             }
             f
         } else {
@@ -278,6 +346,8 @@ impl StreamCursor {
                 let data = json!({ "reason": reason, "refetch": "/v1/notifications" });
                 let _ = write!(out, "id: {id}\nevent: reset\ndata: {data}\n");
             }
+            // Turned into a range by `next_chunk` before it gets here.
+            Frame::Stored { .. } => return,
             Frame::Close(reason) => {
                 self.done = true;
                 let data = json!({ "reason": reason.as_str() });

@@ -72,33 +72,29 @@ fn offset(topic: &str, partition: i32, next_offset: i64) -> OffsetUpdate {
     OffsetUpdate { topic: topic.into(), partition, next_offset }
 }
 
-/// Chat rows as stored, ordered by id, read back with backend-specific SQL.
+/// Chat rows as stored, ordered by id (the timestamp read back with backend-specific SQL).
 async fn stored_chat(store: &Store) -> Vec<ChatMessage> {
-    const COLS: &str = "message_id, room_id, sender_id, text, source_partition, source_offset";
-    match store {
-        Store::Postgres(p) => {
-            let sql = format!(
-                "SELECT {COLS}, (extract(epoch FROM occurred_at) * 1000000)::int8 FROM chat_messages ORDER BY message_id"
-            );
-            let rows: Vec<(String, String, String, String, i32, i64, i64)> =
-                sqlx::query_as(&sql).fetch_all(p).await.unwrap();
-            rows.into_iter()
-                .map(|(message_id, room_id, sender_id, text, source_partition, source_offset, occurred_at)| {
-                    ChatMessage { message_id, room_id, sender_id, text, occurred_at, source_partition, source_offset }
-                })
-                .collect()
-        }
-        Store::Sqlite(p) => {
-            let sql = format!("SELECT {COLS}, occurred_at FROM chat_messages ORDER BY message_id");
-            let rows: Vec<(String, String, String, String, i32, i64, i64)> =
-                sqlx::query_as(&sql).fetch_all(p).await.unwrap();
-            rows.into_iter()
-                .map(|(message_id, room_id, sender_id, text, source_partition, source_offset, occurred_at)| {
-                    ChatMessage { message_id, room_id, sender_id, text, occurred_at, source_partition, source_offset }
-                })
-                .collect()
-        }
-    }
+    let micros = match store {
+        Store::Postgres(_) => "(extract(epoch FROM occurred_at) * 1000000)::int8",
+        Store::Sqlite(_) => "occurred_at",
+    };
+    let sql = format!(
+        "SELECT message_id, room_id, sender_id, text, source_partition, source_offset, {micros} \
+         FROM chat_messages ORDER BY message_id"
+    );
+    let rows: Vec<(String, String, String, String, i32, i64, i64)> =
+        on_pool!(store, |pool, _Db| sqlx::query_as(&sql).fetch_all(pool).await.unwrap());
+    rows.into_iter()
+        .map(|(message_id, room_id, sender_id, text, source_partition, source_offset, occurred_at)| ChatMessage {
+            message_id,
+            room_id,
+            sender_id,
+            text,
+            occurred_at,
+            source_partition,
+            source_offset,
+        })
+        .collect()
 }
 
 async fn write_batch_inserts_rows(store: &Store) {

@@ -163,6 +163,8 @@ fn inbox_items<D: Dialect>(rows: Vec<InboxRowOf<D>>) -> Vec<InboxItem> {
 const INBOX: &str = include_str!("sql/inbox.sql");
 const INBOX_BEFORE: &str = include_str!("sql/inbox_before.sql");
 const NOTIFICATIONS_AFTER: &str = include_str!("sql/notifications_after.sql");
+const SEGMENT_PAGE: &str = include_str!("sql/segment_page.sql");
+const SEGMENT_PAGE_AFTER: &str = include_str!("sql/segment_page_after.sql");
 
 fn count(n: i64) -> u64 {
     u64::try_from(n).unwrap_or(0)
@@ -217,6 +219,23 @@ impl Store {
     /// Users of an audience segment, sorted.
     pub async fn segment_members(&self, segment: &str) -> Result<Vec<String>, StoreError> {
         self.user_ids("SELECT user_id FROM audience_segments WHERE segment = $1 ORDER BY user_id", segment).await
+    }
+
+    /// At most `limit` users of an audience segment, sorted, strictly after `after` (the last user of
+    /// the previous page): a large audience in pages, each one index range scan.
+    pub async fn segment_members_page(
+        &self,
+        segment: &str,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<String>, StoreError> {
+        Ok(on_pool!(self, |pool, Db| {
+            let query = match after {
+                None => sqlx::query_scalar(SEGMENT_PAGE).bind(Db::text(segment)),
+                Some(after) => sqlx::query_scalar(SEGMENT_PAGE_AFTER).bind(Db::text(segment)).bind(Db::text(after)),
+            };
+            query.bind(i64::from(limit)).fetch_all(pool).await?
+        }))
     }
 
     /// Adds users to a segment (idempotent); returns how many were new.

@@ -29,6 +29,7 @@ on_both_backends!(
     offsets_are_saved_and_never_move_backward,
     large_batches_go_through,
     segments_are_idempotent,
+    segment_pages_concatenate_to_the_sorted_members,
     rooms_add_and_remove,
     inbox_pages_with_cursor,
     unread_and_mark_read,
@@ -233,6 +234,44 @@ async fn segments_are_idempotent(store: &Store) {
     assert_eq!(store.add_segment_members("all", &many).await.unwrap(), 0);
     assert_eq!(store.segment_members("all").await.unwrap(), many);
     assert_eq!(store.segment_members("vip").await.unwrap().len(), 4);
+}
+
+async fn segment_pages_concatenate_to_the_sorted_members(store: &Store) {
+    let users: Vec<String> = (0..23).rev().map(|i| format!("u{i:02}")).collect();
+    store.add_segment_members("s", &users).await.unwrap();
+    store.add_segment_members("other", &["u05".to_string(), "u50".to_string()]).await.unwrap();
+    let mut sorted = users.clone();
+    sorted.sort();
+
+    for limit in [1, 5, 23, 100] {
+        let mut all = Vec::new();
+        let mut after: Option<String> = None;
+        let mut pages = 0;
+        loop {
+            let page = store.segment_members_page("s", after.as_deref(), limit).await.unwrap();
+            assert!(page.len() <= limit as usize, "limit {limit}: {page:?}");
+            if page.is_empty() {
+                break;
+            }
+            pages += 1;
+            after = page.last().cloned();
+            all.extend(page);
+        }
+        assert_eq!(all, sorted, "limit {limit}");
+        assert_eq!(pages, 23_usize.div_ceil(limit as usize), "limit {limit}");
+    }
+    assert_eq!(store.segment_members("s").await.unwrap(), sorted);
+
+    let page = |after: Option<&'static str>, limit| store.segment_members_page("s", after, limit);
+    assert_eq!(page(None, 1).await.unwrap(), ["u00"]);
+    // Strictly after the cursor, whether or not the cursor is a member.
+    assert_eq!(page(Some("u10"), 2).await.unwrap(), ["u11", "u12"]);
+    assert_eq!(page(Some("u105"), 2).await.unwrap(), ["u11", "u12"]);
+    assert_eq!(page(Some("u21"), 10).await.unwrap(), ["u22"]);
+    assert!(page(Some("u22"), 10).await.unwrap().is_empty());
+    assert!(page(Some("v"), 10).await.unwrap().is_empty());
+    assert!(store.segment_members_page("nobody", None, 10).await.unwrap().is_empty());
+    assert!(store.segment_members_page("nobody", Some("u00"), 10).await.unwrap().is_empty());
 }
 
 async fn rooms_add_and_remove(store: &Store) {

@@ -1,10 +1,28 @@
-//! The store: PostgreSQL in production, SQLite as the embedded default. One enum so callers stay
-//! generic without boxed async traits; each backend's SQL lives in its own module.
+//! The store: PostgreSQL in production, SQLite as the embedded default. Queries whose SQL both accept
+//! are written once here and `on_pool!` compiles the same text for each pool (no generic executor
+//! bounds); `postgres.rs` and `sqlite.rs` keep only connecting, bulk writes and their column types.
 
 use sqlx::{PgPool, SqlitePool};
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use crate::error::StoreError;
+
+/// Runs `$body` on the pool `$store` holds, with the type `$db` naming that backend (a [`Dialect`]).
+macro_rules! on_pool {
+    ($store:expr, |$pool:ident, $db:ident| $body:expr) => {
+        match $store {
+            Store::Postgres($pool) => {
+                type $db = sqlx::Postgres;
+                $body
+            }
+            Store::Sqlite($pool) => {
+                type $db = sqlx::Sqlite;
+                $body
+            }
+        }
+    };
+}
 
 pub mod copy;
 pub mod postgres;
@@ -86,6 +104,72 @@ pub struct InboxItem {
     pub read: bool,
 }
 
+/// What the backends store differently behind the same SQL.
+trait Dialect {
+    /// A notification id: `uuid` on PostgreSQL, hyphenated text on SQLite.
+    type Id: From<uuid::Uuid> + Into<uuid::Uuid>;
+    /// A timestamp: `timestamptz` on PostgreSQL, integer microseconds since the epoch on SQLite.
+    type Time;
+    /// A text value as written or compared.
+    fn text(s: &str) -> Cow<'_, str>;
+    fn now() -> Self::Time;
+    fn micros(t: Self::Time) -> i64;
+}
+
+/// A row of `inbox.sql`, `inbox_before.sql` or `notifications_after.sql`, in a backend's id and time types.
+#[derive(sqlx::FromRow)]
+struct InboxRow<Id, Time> {
+    id: Id,
+    user_id: String,
+    kind: String,
+    title: String,
+    body: String,
+    link: Option<String>,
+    source_event_id: String,
+    occurred_at: Time,
+    source_topic: String,
+    source_partition: i32,
+    source_offset: i64,
+    stream_partition: i32,
+    stream_offset: i64,
+    read: bool,
+}
+
+type InboxRowOf<D> = InboxRow<<D as Dialect>::Id, <D as Dialect>::Time>;
+
+fn inbox_items<D: Dialect>(rows: Vec<InboxRowOf<D>>) -> Vec<InboxItem> {
+    rows.into_iter()
+        .map(|r| InboxItem {
+            notification: tidings_core::Notification {
+                notification_id: r.id.into(),
+                user_id: r.user_id,
+                kind: r.kind,
+                title: r.title,
+                body: r.body,
+                link: r.link,
+                source_event_id: r.source_event_id,
+                occurred_at: D::micros(r.occurred_at),
+                source_topic: r.source_topic,
+                source_partition: r.source_partition,
+                source_offset: r.source_offset,
+            },
+            stream_partition: r.stream_partition,
+            stream_offset: r.stream_offset,
+            read: r.read,
+        })
+        .collect()
+}
+
+const INBOX: &str = include_str!("sql/inbox.sql");
+const INBOX_BEFORE: &str = include_str!("sql/inbox_before.sql");
+const NOTIFICATIONS_AFTER: &str = include_str!("sql/notifications_after.sql");
+const SEGMENT_PAGE: &str = include_str!("sql/segment_page.sql");
+const SEGMENT_PAGE_AFTER: &str = include_str!("sql/segment_page_after.sql");
+
+fn count(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
 /// A connected, migrated store.
 #[derive(Clone, Debug)]
 pub enum Store {
@@ -118,28 +202,40 @@ impl Store {
 
     /// The stored next offset per partition of `topic` for `consumer`.
     pub async fn load_offsets(&self, consumer: &str, topic: &str) -> Result<HashMap<i32, i64>, StoreError> {
-        match self {
-            Store::Postgres(p) => postgres::load_offsets(p, consumer, topic).await,
-            Store::Sqlite(p) => sqlite::load_offsets(p, consumer, topic).await,
-        }
+        const SQL: &str = "SELECT partition, next_offset FROM sink_offsets WHERE consumer = $1 AND topic = $2";
+        let rows: Vec<(i32, i64)> = on_pool!(self, |pool, Db| {
+            sqlx::query_as(SQL).bind(Db::text(consumer)).bind(Db::text(topic)).fetch_all(pool).await?
+        });
+        Ok(rows.into_iter().collect())
     }
 
     /// Forgets every offset stored for `consumer`: for a broker that starts empty (the embedded
     /// mock cluster), offsets of an earlier run point past the end and would hide new records.
     pub async fn forget_offsets(&self, consumer: &str) -> Result<u64, StoreError> {
         const SQL: &str = "DELETE FROM sink_offsets WHERE consumer = $1";
-        Ok(match self {
-            Store::Postgres(p) => sqlx::query(SQL).bind(consumer).execute(p).await?.rows_affected(),
-            Store::Sqlite(p) => sqlx::query(SQL).bind(consumer).execute(p).await?.rows_affected(),
-        })
+        Ok(on_pool!(self, |pool, Db| sqlx::query(SQL).bind(Db::text(consumer)).execute(pool).await?.rows_affected()))
     }
 
     /// Users of an audience segment, sorted.
     pub async fn segment_members(&self, segment: &str) -> Result<Vec<String>, StoreError> {
-        match self {
-            Store::Postgres(p) => postgres::segment_members(p, segment).await,
-            Store::Sqlite(p) => sqlite::segment_members(p, segment).await,
-        }
+        self.user_ids("SELECT user_id FROM audience_segments WHERE segment = $1 ORDER BY user_id", segment).await
+    }
+
+    /// At most `limit` users of an audience segment, sorted, strictly after `after` (the last user of
+    /// the previous page): a large audience in pages, each one index range scan.
+    pub async fn segment_members_page(
+        &self,
+        segment: &str,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<String>, StoreError> {
+        Ok(on_pool!(self, |pool, Db| {
+            let query = match after {
+                None => sqlx::query_scalar(SEGMENT_PAGE).bind(Db::text(segment)),
+                Some(after) => sqlx::query_scalar(SEGMENT_PAGE_AFTER).bind(Db::text(segment)).bind(Db::text(after)),
+            };
+            query.bind(i64::from(limit)).fetch_all(pool).await?
+        }))
     }
 
     /// Adds users to a segment (idempotent); returns how many were new.
@@ -152,10 +248,12 @@ impl Store {
 
     /// Members of a chat room, sorted.
     pub async fn room_members(&self, room: &str) -> Result<Vec<String>, StoreError> {
-        match self {
-            Store::Postgres(p) => postgres::room_members(p, room).await,
-            Store::Sqlite(p) => sqlite::room_members(p, room).await,
-        }
+        self.user_ids("SELECT user_id FROM room_members WHERE room_id = $1 ORDER BY user_id", room).await
+    }
+
+    /// The user ids `sql` selects for its one text parameter `key`.
+    async fn user_ids(&self, sql: &'static str, key: &str) -> Result<Vec<String>, StoreError> {
+        Ok(on_pool!(self, |pool, Db| sqlx::query_scalar(sql).bind(Db::text(key)).fetch_all(pool).await?))
     }
 
     /// Adds then removes room members in one transaction (a user in both lists ends up removed).
@@ -174,35 +272,43 @@ impl Store {
         before: Option<(i32, i64)>,
         limit: u32,
     ) -> Result<Vec<InboxItem>, StoreError> {
-        match self {
-            Store::Postgres(p) => postgres::inbox(p, user, before, limit).await,
-            Store::Sqlite(p) => sqlite::inbox(p, user, before, limit).await,
-        }
+        Ok(on_pool!(self, |pool, Db| {
+            let query = match before {
+                None => sqlx::query_as::<_, InboxRowOf<Db>>(INBOX).bind(Db::text(user)),
+                Some((partition, offset)) => {
+                    sqlx::query_as(INBOX_BEFORE).bind(Db::text(user)).bind(partition).bind(offset)
+                }
+            };
+            inbox_items::<Db>(query.bind(i64::from(limit)).fetch_all(pool).await?)
+        }))
     }
 
     /// How many of `user`'s notifications are unread.
     pub async fn unread_count(&self, user: &str) -> Result<u64, StoreError> {
-        match self {
-            Store::Postgres(p) => postgres::unread_count(p, user).await,
-            Store::Sqlite(p) => sqlite::unread_count(p, user).await,
-        }
+        const SQL: &str = "SELECT count(*) FROM notifications WHERE user_id = $1 AND read_at IS NULL";
+        Ok(count(on_pool!(self, |pool, Db| sqlx::query_scalar(SQL).bind(Db::text(user)).fetch_one(pool).await?)))
     }
 
     /// Marks notification `id` read if it is `user`'s (keeping the first read time); false if there
     /// is no such notification of that user.
     pub async fn mark_read(&self, user: &str, id: uuid::Uuid) -> Result<bool, StoreError> {
-        match self {
-            Store::Postgres(p) => postgres::mark_read(p, user, id).await,
-            Store::Sqlite(p) => sqlite::mark_read(p, user, id).await,
-        }
+        const SQL: &str = "UPDATE notifications SET read_at = COALESCE(read_at, $3) WHERE id = $1 AND user_id = $2";
+        let updated = on_pool!(self, |pool, Db| {
+            sqlx::query(SQL)
+                .bind(<Db as Dialect>::Id::from(id))
+                .bind(Db::text(user))
+                .bind(Db::now())
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
+        Ok(updated > 0)
     }
 
     /// Total stored notifications.
     pub async fn count_notifications(&self) -> Result<u64, StoreError> {
-        match self {
-            Store::Postgres(p) => postgres::count_notifications(p).await,
-            Store::Sqlite(p) => sqlite::count_notifications(p).await,
-        }
+        const SQL: &str = "SELECT count(*) FROM notifications";
+        Ok(count(on_pool!(self, |pool, _Db| sqlx::query_scalar(SQL).fetch_one(pool).await?)))
     }
 
     /// `user`'s notifications on stream `partition` after `after_offset`, oldest first (SSE resume).
@@ -213,10 +319,16 @@ impl Store {
         after_offset: i64,
         limit: u32,
     ) -> Result<Vec<InboxItem>, StoreError> {
-        match self {
-            Store::Postgres(p) => postgres::notifications_after(p, user, partition, after_offset, limit).await,
-            Store::Sqlite(p) => sqlite::notifications_after(p, user, partition, after_offset, limit).await,
-        }
+        Ok(on_pool!(self, |pool, Db| {
+            let rows = sqlx::query_as(NOTIFICATIONS_AFTER)
+                .bind(Db::text(user))
+                .bind(partition)
+                .bind(after_offset)
+                .bind(i64::from(limit))
+                .fetch_all(pool)
+                .await?;
+            inbox_items::<Db>(rows)
+        }))
     }
 
     /// Short name of the backend for log lines.

@@ -2,14 +2,13 @@
 //! staging tables, then one `INSERT … SELECT … ON CONFLICT DO NOTHING` per table, all in the same
 //! transaction as the offset upsert.
 
-use sqlx::postgres::{PgPoolOptions, PgRow};
-use sqlx::{Executor, PgConnection, PgPool, Row};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{Executor, PgConnection, PgPool};
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::time::Duration;
 
 use super::copy::{CopyEncoder, CopyError};
-use super::{Batch, ChatMessage, InboxItem, StoredNotification, WriteStats};
+use super::{Batch, ChatMessage, Dialect, StoredNotification, WriteStats};
 use crate::error::StoreError;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -18,9 +17,6 @@ const STAGING: &str = include_str!("sql/pg_staging.sql");
 const INSERT_NOTIFICATIONS: &str = include_str!("sql/pg_insert_notifications.sql");
 const INSERT_CHAT: &str = include_str!("sql/pg_insert_chat.sql");
 const UPSERT_OFFSETS: &str = include_str!("sql/pg_upsert_offsets.sql");
-const INBOX: &str = include_str!("sql/inbox.sql");
-const INBOX_BEFORE: &str = include_str!("sql/inbox_before.sql");
-const NOTIFICATIONS_AFTER: &str = include_str!("sql/notifications_after.sql");
 
 /// COPY data is sent whenever this much is encoded, bounding memory for any batch size.
 const COPY_CHUNK_BYTES: usize = 1 << 20;
@@ -54,12 +50,22 @@ fn pg_text(s: &str) -> Cow<'_, str> {
     }
 }
 
-fn pg_texts(v: &[String]) -> Vec<String> {
-    v.iter().map(|s| pg_text(s).into_owned()).collect()
+impl Dialect for sqlx::Postgres {
+    type Id = uuid::Uuid;
+    type Time = chrono::DateTime<chrono::Utc>;
+    fn text(s: &str) -> Cow<'_, str> {
+        pg_text(s)
+    }
+    fn now() -> Self::Time {
+        chrono::Utc::now()
+    }
+    fn micros(t: Self::Time) -> i64 {
+        t.timestamp_micros()
+    }
 }
 
-fn count(n: i64) -> u64 {
-    u64::try_from(n).unwrap_or(0)
+fn pg_texts(v: &[String]) -> Vec<String> {
+    v.iter().map(|s| pg_text(s).into_owned()).collect()
 }
 
 /// Streams `rows` into `COPY … FROM STDIN (FORMAT binary)` in ~1 MiB chunks; returns the rows copied.
@@ -153,25 +159,6 @@ pub async fn write_batch(pool: &PgPool, consumer: &str, batch: &Batch) -> Result
     Ok(stats)
 }
 
-/// See [`crate::Store::load_offsets`].
-pub async fn load_offsets(pool: &PgPool, consumer: &str, topic: &str) -> Result<HashMap<i32, i64>, StoreError> {
-    let rows: Vec<(i32, i64)> =
-        sqlx::query_as("SELECT partition, next_offset FROM sink_offsets WHERE consumer = $1 AND topic = $2")
-            .bind(pg_text(consumer).as_ref())
-            .bind(pg_text(topic).as_ref())
-            .fetch_all(pool)
-            .await?;
-    Ok(rows.into_iter().collect())
-}
-
-/// See [`crate::Store::segment_members`].
-pub async fn segment_members(pool: &PgPool, segment: &str) -> Result<Vec<String>, StoreError> {
-    Ok(sqlx::query_scalar("SELECT user_id FROM audience_segments WHERE segment = $1 ORDER BY user_id")
-        .bind(pg_text(segment).as_ref())
-        .fetch_all(pool)
-        .await?)
-}
-
 /// See [`crate::Store::add_segment_members`]. Segments can hold millions of users, hence COPY.
 pub async fn add_segment_members(pool: &PgPool, segment: &str, users: &[String]) -> Result<u64, StoreError> {
     if users.is_empty() {
@@ -192,14 +179,6 @@ pub async fn add_segment_members(pool: &PgPool, segment: &str, users: &[String])
     .rows_affected();
     tx.commit().await?;
     Ok(added)
-}
-
-/// See [`crate::Store::room_members`].
-pub async fn room_members(pool: &PgPool, room: &str) -> Result<Vec<String>, StoreError> {
-    Ok(sqlx::query_scalar("SELECT user_id FROM room_members WHERE room_id = $1 ORDER BY user_id")
-        .bind(pg_text(room).as_ref())
-        .fetch_all(pool)
-        .await?)
 }
 
 /// See [`crate::Store::update_room`].
@@ -224,98 +203,4 @@ pub async fn update_room(pool: &PgPool, room: &str, add: &[String], remove: &[St
     }
     tx.commit().await?;
     Ok(())
-}
-
-fn inbox_item(row: &PgRow) -> Result<InboxItem, sqlx::Error> {
-    let occurred_at: chrono::DateTime<chrono::Utc> = row.try_get("occurred_at")?;
-    Ok(InboxItem {
-        notification: tidings_core::Notification {
-            notification_id: row.try_get("id")?,
-            user_id: row.try_get("user_id")?,
-            kind: row.try_get("kind")?,
-            title: row.try_get("title")?,
-            body: row.try_get("body")?,
-            link: row.try_get("link")?,
-            source_event_id: row.try_get("source_event_id")?,
-            occurred_at: occurred_at.timestamp_micros(),
-            source_topic: row.try_get("source_topic")?,
-            source_partition: row.try_get("source_partition")?,
-            source_offset: row.try_get("source_offset")?,
-        },
-        stream_partition: row.try_get("stream_partition")?,
-        stream_offset: row.try_get("stream_offset")?,
-        read: row.try_get("read")?,
-    })
-}
-
-fn inbox_items(rows: Vec<PgRow>) -> Result<Vec<InboxItem>, StoreError> {
-    Ok(rows.iter().map(inbox_item).collect::<Result<_, _>>()?)
-}
-
-/// See [`crate::Store::inbox`].
-pub async fn inbox(
-    pool: &PgPool,
-    user: &str,
-    before: Option<(i32, i64)>,
-    limit: u32,
-) -> Result<Vec<InboxItem>, StoreError> {
-    let user = pg_text(user);
-    let rows = match before {
-        None => sqlx::query(INBOX).bind(user.as_ref()).bind(i64::from(limit)).fetch_all(pool).await?,
-        Some((partition, offset)) => {
-            sqlx::query(INBOX_BEFORE)
-                .bind(user.as_ref())
-                .bind(partition)
-                .bind(offset)
-                .bind(i64::from(limit))
-                .fetch_all(pool)
-                .await?
-        }
-    };
-    inbox_items(rows)
-}
-
-/// See [`crate::Store::unread_count`].
-pub async fn unread_count(pool: &PgPool, user: &str) -> Result<u64, StoreError> {
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM notifications WHERE user_id = $1 AND read_at IS NULL")
-        .bind(pg_text(user).as_ref())
-        .fetch_one(pool)
-        .await?;
-    Ok(count(n))
-}
-
-/// See [`crate::Store::mark_read`].
-pub async fn mark_read(pool: &PgPool, user: &str, id: uuid::Uuid) -> Result<bool, StoreError> {
-    let updated =
-        sqlx::query("UPDATE notifications SET read_at = COALESCE(read_at, now()) WHERE id = $1 AND user_id = $2")
-            .bind(id)
-            .bind(pg_text(user).as_ref())
-            .execute(pool)
-            .await?
-            .rows_affected();
-    Ok(updated > 0)
-}
-
-/// See [`crate::Store::count_notifications`].
-pub async fn count_notifications(pool: &PgPool) -> Result<u64, StoreError> {
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM notifications").fetch_one(pool).await?;
-    Ok(count(n))
-}
-
-/// See [`crate::Store::notifications_after`].
-pub async fn notifications_after(
-    pool: &PgPool,
-    user: &str,
-    partition: i32,
-    after_offset: i64,
-    limit: u32,
-) -> Result<Vec<InboxItem>, StoreError> {
-    let rows = sqlx::query(NOTIFICATIONS_AFTER)
-        .bind(pg_text(user).as_ref())
-        .bind(partition)
-        .bind(after_offset)
-        .bind(i64::from(limit))
-        .fetch_all(pool)
-        .await?;
-    inbox_items(rows)
 }

@@ -29,6 +29,7 @@ on_both_backends!(
     offsets_are_saved_and_never_move_backward,
     large_batches_go_through,
     segments_are_idempotent,
+    segment_pages_concatenate_to_the_sorted_members,
     rooms_add_and_remove,
     inbox_pages_with_cursor,
     unread_and_mark_read,
@@ -72,33 +73,29 @@ fn offset(topic: &str, partition: i32, next_offset: i64) -> OffsetUpdate {
     OffsetUpdate { topic: topic.into(), partition, next_offset }
 }
 
-/// Chat rows as stored, ordered by id, read back with backend-specific SQL.
+/// Chat rows as stored, ordered by id (the timestamp read back with backend-specific SQL).
 async fn stored_chat(store: &Store) -> Vec<ChatMessage> {
-    const COLS: &str = "message_id, room_id, sender_id, text, source_partition, source_offset";
-    match store {
-        Store::Postgres(p) => {
-            let sql = format!(
-                "SELECT {COLS}, (extract(epoch FROM occurred_at) * 1000000)::int8 FROM chat_messages ORDER BY message_id"
-            );
-            let rows: Vec<(String, String, String, String, i32, i64, i64)> =
-                sqlx::query_as(&sql).fetch_all(p).await.unwrap();
-            rows.into_iter()
-                .map(|(message_id, room_id, sender_id, text, source_partition, source_offset, occurred_at)| {
-                    ChatMessage { message_id, room_id, sender_id, text, occurred_at, source_partition, source_offset }
-                })
-                .collect()
-        }
-        Store::Sqlite(p) => {
-            let sql = format!("SELECT {COLS}, occurred_at FROM chat_messages ORDER BY message_id");
-            let rows: Vec<(String, String, String, String, i32, i64, i64)> =
-                sqlx::query_as(&sql).fetch_all(p).await.unwrap();
-            rows.into_iter()
-                .map(|(message_id, room_id, sender_id, text, source_partition, source_offset, occurred_at)| {
-                    ChatMessage { message_id, room_id, sender_id, text, occurred_at, source_partition, source_offset }
-                })
-                .collect()
-        }
-    }
+    let micros = match store {
+        Store::Postgres(_) => "(extract(epoch FROM occurred_at) * 1000000)::int8",
+        Store::Sqlite(_) => "occurred_at",
+    };
+    let sql = format!(
+        "SELECT message_id, room_id, sender_id, text, source_partition, source_offset, {micros} \
+         FROM chat_messages ORDER BY message_id"
+    );
+    let rows: Vec<(String, String, String, String, i32, i64, i64)> =
+        on_pool!(store, |pool, _Db| sqlx::query_as(&sql).fetch_all(pool).await.unwrap());
+    rows.into_iter()
+        .map(|(message_id, room_id, sender_id, text, source_partition, source_offset, occurred_at)| ChatMessage {
+            message_id,
+            room_id,
+            sender_id,
+            text,
+            occurred_at,
+            source_partition,
+            source_offset,
+        })
+        .collect()
 }
 
 async fn write_batch_inserts_rows(store: &Store) {
@@ -237,6 +234,44 @@ async fn segments_are_idempotent(store: &Store) {
     assert_eq!(store.add_segment_members("all", &many).await.unwrap(), 0);
     assert_eq!(store.segment_members("all").await.unwrap(), many);
     assert_eq!(store.segment_members("vip").await.unwrap().len(), 4);
+}
+
+async fn segment_pages_concatenate_to_the_sorted_members(store: &Store) {
+    let users: Vec<String> = (0..23).rev().map(|i| format!("u{i:02}")).collect();
+    store.add_segment_members("s", &users).await.unwrap();
+    store.add_segment_members("other", &["u05".to_string(), "u50".to_string()]).await.unwrap();
+    let mut sorted = users.clone();
+    sorted.sort();
+
+    for limit in [1, 5, 23, 100] {
+        let mut all = Vec::new();
+        let mut after: Option<String> = None;
+        let mut pages = 0;
+        loop {
+            let page = store.segment_members_page("s", after.as_deref(), limit).await.unwrap();
+            assert!(page.len() <= limit as usize, "limit {limit}: {page:?}");
+            if page.is_empty() {
+                break;
+            }
+            pages += 1;
+            after = page.last().cloned();
+            all.extend(page);
+        }
+        assert_eq!(all, sorted, "limit {limit}");
+        assert_eq!(pages, 23_usize.div_ceil(limit as usize), "limit {limit}");
+    }
+    assert_eq!(store.segment_members("s").await.unwrap(), sorted);
+
+    let page = |after: Option<&'static str>, limit| store.segment_members_page("s", after, limit);
+    assert_eq!(page(None, 1).await.unwrap(), ["u00"]);
+    // Strictly after the cursor, whether or not the cursor is a member.
+    assert_eq!(page(Some("u10"), 2).await.unwrap(), ["u11", "u12"]);
+    assert_eq!(page(Some("u105"), 2).await.unwrap(), ["u11", "u12"]);
+    assert_eq!(page(Some("u21"), 10).await.unwrap(), ["u22"]);
+    assert!(page(Some("u22"), 10).await.unwrap().is_empty());
+    assert!(page(Some("v"), 10).await.unwrap().is_empty());
+    assert!(store.segment_members_page("nobody", None, 10).await.unwrap().is_empty());
+    assert!(store.segment_members_page("nobody", Some("u00"), 10).await.unwrap().is_empty());
 }
 
 async fn rooms_add_and_remove(store: &Store) {

@@ -365,7 +365,8 @@ async fn a_resume_longer_than_the_limit_ends_its_store_part_with_reset() {
     };
     store.write_batch("persist", &batch).await.unwrap();
     let url = format!("{}/v1/stream", gw.url);
-    let r = client().get(&url).bearer_auth(token("dave")).header("last-event-id", format!("{p}.0")).send().await.unwrap();
+    let r =
+        client().get(&url).bearer_auth(token("dave")).header("last-event-id", format!("{p}.0")).send().await.unwrap();
     // Store: 1..=6 (the limit, in pages of 4), then reset at the ring's start (15), then 15..19.
     let seen = read_events(r, 12, Duration::from_secs(5)).await;
     let got: Vec<String> = seen.iter().map(|e| format!("{} {}", e["event"], e["id"])).collect();

@@ -234,6 +234,51 @@ async fn campaign_fans_out_to_every_inline_user() {
     drop(mock);
 }
 
+/// A segment audience larger than a page is read and produced page by page (never whole), every
+/// member gets exactly one notification, and the event's offset is committed once all are acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_segment_campaign_is_produced_page_by_page_to_every_member() {
+    let mock = MockCluster::new(1).unwrap();
+    let env = env(&mock).await;
+    let members = 2 * templating::SEGMENT_PAGE as usize + 1;
+    let users: Vec<String> = (0..members).map(|i| format!("m-{i:05}")).collect();
+    env.store.add_segment_members("everyone", &users).await.unwrap();
+    let stage = tokio::spawn(templating::run(
+        TemplatingConfig {
+            kafka: env.kafka.clone(),
+            registry: env.registry_url.clone().into(),
+            topology: env.topo.clone(),
+            health: Default::default(),
+        },
+        env.store.clone(),
+        env.token.clone(),
+    ));
+    let (enc, schema) = encoder(&env, "coupons-value").await;
+    let ev = json!({"event_id": "camp-seg", "occurred_at": 1, "coupon_id": "camp-seg", "payload": {"CampaignLaunched": {
+        "campaign_id": "camp-seg", "title": "Sale", "discount_percent": 30, "audience": {"SegmentAudience": {"segment": "everyone"}}}}});
+    let producer: FutureProducer = env.kafka.producer().create().unwrap();
+    let bytes = enc.encode(json_to_avro(schema, &ev).unwrap()).unwrap();
+    let rdkafka::producer::future_producer::Delivery { partition, offset, .. } = producer
+        .send(FutureRecord::to("coupons").key("camp-seg").payload(&bytes), Duration::from_secs(5))
+        .await
+        .unwrap();
+    let out = read(&consumer(&env, "notifications"), members).await;
+    let mut keys: Vec<String> = out.iter().map(|(k, ..)| String::from_utf8(k.clone().unwrap()).unwrap()).collect();
+    keys.sort();
+    assert_eq!(keys, users, "one notification per segment member, none twice");
+    env.token.cancel();
+    tokio::time::timeout(Duration::from_secs(20), stage).await.unwrap().unwrap().unwrap();
+    let group: StreamConsumer =
+        env.kafka.consumer(&env.topo.group_name(&env.topo.stages.templating.group)).create().unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition("coupons", partition);
+    let committed = group.committed_offsets(tpl, Duration::from_secs(5)).unwrap();
+    let at = committed.find_partition("coupons", partition).unwrap().offset();
+    assert_eq!(at, rdkafka::Offset::Offset(offset + 1), "the campaign's offset is committed after its last page");
+    drop(group);
+    drop(mock);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn persistence_starts_from_the_offsets_in_the_store_and_never_duplicates() {
     let mock = MockCluster::new(1).unwrap();

@@ -821,10 +821,7 @@ mod tests {
         // A partition assigned after shutdown began takes nothing either.
         hub.assign(p + 1, 0, 0);
         let fresh = hub.partition(p + 1).unwrap();
-        assert!(matches!(
-            hub.register_from_ring(&fresh, p + 1, "bob", None, None),
-            Err(SubscribeError::NotReady(_))
-        ));
+        assert!(matches!(hub.register_from_ring(&fresh, p + 1, "bob", None, None), Err(SubscribeError::NotReady(_))));
         assert_eq!(hub.connections(), 0);
     }
 

@@ -47,11 +47,14 @@ pub struct TemplatingConfig {
     pub health: tidings_core::shutdown::StageHealth,
 }
 
-/// Outputs of one input record, awaiting acknowledgement before its offset may be stored.
+/// Outputs of one input record (or of one page of its audience), awaiting acknowledgement before
+/// its offset may be stored.
 struct InFlight {
     topic: String,
     partition: i32,
     offset: i64,
+    /// The record's last outputs: once they are acknowledged, its offset is stored.
+    last: bool,
     deliveries: Vec<DeliveryFuture>,
     _permits: Option<OwnedSemaphorePermit>,
 }
@@ -104,6 +107,22 @@ pub struct Fanout {
     pub recipients: Vec<String>,
     /// One text for every recipient, or one per recipient (same order).
     pub texts: Vec<Rendered>,
+    /// Set when `recipients` is one page of a segment audience with more after it.
+    pub rest: Option<SegmentRest>,
+}
+
+/// Recipients of a segment audience are read this many at a time, so a campaign to 100,000 users
+/// never holds its whole audience (or all its notifications) in memory.
+pub const SEGMENT_PAGE: u32 = 5_000;
+
+/// The rest of a segment audience: where its next page starts and what renders its texts.
+#[derive(Debug)]
+pub struct SegmentRest {
+    segment: String,
+    after: String,
+    logical: String,
+    event: String,
+    json: Json,
 }
 
 impl Fanout {
@@ -281,8 +300,7 @@ impl Processor for Stage {
     type Due = Result<(), StageError>;
 
     async fn process(&mut self, msg: &BorrowedMessage<'_>) -> Result<(), StageError> {
-        let inflight = self.process_traced_record(msg).await?;
-        self.acks.send(inflight).await.map_err(|_| StageError::Delivery("acknowledger stopped".into()))
+        self.process_traced_record(msg).await
     }
 
     async fn due(&mut self) -> Self::Due {
@@ -328,7 +346,15 @@ async fn ack_in_order(mut rx: mpsc::Receiver<InFlight>, consumer: Arc<StreamCons
                 return Err(StageError::Delivery(format!("{}[{}]@{}: {e}", f.topic, f.partition, f.offset)));
             }
         }
-        if let Err(e) = consumer.store_offset(&f.topic, f.partition, f.offset + 1) {
+        if !f.last {
+            continue;
+        }
+        // The next offset to read, stated exactly: `store_offset` (librdkafka's legacy
+        // rd_kafka_offset_store) adds one itself, which skipped a record on every restart.
+        let mut next = rdkafka::TopicPartitionList::with_capacity(1);
+        next.add_partition_offset(&f.topic, f.partition, rdkafka::Offset::Offset(f.offset + 1))
+            .map_err(|e| StageError::Delivery(e.to_string()))?;
+        if let Err(e) = consumer.store_offsets(&next) {
             // The partition was revoked meanwhile; its new owner replays from the last commit.
             debug!(error = %e, topic = %f.topic, partition = f.partition, "Offset not stored (partition no longer assigned).");
         }
@@ -337,7 +363,7 @@ async fn ack_in_order(mut rx: mpsc::Receiver<InFlight>, consumer: Arc<StreamCons
 }
 
 impl Stage {
-    async fn process_traced_record(&self, msg: &BorrowedMessage<'_>) -> Result<InFlight, StageError> {
+    async fn process_traced_record(&self, msg: &BorrowedMessage<'_>) -> Result<(), StageError> {
         let topic = msg.topic().to_string();
         let traceparent = msg.headers().and_then(|h| header_str(h, H_TRACEPARENT));
         let span = tracing::info_span!("templating.event", topic = %topic, partition = msg.partition(), offset = msg.offset(),
@@ -353,44 +379,61 @@ impl Stage {
         self.process_traced(msg, topic, headers).instrument(span).await
     }
 
+    /// Produces the outputs of one record and hands them to the acknowledger: one batch per page
+    /// of a segment audience (only the last one lets the record's offset be stored), else one.
     async fn process_traced(
         &self,
         msg: &BorrowedMessage<'_>,
         topic: String,
         headers: Option<OwnedHeaders>,
-    ) -> Result<InFlight, StageError> {
+    ) -> Result<(), StageError> {
         let rec = RecordRef { topic: &topic, partition: msg.partition(), offset: msg.offset(), payload: msg.payload() };
-        let outcome = self.templater.outcome(rec, &self.shutdown).await?;
-        let mut deliveries = Vec::new();
-        let notifications = match outcome {
-            Outcome::Dead { reason, error } => {
-                deliveries.push(self.dead.send(msg, reason, &error).await?);
-                Fanout::default()
+        let mut outcome = self.templater.outcome(rec, &self.shutdown).await?;
+        loop {
+            let mut deliveries = Vec::new();
+            let mut notifications = match outcome {
+                Outcome::Dead { reason, error } => {
+                    deliveries.push(self.dead.send(msg, reason, &error).await?);
+                    Fanout::default()
+                }
+                Outcome::Notifications(f) => f,
+            };
+            // Bound the outputs awaiting acknowledgement; a fan-out larger than the budget takes all of it.
+            let permits = if notifications.is_empty() {
+                None
+            } else {
+                let n = notifications.len().min(self.max_in_flight) as u32;
+                Some(self.budget.clone().acquire_many_owned(n).await.map_err(|e| StageError::Delivery(e.to_string()))?)
+            };
+            deliveries.reserve(notifications.len());
+            // librdkafka copies key and payload on send, so one buffer serves every recipient.
+            let mut records = self.templater.encoded(&notifications)?;
+            while let Some(record) = records.next_record() {
+                let (user, payload) = record?;
+                let mut rec = FutureRecord::to(&self.output).key(user).payload(payload);
+                if let Some(h) = &headers {
+                    rec = rec.headers(h.clone());
+                }
+                deliveries.push(enqueue(&self.producer, rec).await?);
             }
-            Outcome::Notifications(f) => f,
-        };
-        // Bound the outputs awaiting acknowledgement; a fan-out larger than the budget takes all of it.
-        let permits = if notifications.is_empty() {
-            None
-        } else {
-            let n = notifications.len().min(self.max_in_flight) as u32;
-            Some(self.budget.clone().acquire_many_owned(n).await.map_err(|e| StageError::Delivery(e.to_string()))?)
-        };
-        deliveries.reserve(notifications.len());
-        // librdkafka copies key and payload on send, so one buffer serves every recipient.
-        let mut records = self.templater.encoded(&notifications)?;
-        while let Some(record) = records.next_record() {
-            let (user, payload) = record?;
-            let mut rec = FutureRecord::to(&self.output).key(user).payload(payload);
-            if let Some(h) = &headers {
-                rec = rec.headers(h.clone());
+            if !notifications.is_empty() {
+                debug!(count = notifications.len(), "Produced {} notification(s).", notifications.len());
             }
-            deliveries.push(enqueue(&self.producer, rec).await?);
+            let next = self.templater.next_page(&mut notifications, &self.shutdown).await?;
+            let inflight = InFlight {
+                topic: topic.clone(),
+                partition: msg.partition(),
+                offset: msg.offset(),
+                last: next.is_none(),
+                deliveries,
+                _permits: permits,
+            };
+            self.acks.send(inflight).await.map_err(|_| StageError::Delivery("acknowledger stopped".into()))?;
+            match next {
+                Some(o) => outcome = o,
+                None => return Ok(()),
+            }
         }
-        if !notifications.is_empty() {
-            debug!(count = notifications.len(), "Produced {} notification(s).", notifications.len());
-        }
-        Ok(InFlight { topic, partition: msg.partition(), offset: msg.offset(), deliveries, _permits: permits })
     }
 }
 
@@ -433,14 +476,24 @@ impl Templater {
             Ok(None) => return Ok(Outcome::Notifications(Fanout::default())),
             Err(e) => return Ok(dead(e)),
         };
+        let mut rest = None;
         let recipients = match audience {
             Audience::Users(u) => u,
             Audience::Segment(seg) => {
-                let members =
-                    retry(shutdown, "segment lookup", || self.store.segment_members(&seg), |e| e.is_retriable())
-                        .await?;
+                let members = self.segment_page(&seg, None, shutdown).await?;
                 match members {
-                    Ok(m) if !m.is_empty() => m,
+                    Ok(m) if !m.is_empty() => {
+                        if m.len() == SEGMENT_PAGE as usize {
+                            rest = Some(SegmentRest {
+                                after: m.last().cloned().unwrap_or_default(),
+                                segment: seg,
+                                logical: logical.to_string(),
+                                event: event.clone(),
+                                json: json.clone(),
+                            });
+                        }
+                        m
+                    }
                     Ok(_) => {
                         return Ok(dead(RenderError::MissingRecipient(format!(
                             "audience segment {seg:?} has no members"
@@ -475,7 +528,54 @@ impl Templater {
             source_offset: rec.offset,
             recipients,
             texts,
+            rest,
         }))
+    }
+
+    /// The next page of a segment audience after `fanout` (same event, same coordinates), or
+    /// `None` once the audience is done; a page whose texts fail to render dead-letters the event.
+    pub async fn next_page(
+        &self,
+        fanout: &mut Fanout,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Outcome>, StageError> {
+        let Some(rest) = fanout.rest.take() else { return Ok(None) };
+        let recipients = match self.segment_page(&rest.segment, Some(&rest.after), shutdown).await? {
+            Ok(m) if m.is_empty() => return Ok(None),
+            Ok(m) => m,
+            Err(e) => return Err(e.into()),
+        };
+        let texts = match self.renderer.render(&rest.logical, &rest.event, &rest.json, &recipients) {
+            Ok(t) => t,
+            Err(e) => return Ok(Some(dead(e))),
+        };
+        let more = recipients.len() == SEGMENT_PAGE as usize;
+        let rest = more.then(|| SegmentRest { after: recipients.last().cloned().unwrap_or_default(), ..rest });
+        Ok(Some(Outcome::Notifications(Fanout {
+            event_id: std::mem::take(&mut fanout.event_id),
+            occurred_at: fanout.occurred_at,
+            source_topic: std::mem::take(&mut fanout.source_topic),
+            source_partition: fanout.source_partition,
+            source_offset: fanout.source_offset,
+            recipients,
+            texts,
+            rest,
+        })))
+    }
+
+    async fn segment_page(
+        &self,
+        segment: &str,
+        after: Option<&str>,
+        shutdown: &CancellationToken,
+    ) -> Result<Result<Vec<String>, tidings_sinks::StoreError>, StageError> {
+        retry(
+            shutdown,
+            "segment lookup",
+            || self.store.segment_members_page(segment, after, SEGMENT_PAGE),
+            |e| e.is_retriable(),
+        )
+        .await
     }
 
     /// Keeps room membership in the store as chat events arrive (in order, since chat is keyed by room).

@@ -104,8 +104,8 @@ pub struct InboxItem {
     pub read: bool,
 }
 
-/// What the backends store differently behind the same SQL.
-trait Dialect {
+/// What the backends do differently behind the same SQL: column types, text, and bulk inserts.
+trait Dialect: sqlx::Database {
     /// A notification id: `uuid` on PostgreSQL, hyphenated text on SQLite.
     type Id: From<uuid::Uuid> + Into<uuid::Uuid>;
     /// A timestamp: `timestamptz` on PostgreSQL, integer microseconds since the epoch on SQLite.
@@ -114,6 +114,8 @@ trait Dialect {
     fn text(s: &str) -> Cow<'_, str>;
     fn now() -> Self::Time;
     fn micros(t: Self::Time) -> i64;
+    /// Inserts the batch's notifications and chat messages, skipping stored ones (not its offsets).
+    async fn insert_rows(conn: &mut Self::Connection, batch: &Batch) -> Result<WriteStats, StoreError>;
 }
 
 /// A row of `inbox.sql`, `inbox_before.sql` or `notifications_after.sql`, in a backend's id and time types.
@@ -160,6 +162,8 @@ fn inbox_items<D: Dialect>(rows: Vec<InboxRowOf<D>>) -> Vec<InboxItem> {
         .collect()
 }
 
+const UPSERT_OFFSETS: &str = include_str!("sql/upsert_offsets.sql");
+const UPSERT_OFFSETS_CONFLICT: &str = include_str!("sql/upsert_offsets_conflict.sql");
 const INBOX: &str = include_str!("sql/inbox.sql");
 const INBOX_BEFORE: &str = include_str!("sql/inbox_before.sql");
 const NOTIFICATIONS_AFTER: &str = include_str!("sql/notifications_after.sql");
@@ -194,10 +198,24 @@ impl Store {
     /// Writes the batch's rows and offsets in one transaction, skipping rows already stored (by
     /// notification id / chat message id). Stored offsets only move forward.
     pub async fn write_batch(&self, consumer: &str, batch: &Batch) -> Result<WriteStats, StoreError> {
-        match self {
-            Store::Postgres(p) => postgres::write_batch(p, consumer, batch).await,
-            Store::Sqlite(p) => sqlite::write_batch(p, consumer, batch).await,
-        }
+        on_pool!(self, |pool, Db| {
+            let mut tx = pool.begin().await?;
+            let stats = Db::insert_rows(&mut tx, batch).await?;
+            let offsets = batch.merged_offsets();
+            if !offsets.is_empty() {
+                let mut q = sqlx::QueryBuilder::<Db>::new(UPSERT_OFFSETS);
+                q.push_values(&offsets, |mut row, &(topic, partition, next_offset)| {
+                    row.push_bind(Db::text(consumer))
+                        .push_bind(Db::text(topic))
+                        .push_bind(partition)
+                        .push_bind(next_offset);
+                });
+                q.push(UPSERT_OFFSETS_CONFLICT);
+                q.build().execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+            Ok(stats)
+        })
     }
 
     /// The stored next offset per partition of `topic` for `consumer`.

@@ -1,6 +1,5 @@
 //! PostgreSQL backend of the store. Batches go through binary `COPY` into per-connection temporary
-//! staging tables, then one `INSERT … SELECT … ON CONFLICT DO NOTHING` per table, all in the same
-//! transaction as the offset upsert.
+//! staging tables, then one `INSERT … SELECT … ON CONFLICT DO NOTHING` per table.
 
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Executor, PgConnection, PgPool};
@@ -16,7 +15,6 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres
 const STAGING: &str = include_str!("sql/pg_staging.sql");
 const INSERT_NOTIFICATIONS: &str = include_str!("sql/pg_insert_notifications.sql");
 const INSERT_CHAT: &str = include_str!("sql/pg_insert_chat.sql");
-const UPSERT_OFFSETS: &str = include_str!("sql/pg_upsert_offsets.sql");
 
 /// COPY data is sent whenever this much is encoded, bounding memory for any batch size.
 const COPY_CHUNK_BYTES: usize = 1 << 20;
@@ -47,20 +45,6 @@ fn pg_text(s: &str) -> Cow<'_, str> {
         Cow::Owned(s.replace('\0', "\u{FFFD}"))
     } else {
         Cow::Borrowed(s)
-    }
-}
-
-impl Dialect for sqlx::Postgres {
-    type Id = uuid::Uuid;
-    type Time = chrono::DateTime<chrono::Utc>;
-    fn text(s: &str) -> Cow<'_, str> {
-        pg_text(s)
-    }
-    fn now() -> Self::Time {
-        chrono::Utc::now()
-    }
-    fn micros(t: Self::Time) -> i64 {
-        t.timestamp_micros()
     }
 }
 
@@ -124,39 +108,35 @@ fn encode_chat(enc: &mut CopyEncoder, m: &ChatMessage) -> Result<(), CopyError> 
     Ok(())
 }
 
-/// See [`crate::Store::write_batch`].
-pub async fn write_batch(pool: &PgPool, consumer: &str, batch: &Batch) -> Result<WriteStats, StoreError> {
-    let mut stats = WriteStats::default();
-    let mut tx = pool.begin().await?;
-    if !batch.notifications.is_empty() {
-        copy_rows(
-            &mut tx,
-            "COPY notifications_staging FROM STDIN (FORMAT binary)",
-            &batch.notifications,
-            encode_notification,
-        )
-        .await?;
-        stats.notifications_inserted = sqlx::query(INSERT_NOTIFICATIONS).execute(&mut *tx).await?.rows_affected();
+impl Dialect for sqlx::Postgres {
+    type Id = uuid::Uuid;
+    type Time = chrono::DateTime<chrono::Utc>;
+
+    fn text(s: &str) -> Cow<'_, str> {
+        pg_text(s)
     }
-    if !batch.chat_messages.is_empty() {
-        copy_rows(&mut tx, "COPY chat_staging FROM STDIN (FORMAT binary)", &batch.chat_messages, encode_chat).await?;
-        stats.chat_inserted = sqlx::query(INSERT_CHAT).execute(&mut *tx).await?.rows_affected();
+
+    fn now() -> Self::Time {
+        chrono::Utc::now()
     }
-    let offsets = batch.merged_offsets();
-    if !offsets.is_empty() {
-        let topics: Vec<String> = offsets.iter().map(|(t, _, _)| pg_text(t).into_owned()).collect();
-        let partitions: Vec<i32> = offsets.iter().map(|(_, p, _)| *p).collect();
-        let next: Vec<i64> = offsets.iter().map(|(_, _, o)| *o).collect();
-        sqlx::query(UPSERT_OFFSETS)
-            .bind(pg_text(consumer).as_ref())
-            .bind(topics)
-            .bind(partitions)
-            .bind(next)
-            .execute(&mut *tx)
-            .await?;
+
+    fn micros(t: Self::Time) -> i64 {
+        t.timestamp_micros()
     }
-    tx.commit().await?;
-    Ok(stats)
+
+    async fn insert_rows(conn: &mut PgConnection, batch: &Batch) -> Result<WriteStats, StoreError> {
+        let mut stats = WriteStats::default();
+        if !batch.notifications.is_empty() {
+            let copy = "COPY notifications_staging FROM STDIN (FORMAT binary)";
+            copy_rows(conn, copy, &batch.notifications, encode_notification).await?;
+            stats.notifications_inserted = sqlx::query(INSERT_NOTIFICATIONS).execute(&mut *conn).await?.rows_affected();
+        }
+        if !batch.chat_messages.is_empty() {
+            copy_rows(conn, "COPY chat_staging FROM STDIN (FORMAT binary)", &batch.chat_messages, encode_chat).await?;
+            stats.chat_inserted = sqlx::query(INSERT_CHAT).execute(&mut *conn).await?.rows_affected();
+        }
+        Ok(stats)
+    }
 }
 
 /// See [`crate::Store::add_segment_members`]. Segments can hold millions of users, hence COPY.

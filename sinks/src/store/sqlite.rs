@@ -1,5 +1,5 @@
 //! SQLite backend of the store (the embedded default). Batches are written as chunked multi-row
-//! `INSERT OR IGNORE` statements inside one transaction together with the offset upsert.
+//! `INSERT OR IGNORE` statements.
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Sqlite, SqliteConnection, SqlitePool};
@@ -14,7 +14,6 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite")
 
 const INSERT_NOTIFICATIONS: &str = include_str!("sql/sqlite_insert_notifications.sql");
 const INSERT_CHAT: &str = include_str!("sql/sqlite_insert_chat.sql");
-const UPSERT_OFFSET: &str = include_str!("sql/sqlite_upsert_offset.sql");
 
 /// Rows per multi-row statement: 13 parameters each stays far below SQLite's 32766-variable limit,
 /// and a fixed chunk size means all full chunks share one cached prepared statement.
@@ -40,65 +39,56 @@ impl Dialect for sqlx::Sqlite {
     /// Lowercase hyphenated text (the schema's `id text`), not sqlx's 16-byte blob for a `Uuid`.
     type Id = uuid::fmt::Hyphenated;
     type Time = i64;
+
     fn text(s: &str) -> Cow<'_, str> {
         Cow::Borrowed(s)
     }
+
     fn now() -> i64 {
         chrono::Utc::now().timestamp_micros()
     }
+
     fn micros(t: i64) -> i64 {
         t
     }
-}
 
-/// See [`crate::Store::write_batch`].
-pub async fn write_batch(pool: &SqlitePool, consumer: &str, batch: &Batch) -> Result<WriteStats, StoreError> {
-    let mut stats = WriteStats::default();
-    let mut tx = pool.begin().await?;
-    for chunk in batch.notifications.chunks(ROWS_PER_INSERT) {
-        let mut q = QueryBuilder::<Sqlite>::new(INSERT_NOTIFICATIONS);
-        q.push_values(chunk, |mut row, s| {
-            let n = &s.notification;
-            row.push_bind(n.notification_id.hyphenated())
-                .push_bind(n.user_id.as_str())
-                .push_bind(n.kind.as_str())
-                .push_bind(n.title.as_str())
-                .push_bind(n.body.as_str())
-                .push_bind(n.link.as_deref())
-                .push_bind(n.source_event_id.as_str())
-                .push_bind(n.occurred_at)
-                .push_bind(n.source_topic.as_str())
-                .push_bind(n.source_partition)
-                .push_bind(n.source_offset)
-                .push_bind(s.stream_partition)
-                .push_bind(s.stream_offset);
-        });
-        stats.notifications_inserted += q.build().execute(&mut *tx).await?.rows_affected();
+    async fn insert_rows(conn: &mut SqliteConnection, batch: &Batch) -> Result<WriteStats, StoreError> {
+        let mut stats = WriteStats::default();
+        for chunk in batch.notifications.chunks(ROWS_PER_INSERT) {
+            let mut q = QueryBuilder::<Sqlite>::new(INSERT_NOTIFICATIONS);
+            q.push_values(chunk, |mut row, s| {
+                let n = &s.notification;
+                row.push_bind(n.notification_id.hyphenated())
+                    .push_bind(n.user_id.as_str())
+                    .push_bind(n.kind.as_str())
+                    .push_bind(n.title.as_str())
+                    .push_bind(n.body.as_str())
+                    .push_bind(n.link.as_deref())
+                    .push_bind(n.source_event_id.as_str())
+                    .push_bind(n.occurred_at)
+                    .push_bind(n.source_topic.as_str())
+                    .push_bind(n.source_partition)
+                    .push_bind(n.source_offset)
+                    .push_bind(s.stream_partition)
+                    .push_bind(s.stream_offset);
+            });
+            stats.notifications_inserted += q.build().execute(&mut *conn).await?.rows_affected();
+        }
+        for chunk in batch.chat_messages.chunks(ROWS_PER_INSERT) {
+            let mut q = QueryBuilder::<Sqlite>::new(INSERT_CHAT);
+            q.push_values(chunk, |mut row, m| {
+                row.push_bind(m.message_id.as_str())
+                    .push_bind(m.room_id.as_str())
+                    .push_bind(m.sender_id.as_str())
+                    .push_bind(m.text.as_str())
+                    .push_bind(m.occurred_at)
+                    .push_bind(m.source_partition)
+                    .push_bind(m.source_offset);
+            });
+            stats.chat_inserted += q.build().execute(&mut *conn).await?.rows_affected();
+        }
+        Ok(stats)
     }
-    for chunk in batch.chat_messages.chunks(ROWS_PER_INSERT) {
-        let mut q = QueryBuilder::<Sqlite>::new(INSERT_CHAT);
-        q.push_values(chunk, |mut row, m| {
-            row.push_bind(m.message_id.as_str())
-                .push_bind(m.room_id.as_str())
-                .push_bind(m.sender_id.as_str())
-                .push_bind(m.text.as_str())
-                .push_bind(m.occurred_at)
-                .push_bind(m.source_partition)
-                .push_bind(m.source_offset);
-        });
-        stats.chat_inserted += q.build().execute(&mut *tx).await?.rows_affected();
-    }
-    for (topic, partition, next_offset) in batch.merged_offsets() {
-        sqlx::query(UPSERT_OFFSET)
-            .bind(consumer)
-            .bind(topic)
-            .bind(partition)
-            .bind(next_offset)
-            .execute(&mut *tx)
-            .await?;
-    }
-    tx.commit().await?;
-    Ok(stats)
 }
 
 /// Inserts `(key, user)` pairs into a two-column membership table, ignoring existing ones.

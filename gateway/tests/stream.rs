@@ -107,6 +107,28 @@ impl Gw {
     }
 }
 
+/// `user`'s notifications at `positions` as the persistence stage stores them, with its offsets.
+fn stored(user: &str, positions: &[(i32, i64)]) -> Batch {
+    let next = positions.iter().map(|(_, o)| o + 1).max().unwrap_or(0);
+    Batch {
+        notifications: positions
+            .iter()
+            .enumerate()
+            .map(|(i, (p, o))| StoredNotification {
+                notification: notification(user, i),
+                stream_partition: *p,
+                stream_offset: *o,
+            })
+            .collect(),
+        chat_messages: Vec::new(),
+        offsets: vec![OffsetUpdate {
+            topic: "notifications".into(),
+            partition: positions.first().map_or(0, |(p, _)| *p),
+            next_offset: next,
+        }],
+    }
+}
+
 fn client() -> reqwest::Client {
     reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap()
 }
@@ -304,19 +326,7 @@ async fn resume_comes_from_the_ring_then_the_store_else_reset() {
 
     // Persist everything (as the persistence stage would, offsets included): now the gap comes
     // from the store and the rest from the ring, without a duplicate at the seam.
-    let batch = Batch {
-        notifications: positions
-            .iter()
-            .enumerate()
-            .map(|(i, (p, o))| StoredNotification {
-                notification: notification("carol", i),
-                stream_partition: *p,
-                stream_offset: *o,
-            })
-            .collect(),
-        chat_messages: Vec::new(),
-        offsets: vec![OffsetUpdate { topic: "notifications".into(), partition: p, next_offset: 20 }],
-    };
+    let batch = stored("carol", &positions);
     store.write_batch("persist", &batch).await.unwrap();
     let r = http.get(&url).bearer_auth(token("carol")).header("last-event-id", format!("{p}.2")).send().await.unwrap();
     let seen = read_events(r, 17, Duration::from_secs(5)).await;
@@ -350,19 +360,7 @@ async fn a_resume_longer_than_the_limit_ends_its_store_part_with_reset() {
     let gw = Gw::start(&[0, 1, 2, 3], cfg, Some(resume)).await;
     let p = partition_for("dave", PARTITIONS);
     let positions: Vec<(i32, i64)> = (0..20).map(|i| gw.push("dave", i)).collect();
-    let batch = Batch {
-        notifications: positions
-            .iter()
-            .enumerate()
-            .map(|(i, (p, o))| StoredNotification {
-                notification: notification("dave", i),
-                stream_partition: *p,
-                stream_offset: *o,
-            })
-            .collect(),
-        chat_messages: Vec::new(),
-        offsets: vec![OffsetUpdate { topic: "notifications".into(), partition: p, next_offset: 20 }],
-    };
+    let batch = stored("dave", &positions);
     store.write_batch("persist", &batch).await.unwrap();
     let url = format!("{}/v1/stream", gw.url);
     let r =

@@ -130,11 +130,8 @@ fn persistence_cfg(env: &Env, group: &str, batch_size: usize) -> PersistenceConf
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn templating_renders_dead_letters_and_keeps_going() {
-    let mock = MockCluster::new(1).unwrap();
-    let env = env(&mock).await;
-    let stage = tokio::spawn(templating::run(
+fn spawn_templating(env: &Env) -> tokio::task::JoinHandle<Result<(), tidings_pipeline::error::StageError>> {
+    tokio::spawn(templating::run(
         TemplatingConfig {
             kafka: env.kafka.clone(),
             registry: env.registry_url.clone().into(),
@@ -143,7 +140,14 @@ async fn templating_renders_dead_letters_and_keeps_going() {
         },
         env.store.clone(),
         env.token.clone(),
-    ));
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn templating_renders_dead_letters_and_keeps_going() {
+    let mock = MockCluster::new(1).unwrap();
+    let env = env(&mock).await;
+    let stage = spawn_templating(&env);
     let (enc, schema) = encoder(&env, "orders-value").await;
     let producer: FutureProducer = env.kafka.producer().create().unwrap();
     let valid = |id: &str, buyer: &str| enc.encode(json_to_avro(schema, &order(id, buyer)).unwrap()).unwrap();
@@ -206,16 +210,7 @@ async fn templating_renders_dead_letters_and_keeps_going() {
 async fn campaign_fans_out_to_every_inline_user() {
     let mock = MockCluster::new(1).unwrap();
     let env = env(&mock).await;
-    let stage = tokio::spawn(templating::run(
-        TemplatingConfig {
-            kafka: env.kafka.clone(),
-            registry: env.registry_url.clone().into(),
-            topology: env.topo.clone(),
-            health: Default::default(),
-        },
-        env.store.clone(),
-        env.token.clone(),
-    ));
+    let stage = spawn_templating(&env);
     let (enc, schema) = encoder(&env, "coupons-value").await;
     let users: Vec<String> = (0..2000).map(|i| format!("user-{i}")).collect();
     let ev = json!({"event_id": "camp-1", "occurred_at": 1, "coupon_id": "camp-1", "payload": {"CampaignLaunched": {
@@ -243,16 +238,7 @@ async fn a_segment_campaign_is_produced_page_by_page_to_every_member() {
     let members = 2 * templating::SEGMENT_PAGE as usize + 1;
     let users: Vec<String> = (0..members).map(|i| format!("m-{i:05}")).collect();
     env.store.add_segment_members("everyone", &users).await.unwrap();
-    let stage = tokio::spawn(templating::run(
-        TemplatingConfig {
-            kafka: env.kafka.clone(),
-            registry: env.registry_url.clone().into(),
-            topology: env.topo.clone(),
-            health: Default::default(),
-        },
-        env.store.clone(),
-        env.token.clone(),
-    ));
+    let stage = spawn_templating(&env);
     let (enc, schema) = encoder(&env, "coupons-value").await;
     let ev = json!({"event_id": "camp-seg", "occurred_at": 1, "coupon_id": "camp-seg", "payload": {"CampaignLaunched": {
         "campaign_id": "camp-seg", "title": "Sale", "discount_percent": 30, "audience": {"SegmentAudience": {"segment": "everyone"}}}}});

@@ -253,6 +253,20 @@ mod tests {
         }
     }
 
+    /// Runs a `Counting` stage whose "went away" errors are retriable.
+    fn spawn_run<S, Fut>(
+        health: &StageHealth,
+        shutdown: &CancellationToken,
+        start: S,
+    ) -> tokio::task::JoinHandle<Result<(), String>>
+    where
+        S: FnMut() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(Counting, Arc<StreamConsumer>), String>> + Send,
+    {
+        let (health, shutdown) = (health.clone(), shutdown.clone());
+        tokio::spawn(async move { run("test", &health, &shutdown, start, |e: &String| e.contains("went away")).await })
+    }
+
     #[tokio::test]
     async fn a_failed_attempt_finishes_restarts_and_health_follows_it() {
         let cluster = MockCluster::new(1).unwrap();
@@ -269,37 +283,25 @@ mod tests {
         let (seen, finished) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         let (health, shutdown) = (StageHealth::default(), CancellationToken::new());
         let attempts = Arc::new(AtomicUsize::new(0));
-        let task = {
-            let (seen, finished, health, shutdown, attempts) =
-                (seen.clone(), finished.clone(), health.clone(), shutdown.clone(), attempts.clone());
-            tokio::spawn(async move {
-                run(
-                    "test",
-                    &health,
-                    &shutdown,
-                    || {
-                        let attempt = attempts.fetch_add(1, Ordering::SeqCst);
-                        let (seen, finished, brokers) = (seen.clone(), finished.clone(), brokers.clone());
-                        async move {
-                            let consumer: StreamConsumer = ClientConfig::new()
-                                .set("bootstrap.servers", &brokers)
-                                .set("group.id", "g")
-                                .set("auto.offset.reset", "earliest")
-                                .set("enable.auto.commit", "false")
-                                .create()
-                                .map_err(|e| e.to_string())?;
-                            // Assigned, not subscribed: no group rebalance to wait for between attempts.
-                            let mut tpl = rdkafka::TopicPartitionList::new();
-                            tpl.add_partition_offset("t", 0, rdkafka::Offset::Beginning).map_err(|e| e.to_string())?;
-                            rdkafka::consumer::Consumer::assign(&consumer, &tpl).map_err(|e| e.to_string())?;
-                            Ok((Counting { seen, attempt, finished }, Arc::new(consumer)))
-                        }
-                    },
-                    |e: &String| e.contains("went away"),
-                )
-                .await
-            })
-        };
+        let (seen2, finished2, attempts2) = (seen.clone(), finished.clone(), attempts.clone());
+        let task = spawn_run(&health, &shutdown, move || {
+            let attempt = attempts2.fetch_add(1, Ordering::SeqCst);
+            let (seen, finished, brokers) = (seen2.clone(), finished2.clone(), brokers.clone());
+            async move {
+                let consumer: StreamConsumer = ClientConfig::new()
+                    .set("bootstrap.servers", &brokers)
+                    .set("group.id", "g")
+                    .set("auto.offset.reset", "earliest")
+                    .set("enable.auto.commit", "false")
+                    .create()
+                    .map_err(|e| e.to_string())?;
+                // Assigned, not subscribed: no group rebalance to wait for between attempts.
+                let mut tpl = rdkafka::TopicPartitionList::new();
+                tpl.add_partition_offset("t", 0, rdkafka::Offset::Beginning).map_err(|e| e.to_string())?;
+                rdkafka::consumer::Consumer::assign(&consumer, &tpl).map_err(|e| e.to_string())?;
+                Ok((Counting { seen, attempt, finished }, Arc::new(consumer)))
+            }
+        });
         // Nothing is committed, so the second attempt reads all three records again.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         while seen.load(Ordering::SeqCst) < 4 && tokio::time::Instant::now() < deadline {
@@ -334,35 +336,23 @@ mod tests {
     async fn health_is_down_while_a_stage_waits_to_restart() {
         let (health, shutdown) = (StageHealth::default(), CancellationToken::new());
         let attempts = Arc::new(AtomicUsize::new(0));
-        let task = {
-            let (health, shutdown, attempts) = (health.clone(), shutdown.clone(), attempts.clone());
-            tokio::spawn(async move {
-                run(
-                    "test",
-                    &health,
-                    &shutdown,
-                    || {
-                        let n = attempts.fetch_add(1, Ordering::SeqCst);
-                        async move {
-                            if n == 0 {
-                                return Err("broker went away".to_string());
-                            }
-                            // Never connects (nothing listens there): the attempt just runs.
-                            let consumer: StreamConsumer = ClientConfig::new()
-                                .set("bootstrap.servers", "127.0.0.1:1")
-                                .set("group.id", "g")
-                                .create()
-                                .map_err(|e| e.to_string())?;
-                            let counting =
-                                Counting { seen: Default::default(), attempt: 1, finished: Default::default() };
-                            Ok((counting, Arc::new(consumer)))
-                        }
-                    },
-                    |e: &String| e.contains("went away"),
-                )
-                .await
-            })
-        };
+        let attempts2 = attempts.clone();
+        let task = spawn_run(&health, &shutdown, move || {
+            let n = attempts2.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if n == 0 {
+                    return Err("broker went away".to_string());
+                }
+                // Never connects (nothing listens there): the attempt just runs.
+                let consumer: StreamConsumer = ClientConfig::new()
+                    .set("bootstrap.servers", "127.0.0.1:1")
+                    .set("group.id", "g")
+                    .create()
+                    .map_err(|e| e.to_string())?;
+                let counting = Counting { seen: Default::default(), attempt: 1, finished: Default::default() };
+                Ok((counting, Arc::new(consumer)))
+            }
+        });
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(attempts.load(Ordering::SeqCst), 1);
         assert!(!health.is_up(), "up while waiting out the backoff after a failure");

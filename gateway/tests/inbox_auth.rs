@@ -86,6 +86,8 @@ fn notif(user: &str, partition: i32, offset: i64) -> StoredNotification {
             source_topic: "orders".into(),
             source_partition: 0,
             source_offset: offset,
+            data: None,
+            inbox: true,
         },
         stream_partition: partition,
         stream_offset: offset,

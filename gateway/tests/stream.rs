@@ -48,6 +48,8 @@ fn notification(user: &str, n: usize) -> Notification {
         source_topic: "orders".into(),
         source_partition: 0,
         source_offset: n as i64,
+        data: None,
+        inbox: true,
     }
 }
 

@@ -111,6 +111,8 @@ fn notification(i: usize, user: &str, occurred_at: i64) -> Notification {
         source_topic: "orders".into(),
         source_partition: 0,
         source_offset: i as i64,
+        data: None,
+        inbox: true,
     }
 }
 

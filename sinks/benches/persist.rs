@@ -96,6 +96,8 @@ fn row(i: u64) -> StoredNotification {
             source_topic: source_topic.to_string(),
             source_partition: (r % 6) as i32,
             source_offset: i_signed / 6,
+            data: None,
+            inbox: true,
         },
         stream_partition: (i % PARTITIONS as u64) as i32,
         stream_offset: i_signed / i64::from(PARTITIONS),

@@ -813,6 +813,8 @@ fn notification(user: &str, seq: usize) -> Notification {
         source_topic: "bench".into(),
         source_partition: 0,
         source_offset: seq as i64,
+        data: None,
+        inbox: true,
     }
 }
 

@@ -40,6 +40,8 @@ fn notification(u: usize, n: usize) -> Notification {
         source_topic: "orders".into(),
         source_partition: 0,
         source_offset: n as i64,
+        data: None,
+        inbox: true,
     }
 }
 

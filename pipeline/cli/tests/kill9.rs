@@ -46,6 +46,8 @@ fn notification(i: usize) -> Notification {
         source_topic: "orders".into(),
         source_partition: (i % 6) as i32,
         source_offset: i as i64,
+        data: None,
+        inbox: true,
     }
 }
 

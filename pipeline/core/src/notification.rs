@@ -33,6 +33,10 @@ pub struct Notification {
     pub source_topic: String,
     pub source_partition: i32,
     pub source_offset: i64,
+    /// The source event as JSON, for deliveries read as structured data (chat events).
+    pub data: Option<String>,
+    /// False for delivery-only copies (chat messages to room members): streamed, never stored.
+    pub inbox: bool,
 }
 
 impl Notification {
@@ -53,18 +57,14 @@ impl Notification {
             ("kind".into(), Value::String(self.kind.clone())),
             ("title".into(), Value::String(self.title.clone())),
             ("body".into(), Value::String(self.body.clone())),
-            (
-                "link".into(),
-                match &self.link {
-                    None => Value::Union(0, Box::new(Value::Null)),
-                    Some(l) => Value::Union(1, Box::new(Value::String(l.clone()))),
-                },
-            ),
+            ("link".into(), optional_string(self.link.as_deref())),
             ("source_event_id".into(), Value::String(self.source_event_id.clone())),
             ("occurred_at".into(), Value::TimestampMicros(self.occurred_at)),
             ("source_topic".into(), Value::String(self.source_topic.clone())),
             ("source_partition".into(), Value::Int(self.source_partition)),
             ("source_offset".into(), Value::Long(self.source_offset)),
+            ("data".into(), optional_string(self.data.as_deref())),
+            ("inbox".into(), Value::Boolean(self.inbox)),
         ])
     }
 
@@ -85,6 +85,8 @@ impl Notification {
             source_topic: String::new(),
             source_partition: 0,
             source_offset: 0,
+            data: None,
+            inbox: true,
         };
         for (name, v) in fields {
             let v = match v {
@@ -107,6 +109,9 @@ impl Notification {
                 ("source_topic", Value::String(s)) => n.source_topic = s,
                 ("source_partition", Value::Int(p)) => n.source_partition = p,
                 ("source_offset", Value::Long(o)) => n.source_offset = o,
+                ("data", Value::String(s)) => n.data = Some(s),
+                ("data", Value::Null) => n.data = None,
+                ("inbox", Value::Boolean(b)) => n.inbox = b,
                 (name, v) => return Err(CodecError::Avro(format!("unexpected notification field {name} = {v:?}"))),
             }
         }
@@ -127,6 +132,8 @@ pub struct SharedFields<'a> {
     pub source_topic: &'a str,
     pub source_partition: i32,
     pub source_offset: i64,
+    pub data: Option<&'a str>,
+    pub inbox: bool,
 }
 
 /// [`NOTIFICATION_SCHEMA`] without its first two fields (`notification_id`, `user_id`), derived
@@ -161,20 +168,18 @@ impl NotificationEncoder {
 
     /// The Avro bytes of the shared fields.
     pub fn shared(&self, f: &SharedFields<'_>) -> Result<Vec<u8>, CodecError> {
-        let link = match f.link {
-            None => Value::Union(0, Box::new(Value::Null)),
-            Some(l) => Value::Union(1, Box::new(Value::String(l.to_string()))),
-        };
         let value = Value::Record(vec![
             ("kind".into(), Value::String(f.kind.to_string())),
             ("title".into(), Value::String(f.title.to_string())),
             ("body".into(), Value::String(f.body.to_string())),
-            ("link".into(), link),
+            ("link".into(), optional_string(f.link)),
             ("source_event_id".into(), Value::String(f.source_event_id.to_string())),
             ("occurred_at".into(), Value::TimestampMicros(f.occurred_at)),
             ("source_topic".into(), Value::String(f.source_topic.to_string())),
             ("source_partition".into(), Value::Int(f.source_partition)),
             ("source_offset".into(), Value::Long(f.source_offset)),
+            ("data".into(), optional_string(f.data)),
+            ("inbox".into(), Value::Boolean(f.inbox)),
         ]);
         self.shared.write_value_to_vec(value).map_err(|e| CodecError::Avro(e.to_string()))
     }
@@ -187,6 +192,14 @@ impl NotificationEncoder {
         put_avro_string(id.hyphenated().encode_lower(&mut buf), out);
         put_avro_string(user_id, out);
         out.extend_from_slice(shared);
+    }
+}
+
+/// A `["null", "string"]` union value.
+fn optional_string(s: Option<&str>) -> Value {
+    match s {
+        None => Value::Union(0, Box::new(Value::Null)),
+        Some(s) => Value::Union(1, Box::new(Value::String(s.to_string()))),
     }
 }
 
@@ -216,6 +229,7 @@ mod tests {
             event in ".{0,40}", user in ".{0,200}", kind in "[a-z.]{1,20}", title in ".{0,300}",
             body in ".{0,3000}", link in proptest::option::of(".{0,50}"), occurred_at in any::<i64>(),
             topic in "[a-z.]{1,30}", partition in any::<i32>(), offset in any::<i64>(), schema_id in any::<u32>(),
+            data in proptest::option::of(".{0,200}"), inbox in any::<bool>(),
         ) {
             let n = Notification {
                 notification_id: Notification::id_for(&event, &user),
@@ -229,12 +243,15 @@ mod tests {
                 source_topic: topic.clone(),
                 source_partition: partition,
                 source_offset: offset,
+                data: data.clone(),
+                inbox,
             };
             let full = crate::FramedEncoder::new(schema_id, &NOTIFICATION_SCHEMA).unwrap().encode(n.to_value()).unwrap();
             let enc = NotificationEncoder::new(schema_id).unwrap();
             let shared = enc.shared(&SharedFields {
                 kind: &kind, title: &title, body: &body, link: link.as_deref(), source_event_id: &event,
                 occurred_at, source_topic: &topic, source_partition: partition, source_offset: offset,
+                data: data.as_deref(), inbox,
             }).unwrap();
             let mut out = vec![1, 2, 3];
             enc.encode_into(&n.notification_id, &user, &shared, &mut out);
@@ -264,6 +281,8 @@ mod tests {
             source_topic: "orders".into(),
             source_partition: 3,
             source_offset: 42,
+            data: None,
+            inbox: true,
         };
         let writer = apache_avro::writer::datum::GenericDatumWriter::builder(&NOTIFICATION_SCHEMA).build().unwrap();
         let bytes = writer.write_value_to_vec(n.to_value()).unwrap();

@@ -201,6 +201,27 @@ pub struct TemplateSpec {
     /// Default: none. Requires a top-level `locale` field in the topic's schema.
     #[serde(default)]
     pub locales: BTreeMap<String, LocalizedText>,
+    /// Whether these notifications are inbox rows (stored, listed, counted). `false` makes them
+    /// delivery-only copies, streamed to the recipients but never stored (chat messages to room
+    /// members: the room's history holds each message once). Default: true.
+    #[serde(default = "default_true")]
+    pub inbox: bool,
+    /// `event`: each notification also carries the source event as JSON (`data`), for clients that
+    /// read it as structured data rather than as title and body. Default: none.
+    #[serde(default)]
+    pub data: Option<DataSpec>,
+}
+
+/// What a notification's `data` holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataSpec {
+    /// The decoded source event (envelope fields, `event_type`, and the payload branch's fields under `payload`).
+    Event,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl TemplateSpec {

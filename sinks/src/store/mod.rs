@@ -154,6 +154,8 @@ fn inbox_items<D: Dialect>(rows: Vec<InboxRowOf<D>>) -> Vec<InboxItem> {
                 source_topic: r.source_topic,
                 source_partition: r.source_partition,
                 source_offset: r.source_offset,
+                data: None,
+                inbox: true,
             },
             stream_partition: r.stream_partition,
             stream_offset: r.stream_offset,

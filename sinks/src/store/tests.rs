@@ -51,6 +51,8 @@ fn notification(user: &str, event: &str, stream_partition: i32, stream_offset: i
             source_topic: "orders".into(),
             source_partition: 1,
             source_offset: 1000 + stream_offset,
+            data: None,
+            inbox: true,
         },
         stream_partition,
         stream_offset,

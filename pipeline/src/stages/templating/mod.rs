@@ -154,6 +154,8 @@ impl Fanout {
             source_topic: &self.source_topic,
             source_partition: self.source_partition,
             source_offset: self.source_offset,
+            data: t.data.as_deref(),
+            inbox: t.inbox,
         }
     }
 
@@ -172,6 +174,8 @@ impl Fanout {
             source_topic: self.source_topic.clone(),
             source_partition: self.source_partition,
             source_offset: self.source_offset,
+            data: t.data.clone(),
+            inbox: t.inbox,
         }
     }
 }
@@ -461,11 +465,6 @@ impl Templater {
         };
         let json = avro_to_json(&value);
         let logical = self.topology.logical_topic(topic).unwrap_or(topic);
-        if logical == "chat" {
-            if let Some(dead) = self.track_membership(&event, &json, shutdown).await? {
-                return Ok(dead);
-            }
-        }
         let (Some(event_id), Some(occurred_at)) =
             (json.get("event_id").and_then(Json::as_str), json.get("occurred_at").and_then(Json::as_i64))
         else {
@@ -576,41 +575,6 @@ impl Templater {
             |e| e.is_retriable(),
         )
         .await
-    }
-
-    /// Keeps room membership in the store as chat events arrive (in order, since chat is keyed by room).
-    async fn track_membership(
-        &self,
-        event: &str,
-        json: &Json,
-        shutdown: &CancellationToken,
-    ) -> Result<Option<Outcome>, StageError> {
-        let Some(room) = json.get("room_id").and_then(Json::as_str) else {
-            return Ok(Some(Outcome::Dead { reason: "missing-field", error: "chat event has no room_id".into() }));
-        };
-        let p = &json["payload"];
-        let str_of = |k: &str| p.get(k).and_then(Json::as_str).map(str::to_string);
-        let (add, remove): (Vec<String>, Vec<String>) = match event {
-            "RoomCreated" => {
-                let mut members: Vec<String> = p["members"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|v| v.as_str().map(str::to_string))
-                    .collect();
-                members.extend(str_of("creator_id"));
-                (members, vec![])
-            }
-            "MemberJoined" => (str_of("user_id").into_iter().collect(), vec![]),
-            "MemberLeft" => (vec![], str_of("user_id").into_iter().collect()),
-            _ => return Ok(None),
-        };
-        match retry(shutdown, "room update", || self.store.update_room(room, &add, &remove), |e| e.is_retriable())
-            .await?
-        {
-            Ok(()) => Ok(None),
-            Err(e) => Err(e.into()),
-        }
     }
 }
 

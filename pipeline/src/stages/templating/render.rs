@@ -57,6 +57,9 @@ pub struct Rendered {
     pub title: String,
     pub body: String,
     pub link: Option<String>,
+    /// The event as JSON, when the template asks for it (`data: event`).
+    pub data: Option<String>,
+    pub inbox: bool,
 }
 
 fn name(topic: &str, event: &str, locale: &str, part: &str) -> String {
@@ -176,6 +179,14 @@ impl Renderer {
             })
             .unwrap_or("");
         let base = Tpl::from_serialize(json);
+        // The same for every recipient: serialized once per event.
+        let data = c.spec.data.map(|_| {
+            let mut event_json = json.clone();
+            if let Some(obj) = event_json.as_object_mut() {
+                obj.insert("event_type".into(), Json::String(event.to_string()));
+            }
+            event_json.to_string()
+        });
         let render_one = |recipient: &str| -> Result<Rendered, RenderError> {
             let ctx = minijinja::context! { event_type => event, recipient => recipient, ..base.clone() };
             let r = |part: &str, loc: &str| -> Result<String, RenderError> {
@@ -191,6 +202,8 @@ impl Renderer {
                 title: r("title", loc_key)?,
                 body: r("body", loc_key)?,
                 link: if c.spec.link.is_some() { Some(r("link", "")?) } else { None },
+                data: data.clone(),
+                inbox: c.spec.inbox,
             })
         };
         if c.per_recipient {
@@ -265,14 +278,21 @@ mod tests {
     }
 
     #[test]
-    fn chat_message_goes_to_the_room_except_the_sender() {
+    fn a_chat_message_is_a_delivery_only_copy_to_the_whole_room_carrying_the_event() {
         let r = Renderer::new(&topology()).unwrap();
-        let ev = json!({"room_id": "r1", "payload": {"sender_id": "s", "message_id": "m", "text": "hi"}});
-        assert_eq!(
-            r.audience("chat", "MessageSent", &ev).unwrap(),
-            Some(Audience::Room { room: "r1".into(), exclude: Some("s".into()) })
-        );
-        assert_eq!(r.audience("chat", "RoomCreated", &ev).unwrap(), None, "no template, no audience");
+        let ev = json!({"room_id": "r1", "event_id": "e1", "payload": {"sender_id": "s", "message_id": "m", "text": "hi"}});
+        // The sender too: their other tabs show their own messages.
+        assert_eq!(r.audience("chat", "MessageSent", &ev).unwrap(), Some(Audience::Room { room: "r1".into(), exclude: None }));
+        let texts = r.render("chat", "MessageSent", &ev, &["a".into(), "s".into()]).unwrap();
+        assert_eq!(texts.len(), 1, "one text shared by every member");
+        assert!(!texts[0].inbox, "not an inbox row");
+        let data: Json = serde_json::from_str(texts[0].data.as_deref().unwrap()).unwrap();
+        assert_eq!(data["event_type"], "MessageSent");
+        assert_eq!(data["payload"]["text"], "hi");
+        assert_eq!(data["room_id"], "r1");
+        let order = json!({"order_id": "o", "buyer_id": "u", "payload": {"carrier": "DHL", "tracking_number": "T"}});
+        let texts = r.render("orders", "OrderShipped", &order, &["u".into()]).unwrap();
+        assert!(texts[0].inbox && texts[0].data.is_none(), "order notifications stay inbox rows without data");
     }
 
     #[test]

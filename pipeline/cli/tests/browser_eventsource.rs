@@ -17,7 +17,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio_util::sync::CancellationToken;
 
 /// Gap between two ingested events.
-const EVERY: Duration = Duration::from_millis(400);
+const EVERY: Duration = Duration::from_millis(300);
 /// The whole test, beyond which it fails (every process is killed on the way out).
 const WHOLE: Duration = Duration::from_secs(200);
 

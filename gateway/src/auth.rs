@@ -1,6 +1,7 @@
 //! JWT authentication for the user-facing endpoints: verifies HS256, RS256 or ES256 tokens against
 //! the configured keys (signature, `exp`, `nbf`, `iss`/`aud`) and yields the user id from `sub`.
-//! Tokens come from `Authorization: Bearer`, the `access_token` query or the `tidings_token` cookie.
+//! Tokens come from `Authorization: Bearer` or the `access_token` query; the stream alone (a read)
+//! also takes the `tidings_session` cookie, so no endpoint that changes anything can be forged (CSRF).
 
 use axum::extract::{FromRef, FromRequestParts, Query};
 use axum::http::header::{AUTHORIZATION, COOKIE, WWW_AUTHENTICATE};
@@ -19,8 +20,9 @@ use crate::ingest::ApiError;
 pub const DEV_SECRET: &str = "tidings-dev-secret";
 /// Clock skew tolerated on `exp` and `nbf`.
 pub const LEEWAY_SECS: u64 = 30;
-/// Cookie carrying the token for browsers (EventSource cannot set an Authorization header).
-pub const COOKIE_NAME: &str = "tidings_token";
+/// Cookie carrying the token for browsers' streams (EventSource cannot set an Authorization
+/// header, and a redirect to the owner drops the query token). Set by `POST /v1/session`.
+pub const COOKIE_NAME: &str = "tidings_session";
 /// Query parameter carrying the token.
 pub const QUERY_PARAM: &str = "access_token";
 
@@ -84,7 +86,7 @@ pub struct AuthConfig {
 /// Why a request is not authenticated; each answers 401 with its own error code.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenRejection {
-    /// No token in the header, the query or the cookie.
+    /// No token in the header, the query (or, for the stream, the cookie).
     Missing,
     /// Malformed, badly signed, wrong algorithm, issuer or audience, not yet valid, no `sub`.
     Invalid(String),
@@ -97,7 +99,7 @@ impl IntoResponse for TokenRejection {
         let (code, message, challenge) = match self {
             TokenRejection::Missing => (
                 "missing_token",
-                "a bearer token is required (Authorization header, access_token query or tidings_token cookie)"
+                "a bearer token is required (Authorization header, access_token query, or for the stream the tidings_session cookie)"
                     .to_string(),
                 r#"Bearer realm="tidings""#,
             ),
@@ -122,11 +124,26 @@ impl IntoResponse for TokenRejection {
 #[derive(Deserialize)]
 struct Claims {
     sub: String,
+    exp: u64,
+}
+
+/// What a valid token says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    /// The user (`sub`).
+    pub user: String,
+    /// Expiry, seconds since the epoch (`exp`).
+    pub exp: u64,
 }
 
 impl AuthConfig {
     /// The user id (`sub`) of a valid token.
     pub fn verify(&self, token: &str) -> Result<String, TokenRejection> {
+        self.verify_claims(token).map(|v| v.user)
+    }
+
+    /// The user and expiry of a valid token.
+    pub fn verify_claims(&self, token: &str) -> Result<Verified, TokenRejection> {
         let header = jsonwebtoken::decode_header(token).map_err(|e| TokenRejection::Invalid(e.to_string()))?;
         let mut tried = false;
         for key in self.keys.iter().filter(|k| k.alg == header.alg) {
@@ -135,7 +152,7 @@ impl AuthConfig {
                 Ok(data) if data.claims.sub.is_empty() => {
                     return Err(TokenRejection::Invalid("empty sub".into()));
                 }
-                Ok(data) => return Ok(data.claims.sub),
+                Ok(data) => return Ok(Verified { user: data.claims.sub, exp: data.claims.exp }),
                 // Another key of the same algorithm may have signed it.
                 Err(e) if matches!(e.kind(), ErrorKind::InvalidSignature) => continue,
                 Err(e) if matches!(e.kind(), ErrorKind::ExpiredSignature) => return Err(TokenRejection::Expired),
@@ -172,27 +189,43 @@ impl AuthConfig {
     }
 }
 
-/// The token of a request: Bearer header, else `access_token` query, else `tidings_token` cookie.
-fn token_of(parts: &Parts) -> Option<String> {
-    let bearer = parts
+/// The token of a request: Bearer header, else `access_token` query. Never the cookie: see
+/// [`stream_token_of`].
+pub fn token_of(parts: &Parts) -> Option<String> {
+    bearer_of(parts).or_else(|| {
+        #[derive(Deserialize)]
+        struct TokenQuery {
+            access_token: Option<String>,
+        }
+        match Query::<TokenQuery>::try_from_uri(&parts.uri) {
+            Ok(Query(TokenQuery { access_token: Some(t) })) if !t.is_empty() => Some(t),
+            _ => None,
+        }
+    })
+}
+
+/// The `Authorization: Bearer` token of a request (the only source `POST /v1/session` takes).
+pub fn bearer_of(parts: &Parts) -> Option<String> {
+    parts
         .headers
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
         .map(str::trim)
-        .filter(|t| !t.is_empty());
-    if let Some(t) = bearer {
-        return Some(t.to_string());
-    }
-    #[derive(Deserialize)]
-    struct TokenQuery {
-        access_token: Option<String>,
-    }
-    if let Ok(Query(TokenQuery { access_token: Some(t) })) = Query::<TokenQuery>::try_from_uri(&parts.uri) {
-        if !t.is_empty() {
-            return Some(t);
-        }
-    }
+        .filter(|t| !t.is_empty())
+        .map(str::to_string)
+}
+
+/// The token of a stream request: like [`token_of`], else the `tidings_session` cookie. Only the
+/// stream (a read that changes nothing) may take a cookie: a browser attaches it to requests
+/// other sites make it send, so a cookie on a mutating endpoint would be a CSRF hole.
+pub fn stream_token_of(parts: &Parts) -> Option<String> {
+    token_of(parts).or_else(|| cookie_of(parts))
+}
+
+// One cookie by name: split by hand (RFC 6265 `name=value; name=value`) rather than pulling in a
+// cookie crate for a single value we only compare and pass on.
+fn cookie_of(parts: &Parts) -> Option<String> {
     parts
         .headers
         .get_all(COOKIE)
@@ -204,7 +237,14 @@ fn token_of(parts: &Parts) -> Option<String> {
         .map(|(_, value)| value.trim_matches('"').to_string())
 }
 
-/// The authenticated user of a request (the token's `sub`). Rejects with 401.
+/// The user of a stream request (token from the header, the query or the session cookie).
+pub fn stream_user(parts: &Parts, config: &AuthConfig) -> Result<String, TokenRejection> {
+    let token = stream_token_of(parts).ok_or(TokenRejection::Missing)?;
+    config.verify(&token)
+}
+
+/// The authenticated user of a request (the token's `sub`; header or query, never a cookie).
+/// Rejects with 401.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuthUser(pub String);
 
@@ -257,21 +297,27 @@ mod tests {
     }
 
     #[test]
-    fn token_sources_in_order() {
+    fn token_sources_in_order_and_the_cookie_only_for_streams() {
         let p = parts(
             Request::get("/x?access_token=q")
                 .header(AUTHORIZATION, "Bearer h")
-                .header(COOKIE, "tidings_token=c")
+                .header(COOKIE, "tidings_session=c")
                 .body(())
                 .unwrap(),
         );
         assert_eq!(token_of(&p).as_deref(), Some("h"));
-        let p = parts(Request::get("/x?limit=2&access_token=q").header(COOKIE, "tidings_token=c").body(()).unwrap());
+        assert_eq!(stream_token_of(&p).as_deref(), Some("h"));
+        let p = parts(Request::get("/x?limit=2&access_token=q").header(COOKIE, "tidings_session=c").body(()).unwrap());
         assert_eq!(token_of(&p).as_deref(), Some("q"));
-        let p = parts(Request::get("/x").header(COOKIE, "a=b; tidings_token=c; d=e").body(()).unwrap());
-        assert_eq!(token_of(&p).as_deref(), Some("c"));
+        let p = parts(Request::get("/x").header(COOKIE, "a=b; tidings_session=c; d=e").body(()).unwrap());
+        assert_eq!(token_of(&p), None, "a cookie is no credential outside the stream");
+        assert_eq!(stream_token_of(&p).as_deref(), Some("c"));
+        let p = parts(Request::get("/x").header(COOKIE, "tidings_sessionx=c; xtidings_session=d").body(()).unwrap());
+        assert_eq!(stream_token_of(&p), None);
         let p = parts(Request::get("/x").header(AUTHORIZATION, "Basic abc").body(()).unwrap());
         assert_eq!(token_of(&p), None);
+        let p = parts(Request::get("/x?access_token=q").body(()).unwrap());
+        assert_eq!(bearer_of(&p), None, "the session endpoint takes the header only");
     }
 
     #[test]

@@ -14,6 +14,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::http::request::Parts;
+use axum::http::HeaderValue;
 use tidings_core::http::Limits;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -32,8 +33,9 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections sniffed but not yet taken by axum's accept loop.
 const HANDOFF_QUEUE: usize = 1024;
 
+/// The response head of a stream, but its blank line: CORS headers may follow (see `serve_stream`).
 const STREAM_HEAD: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n\
-x-accel-buffering: no\r\nconnection: close\r\n\r\n";
+x-accel-buffering: no\r\nconnection: close\r\nvary: origin\r\n";
 
 /// A connection whose first bytes were already read; they are replayed before the socket's.
 pub struct Replayed {
@@ -157,12 +159,15 @@ async fn connection(
         let opened = match stream_request(&head) {
             // Boxed: the task keeps its largest state's size for its whole life, and this one
             // (token checks, a store read for the resume) is only needed for a moment.
-            Some(mut parts) => Box::pin(open_subscription(state, &mut parts)).await.ok(),
+            Some(mut parts) => {
+                let origin = crate::browser::allowed_origin(state, &parts.headers);
+                Box::pin(open_subscription(state, &mut parts)).await.ok().map(|sub| (sub, origin))
+            }
             None => None,
         };
-        if let Some(sub) = opened {
+        if let Some((sub, origin)) = opened {
             drop(head);
-            serve_stream(sock, StreamCursor::new(sub, state.hub.clone())).await;
+            serve_stream(sock, StreamCursor::new(sub, state.hub.clone()), origin).await;
             return limits.release(permit);
         }
     }
@@ -224,11 +229,21 @@ pub fn stream_request(head: &[u8]) -> Option<Parts> {
     builder.body(()).ok().map(|r| r.into_parts().0)
 }
 
-/// Writes the stream until it ends, the client goes away, or the hub drops it as slow.
-async fn serve_stream(mut sock: TcpStream, mut cursor: StreamCursor) {
-    if sock.write_all(STREAM_HEAD).await.is_err() {
+/// Writes the stream until it ends, the client goes away, or the hub drops it as slow; with CORS
+/// headers for `origin` when it is an allowed one (see `crate::browser`).
+async fn serve_stream(mut sock: TcpStream, mut cursor: StreamCursor, origin: Option<HeaderValue>) {
+    let mut head = STREAM_HEAD.to_vec();
+    for (name, value) in origin.into_iter().flat_map(crate::browser::cors_headers) {
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
+    if sock.write_all(&head).await.is_err() {
         return;
     }
+    drop(head);
     let (mut rd, mut wr) = sock.split();
     let mut probe = [0u8; 64];
     let mut out = Vec::new();

@@ -6,11 +6,13 @@
 //!   the registered schema and produces Avro; `service_auth` checks the service credential.
 //! - `health`: `/healthz` (process up) and `/readyz` (stages running).
 //! - `auth`: JWT verification and the `AuthUser` extractor for user-facing endpoints.
+//! - `browser`: the stream's session cookie (`/v1/session`) and CORS, for plain EventSource clients.
 //! - `inbox`: `GET /v1/notifications`, `GET /v1/notifications/unread_count`,
 //!   `POST /v1/notifications/{id}/read` for the token's user.
 //! - `metrics`: Prometheus `/metrics`.
 
 pub mod auth;
+pub mod browser;
 pub mod delivery;
 pub mod front;
 pub mod health;
@@ -48,7 +50,10 @@ pub fn app(parts: Parts, readiness: Readiness) -> Router {
         router = router.merge(metrics::router());
     }
     if let Some(stream) = stream {
-        router = router.merge(delivery::stream::router(stream));
+        router = router.merge(delivery::stream::router(stream.clone())).merge(
+            browser::session_router(stream)
+                .layer(axum::middleware::from_fn_with_state(REQUEST_TIMEOUT, tidings_core::http::request_timeout)),
+        );
     }
     if let Some(inbox) = inbox {
         router = router.merge(

@@ -246,7 +246,7 @@ async fn rejects_missing_expired_and_forged_tokens() {
 }
 
 #[tokio::test]
-async fn accepts_es256_and_token_in_query_or_cookie() {
+async fn accepts_es256_and_token_in_query_but_no_cookie() {
     let s = start().await;
     let (status, body, _) = s.get("/v1/notifications?limit=100", Some(&es(&claims("alice"), EC_PRIVATE))).await;
     assert_eq!(status, 200, "{body}");
@@ -256,13 +256,20 @@ async fn accepts_es256_and_token_in_query_or_cookie() {
     let (status, body, _) = respond(s.http.get(url)).await;
     assert_eq!((status, body["unread"].as_u64()), (200, Some(s.bob.len() as u64)), "{body}");
 
-    let url = format!("{}/v1/notifications?limit=100", s.base);
-    let cookie = format!("theme=dark; tidings_token={}", token("bob"));
-    let (status, body, _) = respond(s.http.get(url).header("cookie", cookie)).await;
+    let url = format!("{}/v1/notifications?limit=100&access_token={}", s.base, token("bob"));
+    let (status, body, _) = respond(s.http.get(url)).await;
     assert_eq!(status, 200, "{body}");
     let got: HashSet<String> =
         body["items"].as_array().unwrap().iter().map(|i| i["id"].as_str().unwrap().to_string()).collect();
     assert_eq!(got, ids(&s.bob).into_iter().collect());
+
+    // The session cookie opens streams only: no inbox read, and above all no mark-read (a request
+    // another site can make the browser send with the cookie attached).
+    let cookie = format!("theme=dark; tidings_session={}", token("bob"));
+    let url = format!("{}/v1/notifications?limit=100", s.base);
+    assert_401(respond(s.http.get(url).header("cookie", &cookie)).await, "missing_token");
+    let read = format!("{}/v1/notifications/{}/read", s.base, s.bob[0].notification.notification_id);
+    assert_401(respond(s.http.post(read).header("cookie", &cookie)).await, "missing_token");
 
     // `tidings token` mints what the gateway accepts.
     let minted = auth::mint_hs256(SECRET, "alice", Duration::from_secs(60), Some(ISSUER), Some(AUDIENCE)).unwrap();

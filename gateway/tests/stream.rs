@@ -85,7 +85,7 @@ impl Gw {
         }
         let owners = Owners::new(&url, "notifications");
         let auth = Arc::new(AuthConfig { keys: vec![Key::hs256(SECRET)], ..Default::default() });
-        let state = StreamState { hub: hub.clone(), owners: owners.clone(), auth };
+        let state = StreamState { hub: hub.clone(), owners: owners.clone(), auth, browser: Default::default() };
         let app =
             tidings_gateway::app(Parts { stream: Some(state.clone()), ..Default::default() }, Readiness::default());
         let stop = CancellationToken::new();
@@ -208,7 +208,7 @@ async fn tokens_and_isolation(direct: bool) {
     assert_eq!(alice_resp.headers()["content-type"], "text/event-stream");
     let bob_resp = http.get(format!("{url}?access_token={}", token(&bob))).send().await.unwrap();
     assert_eq!(bob_resp.status(), 200);
-    let cookie_resp = http.get(&url).header("cookie", format!("tidings_token={}", token(&bob))).send().await.unwrap();
+    let cookie_resp = http.get(&url).header("cookie", format!("tidings_session={}", token(&bob))).send().await.unwrap();
     assert_eq!(cookie_resp.status(), 200);
     for i in 0..3 {
         gw.push("alice", i);
@@ -514,7 +514,7 @@ async fn shutdown_ends_streams_and_does_not_wait_for_silent_connections() {
     }
     let owners = Owners::new(&format!("http://{addr}"), "notifications");
     let auth = Arc::new(AuthConfig { keys: vec![Key::hs256(SECRET)], ..Default::default() });
-    let state = StreamState { hub: hub.clone(), owners, auth };
+    let state = StreamState { hub: hub.clone(), owners, auth, browser: Default::default() };
     let app = tidings_gateway::app(Parts { stream: Some(state.clone()), ..Default::default() }, Readiness::default());
     let stop = CancellationToken::new();
     let server =

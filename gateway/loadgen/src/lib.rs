@@ -117,7 +117,9 @@ impl Client {
                 continue;
             }
             hops = 0;
-            if status != 200 {
+            // A 200 with Retry-After is a transient state answered for EventSource (a `retry:`
+            // and an `unavailable` event, then the end): waited out like a 503, not a stream.
+            if status != 200 || resp.headers().contains_key("retry-after") {
                 totals.errors.fetch_add(1, Ordering::Relaxed);
                 let wait = resp
                     .headers()
@@ -159,6 +161,9 @@ impl Client {
                         closed_for_good = ev.event == "close" && !self.reconnect_after_close;
                     }
                     "reset" => seen.lock().unwrap().resets += 1,
+                    // A transient state answered as a stream that ends (as EventSource needs):
+                    // nothing delivered; the reconnect below waits its `retry:`.
+                    "unavailable" => {}
                     "message" if ev.data.is_empty() => {}
                     _ if ev.data.is_empty() => {}
                     _ => {

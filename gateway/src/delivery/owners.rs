@@ -73,6 +73,13 @@ impl RedirectAllow {
             return own
                 .is_some_and(|o| o.scheme() == t.scheme() && o.host_str().map(str::to_ascii_lowercase) == Some(host));
         }
+        self.matches(target)
+    }
+
+    /// Whether `target` matches an entry (an empty list matches nothing).
+    pub fn matches(&self, target: &str) -> bool {
+        let Ok(t) = url::Url::parse(target) else { return false };
+        let host = t.host_str().unwrap_or_default().to_ascii_lowercase();
         self.entries.iter().any(|(scheme, h, port)| {
             let host_ok = match h.strip_prefix("*.") {
                 Some(suffix) => host.strip_suffix(suffix).is_some_and(|sub| sub.ends_with('.') && sub.len() > 1),

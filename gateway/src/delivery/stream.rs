@@ -1,13 +1,13 @@
 //! `GET /v1/stream`: the authenticated user's notifications as Server-Sent Events. Served by the
-//! instance owning the user's partition; others answer 307 to the owner (or 503 with
-//! `Retry-After` while nobody owns it). `Last-Event-ID` (header or `last_event_id` query) resumes.
+//! instance owning the user's partition; others answer 307 to the owner, or while nobody can serve
+//! it 503 + `Retry-After` (EventSource clients: a 200 `retry:` stream that ends). `Last-Event-ID` resumes.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{FromRequestParts, Query, State};
-use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE, LOCATION, RETRY_AFTER};
+use axum::extract::{Query, State};
+use axum::http::header::{ACCEPT, CACHE_CONTROL, CONTENT_TYPE, LOCATION, RETRY_AFTER};
 use axum::http::request::Parts;
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -20,7 +20,8 @@ use tidings_core::Notification;
 
 use super::hub::{CloseReason, Frame, Queued, SubscribeError, Subscription};
 use super::{parse_position, Event, Hub, Owners};
-use crate::auth::{AuthConfig, AuthUser};
+use crate::auth::AuthConfig;
+use crate::browser::BrowserAccess;
 use crate::ingest::ApiError;
 
 /// Shared state of the stream endpoint.
@@ -29,10 +30,15 @@ pub struct StreamState {
     pub hub: Arc<Hub>,
     pub owners: Arc<Owners>,
     pub auth: Arc<AuthConfig>,
+    /// Session cookie and CORS settings for browsers.
+    pub browser: Arc<BrowserAccess>,
 }
 
 pub fn router(state: StreamState) -> Router {
-    Router::new().route("/v1/stream", get(open)).with_state(state)
+    Router::new()
+        .route("/v1/stream", get(open).options(crate::browser::preflight))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), crate::browser::cors))
+        .with_state(state)
 }
 
 /// The JSON body of a notification, shared by the stream (`data:`) and the inbox; borrows the
@@ -79,8 +85,26 @@ pub fn event_from_notification(partition: i32, offset: i64, n: &Notification, ti
     Event::new(partition, offset, n.notification_id.as_u128(), &n.user_id, &n.kind, data.into(), timestamp_ms)
 }
 
-fn retry_after(secs: u64, code: &'static str, message: String) -> Response {
-    let mut r = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code, message).into_response();
+/// The answer to a stream request while this state passes (no owner yet, not ready, shutting
+/// down, store out): 503 + `Retry-After`, or for a client that accepts `text/event-stream` (every
+/// EventSource does) a 200 stream of `retry:` and an `unavailable` event that then ends, because
+/// EventSource gives up for good on any other status but reconnects when a stream ends. No `id:`
+/// line, so the browser keeps its Last-Event-ID.
+fn retry_after(parts: &Parts, secs: u64, code: &'static str, message: String) -> Response {
+    let event_stream = parts
+        .headers
+        .get_all(ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|t| t.split(';').next().is_some_and(|t| t.trim() == "text/event-stream")));
+    let mut r = if event_stream {
+        let data = json!({ "code": code, "message": message });
+        let mut r = Response::new(Body::from(format!("retry: {}\nevent: unavailable\ndata: {data}\n\n", secs * 1000)));
+        r.headers_mut().extend(sse_headers());
+        r
+    } else {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code, message).into_response()
+    };
     r.headers_mut().insert(RETRY_AFTER, HeaderValue::from(secs));
     r
 }
@@ -118,10 +142,10 @@ pub fn sse_headers() -> [(HeaderName, HeaderValue); 3] {
 }
 
 /// Authenticates a stream request and registers its subscription, or returns the answer to give
-/// instead (401, 422, 307 to the owner, 503 + `Retry-After`). Shared by the axum route and the
-/// gateway's direct stream path (see `crate::front`).
+/// instead (401, 422, 307 to the owner, a transient answer from [`retry_after`]). Shared by the axum
+/// route and the gateway's direct stream path (see `crate::front`).
 pub async fn open_subscription(state: &StreamState, parts: &mut Parts) -> Result<Subscription, Response> {
-    let AuthUser(user) = AuthUser::from_request_parts(parts, &state.auth).await.map_err(IntoResponse::into_response)?;
+    let user = crate::auth::stream_user(parts, &state.auth).map_err(IntoResponse::into_response)?;
     let params = match Query::<Params>::try_from_uri(&parts.uri) {
         Ok(Query(p)) => p,
         Err(e) => {
@@ -156,7 +180,7 @@ pub async fn open_subscription(state: &StreamState, parts: &mut Parts) -> Result
                      answering 503 instead of redirecting there."
                 );
                 metrics::counter!("tidings_gateway_redirects_refused_total").increment(1);
-                retry_after(1, "owner_not_allowed", format!("partition {p} has no allowed owner URL"))
+                retry_after(parts, 1, "owner_not_allowed", format!("partition {p} has no allowed owner URL"))
             }
             Some(url) if url != state.owners.self_url() => {
                 let mut location = format!("{}/v1/stream", url.trim_end_matches('/'));
@@ -174,17 +198,20 @@ pub async fn open_subscription(state: &StreamState, parts: &mut Parts) -> Result
                 }
                 match HeaderValue::from_str(&location) {
                     Ok(v) => (StatusCode::TEMPORARY_REDIRECT, [(LOCATION, v)]).into_response(),
-                    Err(_) => retry_after(1, "owner_unknown", format!("partition {p} has no usable owner URL")),
+                    Err(_) => retry_after(parts, 1, "owner_unknown", format!("partition {p} has no usable owner URL")),
                 }
             }
-            _ => retry_after(1, "partition_unassigned", format!("partition {p} is being reassigned; retry")),
+            _ => retry_after(parts, 1, "partition_unassigned", format!("partition {p} is being reassigned; retry")),
         }),
         Err(SubscribeError::NotReady(p)) => {
-            Err(retry_after(1, "not_ready", format!("this gateway is not ready to serve partition {p} yet")))
+            Err(retry_after(parts, 1, "not_ready", format!("this gateway is not ready to serve partition {p} yet")))
         }
-        Err(SubscribeError::Store(e)) if e.is_retriable() => {
-            Err(retry_after(2, "store_unavailable", format!("the resume needs the store, which is unavailable: {e}")))
-        }
+        Err(SubscribeError::Store(e)) if e.is_retriable() => Err(retry_after(
+            parts,
+            2,
+            "store_unavailable",
+            format!("the resume needs the store, which is unavailable: {e}"),
+        )),
         Err(SubscribeError::Store(e)) => {
             tracing::error!(error = %e, "Resume from the store failed.");
             Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the resume failed").into_response())

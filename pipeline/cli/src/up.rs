@@ -17,6 +17,7 @@ use tidings_core::shutdown::StageHealth;
 use tidings_core::shutdown::TaskTree;
 use tidings_core::RegistryClient;
 use tidings_gateway::auth::{self, Key};
+use tidings_gateway::browser::BrowserAccess;
 use tidings_gateway::delivery::hub::StoreResume;
 use tidings_gateway::delivery::owners::RedirectAllow;
 use tidings_gateway::delivery::{self, DeliveryConfig, Hub, HubConfig, Owners};
@@ -66,7 +67,8 @@ pub struct UpArgs {
     /// password); without it only loopback peers may register, delete or change levels.
     #[arg(long, env = "TIDINGS_REGISTRY_WRITE_TOKEN", hide_env_values = true)]
     pub registry_write_token: Option<String>,
-    /// Stages to run, comma-separated: templating, persistence, gateway.
+    /// Stages to run, comma-separated: templating, persistence, gateway (which includes HTTP
+    /// ingest), ingest (HTTP ingest alone, no delivery: e.g. an ingest tier of its own).
     #[arg(long, env = "TIDINGS_STAGES", value_delimiter = ',', default_value = "templating,persistence,gateway")]
     pub stages: Vec<String>,
     /// Seconds to let tasks finish their work after SIGTERM before exiting anyway.
@@ -93,6 +95,17 @@ pub struct SseArgs {
     /// `http://10.0.0.5:8080`), comma-separated in the env var. Default: this instance's own host, any port.
     #[arg(long = "redirect-allow", env = "TIDINGS_REDIRECT_ALLOW", value_delimiter = ',')]
     pub redirect_allow: Vec<String>,
+    /// Origins whose pages may read the stream with credentials (CORS on `GET /v1/stream` only),
+    /// besides those of --redirect-allow (peer gateways serve the page too). Same syntax.
+    #[arg(long = "cors-allow-origin", env = "TIDINGS_CORS_ALLOW_ORIGINS", value_delimiter = ',')]
+    pub cors_allow_origins: Vec<String>,
+    /// Mark the stream's session cookie `Secure`. Implied when --advertise-url is https.
+    #[arg(long, env = "TIDINGS_COOKIE_SECURE")]
+    pub cookie_secure: bool,
+    /// `Domain` of the session cookie: the parent domain every gateway is under (`gw.example.com`),
+    /// so the owner a browser is redirected to gets it. Unset: only the host that set it (any port).
+    #[arg(long, env = "TIDINGS_COOKIE_DOMAIN")]
+    pub cookie_domain: Option<String>,
     /// Consumer group shared by all gateway instances (prefixed with the topic prefix).
     #[arg(long, env = "TIDINGS_DELIVERY_GROUP", default_value = "tidings-delivery")]
     pub delivery_group: String,
@@ -213,8 +226,8 @@ async fn shutdown_signal(token: CancellationToken) {
 
 pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     for s in &args.stages {
-        if !["templating", "persistence", "gateway"].contains(&s.as_str()) {
-            bail!("unknown stage {s:?} (expected templating, persistence or gateway)");
+        if !["templating", "persistence", "gateway", "ingest"].contains(&s.as_str()) {
+            bail!("unknown stage {s:?} (expected templating, persistence, gateway or ingest)");
         }
     }
     // Refused Kafka settings are reported before anything starts.
@@ -346,7 +359,16 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         tasks.spawn("persistence", async move { persistence::run(cfg, s, t).await });
     }
     let (mut http, mut ingest_url) = (String::new(), String::new());
-    if run("gateway") {
+    // The gateway needs keys to check user tokens; ingest alone uses them, when it has them, only
+    // to tell a user token (403) from an unknown one (401).
+    let auth = if run("gateway") {
+        Some(Arc::new(args.jwt.auth_config(args.dev)?))
+    } else if run("ingest") {
+        args.jwt.auth_config(args.dev).ok().map(Arc::new)
+    } else {
+        None
+    };
+    if run("gateway") || run("ingest") {
         let topics: HashMap<String, IngestTopic> = topo
             .topics
             .iter()
@@ -355,7 +377,6 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
                 (name.clone(), IngestTopic { physical: topo.topic_name(name), key_field: spec.key.clone() })
             })
             .collect();
-        let auth = Arc::new(args.jwt.auth_config(args.dev)?);
         let mut tokens: Vec<&str> = args.ingest_tokens.iter().map(String::as_str).collect();
         if args.dev {
             tokens.push(tidings_gateway::service_auth::DEV_SERVICE_TOKEN);
@@ -365,7 +386,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             info!("HTTP ingest is off: no --ingest-token (TIDINGS_INGEST_TOKENS) is set.");
         } else {
             let producer: FutureProducer = kafka.producer().create()?;
-            let ingest = Arc::new(IngestState::new(topics, client.clone(), producer, tokens, Some(auth.clone())));
+            let ingest = Arc::new(IngestState::new(topics, client.clone(), producer, tokens, auth.clone()));
             let listener = tidings_gateway::bind(args.ingest_listen, None)
                 .with_context(|| format!("binding HTTP ingest to {}", args.ingest_listen))?;
             ingest_url = format!("http://{}", listener.local_addr()?);
@@ -375,6 +396,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             tasks.spawn("ingest", async move { tidings_gateway::serve(listener, app, limits, t).await });
             info!("HTTP ingest for services listening on {ingest_url} (POST /v1/events/{{topic}}, service token required).");
         }
+    }
+    if let (true, Some(auth)) = (run("gateway"), auth) {
         let inbox = InboxState { store: store.clone(), auth: auth.clone() };
         let send_buffer = (args.sse.socket_send_buffer > 0).then_some(args.sse.socket_send_buffer);
         let listener = tidings_gateway::bind(args.http, send_buffer)
@@ -413,7 +436,16 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             let h = hub.clone();
             readiness.set_check("delivery", move || health.is_up() && h.is_ready());
         }
-        let stream = StreamState { hub, owners, auth };
+        let browser = BrowserAccess {
+            cors_allow: RedirectAllow::new(args.sse.cors_allow_origins.iter().map(String::as_str))
+                .map_err(|e| anyhow::anyhow!("--cors-allow-origin: {e}"))?,
+            cookie_secure: args.sse.cookie_secure || advertised.starts_with("https://"),
+            cookie_domain: args.sse.cookie_domain.clone(),
+        };
+        if let Some(d) = &browser.cookie_domain {
+            BrowserAccess::check_domain(d).map_err(|e| anyhow::anyhow!("--cookie-domain: {e}"))?;
+        }
+        let stream = StreamState { hub, owners, auth, browser: Arc::new(browser) };
         let app = tidings_gateway::app(
             Parts {
                 inbox: Some(inbox),

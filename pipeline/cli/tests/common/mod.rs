@@ -93,6 +93,11 @@ impl Tidings {
 
     /// Like `spawn`, with extra environment variables (the `TIDINGS_*` settings of `up`).
     pub fn spawn_env(name: &str, up: &Up<'_>, env: &[(&str, &str)]) -> Tidings {
+        Self::spawn_at(name, up, env, "127.0.0.1:0")
+    }
+
+    /// Like `spawn_env`, with the gateway on `http` (a fixed port, for a restart on the same URL).
+    pub fn spawn_at(name: &str, up: &Up<'_>, env: &[(&str, &str)], http: &str) -> Tidings {
         let data_dir = tempfile::Builder::new().prefix(&format!("tidings-{name}-")).tempdir().expect("temp dir");
         let log = data_dir.path().join("tidings.log");
         let out = File::create(&log).expect("log file");
@@ -102,7 +107,7 @@ impl Tidings {
             .args(["--brokers", up.brokers])
             .args(["--database-url", up.database_url])
             .args(["--topic-prefix", up.prefix])
-            .args(["--http", "127.0.0.1:0", "--registry-listen", "127.0.0.1:0", "--ingest-listen", "127.0.0.1:0"])
+            .args(["--http", http, "--registry-listen", "127.0.0.1:0", "--ingest-listen", "127.0.0.1:0"])
             // The dev user secret and the dev ingest token (`DEV_SERVICE_TOKEN`); a test of the
             // refusals outside dev mode passes TIDINGS_DEV=false.
             .env("TIDINGS_DEV", "true")

@@ -9,16 +9,20 @@
 //! - `browser`: the stream's session cookie (`/v1/session`) and CORS, for plain EventSource clients.
 //! - `inbox`: `GET /v1/notifications`, `GET /v1/notifications/unread_count`,
 //!   `POST /v1/notifications/{id}/read` for the token's user.
+//! - `chat`: rooms, membership, messages, history and read positions (`/v1/rooms…`) for users.
+//! - `produce`: JSON → Avro → Kafka, shared by ingest and chat.
 //! - `metrics`: Prometheus `/metrics`.
 
 pub mod auth;
 pub mod browser;
+pub mod chat;
 pub mod delivery;
 pub mod front;
 pub mod health;
 pub mod inbox;
 pub mod ingest;
 pub mod metrics;
+pub mod produce;
 pub mod service_auth;
 
 use axum::Router;
@@ -36,6 +40,7 @@ pub use ingest::{IngestState, IngestTopic};
 #[derive(Default)]
 pub struct Parts {
     pub inbox: Option<InboxState>,
+    pub chat: Option<chat::ChatState>,
     pub stream: Option<StreamState>,
     /// `/metrics` is served on a listener of its own ([`metrics_app`]), not here.
     pub metrics_elsewhere: bool,
@@ -44,7 +49,7 @@ pub struct Parts {
 /// The public gateway's router (browsers): health and metrics always, the other parts when given.
 /// Ingest is not among them: it has its own listener ([`ingest_app`]).
 pub fn app(parts: Parts, readiness: Readiness) -> Router {
-    let Parts { inbox, stream, metrics_elsewhere } = parts;
+    let Parts { inbox, chat, stream, metrics_elsewhere } = parts;
     let mut router = Router::new().merge(health::router(readiness));
     if !metrics_elsewhere {
         router = router.merge(metrics::router());
@@ -52,6 +57,12 @@ pub fn app(parts: Parts, readiness: Readiness) -> Router {
     if let Some(stream) = stream {
         router = router.merge(delivery::stream::router(stream.clone())).merge(
             browser::session_router(stream)
+                .layer(axum::middleware::from_fn_with_state(REQUEST_TIMEOUT, tidings_core::http::request_timeout)),
+        );
+    }
+    if let Some(chat) = chat {
+        router = router.merge(
+            chat::router(chat)
                 .layer(axum::middleware::from_fn_with_state(REQUEST_TIMEOUT, tidings_core::http::request_timeout)),
         );
     }

@@ -19,10 +19,10 @@ use tidings_core::RegistryClient;
 use tidings_gateway::auth::{self, Key};
 use tidings_gateway::browser::BrowserAccess;
 use tidings_gateway::chat::{ChatConfig, ChatState};
-use tidings_gateway::produce::EventProducer;
 use tidings_gateway::delivery::hub::StoreResume;
 use tidings_gateway::delivery::owners::RedirectAllow;
 use tidings_gateway::delivery::{self, DeliveryConfig, Hub, HubConfig, Owners};
+use tidings_gateway::produce::EventProducer;
 use tidings_gateway::service_auth::ServiceTokens;
 use tidings_gateway::{AuthConfig, InboxState, IngestState, IngestTopic, Parts, Readiness, StreamState};
 use tidings_pipeline::stages::templating::{self, TemplatingConfig};
@@ -84,6 +84,25 @@ pub struct UpArgs {
     pub jwt: JwtArgs,
     #[command(flatten)]
     pub sse: SseArgs,
+    #[command(flatten)]
+    pub chat: ChatArgs,
+}
+
+/// The chat API's limits.
+#[derive(Args, Clone, Debug)]
+pub struct ChatArgs {
+    /// Longest chat message, in bytes (413 beyond).
+    #[arg(long, env = "TIDINGS_CHAT_MAX_TEXT_BYTES", default_value_t = 4_000)]
+    pub chat_max_text_bytes: usize,
+    /// Seconds after sending during which the sender may edit or delete a message.
+    #[arg(long, env = "TIDINGS_CHAT_EDIT_WINDOW_SECS", default_value_t = 900)]
+    pub chat_edit_window_secs: u64,
+    /// Chat messages a user may send per second, sustained (429 + Retry-After beyond).
+    #[arg(long, env = "TIDINGS_CHAT_RATE", default_value_t = 5)]
+    pub chat_rate: u32,
+    /// Chat messages a user may send in a burst, above the sustained rate.
+    #[arg(long, env = "TIDINGS_CHAT_BURST", default_value_t = 20)]
+    pub chat_burst: u32,
 }
 
 /// Delivery over SSE: who owns which partition, and the bounds that keep memory flat.
@@ -409,13 +428,17 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     if let (true, Some(auth), Some(events)) = (run("gateway"), auth, events) {
         let inbox = InboxState { store: store.clone(), auth: auth.clone() };
         let chat = {
-            let cfg = ChatConfig::new(
+            let mut cfg = ChatConfig::new(
                 topo.topic_name("chat"),
                 topo.group_name(&topo.stages.persistence.group),
                 topo.topic_name(&topo.stages.templating.output),
             );
+            cfg.max_text_bytes = args.chat.chat_max_text_bytes;
+            cfg.edit_window = Duration::from_secs(args.chat.chat_edit_window_secs);
+            cfg.send_rate = (args.chat.chat_rate, args.chat.chat_burst);
             // Watermarks only: it never joins a group nor reads.
-            let watermarks = kafka.consumer_with(&format!("{}-watermarks", topo.group_name("chat-api")), &[], &[]).create()?;
+            let watermarks =
+                kafka.consumer_with(&format!("{}-watermarks", topo.group_name("chat-api")), &[], &[]).create()?;
             ChatState::new(store.clone(), auth.clone(), events, cfg, watermarks)
         };
         let send_buffer = (args.sse.socket_send_buffer > 0).then_some(args.sse.socket_send_buffer);

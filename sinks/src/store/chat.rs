@@ -200,7 +200,7 @@ impl Store {
         match row {
             None => Ok(None),
             Some(r) => {
-                let mut tags = self.tags_of(&[r.room_id.clone()]).await?;
+                let mut tags = self.tags_of(std::slice::from_ref(&r.room_id)).await?;
                 Ok(Some(r.into_room(tags.remove(room_id).unwrap_or_default())))
             }
         }
@@ -281,7 +281,12 @@ impl Store {
                         }),
                         _ => None,
                     };
-                    MyRoom { room: r.room.into_room(Vec::new()), read_seq: r.read_seq, unread: count(r.unread), last_message }
+                    MyRoom {
+                        room: r.room.into_room(Vec::new()),
+                        read_seq: r.read_seq,
+                        unread: count(r.unread),
+                        last_message,
+                    }
                 })
                 .collect()
         });
@@ -294,7 +299,12 @@ impl Store {
     }
 
     /// Open group rooms having every one of `tags`, by room id after `after`, at most `limit`.
-    pub async fn search_rooms(&self, tags: &[String], after: Option<&str>, limit: u32) -> Result<Vec<Room>, StoreError> {
+    pub async fn search_rooms(
+        &self,
+        tags: &[String],
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Room>, StoreError> {
         if tags.is_empty() {
             return Ok(Vec::new());
         }

@@ -1,0 +1,310 @@
+//! The chat API on a real broker and PostgreSQL, through one `tidings up`: a tagged group room is
+//! created, found, joined and talked in; members (the sender's own stream included) get each
+//! message on their stream once, a non-member gets 403 and none of the room's events; sizes, bad
+//! input and the send rate get 413/422/429 in the error shape; a direct inquiry is one room per
+//! (product, buyer); unread counts follow reads; history is newest first and carries a position;
+//! edits and deletes are the sender's own.
+
+mod common;
+
+use common::{eventually, Tidings, Up};
+use serde_json::{json, Value};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+fn token(user: &str) -> String {
+    let secret = tidings_gateway::auth::DEV_SECRET.as_bytes();
+    tidings_gateway::auth::mint_hs256(secret, user, Duration::from_secs(3600), None, None).unwrap()
+}
+
+struct Api {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Api {
+    async fn call(
+        &self,
+        method: &str,
+        user: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value, reqwest::header::HeaderMap) {
+        let url = format!("{}{path}", self.base);
+        let mut req = match method {
+            "GET" => self.http.get(url),
+            "POST" => self.http.post(url),
+            "PATCH" => self.http.patch(url),
+            "DELETE" => self.http.delete(url),
+            m => panic!("method {m}"),
+        }
+        .bearer_auth(token(user));
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        let (status, headers) = (resp.status().as_u16(), resp.headers().clone());
+        (status, resp.json().await.unwrap_or(Value::Null), headers)
+    }
+
+    async fn ok(&self, method: &str, user: &str, path: &str, body: Option<Value>, want: u16) -> Value {
+        let (status, body, _) = self.call(method, user, path, body).await;
+        assert_eq!(status, want, "{method} {path} as {user}: {body}");
+        body
+    }
+}
+
+/// The events of one user's stream, collected in the background: (event name, data).
+#[derive(Clone, Default)]
+struct Seen(Arc<Mutex<Vec<(String, Value)>>>);
+
+impl Seen {
+    fn chat(&self) -> Vec<(String, Value)> {
+        self.0.lock().unwrap().iter().filter(|(e, _)| e.starts_with("chat.")).cloned().collect()
+    }
+}
+
+async fn open_stream(api: &Api, user: &str) -> Seen {
+    let seen = Seen::default();
+    let mut resp = api.http.get(format!("{}/v1/stream", api.base)).bearer_auth(token(user)).send().await.unwrap();
+    assert_eq!(resp.status(), 200, "stream of {user}");
+    let out = seen.clone();
+    tokio::spawn(async move {
+        let mut buf = String::new();
+        while let Ok(Some(chunk)) = resp.chunk().await {
+            buf.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(end) = buf.find("\n\n") {
+                let block: String = buf.drain(..end + 2).collect();
+                let (mut event, mut data) = (String::new(), String::new());
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("event: ") {
+                        event = v.to_string();
+                    } else if let Some(v) = line.strip_prefix("data: ") {
+                        data = v.to_string();
+                    }
+                }
+                if !event.is_empty() {
+                    out.0.lock().unwrap().push((event, serde_json::from_str(&data).unwrap_or(Value::Null)));
+                }
+            }
+        }
+    });
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rooms_messages_and_their_rules() {
+    let Some(brokers) = common::brokers_or_skip() else { return };
+    let (_pool, db_url) = common::fresh_pg().await;
+    let prefix = common::unique_prefix();
+    let up = Tidings::spawn_env(
+        "chat",
+        &Up {
+            brokers: &brokers,
+            database_url: &db_url,
+            prefix: &prefix,
+            stages: "templating,persistence,gateway",
+            registry_url: None,
+        },
+        &[("TIDINGS_CHAT_RATE", "1"), ("TIDINGS_CHAT_BURST", "4"), ("TIDINGS_CHAT_MAX_TEXT_BYTES", "1000")],
+    );
+    let mut up = up;
+    let ep = up.endpoints(Duration::from_secs(60)).await;
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(15)).build().unwrap();
+    let api = Api { http, base: ep.http.clone() };
+    eventually("the gateway is ready", Duration::from_secs(60), Duration::from_millis(200), &[&up], || async {
+        match api.http.get(format!("{}/readyz", api.base)).send().await {
+            Ok(r) if r.status() == 200 => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+
+    // A group room with tags, found by them (all of them), and by nothing else.
+    let room = api
+        .ok(
+            "POST",
+            "alice",
+            "/v1/rooms",
+            Some(json!({"kind": "group", "name": "Tea lovers", "tags": ["Tea", "green"]})),
+            201,
+        )
+        .await;
+    let id = room["room_id"].as_str().unwrap().to_string();
+    assert_eq!(room["tags"], json!(["green", "tea"]));
+    assert_eq!(room["members"], 1);
+    let found = api.ok("GET", "bob", "/v1/rooms/search?tag=tea&tag=green", None, 200).await;
+    assert_eq!(
+        found["rooms"].as_array().unwrap().iter().map(|r| r["room_id"].clone()).collect::<Vec<_>>(),
+        vec![json!(id)]
+    );
+    let none = api.ok("GET", "bob", "/v1/rooms/search?tag=tea&tag=coffee", None, 200).await;
+    assert!(none["rooms"].as_array().unwrap().is_empty(), "{none}");
+    let bad = api.ok("POST", "alice", "/v1/rooms", Some(json!({"kind": "group", "name": "", "tags": []})), 422).await;
+    assert_eq!(bad["error"]["code"], "invalid_room");
+    let bad =
+        api.ok("POST", "alice", "/v1/rooms", Some(json!({"kind": "group", "name": "x", "colour": "red"})), 422).await;
+    assert_eq!(bad["error"]["code"], "invalid_body", "unknown fields are refused: {bad}");
+
+    // Not a member yet: no posting, no history.
+    let msgs = format!("/v1/rooms/{id}/messages");
+    let e = api.ok("POST", "bob", &msgs, Some(json!({"text": "let me in"})), 403).await;
+    assert_eq!(e["error"]["code"], "not_a_member");
+    api.ok("GET", "bob", &msgs, None, 403).await;
+
+    let alice = open_stream(&api, "alice").await;
+    let carol = open_stream(&api, "carol").await;
+    let joined = api.ok("POST", "bob", &format!("/v1/rooms/{id}/members"), None, 200).await;
+    assert_eq!(joined["members"], 2);
+    let bob = open_stream(&api, "bob").await;
+
+    let sent = api.ok("POST", "bob", &msgs, Some(json!({"text": "hi alice"})), 201).await;
+    let seq = sent["seq"].as_i64().unwrap();
+    let m1 = sent["message_id"].as_str().unwrap().to_string();
+    // Both members get it on their stream, the sender too (their other tabs), exactly once.
+    for (who, seen) in [("alice", &alice), ("bob", &bob)] {
+        eventually(
+            &format!("{who} gets bob's message"),
+            Duration::from_secs(20),
+            Duration::from_millis(50),
+            &[&up],
+            || async {
+                let got: Vec<Value> =
+                    seen.chat().into_iter().filter(|(e, _)| e == "chat.message").map(|(_, d)| d).collect();
+                match got.as_slice() {
+                    [d] if d["event"]["payload"]["text"] == "hi alice"
+                        && d["seq"] == seq
+                        && d["event"]["room_id"] == json!(id) =>
+                    {
+                        Ok(())
+                    }
+                    other => Err(format!("{other:?}")),
+                }
+            },
+        )
+        .await;
+    }
+
+    // Bad input in the error shape.
+    let e = api.ok("POST", "alice", &msgs, Some(json!({"text": "   "})), 422).await;
+    assert_eq!(e["error"]["code"], "empty_message");
+    let e = api.ok("POST", "alice", &msgs, Some(json!({"text": "x".repeat(1001)})), 413).await;
+    assert_eq!(e["error"]["code"], "message_too_long");
+    let e = api.ok("POST", "alice", &msgs, Some(json!({"text": "y".repeat(70_000)})), 413).await;
+    assert_eq!(e["error"]["code"], "body_too_large");
+
+    // Unread: alice has bob's one message unread; reading up to it clears it.
+    let unread_of = |user: &'static str| {
+        let api = &api;
+        let id = id.clone();
+        async move {
+            let mine = api.ok("GET", user, "/v1/rooms", None, 200).await;
+            let r = mine["rooms"].as_array().unwrap().iter().find(|r| r["room_id"] == json!(id)).cloned().unwrap();
+            r["unread"].as_u64().unwrap()
+        }
+    };
+    eventually("alice has 1 unread", Duration::from_secs(20), Duration::from_millis(100), &[&up], || async {
+        match unread_of("alice").await {
+            1 => Ok(()),
+            n => Err(format!("{n} unread")),
+        }
+    })
+    .await;
+    assert_eq!(unread_of("bob").await, 0, "one's own messages are not unread");
+    let read = api.ok("POST", "alice", &format!("/v1/rooms/{id}/read"), Some(json!({"seq": seq})), 200).await;
+    assert_eq!((read["read_seq"].as_i64(), read["unread"].as_u64()), (Some(seq), Some(0)));
+    assert_eq!(unread_of("alice").await, 0);
+
+    // The rate limit: a burst of 4, then 429 with Retry-After.
+    let mut statuses = Vec::new();
+    let mut retry_after = None;
+    for i in 0..6 {
+        let (status, _, headers) = api.call("POST", "alice", &msgs, Some(json!({"text": format!("burst {i}")}))).await;
+        statuses.push(status);
+        if status == 429 {
+            retry_after = headers.get("retry-after").map(|v| v.to_str().unwrap().to_string());
+        }
+    }
+    assert_eq!(&statuses[..4], &[201; 4], "a burst of 4 passes: {statuses:?}");
+    assert!(statuses.contains(&429) && retry_after.is_some(), "{statuses:?} {retry_after:?}");
+
+    // History: newest first, every message of the room, with the stream position it is consistent with.
+    let page = api.ok("GET", "bob", &format!("{msgs}?limit=10"), None, 200).await;
+    let texts: Vec<&str> = page["messages"].as_array().unwrap().iter().map(|m| m["text"].as_str().unwrap()).collect();
+    assert_eq!(texts, vec!["burst 3", "burst 2", "burst 1", "burst 0", "hi alice"]);
+    assert!(page["position"].as_str().unwrap().contains('.'), "{page}");
+    let older = api.ok("GET", "bob", &format!("{msgs}?limit=2&before={}", page["messages"][2]["seq"]), None, 200).await;
+    let texts: Vec<&str> = older["messages"].as_array().unwrap().iter().map(|m| m["text"].as_str().unwrap()).collect();
+    assert_eq!(texts, vec!["burst 0", "hi alice"]);
+
+    // Edits and deletes: the sender's own, seen by the members, applied to history.
+    let e = api.ok("PATCH", "alice", &format!("{msgs}/{m1}"), Some(json!({"text": "not mine"})), 403).await;
+    assert_eq!(e["error"]["code"], "not_the_sender");
+    api.ok("PATCH", "bob", &format!("{msgs}/{m1}"), Some(json!({"text": "hi alice!"})), 200).await;
+    eventually(
+        "the edit reaches alice and history",
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        &[&up],
+        || async {
+            let edited = alice
+                .chat()
+                .iter()
+                .any(|(e, d)| e == "chat.message_edited" && d["event"]["payload"]["text"] == "hi alice!");
+            let page = api.ok("GET", "alice", &msgs, None, 200).await;
+            let last = page["messages"].as_array().unwrap().last().cloned().unwrap_or(Value::Null);
+            if edited && last["text"] == "hi alice!" && last["edited"] == true {
+                Ok(())
+            } else {
+                Err(format!("edited on stream: {edited}; oldest in history: {last}"))
+            }
+        },
+    )
+    .await;
+
+    // A direct inquiry: one room per (product, buyer), visible to its two members only.
+    let direct = api
+        .ok(
+            "POST",
+            "buyer",
+            "/v1/rooms",
+            Some(json!({"kind": "direct", "product_id": "shoe-42", "seller_id": "seller"})),
+            201,
+        )
+        .await;
+    let again = api
+        .ok(
+            "POST",
+            "buyer",
+            "/v1/rooms",
+            Some(json!({"kind": "direct", "product_id": "shoe-42", "seller_id": "seller"})),
+            200,
+        )
+        .await;
+    assert_eq!(direct["room_id"], again["room_id"]);
+    let other = api
+        .ok(
+            "POST",
+            "buyer",
+            "/v1/rooms",
+            Some(json!({"kind": "direct", "product_id": "shoe-43", "seller_id": "seller"})),
+            201,
+        )
+        .await;
+    assert_ne!(direct["room_id"], other["room_id"]);
+    let did = direct["room_id"].as_str().unwrap();
+    let sellers = api.ok("GET", "seller", "/v1/rooms", None, 200).await;
+    assert_eq!(sellers["rooms"].as_array().unwrap().len(), 2, "the seller is in both inquiries: {sellers}");
+    api.ok("GET", "carol", &format!("/v1/rooms/{did}"), None, 404).await;
+    api.ok("POST", "carol", &format!("/v1/rooms/{did}/members"), None, 403).await;
+    api.ok("POST", "seller", &format!("/v1/rooms/{did}/messages"), Some(json!({"text": "size 42 is in stock"})), 201)
+        .await;
+
+    // Carol, in no room, saw none of their events.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(carol.chat().is_empty(), "carol saw {:?}", carol.chat());
+    assert!(alice.chat().iter().all(|(_, d)| d["event"]["room_id"] == json!(id)), "alice saw another room's events");
+
+    up.signal("TERM");
+    assert!(up.wait_exit(Duration::from_secs(30)).await.is_some_and(|s| s.success()), "{}", up.log_tail(40));
+}

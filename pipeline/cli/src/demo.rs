@@ -1,6 +1,7 @@
 //! `tidings demo`: a realistic mixed stream (orders moving through their lifecycle, coupons,
-//! a campaign, a chat room) sent through the gateway's HTTP ingest, so a newcomer sees
-//! notifications land within seconds.
+//! a campaign) sent through the gateway's HTTP ingest, and a chat room talked in through the chat
+//! API (dev mode: demo users' tokens are minted with the dev secret), so a newcomer sees
+//! notifications and messages land within seconds.
 
 use anyhow::Context;
 use clap::Args;
@@ -17,6 +18,9 @@ pub struct DemoArgs {
     /// HTTP ingest base URL. Default: the one a running `tidings up` wrote to its endpoints file.
     #[arg(long, env = "TIDINGS_INGEST_URL")]
     pub ingest: Option<String>,
+    /// Public gateway base URL, for the chat API. Default: the one in the endpoints file.
+    #[arg(long, env = "TIDINGS_GATEWAY_URL")]
+    pub gateway: Option<String>,
     /// Service token for ingest. Default: the dev token a `tidings up --dev` wrote there.
     #[arg(long, env = "TIDINGS_INGEST_TOKEN", hide_env_values = true)]
     pub ingest_token: Option<String>,
@@ -110,12 +114,9 @@ impl Gen {
                 "audience": {"InlineAudience": {"user_ids": audience}}}}})),
             )
         } else {
+            // Sent through the chat API as `sender`, not through ingest.
             let sender = user(self.rng.random_range(0..5));
-            (
-                "chat",
-                envelope(json!({"room_id": "room-lobby", "payload": {"MessageSent": {
-                "message_id": format!("m-{}", self.seq), "sender_id": sender, "text": format!("hello #{}", self.seq)}}})),
-            )
+            ("chat", json!({"sender": sender, "text": format!("hello #{}", self.seq)}))
         }
     }
 }
@@ -131,8 +132,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         };
     let token = args
         .ingest_token
-        .or_else(|| running.and_then(|e| e.ingest_token))
+        .or_else(|| running.as_ref().and_then(|e| e.ingest_token.clone()))
         .context("no --ingest-token (TIDINGS_INGEST_TOKEN) given, and the running `tidings up` is not in --dev mode")?;
+    // Chat needs user tokens; the demo mints them only for a `tidings up --dev` (the dev secret).
+    let dev = running.as_ref().is_some_and(|e| e.ingest_token.is_some());
+    let gateway = args.gateway.or_else(|| running.as_ref().map(|e| e.http.clone())).filter(|u| !u.is_empty());
     let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
     let send = |topic: &'static str, body: Value| {
         let (http, token) = (http.clone(), token.clone());
@@ -153,15 +157,23 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             anyhow::Ok(())
         }
     };
-    // The chat room exists before anyone talks in it.
-    let members: Vec<String> = (0..args.users.min(10)).map(user).collect();
-    send("chat", envelope(json!({"room_id": "room-lobby", "payload": {"RoomCreated": {"name": "Lobby", "creator_id": user(0), "members": members}}}))).await?;
+    let chat = match (&gateway, dev) {
+        (Some(gw), true) => Some(Chat::open(&http, gw, &(0..args.users.min(10)).map(user).collect::<Vec<_>>()).await?),
+        _ => {
+            eprintln!("No chat: it needs a `tidings up --dev` gateway (demo users' tokens use the dev secret).");
+            None
+        }
+    };
     let mut g = Gen { rng: SmallRng::seed_from_u64(7), users: args.users.max(1), open_orders: Vec::new(), seq: 0 };
     let started = Instant::now();
     let interval = Duration::from_secs_f64(1.0 / f64::from(args.rate.max(1)));
     for i in 0..args.events {
         let (topic, ev) = g.next();
-        send(topic, ev).await?;
+        match (topic, &chat) {
+            ("chat", Some(chat)) => chat.say(&http, &ev).await?,
+            ("chat", None) => {}
+            _ => send(topic, ev).await?,
+        }
         if (i + 1) % 100 == 0 {
             eprintln!("{} events sent", i + 1);
         }
@@ -174,4 +186,46 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         started.elapsed().as_secs_f64()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// The demo's chat room, talked in through the chat API.
+struct Chat {
+    base: String,
+    room: String,
+}
+
+fn dev_token(user: &str) -> anyhow::Result<String> {
+    let secret = tidings_gateway::auth::DEV_SECRET.as_bytes();
+    Ok(tidings_gateway::auth::mint_hs256(secret, user, Duration::from_secs(3600), None, None)?)
+}
+
+async fn call(http: &reqwest::Client, url: &str, user: &str, body: &Value) -> anyhow::Result<Value> {
+    let resp =
+        http.post(url).bearer_auth(dev_token(user)?).json(body).send().await.with_context(|| format!("POST {url}"))?;
+    let status = resp.status();
+    let json: Value = resp.json().await.unwrap_or(Value::Null);
+    if !status.is_success() {
+        anyhow::bail!("POST {url}: {status}: {json}");
+    }
+    Ok(json)
+}
+
+impl Chat {
+    /// A "Lobby" group room (tag `lobby`) created by the first of `members`, joined by the rest.
+    async fn open(http: &reqwest::Client, base: &str, members: &[String]) -> anyhow::Result<Chat> {
+        let rooms = format!("{base}/v1/rooms");
+        let room =
+            call(http, &rooms, &members[0], &json!({"kind": "group", "name": "Lobby", "tags": ["lobby"]})).await?;
+        let id = room["room_id"].as_str().context("the created room has no id")?.to_string();
+        for m in &members[1..] {
+            call(http, &format!("{rooms}/{id}/members"), m, &Value::Null).await?;
+        }
+        Ok(Chat { base: base.to_string(), room: id })
+    }
+
+    async fn say(&self, http: &reqwest::Client, ev: &Value) -> anyhow::Result<()> {
+        let sender = ev["sender"].as_str().unwrap_or("u0001");
+        let url = format!("{}/v1/rooms/{}/messages", self.base, self.room);
+        call(http, &url, sender, &json!({"text": ev["text"]})).await.map(|_| ())
+    }
 }

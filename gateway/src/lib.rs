@@ -10,6 +10,8 @@
 //! - `inbox`: `GET /v1/notifications`, `GET /v1/notifications/unread_count`,
 //!   `POST /v1/notifications/{id}/read` for the token's user.
 //! - `metrics`: Prometheus `/metrics`.
+//! - `web`: the web page at `/` (files compiled in), its `/config.json`, and in dev mode
+//!   `POST /v1/dev/token`.
 
 pub mod auth;
 pub mod browser;
@@ -20,6 +22,7 @@ pub mod inbox;
 pub mod ingest;
 pub mod metrics;
 pub mod service_auth;
+pub mod web;
 
 use axum::Router;
 use std::sync::Arc;
@@ -39,12 +42,14 @@ pub struct Parts {
     pub stream: Option<StreamState>,
     /// `/metrics` is served on a listener of its own ([`metrics_app`]), not here.
     pub metrics_elsewhere: bool,
+    /// The web page at `/` (and dev sign-in, when its config says so).
+    pub web: Option<web::WebConfig>,
 }
 
 /// The public gateway's router (browsers): health and metrics always, the other parts when given.
 /// Ingest is not among them: it has its own listener ([`ingest_app`]).
 pub fn app(parts: Parts, readiness: Readiness) -> Router {
-    let Parts { inbox, stream, metrics_elsewhere } = parts;
+    let Parts { inbox, stream, metrics_elsewhere, web } = parts;
     let mut router = Router::new().merge(health::router(readiness));
     if !metrics_elsewhere {
         router = router.merge(metrics::router());
@@ -58,6 +63,12 @@ pub fn app(parts: Parts, readiness: Readiness) -> Router {
     if let Some(inbox) = inbox {
         router = router.merge(
             inbox::router(inbox)
+                .layer(axum::middleware::from_fn_with_state(REQUEST_TIMEOUT, tidings_core::http::request_timeout)),
+        );
+    }
+    if let Some(web) = web {
+        router = router.merge(
+            web::router(web)
                 .layer(axum::middleware::from_fn_with_state(REQUEST_TIMEOUT, tidings_core::http::request_timeout)),
         );
     }

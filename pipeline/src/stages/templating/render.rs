@@ -280,9 +280,13 @@ mod tests {
     #[test]
     fn a_chat_message_is_a_delivery_only_copy_to_the_whole_room_carrying_the_event() {
         let r = Renderer::new(&topology()).unwrap();
-        let ev = json!({"room_id": "r1", "event_id": "e1", "payload": {"sender_id": "s", "message_id": "m", "text": "hi"}});
+        let ev =
+            json!({"room_id": "r1", "event_id": "e1", "payload": {"sender_id": "s", "message_id": "m", "text": "hi"}});
         // The sender too: their other tabs show their own messages.
-        assert_eq!(r.audience("chat", "MessageSent", &ev).unwrap(), Some(Audience::Room { room: "r1".into(), exclude: None }));
+        assert_eq!(
+            r.audience("chat", "MessageSent", &ev).unwrap(),
+            Some(Audience::Room { room: "r1".into(), exclude: None })
+        );
         let texts = r.render("chat", "MessageSent", &ev, &["a".into(), "s".into()]).unwrap();
         assert_eq!(texts.len(), 1, "one text shared by every member");
         assert!(!texts[0].inbox, "not an inbox row");

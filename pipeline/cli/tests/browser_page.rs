@@ -1,0 +1,414 @@
+//! The web page the gateway serves at `/`, in headless Chromium driven step by step through
+//! `tests/browser/page.mjs`: its files and headers, dev sign-in, a live inbox (unread badge,
+//! mark-read by keyboard), a reload and a page that went away resuming without loss or
+//! duplicates, and a gateway restart (SIGTERM, start again on the same port) under an open page.
+//! Notifications come in through HTTP ingest on a core process that stays up throughout.
+//! Screenshots of the main screens go to `target/browser/`.
+
+mod common;
+
+use common::{eventually, Tidings, Up};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout};
+
+/// The whole test, beyond which it fails (every process is killed on the way out).
+const WHOLE: Duration = Duration::from_secs(240);
+/// One browser command (a wait included) at most.
+const STEP: Duration = Duration::from_secs(45);
+
+fn chromium() -> PathBuf {
+    std::env::var_os("CHROMIUM").map(PathBuf::from).unwrap_or_else(|| "/usr/bin/chromium".into())
+}
+
+fn browser_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser")
+}
+
+fn screenshot_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/browser");
+    std::fs::create_dir_all(&dir).expect("creating target/browser");
+    dir
+}
+
+/// Whether Chromium and playwright-core are installed; under CI their absence is a failure.
+fn browser_or_skip() -> bool {
+    let missing: Vec<String> = [chromium(), browser_dir().join("node_modules/playwright-core/package.json")]
+        .into_iter()
+        .filter(|p| !p.exists())
+        .map(|p| p.display().to_string())
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("missing {missing:?} but CI is set: run `bash compose/install-browser.sh` (as .ci/test does)");
+    }
+    eprintln!("skipped: missing {missing:?} (bash compose/install-browser.sh installs them)");
+    false
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The node driver: one command at a time, each answered by one line.
+struct Browser {
+    child: Child,
+    stdin: ChildStdin,
+    lines: Lines<BufReader<ChildStdout>>,
+    next: u64,
+}
+
+impl Browser {
+    fn start() -> Browser {
+        let mut child = tokio::process::Command::new("node")
+            .arg(browser_dir().join("page.mjs"))
+            .env("CHROMIUM", chromium())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("starting node (is Node.js installed?)");
+        let stdin = child.stdin.take().unwrap();
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        Browser { child, stdin, lines, next: 0 }
+    }
+
+    /// Runs `cmd` in context `ctx`: its value, or the driver's error (with what the page showed).
+    async fn try_call(&mut self, ctx: &str, mut cmd: Value) -> Result<Value, Value> {
+        self.next += 1;
+        let id = self.next;
+        cmd["id"] = json!(id);
+        cmd["ctx"] = json!(ctx);
+        let mut line = cmd.to_string();
+        line.push('\n');
+        self.stdin.write_all(line.as_bytes()).await.expect("writing to the driver");
+        let answer = tokio::time::timeout(STEP, async {
+            loop {
+                let Some(line) = self.lines.next_line().await.expect("reading the driver") else {
+                    panic!("the browser driver exited during {cmd}");
+                };
+                let Ok(v) = serde_json::from_str::<Value>(&line) else {
+                    eprintln!("driver (not JSON): {line}");
+                    continue;
+                };
+                if v["id"] == id {
+                    return v;
+                }
+                // Console output and page errors of the page, to follow the story.
+                eprintln!("page: {line}");
+                assert_ne!(v["kind"], "pageerror", "the page threw: {v}");
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no answer from the browser to {cmd} within {STEP:?}"));
+        if answer["kind"] == "done" {
+            Ok(answer["value"].clone())
+        } else {
+            Err(answer)
+        }
+    }
+
+    async fn call(&mut self, ctx: &str, cmd: Value) -> Value {
+        match self.try_call(ctx, cmd.clone()).await {
+            Ok(v) => v,
+            Err(e) => panic!("browser command {cmd} in {ctx} failed: {}\npage text:\n{}", e["error"], e["page_text"]),
+        }
+    }
+
+    /// Waits until the function body `js` returns something truthy in `ctx`'s page.
+    async fn wait(&mut self, ctx: &str, what: &str, js: &str) -> Value {
+        match self.try_call(ctx, json!({"cmd": "wait", "js": js, "timeout_ms": 30_000})).await {
+            Ok(v) => v,
+            Err(e) => {
+                let now = self.try_call(ctx, json!({"cmd": "eval", "js": SNAPSHOT})).await;
+                panic!(
+                    "{ctx}: waiting for {what} failed: {}\npage now: {now:?}\npage text:\n{}",
+                    e["error"], e["page_text"]
+                )
+            }
+        }
+    }
+
+    async fn eval(&mut self, ctx: &str, js: &str) -> Value {
+        self.call(ctx, json!({"cmd": "eval", "js": js})).await
+    }
+
+    async fn snapshot(&mut self, ctx: &str) -> Value {
+        self.eval(ctx, SNAPSHOT).await
+    }
+
+    async fn screenshot(&mut self, ctx: &str, name: &str) {
+        let path = screenshot_dir().join(format!("{name}.png"));
+        self.call(ctx, json!({"cmd": "screenshot", "path": path})).await;
+        eprintln!("screenshot {}", path.display());
+    }
+
+    async fn close(mut self) {
+        drop(self.stdin);
+        let _ = tokio::time::timeout(Duration::from_secs(20), self.child.wait()).await;
+    }
+}
+
+/// What a test checks of the page: connection state, inbox (source event ids, newest first, with
+/// read flags), the unread badge.
+const SNAPSHOT: &str = r#"
+    const items = [...document.querySelectorAll('#inbox-list li')];
+    return {
+        conn: document.getElementById('conn').dataset.state,
+        signed_in: !document.getElementById('app').hidden,
+        sources: items.map((li) => li.dataset.source),
+        unread_items: items.filter((li) => li.classList.contains('unread')).map((li) => li.dataset.source),
+        badge: document.getElementById('inbox-badge').textContent,
+        badge_hidden: document.getElementById('inbox-badge').hidden,
+        last_event_id: sessionStorage.getItem('tidings.lastEventId'),
+    };
+"#;
+
+/// Posts one OrderPlaced for `user` over HTTP ingest: one `order.placed` notification.
+async fn order(http: &reqwest::Client, ingest: &str, user: &str, event_id: &str) {
+    let body = json!({"event_id": event_id, "occurred_at": chrono::Utc::now().timestamp_micros(),
+        "order_id": format!("o-{event_id}"), "buyer_id": user, "locale": "en",
+        "payload": {"OrderPlaced": {"amount_cents": 1250, "currency": "EUR", "items": []}}});
+    let r = http
+        .post(format!("{ingest}/v1/events/orders"))
+        .bearer_auth(common::ingest_token())
+        .json(&body)
+        .send()
+        .await
+        .expect("POST to ingest");
+    assert_eq!(r.status(), 202, "ingest refused {event_id}: {}", r.text().await.unwrap_or_default());
+}
+
+async fn unread_count(http: &reqwest::Client, url: &str, token: &str) -> i64 {
+    let r = http.get(format!("{url}/v1/notifications/unread_count")).bearer_auth(token).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    r.json::<Value>().await.unwrap()["unread"].as_i64().unwrap()
+}
+
+fn gateway(name: &str, up: &Up<'_>, port: u16) -> Tidings {
+    // A quick browser retry (the gateway's `retry:`), so the restart below is short.
+    Tidings::spawn_at(
+        name,
+        up,
+        &[("TIDINGS_SSE_RETRY_MS", "250"), ("TIDINGS_GRACE_SECS", "5")],
+        &format!("127.0.0.1:{port}"),
+    )
+}
+
+async fn await_ready(http: &reqwest::Client, url: &str, g: &Tidings) {
+    eventually("the gateway to be ready", Duration::from_secs(60), Duration::from_millis(200), &[g], || async {
+        match http.get(format!("{url}/readyz")).send().await {
+            Ok(r) if r.status() == 200 => Ok(()),
+            Ok(r) => Err(r.status().to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+    })
+    .await;
+}
+
+async fn sigterm(g: &mut Tidings) {
+    g.signal("TERM");
+    let status = g.wait_exit(Duration::from_secs(20)).await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{} did not exit 0 after SIGTERM: {status:?}\n{}",
+        g.name,
+        g.log_tail(40)
+    );
+}
+
+/// The headers every file of the page comes with.
+async fn check_asset(http: &reqwest::Client, url: &str, content_type: &str) -> String {
+    let r = http.get(url).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{url}");
+    let h = r.headers();
+    assert_eq!(h["content-type"], content_type, "{url}");
+    assert_eq!(h["cache-control"], "no-cache", "{url}");
+    assert_eq!(h["x-content-type-options"], "nosniff", "{url}");
+    let csp = h["content-security-policy"].to_str().unwrap();
+    assert!(csp.starts_with("default-src 'self'"), "{url}: CSP {csp}");
+    assert!(!csp.contains("unsafe"), "{url}: CSP {csp}");
+    r.text().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_page_inbox_live_across_reloads_and_a_gateway_restart() {
+    let Some(brokers) = common::brokers_or_skip() else { return };
+    if !browser_or_skip() {
+        return;
+    }
+    tokio::time::timeout(WHOLE, inbox(brokers)).await.expect("the web page test did not finish in time");
+}
+
+async fn inbox(brokers: String) {
+    let (_pool, db_url) = common::fresh_pg().await;
+    let prefix = common::unique_prefix();
+    eprintln!("topic prefix {prefix}, database {db_url}");
+    // Templating, persistence and ingest stay up; the gateway alone is restarted.
+    let mut core = Tidings::spawn(
+        "core",
+        &Up {
+            brokers: &brokers,
+            database_url: &db_url,
+            prefix: &prefix,
+            stages: "templating,persistence,ingest",
+            registry_url: None,
+        },
+    );
+    let ep = core.endpoints(Duration::from_secs(60)).await;
+    let gw_up = Up {
+        brokers: &brokers,
+        database_url: &db_url,
+        prefix: &prefix,
+        stages: "gateway",
+        registry_url: Some(&ep.schema_registry_url),
+    };
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    let mut gw = gateway("gateway", &gw_up, port);
+    gw.endpoints(Duration::from_secs(60)).await;
+    await_ready(&http, &url, &gw).await;
+
+    // The files, their headers, the page's config, dev sign-in over plain HTTP.
+    let html = check_asset(&http, &format!("{url}/"), "text/html; charset=utf-8").await;
+    assert!(html.contains(r#"src="/app.js""#) && html.contains(r#"href="/app.css""#), "index.html: {html}");
+    let js = check_asset(&http, &format!("{url}/app.js"), "text/javascript; charset=utf-8").await;
+    assert!(js.contains("EventSource"), "app.js is not the page's script");
+    check_asset(&http, &format!("{url}/app.css"), "text/css; charset=utf-8").await;
+    let config: Value = http.get(format!("{url}/config.json")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(config["dev_sign_in"], true, "{config}");
+    assert!(config["kinds"].as_array().unwrap().iter().any(|k| k == "order.placed"), "{config}");
+    let r = http.post(format!("{url}/v1/dev/token")).json(&json!({"user_id": "a b"})).send().await.unwrap();
+    assert_eq!(r.status(), 422, "a user id with a space");
+    let r = http.post(format!("{url}/v1/dev/token")).json(&json!({"user_id": "alice"})).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let token = r.json::<Value>().await.unwrap()["token"].as_str().unwrap().to_string();
+    assert_eq!(unread_count(&http, &url, &token).await, 0, "the dev token is accepted");
+
+    // Signed out, then signed in as a demo user with the keyboard, on a phone-sized viewport.
+    let mut b = Browser::start();
+    let status = b.call("alice", json!({"cmd": "open", "url": format!("{url}/"), "width": 390, "height": 844})).await;
+    assert_eq!(status, 200);
+    b.wait("alice", "the page to start", "return document.body.dataset.ready === '1'").await;
+    let dev_form = b.eval("alice", "return !document.getElementById('dev-form').hidden").await;
+    assert_eq!(dev_form, true, "no demo sign-in in dev mode");
+    let fits = b.eval("alice", "return document.documentElement.scrollWidth <= window.innerWidth").await;
+    assert_eq!(fits, true, "the signed-out page scrolls sideways at 390 px");
+    b.screenshot("alice", "signed-out").await;
+    b.call("alice", json!({"cmd": "fill", "selector": "#dev-user", "value": "alice"})).await;
+    b.call("alice", json!({"cmd": "press", "selector": "#dev-user", "key": "Enter"})).await;
+    b.wait("alice", "the stream to be live", "return document.getElementById('conn').dataset.state === 'live'").await;
+    let who = b.eval("alice", "return document.getElementById('who').textContent").await;
+    assert_eq!(who, "Signed in as alice");
+
+    // Live: each notification appears once, newest first, and the badge counts it.
+    order(&http, &ep.ingest, "alice", "ev-1").await;
+    b.wait("alice", "ev-1 in the inbox", "return document.getElementById('inbox-badge').textContent === '1'").await;
+    order(&http, &ep.ingest, "alice", "ev-2").await;
+    b.wait("alice", "ev-2 in the inbox", "return document.getElementById('inbox-badge').textContent === '2'").await;
+    let s = b.snapshot("alice").await;
+    assert_eq!(s["sources"], json!(["ev-2", "ev-1"]), "{s}");
+    assert_eq!(s["unread_items"], json!(["ev-2", "ev-1"]), "{s}");
+    assert_eq!(s["badge_hidden"], false, "{s}");
+    let live =
+        b.eval("alice", "return [...document.querySelectorAll('#inbox-list li')].map((li) => li.dataset.live)").await;
+    assert_eq!(live, json!(["1", "1"]), "both came over the stream, not from a refetch");
+
+    // Mark-read with the keyboard: the badge goes down, and so does the server's count.
+    b.call("alice", json!({"cmd": "press", "selector": "li[data-source='ev-1'] button", "key": "Enter"})).await;
+    b.wait("alice", "the badge to go down", "return document.getElementById('inbox-badge').textContent === '1'").await;
+    eventually(
+        "the server's unread count to be 1",
+        Duration::from_secs(10),
+        Duration::from_millis(200),
+        &[&gw],
+        || async {
+            match unread_count(&http, &url, &token).await {
+                1 => Ok(()),
+                n => Err(format!("{n}")),
+            }
+        },
+    )
+    .await;
+    let s = b.snapshot("alice").await;
+    assert_eq!(s["unread_items"], json!(["ev-2"]), "{s}");
+    b.screenshot("alice", "inbox").await;
+
+    // The page goes away; a notification comes in meanwhile; the page comes back (same tab).
+    b.call("alice", json!({"cmd": "leave"})).await;
+    order(&http, &ep.ingest, "alice", "ev-3").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    b.call("alice", json!({"cmd": "goto", "url": format!("{url}/")})).await;
+    b.wait("alice", "the stream to be live again", "return document.getElementById('conn').dataset.state === 'live'")
+        .await;
+    b.wait("alice", "ev-3 after coming back", "return document.querySelector(\"li[data-source='ev-3']\") !== null")
+        .await;
+    // A reload right after a notification was sent: it arrives during or after the reload.
+    order(&http, &ep.ingest, "alice", "ev-4").await;
+    b.call("alice", json!({"cmd": "reload"})).await;
+    b.wait("alice", "ev-4 after the reload", "return document.querySelector(\"li[data-source='ev-4']\") !== null")
+        .await;
+    // A duplicate would show up now.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let s = b.snapshot("alice").await;
+    assert_eq!(s["sources"], json!(["ev-4", "ev-3", "ev-2", "ev-1"]), "after the reload: {s}");
+    assert_eq!(s["unread_items"], json!(["ev-4", "ev-3", "ev-2"]), "read flags after the reload: {s}");
+    assert_eq!(s["badge"], "3", "{s}");
+    assert_eq!(s["conn"], "live", "{s}");
+
+    // The gateway stops (SIGTERM) under the open page, a notification comes in while it is down,
+    // the gateway starts again on the same port: the page reconnects by itself and shows it once.
+    sigterm(&mut gw).await;
+    b.wait(
+        "alice",
+        "the page to show it is reconnecting",
+        "return document.getElementById('conn').dataset.state === 'reconnecting'",
+    )
+    .await;
+    order(&http, &ep.ingest, "alice", "ev-5").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let s = b.snapshot("alice").await;
+    assert_eq!(s["conn"], "reconnecting", "with the gateway down: {s}");
+    let mut gw = gateway("gateway-2", &gw_up, port);
+    gw.endpoints(Duration::from_secs(60)).await;
+    await_ready(&http, &url, &gw).await;
+    b.wait("alice", "ev-5 after the restart", "return document.querySelector(\"li[data-source='ev-5']\") !== null")
+        .await;
+    b.wait(
+        "alice",
+        "the stream to be live after the restart",
+        "return document.getElementById('conn').dataset.state === 'live'",
+    )
+    .await;
+    order(&http, &ep.ingest, "alice", "ev-6").await;
+    b.wait(
+        "alice",
+        "ev-6 live after the restart",
+        "return document.querySelector(\"li[data-source='ev-6']\") !== null",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let s = b.snapshot("alice").await;
+    assert_eq!(s["sources"], json!(["ev-6", "ev-5", "ev-4", "ev-3", "ev-2", "ev-1"]), "after the restart: {s}");
+    assert_eq!(s["badge"], "5", "{s}");
+    assert_eq!(unread_count(&http, &url, &token).await, 5, "the badge and the server disagree");
+    b.screenshot("alice", "inbox-after-restart").await;
+
+    // Signing out closes the stream and forgets the token (a reload stays signed out).
+    b.call("alice", json!({"cmd": "click", "selector": "#sign-out"})).await;
+    b.call("alice", json!({"cmd": "reload"})).await;
+    b.wait("alice", "the page to start", "return document.body.dataset.ready === '1'").await;
+    let s = b.snapshot("alice").await;
+    assert_eq!(s["signed_in"], false, "{s}");
+    assert_eq!(s["conn"], "offline", "{s}");
+    b.close().await;
+    drop(gw);
+    drop(core);
+}

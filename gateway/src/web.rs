@@ -59,7 +59,9 @@ pub fn router(config: WebConfig) -> Router {
         .route("/index.html", get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }))
         .route("/app.js", get(|| async { asset("text/javascript; charset=utf-8", APP_JS) }))
         .route("/app.css", get(|| async { asset("text/css; charset=utf-8", APP_CSS) }))
-        .route("/config.json", get(page_config));
+        .route("/config.json", get(page_config))
+        // No icon: an empty answer rather than a 404 in every browser console.
+        .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }));
     if config.dev_sign_in.is_some() {
         router = router.route("/v1/dev/token", post(dev_token));
     }

@@ -318,11 +318,19 @@ function addInboxItem(it, live) {
 
 async function markRead(it, li, button) {
   button.disabled = true;
-  try {
-    await api('POST', `/v1/notifications/${encodeURIComponent(it.id)}/read`);
-  } catch (e) {
-    button.disabled = false;
-    if (e.status !== 404) return;
+  // A live notification can reach the page before the store has it (delivery does not wait for
+  // persistence): then the server answers 404 for a moment, and trying again a little later works.
+  for (let attempt = 0; ; attempt++) {
+    try {
+      await api('POST', `/v1/notifications/${encodeURIComponent(it.id)}/read`);
+      break;
+    } catch (e) {
+      if (e.status !== 404 || attempt >= 10) {
+        button.disabled = false;
+        return;
+      }
+      await new Promise((r) => setTimeout(r, 300 * (attempt + 1)));
+    }
   }
   if (!it.read) state.unread = Math.max(0, state.unread - 1);
   it.read = true;

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use tidings_sinks::store::InboxItem;
-use tidings_sinks::{Store, StoreError};
+use tidings_sinks::Store;
 
 use crate::auth::{AuthConfig, AuthUser};
 use crate::delivery::stream::NotificationJson;
@@ -58,15 +58,6 @@ fn decode_cursor(c: &str) -> Option<(i32, i64)> {
     Some((p.parse().ok()?, o.parse().ok()?))
 }
 
-fn store_error(e: StoreError) -> ApiError {
-    if e.is_retriable() {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", e.to_string())
-    } else {
-        tracing::error!(error = %e, "Inbox query failed.");
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the inbox could not be read")
-    }
-}
-
 fn item_json(item: &InboxItem) -> Value {
     // Same shape as the stream's `data:`, plus the read flag.
     let mut json = NotificationJson::new(&item.notification, item.stream_partition, item.stream_offset);
@@ -104,7 +95,7 @@ async fn list(
         })?),
     };
     // One extra row tells whether another page exists, so the last page says next_cursor: null.
-    let mut items = state.store.inbox(&user, before, limit + 1).await.map_err(store_error)?;
+    let mut items = state.store.inbox(&user, before, limit + 1).await.map_err(ApiError::from)?;
     let more = items.len() > limit as usize;
     items.truncate(limit as usize);
     let next_cursor = match items.last() {
@@ -118,7 +109,7 @@ async fn list(
 }
 
 async fn unread_count(State(state): State<InboxState>, AuthUser(user): AuthUser) -> Result<Json<Value>, ApiError> {
-    let n = state.store.unread_count(&user).await.map_err(store_error)?;
+    let n = state.store.unread_count(&user).await.map_err(ApiError::from)?;
     Ok(Json(json!({ "unread": n })))
 }
 
@@ -129,7 +120,7 @@ async fn mark_read(
 ) -> Result<StatusCode, ApiError> {
     let id = uuid::Uuid::parse_str(&id)
         .map_err(|_| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_id", "notification id is not a UUID"))?;
-    if state.store.mark_read(&user, id).await.map_err(store_error)? {
+    if state.store.mark_read(&user, id).await.map_err(ApiError::from)? {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such notification"))

@@ -11,24 +11,19 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{json, Value};
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
-use tidings_core::json_avro::json_to_avro;
+use std::sync::Arc;
 use tidings_core::kafka::{header_str, H_TRACEPARENT};
-use tidings_core::{trace, CodecError, FramedEncoder, RegistryClient};
+use tidings_core::trace;
 use tracing::Instrument;
 
 use crate::auth::AuthConfig;
+use crate::produce::EventProducer;
 use crate::service_auth::ServiceTokens;
 
 /// Largest accepted event body.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
-/// How long a looked-up schema is reused before asking the registry for the latest again.
-const SCHEMA_TTL: Duration = Duration::from_secs(30);
-
 /// A topic that accepts events over HTTP.
 #[derive(Debug, Clone)]
 pub struct IngestTopic {
@@ -38,51 +33,14 @@ pub struct IngestTopic {
     pub key_field: Option<String>,
 }
 
-/// The encoder of a topic's latest schema, and that schema (to validate JSON against).
-type TopicEncoder = (FramedEncoder, &'static apache_avro::Schema);
-
 /// Shared state of the ingest endpoint.
 pub struct IngestState {
     pub topics: HashMap<String, IngestTopic>,
-    pub registry: RegistryClient,
-    pub producer: FutureProducer,
+    pub events: Arc<EventProducer>,
     /// Who may produce.
     pub tokens: ServiceTokens,
     /// The gateway's user-token settings, to tell a user token (403) from a wrong one (401).
     pub users: Option<Arc<AuthConfig>>,
-    encoders: RwLock<HashMap<String, (Instant, Arc<TopicEncoder>)>>,
-}
-
-impl IngestState {
-    pub fn new(
-        topics: HashMap<String, IngestTopic>,
-        registry: RegistryClient,
-        producer: FutureProducer,
-        tokens: ServiceTokens,
-        users: Option<Arc<AuthConfig>>,
-    ) -> Self {
-        IngestState { topics, registry, producer, tokens, users, encoders: RwLock::new(HashMap::new()) }
-    }
-
-    async fn encoder(&self, physical: &str) -> Result<Arc<TopicEncoder>, ApiError> {
-        if let Some((at, e)) = self.encoders.read().expect("lock").get(physical) {
-            if at.elapsed() < SCHEMA_TTL {
-                return Ok(e.clone());
-            }
-        }
-        let (id, schema) = self.registry.latest(&format!("{physical}-value")).await.map_err(|e| {
-            if e.is_retriable() {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "registry_unavailable", e.to_string())
-            } else {
-                ApiError::new(StatusCode::NOT_FOUND, "schema_not_found", e.to_string())
-            }
-        })?;
-        let enc = FramedEncoder::new(id, schema)
-            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
-        let e = Arc::new((enc, schema));
-        self.encoders.write().expect("lock").insert(physical.to_string(), (Instant::now(), e.clone()));
-        Ok(e)
-    }
 }
 
 /// A JSON error with a stable shape: `{"error": {"code", "message", "path"?}}`.
@@ -92,11 +50,40 @@ pub struct ApiError {
     code: &'static str,
     message: String,
     path: Option<String>,
+    retry_after: Option<u64>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, code, message: message.into(), path: None }
+        ApiError { status, code, message: message.into(), path: None, retry_after: None }
+    }
+
+    /// The input field the error is about.
+    pub fn with_path(mut self, path: String) -> Self {
+        self.path = Some(path);
+        self
+    }
+
+    /// Sends `Retry-After: secs` with the error (429, 503).
+    pub fn with_retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs);
+        self
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+}
+
+/// A store failure: 503 (with `Retry-After`) when a retry can help, else 500 without details.
+impl From<tidings_sinks::StoreError> for ApiError {
+    fn from(e: tidings_sinks::StoreError) -> Self {
+        if e.is_retriable() {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", e.to_string()).with_retry_after(1)
+        } else {
+            tracing::error!(error = %e, "A store query failed.");
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the store failed")
+        }
     }
 }
 
@@ -106,7 +93,11 @@ impl IntoResponse for ApiError {
         if let Some(p) = self.path {
             err["path"] = Value::String(p);
         }
-        (self.status, Json(json!({ "error": err }))).into_response()
+        let mut r = (self.status, Json(json!({ "error": err }))).into_response();
+        if let Some(secs) = self.retry_after {
+            r.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from(secs));
+        }
+        r
     }
 }
 
@@ -170,36 +161,14 @@ async fn ingest_event(
     };
     let json: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", format!("body is not valid JSON: {e}")))?;
-    let enc = state.encoder(&t.physical).await?;
-    let (encoder, schema) = (&enc.0, enc.1);
-    let value = json_to_avro(schema, &json).map_err(|e| match e {
-        CodecError::Field { path, message } => ApiError {
-            status: StatusCode::BAD_REQUEST,
-            code: "schema_mismatch",
-            message: format!("{path}: {message}"),
-            path: Some(path),
-        },
-        other => ApiError::new(StatusCode::BAD_REQUEST, "schema_mismatch", other.to_string()),
-    })?;
-    let payload =
-        encoder.encode(value).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "schema_mismatch", e.to_string()))?;
-    let key = t.key_field.as_ref().and_then(|k| json.get(k)).and_then(Value::as_str).map(str::to_string);
+    let key = t.key_field.as_ref().and_then(|k| json.get(k)).and_then(Value::as_str);
     let traceparent = header_str(&trace_headers, H_TRACEPARENT).unwrap_or_default().to_string();
-    let mut rec: FutureRecord<'_, str, [u8]> =
-        FutureRecord::to(&t.physical).payload(payload.as_slice()).headers(trace_headers);
-    if let Some(k) = &key {
-        rec = rec.key(k.as_str());
-    }
-    let delivery = state
-        .producer
-        .send(rec, Duration::from_secs(5))
-        .await
-        .map_err(|(e, _)| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "broker_unavailable", e.to_string()))?;
+    let produced = state.events.produce(&t.physical, key, &json, Some(trace_headers)).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({
-            "topic": t.physical, "partition": delivery.partition, "offset": delivery.offset,
-            "schema_id": encoder.schema_id(), "traceparent": traceparent,
+            "topic": t.physical, "partition": produced.partition, "offset": produced.offset,
+            "schema_id": produced.schema_id, "traceparent": traceparent,
         })),
     ))
 }

@@ -9,18 +9,22 @@
 //! - `browser`: the stream's session cookie (`/v1/session`) and CORS, for plain EventSource clients.
 //! - `inbox`: `GET /v1/notifications`, `GET /v1/notifications/unread_count`,
 //!   `POST /v1/notifications/{id}/read` for the token's user.
+//! - `chat`: rooms, membership, messages, history and read positions (`/v1/rooms…`) for users.
+//! - `produce`: JSON → Avro → Kafka, shared by ingest and chat.
 //! - `metrics`: Prometheus `/metrics`.
 //! - `web`: the web page at `/` (files compiled in), its `/config.json`, and in dev mode
 //!   `POST /v1/dev/token`.
 
 pub mod auth;
 pub mod browser;
+pub mod chat;
 pub mod delivery;
 pub mod front;
 pub mod health;
 pub mod inbox;
 pub mod ingest;
 pub mod metrics;
+pub mod produce;
 pub mod service_auth;
 pub mod web;
 
@@ -39,6 +43,7 @@ pub use ingest::{IngestState, IngestTopic};
 #[derive(Default)]
 pub struct Parts {
     pub inbox: Option<InboxState>,
+    pub chat: Option<chat::ChatState>,
     pub stream: Option<StreamState>,
     /// `/metrics` is served on a listener of its own ([`metrics_app`]), not here.
     pub metrics_elsewhere: bool,
@@ -49,7 +54,7 @@ pub struct Parts {
 /// The public gateway's router (browsers): health and metrics always, the other parts when given.
 /// Ingest is not among them: it has its own listener ([`ingest_app`]).
 pub fn app(parts: Parts, readiness: Readiness) -> Router {
-    let Parts { inbox, stream, metrics_elsewhere, web } = parts;
+    let Parts { inbox, chat, stream, metrics_elsewhere, web } = parts;
     let mut router = Router::new().merge(health::router(readiness));
     if !metrics_elsewhere {
         router = router.merge(metrics::router());
@@ -57,6 +62,12 @@ pub fn app(parts: Parts, readiness: Readiness) -> Router {
     if let Some(stream) = stream {
         router = router.merge(delivery::stream::router(stream.clone())).merge(
             browser::session_router(stream)
+                .layer(axum::middleware::from_fn_with_state(REQUEST_TIMEOUT, tidings_core::http::request_timeout)),
+        );
+    }
+    if let Some(chat) = chat {
+        router = router.merge(
+            chat::router(chat)
                 .layer(axum::middleware::from_fn_with_state(REQUEST_TIMEOUT, tidings_core::http::request_timeout)),
         );
     }

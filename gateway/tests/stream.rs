@@ -123,6 +123,7 @@ fn stored(user: &str, positions: &[(i32, i64)]) -> Batch {
             })
             .collect(),
         chat_messages: Vec::new(),
+        chat_changes: Vec::new(),
         offsets: vec![OffsetUpdate {
             topic: "notifications".into(),
             partition: positions.first().map_or(0, |(p, _)| *p),

@@ -119,7 +119,7 @@ fn batch(start: u64, end: u64) -> Batch {
             o.map(|next_offset| OffsetUpdate { topic: TOPIC.to_string(), partition: p as i32, next_offset })
         })
         .collect();
-    Batch { notifications, chat_messages: Vec::new(), offsets }
+    Batch { notifications, offsets, ..Batch::default() }
 }
 
 /// A CSV field, always quoted (bodies contain commas), with quotes doubled.

@@ -58,6 +58,13 @@ pub struct NotificationJson<'a> {
     /// Inbox only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub read: Option<bool>,
+    /// The source event, for deliveries read as structured data (chat): `room_id`, `event_type`,
+    /// `payload`, …
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event: Option<serde_json::Value>,
+    /// With `event`: the source event's offset on its partition, for chat a message's seq in its room.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seq: Option<i64>,
 }
 
 impl<'a> NotificationJson<'a> {
@@ -73,6 +80,8 @@ impl<'a> NotificationJson<'a> {
             source_event_id: &n.source_event_id,
             position: super::position_id(partition, offset),
             read: None,
+            event: n.data.as_deref().and_then(|d| serde_json::from_str(d).ok()),
+            seq: n.data.as_ref().map(|_| n.source_offset),
         }
     }
 }

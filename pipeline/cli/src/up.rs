@@ -18,6 +18,8 @@ use tidings_core::shutdown::TaskTree;
 use tidings_core::RegistryClient;
 use tidings_gateway::auth::{self, Key};
 use tidings_gateway::browser::BrowserAccess;
+use tidings_gateway::chat::{ChatConfig, ChatState};
+use tidings_gateway::produce::EventProducer;
 use tidings_gateway::delivery::hub::StoreResume;
 use tidings_gateway::delivery::owners::RedirectAllow;
 use tidings_gateway::delivery::{self, DeliveryConfig, Hub, HubConfig, Owners};
@@ -381,11 +383,19 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
-    if run("gateway") || run("ingest") {
+    // One producer of schema-checked JSON events for ingest and the chat API.
+    let events = if run("gateway") || run("ingest") {
+        let producer: FutureProducer = kafka.producer().create()?;
+        Some(Arc::new(EventProducer::new(client.clone(), producer)))
+    } else {
+        None
+    };
+    if let (true, Some(events)) = (run("gateway") || run("ingest"), &events) {
         let topics: HashMap<String, IngestTopic> = topo
             .topics
             .iter()
-            .filter(|(name, _)| topo.stages.templating.inputs.contains(name))
+            // Chat events come only from the chat API, which checks membership and the sender.
+            .filter(|(name, _)| topo.stages.templating.inputs.contains(name) && name.as_str() != "chat")
             .map(|(name, spec)| {
                 (name.clone(), IngestTopic { physical: topo.topic_name(name), key_field: spec.key.clone() })
             })
@@ -398,8 +408,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         if tokens.is_empty() {
             info!("HTTP ingest is off: no --ingest-token (TIDINGS_INGEST_TOKENS) is set.");
         } else {
-            let producer: FutureProducer = kafka.producer().create()?;
-            let ingest = Arc::new(IngestState::new(topics, client.clone(), producer, tokens, auth.clone()));
+            let ingest = Arc::new(IngestState { topics, events: events.clone(), tokens, users: auth.clone() });
             let listener = tidings_gateway::bind(args.ingest_listen, None)
                 .with_context(|| format!("binding HTTP ingest to {}", args.ingest_listen))?;
             ingest_url = format!("http://{}", listener.local_addr()?);
@@ -410,8 +419,18 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             info!("HTTP ingest for services listening on {ingest_url} (POST /v1/events/{{topic}}, service token required).");
         }
     }
-    if let (true, Some(auth)) = (run("gateway"), auth) {
+    if let (true, Some(auth), Some(events)) = (run("gateway"), auth, events) {
         let inbox = InboxState { store: store.clone(), auth: auth.clone() };
+        let chat = {
+            let cfg = ChatConfig::new(
+                topo.topic_name("chat"),
+                topo.group_name(&topo.stages.persistence.group),
+                topo.topic_name(&topo.stages.templating.output),
+            );
+            // Watermarks only: it never joins a group nor reads.
+            let watermarks = kafka.consumer_with(&format!("{}-watermarks", topo.group_name("chat-api")), &[], &[]).create()?;
+            ChatState::new(store.clone(), auth.clone(), events, cfg, watermarks)
+        };
         let send_buffer = (args.sse.socket_send_buffer > 0).then_some(args.sse.socket_send_buffer);
         let listener = tidings_gateway::bind(args.http, send_buffer)
             .with_context(|| format!("binding the gateway to {}", args.http))?;
@@ -462,6 +481,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         let app = tidings_gateway::app(
             Parts {
                 inbox: Some(inbox),
+                chat: Some(chat),
                 stream: Some(stream.clone()),
                 metrics_elsewhere: args.metrics_listen.is_some(),
                 web: Some(web_config(&topo, &args)),

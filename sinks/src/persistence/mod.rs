@@ -27,6 +27,7 @@ use tracing::{debug, error, info, warn, Instrument};
 
 pub use config::PersistenceConfig;
 
+use crate::store::chat::ChatChange;
 use crate::store::{Batch, ChatMessage, OffsetUpdate, StoredNotification};
 use crate::{Store, StoreError};
 
@@ -260,7 +261,7 @@ impl Pending {
         }
     }
     fn rows(&self) -> usize {
-        self.batch.notifications.len() + self.batch.chat_messages.len()
+        self.batch.notifications.len() + self.batch.chat_messages.len() + self.batch.chat_changes.len()
     }
 }
 
@@ -420,6 +421,21 @@ impl Sink {
                     stream_offset: m.offset(),
                 }),
                 Err(e) => return self.dead_letter(m, "malformed-avro", &e.to_string()).await,
+            }
+        } else if let Some(branch @ ("MessageEdited" | "MessageDeleted")) = union_branch_name(reader, &value, "payload") {
+            let j = avro_to_json(&value);
+            let s = |v: &serde_json::Value| v.as_str().map(str::to_string);
+            let change = (|| {
+                Some(ChatChange {
+                    message_id: s(&j["payload"]["message_id"])?,
+                    sender_id: s(&j["payload"]["sender_id"])?,
+                    text: if branch == "MessageEdited" { Some(s(&j["payload"]["text"])?) } else { None },
+                    at: j["occurred_at"].as_i64()?,
+                })
+            })();
+            match change {
+                Some(c) => pending.batch.chat_changes.push(c),
+                None => return self.dead_letter(m, "missing-field", "an edit or delete lacks a required field").await,
             }
         } else if union_branch_name(reader, &value, "payload") == Some("MessageSent") {
             let j = avro_to_json(&value);

@@ -24,6 +24,7 @@ macro_rules! on_pool {
     };
 }
 
+pub mod chat;
 pub mod copy;
 pub mod postgres;
 pub mod sqlite;
@@ -64,13 +65,18 @@ pub struct OffsetUpdate {
 pub struct Batch {
     pub notifications: Vec<StoredNotification>,
     pub chat_messages: Vec<ChatMessage>,
+    /// Edits and deletes, applied after the batch's messages are inserted, in order.
+    pub chat_changes: Vec<chat::ChatChange>,
     pub offsets: Vec<OffsetUpdate>,
 }
 
 impl Batch {
     /// Whether there is nothing to write.
     pub fn is_empty(&self) -> bool {
-        self.notifications.is_empty() && self.chat_messages.is_empty() && self.offsets.is_empty()
+        self.notifications.is_empty()
+            && self.chat_messages.is_empty()
+            && self.chat_changes.is_empty()
+            && self.offsets.is_empty()
     }
 
     /// The offsets with one entry per (topic, partition), keeping the highest: one upsert statement
@@ -164,6 +170,10 @@ fn inbox_items<D: Dialect>(rows: Vec<InboxRowOf<D>>) -> Vec<InboxItem> {
         .collect()
 }
 
+/// Edits and deletes touch only the sender's own message.
+const EDIT_MESSAGE: &str = "UPDATE chat_messages SET text = $1, edited_at = $2 WHERE message_id = $3 AND sender_id = $4";
+const DELETE_MESSAGE: &str =
+    "UPDATE chat_messages SET text = '', deleted = true, edited_at = $1 WHERE message_id = $2 AND sender_id = $3";
 const UPSERT_OFFSETS: &str = include_str!("sql/upsert_offsets.sql");
 const UPSERT_OFFSETS_CONFLICT: &str = include_str!("sql/upsert_offsets_conflict.sql");
 const INBOX: &str = include_str!("sql/inbox.sql");
@@ -203,6 +213,13 @@ impl Store {
         on_pool!(self, |pool, Db| {
             let mut tx = pool.begin().await?;
             let stats = Db::insert_rows(&mut tx, batch).await?;
+            for c in &batch.chat_changes {
+                let q = match &c.text {
+                    Some(text) => sqlx::query(EDIT_MESSAGE).bind(Db::text(text)),
+                    None => sqlx::query(DELETE_MESSAGE),
+                };
+                q.bind(c.at).bind(Db::text(&c.message_id)).bind(Db::text(&c.sender_id)).execute(&mut *tx).await?;
+            }
             let offsets = batch.merged_offsets();
             if !offsets.is_empty() {
                 let mut q = sqlx::QueryBuilder::<Db>::new(UPSERT_OFFSETS);

@@ -107,6 +107,7 @@ async fn write_batch_inserts_rows(store: &Store) {
     let batch = Batch {
         notifications: vec![notification("alice", "e1", 0, 5), notification("alice", "e2", 0, 6), no_link.clone()],
         chat_messages: vec![chat("m2", "r1", "hi 👋", 11), chat("m1", "r1", "", 10)],
+        chat_changes: Vec::new(),
         offsets: vec![offset("notifications", 0, 8), offset("chat", 0, 12)],
     };
     let stats = store.write_batch("sink", &batch).await.unwrap();
@@ -139,6 +140,7 @@ async fn same_batch_twice_inserts_nothing(store: &Store) {
     let batch = Batch {
         notifications: (0..50).map(|i| notification(&format!("u{}", i % 7), &format!("e{i}"), 0, i)).collect(),
         chat_messages: (0..20).map(|i| chat(&format!("m{i}"), "r", "text", i)).collect(),
+        chat_changes: Vec::new(),
         offsets: vec![offset("notifications", 0, 50)],
     };
     let first = store.write_batch("sink", &batch).await.unwrap();
@@ -152,6 +154,7 @@ async fn same_batch_twice_inserts_nothing(store: &Store) {
     let mut overlap = Batch {
         notifications: batch.notifications[40..].to_vec(),
         chat_messages: vec![chat("m19", "r", "changed", 19), chat("m20", "r", "new", 20)],
+        chat_changes: Vec::new(),
         offsets: vec![],
     };
     overlap.notifications.push(notification("u1", "e50", 0, 50));
@@ -388,6 +391,7 @@ async fn nul_characters_do_not_fail_a_batch(store: &Store) {
     let batch = Batch {
         notifications: vec![n],
         chat_messages: vec![chat("m\0", "r", "x\0y", 1)],
+        chat_changes: Vec::new(),
         offsets: vec![offset("chat", 0, 2)],
     };
     let stats = store.write_batch("sink", &batch).await.unwrap();
@@ -414,6 +418,7 @@ async fn postgres_failed_batch_leaves_nothing() {
     let batch = Batch {
         notifications: vec![notification("alice", "good", 0, 1), bad],
         chat_messages: vec![chat("m1", "r", "hi", 1)],
+        chat_changes: Vec::new(),
         offsets: vec![offset("notifications", 0, 3)],
     };
     // More attempts than pooled connections: every connection must come back usable.

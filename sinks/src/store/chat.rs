@@ -1,0 +1,380 @@
+//! Chat rooms, membership, read positions and history queries. Rooms and membership are written
+//! only by the gateway's chat API; history by the persistence stage from the `chat` topic. Every
+//! query is one text both backends run (see `on_pool!`).
+
+use super::{count, Dialect, Store};
+use crate::error::StoreError;
+
+/// A chat room as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Room {
+    pub room_id: String,
+    /// `group` or `direct`.
+    pub kind: String,
+    pub name: String,
+    pub creator_id: String,
+    pub product_id: Option<String>,
+    pub closed: bool,
+    /// Microseconds since the Unix epoch.
+    pub created_at: i64,
+    pub tags: Vec<String>,
+    pub members: u64,
+}
+
+/// A room as one of its members sees it in their list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MyRoom {
+    pub room: Room,
+    pub read_seq: i64,
+    pub unread: u64,
+    pub last_message: Option<StoredMessage>,
+}
+
+/// A message of a room's history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMessage {
+    pub message_id: String,
+    pub room_id: String,
+    /// Its offset on the room's `chat` partition: increasing within the room.
+    pub seq: i64,
+    pub sender_id: String,
+    pub text: String,
+    /// Microseconds since the Unix epoch.
+    pub occurred_at: i64,
+    pub edited: bool,
+    pub deleted: bool,
+}
+
+/// A later change to a stored message (from `MessageEdited` / `MessageDeleted`), applied by sender.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatChange {
+    pub message_id: String,
+    pub sender_id: String,
+    /// The new text, or `None` for a delete.
+    pub text: Option<String>,
+    /// Microseconds since the Unix epoch.
+    pub at: i64,
+}
+
+/// A room to create.
+#[derive(Debug, Clone)]
+pub struct NewRoom<'a> {
+    pub room_id: &'a str,
+    pub kind: &'a str,
+    pub name: &'a str,
+    pub creator_id: &'a str,
+    pub product_id: Option<&'a str>,
+    pub tags: &'a [String],
+    pub members: &'a [String],
+    pub created_at: i64,
+}
+
+#[derive(sqlx::FromRow)]
+struct RoomRow {
+    room_id: String,
+    kind: String,
+    name: String,
+    creator_id: String,
+    product_id: Option<String>,
+    closed: bool,
+    created_at: i64,
+    members: i64,
+}
+
+#[derive(sqlx::FromRow)]
+struct MessageRow<Time> {
+    message_id: String,
+    room_id: String,
+    seq: i64,
+    sender_id: String,
+    text: String,
+    occurred_at: Time,
+    edited: bool,
+    deleted: bool,
+}
+
+impl<T> MessageRow<T> {
+    fn into_message<D: Dialect<Time = T>>(self) -> StoredMessage {
+        StoredMessage {
+            message_id: self.message_id,
+            room_id: self.room_id,
+            seq: self.seq,
+            sender_id: self.sender_id,
+            text: self.text,
+            occurred_at: D::micros(self.occurred_at),
+            edited: self.edited,
+            deleted: self.deleted,
+        }
+    }
+}
+
+/// A row of `chat_my_rooms.sql`: the room, the member's read position and unread count, and the
+/// room's last message if it has one.
+#[derive(sqlx::FromRow)]
+struct MyRoomRow<Time> {
+    #[sqlx(flatten)]
+    room: RoomRow,
+    read_seq: i64,
+    unread: i64,
+    last_id: Option<String>,
+    last_seq: Option<i64>,
+    last_sender: Option<String>,
+    last_text: Option<String>,
+    last_at: Option<Time>,
+    last_edited: Option<bool>,
+    last_deleted: Option<bool>,
+}
+
+const ROOM: &str = include_str!("sql/chat_room.sql");
+const MY_ROOMS: &str = include_str!("sql/chat_my_rooms.sql");
+const MESSAGES: &str = include_str!("sql/chat_messages.sql");
+const MESSAGE: &str = include_str!("sql/chat_message.sql");
+const UNREAD: &str = include_str!("sql/chat_unread.sql");
+const ROOM_COLUMNS: &str = "SELECT r.room_id, r.kind, r.name, r.creator_id, r.product_id, r.closed, r.created_at, \
+    (SELECT count(*) FROM room_members c WHERE c.room_id = r.room_id) AS members FROM chat_rooms r";
+
+impl RoomRow {
+    fn into_room(self, tags: Vec<String>) -> Room {
+        Room {
+            room_id: self.room_id,
+            kind: self.kind,
+            name: self.name,
+            creator_id: self.creator_id,
+            product_id: self.product_id,
+            closed: self.closed,
+            created_at: self.created_at,
+            tags,
+            members: count(self.members),
+        }
+    }
+}
+
+impl Store {
+    /// Creates `room` with its tags and members; false (and nothing changed) when a room with its
+    /// id exists already (a direct room's id is derived from its product and buyer).
+    pub async fn create_room(&self, room: &NewRoom<'_>) -> Result<bool, StoreError> {
+        on_pool!(self, |pool, Db| {
+            let mut tx = pool.begin().await?;
+            let created = sqlx::query(
+                "INSERT INTO chat_rooms (room_id, kind, name, creator_id, product_id, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (room_id) DO NOTHING",
+            )
+            .bind(Db::text(room.room_id))
+            .bind(Db::text(room.kind))
+            .bind(Db::text(room.name))
+            .bind(Db::text(room.creator_id))
+            .bind(room.product_id.map(Db::text))
+            .bind(room.created_at)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+                > 0;
+            if created {
+                for tag in room.tags {
+                    sqlx::query("INSERT INTO chat_room_tags (tag, room_id) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+                        .bind(Db::text(tag))
+                        .bind(Db::text(room.room_id))
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                for user in room.members {
+                    sqlx::query(
+                        "INSERT INTO room_members (room_id, user_id, joined_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                    )
+                    .bind(Db::text(room.room_id))
+                    .bind(Db::text(user))
+                    .bind(room.created_at)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+            tx.commit().await?;
+            Ok(created)
+        })
+    }
+
+    /// The room, with its tags and member count.
+    pub async fn room(&self, room_id: &str) -> Result<Option<Room>, StoreError> {
+        let row: Option<RoomRow> =
+            on_pool!(self, |pool, Db| sqlx::query_as(ROOM).bind(Db::text(room_id)).fetch_optional(pool).await?);
+        match row {
+            None => Ok(None),
+            Some(r) => {
+                let mut tags = self.tags_of(&[r.room_id.clone()]).await?;
+                Ok(Some(r.into_room(tags.remove(room_id).unwrap_or_default())))
+            }
+        }
+    }
+
+    async fn tags_of(&self, rooms: &[String]) -> Result<std::collections::HashMap<String, Vec<String>>, StoreError> {
+        let mut out: std::collections::HashMap<String, Vec<String>> = Default::default();
+        if rooms.is_empty() {
+            return Ok(out);
+        }
+        let rows: Vec<(String, String)> = on_pool!(self, |pool, Db| {
+            let mut q = sqlx::QueryBuilder::<Db>::new("SELECT room_id, tag FROM chat_room_tags WHERE room_id IN (");
+            let mut list = q.separated(", ");
+            for r in rooms {
+                list.push_bind(Db::text(r));
+            }
+            q.push(") ORDER BY tag");
+            q.build_query_as().fetch_all(pool).await?
+        });
+        for (room, tag) in rows {
+            out.entry(room).or_default().push(tag);
+        }
+        Ok(out)
+    }
+
+    /// Whether `user` is a member of `room`.
+    pub async fn is_member(&self, room_id: &str, user: &str) -> Result<bool, StoreError> {
+        const SQL: &str = "SELECT count(*) FROM room_members WHERE room_id = $1 AND user_id = $2";
+        let n: i64 = on_pool!(self, |pool, Db| {
+            sqlx::query_scalar(SQL).bind(Db::text(room_id)).bind(Db::text(user)).fetch_one(pool).await?
+        });
+        Ok(n > 0)
+    }
+
+    /// Adds `user` to `room`; false when they were a member already.
+    pub async fn join_room(&self, room_id: &str, user: &str, at: i64) -> Result<bool, StoreError> {
+        const SQL: &str =
+            "INSERT INTO room_members (room_id, user_id, joined_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING";
+        let n = on_pool!(self, |pool, Db| {
+            sqlx::query(SQL).bind(Db::text(room_id)).bind(Db::text(user)).bind(at).execute(pool).await?.rows_affected()
+        });
+        Ok(n > 0)
+    }
+
+    /// Removes `user` from `room`; false when they were not a member.
+    pub async fn leave_room(&self, room_id: &str, user: &str) -> Result<bool, StoreError> {
+        const SQL: &str = "DELETE FROM room_members WHERE room_id = $1 AND user_id = $2";
+        let n = on_pool!(self, |pool, Db| {
+            sqlx::query(SQL).bind(Db::text(room_id)).bind(Db::text(user)).execute(pool).await?.rows_affected()
+        });
+        Ok(n > 0)
+    }
+
+    /// Closes `room` (no more joins or messages).
+    pub async fn close_room(&self, room_id: &str) -> Result<(), StoreError> {
+        const SQL: &str = "UPDATE chat_rooms SET closed = true WHERE room_id = $1";
+        on_pool!(self, |pool, Db| sqlx::query(SQL).bind(Db::text(room_id)).execute(pool).await?.rows_affected());
+        Ok(())
+    }
+
+    /// `user`'s rooms, the most recently active first, each with its unread count and last message.
+    pub async fn my_rooms(&self, user: &str, limit: u32) -> Result<Vec<MyRoom>, StoreError> {
+        let mut rooms: Vec<MyRoom> = on_pool!(self, |pool, Db| {
+            let rows: Vec<MyRoomRow<<Db as Dialect>::Time>> =
+                sqlx::query_as(MY_ROOMS).bind(Db::text(user)).bind(i64::from(limit)).fetch_all(pool).await?;
+            rows.into_iter()
+                .map(|r| {
+                    let last_message = match (r.last_id, r.last_seq, r.last_sender, r.last_text, r.last_at) {
+                        (Some(message_id), Some(seq), Some(sender_id), Some(text), Some(at)) => Some(StoredMessage {
+                            message_id,
+                            room_id: r.room.room_id.clone(),
+                            seq,
+                            sender_id,
+                            text,
+                            occurred_at: Db::micros(at),
+                            edited: r.last_edited.unwrap_or(false),
+                            deleted: r.last_deleted.unwrap_or(false),
+                        }),
+                        _ => None,
+                    };
+                    MyRoom { room: r.room.into_room(Vec::new()), read_seq: r.read_seq, unread: count(r.unread), last_message }
+                })
+                .collect()
+        });
+        let ids: Vec<String> = rooms.iter().map(|r| r.room.room_id.clone()).collect();
+        let mut tags = self.tags_of(&ids).await?;
+        for r in &mut rooms {
+            r.room.tags = tags.remove(&r.room.room_id).unwrap_or_default();
+        }
+        Ok(rooms)
+    }
+
+    /// Open group rooms having every one of `tags`, by room id after `after`, at most `limit`.
+    pub async fn search_rooms(&self, tags: &[String], after: Option<&str>, limit: u32) -> Result<Vec<Room>, StoreError> {
+        if tags.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<RoomRow> = on_pool!(self, |pool, Db| {
+            let mut q = sqlx::QueryBuilder::<Db>::new(ROOM_COLUMNS);
+            q.push(" WHERE r.kind = 'group' AND NOT r.closed AND r.room_id IN (SELECT room_id FROM chat_room_tags WHERE tag IN (");
+            let mut list = q.separated(", ");
+            for t in tags {
+                list.push_bind(Db::text(t));
+            }
+            q.push(") GROUP BY room_id HAVING count(DISTINCT tag) = ");
+            q.push_bind(tags.len() as i64);
+            q.push(")");
+            if let Some(after) = after {
+                q.push(" AND r.room_id > ");
+                q.push_bind(Db::text(after));
+            }
+            q.push(" ORDER BY r.room_id LIMIT ");
+            q.push_bind(i64::from(limit));
+            q.build_query_as().fetch_all(pool).await?
+        });
+        let ids: Vec<String> = rows.iter().map(|r| r.room_id.clone()).collect();
+        let mut all = self.tags_of(&ids).await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let tags = all.remove(&r.room_id).unwrap_or_default();
+                r.into_room(tags)
+            })
+            .collect())
+    }
+
+    /// A page of `room`'s history, newest first: messages with a seq below `before` (all when
+    /// `None`) and below `end` (what the caller knows to be completely stored), at most `limit`.
+    pub async fn room_messages(
+        &self,
+        room_id: &str,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        Ok(on_pool!(self, |pool, Db| {
+            let rows: Vec<MessageRow<<Db as Dialect>::Time>> = sqlx::query_as(MESSAGES)
+                .bind(Db::text(room_id))
+                .bind(before.unwrap_or(i64::MAX))
+                .bind(i64::from(limit))
+                .fetch_all(pool)
+                .await?;
+            rows.into_iter().map(MessageRow::into_message::<Db>).collect()
+        }))
+    }
+
+    /// One stored message.
+    pub async fn chat_message(&self, message_id: &str) -> Result<Option<StoredMessage>, StoreError> {
+        Ok(on_pool!(self, |pool, Db| {
+            let row: Option<MessageRow<<Db as Dialect>::Time>> =
+                sqlx::query_as(MESSAGE).bind(Db::text(message_id)).fetch_optional(pool).await?;
+            row.map(MessageRow::into_message::<Db>)
+        }))
+    }
+
+    /// Moves `user`'s read position in `room` up to `seq` (never back); the position and unread count
+    /// after it, or `None` when `user` is not a member.
+    pub async fn mark_room_read(&self, room_id: &str, user: &str, seq: i64) -> Result<Option<(i64, u64)>, StoreError> {
+        const SQL: &str = "UPDATE room_members SET read_seq = CASE WHEN read_seq < $3 THEN $3 ELSE read_seq END \
+                           WHERE room_id = $1 AND user_id = $2";
+        let n = on_pool!(self, |pool, Db| {
+            sqlx::query(SQL).bind(Db::text(room_id)).bind(Db::text(user)).bind(seq).execute(pool).await?.rows_affected()
+        });
+        if n == 0 {
+            return Ok(None);
+        }
+        self.room_unread(room_id, user).await
+    }
+
+    /// `user`'s read position and unread count in `room` (`None`: not a member). Unread counts
+    /// others' messages after the read position that are not deleted.
+    pub async fn room_unread(&self, room_id: &str, user: &str) -> Result<Option<(i64, u64)>, StoreError> {
+        let row: Option<(i64, i64)> = on_pool!(self, |pool, Db| {
+            sqlx::query_as(UNREAD).bind(Db::text(room_id)).bind(Db::text(user)).fetch_optional(pool).await?
+        });
+        Ok(row.map(|(read, unread)| (read, count(unread))))
+    }
+}

@@ -7,10 +7,16 @@
 // sends Last-Event-ID on its own reconnects (gateway restarts), which the gateway prefers to the
 // query. Whatever may arrive twice (a resume overlapping an inbox or history page) is
 // deduplicated: notifications by id, messages by message_id.
+//
+// One gap that leaves: a notification the stream delivered before the store had it is past the
+// saved id but may not be in the inbox page a reload fetches. So the live ones are kept too (the
+// last RECENT_MAX, in sessionStorage) and put back in after the inbox page until the store has them.
 
 const $ = (id) => document.getElementById(id);
 const TOKEN = 'tidings.token';
 const LAST_ID = 'tidings.lastEventId';
+const RECENT = 'tidings.recentLive';
+const RECENT_MAX = 50;
 
 const state = {
   token: null,
@@ -79,13 +85,20 @@ class ApiError extends Error {
   }
 }
 
-async function api(method, path, body) {
+async function api(method, path, body, attempt = 0) {
   const headers = { Authorization: `Bearer ${state.token}` };
   if (body !== undefined) headers['Content-Type'] = 'application/json';
   const r = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
   if (r.status === 401) {
     signOut('The token is no longer valid: sign in again.');
     throw new ApiError(401, 'unauthorized', 'signed out');
+  }
+  // Briefly unavailable (a history page waiting for the store, the broker away): a read is
+  // safe to ask again after the Retry-After the gateway gives.
+  if (r.status === 503 && method === 'GET' && attempt < 5) {
+    const secs = Math.min(Number(r.headers.get('Retry-After')) || 1, 3);
+    await new Promise((res) => setTimeout(res, secs * 1000));
+    return api(method, path, body, attempt + 1);
   }
   if (!r.ok) {
     let err = {};
@@ -100,6 +113,11 @@ async function api(method, path, body) {
 }
 
 /** Runs `fn` at most once per `ms`, trailing: many stream events, one refetch. */
+function randomId() {
+  if (crypto.randomUUID) return crypto.randomUUID(); // only in secure contexts (https, localhost)
+  return [...crypto.getRandomValues(new Uint8Array(16))].map((b) => b.toString(16).padStart(2, '0')).join('');
+}
+
 function debounce(fn, ms) {
   let t = null;
   return () => {
@@ -149,6 +167,7 @@ function signOut(message = '') {
   fetch('/v1/session', { method: 'DELETE' }).catch(() => {});
   sessionStorage.removeItem(TOKEN);
   sessionStorage.removeItem(LAST_ID);
+  sessionStorage.removeItem(RECENT);
   Object.assign(state, { token: null, user: null, unread: 0, room: null, inboxCursor: null });
   state.inbox.clear();
   state.rooms.clear();
@@ -274,7 +293,28 @@ async function loadInbox() {
   for (const it of page.items) addInboxItem(it, false);
   state.inboxCursor = page.next_cursor;
   state.unread = count.unread;
+  // Live notifications this tab saw that the store did not have yet (see the top of this file).
+  const newest = page.items.length ? page.items[0].position : null;
+  // Older than the page's newest: stored (the store keeps a partition's order), so dropped here.
+  const recent = loadRecent().filter((it) => !state.inbox.has(it.id) && (!newest || newer(it.position, newest)));
+  for (const it of recent) {
+    addInboxItem(it, true);
+    if (!it.read) state.unread += 1;
+  }
+  saveRecent(recent);
   renderInboxMeta();
+}
+
+function loadRecent() {
+  try {
+    return JSON.parse(sessionStorage.getItem(RECENT)) || [];
+  } catch {
+    return [];
+  }
+}
+
+function saveRecent(items) {
+  sessionStorage.setItem(RECENT, JSON.stringify(items.slice(-RECENT_MAX)));
 }
 
 async function loadMoreInbox() {
@@ -289,6 +329,7 @@ function onNotification(n) {
   if (!n.id || state.inbox.has(n.id)) return; // seen already (a resume replays from a position)
   n.read = false;
   addInboxItem(n, true);
+  saveRecent([...loadRecent(), n]);
   state.unread += 1;
   renderInboxMeta();
   announce(`New notification: ${n.title}`);
@@ -334,6 +375,7 @@ async function markRead(it, li, button) {
   }
   if (!it.read) state.unread = Math.max(0, state.unread - 1);
   it.read = true;
+  saveRecent(loadRecent().map((r) => (r.id === it.id ? { ...r, read: true } : r)));
   li.classList.remove('unread');
   // Keep focus in the list for keyboard users: on the item, since its button goes away.
   li.tabIndex = -1;
@@ -430,6 +472,7 @@ async function createRoom(ev) {
     renderRooms();
     $('create-form').reset();
     location.hash = `#/rooms/${encodeURIComponent(room.room_id)}`;
+    reloadRooms();
   } catch (e) {
     $('create-error').textContent = e.message;
   }
@@ -468,6 +511,7 @@ async function joinRoom(id, button) {
     state.rooms.set(room.room_id, withLatest(room));
     renderRooms();
     location.hash = `#/rooms/${encodeURIComponent(room.room_id)}`;
+    reloadRooms(); // the server's unread count and last message
   } catch (e) {
     button.disabled = false;
     $('search-status').textContent = e.message;
@@ -590,12 +634,18 @@ async function send(ev) {
   const room = state.room;
   if (!room || !text.trim()) return;
   $('send-error').textContent = '';
+  // Sending the same text again after a failure (a retry) reuses its client_id, which makes it
+  // the same message on the server, never a second one.
+  if (input.dataset.clientText !== text) Object.assign(input.dataset, { clientId: randomId(), clientText: text });
+  const clientId = input.dataset.clientId;
   try {
-    const m = await api('POST', `/v1/rooms/${encodeURIComponent(room.id)}/messages`, { text });
-    input.value = '';
+    const m = await api('POST', `/v1/rooms/${encodeURIComponent(room.id)}/messages`, { text, client_id: clientId });
+    delete input.dataset.clientText;
+    if (input.value === text) input.value = ''; // not what was typed meanwhile
     if (state.room === room && addMessage(m)) scrollToBottom();
     noteActivity(room.id, m, true);
   } catch (e) {
+    if (e.status !== undefined && e.status < 500 && e.status !== 429) delete input.dataset.clientText;
     const why = {
       403: 'You are not a member of this room.',
       413: 'That message is too long.',
@@ -613,7 +663,8 @@ function onChatEvent(kind, data) {
   let ev = data.event;
   if (typeof ev === 'string') ev = safeJson(ev);
   if (!ev || !ev.room_id) return;
-  const p = ev.payload || {};
+  // The payload of the event's type, whether or not the union arrives wrapped in its branch name.
+  const p = (ev.payload && ev.payload[ev.event_type]) || ev.payload || {};
   const open = state.room && state.room.id === ev.room_id;
   switch (kind) {
     case 'chat.message': {

@@ -237,44 +237,93 @@ async fn check_asset(http: &reqwest::Client, url: &str, content_type: &str) -> S
     r.text().await.unwrap()
 }
 
+/// The two tests here run one at a time: each runs Chromium and three processes on shared cores.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A core process (templating, persistence, ingest: up all along) and a gateway on a fixed port,
+/// so it can be stopped and started again at the same URL.
+struct Stack {
+    gw_spec: GatewaySpec,
+    ingest: String,
+    url: String,
+    http: reqwest::Client,
+    core: Tidings,
+    gw: Tidings,
+    _pool: sqlx::PgPool,
+}
+
+struct GatewaySpec {
+    brokers: String,
+    db_url: String,
+    prefix: String,
+    registry: String,
+    port: u16,
+}
+
+impl GatewaySpec {
+    /// Starts a gateway and waits until it is ready.
+    async fn launch(&self, name: &str, http: &reqwest::Client) -> Tidings {
+        let up = Up {
+            brokers: &self.brokers,
+            database_url: &self.db_url,
+            prefix: &self.prefix,
+            stages: "gateway",
+            registry_url: Some(&self.registry),
+        };
+        let mut gw = gateway(name, &up, self.port);
+        gw.endpoints(Duration::from_secs(60)).await;
+        await_ready(http, &format!("http://127.0.0.1:{}", self.port), &gw).await;
+        gw
+    }
+}
+
+impl Stack {
+    async fn start(brokers: String) -> Stack {
+        let (pool, db_url) = common::fresh_pg().await;
+        let prefix = common::unique_prefix();
+        eprintln!("topic prefix {prefix}, database {db_url}");
+        let mut core = Tidings::spawn(
+            "core",
+            &Up {
+                brokers: &brokers,
+                database_url: &db_url,
+                prefix: &prefix,
+                stages: "templating,persistence,ingest",
+                registry_url: None,
+            },
+        );
+        let ep = core.endpoints(Duration::from_secs(60)).await;
+        let port = free_port();
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+        let gw_spec = GatewaySpec { brokers, db_url, prefix, registry: ep.schema_registry_url, port };
+        let gw = gw_spec.launch("gateway", &http).await;
+        Stack { gw_spec, ingest: ep.ingest, url: format!("http://127.0.0.1:{port}"), http, core, gw, _pool: pool }
+    }
+
+    /// SIGTERM to the gateway (it must exit 0); a new one is started with [`Stack::start_gateway`].
+    async fn stop_gateway(&mut self) {
+        sigterm(&mut self.gw).await;
+    }
+
+    async fn start_gateway(&mut self, name: &str) {
+        self.gw = self.gw_spec.launch(name, &self.http).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn web_page_inbox_live_across_reloads_and_a_gateway_restart() {
     let Some(brokers) = common::brokers_or_skip() else { return };
     if !browser_or_skip() {
         return;
     }
+    let _one = SERIAL.lock().await;
     tokio::time::timeout(WHOLE, inbox(brokers)).await.expect("the web page test did not finish in time");
 }
 
 async fn inbox(brokers: String) {
-    let (_pool, db_url) = common::fresh_pg().await;
-    let prefix = common::unique_prefix();
-    eprintln!("topic prefix {prefix}, database {db_url}");
-    // Templating, persistence and ingest stay up; the gateway alone is restarted.
-    let mut core = Tidings::spawn(
-        "core",
-        &Up {
-            brokers: &brokers,
-            database_url: &db_url,
-            prefix: &prefix,
-            stages: "templating,persistence,ingest",
-            registry_url: None,
-        },
-    );
-    let ep = core.endpoints(Duration::from_secs(60)).await;
-    let gw_up = Up {
-        brokers: &brokers,
-        database_url: &db_url,
-        prefix: &prefix,
-        stages: "gateway",
-        registry_url: Some(&ep.schema_registry_url),
-    };
-    let port = free_port();
-    let url = format!("http://127.0.0.1:{port}");
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
-    let mut gw = gateway("gateway", &gw_up, port);
-    gw.endpoints(Duration::from_secs(60)).await;
-    await_ready(&http, &url, &gw).await;
+    let mut st = Stack::start(brokers).await;
+    let (url, http) = (st.url.clone(), st.http.clone());
+    let ingest = st.ingest.clone();
 
     // The files, their headers, the page's config, dev sign-in over plain HTTP.
     let html = check_asset(&http, &format!("{url}/"), "text/html; charset=utf-8").await;
@@ -309,9 +358,9 @@ async fn inbox(brokers: String) {
     assert_eq!(who, "Signed in as alice");
 
     // Live: each notification appears once, newest first, and the badge counts it.
-    order(&http, &ep.ingest, "alice", "ev-1").await;
+    order(&http, &ingest, "alice", "ev-1").await;
     b.wait("alice", "ev-1 in the inbox", "return document.getElementById('inbox-badge').textContent === '1'").await;
-    order(&http, &ep.ingest, "alice", "ev-2").await;
+    order(&http, &ingest, "alice", "ev-2").await;
     b.wait("alice", "ev-2 in the inbox", "return document.getElementById('inbox-badge').textContent === '2'").await;
     let s = b.snapshot("alice").await;
     assert_eq!(s["sources"], json!(["ev-2", "ev-1"]), "{s}");
@@ -328,7 +377,7 @@ async fn inbox(brokers: String) {
         "the server's unread count to be 1",
         Duration::from_secs(10),
         Duration::from_millis(200),
-        &[&gw],
+        &[&st.core, &st.gw],
         || async {
             match unread_count(&http, &url, &token).await {
                 1 => Ok(()),
@@ -343,7 +392,7 @@ async fn inbox(brokers: String) {
 
     // The page goes away; a notification comes in meanwhile; the page comes back (same tab).
     b.call("alice", json!({"cmd": "leave"})).await;
-    order(&http, &ep.ingest, "alice", "ev-3").await;
+    order(&http, &ingest, "alice", "ev-3").await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     b.call("alice", json!({"cmd": "goto", "url": format!("{url}/")})).await;
     b.wait("alice", "the stream to be live again", "return document.getElementById('conn').dataset.state === 'live'")
@@ -351,7 +400,7 @@ async fn inbox(brokers: String) {
     b.wait("alice", "ev-3 after coming back", "return document.querySelector(\"li[data-source='ev-3']\") !== null")
         .await;
     // A reload right after a notification was sent: it arrives during or after the reload.
-    order(&http, &ep.ingest, "alice", "ev-4").await;
+    order(&http, &ingest, "alice", "ev-4").await;
     b.call("alice", json!({"cmd": "reload"})).await;
     b.wait("alice", "ev-4 after the reload", "return document.querySelector(\"li[data-source='ev-4']\") !== null")
         .await;
@@ -365,20 +414,18 @@ async fn inbox(brokers: String) {
 
     // The gateway stops (SIGTERM) under the open page, a notification comes in while it is down,
     // the gateway starts again on the same port: the page reconnects by itself and shows it once.
-    sigterm(&mut gw).await;
+    st.stop_gateway().await;
     b.wait(
         "alice",
         "the page to show it is reconnecting",
         "return document.getElementById('conn').dataset.state === 'reconnecting'",
     )
     .await;
-    order(&http, &ep.ingest, "alice", "ev-5").await;
+    order(&http, &ingest, "alice", "ev-5").await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let s = b.snapshot("alice").await;
     assert_eq!(s["conn"], "reconnecting", "with the gateway down: {s}");
-    let mut gw = gateway("gateway-2", &gw_up, port);
-    gw.endpoints(Duration::from_secs(60)).await;
-    await_ready(&http, &url, &gw).await;
+    st.start_gateway("gateway-2").await;
     b.wait("alice", "ev-5 after the restart", "return document.querySelector(\"li[data-source='ev-5']\") !== null")
         .await;
     b.wait(
@@ -387,7 +434,7 @@ async fn inbox(brokers: String) {
         "return document.getElementById('conn').dataset.state === 'live'",
     )
     .await;
-    order(&http, &ep.ingest, "alice", "ev-6").await;
+    order(&http, &ingest, "alice", "ev-6").await;
     b.wait(
         "alice",
         "ev-6 live after the restart",
@@ -409,6 +456,5 @@ async fn inbox(brokers: String) {
     assert_eq!(s["signed_in"], false, "{s}");
     assert_eq!(s["conn"], "offline", "{s}");
     b.close().await;
-    drop(gw);
-    drop(core);
+    drop(st);
 }

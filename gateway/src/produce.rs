@@ -90,11 +90,10 @@ impl EventProducer {
         if let Some(k) = key {
             rec = rec.key(k);
         }
-        let Delivery { partition, offset, .. } = self
-            .producer
-            .send(rec, PRODUCE_TIMEOUT)
-            .await
-            .map_err(|(e, _)| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "broker_unavailable", e.to_string()))?;
+        let Delivery { partition, offset, .. } =
+            self.producer.send(rec, PRODUCE_TIMEOUT).await.map_err(|(e, _)| {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "broker_unavailable", e.to_string())
+            })?;
         Ok(Produced { partition, offset, schema_id: encoder.schema_id() })
     }
 }

@@ -80,12 +80,10 @@ impl ChatState {
         user: &str,
     ) -> Result<tidings_sinks::store::chat::StoredMessage, ApiError> {
         self.member_of(room_id, user).await?;
-        let m = self
-            .store
-            .chat_message(message_id)
-            .await?
-            .filter(|m| m.room_id == room_id)
-            .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "message_not_found", "no such message in this room"))?;
+        let m =
+            self.store.chat_message(message_id).await?.filter(|m| m.room_id == room_id).ok_or_else(|| {
+                ApiError::new(StatusCode::NOT_FOUND, "message_not_found", "no such message in this room")
+            })?;
         if m.sender_id != user {
             return Err(ApiError::new(StatusCode::FORBIDDEN, "not_the_sender", "only its sender may change a message"));
         }
@@ -115,7 +113,9 @@ impl ChatState {
         })
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
-        got.map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "broker_unavailable", e.to_string()).with_retry_after(1))
+        got.map_err(|e| {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "broker_unavailable", e.to_string()).with_retry_after(1)
+        })
     }
 }
 
@@ -137,9 +137,8 @@ pub async fn post(
     }
     .to_string();
     let at = now_micros();
-    let produced = state
-        .emit(&id, "MessageSent", json!({"message_id": message_id, "sender_id": user, "text": msg.text}))
-        .await?;
+    let produced =
+        state.emit(&id, "MessageSent", json!({"message_id": message_id, "sender_id": user, "text": msg.text})).await?;
     Ok((
         StatusCode::CREATED,
         Json(json!({
@@ -214,9 +213,7 @@ pub async fn edit(
 ) -> Result<Json<Value>, ApiError> {
     state.check_text(&edit.text)?;
     let mut m = state.own_message(&id, &message_id, &user).await?;
-    state
-        .emit(&id, "MessageEdited", json!({"message_id": message_id, "sender_id": user, "text": edit.text}))
-        .await?;
+    state.emit(&id, "MessageEdited", json!({"message_id": message_id, "sender_id": user, "text": edit.text})).await?;
     m.text = edit.text;
     m.edited = true;
     Ok(Json(message_json(&m)))

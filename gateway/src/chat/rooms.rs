@@ -122,13 +122,12 @@ pub async fn search(State(state): State<ChatState>, AuthUser(_): AuthUser, uri: 
     let (mut tags, mut limit, mut after) = (Vec::new(), 20u32, None);
     for (k, v) in form_urlencoded::parse(uri.query().unwrap_or("").as_bytes()) {
         match k.as_ref() {
-            "tag" => tags.extend(v.split(',').filter(|t| !t.trim().is_empty()).map(tag).collect::<Result<Vec<_>, _>>()?),
+            "tag" => {
+                tags.extend(v.split(',').filter(|t| !t.trim().is_empty()).map(tag).collect::<Result<Vec<_>, _>>()?)
+            }
             "limit" => {
-                limit = v
-                    .parse()
-                    .ok()
-                    .filter(|l| (1..=100).contains(l))
-                    .ok_or_else(|| invalid("limit must be 1 to 100"))?
+                limit =
+                    v.parse().ok().filter(|l| (1..=100).contains(l)).ok_or_else(|| invalid("limit must be 1 to 100"))?
             }
             "after" => after = Some(v.into_owned()),
             "access_token" => {}

@@ -19,10 +19,10 @@ use tidings_core::RegistryClient;
 use tidings_gateway::auth::{self, Key};
 use tidings_gateway::browser::BrowserAccess;
 use tidings_gateway::chat::{ChatConfig, ChatState};
-use tidings_gateway::produce::EventProducer;
 use tidings_gateway::delivery::hub::StoreResume;
 use tidings_gateway::delivery::owners::RedirectAllow;
 use tidings_gateway::delivery::{self, DeliveryConfig, Hub, HubConfig, Owners};
+use tidings_gateway::produce::EventProducer;
 use tidings_gateway::service_auth::ServiceTokens;
 use tidings_gateway::web::{DevSignIn, WebConfig};
 use tidings_gateway::{AuthConfig, InboxState, IngestState, IngestTopic, Parts, Readiness, StreamState};
@@ -428,7 +428,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
                 topo.topic_name(&topo.stages.templating.output),
             );
             // Watermarks only: it never joins a group nor reads.
-            let watermarks = kafka.consumer_with(&format!("{}-watermarks", topo.group_name("chat-api")), &[], &[]).create()?;
+            let watermarks =
+                kafka.consumer_with(&format!("{}-watermarks", topo.group_name("chat-api")), &[], &[]).create()?;
             ChatState::new(store.clone(), auth.clone(), events, cfg, watermarks)
         };
         let send_buffer = (args.sse.socket_send_buffer > 0).then_some(args.sse.socket_send_buffer);

@@ -458,3 +458,248 @@ async fn inbox(brokers: String) {
     b.close().await;
     drop(st);
 }
+
+/// Texts and ids of the open room's messages, in the order shown.
+const MESSAGES: &str = r#"
+    const lis = [...document.querySelectorAll('#messages li')];
+    return {
+        texts: lis.map((li) => li.querySelector('.text').textContent),
+        ids: lis.map((li) => li.dataset.messageId),
+        seqs: lis.map((li) => Number(li.dataset.seq)),
+        conn: document.getElementById('conn').dataset.state,
+        title: document.getElementById('room-title').textContent,
+        meta: document.getElementById('room-meta').textContent,
+    };
+"#;
+
+fn has_message(text: &str) -> String {
+    format!(
+        "return [...document.querySelectorAll('#messages li .text')].some((t) => t.textContent === {})",
+        json!(text)
+    )
+}
+
+/// Types `text` into the open room's send box and sends it with Enter; waits until it shows.
+async fn say(b: &mut Browser, ctx: &str, text: &str) {
+    b.call(ctx, json!({"cmd": "fill", "selector": "#send-text", "value": text})).await;
+    b.call(ctx, json!({"cmd": "press", "selector": "#send-text", "key": "Enter"})).await;
+    b.wait(ctx, &format!("{text:?} to show on the sender's side"), &has_message(text)).await;
+}
+
+/// Both pages show exactly `want`, in order, each once, with increasing seqs.
+async fn same_messages(b: &mut Browser, want: &[String], when: &str) {
+    let last = want.last().unwrap();
+    for ctx in ["alice", "bob"] {
+        b.wait(ctx, &format!("{last:?} {when}"), &has_message(last)).await;
+    }
+    // A duplicate would show up now.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    for ctx in ["alice", "bob"] {
+        let m = b.eval(ctx, MESSAGES).await;
+        assert_eq!(m["texts"], json!(want), "{ctx} {when}: {m}");
+        let ids: std::collections::HashSet<&str> =
+            m["ids"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        assert_eq!(ids.len(), want.len(), "{ctx} {when}: a message id twice: {m}");
+        let seqs: Vec<i64> = m["seqs"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{ctx} {when}: seqs out of order: {m}");
+    }
+}
+
+async fn rooms_of(http: &reqwest::Client, url: &str, token: &str) -> Value {
+    let r = http.get(format!("{url}/v1/rooms")).bearer_auth(token).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    r.json().await.unwrap()
+}
+
+async fn dev_token(http: &reqwest::Client, url: &str, user: &str) -> String {
+    let r = http.post(format!("{url}/v1/dev/token")).json(&json!({"user_id": user})).send().await.unwrap();
+    r.json::<Value>().await.unwrap()["token"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_page_chat_two_users_live_across_reloads_and_a_gateway_restart() {
+    let Some(brokers) = common::brokers_or_skip() else { return };
+    if !browser_or_skip() {
+        return;
+    }
+    let _one = SERIAL.lock().await;
+    tokio::time::timeout(WHOLE, chat(brokers)).await.expect("the chat page test did not finish in time");
+}
+
+async fn chat(brokers: String) {
+    let mut st = Stack::start(brokers).await;
+    let (url, http) = (st.url.clone(), st.http.clone());
+    let mut b = Browser::start();
+    for user in ["alice", "bob"] {
+        b.call(user, json!({"cmd": "open", "url": format!("{url}/"), "width": 390, "height": 844})).await;
+        b.wait(user, "the page to start", "return document.body.dataset.ready === '1'").await;
+        b.call(user, json!({"cmd": "fill", "selector": "#dev-user", "value": user})).await;
+        b.call(user, json!({"cmd": "press", "selector": "#dev-user", "key": "Enter"})).await;
+        b.wait(user, "the stream to be live", "return document.getElementById('conn').dataset.state === 'live'").await;
+    }
+
+    // Alice creates a group room tagged tea (keyboard only) and lands in it.
+    b.call("alice", json!({"cmd": "goto", "url": format!("{url}/#/rooms")})).await;
+    b.wait("alice", "the room list", "return !document.getElementById('view-rooms').hidden").await;
+    b.call("alice", json!({"cmd": "fill", "selector": "#create-name", "value": "Tea lovers"})).await;
+    b.call("alice", json!({"cmd": "fill", "selector": "#create-tags", "value": "tea, green"})).await;
+    b.call("alice", json!({"cmd": "press", "selector": "#create-tags", "key": "Enter"})).await;
+    let room = b
+        .wait(
+            "alice",
+            "the new room to open",
+            "const m = location.hash.match(/^#\\/rooms\\/(.+)$/); \
+             return m && document.getElementById('room-title').textContent === 'Tea lovers' && decodeURIComponent(m[1])",
+        )
+        .await;
+    let room = room.as_str().unwrap().to_string();
+    eprintln!("room {room}");
+
+    // Bob finds it by tag and joins.
+    b.call("bob", json!({"cmd": "click", "selector": "#tab-find"})).await;
+    b.call("bob", json!({"cmd": "fill", "selector": "#search-tags", "value": "tea"})).await;
+    b.call("bob", json!({"cmd": "press", "selector": "#search-tags", "key": "Enter"})).await;
+    let found = format!("#search-results li[data-room-id='{room}']");
+    b.wait(
+        "bob",
+        "the room in the search results",
+        &format!("return document.querySelector({}) !== null", json!(found)),
+    )
+    .await;
+    let results = b.eval("bob", "return document.getElementById('search-results').innerText").await;
+    assert!(
+        results.as_str().unwrap().contains("Tea lovers") && results.as_str().unwrap().contains("#green"),
+        "{results}"
+    );
+    b.screenshot("bob", "search").await;
+    b.call("bob", json!({"cmd": "click", "selector": format!("{found} button")})).await;
+    b.wait(
+        "bob",
+        "the joined room to open",
+        "return document.getElementById('room-title').textContent === 'Tea lovers'",
+    )
+    .await;
+    b.wait("alice", "bob among the members", "return document.getElementById('room-meta').textContent.includes('bob')")
+        .await;
+
+    // Both ways, live; then a quick exchange.
+    let mut want: Vec<String> = Vec::new();
+    for (who, text) in [("alice", "hello bob"), ("bob", "hi alice"), ("alice", "tea?"), ("bob", "green, please")] {
+        say(&mut b, who, text).await;
+        want.push(text.into());
+    }
+    same_messages(&mut b, &want, "live").await;
+    b.screenshot("alice", "room").await;
+
+    // Bob looks at his room list while Alice writes: two unread, on the page and on the server.
+    b.call("bob", json!({"cmd": "click", "selector": "#tab-rooms"})).await;
+    b.wait("bob", "the room list", "return !document.getElementById('view-rooms').hidden").await;
+    for text in ["are you there?", "the kettle is on"] {
+        say(&mut b, "alice", text).await;
+        want.push(text.into());
+    }
+    let unread = format!("#room-list li[data-room-id='{room}'] .unread-count");
+    b.wait(
+        "bob",
+        "2 unread in the room list",
+        &format!("const e = document.querySelector({}); return e && e.textContent === '2'", json!(unread)),
+    )
+    .await;
+    let badge = b.eval("bob", "return document.getElementById('rooms-badge').textContent").await;
+    assert_eq!(badge, "2");
+    let bob_token = dev_token(&http, &url, "bob").await;
+    // The server counts stored messages: the last one may still be on its way to the store.
+    eventually(
+        "bob's unread to be 2 on the server",
+        Duration::from_secs(10),
+        Duration::from_millis(200),
+        &[&st.core],
+        || {
+            let (http, url, t) = (http.clone(), url.clone(), bob_token.clone());
+            async move {
+                let r = rooms_of(&http, &url, &t).await;
+                if r["rooms"][0]["unread"] == 2 {
+                    Ok(())
+                } else {
+                    Err(r.to_string())
+                }
+            }
+        },
+    )
+    .await;
+    b.screenshot("bob", "room-list").await;
+    // Opening the room reads it.
+    b.call("bob", json!({"cmd": "click", "selector": format!("#room-list li[data-room-id='{room}'] a")})).await;
+    b.wait("bob", "the room badge to clear", "return document.getElementById('rooms-badge').hidden").await;
+    eventually(
+        "bob's unread to be 0 on the server",
+        Duration::from_secs(10),
+        Duration::from_millis(200),
+        &[&st.gw],
+        || {
+            let (http, url, t) = (http.clone(), url.clone(), bob_token.clone());
+            async move {
+                let r = rooms_of(&http, &url, &t).await;
+                if r["rooms"][0]["unread"] == 0 {
+                    Ok(())
+                } else {
+                    Err(r.to_string())
+                }
+            }
+        },
+    )
+    .await;
+    same_messages(&mut b, &want, "after bob opened the room again").await;
+
+    // Bob reloads while Alice writes; then scrolls back is not needed: all fit one page.
+    b.call("alice", json!({"cmd": "fill", "selector": "#send-text", "value": "while you reload"})).await;
+    b.call("alice", json!({"cmd": "press", "selector": "#send-text", "key": "Enter"})).await;
+    b.call("bob", json!({"cmd": "reload"})).await;
+    want.push("while you reload".into());
+    same_messages(&mut b, &want, "after bob's reload").await;
+
+    // The gateway stops under both pages (messages in flight) and starts again.
+    for text in ["before the restart 1", "before the restart 2"] {
+        say(&mut b, "bob", text).await;
+        want.push(text.into());
+    }
+    st.stop_gateway().await;
+    for ctx in ["alice", "bob"] {
+        b.wait(
+            ctx,
+            "the page to show it is reconnecting",
+            "return document.getElementById('conn').dataset.state === 'reconnecting'",
+        )
+        .await;
+    }
+    order(&http, &st.ingest, "alice", "while-down").await;
+    st.start_gateway("gateway-2").await;
+    for ctx in ["alice", "bob"] {
+        b.wait(
+            ctx,
+            "the stream to be live after the restart",
+            "return document.getElementById('conn').dataset.state === 'live'",
+        )
+        .await;
+    }
+    for (who, text) in [("alice", "back again"), ("bob", "welcome back")] {
+        say(&mut b, who, text).await;
+        want.push(text.into());
+    }
+    same_messages(&mut b, &want, "after the gateway restart").await;
+    // Alice's order notification, sent while the gateway was down, arrived once; no chat in the inbox.
+    b.wait(
+        "alice",
+        "the notification sent while down",
+        "return document.querySelector(\"#inbox-list li[data-source='while-down']\") !== null",
+    )
+    .await;
+    let inbox =
+        b.eval("alice", "return [...document.querySelectorAll('#inbox-list li')].map((li) => li.dataset.source)").await;
+    assert_eq!(inbox, json!(["while-down"]), "alice's inbox");
+    let inbox = b.eval("bob", "return document.querySelectorAll('#inbox-list li').length").await;
+    assert_eq!(inbox, 0, "chat events are not inbox items");
+    b.screenshot("bob", "room-after-restart").await;
+    b.close().await;
+    drop(st);
+}

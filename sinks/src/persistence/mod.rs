@@ -422,7 +422,8 @@ impl Sink {
                 }),
                 Err(e) => return self.dead_letter(m, "malformed-avro", &e.to_string()).await,
             }
-        } else if let Some(branch @ ("MessageEdited" | "MessageDeleted")) = union_branch_name(reader, &value, "payload") {
+        } else if let Some(branch @ ("MessageEdited" | "MessageDeleted")) = union_branch_name(reader, &value, "payload")
+        {
             let j = avro_to_json(&value);
             let s = |v: &serde_json::Value| v.as_str().map(str::to_string);
             let change = (|| {

@@ -281,7 +281,12 @@ impl Store {
                         }),
                         _ => None,
                     };
-                    MyRoom { room: r.room.into_room(Vec::new()), read_seq: r.read_seq, unread: count(r.unread), last_message }
+                    MyRoom {
+                        room: r.room.into_room(Vec::new()),
+                        read_seq: r.read_seq,
+                        unread: count(r.unread),
+                        last_message,
+                    }
                 })
                 .collect()
         });
@@ -294,7 +299,12 @@ impl Store {
     }
 
     /// Open group rooms having every one of `tags`, by room id after `after`, at most `limit`.
-    pub async fn search_rooms(&self, tags: &[String], after: Option<&str>, limit: u32) -> Result<Vec<Room>, StoreError> {
+    pub async fn search_rooms(
+        &self,
+        tags: &[String],
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Room>, StoreError> {
         if tags.is_empty() {
             return Ok(Vec::new());
         }

@@ -171,7 +171,8 @@ fn inbox_items<D: Dialect>(rows: Vec<InboxRowOf<D>>) -> Vec<InboxItem> {
 }
 
 /// Edits and deletes touch only the sender's own message.
-const EDIT_MESSAGE: &str = "UPDATE chat_messages SET text = $1, edited_at = $2 WHERE message_id = $3 AND sender_id = $4";
+const EDIT_MESSAGE: &str =
+    "UPDATE chat_messages SET text = $1, edited_at = $2 WHERE message_id = $3 AND sender_id = $4";
 const DELETE_MESSAGE: &str =
     "UPDATE chat_messages SET text = '', deleted = true, edited_at = $1 WHERE message_id = $2 AND sender_id = $3";
 const UPSERT_OFFSETS: &str = include_str!("sql/upsert_offsets.sql");

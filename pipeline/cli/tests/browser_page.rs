@@ -700,6 +700,42 @@ async fn chat(brokers: String) {
     let inbox = b.eval("bob", "return document.querySelectorAll('#inbox-list li').length").await;
     assert_eq!(inbox, 0, "chat events are not inbox items");
     b.screenshot("bob", "room-after-restart").await;
+
+    // History: more than a page (50) of messages, sent over the API; after a reload Alice sees the
+    // newest page, and "Load older" brings the rest, each message once.
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    for i in 0..45 {
+        let text = format!("backlog {i:02}");
+        loop {
+            let r = client
+                .post(format!("{url}/v1/rooms/{room}/messages"))
+                .bearer_auth(&bob_token)
+                .json(&json!({"text": text}))
+                .send()
+                .await
+                .unwrap();
+            if r.status() == 429 {
+                let secs = r.headers()["retry-after"].to_str().unwrap().parse::<u64>().unwrap_or(1);
+                tokio::time::sleep(Duration::from_secs(secs)).await;
+                continue;
+            }
+            assert_eq!(r.status(), 201, "sending {text}: {}", r.text().await.unwrap_or_default());
+            break;
+        }
+        want.push(text);
+    }
+    same_messages(&mut b, &want, "after the backlog").await;
+    b.call("alice", json!({"cmd": "reload"})).await;
+    b.wait("alice", "the newest page after the reload", &has_message(want.last().unwrap())).await;
+    let first = b.eval("alice", MESSAGES).await;
+    assert_eq!(first["texts"].as_array().unwrap().len(), 50, "one page of history: {first}");
+    b.wait("alice", "the load-older button", "return !document.getElementById('room-older').hidden").await;
+    b.call("alice", json!({"cmd": "press", "selector": "#room-older", "key": "Enter"})).await;
+    b.wait("alice", "the oldest message", &has_message(&want[0])).await;
+    let all = b.eval("alice", MESSAGES).await;
+    assert_eq!(all["texts"], json!(want), "after loading older: {all}");
+    let hidden = b.eval("alice", "return document.getElementById('room-older').hidden").await;
+    assert_eq!(hidden, true, "no older page left, but the button is still there");
     b.close().await;
     drop(st);
 }

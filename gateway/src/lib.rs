@@ -12,6 +12,8 @@
 //! - `chat`: rooms, membership, messages, history and read positions (`/v1/rooms…`) for users.
 //! - `produce`: JSON → Avro → Kafka, shared by ingest and chat.
 //! - `metrics`: Prometheus `/metrics`.
+//! - `web`: the web page at `/` (files compiled in), its `/config.json`, and in dev mode
+//!   `POST /v1/dev/token`.
 
 pub mod auth;
 pub mod browser;
@@ -24,6 +26,7 @@ pub mod ingest;
 pub mod metrics;
 pub mod produce;
 pub mod service_auth;
+pub mod web;
 
 use axum::Router;
 use std::sync::Arc;
@@ -44,12 +47,14 @@ pub struct Parts {
     pub stream: Option<StreamState>,
     /// `/metrics` is served on a listener of its own ([`metrics_app`]), not here.
     pub metrics_elsewhere: bool,
+    /// The web page at `/` (and dev sign-in, when its config says so).
+    pub web: Option<web::WebConfig>,
 }
 
 /// The public gateway's router (browsers): health and metrics always, the other parts when given.
 /// Ingest is not among them: it has its own listener ([`ingest_app`]).
 pub fn app(parts: Parts, readiness: Readiness) -> Router {
-    let Parts { inbox, chat, stream, metrics_elsewhere } = parts;
+    let Parts { inbox, chat, stream, metrics_elsewhere, web } = parts;
     let mut router = Router::new().merge(health::router(readiness));
     if !metrics_elsewhere {
         router = router.merge(metrics::router());
@@ -69,6 +74,12 @@ pub fn app(parts: Parts, readiness: Readiness) -> Router {
     if let Some(inbox) = inbox {
         router = router.merge(
             inbox::router(inbox)
+                .layer(axum::middleware::from_fn_with_state(REQUEST_TIMEOUT, tidings_core::http::request_timeout)),
+        );
+    }
+    if let Some(web) = web {
+        router = router.merge(
+            web::router(web)
                 .layer(axum::middleware::from_fn_with_state(REQUEST_TIMEOUT, tidings_core::http::request_timeout)),
         );
     }

@@ -24,6 +24,7 @@ use tidings_gateway::delivery::owners::RedirectAllow;
 use tidings_gateway::delivery::{self, DeliveryConfig, Hub, HubConfig, Owners};
 use tidings_gateway::produce::EventProducer;
 use tidings_gateway::service_auth::ServiceTokens;
+use tidings_gateway::web::{DevSignIn, WebConfig};
 use tidings_gateway::{AuthConfig, InboxState, IngestState, IngestTopic, Parts, Readiness, StreamState};
 use tidings_pipeline::stages::templating::{self, TemplatingConfig};
 use tidings_pipeline::topology::{self, Topology};
@@ -224,6 +225,18 @@ impl JwtArgs {
         }
         Ok(AuthConfig { issuer: self.jwt_issuer.clone(), audience: self.jwt_audience.clone(), keys })
     }
+}
+
+/// The web page's settings: the kinds to listen for, and dev sign-in when `--dev` and no key of
+/// its own: then the public dev secret is the gateway's only key, so the tokens it signs verify.
+fn web_config(topo: &Topology, args: &UpArgs) -> WebConfig {
+    let mut kinds: Vec<String> = topo.templates.iter().map(|t| t.kind.clone()).collect();
+    kinds.sort();
+    kinds.dedup();
+    let dev_key = args.dev && args.jwt.jwt_secret.is_none() && args.jwt.jwt_public_key_file.is_none();
+    let dev_sign_in =
+        dev_key.then(|| DevSignIn { issuer: args.jwt.jwt_issuer.clone(), audience: args.jwt.jwt_audience.clone() });
+    WebConfig { kinds, dev_sign_in }
 }
 
 pub(crate) fn load_topology(infra: &Infra) -> anyhow::Result<Topology> {
@@ -494,6 +507,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
                 chat: Some(chat),
                 stream: Some(stream.clone()),
                 metrics_elsewhere: args.metrics_listen.is_some(),
+                web: Some(web_config(&topo, &args)),
             },
             readiness.clone(),
         );
@@ -514,7 +528,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         );
         info!(
             "Gateway listening on {http}, advertised as {advertised} (GET /v1/stream, GET /v1/notifications, \
-             GET /healthz, /readyz, /metrics)."
+             GET /healthz, /readyz, /metrics); the web page at {http}/."
         );
     }
 

@@ -1,0 +1,818 @@
+// tidings web page: sign in, a live inbox and chat rooms, on the gateway's own API only.
+// Plain DOM code, no framework, no build step. All text from users goes in through textContent.
+//
+// Delivery: one EventSource on /v1/stream (session cookie from POST /v1/session). The id of the
+// last event seen is kept in sessionStorage, and a new EventSource (after a reload) starts from
+// it with ?last_event_id=, so nothing sent while the page was away is lost; the browser itself
+// sends Last-Event-ID on its own reconnects (gateway restarts), which the gateway prefers to the
+// query. Whatever may arrive twice (a resume overlapping an inbox or history page) is
+// deduplicated: notifications by id, messages by message_id.
+//
+// One gap that leaves: a notification the stream delivered before the store had it is past the
+// saved id but may not be in the inbox page a reload fetches. So the live ones are kept too (the
+// last RECENT_MAX, in sessionStorage) and put back in after the inbox page until the store has them.
+
+const $ = (id) => document.getElementById(id);
+const TOKEN = 'tidings.token';
+const LAST_ID = 'tidings.lastEventId';
+const RECENT = 'tidings.recentLive';
+const RECENT_MAX = 50;
+
+const state = {
+  token: null,
+  user: null,
+  kinds: [],
+  chat: true, // false when the gateway has no chat API (GET /v1/rooms answers 404)
+  es: null,
+  inbox: new Map(), // notification id -> item
+  inboxCursor: null,
+  unread: 0,
+  rooms: new Map(), // room_id -> room (mine)
+  room: null, // the open room: { id, info, messages: Map(message_id -> message), before, maxSeq }
+  searchTags: [],
+  searchCursor: null,
+};
+
+// ---------------------------------------------------------------------------------------------
+// Small helpers
+
+function el(tag, props = {}, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(props)) {
+    if (k === 'class') e.className = v;
+    else if (k === 'text') e.textContent = v;
+    else if (k.startsWith('data-') || k.startsWith('aria-')) e.setAttribute(k, v);
+    else e[k] = v;
+  }
+  for (const c of children) if (c != null) e.append(c);
+  return e;
+}
+
+function announce(text) {
+  $('announce').textContent = text;
+}
+
+/** Microseconds, milliseconds or RFC 3339 -> a short local time. */
+function fmtTime(v) {
+  if (v == null) return '';
+  let d;
+  if (typeof v === 'number') d = new Date(v > 1e14 ? v / 1000 : v);
+  else d = new Date(v);
+  if (Number.isNaN(d.getTime())) return '';
+  const today = new Date().toDateString() === d.toDateString();
+  return today ? d.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' }) : d.toLocaleString();
+}
+
+/** "p.o" -> [p, o] (stream positions order by offset within the user's partition). */
+function pos(p) {
+  const [a, b] = String(p || '').split('.');
+  return [Number(a) || 0, Number(b) || 0];
+}
+const newer = (a, b) => {
+  const [pa, oa] = pos(a);
+  const [pb, ob] = pos(b);
+  return pa !== pb ? pa > pb : oa > ob;
+};
+
+function tagsOf(text) {
+  return [...new Set(text.split(/[\s,]+/).map((t) => t.trim().toLowerCase()).filter(Boolean))];
+}
+
+class ApiError extends Error {
+  constructor(status, code, message, retryAfter) {
+    super(message);
+    Object.assign(this, { status, code, retryAfter });
+  }
+}
+
+async function api(method, path, body, attempt = 0) {
+  const headers = { Authorization: `Bearer ${state.token}` };
+  if (body !== undefined) headers['Content-Type'] = 'application/json';
+  const r = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  if (r.status === 401) {
+    signOut('The token is no longer valid: sign in again.');
+    throw new ApiError(401, 'unauthorized', 'signed out');
+  }
+  // Briefly unavailable (a history page waiting for the store, the broker away): a read is
+  // safe to ask again after the Retry-After the gateway gives.
+  if (r.status === 503 && method === 'GET' && attempt < 5) {
+    const secs = Math.min(Number(r.headers.get('Retry-After')) || 1, 3);
+    await new Promise((res) => setTimeout(res, secs * 1000));
+    return api(method, path, body, attempt + 1);
+  }
+  if (!r.ok) {
+    let err = {};
+    try {
+      err = (await r.json()).error || {};
+    } catch {
+      /* not JSON */
+    }
+    throw new ApiError(r.status, err.code, err.message || `${r.status} ${r.statusText}`, r.headers.get('Retry-After'));
+  }
+  return r.status === 204 ? null : r.json();
+}
+
+/** Runs `fn` at most once per `ms`, trailing: many stream events, one refetch. */
+function randomId() {
+  if (crypto.randomUUID) return crypto.randomUUID(); // only in secure contexts (https, localhost)
+  return [...crypto.getRandomValues(new Uint8Array(16))].map((b) => b.toString(16).padStart(2, '0')).join('');
+}
+
+function debounce(fn, ms) {
+  let t = null;
+  return () => {
+    clearTimeout(t);
+    t = setTimeout(fn, ms);
+  };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sign in and out
+
+function userOf(token) {
+  try {
+    const part = token.split('.')[1].replace(/-/g, '+').replace(/_/g, '/');
+    return JSON.parse(atob(part)).sub || null;
+  } catch {
+    return null;
+  }
+}
+
+async function signIn(token) {
+  $('signin-error').textContent = '';
+  // The session cookie EventSource sends; a 401 here also tells us the token is no good.
+  const r = await fetch('/v1/session', { method: 'POST', headers: { Authorization: `Bearer ${token}` } });
+  if (r.status !== 204) {
+    let msg = `${r.status}`;
+    try {
+      msg = (await r.json()).error.message;
+    } catch {
+      /* keep the status */
+    }
+    throw new Error(`Sign-in refused: ${msg}`);
+  }
+  state.token = token;
+  state.user = userOf(token);
+  sessionStorage.setItem(TOKEN, token);
+  $('who').textContent = `Signed in as ${state.user}`;
+  show(true);
+  await Promise.all([loadInbox(), loadRooms()]);
+  openStream();
+  route();
+}
+
+function signOut(message = '') {
+  if (state.es) state.es.close();
+  state.es = null;
+  fetch('/v1/session', { method: 'DELETE' }).catch(() => {});
+  sessionStorage.removeItem(TOKEN);
+  sessionStorage.removeItem(LAST_ID);
+  sessionStorage.removeItem(RECENT);
+  Object.assign(state, { token: null, user: null, unread: 0, room: null, inboxCursor: null });
+  state.inbox.clear();
+  state.rooms.clear();
+  $('inbox-list').replaceChildren();
+  $('room-list').replaceChildren();
+  $('search-results').replaceChildren();
+  $('messages').replaceChildren();
+  setConn('offline', 'Signed out');
+  show(false);
+  $('signin-error').textContent = message;
+}
+
+function show(signedIn) {
+  $('signin').hidden = signedIn;
+  $('app').hidden = !signedIn;
+  $('who').hidden = !signedIn;
+  $('sign-out').hidden = !signedIn;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The stream
+
+function setConn(s, text) {
+  const c = $('conn');
+  c.dataset.state = s;
+  c.textContent = text;
+}
+
+function openStream() {
+  if (state.es) state.es.close();
+  // Resume after the last event this tab saw; else after the newest inbox item (so what came in
+  // between the inbox page and the stream is not missed); else from now.
+  let from = sessionStorage.getItem(LAST_ID);
+  if (!from) {
+    for (const it of state.inbox.values()) if (!from || newer(it.position, from)) from = it.position;
+  }
+  const url = from ? `/v1/stream?last_event_id=${encodeURIComponent(from)}` : '/v1/stream';
+  const es = new EventSource(url, { withCredentials: true });
+  state.es = es;
+  setConn('connecting', 'Connecting…');
+  es.addEventListener('open', () => setConn('live', 'Live'));
+  es.addEventListener('error', () => {
+    if (es.readyState === EventSource.CLOSED) streamClosed(es);
+    else setConn('reconnecting', 'Reconnecting…');
+  });
+  // The gateway cannot serve us this moment (starting, moving partitions): the browser retries.
+  es.addEventListener('unavailable', (e) => {
+    remember(e);
+    setConn('reconnecting', 'Reconnecting…');
+  });
+  es.addEventListener('reconnect', (e) => {
+    remember(e);
+    setConn('reconnecting', 'Reconnecting…');
+  });
+  es.addEventListener('close', (e) => {
+    const why = safeJson(e.data).reason;
+    if (why === 'too_many_connections') {
+      es.close();
+      setConn('closed', 'Closed: open in too many tabs');
+    } else setConn('reconnecting', 'Reconnecting…');
+  });
+  // We missed more than the gateway can replay: refetch everything, then carry on.
+  es.addEventListener('reset', (e) => {
+    remember(e);
+    refetchAll();
+  });
+  for (const kind of state.kinds) {
+    es.addEventListener(kind, (e) => {
+      remember(e);
+      const data = safeJson(e.data);
+      if (kind.startsWith('chat.')) onChatEvent(kind, data);
+      else onNotification(data);
+    });
+  }
+}
+
+function remember(e) {
+  if (e.lastEventId) sessionStorage.setItem(LAST_ID, e.lastEventId);
+}
+
+function safeJson(s) {
+  try {
+    return JSON.parse(s) || {};
+  } catch {
+    return {};
+  }
+}
+
+/** EventSource gave up (401, 422, 500). Find out which, then sign out or start over. */
+async function streamClosed(es) {
+  if (state.es !== es) return;
+  setConn('reconnecting', 'Reconnecting…');
+  try {
+    await api('GET', '/v1/notifications/unread_count'); // a 401 signs out
+  } catch {
+    return;
+  }
+  // Token still good: the position may be unknown to the gateway (422); start from the inbox.
+  sessionStorage.removeItem(LAST_ID);
+  setTimeout(() => {
+    if (state.es === es && state.token) {
+      refetchAll();
+      openStream();
+    }
+  }, 2000);
+}
+
+async function refetchAll() {
+  await Promise.all([loadInbox(), loadRooms()]);
+  if (state.room) openRoom(state.room.id, { keepScroll: true });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Inbox
+
+async function loadInbox() {
+  const [page, count] = await Promise.all([
+    api('GET', '/v1/notifications?limit=20'),
+    api('GET', '/v1/notifications/unread_count'),
+  ]);
+  state.inbox.clear();
+  $('inbox-list').replaceChildren();
+  for (const it of page.items) addInboxItem(it, false);
+  state.inboxCursor = page.next_cursor;
+  state.unread = count.unread;
+  // Live notifications this tab saw that the store did not have yet (see the top of this file).
+  const newest = page.items.length ? page.items[0].position : null;
+  // Older than the page's newest: stored (the store keeps a partition's order), so dropped here.
+  const recent = loadRecent().filter((it) => !state.inbox.has(it.id) && (!newest || newer(it.position, newest)));
+  for (const it of recent) {
+    addInboxItem(it, true);
+    if (!it.read) state.unread += 1;
+  }
+  saveRecent(recent);
+  renderInboxMeta();
+}
+
+function loadRecent() {
+  try {
+    return JSON.parse(sessionStorage.getItem(RECENT)) || [];
+  } catch {
+    return [];
+  }
+}
+
+function saveRecent(items) {
+  sessionStorage.setItem(RECENT, JSON.stringify(items.slice(-RECENT_MAX)));
+}
+
+async function loadMoreInbox() {
+  if (!state.inboxCursor) return;
+  const page = await api('GET', `/v1/notifications?limit=20&cursor=${encodeURIComponent(state.inboxCursor)}`);
+  for (const it of page.items) addInboxItem(it, false);
+  state.inboxCursor = page.next_cursor;
+  renderInboxMeta();
+}
+
+function onNotification(n) {
+  if (!n.id || state.inbox.has(n.id)) return; // seen already (a resume replays from a position)
+  n.read = false;
+  addInboxItem(n, true);
+  saveRecent([...loadRecent(), n]);
+  state.unread += 1;
+  renderInboxMeta();
+  announce(`New notification: ${n.title}`);
+}
+
+/** Inserts an item in position order (newest first); `live` ones are new to the server's count. */
+function addInboxItem(it, live) {
+  if (state.inbox.has(it.id)) return;
+  state.inbox.set(it.id, it);
+  const li = el(
+    'li',
+    { class: it.read ? '' : 'unread', 'data-id': it.id, 'data-source': it.source_event_id || '', 'data-position': it.position },
+    el('span', { class: 'title', text: it.title }),
+    el('span', { text: it.body }),
+    el('span', { class: 'row' }, el('span', { class: 'meta', text: `${fmtTime(it.occurred_at)} · ${it.kind}` })),
+  );
+  if (!it.read) {
+    const b = el('button', { type: 'button', class: 'secondary', text: 'Mark read', 'aria-label': `Mark read: ${it.title}` });
+    b.addEventListener('click', () => markRead(it, li, b));
+    li.querySelector('.row').append(b);
+  }
+  li.dataset.live = live ? '1' : '0';
+  const list = $('inbox-list');
+  const after = [...list.children].find((c) => newer(it.position, c.dataset.position));
+  list.insertBefore(li, after || null);
+}
+
+async function markRead(it, li, button) {
+  button.disabled = true;
+  // A live notification can reach the page before the store has it (delivery does not wait for
+  // persistence): then the server answers 404 for a moment, and trying again a little later works.
+  for (let attempt = 0; ; attempt++) {
+    try {
+      await api('POST', `/v1/notifications/${encodeURIComponent(it.id)}/read`);
+      break;
+    } catch (e) {
+      if (e.status !== 404 || attempt >= 10) {
+        button.disabled = false;
+        return;
+      }
+      await new Promise((r) => setTimeout(r, 300 * (attempt + 1)));
+    }
+  }
+  if (!it.read) state.unread = Math.max(0, state.unread - 1);
+  it.read = true;
+  saveRecent(loadRecent().map((r) => (r.id === it.id ? { ...r, read: true } : r)));
+  li.classList.remove('unread');
+  // Keep focus in the list for keyboard users: on the item, since its button goes away.
+  li.tabIndex = -1;
+  if (document.activeElement === button) li.focus();
+  button.remove();
+  renderInboxMeta();
+}
+
+function renderInboxMeta() {
+  const b = $('inbox-badge');
+  b.textContent = String(state.unread);
+  b.hidden = state.unread === 0;
+  $('inbox-empty').hidden = state.inbox.size > 0;
+  $('inbox-more').hidden = !state.inboxCursor;
+  document.title = state.unread ? `(${state.unread}) tidings` : 'tidings';
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rooms
+
+async function loadRooms() {
+  let r;
+  try {
+    r = await api('GET', '/v1/rooms');
+  } catch (e) {
+    if (e.status === 404) {
+      state.chat = false;
+      for (const t of document.querySelectorAll('.chat-only')) t.hidden = true;
+      return;
+    }
+    throw e;
+  }
+  state.chat = true;
+  for (const t of document.querySelectorAll('.chat-only')) t.hidden = false;
+  state.rooms.clear();
+  for (const room of r.rooms) state.rooms.set(room.room_id, withLatest(room));
+  renderRooms();
+}
+const reloadRooms = debounce(() => loadRooms().catch(() => {}), 300);
+
+/** The seq the room's unread count covers: live messages after it are new to that count. */
+function withLatest(room) {
+  room.latestSeq = room.last_message ? room.last_message.seq : 0;
+  return room;
+}
+
+function roomItem(room, { join } = {}) {
+  const tags = el('span', { class: 'row' }, ...(room.tags || []).map((t) => el('span', { class: 'tag', text: `#${t}` })));
+  const name = room.name || (room.kind === 'direct' ? `Chat about ${room.product_id}` : room.room_id);
+  const li = el('li', { 'data-room-id': room.room_id, class: room.unread ? 'unread' : '' });
+  const last = room.last_message;
+  const body = [
+    el('span', { class: 'row' }, el('span', { class: 'title', text: name }),
+      room.unread ? el('span', { class: 'badge unread-count', text: String(room.unread), 'aria-label': `${room.unread} unread` }) : null),
+    tags,
+    el('span', { class: 'meta', text: `${room.members} member${room.members === 1 ? '' : 's'}${room.closed ? ' · closed' : ''}` }),
+    last ? el('span', { class: 'meta', text: `${last.sender_id}: ${last.deleted ? '(deleted)' : last.text}` }) : null,
+  ];
+  if (join) {
+    li.append(...body);
+    const mine = state.rooms.has(room.room_id);
+    const b = mine
+      ? el('a', { href: `#/rooms/${encodeURIComponent(room.room_id)}`, text: 'Open' })
+      : el('button', { type: 'button', text: 'Join', 'aria-label': `Join ${name}` });
+    if (!mine) b.addEventListener('click', () => joinRoom(room.room_id, b));
+    li.append(el('span', { class: 'row' }, b));
+  } else {
+    li.append(el('a', { class: 'room-link', href: `#/rooms/${encodeURIComponent(room.room_id)}` }, ...body));
+  }
+  return li;
+}
+
+function renderRooms() {
+  const rooms = [...state.rooms.values()];
+  // Most recent activity first (the server's order; live messages move a room up).
+  rooms.sort((a, b) => (b._activity || 0) - (a._activity || 0));
+  $('room-list').replaceChildren(...rooms.map((r) => roomItem(r)));
+  $('rooms-empty').hidden = rooms.length > 0;
+  const total = rooms.reduce((n, r) => n + (r.unread || 0), 0);
+  const b = $('rooms-badge');
+  b.textContent = String(total);
+  b.hidden = total === 0;
+}
+
+async function createRoom(ev) {
+  ev.preventDefault();
+  $('create-error').textContent = '';
+  const name = $('create-name').value.trim();
+  const tags = tagsOf($('create-tags').value);
+  try {
+    const room = await api('POST', '/v1/rooms', { kind: 'group', name, tags });
+    state.rooms.set(room.room_id, withLatest(room));
+    room._activity = Date.now();
+    renderRooms();
+    $('create-form').reset();
+    location.hash = `#/rooms/${encodeURIComponent(room.room_id)}`;
+    reloadRooms();
+  } catch (e) {
+    $('create-error').textContent = e.message;
+  }
+}
+
+async function search(ev, more = false) {
+  if (ev) ev.preventDefault();
+  if (!more) {
+    state.searchTags = tagsOf($('search-tags').value);
+    state.searchCursor = null;
+    $('search-results').replaceChildren();
+  }
+  if (state.searchTags.length === 0) return;
+  const q = new URLSearchParams();
+  for (const t of state.searchTags) q.append('tag', t);
+  q.set('limit', '20');
+  if (more && state.searchCursor) q.set('after', state.searchCursor);
+  $('search-status').textContent = 'Searching…';
+  try {
+    const r = await api('GET', `/v1/rooms/search?${q}`);
+    $('search-results').append(...r.rooms.map((room) => roomItem(room, { join: true })));
+    state.searchCursor = r.next_cursor || null;
+    const n = $('search-results').children.length;
+    $('search-status').textContent = `${n} room${n === 1 ? '' : 's'} with ${state.searchTags.map((t) => `#${t}`).join(' ')}`;
+  } catch (e) {
+    $('search-status').textContent = e.message;
+  }
+  $('search-more').hidden = !state.searchCursor;
+}
+
+async function joinRoom(id, button) {
+  button.disabled = true;
+  try {
+    const room = await api('POST', `/v1/rooms/${encodeURIComponent(id)}/members`);
+    room._activity = Date.now();
+    state.rooms.set(room.room_id, withLatest(room));
+    renderRooms();
+    location.hash = `#/rooms/${encodeURIComponent(room.room_id)}`;
+    reloadRooms(); // the server's unread count and last message
+  } catch (e) {
+    button.disabled = false;
+    $('search-status').textContent = e.message;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// One room
+
+async function openRoom(id, { keepScroll = false } = {}) {
+  const fresh = !state.room || state.room.id !== id;
+  if (fresh) {
+    state.room = { id, info: null, messages: new Map(), before: null, maxSeq: 0 };
+    $('messages').replaceChildren();
+    $('room-title').textContent = 'Room';
+    $('room-meta').textContent = '';
+    $('send-error').textContent = '';
+  }
+  const room = state.room;
+  try {
+    const [info, page] = await Promise.all([
+      api('GET', `/v1/rooms/${encodeURIComponent(id)}`),
+      api('GET', `/v1/rooms/${encodeURIComponent(id)}/messages?limit=50`),
+    ]);
+    if (state.room !== room) return;
+    room.info = info;
+    $('room-title').textContent = info.name || (info.kind === 'direct' ? `Chat about ${info.product_id}` : id);
+    renderRoomMeta();
+    for (const m of page.messages) addMessage(m);
+    if (fresh) room.before = page.next_before;
+    $('room-older').hidden = room.before == null;
+    if (!keepScroll || fresh) scrollToBottom();
+    markRoomRead();
+  } catch (e) {
+    $('room-meta').textContent = e.status === 404 || e.status === 403 ? 'No such room, or you are not in it.' : e.message;
+  }
+}
+
+function renderRoomMeta() {
+  const info = state.room && state.room.info;
+  if (!info) return;
+  const tags = (info.tags || []).map((t) => `#${t}`).join(' ');
+  const members = info.member_ids ? info.member_ids.join(', ') : `${info.members}`;
+  $('room-meta').textContent = `${tags}${tags ? ' · ' : ''}members: ${members}${info.closed ? ' · closed' : ''}`;
+}
+
+async function loadOlder() {
+  const room = state.room;
+  if (!room || room.before == null) return;
+  const b = $('room-older');
+  b.disabled = true;
+  const scroller = $('scroller');
+  const fromBottom = scroller.scrollHeight - scroller.scrollTop;
+  try {
+    const page = await api('GET', `/v1/rooms/${encodeURIComponent(room.id)}/messages?limit=50&before=${room.before}`);
+    if (state.room !== room) return;
+    for (const m of page.messages) addMessage(m);
+    room.before = page.next_before;
+    // Keep what the reader was looking at where it was.
+    scroller.scrollTop = scroller.scrollHeight - fromBottom;
+  } finally {
+    b.disabled = false;
+    b.hidden = room.before == null;
+  }
+}
+
+/** Adds a message to the open room once (by message_id), in seq order. Returns whether it was new. */
+function addMessage(m) {
+  const room = state.room;
+  if (!room || !m.message_id) return false;
+  const known = room.messages.get(m.message_id);
+  if (known) {
+    // Same message again (history page and stream): only an edit or a delete changes it.
+    if (m.edited || m.deleted) updateMessage(Object.assign(known, m));
+    return false;
+  }
+  room.messages.set(m.message_id, m);
+  room.maxSeq = Math.max(room.maxSeq, m.seq || 0);
+  const li = el('li', { 'data-message-id': m.message_id, 'data-seq': String(m.seq), class: m.sender_id === state.user ? 'mine' : '' });
+  const list = $('messages');
+  const after = [...list.children].find((c) => Number(c.dataset.seq) > m.seq);
+  list.insertBefore(li, after || null);
+  updateMessage(m, li);
+  return true;
+}
+
+function updateMessage(m, li = $('messages').querySelector(`li[data-message-id="${CSS.escape(m.message_id)}"]`)) {
+  if (!li) return;
+  li.replaceChildren(
+    el('span', { class: 'sender', text: m.sender_id }),
+    el('span', { class: 'time', text: `${fmtTime(m.occurred_at)}${m.edited ? ' · edited' : ''}` }),
+    el('div', { class: m.deleted ? 'text deleted' : 'text', text: m.deleted ? 'Message deleted' : m.text }),
+  );
+}
+
+function scrollToBottom() {
+  const s = $('scroller');
+  s.scrollTop = s.scrollHeight;
+}
+
+const markRoomRead = debounce(async () => {
+  const room = state.room;
+  if (!room || !room.maxSeq || document.hidden || !location.hash.startsWith('#/rooms/')) return;
+  try {
+    const r = await api('POST', `/v1/rooms/${encodeURIComponent(room.id)}/read`, { seq: room.maxSeq });
+    const mine = state.rooms.get(room.id);
+    if (mine) {
+      mine.unread = r.unread;
+      renderRooms();
+    }
+  } catch {
+    /* not a member any more, or offline: the count stays as it was */
+  }
+}, 200);
+
+async function send(ev) {
+  ev.preventDefault();
+  const input = $('send-text');
+  const text = input.value;
+  const room = state.room;
+  if (!room || !text.trim()) return;
+  $('send-error').textContent = '';
+  // Sending the same text again after a failure (a retry) reuses its client_id, which makes it
+  // the same message on the server, never a second one.
+  if (input.dataset.clientText !== text) Object.assign(input.dataset, { clientId: randomId(), clientText: text });
+  const clientId = input.dataset.clientId;
+  try {
+    const m = await api('POST', `/v1/rooms/${encodeURIComponent(room.id)}/messages`, { text, client_id: clientId });
+    delete input.dataset.clientText;
+    if (input.value === text) input.value = ''; // not what was typed meanwhile
+    if (state.room === room && addMessage(m)) scrollToBottom();
+    noteActivity(room.id, m, true);
+  } catch (e) {
+    if (e.status !== undefined && e.status < 500 && e.status !== 429) delete input.dataset.clientText;
+    const why = {
+      403: 'You are not a member of this room.',
+      413: 'That message is too long.',
+      422: 'Write something first.',
+      429: `Slow down: try again in ${e.retryAfter || 'a few'} seconds.`,
+    }[e.status];
+    $('send-error').textContent = why || e.message;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Chat events from the stream
+
+function onChatEvent(kind, data) {
+  let ev = data.event;
+  if (typeof ev === 'string') ev = safeJson(ev);
+  if (!ev || !ev.room_id) return;
+  // The payload of the event's type, whether or not the union arrives wrapped in its branch name.
+  const p = (ev.payload && ev.payload[ev.event_type]) || ev.payload || {};
+  const open = state.room && state.room.id === ev.room_id;
+  switch (kind) {
+    case 'chat.message': {
+      const m = {
+        message_id: p.message_id,
+        seq: data.seq ?? p.seq,
+        sender_id: p.sender_id,
+        text: p.text,
+        occurred_at: ev.occurred_at,
+        edited: false,
+        deleted: false,
+      };
+      if (open && addMessage(m)) {
+        const s = $('scroller');
+        if (s.scrollHeight - s.scrollTop - s.clientHeight < 120 || m.sender_id === state.user) scrollToBottom();
+        if (m.sender_id !== state.user) announce(`${m.sender_id}: ${m.text}`);
+        markRoomRead();
+      }
+      noteActivity(ev.room_id, m, open);
+      break;
+    }
+    case 'chat.message_edited':
+    case 'chat.message_deleted': {
+      const known = open && state.room.messages.get(p.message_id);
+      if (known) {
+        if (kind === 'chat.message_edited') Object.assign(known, { text: p.text, edited: true });
+        else known.deleted = true;
+        updateMessage(known);
+      }
+      reloadRooms();
+      break;
+    }
+    case 'chat.member_joined':
+    case 'chat.member_left':
+      if (open) {
+        api('GET', `/v1/rooms/${encodeURIComponent(ev.room_id)}`)
+          .then((info) => {
+            if (state.room && state.room.id === ev.room_id) {
+              state.room.info = info;
+              renderRoomMeta();
+            }
+          })
+          .catch(() => {});
+      }
+      reloadRooms();
+      break;
+    default: // chat.read (another tab of ours), chat.room_created, chat.room_closed
+      reloadRooms();
+  }
+}
+
+/** A message in a room of ours: move it up, and count it unread unless it is ours or being read. */
+function noteActivity(roomId, m, reading) {
+  const room = state.rooms.get(roomId);
+  if (!room) {
+    reloadRooms(); // a room we were just added to
+    return;
+  }
+  // Only messages after what the server's count covered are new to it (a resume can replay).
+  if (!(m.seq > room.latestSeq)) return;
+  room.latestSeq = m.seq;
+  room.last_message = m;
+  room._activity = Date.now();
+  if (!reading && m.sender_id !== state.user) room.unread = (room.unread || 0) + 1;
+  renderRooms();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Views (the hash is the view, so a reload comes back to it)
+
+function route() {
+  if (!state.token) return;
+  const h = location.hash || '#/inbox';
+  const m = h.match(/^#\/rooms\/(.+)$/);
+  let view = 'inbox';
+  if (m && state.chat) view = 'room';
+  else if (h === '#/rooms' && state.chat) view = 'rooms';
+  else if (h === '#/find' && state.chat) view = 'find';
+  for (const v of ['inbox', 'rooms', 'find', 'room']) $(`view-${v}`).hidden = v !== view;
+  for (const [tab, v] of [['tab-inbox', 'inbox'], ['tab-rooms', 'rooms'], ['tab-find', 'find']]) {
+    if (v === view || (v === 'rooms' && view === 'room')) $(tab).setAttribute('aria-current', 'page');
+    else $(tab).removeAttribute('aria-current');
+  }
+  if (view === 'room') openRoom(decodeURIComponent(m[1]));
+  else state.room = null;
+  // Move focus to the view's heading, so keyboard and screen reader users land in it.
+  const heading = { inbox: 'inbox-h', rooms: 'rooms-h', find: 'find-h', room: 'room-title' }[view];
+  if (document.activeElement === document.body || document.activeElement?.closest('nav')) $(heading).focus();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Start
+
+async function start() {
+  const config = await fetch('/config.json').then((r) => r.json());
+  state.kinds = config.kinds || [];
+  $('dev-form').hidden = !config.dev_sign_in;
+
+  $('dev-form').addEventListener('submit', async (e) => {
+    e.preventDefault();
+    try {
+      const r = await fetch('/v1/dev/token', {
+        method: 'POST',
+        headers: { 'Content-Type': 'application/json' },
+        body: JSON.stringify({ user_id: $('dev-user').value.trim() }),
+      });
+      const body = await r.json();
+      if (!r.ok) throw new Error(body.error ? body.error.message : `${r.status}`);
+      await signIn(body.token);
+    } catch (err) {
+      $('signin-error').textContent = err.message;
+    }
+  });
+  $('token-form').addEventListener('submit', async (e) => {
+    e.preventDefault();
+    try {
+      await signIn($('token-input').value.trim());
+      $('token-input').value = '';
+    } catch (err) {
+      $('signin-error').textContent = err.message;
+    }
+  });
+  $('sign-out').addEventListener('click', () => signOut());
+  $('inbox-more').addEventListener('click', () => loadMoreInbox().catch(() => {}));
+  $('create-form').addEventListener('submit', createRoom);
+  $('search-form').addEventListener('submit', (e) => search(e));
+  $('search-more').addEventListener('click', () => search(null, true));
+  $('room-older').addEventListener('click', () => loadOlder().catch(() => {}));
+  $('scroller').addEventListener('scroll', () => {
+    if ($('scroller').scrollTop < 30 && !$('room-older').hidden && !$('room-older').disabled) loadOlder().catch(() => {});
+  });
+  $('send-form').addEventListener('submit', send);
+  window.addEventListener('hashchange', route);
+  document.addEventListener('visibilitychange', () => markRoomRead());
+
+  const saved = sessionStorage.getItem(TOKEN);
+  if (saved) {
+    try {
+      await signIn(saved);
+    } catch (err) {
+      signOut(err.message);
+    }
+  } else {
+    show(false);
+  }
+  document.body.dataset.ready = '1';
+}
+
+start().catch((e) => {
+  $('signin-error').textContent = `The page could not start: ${e.message}`;
+});

@@ -1,0 +1,741 @@
+//! The web page the gateway serves at `/`, in headless Chromium driven step by step through
+//! `tests/browser/page.mjs`: its files and headers, dev sign-in, a live inbox (unread badge,
+//! mark-read by keyboard), a reload and a page that went away resuming without loss or
+//! duplicates, and a gateway restart (SIGTERM, start again on the same port) under an open page.
+//! Notifications come in through HTTP ingest on a core process that stays up throughout.
+//! Screenshots of the main screens go to `target/browser/`.
+
+mod common;
+
+use common::{eventually, Tidings, Up};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout};
+
+/// The whole test, beyond which it fails (every process is killed on the way out).
+const WHOLE: Duration = Duration::from_secs(240);
+/// One browser command (a wait included) at most.
+const STEP: Duration = Duration::from_secs(45);
+
+fn chromium() -> PathBuf {
+    std::env::var_os("CHROMIUM").map(PathBuf::from).unwrap_or_else(|| "/usr/bin/chromium".into())
+}
+
+fn browser_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser")
+}
+
+fn screenshot_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/browser");
+    std::fs::create_dir_all(&dir).expect("creating target/browser");
+    dir
+}
+
+/// Whether Chromium and playwright-core are installed; under CI their absence is a failure.
+fn browser_or_skip() -> bool {
+    let missing: Vec<String> = [chromium(), browser_dir().join("node_modules/playwright-core/package.json")]
+        .into_iter()
+        .filter(|p| !p.exists())
+        .map(|p| p.display().to_string())
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("missing {missing:?} but CI is set: run `bash compose/install-browser.sh` (as .ci/test does)");
+    }
+    eprintln!("skipped: missing {missing:?} (bash compose/install-browser.sh installs them)");
+    false
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The node driver: one command at a time, each answered by one line.
+struct Browser {
+    child: Child,
+    stdin: ChildStdin,
+    lines: Lines<BufReader<ChildStdout>>,
+    next: u64,
+}
+
+impl Browser {
+    fn start() -> Browser {
+        let mut child = tokio::process::Command::new("node")
+            .arg(browser_dir().join("page.mjs"))
+            .env("CHROMIUM", chromium())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("starting node (is Node.js installed?)");
+        let stdin = child.stdin.take().unwrap();
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        Browser { child, stdin, lines, next: 0 }
+    }
+
+    /// Runs `cmd` in context `ctx`: its value, or the driver's error (with what the page showed).
+    async fn try_call(&mut self, ctx: &str, mut cmd: Value) -> Result<Value, Value> {
+        self.next += 1;
+        let id = self.next;
+        cmd["id"] = json!(id);
+        cmd["ctx"] = json!(ctx);
+        let mut line = cmd.to_string();
+        line.push('\n');
+        self.stdin.write_all(line.as_bytes()).await.expect("writing to the driver");
+        let answer = tokio::time::timeout(STEP, async {
+            loop {
+                let Some(line) = self.lines.next_line().await.expect("reading the driver") else {
+                    panic!("the browser driver exited during {cmd}");
+                };
+                let Ok(v) = serde_json::from_str::<Value>(&line) else {
+                    eprintln!("driver (not JSON): {line}");
+                    continue;
+                };
+                if v["id"] == id {
+                    return v;
+                }
+                // Console output and page errors of the page, to follow the story.
+                eprintln!("page: {line}");
+                assert_ne!(v["kind"], "pageerror", "the page threw: {v}");
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no answer from the browser to {cmd} within {STEP:?}"));
+        if answer["kind"] == "done" {
+            Ok(answer["value"].clone())
+        } else {
+            Err(answer)
+        }
+    }
+
+    async fn call(&mut self, ctx: &str, cmd: Value) -> Value {
+        match self.try_call(ctx, cmd.clone()).await {
+            Ok(v) => v,
+            Err(e) => panic!("browser command {cmd} in {ctx} failed: {}\npage text:\n{}", e["error"], e["page_text"]),
+        }
+    }
+
+    /// Waits until the function body `js` returns something truthy in `ctx`'s page.
+    async fn wait(&mut self, ctx: &str, what: &str, js: &str) -> Value {
+        match self.try_call(ctx, json!({"cmd": "wait", "js": js, "timeout_ms": 30_000})).await {
+            Ok(v) => v,
+            Err(e) => {
+                let now = self.try_call(ctx, json!({"cmd": "eval", "js": SNAPSHOT})).await;
+                panic!(
+                    "{ctx}: waiting for {what} failed: {}\npage now: {now:?}\npage text:\n{}",
+                    e["error"], e["page_text"]
+                )
+            }
+        }
+    }
+
+    async fn eval(&mut self, ctx: &str, js: &str) -> Value {
+        self.call(ctx, json!({"cmd": "eval", "js": js})).await
+    }
+
+    async fn snapshot(&mut self, ctx: &str) -> Value {
+        self.eval(ctx, SNAPSHOT).await
+    }
+
+    async fn screenshot(&mut self, ctx: &str, name: &str) {
+        let path = screenshot_dir().join(format!("{name}.png"));
+        self.call(ctx, json!({"cmd": "screenshot", "path": path})).await;
+        eprintln!("screenshot {}", path.display());
+    }
+
+    async fn close(mut self) {
+        drop(self.stdin);
+        let _ = tokio::time::timeout(Duration::from_secs(20), self.child.wait()).await;
+    }
+}
+
+/// What a test checks of the page: connection state, inbox (source event ids, newest first, with
+/// read flags), the unread badge.
+const SNAPSHOT: &str = r#"
+    const items = [...document.querySelectorAll('#inbox-list li')];
+    return {
+        conn: document.getElementById('conn').dataset.state,
+        signed_in: !document.getElementById('app').hidden,
+        sources: items.map((li) => li.dataset.source),
+        unread_items: items.filter((li) => li.classList.contains('unread')).map((li) => li.dataset.source),
+        badge: document.getElementById('inbox-badge').textContent,
+        badge_hidden: document.getElementById('inbox-badge').hidden,
+        last_event_id: sessionStorage.getItem('tidings.lastEventId'),
+    };
+"#;
+
+/// Posts one OrderPlaced for `user` over HTTP ingest: one `order.placed` notification.
+async fn order(http: &reqwest::Client, ingest: &str, user: &str, event_id: &str) {
+    let body = json!({"event_id": event_id, "occurred_at": chrono::Utc::now().timestamp_micros(),
+        "order_id": format!("o-{event_id}"), "buyer_id": user, "locale": "en",
+        "payload": {"OrderPlaced": {"amount_cents": 1250, "currency": "EUR", "items": []}}});
+    let r = http
+        .post(format!("{ingest}/v1/events/orders"))
+        .bearer_auth(common::ingest_token())
+        .json(&body)
+        .send()
+        .await
+        .expect("POST to ingest");
+    assert_eq!(r.status(), 202, "ingest refused {event_id}: {}", r.text().await.unwrap_or_default());
+}
+
+async fn unread_count(http: &reqwest::Client, url: &str, token: &str) -> i64 {
+    let r = http.get(format!("{url}/v1/notifications/unread_count")).bearer_auth(token).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    r.json::<Value>().await.unwrap()["unread"].as_i64().unwrap()
+}
+
+fn gateway(name: &str, up: &Up<'_>, port: u16) -> Tidings {
+    // A quick browser retry (the gateway's `retry:`), so the restart below is short.
+    Tidings::spawn_at(
+        name,
+        up,
+        &[("TIDINGS_SSE_RETRY_MS", "250"), ("TIDINGS_GRACE_SECS", "5")],
+        &format!("127.0.0.1:{port}"),
+    )
+}
+
+async fn await_ready(http: &reqwest::Client, url: &str, g: &Tidings) {
+    eventually("the gateway to be ready", Duration::from_secs(60), Duration::from_millis(200), &[g], || async {
+        match http.get(format!("{url}/readyz")).send().await {
+            Ok(r) if r.status() == 200 => Ok(()),
+            Ok(r) => Err(r.status().to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+    })
+    .await;
+}
+
+async fn sigterm(g: &mut Tidings) {
+    g.signal("TERM");
+    let status = g.wait_exit(Duration::from_secs(20)).await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{} did not exit 0 after SIGTERM: {status:?}\n{}",
+        g.name,
+        g.log_tail(40)
+    );
+}
+
+/// The headers every file of the page comes with.
+async fn check_asset(http: &reqwest::Client, url: &str, content_type: &str) -> String {
+    let r = http.get(url).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{url}");
+    let h = r.headers();
+    assert_eq!(h["content-type"], content_type, "{url}");
+    assert_eq!(h["cache-control"], "no-cache", "{url}");
+    assert_eq!(h["x-content-type-options"], "nosniff", "{url}");
+    let csp = h["content-security-policy"].to_str().unwrap();
+    assert!(csp.starts_with("default-src 'self'"), "{url}: CSP {csp}");
+    assert!(!csp.contains("unsafe"), "{url}: CSP {csp}");
+    r.text().await.unwrap()
+}
+
+/// The two tests here run one at a time: each runs Chromium and three processes on shared cores.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A core process (templating, persistence, ingest: up all along) and a gateway on a fixed port,
+/// so it can be stopped and started again at the same URL.
+struct Stack {
+    gw_spec: GatewaySpec,
+    ingest: String,
+    url: String,
+    http: reqwest::Client,
+    core: Tidings,
+    gw: Tidings,
+    _pool: sqlx::PgPool,
+}
+
+struct GatewaySpec {
+    brokers: String,
+    db_url: String,
+    prefix: String,
+    registry: String,
+    port: u16,
+}
+
+impl GatewaySpec {
+    /// Starts a gateway and waits until it is ready.
+    async fn launch(&self, name: &str, http: &reqwest::Client) -> Tidings {
+        let up = Up {
+            brokers: &self.brokers,
+            database_url: &self.db_url,
+            prefix: &self.prefix,
+            stages: "gateway",
+            registry_url: Some(&self.registry),
+        };
+        let mut gw = gateway(name, &up, self.port);
+        gw.endpoints(Duration::from_secs(60)).await;
+        await_ready(http, &format!("http://127.0.0.1:{}", self.port), &gw).await;
+        gw
+    }
+}
+
+impl Stack {
+    async fn start(brokers: String) -> Stack {
+        let (pool, db_url) = common::fresh_pg().await;
+        let prefix = common::unique_prefix();
+        eprintln!("topic prefix {prefix}, database {db_url}");
+        let mut core = Tidings::spawn(
+            "core",
+            &Up {
+                brokers: &brokers,
+                database_url: &db_url,
+                prefix: &prefix,
+                stages: "templating,persistence,ingest",
+                registry_url: None,
+            },
+        );
+        let ep = core.endpoints(Duration::from_secs(60)).await;
+        let port = free_port();
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+        let gw_spec = GatewaySpec { brokers, db_url, prefix, registry: ep.schema_registry_url, port };
+        let gw = gw_spec.launch("gateway", &http).await;
+        Stack { gw_spec, ingest: ep.ingest, url: format!("http://127.0.0.1:{port}"), http, core, gw, _pool: pool }
+    }
+
+    /// SIGTERM to the gateway (it must exit 0); a new one is started with [`Stack::start_gateway`].
+    async fn stop_gateway(&mut self) {
+        sigterm(&mut self.gw).await;
+    }
+
+    async fn start_gateway(&mut self, name: &str) {
+        self.gw = self.gw_spec.launch(name, &self.http).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_page_inbox_live_across_reloads_and_a_gateway_restart() {
+    let Some(brokers) = common::brokers_or_skip() else { return };
+    if !browser_or_skip() {
+        return;
+    }
+    let _one = SERIAL.lock().await;
+    tokio::time::timeout(WHOLE, inbox(brokers)).await.expect("the web page test did not finish in time");
+}
+
+async fn inbox(brokers: String) {
+    let mut st = Stack::start(brokers).await;
+    let (url, http) = (st.url.clone(), st.http.clone());
+    let ingest = st.ingest.clone();
+
+    // The files, their headers, the page's config, dev sign-in over plain HTTP.
+    let html = check_asset(&http, &format!("{url}/"), "text/html; charset=utf-8").await;
+    assert!(html.contains(r#"src="/app.js""#) && html.contains(r#"href="/app.css""#), "index.html: {html}");
+    let js = check_asset(&http, &format!("{url}/app.js"), "text/javascript; charset=utf-8").await;
+    assert!(js.contains("EventSource"), "app.js is not the page's script");
+    check_asset(&http, &format!("{url}/app.css"), "text/css; charset=utf-8").await;
+    let config: Value = http.get(format!("{url}/config.json")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(config["dev_sign_in"], true, "{config}");
+    assert!(config["kinds"].as_array().unwrap().iter().any(|k| k == "order.placed"), "{config}");
+    let r = http.post(format!("{url}/v1/dev/token")).json(&json!({"user_id": "a b"})).send().await.unwrap();
+    assert_eq!(r.status(), 422, "a user id with a space");
+    let r = http.post(format!("{url}/v1/dev/token")).json(&json!({"user_id": "alice"})).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let token = r.json::<Value>().await.unwrap()["token"].as_str().unwrap().to_string();
+    assert_eq!(unread_count(&http, &url, &token).await, 0, "the dev token is accepted");
+
+    // Signed out, then signed in as a demo user with the keyboard, on a phone-sized viewport.
+    let mut b = Browser::start();
+    let status = b.call("alice", json!({"cmd": "open", "url": format!("{url}/"), "width": 390, "height": 844})).await;
+    assert_eq!(status, 200);
+    b.wait("alice", "the page to start", "return document.body.dataset.ready === '1'").await;
+    let dev_form = b.eval("alice", "return !document.getElementById('dev-form').hidden").await;
+    assert_eq!(dev_form, true, "no demo sign-in in dev mode");
+    let fits = b.eval("alice", "return document.documentElement.scrollWidth <= window.innerWidth").await;
+    assert_eq!(fits, true, "the signed-out page scrolls sideways at 390 px");
+    b.screenshot("alice", "signed-out").await;
+    b.call("alice", json!({"cmd": "fill", "selector": "#dev-user", "value": "alice"})).await;
+    b.call("alice", json!({"cmd": "press", "selector": "#dev-user", "key": "Enter"})).await;
+    b.wait("alice", "the stream to be live", "return document.getElementById('conn').dataset.state === 'live'").await;
+    let who = b.eval("alice", "return document.getElementById('who').textContent").await;
+    assert_eq!(who, "Signed in as alice");
+
+    // Live: each notification appears once, newest first, and the badge counts it.
+    order(&http, &ingest, "alice", "ev-1").await;
+    b.wait("alice", "ev-1 in the inbox", "return document.getElementById('inbox-badge').textContent === '1'").await;
+    order(&http, &ingest, "alice", "ev-2").await;
+    b.wait("alice", "ev-2 in the inbox", "return document.getElementById('inbox-badge').textContent === '2'").await;
+    let s = b.snapshot("alice").await;
+    assert_eq!(s["sources"], json!(["ev-2", "ev-1"]), "{s}");
+    assert_eq!(s["unread_items"], json!(["ev-2", "ev-1"]), "{s}");
+    assert_eq!(s["badge_hidden"], false, "{s}");
+    let live =
+        b.eval("alice", "return [...document.querySelectorAll('#inbox-list li')].map((li) => li.dataset.live)").await;
+    assert_eq!(live, json!(["1", "1"]), "both came over the stream, not from a refetch");
+
+    // Mark-read with the keyboard: the badge goes down, and so does the server's count.
+    b.call("alice", json!({"cmd": "press", "selector": "li[data-source='ev-1'] button", "key": "Enter"})).await;
+    b.wait("alice", "the badge to go down", "return document.getElementById('inbox-badge').textContent === '1'").await;
+    eventually(
+        "the server's unread count to be 1",
+        Duration::from_secs(10),
+        Duration::from_millis(200),
+        &[&st.core, &st.gw],
+        || async {
+            match unread_count(&http, &url, &token).await {
+                1 => Ok(()),
+                n => Err(format!("{n}")),
+            }
+        },
+    )
+    .await;
+    let s = b.snapshot("alice").await;
+    assert_eq!(s["unread_items"], json!(["ev-2"]), "{s}");
+    b.screenshot("alice", "inbox").await;
+
+    // The page goes away; a notification comes in meanwhile; the page comes back (same tab).
+    b.call("alice", json!({"cmd": "leave"})).await;
+    order(&http, &ingest, "alice", "ev-3").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    b.call("alice", json!({"cmd": "goto", "url": format!("{url}/")})).await;
+    b.wait("alice", "the stream to be live again", "return document.getElementById('conn').dataset.state === 'live'")
+        .await;
+    b.wait("alice", "ev-3 after coming back", "return document.querySelector(\"li[data-source='ev-3']\") !== null")
+        .await;
+    // A reload right after a notification was sent: it arrives during or after the reload.
+    order(&http, &ingest, "alice", "ev-4").await;
+    b.call("alice", json!({"cmd": "reload"})).await;
+    b.wait("alice", "ev-4 after the reload", "return document.querySelector(\"li[data-source='ev-4']\") !== null")
+        .await;
+    // A duplicate would show up now.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let s = b.snapshot("alice").await;
+    assert_eq!(s["sources"], json!(["ev-4", "ev-3", "ev-2", "ev-1"]), "after the reload: {s}");
+    assert_eq!(s["unread_items"], json!(["ev-4", "ev-3", "ev-2"]), "read flags after the reload: {s}");
+    assert_eq!(s["badge"], "3", "{s}");
+    assert_eq!(s["conn"], "live", "{s}");
+
+    // The gateway stops (SIGTERM) under the open page, a notification comes in while it is down,
+    // the gateway starts again on the same port: the page reconnects by itself and shows it once.
+    st.stop_gateway().await;
+    b.wait(
+        "alice",
+        "the page to show it is reconnecting",
+        "return document.getElementById('conn').dataset.state === 'reconnecting'",
+    )
+    .await;
+    order(&http, &ingest, "alice", "ev-5").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let s = b.snapshot("alice").await;
+    assert_eq!(s["conn"], "reconnecting", "with the gateway down: {s}");
+    st.start_gateway("gateway-2").await;
+    b.wait("alice", "ev-5 after the restart", "return document.querySelector(\"li[data-source='ev-5']\") !== null")
+        .await;
+    b.wait(
+        "alice",
+        "the stream to be live after the restart",
+        "return document.getElementById('conn').dataset.state === 'live'",
+    )
+    .await;
+    order(&http, &ingest, "alice", "ev-6").await;
+    b.wait(
+        "alice",
+        "ev-6 live after the restart",
+        "return document.querySelector(\"li[data-source='ev-6']\") !== null",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let s = b.snapshot("alice").await;
+    assert_eq!(s["sources"], json!(["ev-6", "ev-5", "ev-4", "ev-3", "ev-2", "ev-1"]), "after the restart: {s}");
+    assert_eq!(s["badge"], "5", "{s}");
+    assert_eq!(unread_count(&http, &url, &token).await, 5, "the badge and the server disagree");
+    b.screenshot("alice", "inbox-after-restart").await;
+
+    // Signing out closes the stream and forgets the token (a reload stays signed out).
+    b.call("alice", json!({"cmd": "click", "selector": "#sign-out"})).await;
+    b.call("alice", json!({"cmd": "reload"})).await;
+    b.wait("alice", "the page to start", "return document.body.dataset.ready === '1'").await;
+    let s = b.snapshot("alice").await;
+    assert_eq!(s["signed_in"], false, "{s}");
+    assert_eq!(s["conn"], "offline", "{s}");
+    b.close().await;
+    drop(st);
+}
+
+/// Texts and ids of the open room's messages, in the order shown.
+const MESSAGES: &str = r#"
+    const lis = [...document.querySelectorAll('#messages li')];
+    return {
+        texts: lis.map((li) => li.querySelector('.text').textContent),
+        ids: lis.map((li) => li.dataset.messageId),
+        seqs: lis.map((li) => Number(li.dataset.seq)),
+        conn: document.getElementById('conn').dataset.state,
+        title: document.getElementById('room-title').textContent,
+        meta: document.getElementById('room-meta').textContent,
+    };
+"#;
+
+fn has_message(text: &str) -> String {
+    format!(
+        "return [...document.querySelectorAll('#messages li .text')].some((t) => t.textContent === {})",
+        json!(text)
+    )
+}
+
+/// Types `text` into the open room's send box and sends it with Enter; waits until it shows.
+async fn say(b: &mut Browser, ctx: &str, text: &str) {
+    b.call(ctx, json!({"cmd": "fill", "selector": "#send-text", "value": text})).await;
+    b.call(ctx, json!({"cmd": "press", "selector": "#send-text", "key": "Enter"})).await;
+    b.wait(ctx, &format!("{text:?} to show on the sender's side"), &has_message(text)).await;
+}
+
+/// Both pages show exactly `want`, in order, each once, with increasing seqs.
+async fn same_messages(b: &mut Browser, want: &[String], when: &str) {
+    let last = want.last().unwrap();
+    for ctx in ["alice", "bob"] {
+        b.wait(ctx, &format!("{last:?} {when}"), &has_message(last)).await;
+    }
+    // A duplicate would show up now.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    for ctx in ["alice", "bob"] {
+        let m = b.eval(ctx, MESSAGES).await;
+        assert_eq!(m["texts"], json!(want), "{ctx} {when}: {m}");
+        let ids: std::collections::HashSet<&str> =
+            m["ids"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        assert_eq!(ids.len(), want.len(), "{ctx} {when}: a message id twice: {m}");
+        let seqs: Vec<i64> = m["seqs"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{ctx} {when}: seqs out of order: {m}");
+    }
+}
+
+async fn rooms_of(http: &reqwest::Client, url: &str, token: &str) -> Value {
+    let r = http.get(format!("{url}/v1/rooms")).bearer_auth(token).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    r.json().await.unwrap()
+}
+
+async fn dev_token(http: &reqwest::Client, url: &str, user: &str) -> String {
+    let r = http.post(format!("{url}/v1/dev/token")).json(&json!({"user_id": user})).send().await.unwrap();
+    r.json::<Value>().await.unwrap()["token"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_page_chat_two_users_live_across_reloads_and_a_gateway_restart() {
+    let Some(brokers) = common::brokers_or_skip() else { return };
+    if !browser_or_skip() {
+        return;
+    }
+    let _one = SERIAL.lock().await;
+    tokio::time::timeout(WHOLE, chat(brokers)).await.expect("the chat page test did not finish in time");
+}
+
+async fn chat(brokers: String) {
+    let mut st = Stack::start(brokers).await;
+    let (url, http) = (st.url.clone(), st.http.clone());
+    let mut b = Browser::start();
+    for user in ["alice", "bob"] {
+        b.call(user, json!({"cmd": "open", "url": format!("{url}/"), "width": 390, "height": 844})).await;
+        b.wait(user, "the page to start", "return document.body.dataset.ready === '1'").await;
+        b.call(user, json!({"cmd": "fill", "selector": "#dev-user", "value": user})).await;
+        b.call(user, json!({"cmd": "press", "selector": "#dev-user", "key": "Enter"})).await;
+        b.wait(user, "the stream to be live", "return document.getElementById('conn').dataset.state === 'live'").await;
+    }
+
+    // Alice creates a group room tagged tea (keyboard only) and lands in it.
+    b.call("alice", json!({"cmd": "goto", "url": format!("{url}/#/rooms")})).await;
+    b.wait("alice", "the room list", "return !document.getElementById('view-rooms').hidden").await;
+    b.call("alice", json!({"cmd": "fill", "selector": "#create-name", "value": "Tea lovers"})).await;
+    b.call("alice", json!({"cmd": "fill", "selector": "#create-tags", "value": "tea, green"})).await;
+    b.call("alice", json!({"cmd": "press", "selector": "#create-tags", "key": "Enter"})).await;
+    let room = b
+        .wait(
+            "alice",
+            "the new room to open",
+            "const m = location.hash.match(/^#\\/rooms\\/(.+)$/); \
+             return m && document.getElementById('room-title').textContent === 'Tea lovers' && decodeURIComponent(m[1])",
+        )
+        .await;
+    let room = room.as_str().unwrap().to_string();
+    eprintln!("room {room}");
+
+    // Bob finds it by tag and joins.
+    b.call("bob", json!({"cmd": "click", "selector": "#tab-find"})).await;
+    b.call("bob", json!({"cmd": "fill", "selector": "#search-tags", "value": "tea"})).await;
+    b.call("bob", json!({"cmd": "press", "selector": "#search-tags", "key": "Enter"})).await;
+    let found = format!("#search-results li[data-room-id='{room}']");
+    b.wait(
+        "bob",
+        "the room in the search results",
+        &format!("return document.querySelector({}) !== null", json!(found)),
+    )
+    .await;
+    let results = b.eval("bob", "return document.getElementById('search-results').innerText").await;
+    assert!(
+        results.as_str().unwrap().contains("Tea lovers") && results.as_str().unwrap().contains("#green"),
+        "{results}"
+    );
+    b.screenshot("bob", "search").await;
+    b.call("bob", json!({"cmd": "click", "selector": format!("{found} button")})).await;
+    b.wait(
+        "bob",
+        "the joined room to open",
+        "return document.getElementById('room-title').textContent === 'Tea lovers'",
+    )
+    .await;
+    b.wait("alice", "bob among the members", "return document.getElementById('room-meta').textContent.includes('bob')")
+        .await;
+
+    // Both ways, live; then a quick exchange.
+    let mut want: Vec<String> = Vec::new();
+    for (who, text) in [("alice", "hello bob"), ("bob", "hi alice"), ("alice", "tea?"), ("bob", "green, please")] {
+        say(&mut b, who, text).await;
+        want.push(text.into());
+    }
+    same_messages(&mut b, &want, "live").await;
+    b.screenshot("alice", "room").await;
+
+    // Bob looks at his room list while Alice writes: two unread, on the page and on the server.
+    b.call("bob", json!({"cmd": "click", "selector": "#tab-rooms"})).await;
+    b.wait("bob", "the room list", "return !document.getElementById('view-rooms').hidden").await;
+    for text in ["are you there?", "the kettle is on"] {
+        say(&mut b, "alice", text).await;
+        want.push(text.into());
+    }
+    let unread = format!("#room-list li[data-room-id='{room}'] .unread-count");
+    b.wait(
+        "bob",
+        "2 unread in the room list",
+        &format!("const e = document.querySelector({}); return e && e.textContent === '2'", json!(unread)),
+    )
+    .await;
+    let badge = b.eval("bob", "return document.getElementById('rooms-badge').textContent").await;
+    assert_eq!(badge, "2");
+    let bob_token = dev_token(&http, &url, "bob").await;
+    // The server counts stored messages: the last one may still be on its way to the store.
+    eventually(
+        "bob's unread to be 2 on the server",
+        Duration::from_secs(10),
+        Duration::from_millis(200),
+        &[&st.core],
+        || {
+            let (http, url, t) = (http.clone(), url.clone(), bob_token.clone());
+            async move {
+                let r = rooms_of(&http, &url, &t).await;
+                if r["rooms"][0]["unread"] == 2 {
+                    Ok(())
+                } else {
+                    Err(r.to_string())
+                }
+            }
+        },
+    )
+    .await;
+    b.screenshot("bob", "room-list").await;
+    // Opening the room reads it.
+    b.call("bob", json!({"cmd": "click", "selector": format!("#room-list li[data-room-id='{room}'] a")})).await;
+    b.wait("bob", "the room badge to clear", "return document.getElementById('rooms-badge').hidden").await;
+    eventually(
+        "bob's unread to be 0 on the server",
+        Duration::from_secs(10),
+        Duration::from_millis(200),
+        &[&st.gw],
+        || {
+            let (http, url, t) = (http.clone(), url.clone(), bob_token.clone());
+            async move {
+                let r = rooms_of(&http, &url, &t).await;
+                if r["rooms"][0]["unread"] == 0 {
+                    Ok(())
+                } else {
+                    Err(r.to_string())
+                }
+            }
+        },
+    )
+    .await;
+    same_messages(&mut b, &want, "after bob opened the room again").await;
+
+    // Bob reloads while Alice writes; then scrolls back is not needed: all fit one page.
+    b.call("alice", json!({"cmd": "fill", "selector": "#send-text", "value": "while you reload"})).await;
+    b.call("alice", json!({"cmd": "press", "selector": "#send-text", "key": "Enter"})).await;
+    b.call("bob", json!({"cmd": "reload"})).await;
+    want.push("while you reload".into());
+    same_messages(&mut b, &want, "after bob's reload").await;
+
+    // The gateway stops under both pages (messages in flight) and starts again.
+    for text in ["before the restart 1", "before the restart 2"] {
+        say(&mut b, "bob", text).await;
+        want.push(text.into());
+    }
+    st.stop_gateway().await;
+    for ctx in ["alice", "bob"] {
+        b.wait(
+            ctx,
+            "the page to show it is reconnecting",
+            "return document.getElementById('conn').dataset.state === 'reconnecting'",
+        )
+        .await;
+    }
+    order(&http, &st.ingest, "alice", "while-down").await;
+    st.start_gateway("gateway-2").await;
+    for ctx in ["alice", "bob"] {
+        b.wait(
+            ctx,
+            "the stream to be live after the restart",
+            "return document.getElementById('conn').dataset.state === 'live'",
+        )
+        .await;
+    }
+    for (who, text) in [("alice", "back again"), ("bob", "welcome back")] {
+        say(&mut b, who, text).await;
+        want.push(text.into());
+    }
+    same_messages(&mut b, &want, "after the gateway restart").await;
+    // Alice's order notification, sent while the gateway was down, arrived once; no chat in the inbox.
+    b.wait(
+        "alice",
+        "the notification sent while down",
+        "return document.querySelector(\"#inbox-list li[data-source='while-down']\") !== null",
+    )
+    .await;
+    let inbox =
+        b.eval("alice", "return [...document.querySelectorAll('#inbox-list li')].map((li) => li.dataset.source)").await;
+    assert_eq!(inbox, json!(["while-down"]), "alice's inbox");
+    let inbox = b.eval("bob", "return document.querySelectorAll('#inbox-list li').length").await;
+    assert_eq!(inbox, 0, "chat events are not inbox items");
+    b.screenshot("bob", "room-after-restart").await;
+
+    // History: more than a page (50) of messages, sent over the API; after a reload Alice sees the
+    // newest page, and "Load older" brings the rest, each message once.
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    for i in 0..45 {
+        let text = format!("backlog {i:02}");
+        loop {
+            let r = client
+                .post(format!("{url}/v1/rooms/{room}/messages"))
+                .bearer_auth(&bob_token)
+                .json(&json!({"text": text}))
+                .send()
+                .await
+                .unwrap();
+            if r.status() == 429 {
+                let secs = r.headers()["retry-after"].to_str().unwrap().parse::<u64>().unwrap_or(1);
+                tokio::time::sleep(Duration::from_secs(secs)).await;
+                continue;
+            }
+            assert_eq!(r.status(), 201, "sending {text}: {}", r.text().await.unwrap_or_default());
+            break;
+        }
+        want.push(text);
+    }
+    same_messages(&mut b, &want, "after the backlog").await;
+    b.call("alice", json!({"cmd": "reload"})).await;
+    b.wait("alice", "the newest page after the reload", &has_message(want.last().unwrap())).await;
+    let first = b.eval("alice", MESSAGES).await;
+    assert_eq!(first["texts"].as_array().unwrap().len(), 50, "one page of history: {first}");
+    b.wait("alice", "the load-older button", "return !document.getElementById('room-older').hidden").await;
+    b.call("alice", json!({"cmd": "press", "selector": "#room-older", "key": "Enter"})).await;
+    b.wait("alice", "the oldest message", &has_message(&want[0])).await;
+    let all = b.eval("alice", MESSAGES).await;
+    assert_eq!(all["texts"], json!(want), "after loading older: {all}");
+    let hidden = b.eval("alice", "return document.getElementById('room-older').hidden").await;
+    assert_eq!(hidden, true, "no older page left, but the button is still there");
+    b.close().await;
+    drop(st);
+}

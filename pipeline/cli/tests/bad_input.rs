@@ -51,16 +51,7 @@ async fn every_bad_record_is_dead_lettered_once_and_nothing_blocks() {
     let (pool, db_url) = common::fresh_pg().await;
     let prefix = common::unique_prefix();
     eprintln!("topic prefix {prefix}, database {db_url}");
-    let mut up = Tidings::spawn(
-        "up",
-        &Up {
-            brokers: &brokers,
-            database_url: &db_url,
-            prefix: &prefix,
-            stages: "templating,persistence,gateway",
-            registry_url: None,
-        },
-    );
+    let mut up = Tidings::spawn("up", &Up::all(&brokers, &db_url, &prefix));
     let ep = up.endpoints(Duration::from_secs(60)).await;
     let topic = format!("{prefix}orders");
     let dlq = format!("{prefix}tidings.dlq.templating");

@@ -6,10 +6,9 @@
 
 mod common;
 
-use common::{eventually, Tidings, Up};
+use common::{browser_dir, browser_or_skip, chromium, eventually, free_port, Tidings, Up};
 use serde_json::{json, Value};
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,35 +19,6 @@ use tokio_util::sync::CancellationToken;
 const EVERY: Duration = Duration::from_millis(300);
 /// The whole test, beyond which it fails (every process is killed on the way out).
 const WHOLE: Duration = Duration::from_secs(200);
-
-fn chromium() -> PathBuf {
-    std::env::var_os("CHROMIUM").map(PathBuf::from).unwrap_or_else(|| "/usr/bin/chromium".into())
-}
-
-fn browser_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser")
-}
-
-/// Whether Chromium and playwright-core are installed; under CI their absence is a failure.
-fn browser_or_skip() -> bool {
-    let missing: Vec<String> = [chromium(), browser_dir().join("node_modules/playwright-core/package.json")]
-        .into_iter()
-        .filter(|p| !p.exists())
-        .map(|p| p.display().to_string())
-        .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("missing {missing:?} but CI is set: run `bash compose/install-browser.sh` (as .ci/test does)");
-    }
-    eprintln!("skipped: missing {missing:?} (bash compose/install-browser.sh installs them)");
-    false
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 async fn ready(http: &reqwest::Client, url: &str) -> Result<(), String> {
     match http.get(format!("{url}/readyz")).send().await {

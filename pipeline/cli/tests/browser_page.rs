@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{eventually, Tidings, Up};
+use common::{browser_dir, browser_or_skip, chromium, eventually, free_port, Tidings, Up};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -20,39 +20,10 @@ const WHOLE: Duration = Duration::from_secs(240);
 /// One browser command (a wait included) at most.
 const STEP: Duration = Duration::from_secs(45);
 
-fn chromium() -> PathBuf {
-    std::env::var_os("CHROMIUM").map(PathBuf::from).unwrap_or_else(|| "/usr/bin/chromium".into())
-}
-
-fn browser_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser")
-}
-
 fn screenshot_dir() -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/browser");
     std::fs::create_dir_all(&dir).expect("creating target/browser");
     dir
-}
-
-/// Whether Chromium and playwright-core are installed; under CI their absence is a failure.
-fn browser_or_skip() -> bool {
-    let missing: Vec<String> = [chromium(), browser_dir().join("node_modules/playwright-core/package.json")]
-        .into_iter()
-        .filter(|p| !p.exists())
-        .map(|p| p.display().to_string())
-        .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("missing {missing:?} but CI is set: run `bash compose/install-browser.sh` (as .ci/test does)");
-    }
-    eprintln!("skipped: missing {missing:?} (bash compose/install-browser.sh installs them)");
-    false
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// The node driver: one command at a time, each answered by one line.

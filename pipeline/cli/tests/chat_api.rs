@@ -99,13 +99,7 @@ async fn rooms_messages_and_their_rules() {
     let prefix = common::unique_prefix();
     let up = Tidings::spawn_env(
         "chat",
-        &Up {
-            brokers: &brokers,
-            database_url: &db_url,
-            prefix: &prefix,
-            stages: "templating,persistence,gateway",
-            registry_url: None,
-        },
+        &Up::all(&brokers, &db_url, &prefix),
         &[("TIDINGS_CHAT_RATE", "1"), ("TIDINGS_CHAT_BURST", "4"), ("TIDINGS_CHAT_MAX_TEXT_BYTES", "1000")],
     );
     let mut up = up;

@@ -41,16 +41,7 @@ async fn events_become_notifications_and_sigterm_exits_cleanly() {
     let (pool, db_url) = common::fresh_pg().await;
     let prefix = common::unique_prefix();
     eprintln!("topic prefix {prefix}, database {db_url}");
-    let mut up = Tidings::spawn(
-        "up",
-        &Up {
-            brokers: &brokers,
-            database_url: &db_url,
-            prefix: &prefix,
-            stages: "templating,persistence,gateway",
-            registry_url: None,
-        },
-    );
+    let mut up = Tidings::spawn("up", &Up::all(&brokers, &db_url, &prefix));
     let ep = up.endpoints(Duration::from_secs(60)).await;
     assert_eq!(ep.topic_prefix, prefix);
     let http = reqwest::Client::builder().timeout(Duration::from_secs(15)).build().unwrap();

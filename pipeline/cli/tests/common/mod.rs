@@ -77,6 +77,13 @@ pub struct Up<'a> {
     pub registry_url: Option<&'a str>,
 }
 
+impl<'a> Up<'a> {
+    /// Every stage in one process, with its embedded registry.
+    pub fn all(brokers: &'a str, database_url: &'a str, prefix: &'a str) -> Self {
+        Up { brokers, database_url, prefix, stages: "templating,persistence,gateway", registry_url: None }
+    }
+}
+
 /// A running `tidings up`. Dropping it SIGKILLs the process if it is still alive, so a failing
 /// test never leaves children behind.
 pub struct Tidings {
@@ -273,4 +280,36 @@ pub async fn high_watermarks(brokers: &str, topic: &str) -> Vec<i64> {
     })
     .await
     .expect("watermark probe")
+}
+
+/// Debian's Chromium (or `CHROMIUM`), for the browser tests.
+pub fn chromium() -> PathBuf {
+    std::env::var_os("CHROMIUM").map(PathBuf::from).unwrap_or_else(|| "/usr/bin/chromium".into())
+}
+
+/// The node project of the browser tests' drivers (playwright-core, `compose/install-browser.sh`).
+pub fn browser_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser")
+}
+
+/// Whether Chromium and playwright-core are installed; under CI their absence is a failure.
+pub fn browser_or_skip() -> bool {
+    let missing: Vec<String> = [chromium(), browser_dir().join("node_modules/playwright-core/package.json")]
+        .into_iter()
+        .filter(|p| !p.exists())
+        .map(|p| p.display().to_string())
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("missing {missing:?} but CI is set: run `bash compose/install-browser.sh` (as .ci/test does)");
+    }
+    eprintln!("skipped: missing {missing:?} (bash compose/install-browser.sh installs them)");
+    false
+}
+
+/// A port free right now (a gateway restarted on the same URL binds it again).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }

@@ -234,6 +234,8 @@ function openStream() {
     remember(e);
     refetchAll();
   });
+  // A resume came from the store, which keeps inbox rows but not chat copies: refetch the rooms.
+  es.addEventListener('resync', () => refetchAll());
   for (const kind of state.kinds) {
     es.addEventListener(kind, (e) => {
       remember(e);

@@ -72,6 +72,9 @@ pub enum Frame {
         after: i64,
         before: i64,
     },
+    /// After a resume from the store, which holds inbox rows but not chat copies (delivery-only):
+    /// refetch the rooms and open histories; the inbox rows of the range were all sent.
+    Resync,
     /// The position asked for cannot be served without a gap: refetch the inbox, continue at `id`.
     Reset {
         id: String,

@@ -248,6 +248,8 @@ struct StoredRange {
     page: std::collections::VecDeque<Arc<Event>>,
     more: bool,
     written: usize,
+    /// The range ended with `reset` (which already says refetch everything), so no `resync`.
+    reset: bool,
 }
 
 impl StreamCursor {
@@ -266,6 +268,7 @@ impl StreamCursor {
         if range.page.is_empty() && range.more {
             if range.written >= self.hub.config().max_store_resume {
                 range.more = false;
+                range.reset = true;
                 let id = super::position_id(self.sub.partition(), range.before - 1);
                 return Some(Frame::Reset { id, reason: "position_too_old" });
             }
@@ -292,8 +295,9 @@ impl StreamCursor {
                 Some(Frame::Event(e))
             }
             None => {
+                let resync = !range.reset;
                 self.stored = None;
-                None
+                resync.then_some(Frame::Resync)
             }
         }
     }
@@ -322,7 +326,8 @@ impl StreamCursor {
                 self.next_backlog = 0;
             }
             if let Frame::Stored { after, before } = f {
-                self.stored = Some(StoredRange { after, before, page: Default::default(), more: true, written: 0 });
+                self.stored =
+                    Some(StoredRange { after, before, page: Default::default(), more: true, written: 0, reset: false });
                 return match self.next_stored().await {
                     Some(frame) => {
                         self.encode(frame, out);
@@ -384,6 +389,10 @@ impl StreamCursor {
             }
             // Turned into a range by `next_chunk` before it gets here.
             Frame::Stored { .. } => return,
+            Frame::Resync => {
+                let data = json!({ "reason": "chat_not_stored", "refetch": ["/v1/rooms"] });
+                let _ = write!(out, "event: resync\ndata: {data}\n");
+            }
             Frame::Close(reason) => {
                 self.done = true;
                 let data = json!({ "reason": reason.as_str() });

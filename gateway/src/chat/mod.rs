@@ -98,11 +98,16 @@ impl ChatState {
         }
     }
 
-    /// Produces a chat event for `room_id` (its key) with `payload` under `branch`.
+    /// Produces a chat event for `room_id` (its key) with `payload` under `branch`, now.
     async fn emit(&self, room_id: &str, branch: &str, payload: Value) -> Result<Produced, ApiError> {
+        self.emit_at(room_id, branch, payload, now_micros()).await
+    }
+
+    /// Like [`Self::emit`], with the event's `occurred_at` (microseconds) given.
+    async fn emit_at(&self, room_id: &str, branch: &str, payload: Value, at: i64) -> Result<Produced, ApiError> {
         let event = json!({
             "event_id": uuid::Uuid::new_v4().to_string(),
-            "occurred_at": now_micros(),
+            "occurred_at": at,
             "room_id": room_id,
             "payload": { branch: payload },
         });

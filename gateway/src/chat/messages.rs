@@ -137,8 +137,8 @@ pub async fn post(
     }
     .to_string();
     let at = now_micros();
-    let produced =
-        state.emit(&id, "MessageSent", json!({"message_id": message_id, "sender_id": user, "text": msg.text})).await?;
+    let payload = json!({"message_id": message_id, "sender_id": user, "text": msg.text});
+    let produced = state.emit_at(&id, "MessageSent", payload, at).await?;
     Ok((
         StatusCode::CREATED,
         Json(json!({

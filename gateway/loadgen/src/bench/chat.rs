@@ -94,6 +94,8 @@ struct SendStats {
     retries: AtomicU64,
     rate_limited: AtomicU64,
     failed: AtomicU64,
+    /// Sends that started more than 1 s after their due time (the user's previous one was slow).
+    late: AtomicU64,
 }
 
 fn token(user: &str) -> String {
@@ -424,29 +426,27 @@ pub async fn run(
         let target = format!("{url}/v1/rooms/{}/messages", rooms[room]);
         let (rate, users, run_id) = (o.rate, o.users, run_id.clone());
         senders.push(tokio::spawn(async move {
-            let mut inflight = Vec::with_capacity(per_user);
+            // One send in flight per user, as a chat client that keeps its own messages in order:
+            // a slow answer delays that user's next message (counted as late), never piles up
+            // connections (the open-files limit) or retries.
             for k in 0..per_user {
                 let due = t0 + Duration::from_secs_f64((k as f64 + i as f64 / users as f64) / rate);
                 tokio::time::sleep_until(due.into()).await;
-                let (http, tokens, stats, acks, answers, target) =
-                    (http.clone(), tokens.clone(), stats.clone(), acks.clone(), answers.clone(), target.clone());
+                if Instant::now() > due + Duration::from_secs(1) {
+                    stats.late.fetch_add(1, Ordering::Relaxed);
+                }
                 let client_id = format!("{run_id}-{i}-{k}");
-                inflight.push(tokio::spawn(async move {
-                    let sent_us = now_micros();
-                    let measured = k >= warm_msgs;
-                    let body = text(measured, i, k, sent_us);
-                    let give_up = Instant::now() + Duration::from_secs(60);
-                    let got = send_one(&http, &target, &tokens[i], &body, &client_id, sent_us, give_up, &stats).await;
-                    if let Some((message_id, seq, answered_us)) = got {
-                        acks.lock().unwrap().push(Ack { room, message_id, seq });
-                        if measured {
-                            answers.lock().unwrap().push(answered_us);
-                        }
+                let sent_us = now_micros();
+                let measured = k >= warm_msgs;
+                let body = text(measured, i, k, sent_us);
+                let give_up = Instant::now() + Duration::from_secs(60);
+                let got = send_one(&http, &target, &tokens[i], &body, &client_id, sent_us, give_up, &stats).await;
+                if let Some((message_id, seq, answered_us)) = got {
+                    acks.lock().unwrap().push(Ack { room, message_id, seq });
+                    if measured {
+                        answers.lock().unwrap().push(answered_us);
                     }
-                }));
-            }
-            for f in inflight {
-                let _ = f.await;
+                }
             }
         }));
     }
@@ -554,6 +554,7 @@ pub async fn run(
         "acked_distinct": acked_ids.len(),
         "acked_twice": duplicate_acks,
         "send_failed": stats.failed.load(Ordering::Relaxed),
+        "sends_late_over_1s": stats.late.load(Ordering::Relaxed),
         "send_attempts": stats.attempts.load(Ordering::Relaxed),
         "send_retries": stats.retries.load(Ordering::Relaxed),
         "rate_limited_429": stats.rate_limited.load(Ordering::Relaxed),

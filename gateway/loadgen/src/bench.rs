@@ -26,7 +26,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{start_clients, user_id, Fleet};
 
-/// Every scenario, in the order they run.
+mod chat;
+
+/// Every scenario, in the order they run (`chat` and `chat_kill` only when named: `.ci/bench-chat`).
 const ALL: &str = "ingest_latency,broadcast,ingest_latency_embedded,nchan_fanout,nchan_broadcast,idle,fanout,campaign,sustained,multi";
 
 #[derive(clap::Args)]
@@ -41,8 +43,9 @@ pub struct BenchArgs {
     #[arg(long, default_value = "topology.yaml")]
     topology: PathBuf,
     /// Scenarios to run, comma-separated: ingest_latency, broadcast, ingest_latency_embedded,
-    /// nchan_fanout, nchan_broadcast, idle, fanout, campaign, sustained, multi. A `comparison` line
-    /// follows when a tidings scenario and its nchan counterpart both ran.
+    /// nchan_fanout, nchan_broadcast, idle, fanout, campaign, sustained, multi, chat, chat_kill (the
+    /// chat ones need PostgreSQL at TIDINGS_TEST_PG). A `comparison` line follows when a tidings
+    /// scenario and its nchan counterpart both ran.
     #[arg(long, value_delimiter = ',', default_value = ALL)]
     scenarios: Vec<String>,
     /// nginx + nchan base URL for the nchan scenarios (compose/start-nchan.sh prints it).
@@ -81,6 +84,21 @@ pub struct BenchArgs {
     /// Connections in the multi-process scenario (spread over as many client processes).
     #[arg(long, default_value_t = 100_000)]
     multi_connections: usize,
+    /// Users in the chat scenarios (one stream each, all sending).
+    #[arg(long, default_value_t = 3_000)]
+    chat_users: usize,
+    /// Members per chat room (users / room size rooms).
+    #[arg(long, default_value_t = 10)]
+    chat_room_size: usize,
+    /// Messages per second each chat user sends.
+    #[arg(long, default_value_t = 1.0)]
+    chat_rate: f64,
+    /// Measured seconds of chat sending.
+    #[arg(long, default_value_t = 60)]
+    chat_secs: u64,
+    /// Seconds of the same chat load before the measured ones.
+    #[arg(long, default_value_t = 5)]
+    chat_warm_secs: u64,
 }
 
 /// A child `tidings up`; killed when dropped.
@@ -925,6 +943,23 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if let Some(v) = comparison(&results) {
         emit(v);
+    }
+
+    for (name, kill) in [("chat", false), ("chat_kill", true)] {
+        if !run(name) {
+            continue;
+        }
+        let opts = chat::ChatOpts {
+            users: args.chat_users,
+            room_size: args.chat_room_size,
+            rate: args.chat_rate,
+            secs: args.chat_secs,
+            warm_secs: args.chat_warm_secs,
+            kill,
+        };
+        let chat_prefix = format!("{prefix}{name}.");
+        let v = chat::run(name, &bin, root.path(), &topology, &args.brokers, &chat_prefix, &opts).await;
+        report(&mut results, name, v);
     }
 
     if !["idle", "fanout", "campaign", "sustained", "multi"].iter().any(|s| run(s)) {

@@ -256,6 +256,31 @@ async fn rooms_messages_and_their_rules() {
     )
     .await;
 
+    // Membership changes take effect for the next message: dave joins and gets it, bob left and does not.
+    let dave = open_stream(&api, "dave").await;
+    api.ok("POST", "dave", &format!("/v1/rooms/{id}/members"), None, 200).await;
+    api.ok("DELETE", "bob", &format!("/v1/rooms/{id}/members/me"), None, 204).await;
+    api.ok("POST", "bob", &msgs, Some(json!({"text": "still here?"})), 403).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = api.ok("POST", "alice", &msgs, Some(json!({"text": "welcome dave"})), 201).await;
+    let is_welcome = |(e, d): &(String, Value)| e == "chat.message" && d["seq"] == after["seq"];
+    eventually(
+        "dave gets the message after his join",
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+        &[&up],
+        || async {
+            if dave.chat().iter().any(is_welcome) {
+                Ok(())
+            } else {
+                Err(format!("{:?}", dave.chat()))
+            }
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!bob.chat().iter().any(is_welcome), "bob got a message of a room he left");
+
     // A direct inquiry: one room per (product, buyer), visible to its two members only.
     let direct = api
         .ok(

@@ -76,7 +76,17 @@ pub struct Templater {
     renderer: Renderer,
     readers: HashMap<String, &'static Schema>,
     encoder: NotificationEncoder,
+    /// Room members as last read from the store. A room's events arrive in order on its partition
+    /// and the chat API changes membership in the store before it produces the event, so a room's
+    /// entry is dropped whenever one of its membership events passes, and a message reads the store
+    /// only when its room changed since the last one (not once per message).
+    rooms: std::sync::Mutex<HashMap<String, Arc<Vec<String>>>>,
 }
+
+/// Chat events after which a room's members are read from the store again.
+const MEMBERSHIP_EVENTS: [&str; 4] = ["RoomCreated", "MemberJoined", "MemberLeft", "RoomClosed"];
+/// Rooms whose members are remembered at most; past it the cache starts over.
+const MAX_CACHED_ROOMS: usize = 100_000;
 
 /// One consumed record as the templater sees it.
 #[derive(Debug, Clone, Copy)]
@@ -218,7 +228,7 @@ impl Templater {
         let id = registry.register(&format!("{output}-value"), NOTIFICATION_SCHEMA_JSON).await?;
         let encoder = NotificationEncoder::new(id).map_err(|e| StageError::Config(e.to_string()))?;
         let renderer = Renderer::new(&topology).map_err(|e| StageError::Config(e.to_string()))?;
-        Ok(Templater { topology, registry, store, renderer, readers, encoder })
+        Ok(Templater { topology, registry, store, renderer, readers, encoder, rooms: Default::default() })
     }
 
     /// The wire-format records of `fanout` under the registered notification schema, one per
@@ -502,10 +512,26 @@ impl Templater {
                 }
             }
             Audience::Room { room, exclude } => {
-                let members =
-                    retry(shutdown, "room lookup", || self.store.room_members(&room), |e| e.is_retriable()).await?;
+                if MEMBERSHIP_EVENTS.contains(&event.as_str()) {
+                    self.rooms.lock().expect("lock").remove(&room);
+                }
+                let cached = self.rooms.lock().expect("lock").get(&room).cloned();
+                let members = match cached {
+                    Some(m) => Ok(m),
+                    None => retry(shutdown, "room lookup", || self.store.room_members(&room), |e| e.is_retriable())
+                        .await?
+                        .map(|m| {
+                            let m = Arc::new(m);
+                            let mut rooms = self.rooms.lock().expect("lock");
+                            if rooms.len() >= MAX_CACHED_ROOMS {
+                                rooms.clear();
+                            }
+                            rooms.insert(room.clone(), m.clone());
+                            m
+                        }),
+                };
                 match members {
-                    Ok(m) if !m.is_empty() => m.into_iter().filter(|u| Some(u) != exclude.as_ref()).collect(),
+                    Ok(m) if !m.is_empty() => m.iter().filter(|u| Some(*u) != exclude.as_ref()).cloned().collect(),
                     Ok(_) => {
                         return Ok(dead(RenderError::MissingRecipient(format!(
                             "chat room {room:?} has no known members"

@@ -64,12 +64,12 @@ impl ChatState {
     }
 
     /// 404 without the room, 403 for non-members.
-    async fn member_of(&self, room_id: &str, user: &str) -> Result<tidings_sinks::store::chat::Room, ApiError> {
-        let room = self.store.room(room_id).await?.ok_or_else(not_found)?;
-        if !self.store.is_member(room_id, user).await? {
+    async fn member_of(&self, room_id: &str, user: &str) -> Result<tidings_sinks::store::chat::RoomAccess, ApiError> {
+        let access = self.store.room_access(room_id, user).await?.ok_or_else(not_found)?;
+        if !access.member {
             return Err(not_a_member());
         }
-        Ok(room)
+        Ok(access)
     }
 
     /// A stored message of `room_id` that `user` sent and may still change.

@@ -30,6 +30,13 @@ pub struct MyRoom {
     pub last_message: Option<StoredMessage>,
 }
 
+/// What a send needs to know about a room and its sender.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoomAccess {
+    pub closed: bool,
+    pub member: bool,
+}
+
 /// A message of a room's history.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredMessage {
@@ -226,13 +233,14 @@ impl Store {
         Ok(out)
     }
 
-    /// Whether `user` is a member of `room`.
-    pub async fn is_member(&self, room_id: &str, user: &str) -> Result<bool, StoreError> {
-        const SQL: &str = "SELECT count(*) FROM room_members WHERE room_id = $1 AND user_id = $2";
-        let n: i64 = on_pool!(self, |pool, Db| {
-            sqlx::query_scalar(SQL).bind(Db::text(room_id)).bind(Db::text(user)).fetch_one(pool).await?
+    /// Whether `room` exists, is closed, and has `user` as a member: one query, on every send.
+    pub async fn room_access(&self, room_id: &str, user: &str) -> Result<Option<RoomAccess>, StoreError> {
+        const SQL: &str = "SELECT r.closed, (SELECT count(*) FROM room_members m WHERE m.room_id = r.room_id \
+                           AND m.user_id = $2) AS member FROM chat_rooms r WHERE r.room_id = $1";
+        let row: Option<(bool, i64)> = on_pool!(self, |pool, Db| {
+            sqlx::query_as(SQL).bind(Db::text(room_id)).bind(Db::text(user)).fetch_optional(pool).await?
         });
-        Ok(n > 0)
+        Ok(row.map(|(closed, member)| RoomAccess { closed, member: member > 0 }))
     }
 
     /// Adds `user` to `room`; false when they were a member already.

@@ -35,6 +35,7 @@ on_both_backends!(
     unread_and_mark_read,
     notifications_after_resumes_oldest_first,
     nul_characters_do_not_fail_a_batch,
+    chat_rooms_search_history_unread_and_edits,
 );
 
 fn notification(user: &str, event: &str, stream_partition: i32, stream_offset: i64) -> StoredNotification {
@@ -432,4 +433,107 @@ async fn postgres_failed_batch_leaves_nothing() {
 
     let good = Batch { notifications: vec![notification("alice", "good", 0, 1)], ..Batch::default() };
     assert_eq!(store.write_batch("sink", &good).await.unwrap().notifications_inserted, 1);
+}
+
+fn message(room: &str, id: &str, sender: &str, seq: i64) -> ChatMessage {
+    ChatMessage {
+        message_id: id.into(),
+        room_id: room.into(),
+        sender_id: sender.into(),
+        text: format!("text of {id}"),
+        occurred_at: 1_700_000_000_000_000 + seq,
+        source_partition: 0,
+        source_offset: seq,
+    }
+}
+
+async fn chat_rooms_search_history_unread_and_edits(store: &Store) {
+    use super::chat::{ChatChange, NewRoom, RoomAccess};
+    let tags = |t: &[&str]| t.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let (tea, both, alice) = (tags(&["tea"]), tags(&["green", "tea"]), tags(&["alice"]));
+    let room = |id: &'static str, t: &'static str| NewRoom {
+        room_id: id,
+        kind: "group",
+        name: "Room",
+        creator_id: "alice",
+        product_id: None,
+        tags: if t == "both" { &both } else { &tea },
+        members: &alice,
+        created_at: 1,
+    };
+    assert!(store.create_room(&room("r1", "both")).await.unwrap());
+    assert!(!store.create_room(&room("r1", "tea")).await.unwrap(), "the same id twice creates nothing");
+    assert!(store.create_room(&room("r2", "tea")).await.unwrap());
+    let r1 = store.room("r1").await.unwrap().unwrap();
+    assert_eq!((r1.tags.clone(), r1.members, r1.closed), (tags(&["green", "tea"]), 1, false));
+    assert_eq!(store.room("nope").await.unwrap(), None);
+
+    // Search: every asked tag, paged by room id.
+    let found = |rooms: Vec<super::chat::Room>| rooms.into_iter().map(|r| r.room_id).collect::<Vec<_>>();
+    assert_eq!(found(store.search_rooms(&tags(&["tea"]), None, 10).await.unwrap()), ["r1", "r2"]);
+    assert_eq!(found(store.search_rooms(&tags(&["tea", "green"]), None, 10).await.unwrap()), ["r1"]);
+    assert_eq!(found(store.search_rooms(&tags(&["tea"]), Some("r1"), 10).await.unwrap()), ["r2"]);
+    assert_eq!(found(store.search_rooms(&tags(&["tea"]), None, 1).await.unwrap()), ["r1"]);
+    store.close_room("r2").await.unwrap();
+    assert_eq!(
+        found(store.search_rooms(&tags(&["tea"]), None, 10).await.unwrap()),
+        ["r1"],
+        "closed rooms are not found"
+    );
+
+    // Membership and access.
+    assert_eq!(store.room_access("r1", "bob").await.unwrap(), Some(RoomAccess { closed: false, member: false }));
+    assert!(store.join_room("r1", "bob", 2).await.unwrap());
+    assert!(!store.join_room("r1", "bob", 3).await.unwrap());
+    assert_eq!(store.room_access("r1", "bob").await.unwrap(), Some(RoomAccess { closed: false, member: true }));
+    assert_eq!(store.room_access("r2", "alice").await.unwrap(), Some(RoomAccess { closed: true, member: true }));
+    assert_eq!(store.room_access("nope", "alice").await.unwrap(), None);
+
+    // History, unread counts (others' messages after the read position) and the room list.
+    let batch = Batch {
+        chat_messages: vec![
+            message("r1", "m1", "alice", 10),
+            message("r1", "m2", "bob", 11),
+            message("r1", "m3", "bob", 12),
+        ],
+        ..Batch::default()
+    };
+    store.write_batch("sink", &batch).await.unwrap();
+    let seqs = |m: Vec<super::chat::StoredMessage>| m.into_iter().map(|m| m.seq).collect::<Vec<_>>();
+    assert_eq!(seqs(store.room_messages("r1", None, 10).await.unwrap()), [12, 11, 10]);
+    assert_eq!(seqs(store.room_messages("r1", Some(12), 1).await.unwrap()), [11]);
+    assert_eq!(store.room_unread("r1", "alice").await.unwrap(), Some((-1, 2)));
+    assert_eq!(store.room_unread("r1", "bob").await.unwrap(), Some((-1, 1)));
+    assert_eq!(store.mark_room_read("r1", "alice", 11).await.unwrap(), Some((11, 1)));
+    assert_eq!(store.mark_room_read("r1", "alice", 5).await.unwrap(), Some((11, 1)), "never moves back");
+    assert_eq!(store.mark_room_read("r1", "carol", 11).await.unwrap(), None, "not a member");
+    let mine = store.my_rooms("alice", 10).await.unwrap();
+    assert_eq!(mine.iter().map(|r| r.room.room_id.as_str()).collect::<Vec<_>>(), ["r1", "r2"], "active first");
+    let last = mine[0].last_message.clone().unwrap();
+    assert_eq!((last.message_id.as_str(), last.seq, mine[0].unread), ("m3", 12, 1));
+    assert!(mine[1].last_message.is_none());
+
+    // Edits and deletes: the sender's only; a delete stops counting as unread.
+    let change = |id: &str, sender: &str, text: Option<&str>| ChatChange {
+        message_id: id.into(),
+        sender_id: sender.into(),
+        text: text.map(str::to_string),
+        at: 99,
+    };
+    let batch = Batch {
+        chat_changes: vec![
+            change("m3", "alice", Some("not hers")),
+            change("m2", "bob", Some("edited")),
+            change("m3", "bob", None),
+        ],
+        ..Batch::default()
+    };
+    store.write_batch("sink", &batch).await.unwrap();
+    let m2 = store.chat_message("m2").await.unwrap().unwrap();
+    assert_eq!((m2.text.as_str(), m2.edited, m2.deleted), ("edited", true, false));
+    let m3 = store.chat_message("m3").await.unwrap().unwrap();
+    assert_eq!((m3.text.as_str(), m3.deleted), ("", true), "deleted by its sender, not edited by another");
+    assert_eq!(store.room_unread("r1", "alice").await.unwrap(), Some((11, 0)));
+    assert!(store.leave_room("r1", "bob").await.unwrap());
+    assert!(!store.leave_room("r1", "bob").await.unwrap());
 }

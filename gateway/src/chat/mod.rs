@@ -105,8 +105,15 @@ impl ChatState {
 
     /// Like [`Self::emit`], with the event's `occurred_at` (microseconds) given.
     async fn emit_at(&self, room_id: &str, branch: &str, payload: Value, at: i64) -> Result<Produced, ApiError> {
+        // A message's event id follows from its id: a send retried with the same `client_id` after a
+        // lost answer produces the same event again, whose copies carry the same notification ids,
+        // so each stream drops the repeat (the history keeps one row by message id anyway).
+        let event_id = match (branch, payload.get("message_id").and_then(Value::as_str)) {
+            ("MessageSent", Some(id)) => uuid::Uuid::new_v5(&SENT_EVENTS, id.as_bytes()),
+            _ => uuid::Uuid::new_v4(),
+        };
         let event = json!({
-            "event_id": uuid::Uuid::new_v4().to_string(),
+            "event_id": event_id.to_string(),
             "occurred_at": at,
             "room_id": room_id,
             "payload": { branch: payload },
@@ -146,6 +153,9 @@ pub fn router(state: ChatState) -> Router {
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
+
+/// Namespace of the event ids of sent messages (derived from the message id).
+const SENT_EVENTS: uuid::Uuid = uuid::Uuid::from_u128(0x5e7a_0c93_2b1d_4f68_8a4e_c3b9_17d2_60f5);
 
 /// Largest request body of the chat API (a message is limited separately, and more tightly).
 const MAX_BODY_BYTES: usize = 64 * 1024;

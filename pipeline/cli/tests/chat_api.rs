@@ -281,6 +281,25 @@ async fn rooms_messages_and_their_rules() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!bob.chat().iter().any(is_welcome), "bob got a message of a room he left");
 
+    // A send retried with the same client_id (its answer was lost) is the same message, delivered once.
+    let once = api.ok("POST", "dave", &msgs, Some(json!({"text": "hello all", "client_id": "c-1"})), 201).await;
+    let again = api.ok("POST", "dave", &msgs, Some(json!({"text": "hello all", "client_id": "c-1"})), 201).await;
+    assert_eq!(once["message_id"], again["message_id"]);
+    let mid = once["message_id"].clone();
+    let copies = || {
+        alice.chat().iter().filter(|(e, d)| e == "chat.message" && d["event"]["payload"]["message_id"] == mid).count()
+    };
+    eventually("alice gets dave's message", Duration::from_secs(20), Duration::from_millis(50), &[&up], || async {
+        if copies() > 0 {
+            Ok(())
+        } else {
+            Err("not yet".to_string())
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(copies(), 1, "the retried send reached alice's stream twice");
+
     // A direct inquiry: one room per (product, buyer), visible to its two members only.
     let direct = api
         .ok(

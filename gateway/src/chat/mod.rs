@@ -121,6 +121,11 @@ impl ChatState {
         self.events.produce(&self.cfg.topic, Some(room_id), &event, None).await
     }
 
+    /// The room, or 404.
+    async fn room(&self, room_id: &str) -> Result<Room, ApiError> {
+        self.store.room(room_id).await?.ok_or_else(not_found)
+    }
+
     /// 429 with `Retry-After` once `user` sends faster than the configured rate.
     fn check_rate(&self, user: &str) -> Result<(), ApiError> {
         // The limiter keeps one small cell per user who sent recently; prune the idle ones now and then.

@@ -96,7 +96,7 @@ pub async fn create(
             "product_id": product});
         state.emit(&room_id, "RoomCreated", payload).await?;
     }
-    let room = state.store.room(&room_id).await?.ok_or_else(not_found)?;
+    let room = state.room(&room_id).await?;
     // Asking again for the same product's inquiry finds the same room.
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(room_json(&room))).into_response())
@@ -151,7 +151,7 @@ pub async fn details(
     AuthUser(user): AuthUser,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let room = state.store.room(&id).await?.ok_or_else(not_found)?;
+    let room = state.room(&id).await?;
     let members = state.store.room_members(&id).await?;
     if room.kind != "group" && !members.contains(&user) {
         return Err(not_found());
@@ -166,7 +166,7 @@ pub async fn join(
     AuthUser(user): AuthUser,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let room = state.store.room(&id).await?.ok_or_else(not_found)?;
+    let room = state.room(&id).await?;
     if room.kind != "group" {
         return Err(ApiError::new(StatusCode::FORBIDDEN, "not_joinable", "only group rooms can be joined"));
     }
@@ -176,7 +176,7 @@ pub async fn join(
     if state.store.join_room(&id, &user, now_micros()).await? {
         state.emit(&id, "MemberJoined", json!({ "user_id": user })).await?;
     }
-    let room = state.store.room(&id).await?.ok_or_else(not_found)?;
+    let room = state.room(&id).await?;
     Ok(Json(room_json(&room)))
 }
 
@@ -198,7 +198,7 @@ pub async fn close(
     AuthUser(user): AuthUser,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let room = state.store.room(&id).await?.ok_or_else(not_found)?;
+    let room = state.room(&id).await?;
     if room.kind != "group" || room.creator_id != user {
         return Err(ApiError::new(StatusCode::FORBIDDEN, "not_the_creator", "only the room's creator may close it"));
     }
@@ -206,6 +206,6 @@ pub async fn close(
         state.store.close_room(&id).await?;
         state.emit(&id, "RoomClosed", json!({ "by": user })).await?;
     }
-    let room = state.store.room(&id).await?.ok_or_else(not_found)?;
+    let room = state.room(&id).await?;
     Ok(Json(room_json(&room)))
 }

@@ -254,11 +254,6 @@ impl Store {
         Ok(on_pool!(self, |pool, Db| sqlx::query(SQL).bind(Db::text(consumer)).execute(pool).await?.rows_affected()))
     }
 
-    /// Users of an audience segment, sorted.
-    pub async fn segment_members(&self, segment: &str) -> Result<Vec<String>, StoreError> {
-        self.user_ids("SELECT user_id FROM audience_segments WHERE segment = $1 ORDER BY user_id", segment).await
-    }
-
     /// At most `limit` users of an audience segment, sorted, strictly after `after` (the last user of
     /// the previous page): a large audience in pages, each one index range scan.
     pub async fn segment_members_page(
@@ -292,14 +287,6 @@ impl Store {
     /// The user ids `sql` selects for its one text parameter `key`.
     async fn user_ids(&self, sql: &'static str, key: &str) -> Result<Vec<String>, StoreError> {
         Ok(on_pool!(self, |pool, Db| sqlx::query_scalar(sql).bind(Db::text(key)).fetch_all(pool).await?))
-    }
-
-    /// Adds then removes room members in one transaction (a user in both lists ends up removed).
-    pub async fn update_room(&self, room: &str, add: &[String], remove: &[String]) -> Result<(), StoreError> {
-        match self {
-            Store::Postgres(p) => postgres::update_room(p, room, add, remove).await,
-            Store::Sqlite(p) => sqlite::update_room(p, room, add, remove).await,
-        }
     }
 
     /// A page of `user`'s notifications, newest first (by stream partition, then stream offset).

@@ -48,10 +48,6 @@ fn pg_text(s: &str) -> Cow<'_, str> {
     }
 }
 
-fn pg_texts(v: &[String]) -> Vec<String> {
-    v.iter().map(|s| pg_text(s).into_owned()).collect()
-}
-
 /// Streams `rows` into `COPY … FROM STDIN (FORMAT binary)` in ~1 MiB chunks; returns the rows copied.
 async fn copy_rows<T>(
     conn: &mut PgConnection,
@@ -159,28 +155,4 @@ pub async fn add_segment_members(pool: &PgPool, segment: &str, users: &[String])
     .rows_affected();
     tx.commit().await?;
     Ok(added)
-}
-
-/// See [`crate::Store::update_room`].
-pub async fn update_room(pool: &PgPool, room: &str, add: &[String], remove: &[String]) -> Result<(), StoreError> {
-    let room = pg_text(room);
-    let mut tx = pool.begin().await?;
-    if !add.is_empty() {
-        sqlx::query(
-            "INSERT INTO room_members (room_id, user_id) SELECT $1, u FROM UNNEST($2::text[]) AS u ON CONFLICT DO NOTHING",
-        )
-        .bind(room.as_ref())
-        .bind(pg_texts(add))
-        .execute(&mut *tx)
-        .await?;
-    }
-    if !remove.is_empty() {
-        sqlx::query("DELETE FROM room_members WHERE room_id = $1 AND user_id = ANY($2::text[])")
-            .bind(room.as_ref())
-            .bind(pg_texts(remove))
-            .execute(&mut *tx)
-            .await?;
-    }
-    tx.commit().await?;
-    Ok(())
 }

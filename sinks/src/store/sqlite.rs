@@ -117,21 +117,3 @@ pub async fn add_segment_members(pool: &SqlitePool, segment: &str, users: &[Stri
     tx.commit().await?;
     Ok(added)
 }
-
-/// See [`crate::Store::update_room`].
-pub async fn update_room(pool: &SqlitePool, room: &str, add: &[String], remove: &[String]) -> Result<(), StoreError> {
-    let mut tx = pool.begin().await?;
-    insert_members(&mut tx, "INSERT OR IGNORE INTO room_members (room_id, user_id) ", room, add).await?;
-    for chunk in remove.chunks(MEMBERS_PER_STATEMENT) {
-        let mut q = QueryBuilder::<Sqlite>::new("DELETE FROM room_members WHERE room_id = ");
-        q.push_bind(room).push(" AND user_id IN (");
-        let mut list = q.separated(", ");
-        for u in chunk {
-            list.push_bind(u.as_str());
-        }
-        list.push_unseparated(")");
-        q.build().execute(&mut *tx).await?;
-    }
-    tx.commit().await?;
-    Ok(())
-}

@@ -27,6 +27,14 @@ pub struct HubConfig {
     /// Notification ids remembered per owned partition, so a replay of the templating stage (the
     /// same id again at a later offset) reaches each stream at most once. Default 8192.
     pub dedupe_ids: usize,
+    /// Most events a backfill from Kafka may add to a ring for resumes older than it (0: none;
+    /// those resumes go to the store). Default 65536.
+    pub backfill_events: usize,
+    /// Most bytes a backfill may add to a ring. Default 64 MiB.
+    pub backfill_bytes: usize,
+    /// How long a backfilled ring keeps the larger bounds (the reconnect herd after a gateway
+    /// restart comes within seconds). Default 60 s.
+    pub backfill_hold: Duration,
 }
 
 impl Default for HubConfig {
@@ -41,6 +49,9 @@ impl Default for HubConfig {
             retry: Duration::from_secs(2),
             max_store_resume: 5000,
             dedupe_ids: 8192,
+            backfill_events: 65536,
+            backfill_bytes: 64 << 20,
+            backfill_hold: Duration::from_secs(60),
         }
     }
 }

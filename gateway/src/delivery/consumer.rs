@@ -81,15 +81,15 @@ fn blocking<T>(multi_thread: bool, f: impl FnOnce() -> T) -> T {
     }
 }
 
-/// Where to start reading `partition` (a ring's length before the end) and the end itself.
+/// Where to start reading `partition` (a ring's length before the end), the log start and the end.
 fn start_of<C: Consumer<X>, X: ConsumerContext>(
     c: &C,
     topic: &str,
     partition: i32,
     ring: usize,
-) -> Result<(i64, i64), KafkaError> {
+) -> Result<(i64, i64, i64), KafkaError> {
     let (low, high) = c.fetch_watermarks(topic, partition, WATERMARK_TIMEOUT)?;
-    Ok(((high - ring as i64).max(low), high))
+    Ok(((high - ring as i64).max(low), low, high))
 }
 
 impl ConsumerContext for DeliveryContext {
@@ -102,11 +102,12 @@ impl ConsumerContext for DeliveryContext {
                 let ring = self.hub.config().ring_events;
                 for &p in &parts {
                     match blocking(self.multi_thread, || start_of(consumer, &self.topic, p, ring)) {
-                        Ok((start, high)) => {
+                        Ok((start, low, high)) => {
                             if let Err(e) = tpl.set_partition_offset(&self.topic, p, Offset::Offset(start)) {
                                 error!(error = %e, "Could not set the start of partition {p}.");
                             }
                             self.hub.assign(p, start, high);
+                            self.hub.set_low_watermark(p, low);
                         }
                         Err(e) => {
                             warn!(error = %e, "Watermarks of partition {p} unavailable; will retry and seek.");
@@ -315,7 +316,8 @@ fn partition_count<C: Consumer<X>, X: ConsumerContext>(c: &C, topic: &str) -> Re
 /// poll loop: a dozen broker round trips inline would hold up delivery every time.
 fn refresh(consumer: &StreamConsumer<DeliveryContext>, topic: &str, hub: &Hub) {
     for p in hub.owned() {
-        if let Ok((_, high)) = consumer.fetch_watermarks(topic, p, WATERMARK_TIMEOUT) {
+        if let Ok((low, high)) = consumer.fetch_watermarks(topic, p, WATERMARK_TIMEOUT) {
+            hub.set_low_watermark(p, low);
             hub.set_high_watermark(p, high);
         }
     }
@@ -338,13 +340,14 @@ fn maintain(
     let pending: Vec<i32> = shared.pending.lock().expect("lock").iter().copied().collect();
     for p in pending {
         let started = blocking(multi_thread, || {
-            let (start, high) = start_of(consumer, &cfg.topic, p, hub.config().ring_events)?;
+            let (start, low, high) = start_of(consumer, &cfg.topic, p, hub.config().ring_events)?;
             consumer.seek(&cfg.topic, p, Offset::Offset(start), WATERMARK_TIMEOUT)?;
-            Ok::<_, KafkaError>((start, high))
+            Ok::<_, KafkaError>((start, low, high))
         });
         match started {
-            Ok((start, high)) => {
+            Ok((start, low, high)) => {
                 hub.assign(p, start, high);
+                hub.set_low_watermark(p, low);
                 shared.pending.lock().expect("lock").remove(&p);
                 shared.to_announce.lock().expect("lock").push(p);
                 shared.wake.notify_one();

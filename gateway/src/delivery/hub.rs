@@ -5,12 +5,14 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use metrics::{counter, gauge, Counter, Gauge};
 use tidings_sinks::{Store, StoreError};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::backfill::LogSource;
 use super::ring::Ring;
 use super::{partition_for, position_id, Event, HubConfig};
 
@@ -148,6 +150,9 @@ pub struct StoreResume {
     pub topic: String,
 }
 
+/// The longest a backfill may take before the resume falls back to the store.
+const BACKFILL_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// One open stream.
 #[derive(Debug)]
 pub struct Conn {
@@ -198,6 +203,8 @@ struct Partition {
     live: bool,
     /// The high watermark at assignment; live once the ring reaches it.
     target: i64,
+    /// The partition's log start as last fetched (a backfill cannot read before it).
+    low: i64,
     lag: Gauge,
     /// Recently delivered notification ids (a replay of the templating stage repeats them).
     recent: RecentIds,
@@ -253,8 +260,13 @@ impl Partition {
 /// What a look at the ring decided.
 enum Registered {
     Done(Subscription),
-    /// The ring starts after the asked position: the store must fill the gap, if it has it.
-    NeedsStore,
+    /// The ring starts after the asked position: a backfill or the store must fill the gap
+    /// (`after`, `before`), if they have it; `low` is the partition's log start.
+    Gap {
+        after: i64,
+        before: i64,
+        low: i64,
+    },
 }
 
 /// A registered stream: frames to send first, then the queue. Dropping it unregisters.
@@ -329,6 +341,10 @@ pub struct Hub {
     closing: AtomicBool,
     next_conn: AtomicU64,
     store: Option<StoreResume>,
+    /// Where backfills read from; `None`: resumes older than the ring go to the store.
+    log: Option<LogSource>,
+    /// One backfill at a time per partition: resumes arriving meanwhile wait and use its result.
+    backfills: Mutex<HashMap<i32, Arc<tokio::sync::Mutex<()>>>>,
     metrics: Metrics,
 }
 
@@ -340,6 +356,11 @@ impl std::fmt::Debug for Hub {
 
 impl Hub {
     pub fn new(cfg: HubConfig, store: Option<StoreResume>) -> Arc<Hub> {
+        Hub::with_log(cfg, store, None)
+    }
+
+    /// A hub that also backfills its rings from `log` for resumes older than them.
+    pub fn with_log(cfg: HubConfig, store: Option<StoreResume>, log: Option<LogSource>) -> Arc<Hub> {
         // Handles made before a recorder exists would record nowhere.
         crate::metrics::install();
         Arc::new(Hub {
@@ -350,6 +371,8 @@ impl Hub {
             closing: AtomicBool::new(false),
             next_conn: AtomicU64::new(1),
             store,
+            log,
+            backfills: Mutex::new(HashMap::new()),
             metrics: Metrics::new(),
         })
     }
@@ -402,6 +425,7 @@ impl Hub {
             subs: HashMap::new(),
             live: high <= start,
             target: high,
+            low: start,
             lag: gauge!("tidings_gateway_partition_lag", "partition" => partition.to_string()),
             recent: RecentIds::new(self.cfg.dedupe_ids),
             closed: None,
@@ -521,6 +545,13 @@ impl Hub {
         part.lag.set((part.target - offset - 1).max(0) as f64);
     }
 
+    /// Records the partition's log start (fetched with the watermarks).
+    pub fn set_low_watermark(&self, partition: i32, low: i64) {
+        if let Some(part) = self.partition(partition) {
+            part.lock().expect("lock").low = low;
+        }
+    }
+
     /// Updates the partition's lag from a fresh high watermark.
     pub fn set_high_watermark(&self, partition: i32, high: i64) {
         if let Some(part) = self.partition(partition) {
@@ -561,10 +592,18 @@ impl Hub {
         }
         // How far the store is complete (its next offset), once the ring turned out not to be enough.
         let mut stored_next: Option<i64> = None;
+        let mut backfilled = false;
         for _attempt in 0..3 {
             let part = self.partition(partition).ok_or(SubscribeError::NotOwned(partition))?;
-            if let Registered::Done(sub) = self.register_from_ring(&part, partition, user, last, stored_next)? {
-                return Ok(sub);
+            let (after, before, low) = match self.register_from_ring(&part, partition, user, last, stored_next)? {
+                Registered::Done(sub) => return Ok(sub),
+                Registered::Gap { after, before, low } => (after, before, low),
+            };
+            if !backfilled && self.can_backfill(after, before, low) {
+                backfilled = true;
+                if self.backfill(&part, partition, after).await {
+                    continue;
+                }
             }
             match self.stored_next(partition).await? {
                 Some(next) => stored_next = Some(next),
@@ -612,7 +651,9 @@ impl Hub {
                 let after = lo.max(guard.ring.last());
                 self.register(&mut guard, partition, user, after, backlog, ResumeOutcome::Store)
             }
-            (Some(_), _) => return Ok(Registered::NeedsStore),
+            (Some((_, lo)), _) => {
+                return Ok(Registered::Gap { after: lo, before: guard.ring.covered_from(), low: guard.low })
+            }
         };
         Ok(Registered::Done(sub))
     }
@@ -649,6 +690,77 @@ impl Hub {
         let after = guard.ring.last();
         let backlog = vec![Frame::Hello { id: None }, Frame::Reset { id: position_id(partition, after), reason }];
         Ok(self.register(&mut guard, partition, user, after, backlog, ResumeOutcome::Reset))
+    }
+
+    /// Whether a backfill may serve the gap (`after`, `before`): a log to read from, the range
+    /// still in it, and not longer than the most a ring may be held at.
+    fn can_backfill(&self, after: i64, before: i64, low: i64) -> bool {
+        self.log.is_some()
+            && self.cfg.backfill_events > 0
+            && after + 1 >= low
+            && before - after - 1 <= self.cfg.backfill_events as i64
+    }
+
+    /// Extends `part`'s ring back to `after + 1` from the log (or finds that a backfill that ran
+    /// meanwhile did), holding it at the backfill bounds for `backfill_hold` so the resumes of a
+    /// reconnecting herd are all served from memory. True when the ring now covers `after`.
+    async fn backfill(&self, part: &Arc<Mutex<Partition>>, partition: i32, after: i64) -> bool {
+        let Some(log) = &self.log else { return false };
+        let lock = self.backfills.lock().expect("lock").entry(partition).or_default().clone();
+        let _one_at_a_time = lock.lock().await;
+        let hold_events = self.cfg.ring_events + self.cfg.backfill_events;
+        let hold_bytes = self.cfg.ring_bytes + self.cfg.backfill_bytes;
+        let to = {
+            let mut g = part.lock().expect("lock");
+            if g.closed.is_some() {
+                return false;
+            }
+            if g.ring.covers(after) {
+                return true;
+            }
+            // From now on the ring keeps what it has, so nothing between the read and it is lost.
+            g.ring.hold(hold_events, hold_bytes, Instant::now() + self.cfg.backfill_hold);
+            g.ring.covered_from()
+        };
+        let t = Instant::now();
+        let read = tokio::time::timeout(BACKFILL_TIMEOUT, log.read(partition, after + 1, to)).await;
+        let outcome = match read {
+            Ok(Ok(events)) => {
+                let mut g = part.lock().expect("lock");
+                if g.closed.is_some() || g.ring.covered_from() != to {
+                    "overtaken"
+                } else {
+                    let n = events.len();
+                    // A templating replay may have put a later copy of one in the ring already
+                    // (when the original came before this gateway started reading).
+                    let in_ring: std::collections::HashSet<u128> = g.ring.ids().collect();
+                    let events: Vec<_> = events.into_iter().filter(|e| !in_ring.contains(&e.id)).collect();
+                    g.ring.prepend(after + 1, events);
+                    tracing::info!(
+                        partition,
+                        from = after + 1,
+                        to,
+                        events = n,
+                        ms = t.elapsed().as_millis() as u64,
+                        "Backfilled the ring of partition {partition} from Kafka for resumes older than it."
+                    );
+                    "ok"
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, partition, "Backfill from Kafka failed; the resume uses the store.");
+                if matches!(e, super::backfill::BackfillError::Gone(_)) {
+                    part.lock().expect("lock").low = after + 2;
+                }
+                "failed"
+            }
+            Err(_) => {
+                tracing::warn!(partition, "Backfill from Kafka timed out; the resume uses the store.");
+                "failed"
+            }
+        };
+        counter!("tidings_gateway_backfills_total", "outcome" => outcome).increment(1);
+        part.lock().expect("lock").ring.covers(after)
     }
 
     /// The store's next offset of `partition` (everything below it is stored); `None` without a store.

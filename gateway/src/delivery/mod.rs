@@ -3,11 +3,13 @@
 //! user. Users of partitions owned elsewhere are redirected to the owner, learned through Kafka.
 //!
 //! - `ring`: recent events of one partition, bounded by count and bytes, for resumes.
-//! - `hub`: owned partitions, their rings and subscribers; resume (ring → store → reset), limits.
+//! - `hub`: owned partitions, their rings and subscribers; resume (ring → backfill → store → reset), limits.
+//! - `backfill`: reads a range of a partition back from Kafka into its ring, for older resumes.
 //! - `consumer`: the Kafka side (assignment, rebalance, decoding) feeding the hub.
 //! - `owners`: the compacted owners topic mapping each partition to its gateway's URL.
 //! - `stream`: `GET /v1/stream`, the SSE endpoint.
 
+pub mod backfill;
 pub mod config;
 pub mod consumer;
 pub mod hub;

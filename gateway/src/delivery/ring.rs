@@ -1,9 +1,11 @@
 //! The per-partition ring of recent events that serves resumes: bounded by count and by bytes, it
 //! remembers from which offset on it holds *every* consumed event of its partition, so a resume is
-//! served from it only when nothing the client missed has been evicted.
+//! served from it only when nothing the client missed has been evicted. A backfill from Kafka can
+//! prepend older events and hold off eviction for a while, so a herd of late resumes is served here.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::Instant;
 
 use super::Event;
 
@@ -18,6 +20,15 @@ pub struct Ring {
     covered_from: i64,
     /// The offset after the last consumed event (the next one expected).
     next: i64,
+    /// Larger bounds until an instant (after a backfill, while the resumes it serves arrive).
+    hold: Option<Hold>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Hold {
+    until: Instant,
+    max_events: usize,
+    max_bytes: usize,
 }
 
 impl Ring {
@@ -30,7 +41,29 @@ impl Ring {
             max_bytes,
             covered_from: start,
             next: start,
+            hold: None,
         }
+    }
+
+    /// Keeps up to `max_events` / `max_bytes` (or the normal bounds, if larger) until `until`.
+    pub fn hold(&mut self, max_events: usize, max_bytes: usize, until: Instant) {
+        self.hold = Some(Hold { until, max_events, max_bytes });
+    }
+
+    /// Puts `older` (oldest first, all before what the ring covers) in front and covers from
+    /// `from` (the offset the backfill read from). Past the bounds the oldest go again.
+    pub fn prepend(&mut self, from: i64, older: Vec<Arc<Event>>) {
+        debug_assert!(older.windows(2).all(|w| w[0].offset < w[1].offset));
+        debug_assert!(older.last().is_none_or(|e| e.offset < self.covered_from));
+        if from >= self.covered_from {
+            return;
+        }
+        for ev in older.into_iter().rev() {
+            self.bytes += ev.size();
+            self.events.push_front(ev);
+        }
+        self.covered_from = from;
+        self.evict();
     }
 
     /// Appends the next consumed event and evicts the oldest ones past either bound.
@@ -43,7 +76,25 @@ impl Ring {
         self.next = ev.offset + 1;
         self.bytes += ev.size();
         self.events.push_back(ev);
-        while self.events.len() > self.max_events || (self.bytes > self.max_bytes && self.events.len() > 1) {
+        self.evict();
+    }
+
+    fn evict(&mut self) {
+        let (mut max_events, mut max_bytes) = (self.max_events, self.max_bytes);
+        let over = |len: usize, bytes: usize, me: usize, mb: usize| len > me || (bytes > mb && len > 1);
+        if !over(self.events.len(), self.bytes, max_events, max_bytes) {
+            return;
+        }
+        // Looked at only when over the normal bounds: no clock read per push otherwise.
+        match self.hold {
+            Some(h) if Instant::now() < h.until => {
+                max_events = max_events.max(h.max_events);
+                max_bytes = max_bytes.max(h.max_bytes);
+            }
+            Some(_) => self.hold = None,
+            None => {}
+        }
+        while over(self.events.len(), self.bytes, max_events, max_bytes) {
             let old = self.events.pop_front().expect("non-empty");
             self.bytes -= old.size();
             self.covered_from = old.offset + 1;
@@ -69,6 +120,11 @@ impl Ring {
     pub fn after(&self, user: &str, after: i64) -> Vec<Arc<Event>> {
         let from = self.events.partition_point(|e| e.offset <= after);
         self.events.range(from..).filter(|e| &*e.user == user).cloned().collect()
+    }
+
+    /// The notification ids held.
+    pub fn ids(&self) -> impl Iterator<Item = u128> + '_ {
+        self.events.iter().map(|e| e.id)
     }
 
     pub fn len(&self) -> usize {
@@ -121,6 +177,35 @@ mod tests {
         r.push(ev(10, "a", 5000));
         assert_eq!(r.len(), 1);
         assert_eq!(r.covered_from(), 10);
+    }
+
+    #[test]
+    fn a_backfill_extends_coverage_and_is_held_until_the_hold_ends() {
+        let mut r = Ring::new(100, 3, usize::MAX);
+        for o in 100..105 {
+            r.push(ev(o, "a", 1));
+        }
+        assert_eq!(r.covered_from(), 102);
+        r.hold(10, usize::MAX, Instant::now() + std::time::Duration::from_secs(60));
+        r.prepend(95, (95..102).filter(|o| o % 2 == 0).map(|o| ev(o, "a", 1)).collect());
+        assert_eq!(r.covered_from(), 95);
+        assert!(r.covers(94) && !r.covers(93));
+        let got: Vec<i64> = r.after("a", 94).iter().map(|e| e.offset).collect();
+        assert_eq!(got, vec![96, 98, 100, 102, 103, 104]);
+        // Held: pushes evict only past the hold's 10.
+        for o in 105..110 {
+            r.push(ev(o, "a", 1));
+        }
+        assert_eq!(r.len(), 10);
+        assert_eq!(r.covered_from(), 97, "the oldest (96) went once past 10");
+        // A prepend that would not reach further back changes nothing.
+        r.prepend(100, vec![]);
+        assert_eq!(r.covered_from(), 97);
+        // Hold over: back to 3 on the next push.
+        r.hold(10, usize::MAX, Instant::now());
+        r.push(ev(110, "a", 1));
+        assert_eq!(r.len(), 3);
+        assert_eq!(r.covered_from(), 108);
     }
 
     #[test]

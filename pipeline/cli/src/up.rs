@@ -19,6 +19,7 @@ use tidings_core::RegistryClient;
 use tidings_gateway::auth::{self, Key};
 use tidings_gateway::browser::BrowserAccess;
 use tidings_gateway::chat::{ChatConfig, ChatState};
+use tidings_gateway::delivery::backfill::LogSource;
 use tidings_gateway::delivery::hub::StoreResume;
 use tidings_gateway::delivery::owners::RedirectAllow;
 use tidings_gateway::delivery::{self, DeliveryConfig, Hub, HubConfig, Owners};
@@ -159,6 +160,10 @@ pub struct SseArgs {
     /// Bytes of recent events kept per owned partition for resumes.
     #[arg(long, env = "TIDINGS_RING_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub ring_bytes: usize,
+    /// Most events a backfill from Kafka may add to a ring, for resumes older than it (clients
+    /// away while a gateway restarted); 0 sends those resumes to the store (no chat copies there).
+    #[arg(long, env = "TIDINGS_RING_BACKFILL_EVENTS", default_value_t = 65536)]
+    pub ring_backfill_events: usize,
 }
 
 impl SseArgs {
@@ -171,6 +176,7 @@ impl SseArgs {
             max_connections_per_user: self.sse_max_per_user,
             heartbeat: Duration::from_secs(self.sse_heartbeat_secs.max(1)),
             retry: Duration::from_millis(self.sse_retry_ms),
+            backfill_events: self.ring_backfill_events,
             ..HubConfig::default()
         }
     }
@@ -465,7 +471,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         let notifications = topo.topic_name(&topo.stages.templating.output);
         let persistence_group = topo.group_name(&topo.stages.persistence.group);
         let resume = StoreResume { store: store.clone(), group: persistence_group, topic: notifications.clone() };
-        let hub = Hub::new(args.sse.hub_config(), Some(resume));
+        // Resumes older than a ring are backfilled from the notifications topic itself.
+        let log = LogSource {
+            kafka: kafka.clone(),
+            registry: RegistryClient::new(&registry).context("the schema registry client of backfills")?,
+            topic: notifications.clone(),
+            group: topo.group_name(&format!("{}-backfill", args.sse.delivery_group)),
+        };
+        let hub = Hub::with_log(args.sse.hub_config(), Some(resume), Some(log));
         let allow = RedirectAllow::new(args.sse.redirect_allow.iter().map(String::as_str))
             .map_err(|e| anyhow::anyhow!("--redirect-allow: {e}"))?;
         let owners = Owners::with_allow(&advertised, &notifications, allow);

@@ -54,19 +54,42 @@ impl Api {
     }
 }
 
-/// The events of one user's stream, collected in the background: (event name, data).
+/// The events of one user's stream, collected in the background: (event name, data, SSE id).
 #[derive(Clone, Default)]
-struct Seen(Arc<Mutex<Vec<(String, Value)>>>);
+struct Seen(Arc<Mutex<Vec<(String, Value, String)>>>);
 
 impl Seen {
     fn chat(&self) -> Vec<(String, Value)> {
-        self.0.lock().unwrap().iter().filter(|(e, _)| e.starts_with("chat.")).cloned().collect()
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(e, ..)| e.starts_with("chat."))
+            .map(|(e, v, _)| (e.clone(), v.clone()))
+            .collect()
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.0.lock().unwrap().iter().map(|(e, ..)| e.clone()).collect()
+    }
+
+    /// The id of the last event that had one (what EventSource sends as Last-Event-ID).
+    fn last_id(&self) -> Option<String> {
+        self.0.lock().unwrap().iter().rev().find(|(.., id)| !id.is_empty()).map(|(.., id)| id.clone())
     }
 }
 
 async fn open_stream(api: &Api, user: &str) -> Seen {
+    open_stream_from(api, user, None).await
+}
+
+async fn open_stream_from(api: &Api, user: &str, last_event_id: Option<&str>) -> Seen {
     let seen = Seen::default();
-    let mut resp = api.http.get(format!("{}/v1/stream", api.base)).bearer_auth(token(user)).send().await.unwrap();
+    let mut req = api.http.get(format!("{}/v1/stream", api.base)).bearer_auth(token(user));
+    if let Some(id) = last_event_id {
+        req = req.header("last-event-id", id);
+    }
+    let mut resp = req.send().await.unwrap();
     assert_eq!(resp.status(), 200, "stream of {user}");
     let out = seen.clone();
     tokio::spawn(async move {
@@ -75,16 +98,18 @@ async fn open_stream(api: &Api, user: &str) -> Seen {
             buf.push_str(&String::from_utf8_lossy(&chunk));
             while let Some(end) = buf.find("\n\n") {
                 let block: String = buf.drain(..end + 2).collect();
-                let (mut event, mut data) = (String::new(), String::new());
+                let (mut event, mut data, mut id) = (String::new(), String::new(), String::new());
                 for line in block.lines() {
-                    if let Some(v) = line.strip_prefix("event: ") {
+                    if let Some(v) = line.strip_prefix("id: ") {
+                        id = v.to_string();
+                    } else if let Some(v) = line.strip_prefix("event: ") {
                         event = v.to_string();
                     } else if let Some(v) = line.strip_prefix("data: ") {
                         data = v.to_string();
                     }
                 }
                 if !event.is_empty() {
-                    out.0.lock().unwrap().push((event, serde_json::from_str(&data).unwrap_or(Value::Null)));
+                    out.0.lock().unwrap().push((event, serde_json::from_str(&data).unwrap_or(Value::Null), id));
                 }
             }
         }
@@ -345,4 +370,95 @@ async fn rooms_messages_and_their_rules() {
 
     up.signal("TERM");
     assert!(up.wait_exit(Duration::from_secs(30)).await.is_some_and(|s| s.success()), "{}", up.log_tail(40));
+}
+
+/// A resume older than the ring (4 events here) is served whole: the ring of the user's partition
+/// is backfilled from Kafka, so the chat copies of the gap (delivery-only, not in the store)
+/// arrive once and in room order, with no `resync`; /metrics counts the backfill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_older_than_the_ring_is_backfilled_from_kafka() {
+    let Some(brokers) = common::brokers_or_skip() else { return };
+    let (_pool, db_url) = common::fresh_pg().await;
+    let prefix = common::unique_prefix();
+    let env = [("TIDINGS_RING_EVENTS", "4"), ("TIDINGS_CHAT_RATE", "1000"), ("TIDINGS_CHAT_BURST", "1000")];
+    let mut up = Tidings::spawn_env("backfill", &Up::all(&brokers, &db_url, &prefix), &env);
+    let ep = up.endpoints(Duration::from_secs(60)).await;
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(15)).build().unwrap();
+    let api = Api { http, base: ep.http.clone() };
+    eventually("the gateway is ready", Duration::from_secs(60), Duration::from_millis(200), &[&up], || async {
+        match api.http.get(format!("{}/readyz", api.base)).send().await {
+            Ok(r) if r.status() == 200 => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let room =
+        api.ok("POST", "alice", "/v1/rooms", Some(json!({"kind": "group", "name": "Gap", "tags": ["gap"]})), 201).await;
+    let id = room["room_id"].as_str().unwrap().to_string();
+    api.ok("POST", "bob", &format!("/v1/rooms/{id}/members"), None, 200).await;
+    let msgs = format!("/v1/rooms/{id}/messages");
+
+    // Bob sees the first message, then goes away.
+    let bob = open_stream(&api, "bob").await;
+    api.ok("POST", "alice", &msgs, Some(json!({"text": "m0"})), 201).await;
+    eventually("bob gets m0", Duration::from_secs(20), Duration::from_millis(50), &[&up], || async {
+        if bob.chat().iter().any(|(e, v)| e == "chat.message" && v["event"]["payload"]["text"] == "m0") {
+            Ok(())
+        } else {
+            Err(format!("{:?}", bob.names()))
+        }
+    })
+    .await;
+    let last = bob.last_id().expect("an id");
+    drop(bob);
+
+    // 30 more while he is away: far more than the ring of 4 holds of his partition.
+    for k in 1..=30 {
+        api.ok("POST", "alice", &msgs, Some(json!({"text": format!("m{k}")})), 201).await;
+    }
+    // Delivered to alice's stream means consumed by delivery (and evicted from bob's ring).
+    let alice = open_stream(&api, "alice").await;
+    api.ok("POST", "alice", &msgs, Some(json!({"text": "m31"})), 201).await;
+    eventually("alice's copy of m31", Duration::from_secs(20), Duration::from_millis(50), &[&up], || async {
+        if alice.chat().iter().any(|(_, v)| v["event"]["payload"]["text"] == "m31") {
+            Ok(())
+        } else {
+            Err(String::new())
+        }
+    })
+    .await;
+
+    let bob = open_stream_from(&api, "bob", Some(&last)).await;
+    let want: Vec<String> = (1..=31).map(|k| format!("m{k}")).collect();
+    eventually("bob's resume has m1..m31", Duration::from_secs(20), Duration::from_millis(100), &[&up], || async {
+        let got: Vec<String> = bob
+            .chat()
+            .iter()
+            .filter(|(e, _)| e == "chat.message")
+            .map(|(_, v)| v["event"]["payload"]["text"].as_str().unwrap_or_default().to_string())
+            .collect();
+        if got.len() >= want.len() {
+            Ok(())
+        } else {
+            Err(format!("{got:?}"))
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let chat: Vec<Value> = bob.chat().into_iter().filter(|(e, _)| e == "chat.message").map(|(_, v)| v).collect();
+    let texts: Vec<&str> = chat.iter().map(|v| v["event"]["payload"]["text"].as_str().unwrap()).collect();
+    assert_eq!(texts, want, "every message of the gap once, in order");
+    let seqs: Vec<i64> = chat.iter().map(|v| v["seq"].as_i64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "room order: {seqs:?}");
+    let names = bob.names();
+    assert!(!names.iter().any(|n| n == "resync" || n == "reset"), "served whole, no resync/reset: {names:?}");
+    let metrics = api.http.get(format!("{}/metrics", api.base)).send().await.unwrap().text().await.unwrap();
+    let backfills: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("tidings_gateway_backfills_total{outcome=\"ok\"}"))
+        .and_then(|l| l.split_whitespace().last()?.parse().ok())
+        .unwrap_or(0.0);
+    assert!(backfills >= 1.0, "a backfill ran:\n{metrics}");
+    up.signal("TERM");
+    assert!(up.wait_exit(Duration::from_secs(30)).await.is_some_and(|s| s.success()), "{}", up.log_tail(20));
 }

@@ -11,6 +11,9 @@
 
 mod bench;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;

@@ -13,6 +13,9 @@ use opentelemetry_sdk::trace::SdkTracerProvider;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "tidings", version, about = "Kafka-native notifications: Avro events → templates → PostgreSQL → SSE.")]
 struct Cli {

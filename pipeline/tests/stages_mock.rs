@@ -3,14 +3,14 @@
 //! real Apache Kafka broker and PostgreSQL in `pipeline/cli/tests/`.
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::json;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tidings_core::json_avro::json_to_avro;
-use tidings_core::kafka::{KafkaConfig, H_DLQ_OFFSET, H_DLQ_REASON};
+use tidings_core::kafka::{KafkaConfig, H_DELIVERY_ONLY, H_DLQ_OFFSET, H_DLQ_REASON};
 use tidings_core::notification::NOTIFICATION_SCHEMA;
 use tidings_core::{FramedEncoder, Notification, RegistryClient};
 use tidings_pipeline::registry::Registry;
@@ -464,18 +464,25 @@ async fn persistence_dead_letters_what_it_cannot_store_and_keeps_going() {
     let env = env(&mock).await;
     let (enc, _) = encoder(&env, "notifications-value").await;
     let producer: FutureProducer = env.kafka.producer().create().unwrap();
-    let inputs: Vec<(Vec<u8>, Option<&str>)> = vec![
-        (enc.encode(notification(0, "u1", 1_700_000_000_000_000).to_value()).unwrap(), None),
-        (b"not avro at all".to_vec(), Some("wrong-magic-byte")),
-        (enc.encode(notification(1, "u1", i64::MIN).to_value()).unwrap(), Some("timestamp-out-of-range")),
-        (enc.encode(notification(2, "u1", 1_700_000_000_000_001).to_value()).unwrap(), None),
+    let copy = Notification { inbox: false, ..notification(3, "u1", 1_700_000_000_000_002) };
+    // (payload, marked delivery-only by templating, dead-letter reason)
+    let inputs: Vec<(Vec<u8>, bool, Option<&str>)> = vec![
+        (enc.encode(notification(0, "u1", 1_700_000_000_000_000).to_value()).unwrap(), false, None),
+        (b"not avro at all".to_vec(), false, Some("wrong-magic-byte")),
+        (enc.encode(notification(1, "u1", i64::MIN).to_value()).unwrap(), false, Some("timestamp-out-of-range")),
+        // Delivery-only copies are neither stored nor dead-lettered: marked ones pass undecoded,
+        // unmarked ones are decoded and passed by.
+        (b"marked: not even decoded".to_vec(), true, None),
+        (enc.encode(copy.to_value()).unwrap(), false, None),
+        (enc.encode(notification(2, "u1", 1_700_000_000_000_001).to_value()).unwrap(), false, None),
     ];
     let mut expected = Vec::new();
-    for (bytes, reason) in &inputs {
-        let d = producer
-            .send(FutureRecord::to("notifications").key("u1").payload(bytes), Duration::from_secs(5))
-            .await
-            .unwrap();
+    for (bytes, marked, reason) in &inputs {
+        let mut rec = FutureRecord::to("notifications").key("u1").payload(bytes);
+        if *marked {
+            rec = rec.headers(OwnedHeaders::new().insert(Header { key: H_DELIVERY_ONLY, value: Some("true") }));
+        }
+        let d = producer.send(rec, Duration::from_secs(5)).await.unwrap();
         if let Some(r) = reason {
             expected.push((r.to_string(), d.offset));
         }
@@ -497,7 +504,7 @@ async fn persistence_dead_letters_what_it_cannot_store_and_keeps_going() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(env.store.count_notifications().await.unwrap(), 2);
     let next: i64 = env.store.load_offsets("dlq-test", "notifications").await.unwrap().values().sum();
-    assert_eq!(next, 4, "the dead-lettered records' offsets advance with the batch");
+    assert_eq!(next, 6, "the dead-lettered and passed-by records' offsets advance with the batch");
     token.cancel();
     tokio::time::timeout(Duration::from_secs(20), stage).await.unwrap().unwrap().unwrap();
     env.token.cancel();

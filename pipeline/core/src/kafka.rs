@@ -16,6 +16,9 @@ pub const H_DLQ_OFFSET: &str = "tidings.dlq.offset";
 pub const H_DLQ_STAGE: &str = "tidings.dlq.stage";
 /// W3C trace context header (https://www.w3.org/TR/trace-context/).
 pub const H_TRACEPARENT: &str = "traceparent";
+/// Set (to `true`) by templating on delivery-only notifications (chat copies, `inbox: false`), so
+/// persistence passes them by without decoding them: they are 90% of the topic in a busy chat.
+pub const H_DELIVERY_ONLY: &str = "tidings.delivery-only";
 
 /// librdkafka settings tidings fixes because correctness depends on them, with the reason given
 /// when `--kafka-opt` tries to change one. Everything else may be overridden and `--kafka-opt` wins.

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tidings_core::json_avro::{avro_to_json, union_branch_name};
-use tidings_core::kafka::{header_str, H_TRACEPARENT};
+use tidings_core::kafka::{header_str, H_DELIVERY_ONLY, H_TRACEPARENT};
 use tidings_core::notification::NOTIFICATION_SCHEMA;
 use tidings_core::retry::{until_done, GaveUp};
 use tidings_core::stage::{acknowledged, DeadLetters, Processor};
@@ -373,9 +373,15 @@ impl Sink {
         } else {
             chat_schema.unwrap_or(&NOTIFICATION_SCHEMA)
         };
+        // Templating marks delivery-only copies (the room's history has the message): passed by
+        // undecoded. Only services write this topic; a bad record marked so is still counted and
+        // logged by delivery (`tidings_gateway_undecodable_total`).
+        let delivery_only = m.topic() == cfg.notifications_topic
+            && m.headers().and_then(|h| header_str(h, H_DELIVERY_ONLY)) == Some("true");
         // Decided before the record joins the batch: a record left undecided at shutdown must not
         // advance its partition's offset (the next start reads it again).
         let decoded = match m.payload() {
+            _ if delivery_only => Ok(None),
             None => Err(("empty-payload", "record has no value".to_string())),
             // The registry being down, or refusing us, says nothing about the record: retried.
             Some(payload) => match until_done(
@@ -387,7 +393,7 @@ impl Sink {
             )
             .await
             {
-                Ok(v) => Ok(v),
+                Ok(v) => Ok(Some(v)),
                 Err(GaveUp::Failed(e)) => Err((e.reason_code(), e.to_string())),
                 Err(GaveUp::ShutDown(_)) => {
                     info!(topic = m.topic(), partition = m.partition(), offset = m.offset(),
@@ -404,7 +410,8 @@ impl Sink {
         pending.next.insert(key, m.offset() + 1);
         pending.trace.link(m);
         let value = match decoded {
-            Ok(v) => v,
+            Ok(Some(v)) => v,
+            Ok(None) => return Ok(()),
             Err((reason, error)) => return self.dead_letter(m, reason, &error).await,
         };
         if m.topic() == cfg.notifications_topic {

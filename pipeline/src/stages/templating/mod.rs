@@ -9,14 +9,14 @@ pub mod render;
 use apache_avro::Schema;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::RDKafkaErrorCode;
-use rdkafka::message::{BorrowedMessage, Message, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use serde_json::Value as Json;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tidings_core::json_avro::{avro_to_json, union_branch_name};
-use tidings_core::kafka::{header_str, KafkaConfig, H_TRACEPARENT};
+use tidings_core::kafka::{header_str, KafkaConfig, H_DELIVERY_ONLY, H_TRACEPARENT};
 use tidings_core::notification::NOTIFICATION_SCHEMA_JSON;
 use tidings_core::retry::{until_done, GaveUp};
 use tidings_core::stage::{acknowledged, enqueue, DeadLetters, Processor};
@@ -422,6 +422,16 @@ impl Stage {
             deliveries.reserve(notifications.len());
             // librdkafka copies key and payload on send, so one buffer serves every recipient.
             let mut records = self.templater.encoded(&notifications)?;
+            // A template's copies are all inbox rows or all delivery-only.
+            let delivery_only = notifications.texts.first().is_some_and(|t| !t.inbox);
+            let headers = match (&headers, delivery_only) {
+                (h, false) => h.clone(),
+                (h, true) => Some(
+                    h.clone()
+                        .unwrap_or_else(|| OwnedHeaders::new_with_capacity(1))
+                        .insert(Header { key: H_DELIVERY_ONLY, value: Some("true") }),
+                ),
+            };
             while let Some(record) = records.next_record() {
                 let (user, payload) = record?;
                 let mut rec = FutureRecord::to(&self.output).key(user).payload(payload);

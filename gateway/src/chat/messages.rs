@@ -65,7 +65,17 @@ impl ChatState {
 
     /// 404 without the room, 403 for non-members.
     async fn member_of(&self, room_id: &str, user: &str) -> Result<tidings_sinks::store::chat::RoomAccess, ApiError> {
-        let access = self.store.room_access(room_id, user).await?.ok_or_else(not_found)?;
+        self.member_with(room_id, user, None).await
+    }
+
+    /// `member_of`, also saying where `message_id` is stored if it is.
+    async fn member_with(
+        &self,
+        room_id: &str,
+        user: &str,
+        message_id: Option<&str>,
+    ) -> Result<tidings_sinks::store::chat::RoomAccess, ApiError> {
+        let access = self.store.room_access(room_id, user, message_id).await?.ok_or_else(not_found)?;
         if !access.member {
             return Err(not_a_member());
         }
@@ -126,16 +136,29 @@ pub async fn post(
     Body(msg): Body<NewMessage>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     state.check_text(&msg.text)?;
-    let room = state.member_of(&id, &user).await?;
-    if room.closed {
-        return Err(ApiError::new(StatusCode::CONFLICT, "room_closed", "the room is closed"));
-    }
-    state.check_rate(&user)?;
     let message_id = match &msg.client_id {
         Some(c) => uuid::Uuid::new_v5(&CLIENT_MESSAGES, format!("{id}\0{user}\0{c}").as_bytes()),
         None => uuid::Uuid::new_v4(),
     }
     .to_string();
+    let room = state.member_with(&id, &user, msg.client_id.as_ref().map(|_| message_id.as_str())).await?;
+    // A retry whose first attempt is in the history already: the same answer, nothing produced.
+    // (One still in flight to the store is produced again; each stream drops the repeat by id.)
+    if let Some((partition, seq)) = room.stored_at {
+        if let Some(m) = state.store.chat_message(&message_id).await?.filter(|m| m.sender_id == user) {
+            return Ok((
+                StatusCode::CREATED,
+                Json(json!({
+                    "message_id": message_id, "room_id": id, "seq": seq, "sender_id": user, "text": m.text,
+                    "occurred_at": rfc3339(m.occurred_at), "position": position_id(partition, seq),
+                })),
+            ));
+        }
+    }
+    if room.closed {
+        return Err(ApiError::new(StatusCode::CONFLICT, "room_closed", "the room is closed"));
+    }
+    state.check_rate(&user)?;
     let at = now_micros();
     let payload = json!({"message_id": message_id, "sender_id": user, "text": msg.text});
     let produced = state.emit_at(&id, "MessageSent", payload, at).await?;

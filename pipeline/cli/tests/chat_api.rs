@@ -85,11 +85,21 @@ async fn open_stream(api: &Api, user: &str) -> Seen {
 
 async fn open_stream_from(api: &Api, user: &str, last_event_id: Option<&str>) -> Seen {
     let seen = Seen::default();
-    let mut req = api.http.get(format!("{}/v1/stream", api.base)).bearer_auth(token(user));
-    if let Some(id) = last_event_id {
-        req = req.header("last-event-id", id);
-    }
-    let mut resp = req.send().await.unwrap();
+    // A 503 (a rebalance right after the group formed) is waited out, as EventSource does.
+    let mut tries = 0;
+    let mut resp = loop {
+        let mut req = api.http.get(format!("{}/v1/stream", api.base)).bearer_auth(token(user));
+        if let Some(id) = last_event_id {
+            req = req.header("last-event-id", id);
+        }
+        let resp = req.send().await.unwrap();
+        tries += 1;
+        if resp.status() == 503 && tries < 20 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        }
+        break resp;
+    };
     assert_eq!(resp.status(), 200, "stream of {user}");
     let out = seen.clone();
     tokio::spawn(async move {
@@ -324,6 +334,21 @@ async fn rooms_messages_and_their_rules() {
     .await;
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert_eq!(copies(), 1, "the retried send reached alice's stream twice");
+    // Once the first is in the history, a later retry answers with its seq and produces nothing.
+    let stored_seq =
+        eventually("dave's message is stored", Duration::from_secs(20), Duration::from_millis(100), &[&up], || async {
+            let (_, page, _) = api.call("GET", "dave", &msgs, None).await;
+            page["messages"]
+                .as_array()
+                .and_then(|m| m.iter().find(|m| m["message_id"] == mid))
+                .map(|m| m["seq"].clone())
+                .ok_or_else(|| format!("{page}"))
+        })
+        .await;
+    let third = api.ok("POST", "dave", &msgs, Some(json!({"text": "hello all", "client_id": "c-1"})), 201).await;
+    assert_eq!((third["message_id"].clone(), third["seq"].clone()), (mid.clone(), stored_seq));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(copies(), 1, "a retry of a stored message was produced again");
 
     // A direct inquiry: one room per (product, buyer), visible to its two members only.
     let direct = api

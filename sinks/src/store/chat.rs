@@ -35,6 +35,9 @@ pub struct MyRoom {
 pub struct RoomAccess {
     pub closed: bool,
     pub member: bool,
+    /// When asked about a message id: its (partition, offset) on `chat` if the room's history
+    /// already holds it (a send retried after a lost answer).
+    pub stored_at: Option<(i32, i64)>,
 }
 
 /// A message of a room's history.
@@ -233,14 +236,27 @@ impl Store {
         Ok(out)
     }
 
-    /// Whether `room` exists, is closed, and has `user` as a member: one query, on every send.
-    pub async fn room_access(&self, room_id: &str, user: &str) -> Result<Option<RoomAccess>, StoreError> {
+    /// Whether `room` exists, is closed, and has `user` as a member, and where message
+    /// `message_id` (if given) is stored: one query, on every send.
+    pub async fn room_access(
+        &self,
+        room_id: &str,
+        user: &str,
+        message_id: Option<&str>,
+    ) -> Result<Option<RoomAccess>, StoreError> {
         const SQL: &str = "SELECT r.closed, (SELECT count(*) FROM room_members m WHERE m.room_id = r.room_id \
-                           AND m.user_id = $2) AS member FROM chat_rooms r WHERE r.room_id = $1";
-        let row: Option<(bool, i64)> = on_pool!(self, |pool, Db| {
-            sqlx::query_as(SQL).bind(Db::text(room_id)).bind(Db::text(user)).fetch_optional(pool).await?
+                           AND m.user_id = $2) AS member, c.source_partition, c.source_offset FROM chat_rooms r \
+                           LEFT JOIN chat_messages c ON c.message_id = $3 AND c.room_id = r.room_id \
+                           WHERE r.room_id = $1";
+        let row: Option<(bool, i64, Option<i32>, Option<i64>)> = on_pool!(self, |pool, Db| {
+            sqlx::query_as(SQL)
+                .bind(Db::text(room_id))
+                .bind(Db::text(user))
+                .bind(message_id.map(Db::text))
+                .fetch_optional(pool)
+                .await?
         });
-        Ok(row.map(|(closed, member)| RoomAccess { closed, member: member > 0 }))
+        Ok(row.map(|(closed, member, p, o)| RoomAccess { closed, member: member > 0, stored_at: p.zip(o) }))
     }
 
     /// Adds `user` to `room`; false when they were a member already.

@@ -498,12 +498,21 @@ async fn chat_rooms_search_history_unread_and_edits(store: &Store) {
     );
 
     // Membership and access.
-    assert_eq!(store.room_access("r1", "bob").await.unwrap(), Some(RoomAccess { closed: false, member: false }));
+    assert_eq!(
+        store.room_access("r1", "bob", None).await.unwrap(),
+        Some(RoomAccess { closed: false, member: false, stored_at: None })
+    );
     assert!(store.join_room("r1", "bob", 2).await.unwrap());
     assert!(!store.join_room("r1", "bob", 3).await.unwrap());
-    assert_eq!(store.room_access("r1", "bob").await.unwrap(), Some(RoomAccess { closed: false, member: true }));
-    assert_eq!(store.room_access("r2", "alice").await.unwrap(), Some(RoomAccess { closed: true, member: true }));
-    assert_eq!(store.room_access("nope", "alice").await.unwrap(), None);
+    assert_eq!(
+        store.room_access("r1", "bob", None).await.unwrap(),
+        Some(RoomAccess { closed: false, member: true, stored_at: None })
+    );
+    assert_eq!(
+        store.room_access("r2", "alice", None).await.unwrap(),
+        Some(RoomAccess { closed: true, member: true, stored_at: None })
+    );
+    assert_eq!(store.room_access("nope", "alice", None).await.unwrap(), None);
 
     // History, unread counts (others' messages after the read position) and the room list.
     let batch = Batch {
@@ -517,6 +526,11 @@ async fn chat_rooms_search_history_unread_and_edits(store: &Store) {
     store.write_batch("sink", &batch).await.unwrap();
     let seqs = |m: Vec<super::chat::StoredMessage>| m.into_iter().map(|m| m.seq).collect::<Vec<_>>();
     assert_eq!(seqs(store.room_messages("r1", None, 10).await.unwrap()), [12, 11, 10]);
+    // A send retried with the same message id learns where the first one is stored.
+    let found = store.room_access("r1", "bob", Some("m2")).await.unwrap().unwrap();
+    assert_eq!(found.stored_at.map(|(_, o)| o), Some(11));
+    assert!(store.room_access("r1", "bob", Some("m9")).await.unwrap().unwrap().stored_at.is_none());
+    assert!(store.room_access("r2", "alice", Some("m2")).await.unwrap().unwrap().stored_at.is_none(), "other room");
     assert_eq!(seqs(store.room_messages("r1", Some(12), 1).await.unwrap()), [11]);
     assert_eq!(store.room_unread("r1", "alice").await.unwrap(), Some((-1, 2)));
     assert_eq!(store.room_unread("r1", "bob").await.unwrap(), Some((-1, 1)));

@@ -270,6 +270,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             bail!("unknown stage {s:?} (expected templating, persistence, gateway or ingest)");
         }
     }
+    // The recorder first: a metric handle taken before it exists records nowhere, and the stages
+    // take theirs when they start (templating's and persistence's were missing from /metrics).
+    tidings_gateway::metrics::install();
     // Refused Kafka settings are reported before anything starts.
     args.infra.kafka(String::new())?;
     let topo = Arc::new(load_topology(&args.infra)?);

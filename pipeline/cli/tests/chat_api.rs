@@ -484,6 +484,20 @@ async fn a_resume_older_than_the_ring_is_backfilled_from_kafka() {
         .and_then(|l| l.split_whitespace().last()?.parse().ok())
         .unwrap_or(0.0);
     assert!(backfills >= 1.0, "a backfill ran:\n{metrics}");
+    // Every stage of the process reports, not only the gateway's (whose start installs nothing now).
+    for stage in ["templating", "persistence", "delivery"] {
+        let line = format!("tidings_stage_records_total{{stage=\"{stage}\"}}");
+        let n: f64 = metrics
+            .lines()
+            .find(|l| l.starts_with(&line))
+            .and_then(|l| l.split_whitespace().last()?.parse().ok())
+            .unwrap_or(0.0);
+        assert!(n > 0.0, "{line} missing or 0:\n{metrics}");
+        assert!(
+            metrics.contains(&format!("tidings_stage_record_age_seconds_count{{stage=\"{stage}\"}}")),
+            "{stage} age"
+        );
+    }
     up.signal("TERM");
     assert!(up.wait_exit(Duration::from_secs(30)).await.is_some_and(|s| s.success()), "{}", up.log_tail(20));
 }

@@ -41,6 +41,8 @@ pub trait Processor: Send {
 /// The counters every stage reports, labelled `stage`.
 struct StageMetrics {
     records: Counter,
+    /// Seconds from a record's CreateTime to its consumption here: the hop into this stage.
+    age: metrics::Histogram,
     consumer_errors: Counter,
     restarts: Counter,
 }
@@ -49,6 +51,7 @@ impl StageMetrics {
     fn new(stage: &'static str) -> Self {
         StageMetrics {
             records: metrics::counter!("tidings_stage_records_total", "stage" => stage),
+            age: metrics::histogram!("tidings_stage_record_age_seconds", "stage" => stage),
             consumer_errors: metrics::counter!("tidings_stage_consumer_errors_total", "stage" => stage),
             restarts: metrics::counter!("tidings_stage_restarts_total", "stage" => stage),
         }
@@ -121,6 +124,11 @@ async fn drive<P: Processor, C: ConsumerContext + 'static>(
             Next::Due(due) => processor.on_due(due).await,
             Next::Record(Ok(msg)) => {
                 metrics.records.increment(1);
+                if let (Some(created), Ok(now)) =
+                    (msg.timestamp().to_millis(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH))
+                {
+                    metrics.age.record((now.as_millis() as i64 - created).max(0) as f64 / 1000.0);
+                }
                 processor.process(&msg).await
             }
             Next::Record(Err(e)) => {

@@ -26,10 +26,20 @@ const APP_JS: &str = include_str!("../web/app.js");
 const APP_CSS: &str = include_str!("../web/app.css");
 
 /// The page loads only its own files and talks only to its own origin: no inline script or style,
-/// no frames, no plugins. (A stream redirected to another gateway's origin would need that origin
-/// in `connect-src`; see README, "The web page".)
+/// no frames, no plugins. With `--redirect-allow` origins, [`csp`] adds them to `connect-src` so
+/// the page's stream may follow a 307 to the gateway owning its user.
 pub const CSP: &str =
     "default-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'";
+
+/// [`CSP`], with `connect-src 'self'` plus `gateways` (origins such as `https://gw-2.example.com`
+/// or `https://*.example.com`, as `RedirectAllow` validated them) when there are any.
+pub fn csp(gateways: &[String]) -> String {
+    if gateways.is_empty() {
+        return CSP.to_string();
+    }
+    let (first, rest) = CSP.split_once("; ").expect("CSP has several directives");
+    format!("{first}; connect-src 'self' {}; {rest}", gateways.join(" "))
+}
 
 /// How long a dev sign-in token is valid.
 pub const DEV_TOKEN_TTL: Duration = Duration::from_secs(12 * 3600);
@@ -42,6 +52,8 @@ pub struct WebConfig {
     pub kinds: Vec<String>,
     /// Dev mode: `POST /v1/dev/token` signs tokens with the public dev secret.
     pub dev_sign_in: Option<DevSignIn>,
+    /// Other gateways' origins a stream may be redirected to (`--redirect-allow`), for `connect-src`.
+    pub gateways: Vec<String>,
 }
 
 /// Claims the gateway requires that a dev token must carry.
@@ -54,11 +66,16 @@ pub struct DevSignIn {
 /// `/`, `/index.html`, `/app.js`, `/app.css`, `/config.json`, and in dev mode `POST /v1/dev/token`.
 pub fn router(config: WebConfig) -> Router {
     let config = Arc::new(config);
+    let policy = HeaderValue::from_str(&csp(&config.gateways)).unwrap_or(HeaderValue::from_static(CSP));
+    let file = |ty: &'static str, body: &'static str| {
+        let policy = policy.clone();
+        get(move || async move { asset(ty, body, policy) })
+    };
     let mut router = Router::new()
-        .route("/", get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }))
-        .route("/index.html", get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }))
-        .route("/app.js", get(|| async { asset("text/javascript; charset=utf-8", APP_JS) }))
-        .route("/app.css", get(|| async { asset("text/css; charset=utf-8", APP_CSS) }))
+        .route("/", file("text/html; charset=utf-8", INDEX_HTML))
+        .route("/index.html", file("text/html; charset=utf-8", INDEX_HTML))
+        .route("/app.js", file("text/javascript; charset=utf-8", APP_JS))
+        .route("/app.css", file("text/css; charset=utf-8", APP_CSS))
         .route("/config.json", get(page_config))
         // No icon: an empty answer rather than a 404 in every browser console.
         .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }));
@@ -68,24 +85,24 @@ pub fn router(config: WebConfig) -> Router {
     router.with_state(config)
 }
 
-fn headers(content_type: &'static str) -> [(HeaderName, HeaderValue); 5] {
+fn headers(content_type: &'static str, policy: HeaderValue) -> [(HeaderName, HeaderValue); 5] {
     [
         (CONTENT_TYPE, HeaderValue::from_static(content_type)),
         // Revalidate every time: a new binary's page must never run against a cached old script.
         (CACHE_CONTROL, HeaderValue::from_static("no-cache")),
-        (HeaderName::from_static("content-security-policy"), HeaderValue::from_static(CSP)),
+        (HeaderName::from_static("content-security-policy"), policy),
         (X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff")),
         (REFERRER_POLICY, HeaderValue::from_static("no-referrer")),
     ]
 }
 
-fn asset(content_type: &'static str, body: &'static str) -> Response {
-    (headers(content_type), body).into_response()
+fn asset(content_type: &'static str, body: &'static str, policy: HeaderValue) -> Response {
+    (headers(content_type, policy), body).into_response()
 }
 
 async fn page_config(State(config): State<Arc<WebConfig>>) -> Response {
     let body = json!({ "kinds": config.kinds, "dev_sign_in": config.dev_sign_in.is_some() });
-    (headers("application/json"), body.to_string()).into_response()
+    (headers("application/json", HeaderValue::from_static(CSP)), body.to_string()).into_response()
 }
 
 #[derive(Deserialize)]

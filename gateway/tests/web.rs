@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 use tidings_gateway::auth::{AuthConfig, Key, DEV_SECRET};
+use tidings_gateway::delivery::owners::RedirectAllow;
 use tidings_gateway::web::{DevSignIn, WebConfig, CSP};
 use tidings_gateway::{Limits, Parts, Readiness};
 use tokio_util::sync::CancellationToken;
@@ -22,7 +23,7 @@ fn client() -> reqwest::Client {
 
 #[tokio::test]
 async fn files_with_their_headers_and_no_dev_sign_in_outside_dev_mode() {
-    let (url, stop) = start(WebConfig { kinds: vec!["order.paid".into()], dev_sign_in: None }).await;
+    let (url, stop) = start(WebConfig { kinds: vec!["order.paid".into()], dev_sign_in: None, gateways: vec![] }).await;
     let http = client();
     for (path, ty) in [
         ("/", "text/html; charset=utf-8"),
@@ -52,7 +53,7 @@ async fn files_with_their_headers_and_no_dev_sign_in_outside_dev_mode() {
 #[tokio::test]
 async fn dev_sign_in_signs_tokens_the_gateway_accepts() {
     let dev = DevSignIn { issuer: Some("tidings-dev".into()), audience: Some("web".into()) };
-    let (url, stop) = start(WebConfig { kinds: vec![], dev_sign_in: Some(dev) }).await;
+    let (url, stop) = start(WebConfig { kinds: vec![], dev_sign_in: Some(dev), gateways: vec![] }).await;
     let http = client();
     let config: serde_json::Value = http.get(format!("{url}/config.json")).send().await.unwrap().json().await.unwrap();
     assert_eq!(config["dev_sign_in"], true);
@@ -73,5 +74,22 @@ async fn dev_sign_in_signs_tokens_the_gateway_accepts() {
         let body: serde_json::Value = r.json().await.unwrap();
         assert!(body["error"]["code"].is_string(), "{body}");
     }
+    stop.cancel();
+}
+
+/// With `--redirect-allow` origins the page may follow its stream's 307 to them: they, and only
+/// they, join `connect-src`; everything else stays as strict.
+#[tokio::test]
+async fn redirect_targets_are_the_only_other_origins_the_page_may_connect_to() {
+    let allow =
+        RedirectAllow::new(["https://gw-2.example.com", "https://*.gw.example.com", "http://10.0.0.7:8080"]).unwrap();
+    let (url, stop) = start(WebConfig { kinds: vec![], dev_sign_in: None, gateways: allow.origins() }).await;
+    let r = client().get(format!("{url}/")).send().await.unwrap();
+    let policy = r.headers()["content-security-policy"].to_str().unwrap().to_string();
+    assert_eq!(
+        policy,
+        "default-src 'self'; connect-src 'self' https://gw-2.example.com https://*.gw.example.com http://10.0.0.7:8080; \
+         object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'"
+    );
     stop.cancel();
 }

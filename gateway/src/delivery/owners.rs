@@ -76,6 +76,17 @@ impl RedirectAllow {
         self.matches(target)
     }
 
+    /// The entries as CSP source expressions (`scheme://host[:port]`, `*.` kept).
+    pub fn origins(&self) -> Vec<String> {
+        self.entries
+            .iter()
+            .map(|(scheme, host, port)| match port {
+                Some(p) => format!("{scheme}://{host}:{p}"),
+                None => format!("{scheme}://{host}"),
+            })
+            .collect()
+    }
+
     /// Whether `target` matches an entry (an empty list matches nothing).
     pub fn matches(&self, target: &str) -> bool {
         let Ok(t) = url::Url::parse(target) else { return false };

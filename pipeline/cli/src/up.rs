@@ -242,7 +242,10 @@ fn web_config(topo: &Topology, args: &UpArgs) -> WebConfig {
     let dev_key = args.dev && args.jwt.jwt_secret.is_none() && args.jwt.jwt_public_key_file.is_none();
     let dev_sign_in =
         dev_key.then(|| DevSignIn { issuer: args.jwt.jwt_issuer.clone(), audience: args.jwt.jwt_audience.clone() });
-    WebConfig { kinds, dev_sign_in }
+    // Validated with the other flags when the gateway starts (an invalid list stops it there).
+    let gateways =
+        RedirectAllow::new(args.sse.redirect_allow.iter().map(String::as_str)).map(|a| a.origins()).unwrap_or_default();
+    WebConfig { kinds, dev_sign_in, gateways }
 }
 
 pub(crate) fn load_topology(infra: &Infra) -> anyhow::Result<Topology> {

@@ -710,3 +710,102 @@ async fn chat(brokers: String) {
     b.close().await;
     drop(st);
 }
+
+/// The page on gateway A, for a user whose partition gateway B owns: its EventSource follows A's
+/// 307 to B's origin, which the page's CSP allows because B is on `--redirect-allow` (and B's CORS
+/// lets A's origin in with the session cookie), and a notification arrives live over B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_page_follows_its_stream_to_the_gateway_owning_its_user() {
+    let Some(brokers) = common::brokers_or_skip() else { return };
+    if !browser_or_skip() {
+        return;
+    }
+    let _one = SERIAL.lock().await;
+    tokio::time::timeout(WHOLE, two_origins(brokers)).await.expect("the two-gateway page test did not finish in time");
+}
+
+async fn two_origins(brokers: String) {
+    let (_pool, db_url) = common::fresh_pg().await;
+    let prefix = common::unique_prefix();
+    let mut core = Tidings::spawn(
+        "core",
+        &Up {
+            brokers: &brokers,
+            database_url: &db_url,
+            prefix: &prefix,
+            stages: "templating,persistence,ingest",
+            registry_url: None,
+        },
+    );
+    let ep = core.endpoints(Duration::from_secs(60)).await;
+    let (pa, pb) = (free_port(), free_port());
+    let (a, b_url) = (format!("http://127.0.0.1:{pa}"), format!("http://127.0.0.1:{pb}"));
+    let allow = format!("{a},{b_url}");
+    let up = Up {
+        brokers: &brokers,
+        database_url: &db_url,
+        prefix: &prefix,
+        stages: "gateway",
+        registry_url: Some(&ep.schema_registry_url),
+    };
+    let env = [("TIDINGS_REDIRECT_ALLOW", allow.as_str()), ("TIDINGS_CORS_ALLOW_ORIGINS", a.as_str())];
+    let mut ga = Tidings::spawn_at("gateway-a", &up, &env, &format!("127.0.0.1:{pa}"));
+    let mut gb = Tidings::spawn_at("gateway-b", &up, &env, &format!("127.0.0.1:{pb}"));
+    ga.endpoints(Duration::from_secs(60)).await;
+    gb.endpoints(Duration::from_secs(60)).await;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    await_ready(&http, &a, &ga).await;
+    await_ready(&http, &b_url, &gb).await;
+
+    // A user whose stream A redirects to B (both own some of the 12 partitions once both joined).
+    let user =
+        eventually("a user owned by B", Duration::from_secs(60), Duration::from_millis(500), &[&ga, &gb], || async {
+            for i in 0..200 {
+                let user = format!("far{i}");
+                let token = dev_token(&http, &a, &user).await;
+                let r =
+                    http.get(format!("{a}/v1/stream")).bearer_auth(&token).send().await.map_err(|e| e.to_string())?;
+                let to = r.headers().get("location").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+                if r.status() == 307 && to.starts_with(&b_url) {
+                    return Ok(user);
+                }
+            }
+            Err("no user of A's is redirected to B yet".to_string())
+        })
+        .await;
+    // The page may connect to the other gateways, and nowhere else.
+    check_asset(&http, &format!("{a}/"), "text/html; charset=utf-8").await;
+    let r = http.get(format!("{a}/app.js")).send().await.unwrap();
+    let csp = r.headers()["content-security-policy"].to_str().unwrap().to_string();
+    assert!(csp.contains(&format!("connect-src 'self' {a} {b_url};")), "{csp}");
+
+    let mut b = Browser::start();
+    let status = b.call(&user, json!({"cmd": "open", "url": format!("{a}/"), "width": 390, "height": 844})).await;
+    assert_eq!(status, 200);
+    b.wait(&user, "the page to start", "return document.body.dataset.ready === '1'").await;
+    b.call(&user, json!({"cmd": "fill", "selector": "#dev-user", "value": user})).await;
+    b.call(&user, json!({"cmd": "press", "selector": "#dev-user", "key": "Enter"})).await;
+    b.wait(&user, "the stream (on B) to be live", "return document.getElementById('conn').dataset.state === 'live'")
+        .await;
+    order(&http, &ep.ingest, &user, "far-1").await;
+    b.wait(&user, "far-1 in the inbox", "return document.getElementById('inbox-badge').textContent === '1'").await;
+    let live =
+        b.eval(&user, "return [...document.querySelectorAll('#inbox-list li')].map((li) => li.dataset.live)").await;
+    assert_eq!(live, json!(["1"]), "it came over the stream");
+    let on_b = http.get(format!("{b_url}/metrics")).send().await.unwrap().text().await.unwrap();
+    let streams: f64 = on_b
+        .lines()
+        .find_map(|l| l.strip_prefix("tidings_gateway_connections "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    assert!(streams >= 1.0, "the page's stream is not on B:\n{on_b}");
+    b.screenshot(&user, "stream-on-another-gateway").await;
+    b.close().await;
+    sigterm(&mut ga).await;
+    sigterm(&mut gb).await;
+    drop(core);
+}

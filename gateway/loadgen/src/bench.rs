@@ -511,6 +511,27 @@ async fn posted(posts: Vec<JoinHandle<(bool, i64)>>) -> Value {
     })
 }
 
+/// Per stage, the p50/p99 (ms) of `tidings_stage_record_age_seconds` from the gateway's /metrics.
+async fn stage_ages(http: &reqwest::Client, url: &str) -> Value {
+    let Ok(r) = http.get(format!("{url}/metrics")).send().await else { return Value::Null };
+    let text = r.text().await.unwrap_or_default();
+    let mut out = serde_json::Map::new();
+    for line in text.lines().filter(|l| l.starts_with("tidings_stage_record_age_seconds{")) {
+        let (Some(stage), Some(q), Some(v)) = (
+            line.split("stage=\"").nth(1).and_then(|r| r.split('"').next()),
+            line.split("quantile=\"").nth(1).and_then(|r| r.split('"').next()),
+            line.split_whitespace().last().and_then(|v| v.parse::<f64>().ok()),
+        ) else {
+            continue;
+        };
+        if q == "0.5" || q == "0.99" {
+            let e = out.entry(stage.to_string()).or_insert_with(|| json!({}));
+            e[format!("p{}", if q == "0.5" { "50" } else { "99" })] = json!((v * 1000.0).round());
+        }
+    }
+    Value::Object(out)
+}
+
 fn order_paid(event_id: &str, user: &str, at_us: i64) -> String {
     json!({"event_id": event_id, "occurred_at": at_us, "order_id": event_id, "buyer_id": user, "locale": "en",
         "payload": {"OrderPaid": {"amount_cents": 4200, "currency": "EUR", "payment_method": "card"}}})
@@ -617,6 +638,8 @@ async fn ingest_latency(
         "orders_to_notifications_record": percentiles(templating),
         "notifications_record_to_stream": percentiles(delivery),
         "note": "from Kafka CreateTime, whole milliseconds: each hop is ±1 ms",
+        "consumed_after_ms": stage_ages(http, &stack.url).await,
+        "consumed_after_note": "the stages' own tidings_stage_record_age_seconds (CreateTime → consumed), over the whole run (warm-up included)",
     });
     v["path"] = json!("POST /v1/events/orders → orders → templating → notifications → delivery → stream");
     Ok(v)

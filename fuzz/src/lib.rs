@@ -93,6 +93,7 @@ pub fn json_to_avro(data: &[u8]) {
 /// Any bytes as an Avro datum of each schema: decoding must fail cleanly or give a value with the
 /// same properties as a converted one. The allocation cap is checked by the smoke tests.
 pub fn avro_decode(data: &[u8]) {
+    notification_direct(data);
     for c in codecs() {
         let Ok(value) = c.reader.read_value(&mut &data[..]) else { continue };
         // apache-avro 0.22 decodes a string cut short by the end of input as Null instead of
@@ -103,6 +104,21 @@ pub fn avro_decode(data: &[u8]) {
         }
         check_value(c, &value, "avro_decode");
     }
+}
+
+/// Delivery's hand-written notification decoder accepts exactly what the generic path (read,
+/// validate, no trailing bytes, convert) accepts, and gives the same notification.
+fn notification_direct(data: &[u8]) {
+    let c = codecs().iter().find(|c| c.name == "notification").expect("the notification codec");
+    let mut rest = data;
+    let generic = c
+        .reader
+        .read_value(&mut rest)
+        .ok()
+        .filter(|v| v.validate(c.schema) && rest.is_empty())
+        .and_then(|v| tidings_core::Notification::from_value(v).ok());
+    let direct = tidings_core::Notification::decode_datum(data).ok();
+    assert_eq!(direct, generic, "direct and generic notification decoding disagree on {data:?}");
 }
 
 /// Properties of every value of a schema, however it was obtained.

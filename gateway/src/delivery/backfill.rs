@@ -91,12 +91,14 @@ impl LogSource {
                 break;
             }
             if let Some(payload) = m.payload() {
-                match self.registry.decode(payload, &NOTIFICATION_SCHEMA).await {
-                    Ok(v) => {
-                        if let Ok(n) = Notification::from_value(v) {
-                            let ts = m.timestamp().to_millis().unwrap_or(0);
-                            out.push(Arc::new(event_from_notification(partition, o, &n, ts)));
-                        }
+                let decoded = self
+                    .registry
+                    .decode_as(payload, &NOTIFICATION_SCHEMA, Notification::decode_datum, Notification::from_value)
+                    .await;
+                match decoded {
+                    Ok(n) => {
+                        let ts = m.timestamp().to_millis().unwrap_or(0);
+                        out.push(Arc::new(event_from_notification(partition, o, &n, ts)));
                     }
                     Err(e) if e.is_retriable() => return Err(e.into()),
                     Err(_) => {}

@@ -370,16 +370,10 @@ async fn deliver(m: &BorrowedMessage<'_>, registry: &RegistryClient, hub: &Hub, 
     };
     let what = || format!("Decoding notification {p}@{o} through the schema registry");
     let window = (Duration::from_millis(200), Duration::from_secs(5));
-    let value = match until_done(
-        shutdown,
-        what,
-        window,
-        || registry.decode(payload, &NOTIFICATION_SCHEMA),
-        DecodeError::is_retriable,
-    )
-    .await
-    {
-        Ok(v) => v,
+    let decode =
+        || registry.decode_as(payload, &NOTIFICATION_SCHEMA, Notification::decode_datum, Notification::from_value);
+    let n = match until_done(shutdown, what, window, decode, DecodeError::is_retriable).await {
+        Ok(n) => n,
         // Stopping: the streams end with `reconnect` and the next owner delivers it.
         Err(GaveUp::ShutDown(_)) => return,
         Err(GaveUp::Failed(e)) => {
@@ -389,21 +383,12 @@ async fn deliver(m: &BorrowedMessage<'_>, registry: &RegistryClient, hub: &Hub, 
             return;
         }
     };
-    match Notification::from_value(value) {
-        Ok(n) => {
-            if let Some(home) = hub.partition_of(&n.user_id).filter(|home| *home != p) {
-                // Keyed by something other than the user id with murmur2: the user's stream
-                // lives on another partition and would never see this.
-                metrics::counter!("tidings_gateway_misrouted_total").increment(1);
-                warn!(user = %n.user_id, "Notification {p}@{o} is not on its user's partition {home}.");
-            }
-            let ts = m.timestamp().to_millis().unwrap_or(0);
-            hub.push(event_from_notification(p, o, &n, ts));
-        }
-        Err(e) => {
-            warn!(error = %e, "Skipping notification {p}@{o} with unexpected fields.");
-            metrics::counter!("tidings_gateway_undecodable_total").increment(1);
-            hub.skip(p, o);
-        }
+    if let Some(home) = hub.partition_of(&n.user_id).filter(|home| *home != p) {
+        // Keyed by something other than the user id with murmur2: the user's stream
+        // lives on another partition and would never see this.
+        metrics::counter!("tidings_gateway_misrouted_total").increment(1);
+        warn!(user = %n.user_id, "Notification {p}@{o} is not on its user's partition {home}.");
     }
+    let ts = m.timestamp().to_millis().unwrap_or(0);
+    hub.push(event_from_notification(p, o, &n, ts));
 }

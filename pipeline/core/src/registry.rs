@@ -61,6 +61,8 @@ struct CachedReader {
     /// The reader schema's named types, resolved once, to validate each decoded value.
     names: ResolvedSchema<'static>,
     schema: &'static Schema,
+    /// The writer schema is the reader schema (same canonical form): no resolution needed.
+    same: bool,
 }
 
 /// Where a schema registry is and how to authenticate to it (Confluent Cloud style: https with
@@ -281,9 +283,49 @@ impl RegistryClient {
             .map_err(|e| RegistryError::Rejected(format!("the registry's answer is not JSON: {e}")))
     }
 
+    /// Decodes a framed record into `T`: with `direct` when it was written with `reader` itself (a
+    /// hand-written decoder of a hot schema, such as [`crate::Notification::decode_datum`]), else
+    /// through [`RegistryClient::decode`] (resolving the writer schema) and `convert`.
+    pub async fn decode_as<T>(
+        &self,
+        bytes: &[u8],
+        reader: &'static Schema,
+        direct: fn(&[u8]) -> Result<T, CodecError>,
+        convert: fn(Value) -> Result<T, CodecError>,
+    ) -> Result<T, DecodeError> {
+        let (id, datum) = wire::split(bytes)?;
+        if self.cached_reader(id, reader).await?.same {
+            return direct(datum).map_err(DecodeError::Malformed);
+        }
+        convert(self.decode(bytes, reader).await?).map_err(DecodeError::Malformed)
+    }
+
     /// Decodes a framed record, resolving the writer schema against `reader` when they differ.
     pub async fn decode(&self, bytes: &[u8], reader: &'static Schema) -> Result<Value, DecodeError> {
         let (id, mut datum) = wire::split(bytes)?;
+        let cached = self.cached_reader(id, reader).await?;
+        let value = cached
+            .reader
+            .read_value(&mut datum)
+            .map_err(|e| DecodeError::Malformed(CodecError::Avro(e.to_string())))?;
+        // apache-avro 0.22 reads a string cut off at the end of the input as null; validation
+        // against the schema turns such a truncated record into the error it is.
+        if !value.validate_with_names(cached.schema, cached.names.get_names()) {
+            return Err(DecodeError::Malformed(CodecError::Avro(
+                "datum is truncated or does not match its schema".into(),
+            )));
+        }
+        if !datum.is_empty() {
+            return Err(DecodeError::Malformed(CodecError::Avro(format!(
+                "{} trailing bytes after the datum",
+                datum.len()
+            ))));
+        }
+        Ok(value)
+    }
+
+    /// The reader of writer schema `id` into `reader`, built once per pair.
+    async fn cached_reader(&self, id: u32, reader: &'static Schema) -> Result<Arc<CachedReader>, DecodeError> {
         let key = (id, reader as *const Schema as usize);
         let cached = self.inner.readers.read().expect("lock").get(&key).cloned();
         let cached = match cached {
@@ -304,29 +346,12 @@ impl RegistryClient {
                     .map_err(|e| DecodeError::Incompatible { id, reason: e.to_string() })?;
                 let names = ResolvedSchema::try_from(reader)
                     .map_err(|e| DecodeError::Incompatible { id, reason: e.to_string() })?;
-                let c = Arc::new(CachedReader { reader: built, names, schema: reader });
+                let c = Arc::new(CachedReader { reader: built, names, schema: reader, same });
                 self.inner.readers.write().expect("lock").insert(key, c.clone());
                 c
             }
         };
-        let value = cached
-            .reader
-            .read_value(&mut datum)
-            .map_err(|e| DecodeError::Malformed(CodecError::Avro(e.to_string())))?;
-        // apache-avro 0.22 reads a string cut off at the end of the input as null; validation
-        // against the schema turns such a truncated record into the error it is.
-        if !value.validate_with_names(cached.schema, cached.names.get_names()) {
-            return Err(DecodeError::Malformed(CodecError::Avro(
-                "datum is truncated or does not match its schema".into(),
-            )));
-        }
-        if !datum.is_empty() {
-            return Err(DecodeError::Malformed(CodecError::Avro(format!(
-                "{} trailing bytes after the datum",
-                datum.len()
-            ))));
-        }
-        Ok(value)
+        Ok(cached)
     }
 }
 

@@ -260,12 +260,10 @@ impl Partition {
 /// What a look at the ring decided.
 enum Registered {
     Done(Subscription),
-    /// The ring starts after the asked position: a backfill or the store must fill the gap
-    /// (`after`, `before`), if they have it; `low` is the partition's log start.
+    /// The ring starts after the asked position `after`: a backfill or the store must fill the
+    /// gap, if they have it.
     Gap {
         after: i64,
-        before: i64,
-        low: i64,
     },
 }
 
@@ -595,11 +593,11 @@ impl Hub {
         let mut backfilled = false;
         for _attempt in 0..3 {
             let part = self.partition(partition).ok_or(SubscribeError::NotOwned(partition))?;
-            let (after, before, low) = match self.register_from_ring(&part, partition, user, last, stored_next)? {
+            let after = match self.register_from_ring(&part, partition, user, last, stored_next)? {
                 Registered::Done(sub) => return Ok(sub),
-                Registered::Gap { after, before, low } => (after, before, low),
+                Registered::Gap { after } => after,
             };
-            if !backfilled && self.can_backfill(after, before, low) {
+            if !backfilled {
                 backfilled = true;
                 if self.backfill(&part, partition, after).await {
                     continue;
@@ -651,9 +649,7 @@ impl Hub {
                 let after = lo.max(guard.ring.last());
                 self.register(&mut guard, partition, user, after, backlog, ResumeOutcome::Store)
             }
-            (Some((_, lo)), _) => {
-                return Ok(Registered::Gap { after: lo, before: guard.ring.covered_from(), low: guard.low })
-            }
+            (Some((_, lo)), _) => return Ok(Registered::Gap { after: lo }),
         };
         Ok(Registered::Done(sub))
     }
@@ -692,20 +688,12 @@ impl Hub {
         Ok(self.register(&mut guard, partition, user, after, backlog, ResumeOutcome::Reset))
     }
 
-    /// Whether a backfill may serve the gap (`after`, `before`): a log to read from, the range
-    /// still in it, and not longer than the most a ring may be held at.
-    fn can_backfill(&self, after: i64, before: i64, low: i64) -> bool {
-        self.log.is_some()
-            && self.cfg.backfill_events > 0
-            && after + 1 >= low
-            && before - after - 1 <= self.cfg.backfill_events as i64
-    }
-
     /// Extends `part`'s ring back to `after + 1` from the log (or finds that a backfill that ran
     /// meanwhile did), holding it at the backfill bounds for `backfill_hold` so the resumes of a
-    /// reconnecting herd are all served from memory. True when the ring now covers `after`.
+    /// reconnecting herd are all served from memory. True when the ring now covers `after`; false
+    /// without a log, or when the gap is gone from it or longer than `backfill_events`.
     async fn backfill(&self, part: &Arc<Mutex<Partition>>, partition: i32, after: i64) -> bool {
-        let Some(log) = &self.log else { return false };
+        let Some(log) = self.log.as_ref().filter(|_| self.cfg.backfill_events > 0) else { return false };
         let lock = self.backfills.lock().expect("lock").entry(partition).or_default().clone();
         let _one_at_a_time = lock.lock().await;
         let hold_events = self.cfg.ring_events + self.cfg.backfill_events;
@@ -718,9 +706,14 @@ impl Hub {
             if g.ring.covers(after) {
                 return true;
             }
+            // Checked now, not before waiting for another backfill: the ring moved meanwhile.
+            let to = g.ring.covered_from();
+            if after + 1 < g.low || to - after - 1 > self.cfg.backfill_events as i64 {
+                return false;
+            }
             // From now on the ring keeps what it has, so nothing between the read and it is lost.
             g.ring.hold(hold_events, hold_bytes, Instant::now() + self.cfg.backfill_hold);
-            g.ring.covered_from()
+            to
         };
         let t = Instant::now();
         let read = tokio::time::timeout(BACKFILL_TIMEOUT, log.read(partition, after + 1, to)).await;
@@ -750,6 +743,7 @@ impl Hub {
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, partition, "Backfill from Kafka failed; the resume uses the store.");
                 if matches!(e, super::backfill::BackfillError::Gone(_)) {
+                    // Retention passed `after + 1`; the next watermark refresh says by how much.
                     part.lock().expect("lock").low = after + 2;
                 }
                 "failed"

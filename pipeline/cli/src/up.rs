@@ -233,18 +233,16 @@ impl JwtArgs {
     }
 }
 
-/// The web page's settings: the kinds to listen for, and dev sign-in when `--dev` and no key of
-/// its own: then the public dev secret is the gateway's only key, so the tokens it signs verify.
-fn web_config(topo: &Topology, args: &UpArgs) -> WebConfig {
+/// The web page's settings: the kinds to listen for, dev sign-in when `--dev` and no key of its
+/// own (then the public dev secret is the gateway's only key, so the tokens it signs verify), and
+/// the gateways its stream may be redirected to.
+fn web_config(topo: &Topology, args: &UpArgs, gateways: Vec<String>) -> WebConfig {
     let mut kinds: Vec<String> = topo.templates.iter().map(|t| t.kind.clone()).collect();
     kinds.sort();
     kinds.dedup();
     let dev_key = args.dev && args.jwt.jwt_secret.is_none() && args.jwt.jwt_public_key_file.is_none();
     let dev_sign_in =
         dev_key.then(|| DevSignIn { issuer: args.jwt.jwt_issuer.clone(), audience: args.jwt.jwt_audience.clone() });
-    // Validated with the other flags when the gateway starts (an invalid list stops it there).
-    let gateways =
-        RedirectAllow::new(args.sse.redirect_allow.iter().map(String::as_str)).map(|a| a.origins()).unwrap_or_default();
     WebConfig { kinds, dev_sign_in, gateways }
 }
 
@@ -487,6 +485,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         let hub = Hub::with_log(args.sse.hub_config(), Some(resume), Some(log));
         let allow = RedirectAllow::new(args.sse.redirect_allow.iter().map(String::as_str))
             .map_err(|e| anyhow::anyhow!("--redirect-allow: {e}"))?;
+        let gateways = allow.origins();
         let owners = Owners::with_allow(&advertised, &notifications, allow);
         if !topo.topics.contains_key(&args.sse.owners_topic) {
             bail!(
@@ -526,7 +525,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
                 chat: Some(chat),
                 stream: Some(stream.clone()),
                 metrics_elsewhere: args.metrics_listen.is_some(),
-                web: Some(web_config(&topo, &args)),
+                web: Some(web_config(&topo, &args, gateways)),
             },
             readiness.clone(),
         );

@@ -208,6 +208,50 @@ async fn templating_renders_dead_letters_and_keeps_going() {
     drop(mock);
 }
 
+/// A chat message's copies to the room's members are marked delivery-only (persistence passes
+/// them by undecoded); an inbox notification is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_copies_are_marked_delivery_only_and_inbox_rows_are_not() {
+    let mock = MockCluster::new(1).unwrap();
+    let env = env(&mock).await;
+    let members = ["alice".to_string(), "bob".to_string()];
+    let room = tidings_sinks::store::chat::NewRoom {
+        room_id: "r1",
+        kind: "group",
+        name: "Tea",
+        creator_id: "alice",
+        product_id: None,
+        tags: &[],
+        members: &members,
+        created_at: 1,
+    };
+    assert!(env.store.create_room(&room).await.unwrap());
+    let stage = spawn_templating(&env);
+    let producer: FutureProducer = env.kafka.producer().create().unwrap();
+    let (chat, chat_schema) = encoder(&env, "chat-value").await;
+    let sent = json!({"event_id": "c1", "occurred_at": 1_700_000_000_000_000i64, "room_id": "r1",
+        "payload": {"MessageSent": {"message_id": "m1", "sender_id": "alice", "text": "hi"}}});
+    let bytes = chat.encode(json_to_avro(chat_schema, &sent).unwrap()).unwrap();
+    producer.send(FutureRecord::to("chat").key("r1").payload(&bytes), Duration::from_secs(5)).await.unwrap();
+    let (orders, order_schema) = encoder(&env, "orders-value").await;
+    let bytes = orders.encode(json_to_avro(order_schema, &order("e1", "carol")).unwrap()).unwrap();
+    producer.send(FutureRecord::to("orders").key("o-e1").payload(&bytes), Duration::from_secs(5)).await.unwrap();
+
+    let mut marked: Vec<(String, bool)> = read(&consumer(&env, "notifications"), 3)
+        .await
+        .into_iter()
+        .map(|(key, _, headers, _, _)| {
+            let user = String::from_utf8(key.unwrap()).unwrap();
+            (user, headers.iter().any(|(k, v)| k == H_DELIVERY_ONLY && v == "true"))
+        })
+        .collect();
+    marked.sort();
+    assert_eq!(marked, [("alice".into(), true), ("bob".into(), true), ("carol".into(), false)]);
+    env.token.cancel();
+    tokio::time::timeout(Duration::from_secs(20), stage).await.unwrap().unwrap().unwrap();
+    drop(mock);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn campaign_fans_out_to_every_inline_user() {
     let mock = MockCluster::new(1).unwrap();
@@ -505,6 +549,12 @@ async fn persistence_dead_letters_what_it_cannot_store_and_keeps_going() {
     assert_eq!(env.store.count_notifications().await.unwrap(), 2);
     let next: i64 = env.store.load_offsets("dlq-test", "notifications").await.unwrap().values().sum();
     assert_eq!(next, 6, "the dead-lettered and passed-by records' offsets advance with the batch");
+    // Offsets are stored only after the dead letters are acknowledged: exactly the two bad ones
+    // are there, not the marked copy.
+    let (_, dead_high) = consumer(&env, "tidings.dlq.persistence")
+        .fetch_watermarks("tidings.dlq.persistence", 0, Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(dead_high, expected.len() as i64, "a marked delivery-only copy was dead-lettered");
     token.cancel();
     tokio::time::timeout(Duration::from_secs(20), stage).await.unwrap().unwrap().unwrap();
     env.token.cancel();

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{browser_dir, browser_or_skip, chromium, eventually, free_port, Tidings, Up};
+use common::{browser_dir, browser_or_skip, chromium, eventually, free_port, metric, ready, sigterm, Tidings, Up};
 use serde_json::{json, Value};
 use std::collections::HashSet;
 use std::process::Stdio;
@@ -19,24 +19,6 @@ use tokio_util::sync::CancellationToken;
 const EVERY: Duration = Duration::from_millis(300);
 /// The whole test, beyond which it fails (every process is killed on the way out).
 const WHOLE: Duration = Duration::from_secs(200);
-
-async fn ready(http: &reqwest::Client, url: &str) -> Result<(), String> {
-    match http.get(format!("{url}/readyz")).send().await {
-        Ok(r) if r.status() == 200 => Ok(()),
-        Ok(r) => Err(format!("{url}: {}", r.status())),
-        Err(e) => Err(format!("{url}: {e}")),
-    }
-}
-
-/// A gauge or counter without labels from the gateway's /metrics.
-async fn metric(http: &reqwest::Client, url: &str, name: &str) -> Result<f64, String> {
-    let text = http.get(format!("{url}/metrics")).send().await.map_err(|e| format!("{url}: {e}"))?;
-    let text = text.text().await.map_err(|e| format!("{url}: {e}"))?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .ok_or_else(|| format!("{url}: no {name} in /metrics"))
-}
 
 /// Waits until the gateways at `urls` own `want[i]` partitions each (None: any number).
 async fn await_owned(http: &reqwest::Client, urls: &[(&str, Option<u64>)], what: &str, procs: &[&Tidings]) {
@@ -111,17 +93,6 @@ async fn caught_up(
     .await
 }
 
-async fn sigterm(g: &mut Tidings) {
-    g.signal("TERM");
-    let status = g.wait_exit(Duration::from_secs(20)).await;
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "{} did not exit 0 after SIGTERM: {status:?}\n{}",
-        g.name,
-        g.log_tail(40)
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_eventsource_keeps_every_notification_across_restarts_and_moves() {
     let Some(brokers) = common::brokers_or_skip() else { return };
@@ -137,24 +108,9 @@ async fn run(brokers: String) {
     eprintln!("topic prefix {prefix}, database {db_url}");
     // Registry, topics, templating, persistence (for resumes from the store) and HTTP ingest: up
     // all along, so events keep coming in while the gateways stop and start.
-    let mut core = Tidings::spawn(
-        "core",
-        &Up {
-            brokers: &brokers,
-            database_url: &db_url,
-            prefix: &prefix,
-            stages: "templating,persistence,ingest",
-            registry_url: None,
-        },
-    );
+    let mut core = Tidings::spawn("core", &Up::core(&brokers, &db_url, &prefix));
     let ep = core.endpoints(Duration::from_secs(60)).await;
-    let gw_up = Up {
-        brokers: &brokers,
-        database_url: &db_url,
-        prefix: &prefix,
-        stages: "gateway",
-        registry_url: Some(&ep.schema_registry_url),
-    };
+    let gw_up = Up::gateway(&brokers, &db_url, &prefix, &ep.schema_registry_url);
     // The group's range assignor hands the first half of the partitions to the member whose id
     // sorts first, and member ids start with client.id: with B's sorting before A's, partition 0
     // (this user's) is B's whenever both run. So the move to B is certain, not left to chance.

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{browser_dir, browser_or_skip, chromium, eventually, free_port, Tidings, Up};
+use common::{await_ready, browser_dir, browser_or_skip, chromium, eventually, free_port, sigterm, Tidings, Up};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -172,28 +172,6 @@ fn gateway(name: &str, up: &Up<'_>, port: u16) -> Tidings {
     )
 }
 
-async fn await_ready(http: &reqwest::Client, url: &str, g: &Tidings) {
-    eventually("the gateway to be ready", Duration::from_secs(60), Duration::from_millis(200), &[g], || async {
-        match http.get(format!("{url}/readyz")).send().await {
-            Ok(r) if r.status() == 200 => Ok(()),
-            Ok(r) => Err(r.status().to_string()),
-            Err(e) => Err(e.to_string()),
-        }
-    })
-    .await;
-}
-
-async fn sigterm(g: &mut Tidings) {
-    g.signal("TERM");
-    let status = g.wait_exit(Duration::from_secs(20)).await;
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "{} did not exit 0 after SIGTERM: {status:?}\n{}",
-        g.name,
-        g.log_tail(40)
-    );
-}
-
 /// The headers every file of the page comes with.
 async fn check_asset(http: &reqwest::Client, url: &str, content_type: &str) -> String {
     let r = http.get(url).send().await.unwrap();
@@ -234,16 +212,10 @@ struct GatewaySpec {
 impl GatewaySpec {
     /// Starts a gateway and waits until it is ready.
     async fn launch(&self, name: &str, http: &reqwest::Client) -> Tidings {
-        let up = Up {
-            brokers: &self.brokers,
-            database_url: &self.db_url,
-            prefix: &self.prefix,
-            stages: "gateway",
-            registry_url: Some(&self.registry),
-        };
+        let up = Up::gateway(&self.brokers, &self.db_url, &self.prefix, &self.registry);
         let mut gw = gateway(name, &up, self.port);
         gw.endpoints(Duration::from_secs(60)).await;
-        await_ready(http, &format!("http://127.0.0.1:{}", self.port), &gw).await;
+        await_ready(http, &format!("http://127.0.0.1:{}", self.port), &[&gw]).await;
         gw
     }
 }
@@ -253,16 +225,7 @@ impl Stack {
         let (pool, db_url) = common::fresh_pg().await;
         let prefix = common::unique_prefix();
         eprintln!("topic prefix {prefix}, database {db_url}");
-        let mut core = Tidings::spawn(
-            "core",
-            &Up {
-                brokers: &brokers,
-                database_url: &db_url,
-                prefix: &prefix,
-                stages: "templating,persistence,ingest",
-                registry_url: None,
-            },
-        );
+        let mut core = Tidings::spawn("core", &Up::core(&brokers, &db_url, &prefix));
         let ep = core.endpoints(Duration::from_secs(60)).await;
         let port = free_port();
         let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
@@ -482,6 +445,20 @@ async fn rooms_of(http: &reqwest::Client, url: &str, token: &str) -> Value {
     r.json().await.unwrap()
 }
 
+/// Waits until the server counts `want` unread messages in the user's (only) room.
+async fn server_unread(http: &reqwest::Client, url: &str, token: &str, want: i64, procs: &[&Tidings]) {
+    let what = format!("the server's unread count to be {want}");
+    eventually(&what, Duration::from_secs(10), Duration::from_millis(200), procs, || async {
+        let r = rooms_of(http, url, token).await;
+        if r["rooms"][0]["unread"] == want {
+            Ok(())
+        } else {
+            Err(r.to_string())
+        }
+    })
+    .await;
+}
+
 async fn dev_token(http: &reqwest::Client, url: &str, user: &str) -> String {
     let r = http.post(format!("{url}/v1/dev/token")).json(&json!({"user_id": user})).send().await.unwrap();
     r.json::<Value>().await.unwrap()["token"].as_str().unwrap().to_string()
@@ -580,46 +557,12 @@ async fn chat(brokers: String) {
     assert_eq!(badge, "2");
     let bob_token = dev_token(&http, &url, "bob").await;
     // The server counts stored messages: the last one may still be on its way to the store.
-    eventually(
-        "bob's unread to be 2 on the server",
-        Duration::from_secs(10),
-        Duration::from_millis(200),
-        &[&st.core],
-        || {
-            let (http, url, t) = (http.clone(), url.clone(), bob_token.clone());
-            async move {
-                let r = rooms_of(&http, &url, &t).await;
-                if r["rooms"][0]["unread"] == 2 {
-                    Ok(())
-                } else {
-                    Err(r.to_string())
-                }
-            }
-        },
-    )
-    .await;
+    server_unread(&http, &url, &bob_token, 2, &[&st.core]).await;
     b.screenshot("bob", "room-list").await;
     // Opening the room reads it.
     b.call("bob", json!({"cmd": "click", "selector": format!("#room-list li[data-room-id='{room}'] a")})).await;
     b.wait("bob", "the room badge to clear", "return document.getElementById('rooms-badge').hidden").await;
-    eventually(
-        "bob's unread to be 0 on the server",
-        Duration::from_secs(10),
-        Duration::from_millis(200),
-        &[&st.gw],
-        || {
-            let (http, url, t) = (http.clone(), url.clone(), bob_token.clone());
-            async move {
-                let r = rooms_of(&http, &url, &t).await;
-                if r["rooms"][0]["unread"] == 0 {
-                    Ok(())
-                } else {
-                    Err(r.to_string())
-                }
-            }
-        },
-    )
-    .await;
+    server_unread(&http, &url, &bob_token, 0, &[&st.gw]).await;
     same_messages(&mut b, &want, "after bob opened the room again").await;
 
     // Bob reloads while Alice writes; then scrolls back is not needed: all fit one page.
@@ -727,27 +670,12 @@ async fn web_page_follows_its_stream_to_the_gateway_owning_its_user() {
 async fn two_origins(brokers: String) {
     let (_pool, db_url) = common::fresh_pg().await;
     let prefix = common::unique_prefix();
-    let mut core = Tidings::spawn(
-        "core",
-        &Up {
-            brokers: &brokers,
-            database_url: &db_url,
-            prefix: &prefix,
-            stages: "templating,persistence,ingest",
-            registry_url: None,
-        },
-    );
+    let mut core = Tidings::spawn("core", &Up::core(&brokers, &db_url, &prefix));
     let ep = core.endpoints(Duration::from_secs(60)).await;
     let (pa, pb) = (free_port(), free_port());
     let (a, b_url) = (format!("http://127.0.0.1:{pa}"), format!("http://127.0.0.1:{pb}"));
     let allow = format!("{a},{b_url}");
-    let up = Up {
-        brokers: &brokers,
-        database_url: &db_url,
-        prefix: &prefix,
-        stages: "gateway",
-        registry_url: Some(&ep.schema_registry_url),
-    };
+    let up = Up::gateway(&brokers, &db_url, &prefix, &ep.schema_registry_url);
     let env = [("TIDINGS_REDIRECT_ALLOW", allow.as_str()), ("TIDINGS_CORS_ALLOW_ORIGINS", a.as_str())];
     let mut ga = Tidings::spawn_at("gateway-a", &up, &env, &format!("127.0.0.1:{pa}"));
     let mut gb = Tidings::spawn_at("gateway-b", &up, &env, &format!("127.0.0.1:{pb}"));
@@ -758,8 +686,8 @@ async fn two_origins(brokers: String) {
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .unwrap();
-    await_ready(&http, &a, &ga).await;
-    await_ready(&http, &b_url, &gb).await;
+    await_ready(&http, &a, &[&ga]).await;
+    await_ready(&http, &b_url, &[&gb]).await;
 
     // A user whose stream A redirects to B (both own some of the 12 partitions once both joined).
     let user =
@@ -796,13 +724,8 @@ async fn two_origins(brokers: String) {
     let live =
         b.eval(&user, "return [...document.querySelectorAll('#inbox-list li')].map((li) => li.dataset.live)").await;
     assert_eq!(live, json!(["1"]), "it came over the stream");
-    let on_b = http.get(format!("{b_url}/metrics")).send().await.unwrap().text().await.unwrap();
-    let streams: f64 = on_b
-        .lines()
-        .find_map(|l| l.strip_prefix("tidings_gateway_connections "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0);
-    assert!(streams >= 1.0, "the page's stream is not on B:\n{on_b}");
+    let streams = common::metric(&http, &b_url, "tidings_gateway_connections").await.unwrap();
+    assert!(streams >= 1.0, "the page's stream is not on B: {streams} streams there");
     b.screenshot(&user, "stream-on-another-gateway").await;
     b.close().await;
     sigterm(&mut ga).await;

@@ -141,13 +141,7 @@ async fn rooms_messages_and_their_rules() {
     let ep = up.endpoints(Duration::from_secs(60)).await;
     let http = reqwest::Client::builder().timeout(Duration::from_secs(15)).build().unwrap();
     let api = Api { http, base: ep.http.clone() };
-    eventually("the gateway is ready", Duration::from_secs(60), Duration::from_millis(200), &[&up], || async {
-        match api.http.get(format!("{}/readyz", api.base)).send().await {
-            Ok(r) if r.status() == 200 => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await;
+    common::await_ready(&api.http, &api.base, &[&up]).await;
 
     // A group room with tags, found by them (all of them), and by nothing else.
     let room = api
@@ -410,13 +404,7 @@ async fn a_resume_older_than_the_ring_is_backfilled_from_kafka() {
     let ep = up.endpoints(Duration::from_secs(60)).await;
     let http = reqwest::Client::builder().timeout(Duration::from_secs(15)).build().unwrap();
     let api = Api { http, base: ep.http.clone() };
-    eventually("the gateway is ready", Duration::from_secs(60), Duration::from_millis(200), &[&up], || async {
-        match api.http.get(format!("{}/readyz", api.base)).send().await {
-            Ok(r) if r.status() == 200 => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await;
+    common::await_ready(&api.http, &api.base, &[&up]).await;
     let room =
         api.ok("POST", "alice", "/v1/rooms", Some(json!({"kind": "group", "name": "Gap", "tags": ["gap"]})), 201).await;
     let id = room["room_id"].as_str().unwrap().to_string();
@@ -477,26 +465,18 @@ async fn a_resume_older_than_the_ring_is_backfilled_from_kafka() {
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "room order: {seqs:?}");
     let names = bob.names();
     assert!(!names.iter().any(|n| n == "resync" || n == "reset"), "served whole, no resync/reset: {names:?}");
-    let metrics = api.http.get(format!("{}/metrics", api.base)).send().await.unwrap().text().await.unwrap();
-    let backfills: f64 = metrics
-        .lines()
-        .find(|l| l.starts_with("tidings_gateway_backfills_total{outcome=\"ok\"}"))
-        .and_then(|l| l.split_whitespace().last()?.parse().ok())
-        .unwrap_or(0.0);
-    assert!(backfills >= 1.0, "a backfill ran:\n{metrics}");
+    let metric = |sample: String| {
+        let (http, base) = (api.http.clone(), api.base.clone());
+        async move { common::metric(&http, &base, &sample).await.unwrap_or(0.0) }
+    };
+    let backfills = metric(r#"tidings_gateway_backfills_total{outcome="ok"}"#.to_string()).await;
+    assert!(backfills >= 1.0, "no backfill ran");
     // Every stage of the process reports, not only the gateway's (whose start installs nothing now).
     for stage in ["templating", "persistence", "delivery"] {
-        let line = format!("tidings_stage_records_total{{stage=\"{stage}\"}}");
-        let n: f64 = metrics
-            .lines()
-            .find(|l| l.starts_with(&line))
-            .and_then(|l| l.split_whitespace().last()?.parse().ok())
-            .unwrap_or(0.0);
-        assert!(n > 0.0, "{line} missing or 0:\n{metrics}");
-        assert!(
-            metrics.contains(&format!("tidings_stage_record_age_seconds_count{{stage=\"{stage}\"}}")),
-            "{stage} age"
-        );
+        let records = metric(format!(r#"tidings_stage_records_total{{stage="{stage}"}}"#)).await;
+        assert!(records > 0.0, "{stage}: tidings_stage_records_total missing or 0");
+        let ages = metric(format!(r#"tidings_stage_record_age_seconds_count{{stage="{stage}"}}"#)).await;
+        assert!(ages > 0.0, "{stage}: tidings_stage_record_age_seconds missing or empty");
     }
     up.signal("TERM");
     assert!(up.wait_exit(Duration::from_secs(30)).await.is_some_and(|s| s.success()), "{}", up.log_tail(20));

@@ -45,23 +45,9 @@ fn notification(u: usize, n: usize) -> Notification {
     }
 }
 
-async fn ready(http: &reqwest::Client, url: &str) -> Result<(), String> {
-    match http.get(format!("{url}/readyz")).send().await {
-        Ok(r) if r.status() == 200 => Ok(()),
-        Ok(r) => Err(format!("{url}: {} {}", r.status(), r.text().await.unwrap_or_default())),
-        Err(e) => Err(format!("{url}: {e}")),
-    }
-}
-
 /// `tidings_gateway_owned_partitions` of the gateway at `url`.
 async fn owned_partitions(http: &reqwest::Client, url: &str) -> Result<u64, String> {
-    let text = http.get(format!("{url}/metrics")).send().await.map_err(|e| format!("{url}: {e}"))?;
-    let text = text.text().await.map_err(|e| format!("{url}: {e}"))?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("tidings_gateway_owned_partitions "))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .map(|v| v as u64)
-        .ok_or_else(|| format!("{url}: no tidings_gateway_owned_partitions in /metrics"))
+    Ok(common::metric(http, url, "tidings_gateway_owned_partitions").await? as u64)
 }
 
 /// Waits until the gateways at `urls` together own all `partitions`, each exactly once.
@@ -96,13 +82,7 @@ async fn three_gateways_deliver_exactly_once_in_order_through_sigkill_and_sigter
         &Up { brokers: &brokers, database_url: &db_url, prefix: &prefix, stages: "persistence", registry_url: None },
     );
     let ep = core.endpoints(Duration::from_secs(60)).await;
-    let gw_up = Up {
-        brokers: &brokers,
-        database_url: &db_url,
-        prefix: &prefix,
-        stages: "gateway",
-        registry_url: Some(&ep.schema_registry_url),
-    };
+    let gw_up = Up::gateway(&brokers, &db_url, &prefix, &ep.schema_registry_url);
     let mut gws: Vec<Tidings> = Vec::new();
     let mut urls = Vec::new();
     for i in 0..3 {
@@ -118,7 +98,7 @@ async fn three_gateways_deliver_exactly_once_in_order_through_sigkill_and_sigter
         &[&gws[0], &gws[1], &gws[2]],
         || async {
             for u in &urls {
-                ready(&http, u).await?;
+                common::ready(&http, u).await?;
             }
             Ok(())
         },

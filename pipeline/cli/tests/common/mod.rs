@@ -82,6 +82,57 @@ impl<'a> Up<'a> {
     pub fn all(brokers: &'a str, database_url: &'a str, prefix: &'a str) -> Self {
         Up { brokers, database_url, prefix, stages: "templating,persistence,gateway", registry_url: None }
     }
+
+    /// The core of a multi-gateway test: registry, topics, templating, persistence and HTTP
+    /// ingest, up while gateways come and go.
+    pub fn core(brokers: &'a str, database_url: &'a str, prefix: &'a str) -> Self {
+        Up { brokers, database_url, prefix, stages: "templating,persistence,ingest", registry_url: None }
+    }
+
+    /// A gateway beside a [`Up::core`], using its registry.
+    pub fn gateway(brokers: &'a str, database_url: &'a str, prefix: &'a str, registry_url: &'a str) -> Self {
+        Up { brokers, database_url, prefix, stages: "gateway", registry_url: Some(registry_url) }
+    }
+}
+
+/// `Ok` once the gateway at `url` answers `/readyz` with 200; else what it answered.
+pub async fn ready(http: &reqwest::Client, url: &str) -> Result<(), String> {
+    match http.get(format!("{url}/readyz")).send().await {
+        Ok(r) if r.status() == 200 => Ok(()),
+        Ok(r) => Err(format!("{url}: {} {}", r.status(), r.text().await.unwrap_or_default())),
+        Err(e) => Err(format!("{url}: {e}")),
+    }
+}
+
+/// Waits (60 s at most) until the gateway at `url` is ready.
+pub async fn await_ready(http: &reqwest::Client, url: &str, procs: &[&Tidings]) {
+    eventually("the gateway to be ready", Duration::from_secs(60), Duration::from_millis(200), procs, || {
+        ready(http, url)
+    })
+    .await;
+}
+
+/// SIGTERM, and the process must exit 0 within 20 s.
+pub async fn sigterm(g: &mut Tidings) {
+    g.signal("TERM");
+    let status = g.wait_exit(Duration::from_secs(20)).await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{} did not exit 0 after SIGTERM: {status:?}\n{}",
+        g.name,
+        g.log_tail(40)
+    );
+}
+
+/// The value of one sample of the gateway's `/metrics`: `sample` is its name with any labels as
+/// written there, e.g. `tidings_stage_records_total{stage="templating"}`.
+pub async fn metric(http: &reqwest::Client, url: &str, sample: &str) -> Result<f64, String> {
+    let text = http.get(format!("{url}/metrics")).send().await.map_err(|e| format!("{url}: {e}"))?;
+    let text = text.text().await.map_err(|e| format!("{url}: {e}"))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample).and_then(|v| v.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .ok_or_else(|| format!("{url}: no {sample} in /metrics"))
 }
 
 /// A running `tidings up`. Dropping it SIGKILLs the process if it is still alive, so a failing

@@ -77,7 +77,7 @@ impl Client {
     ) -> Seen {
         let mut seen_ids: HashSet<String> = HashSet::new();
         self.drive(first, stop, totals, |ev, now, seen| {
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(&ev.data) else { return };
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&ev.data) else { return false };
             on_event(&v, now);
             let mut s = seen.lock().unwrap();
             let nid = v["id"].as_str().unwrap_or_default().to_string();
@@ -91,6 +91,7 @@ impl Client {
                 s.positions.push(pos);
             }
             s.ids.push(nid);
+            true
         })
         .await
     }
@@ -105,7 +106,11 @@ impl Client {
         totals: Arc<Totals>,
         on_data: impl Fn(&str, Instant) + Send + Sync,
     ) -> Seen {
-        self.drive(first, stop, totals, |ev, now, _| on_data(&ev.data, now)).await
+        self.drive(first, stop, totals, |ev, now, _| {
+            on_data(&ev.data, now);
+            true
+        })
+        .await
     }
 
     async fn drive(
@@ -113,7 +118,8 @@ impl Client {
         first: usize,
         stop: CancellationToken,
         totals: Arc<Totals>,
-        mut deliver: impl FnMut(&eventsource_stream::Event, Instant, &Mutex<Seen>) + Send,
+        // Handles one delivered event; false when it did not count (its data was not JSON).
+        mut deliver: impl FnMut(&eventsource_stream::Event, Instant, &Mutex<Seen>) -> bool + Send,
     ) -> Seen {
         let seen = Mutex::new(Seen::default());
         let mut last_id: Option<String> = None;
@@ -206,8 +212,9 @@ impl Client {
                     "message" if ev.data.is_empty() => {}
                     _ if ev.data.is_empty() => {}
                     _ => {
-                        deliver(&ev, Instant::now(), &seen);
-                        totals.events.fetch_add(1, Ordering::Relaxed);
+                        if deliver(&ev, Instant::now(), &seen) {
+                            totals.events.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                 }
             }

@@ -50,6 +50,7 @@ fn notification(user: &str, n: usize) -> Notification {
         source_offset: n as i64,
         data: None,
         inbox: true,
+        recipients: vec![],
     }
 }
 

@@ -92,6 +92,44 @@ async fn read(
     out
 }
 
+/// One recipient's notification as found on the notifications topic.
+#[derive(Debug)]
+struct Received {
+    notification: Notification,
+    /// The record carried several recipients (a group record, produced without a key).
+    grouped: bool,
+    delivery_only: bool,
+}
+
+/// Reads records until they hold `n` recipients' notifications (a group record holds several),
+/// checking each is on its user's partition, a group record has no key and any other is keyed
+/// by its user. Returns them and how many records carried them.
+async fn read_recipients(env: &Env, c: &StreamConsumer, n: usize) -> (Vec<Received>, usize) {
+    let registry = RegistryClient::new(&env.registry_url).unwrap();
+    let partitions = env.topo.topics["notifications"].partitions;
+    let (mut out, mut records) = (Vec::new(), 0);
+    while out.len() < n {
+        let (key, value, headers, partition, _) = read(c, 1).await.remove(0);
+        records += 1;
+        let record =
+            Notification::from_value(registry.decode(&value.unwrap(), &NOTIFICATION_SCHEMA).await.unwrap()).unwrap();
+        let grouped = !record.recipients.is_empty();
+        if grouped {
+            assert_eq!(key, None, "a group record has no key");
+            assert_eq!(record.user_id, "");
+        } else {
+            assert_eq!(key.as_deref(), Some(record.user_id.as_bytes()), "notifications are keyed by user");
+        }
+        let delivery_only = headers.iter().any(|(k, v)| k == H_DELIVERY_ONLY && v == "true");
+        record.for_each_recipient(|n| {
+            assert_eq!(tidings_core::kafka::partition_for(&n.user_id, partitions), partition, "{}", n.user_id);
+            assert_eq!(n.notification_id, Notification::id_for(&n.source_event_id, &n.user_id));
+            out.push(Received { notification: n.clone(), grouped, delivery_only });
+        });
+    }
+    (out, records)
+}
+
 fn order(event_id: &str, buyer: &str) -> serde_json::Value {
     json!({"event_id": event_id, "occurred_at": 1_700_000_000_000_000i64, "order_id": format!("o-{event_id}"), "buyer_id": buyer,
         "payload": {"OrderShipped": {"carrier": "DHL", "tracking_number": "T1"}}})
@@ -113,6 +151,7 @@ fn notification(i: usize, user: &str, occurred_at: i64) -> Notification {
         source_offset: i as i64,
         data: None,
         inbox: true,
+        recipients: vec![],
     }
 }
 
@@ -237,14 +276,9 @@ async fn chat_copies_are_marked_delivery_only_and_inbox_rows_are_not() {
     let bytes = orders.encode(json_to_avro(order_schema, &order("e1", "carol")).unwrap()).unwrap();
     producer.send(FutureRecord::to("orders").key("o-e1").payload(&bytes), Duration::from_secs(5)).await.unwrap();
 
-    let mut marked: Vec<(String, bool)> = read(&consumer(&env, "notifications"), 3)
-        .await
-        .into_iter()
-        .map(|(key, _, headers, _, _)| {
-            let user = String::from_utf8(key.unwrap()).unwrap();
-            (user, headers.iter().any(|(k, v)| k == H_DELIVERY_ONLY && v == "true"))
-        })
-        .collect();
+    let (received, _) = read_recipients(&env, &consumer(&env, "notifications"), 3).await;
+    let mut marked: Vec<(String, bool)> =
+        received.into_iter().map(|r| (r.notification.user_id, r.delivery_only)).collect();
     marked.sort();
     assert_eq!(marked, [("alice".into(), true), ("bob".into(), true), ("carol".into(), false)]);
     env.token.cancel();
@@ -264,11 +298,14 @@ async fn campaign_fans_out_to_every_inline_user() {
     let producer: FutureProducer = env.kafka.producer().create().unwrap();
     let bytes = enc.encode(json_to_avro(schema, &ev).unwrap()).unwrap();
     producer.send(FutureRecord::to("coupons").key("camp-1").payload(&bytes), Duration::from_secs(5)).await.unwrap();
-    let out = read(&consumer(&env, "notifications"), 2000).await;
-    let mut keys: Vec<String> = out.iter().map(|(k, ..)| String::from_utf8(k.clone().unwrap()).unwrap()).collect();
+    let (received, records) = read_recipients(&env, &consumer(&env, "notifications"), 2000).await;
+    let mut keys: Vec<String> = received.iter().map(|r| r.notification.user_id.clone()).collect();
     keys.sort();
     keys.dedup();
     assert_eq!(keys.len(), 2000, "one notification per audience member");
+    // 2,000 users on 12 partitions: every partition has several, so one group record each.
+    assert_eq!(records, 12, "one group record per partition, not one record per user");
+    assert!(received.iter().all(|r| r.grouped && r.notification.title == received[0].notification.title));
     env.token.cancel();
     // Clients must be gone before the mock cluster is destroyed.
     tokio::time::timeout(Duration::from_secs(20), stage).await.unwrap().unwrap().unwrap();
@@ -294,10 +331,12 @@ async fn a_segment_campaign_is_produced_page_by_page_to_every_member() {
         .send(FutureRecord::to("coupons").key("camp-seg").payload(&bytes), Duration::from_secs(5))
         .await
         .unwrap();
-    let out = read(&consumer(&env, "notifications"), members).await;
-    let mut keys: Vec<String> = out.iter().map(|(k, ..)| String::from_utf8(k.clone().unwrap()).unwrap()).collect();
+    let (received, records) = read_recipients(&env, &consumer(&env, "notifications"), members).await;
+    let mut keys: Vec<String> = received.iter().map(|r| r.notification.user_id.clone()).collect();
     keys.sort();
     assert_eq!(keys, users, "one notification per segment member, none twice");
+    // Two full pages of a group record per partition, then the last member's own record.
+    assert_eq!(records, 2 * 12 + 1, "pages are grouped by partition");
     env.token.cancel();
     tokio::time::timeout(Duration::from_secs(20), stage).await.unwrap().unwrap().unwrap();
     let group: StreamConsumer =

@@ -98,6 +98,7 @@ fn row(i: u64) -> StoredNotification {
             source_offset: i_signed / 6,
             data: None,
             inbox: true,
+            recipients: vec![],
         },
         stream_partition: (i % PARTITIONS as u64) as i32,
         stream_offset: i_signed / i64::from(PARTITIONS),

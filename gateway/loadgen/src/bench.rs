@@ -856,6 +856,7 @@ fn notification(user: &str, seq: usize) -> Notification {
         source_offset: seq as i64,
         data: None,
         inbox: true,
+        recipients: vec![],
     }
 }
 

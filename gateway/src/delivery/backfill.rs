@@ -14,7 +14,7 @@ use tidings_core::kafka::KafkaConfig;
 use tidings_core::notification::NOTIFICATION_SCHEMA;
 use tidings_core::{DecodeError, Notification, RegistryClient};
 
-use super::stream::event_from_notification;
+use super::stream::events_from_record;
 use super::Event;
 
 /// Why a backfill failed (the resume then falls back to the store, or to `reset`).
@@ -98,7 +98,7 @@ impl LogSource {
                 match decoded {
                     Ok(n) => {
                         let ts = m.timestamp().to_millis().unwrap_or(0);
-                        out.push(Arc::new(event_from_notification(partition, o, &n, ts)));
+                        out.extend(events_from_record(partition, o, n, ts).into_iter().map(Arc::new));
                     }
                     Err(e) if e.is_retriable() => return Err(e.into()),
                     Err(_) => {}

@@ -21,7 +21,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use super::stream::event_from_notification;
+use super::stream::events_from_record;
 use super::{owners, DeliveryConfig, Hub, Owners};
 
 /// Why the delivery stage stopped.
@@ -383,12 +383,16 @@ async fn deliver(m: &BorrowedMessage<'_>, registry: &RegistryClient, hub: &Hub, 
             return;
         }
     };
-    if let Some(home) = hub.partition_of(&n.user_id).filter(|home| *home != p) {
-        // Keyed by something other than the user id with murmur2: the user's stream
-        // lives on another partition and would never see this.
-        metrics::counter!("tidings_gateway_misrouted_total").increment(1);
-        warn!(user = %n.user_id, "Notification {p}@{o} is not on its user's partition {home}.");
-    }
     let ts = m.timestamp().to_millis().unwrap_or(0);
-    hub.push(event_from_notification(p, o, &n, ts));
+    // A group record is one event per recipient, all at this position.
+    let events = events_from_record(p, o, n, ts);
+    for e in &events {
+        if let Some(home) = hub.partition_of(&e.user).filter(|home| *home != p) {
+            // Keyed by something other than the user id with murmur2 (or grouped by another
+            // partition count): the user's stream lives on another partition and never sees this.
+            metrics::counter!("tidings_gateway_misrouted_total").increment(1);
+            warn!(user = %e.user, "Notification {p}@{o} is not on its user's partition {home}.");
+        }
+    }
+    hub.push_all(events);
 }

@@ -489,16 +489,29 @@ impl Hub {
     /// Streams whose queue is full (by count or bytes) are closed as slow.
     pub fn push(&self, ev: Event) {
         let Some(part) = self.partition(ev.partition) else { return };
-        let ev = Arc::new(ev);
+        self.push_locked(&mut part.lock().expect("lock"), ev);
+    }
+
+    /// [`Hub::push`] for the events of one record (a group record's recipients), under one lock.
+    pub fn push_all(&self, events: Vec<Event>) {
+        let Some(first) = events.first() else { return };
+        let Some(part) = self.partition(first.partition) else { return };
         let mut part = part.lock().expect("lock");
+        for ev in events {
+            self.push_locked(&mut part, ev);
+        }
+    }
+
+    fn push_locked(&self, part: &mut Partition, ev: Event) {
+        let ev = Arc::new(ev);
         if !part.recent.first_time(ev.id) {
             // The same notification again (templating replayed its input): consumed, not delivered.
-            Self::advance(&mut part, ev.offset);
+            Self::advance(part, ev.offset);
             metrics::counter!("tidings_gateway_duplicates_dropped_total").increment(1);
             return;
         }
         part.ring.push(ev.clone());
-        Self::advance(&mut part, ev.offset);
+        Self::advance(part, ev.offset);
         let Some(subs) = part.subs.get_mut(&ev.user) else { return };
         let size = ev.size();
         subs.retain(|s| {

@@ -53,7 +53,8 @@ impl Ring {
     /// Puts `older` (oldest first, all before what the ring covers) in front and covers from
     /// `from` (the offset the backfill read from). Past the bounds the oldest go again.
     pub fn prepend(&mut self, from: i64, older: Vec<Arc<Event>>) {
-        debug_assert!(older.windows(2).all(|w| w[0].offset < w[1].offset));
+        // Non-decreasing: a group record's events share its offset.
+        debug_assert!(older.windows(2).all(|w| w[0].offset <= w[1].offset));
         debug_assert!(older.last().is_none_or(|e| e.offset < self.covered_from));
         if from >= self.covered_from {
             return;

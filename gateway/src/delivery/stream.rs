@@ -122,6 +122,34 @@ pub fn event_from_notification(partition: i32, offset: i64, n: &Notification, ti
     Event::new(partition, offset, n.notification_id.as_u128(), &n.user_id, &n.kind, data.into(), timestamp_ms)
 }
 
+/// The delivered forms of one record: its event, or for a group record one per recipient, all at
+/// its position. A group's JSON is printed once: its recipients' bodies differ only in the id,
+/// which comes first and is spliced in per recipient (10,000 recipients, one serialization).
+pub fn events_from_record(partition: i32, offset: i64, mut n: Notification, timestamp_ms: i64) -> Vec<Event> {
+    if n.recipients.is_empty() {
+        return vec![event_from_notification(partition, offset, &n, timestamp_ms)];
+    }
+    let recipients = std::mem::take(&mut n.recipients);
+    n.notification_id = uuid::Uuid::nil();
+    let template = serde_json::to_vec(&NotificationJson::new(&n, partition, offset)).expect("notification serializes");
+    const PREFIX: &[u8] = br#"{"id":""#;
+    let id_len = uuid::fmt::Hyphenated::LENGTH;
+    assert!(template.starts_with(PREFIX) && template.len() > PREFIX.len() + id_len, "`id` leads NotificationJson");
+    let rest = &template[PREFIX.len() + id_len..];
+    let mut buf = uuid::Uuid::encode_buffer();
+    recipients
+        .into_iter()
+        .map(|user| {
+            let id = Notification::id_for(&n.source_event_id, &user);
+            let mut data = Vec::with_capacity(template.len());
+            data.extend_from_slice(PREFIX);
+            data.extend_from_slice(id.hyphenated().encode_lower(&mut buf).as_bytes());
+            data.extend_from_slice(rest);
+            Event::new(partition, offset, id.as_u128(), &user, &n.kind, data.into(), timestamp_ms)
+        })
+        .collect()
+}
+
 /// The answer to a stream request while this state passes (no owner yet, not ready, shutting
 /// down, store out): 503 + `Retry-After`, or for a client that accepts `text/event-stream` (every
 /// EventSource does) a 200 stream of `retry:` and an `unavailable` event that then ends, because
@@ -450,11 +478,33 @@ mod tests {
             source_offset: 3,
             data: data.map(str::to_string),
             inbox: false,
+            recipients: vec![],
         }
     }
 
     fn json_of(n: &Notification) -> serde_json::Value {
         serde_json::from_slice(&event_from_notification(0, 9, n, 0).data).unwrap()
+    }
+
+    #[test]
+    fn a_group_records_events_are_each_recipients_own() {
+        let mut group = with_data(Some(r#"{"room_id":"r1"}"#));
+        group.notification_id = uuid::Uuid::nil();
+        group.user_id = String::new();
+        group.recipients = vec!["ann".into(), "bo".into(), "ann".into()];
+        let events = events_from_record(3, 42, group.clone(), 7);
+        let mut expected = Vec::new();
+        group.for_each_recipient(|n| expected.push(event_from_notification(3, 42, n, 7)));
+        assert_eq!(events.len(), 3);
+        for (got, want) in events.iter().zip(&expected) {
+            assert_eq!(
+                (&got.user, got.id, &got.data, got.offset, got.timestamp_ms),
+                (&want.user, want.id, &want.data, 42, 7)
+            );
+        }
+        let bo: serde_json::Value = serde_json::from_slice(&events[1].data).unwrap();
+        assert_eq!(bo["id"], Notification::id_for("e", "bo").to_string());
+        assert_eq!((bo["position"].as_str(), bo["event"]["room_id"].as_str()), (Some("3.42"), Some("r1")));
     }
 
     #[test]

@@ -9,13 +9,9 @@ mod common;
 
 use common::{eventually, Tidings, Up};
 use serde_json::{json, Value};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-fn token(user: &str) -> String {
-    let secret = tidings_gateway::auth::DEV_SECRET.as_bytes();
-    tidings_gateway::auth::mint_hs256(secret, user, Duration::from_secs(3600), None, None).unwrap()
-}
+use common::{user_token as token, Seen};
 
 struct Api {
     http: reqwest::Client,
@@ -54,77 +50,12 @@ impl Api {
     }
 }
 
-/// The events of one user's stream, collected in the background: (event name, data, SSE id).
-#[derive(Clone, Default)]
-struct Seen(Arc<Mutex<Vec<(String, Value, String)>>>);
-
-impl Seen {
-    fn chat(&self) -> Vec<(String, Value)> {
-        self.0
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(e, ..)| e.starts_with("chat."))
-            .map(|(e, v, _)| (e.clone(), v.clone()))
-            .collect()
-    }
-
-    fn names(&self) -> Vec<String> {
-        self.0.lock().unwrap().iter().map(|(e, ..)| e.clone()).collect()
-    }
-
-    /// The id of the last event that had one (what EventSource sends as Last-Event-ID).
-    fn last_id(&self) -> Option<String> {
-        self.0.lock().unwrap().iter().rev().find(|(.., id)| !id.is_empty()).map(|(.., id)| id.clone())
-    }
-}
-
 async fn open_stream(api: &Api, user: &str) -> Seen {
-    open_stream_from(api, user, None).await
+    common::open_stream(&api.http, &api.base, user, None).await
 }
 
 async fn open_stream_from(api: &Api, user: &str, last_event_id: Option<&str>) -> Seen {
-    let seen = Seen::default();
-    // A 503 (a rebalance right after the group formed) is waited out, as EventSource does.
-    let mut tries = 0;
-    let mut resp = loop {
-        let mut req = api.http.get(format!("{}/v1/stream", api.base)).bearer_auth(token(user));
-        if let Some(id) = last_event_id {
-            req = req.header("last-event-id", id);
-        }
-        let resp = req.send().await.unwrap();
-        tries += 1;
-        if resp.status() == 503 && tries < 20 {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            continue;
-        }
-        break resp;
-    };
-    assert_eq!(resp.status(), 200, "stream of {user}");
-    let out = seen.clone();
-    tokio::spawn(async move {
-        let mut buf = String::new();
-        while let Ok(Some(chunk)) = resp.chunk().await {
-            buf.push_str(&String::from_utf8_lossy(&chunk));
-            while let Some(end) = buf.find("\n\n") {
-                let block: String = buf.drain(..end + 2).collect();
-                let (mut event, mut data, mut id) = (String::new(), String::new(), String::new());
-                for line in block.lines() {
-                    if let Some(v) = line.strip_prefix("id: ") {
-                        id = v.to_string();
-                    } else if let Some(v) = line.strip_prefix("event: ") {
-                        event = v.to_string();
-                    } else if let Some(v) = line.strip_prefix("data: ") {
-                        data = v.to_string();
-                    }
-                }
-                if !event.is_empty() {
-                    out.0.lock().unwrap().push((event, serde_json::from_str(&data).unwrap_or(Value::Null), id));
-                }
-            }
-        }
-    });
-    seen
+    common::open_stream(&api.http, &api.base, user, last_event_id).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -27,6 +27,7 @@ fn sample(data: Option<&str>, inbox: bool) -> Notification {
         source_offset: 123_456,
         data: data.map(str::to_string),
         inbox,
+        recipients: vec![],
     }
 }
 

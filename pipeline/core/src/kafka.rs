@@ -247,9 +247,34 @@ pub fn probe(cfg: &KafkaConfig, timeout: std::time::Duration) -> Result<(), Conn
     }
 }
 
+/// The partition of `user` among `partitions`, exactly as Kafka producers with the murmur2
+/// partitioner (Java's default, librdkafka's `murmur2_random`) place a record keyed by it.
+pub fn partition_for(user: &str, partitions: i32) -> i32 {
+    let h = murmur2::murmur2(user.as_bytes(), murmur2::KAFKA_SEED);
+    ((h & 0x7fff_ffff) % partitions.max(1) as u32) as i32
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn murmur2_matches_kafka() {
+        // Expected values from Apache Kafka's UtilsTest.testMurmur2 (Java's signed ints).
+        let cases: [(&str, i32); 6] = [
+            ("21", -973932308),
+            ("foobar", -790332482),
+            ("a-little-bit-long-string", -985981536),
+            ("a-little-bit-longer-string", -1486304829),
+            ("lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8", -58897971),
+            ("abc", 479470107),
+        ];
+        for (input, want) in cases {
+            assert_eq!(murmur2::murmur2(input.as_bytes(), murmur2::KAFKA_SEED) as i32, want, "{input}");
+        }
+        // Java: toPositive(murmur2) % n.
+        assert_eq!(partition_for("foobar", 12), ((-790332482i32 & 0x7fff_ffff) % 12));
+    }
 
     fn opts(kv: &[(&str, &str)]) -> Vec<(String, String)> {
         kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()

@@ -37,6 +37,9 @@ pub struct Notification {
     pub data: Option<String>,
     /// False for delivery-only copies (chat messages to room members): streamed, never stored.
     pub inbox: bool,
+    /// Empty for one user's notification; else a group record standing for the notification of
+    /// each of these users (see [`Notification::for_each_recipient`]).
+    pub recipients: Vec<String>,
 }
 
 impl Notification {
@@ -47,6 +50,20 @@ impl Notification {
         name.push(0);
         name.extend_from_slice(user_id.as_bytes());
         uuid::Uuid::new_v5(&NOTIFICATION_NAMESPACE, &name)
+    }
+
+    /// Calls `f` with each per-user notification this record stands for: itself, or for a group
+    /// record each recipient's (its user id and deterministic id filled in, `recipients` empty).
+    /// One struct is reused for all of them, so a group of thousands copies only the user ids.
+    pub fn for_each_recipient(mut self, mut f: impl FnMut(&Notification)) {
+        if self.recipients.is_empty() {
+            return f(&self);
+        }
+        for user in std::mem::take(&mut self.recipients) {
+            self.notification_id = Self::id_for(&self.source_event_id, &user);
+            self.user_id = user;
+            f(&self);
+        }
     }
 
     /// The record as an Avro value of [`NOTIFICATION_SCHEMA`].
@@ -65,6 +82,7 @@ impl Notification {
             ("source_offset".into(), Value::Long(self.source_offset)),
             ("data".into(), optional_string(self.data.as_deref())),
             ("inbox".into(), Value::Boolean(self.inbox)),
+            ("recipients".into(), Value::Array(self.recipients.iter().cloned().map(Value::String).collect())),
         ])
     }
 
@@ -87,6 +105,7 @@ impl Notification {
             source_offset: 0,
             data: None,
             inbox: true,
+            recipients: Vec::new(),
         };
         for (name, v) in fields {
             let v = match v {
@@ -112,6 +131,15 @@ impl Notification {
                 ("data", Value::String(s)) => n.data = Some(s),
                 ("data", Value::Null) => n.data = None,
                 ("inbox", Value::Boolean(b)) => n.inbox = b,
+                ("recipients", Value::Array(items)) => {
+                    n.recipients = items
+                        .into_iter()
+                        .map(|v| match v {
+                            Value::String(s) => Ok(s),
+                            v => Err(CodecError::Avro(format!("recipient {v:?} is not a string"))),
+                        })
+                        .collect::<Result<_, _>>()?
+                }
                 (name, v) => return Err(CodecError::Avro(format!("unexpected notification field {name} = {v:?}"))),
             }
         }
@@ -145,6 +173,7 @@ impl Notification {
             source_offset: r.long()?,
             data: r.optional_string()?.map(str::to_owned),
             inbox: r.boolean()?,
+            recipients: r.string_array()?,
         };
         if !r.0.is_empty() {
             return Err(CodecError::Avro(format!("{} trailing bytes after the datum", r.0.len())));
@@ -201,6 +230,30 @@ impl<'a> Datum<'a> {
         }
     }
 
+    /// An array of strings: blocks of a count and that many items, ended by a zero count; a
+    /// negative count means its absolute value, followed by the block's size in bytes.
+    fn string_array(&mut self) -> Result<Vec<String>, CodecError> {
+        let mut items = Vec::new();
+        loop {
+            let count = match self.long()? {
+                0 => return Ok(items),
+                c if c < 0 => {
+                    self.long()?;
+                    c.checked_neg().ok_or_else(|| CodecError::Avro("array block count overflows".into()))?
+                }
+                c => c,
+            };
+            // Every item takes at least one byte: a count beyond what is left cannot be real.
+            if count as u64 > self.0.len() as u64 {
+                return Err(CodecError::Avro(format!("array block of {count} items beyond the datum")));
+            }
+            items.reserve(count as usize);
+            for _ in 0..count {
+                items.push(self.string()?.to_owned());
+            }
+        }
+    }
+
     fn boolean(&mut self) -> Result<bool, CodecError> {
         match self.byte()? {
             0 => Ok(false),
@@ -227,9 +280,10 @@ pub struct SharedFields<'a> {
     pub inbox: bool,
 }
 
-/// [`NOTIFICATION_SCHEMA`] without its first two fields (`notification_id`, `user_id`), derived
-/// from the same file so the two cannot drift apart. An Avro record is the concatenation of its
-/// fields' encodings, so a notification's bytes are: id, user, then this record's bytes.
+/// [`NOTIFICATION_SCHEMA`] without its first two fields (`notification_id`, `user_id`) and its last
+/// (`recipients`), derived from the same file so the two cannot drift apart. An Avro record is the
+/// concatenation of its fields' encodings, so a notification's bytes are: id, user, this record's
+/// bytes, then the recipients.
 static SHARED_SCHEMA: LazyLock<Schema> = LazyLock::new(|| {
     let mut json: serde_json::Value =
         serde_json::from_str(NOTIFICATION_SCHEMA_JSON).expect("notification.avsc is JSON");
@@ -237,13 +291,15 @@ static SHARED_SCHEMA: LazyLock<Schema> = LazyLock::new(|| {
     assert_eq!(fields[0]["name"], "notification_id");
     assert_eq!(fields[1]["name"], "user_id");
     fields.drain(..2);
+    assert_eq!(fields.pop().expect("notification.avsc has more fields")["name"], "recipients");
     json["name"] = "NotificationShared".into();
     Schema::parse(&json).expect("the shared part of notification.avsc is valid Avro")
 });
 
 /// Encodes notifications in the Confluent wire format under a registered id of
 /// [`NOTIFICATION_SCHEMA`]: the shared fields once per rendered text ([`Self::shared`]), then per
-/// recipient only the id and user id are written in front of them ([`Self::encode_into`]).
+/// record only the id and user id are written in front of them and the recipients after them
+/// ([`Self::encode_into`]).
 pub struct NotificationEncoder {
     schema_id: u32,
     shared: apache_avro::writer::datum::GenericDatumWriter<'static>,
@@ -275,14 +331,28 @@ impl NotificationEncoder {
         self.shared.write_value_to_vec(value).map_err(|e| CodecError::Avro(e.to_string()))
     }
 
-    /// Replaces `out` with the framed record of `(id, user_id)` plus `shared` (from [`Self::shared`]).
-    pub fn encode_into(&self, id: &uuid::Uuid, user_id: &str, shared: &[u8], out: &mut Vec<u8>) {
+    /// Replaces `out` with the framed record of `(id, user_id)` plus `shared` (from [`Self::shared`])
+    /// and `recipients` (empty for one user's notification).
+    pub fn encode_into(&self, id: &uuid::Uuid, user_id: &str, shared: &[u8], recipients: &[&str], out: &mut Vec<u8>) {
         out.clear();
         crate::wire::frame_into(self.schema_id, &[], out);
         let mut buf = uuid::Uuid::encode_buffer();
         put_avro_string(id.hyphenated().encode_lower(&mut buf), out);
         put_avro_string(user_id, out);
         out.extend_from_slice(shared);
+        // One block with every item, then the zero count that ends an array.
+        if !recipients.is_empty() {
+            put_avro_long(recipients.len() as i64, out);
+            for r in recipients {
+                put_avro_string(r, out);
+            }
+        }
+        out.push(0);
+    }
+
+    /// The framed group record of `recipients` (see `schemas/notification.avsc`).
+    pub fn encode_group_into(&self, shared: &[u8], recipients: &[&str], out: &mut Vec<u8>) {
+        self.encode_into(&uuid::Uuid::nil(), "", shared, recipients, out)
     }
 }
 
@@ -298,14 +368,18 @@ fn optional_string(s: Option<&str>) -> Value {
 /// apache-avro keeps its varint writer crate-private and building a `Value` per recipient is the
 /// cost this encoder exists to avoid.
 fn put_avro_string(s: &str, out: &mut Vec<u8>) {
-    let len = s.len() as i64;
-    let mut z = ((len << 1) ^ (len >> 63)) as u64;
+    put_avro_long(s.len() as i64, out);
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// An Avro long: zig-zag, then a little-endian base-128 varint.
+fn put_avro_long(v: i64, out: &mut Vec<u8>) {
+    let mut z = ((v << 1) ^ (v >> 63)) as u64;
     while z >= 0x80 {
         out.push((z as u8 & 0x7f) | 0x80);
         z >>= 7;
     }
     out.push(z as u8);
-    out.extend_from_slice(s.as_bytes());
 }
 
 #[cfg(test)]
@@ -321,9 +395,13 @@ mod tests {
             body in ".{0,3000}", link in proptest::option::of(".{0,50}"), occurred_at in any::<i64>(),
             topic in "[a-z.]{1,30}", partition in any::<i32>(), offset in any::<i64>(), schema_id in any::<u32>(),
             data in proptest::option::of(".{0,200}"), inbox in any::<bool>(),
+            recipients in proptest::collection::vec(".{0,30}", 0..5), group in any::<bool>(),
         ) {
+            // A group record (nil id, no user) or one user's notification.
+            let recipients = if group { recipients } else { Vec::new() };
+            let (id, user) = if group { (uuid::Uuid::nil(), String::new()) } else { (Notification::id_for(&event, &user), user) };
             let n = Notification {
-                notification_id: Notification::id_for(&event, &user),
+                notification_id: id,
                 user_id: user.clone(),
                 kind: kind.clone(),
                 title: title.clone(),
@@ -336,6 +414,7 @@ mod tests {
                 source_offset: offset,
                 data: data.clone(),
                 inbox,
+                recipients: recipients.clone(),
             };
             let full = crate::FramedEncoder::new(schema_id, &NOTIFICATION_SCHEMA).unwrap().encode(n.to_value()).unwrap();
             let enc = NotificationEncoder::new(schema_id).unwrap();
@@ -345,7 +424,8 @@ mod tests {
                 data: data.as_deref(), inbox,
             }).unwrap();
             let mut out = vec![1, 2, 3];
-            enc.encode_into(&n.notification_id, &user, &shared, &mut out);
+            let names: Vec<&str> = recipients.iter().map(String::as_str).collect();
+            enc.encode_into(&n.notification_id, &user, &shared, &names, &mut out);
             prop_assert_eq!(&out, &full);
             // And the direct decoder reads it back as it was.
             prop_assert_eq!(Notification::decode_datum(&full[crate::wire::HEADER_LEN..]).unwrap(), n);
@@ -358,12 +438,13 @@ mod tests {
             title in ".{0,40}", data in proptest::option::of(".{0,40}"), offset in any::<i64>(),
             edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..4),
             cut in proptest::option::of(any::<usize>()), extra in proptest::collection::vec(any::<u8>(), 0..3),
+            recipients in proptest::collection::vec("[a-z]{0,3}", 0..4),
         ) {
             let n = Notification {
                 notification_id: Notification::id_for("e", "u"),
                 user_id: "u".into(), kind: "k".into(), title, body: "b".into(), link: None,
                 source_event_id: "e".into(), occurred_at: 7, source_topic: "t".into(), source_partition: 1,
-                source_offset: offset, data, inbox: false,
+                source_offset: offset, data, inbox: false, recipients,
             };
             let writer = apache_avro::writer::datum::GenericDatumWriter::builder(&NOTIFICATION_SCHEMA).build().unwrap();
             let mut bytes = writer.write_value_to_vec(n.to_value()).unwrap();
@@ -419,11 +500,45 @@ mod tests {
             source_offset: 42,
             data: None,
             inbox: true,
+            recipients: vec![],
         };
         let writer = apache_avro::writer::datum::GenericDatumWriter::builder(&NOTIFICATION_SCHEMA).build().unwrap();
         let bytes = writer.write_value_to_vec(n.to_value()).unwrap();
         let reader = apache_avro::reader::datum::GenericDatumReader::builder(&NOTIFICATION_SCHEMA).build().unwrap();
         let back = reader.read_value(&mut &bytes[..]).unwrap();
         assert_eq!(Notification::from_value(back).unwrap(), n);
+    }
+
+    #[test]
+    fn a_group_record_stands_for_each_recipients_notification() {
+        let group = Notification {
+            notification_id: uuid::Uuid::nil(),
+            user_id: String::new(),
+            kind: "coupon.campaign".into(),
+            title: "t".into(),
+            body: "b".into(),
+            link: None,
+            source_event_id: "c1".into(),
+            occurred_at: 1,
+            source_topic: "coupons".into(),
+            source_partition: 0,
+            source_offset: 9,
+            data: None,
+            inbox: true,
+            recipients: vec!["a".into(), "b".into()],
+        };
+        let mut seen = Vec::new();
+        group.clone().for_each_recipient(|n| seen.push(n.clone()));
+        assert_eq!(seen.len(), 2);
+        for (n, user) in seen.iter().zip(["a", "b"]) {
+            assert_eq!(n.user_id, user);
+            assert_eq!(n.notification_id, Notification::id_for("c1", user));
+            assert!(n.recipients.is_empty());
+            assert_eq!((n.title.as_str(), n.source_offset), ("t", 9));
+        }
+        let single = Notification { recipients: vec![], user_id: "u".into(), ..group };
+        let mut once = Vec::new();
+        single.clone().for_each_recipient(|n| once.push(n.clone()));
+        assert_eq!(once, vec![single]);
     }
 }

@@ -135,6 +135,11 @@ pub struct TemplatingStage {
     /// pauses until acks arrive (bounds memory and the replay window). Default: 20000.
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: usize,
+    /// Recipients of one shared text on the same output partition get one group record
+    /// (`recipients` in `schemas/notification.avsc`) instead of a record each; `false` keeps one
+    /// keyed record per user, for other consumers of the topic that expect that. Default: true.
+    #[serde(default = "default_true")]
+    pub group_records: bool,
 }
 
 /// `stages.persistence`: consumes notifications and chat events and bulk-writes them.

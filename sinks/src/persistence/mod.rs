@@ -422,10 +422,13 @@ impl Sink {
                     let error = format!("occurred_at {} is outside years 1-9999", n.occurred_at);
                     return self.dead_letter(m, "timestamp-out-of-range", &error).await;
                 }
-                Ok(n) => pending.batch.notifications.push(StoredNotification {
-                    notification: n,
-                    stream_partition: m.partition(),
-                    stream_offset: m.offset(),
+                // A group record is a row per recipient, all at this stream position.
+                Ok(n) => n.for_each_recipient(|n| {
+                    pending.batch.notifications.push(StoredNotification {
+                        notification: n.clone(),
+                        stream_partition: m.partition(),
+                        stream_offset: m.offset(),
+                    })
                 }),
                 Err(e) => return self.dead_letter(m, "malformed-avro", &e.to_string()).await,
             }

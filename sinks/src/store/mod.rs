@@ -162,6 +162,7 @@ fn inbox_items<D: Dialect>(rows: Vec<InboxRowOf<D>>) -> Vec<InboxItem> {
                 source_offset: r.source_offset,
                 data: None,
                 inbox: true,
+                recipients: vec![],
             },
             stream_partition: r.stream_partition,
             stream_offset: r.stream_offset,

@@ -54,6 +54,7 @@ fn notification(user: &str, event: &str, stream_partition: i32, stream_offset: i
             source_offset: 1000 + stream_offset,
             data: None,
             inbox: true,
+            recipients: vec![],
         },
         stream_partition,
         stream_offset,

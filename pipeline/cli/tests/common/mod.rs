@@ -364,3 +364,86 @@ pub fn browser_or_skip() -> bool {
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
+
+/// A user token signed with the dev secret (what `tidings up --dev` accepts).
+pub fn user_token(user: &str) -> String {
+    let secret = tidings_gateway::auth::DEV_SECRET.as_bytes();
+    tidings_gateway::auth::mint_hs256(secret, user, Duration::from_secs(3600), None, None).unwrap()
+}
+
+/// The events of one user's stream, collected in the background: (event name, data, SSE id).
+/// A block with an id and no event (the stream's opening position) is kept with an empty name.
+#[derive(Clone, Default)]
+pub struct Seen(pub std::sync::Arc<std::sync::Mutex<Vec<(String, serde_json::Value, String)>>>);
+
+impl Seen {
+    /// The chat events (`chat.*`) with their data.
+    pub fn chat(&self) -> Vec<(String, serde_json::Value)> {
+        self.named(|e| e.starts_with("chat."))
+    }
+
+    /// The events whose name passes `keep`, with their data.
+    pub fn named(&self, keep: impl Fn(&str) -> bool) -> Vec<(String, serde_json::Value)> {
+        let seen = self.0.lock().unwrap();
+        seen.iter().filter(|(e, ..)| keep(e)).map(|(e, v, _)| (e.clone(), v.clone())).collect()
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.0.lock().unwrap().iter().filter(|(e, ..)| !e.is_empty()).map(|(e, ..)| e.clone()).collect()
+    }
+
+    /// The id of the last event that had one (what EventSource sends as Last-Event-ID).
+    pub fn last_id(&self) -> Option<String> {
+        self.0.lock().unwrap().iter().rev().find(|(.., id)| !id.is_empty()).map(|(.., id)| id.clone())
+    }
+}
+
+/// Opens `user`'s `GET /v1/stream` on the gateway at `base` (from `last_event_id`, if given) and
+/// collects its events in the background. A 503 (a rebalance right after the group formed) is
+/// waited out, as EventSource does.
+pub async fn open_stream(http: &reqwest::Client, base: &str, user: &str, last_event_id: Option<&str>) -> Seen {
+    let seen = Seen::default();
+    let mut tries = 0;
+    let mut resp = loop {
+        let mut req = http.get(format!("{base}/v1/stream")).bearer_auth(user_token(user));
+        if let Some(id) = last_event_id {
+            req = req.header("last-event-id", id);
+        }
+        let resp = req.send().await.unwrap();
+        tries += 1;
+        if resp.status() == 503 && tries < 20 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        }
+        break resp;
+    };
+    assert_eq!(resp.status(), 200, "stream of {user}");
+    let out = seen.clone();
+    tokio::spawn(async move {
+        let mut buf = String::new();
+        while let Ok(Some(chunk)) = resp.chunk().await {
+            buf.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(end) = buf.find("\n\n") {
+                let block: String = buf.drain(..end + 2).collect();
+                let (mut event, mut data, mut id) = (String::new(), String::new(), String::new());
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("id: ") {
+                        id = v.to_string();
+                    } else if let Some(v) = line.strip_prefix("event: ") {
+                        event = v.to_string();
+                    } else if let Some(v) = line.strip_prefix("data: ") {
+                        data = v.to_string();
+                    }
+                }
+                if !event.is_empty() || !id.is_empty() {
+                    out.0.lock().unwrap().push((
+                        event,
+                        serde_json::from_str(&data).unwrap_or(serde_json::Value::Null),
+                        id,
+                    ));
+                }
+            }
+        }
+    });
+    seen
+}

@@ -76,6 +76,9 @@ pub struct Templater {
     renderer: Renderer,
     readers: HashMap<String, &'static Schema>,
     encoder: NotificationEncoder,
+    /// Partitions of the output topic, when known: a shared text's recipients on one partition
+    /// then go out as one group record ([`Templater::group_by_partition`]).
+    output_partitions: Option<i32>,
     /// Room members as last read from the store. A room's events arrive in order on its partition
     /// and the chat API changes membership in the store before it produces the event, so a room's
     /// entry is dropped whenever one of its membership events passes, and a message reads the store
@@ -186,6 +189,7 @@ impl Fanout {
             source_offset: self.source_offset,
             data: t.data.clone(),
             inbox: t.inbox,
+            recipients: vec![],
         }
     }
 }
@@ -228,14 +232,52 @@ impl Templater {
         let id = registry.register(&format!("{output}-value"), NOTIFICATION_SCHEMA_JSON).await?;
         let encoder = NotificationEncoder::new(id).map_err(|e| StageError::Config(e.to_string()))?;
         let renderer = Renderer::new(&topology).map_err(|e| StageError::Config(e.to_string()))?;
-        Ok(Templater { topology, registry, store, renderer, readers, encoder, rooms: Default::default() })
+        Ok(Templater {
+            topology,
+            registry,
+            store,
+            renderer,
+            readers,
+            encoder,
+            output_partitions: None,
+            rooms: Default::default(),
+        })
     }
 
-    /// The wire-format records of `fanout` under the registered notification schema, one per
-    /// recipient in order. A shared text's fields are encoded once, here.
+    /// From now on, recipients of one shared text who land on the same of the output topic's
+    /// `partitions` (by murmur2 of their id, as their keyed records would) share one group record.
+    /// A campaign to 10,000 users is then a dozen records through Kafka instead of 10,000; the
+    /// store and the streams still get one notification per user, with the same ids.
+    pub fn group_by_partition(&mut self, partitions: i32) {
+        self.output_partitions = (partitions > 0).then_some(partitions);
+    }
+
+    /// The wire-format records of `fanout` under the registered notification schema: a group
+    /// record per partition with several recipients of a shared text (when grouping is on), one
+    /// keyed record per recipient otherwise. A shared text's fields are encoded once, here.
     pub fn encoded<'a>(&'a self, fanout: &'a Fanout) -> Result<EncodedFanout<'a>, StageError> {
         let common = if fanout.texts.len() == 1 { Some(self.encode_shared(fanout, 0)?) } else { None };
-        Ok(EncodedFanout { templater: self, fanout, common, out: Vec::with_capacity(256), next: 0 })
+        let mut singles = Vec::new();
+        let mut groups = Vec::new();
+        match (self.output_partitions, &common) {
+            (Some(n), Some(_)) if fanout.len() > 1 => {
+                let mut buckets: Vec<Vec<&'a str>> = vec![Vec::new(); n as usize];
+                for user in &fanout.recipients {
+                    buckets[tidings_core::kafka::partition_for(user, n) as usize].push(user);
+                }
+                for (p, bucket) in buckets.into_iter().enumerate() {
+                    match bucket.len() {
+                        0 => {}
+                        1 => singles.push(bucket[0]),
+                        _ => groups.extend(group_chunks(bucket).map(|c| (p as i32, c))),
+                    }
+                }
+            }
+            _ => singles.extend(fanout.recipients.iter().map(String::as_str)),
+        }
+        singles.reverse();
+        groups.reverse();
+        Ok(EncodedFanout { templater: self, fanout, common, out: Vec::with_capacity(256), singles, groups })
     }
 
     fn encode_shared(&self, fanout: &Fanout, i: usize) -> Result<Vec<u8>, StageError> {
@@ -243,36 +285,81 @@ impl Templater {
     }
 }
 
-/// Yields the records of one [`Fanout`]; per recipient only its id and user id are written
-/// (into one reused buffer) in front of the shared fields.
+/// A group record holds recipient ids up to about this many bytes (a 10,000-user campaign on 12
+/// partitions is one record per partition; far below Kafka's 1 MB default record limit).
+const GROUP_BYTES: usize = 64 * 1024;
+
+/// `bucket` cut into runs of at most [`GROUP_BYTES`] of user ids (each at least one recipient).
+fn group_chunks(bucket: Vec<&str>) -> impl Iterator<Item = Vec<&str>> {
+    let mut chunks = vec![Vec::new()];
+    let mut bytes = 0;
+    for user in bucket {
+        let last = chunks.last_mut().expect("one chunk");
+        if !last.is_empty() && bytes + user.len() + 2 > GROUP_BYTES {
+            chunks.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += user.len() + 2;
+        chunks.last_mut().expect("one chunk").push(user);
+    }
+    chunks.into_iter()
+}
+
+/// Where one output record goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target<'a> {
+    /// One user's notification, keyed by the user (the producer's murmur2 picks the partition).
+    User(&'a str),
+    /// A group record for several users of this partition, produced to it without a key.
+    Partition(i32),
+}
+
+/// Yields the records of one [`Fanout`] into one reused buffer: per user record only its id and
+/// user id are written in front of the shared fields, per group record its recipients after them.
 pub struct EncodedFanout<'a> {
     templater: &'a Templater,
     fanout: &'a Fanout,
     common: Option<Vec<u8>>,
     out: Vec<u8>,
-    next: usize,
+    /// Recipients still to get a record of their own, last first.
+    singles: Vec<&'a str>,
+    /// Group records still to write, last first.
+    groups: Vec<(i32, Vec<&'a str>)>,
 }
 
 impl<'a> EncodedFanout<'a> {
-    /// The next recipient and its framed record (valid until the next call), or `None` at the end.
-    pub fn next_record(&mut self) -> Option<Result<(&'a str, &[u8]), StageError>> {
-        let i = self.next;
-        let user = self.fanout.recipients.get(i)?;
-        self.next += 1;
+    /// How many records are left to yield.
+    pub fn remaining(&self) -> usize {
+        self.singles.len() + self.groups.len()
+    }
+
+    /// The next record's target and framed bytes (valid until the next call), or `None` at the end.
+    pub fn next_record(&mut self) -> Option<Result<(Target<'a>, &[u8]), StageError>> {
+        if let Some((p, users)) = self.groups.pop() {
+            let shared = self.common.as_ref().expect("groups only with a shared text");
+            self.templater.encoder.encode_group_into(shared, &users, &mut self.out);
+            return Some(Ok((Target::Partition(p), &self.out)));
+        }
+        let user = self.singles.pop()?;
         let own;
         let shared = match &self.common {
             Some(c) => c,
-            None => match self.templater.encode_shared(self.fanout, i) {
-                Ok(v) => {
-                    own = v;
-                    &own
+            None => {
+                // Per-recipient texts: `singles` holds every recipient in order, so the index is
+                // how many were taken.
+                let i = self.fanout.len() - self.singles.len() - 1;
+                match self.templater.encode_shared(self.fanout, i) {
+                    Ok(v) => {
+                        own = v;
+                        &own
+                    }
+                    Err(e) => return Some(Err(e)),
                 }
-                Err(e) => return Some(Err(e)),
-            },
+            }
         };
         let id = Notification::id_for(&self.fanout.event_id, user);
-        self.templater.encoder.encode_into(&id, user, shared, &mut self.out);
-        Some(Ok((user.as_str(), &self.out)))
+        self.templater.encoder.encode_into(&id, user, shared, &[], &mut self.out);
+        Some(Ok((Target::User(user), &self.out)))
     }
 }
 
@@ -283,9 +370,23 @@ async fn start(
 ) -> Result<(Stage, Arc<StreamConsumer>), StageError> {
     let topo = cfg.topology.clone();
     let spec = &topo.stages.templating;
-    let templater = Templater::new(topo.clone(), &cfg.registry, store.clone()).await?;
+    let mut templater = Templater::new(topo.clone(), &cfg.registry, store.clone()).await?;
     let output = topo.topic_name(&spec.output);
     let producer: FutureProducer = cfg.kafka.producer().create()?;
+    if spec.group_records {
+        // Read once per start: grouping must use the count the keyed records' partitioner and the
+        // gateways use (after partitions are added, restart templating with the gateways).
+        let (client, topic) = (producer.clone(), output.clone());
+        let count = tokio::task::spawn_blocking(move || {
+            let md =
+                rdkafka::producer::Producer::client(&client).fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+            let t = md.topics().iter().find(|t| t.name() == topic).map(|t| t.partitions().len());
+            Ok::<_, rdkafka::error::KafkaError>(t.unwrap_or(0) as i32)
+        })
+        .await
+        .map_err(|e| StageError::Delivery(e.to_string()))??;
+        templater.group_by_partition(count);
+    }
     let consumer: Arc<StreamConsumer> = Arc::new(cfg.kafka.consumer(&topo.group_name(&spec.group)).create()?);
     let topics: Vec<String> = spec.inputs.iter().map(|t| topo.topic_name(t)).collect();
     consumer.subscribe(&topics.iter().map(String::as_str).collect::<Vec<_>>())?;
@@ -412,16 +513,18 @@ impl Stage {
                 }
                 Outcome::Notifications(f) => f,
             };
-            // Bound the outputs awaiting acknowledgement; a fan-out larger than the budget takes all of it.
-            let permits = if notifications.is_empty() {
-                None
-            } else {
-                let n = notifications.len().min(self.max_in_flight) as u32;
-                Some(self.budget.clone().acquire_many_owned(n).await.map_err(|e| StageError::Delivery(e.to_string()))?)
-            };
-            deliveries.reserve(notifications.len());
-            // librdkafka copies key and payload on send, so one buffer serves every recipient.
+            // librdkafka copies key and payload on send, so one buffer serves every record.
             let mut records = self.templater.encoded(&notifications)?;
+            // Bound the outputs awaiting acknowledgement; a fan-out larger than the budget takes all of it.
+            let permits = match records.remaining() {
+                0 => None,
+                n => {
+                    let n = n.min(self.max_in_flight) as u32;
+                    let permits = self.budget.clone().acquire_many_owned(n).await;
+                    Some(permits.map_err(|e| StageError::Delivery(e.to_string()))?)
+                }
+            };
+            deliveries.reserve(records.remaining());
             // A template's copies are all inbox rows or all delivery-only.
             let delivery_only = notifications.texts.first().is_some_and(|t| !t.inbox);
             let headers = match (&headers, delivery_only) {
@@ -433,15 +536,24 @@ impl Stage {
                 ),
             };
             while let Some(record) = records.next_record() {
-                let (user, payload) = record?;
-                let mut rec = FutureRecord::to(&self.output).key(user).payload(payload);
+                let (target, payload) = record?;
+                let mut rec = match target {
+                    Target::User(user) => FutureRecord::to(&self.output).key(user),
+                    Target::Partition(p) => FutureRecord::to(&self.output).partition(p),
+                }
+                .payload(payload);
                 if let Some(h) = &headers {
                     rec = rec.headers(h.clone());
                 }
                 deliveries.push(enqueue(&self.producer, rec).await?);
             }
             if !notifications.is_empty() {
-                debug!(count = notifications.len(), "Produced {} notification(s).", notifications.len());
+                debug!(
+                    count = notifications.len(),
+                    records = deliveries.len(),
+                    "Produced {} notification(s).",
+                    notifications.len()
+                );
             }
             let next = self.templater.next_page(&mut notifications, &self.shutdown).await?;
             let inflight = InFlight {

@@ -257,9 +257,15 @@ async fn serve_stream(mut sock: TcpStream, mut cursor: StreamCursor, origin: Opt
                 Ok(_) => continue,
             },
         };
-        if !out.is_empty() {
+        // Most frames fit the socket's free buffer: written at once, without a timer or a wait.
+        let sent = match wr.try_write(&out) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+            Err(_) => return,
+        };
+        if sent < out.len() {
             let written = tokio::select! {
-                r = tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&out)) => matches!(r, Ok(Ok(()))),
+                r = tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&out[sent..])) => matches!(r, Ok(Ok(()))),
                 // A stalled client is cut off when its queue overflows, even mid-write.
                 _ = cursor.aborted() => false,
             };

@@ -275,6 +275,8 @@ struct Arrival {
     received_us: i64,
     occurred_us: i64,
     source_event_id: String,
+    /// The stream position `partition.offset`: the notifications record it came from.
+    position: String,
 }
 
 /// Arrivals of the current phase.
@@ -294,6 +296,7 @@ impl Samples {
             received_us,
             occurred_us: at.timestamp_micros(),
             source_event_id: v["source_event_id"].as_str().unwrap_or_default().to_string(),
+            position: v["position"].as_str().unwrap_or_default().to_string(),
         };
         let phase = self.phase.load(Ordering::Relaxed);
         self.by_phase.lock().unwrap().entry(phase).or_default().push(arrival);
@@ -407,7 +410,8 @@ impl Users {
 /// The CreateTime (ms) of every record on some topics, by topic and key, read from their start by
 /// an assigned consumer (no group rebalance to wait for). Producers stamp it when they produce, so
 /// it tells when each stage handed a record on. Stops when dropped.
-/// The newest CreateTime per (topic, key), and how many records each topic had.
+/// The newest CreateTime per (topic, key) and per (topic, `partition.offset`), and how many
+/// records each topic had.
 type TimesSeen = (HashMap<(String, String), i64>, HashMap<String, usize>);
 
 struct RecordTimes {
@@ -440,12 +444,14 @@ impl RecordTimes {
             move || {
                 while !stop.load(Ordering::Relaxed) {
                     let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) else { continue };
-                    if let (Some(key), Some(ts)) = (m.key(), m.timestamp().to_millis()) {
-                        let key = String::from_utf8_lossy(key).into_owned();
-                        let mut seen = seen.lock().unwrap();
-                        seen.0.insert((m.topic().to_string(), key), ts);
-                        *seen.1.entry(m.topic().to_string()).or_default() += 1;
+                    let Some(ts) = m.timestamp().to_millis() else { continue };
+                    let mut seen = seen.lock().unwrap();
+                    if let Some(key) = m.key() {
+                        seen.0.insert((m.topic().to_string(), String::from_utf8_lossy(key).into_owned()), ts);
                     }
+                    // Group records have no key: found by position.
+                    seen.0.insert((m.topic().to_string(), format!("{}.{}", m.partition(), m.offset())), ts);
+                    *seen.1.entry(m.topic().to_string()).or_default() += 1;
                 }
             }
         });
@@ -656,6 +662,8 @@ async fn broadcast(
     rate: usize,
     http: &reqwest::Client,
 ) -> anyhow::Result<Value> {
+    let (coupons, notifications) = (format!("{}coupons", stack.prefix), format!("{}notifications", stack.prefix));
+    let times = RecordTimes::start(&stack.brokers, &[&coupons, &notifications])?;
     let connected = users.grow(n, Duration::from_secs(300)).await;
     let audience: Vec<String> = (0..n).map(|i| users.user(i)).collect();
     let run = uuid::Uuid::new_v4().simple().to_string();
@@ -684,7 +692,27 @@ async fn broadcast(
     let t = Instant::now();
     let posts = send_all("measured").await;
     let complete = wait_samples(&users.samples, PHASE_BROADCAST, expected, Duration::from_secs(120)).await;
+    let wall_secs = t.elapsed().as_secs_f64();
     let mut v = users.samples.summary(PHASE_BROADCAST);
+    // Per hop, from the records' CreateTimes (the timestamp consumer may trail a little).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (mut produce, mut templating, mut delivery) = (Vec::new(), Vec::new(), Vec::new());
+    for a in users.samples.take(PHASE_BROADCAST) {
+        let (Some(c), Some(nt)) = (times.get(&coupons, &a.source_event_id), times.get(&notifications, &a.position))
+        else {
+            continue;
+        };
+        produce.push(c * 1000 - a.occurred_us);
+        templating.push((nt - c) * 1000);
+        delivery.push(a.received_us - nt * 1000);
+    }
+    v["hops_ms"] = json!({
+        "matched": produce.len(),
+        "post_to_coupons_record": percentiles(produce),
+        "coupons_to_notifications_record": percentiles(templating),
+        "notifications_record_to_stream": percentiles(delivery),
+        "note": "from Kafka CreateTime, whole milliseconds: each hop is ±1 ms",
+    });
     v["scenario"] = json!("broadcast");
     v["users"] = json!(n);
     v["connected"] = json!(connected);
@@ -694,7 +722,7 @@ async fn broadcast(
     v["posts"] = posts;
     v["warmed_up"] = json!(warmed_up);
     v["complete"] = json!(complete);
-    v["wall_secs"] = json!(t.elapsed().as_secs_f64());
+    v["wall_secs"] = json!(wall_secs);
     v["path"] = json!("POST /v1/events/coupons → coupons → templating fan-out → notifications → delivery → streams");
     Ok(v)
 }

@@ -293,6 +293,11 @@ pub struct StreamCursor {
     stored: Option<StoredRange>,
     done: bool,
     heartbeat: Duration,
+    /// Fires `heartbeat` after the last write, re-armed only when it fires: a timer per event
+    /// (insert and cancel in the shared wheel, per stream, 100,000 times a second in a broadcast)
+    /// was most of the stream's own cost.
+    beat: std::pin::Pin<Box<tokio::time::Sleep>>,
+    last_write: tokio::time::Instant,
     retry_ms: u128,
 }
 
@@ -312,7 +317,9 @@ impl StreamCursor {
     pub fn new(sub: Subscription, hub: Arc<Hub>) -> Self {
         let cfg = hub.config();
         let (heartbeat, retry_ms) = (cfg.heartbeat, cfg.retry.as_millis());
-        StreamCursor { sub, hub, next_backlog: 0, stored: None, done: false, heartbeat, retry_ms }
+        let beat = Box::pin(tokio::time::sleep(heartbeat));
+        let last_write = tokio::time::Instant::now();
+        StreamCursor { sub, hub, next_backlog: 0, stored: None, done: false, heartbeat, beat, last_write, retry_ms }
     }
 
     /// The next frame of the store range being written, reading its next page when the last one
@@ -396,26 +403,44 @@ impl StreamCursor {
             f
         } else {
             let conn = self.sub.conn.clone();
-            tokio::select! {
-                biased;
-                reason = conn.aborted() => Frame::Close(reason),
-                f = self.sub.rx.recv() => match f {
-                    Some(f) => {
-                        if let Queued::Event(e) = &f {
-                            self.hub.dequeued(&self.sub.conn, e);
+            loop {
+                tokio::select! {
+                    biased;
+                    reason = conn.aborted() => break Frame::Close(reason),
+                    f = self.sub.rx.recv() => match f {
+                        Some(f) => {
+                            if let Queued::Event(e) = &f {
+                                self.hub.dequeued(&self.sub.conn, e);
+                            }
+                            break f.into();
                         }
-                        f.into()
+                        None => return false,
+                    },
+                    _ = self.beat.as_mut() => {
+                        let now = tokio::time::Instant::now();
+                        let due = self.last_write + self.heartbeat;
+                        if now < due {
+                            self.beat.as_mut().reset(due);
+                            continue;
+                        }
+                        out.extend_from_slice(b": hb\n\n");
+                        self.wrote(now);
+                        return true;
                     }
-                    None => return false,
-                },
-                _ = tokio::time::sleep(self.heartbeat) => {
-                    out.extend_from_slice(b": hb\n\n");
-                    return true;
                 }
             }
         };
         self.encode(frame, out);
+        self.wrote(tokio::time::Instant::now());
         true
+    }
+
+    /// Notes a write at `now`: the next heartbeat is due `heartbeat` later.
+    fn wrote(&mut self, now: tokio::time::Instant) {
+        self.last_write = now;
+        if self.beat.is_elapsed() {
+            self.beat.as_mut().reset(now + self.heartbeat);
+        }
     }
 
     // SSE framing is a few `field: value` lines; written here because the gateway's direct stream
@@ -484,6 +509,41 @@ mod tests {
 
     fn json_of(n: &Notification) -> serde_json::Value {
         serde_json::from_slice(&event_from_notification(0, 9, n, 0).data).unwrap()
+    }
+
+    /// The heartbeat comes after a whole interval of silence: an event in between moves it.
+    #[tokio::test(start_paused = true)]
+    async fn a_heartbeat_follows_a_full_interval_of_silence() {
+        let cfg = crate::delivery::HubConfig { heartbeat: Duration::from_secs(10), ..Default::default() };
+        let hub = Hub::new(cfg, None);
+        hub.set_partition_count(1);
+        hub.assign(0, 0, 0);
+        let sub = hub.subscribe("ann", None).await.unwrap();
+        let mut cursor = StreamCursor::new(sub, hub.clone());
+        let mut out = Vec::new();
+        assert!(cursor.next_chunk(&mut out).await);
+        assert!(out.starts_with(b"retry:"), "the opening frame first");
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let mut ev = with_data(None);
+        ev.user_id = "ann".into();
+        hub.push(event_from_notification(0, 0, &ev, 0));
+        out.clear();
+        assert!(cursor.next_chunk(&mut out).await);
+        assert!(out.starts_with(b"id: 0.0\n"), "{}", String::from_utf8_lossy(&out));
+        // 10 s after the start but only 4 s after the event: no heartbeat yet.
+        out.clear();
+        let early = tokio::time::timeout(Duration::from_secs(9), cursor.next_chunk(&mut out)).await;
+        assert!(early.is_err(), "a heartbeat {} too early", String::from_utf8_lossy(&out));
+        out.clear();
+        let t = tokio::time::Instant::now();
+        assert!(cursor.next_chunk(&mut out).await);
+        assert_eq!(out, b": hb\n\n");
+        assert!(t.elapsed() <= Duration::from_secs(1), "10 s after the event");
+        // And the next one a full interval later.
+        out.clear();
+        let t = tokio::time::Instant::now();
+        assert!(cursor.next_chunk(&mut out).await);
+        assert_eq!((out.as_slice(), t.elapsed()), (&b": hb\n\n"[..], Duration::from_secs(10)));
     }
 
     #[test]

@@ -522,9 +522,17 @@ async fn stage_ages(http: &reqwest::Client, url: &str) -> Value {
     let Ok(r) = http.get(format!("{url}/metrics")).send().await else { return Value::Null };
     let text = r.text().await.unwrap_or_default();
     let mut out = serde_json::Map::new();
-    for line in text.lines().filter(|l| l.starts_with("tidings_stage_record_age_seconds{")) {
+    let ages = |l: &&str| {
+        l.starts_with("tidings_stage_record_age_seconds{")
+            || l.starts_with("tidings_gateway_event_age_at_write_seconds{")
+    };
+    for line in text.lines().filter(ages) {
+        let stage = match line.starts_with("tidings_gateway") {
+            true => Some("gateway_write"),
+            false => line.split("stage=\"").nth(1).and_then(|r| r.split('"').next()),
+        };
         let (Some(stage), Some(q), Some(v)) = (
-            line.split("stage=\"").nth(1).and_then(|r| r.split('"').next()),
+            stage,
             line.split("quantile=\"").nth(1).and_then(|r| r.split('"').next()),
             line.split_whitespace().last().and_then(|v| v.parse::<f64>().ok()),
         ) else {
@@ -645,7 +653,7 @@ async fn ingest_latency(
         "notifications_record_to_stream": percentiles(delivery),
         "note": "from Kafka CreateTime, whole milliseconds: each hop is ±1 ms",
         "consumed_after_ms": stage_ages(http, &stack.url).await,
-        "consumed_after_note": "the stages' own tidings_stage_record_age_seconds (CreateTime → consumed), over the whole run (warm-up included)",
+        "consumed_after_note": "the stages' own tidings_stage_record_age_seconds (CreateTime → consumed) and, as gateway_write, tidings_gateway_event_age_at_write_seconds (notifications CreateTime → its stream takes it to write), over the whole run (warm-up included)",
     });
     v["path"] = json!("POST /v1/events/orders → orders → templating → notifications → delivery → stream");
     Ok(v)

@@ -305,6 +305,9 @@ struct Metrics {
     queued_bytes: Gauge,
     owned: Gauge,
     delivered: Counter,
+    /// Seconds from a live event's Kafka CreateTime to its stream taking it off its queue to
+    /// write it: the whole hop through this gateway (consume, decode, queue, schedule).
+    age_at_write: metrics::Histogram,
     closes: HashMap<&'static str, Counter>,
     resumes: HashMap<&'static str, Counter>,
 }
@@ -317,6 +320,7 @@ impl Metrics {
             queued_bytes: gauge!("tidings_gateway_queued_bytes"),
             owned: gauge!("tidings_gateway_owned_partitions"),
             delivered: counter!("tidings_gateway_events_delivered_total"),
+            age_at_write: metrics::histogram!("tidings_gateway_event_age_at_write_seconds"),
             closes: CloseReason::ALL
                 .iter()
                 .map(|r| (r.as_str(), counter!("tidings_gateway_closes_total", "reason" => r.as_str())))
@@ -842,6 +846,9 @@ impl Hub {
         conn.dequeued(ev);
         self.metrics.queued_events.decrement(1.0);
         self.metrics.queued_bytes.decrement(ev.size() as f64);
+        if let Ok(now) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+            self.metrics.age_at_write.record((now.as_millis() as i64 - ev.timestamp_ms).max(0) as f64 / 1000.0);
+        }
     }
 }
 

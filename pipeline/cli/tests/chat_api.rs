@@ -409,6 +409,8 @@ async fn a_resume_older_than_the_ring_is_backfilled_from_kafka() {
         let ages = metric(format!(r#"tidings_stage_record_age_seconds_count{{stage="{stage}"}}"#)).await;
         assert!(ages > 0.0, "{stage}: tidings_stage_record_age_seconds missing or empty");
     }
+    let written = metric("tidings_gateway_event_age_at_write_seconds_count".to_string()).await;
+    assert!(written > 0.0, "tidings_gateway_event_age_at_write_seconds missing or empty");
     up.signal("TERM");
     assert!(up.wait_exit(Duration::from_secs(30)).await.is_some_and(|s| s.success()), "{}", up.log_tail(20));
 }

@@ -189,6 +189,17 @@ async fn check_asset(http: &reqwest::Client, url: &str, content_type: &str) -> S
 /// The two tests here run one at a time: each runs Chromium and three processes on shared cores.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// Runs one page test (`what` names it in the timeout message) on the broker under test, one at
+/// a time and within [`WHOLE`]; skipped as `brokers_or_skip` and `browser_or_skip` say.
+async fn page_test<F: std::future::Future<Output = ()>>(what: &str, test: impl FnOnce(String) -> F) {
+    let Some(brokers) = common::brokers_or_skip() else { return };
+    if !browser_or_skip() {
+        return;
+    }
+    let _one = SERIAL.lock().await;
+    tokio::time::timeout(WHOLE, test(brokers)).await.unwrap_or_else(|_| panic!("the {what} did not finish in time"));
+}
+
 /// A core process (templating, persistence, ingest: up all along) and a gateway on a fixed port,
 /// so it can be stopped and started again at the same URL.
 struct Stack {
@@ -246,12 +257,7 @@ impl Stack {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn web_page_inbox_live_across_reloads_and_a_gateway_restart() {
-    let Some(brokers) = common::brokers_or_skip() else { return };
-    if !browser_or_skip() {
-        return;
-    }
-    let _one = SERIAL.lock().await;
-    tokio::time::timeout(WHOLE, inbox(brokers)).await.expect("the web page test did not finish in time");
+    page_test("web page test", inbox).await;
 }
 
 async fn inbox(brokers: String) {
@@ -466,12 +472,7 @@ async fn dev_token(http: &reqwest::Client, url: &str, user: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn web_page_chat_two_users_live_across_reloads_and_a_gateway_restart() {
-    let Some(brokers) = common::brokers_or_skip() else { return };
-    if !browser_or_skip() {
-        return;
-    }
-    let _one = SERIAL.lock().await;
-    tokio::time::timeout(WHOLE, chat(brokers)).await.expect("the chat page test did not finish in time");
+    page_test("chat page test", chat).await;
 }
 
 async fn chat(brokers: String) {
@@ -659,12 +660,7 @@ async fn chat(brokers: String) {
 /// lets A's origin in with the session cookie), and a notification arrives live over B.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn web_page_follows_its_stream_to_the_gateway_owning_its_user() {
-    let Some(brokers) = common::brokers_or_skip() else { return };
-    if !browser_or_skip() {
-        return;
-    }
-    let _one = SERIAL.lock().await;
-    tokio::time::timeout(WHOLE, two_origins(brokers)).await.expect("the two-gateway page test did not finish in time");
+    page_test("two-gateway page test", two_origins).await;
 }
 
 async fn two_origins(brokers: String) {

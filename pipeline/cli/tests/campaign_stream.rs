@@ -45,14 +45,7 @@ async fn a_campaigns_group_records_reach_each_recipient_once() {
     let campaign = json!({"event_id": event_id, "occurred_at": chrono::Utc::now().timestamp_micros(), "coupon_id": "camp-g",
         "payload": {"CampaignLaunched": {"campaign_id": "camp-g", "title": "Group sale", "discount_percent": 15,
         "audience": {"InlineAudience": {"user_ids": audience}}}}});
-    let resp = http
-        .post(format!("{}/v1/events/coupons", ep.ingest))
-        .bearer_auth(common::ingest_token())
-        .json(&campaign)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 202);
+    common::accept(&http, &ep.ingest, "coupons", &campaign, &up).await;
 
     let campaign_events = |seen: &common::Seen| seen.named(|e| e == "coupon.campaign");
     eventually(

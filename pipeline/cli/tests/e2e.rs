@@ -4,8 +4,8 @@
 
 mod common;
 
-use common::{count_notifications, eventually, Tidings, Up};
-use serde_json::{json, Value};
+use common::{accept, count_notifications, eventually, post, Tidings, Up};
+use serde_json::json;
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 use tidings_core::Notification;
@@ -15,24 +15,6 @@ type Row = (uuid::Uuid, String, String, String, String);
 
 fn now_micros() -> i64 {
     chrono::Utc::now().timestamp_micros()
-}
-
-async fn post(http: &reqwest::Client, base: &str, topic: &str, body: &Value) -> (u16, Value) {
-    let resp = http
-        .post(format!("{base}/v1/events/{topic}"))
-        .bearer_auth(common::ingest_token())
-        .json(body)
-        .send()
-        .await
-        .expect("POST to ingest");
-    let status = resp.status().as_u16();
-    let body = resp.json::<Value>().await.unwrap_or(Value::Null);
-    (status, body)
-}
-
-async fn accept(http: &reqwest::Client, base: &str, topic: &str, body: &Value, proc_: &Tidings) {
-    let (status, resp) = post(http, base, topic, body).await;
-    assert_eq!(status, 202, "POST /v1/events/{topic} answered {status}: {resp}\n{}", proc_.log_tail(30));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

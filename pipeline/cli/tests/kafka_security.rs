@@ -42,14 +42,8 @@ async fn end_to_end(name: &str, brokers: &str, security: &[(&str, &str)]) {
     let event = json!({"event_id": uuid::Uuid::new_v4().to_string(),
         "occurred_at": chrono::Utc::now().timestamp_micros(), "order_id": format!("o-{name}"), "buyer_id": "u-sec",
         "payload": {"OrderPaid": {"amount_cents": 1200, "currency": "EUR", "payment_method": "card"}}});
-    let resp = http
-        .post(format!("{}/v1/events/orders", ep.ingest))
-        .bearer_auth(common::ingest_token())
-        .json(&event)
-        .send()
-        .await
-        .expect("POST");
-    assert_eq!(resp.status().as_u16(), 202, "{name}: ingest answered {}\n{}", resp.status(), up.log_tail(30));
+    let (status, answer) = common::post(&http, &ep.ingest, "orders", &event).await;
+    assert_eq!(status, 202, "{name}: ingest answered {status}: {answer}\n{}", up.log_tail(30));
     eventually(
         &format!("{name}: the notification stored"),
         Duration::from_secs(60),

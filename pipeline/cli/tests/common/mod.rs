@@ -447,3 +447,29 @@ pub async fn open_stream(http: &reqwest::Client, base: &str, user: &str, last_ev
     });
     seen
 }
+
+/// POSTs `body` to ingest's `/v1/events/{topic}` at `base` with the dev service token: the status
+/// and the JSON answer (null if none).
+pub async fn post(
+    http: &reqwest::Client,
+    base: &str,
+    topic: &str,
+    body: &serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let resp = http
+        .post(format!("{base}/v1/events/{topic}"))
+        .bearer_auth(ingest_token())
+        .json(body)
+        .send()
+        .await
+        .expect("POST to ingest");
+    let status = resp.status().as_u16();
+    let body = resp.json::<serde_json::Value>().await.unwrap_or(serde_json::Value::Null);
+    (status, body)
+}
+
+/// [`post`], which must be accepted (202); else fails with the answer and `proc_`'s log.
+pub async fn accept(http: &reqwest::Client, base: &str, topic: &str, body: &serde_json::Value, proc_: &Tidings) {
+    let (status, resp) = post(http, base, topic, body).await;
+    assert_eq!(status, 202, "POST /v1/events/{topic} answered {status}: {resp}\n{}", proc_.log_tail(30));
+}

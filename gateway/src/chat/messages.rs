@@ -115,8 +115,7 @@ impl ChatState {
     async fn end_of(&self, topic: &str, pick: impl Fn(i32) -> i32 + Send + 'static) -> Result<(i32, i64), ApiError> {
         let (kafka, topic) = (self.kafka.clone(), topic.to_string());
         let got = tokio::task::spawn_blocking(move || {
-            let md = kafka.fetch_metadata(Some(&topic), KAFKA_TIMEOUT)?;
-            let n = md.topics().iter().find(|t| t.name() == topic).map_or(0, |t| t.partitions().len() as i32);
+            let n = tidings_core::kafka::partition_count(kafka.client(), &topic, KAFKA_TIMEOUT)?;
             let p = pick(n.max(1));
             let (_, high) = kafka.fetch_watermarks(&topic, p, KAFKA_TIMEOUT)?;
             Ok::<_, rdkafka::error::KafkaError>((p, high))

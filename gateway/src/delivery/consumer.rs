@@ -308,8 +308,7 @@ impl Processor for Delivery {
 }
 
 fn partition_count<C: Consumer<X>, X: ConsumerContext>(c: &C, topic: &str) -> Result<i32, DeliveryError> {
-    let md = c.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-    Ok(md.topics().iter().find(|t| t.name() == topic).map(|t| t.partitions().len() as i32).unwrap_or(0))
+    Ok(tidings_core::kafka::partition_count(c.client(), topic, Duration::from_secs(10))?)
 }
 
 /// Refreshes per-partition lag and the partition count. Runs on a blocking thread beside the

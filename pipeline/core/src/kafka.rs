@@ -247,6 +247,24 @@ pub fn probe(cfg: &KafkaConfig, timeout: std::time::Duration) -> Result<(), Conn
     }
 }
 
+/// How many partitions `topic` has (0 if the broker does not know it), from fresh metadata; a
+/// blocking librdkafka call. Any client's: `consumer.client()`, `Producer::client(&producer)`.
+pub fn partition_count<C: rdkafka::client::ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    topic: &str,
+    timeout: std::time::Duration,
+) -> rdkafka::error::KafkaResult<i32> {
+    let md = client.fetch_metadata(Some(topic), timeout)?;
+    Ok(md.topics().iter().find(|t| t.name() == topic).map_or(0, |t| t.partitions().len() as i32))
+}
+
+/// Seconds from a record timestamp (ms since the epoch, e.g. its CreateTime) until now; 0 for one
+/// ahead of this clock. For the latency histograms of the stages and the gateway.
+pub fn age_secs(timestamp_ms: i64) -> f64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    (now.as_millis() as i64 - timestamp_ms).max(0) as f64 / 1000.0
+}
+
 /// The partition of `user` among `partitions`, exactly as Kafka producers with the murmur2
 /// partitioner (Java's default, librdkafka's `murmur2_random`) place a record keyed by it.
 pub fn partition_for(user: &str, partitions: i32) -> i32 {

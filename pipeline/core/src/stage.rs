@@ -124,10 +124,8 @@ async fn drive<P: Processor, C: ConsumerContext + 'static>(
             Next::Due(due) => processor.on_due(due).await,
             Next::Record(Ok(msg)) => {
                 metrics.records.increment(1);
-                if let (Some(created), Ok(now)) =
-                    (msg.timestamp().to_millis(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH))
-                {
-                    metrics.age.record((now.as_millis() as i64 - created).max(0) as f64 / 1000.0);
+                if let Some(created) = msg.timestamp().to_millis() {
+                    metrics.age.record(crate::kafka::age_secs(created));
                 }
                 processor.process(&msg).await
             }

@@ -378,10 +378,8 @@ async fn start(
         // gateways use (after partitions are added, restart templating with the gateways).
         let (client, topic) = (producer.clone(), output.clone());
         let count = tokio::task::spawn_blocking(move || {
-            let md =
-                rdkafka::producer::Producer::client(&client).fetch_metadata(Some(&topic), Duration::from_secs(10))?;
-            let t = md.topics().iter().find(|t| t.name() == topic).map(|t| t.partitions().len());
-            Ok::<_, rdkafka::error::KafkaError>(t.unwrap_or(0) as i32)
+            let client = rdkafka::producer::Producer::client(&client);
+            tidings_core::kafka::partition_count(client, &topic, Duration::from_secs(10))
         })
         .await
         .map_err(|e| StageError::Delivery(e.to_string()))??;

@@ -51,6 +51,11 @@ pub struct BenchArgs {
     /// nginx + nchan base URL for the nchan scenarios (compose/start-nchan.sh prints it).
     #[arg(long, env = "TIDINGS_BENCH_NCHAN_URL")]
     nchan: Option<String>,
+    /// Seconds of the same load, unmeasured, before ingest_latency measures (whole rounds of one
+    /// event per user, at least one): a freshly started broker JVM spends its first minute or so
+    /// compiling its hot paths on the cores the measurement shares. At most 5 on the mock cluster.
+    #[arg(long, default_value_t = 45)]
+    latency_warm_secs: u64,
     /// Users (one stream and one event each) in ingest_latency and nchan_fanout.
     #[arg(long, default_value_t = 2_000)]
     latency_users: usize,
@@ -423,8 +428,10 @@ struct RecordTimes {
 impl RecordTimes {
     fn start(brokers: &str, topics: &[&str]) -> anyhow::Result<RecordTimes> {
         let group = format!("tidings-bench-times-{}", uuid::Uuid::new_v4().simple());
-        let consumer: BaseConsumer =
-            KafkaConfig::new(brokers).consumer_with(&group, &[("fetch.wait.max.ms", "10")], &[]).create()?;
+        // It reads CreateTimes, not arrival times: large, slow fetches keep it off the broker's CPU.
+        let consumer: BaseConsumer = KafkaConfig::new(brokers)
+            .consumer_with(&group, &[("fetch.min.bytes", "1048576"), ("fetch.wait.max.ms", "200")], &[])
+            .create()?;
         let mut tpl = TopicPartitionList::new();
         for t in topics {
             let md = consumer.fetch_metadata(Some(t), Duration::from_secs(10))?;
@@ -562,8 +569,6 @@ fn campaign(id: &str, users: &[String], at_us: i64) -> String {
 }
 
 const PHASE_WARM: u8 = 10;
-/// Unmeasured rounds of the `ingest_latency` load before the measured one.
-const WARM_ROUNDS: usize = 5;
 const PHASE_LATENCY: u8 = 11;
 const PHASE_BROADCAST: u8 = 12;
 const PHASE_BROADCAST_WARM: u8 = 13;
@@ -578,31 +583,34 @@ async fn ingest_latency(
     users: &mut Users,
     n: usize,
     rate: usize,
+    warm: Duration,
     http: &reqwest::Client,
 ) -> anyhow::Result<Value> {
     let (orders, notifications) = (format!("{}orders", stack.prefix), format!("{}notifications", stack.prefix));
     let times = RecordTimes::start(&stack.brokers, &[&orders, &notifications])?;
     let ingest = format!("{}/v1/events/orders", stack.ingest);
     let connected = users.grow(n, Duration::from_secs(120)).await;
-    // The same load, unmeasured, for WARM_ROUNDS rounds first: connections, group assignments,
-    // schema look-ups and the broker's JIT (a freshly started JVM runs its first thousands of
-    // requests slowly: p99 55 ms after one round, 37 ms after five, in two runs here) are then
-    // warm, as in a service that has been running.
+    // The same load, unmeasured, for `warm` first (whole rounds): connections, group assignments,
+    // schema look-ups and the broker's JIT are then warm, as in a service that has been running.
+    // A freshly started JVM compiles its hot paths for about a minute, its C2 threads taking up to
+    // half a core here: a bare produce → consume hop at 2,000/s (`--example kafka_hop`, G1)
+    // had p99 44, 26, 9, 9, 5 ms in consecutive 10 s runs after the broker started.
     users.samples.phase.store(PHASE_WARM, Ordering::Relaxed);
-    let warm = uuid::Uuid::new_v4().simple().to_string();
-    let t = Instant::now();
-    let mut posts = Vec::with_capacity(WARM_ROUNDS * n);
-    for i in 0..WARM_ROUNDS * n {
-        posts.push(post(
-            http,
-            ingest.clone(),
-            order_paid(&format!("warm-{warm}-{i}"), &users.user(i % n), now_micros()),
-            0,
-        ));
-        pace(t, i, rate).await;
+    let warm_id = uuid::Uuid::new_v4().simple().to_string();
+    let mut rounds = 0;
+    let started = Instant::now();
+    while rounds == 0 || started.elapsed() < warm {
+        let t = Instant::now();
+        let mut posts = Vec::with_capacity(n);
+        for i in 0..n {
+            let event = format!("warm-{warm_id}-{rounds}-{i}");
+            posts.push(post(http, ingest.clone(), order_paid(&event, &users.user(i), now_micros()), 0));
+            pace(t, i, rate).await;
+        }
+        posted(posts).await;
+        rounds += 1;
     }
-    posted(posts).await;
-    let warmed_up = wait_samples(&users.samples, PHASE_WARM, WARM_ROUNDS * n, Duration::from_secs(60)).await;
+    let warmed_up = wait_samples(&users.samples, PHASE_WARM, rounds * n, Duration::from_secs(60)).await;
     users.samples.take(PHASE_WARM);
 
     users.samples.phase.store(PHASE_LATENCY, Ordering::Relaxed);
@@ -619,8 +627,8 @@ async fn ingest_latency(
     let complete = wait_samples(&users.samples, PHASE_LATENCY, n, Duration::from_secs(60)).await;
     let wall_secs = t.elapsed().as_secs_f64();
     // The timestamp consumer may trail the streams a little; it has seen the warm-up's records
-    // and the measured n of each topic when both counts reach (WARM_ROUNDS + 1) * n.
-    let all = (WARM_ROUNDS + 1) * n;
+    // and the measured n of each topic when both counts reach (rounds + 1) * n.
+    let all = (rounds + 1) * n;
     let deadline = Instant::now() + Duration::from_secs(10);
     while (times.count(&orders) < all || times.count(&notifications) < all) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -644,6 +652,7 @@ async fn ingest_latency(
     v["achieved_rate"] = json!(n as f64 / post_secs);
     v["posts"] = posts;
     v["warmed_up"] = json!(warmed_up);
+    v["warm_rounds"] = json!(rounds);
     v["complete"] = json!(complete);
     v["wall_secs"] = json!(wall_secs);
     v["hops_ms"] = json!({
@@ -945,6 +954,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                         &mut users,
                         args.latency_users,
                         args.latency_rate,
+                        Duration::from_secs(args.latency_warm_secs),
                         &http,
                     )
                     .await;
@@ -967,7 +977,18 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let v = async {
             let mut stack = Stack::start(&bin, root.path(), "all-embedded", &topology, None, None, &http).await?;
             let mut users = Users::new(&stack.url, "e");
-            let v = ingest_latency(name, &stack, &mut users, args.latency_users, args.latency_rate, &http).await;
+            let v = ingest_latency(
+                name,
+                &stack,
+                &mut users,
+                args.latency_users,
+                args.latency_rate,
+                // No JVM to warm up, and the in-memory mock cluster got slower with more records
+                // in it: after 45 s of warm-up p50 24 / p99 77 ms, against 11 / 16 ms after 5 s.
+                Duration::from_secs(args.latency_warm_secs.min(5)),
+                &http,
+            )
+            .await;
             users.close().await;
             stack.proc.shutdown().await;
             v.map(|mut v| {

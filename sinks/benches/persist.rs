@@ -1,6 +1,7 @@
 //! Persistence throughput: rows/s of `Store::write_batch` into PostgreSQL beside a raw `\copy` of
 //! the same rows through `psql`, on the same server in the same run, so the ratio says how much the
 //! staging + de-duplicating insert + offsets cost over the fastest bulk load PostgreSQL offers.
+//! Then the same batches into a fresh SQLite file (the embedded default), timed the same way.
 //! Prints one JSON line. Env: BENCH_ROWS (default 500000), BENCH_BATCH (default 20000).
 
 use std::io::Write;
@@ -169,23 +170,28 @@ fn write_csv(path: &Path, rows: u64) -> Result<(), BoxError> {
 }
 
 async fn exec(store: &Store, sql: &str) -> Result<(), BoxError> {
-    let Store::Postgres(pool) = store else {
-        return Err("the persistence bench needs PostgreSQL".into());
-    };
-    sqlx::raw_sql(sql).execute(pool).await?;
+    match store {
+        Store::Postgres(pool) => sqlx::raw_sql(sql).execute(pool).await.map(drop)?,
+        Store::Sqlite(pool) => sqlx::raw_sql(sql).execute(pool).await.map(drop)?,
+    }
     Ok(())
 }
 
 async fn count(store: &Store, table: &str) -> Result<i64, BoxError> {
-    let Store::Postgres(pool) = store else {
-        return Err("the persistence bench needs PostgreSQL".into());
-    };
-    Ok(sqlx::query_scalar(&format!("SELECT count(*) FROM {table}")).fetch_one(pool).await?)
+    let sql = format!("SELECT count(*) FROM {table}");
+    Ok(match store {
+        Store::Postgres(pool) => sqlx::query_scalar(&sql).fetch_one(pool).await?,
+        Store::Sqlite(pool) => sqlx::query_scalar(&sql).fetch_one(pool).await?,
+    })
 }
 
-/// Every batch through `write_batch`; only the writes are timed (row generation is not).
+/// Every batch through `write_batch` into empty tables; only the writes are timed (row
+/// generation is not).
 async fn run_tidings(store: &Store, rows: u64, batch_size: u64) -> Result<Duration, BoxError> {
-    exec(store, "TRUNCATE notifications; TRUNCATE sink_offsets; CHECKPOINT").await?;
+    match store {
+        Store::Postgres(_) => exec(store, "TRUNCATE notifications; TRUNCATE sink_offsets; CHECKPOINT").await?,
+        Store::Sqlite(_) => exec(store, "DELETE FROM notifications; DELETE FROM sink_offsets").await?,
+    }
     let mut spent = Duration::ZERO;
     let mut inserted = 0u64;
     let mut start = 0;
@@ -247,6 +253,10 @@ async fn bench() -> Result<serde_json::Value, BoxError> {
             best_psql = best_psql.min(run_psql(&store, &url, &csv, rows).await?);
             best_tidings = best_tidings.min(run_tidings(&store, rows, batch_size).await?);
         }
+        let sqlite_dir = tempfile::tempdir()?;
+        let sqlite_url = format!("sqlite://{}", sqlite_dir.path().join("bench.db").display());
+        let sqlite = Store::connect(&sqlite_url).await?;
+        let sqlite_spent = run_tidings(&sqlite, rows, batch_size).await?;
         let per_s = |d: Duration| rows as f64 / d.as_secs_f64();
         let (tidings, psql) = (per_s(best_tidings), per_s(best_psql));
         Ok::<_, BoxError>(serde_json::json!({
@@ -258,6 +268,7 @@ async fn bench() -> Result<serde_json::Value, BoxError> {
             "ratio": (tidings / psql * 1000.0).round() / 1000.0,
             "backend": store.backend(),
             "runs": RUNS,
+            "sqlite_rows_per_s": per_s(sqlite_spent).round(),
         }))
     }
     .await;

@@ -29,6 +29,15 @@ pub async fn connect(url: &str) -> Result<SqlitePool, StoreError> {
         .journal_mode(SqliteJournalMode::Wal)
         // FULL: a committed batch (rows + offsets) survives power loss, which exactly-once relies on.
         .synchronous(SqliteSynchronous::Full)
+        // Each multi-row INSERT keeps a statement journal of the pages it touches; on the default
+        // temp_store it spills past 64 KiB into a temp file, and those pwrite calls were over a
+        // third of SQLite's CPU during the broadcast benchmark (perf). In memory it is a few MiB.
+        .pragma("temp_store", "memory")
+        // A 32 MiB page cache (default 2 MiB, allocated as used): random notification ids touch
+        // pages all over the indexes, and a small cache spills them to the WAL mid-batch.
+        // `bash .ci/bench persist`, SQLite rows/s: 36-46k before these two, 58-64k with the
+        // journal in memory, 70-71k with this too (78-80k with 64 MiB).
+        .pragma("cache_size", "-32768")
         .busy_timeout(Duration::from_secs(10));
     let pool = SqlitePoolOptions::new().max_connections(4).connect_with(opts).await?;
     MIGRATOR.run(&pool).await?;

@@ -1,5 +1,6 @@
-//! One bare Kafka hop, no tidings in between: produce at a fixed rate, consume in the same process,
-//! print one JSON line with produce() → consumer latency. The floor under every hop of the pipeline:
+//! One bare Kafka hop, no tidings in between: produce at a fixed rate with tidings' producer
+//! settings, consume in the same process, print one JSON line with produce() → consumer latency.
+//! The floor under every hop of the pipeline:
 //! `cargo run --release -p tidings-loadgen --example kafka_hop -- --brokers 127.0.0.1:9092`.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -10,7 +11,9 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-use rdkafka::{ClientConfig, Message};
+use rdkafka::Message;
+use tidings_core::kafka::KafkaConfig;
+use tidings_loadgen::percentiles;
 
 #[derive(Parser)]
 struct Args {
@@ -25,35 +28,26 @@ struct Args {
     /// Partitions of the (new) topic.
     #[arg(long, default_value_t = 12)]
     partitions: i32,
-    /// The producer's linger.ms.
-    #[arg(long, default_value = "1")]
-    linger_ms: String,
+    /// The producer's linger.ms (tidings' default if not given).
+    #[arg(long)]
+    linger_ms: Option<String>,
 }
 
 fn now_us() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
 }
 
-fn client(brokers: &str) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", brokers).set("socket.nagle.disable", "true");
-    c
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let topic = format!("kafka-hop-{}", uuid::Uuid::new_v4().simple());
-    let admin: AdminClient<DefaultClientContext> = client(&args.brokers).create()?;
+    let kafka = KafkaConfig::new(&args.brokers);
+    let admin: AdminClient<DefaultClientContext> = kafka.admin().create()?;
     let new = NewTopic::new(&topic, args.partitions, TopicReplication::Fixed(1));
     for r in admin.create_topics(&[new], &AdminOptions::new()).await? {
         r.map_err(|(t, e)| anyhow::anyhow!("creating {t}: {e}"))?;
     }
-    let consumer: BaseConsumer = client(&args.brokers)
-        .set("group.id", &topic)
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        .create()?;
+    let consumer: BaseConsumer = kafka.consumer(&topic).create()?;
     consumer.subscribe(&[&topic])?;
     let joined = Instant::now() + Duration::from_secs(30);
     while consumer.assignment()?.count() == 0 {
@@ -62,11 +56,8 @@ async fn main() -> anyhow::Result<()> {
         }
         consumer.poll(Duration::from_millis(50));
     }
-    let producer: BaseProducer = client(&args.brokers)
-        .set("linger.ms", &args.linger_ms)
-        .set("acks", "all")
-        .set("enable.idempotence", "true")
-        .create()?;
+    let linger: Vec<(&str, &str)> = args.linger_ms.as_deref().map(|l| ("linger.ms", l)).into_iter().collect();
+    let producer: BaseProducer = kafka.producer_with(&linger).create()?;
     let (rate, n, t) = (args.rate, args.records, topic.clone());
     let sender = std::thread::spawn(move || -> anyhow::Result<()> {
         let start = Instant::now();
@@ -82,27 +73,25 @@ async fn main() -> anyhow::Result<()> {
         producer.flush(Duration::from_secs(30))?;
         Ok(())
     });
-    let mut ms = Vec::with_capacity(n);
+    let mut us = Vec::with_capacity(n);
     let deadline = Instant::now() + Duration::from_secs(n as u64 / rate + 30);
-    while ms.len() < n && Instant::now() < deadline {
+    while us.len() < n && Instant::now() < deadline {
         if let Some(m) = consumer.poll(Duration::from_millis(100)) {
             let sent: i64 = std::str::from_utf8(m?.payload().unwrap_or_default())?.parse().context("payload")?;
-            ms.push((now_us() - sent) as f64 / 1000.0);
+            us.push(now_us() - sent);
         }
     }
     sender.join().map_err(|_| anyhow::anyhow!("the producer thread panicked"))??;
-    let received = ms.len();
-    let mut counted = ms.split_off(n / 4);
+    let received = us.len();
+    let counted = us.split_off(n / 4);
     if counted.is_empty() {
         bail!("received {received} of {n}");
     }
-    counted.sort_by(f64::total_cmp);
-    let q = |f: f64| counted[((counted.len() as f64 * f) as usize).min(counted.len() - 1)];
     println!(
         "{}",
         serde_json::json!({
             "scenario": "kafka_hop", "rate": rate, "linger_ms": args.linger_ms, "sent": n, "received": received,
-            "latency_ms": {"p50": q(0.5), "p99": q(0.99), "max": q(1.0)},
+            "latency_ms": percentiles(counted),
         })
     );
     Ok(())

@@ -20,7 +20,7 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use serde_json::{json, Value};
 use tidings_core::kafka::KafkaConfig;
 use tidings_core::{FramedEncoder, Notification, RegistryClient};
-use tidings_loadgen::{Seen, Totals};
+use tidings_loadgen::{percentiles, Seen, Totals};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -328,18 +328,6 @@ impl Samples {
 }
 
 /// p50 / p99 / p99.9 / max in ms of values in µs (NaN, printed as null, when there are none).
-fn percentiles(mut v: Vec<i64>) -> Value {
-    v.sort_unstable();
-    let pct = |q: f64| -> f64 {
-        if v.is_empty() {
-            return f64::NAN;
-        }
-        let i = ((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1;
-        v[i] as f64 / 1000.0
-    };
-    json!({ "p50": pct(0.50), "p99": pct(0.99), "p999": pct(0.999), "max": pct(1.0) })
-}
-
 async fn wait_samples(samples: &Samples, phase: u8, want: usize, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     while samples.count(phase) < want {
@@ -594,7 +582,7 @@ async fn ingest_latency(
     // schema look-ups and the broker's JIT are then warm, as in a service that has been running.
     // A freshly started JVM compiles its hot paths for about a minute, its C2 threads taking up to
     // half a core here: a bare produce → consume hop at 2,000/s (`--example kafka_hop`, G1)
-    // had p99 44, 26, 9, 9, 5 ms in consecutive 10 s runs after the broker started.
+    // had p99 55, 31, 6, 6, 5, 5, 7 ms in seven consecutive 10 s runs after the broker started.
     users.samples.phase.store(PHASE_WARM, Ordering::Relaxed);
     let warm_id = uuid::Uuid::new_v4().simple().to_string();
     let mut rounds = 0;

@@ -12,6 +12,19 @@ use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
+/// p50 / p99 / p999 / max in milliseconds of latencies in microseconds (NaN when there are none).
+pub fn percentiles(mut v: Vec<i64>) -> serde_json::Value {
+    v.sort_unstable();
+    let pct = |q: f64| -> f64 {
+        if v.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1;
+        v[i] as f64 / 1000.0
+    };
+    serde_json::json!({ "p50": pct(0.50), "p99": pct(0.99), "p999": pct(0.999), "max": pct(1.0) })
+}
+
 /// What one client saw.
 #[derive(Debug, Default, Clone)]
 pub struct Seen {

@@ -24,8 +24,9 @@ use tidings_loadgen::{Client, Seen, Totals};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::{now_micros, percentiles, up_args, wait_ready, Proc};
+use super::{now_micros, up_args, wait_ready, Proc};
 use crate::user_id;
+use tidings_loadgen::percentiles;
 
 /// The chat scenarios' settings (flags of `bench`).
 pub struct ChatOpts {

@@ -62,6 +62,11 @@ pub struct BenchArgs {
     /// Events per second POSTed in ingest_latency and nchan_fanout.
     #[arg(long, default_value_t = 2_000)]
     latency_rate: usize,
+    /// Measured rounds (one event per user each, back to back at the rate) in ingest_latency and
+    /// nchan_fanout: the p99 of one round is its 20th-slowest event, so one stall anywhere on the
+    /// box decided it; five rounds are 10,000 events over 5 s, and each round's p99 is printed too.
+    #[arg(long, default_value_t = 5)]
+    latency_rounds: usize,
     /// Connected users, each in every campaign's audience, in broadcast and nchan_broadcast.
     #[arg(long, default_value_t = 10_000)]
     broadcast_users: usize,
@@ -327,7 +332,18 @@ impl Samples {
     }
 }
 
-/// p50 / p99 / p99.9 / max in ms of values in µs (NaN, printed as null, when there are none).
+/// The p99 (ms) of each measured round's latencies; `round` tells an arrival's round.
+fn round_p99s(arrivals: &[Arrival], rounds: usize, round: impl Fn(&Arrival) -> Option<usize>) -> Value {
+    let mut per: Vec<Vec<i64>> = vec![Vec::new(); rounds];
+    for a in arrivals {
+        if let Some(r) = round(a).filter(|r| *r < rounds) {
+            per[r].push(a.received_us - a.occurred_us);
+        }
+    }
+    json!(per.into_iter().map(|l| percentiles(l)["p99"].clone()).collect::<Vec<_>>())
+}
+
+/// Waits until `want` arrivals of `phase` came (or `timeout`); answers whether they did.
 async fn wait_samples(samples: &Samples, phase: u8, want: usize, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     while samples.count(phase) < want {
@@ -561,6 +577,15 @@ const PHASE_LATENCY: u8 = 11;
 const PHASE_BROADCAST: u8 = 12;
 const PHASE_BROADCAST_WARM: u8 = 13;
 
+/// The load of `ingest_latency`: `users` streams, `rate` events/s, `warm` unmeasured first, then
+/// `rounds` measured rounds of one event per user.
+struct LatencyLoad {
+    users: usize,
+    rate: usize,
+    warm: Duration,
+    rounds: usize,
+}
+
 /// `ingest_latency`: one OrderPaid per user at `rate`/s to `POST /v1/events/orders`; per user the
 /// time from just before its POST to its notification on its stream, split into hops by the
 /// CreateTime of its `orders` record (ingest produced it) and its `notifications` record
@@ -569,11 +594,11 @@ async fn ingest_latency(
     name: &str,
     stack: &Stack,
     users: &mut Users,
-    n: usize,
-    rate: usize,
-    warm: Duration,
+    load: LatencyLoad,
     http: &reqwest::Client,
 ) -> anyhow::Result<Value> {
+    let LatencyLoad { users: n, rate, warm, rounds: measured_rounds } = load;
+    let measured_rounds = measured_rounds.max(1);
     let (orders, notifications) = (format!("{}orders", stack.prefix), format!("{}notifications", stack.prefix));
     let times = RecordTimes::start(&stack.brokers, &[&orders, &notifications])?;
     let ingest = format!("{}/v1/events/orders", stack.ingest);
@@ -603,30 +628,35 @@ async fn ingest_latency(
 
     users.samples.phase.store(PHASE_LATENCY, Ordering::Relaxed);
     let t = Instant::now();
-    let mut posts = Vec::with_capacity(n);
-    for i in 0..n {
-        let user = users.user(i);
+    let mut posts = Vec::with_capacity(n * measured_rounds);
+    for k in 0..n * measured_rounds {
+        let (round, user) = (k / n, users.user(k % n));
         let at = now_micros();
-        posts.push(post(http, ingest.clone(), order_paid(&format!("lat-{user}"), &user, at), at));
-        pace(t, i, rate).await;
+        posts.push(post(http, ingest.clone(), order_paid(&format!("lat-{round}-{user}"), &user, at), at));
+        pace(t, k, rate).await;
     }
     let post_secs = t.elapsed().as_secs_f64();
     let posts = posted(posts).await;
-    let complete = wait_samples(&users.samples, PHASE_LATENCY, n, Duration::from_secs(60)).await;
+    let expected = n * measured_rounds;
+    let complete = wait_samples(&users.samples, PHASE_LATENCY, expected, Duration::from_secs(60)).await;
     let wall_secs = t.elapsed().as_secs_f64();
     // The timestamp consumer may trail the streams a little; it has seen the warm-up's records
-    // and the measured n of each topic when both counts reach (rounds + 1) * n.
-    let all = (rounds + 1) * n;
+    // and the measured ones of each topic when both counts reach (rounds + measured_rounds) * n.
+    let all = (rounds + measured_rounds) * n;
     let deadline = Instant::now() + Duration::from_secs(10);
     while (times.count(&orders) < all || times.count(&notifications) < all) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let mut v = users.samples.summary(PHASE_LATENCY);
+    let arrivals = users.samples.take(PHASE_LATENCY);
+    v["round_p99_ms"] = round_p99s(&arrivals, measured_rounds, |a| {
+        a.source_event_id.strip_prefix("lat-")?.split_once('-')?.0.parse().ok()
+    });
     let (mut produce, mut templating, mut delivery) = (Vec::new(), Vec::new(), Vec::new());
-    for a in users.samples.take(PHASE_LATENCY) {
-        let Some(user) = a.source_event_id.strip_prefix("lat-") else { continue };
-        // Each user's warm-up notification came first on its partition, so it was overwritten.
-        let (Some(o), Some(nt)) = (times.get(&orders, &a.source_event_id), times.get(&notifications, user)) else {
+    for a in arrivals {
+        // A user's notification records are keyed alike; its stream position tells them apart.
+        let (Some(o), Some(nt)) = (times.get(&orders, &a.source_event_id), times.get(&notifications, &a.position))
+        else {
             continue;
         };
         produce.push(o * 1000 - a.occurred_us);
@@ -637,7 +667,9 @@ async fn ingest_latency(
     v["users"] = json!(n);
     v["connected"] = json!(connected);
     v["target_rate"] = json!(rate);
-    v["achieved_rate"] = json!(n as f64 / post_secs);
+    v["measured_rounds"] = json!(measured_rounds);
+    v["expected"] = json!(expected);
+    v["achieved_rate"] = json!(expected as f64 / post_secs);
     v["posts"] = posts;
     v["warmed_up"] = json!(warmed_up);
     v["warm_rounds"] = json!(rounds);
@@ -788,12 +820,15 @@ async fn nchan_subscribe(
 
 /// An nchan scenario: subscribers on `subscribe` (one each), then one message per entry of
 /// `publish` at `rate`/s by `POST /pub/<channel>`; latency from just before each POST to each
-/// receipt, until `expected` receipts arrived.
+/// receipt, until `expected` receipts arrived. `publish` is `rounds` equal rounds (each one's p99
+/// is printed too).
+#[allow(clippy::too_many_arguments)]
 async fn nchan_run(
     name: &str,
     base: &str,
     subscribe: &[String],
     publish: &[String],
+    rounds: usize,
     rate: usize,
     expected: usize,
     http: &reqwest::Client,
@@ -820,6 +855,12 @@ async fn nchan_run(
     let posts = posted(posts).await;
     let complete = wait_samples(&samples, 1, expected, Duration::from_secs(120)).await;
     let mut v = samples.summary(1);
+    let per_round = (publish.len() / rounds.max(1)).max(1);
+    let prefix = format!("{name}-");
+    v["round_p99_ms"] = round_p99s(&samples.take(1), rounds.max(1), |a| {
+        Some(a.source_event_id.strip_prefix(&prefix)?.parse::<usize>().ok()? / per_round)
+    });
+    v["measured_rounds"] = json!(rounds);
     v["scenario"] = json!(name);
     v["subscribers"] = json!(subscribe.len());
     v["connected"] = json!(connected);
@@ -940,9 +981,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                         "ingest_latency",
                         &stack,
                         &mut users,
-                        args.latency_users,
-                        args.latency_rate,
-                        Duration::from_secs(args.latency_warm_secs),
+                        LatencyLoad {
+                            users: args.latency_users,
+                            rate: args.latency_rate,
+                            warm: Duration::from_secs(args.latency_warm_secs),
+                            rounds: args.latency_rounds,
+                        },
                         &http,
                     )
                     .await;
@@ -969,11 +1013,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 name,
                 &stack,
                 &mut users,
-                args.latency_users,
-                args.latency_rate,
-                // No JVM to warm up, and the in-memory mock cluster got slower with more records
-                // in it: after 45 s of warm-up p50 24 / p99 77 ms, against 11 / 16 ms after 5 s.
-                Duration::from_secs(args.latency_warm_secs.min(5)),
+                LatencyLoad {
+                    users: args.latency_users,
+                    rate: args.latency_rate,
+                    // No JVM to warm up, and the in-memory mock cluster got slower with more
+                    // records in it: after 45 s of warm-up p50 24 / p99 77 ms, against 11 / 16 ms
+                    // after 5 s.
+                    warm: Duration::from_secs(args.latency_warm_secs.min(5)),
+                    rounds: args.latency_rounds,
+                },
                 &http,
             )
             .await;
@@ -1000,13 +1048,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let base = base.trim_end_matches('/');
         let v = if fanout {
             let channels: Vec<String> = (0..args.latency_users).map(|i| user_id("n", i)).collect();
-            nchan_run(name, base, &channels, &channels, args.latency_rate, channels.len(), &http).await
+            let rounds = args.latency_rounds.max(1);
+            let publish: Vec<String> = (0..rounds).flat_map(|_| channels.iter().cloned()).collect();
+            nchan_run(name, base, &channels, &publish, rounds, args.latency_rate, publish.len(), &http).await
         } else {
             let channel = format!("all{}", uuid::Uuid::new_v4().simple());
             let subscribe = vec![channel.clone(); args.broadcast_users];
             let publish = vec![channel; args.campaigns];
-            nchan_run(name, base, &subscribe, &publish, args.campaign_rate, subscribe.len() * publish.len(), &http)
-                .await
+            let expected = subscribe.len() * publish.len();
+            nchan_run(name, base, &subscribe, &publish, 1, args.campaign_rate, expected, &http).await
         };
         report(&mut results, name, Ok(v));
     }

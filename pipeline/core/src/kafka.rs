@@ -38,7 +38,7 @@ pub const PINNED: &[(&str, &str)] = &[
 pub struct KafkaOptsError(pub Vec<String>);
 
 /// Where the brokers are, how to reach them and any extra librdkafka settings.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct KafkaConfig {
     /// `host:port,...`
     pub brokers: String,
@@ -48,6 +48,17 @@ pub struct KafkaConfig {
     /// The operator's librdkafka properties (`--kafka-opt k=v`, security flags): applied after
     /// every default, so they win; keys in [`PINNED`] are refused by [`KafkaConfig::with_opts`].
     pub extra: Vec<(String, String)>,
+}
+
+/// The operator's values stay out: `extra` holds SASL passwords.
+impl std::fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("tuned", &self.tuned)
+            .field("extra_keys", &self.extra.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
 }
 
 impl KafkaConfig {
@@ -296,6 +307,14 @@ mod tests {
 
     fn opts(kv: &[(&str, &str)]) -> Vec<(String, String)> {
         kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn debug_names_the_operators_keys_but_not_their_values() {
+        let k = KafkaConfig::with_opts("b:9092", opts(&[("sasl.password", "hunter2"), ("linger.ms", "3")])).unwrap();
+        let shown = format!("{k:?}");
+        assert!(shown.contains("sasl.password") && shown.contains("b:9092"), "{shown}");
+        assert!(!shown.contains("hunter2"), "{shown}");
     }
 
     #[test]

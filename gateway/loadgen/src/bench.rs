@@ -76,6 +76,11 @@ pub struct BenchArgs {
     /// Campaigns per second.
     #[arg(long, default_value_t = 10)]
     campaign_rate: usize,
+    /// Measured bursts of `campaigns` in broadcast and nchan_broadcast, each after the previous
+    /// one arrived and a pause (BURST_PAUSE): one burst's p99 is one sample of a noisy box (nchan
+    /// alone measured 222-1160 ms here); each burst's p99 is printed too.
+    #[arg(long, default_value_t = 3)]
+    broadcast_rounds: usize,
     /// Idle connections held by one gateway process (stay under its 20,000 open files).
     #[arg(long, default_value_t = 19_000)]
     idle: usize,
@@ -688,6 +693,10 @@ async fn ingest_latency(
     Ok(v)
 }
 
+/// Between broadcast bursts: the store writes a burst's 100,000 inbox rows after it arrived (its
+/// batches linger 1 s; about 1.4 s of SQLite), which would otherwise land in the next burst.
+const BURST_PAUSE: Duration = Duration::from_secs(3);
+
 /// `broadcast`: `campaigns` CampaignLaunched at `rate`/s, each with all `n` users as its inline
 /// audience (10,000 ids are about 110 KB, under ingest's 1 MiB body limit); latency from just
 /// before each POST to each user's receipt, over every receipt.
@@ -696,18 +705,19 @@ async fn broadcast(
     users: &mut Users,
     n: usize,
     campaigns: usize,
-    rate: usize,
+    (rate, rounds): (usize, usize),
     http: &reqwest::Client,
 ) -> anyhow::Result<Value> {
+    let rounds = rounds.max(1);
     let (coupons, notifications) = (format!("{}coupons", stack.prefix), format!("{}notifications", stack.prefix));
     let times = RecordTimes::start(&stack.brokers, &[&coupons, &notifications])?;
     let connected = users.grow(n, Duration::from_secs(300)).await;
     let audience: Vec<String> = (0..n).map(|i| users.user(i)).collect();
     let run = uuid::Uuid::new_v4().simple().to_string();
-    let expected = n * campaigns;
-    let send_all = |round: &str| {
+    let per_round = n * campaigns;
+    let send_all = |round: String| {
         let t = Instant::now();
-        let (audience, run, round) = (&audience, &run, round.to_string());
+        let (audience, run) = (&audience, &run);
         async move {
             let mut posts = Vec::with_capacity(campaigns);
             for k in 0..campaigns {
@@ -716,25 +726,39 @@ async fn broadcast(
                 posts.push(post(http, format!("{}/v1/events/coupons", stack.ingest), body, at));
                 pace(t, k, rate).await;
             }
-            posted(posts).await
+            posts
         }
     };
     // One unmeasured round first, for the same reason as in `ingest_latency` (a cold broker JIT
     // compiles through the first seconds of load: seen here as 17% of all CPU samples).
     users.samples.phase.store(PHASE_BROADCAST_WARM, Ordering::Relaxed);
-    send_all("warm").await;
-    let warmed_up = wait_samples(&users.samples, PHASE_BROADCAST_WARM, expected, Duration::from_secs(120)).await;
+    posted(send_all("warm".into()).await).await;
+    let warmed_up = wait_samples(&users.samples, PHASE_BROADCAST_WARM, per_round, Duration::from_secs(120)).await;
+    tokio::time::sleep(BURST_PAUSE).await;
     users.samples.take(PHASE_BROADCAST_WARM);
     users.samples.phase.store(PHASE_BROADCAST, Ordering::Relaxed);
-    let t = Instant::now();
-    let posts = send_all("measured").await;
-    let complete = wait_samples(&users.samples, PHASE_BROADCAST, expected, Duration::from_secs(120)).await;
-    let wall_secs = t.elapsed().as_secs_f64();
+    let (mut posts, mut complete, mut wall_secs) = (Vec::new(), true, Vec::new());
+    for r in 0..rounds {
+        if r > 0 {
+            tokio::time::sleep(BURST_PAUSE).await;
+        }
+        let t = Instant::now();
+        posts.extend(send_all(format!("m{r}")).await);
+        let want = (r + 1) * per_round;
+        complete &= wait_samples(&users.samples, PHASE_BROADCAST, want, Duration::from_secs(120)).await;
+        wall_secs.push(t.elapsed().as_secs_f64());
+    }
+    let posts = posted(posts).await;
+    let expected = rounds * per_round;
     let mut v = users.samples.summary(PHASE_BROADCAST);
     // Per hop, from the records' CreateTimes (the timestamp consumer may trail a little).
     tokio::time::sleep(Duration::from_millis(500)).await;
+    let arrivals = users.samples.take(PHASE_BROADCAST);
+    let in_round = format!("bench-bcast-{run}-m");
+    v["round_p99_ms"] =
+        round_p99s(&arrivals, rounds, |a| a.source_event_id.strip_prefix(&in_round)?.split_once('-')?.0.parse().ok());
     let (mut produce, mut templating, mut delivery) = (Vec::new(), Vec::new(), Vec::new());
-    for a in users.samples.take(PHASE_BROADCAST) {
+    for a in arrivals {
         let (Some(c), Some(nt)) = (times.get(&coupons, &a.source_event_id), times.get(&notifications, &a.position))
         else {
             continue;
@@ -755,6 +779,7 @@ async fn broadcast(
     v["connected"] = json!(connected);
     v["campaigns"] = json!(campaigns);
     v["campaign_rate"] = json!(rate);
+    v["measured_rounds"] = json!(rounds);
     v["expected"] = json!(expected);
     v["posts"] = posts;
     v["warmed_up"] = json!(warmed_up);
@@ -821,18 +846,20 @@ async fn nchan_subscribe(
 /// An nchan scenario: subscribers on `subscribe` (one each), then one message per entry of
 /// `publish` at `rate`/s by `POST /pub/<channel>`; latency from just before each POST to each
 /// receipt, until `expected` receipts arrived. `publish` is `rounds` equal rounds (each one's p99
-/// is printed too).
+/// is printed too), published back to back or, with `pause`, each after the previous one arrived
+/// and the pause (as `broadcast` does).
 #[allow(clippy::too_many_arguments)]
 async fn nchan_run(
     name: &str,
     base: &str,
     subscribe: &[String],
     publish: &[String],
-    rounds: usize,
+    (rounds, pause): (usize, Option<Duration>),
     rate: usize,
     expected: usize,
     http: &reqwest::Client,
 ) -> Value {
+    let rounds = rounds.max(1);
     let (stop, totals, samples) = (CancellationToken::new(), Arc::<Totals>::default(), Arc::<Samples>::default());
     let subs = nchan_subscribe(base, subscribe, &stop, &totals, &samples).await;
     let connected = wait_connected(&totals, subscribe.len(), Duration::from_secs(300)).await;
@@ -840,24 +867,32 @@ async fn nchan_run(
     // finish registering subscriptions with the worker that owns each channel.
     tokio::time::sleep(Duration::from_secs(1)).await;
     samples.phase.store(1, Ordering::Relaxed);
+    let per_round = (publish.len() / rounds).max(1);
     let t = Instant::now();
+    let (mut round_start, mut sending) = (t, Duration::ZERO);
     let mut posts = Vec::with_capacity(publish.len());
     for (k, ch) in publish.iter().enumerate() {
+        if let Some(pause) = pause.filter(|_| k > 0 && k % per_round == 0) {
+            sending += round_start.elapsed();
+            wait_samples(&samples, 1, k / per_round * (expected / rounds), Duration::from_secs(120)).await;
+            tokio::time::sleep(pause).await;
+            round_start = Instant::now();
+        }
+        let slot = if pause.is_some() { k % per_round } else { k };
         let at = now_micros();
         let occurred = chrono::DateTime::from_timestamp_micros(at)
             .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
             .unwrap_or_default();
         let body = json!({"occurred_at": occurred, "source_event_id": format!("{name}-{k}")}).to_string();
         posts.push(post(http, format!("{base}/pub/{ch}"), body, at));
-        pace(t, k, rate).await;
+        pace(round_start, slot, rate).await;
     }
-    let post_secs = t.elapsed().as_secs_f64();
+    let post_secs = (sending + round_start.elapsed()).as_secs_f64();
     let posts = posted(posts).await;
     let complete = wait_samples(&samples, 1, expected, Duration::from_secs(120)).await;
     let mut v = samples.summary(1);
-    let per_round = (publish.len() / rounds.max(1)).max(1);
     let prefix = format!("{name}-");
-    v["round_p99_ms"] = round_p99s(&samples.take(1), rounds.max(1), |a| {
+    v["round_p99_ms"] = round_p99s(&samples.take(1), rounds, |a| {
         Some(a.source_event_id.strip_prefix(&prefix)?.parse::<usize>().ok()? / per_round)
     });
     v["measured_rounds"] = json!(rounds);
@@ -993,9 +1028,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                     report(&mut results, "ingest_latency", v);
                 }
                 if run("broadcast") {
-                    let v =
-                        broadcast(&stack, &mut users, args.broadcast_users, args.campaigns, args.campaign_rate, &http)
-                            .await;
+                    let v = broadcast(
+                        &stack,
+                        &mut users,
+                        args.broadcast_users,
+                        args.campaigns,
+                        (args.campaign_rate, args.broadcast_rounds),
+                        &http,
+                    )
+                    .await;
                     report(&mut results, "broadcast", v);
                 }
                 users.close().await;
@@ -1050,13 +1091,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             let channels: Vec<String> = (0..args.latency_users).map(|i| user_id("n", i)).collect();
             let rounds = args.latency_rounds.max(1);
             let publish: Vec<String> = (0..rounds).flat_map(|_| channels.iter().cloned()).collect();
-            nchan_run(name, base, &channels, &publish, rounds, args.latency_rate, publish.len(), &http).await
+            nchan_run(name, base, &channels, &publish, (rounds, None), args.latency_rate, publish.len(), &http).await
         } else {
             let channel = format!("all{}", uuid::Uuid::new_v4().simple());
             let subscribe = vec![channel.clone(); args.broadcast_users];
-            let publish = vec![channel; args.campaigns];
+            let rounds = args.broadcast_rounds.max(1);
+            let publish = vec![channel; args.campaigns * rounds];
             let expected = subscribe.len() * publish.len();
-            nchan_run(name, base, &subscribe, &publish, 1, args.campaign_rate, expected, &http).await
+            let shape = (rounds, Some(BURST_PAUSE));
+            nchan_run(name, base, &subscribe, &publish, shape, args.campaign_rate, expected, &http).await
         };
         report(&mut results, name, Ok(v));
     }

@@ -127,7 +127,7 @@ LOG4J
 # Shenandoah where the JVM has it (Debian's OpenJDK does), else G1. The broker allocates about
 # 100 MB/s at 2,000 records/s; G1 (512 MiB heap, 20 ms pause goal) stopped it for 14-18 ms every
 # ~3 s (-Xlog:gc), which is the p99 of a notification crossing two topics; Shenandoah's pauses are
-# well under 1 ms. `bash .ci/bench-sse --scenarios ingest_latency`, p99: 14.5-18.0 ms in four runs
+# well under 1 ms. `bash .ci/bench-sse --scenarios ingest_latency` (then one round), p99: 14.5-18.0 ms in four runs
 # with G1; 8.6-53.5 ms (median about 10) in eight with Shenandoah, five of them 8.6-10.2.
 default_gc="-XX:+UseG1GC -XX:MaxGCPauseMillis=20"
 if java -XX:+UseShenandoahGC -version >/dev/null 2>&1; then default_gc="-XX:+UseShenandoahGC"; fi

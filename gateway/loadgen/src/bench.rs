@@ -611,8 +611,8 @@ async fn ingest_latency(
     // The same load, unmeasured, for `warm` first (whole rounds): connections, group assignments,
     // schema look-ups and the broker's JIT are then warm, as in a service that has been running.
     // A freshly started JVM compiles its hot paths for about a minute, its C2 threads taking up to
-    // half a core here: a bare produce → consume hop at 2,000/s (`--example kafka_hop`, G1)
-    // had p99 55, 31, 6, 6, 5, 5, 7 ms in seven consecutive 10 s runs after the broker started.
+    // half a core here: a bare produce → consume hop at 2,000/s (`--example kafka_hop`,
+    // Shenandoah) had p99 10.4, 4.5, 2.5, 2.8, 2.6 ms in consecutive 10 s runs after a start.
     users.samples.phase.store(PHASE_WARM, Ordering::Relaxed);
     let warm_id = uuid::Uuid::new_v4().simple().to_string();
     let mut rounds = 0;

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -67,6 +67,11 @@ pub struct BenchArgs {
     /// box decided it; five rounds are 10,000 events over 5 s, and each round's p99 is printed too.
     #[arg(long, default_value_t = 5)]
     latency_rounds: usize,
+    /// Write each measured ingest_latency event to this CSV (POST, orders and notifications
+    /// CreateTime, receipt; µs since the epoch; `{scenario}` in the name becomes the scenario),
+    /// to line slow events up with what else the box did then.
+    #[arg(long)]
+    timeline: Option<PathBuf>,
     /// Connected users, each in every campaign's audience, in broadcast and nchan_broadcast.
     #[arg(long, default_value_t = 10_000)]
     broadcast_users: usize,
@@ -593,6 +598,7 @@ struct LatencyLoad {
     rate: usize,
     warm: Duration,
     rounds: usize,
+    timeline: Option<PathBuf>,
 }
 
 /// `ingest_latency`: one OrderPaid per user at `rate`/s to `POST /v1/events/orders`; per user the
@@ -606,7 +612,7 @@ async fn ingest_latency(
     load: LatencyLoad,
     http: &reqwest::Client,
 ) -> anyhow::Result<Value> {
-    let LatencyLoad { users: n, rate, warm, rounds: measured_rounds } = load;
+    let LatencyLoad { users: n, rate, warm, rounds: measured_rounds, timeline } = load;
     let measured_rounds = measured_rounds.max(1);
     let (orders, notifications) = (format!("{}orders", stack.prefix), format!("{}notifications", stack.prefix));
     let times = RecordTimes::start(&stack.brokers, &[&orders, &notifications])?;
@@ -636,6 +642,7 @@ async fn ingest_latency(
     users.samples.take(PHASE_WARM);
 
     users.samples.phase.store(PHASE_LATENCY, Ordering::Relaxed);
+    wakeups_late();
     let t = Instant::now();
     let mut posts = Vec::with_capacity(n * measured_rounds);
     for k in 0..n * measured_rounds {
@@ -648,6 +655,7 @@ async fn ingest_latency(
     let posts = posted(posts).await;
     let expected = n * measured_rounds;
     let complete = wait_samples(&users.samples, PHASE_LATENCY, expected, Duration::from_secs(60)).await;
+    let late = wakeups_late();
     let wall_secs = t.elapsed().as_secs_f64();
     // The timestamp consumer may trail the streams a little; it has seen the warm-up's records
     // and the measured ones of each topic when both counts reach (rounds + measured_rounds) * n.
@@ -662,15 +670,22 @@ async fn ingest_latency(
         a.source_event_id.strip_prefix("lat-")?.split_once('-')?.0.parse().ok()
     });
     let (mut produce, mut templating, mut delivery) = (Vec::new(), Vec::new(), Vec::new());
+    let mut lines = String::from("post_us,orders_record_us,notifications_record_us,received_us\n");
     for a in arrivals {
         // A user's notification records are keyed alike; its stream position tells them apart.
         let (Some(o), Some(nt)) = (times.get(&orders, &a.source_event_id), times.get(&notifications, &a.position))
         else {
             continue;
         };
+        lines.push_str(&format!("{},{},{},{}\n", a.occurred_us, o * 1000, nt * 1000, a.received_us));
         produce.push(o * 1000 - a.occurred_us);
         templating.push((nt - o) * 1000);
         delivery.push(a.received_us - nt * 1000);
+    }
+    if let Some(path) = timeline {
+        let path = path.to_string_lossy().replace("{scenario}", name);
+        std::fs::write(&path, lines).with_context(|| format!("writing the timeline {path}"))?;
+        v["timeline"] = json!(path);
     }
     v["scenario"] = json!(name);
     v["users"] = json!(n);
@@ -694,6 +709,7 @@ async fn ingest_latency(
         "consumed_after_note": "the stages' own tidings_stage_record_age_seconds (CreateTime → consumed) and, as gateway_write, tidings_gateway_event_age_at_write_seconds (notifications CreateTime → its stream takes it to write), over the whole run (warm-up included)",
     });
     v["path"] = json!("POST /v1/events/orders → orders → templating → notifications → delivery → stream");
+    v["client_wakeups_late"] = late;
     Ok(v)
 }
 
@@ -746,6 +762,7 @@ async fn broadcast(
     }
     users.samples.take(PHASE_BROADCAST_WARM);
     users.samples.phase.store(PHASE_BROADCAST, Ordering::Relaxed);
+    wakeups_late();
     let (mut posts, mut complete, mut wall_secs) = (Vec::new(), true, Vec::new());
     for r in 0..rounds {
         if r > 0 {
@@ -757,9 +774,11 @@ async fn broadcast(
         complete &= wait_samples(&users.samples, PHASE_BROADCAST, want, Duration::from_secs(120)).await;
         wall_secs.push(t.elapsed().as_secs_f64());
     }
+    let late = wakeups_late();
     let posts = posted(posts).await;
     let expected = rounds * per_round;
     let mut v = users.samples.summary(PHASE_BROADCAST);
+    v["client_wakeups_late"] = late;
     // Per hop, from the records' CreateTimes (the timestamp consumer may trail a little).
     tokio::time::sleep(Duration::from_millis(500)).await;
     let arrivals = users.samples.take(PHASE_BROADCAST);
@@ -877,6 +896,7 @@ async fn nchan_run(
     // finish registering subscriptions with the worker that owns each channel.
     tokio::time::sleep(Duration::from_secs(1)).await;
     samples.phase.store(1, Ordering::Relaxed);
+    wakeups_late();
     let per_round = (publish.len() / rounds).max(1);
     let t = Instant::now();
     let (mut round_start, mut sending) = (t, Duration::ZERO);
@@ -900,7 +920,9 @@ async fn nchan_run(
     let post_secs = (sending + round_start.elapsed()).as_secs_f64();
     let posts = posted(posts).await;
     let complete = wait_samples(&samples, 1, expected, Duration::from_secs(120)).await;
+    let late = wakeups_late();
     let mut v = samples.summary(1);
+    v["client_wakeups_late"] = late;
     let prefix = format!("{name}-");
     v["round_p99_ms"] = round_p99s(&samples.take(1), rounds, |a| {
         Some(a.source_event_id.strip_prefix(&prefix)?.parse::<usize>().ok()? / per_round)
@@ -979,6 +1001,40 @@ fn notification(user: &str, seq: usize) -> Notification {
     }
 }
 
+/// Late wake-ups of a thread that sleeps 2 ms in a loop (`LATE[i]`: later than 5, 10, 20 ms). Not a tokio task: it tells a box that did not run a waiting
+/// thread for milliseconds (the broker, tidings and the clients share two cores) from a stall
+/// inside the measured process.
+static LATE: [AtomicU64; 3] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
+static LATE_MAX_US: AtomicU64 = AtomicU64::new(0);
+
+fn start_wakeup_probe() {
+    std::thread::Builder::new()
+        .name("wakeup-probe".into())
+        .spawn(|| loop {
+            let t = Instant::now();
+            std::thread::sleep(Duration::from_millis(2));
+            let late = t.elapsed().saturating_sub(Duration::from_millis(2));
+            LATE_MAX_US.fetch_max(late.as_micros() as u64, Ordering::Relaxed);
+            for (i, ms) in [5, 10, 20].into_iter().enumerate() {
+                if late > Duration::from_millis(ms) {
+                    LATE[i].fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+        .expect("spawning the wake-up probe");
+}
+
+/// The wake-up probe's counts since the last call: call it where a measurement starts (to drop
+/// what came before) and where it ends.
+fn wakeups_late() -> Value {
+    let [over5, over10, over20] = LATE.each_ref().map(|c| c.swap(0, Ordering::Relaxed));
+    json!({
+        "over_5ms": over5, "over_10ms": over10, "over_20ms": over20,
+        "max_ms": LATE_MAX_US.swap(0, Ordering::Relaxed) as f64 / 1000.0,
+        "note": "wake-ups of a load-client thread sleeping 2 ms in a loop, during the measured part",
+    })
+}
+
 /// Prints a JSON line, with the 1-minute load average: the clients, broker and servers share the
 /// machine, and anything else running on it shows up in the latencies.
 fn emit(mut v: Value) {
@@ -998,6 +1054,7 @@ fn report(results: &mut HashMap<String, Value>, name: &str, outcome: anyhow::Res
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    start_wakeup_probe();
     let bin = match &args.tidings {
         Some(b) => b.clone(),
         None => std::env::current_exe()?.with_file_name("tidings"),
@@ -1031,6 +1088,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                             rate: args.latency_rate,
                             warm: Duration::from_secs(args.latency_warm_secs),
                             rounds: args.latency_rounds,
+                            timeline: args.timeline.clone(),
                         },
                         &http,
                     )
@@ -1072,6 +1130,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                     // after 5 s.
                     warm: Duration::from_secs(args.latency_warm_secs.min(5)),
                     rounds: args.latency_rounds,
+                    timeline: args.timeline.clone(),
                 },
                 &http,
             )

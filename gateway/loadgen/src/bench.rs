@@ -68,7 +68,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 5)]
     latency_rounds: usize,
     /// Write each measured ingest_latency event to this CSV (POST, orders and notifications
-    /// CreateTime, receipt; µs since the epoch; `{scenario}` in the name becomes the scenario),
+    /// CreateTime, receipt, µs since the epoch, and its stream position `partition.offset`; `{scenario}` in the name becomes the scenario),
     /// to line slow events up with what else the box did then.
     #[arg(long)]
     timeline: Option<PathBuf>,
@@ -670,14 +670,14 @@ async fn ingest_latency(
         a.source_event_id.strip_prefix("lat-")?.split_once('-')?.0.parse().ok()
     });
     let (mut produce, mut templating, mut delivery) = (Vec::new(), Vec::new(), Vec::new());
-    let mut lines = String::from("post_us,orders_record_us,notifications_record_us,received_us\n");
+    let mut lines = String::from("post_us,orders_record_us,notifications_record_us,received_us,position\n");
     for a in arrivals {
         // A user's notification records are keyed alike; its stream position tells them apart.
         let (Some(o), Some(nt)) = (times.get(&orders, &a.source_event_id), times.get(&notifications, &a.position))
         else {
             continue;
         };
-        lines.push_str(&format!("{},{},{},{}\n", a.occurred_us, o * 1000, nt * 1000, a.received_us));
+        lines.push_str(&format!("{},{},{},{},{}\n", a.occurred_us, o * 1000, nt * 1000, a.received_us, a.position));
         produce.push(o * 1000 - a.occurred_us);
         templating.push((nt - o) * 1000);
         delivery.push(a.received_us - nt * 1000);

@@ -644,6 +644,7 @@ async fn ingest_latency(
 
     users.samples.phase.store(PHASE_LATENCY, Ordering::Relaxed);
     wakeups_late();
+    let cpu = CpuWindow::start(Some(stack.proc.pid()));
     let t = Instant::now();
     let mut posts = Vec::with_capacity(n * measured_rounds);
     for k in 0..n * measured_rounds {
@@ -657,6 +658,7 @@ async fn ingest_latency(
     let expected = n * measured_rounds;
     let complete = wait_samples(&users.samples, PHASE_LATENCY, expected, Duration::from_secs(60)).await;
     let late = wakeups_late();
+    let cpu = cpu.end(expected);
     let wall_secs = t.elapsed().as_secs_f64();
     // The timestamp consumer may trail the streams a little; it has seen the warm-up's records
     // and the measured ones of each topic when both counts reach (rounds + measured_rounds) * n.
@@ -718,6 +720,7 @@ async fn ingest_latency(
     });
     v["path"] = json!("POST /v1/events/orders → orders → templating → notifications → delivery → stream");
     v["client_wakeups_late"] = late;
+    v["cpu"] = cpu;
     Ok(v)
 }
 
@@ -771,6 +774,7 @@ async fn broadcast(
     users.samples.take(PHASE_BROADCAST_WARM);
     users.samples.phase.store(PHASE_BROADCAST, Ordering::Relaxed);
     wakeups_late();
+    let cpu = CpuWindow::start(Some(stack.proc.pid()));
     let (mut posts, mut complete, mut wall_secs) = (Vec::new(), true, Vec::new());
     for r in 0..rounds {
         if r > 0 {
@@ -783,10 +787,12 @@ async fn broadcast(
         wall_secs.push(t.elapsed().as_secs_f64());
     }
     let late = wakeups_late();
+    let cpu = cpu.end(rounds * per_round);
     let posts = posted(posts).await;
     let expected = rounds * per_round;
     let mut v = users.samples.summary(PHASE_BROADCAST);
     v["client_wakeups_late"] = late;
+    v["cpu"] = cpu;
     // Per hop, from the records' CreateTimes (the timestamp consumer may trail a little).
     tokio::time::sleep(Duration::from_millis(500)).await;
     let arrivals = users.samples.take(PHASE_BROADCAST);
@@ -905,6 +911,7 @@ async fn nchan_run(
     tokio::time::sleep(Duration::from_secs(1)).await;
     samples.phase.store(1, Ordering::Relaxed);
     wakeups_late();
+    let cpu = CpuWindow::start(None);
     let per_round = (publish.len() / rounds).max(1);
     let t = Instant::now();
     let (mut round_start, mut sending) = (t, Duration::ZERO);
@@ -929,8 +936,10 @@ async fn nchan_run(
     let posts = posted(posts).await;
     let complete = wait_samples(&samples, 1, expected, Duration::from_secs(120)).await;
     let late = wakeups_late();
+    let cpu = CpuWindow::end(cpu, expected);
     let mut v = samples.summary(1);
     v["client_wakeups_late"] = late;
+    v["cpu"] = cpu;
     let prefix = format!("{name}-");
     v["round_p99_ms"] = round_p99s(&samples.take(1), rounds, |a| {
         Some(a.source_event_id.strip_prefix(&prefix)?.parse::<usize>().ok()? / per_round)
@@ -1041,6 +1050,71 @@ fn wakeups_late() -> Value {
         "max_ms": LATE_MAX_US.swap(0, Ordering::Relaxed) as f64 / 1000.0,
         "note": "wake-ups of a load-client thread sleeping 2 ms in a loop, during the measured part",
     })
+}
+
+/// CPU time over a measured part, from /proc: the whole box, the tidings process under test (if
+/// any) and these clients; the rest is mostly the broker (or nginx). Less noisy than a latency
+/// tail on a shared two-core box, so it shows what a change costs or saves per event.
+struct CpuWindow {
+    box_ticks: (u64, u64),
+    server: Option<(u32, u64)>,
+    clients: u64,
+}
+
+/// (busy, total) clock ticks of all cores since boot: busy leaves out idle and iowait.
+fn box_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = f.iter().sum();
+    (total - f.get(3).unwrap_or(&0) - f.get(4).unwrap_or(&0), total)
+}
+
+/// User plus system clock ticks of a process, all its threads.
+fn proc_ticks(pid: Option<u32>) -> u64 {
+    let path = pid.map_or_else(|| "/proc/self/stat".to_string(), |p| format!("/proc/{p}/stat"));
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
+    // Fields after the parenthesised command name (which may hold spaces): utime is the 12th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    rest.split_whitespace().skip(11).take(2).filter_map(|x| x.parse::<u64>().ok()).sum()
+}
+
+impl CpuWindow {
+    fn start(server: Option<u32>) -> CpuWindow {
+        CpuWindow {
+            box_ticks: box_ticks(),
+            server: server.map(|p| (p, proc_ticks(Some(p)))),
+            clients: proc_ticks(None),
+        }
+    }
+
+    /// Cores used on average since `start`, and CPU µs per event (`events` of the measured part).
+    fn end(self, events: usize) -> Value {
+        let ((busy0, total0), (busy1, total1)) = (self.box_ticks, box_ticks());
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let hz = 100.0; // USER_HZ: /proc reports clock ticks of 1/100 s on Linux
+        let wall = (total1 - total0) as f64 / hz / cores;
+        let secs = |ticks: u64| ticks as f64 / hz;
+        let busy = secs(busy1 - busy0);
+        let server = self.server.map(|(p, t)| secs(proc_ticks(Some(p)).saturating_sub(t)));
+        let clients = secs(proc_ticks(None) - self.clients);
+        let others = (busy - clients - server.unwrap_or(0.0)).max(0.0);
+        let per_event = |s: f64| (s * 1e6 / events.max(1) as f64).round();
+        json!({
+            "box_busy": if wall > 0.0 { busy / wall / cores } else { 0.0 },
+            "cores": cores,
+            "secs": {"server": server, "clients": clients, "others": others},
+            "per_event_us": {"server": server.map(per_event), "clients": per_event(clients), "others": per_event(others)},
+            "note": "CPU over the measured part from /proc (10 ms ticks): server = the tidings process (absent for nchan), clients = this load generator, others = the rest of the box (the broker, or nginx)",
+        })
+    }
 }
 
 /// Prints a JSON line, with the 1-minute load average: the clients, broker and servers share the
@@ -1432,4 +1506,34 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     core.shutdown().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_window_counts_the_cpu_a_process_burns() {
+        let (sleeper, pid) = {
+            let c = Command::new("sleep").arg("5").spawn().expect("sleep");
+            let pid = c.id();
+            (c, pid)
+        };
+        let w = CpuWindow::start(Some(pid));
+        let t = Instant::now();
+        let mut x = 0u64;
+        while t.elapsed() < Duration::from_millis(400) {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+        }
+        let v = w.end(1_000);
+        let mut sleeper = sleeper;
+        let _ = sleeper.kill();
+        let _ = sleeper.wait();
+        // This thread spun for 0.4 s; a sleeping process used none; the box was at least that busy.
+        let clients = v["secs"]["clients"].as_f64().unwrap();
+        assert!((0.3..2.0).contains(&clients), "{v}");
+        assert!(v["secs"]["server"].as_f64().unwrap() < 0.05, "{v}");
+        assert!(v["box_busy"].as_f64().unwrap() > 0.1, "{v}");
+        assert!(v["per_event_us"]["clients"].as_f64().unwrap() >= 300.0, "{v}");
+    }
 }

@@ -10,6 +10,7 @@ use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
+use tidings_core::client_stats::ClientStats;
 use tidings_core::json_avro::json_to_avro;
 use tidings_core::{CodecError, FramedEncoder, RegistryClient};
 
@@ -26,7 +27,7 @@ type TopicEncoder = (FramedEncoder, &'static apache_avro::Schema);
 /// A producer of schema-checked JSON events.
 pub struct EventProducer {
     registry: RegistryClient,
-    producer: FutureProducer,
+    producer: FutureProducer<ClientStats>,
     encoders: RwLock<HashMap<String, (Instant, Arc<TopicEncoder>)>>,
 }
 
@@ -39,7 +40,7 @@ pub struct Produced {
 }
 
 impl EventProducer {
-    pub fn new(registry: RegistryClient, producer: FutureProducer) -> Self {
+    pub fn new(registry: RegistryClient, producer: FutureProducer<ClientStats>) -> Self {
         EventProducer { registry, producer, encoders: RwLock::new(HashMap::new()) }
     }
 

@@ -572,6 +572,38 @@ async fn stage_ages(http: &reqwest::Client, url: &str) -> Value {
     Value::Object(out)
 }
 
+/// librdkafka's own windows from tidings' `/metrics` (its clients' last statistics report, the
+/// previous 10 s): per client, each window's p50 / p99 / max in ms.
+async fn client_windows(http: &reqwest::Client, url: &str) -> Value {
+    let Ok(r) = http.get(format!("{url}/metrics")).send().await else { return Value::Null };
+    let text = r.text().await.unwrap_or_default();
+    let label = |line: &str, k: &str| {
+        line.split(&format!("{k}=\"")).nth(1).and_then(|r| r.split('"').next()).map(str::to_string)
+    };
+    let mut out = serde_json::Map::new();
+    for (metric, window) in [
+        ("tidings_kafka_rtt_seconds{", "rtt"),
+        ("tidings_kafka_producer_queue_seconds{", "producer_queue"),
+        ("tidings_kafka_request_queue_seconds{", "request_queue"),
+    ] {
+        for line in text.lines().filter(|l| l.starts_with(metric)) {
+            let (Some(client), Some(stat), Some(v)) = (
+                label(line, "client"),
+                label(line, "stat"),
+                line.split_whitespace().last().and_then(|v| v.parse::<f64>().ok()),
+            ) else {
+                continue;
+            };
+            let e = out.entry(client).or_insert_with(|| json!({}));
+            if e.get(window).is_none() {
+                e[window] = json!({});
+            }
+            e[window][stat] = json!((v * 1e6).round() / 1000.0);
+        }
+    }
+    Value::Object(out)
+}
+
 fn order_paid(event_id: &str, user: &str, at_us: i64) -> String {
     json!({"event_id": event_id, "occurred_at": at_us, "order_id": event_id, "buyer_id": user, "locale": "en",
         "payload": {"OrderPaid": {"amount_cents": 4200, "currency": "EUR", "payment_method": "card"}}})
@@ -717,6 +749,8 @@ async fn ingest_latency(
         "note": "from Kafka CreateTime, whole milliseconds: each hop is ±1 ms",
         "consumed_after_ms": stage_ages(http, &stack.url).await,
         "consumed_after_note": "the stages' own tidings_stage_record_age_seconds (CreateTime → consumed) and, as gateway_write, tidings_gateway_event_age_at_write_seconds (notifications CreateTime → its stream takes it to write), over the whole run (warm-up included)",
+        "kafka_clients_ms": client_windows(http, &stack.url).await,
+        "kafka_clients_note": "librdkafka's statistics of tidings' clients (tidings_kafka_*_seconds), its last 10 s report: rtt = request → response (a consumer's include fetch long-polls), producer_queue = produce() → written into a request, request_queue = request ready → handed to the socket",
     });
     v["path"] = json!("POST /v1/events/orders → orders → templating → notifications → delivery → stream");
     v["client_wakeups_late"] = late;

@@ -70,7 +70,11 @@ struct DeliveryContext {
     multi_thread: bool,
 }
 
-impl ClientContext for DeliveryContext {}
+impl ClientContext for DeliveryContext {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        tidings_core::client_stats::record("delivery-consumer", &statistics);
+    }
+}
 
 /// Runs blocking librdkafka calls from async code without stalling the runtime's other tasks.
 fn blocking<T>(multi_thread: bool, f: impl FnOnce() -> T) -> T {

@@ -116,7 +116,9 @@ async fn sasl_scram_and_plain_work_and_a_wrong_password_fails_fast() {
     end_to_end("scram-e2e", &sasl, &good).await;
     let mut bad = good;
     bad[3].1 = "not-the-password";
-    refused("scram-wrong-password", &sasl, &bad, "Kafka authentication failed", Duration::from_secs(20)).await;
+    // Each `refused` waits longer than the broker probe's 30 s: the message, not the clock, tells
+    // a refusal from a timeout (which would say that no broker answered).
+    refused("scram-wrong-password", &sasl, &bad, "Kafka authentication failed", Duration::from_secs(45)).await;
     // A plaintext client on the SASL listener is also an authentication failure, not a hang.
     refused("sasl-listener-without-sasl", &sasl, &[], "Kafka", Duration::from_secs(45)).await;
 }
@@ -217,7 +219,7 @@ async fn tls_and_sasl_ssl_work_and_an_untrusted_certificate_fails_fast() {
         &ssl,
         &[("TIDINGS_KAFKA_SECURITY_PROTOCOL", "SSL"), ("TIDINGS_KAFKA_SSL_CA_LOCATION", &other)],
         "TLS to Kafka",
-        Duration::from_secs(20),
+        Duration::from_secs(45),
     )
     .await;
 }

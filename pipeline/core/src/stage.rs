@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use metrics::Counter;
+use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::consumer::{ConsumerContext, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message, ToBytes};
@@ -145,14 +146,14 @@ async fn drive<P: Processor, C: ConsumerContext + 'static>(
 
 /// A stage's dead-letter topic: a record that cannot be processed goes there with why, so its
 /// partition moves on and nothing is dropped silently.
-pub struct DeadLetters {
-    producer: FutureProducer,
+pub struct DeadLetters<C: ClientContext + 'static = DefaultClientContext> {
+    producer: FutureProducer<C>,
     topic: String,
     stage: &'static str,
 }
 
-impl DeadLetters {
-    pub fn new(producer: FutureProducer, topic: String, stage: &'static str) -> Self {
+impl<C: ClientContext + 'static> DeadLetters<C> {
+    pub fn new(producer: FutureProducer<C>, topic: String, stage: &'static str) -> Self {
         DeadLetters { producer, topic, stage }
     }
 
@@ -193,8 +194,8 @@ impl DeadLetters {
 /// Enqueues a record, waiting while the producer's local queue is full. Keeps trying through
 /// shutdown: the record's input is consumed and must be produced before its offset is stored; the
 /// process's grace timeout bounds how long this can take.
-pub async fn enqueue<'a, K: ToBytes + ?Sized, P: ToBytes + ?Sized>(
-    producer: &FutureProducer,
+pub async fn enqueue<'a, C: ClientContext + 'static, K: ToBytes + ?Sized, P: ToBytes + ?Sized>(
+    producer: &FutureProducer<C>,
     mut rec: FutureRecord<'a, K, P>,
 ) -> Result<DeliveryFuture, KafkaError> {
     loop {

@@ -74,7 +74,11 @@ struct SinkContext {
     runtime: Handle,
 }
 
-impl ClientContext for SinkContext {}
+impl ClientContext for SinkContext {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        tidings_core::client_stats::record("persistence-consumer", &statistics);
+    }
+}
 
 impl SinkContext {
     fn fresh_offsets(&self, topics: &[String]) -> Option<HashMap<Tp, i64>> {

@@ -15,6 +15,7 @@ use serde_json::Value as Json;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
+use tidings_core::client_stats::ClientStats;
 use tidings_core::json_avro::{avro_to_json, union_branch_name};
 use tidings_core::kafka::{header_str, KafkaConfig, H_DELIVERY_ONLY, H_TRACEPARENT};
 use tidings_core::notification::NOTIFICATION_SCHEMA_JSON;
@@ -197,10 +198,10 @@ impl Fanout {
 /// The templater plus Kafka: one attempt of the stage.
 struct Stage {
     templater: Templater,
-    producer: FutureProducer,
+    producer: FutureProducer<ClientStats>,
     output: String,
-    dead: DeadLetters,
-    consumer: Arc<StreamConsumer>,
+    dead: DeadLetters<ClientStats>,
+    consumer: Arc<StreamConsumer<ClientStats>>,
     shutdown: CancellationToken,
     /// Outputs awaiting acknowledgement, at most `max_in_flight`.
     budget: Arc<Semaphore>,
@@ -367,12 +368,13 @@ async fn start(
     cfg: &TemplatingConfig,
     store: &Store,
     shutdown: &CancellationToken,
-) -> Result<(Stage, Arc<StreamConsumer>), StageError> {
+) -> Result<(Stage, Arc<StreamConsumer<ClientStats>>), StageError> {
     let topo = cfg.topology.clone();
     let spec = &topo.stages.templating;
     let mut templater = Templater::new(topo.clone(), &cfg.registry, store.clone()).await?;
     let output = topo.topic_name(&spec.output);
-    let producer: FutureProducer = cfg.kafka.producer().create()?;
+    let producer: FutureProducer<ClientStats> =
+        cfg.kafka.producer().create_with_context(ClientStats::new("templating-producer"))?;
     if spec.group_records {
         // Read once per start: grouping must use the count the keyed records' partitioner and the
         // gateways use (after partitions are added, restart templating with the gateways).
@@ -385,7 +387,11 @@ async fn start(
         .map_err(|e| StageError::Delivery(e.to_string()))??;
         templater.group_by_partition(count);
     }
-    let consumer: Arc<StreamConsumer> = Arc::new(cfg.kafka.consumer(&topo.group_name(&spec.group)).create()?);
+    let consumer: Arc<StreamConsumer<ClientStats>> = Arc::new(
+        cfg.kafka
+            .consumer(&topo.group_name(&spec.group))
+            .create_with_context(ClientStats::new("templating-consumer"))?,
+    );
     let topics: Vec<String> = spec.inputs.iter().map(|t| topo.topic_name(t)).collect();
     consumer.subscribe(&topics.iter().map(String::as_str).collect::<Vec<_>>())?;
     info!(topics = ?topics, output = %output, "Templating stage consuming {topics:?} into {output}.");
@@ -452,7 +458,10 @@ impl Processor for Stage {
 }
 
 /// Awaits each record's outputs in consumption order and only then stores its offset.
-async fn ack_in_order(mut rx: mpsc::Receiver<InFlight>, consumer: Arc<StreamConsumer>) -> Result<(), StageError> {
+async fn ack_in_order(
+    mut rx: mpsc::Receiver<InFlight>,
+    consumer: Arc<StreamConsumer<ClientStats>>,
+) -> Result<(), StageError> {
     while let Some(f) = rx.recv().await {
         for d in f.deliveries {
             if let Err(e) = acknowledged(d).await {

@@ -1,0 +1,149 @@
+//! librdkafka's own statistics as gauges: per client and broker, the round trip, the producer's
+//! queue wait and the request queue wait, so a slow hop can be pinned on a client's queue, the
+//! network or the broker. Clients report every `statistics.interval.ms` (10 s unless overridden).
+
+use metrics::Label;
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::ConsumerContext;
+use rdkafka::statistics::{Statistics, Window};
+
+/// How often clients report their statistics unless `--kafka-opt statistics.interval.ms` says
+/// otherwise (0 turns them off). Each report is a few KB of JSON per client.
+pub const STATS_INTERVAL_MS: &str = "10000";
+
+/// A client context that records its client's statistics under the `client` label.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientStats {
+    client: &'static str,
+}
+
+impl ClientStats {
+    pub fn new(client: &'static str) -> Self {
+        ClientStats { client }
+    }
+}
+
+impl ClientContext for ClientStats {
+    fn stats(&self, statistics: Statistics) {
+        record(self.client, &statistics);
+    }
+}
+
+impl ConsumerContext for ClientStats {}
+
+/// One gauge reading of a statistics report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub name: &'static str,
+    pub labels: Vec<(&'static str, String)>,
+    pub value: f64,
+}
+
+/// Picks one window out of a broker's report.
+type WindowOf = fn(&rdkafka::statistics::Broker) -> &Option<Window>;
+
+/// Gauges of the windows in each broker's report (microseconds there, seconds here).
+const WINDOWS: [(&str, WindowOf); 3] = [
+    // Request sent → response read; a consumer's include its fetches' long-poll waits.
+    ("tidings_kafka_rtt_seconds", |b| &b.rtt),
+    // produce() → the record's request written (linger and queueing in the client).
+    ("tidings_kafka_producer_queue_seconds", |b| &b.int_latency),
+    // A request ready → handed to the socket (the broker thread's output queue).
+    ("tidings_kafka_request_queue_seconds", |b| &b.outbuf_latency),
+];
+
+/// The gauges of one report: the client's queued records, and per broker with a node id (not the
+/// bootstrap or coordinator aliases) and per window that saw samples in the last interval, its
+/// p50, p99 and max (label `stat`).
+pub fn samples(client: &str, s: &Statistics) -> Vec<Sample> {
+    let mut out = vec![Sample {
+        name: "tidings_kafka_queued_messages",
+        labels: vec![("client", client.into())],
+        value: s.msg_cnt as f64,
+    }];
+    let mut brokers: Vec<_> = s.brokers.values().filter(|b| b.nodeid >= 0).collect();
+    brokers.sort_by_key(|b| b.nodeid);
+    for b in brokers {
+        for (name, window) in WINDOWS {
+            let Some(w) = window(b).as_ref().filter(|w| w.cnt > 0) else { continue };
+            for (stat, micros) in [("p50", w.p50), ("p99", w.p99), ("max", w.max)] {
+                out.push(Sample {
+                    name,
+                    labels: vec![("client", client.into()), ("broker", b.nodeid.to_string()), ("stat", stat.into())],
+                    value: micros as f64 / 1e6,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Sets the gauges of one report (for contexts that have other work too, e.g. rebalancing).
+pub fn record(client: &str, s: &Statistics) {
+    for x in samples(client, s) {
+        let labels: Vec<Label> = x.labels.into_iter().map(|(k, v)| Label::new(k, v)).collect();
+        metrics::gauge!(x.name, labels).set(x.value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::config::ClientConfig;
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+
+    /// Keeps the last report a real client sent.
+    #[derive(Default)]
+    struct Keep(Mutex<Option<Statistics>>);
+
+    impl ClientContext for Keep {
+        fn stats(&self, statistics: Statistics) {
+            *self.0.lock().unwrap() = Some(statistics);
+        }
+    }
+
+    impl rdkafka::producer::ProducerContext for Keep {
+        type DeliveryOpaque = ();
+        fn delivery(&self, _: &rdkafka::message::DeliveryResult<'_>, _: ()) {}
+    }
+
+    #[test]
+    fn a_producers_report_gives_its_round_trips_and_queue_waits() {
+        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+        cluster.create_topic("t", 1, 1).unwrap();
+        let producer: BaseProducer<Keep> = ClientConfig::new()
+            .set("bootstrap.servers", cluster.bootstrap_servers())
+            .set("statistics.interval.ms", "100")
+            .set("linger.ms", "5")
+            .create_with_context(Keep::default())
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let found = loop {
+            producer.send(BaseRecord::<(), str>::to("t").payload("x")).unwrap();
+            producer.poll(Duration::from_millis(50));
+            let report = producer.context().0.lock().unwrap().clone();
+            let got = report.map(|r| samples("p", &r)).unwrap_or_default();
+            if got.iter().any(|x| x.name == "tidings_kafka_producer_queue_seconds")
+                && got.iter().any(|x| x.name == "tidings_kafka_rtt_seconds")
+            {
+                break got;
+            }
+            assert!(Instant::now() < deadline, "no report with both windows: {got:?}");
+        };
+        producer.flush(Duration::from_secs(5)).unwrap();
+        let rtt: Vec<&Sample> = found.iter().filter(|x| x.name == "tidings_kafka_rtt_seconds").collect();
+        assert_eq!(rtt.len(), 3, "p50, p99, max of the one broker: {found:?}");
+        for x in &rtt {
+            assert!(x.value > 0.0 && x.value < 5.0, "{x:?}");
+            assert_eq!(x.labels[0], ("client", "p".to_string()));
+            assert_eq!(x.labels[1].0, "broker");
+        }
+        // linger.ms=5: a record waits up to 5 ms in the client before its request is written.
+        let queue_max =
+            found.iter().find(|x| x.name == "tidings_kafka_producer_queue_seconds" && x.labels[2].1 == "max").unwrap();
+        assert!(queue_max.value >= 0.001, "{queue_max:?}");
+        assert_eq!(found[0].name, "tidings_kafka_queued_messages");
+    }
+}

@@ -283,11 +283,10 @@ async fn wait_ready(http: &reqwest::Client, url: &str, timeout: Duration) -> any
 
 /// A gauge or counter summed over its label sets, from a Prometheus text page.
 async fn metric(http: &reqwest::Client, url: &str, name: &str) -> f64 {
-    let Ok(r) = http.get(format!("{url}/metrics")).send().await else { return 0.0 };
-    let text = r.text().await.unwrap_or_default();
+    let Some(text) = metrics_text(http, url).await else { return 0.0 };
     text.lines()
         .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .filter_map(sample_value)
         .sum()
 }
 
@@ -543,10 +542,24 @@ async fn posted(posts: Vec<JoinHandle<(bool, i64)>>) -> Value {
     })
 }
 
+/// A Prometheus text page, if it could be fetched.
+async fn metrics_text(http: &reqwest::Client, url: &str) -> Option<String> {
+    http.get(format!("{url}/metrics")).send().await.ok()?.text().await.ok()
+}
+
+/// The value of `key` in a sample line's label set.
+fn label<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split(&format!("{key}=\"")).nth(1)?.split('"').next()
+}
+
+/// A sample line's value.
+fn sample_value(line: &str) -> Option<f64> {
+    line.split_whitespace().last()?.parse().ok()
+}
+
 /// Per stage, the p50/p99 (ms) of `tidings_stage_record_age_seconds` from the gateway's /metrics.
 async fn stage_ages(http: &reqwest::Client, url: &str) -> Value {
-    let Ok(r) = http.get(format!("{url}/metrics")).send().await else { return Value::Null };
-    let text = r.text().await.unwrap_or_default();
+    let Some(text) = metrics_text(http, url).await else { return Value::Null };
     let mut out = serde_json::Map::new();
     let ages = |l: &&str| {
         l.starts_with("tidings_stage_record_age_seconds{")
@@ -555,13 +568,9 @@ async fn stage_ages(http: &reqwest::Client, url: &str) -> Value {
     for line in text.lines().filter(ages) {
         let stage = match line.starts_with("tidings_gateway") {
             true => Some("gateway_write"),
-            false => line.split("stage=\"").nth(1).and_then(|r| r.split('"').next()),
+            false => label(line, "stage"),
         };
-        let (Some(stage), Some(q), Some(v)) = (
-            stage,
-            line.split("quantile=\"").nth(1).and_then(|r| r.split('"').next()),
-            line.split_whitespace().last().and_then(|v| v.parse::<f64>().ok()),
-        ) else {
+        let (Some(stage), Some(q), Some(v)) = (stage, label(line, "quantile"), sample_value(line)) else {
             continue;
         };
         if q == "0.5" || q == "0.99" {
@@ -575,11 +584,7 @@ async fn stage_ages(http: &reqwest::Client, url: &str) -> Value {
 /// librdkafka's own windows from tidings' `/metrics` (its clients' last statistics report, the
 /// previous 10 s): per client, each window's p50 / p99 / max in ms.
 async fn client_windows(http: &reqwest::Client, url: &str) -> Value {
-    let Ok(r) = http.get(format!("{url}/metrics")).send().await else { return Value::Null };
-    let text = r.text().await.unwrap_or_default();
-    let label = |line: &str, k: &str| {
-        line.split(&format!("{k}=\"")).nth(1).and_then(|r| r.split('"').next()).map(str::to_string)
-    };
+    let Some(text) = metrics_text(http, url).await else { return Value::Null };
     let mut out = serde_json::Map::new();
     for (metric, window) in [
         ("tidings_kafka_rtt_seconds{", "rtt"),
@@ -587,14 +592,11 @@ async fn client_windows(http: &reqwest::Client, url: &str) -> Value {
         ("tidings_kafka_request_queue_seconds{", "request_queue"),
     ] {
         for line in text.lines().filter(|l| l.starts_with(metric)) {
-            let (Some(client), Some(stat), Some(v)) = (
-                label(line, "client"),
-                label(line, "stat"),
-                line.split_whitespace().last().and_then(|v| v.parse::<f64>().ok()),
-            ) else {
+            let (Some(client), Some(stat), Some(v)) = (label(line, "client"), label(line, "stat"), sample_value(line))
+            else {
                 continue;
             };
-            let e = out.entry(client).or_insert_with(|| json!({}));
+            let e = out.entry(client.to_string()).or_insert_with(|| json!({}));
             if e.get(window).is_none() {
                 e[window] = json!({});
             }
@@ -1134,7 +1136,6 @@ impl CpuWindow {
         let ((busy0, total0), (busy1, total1)) = (self.box_ticks, box_ticks());
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
         let hz = 100.0; // USER_HZ: /proc reports clock ticks of 1/100 s on Linux
-        let wall = (total1 - total0) as f64 / hz / cores;
         let secs = |ticks: u64| ticks as f64 / hz;
         let busy = secs(busy1 - busy0);
         let server = self.server.map(|(p, t)| secs(proc_ticks(Some(p)).saturating_sub(t)));
@@ -1142,7 +1143,7 @@ impl CpuWindow {
         let others = (busy - clients - server.unwrap_or(0.0)).max(0.0);
         let per_event = |s: f64| (s * 1e6 / events.max(1) as f64).round();
         json!({
-            "box_busy": if wall > 0.0 { busy / wall / cores } else { 0.0 },
+            "box_busy": (busy1 - busy0) as f64 / (total1 - total0).max(1) as f64,
             "cores": cores,
             "secs": {"server": server, "clients": clients, "others": others},
             "per_event_us": {"server": server.map(per_event), "clients": per_event(clients), "others": per_event(others)},
@@ -1569,5 +1570,19 @@ mod tests {
         assert!(v["secs"]["server"].as_f64().unwrap() < 0.05, "{v}");
         assert!(v["box_busy"].as_f64().unwrap() > 0.1, "{v}");
         assert!(v["per_event_us"]["clients"].as_f64().unwrap() >= 300.0, "{v}");
+    }
+
+    #[test]
+    fn cpu_window_counts_a_busy_server_process() {
+        let mut spinner = Command::new("sh").args(["-c", "while :; do :; done"]).spawn().expect("sh");
+        let w = CpuWindow::start(Some(spinner.id()));
+        std::thread::sleep(Duration::from_millis(600));
+        let v = w.end(1);
+        let _ = spinner.kill();
+        let _ = spinner.wait();
+        // The shell spun for 0.6 s (on a core of its own or sharing one); this thread slept.
+        let server = v["secs"]["server"].as_f64().unwrap();
+        assert!((0.2..1.5).contains(&server), "{v}");
+        assert!(v["secs"]["clients"].as_f64().unwrap() < 0.1, "{v}");
     }
 }

@@ -214,6 +214,7 @@ async fn start(
         &[("auto.offset.reset", "latest")],
         &[("enable.auto.commit", "false"), ("partition.assignment.strategy", "range,roundrobin")],
     );
+    let cc = tidings_core::client_stats::reporting(cc);
     let consumer: Arc<StreamConsumer<DeliveryContext>> = Arc::new(cc.create_with_context(ctx)?);
 
     let count = blocking(multi_thread, || partition_count(consumer.as_ref(), &cfg.topic))?;

@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
-use tidings_core::client_stats::ClientStats;
+use tidings_core::client_stats::{reporting, ClientStats};
 use tidings_core::shutdown::StageHealth;
 use tidings_core::shutdown::TaskTree;
 use tidings_core::RegistryClient;
@@ -416,7 +416,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     // One producer of schema-checked JSON events for ingest and the chat API.
     let events = if run("gateway") || run("ingest") {
         let producer: FutureProducer<ClientStats> =
-            kafka.producer().create_with_context(ClientStats::new("ingest-producer"))?;
+            reporting(kafka.producer()).create_with_context(ClientStats::new("ingest-producer"))?;
         Some(Arc::new(EventProducer::new(client.clone(), producer)))
     } else {
         None

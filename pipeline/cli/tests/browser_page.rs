@@ -162,6 +162,18 @@ async fn unread_count(http: &reqwest::Client, url: &str, token: &str) -> i64 {
     r.json::<Value>().await.unwrap()["unread"].as_i64().unwrap()
 }
 
+/// Waits until the server's inbox unread count is `want`.
+async fn inbox_unread(http: &reqwest::Client, url: &str, token: &str, want: i64, within: Duration, procs: &[&Tidings]) {
+    let what = format!("the server's unread count to be {want}");
+    eventually(&what, within, Duration::from_millis(200), procs, || async {
+        match unread_count(http, url, token).await {
+            n if n == want => Ok(()),
+            n => Err(format!("{n}")),
+        }
+    })
+    .await;
+}
+
 fn gateway(name: &str, up: &Up<'_>, port: u16) -> Tidings {
     // A quick browser retry (the gateway's `retry:`), so the restart below is short.
     Tidings::spawn_at(
@@ -313,19 +325,7 @@ async fn inbox(brokers: String) {
     // Mark-read with the keyboard: the badge goes down, and so does the server's count.
     b.call("alice", json!({"cmd": "press", "selector": "li[data-source='ev-1'] button", "key": "Enter"})).await;
     b.wait("alice", "the badge to go down", "return document.getElementById('inbox-badge').textContent === '1'").await;
-    eventually(
-        "the server's unread count to be 1",
-        Duration::from_secs(10),
-        Duration::from_millis(200),
-        &[&st.core, &st.gw],
-        || async {
-            match unread_count(&http, &url, &token).await {
-                1 => Ok(()),
-                n => Err(format!("{n}")),
-            }
-        },
-    )
-    .await;
+    inbox_unread(&http, &url, &token, 1, Duration::from_secs(10), &[&st.core, &st.gw]).await;
     let s = b.snapshot("alice").await;
     assert_eq!(s["unread_items"], json!(["ev-2"]), "{s}");
     b.screenshot("alice", "inbox").await;
@@ -387,19 +387,7 @@ async fn inbox(brokers: String) {
     assert_eq!(s["badge"], "5", "{s}");
     // The stream can be ahead of the inbox table (persistence's batches linger): the server's
     // count must come to the badge's, not stay off it.
-    eventually(
-        "the server's unread count to match the badge (5)",
-        Duration::from_secs(20),
-        Duration::from_millis(200),
-        &[&st.core, &st.gw],
-        || async {
-            match unread_count(&http, &url, &token).await {
-                5 => Ok(()),
-                n => Err(format!("{n}")),
-            }
-        },
-    )
-    .await;
+    inbox_unread(&http, &url, &token, 5, Duration::from_secs(20), &[&st.core, &st.gw]).await;
     b.screenshot("alice", "inbox-after-restart").await;
 
     // Signing out closes the stream and forgets the token (a reload stays signed out).

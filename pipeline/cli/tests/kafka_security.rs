@@ -62,8 +62,13 @@ async fn end_to_end(name: &str, brokers: &str, security: &[(&str, &str)]) {
     assert!(status.is_some_and(|s| s.success()), "{name}: no clean exit: {status:?}\n{}", up.log_tail(30));
 }
 
-/// `up` with bad credentials must exit non-zero within `within`, saying `expect`.
-async fn refused(name: &str, brokers: &str, security: &[(&str, &str)], expect: &str, within: Duration) {
+/// How long a refused `up` may take to exit: longer than the broker probe's 30 s, so the message,
+/// not the clock, tells a refusal from a timeout (which would say that no broker answered).
+const REFUSED_WITHIN: Duration = Duration::from_secs(45);
+
+/// `up` with bad credentials must exit non-zero within [`REFUSED_WITHIN`], saying `expect`.
+async fn refused(name: &str, brokers: &str, security: &[(&str, &str)], expect: &str) {
+    let within = REFUSED_WITHIN;
     let (_pool, mut up) = spawn_up(name, brokers, security).await;
     let started = Instant::now();
     let status = up.wait_exit(within).await;
@@ -116,11 +121,9 @@ async fn sasl_scram_and_plain_work_and_a_wrong_password_fails_fast() {
     end_to_end("scram-e2e", &sasl, &good).await;
     let mut bad = good;
     bad[3].1 = "not-the-password";
-    // Each `refused` waits longer than the broker probe's 30 s: the message, not the clock, tells
-    // a refusal from a timeout (which would say that no broker answered).
-    refused("scram-wrong-password", &sasl, &bad, "Kafka authentication failed", Duration::from_secs(45)).await;
+    refused("scram-wrong-password", &sasl, &bad, "Kafka authentication failed").await;
     // A plaintext client on the SASL listener is also an authentication failure, not a hang.
-    refused("sasl-listener-without-sasl", &sasl, &[], "Kafka", Duration::from_secs(45)).await;
+    refused("sasl-listener-without-sasl", &sasl, &[], "Kafka").await;
 }
 
 /// A CA and the PEM keystore Kafka takes: an unencrypted PKCS#8 key, then the certificate chain.
@@ -219,7 +222,6 @@ async fn tls_and_sasl_ssl_work_and_an_untrusted_certificate_fails_fast() {
         &ssl,
         &[("TIDINGS_KAFKA_SECURITY_PROTOCOL", "SSL"), ("TIDINGS_KAFKA_SSL_CA_LOCATION", &other)],
         "TLS to Kafka",
-        Duration::from_secs(45),
     )
     .await;
 }

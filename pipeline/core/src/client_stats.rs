@@ -4,12 +4,23 @@
 
 use metrics::Label;
 use rdkafka::client::ClientContext;
+use rdkafka::config::ClientConfig;
 use rdkafka::consumer::ConsumerContext;
 use rdkafka::statistics::{Statistics, Window};
 
 /// How often clients report their statistics unless `--kafka-opt statistics.interval.ms` says
 /// otherwise (0 turns them off). Each report is a few KB of JSON per client.
 pub const STATS_INTERVAL_MS: &str = "10000";
+
+/// `cfg` with reports every [`STATS_INTERVAL_MS`] unless the operator's settings already hold an
+/// interval. Only for clients whose context records them ([`ClientStats`], or one calling
+/// [`record`]): any other client would build and parse reports for nobody.
+pub fn reporting(mut cfg: ClientConfig) -> ClientConfig {
+    if cfg.get("statistics.interval.ms").is_none() {
+        cfg.set("statistics.interval.ms", STATS_INTERVAL_MS);
+    }
+    cfg
+}
 
 /// A client context that records its client's statistics under the `client` label.
 #[derive(Debug, Clone, Copy)]
@@ -107,6 +118,14 @@ mod tests {
     impl rdkafka::producer::ProducerContext for Keep {
         type DeliveryOpaque = ();
         fn delivery(&self, _: &rdkafka::message::DeliveryResult<'_>, _: ()) {}
+    }
+
+    #[test]
+    fn reporting_keeps_the_operators_interval() {
+        assert_eq!(reporting(ClientConfig::new()).get("statistics.interval.ms"), Some(STATS_INTERVAL_MS));
+        let mut own = ClientConfig::new();
+        own.set("statistics.interval.ms", "0");
+        assert_eq!(reporting(own).get("statistics.interval.ms"), Some("0"));
     }
 
     #[test]

@@ -110,13 +110,8 @@ impl KafkaConfig {
     pub fn producer_with(&self, defaults: &[(&str, &str)]) -> ClientConfig {
         // linger 1 ms: a record waits at most 1 ms for company; under load batches still fill
         // while earlier requests are in flight.
-        let mut all = vec![
-            ("acks", "all"),
-            ("linger.ms", "1"),
-            ("compression.type", "none"),
-            ("message.timeout.ms", "120000"),
-            ("statistics.interval.ms", crate::client_stats::STATS_INTERVAL_MS),
-        ];
+        let mut all =
+            vec![("acks", "all"), ("linger.ms", "1"), ("compression.type", "none"), ("message.timeout.ms", "120000")];
         all.extend_from_slice(defaults);
         self.build(&all, &[("enable.idempotence", "true"), ("partitioner", "murmur2_random")])
     }
@@ -139,7 +134,6 @@ impl KafkaConfig {
             ("session.timeout.ms", "10000"),
             ("heartbeat.interval.ms", "1000"),
             ("max.poll.interval.ms", "300000"),
-            ("statistics.interval.ms", crate::client_stats::STATS_INTERVAL_MS),
         ];
         all.extend_from_slice(defaults);
         let mut fixed =

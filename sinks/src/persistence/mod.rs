@@ -309,6 +309,7 @@ async fn start(
         &[("fetch.min.bytes", "262144"), ("fetch.wait.max.ms", &wait)],
         &[("enable.auto.commit", "false"), ("partition.assignment.strategy", "range,roundrobin")],
     );
+    let cc = tidings_core::client_stats::reporting(cc);
     let consumer: Arc<StreamConsumer<SinkContext>> = Arc::new(cc.create_with_context(ctx)?);
     consumer.subscribe(&topics.iter().map(String::as_str).collect::<Vec<_>>())?;
     let producer: FutureProducer = cfg.kafka.producer().create()?;

@@ -15,7 +15,7 @@ use serde_json::Value as Json;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-use tidings_core::client_stats::ClientStats;
+use tidings_core::client_stats::{reporting, ClientStats};
 use tidings_core::json_avro::{avro_to_json, union_branch_name};
 use tidings_core::kafka::{header_str, KafkaConfig, H_DELIVERY_ONLY, H_TRACEPARENT};
 use tidings_core::notification::NOTIFICATION_SCHEMA_JSON;
@@ -374,7 +374,7 @@ async fn start(
     let mut templater = Templater::new(topo.clone(), &cfg.registry, store.clone()).await?;
     let output = topo.topic_name(&spec.output);
     let producer: FutureProducer<ClientStats> =
-        cfg.kafka.producer().create_with_context(ClientStats::new("templating-producer"))?;
+        reporting(cfg.kafka.producer()).create_with_context(ClientStats::new("templating-producer"))?;
     if spec.group_records {
         // Read once per start: grouping must use the count the keyed records' partitioner and the
         // gateways use (after partitions are added, restart templating with the gateways).
@@ -388,8 +388,7 @@ async fn start(
         templater.group_by_partition(count);
     }
     let consumer: Arc<StreamConsumer<ClientStats>> = Arc::new(
-        cfg.kafka
-            .consumer(&topo.group_name(&spec.group))
+        reporting(cfg.kafka.consumer(&topo.group_name(&spec.group)))
             .create_with_context(ClientStats::new("templating-consumer"))?,
     );
     let topics: Vec<String> = spec.inputs.iter().map(|t| topo.topic_name(t)).collect();

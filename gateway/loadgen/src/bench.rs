@@ -1547,8 +1547,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
+    /// A window counts this whole process as the clients, so the two tests must not overlap
+    /// (the test harness runs tests on parallel threads).
+    static ONE_WINDOW_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     #[test]
     fn cpu_window_counts_the_cpu_a_process_burns() {
+        let _one = ONE_WINDOW_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let (sleeper, pid) = {
             let c = Command::new("sleep").arg("5").spawn().expect("sleep");
             let pid = c.id();
@@ -1574,6 +1579,7 @@ mod tests {
 
     #[test]
     fn cpu_window_counts_a_busy_server_process() {
+        let _one = ONE_WINDOW_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let mut spinner = Command::new("sh").args(["-c", "while :; do :; done"]).spawn().expect("sh");
         let w = CpuWindow::start(Some(spinner.id()));
         std::thread::sleep(Duration::from_millis(600));

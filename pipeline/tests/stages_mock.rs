@@ -178,6 +178,7 @@ fn spawn_templating(env: &Env) -> tokio::task::JoinHandle<Result<(), tidings_pip
             registry: env.registry_url.clone().into(),
             topology: env.topo.clone(),
             health: Default::default(),
+            acked: Default::default(),
         },
         env.store.clone(),
         env.token.clone(),

@@ -16,12 +16,14 @@ use std::time::Duration;
 use tidings_core::client_stats::{reporting, ClientStats};
 use tidings_core::shutdown::StageHealth;
 use tidings_core::shutdown::TaskTree;
+use tidings_core::stage::AckedSlot;
 use tidings_core::RegistryClient;
 use tidings_gateway::auth::{self, Key};
 use tidings_gateway::browser::BrowserAccess;
 use tidings_gateway::chat::{ChatConfig, ChatState};
 use tidings_gateway::delivery::backfill::LogSource;
 use tidings_gateway::delivery::hub::StoreResume;
+use tidings_gateway::delivery::local::LocalAcks;
 use tidings_gateway::delivery::owners::RedirectAllow;
 use tidings_gateway::delivery::{self, DeliveryConfig, Hub, HubConfig, Owners};
 use tidings_gateway::produce::EventProducer;
@@ -133,6 +135,11 @@ pub struct SseArgs {
     /// Consumer group shared by all gateway instances (prefixed with the topic prefix).
     #[arg(long, env = "TIDINGS_DELIVERY_GROUP", default_value = "tidings-delivery")]
     pub delivery_group: String,
+    /// When templating runs in this process too: deliver each notification it produces to an
+    /// owned partition at the broker's acknowledgement (same positions and order) instead of one
+    /// fetch later. `false`: every notification waits for the delivery consumer's fetch.
+    #[arg(long, env = "TIDINGS_DELIVER_AT_ACK", default_value_t = true, action = clap::ArgAction::Set)]
+    pub deliver_at_ack: bool,
     /// Logical topic (declared in topology.yaml) where instances announce the partitions they own.
     #[arg(long, env = "TIDINGS_OWNERS_TOPIC", default_value = "tidings.gateway.owners")]
     pub owners_topic: String,
@@ -368,6 +375,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     }
 
     let run = |name: &str| args.stages.iter().any(|s| s == name);
+    // Set by the gateway below, if it runs here: templating tells it of each acknowledged record.
+    let acked = AckedSlot::default();
     if run("templating") {
         let health = StageHealth::default();
         let cfg = TemplatingConfig {
@@ -375,6 +384,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             registry: registry.clone(),
             topology: topo.clone(),
             health: health.clone(),
+            acked: acked.clone(),
         };
         let (s, t) = (store.clone(), token.clone());
         // Ready while running, not while waiting to restart after a broker or registry outage.
@@ -485,6 +495,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             group: topo.group_name(&format!("{}-backfill", args.sse.delivery_group)),
         };
         let hub = Hub::with_log(args.sse.hub_config(), Some(resume), Some(log));
+        if args.sse.deliver_at_ack {
+            let _ = acked.set(Arc::new(LocalAcks::new(hub.clone(), notifications.clone())));
+        }
         let allow = RedirectAllow::new(args.sse.redirect_allow.iter().map(String::as_str))
             .map_err(|e| anyhow::anyhow!("--redirect-allow: {e}"))?;
         let gateways = allow.origins();

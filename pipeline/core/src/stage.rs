@@ -11,6 +11,7 @@ use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::consumer::{ConsumerContext, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message, ToBytes};
+use rdkafka::producer::future_producer::Delivery;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use tokio_util::sync::CancellationToken;
 
@@ -210,14 +211,39 @@ pub async fn enqueue<'a, C: ClientContext + 'static, K: ToBytes + ?Sized, P: ToB
     }
 }
 
-/// Awaits a produced record's acknowledgement.
-pub async fn acknowledged(delivery: DeliveryFuture) -> Result<(), KafkaError> {
+/// Awaits a produced record's acknowledgement: where the broker appended it.
+pub async fn acknowledged(delivery: DeliveryFuture) -> Result<Delivery, KafkaError> {
     match delivery.await {
-        Ok(Ok(_)) => Ok(()),
+        Ok(Ok(d)) => Ok(d),
         Ok(Err((e, _))) => Err(e),
         Err(_) => Err(KafkaError::Canceled),
     }
 }
+
+/// One record a stage of this process produced, as the broker acknowledged it.
+#[derive(Debug, Clone, Copy)]
+pub struct AckedRecord<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    pub offset: i64,
+    /// CreateTime, as a consumer of the record sees it.
+    pub timestamp_ms: i64,
+    pub payload: &'a [u8],
+}
+
+/// Told of the records a stage produced once the broker acknowledged them (acks=all: they are
+/// in the log and visible to consumers), so a consumer of that topic in the same process can act
+/// at the acknowledgement instead of one fetch later. Implementations must behave exactly as if
+/// the record had been fetched, and let the fetched copy through only when they did not act on it
+/// (the gateway's hub: see `Hub::offer`).
+/// Called on the producing stage's acknowledger task: must not block.
+pub trait Acknowledged: Send + Sync {
+    fn acknowledged(&self, rec: AckedRecord<'_>);
+}
+
+/// Where a producing stage finds its co-located consumer, which may start after it (`tidings up`
+/// starts templating before the gateway): set once, read on every acknowledgement.
+pub type AckedSlot = Arc<std::sync::OnceLock<Arc<dyn Acknowledged>>>;
 
 #[cfg(test)]
 mod tests {

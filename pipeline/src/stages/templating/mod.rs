@@ -20,7 +20,7 @@ use tidings_core::json_avro::{avro_to_json, union_branch_name};
 use tidings_core::kafka::{header_str, KafkaConfig, H_DELIVERY_ONLY, H_TRACEPARENT};
 use tidings_core::notification::NOTIFICATION_SCHEMA_JSON;
 use tidings_core::retry::{until_done, GaveUp};
-use tidings_core::stage::{acknowledged, enqueue, DeadLetters, Processor};
+use tidings_core::stage::{acknowledged, enqueue, AckedRecord, AckedSlot, DeadLetters, Processor};
 use tidings_core::{
     trace, DecodeError, Notification, NotificationEncoder, RegistryClient, RegistryEndpoint, SharedFields,
 };
@@ -46,6 +46,9 @@ pub struct TemplatingConfig {
     pub topology: Arc<Topology>,
     /// Up while the stage runs (not while it waits to restart); for `/readyz`.
     pub health: tidings_core::shutdown::StageHealth,
+    /// A consumer of the output topic in this process (the gateway's delivery), told of each
+    /// notification record at its acknowledgement; empty when none runs here.
+    pub acked: AckedSlot,
 }
 
 /// Outputs of one input record (or of one page of its audience), awaiting acknowledgement before
@@ -57,6 +60,9 @@ struct InFlight {
     /// The record's last outputs: once they are acknowledged, its offset is stored.
     last: bool,
     deliveries: Vec<DeliveryFuture>,
+    /// The payloads of the notification records among `deliveries` (same index), kept for the
+    /// co-located consumer while one is set; empty otherwise.
+    payloads: Vec<Option<Box<[u8]>>>,
     _permits: Option<OwnedSemaphorePermit>,
 }
 
@@ -209,6 +215,7 @@ struct Stage {
     /// To the acknowledger, which stores each record's offset once its outputs are acknowledged.
     acks: mpsc::Sender<InFlight>,
     acker: Option<JoinHandle<Result<(), StageError>>>,
+    acked: AckedSlot,
 }
 
 impl Templater {
@@ -396,7 +403,7 @@ async fn start(
     info!(topics = ?topics, output = %output, "Templating stage consuming {topics:?} into {output}.");
     let max_in_flight = spec.max_in_flight.max(1);
     let (acks, rx) = mpsc::channel::<InFlight>(1024);
-    let acker = tokio::spawn(ack_in_order(rx, consumer.clone()));
+    let acker = tokio::spawn(ack_in_order(rx, consumer.clone(), (cfg.acked.clone(), output.clone())));
     let stage = Stage {
         templater,
         dead: DeadLetters::new(producer.clone(), topo.topic_name(&spec.dead_letter), STAGE),
@@ -408,6 +415,7 @@ async fn start(
         max_in_flight,
         acks,
         acker: Some(acker),
+        acked: cfg.acked.clone(),
     };
     Ok((stage, consumer))
 }
@@ -457,14 +465,22 @@ impl Processor for Stage {
 }
 
 /// Awaits each record's outputs in consumption order and only then stores its offset.
+/// Each acknowledged notification record is also handed to the co-located consumer, if any.
 async fn ack_in_order(
     mut rx: mpsc::Receiver<InFlight>,
     consumer: Arc<StreamConsumer<ClientStats>>,
+    (acked, output): (AckedSlot, String),
 ) -> Result<(), StageError> {
     while let Some(f) = rx.recv().await {
-        for d in f.deliveries {
-            if let Err(e) = acknowledged(d).await {
-                return Err(StageError::Delivery(format!("{}[{}]@{}: {e}", f.topic, f.partition, f.offset)));
+        for (i, d) in f.deliveries.into_iter().enumerate() {
+            let d = match acknowledged(d).await {
+                Ok(d) => d,
+                Err(e) => return Err(StageError::Delivery(format!("{}[{}]@{}: {e}", f.topic, f.partition, f.offset))),
+            };
+            if let (Some(local), Some(Some(payload))) = (acked.get(), f.payloads.get(i)) {
+                let timestamp_ms = d.timestamp.to_millis().unwrap_or(0);
+                let (partition, offset) = (d.partition, d.offset);
+                local.acknowledged(AckedRecord { topic: &output, partition, offset, timestamp_ms, payload });
             }
         }
         if !f.last {
@@ -531,6 +547,10 @@ impl Stage {
                 }
             };
             deliveries.reserve(records.remaining());
+            // Dead letters (pushed above) are not notifications: no payload for the co-located consumer.
+            let keep = self.acked.get().is_some();
+            let mut payloads: Vec<Option<Box<[u8]>>> =
+                if keep { deliveries.iter().map(|_| None).collect() } else { Vec::new() };
             // A template's copies are all inbox rows or all delivery-only.
             let delivery_only = notifications.texts.first().is_some_and(|t| !t.inbox);
             let headers = match (&headers, delivery_only) {
@@ -552,6 +572,9 @@ impl Stage {
                     rec = rec.headers(h.clone());
                 }
                 deliveries.push(enqueue(&self.producer, rec).await?);
+                if keep {
+                    payloads.push(Some(payload.into()));
+                }
             }
             if !notifications.is_empty() {
                 debug!(
@@ -568,6 +591,7 @@ impl Stage {
                 offset: msg.offset(),
                 last: next.is_none(),
                 deliveries,
+                payloads,
                 _permits: permits,
             };
             self.acks.send(inflight).await.map_err(|_| StageError::Delivery("acknowledger stopped".into()))?;

@@ -3,7 +3,7 @@
 //! things first but encode and produce alike. Answers come after the broker's acknowledgement.
 
 use axum::http::StatusCode;
-use rdkafka::message::OwnedHeaders;
+use rdkafka::message::{OwnedHeaders, OwnedMessage};
 use rdkafka::producer::future_producer::Delivery;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::Value;
@@ -12,6 +12,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use tidings_core::client_stats::ClientStats;
 use tidings_core::json_avro::json_to_avro;
+use tidings_core::stage::OfferSlot;
 use tidings_core::{CodecError, FramedEncoder, RegistryClient};
 
 use crate::ingest::ApiError;
@@ -29,6 +30,8 @@ pub struct EventProducer {
     registry: RegistryClient,
     producer: FutureProducer<ClientStats>,
     encoders: RwLock<HashMap<String, (Instant, Arc<TopicEncoder>)>>,
+    /// The templating stage of this process, handed each event at its acknowledgement.
+    offers: OfferSlot,
 }
 
 /// Where a produced event landed, and the schema it was written with.
@@ -41,7 +44,13 @@ pub struct Produced {
 
 impl EventProducer {
     pub fn new(registry: RegistryClient, producer: FutureProducer<ClientStats>) -> Self {
-        EventProducer { registry, producer, encoders: RwLock::new(HashMap::new()) }
+        EventProducer { registry, producer, encoders: RwLock::new(HashMap::new()), offers: OfferSlot::default() }
+    }
+
+    /// Hands each produced event to the stage listening on `offers` at its acknowledgement.
+    pub fn with_offers(mut self, offers: OfferSlot) -> Self {
+        self.offers = offers;
+        self
     }
 
     async fn encoder(&self, physical: &str) -> Result<Arc<TopicEncoder>, ApiError> {
@@ -85,16 +94,22 @@ impl EventProducer {
             .encode(value)
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "schema_mismatch", e.to_string()))?;
         let mut rec: FutureRecord<'_, str, [u8]> = FutureRecord::to(physical).payload(payload.as_slice());
+        let offered_headers = if self.offers.is_open() { headers.clone() } else { None };
         if let Some(h) = headers {
             rec = rec.headers(h);
         }
         if let Some(k) = key {
             rec = rec.key(k);
         }
-        let Delivery { partition, offset, .. } =
+        let Delivery { partition, offset, timestamp } =
             self.producer.send(rec, PRODUCE_TIMEOUT).await.map_err(|(e, _)| {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "broker_unavailable", e.to_string())
             })?;
+        if self.offers.is_open() {
+            let (key, topic) = (key.map(|k| k.as_bytes().to_vec()), physical.to_string());
+            let msg = OwnedMessage::new(Some(payload), key, topic, timestamp, partition, offset, offered_headers);
+            self.offers.offer(msg);
+        }
         Ok(Produced { partition, offset, schema_id: encoder.schema_id() })
     }
 }

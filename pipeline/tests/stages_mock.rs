@@ -179,6 +179,7 @@ fn spawn_templating(env: &Env) -> tokio::task::JoinHandle<Result<(), tidings_pip
             topology: env.topo.clone(),
             health: Default::default(),
             acked: Default::default(),
+            offers: Default::default(),
         },
         env.store.clone(),
         env.token.clone(),

@@ -16,7 +16,7 @@ use std::time::Duration;
 use tidings_core::client_stats::{reporting, ClientStats};
 use tidings_core::shutdown::StageHealth;
 use tidings_core::shutdown::TaskTree;
-use tidings_core::stage::AckedSlot;
+use tidings_core::stage::{AckedSlot, OfferSlot};
 use tidings_core::RegistryClient;
 use tidings_gateway::auth::{self, Key};
 use tidings_gateway::browser::BrowserAccess;
@@ -135,9 +135,10 @@ pub struct SseArgs {
     /// Consumer group shared by all gateway instances (prefixed with the topic prefix).
     #[arg(long, env = "TIDINGS_DELIVERY_GROUP", default_value = "tidings-delivery")]
     pub delivery_group: String,
-    /// When templating runs in this process too: deliver each notification it produces to an
-    /// owned partition at the broker's acknowledgement (same positions and order) instead of one
-    /// fetch later. `false`: every notification waits for the delivery consumer's fetch.
+    /// Hand each record a stage of this process produced to the next stage here at the broker's
+    /// acknowledgement (ingest's events to templating, templating's notifications to delivery;
+    /// same records, positions and order) instead of one fetch later. `false`: every record waits
+    /// for its consumer's fetch.
     #[arg(long, env = "TIDINGS_DELIVER_AT_ACK", default_value_t = true, action = clap::ArgAction::Set)]
     pub deliver_at_ack: bool,
     /// Logical topic (declared in topology.yaml) where instances announce the partitions they own.
@@ -377,6 +378,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     let run = |name: &str| args.stages.iter().any(|s| s == name);
     // Set by the gateway below, if it runs here: templating tells it of each acknowledged record.
     let acked = AckedSlot::default();
+    // Opened by templating, if it runs here: ingest and the chat API hand it their events.
+    let offers = OfferSlot::default();
     if run("templating") {
         let health = StageHealth::default();
         let cfg = TemplatingConfig {
@@ -385,6 +388,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             topology: topo.clone(),
             health: health.clone(),
             acked: acked.clone(),
+            offers: offers.clone(),
         };
         let (s, t) = (store.clone(), token.clone());
         // Ready while running, not while waiting to restart after a broker or registry outage.
@@ -427,7 +431,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     let events = if run("gateway") || run("ingest") {
         let producer: FutureProducer<ClientStats> =
             reporting(kafka.producer()).create_with_context(ClientStats::new("ingest-producer"))?;
-        Some(Arc::new(EventProducer::new(client.clone(), producer)))
+        let events = EventProducer::new(client.clone(), producer);
+        Some(Arc::new(if args.sse.deliver_at_ack { events.with_offers(offers.clone()) } else { events }))
     } else {
         None
     };

@@ -149,8 +149,8 @@ impl KafkaConfig {
 }
 
 /// Headers for a dead-lettered copy of a record.
-pub fn dlq_headers(
-    original: Option<&rdkafka::message::BorrowedHeaders>,
+pub fn dlq_headers<H: Headers>(
+    original: Option<&H>,
     stage: &str,
     reason: &str,
     error: &str,

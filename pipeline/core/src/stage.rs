@@ -10,7 +10,7 @@ use metrics::Counter;
 use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::consumer::{ConsumerContext, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedMessage, Message, ToBytes};
+use rdkafka::message::{BorrowedMessage, Message, OwnedMessage, ToBytes};
 use rdkafka::producer::future_producer::Delivery;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use tokio_util::sync::CancellationToken;
@@ -164,9 +164,9 @@ impl<C: ClientContext + 'static> DeadLetters<C> {
 
     /// Produces a copy of `msg` (key, payload, headers) with the reason headers. The returned
     /// delivery must be acknowledged before the record's offset is stored.
-    pub async fn send(
+    pub async fn send<M: Message + Sync>(
         &self,
-        msg: &BorrowedMessage<'_>,
+        msg: &M,
         reason: &'static str,
         error: &str,
     ) -> Result<DeliveryFuture, KafkaError> {
@@ -244,6 +244,33 @@ pub trait Acknowledged: Send + Sync {
 /// Where a producing stage finds its co-located consumer, which may start after it (`tidings up`
 /// starts templating before the gateway): set once, read on every acknowledgement.
 pub type AckedSlot = Arc<std::sync::OnceLock<Arc<dyn Acknowledged>>>;
+
+/// Input records a producer of this process hands to a stage of it at their acknowledgement (HTTP
+/// ingest's events to templating), so the stage need not wait for its own fetch of them. The
+/// stage takes one only if it is the next record of a partition it consumes (see templating's
+/// `Taken`) and skips its fetched copy; anything it does not take it fetches as usual. The slot
+/// outlives the stage's attempts: each opens a fresh channel, bounded, and a full one refuses.
+#[derive(Clone, Default)]
+pub struct OfferSlot(Arc<std::sync::Mutex<Option<tokio::sync::mpsc::Sender<OwnedMessage>>>>);
+
+impl OfferSlot {
+    /// The channel of a new attempt of the stage (the previous attempt's is closed).
+    pub fn open(&self, capacity: usize) -> tokio::sync::mpsc::Receiver<OwnedMessage> {
+        let (tx, rx) = tokio::sync::mpsc::channel(capacity.max(1));
+        *self.0.lock().expect("lock") = Some(tx);
+        rx
+    }
+
+    /// Whether a stage listens (else a producer need not build the message).
+    pub fn is_open(&self) -> bool {
+        self.0.lock().expect("lock").as_ref().is_some_and(|tx| !tx.is_closed())
+    }
+
+    /// Hands `msg` to the stage if one listens and has room; `false`: it fetches the record.
+    pub fn offer(&self, msg: OwnedMessage) -> bool {
+        self.0.lock().expect("lock").as_ref().is_some_and(|tx| tx.try_send(msg).is_ok())
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -4,15 +4,17 @@
 //! in order, so a crash replays rather than loses; replays are harmless because notification ids
 //! are deterministic.
 
+pub mod offered;
 pub mod render;
 
 use apache_avro::Schema;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::RDKafkaErrorCode;
-use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use serde_json::Value as Json;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tidings_core::client_stats::{reporting, ClientStats};
@@ -20,7 +22,7 @@ use tidings_core::json_avro::{avro_to_json, union_branch_name};
 use tidings_core::kafka::{header_str, KafkaConfig, H_DELIVERY_ONLY, H_TRACEPARENT};
 use tidings_core::notification::NOTIFICATION_SCHEMA_JSON;
 use tidings_core::retry::{until_done, GaveUp};
-use tidings_core::stage::{acknowledged, enqueue, AckedRecord, AckedSlot, DeadLetters, Processor};
+use tidings_core::stage::{acknowledged, enqueue, AckedRecord, AckedSlot, DeadLetters, OfferSlot, Processor};
 use tidings_core::{
     trace, DecodeError, Notification, NotificationEncoder, RegistryClient, RegistryEndpoint, SharedFields,
 };
@@ -32,6 +34,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::error::StageError;
 use crate::topology::Topology;
+use offered::{Taken, TemplatingContext};
 pub use render::Rendered;
 use render::{Audience, RenderError, Renderer};
 
@@ -49,7 +52,13 @@ pub struct TemplatingConfig {
     /// A consumer of the output topic in this process (the gateway's delivery), told of each
     /// notification record at its acknowledgement; empty when none runs here.
     pub acked: AckedSlot,
+    /// Where producers of this process (HTTP ingest, the chat API) hand the stage its input
+    /// records at their acknowledgement; the stage opens it on every start.
+    pub offers: OfferSlot,
 }
+
+/// Offered records waiting for the stage at most; past it an offer is refused (and fetched).
+const OFFERS_QUEUED: usize = 1024;
 
 /// Outputs of one input record (or of one page of its audience), awaiting acknowledgement before
 /// its offset may be stored.
@@ -207,7 +216,7 @@ struct Stage {
     producer: FutureProducer<ClientStats>,
     output: String,
     dead: DeadLetters<ClientStats>,
-    consumer: Arc<StreamConsumer<ClientStats>>,
+    consumer: Arc<StreamConsumer<TemplatingContext>>,
     shutdown: CancellationToken,
     /// Outputs awaiting acknowledgement, at most `max_in_flight`.
     budget: Arc<Semaphore>,
@@ -216,6 +225,17 @@ struct Stage {
     acks: mpsc::Sender<InFlight>,
     acker: Option<JoinHandle<Result<(), StageError>>>,
     acked: AckedSlot,
+    offers: mpsc::Receiver<OwnedMessage>,
+    taken: Taken,
+    rebalances: Arc<AtomicU64>,
+}
+
+/// What the stage waits for besides fetched records.
+enum Due {
+    /// The acknowledger ended (only on a failed delivery or a dropped producer).
+    Acker(Result<(), StageError>),
+    /// An input record handed over at its acknowledgement.
+    Offered(OwnedMessage),
 }
 
 impl Templater {
@@ -375,7 +395,7 @@ async fn start(
     cfg: &TemplatingConfig,
     store: &Store,
     shutdown: &CancellationToken,
-) -> Result<(Stage, Arc<StreamConsumer<ClientStats>>), StageError> {
+) -> Result<(Stage, Arc<StreamConsumer<TemplatingContext>>), StageError> {
     let topo = cfg.topology.clone();
     let spec = &topo.stages.templating;
     let mut templater = Templater::new(topo.clone(), &cfg.registry, store.clone()).await?;
@@ -394,10 +414,10 @@ async fn start(
         .map_err(|e| StageError::Delivery(e.to_string()))??;
         templater.group_by_partition(count);
     }
-    let consumer: Arc<StreamConsumer<ClientStats>> = Arc::new(
-        reporting(cfg.kafka.consumer(&topo.group_name(&spec.group)))
-            .create_with_context(ClientStats::new("templating-consumer"))?,
-    );
+    let context = TemplatingContext::new(ClientStats::new("templating-consumer"));
+    let rebalances = context.rebalances();
+    let consumer: Arc<StreamConsumer<TemplatingContext>> =
+        Arc::new(reporting(cfg.kafka.consumer(&topo.group_name(&spec.group))).create_with_context(context)?);
     let topics: Vec<String> = spec.inputs.iter().map(|t| topo.topic_name(t)).collect();
     consumer.subscribe(&topics.iter().map(String::as_str).collect::<Vec<_>>())?;
     info!(topics = ?topics, output = %output, "Templating stage consuming {topics:?} into {output}.");
@@ -416,29 +436,62 @@ async fn start(
         acks,
         acker: Some(acker),
         acked: cfg.acked.clone(),
+        offers: cfg.offers.open(OFFERS_QUEUED),
+        taken: Taken::default(),
+        rebalances,
     };
     Ok((stage, consumer))
 }
 
 impl Processor for Stage {
     type Error = StageError;
-    /// The acknowledger ended (only on a failed delivery or a dropped producer).
-    type Due = Result<(), StageError>;
+    type Due = Due;
 
+    /// A fetched record, unless an offer already took it.
     async fn process(&mut self, msg: &BorrowedMessage<'_>) -> Result<(), StageError> {
-        self.process_traced_record(msg).await
+        self.taken.sync(self.rebalances.load(Ordering::SeqCst));
+        if self.taken.has(msg.topic(), msg.partition(), msg.offset()) {
+            return Ok(());
+        }
+        self.process_traced_record(msg).await?;
+        self.taken.set(msg.topic(), msg.partition(), msg.offset());
+        Ok(())
     }
 
     async fn due(&mut self) -> Self::Due {
-        match self.acker.as_mut() {
-            Some(acker) => acker.await.unwrap_or_else(|e| Err(StageError::Delivery(e.to_string()))),
-            None => std::future::pending().await,
+        let acker = async {
+            match self.acker.as_mut() {
+                Some(acker) => acker.await.unwrap_or_else(|e| Err(StageError::Delivery(e.to_string()))),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            ended = acker => Due::Acker(ended),
+            Some(msg) = self.offers.recv() => Due::Offered(msg),
         }
     }
 
-    async fn on_due(&mut self, ended: Self::Due) -> Result<(), StageError> {
-        self.acker = None;
-        Err(ended.err().unwrap_or_else(|| StageError::Delivery("acknowledger stopped".into())))
+    async fn on_due(&mut self, due: Self::Due) -> Result<(), StageError> {
+        match due {
+            Due::Acker(ended) => {
+                self.acker = None;
+                Err(ended.err().unwrap_or_else(|| StageError::Delivery("acknowledger stopped".into())))
+            }
+            // Taken only as its partition's next record, so records are processed in offset
+            // order per partition whichever way they come; else the consumer fetches it.
+            Due::Offered(msg) => {
+                self.taken.sync(self.rebalances.load(Ordering::SeqCst));
+                let (topic, partition, offset) = (msg.topic(), msg.partition(), msg.offset());
+                if !self.taken.is_next(topic, partition, offset) {
+                    metrics::counter!("tidings_templating_offered_total", "outcome" => "left_to_consumer").increment(1);
+                    return Ok(());
+                }
+                self.process_traced_record(&msg).await?;
+                self.taken.set(topic, partition, offset);
+                metrics::counter!("tidings_templating_offered_total", "outcome" => "taken").increment(1);
+                Ok(())
+            }
+        }
     }
 
     /// Lets every produced output be acknowledged and its offset stored, then commits what was
@@ -468,7 +521,7 @@ impl Processor for Stage {
 /// Each acknowledged notification record is also handed to the co-located consumer, if any.
 async fn ack_in_order(
     mut rx: mpsc::Receiver<InFlight>,
-    consumer: Arc<StreamConsumer<ClientStats>>,
+    consumer: Arc<StreamConsumer<TemplatingContext>>,
     (acked, output): (AckedSlot, String),
 ) -> Result<(), StageError> {
     while let Some(f) = rx.recv().await {
@@ -500,7 +553,7 @@ async fn ack_in_order(
 }
 
 impl Stage {
-    async fn process_traced_record(&self, msg: &BorrowedMessage<'_>) -> Result<(), StageError> {
+    async fn process_traced_record<M: Message + Sync>(&self, msg: &M) -> Result<(), StageError> {
         let topic = msg.topic().to_string();
         let traceparent = msg.headers().and_then(|h| header_str(h, H_TRACEPARENT));
         let span = tracing::info_span!("templating.event", topic = %topic, partition = msg.partition(), offset = msg.offset(),
@@ -518,9 +571,9 @@ impl Stage {
 
     /// Produces the outputs of one record and hands them to the acknowledger: one batch per page
     /// of a segment audience (only the last one lets the record's offset be stored), else one.
-    async fn process_traced(
+    async fn process_traced<M: Message + Sync>(
         &self,
-        msg: &BorrowedMessage<'_>,
+        msg: &M,
         topic: String,
         headers: Option<OwnedHeaders>,
     ) -> Result<(), StageError> {

@@ -428,11 +428,17 @@ async fn say(b: &mut Browser, ctx: &str, text: &str) {
     b.wait(ctx, &format!("{text:?} to show on the sender's side"), &has_message(text)).await;
 }
 
-/// Both pages show exactly `want`, in order, each once, with increasing seqs.
+/// Both pages show exactly `want`, in order, each once, with increasing seqs. Waits for the whole
+/// list, not just its last message: a page that just (re)opened the room may get the newest one
+/// live while its history request is still being answered 503 + Retry-After (the store catching
+/// up) and retried.
 async fn same_messages(b: &mut Browser, want: &[String], when: &str) {
-    let last = want.last().unwrap();
+    let all = format!(
+        "return JSON.stringify([...document.querySelectorAll('#messages li .text')].map((t) => t.textContent)) === {}",
+        json!(serde_json::to_string(want).unwrap())
+    );
     for ctx in ["alice", "bob"] {
-        b.wait(ctx, &format!("{last:?} {when}"), &has_message(last)).await;
+        b.wait(ctx, &format!("all {} messages {when}", want.len()), &all).await;
     }
     // A duplicate would show up now.
     tokio::time::sleep(Duration::from_millis(700)).await;

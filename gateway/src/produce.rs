@@ -94,7 +94,9 @@ impl EventProducer {
             .encode(value)
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "schema_mismatch", e.to_string()))?;
         let mut rec: FutureRecord<'_, str, [u8]> = FutureRecord::to(physical).payload(payload.as_slice());
-        let offered_headers = if self.offers.is_open() { headers.clone() } else { None };
+        // Decided once: a slot that opens meanwhile gets the next event, not one without headers.
+        let offer = self.offers.is_open();
+        let offered_headers = if offer { headers.clone() } else { None };
         if let Some(h) = headers {
             rec = rec.headers(h);
         }
@@ -105,7 +107,7 @@ impl EventProducer {
             self.producer.send(rec, PRODUCE_TIMEOUT).await.map_err(|(e, _)| {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "broker_unavailable", e.to_string())
             })?;
-        if self.offers.is_open() {
+        if offer {
             let (key, topic) = (key.map(|k| k.as_bytes().to_vec()), physical.to_string());
             let msg = OwnedMessage::new(Some(payload), key, topic, timestamp, partition, offset, offered_headers);
             self.offers.offer(msg);

@@ -3,7 +3,7 @@
 //! things first but encode and produce alike. Answers come after the broker's acknowledgement.
 
 use axum::http::StatusCode;
-use rdkafka::message::{OwnedHeaders, OwnedMessage};
+use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::future_producer::Delivery;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::Value;
@@ -12,7 +12,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use tidings_core::client_stats::ClientStats;
 use tidings_core::json_avro::json_to_avro;
-use tidings_core::stage::OfferSlot;
+use tidings_core::stage::{AckedRecord, AckedSlot};
 use tidings_core::{CodecError, FramedEncoder, RegistryClient};
 
 use crate::ingest::ApiError;
@@ -30,8 +30,9 @@ pub struct EventProducer {
     registry: RegistryClient,
     producer: FutureProducer<ClientStats>,
     encoders: RwLock<HashMap<String, (Instant, Arc<TopicEncoder>)>>,
-    /// The templating stage of this process, handed each event at its acknowledgement.
-    offers: OfferSlot,
+    /// The templating stage of this process, if it runs here: told of each event at its
+    /// acknowledgement.
+    acked: AckedSlot,
 }
 
 /// Where a produced event landed, and the schema it was written with.
@@ -44,12 +45,12 @@ pub struct Produced {
 
 impl EventProducer {
     pub fn new(registry: RegistryClient, producer: FutureProducer<ClientStats>) -> Self {
-        EventProducer { registry, producer, encoders: RwLock::new(HashMap::new()), offers: OfferSlot::default() }
+        EventProducer { registry, producer, encoders: RwLock::new(HashMap::new()), acked: AckedSlot::default() }
     }
 
-    /// Hands each produced event to the stage listening on `offers` at its acknowledgement.
-    pub fn with_offers(mut self, offers: OfferSlot) -> Self {
-        self.offers = offers;
+    /// Tells whatever `acked` holds of each produced event at its acknowledgement.
+    pub fn with_acked(mut self, acked: AckedSlot) -> Self {
+        self.acked = acked;
         self
     }
 
@@ -94,9 +95,9 @@ impl EventProducer {
             .encode(value)
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "schema_mismatch", e.to_string()))?;
         let mut rec: FutureRecord<'_, str, [u8]> = FutureRecord::to(physical).payload(payload.as_slice());
-        // Decided once: a slot that opens meanwhile gets the next event, not one without headers.
-        let offer = self.offers.is_open();
-        let offered_headers = if offer { headers.clone() } else { None };
+        // The record takes the headers; the co-located consumer, if any, gets a copy.
+        let local = self.acked.get();
+        let kept = local.and(headers.clone());
         if let Some(h) = headers {
             rec = rec.headers(h);
         }
@@ -107,10 +108,16 @@ impl EventProducer {
             self.producer.send(rec, PRODUCE_TIMEOUT).await.map_err(|(e, _)| {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "broker_unavailable", e.to_string())
             })?;
-        if offer {
-            let (key, topic) = (key.map(|k| k.as_bytes().to_vec()), physical.to_string());
-            let msg = OwnedMessage::new(Some(payload), key, topic, timestamp, partition, offset, offered_headers);
-            self.offers.offer(msg);
+        if let Some(local) = local {
+            local.acknowledged(AckedRecord {
+                topic: physical,
+                partition,
+                offset,
+                timestamp_ms: timestamp.to_millis().unwrap_or(0),
+                key: key.map(str::as_bytes),
+                headers: kept.as_ref(),
+                payload: &payload,
+            });
         }
         Ok(Produced { partition, offset, schema_id: encoder.schema_id() })
     }

@@ -380,6 +380,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     let acked = AckedSlot::default();
     // Opened by templating, if it runs here: ingest and the chat API hand it their events.
     let offers = OfferSlot::default();
+    let ingest_acked = AckedSlot::default();
+    if run("templating") && args.sse.deliver_at_ack {
+        let _ = ingest_acked.set(Arc::new(offers.clone()));
+    }
     if run("templating") {
         let health = StageHealth::default();
         let cfg = TemplatingConfig {
@@ -431,8 +435,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     let events = if run("gateway") || run("ingest") {
         let producer: FutureProducer<ClientStats> =
             reporting(kafka.producer()).create_with_context(ClientStats::new("ingest-producer"))?;
-        let events = EventProducer::new(client.clone(), producer);
-        Some(Arc::new(if args.sse.deliver_at_ack { events.with_offers(offers.clone()) } else { events }))
+        Some(Arc::new(EventProducer::new(client.clone(), producer).with_acked(ingest_acked.clone())))
     } else {
         None
     };

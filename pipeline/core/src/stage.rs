@@ -10,7 +10,7 @@ use metrics::Counter;
 use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::consumer::{ConsumerContext, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedMessage, Message, OwnedMessage, ToBytes};
+use rdkafka::message::{BorrowedMessage, Message, OwnedHeaders, OwnedMessage, ToBytes};
 use rdkafka::producer::future_producer::Delivery;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use tokio_util::sync::CancellationToken;
@@ -228,6 +228,8 @@ pub struct AckedRecord<'a> {
     pub offset: i64,
     /// CreateTime, as a consumer of the record sees it.
     pub timestamp_ms: i64,
+    pub key: Option<&'a [u8]>,
+    pub headers: Option<&'a OwnedHeaders>,
     pub payload: &'a [u8],
 }
 
@@ -235,21 +237,21 @@ pub struct AckedRecord<'a> {
 /// in the log and visible to consumers), so a consumer of that topic in the same process can act
 /// at the acknowledgement instead of one fetch later. Implementations must behave exactly as if
 /// the record had been fetched, and let the fetched copy through only when they did not act on it
-/// (the gateway's hub: see `Hub::offer`).
-/// Called on the producing stage's acknowledger task: must not block.
+/// (the gateway's hub: see `Hub::offer`; templating: [`OfferSlot`]). Called on the producer's
+/// task right after the acknowledgement: must not block.
 pub trait Acknowledged: Send + Sync {
     fn acknowledged(&self, rec: AckedRecord<'_>);
 }
 
-/// Where a producing stage finds its co-located consumer, which may start after it (`tidings up`
-/// starts templating before the gateway): set once, read on every acknowledgement.
+/// Where a producer finds its co-located consumer, which may start after it (`tidings up` starts
+/// templating before the gateway): set once, read on every acknowledgement.
 pub type AckedSlot = Arc<std::sync::OnceLock<Arc<dyn Acknowledged>>>;
 
-/// Input records a producer of this process hands to a stage of it at their acknowledgement (HTTP
-/// ingest's events to templating), so the stage need not wait for its own fetch of them. The
-/// stage takes one only if it is the next record of a partition it consumes (see templating's
-/// `Taken`) and skips its fetched copy; anything it does not take it fetches as usual. The slot
-/// outlives the stage's attempts: each opens a fresh channel, bounded, and a full one refuses.
+/// A stage as the co-located consumer of its input topics ([`Acknowledged`] for HTTP ingest's
+/// events to templating): acknowledged records go to the stage's own task, which takes one only
+/// if it is the next record of a partition it consumes (see templating's `Taken`) and skips its
+/// fetched copy; anything it does not take it fetches as usual. The slot outlives the stage's
+/// attempts: each opens a fresh channel, bounded; a full or closed one refuses.
 #[derive(Clone, Default)]
 pub struct OfferSlot(Arc<std::sync::Mutex<Option<tokio::sync::mpsc::Sender<OwnedMessage>>>>);
 
@@ -260,15 +262,24 @@ impl OfferSlot {
         *self.0.lock().expect("lock") = Some(tx);
         rx
     }
+}
 
-    /// Whether a stage listens (else a producer need not build the message).
-    pub fn is_open(&self) -> bool {
-        self.0.lock().expect("lock").as_ref().is_some_and(|tx| !tx.is_closed())
-    }
-
-    /// Hands `msg` to the stage if one listens and has room; `false`: it fetches the record.
-    pub fn offer(&self, msg: OwnedMessage) -> bool {
-        self.0.lock().expect("lock").as_ref().is_some_and(|tx| tx.try_send(msg).is_ok())
+impl Acknowledged for OfferSlot {
+    /// Copies the record for the stage if one listens; otherwise (or if its queue is full) the
+    /// stage fetches it.
+    fn acknowledged(&self, rec: AckedRecord<'_>) {
+        let guard = self.0.lock().expect("lock");
+        let Some(tx) = guard.as_ref().filter(|tx| !tx.is_closed()) else { return };
+        let msg = OwnedMessage::new(
+            Some(rec.payload.to_vec()),
+            rec.key.map(<[u8]>::to_vec),
+            rec.topic.to_string(),
+            rdkafka::Timestamp::CreateTime(rec.timestamp_ms),
+            rec.partition,
+            rec.offset,
+            rec.headers.cloned(),
+        );
+        let _ = tx.try_send(msg);
     }
 }
 

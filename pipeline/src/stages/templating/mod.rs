@@ -533,7 +533,16 @@ async fn ack_in_order(
             if let (Some(local), Some(Some(payload))) = (acked.get(), f.payloads.get(i)) {
                 let timestamp_ms = d.timestamp.to_millis().unwrap_or(0);
                 let (partition, offset) = (d.partition, d.offset);
-                local.acknowledged(AckedRecord { topic: &output, partition, offset, timestamp_ms, payload });
+                let (key, headers) = (None, None); // the hub needs neither
+                local.acknowledged(AckedRecord {
+                    topic: &output,
+                    partition,
+                    offset,
+                    timestamp_ms,
+                    key,
+                    headers,
+                    payload,
+                });
             }
         }
         if !f.last {

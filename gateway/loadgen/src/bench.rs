@@ -73,6 +73,10 @@ pub struct BenchArgs {
     /// scenario's name (without it, ingest_latency_embedded overwrites ingest_latency's file).
     #[arg(long)]
     timeline: Option<PathBuf>,
+    /// Milliseconds between the bursts a paced load goes out in (each burst is rate × this / 1000
+    /// items at once).
+    #[arg(long, default_value_t = 10)]
+    pace_ms: u64,
     /// Connected users, each in every campaign's audience, in broadcast and nchan_broadcast.
     #[arg(long, default_value_t = 10_000)]
     broadcast_users: usize,
@@ -502,10 +506,13 @@ impl Drop for RecordTimes {
     }
 }
 
+/// Milliseconds between the load's bursts ([`BenchArgs::pace_ms`]).
+static PACE_MS: AtomicU64 = AtomicU64::new(10);
+
 /// Sleeps so that item `k` (from 0) goes out at `rate` per second since `start`, in bursts of
-/// 1/100 s.
+/// `PACE_MS`.
 async fn pace(start: Instant, k: usize, rate: usize) {
-    let step = (rate / 100).max(1);
+    let step = (rate * PACE_MS.load(Ordering::Relaxed) as usize / 1000).max(1);
     if k % step == step - 1 {
         let due = start + Duration::from_secs_f64((k + 1) as f64 / rate.max(1) as f64);
         tokio::time::sleep_until(due.into()).await;
@@ -1171,6 +1178,7 @@ fn report(results: &mut HashMap<String, Value>, name: &str, outcome: anyhow::Res
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    PACE_MS.store(args.pace_ms.max(1), Ordering::Relaxed);
     start_wakeup_probe();
     let bin = match &args.tidings {
         Some(b) => b.clone(),

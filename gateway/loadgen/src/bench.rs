@@ -588,6 +588,23 @@ async fn stage_ages(http: &reqwest::Client, url: &str) -> Value {
     Value::Object(out)
 }
 
+/// How many records each hand-over at the acknowledgement took or left to its consumer's fetch
+/// (`tidings_templating_offered_total`, `tidings_gateway_acked_records_total`), over the whole run.
+async fn handed_over(http: &reqwest::Client, url: &str) -> Value {
+    let Some(text) = metrics_text(http, url).await else { return Value::Null };
+    let mut out = json!({});
+    for (metric, hop) in
+        [("tidings_templating_offered_total{", "templating"), ("tidings_gateway_acked_records_total{", "hub")]
+    {
+        for line in text.lines().filter(|l| l.starts_with(metric)) {
+            if let (Some(outcome), Some(v)) = (label(line, "outcome"), sample_value(line)) {
+                out[hop][outcome] = json!(v);
+            }
+        }
+    }
+    out
+}
+
 /// librdkafka's own windows from tidings' `/metrics` (its clients' last statistics report, the
 /// previous 10 s): per client, each window's p50 / p99 / max in ms.
 async fn client_windows(http: &reqwest::Client, url: &str) -> Value {
@@ -759,6 +776,8 @@ async fn ingest_latency(
         "consumed_after_ms": stage_ages(http, &stack.url).await,
         "consumed_after_note": "the stages' own tidings_stage_record_age_seconds (CreateTime → consumed) and, as gateway_write, tidings_gateway_event_age_at_write_seconds (notifications CreateTime → its stream takes it to write), over the whole run (warm-up included)",
         "kafka_clients_ms": client_windows(http, &stack.url).await,
+        "handed_over": handed_over(http, &stack.url).await,
+        "handed_over_note": "records each hand-over at the acknowledgement took, or left to its consumer's fetch, over the whole run (warm-up included)",
         "kafka_clients_note": "librdkafka's statistics of tidings' clients (tidings_kafka_*_seconds), its last 10 s report: rtt = request → response (a consumer's include fetch long-polls), producer_queue = produce() → written into a request, request_queue = request ready → handed to the socket",
     });
     v["path"] = json!("POST /v1/events/orders → orders → templating → notifications → delivery → stream");

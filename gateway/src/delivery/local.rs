@@ -16,6 +16,8 @@ pub struct LocalAcks {
     hub: Arc<Hub>,
     topic: String,
     taken: Counter,
+    /// Its fetched copy came first and was delivered (nothing waits).
+    already_fetched: Counter,
     left: Counter,
 }
 
@@ -25,6 +27,7 @@ impl LocalAcks {
             hub,
             topic: topic.into(),
             taken: metrics::counter!("tidings_gateway_acked_records_total", "outcome" => "taken"),
+            already_fetched: metrics::counter!("tidings_gateway_acked_records_total", "outcome" => "already_fetched"),
             left: metrics::counter!("tidings_gateway_acked_records_total", "outcome" => "left_to_consumer"),
         }
     }
@@ -33,7 +36,10 @@ impl LocalAcks {
 impl Acknowledged for LocalAcks {
     fn acknowledged(&self, rec: AckedRecord<'_>) {
         if rec.topic != self.topic || !self.hub.takes_next(rec.partition, rec.offset) {
-            self.left.increment(1);
+            match rec.topic == self.topic && self.hub.has_taken(rec.partition, rec.offset) {
+                true => self.already_fetched.increment(1),
+                false => self.left.increment(1),
+            }
             return;
         }
         // The templating stage wrote it with the notification schema itself (its own encoder), so

@@ -455,7 +455,7 @@ impl Processor for Stage {
         }
         self.process_traced_record(msg).await?;
         self.taken.set(msg.topic(), msg.partition(), msg.offset());
-        Ok(())
+        self.take_held(msg.topic(), msg.partition()).await
     }
 
     async fn due(&mut self) -> Self::Due {
@@ -481,15 +481,25 @@ impl Processor for Stage {
             // order per partition whichever way they come; else the consumer fetches it.
             Due::Offered(msg) => {
                 self.taken.sync(self.rebalances.load(Ordering::SeqCst));
-                let (topic, partition, offset) = (msg.topic(), msg.partition(), msg.offset());
-                if !self.taken.is_next(topic, partition, offset) {
-                    metrics::counter!("tidings_templating_offered_total", "outcome" => "left_to_consumer").increment(1);
+                let (topic, partition, offset) = (msg.topic().to_owned(), msg.partition(), msg.offset());
+                if self.taken.has(&topic, partition, offset) {
+                    // Its fetched copy came first and was processed: nothing waits.
+                    metrics::counter!("tidings_templating_offered_total", "outcome" => "already_fetched").increment(1);
+                    return Ok(());
+                }
+                if !self.taken.is_next(&topic, partition, offset) {
+                    // Ahead of a record still to come (offered or fetched): held until it is taken,
+                    // or, for a partition not known here or holding its share, left to the fetch.
+                    if self.taken.hold(&topic, partition, offset, msg).is_err() {
+                        metrics::counter!("tidings_templating_offered_total", "outcome" => "left_to_consumer")
+                            .increment(1);
+                    }
                     return Ok(());
                 }
                 self.process_traced_record(&msg).await?;
-                self.taken.set(topic, partition, offset);
+                self.taken.set(&topic, partition, offset);
                 metrics::counter!("tidings_templating_offered_total", "outcome" => "taken").increment(1);
-                Ok(())
+                self.take_held(&topic, partition).await
             }
         }
     }
@@ -562,6 +572,20 @@ async fn ack_in_order(
 }
 
 impl Stage {
+    /// Processes the held offers that follow the partition's last taken record, in offset order.
+    async fn take_held(&mut self, topic: &str, partition: i32) -> Result<(), StageError> {
+        let mut passed = 0;
+        while let Some(msg) = self.taken.take_held(topic, partition, &mut passed) {
+            self.process_traced_record(&msg).await?;
+            self.taken.set(topic, partition, msg.offset());
+            metrics::counter!("tidings_templating_offered_total", "outcome" => "taken").increment(1);
+        }
+        if passed > 0 {
+            metrics::counter!("tidings_templating_offered_total", "outcome" => "already_fetched").increment(passed);
+        }
+        Ok(())
+    }
+
     async fn process_traced_record<M: Message + Sync>(&self, msg: &M) -> Result<(), StageError> {
         let topic = msg.topic().to_string();
         let traceparent = msg.headers().and_then(|h| header_str(h, H_TRACEPARENT));

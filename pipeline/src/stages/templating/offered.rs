@@ -2,7 +2,7 @@
 //! ingest, the chat API; see `tidings_core::stage::OfferSlot`): which to take, and which fetched
 //! records are then copies of ones already taken. Per partition, in offset order, as if fetched.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -39,22 +39,70 @@ impl ConsumerContext for TemplatingContext {
     }
 }
 
-/// Per consumed partition, the offset after the last input taken (fetched or offered). Only
-/// partitions the consumer has handed a record of since the last rebalance are known: an offer
-/// for any other is refused, so nothing is taken ahead of records still to be fetched.
-#[derive(Default)]
-pub struct Taken {
+/// Offers held per partition until the records before them are taken: HTTP ingest acknowledges
+/// each event in its own request's task, so two events of one partition can be offered in the
+/// opposite order of their offsets. Past this many the partition's later offers go to the fetch.
+pub const HELD_PER_PARTITION: usize = 64;
+
+/// Per consumed partition, the offset after the last input taken (fetched or offered), and offers
+/// that came ahead of it. Only partitions the consumer has handed a record of since the last
+/// rebalance are known: an offer for any other is refused, so nothing is taken ahead of records
+/// still to be fetched.
+pub struct Taken<M = rdkafka::message::OwnedMessage> {
     rebalances_seen: u64,
     next: HashMap<String, HashMap<i32, i64>>,
+    held: HashMap<(String, i32), BTreeMap<i64, M>>,
 }
 
-impl Taken {
-    /// Forgets everything after a rebalance.
+impl<M> Default for Taken<M> {
+    fn default() -> Self {
+        Taken { rebalances_seen: 0, next: HashMap::new(), held: HashMap::new() }
+    }
+}
+
+impl<M> Taken<M> {
+    /// Forgets everything after a rebalance (held offers too: their fetched copies will come).
     pub fn sync(&mut self, rebalances: u64) {
         if rebalances != self.rebalances_seen {
             self.next.clear();
+            self.held.clear();
             self.rebalances_seen = rebalances;
         }
+    }
+
+    /// Keeps an offer that is ahead of its known partition's next offset until that offset is
+    /// taken; answers it back when the partition is unknown or already holds its share.
+    pub fn hold(&mut self, topic: &str, partition: i32, offset: i64, msg: M) -> Result<(), M> {
+        let ahead = self.next.get(topic).and_then(|p| p.get(&partition)).is_some_and(|next| offset > *next);
+        if !ahead {
+            return Err(msg);
+        }
+        let held = self.held.entry((topic.to_string(), partition)).or_default();
+        if held.len() >= HELD_PER_PARTITION {
+            return Err(msg);
+        }
+        held.insert(offset, msg);
+        Ok(())
+    }
+
+    /// The held offer that is now its partition's next record, if any; held offers the partition
+    /// has passed (their fetched copies were taken) are dropped, and counted in `passed`.
+    pub fn take_held(&mut self, topic: &str, partition: i32, passed: &mut u64) -> Option<M> {
+        let next = *self.next.get(topic)?.get(&partition)?;
+        let key = (topic.to_string(), partition);
+        let held = self.held.get_mut(&key)?;
+        while let Some(entry) = held.first_entry() {
+            match (*entry.key()).cmp(&next) {
+                std::cmp::Ordering::Less => {
+                    entry.remove();
+                    *passed += 1;
+                }
+                std::cmp::Ordering::Equal => return Some(entry.remove()),
+                std::cmp::Ordering::Greater => return None,
+            }
+        }
+        self.held.remove(&key);
+        None
     }
 
     /// A fetched record that an offer already took (its outputs are on their way): skip it.
@@ -86,7 +134,7 @@ mod tests {
 
     #[test]
     fn offers_follow_fetched_records_in_order_and_a_rebalance_forgets() {
-        let mut t = Taken::default();
+        let mut t: Taken = Taken::default();
         t.sync(1);
         // Nothing fetched from the partition yet: no offer is next.
         assert!(!t.is_next("orders", 0, 0));
@@ -100,5 +148,37 @@ mod tests {
         assert!(t.has("orders", 0, 5), "no rebalance, nothing forgotten");
         t.sync(2);
         assert!(!t.has("orders", 0, 5) && !t.is_next("orders", 0, 6), "a rebalance forgets the partition");
+    }
+
+    #[test]
+    fn offers_ahead_are_held_until_the_records_before_them_are_taken() {
+        let mut t: Taken<&str> = Taken::default();
+        let mut passed = 0;
+        assert_eq!(t.hold("orders", 0, 7, "seven"), Err("seven"), "unknown partition: left to the fetch");
+        t.set("orders", 0, 4);
+        assert_eq!(t.hold("orders", 0, 5, "five"), Err("five"), "the next one is taken, not held");
+        assert_eq!(t.hold("orders", 0, 7, "seven"), Ok(()));
+        assert_eq!(t.hold("orders", 0, 6, "six"), Ok(()));
+        // 5 comes (offered or fetched), then the held ones follow in offset order.
+        t.set("orders", 0, 5);
+        assert_eq!(t.take_held("orders", 0, &mut passed), Some("six"));
+        assert_eq!(t.take_held("orders", 0, &mut passed), None, "6 not taken yet: 7 waits");
+        t.set("orders", 0, 6);
+        assert_eq!(t.take_held("orders", 0, &mut passed), Some("seven"));
+        t.set("orders", 0, 7);
+        assert_eq!(t.take_held("orders", 0, &mut passed), None);
+        // A held offer whose fetched copy got there first is dropped, not taken twice.
+        assert_eq!(t.hold("orders", 0, 9, "nine"), Ok(()));
+        t.set("orders", 0, 8);
+        t.set("orders", 0, 9);
+        assert_eq!((t.take_held("orders", 0, &mut passed), passed), (None, 1));
+        // Bounded per partition, and a rebalance forgets what is held.
+        for o in 11..11 + HELD_PER_PARTITION as i64 {
+            assert_eq!(t.hold("orders", 0, o, "x"), Ok(()));
+        }
+        assert_eq!(t.hold("orders", 0, 200, "full"), Err("full"));
+        t.sync(2);
+        t.set("orders", 0, 10);
+        assert_eq!(t.take_held("orders", 0, &mut passed), None, "held offers forgotten on rebalance");
     }
 }

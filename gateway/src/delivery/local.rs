@@ -4,8 +4,7 @@
 
 use std::sync::Arc;
 
-use metrics::Counter;
-use tidings_core::stage::{AckedRecord, Acknowledged};
+use tidings_core::stage::{AckedRecord, Acknowledged, HandOverCounts};
 use tidings_core::{wire, Notification};
 
 use super::stream::events_from_record;
@@ -15,30 +14,25 @@ use super::Hub;
 pub struct LocalAcks {
     hub: Arc<Hub>,
     topic: String,
-    taken: Counter,
-    /// Its fetched copy came first and was delivered (nothing waits).
-    already_fetched: Counter,
-    left: Counter,
+    counts: HandOverCounts,
 }
 
 impl LocalAcks {
     pub fn new(hub: Arc<Hub>, topic: impl Into<String>) -> Self {
-        LocalAcks {
-            hub,
-            topic: topic.into(),
-            taken: metrics::counter!("tidings_gateway_acked_records_total", "outcome" => "taken"),
-            already_fetched: metrics::counter!("tidings_gateway_acked_records_total", "outcome" => "already_fetched"),
-            left: metrics::counter!("tidings_gateway_acked_records_total", "outcome" => "left_to_consumer"),
-        }
+        LocalAcks { hub, topic: topic.into(), counts: HandOverCounts::new("tidings_gateway_acked_records_total") }
     }
 }
 
 impl Acknowledged for LocalAcks {
     fn acknowledged(&self, rec: AckedRecord<'_>) {
-        if rec.topic != self.topic || !self.hub.takes_next(rec.partition, rec.offset) {
-            match rec.topic == self.topic && self.hub.has_taken(rec.partition, rec.offset) {
-                true => self.already_fetched.increment(1),
-                false => self.left.increment(1),
+        if rec.topic != self.topic {
+            self.counts.left.increment(1);
+            return;
+        }
+        if !self.hub.takes_next(rec.partition, rec.offset) {
+            match self.hub.has_taken(rec.partition, rec.offset) {
+                true => self.counts.already_fetched.increment(1),
+                false => self.counts.left.increment(1),
             }
             return;
         }
@@ -46,14 +40,14 @@ impl Acknowledged for LocalAcks {
         // the direct decoder applies without asking the registry which schema the id is.
         let Ok(n) = wire::split(rec.payload).and_then(|(_, datum)| Notification::decode_datum(datum)) else {
             // Left to the consumer, whose decode reports it (and persistence dead-letters it).
-            self.left.increment(1);
+            self.counts.left.increment(1);
             return;
         };
         let events = events_from_record(rec.partition, rec.offset, n, rec.timestamp_ms);
         if self.hub.offer(events) {
-            self.taken.increment(1);
+            self.counts.taken.increment(1);
         } else {
-            self.left.increment(1);
+            self.counts.left.increment(1);
         }
     }
 }

@@ -243,6 +243,26 @@ pub trait Acknowledged: Send + Sync {
     fn acknowledged(&self, rec: AckedRecord<'_>);
 }
 
+/// A co-located consumer's count of the records handed to it at their acknowledgement, by
+/// `outcome`: `taken`, `already_fetched` (its fetched copy got there first) or `left_to_consumer`
+/// (left to the fetch). Registered once: the counts move on every record.
+#[derive(Clone)]
+pub struct HandOverCounts {
+    pub taken: Counter,
+    pub already_fetched: Counter,
+    pub left: Counter,
+}
+
+impl HandOverCounts {
+    pub fn new(metric: &'static str) -> Self {
+        HandOverCounts {
+            taken: metrics::counter!(metric, "outcome" => "taken"),
+            already_fetched: metrics::counter!(metric, "outcome" => "already_fetched"),
+            left: metrics::counter!(metric, "outcome" => "left_to_consumer"),
+        }
+    }
+}
+
 /// Where a producer finds its co-located consumer, which may start after it (`tidings up` starts
 /// templating before the gateway): set once, read on every acknowledgement.
 pub type AckedSlot = Arc<std::sync::OnceLock<Arc<dyn Acknowledged>>>;

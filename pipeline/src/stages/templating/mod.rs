@@ -22,7 +22,9 @@ use tidings_core::json_avro::{avro_to_json, union_branch_name};
 use tidings_core::kafka::{header_str, KafkaConfig, H_DELIVERY_ONLY, H_TRACEPARENT};
 use tidings_core::notification::NOTIFICATION_SCHEMA_JSON;
 use tidings_core::retry::{until_done, GaveUp};
-use tidings_core::stage::{acknowledged, enqueue, AckedRecord, AckedSlot, DeadLetters, OfferSlot, Processor};
+use tidings_core::stage::{
+    acknowledged, enqueue, AckedRecord, AckedSlot, DeadLetters, HandOverCounts, OfferSlot, Processor,
+};
 use tidings_core::{
     trace, DecodeError, Notification, NotificationEncoder, RegistryClient, RegistryEndpoint, SharedFields,
 };
@@ -227,6 +229,7 @@ struct Stage {
     acked: AckedSlot,
     offers: mpsc::Receiver<OwnedMessage>,
     taken: Taken,
+    offered: HandOverCounts,
     rebalances: Arc<AtomicU64>,
 }
 
@@ -438,6 +441,7 @@ async fn start(
         acked: cfg.acked.clone(),
         offers: cfg.offers.open(OFFERS_QUEUED),
         taken: Taken::default(),
+        offered: HandOverCounts::new("tidings_templating_offered_total"),
         rebalances,
     };
     Ok((stage, consumer))
@@ -481,25 +485,25 @@ impl Processor for Stage {
             // order per partition whichever way they come; else the consumer fetches it.
             Due::Offered(msg) => {
                 self.taken.sync(self.rebalances.load(Ordering::SeqCst));
-                let (topic, partition, offset) = (msg.topic().to_owned(), msg.partition(), msg.offset());
-                if self.taken.has(&topic, partition, offset) {
+                let (partition, offset) = (msg.partition(), msg.offset());
+                if self.taken.has(msg.topic(), partition, offset) {
                     // Its fetched copy came first and was processed: nothing waits.
-                    metrics::counter!("tidings_templating_offered_total", "outcome" => "already_fetched").increment(1);
+                    self.offered.already_fetched.increment(1);
                     return Ok(());
                 }
-                if !self.taken.is_next(&topic, partition, offset) {
+                if !self.taken.is_next(msg.topic(), partition, offset) {
                     // Ahead of a record still to come (offered or fetched): held until it is taken,
                     // or, for a partition not known here or holding its share, left to the fetch.
+                    let topic = msg.topic().to_owned();
                     if self.taken.hold(&topic, partition, offset, msg).is_err() {
-                        metrics::counter!("tidings_templating_offered_total", "outcome" => "left_to_consumer")
-                            .increment(1);
+                        self.offered.left.increment(1);
                     }
                     return Ok(());
                 }
                 self.process_traced_record(&msg).await?;
-                self.taken.set(&topic, partition, offset);
-                metrics::counter!("tidings_templating_offered_total", "outcome" => "taken").increment(1);
-                self.take_held(&topic, partition).await
+                self.taken.set(msg.topic(), partition, offset);
+                self.offered.taken.increment(1);
+                self.take_held(msg.topic(), partition).await
             }
         }
     }
@@ -578,10 +582,10 @@ impl Stage {
         while let Some(msg) = self.taken.take_held(topic, partition, &mut passed) {
             self.process_traced_record(&msg).await?;
             self.taken.set(topic, partition, msg.offset());
-            metrics::counter!("tidings_templating_offered_total", "outcome" => "taken").increment(1);
+            self.offered.taken.increment(1);
         }
         if passed > 0 {
-            metrics::counter!("tidings_templating_offered_total", "outcome" => "already_fetched").increment(passed);
+            self.offered.already_fetched.increment(passed);
         }
         Ok(())
     }

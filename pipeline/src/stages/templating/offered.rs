@@ -50,13 +50,17 @@ pub const HELD_PER_PARTITION: usize = 64;
 /// still to be fetched.
 pub struct Taken<M = rdkafka::message::OwnedMessage> {
     rebalances_seen: u64,
-    next: HashMap<String, HashMap<i32, i64>>,
-    held: HashMap<(String, i32), BTreeMap<i64, M>>,
+    partitions: HashMap<String, HashMap<i32, Partition<M>>>,
+}
+
+struct Partition<M> {
+    next: i64,
+    held: BTreeMap<i64, M>,
 }
 
 impl<M> Default for Taken<M> {
     fn default() -> Self {
-        Taken { rebalances_seen: 0, next: HashMap::new(), held: HashMap::new() }
+        Taken { rebalances_seen: 0, partitions: HashMap::new() }
     }
 }
 
@@ -64,35 +68,33 @@ impl<M> Taken<M> {
     /// Forgets everything after a rebalance (held offers too: their fetched copies will come).
     pub fn sync(&mut self, rebalances: u64) {
         if rebalances != self.rebalances_seen {
-            self.next.clear();
-            self.held.clear();
+            self.partitions.clear();
             self.rebalances_seen = rebalances;
         }
+    }
+
+    fn partition(&self, topic: &str, partition: i32) -> Option<&Partition<M>> {
+        self.partitions.get(topic)?.get(&partition)
     }
 
     /// Keeps an offer that is ahead of its known partition's next offset until that offset is
     /// taken; answers it back when the partition is unknown or already holds its share.
     pub fn hold(&mut self, topic: &str, partition: i32, offset: i64, msg: M) -> Result<(), M> {
-        let ahead = self.next.get(topic).and_then(|p| p.get(&partition)).is_some_and(|next| offset > *next);
-        if !ahead {
-            return Err(msg);
+        match self.partitions.get_mut(topic).and_then(|p| p.get_mut(&partition)) {
+            Some(p) if offset > p.next && p.held.len() < HELD_PER_PARTITION => {
+                p.held.insert(offset, msg);
+                Ok(())
+            }
+            _ => Err(msg),
         }
-        let held = self.held.entry((topic.to_string(), partition)).or_default();
-        if held.len() >= HELD_PER_PARTITION {
-            return Err(msg);
-        }
-        held.insert(offset, msg);
-        Ok(())
     }
 
     /// The held offer that is now its partition's next record, if any; held offers the partition
     /// has passed (their fetched copies were taken) are dropped, and counted in `passed`.
     pub fn take_held(&mut self, topic: &str, partition: i32, passed: &mut u64) -> Option<M> {
-        let next = *self.next.get(topic)?.get(&partition)?;
-        let key = (topic.to_string(), partition);
-        let held = self.held.get_mut(&key)?;
-        while let Some(entry) = held.first_entry() {
-            match (*entry.key()).cmp(&next) {
+        let p = self.partitions.get_mut(topic)?.get_mut(&partition)?;
+        while let Some(entry) = p.held.first_entry() {
+            match (*entry.key()).cmp(&p.next) {
                 std::cmp::Ordering::Less => {
                     entry.remove();
                     *passed += 1;
@@ -101,30 +103,26 @@ impl<M> Taken<M> {
                 std::cmp::Ordering::Greater => return None,
             }
         }
-        self.held.remove(&key);
         None
     }
 
     /// A fetched record that an offer already took (its outputs are on their way): skip it.
     pub fn has(&self, topic: &str, partition: i32, offset: i64) -> bool {
-        self.next.get(topic).and_then(|p| p.get(&partition)).is_some_and(|next| offset < *next)
+        self.partition(topic, partition).is_some_and(|p| offset < p.next)
     }
 
     /// Whether an offered record is the partition's next one.
     pub fn is_next(&self, topic: &str, partition: i32, offset: i64) -> bool {
-        self.next.get(topic).and_then(|p| p.get(&partition)) == Some(&offset)
+        self.partition(topic, partition).is_some_and(|p| offset == p.next)
     }
 
     /// Records that `offset` was taken (processed).
     pub fn set(&mut self, topic: &str, partition: i32, offset: i64) {
-        match self.next.get_mut(topic) {
-            Some(p) => {
-                p.insert(partition, offset + 1);
-            }
-            None => {
-                self.next.insert(topic.to_string(), HashMap::from([(partition, offset + 1)]));
-            }
+        if !self.partitions.contains_key(topic) {
+            self.partitions.insert(topic.to_string(), HashMap::new());
         }
+        let parts = self.partitions.get_mut(topic).expect("inserted above");
+        parts.entry(partition).or_insert_with(|| Partition { next: 0, held: BTreeMap::new() }).next = offset + 1;
     }
 }
 

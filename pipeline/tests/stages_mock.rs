@@ -3,7 +3,7 @@
 //! real Apache Kafka broker and PostgreSQL in `pipeline/cli/tests/`.
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::json;
@@ -12,84 +12,21 @@ use std::time::{Duration, Instant};
 use tidings_core::json_avro::json_to_avro;
 use tidings_core::kafka::{KafkaConfig, H_DELIVERY_ONLY, H_DLQ_OFFSET, H_DLQ_REASON};
 use tidings_core::notification::NOTIFICATION_SCHEMA;
-use tidings_core::{FramedEncoder, Notification, RegistryClient};
-use tidings_pipeline::registry::Registry;
-use tidings_pipeline::stages::templating::{self, TemplatingConfig};
-use tidings_pipeline::topology::{apply::apply_mock, Topology};
+use tidings_core::{Notification, RegistryClient};
+use tidings_pipeline::stages::templating;
+use tidings_pipeline::topology::apply::apply_mock;
 use tidings_sinks::persistence::{self, PersistenceConfig};
 use tidings_sinks::store::{Batch, OffsetUpdate};
 use tidings_sinks::Store;
 use tokio_util::sync::CancellationToken;
 
-struct Env {
-    kafka: KafkaConfig,
-    registry_url: String,
-    store: Store,
-    topo: Arc<Topology>,
-    token: CancellationToken,
-    _dir: tempfile::TempDir,
-}
+mod common;
+use common::{consumer, encoder, order, read, spawn_templating, Env};
 
 async fn env(mock: &MockCluster<'static, rdkafka::producer::DefaultProducerContext>) -> Env {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let topo = Topology::load(&root.join("topology.yaml")).unwrap();
+    let topo = common::project_topology();
     apply_mock(&topo, mock).unwrap();
-    let (store, dir) = tidings_sinks::testing::fresh_sqlite().await.unwrap();
-    let registry = Registry::open(store.clone()).await.unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let registry_url = format!("http://{}", listener.local_addr().unwrap());
-    let token = CancellationToken::new();
-    tokio::spawn(tidings_pipeline::registry::serve(listener, registry.clone(), token.clone()));
-    for name in topo.topics.keys() {
-        if let Some(text) = topo.schema_text(name) {
-            registry.register(&format!("{name}-value"), text).await.unwrap();
-        }
-    }
-    Env {
-        kafka: KafkaConfig::new(mock.bootstrap_servers()),
-        registry_url,
-        store,
-        topo: Arc::new(topo),
-        token,
-        _dir: dir,
-    }
-}
-
-async fn encoder(env: &Env, subject: &str) -> (FramedEncoder, &'static apache_avro::Schema) {
-    let (id, schema) = RegistryClient::new(&env.registry_url).unwrap().latest(subject).await.unwrap();
-    (FramedEncoder::new(id, schema).unwrap(), schema)
-}
-
-fn consumer(env: &Env, topic: &str) -> StreamConsumer {
-    let c: StreamConsumer = env.kafka.consumer(&format!("reader-{}", uuid::Uuid::new_v4())).create().unwrap();
-    c.subscribe(&[topic]).unwrap();
-    c
-}
-
-/// Reads `n` records (bounded wait) as (key, value, headers-as-pairs).
-async fn read(
-    c: &StreamConsumer,
-    n: usize,
-) -> Vec<(Option<Vec<u8>>, Option<Vec<u8>>, Vec<(String, String)>, i32, i64)> {
-    let mut out = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while out.len() < n {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let m = tokio::time::timeout(left, c.recv())
-            .await
-            .unwrap_or_else(|_| panic!("only {} of {n} records arrived", out.len()))
-            .unwrap();
-        let headers = m
-            .headers()
-            .map(|h| {
-                h.iter()
-                    .map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
-                    .collect()
-            })
-            .unwrap_or_default();
-        out.push((m.key().map(<[u8]>::to_vec), m.payload().map(<[u8]>::to_vec), headers, m.partition(), m.offset()));
-    }
-    out
+    common::env_on(KafkaConfig::new(mock.bootstrap_servers()), topo).await
 }
 
 /// One recipient's notification as found on the notifications topic.
@@ -130,11 +67,6 @@ async fn read_recipients(env: &Env, c: &StreamConsumer, n: usize) -> (Vec<Receiv
     (out, records)
 }
 
-fn order(event_id: &str, buyer: &str) -> serde_json::Value {
-    json!({"event_id": event_id, "occurred_at": 1_700_000_000_000_000i64, "order_id": format!("o-{event_id}"), "buyer_id": buyer,
-        "payload": {"OrderShipped": {"carrier": "DHL", "tracking_number": "T1"}}})
-}
-
 /// Notification number `i` for `user`, as the templating stage would emit it.
 fn notification(i: usize, user: &str, occurred_at: i64) -> Notification {
     Notification {
@@ -169,21 +101,6 @@ fn persistence_cfg(env: &Env, group: &str, batch_size: usize) -> PersistenceConf
         linger: Duration::from_millis(50),
         health: Default::default(),
     }
-}
-
-fn spawn_templating(env: &Env) -> tokio::task::JoinHandle<Result<(), tidings_pipeline::error::StageError>> {
-    tokio::spawn(templating::run(
-        TemplatingConfig {
-            kafka: env.kafka.clone(),
-            registry: env.registry_url.clone().into(),
-            topology: env.topo.clone(),
-            health: Default::default(),
-            acked: Default::default(),
-            offers: Default::default(),
-        },
-        env.store.clone(),
-        env.token.clone(),
-    ))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

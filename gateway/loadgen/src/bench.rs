@@ -442,6 +442,8 @@ impl Users {
 type TimesSeen = (HashMap<(String, String), i64>, HashMap<String, usize>);
 
 struct RecordTimes {
+    /// Each topic's partition count: what the hops' request counts scale with.
+    partitions: serde_json::Map<String, Value>,
     stop: Arc<AtomicBool>,
     seen: Arc<Mutex<TimesSeen>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -454,13 +456,14 @@ impl RecordTimes {
         let consumer: BaseConsumer = KafkaConfig::new(brokers)
             .consumer_with(&group, &[("fetch.min.bytes", "1048576"), ("fetch.wait.max.ms", "200")], &[])
             .create()?;
-        let mut tpl = TopicPartitionList::new();
+        let (mut tpl, mut counts) = (TopicPartitionList::new(), serde_json::Map::new());
         for t in topics {
             let md = consumer.fetch_metadata(Some(t), Duration::from_secs(10))?;
             let partitions = md.topics().first().map_or(0, |m| m.partitions().len());
             if partitions == 0 {
                 bail!("topic {t} has no partitions");
             }
+            counts.insert(t.to_string(), json!(partitions));
             for p in 0..partitions as i32 {
                 tpl.add_partition_offset(t, p, Offset::Beginning)?;
             }
@@ -484,7 +487,7 @@ impl RecordTimes {
                 }
             }
         });
-        Ok(RecordTimes { stop, seen, thread: Some(thread) })
+        Ok(RecordTimes { partitions: counts, stop, seen, thread: Some(thread) })
     }
 
     fn get(&self, topic: &str, key: &str) -> Option<i64> {
@@ -600,6 +603,21 @@ async fn handed_over(http: &reqwest::Client, url: &str) -> Value {
             if let (Some(outcome), Some(v)) = (label(line, "outcome"), sample_value(line)) {
                 out[hop][outcome] = json!(v);
             }
+        }
+    }
+    out
+}
+
+/// Requests tidings' clients sent (librdkafka's counts, its last report) per event posted in the
+/// whole run, per client and kind: what the partition count costs each hop.
+async fn client_requests(http: &reqwest::Client, url: &str, events: usize) -> Value {
+    let Some(text) = metrics_text(http, url).await else { return Value::Null };
+    let mut out = json!({});
+    for line in text.lines().filter(|l| l.starts_with("tidings_kafka_requests{")) {
+        if let (Some(client), Some(kind), Some(v)) = (label(line, "client"), label(line, "request"), sample_value(line))
+        {
+            let sum = out[client][kind].as_f64().unwrap_or(0.0) + v / events.max(1) as f64;
+            out[client][kind] = json!(sum);
         }
     }
     out
@@ -756,6 +774,7 @@ async fn ingest_latency(
         };
     }
     v["scenario"] = json!(name);
+    v["partitions"] = Value::Object(times.partitions.clone());
     v["users"] = json!(n);
     v["connected"] = json!(connected);
     v["target_rate"] = json!(rate);
@@ -777,7 +796,9 @@ async fn ingest_latency(
         "consumed_after_note": "the stages' own tidings_stage_record_age_seconds (CreateTime → consumed) and, as gateway_write, tidings_gateway_event_age_at_write_seconds (notifications CreateTime → its stream takes it to write), over the whole run (warm-up included)",
         "kafka_clients_ms": client_windows(http, &stack.url).await,
         "handed_over": handed_over(http, &stack.url).await,
+        "kafka_requests_per_event": client_requests(http, &stack.url, (rounds + measured_rounds) * n).await,
         "handed_over_note": "records each hand-over at the acknowledgement took, or left to its consumer's fetch, over the whole run (warm-up included)",
+        "kafka_requests_note": "requests each client sent (Produce, Fetch) per event posted in the run, warm-up included, counted to its last statistics report (up to 10 s before this line, so a little low); librdkafka puts one partition in a produce request",
         "kafka_clients_note": "librdkafka's statistics of tidings' clients (tidings_kafka_*_seconds), its last 10 s report: rtt = request → response (a consumer's include fetch long-polls), producer_queue = produce() → written into a request, request_queue = request ready → handed to the socket",
     });
     v["path"] = json!("POST /v1/events/orders → orders → templating → notifications → delivery → stream");

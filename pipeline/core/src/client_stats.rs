@@ -1,6 +1,7 @@
 //! librdkafka's own statistics as gauges: per client and broker, the round trip, the producer's
 //! queue wait and the request queue wait, so a slow hop can be pinned on a client's queue, the
-//! network or the broker. Clients report every `statistics.interval.ms` (10 s unless overridden).
+//! network or the broker, and the requests it sent by kind (each produce request carries one
+//! partition in librdkafka). Clients report every `statistics.interval.ms` (10 s unless overridden).
 
 use metrics::Label;
 use rdkafka::client::ClientContext;
@@ -63,9 +64,13 @@ const WINDOWS: [(&str, WindowOf); 3] = [
     ("tidings_kafka_request_queue_seconds", |b| &b.outbuf_latency),
 ];
 
+/// Request kinds counted per broker: the ones a record's path costs (librdkafka sends one produce
+/// request per partition, so these show what the partition count costs a hop).
+const REQUESTS: [&str; 2] = ["Produce", "Fetch"];
+
 /// The gauges of one report: the client's queued records, and per broker with a node id (not the
-/// bootstrap or coordinator aliases) and per window that saw samples in the last interval, its
-/// p50, p99 and max (label `stat`).
+/// bootstrap or coordinator aliases) the [`REQUESTS`] it sent since the client started, and per
+/// window that saw samples in the last interval, its p50, p99 and max (label `stat`).
 pub fn samples(client: &str, s: &Statistics) -> Vec<Sample> {
     let mut out = vec![Sample {
         name: "tidings_kafka_queued_messages",
@@ -75,6 +80,14 @@ pub fn samples(client: &str, s: &Statistics) -> Vec<Sample> {
     let mut brokers: Vec<_> = s.brokers.values().filter(|b| b.nodeid >= 0).collect();
     brokers.sort_by_key(|b| b.nodeid);
     for b in brokers {
+        for kind in REQUESTS {
+            let Some(&n) = b.req.get(kind).filter(|n| **n > 0) else { continue };
+            out.push(Sample {
+                name: "tidings_kafka_requests",
+                labels: vec![("client", client.into()), ("broker", b.nodeid.to_string()), ("request", kind.into())],
+                value: n as f64,
+            });
+        }
         for (name, window) in WINDOWS {
             let Some(w) = window(b).as_ref().filter(|w| w.cnt > 0) else { continue };
             for (stat, micros) in [("p50", w.p50), ("p99", w.p99), ("max", w.max)] {
@@ -164,5 +177,8 @@ mod tests {
             found.iter().find(|x| x.name == "tidings_kafka_producer_queue_seconds" && x.labels[2].1 == "max").unwrap();
         assert!(queue_max.value >= 0.001, "{queue_max:?}");
         assert_eq!(found[0].name, "tidings_kafka_queued_messages");
+        let produced = found.iter().find(|x| x.name == "tidings_kafka_requests").expect("request counts");
+        assert_eq!(produced.labels[2], ("request", "Produce".to_string()));
+        assert!(produced.value >= 1.0, "{produced:?}");
     }
 }

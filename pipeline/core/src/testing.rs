@@ -1,8 +1,26 @@
-//! Helpers for tests in every crate: a test CA and a server certificate for 127.0.0.1/localhost,
-//! made with the `openssl` command (Debian's, on every machine that builds tidings).
+//! Helpers for tests in every crate: the broker under test, and a test CA and a server certificate
+//! for 127.0.0.1/localhost made with the `openssl` command (Debian's, on every machine that builds
+//! tidings).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+/// The broker under test (`TIDINGS_TEST_BROKERS`), or `None` (after saying so) when the test should
+/// be skipped. Under CI a missing broker is an error, so the suite cannot pass by skipping everything.
+pub fn brokers_or_skip() -> Option<String> {
+    match std::env::var("TIDINGS_TEST_BROKERS") {
+        Ok(b) if !b.trim().is_empty() => Some(b.trim().to_string()),
+        _ => {
+            if std::env::var_os("CI").is_some() {
+                panic!(
+                    "TIDINGS_TEST_BROKERS is not set but CI is: start a broker (compose/start-kafka.sh) and export it"
+                );
+            }
+            eprintln!("skipped: TIDINGS_TEST_BROKERS not set");
+            None
+        }
+    }
+}
 
 /// PEM files in the directory given to [`certificates`].
 pub struct TestCerts {

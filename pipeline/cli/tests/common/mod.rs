@@ -12,22 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-/// The broker under test, or `None` (after saying so) when the test should be skipped.
-/// Under CI a missing broker is an error, so the suite cannot pass by skipping everything.
-pub fn brokers_or_skip() -> Option<String> {
-    match std::env::var("TIDINGS_TEST_BROKERS") {
-        Ok(b) if !b.trim().is_empty() => Some(b.trim().to_string()),
-        _ => {
-            if std::env::var_os("CI").is_some() {
-                panic!(
-                    "TIDINGS_TEST_BROKERS is not set but CI is: start a broker (compose/start-kafka.sh) and export it"
-                );
-            }
-            eprintln!("skipped: TIDINGS_TEST_BROKERS not set");
-            None
-        }
-    }
-}
+pub use tidings_core::testing::brokers_or_skip;
 
 /// A topic prefix no other test run shares, so tests can run side by side on one broker.
 pub fn unique_prefix() -> String {

@@ -1292,7 +1292,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                     rate: args.latency_rate,
                     // No JVM to warm up, and the in-memory mock cluster got slower with more
                     // records in it: after 45 s of warm-up p50 24 / p99 77 ms, against 11 / 16 ms
-                    // after 5 s.
+                    // after 5 s (each fetch walks the partition's log from its start; README,
+                    // Gateway benchmark).
                     warm: Duration::from_secs(args.latency_warm_secs.min(5)),
                     rounds: args.latency_rounds,
                     timeline: args.timeline.clone(),

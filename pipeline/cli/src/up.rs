@@ -341,15 +341,17 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             }
             let report = topology::apply::apply_mock(&topo, &m)
                 .map_err(|e| anyhow::anyhow!("creating topics on the mock cluster: {e}"))?;
-            info!("Embedded Kafka (librdkafka mock cluster) at {b}; {report}");
+            info!("Embedded Kafka (librdkafka mock cluster, for development: it slows under sustained load, use --brokers for that) at {b}; {report}");
             mock = Some(m);
             b
         }
     };
     let mut kafka = args.infra.kafka(brokers.clone())?;
     if mock.is_some() {
-        // The mock cluster answers a fetch only when its wait ends (Kafka answers as soon as data
-        // is there), so the wait is delivery latency here; 5 ms costs little on loopback.
+        // A fetch that finds nothing waits out its whole wait on the mock cluster, even if records
+        // arrive meanwhile (Kafka answers as soon as they do), so the wait is delivery latency
+        // here. Not what makes the mock slow under sustained load: each fetch that returns a batch
+        // walks the partition's in-memory log from its start (README, Gateway benchmark).
         kafka.tuned.push(("fetch.wait.max.ms".into(), "5".into()));
     } else {
         // A wrong password or CA fails here, at once and clearly, instead of in every stage.

@@ -171,9 +171,10 @@ fn inbox_items<D: Dialect>(rows: Vec<InboxRowOf<D>>) -> Vec<InboxItem> {
         .collect()
 }
 
-/// Edits and deletes touch only the sender's own message.
+/// Edits and deletes touch only the sender's own message; an edit never revives a deleted one (an
+/// edit racing a delete may arrive after it).
 const EDIT_MESSAGE: &str =
-    "UPDATE chat_messages SET text = $1, edited_at = $2 WHERE message_id = $3 AND sender_id = $4";
+    "UPDATE chat_messages SET text = $1, edited_at = $2 WHERE message_id = $3 AND sender_id = $4 AND NOT deleted";
 const DELETE_MESSAGE: &str =
     "UPDATE chat_messages SET text = '', deleted = true, edited_at = $1 WHERE message_id = $2 AND sender_id = $3";
 const UPSERT_OFFSETS: &str = include_str!("sql/upsert_offsets.sql");

@@ -565,7 +565,7 @@ async fn chat_rooms_search_history_unread_and_edits(store: &Store) {
     let m2 = store.chat_message("m2").await.unwrap().unwrap();
     assert_eq!((m2.text.as_str(), m2.edited, m2.deleted), ("edited", true, false));
     let m3 = store.chat_message("m3").await.unwrap().unwrap();
-    assert_eq!((m3.text.as_str(), m3.deleted), ("", true), "deleted by its sender: no edit by another, none after the delete");
+    assert_eq!((m3.text.as_str(), m3.deleted), ("", true), "deleted; not edited by another nor after the delete");
     assert_eq!(store.room_unread("r1", "alice").await.unwrap(), Some((11, 0)));
     assert!(store.leave_room("r1", "bob").await.unwrap());
     assert!(!store.leave_room("r1", "bob").await.unwrap());

@@ -8,7 +8,6 @@ use serde_json::json;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tidings_core::kafka::KafkaConfig;
-use tidings_core::stage::OfferSlot;
 use tidings_core::{FramedEncoder, RegistryClient};
 use tidings_pipeline::registry::Registry;
 use tidings_pipeline::stages::templating::{self, TemplatingConfig};
@@ -91,25 +90,16 @@ pub fn order(event_id: &str, buyer: &str) -> serde_json::Value {
         "payload": {"OrderShipped": {"carrier": "DHL", "tracking_number": "T1"}}})
 }
 
-/// The templating stage of `env`, taking the records producers of this process hand to `offers`.
-pub fn spawn_templating_with(
-    env: &Env,
-    offers: OfferSlot,
-) -> tokio::task::JoinHandle<Result<(), tidings_pipeline::error::StageError>> {
+/// The templating stage of `env`.
+pub fn spawn_templating(env: &Env) -> tokio::task::JoinHandle<Result<(), tidings_pipeline::error::StageError>> {
     tokio::spawn(templating::run(
         TemplatingConfig {
             kafka: env.kafka.clone(),
             registry: env.registry_url.clone().into(),
             topology: env.topo.clone(),
             health: Default::default(),
-            acked: Default::default(),
-            offers,
         },
         env.store.clone(),
         env.token.clone(),
     ))
-}
-
-pub fn spawn_templating(env: &Env) -> tokio::task::JoinHandle<Result<(), tidings_pipeline::error::StageError>> {
-    spawn_templating_with(env, OfferSlot::default())
 }

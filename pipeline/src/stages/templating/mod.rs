@@ -4,17 +4,15 @@
 //! in order, so a crash replays rather than loses; replays are harmless because notification ids
 //! are deterministic.
 
-pub mod offered;
 pub mod render;
 
 use apache_avro::Schema;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::RDKafkaErrorCode;
-use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use serde_json::Value as Json;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tidings_core::client_stats::{reporting, ClientStats};
@@ -22,9 +20,7 @@ use tidings_core::json_avro::{avro_to_json, union_branch_name};
 use tidings_core::kafka::{header_str, KafkaConfig, H_DELIVERY_ONLY, H_TRACEPARENT};
 use tidings_core::notification::NOTIFICATION_SCHEMA_JSON;
 use tidings_core::retry::{until_done, GaveUp};
-use tidings_core::stage::{
-    acknowledged, enqueue, AckedRecord, AckedSlot, DeadLetters, HandOverCounts, OfferSlot, Processor,
-};
+use tidings_core::stage::{acknowledged, enqueue, DeadLetters, Processor};
 use tidings_core::{
     trace, DecodeError, Notification, NotificationEncoder, RegistryClient, RegistryEndpoint, SharedFields,
 };
@@ -36,7 +32,6 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::error::StageError;
 use crate::topology::Topology;
-use offered::{Taken, TemplatingContext};
 pub use render::Rendered;
 use render::{Audience, RenderError, Renderer};
 
@@ -51,16 +46,7 @@ pub struct TemplatingConfig {
     pub topology: Arc<Topology>,
     /// Up while the stage runs (not while it waits to restart); for `/readyz`.
     pub health: tidings_core::shutdown::StageHealth,
-    /// A consumer of the output topic in this process (the gateway's delivery), told of each
-    /// notification record at its acknowledgement; empty when none runs here.
-    pub acked: AckedSlot,
-    /// Where producers of this process (HTTP ingest, the chat API) hand the stage its input
-    /// records at their acknowledgement; the stage opens it on every start.
-    pub offers: OfferSlot,
 }
-
-/// Offered records waiting for the stage at most; past it an offer is refused (and fetched).
-const OFFERS_QUEUED: usize = 1024;
 
 /// Outputs of one input record (or of one page of its audience), awaiting acknowledgement before
 /// its offset may be stored.
@@ -71,9 +57,6 @@ struct InFlight {
     /// The record's last outputs: once they are acknowledged, its offset is stored.
     last: bool,
     deliveries: Vec<DeliveryFuture>,
-    /// The payloads of the notification records among `deliveries` (same index), kept for the
-    /// co-located consumer while one is set; empty otherwise.
-    payloads: Vec<Option<Box<[u8]>>>,
     _permits: Option<OwnedSemaphorePermit>,
 }
 
@@ -218,7 +201,7 @@ struct Stage {
     producer: FutureProducer<ClientStats>,
     output: String,
     dead: DeadLetters<ClientStats>,
-    consumer: Arc<StreamConsumer<TemplatingContext>>,
+    consumer: Arc<StreamConsumer<ClientStats>>,
     shutdown: CancellationToken,
     /// Outputs awaiting acknowledgement, at most `max_in_flight`.
     budget: Arc<Semaphore>,
@@ -226,19 +209,6 @@ struct Stage {
     /// To the acknowledger, which stores each record's offset once its outputs are acknowledged.
     acks: mpsc::Sender<InFlight>,
     acker: Option<JoinHandle<Result<(), StageError>>>,
-    acked: AckedSlot,
-    offers: mpsc::Receiver<OwnedMessage>,
-    taken: Taken,
-    offered: HandOverCounts,
-    rebalances: Arc<AtomicU64>,
-}
-
-/// What the stage waits for besides fetched records.
-enum Due {
-    /// The acknowledger ended (only on a failed delivery or a dropped producer).
-    Acker(Result<(), StageError>),
-    /// An input record handed over at its acknowledgement.
-    Offered(OwnedMessage),
 }
 
 impl Templater {
@@ -398,7 +368,7 @@ async fn start(
     cfg: &TemplatingConfig,
     store: &Store,
     shutdown: &CancellationToken,
-) -> Result<(Stage, Arc<StreamConsumer<TemplatingContext>>), StageError> {
+) -> Result<(Stage, Arc<StreamConsumer<ClientStats>>), StageError> {
     let topo = cfg.topology.clone();
     let spec = &topo.stages.templating;
     let mut templater = Templater::new(topo.clone(), &cfg.registry, store.clone()).await?;
@@ -417,16 +387,16 @@ async fn start(
         .map_err(|e| StageError::Delivery(e.to_string()))??;
         templater.group_by_partition(count);
     }
-    let context = TemplatingContext::new(ClientStats::new("templating-consumer"));
-    let rebalances = context.rebalances();
-    let consumer: Arc<StreamConsumer<TemplatingContext>> =
-        Arc::new(reporting(cfg.kafka.consumer(&topo.group_name(&spec.group))).create_with_context(context)?);
+    let consumer: Arc<StreamConsumer<ClientStats>> = Arc::new(
+        reporting(cfg.kafka.consumer(&topo.group_name(&spec.group)))
+            .create_with_context(ClientStats::new("templating-consumer"))?,
+    );
     let topics: Vec<String> = spec.inputs.iter().map(|t| topo.topic_name(t)).collect();
     consumer.subscribe(&topics.iter().map(String::as_str).collect::<Vec<_>>())?;
     info!(topics = ?topics, output = %output, "Templating stage consuming {topics:?} into {output}.");
     let max_in_flight = spec.max_in_flight.max(1);
     let (acks, rx) = mpsc::channel::<InFlight>(1024);
-    let acker = tokio::spawn(ack_in_order(rx, consumer.clone(), (cfg.acked.clone(), output.clone())));
+    let acker = tokio::spawn(ack_in_order(rx, consumer.clone()));
     let stage = Stage {
         templater,
         dead: DeadLetters::new(producer.clone(), topo.topic_name(&spec.dead_letter), STAGE),
@@ -438,74 +408,29 @@ async fn start(
         max_in_flight,
         acks,
         acker: Some(acker),
-        acked: cfg.acked.clone(),
-        offers: cfg.offers.open(OFFERS_QUEUED),
-        taken: Taken::default(),
-        offered: HandOverCounts::new("tidings_templating_offered_total"),
-        rebalances,
     };
     Ok((stage, consumer))
 }
 
 impl Processor for Stage {
     type Error = StageError;
-    type Due = Due;
+    /// How the acknowledger ended (only on a failed delivery or a dropped producer).
+    type Due = Result<(), StageError>;
 
-    /// A fetched record, unless an offer already took it.
     async fn process(&mut self, msg: &BorrowedMessage<'_>) -> Result<(), StageError> {
-        self.taken.sync(self.rebalances.load(Ordering::SeqCst));
-        if self.taken.has(msg.topic(), msg.partition(), msg.offset()) {
-            return Ok(());
-        }
-        self.process_traced_record(msg).await?;
-        self.taken.set(msg.topic(), msg.partition(), msg.offset());
-        self.take_held(msg.topic(), msg.partition()).await
+        self.process_traced_record(msg).await
     }
 
     async fn due(&mut self) -> Self::Due {
-        let acker = async {
-            match self.acker.as_mut() {
-                Some(acker) => acker.await.unwrap_or_else(|e| Err(StageError::Delivery(e.to_string()))),
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            ended = acker => Due::Acker(ended),
-            Some(msg) = self.offers.recv() => Due::Offered(msg),
+        match self.acker.as_mut() {
+            Some(acker) => acker.await.unwrap_or_else(|e| Err(StageError::Delivery(e.to_string()))),
+            None => std::future::pending().await,
         }
     }
 
-    async fn on_due(&mut self, due: Self::Due) -> Result<(), StageError> {
-        match due {
-            Due::Acker(ended) => {
-                self.acker = None;
-                Err(ended.err().unwrap_or_else(|| StageError::Delivery("acknowledger stopped".into())))
-            }
-            // Taken only as its partition's next record, so records are processed in offset
-            // order per partition whichever way they come; else the consumer fetches it.
-            Due::Offered(msg) => {
-                self.taken.sync(self.rebalances.load(Ordering::SeqCst));
-                let (partition, offset) = (msg.partition(), msg.offset());
-                if self.taken.has(msg.topic(), partition, offset) {
-                    // Its fetched copy came first and was processed: nothing waits.
-                    self.offered.already_fetched.increment(1);
-                    return Ok(());
-                }
-                if !self.taken.is_next(msg.topic(), partition, offset) {
-                    // Ahead of a record still to come (offered or fetched): held until it is taken,
-                    // or, for a partition not known here or holding its share, left to the fetch.
-                    let topic = msg.topic().to_owned();
-                    if self.taken.hold(&topic, partition, offset, msg).is_err() {
-                        self.offered.left.increment(1);
-                    }
-                    return Ok(());
-                }
-                self.process_traced_record(&msg).await?;
-                self.taken.set(msg.topic(), partition, offset);
-                self.offered.taken.increment(1);
-                self.take_held(msg.topic(), partition).await
-            }
-        }
+    async fn on_due(&mut self, ended: Self::Due) -> Result<(), StageError> {
+        self.acker = None;
+        Err(ended.err().unwrap_or_else(|| StageError::Delivery("acknowledger stopped".into())))
     }
 
     /// Lets every produced output be acknowledged and its offset stored, then commits what was
@@ -532,31 +457,14 @@ impl Processor for Stage {
 }
 
 /// Awaits each record's outputs in consumption order and only then stores its offset.
-/// Each acknowledged notification record is also handed to the co-located consumer, if any.
 async fn ack_in_order(
     mut rx: mpsc::Receiver<InFlight>,
-    consumer: Arc<StreamConsumer<TemplatingContext>>,
-    (acked, output): (AckedSlot, String),
+    consumer: Arc<StreamConsumer<ClientStats>>,
 ) -> Result<(), StageError> {
     while let Some(f) = rx.recv().await {
-        for (i, d) in f.deliveries.into_iter().enumerate() {
-            let d = match acknowledged(d).await {
-                Ok(d) => d,
-                Err(e) => return Err(StageError::Delivery(format!("{}[{}]@{}: {e}", f.topic, f.partition, f.offset))),
-            };
-            if let (Some(local), Some(Some(payload))) = (acked.get(), f.payloads.get(i)) {
-                let timestamp_ms = d.timestamp.to_millis().unwrap_or(0);
-                let (partition, offset) = (d.partition, d.offset);
-                let (key, headers) = (None, None); // the hub needs neither
-                local.acknowledged(AckedRecord {
-                    topic: &output,
-                    partition,
-                    offset,
-                    timestamp_ms,
-                    key,
-                    headers,
-                    payload,
-                });
+        for d in f.deliveries {
+            if let Err(e) = acknowledged(d).await {
+                return Err(StageError::Delivery(format!("{}[{}]@{}: {e}", f.topic, f.partition, f.offset)));
             }
         }
         if !f.last {
@@ -576,20 +484,6 @@ async fn ack_in_order(
 }
 
 impl Stage {
-    /// Processes the held offers that follow the partition's last taken record, in offset order.
-    async fn take_held(&mut self, topic: &str, partition: i32) -> Result<(), StageError> {
-        let mut passed = 0;
-        while let Some(msg) = self.taken.take_held(topic, partition, &mut passed) {
-            self.process_traced_record(&msg).await?;
-            self.taken.set(topic, partition, msg.offset());
-            self.offered.taken.increment(1);
-        }
-        if passed > 0 {
-            self.offered.already_fetched.increment(passed);
-        }
-        Ok(())
-    }
-
     async fn process_traced_record<M: Message + Sync>(&self, msg: &M) -> Result<(), StageError> {
         let topic = msg.topic().to_string();
         let traceparent = msg.headers().and_then(|h| header_str(h, H_TRACEPARENT));
@@ -637,10 +531,6 @@ impl Stage {
                 }
             };
             deliveries.reserve(records.remaining());
-            // Dead letters (pushed above) are not notifications: no payload for the co-located consumer.
-            let keep = self.acked.get().is_some();
-            let mut payloads: Vec<Option<Box<[u8]>>> =
-                if keep { deliveries.iter().map(|_| None).collect() } else { Vec::new() };
             // A template's copies are all inbox rows or all delivery-only.
             let delivery_only = notifications.texts.first().is_some_and(|t| !t.inbox);
             let headers = match (&headers, delivery_only) {
@@ -662,9 +552,6 @@ impl Stage {
                     rec = rec.headers(h.clone());
                 }
                 deliveries.push(enqueue(&self.producer, rec).await?);
-                if keep {
-                    payloads.push(Some(payload.into()));
-                }
             }
             if !notifications.is_empty() {
                 debug!(
@@ -681,7 +568,6 @@ impl Stage {
                 offset: msg.offset(),
                 last: next.is_none(),
                 deliveries,
-                payloads,
                 _permits: permits,
             };
             self.acks.send(inflight).await.map_err(|_| StageError::Delivery("acknowledger stopped".into()))?;

@@ -12,7 +12,6 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use tidings_core::client_stats::ClientStats;
 use tidings_core::json_avro::json_to_avro;
-use tidings_core::stage::{AckedRecord, AckedSlot};
 use tidings_core::{CodecError, FramedEncoder, RegistryClient};
 
 use crate::ingest::ApiError;
@@ -30,9 +29,6 @@ pub struct EventProducer {
     registry: RegistryClient,
     producer: FutureProducer<ClientStats>,
     encoders: RwLock<HashMap<String, (Instant, Arc<TopicEncoder>)>>,
-    /// The templating stage of this process, if it runs here: told of each event at its
-    /// acknowledgement.
-    acked: AckedSlot,
 }
 
 /// Where a produced event landed, and the schema it was written with.
@@ -45,13 +41,7 @@ pub struct Produced {
 
 impl EventProducer {
     pub fn new(registry: RegistryClient, producer: FutureProducer<ClientStats>) -> Self {
-        EventProducer { registry, producer, encoders: RwLock::new(HashMap::new()), acked: AckedSlot::default() }
-    }
-
-    /// Tells whatever `acked` holds of each produced event at its acknowledgement.
-    pub fn with_acked(mut self, acked: AckedSlot) -> Self {
-        self.acked = acked;
-        self
+        EventProducer { registry, producer, encoders: RwLock::new(HashMap::new()) }
     }
 
     async fn encoder(&self, physical: &str) -> Result<Arc<TopicEncoder>, ApiError> {
@@ -95,30 +85,16 @@ impl EventProducer {
             .encode(value)
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "schema_mismatch", e.to_string()))?;
         let mut rec: FutureRecord<'_, str, [u8]> = FutureRecord::to(physical).payload(payload.as_slice());
-        // The record takes the headers; the co-located consumer, if any, gets a copy.
-        let local = self.acked.get();
-        let kept = local.and(headers.clone());
         if let Some(h) = headers {
             rec = rec.headers(h);
         }
         if let Some(k) = key {
             rec = rec.key(k);
         }
-        let Delivery { partition, offset, timestamp } =
+        let Delivery { partition, offset, .. } =
             self.producer.send(rec, PRODUCE_TIMEOUT).await.map_err(|(e, _)| {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "broker_unavailable", e.to_string())
             })?;
-        if let Some(local) = local {
-            local.acknowledged(AckedRecord {
-                topic: physical,
-                partition,
-                offset,
-                timestamp_ms: timestamp.to_millis().unwrap_or(0),
-                key: key.map(str::as_bytes),
-                headers: kept.as_ref(),
-                payload: &payload,
-            });
-        }
         Ok(Produced { partition, offset, schema_id: encoder.schema_id() })
     }
 }

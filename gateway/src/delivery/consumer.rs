@@ -368,10 +368,6 @@ fn maintain(
 /// persistence stage dead-letters the same record with its reason); a registry outage is waited out.
 async fn deliver(m: &BorrowedMessage<'_>, registry: &RegistryClient, hub: &Hub, shutdown: &CancellationToken) {
     let (p, o) = (m.partition(), m.offset());
-    if hub.has_taken(p, o) {
-        // Delivered at its acknowledgement by this process's templating stage (`local`).
-        return;
-    }
     let Some(payload) = m.payload() else {
         hub.skip(p, o);
         return;

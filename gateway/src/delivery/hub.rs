@@ -214,9 +214,6 @@ struct Partition {
     /// Revoked or shutting down: set under this lock by whoever drained `subs`, so a subscribe
     /// that took this partition before that (and locks it after) cannot register into it.
     closed: Option<Closed>,
-    /// The offset after the last record taken (consumed, skipped or offered): what the consumer
-    /// hands over below it was already delivered at its acknowledgement ([`Hub::offer`]).
-    taken: i64,
 }
 
 /// The last `cap` ids seen, with O(1) membership: bounded memory, oldest forgotten first.
@@ -439,7 +436,6 @@ impl Hub {
             lag: gauge!("tidings_gateway_partition_lag", "partition" => partition.to_string()),
             recent: RecentIds::new(self.cfg.dedupe_ids),
             closed: None,
-            taken: start,
         };
         part.lag.set((high - start).max(0) as f64);
         self.partitions.write().expect("lock").insert(partition, Arc::new(Mutex::new(part)));
@@ -505,51 +501,16 @@ impl Hub {
     }
 
     /// [`Hub::push`] for the events of one record (a group record's recipients), under one lock.
-    /// A record the hub already took at its acknowledgement ([`Hub::offer`]) is not delivered again.
     pub fn push_all(&self, events: Vec<Event>) {
         let Some(first) = events.first() else { return };
         let Some(part) = self.partition(first.partition) else { return };
         let mut part = part.lock().expect("lock");
-        if first.offset < part.taken {
-            return;
-        }
         for ev in events {
             self.push_locked(&mut part, ev);
         }
-    }
-
-    /// Whether `offset` of `partition` was already taken, so the consumer can skip its copy
-    /// without decoding it. Only ever turns true (until the partition is assigned again).
-    pub fn has_taken(&self, partition: i32, offset: i64) -> bool {
-        self.partition(partition).is_some_and(|part| offset < part.lock().expect("lock").taken)
-    }
-
-    /// Whether [`Hub::offer`] would take a record at `offset` of `partition` now (checked before
-    /// decoding it).
-    pub fn takes_next(&self, partition: i32, offset: i64) -> bool {
-        self.partition(partition).is_some_and(|part| offset == part.lock().expect("lock").taken)
-    }
-
-    /// The events of one record that a stage of this process produced, at the broker's
-    /// acknowledgement rather than one fetch later. Taken only when it is the partition's next
-    /// record (everything before it already taken), so the ring and every stream keep offset order
-    /// and resumes stay exact; otherwise, or when the partition is not owned here, the consumer
-    /// delivers it as it would have anyway. Returns whether it was taken.
-    pub fn offer(&self, events: Vec<Event>) -> bool {
-        let Some(first) = events.first() else { return false };
-        let Some(part) = self.partition(first.partition) else { return false };
-        let mut part = part.lock().expect("lock");
-        if first.offset != part.taken || part.closed.is_some() {
-            return false;
-        }
-        for ev in events {
-            self.push_locked(&mut part, ev);
-        }
-        true
     }
 
     fn push_locked(&self, part: &mut Partition, ev: Event) {
-        part.taken = part.taken.max(ev.offset + 1);
         let ev = Arc::new(ev);
         if !part.recent.first_time(ev.id) {
             // The same notification again (templating replayed its input): consumed, not delivered.
@@ -593,7 +554,6 @@ impl Hub {
     pub fn skip(&self, partition: i32, offset: i64) {
         if let Some(part) = self.partition(partition) {
             let mut part = part.lock().expect("lock");
-            part.taken = part.taken.max(offset + 1);
             Self::advance(&mut part, offset);
         }
     }
@@ -974,51 +934,6 @@ mod tests {
         hub.push(ev(8, "alice"));
         hub.push(ev(9, "alice"));
         assert_eq!(offsets(&drain(&mut ahead)), vec![9]);
-    }
-
-    #[tokio::test]
-    async fn a_record_offered_at_its_acknowledgement_is_delivered_once_and_in_order() {
-        let (hub, p) = hub_with("alice", cfg());
-        let mut sub = hub.subscribe("alice", None).await.unwrap();
-        hub.push(ev(0, "alice"));
-        // The next record: taken, and its fetched copy is neither decoded nor delivered again.
-        assert!(hub.takes_next(p, 1));
-        assert!(hub.offer(vec![ev(1, "alice")]));
-        assert!(hub.has_taken(p, 1) && !hub.has_taken(p, 2));
-        hub.push(ev(1, "alice"));
-        // A record past one still to be consumed (another producer's, at 2) is left to the
-        // consumer, which then delivers both in offset order.
-        assert!(!hub.takes_next(p, 3));
-        assert!(!hub.offer(vec![ev(3, "alice")]));
-        hub.push(ev(2, "alice"));
-        hub.push(ev(3, "alice"));
-        let mut seen = offsets(&drain(&mut sub));
-        // A record the consumer skipped (undecodable) still lets the one after it be taken.
-        hub.skip(p, 4);
-        assert!(hub.offer(vec![ev(5, "alice")]));
-        // A record the consumer delivered first is not taken again.
-        hub.push(ev(6, "alice"));
-        assert!(!hub.offer(vec![ev(6, "alice")]));
-        seen.extend(offsets(&drain(&mut sub)));
-        assert_eq!(seen, vec![0, 1, 2, 3, 5, 6]);
-        // The ring holds what was offered like what was consumed: a resume is exact.
-        let mut resumed = hub.subscribe("alice", Some((p, 1))).await.unwrap();
-        assert_eq!(resumed.outcome, ResumeOutcome::Ring);
-        assert_eq!(offsets(&drain(&mut resumed)), vec![2, 3, 5, 6]);
-    }
-
-    #[tokio::test]
-    async fn offers_for_partitions_not_owned_or_not_yet_caught_up_are_left_to_the_consumer() {
-        let (hub, p) = hub_with("alice", cfg());
-        let on = |p: i32, o: i64| Event::new(p, o, (p as u128) << 64 | o as u128, "alice", "k", Bytes::new(), 0);
-        assert!(!hub.offer(vec![on(p + 1, 0)]), "a partition this instance does not own");
-        // Assigned from 10 (a ring's length before the end): nothing before the consumer's first
-        // record there, nor after a revoke.
-        hub.assign(p + 1, 10, 12);
-        assert!(!hub.offer(vec![on(p + 1, 12)]));
-        assert!(hub.offer(vec![on(p + 1, 10)]));
-        hub.revoke(&[p + 1]);
-        assert!(!hub.takes_next(p + 1, 11) && !hub.offer(vec![on(p + 1, 11)]));
     }
 
     /// The race a subscribe loses to a revoke or shutdown: it looked the partition up before the

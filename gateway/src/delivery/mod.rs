@@ -6,7 +6,6 @@
 //! - `hub`: owned partitions, their rings and subscribers; resume (ring → backfill → store → reset), limits.
 //! - `backfill`: reads a range of a partition back from Kafka into its ring, for older resumes.
 //! - `consumer`: the Kafka side (assignment, rebalance, decoding) feeding the hub.
-//! - `local`: notifications this process produced, handed to the hub at their acknowledgement.
 //! - `owners`: the compacted owners topic mapping each partition to its gateway's URL.
 //! - `stream`: `GET /v1/stream`, the SSE endpoint.
 
@@ -14,7 +13,6 @@ pub mod backfill;
 pub mod config;
 pub mod consumer;
 pub mod hub;
-pub mod local;
 pub mod owners;
 pub mod ring;
 pub mod stream;

@@ -16,14 +16,12 @@ use std::time::Duration;
 use tidings_core::client_stats::{reporting, ClientStats};
 use tidings_core::shutdown::StageHealth;
 use tidings_core::shutdown::TaskTree;
-use tidings_core::stage::{AckedSlot, OfferSlot};
 use tidings_core::RegistryClient;
 use tidings_gateway::auth::{self, Key};
 use tidings_gateway::browser::BrowserAccess;
 use tidings_gateway::chat::{ChatConfig, ChatState};
 use tidings_gateway::delivery::backfill::LogSource;
 use tidings_gateway::delivery::hub::StoreResume;
-use tidings_gateway::delivery::local::LocalAcks;
 use tidings_gateway::delivery::owners::RedirectAllow;
 use tidings_gateway::delivery::{self, DeliveryConfig, Hub, HubConfig, Owners};
 use tidings_gateway::produce::EventProducer;
@@ -135,12 +133,6 @@ pub struct SseArgs {
     /// Consumer group shared by all gateway instances (prefixed with the topic prefix).
     #[arg(long, env = "TIDINGS_DELIVERY_GROUP", default_value = "tidings-delivery")]
     pub delivery_group: String,
-    /// Hand each record a stage of this process produced to the next stage here at the broker's
-    /// acknowledgement (ingest's events to templating, templating's notifications to delivery;
-    /// same records, positions and order) instead of one fetch later. `false`: every record waits
-    /// for its consumer's fetch.
-    #[arg(long, env = "TIDINGS_DELIVER_AT_ACK", default_value_t = true, action = clap::ArgAction::Set)]
-    pub deliver_at_ack: bool,
     /// Logical topic (declared in topology.yaml) where instances announce the partitions they own.
     #[arg(long, env = "TIDINGS_OWNERS_TOPIC", default_value = "tidings.gateway.owners")]
     pub owners_topic: String,
@@ -378,14 +370,6 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     }
 
     let run = |name: &str| args.stages.iter().any(|s| s == name);
-    // Set by the gateway below, if it runs here: templating tells it of each acknowledged record.
-    let acked = AckedSlot::default();
-    // Opened by templating, if it runs here: ingest and the chat API hand it their events.
-    let offers = OfferSlot::default();
-    let ingest_acked = AckedSlot::default();
-    if run("templating") && args.sse.deliver_at_ack {
-        let _ = ingest_acked.set(Arc::new(offers.clone()));
-    }
     if run("templating") {
         let health = StageHealth::default();
         let cfg = TemplatingConfig {
@@ -393,8 +377,6 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             registry: registry.clone(),
             topology: topo.clone(),
             health: health.clone(),
-            acked: acked.clone(),
-            offers: offers.clone(),
         };
         let (s, t) = (store.clone(), token.clone());
         // Ready while running, not while waiting to restart after a broker or registry outage.
@@ -437,7 +419,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     let events = if run("gateway") || run("ingest") {
         let producer: FutureProducer<ClientStats> =
             reporting(kafka.producer()).create_with_context(ClientStats::new("ingest-producer"))?;
-        Some(Arc::new(EventProducer::new(client.clone(), producer).with_acked(ingest_acked.clone())))
+        Some(Arc::new(EventProducer::new(client.clone(), producer)))
     } else {
         None
     };
@@ -505,9 +487,6 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             group: topo.group_name(&format!("{}-backfill", args.sse.delivery_group)),
         };
         let hub = Hub::with_log(args.sse.hub_config(), Some(resume), Some(log));
-        if args.sse.deliver_at_ack {
-            let _ = acked.set(Arc::new(LocalAcks::new(hub.clone(), notifications.clone())));
-        }
         let allow = RedirectAllow::new(args.sse.redirect_allow.iter().map(String::as_str))
             .map_err(|e| anyhow::anyhow!("--redirect-allow: {e}"))?;
         let gateways = allow.origins();

@@ -161,15 +161,6 @@ async fn stream_on_embedded_defaults_ends_with_reconnect_on_sigterm() {
             Err(_) => {}
         }
         if !stopped && demo_run.is_finished() && text.matches("\ndata: ").count() >= 3 {
-            // On the mock cluster, whose fetches return only when their wait ends, most records
-            // reach templating and delivery at their acknowledgement (see tests/deliver_at_ack.rs).
-            let metrics = http.get(format!("{http_url}/metrics")).send().await.unwrap().text().await.unwrap();
-            for counter in ["tidings_templating_offered_total", "tidings_gateway_acked_records_total"] {
-                let sample = format!("{counter}{{outcome=\"taken\"}} ");
-                let n: f64 =
-                    metrics.lines().find_map(|l| l.strip_prefix(&sample)).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-                assert!(n >= 1.0, "{counter} taken = {n} after the demo:\n{metrics}");
-            }
             let pid = g.0.id().to_string();
             assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
             stopped = true;

@@ -10,7 +10,7 @@ use metrics::Counter;
 use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::consumer::{ConsumerContext, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedMessage, Message, OwnedHeaders, OwnedMessage, ToBytes};
+use rdkafka::message::{BorrowedMessage, Message, ToBytes};
 use rdkafka::producer::future_producer::Delivery;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use tokio_util::sync::CancellationToken;
@@ -217,89 +217,6 @@ pub async fn acknowledged(delivery: DeliveryFuture) -> Result<Delivery, KafkaErr
         Ok(Ok(d)) => Ok(d),
         Ok(Err((e, _))) => Err(e),
         Err(_) => Err(KafkaError::Canceled),
-    }
-}
-
-/// One record a stage of this process produced, as the broker acknowledged it.
-#[derive(Debug, Clone, Copy)]
-pub struct AckedRecord<'a> {
-    pub topic: &'a str,
-    pub partition: i32,
-    pub offset: i64,
-    /// CreateTime, as a consumer of the record sees it.
-    pub timestamp_ms: i64,
-    pub key: Option<&'a [u8]>,
-    pub headers: Option<&'a OwnedHeaders>,
-    pub payload: &'a [u8],
-}
-
-/// Told of the records a stage produced once the broker acknowledged them (acks=all: they are
-/// in the log and visible to consumers), so a consumer of that topic in the same process can act
-/// at the acknowledgement instead of one fetch later. Implementations must behave exactly as if
-/// the record had been fetched, and let the fetched copy through only when they did not act on it
-/// (the gateway's hub: see `Hub::offer`; templating: [`OfferSlot`]). Called on the producer's
-/// task right after the acknowledgement: must not block.
-pub trait Acknowledged: Send + Sync {
-    fn acknowledged(&self, rec: AckedRecord<'_>);
-}
-
-/// A co-located consumer's count of the records handed to it at their acknowledgement, by
-/// `outcome`: `taken`, `already_fetched` (its fetched copy got there first) or `left_to_consumer`
-/// (left to the fetch). Registered once: the counts move on every record.
-#[derive(Clone)]
-pub struct HandOverCounts {
-    pub taken: Counter,
-    pub already_fetched: Counter,
-    pub left: Counter,
-}
-
-impl HandOverCounts {
-    pub fn new(metric: &'static str) -> Self {
-        HandOverCounts {
-            taken: metrics::counter!(metric, "outcome" => "taken"),
-            already_fetched: metrics::counter!(metric, "outcome" => "already_fetched"),
-            left: metrics::counter!(metric, "outcome" => "left_to_consumer"),
-        }
-    }
-}
-
-/// Where a producer finds its co-located consumer, which may start after it (`tidings up` starts
-/// templating before the gateway): set once, read on every acknowledgement.
-pub type AckedSlot = Arc<std::sync::OnceLock<Arc<dyn Acknowledged>>>;
-
-/// A stage as the co-located consumer of its input topics ([`Acknowledged`] for HTTP ingest's
-/// events to templating): acknowledged records go to the stage's own task, which takes one only
-/// if it is the next record of a partition it consumes (see templating's `Taken`) and skips its
-/// fetched copy; anything it does not take it fetches as usual. The slot outlives the stage's
-/// attempts: each opens a fresh channel, bounded; a full or closed one refuses.
-#[derive(Clone, Default)]
-pub struct OfferSlot(Arc<std::sync::Mutex<Option<tokio::sync::mpsc::Sender<OwnedMessage>>>>);
-
-impl OfferSlot {
-    /// The channel of a new attempt of the stage (the previous attempt's is closed).
-    pub fn open(&self, capacity: usize) -> tokio::sync::mpsc::Receiver<OwnedMessage> {
-        let (tx, rx) = tokio::sync::mpsc::channel(capacity.max(1));
-        *self.0.lock().expect("lock") = Some(tx);
-        rx
-    }
-}
-
-impl Acknowledged for OfferSlot {
-    /// Copies the record for the stage if one listens; otherwise (or if its queue is full) the
-    /// stage fetches it.
-    fn acknowledged(&self, rec: AckedRecord<'_>) {
-        let guard = self.0.lock().expect("lock");
-        let Some(tx) = guard.as_ref().filter(|tx| !tx.is_closed()) else { return };
-        let msg = OwnedMessage::new(
-            Some(rec.payload.to_vec()),
-            rec.key.map(<[u8]>::to_vec),
-            rec.topic.to_string(),
-            rdkafka::Timestamp::CreateTime(rec.timestamp_ms),
-            rec.partition,
-            rec.offset,
-            rec.headers.cloned(),
-        );
-        let _ = tx.try_send(msg);
     }
 }
 

@@ -4,6 +4,7 @@
 
 mod demo;
 mod endpoints;
+mod settings;
 mod tools;
 mod up;
 

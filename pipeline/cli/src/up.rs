@@ -16,18 +16,17 @@ use std::time::Duration;
 use tidings_core::client_stats::{reporting, ClientStats};
 use tidings_core::shutdown::StageHealth;
 use tidings_core::shutdown::TaskTree;
-use tidings_core::RegistryClient;
+use tidings_core::{RegistryClient, RegistryEndpoint};
 use tidings_gateway::auth::{self, Key};
 use tidings_gateway::browser::BrowserAccess;
 use tidings_gateway::chat::{ChatConfig, ChatState};
 use tidings_gateway::delivery::backfill::LogSource;
 use tidings_gateway::delivery::hub::StoreResume;
-use tidings_gateway::delivery::owners::RedirectAllow;
 use tidings_gateway::delivery::{self, DeliveryConfig, Hub, HubConfig, Owners};
 use tidings_gateway::produce::EventProducer;
-use tidings_gateway::service_auth::ServiceTokens;
 use tidings_gateway::web::{DevSignIn, WebConfig};
 use tidings_gateway::{AuthConfig, InboxState, IngestState, IngestTopic, Parts, Readiness, StreamState};
+use tidings_pipeline::registry::Access;
 use tidings_pipeline::stages::templating::{self, TemplatingConfig};
 use tidings_pipeline::topology::{self, Topology};
 use tidings_sinks::persistence::{self, PersistenceConfig};
@@ -35,7 +34,8 @@ use tidings_sinks::Store;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::endpoints::Endpoints;
+use crate::endpoints::{registry_write_token, Endpoints};
+use crate::settings;
 use crate::Infra;
 
 #[derive(Args, Debug)]
@@ -68,10 +68,16 @@ pub struct UpArgs {
     /// Listen address of the embedded schema registry (used when no --schema-registry-url).
     #[arg(long, env = "TIDINGS_REGISTRY_LISTEN", default_value = "127.0.0.1:8081")]
     pub registry_listen: SocketAddr,
-    /// Token that lets other hosts write to the embedded registry (bearer, or basic auth's
-    /// password); without it only loopback peers may register, delete or change levels.
+    /// Token every write to the embedded registry needs (register, delete, change levels), from
+    /// loopback too: bearer, or basic auth's password; at least 32 characters. Unset: one is
+    /// generated at each start into <data-dir>/registry-write-token (mode 0600).
     #[arg(long, env = "TIDINGS_REGISTRY_WRITE_TOKEN", hide_env_values = true)]
     pub registry_write_token: Option<String>,
+    /// Host names clients reach the embedded registry by (`registry.internal`), comma-separated in
+    /// the env var; besides them only localhost, loopback addresses and the listen address (any
+    /// address when it is 0.0.0.0) are served: other `Host` headers get 421 (DNS rebinding).
+    #[arg(long = "registry-allow-host", env = "TIDINGS_REGISTRY_ALLOW_HOSTS", value_delimiter = ',')]
+    pub registry_allow_hosts: Vec<String>,
     /// Stages to run, comma-separated: templating, persistence, gateway (which includes HTTP
     /// ingest), ingest (HTTP ingest alone, no delivery: e.g. an ingest tier of its own).
     #[arg(long, env = "TIDINGS_STAGES", value_delimiter = ',', default_value = "templating,persistence,gateway")]
@@ -267,24 +273,24 @@ async fn shutdown_signal(token: CancellationToken) {
 }
 
 pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
-    for s in &args.stages {
-        if !["templating", "persistence", "gateway", "ingest"].contains(&s.as_str()) {
-            bail!("unknown stage {s:?} (expected templating, persistence, gateway or ingest)");
+    // Every setting first, all refusals at once, before anything is created, written or bound.
+    let settings = match settings::check(&args) {
+        Ok(s) => s,
+        Err(errors) => {
+            eprintln!("error: `tidings up` refuses {} setting(s); nothing was started:", errors.len());
+            for e in &errors {
+                eprintln!("  - {e}");
+            }
+            return Ok(ExitCode::from(settings::EX_USAGE));
         }
-    }
+    };
     // The recorder first: a metric handle taken before it exists records nowhere, and the stages
     // take theirs when they start (templating's and persistence's were missing from /metrics).
     tidings_gateway::metrics::install();
-    // Refused Kafka settings are reported before anything starts.
-    args.infra.kafka(String::new())?;
-    let topo = Arc::new(load_topology(&args.infra)?);
+    let topo = Arc::new(settings.topology);
     std::fs::create_dir_all(&args.infra.data_dir)
         .with_context(|| format!("creating {}", args.infra.data_dir.display()))?;
-    let database_url = args
-        .infra
-        .database_url
-        .clone()
-        .unwrap_or_else(|| format!("sqlite://{}/tidings.db", args.infra.data_dir.display()));
+    let database_url = settings.database_url;
     let store = Store::connect(&database_url).await.with_context(|| format!("opening the store at {database_url}"))?;
     info!(backend = store.backend(), "Store ready at {database_url}.");
 
@@ -295,8 +301,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     let readiness = Readiness::default();
 
     // Schema registry: external by URL, or the embedded one on its own listener.
-    let (registry_url, registry) = match &args.infra.schema_registry_url {
-        Some(url) => (url.clone(), args.infra.registry(url.clone())?),
+    let (registry_url, registry) = match settings.external_registry {
+        Some(endpoint) => (endpoint.url.clone(), endpoint),
         None => {
             let registry = tidings_pipeline::registry::Registry::open(store.clone())
                 .await
@@ -305,13 +311,18 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
                 .await
                 .with_context(|| format!("binding the schema registry to {}", args.registry_listen))?;
             let addr = listener.local_addr()?;
-            let (t, write_token, limits) = (token.clone(), args.registry_write_token.clone(), limits.clone());
+            let write_token = registry_write_token(settings.registry_write_token, &args.infra.data_dir)?;
+            let access = Access::new(write_token.clone(), args.registry_allow_hosts.iter().cloned());
+            let (t, limits) = (token.clone(), limits.clone());
             tasks.spawn("schema-registry", async move {
-                tidings_pipeline::registry::serve_with(listener, registry, write_token, limits, t).await
+                tidings_pipeline::registry::serve_with(listener, registry, access, limits, t).await
             });
             info!("Embedded schema registry listening on http://{addr}.");
             let url = format!("http://{addr}");
-            (url.clone(), url.into())
+            // This process registers the topology's schemas with it like any other writer.
+            let endpoint =
+                RegistryEndpoint { url: url.clone(), basic_auth: None, bearer_token: Some(write_token), ca_pem: None };
+            (url, endpoint)
         }
     };
 
@@ -338,7 +349,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             b
         }
     };
-    let mut kafka = args.infra.kafka(brokers.clone())?;
+    let mut kafka = settings.kafka;
+    kafka.brokers = brokers.clone();
     if mock.is_some() {
         // A fetch that finds nothing waits out its whole wait on the mock cluster, even if records
         // arrive meanwhile (Kafka answers as soon as they do), so the wait is delivery latency
@@ -364,7 +376,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     for (logical, _) in topo.topics.iter() {
         if let Some(text) = topo.schema_text(logical) {
             let subject = format!("{}-value", topo.topic_name(logical));
-            let id = register_with_retry(&client, &subject, text).await?;
+            let id = register_with_retry(&client, &subject, text, &topo, logical).await?;
             info!("Schema for {subject} registered as id {id}.");
         }
     }
@@ -408,13 +420,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     let (mut http, mut ingest_url) = (String::new(), String::new());
     // The gateway needs keys to check user tokens; ingest alone uses them, when it has them, only
     // to tell a user token (403) from an unknown one (401).
-    let auth = if run("gateway") {
-        Some(Arc::new(args.jwt.auth_config(args.dev)?))
-    } else if run("ingest") {
-        args.jwt.auth_config(args.dev).ok().map(Arc::new)
-    } else {
-        None
-    };
+    let auth = if run("gateway") || run("ingest") { settings.auth.map(Arc::new) } else { None };
     // One producer of schema-checked JSON events for ingest and the chat API.
     let events = if run("gateway") || run("ingest") {
         let producer: FutureProducer<ClientStats> =
@@ -433,11 +439,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
                 (name.clone(), IngestTopic { physical: topo.topic_name(name), key_field: spec.key.clone() })
             })
             .collect();
-        let mut tokens: Vec<&str> = args.ingest_tokens.iter().map(String::as_str).collect();
-        if args.dev {
-            tokens.push(tidings_gateway::service_auth::DEV_SERVICE_TOKEN);
-        }
-        let tokens = ServiceTokens::new(tokens).map_err(|e| anyhow::anyhow!("--ingest-token: {e}"))?;
+        let tokens = settings.ingest_tokens;
         if tokens.is_empty() {
             info!("HTTP ingest is off: no --ingest-token (TIDINGS_INGEST_TOKENS) is set.");
         } else {
@@ -487,17 +489,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             group: topo.group_name(&format!("{}-backfill", args.sse.delivery_group)),
         };
         let hub = Hub::with_log(args.sse.hub_config(), Some(resume), Some(log));
-        let allow = RedirectAllow::new(args.sse.redirect_allow.iter().map(String::as_str))
-            .map_err(|e| anyhow::anyhow!("--redirect-allow: {e}"))?;
+        let allow = settings.redirect_allow;
         let gateways = allow.origins();
         let owners = Owners::with_allow(&advertised, &notifications, allow);
-        if !topo.topics.contains_key(&args.sse.owners_topic) {
-            bail!(
-                "the owners topic {:?} is not declared in {}; add it (1 partition, cleanup_policy: compact)",
-                args.sse.owners_topic,
-                args.infra.topology.display()
-            );
-        }
         let dcfg = DeliveryConfig {
             kafka: kafka.clone(),
             registry: registry.clone(),
@@ -514,14 +508,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             readiness.set_check("delivery", move || health.is_up() && h.is_ready());
         }
         let browser = BrowserAccess {
-            cors_allow: RedirectAllow::new(args.sse.cors_allow_origins.iter().map(String::as_str))
-                .map_err(|e| anyhow::anyhow!("--cors-allow-origin: {e}"))?,
+            cors_allow: settings.cors_allow,
             cookie_secure: args.sse.cookie_secure || advertised.starts_with("https://"),
             cookie_domain: args.sse.cookie_domain.clone(),
         };
-        if let Some(d) = &browser.cookie_domain {
-            BrowserAccess::check_domain(d).map_err(|e| anyhow::anyhow!("--cookie-domain: {e}"))?;
-        }
         let stream = StreamState { hub, owners, auth, browser: Arc::new(browser) };
         let app = tidings_gateway::app(
             Parts {
@@ -595,13 +585,30 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// The registry may be starting (embedded) or briefly unreachable (external): retry only that.
-async fn register_with_retry(client: &RegistryClient, subject: &str, text: &str) -> anyhow::Result<u32> {
+/// Without write credentials, a schema already registered as the subject's latest version will
+/// do (a gateway beside the process that registered it needs only reads).
+async fn register_with_retry(
+    client: &RegistryClient,
+    subject: &str,
+    text: &str,
+    topo: &Topology,
+    logical: &str,
+) -> anyhow::Result<u32> {
     let mut delay = Duration::from_millis(200);
     for _ in 0..10 {
         match client.register(subject, text).await {
             Ok(id) => return Ok(id),
-            // Wrong credentials at startup are a configuration error: say so at once.
-            Err(e) if e.is_retriable() && !matches!(e, tidings_core::RegistryError::Unauthorized(..)) => {
+            // Wrong credentials are a configuration error, not an outage: no retry.
+            Err(e @ tidings_core::RegistryError::Unauthorized(..)) => {
+                if let (Ok((id, latest)), Some(ours)) = (client.latest(subject).await, topo.schema(logical)) {
+                    if latest.canonical_form() == ours.canonical_form() {
+                        info!("Not allowed to register {subject} ({e}), but its latest version is this schema.");
+                        return Ok(id);
+                    }
+                }
+                return Err(anyhow::anyhow!("registering {subject}: {e}"));
+            }
+            Err(e) if e.is_retriable() => {
                 tracing::warn!(error = %e, "Schema registry not reachable; retrying in {delay:?}.");
                 tokio::time::sleep(delay).await;
                 delay *= 2;

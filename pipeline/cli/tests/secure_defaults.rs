@@ -1,6 +1,10 @@
 //! Secure by default, on the embedded defaults: the dev secret and dev ingest token only with
 //! `--dev`; event ingest only on its own listener and only for a service token (401 without or
-//! with an unknown one, 403 for a user's token); the public port does not serve it at all.
+//! with an unknown one, 403 for a user's token); the public port does not serve it at all. Weak
+//! secrets and tokens are refused, every bad setting at once (exit 64) before anything starts;
+//! the embedded registry takes writes only with its write token, from loopback too.
+
+mod common;
 
 use serde_json::{json, Value};
 use std::path::Path;
@@ -37,6 +41,8 @@ fn command(dir: &Path, args: &[&str]) -> Command {
         .env_remove("TIDINGS_INGEST_TOKENS")
         .env_remove("TIDINGS_BROKERS")
         .env_remove("TIDINGS_DATABASE_URL")
+        .env_remove("TIDINGS_REGISTRY_WRITE_TOKEN")
+        .env_remove("TIDINGS_JWT_PUBLIC_KEY_FILE")
         .stdin(Stdio::null());
     c
 }
@@ -149,4 +155,151 @@ async fn metrics_can_move_off_the_public_port() {
     let resp = get(format!("http://{metrics_addr}/metrics")).await;
     assert_eq!(resp.status(), 200);
     assert!(resp.text().await.unwrap().contains("tidings_"), "no tidings metrics on the metrics port");
+}
+
+/// A secret long enough for HS256 (32 bytes).
+const SECRET: &str = "a-real-secret-for-this-test-only";
+
+/// Runs `up` with `args` and `env` in a data directory that does not exist yet, expecting a
+/// refusal: (exit code, stderr), after checking the data directory was not created.
+fn refused(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    refused_with(|data_dir| command(data_dir, args), env)
+}
+
+/// [`refused`] for the command `up` makes for a data directory. An `up` that starts instead is
+/// killed after 30 s and fails the test.
+fn refused_with(up: impl Fn(&Path) -> Command, env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let parent = tempfile::tempdir().unwrap();
+    let data_dir = parent.path().join("data");
+    let log_path = parent.path().join("stderr.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut child = up(&data_dir).envs(env.iter().copied()).stdout(Stdio::null()).stderr(log).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("`up` started instead of refusing:\n{}", std::fs::read_to_string(&log_path).unwrap_or_default());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let stderr = std::fs::read_to_string(&log_path).unwrap_or_default();
+    assert!(!data_dir.exists(), "a refused `up` created its data directory:\n{stderr}");
+    (status.code(), stderr)
+}
+
+#[test]
+fn weak_jwt_secrets_are_refused_outside_dev_mode() {
+    let short = &format!("--jwt-secret={}", &SECRET[1..]);
+    let dev = &format!("--jwt-secret={DEV_SECRET}");
+    for arg in ["--jwt-secret=", short, dev] {
+        let (code, stderr) = refused(&[arg], &[]);
+        assert_eq!(code, Some(64), "{arg} not refused as a usage error:\n{stderr}");
+        assert!(stderr.contains("--jwt-secret"), "the error does not name the setting:\n{stderr}");
+    }
+    // An unset variable of a deployment template: TIDINGS_JWT_SECRET= .
+    let (code, stderr) = refused(&[], &[("TIDINGS_JWT_SECRET", "")]);
+    assert_eq!(code, Some(64), "an empty TIDINGS_JWT_SECRET was accepted:\n{stderr}");
+    assert!(stderr.contains("TIDINGS_JWT_SECRET") && stderr.contains("empty"), "{stderr}");
+    let (_, stderr) = refused(&[short], &[]);
+    assert!(stderr.contains("31 bytes") && stderr.contains("at least 32"), "{stderr}");
+    let (_, stderr) = refused(&[dev], &[]);
+    assert!(stderr.contains("dev secret"), "{stderr}");
+}
+
+#[test]
+fn weak_registry_write_tokens_are_refused() {
+    for token in ["", "0123456789abcdef"] {
+        let token_arg = format!("--registry-write-token={token}");
+        let (code, stderr) = refused(&["--jwt-secret", SECRET, &token_arg], &[]);
+        assert_eq!(code, Some(64), "--registry-write-token {token:?} not refused:\n{stderr}");
+        assert!(stderr.contains("--registry-write-token"), "the error does not name the setting:\n{stderr}");
+    }
+}
+
+#[test]
+fn every_bad_setting_is_reported_at_once_before_anything_starts() {
+    let Some(brokers) = common::brokers_or_skip() else { return };
+    let prefix = common::unique_prefix();
+    let ports: Vec<String> = (0..3).map(|_| format!("127.0.0.1:{}", common::free_port())).collect();
+    let key = tempfile::tempdir().unwrap();
+    let missing_key = key.path().join("no-such-key.pem");
+    let args = [
+        "--brokers",
+        &brokers,
+        "--topic-prefix",
+        &prefix,
+        "--ingest-token",
+        "svc-orders-7f3c9a1e5b2d",
+        "--jwt-public-key-file",
+        missing_key.to_str().unwrap(),
+        "--stages",
+        "templating,persistence,gateway,teleport",
+        "--redirect-allow",
+        "ftp://gw.example.com",
+        "--database-url",
+        "mysql://db.example.com/tidings",
+        "--kafka-opt",
+        "enable.auto.commit=true",
+    ];
+    // `command` with the three listeners on ports known to be free.
+    let up = |data_dir: &Path| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_tidings"));
+        c.arg("up")
+            .args(["--http", &ports[0], "--registry-listen", &ports[1], "--ingest-listen", &ports[2]])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--topology")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../topology.yaml"))
+            .args(args)
+            .env("TIDINGS_LOG", "warn")
+            .env_remove("TIDINGS_DEV")
+            .env_remove("TIDINGS_JWT_SECRET")
+            .stdin(Stdio::null());
+        c
+    };
+    let (code, stderr) = refused_with(up, &[]);
+    for named in
+        ["--jwt-public-key-file", "--stages", "teleport", "--redirect-allow", "--database-url", "enable.auto.commit"]
+    {
+        assert!(stderr.contains(named), "{named} not reported:\n{stderr}");
+    }
+    assert_eq!(code, Some(64), "not a usage error:\n{stderr}");
+    for port in &ports {
+        std::net::TcpListener::bind(port).unwrap_or_else(|e| panic!("{port} is taken after a refused `up`: {e}"));
+    }
+    assert_eq!(common::topics_with_prefix(&brokers, &prefix), Vec::<String>::new(), "topics created");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_registry_takes_writes_only_with_its_generated_token() {
+    let (up, ep) = start(&["--dev"]);
+    let base = ep["schema_registry_url"].as_str().unwrap();
+    let path = up.dir.path().join("registry-write-token");
+    let token = std::fs::read_to_string(&path).expect("the generated write token");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600, "{}", path.display());
+    assert!(token.len() >= 32, "a short token: {token:?}");
+
+    let client = reqwest::Client::new();
+    let schema = json!({"schema": r#"{"type":"record","name":"T","fields":[{"name":"a","type":"string"}]}"#});
+    let register = |auth: Option<&str>, content_type: Option<&str>| {
+        let mut req = client.post(format!("{base}/subjects/probe-value/versions")).body(schema.to_string());
+        if let Some(a) = auth {
+            req = req.bearer_auth(a);
+        }
+        if let Some(t) = content_type {
+            req = req.header("content-type", t);
+        }
+        async move { req.send().await.expect("POST").status().as_u16() }
+    };
+    // From loopback, as a browser page's simple request or a local process without the token.
+    assert_eq!(register(None, Some("application/json")).await, 401, "loopback still counts as a credential");
+    assert_eq!(register(Some(&token), None).await, 415, "a write without a JSON content type");
+    assert_eq!(register(Some(&token), Some("application/vnd.schemaregistry.v1+json")).await, 200);
+    let read = client.get(format!("{base}/subjects/probe-value/versions")).send().await.unwrap();
+    assert_eq!(read.status(), 200, "reads stay open");
 }

@@ -15,8 +15,6 @@ use tokio_util::sync::CancellationToken;
 use super::{CompatibilityLevel, Registry, RegistryServerError, SubjectVersion, VersionSelector, AVRO};
 
 const SR_CONTENT_TYPE: &str = "application/vnd.schemaregistry.v1+json";
-const ACCEPTED_CONTENT_TYPES: [&str; 3] =
-    ["application/vnd.schemaregistry.v1+json", "application/vnd.schemaregistry+json", "application/json"];
 
 /// The registry's routes.
 pub fn router(registry: Registry) -> Router {
@@ -40,45 +38,69 @@ pub fn router(registry: Registry) -> Router {
         .with_state(registry)
 }
 
-/// Serves until `shutdown` is cancelled; writes only from loopback peers (see [`serve_with`]).
+/// Serves until `shutdown` is cancelled with no write guard at all: for tests and benchmarks in
+/// one process, on a port nobody else knows. `tidings up` serves through [`serve_with`].
 pub async fn serve(
     listener: tokio::net::TcpListener,
     registry: Registry,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    serve_with(listener, registry, None, tidings_core::http::Limits::default(), shutdown).await
-}
-
-/// Serves until `shutdown` is cancelled. Reads are open, as in Confluent's default; writes
-/// (register, delete, config changes) are taken from loopback peers, and from elsewhere only with
-/// `write_token` as a bearer token (or as the password of basic auth): 401 otherwise.
-pub async fn serve_with(
-    listener: tokio::net::TcpListener,
-    registry: Registry,
-    write_token: Option<String>,
-    limits: tidings_core::http::Limits,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
+    let limits = tidings_core::http::Limits::default();
     let timeout = axum::middleware::from_fn_with_state(limits.request_timeout, tidings_core::http::request_timeout);
-    let app = guarded_router(registry, write_token).layer(timeout);
+    let app = router(registry).layer(timeout);
     let accept = tidings_core::http::Capped::new(listener, limits.clone());
     tidings_core::http::serve(accept, app, limits, shutdown).await
 }
 
-/// The routes behind the write guard; needs the peer address (`ConnectInfo<SocketAddr>`).
-pub fn guarded_router(registry: Registry, write_token: Option<String>) -> Router {
-    let guard = std::sync::Arc::new(WriteGuard { token: write_token });
-    router(registry).layer(axum::middleware::from_fn_with_state(guard, guard_writes))
+/// Serves until `shutdown` is cancelled, behind [`guarded_router`]; the listener's own address is
+/// an allowed host besides those of `access`.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    registry: Registry,
+    mut access: Access,
+    limits: tidings_core::http::Limits,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    access.listen = Some(listener.local_addr()?.ip());
+    let timeout = axum::middleware::from_fn_with_state(limits.request_timeout, tidings_core::http::request_timeout);
+    let app = guarded_router(registry, access).layer(timeout);
+    let accept = tidings_core::http::Capped::new(listener, limits.clone());
+    tidings_core::http::serve(accept, app, limits, shutdown).await
 }
 
-struct WriteGuard {
-    token: Option<String>,
+/// Who may write to the registry, and by which names it may be reached.
+///
+/// A web page in a browser on the same host can send "simple" cross-site requests (no JSON
+/// content type, an `Origin` header) and, through DNS rebinding, same-origin ones under its own
+/// host name; so loopback is no credential, requests naming an origin or a foreign host are
+/// refused, and bodies must be JSON.
+#[derive(Clone)]
+pub struct Access {
+    write_token: String,
+    allowed_hosts: Vec<String>,
+    listen: Option<std::net::IpAddr>,
 }
 
-impl WriteGuard {
+impl Access {
+    /// Writes need `write_token` (bearer, or basic auth's password; an empty one matches nothing).
+    /// Requests may name (`Host`, port ignored) `localhost`, a loopback address, the listen
+    /// address (any IP address when that is unspecified) or one of `allowed_hosts`.
+    pub fn new(write_token: impl Into<String>, allowed_hosts: impl IntoIterator<Item = String>) -> Self {
+        let allowed_hosts = allowed_hosts.into_iter().map(|h| h.trim().to_ascii_lowercase()).collect();
+        Access { write_token: write_token.into(), allowed_hosts, listen: None }
+    }
+
+    /// The address the registry listens on, an allowed host (set by [`serve_with`]).
+    pub fn with_listen(mut self, ip: std::net::IpAddr) -> Self {
+        self.listen = Some(ip);
+        self
+    }
+
     fn presented_token_matches(&self, headers: &axum::http::HeaderMap) -> bool {
         use base64::Engine as _;
-        let Some(token) = &self.token else { return false };
+        if self.write_token.is_empty() {
+            return false;
+        }
         let Some(auth) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else { return false };
         let presented = if let Some(b) = auth.strip_prefix("Bearer ") {
             b.trim().to_string()
@@ -89,29 +111,72 @@ impl WriteGuard {
         } else {
             return false;
         };
-        subtle::ConstantTimeEq::ct_eq(presented.as_bytes(), token.as_bytes()).into()
+        subtle::ConstantTimeEq::ct_eq(presented.as_bytes(), self.write_token.as_bytes()).into()
+    }
+
+    /// Whether `host` (a `Host` header's value) names this registry. An IP address cannot be
+    /// rebound, so the listen address is safe to accept, and any address when that is 0.0.0.0/::.
+    pub(crate) fn host_allowed(&self, host: &str) -> bool {
+        let host = host.trim().to_ascii_lowercase();
+        let name = match host.strip_prefix('[') {
+            Some(rest) => rest.split(']').next().unwrap_or_default(),
+            None => host.rsplit_once(':').map_or(host.as_str(), |(name, _port)| name),
+        };
+        if name == "localhost" {
+            return true;
+        }
+        if let Ok(ip) = name.parse::<std::net::IpAddr>() {
+            return ip.is_loopback() || self.listen.is_some_and(|l| l == ip || l.is_unspecified());
+        }
+        self.allowed_hosts.iter().any(|h| h == name)
     }
 }
 
-/// Reads (GET, and the POSTs that only look up or check compatibility) pass; writes need a
-/// loopback peer or the write token.
-async fn guard_writes(
-    State(guard): State<std::sync::Arc<WriteGuard>>,
-    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
-    req: Request,
-    next: axum::middleware::Next,
-) -> Response {
+impl std::fmt::Debug for Access {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Access")
+            .field("write_token", &"…")
+            .field("allowed_hosts", &self.allowed_hosts)
+            .field("listen", &self.listen)
+            .finish()
+    }
+}
+
+/// The routes behind the guard of `access`.
+pub fn guarded_router(registry: Registry, access: Access) -> Router {
+    router(registry).layer(axum::middleware::from_fn_with_state(std::sync::Arc::new(access), guard))
+}
+
+/// Refuses what a browser sends (an `Origin`: 403) and names other than this registry's (421);
+/// reads (GET, and the POSTs that only look up or check compatibility) then pass, writes need the
+/// write token (401).
+async fn guard(State(access): State<std::sync::Arc<Access>>, req: Request, next: axum::middleware::Next) -> Response {
+    if req.headers().contains_key(header::ORIGIN) {
+        return ApiError::new(StatusCode::FORBIDDEN, 40301, "the schema registry does not serve web pages (Origin)")
+            .into_response();
+    }
+    let host = req.headers().get(header::HOST).and_then(|v| v.to_str().ok()).or_else(|| req.uri().host());
+    if let Some(host) = host {
+        if !access.host_allowed(host) {
+            return ApiError::new(
+                StatusCode::MISDIRECTED_REQUEST,
+                42101,
+                format!("the schema registry is not reached as {host:?} (see --registry-allow-host)"),
+            )
+            .into_response();
+        }
+    }
     let path = req.uri().path();
     let write = match *req.method() {
         axum::http::Method::GET | axum::http::Method::HEAD => false,
         axum::http::Method::POST => path.ends_with("/versions") && path.starts_with("/subjects/"),
         _ => true,
     };
-    if write && !peer.ip().is_loopback() && !guard.presented_token_matches(req.headers()) {
+    if write && !access.presented_token_matches(req.headers()) {
         return ApiError::new(
             StatusCode::UNAUTHORIZED,
             40101,
-            "schema registry writes from other hosts need the registry's write token",
+            "schema registry writes need the registry's write token",
         )
         .into_response();
     }
@@ -180,27 +245,31 @@ fn ok<T: Serialize>(body: &T) -> Response {
     sr_json(StatusCode::OK, body)
 }
 
-/// A JSON request body in one of the content types Confluent clients send (or none at all).
+/// A JSON request body in a JSON content type (`application/json`, Confluent's
+/// `application/vnd.schemaregistry.v1+json` or another `application/…+json`): 415 otherwise,
+/// a missing one included, as those are what a web page may send cross-site without asking.
 struct SrJson<T>(T);
+
+/// Whether a `Content-Type` value names JSON.
+fn is_json_content_type(value: &str) -> bool {
+    let essence = value.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for SrJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        if let Some(value) = req.headers().get(header::CONTENT_TYPE) {
-            let essence = value
-                .to_str()
-                .ok()
-                .and_then(|v| v.split(';').next())
-                .map(|v| v.trim().to_ascii_lowercase())
-                .unwrap_or_default();
-            if !ACCEPTED_CONTENT_TYPES.contains(&essence.as_str()) {
-                return Err(ApiError::new(
-                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    415,
-                    format!("HTTP 415 Unsupported Media Type: {essence:?}"),
-                ));
-            }
+        let content_type = req.headers().get(header::CONTENT_TYPE).map(|v| String::from_utf8_lossy(v.as_bytes()));
+        if !content_type.as_deref().is_some_and(is_json_content_type) {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                415,
+                format!(
+                    "HTTP 415 Unsupported Media Type: {:?} (send application/json)",
+                    content_type.as_deref().unwrap_or("no Content-Type")
+                ),
+            ));
         }
         let body = Bytes::from_request(req, state)
             .await

@@ -17,7 +17,7 @@ use apache_avro::schema_compatibility::{Compatibility, SchemaCompatibility};
 use apache_avro::Schema;
 use tidings_sinks::{Store, StoreError};
 
-pub use api::{guarded_router, router, serve, serve_with};
+pub use api::{guarded_router, router, serve, serve_with, Access};
 
 /// The only schema type this registry accepts.
 pub const AVRO: &str = "AVRO";

@@ -463,51 +463,161 @@ fn ids_distinguish_what_the_canonical_form_drops() {
     );
 }
 
-/// Serves the guarded routes as if every request came from `peer`.
-async fn start_as_peer(registry: Registry, token: Option<&str>, peer: std::net::SocketAddr) -> Server {
+const WRITE_TOKEN: &str = "write-token-0123456789abcdef0123";
+
+/// Serves the guarded routes as `tidings up` does, on 127.0.0.1.
+async fn start_guarded(registry: Registry, access: Access) -> Server {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let shutdown = CancellationToken::new();
-    let app =
-        guarded_router(registry, token.map(str::to_string)).layer(axum::extract::connect_info::MockConnectInfo(peer));
-    let t = shutdown.clone();
-    let task =
-        tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(t.cancelled_owned()).await });
+    let limits = tidings_core::http::Limits::default();
+    let task = tokio::spawn(serve_with(listener, registry, access, limits, shutdown.clone()));
     Server { base, shutdown, task }
 }
 
+impl Http {
+    /// A raw request: `headers` as given, nothing added but what reqwest always sends.
+    async fn raw(&self, method: reqwest::Method, path: &str, headers: &[(&str, &str)], body: Option<Json>) -> u16 {
+        let mut request = self.client.request(method, format!("{}{path}", self.base));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        if let Some(body) = body {
+            request = request.body(body.to_string());
+        }
+        request.send().await.unwrap().status().as_u16()
+    }
+}
+
 #[tokio::test]
-async fn writes_from_other_hosts_need_the_write_token_and_reads_stay_open() {
+async fn writes_need_the_write_token_even_from_loopback_and_reads_stay_open() {
     let (store, _dir) = fresh_sqlite().await.unwrap();
     let registry = Registry::open(store).await.unwrap();
-    let remote: std::net::SocketAddr = "192.0.2.77:40000".parse().unwrap();
-    let server = start_as_peer(registry.clone(), Some("write-token-0123456789"), remote).await;
+    let server = start_guarded(registry.clone(), Access::new(WRITE_TOKEN, [])).await;
     let http = Http::new(&server);
+    // A process on this host is no more trusted than one elsewhere: loopback is not a credential.
     let (status, body) = http.register("things-value", THING_V1).await;
     assert_eq!((status, body["error_code"].as_u64()), (401, Some(40101)), "{body}");
     for (method, path) in [(reqwest::Method::DELETE, "/subjects/things-value"), (reqwest::Method::PUT, "/config")] {
         let body = (method == reqwest::Method::PUT).then(|| ("application/json", json!({"compatibility": "NONE"})));
         assert_eq!(http.call(method, path, body).await.0, 401, "{path}");
     }
+    assert_eq!(http.get("/config").await, (200, json!({"compatibilityLevel": "BACKWARD"})), "level changed");
     assert_eq!(http.get("/subjects").await, (200, json!([])), "reads stay open");
+    let lookup = http.post("/subjects/things-value", json!({"schema": THING_V1})).await;
+    assert_eq!(lookup.0, 404, "a lookup is a read: {lookup:?}");
     // With the token as a bearer, or as basic auth's password (Confluent clients' USER_INFO).
-    let send = |auth: (&str, String)| {
-        http.client
-            .post(format!("{}/subjects/things-value/versions", http.base))
-            .header("content-type", "application/json")
-            .header("authorization", format!("{} {}", auth.0, auth.1))
-            .body(json!({ "schema": THING_V1 }).to_string())
-            .send()
-    };
-    assert_eq!(send(("Bearer", "wrong-token-0123456789".into())).await.unwrap().status(), 401);
-    assert_eq!(send(("Bearer", "write-token-0123456789".into())).await.unwrap().status(), 200);
+    let json_type = ("content-type", "application/json");
+    let schema = || Some(json!({ "schema": THING_V1 }));
+    let post = reqwest::Method::POST;
+    let path = "/subjects/things-value/versions";
+    assert_eq!(
+        http.raw(post.clone(), path, &[json_type, ("authorization", "Bearer wrong-token-0123456789")], schema()).await,
+        401
+    );
+    let bearer = format!("Bearer {WRITE_TOKEN}");
+    assert_eq!(http.raw(post.clone(), path, &[json_type, ("authorization", &bearer)], schema()).await, 200);
     use base64::Engine as _;
-    let basic = base64::engine::general_purpose::STANDARD.encode("svc:write-token-0123456789");
-    assert_eq!(send(("Basic", basic)).await.unwrap().status(), 200);
+    let basic = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("svc:{WRITE_TOKEN}")));
+    assert_eq!(http.raw(post.clone(), path, &[json_type, ("authorization", &basic)], schema()).await, 200);
+    assert_eq!(registry.versions("things-value", false).await.unwrap(), vec![1]);
     server.stop().await;
 
-    // From loopback, writes need nothing (the processes of one deployment on one host).
-    let local = start_as_peer(registry, None, "127.0.0.1:40000".parse().unwrap()).await;
-    assert_eq!(Http::new(&local).register("local-value", THING_V1).await.0, 200);
-    local.stop().await;
+    // An empty token matches nothing, not even an empty password (`Basic Og==` is ":").
+    let open = start_guarded(registry, Access::new("", [])).await;
+    let http = Http::new(&open);
+    for auth in ["Basic Og==", "Bearer "] {
+        let status = http
+            .raw(post.clone(), "/subjects/other-value/versions", &[json_type, ("authorization", auth)], schema())
+            .await;
+        assert_eq!(status, 401, "{auth}");
+    }
+    open.stop().await;
+}
+
+#[tokio::test]
+async fn writes_need_a_json_content_type() {
+    let (store, _dir) = fresh_sqlite().await.unwrap();
+    let registry = Registry::open(store).await.unwrap();
+    let server = start_guarded(registry.clone(), Access::new(WRITE_TOKEN, [])).await;
+    let http = Http::new(&server);
+    let bearer = format!("Bearer {WRITE_TOKEN}");
+    let auth = ("authorization", bearer.as_str());
+    let (post, put) = (reqwest::Method::POST, reqwest::Method::PUT);
+    let path = "/subjects/orders-value/versions";
+    let schema = || Some(json!({ "schema": THING_V1 }));
+    // What a web page may send cross-site without a preflight: no type, or a "simple" one.
+    assert_eq!(http.raw(post.clone(), path, &[auth], schema()).await, 415, "no Content-Type");
+    for simple in ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"] {
+        assert_eq!(http.raw(post.clone(), path, &[auth, ("content-type", simple)], schema()).await, 415, "{simple}");
+    }
+    assert_eq!(http.raw(put.clone(), "/config", &[auth], Some(json!({"compatibility": "NONE"}))).await, 415);
+    assert_eq!(registry.versions("orders-value", true).await.ok(), None, "a version was registered");
+    assert_eq!(registry.global_level(), CompatibilityLevel::Backward);
+    // What Confluent clients send.
+    for json_type in [
+        "application/vnd.schemaregistry.v1+json",
+        "application/vnd.schemaregistry+json",
+        "application/json; charset=utf-8",
+    ] {
+        assert_eq!(
+            http.raw(post.clone(), path, &[auth, ("content-type", json_type)], schema()).await,
+            200,
+            "{json_type}"
+        );
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn requests_from_web_pages_or_under_other_host_names_are_refused() {
+    let (store, _dir) = fresh_sqlite().await.unwrap();
+    let registry = Registry::open(store).await.unwrap();
+    let access = Access::new(WRITE_TOKEN, ["Registry.Internal".to_string()]);
+    let server = start_guarded(registry.clone(), access).await;
+    let http = Http::new(&server);
+    let bearer = format!("Bearer {WRITE_TOKEN}");
+    let write = |extra: (&'static str, &'static str)| {
+        let headers =
+            [("authorization", bearer.clone()), ("content-type", "application/json".into()), (extra.0, extra.1.into())];
+        let http = &http;
+        async move {
+            let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+            http.raw(
+                reqwest::Method::POST,
+                "/subjects/things-value/versions",
+                &headers,
+                Some(json!({"schema": THING_V1})),
+            )
+            .await
+        }
+    };
+    // A page's request carries its Origin, even a same-origin one after DNS rebinding.
+    assert_eq!(write(("origin", "https://evil.example")).await, 403);
+    assert_eq!(write(("origin", "null")).await, 403);
+    assert_eq!(http.raw(reqwest::Method::GET, "/subjects", &[("origin", "https://evil.example")], None).await, 403);
+    // A rebound name reaches the port, but the Host header still names the page's site.
+    assert_eq!(write(("host", "evil.example:8081")).await, 421);
+    assert_eq!(write(("host", "localhost.evil.example")).await, 421);
+    assert_eq!(http.raw(reqwest::Method::GET, "/subjects", &[("host", "evil.example")], None).await, 421);
+    assert_eq!(registry.versions("things-value", true).await.ok(), None, "a refused write registered a version");
+    // Loopback names, the listen address and the configured names pass.
+    for host in ["localhost:8081", "127.0.0.1", "[::1]:8081", "registry.internal:8081", "REGISTRY.internal"] {
+        assert_eq!(write(("host", host)).await, 200, "{host}");
+    }
+    server.stop().await;
+}
+
+#[test]
+fn allowed_hosts_are_loopback_the_listen_address_and_the_configured_names() {
+    let access = Access::new(WRITE_TOKEN, ["gw.example.com".to_string()]);
+    assert!(access.host_allowed("gw.example.com:8081") && access.host_allowed("localhost"));
+    assert!(access.host_allowed("127.0.0.2") && access.host_allowed("[::1]"));
+    assert!(!access.host_allowed("10.0.0.5:8081"), "no listen address set");
+    assert!(!access.host_allowed("example.com") && !access.host_allowed("gw.example.com.evil"));
+    let on_one = access.clone().with_listen("10.0.0.5".parse().unwrap());
+    assert!(on_one.host_allowed("10.0.0.5:8081") && !on_one.host_allowed("10.0.0.6:8081"));
+    // Listening on every address: any address names it (an address cannot be rebound), no name does.
+    let on_all = access.with_listen("0.0.0.0".parse().unwrap());
+    assert!(on_all.host_allowed("10.0.0.6:8081") && !on_all.host_allowed("evil.example"));
 }

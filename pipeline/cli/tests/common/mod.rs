@@ -318,6 +318,17 @@ pub async fn high_watermarks(brokers: &str, topic: &str) -> Vec<i64> {
     .expect("watermark probe")
 }
 
+/// The topics on the broker whose names start with `prefix`.
+pub fn topics_with_prefix(brokers: &str, prefix: &str) -> Vec<String> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("probe-{}", uuid::Uuid::new_v4().simple()))
+        .create()
+        .expect("probe consumer");
+    let md = consumer.fetch_metadata(None, Duration::from_secs(10)).expect("metadata");
+    md.topics().iter().map(|t| t.name().to_string()).filter(|n| n.starts_with(prefix)).collect()
+}
+
 /// Debian's Chromium (or `CHROMIUM`), for the browser tests.
 pub fn chromium() -> PathBuf {
     std::env::var_os("CHROMIUM").map(PathBuf::from).unwrap_or_else(|| "/usr/bin/chromium".into())

@@ -1,0 +1,233 @@
+//! `tidings up`'s settings, checked before anything starts: every refusal is reported at once and
+//! `up` exits with EX_USAGE (64) before it creates a topic, registers a schema, writes a file or
+//! binds a port. Also the strength rules for the secrets it is given.
+
+use tidings_core::kafka::KafkaConfig;
+use tidings_core::RegistryEndpoint;
+use tidings_gateway::auth::{AuthConfig, Key, DEV_SECRET};
+use tidings_gateway::browser::BrowserAccess;
+use tidings_gateway::delivery::owners::RedirectAllow;
+use tidings_gateway::service_auth::{ServiceTokens, DEV_SERVICE_TOKEN};
+use tidings_pipeline::topology::Topology;
+
+use crate::up::{load_topology, UpArgs};
+
+/// sysexits.h's EX_USAGE: the command was used incorrectly (a setting is refused).
+pub const EX_USAGE: u8 = 64;
+
+/// Shortest HS256 secret accepted: RFC 7518 §3.2 asks for a key as long as the hash (256 bits).
+pub const MIN_HS256_SECRET_BYTES: usize = 32;
+
+/// Shortest write token accepted for the embedded registry (a generated one has 64 characters).
+pub const MIN_REGISTRY_WRITE_TOKEN_LEN: usize = 32;
+
+/// The stages `up` knows.
+pub const STAGES: [&str; 4] = ["templating", "persistence", "gateway", "ingest"];
+
+/// Refuses an HS256 secret anyone could know or guess: an empty one (an unset variable of a
+/// deployment template) always; the public dev secret and short ones unless `dev`.
+pub fn check_hs256_secret(secret: &str, dev: bool) -> Result<(), String> {
+    if secret.is_empty() {
+        return Err("is empty: an HS256 key anyone can sign with (an unset variable?)".into());
+    }
+    if dev {
+        return Ok(());
+    }
+    if secret == DEV_SECRET {
+        return Err(format!(
+            "is the public dev secret {DEV_SECRET:?}: anyone can mint tokens with it (only with --dev)"
+        ));
+    }
+    if secret.len() < MIN_HS256_SECRET_BYTES {
+        return Err(format!(
+            "is {} bytes; an HS256 secret needs at least {MIN_HS256_SECRET_BYTES} (e.g. `openssl rand -base64 48`)",
+            secret.len()
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses a registry write token that is empty (basic auth with an empty password would match
+/// it) or short enough to guess.
+pub fn check_registry_write_token(token: &str) -> Result<(), String> {
+    if token.is_empty() {
+        return Err("is empty: it would let anyone write (unset it to have one generated)".into());
+    }
+    if token.len() < MIN_REGISTRY_WRITE_TOKEN_LEN {
+        return Err(format!(
+            "is {} characters; it needs at least {MIN_REGISTRY_WRITE_TOKEN_LEN} (e.g. `openssl rand -hex 32`)",
+            token.len()
+        ));
+    }
+    Ok(())
+}
+
+/// What `up` runs with, once every setting was accepted.
+pub struct Settings {
+    pub topology: Topology,
+    pub database_url: String,
+    /// The broker-independent Kafka settings; `brokers` is filled in when known.
+    pub kafka: KafkaConfig,
+    /// The external registry (`--schema-registry-url`); `None` serves the embedded one.
+    pub external_registry: Option<RegistryEndpoint>,
+    /// The operator's write token for the embedded registry; `None` has one generated.
+    pub registry_write_token: Option<String>,
+    /// The user-token keys: always when the gateway runs; for ingest alone only when set.
+    pub auth: Option<AuthConfig>,
+    pub ingest_tokens: ServiceTokens,
+    pub redirect_allow: RedirectAllow,
+    pub cors_allow: RedirectAllow,
+}
+
+/// Checks every setting `up` can check without side effects; all refusals at once, each naming
+/// its setting.
+pub fn check(args: &UpArgs) -> Result<Settings, Vec<String>> {
+    let mut errors = Vec::new();
+    let mut ok = |r: Result<(), String>, setting: &str| {
+        if let Err(e) = r {
+            errors.push(format!("{setting}: {e}"));
+        }
+    };
+
+    let unknown: Vec<&str> = args.stages.iter().map(String::as_str).filter(|s| !STAGES.contains(s)).collect();
+    ok(
+        if unknown.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("unknown stage(s) {unknown:?} (expected templating, persistence, gateway or ingest)"))
+        },
+        "--stages (TIDINGS_STAGES)",
+    );
+    let runs = |name: &str| args.stages.iter().any(|s| s == name);
+
+    // User-token keys: each one's strength, then the set the gateway needs.
+    let mut keys_ok = true;
+    if let Some(secret) = &args.jwt.jwt_secret {
+        let r = check_hs256_secret(secret, args.dev);
+        keys_ok &= r.is_ok();
+        ok(r, "--jwt-secret (TIDINGS_JWT_SECRET)");
+    }
+    if let Some(path) = &args.jwt.jwt_public_key_file {
+        let r = std::fs::read(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))
+            .and_then(|pem| Key::from_public_pem(&pem).map(drop).map_err(|e| format!("{}: {e}", path.display())));
+        keys_ok &= r.is_ok();
+        ok(r, "--jwt-public-key-file (TIDINGS_JWT_PUBLIC_KEY_FILE)");
+    }
+    let auth = match keys_ok.then(|| args.jwt.auth_config(args.dev)) {
+        Some(Ok(auth)) => Some(auth),
+        Some(Err(e)) if runs("gateway") => {
+            ok(Err(format!("{e:#}")), "--jwt-secret / --jwt-public-key-file");
+            None
+        }
+        // Ingest alone uses keys only to tell a user token from an unknown one.
+        Some(Err(_)) | None => None,
+    };
+
+    let mut tokens: Vec<&str> = args.ingest_tokens.iter().map(String::as_str).collect();
+    if args.dev {
+        tokens.push(DEV_SERVICE_TOKEN);
+    }
+    let ingest_tokens = ServiceTokens::new(tokens).unwrap_or_else(|e| {
+        ok(Err(e), "--ingest-token (TIDINGS_INGEST_TOKENS)");
+        ServiceTokens::default()
+    });
+
+    if let Some(token) = &args.registry_write_token {
+        ok(check_registry_write_token(token), "--registry-write-token (TIDINGS_REGISTRY_WRITE_TOKEN)");
+    }
+    for host in &args.registry_allow_hosts {
+        ok(BrowserAccess::check_domain(host.trim()), "--registry-allow-host (TIDINGS_REGISTRY_ALLOW_HOSTS)");
+    }
+    let external_registry = match &args.infra.schema_registry_url {
+        Some(url) => args.infra.registry(url.clone()).map_err(|e| ok(Err(format!("{e:#}")), "schema registry")).ok(),
+        None => None,
+    };
+
+    let redirect_allow = RedirectAllow::new(args.sse.redirect_allow.iter().map(String::as_str)).unwrap_or_else(|e| {
+        ok(Err(e), "--redirect-allow (TIDINGS_REDIRECT_ALLOW)");
+        RedirectAllow::default()
+    });
+    let cors_allow = RedirectAllow::new(args.sse.cors_allow_origins.iter().map(String::as_str)).unwrap_or_else(|e| {
+        ok(Err(e), "--cors-allow-origin (TIDINGS_CORS_ALLOW_ORIGINS)");
+        RedirectAllow::default()
+    });
+    if let Some(d) = &args.sse.cookie_domain {
+        ok(BrowserAccess::check_domain(d), "--cookie-domain (TIDINGS_COOKIE_DOMAIN)");
+    }
+
+    let database_url = args
+        .infra
+        .database_url
+        .clone()
+        .unwrap_or_else(|| format!("sqlite://{}/tidings.db", args.infra.data_dir.display()));
+    let known_scheme = ["sqlite:", "postgres://", "postgresql://"].iter().any(|s| database_url.starts_with(s));
+    ok(
+        if known_scheme { Ok(()) } else { Err("must start with sqlite:, postgres:// or postgresql://".into()) },
+        "--database-url (TIDINGS_DATABASE_URL)",
+    );
+
+    let kafka = args.infra.kafka(String::new()).map_err(|e| ok(Err(format!("{e:#}")), "Kafka settings")).ok();
+
+    let topology = match load_topology(&args.infra) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            ok(Err(format!("{e:#}")), "--topology (TIDINGS_TOPOLOGY)");
+            None
+        }
+    };
+    if let (Some(topo), true) = (&topology, runs("gateway")) {
+        if !topo.topics.contains_key(&args.sse.owners_topic) {
+            ok(
+                Err(format!(
+                    "{:?} is not declared in {}; add it (1 partition, cleanup_policy: compact)",
+                    args.sse.owners_topic,
+                    args.infra.topology.display()
+                )),
+                "--owners-topic (TIDINGS_OWNERS_TOPIC)",
+            );
+        }
+    }
+
+    match (topology, kafka) {
+        (Some(topology), Some(kafka)) if errors.is_empty() => Ok(Settings {
+            topology,
+            database_url,
+            kafka,
+            external_registry,
+            registry_write_token: args.registry_write_token.clone(),
+            auth,
+            ingest_tokens,
+            redirect_allow,
+            cors_allow,
+        }),
+        _ => Err(errors),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hs256_secrets_need_32_bytes_and_not_the_dev_secret_outside_dev() {
+        let long = "k".repeat(MIN_HS256_SECRET_BYTES);
+        assert_eq!(check_hs256_secret(&long, false), Ok(()));
+        let short = check_hs256_secret(&long[1..], false).unwrap_err();
+        assert!(short.contains("31 bytes") && short.contains("32"), "{short}");
+        assert!(check_hs256_secret(DEV_SECRET, false).unwrap_err().contains("dev secret"));
+        assert!(check_hs256_secret("", false).unwrap_err().contains("empty"));
+        // --dev accepts the dev secret and short ones, never an empty one.
+        assert_eq!(check_hs256_secret(DEV_SECRET, true), Ok(()));
+        assert_eq!(check_hs256_secret("short", true), Ok(()));
+        assert!(check_hs256_secret("", true).is_err());
+    }
+
+    #[test]
+    fn registry_write_tokens_need_32_characters() {
+        assert_eq!(check_registry_write_token(&"t".repeat(MIN_REGISTRY_WRITE_TOKEN_LEN)), Ok(()));
+        assert!(check_registry_write_token("").unwrap_err().contains("empty"));
+        let short = check_registry_write_token("0123456789abcdef").unwrap_err();
+        assert!(short.contains("16 characters"), "{short}");
+    }
+}

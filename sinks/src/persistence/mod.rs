@@ -2,17 +2,21 @@
 //! size and time, and writes each batch with its next offsets in one database transaction. The
 //! database, not Kafka, holds the offsets: on assignment the consumer starts from them, so a crash
 //! at any instant neither loses nor duplicates a row. Kafka commits only feed lag monitoring.
+//! A batch the database refuses for its data is split until the refused records are found; those
+//! are dead-lettered with the SQLSTATE and the rest stored, so a bad record never stops the stage.
 
 pub mod config;
 
 use apache_avro::Schema;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::message::{BorrowedMessage, Message, OwnedMessage, Timestamp};
 use rdkafka::producer::{DeliveryFuture, FutureProducer};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use std::collections::HashMap;
+use std::future::Future;
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tidings_core::json_avro::{avro_to_json, union_branch_name};
@@ -199,6 +203,8 @@ struct Sink {
 
 struct Pending {
     batch: Batch,
+    /// The records that put rows in `batch`, in the order read.
+    units: Vec<Unit>,
     /// Next offset per partition covered by the batch.
     next: HashMap<Tp, i64>,
     /// Dead-letter copies that must be acknowledged before the batch's offsets are stored.
@@ -206,6 +212,19 @@ struct Pending {
     started: Option<Instant>,
     records: usize,
     trace: BatchTrace,
+}
+
+/// A record that put rows in the batch: where it was read, and where its rows end in the batch's
+/// vectors (they start where the previous unit's end). A refused batch is split by these, so a
+/// record's rows (a group record's recipients) are stored or dead-lettered together.
+#[derive(Debug, Clone, Copy)]
+struct Unit {
+    /// Read from the chat topic (else from the notifications topic).
+    chat: bool,
+    partition: i32,
+    offset: i64,
+    /// Lengths of `notifications`, `chat_messages` and `chat_changes` after this record's rows.
+    ends: [usize; 3],
 }
 
 /// Most links one batch span carries (the SDK's default link limit); later records go unlinked.
@@ -257,6 +276,7 @@ impl Pending {
     fn new() -> Self {
         Pending {
             batch: Batch::default(),
+            units: Vec::new(),
             next: HashMap::new(),
             dead: Vec::new(),
             started: None,
@@ -267,6 +287,72 @@ impl Pending {
     fn rows(&self) -> usize {
         self.batch.notifications.len() + self.batch.chat_messages.len() + self.batch.chat_changes.len()
     }
+
+    fn ends(&self) -> [usize; 3] {
+        [self.batch.notifications.len(), self.batch.chat_messages.len(), self.batch.chat_changes.len()]
+    }
+
+    /// Records the record just taken as a unit if it added rows.
+    fn note(&mut self, chat: bool, partition: i32, offset: i64) {
+        let ends = self.ends();
+        if ends != self.units.last().map_or([0; 3], |u| u.ends) {
+            self.units.push(Unit { chat, partition, offset, ends });
+        }
+    }
+
+    /// The rows of `units` as a batch of their own, without offsets.
+    fn part(&self, units: Range<usize>) -> Batch {
+        let start = if units.start == 0 { [0; 3] } else { self.units[units.start - 1].ends };
+        let end = self.units[units.end - 1].ends;
+        let b = &self.batch;
+        Batch {
+            notifications: b.notifications[start[0]..end[0]].to_vec(),
+            chat_messages: b.chat_messages[start[1]..end[1]].to_vec(),
+            chat_changes: b.chat_changes[start[2]..end[2]].to_vec(),
+            offsets: Vec::new(),
+        }
+    }
+}
+
+/// Finds the units of a refused batch that the store refuses on their own: splits `0..n` in
+/// halves and `write`s each (first half first, so records stay in order), splitting again each
+/// part that is refused, down to single units. `first` is the whole batch's refusal. Returns the
+/// refused units with their errors, in order; every other unit was written exactly once. About
+/// 2·k·log2(n) writes for k refused units. Stops at the first error that is not a refusal.
+async fn isolate<E, F, Fut>(
+    n: usize,
+    first: E,
+    refused: impl Fn(&E) -> bool,
+    mut write: F,
+) -> Result<Vec<(usize, E)>, E>
+where
+    F: FnMut(Range<usize>) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+{
+    let mut found = Vec::new();
+    // A stack of parts still to write, each with its refusal if already known.
+    let mut todo = vec![(0..n, Some(first))];
+    while let Some((part, known)) = todo.pop() {
+        let e = match known {
+            Some(e) => e,
+            None => match write(part.clone()).await {
+                Ok(()) => continue,
+                Err(e) if refused(&e) => e,
+                Err(e) => return Err(e),
+            },
+        };
+        match part.len() {
+            // Nothing but offsets was refused: no record to blame.
+            0 => return Err(e),
+            1 => found.push((part.start, e)),
+            len => {
+                let mid = part.start + len / 2;
+                todo.push((mid..part.end, None));
+                todo.push((part.start..mid, None));
+            }
+        }
+    }
+    Ok(found)
 }
 
 async fn start(
@@ -480,6 +566,7 @@ impl Sink {
                 None => return self.dead_letter(m, "missing-field", "MessageSent lacks a required field").await,
             }
         }
+        pending.note(m.topic() != cfg.notifications_topic, m.partition(), m.offset());
         Ok(())
     }
 
@@ -497,7 +584,7 @@ impl Sink {
     /// Writes the pending batch and its offsets in one transaction, retrying while the database is
     /// unavailable (no offset advances meanwhile), then commits the offsets to Kafka for lag metrics.
     async fn flush(&mut self, shutdown: &CancellationToken) -> Result<(), PersistError> {
-        let Sink { cfg, store, known, consumer, pending, .. } = self;
+        let Sink { cfg, store, known, consumer, pending, dead, .. } = self;
         if pending.records == 0 {
             pending.started = None;
             return Ok(());
@@ -518,6 +605,7 @@ impl Sink {
         let span = pending.trace.span.clone();
         span.record("rows", rows);
         let batch = &pending.batch;
+        let pending = &*pending;
         let write = async {
             let started = Instant::now();
             // No offset advances until the batch is stored: they are written with it.
@@ -540,6 +628,10 @@ impl Sink {
                     Ok(())
                 }
                 Err(GaveUp::ShutDown(e)) => Err(PersistError::Store(e)),
+                // The data, not the database: store the batch without the records it refuses.
+                Err(GaveUp::Failed(e)) if e.rejection().is_some() => {
+                    store_around_refusals(cfg, store, dead, pending, e, shutdown).await
+                }
                 Err(GaveUp::Failed(e)) => Err(PersistError::from(e)),
             }
         };
@@ -558,7 +650,270 @@ impl Sink {
         if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
             debug!(error = %e, "Kafka offset commit (for lag monitoring only) failed.");
         }
-        *pending = Pending::new();
+        self.pending = Pending::new();
         Ok(())
+    }
+}
+
+/// How long reading a refused record back from Kafka (to dead-letter it) may take before the
+/// stage restarts and tries the batch again.
+const READ_BACK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Stores a batch the database refused (`first`) record by record where needed: every part
+/// without a refused record in its own transaction (see [`isolate`]), then each refused record to
+/// the dead-letter topic with the refusal as its reason, then the batch's offsets alone. Until
+/// those offsets are stored a crash re-reads the whole batch, and the stored parts are skipped as
+/// duplicates, so nothing is lost or stored twice; the partition then moves on.
+async fn store_around_refusals(
+    cfg: &PersistenceConfig,
+    store: &Store,
+    dead: &DeadLetters,
+    pending: &Pending,
+    first: StoreError,
+    shutdown: &CancellationToken,
+) -> Result<(), PersistError> {
+    let records = pending.units.len();
+    warn!(error = %first, records, "The database refused a batch of {records} records; storing it in parts to find the refused records.");
+    let mut writes = 0usize;
+    let write = |units: Range<usize>| {
+        writes += 1;
+        let part = pending.part(units);
+        async move {
+            let rows = part.notifications.len() + part.chat_messages.len() + part.chat_changes.len();
+            until_done(
+                shutdown,
+                || format!("Storing {rows} rows of a refused batch"),
+                (Duration::from_millis(500), Duration::from_secs(30)),
+                || store.write_batch(&cfg.group, &part),
+                StoreError::is_retriable,
+            )
+            .await
+            .map(|_| ())
+            .map_err(|g| match g {
+                GaveUp::Failed(e) | GaveUp::ShutDown(e) => e,
+            })
+        }
+    };
+    let refused = isolate(records, first, |e: &StoreError| e.rejection().is_some(), write).await?;
+    if !refused.is_empty() {
+        let mut copies = read_back(cfg, &refused.iter().map(|(i, _)| pending.units[*i]).collect::<Vec<_>>()).await?;
+        let mut deliveries = Vec::with_capacity(refused.len());
+        for ((_, e), copy) in refused.iter().zip(&mut copies) {
+            deliveries.push(dead.send(copy, e.rejection().unwrap_or("db-rejected"), &e.to_string()).await?);
+        }
+        for d in deliveries {
+            acknowledged(d).await.map_err(|e| PersistError::DeadLetter(e.to_string()))?;
+        }
+    }
+    let offsets = Batch { offsets: pending.batch.offsets.clone(), ..Batch::default() };
+    match until_done(
+        shutdown,
+        || "Storing the offsets of a refused batch".to_string(),
+        (Duration::from_millis(500), Duration::from_secs(30)),
+        || store.write_batch(&cfg.group, &offsets),
+        StoreError::is_retriable,
+    )
+    .await
+    {
+        Ok(_) => {}
+        Err(GaveUp::ShutDown(e) | GaveUp::Failed(e)) => return Err(PersistError::Store(e)),
+    }
+    info!(
+        records,
+        refused = refused.len(),
+        writes,
+        "Stored a refused batch in {writes} writes; its {} refused record(s) went to the dead-letter topic {}.",
+        refused.len(),
+        dead.topic()
+    );
+    Ok(())
+}
+
+/// Reads `units`' records back from Kafka for their dead-letter copies: the batch keeps only the
+/// rows it decoded, and a refusal is rare enough to pay a fetch. A record no longer in the log
+/// (retention) is dead-lettered as its coordinates alone.
+async fn read_back(cfg: &PersistenceConfig, units: &[Unit]) -> Result<Vec<OwnedMessage>, PersistError> {
+    // Assigned partitions only, never subscribed: this consumer does not join the stage's group.
+    let reader: StreamConsumer =
+        cfg.kafka.consumer_with(&cfg.group, &[], &[("enable.auto.commit", "false")]).create()?;
+    let mut out = Vec::with_capacity(units.len());
+    for u in units {
+        let topic = match (u.chat, &cfg.chat_topic) {
+            (true, Some(chat)) => chat.as_str(),
+            _ => cfg.notifications_topic.as_str(),
+        };
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, u.partition, Offset::Offset(u.offset))?;
+        reader.assign(&tpl)?;
+        let read = async {
+            loop {
+                let m = reader.recv().await?;
+                if m.topic() == topic && m.partition() == u.partition && m.offset() >= u.offset {
+                    return Ok::<_, KafkaError>(m.detach());
+                }
+            }
+        };
+        let m = tokio::time::timeout(READ_BACK_TIMEOUT, read).await.map_err(|_| {
+            PersistError::DeadLetter(format!(
+                "could not read {topic}[{}] at offset {} back within {READ_BACK_TIMEOUT:?}",
+                u.partition, u.offset
+            ))
+        })??;
+        out.push(if m.offset() == u.offset {
+            m
+        } else {
+            OwnedMessage::new(None, None, topic.to_string(), Timestamp::NotAvailable, u.partition, u.offset, None)
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    /// Runs `isolate` over `n` units with a writer that refuses any part holding one of `bad`.
+    /// Returns what it found, the parts written successfully and the number of writes.
+    async fn isolate_with(n: usize, bad: &[usize]) -> (Vec<usize>, Vec<Range<usize>>, usize) {
+        let bad: BTreeSet<usize> = bad.iter().copied().collect();
+        let mut stored = Vec::new();
+        let mut writes = 0;
+        let write = |part: Range<usize>| {
+            writes += 1;
+            let refused = bad.range(part.clone()).next().copied();
+            if refused.is_none() {
+                stored.push(part);
+            }
+            std::future::ready(match refused {
+                Some(u) => Err(Some(u)),
+                None => Ok(()),
+            })
+        };
+        let found = isolate(n, Some(usize::MAX), Option::is_some, write).await.unwrap();
+        (found.into_iter().map(|(u, _)| u).collect(), stored, writes)
+    }
+
+    #[tokio::test]
+    async fn isolate_finds_exactly_the_refused_units_in_about_2k_log_n_writes() {
+        for (n, bad) in [
+            (1000, vec![3, 517, 998]),
+            (1000, vec![0]),
+            (1000, vec![999]),
+            (1024, vec![511, 512]),
+            (7, vec![0, 1, 2, 3, 4, 5, 6]),
+            (2, vec![1]),
+        ] {
+            let (found, stored, writes) = isolate_with(n, &bad).await;
+            assert_eq!(found, bad, "n={n}");
+            // Every other unit stored exactly once, in order.
+            let covered: Vec<usize> = stored.iter().flat_map(|p| p.clone()).collect();
+            let expected: Vec<usize> = (0..n).filter(|u| !bad.contains(u)).collect();
+            assert_eq!(covered, expected, "n={n} bad={bad:?}");
+            let log2 = usize::BITS - (n - 1).leading_zeros();
+            let bound = 2 * bad.len() * log2 as usize;
+            assert!(writes <= bound, "n={n} bad={bad:?}: {writes} writes, bound {bound}");
+        }
+    }
+
+    #[tokio::test]
+    async fn isolate_blames_the_single_unit_without_writing_and_stops_on_other_errors() {
+        // One unit, already refused as the whole batch: no write needed.
+        let found = isolate(1, "refused", |_| true, |_| async { panic!("no write expected") }).await.unwrap();
+        assert_eq!(found, vec![(0, "refused")]);
+        // No unit at all: the offsets themselves were refused, which no record explains.
+        assert_eq!(isolate(0, "refused", |_| true, |_| async { Ok(()) }).await.unwrap_err(), "refused");
+        // An error that is not a refusal (e.g. a dropped table) ends the search.
+        let mut writes = 0;
+        let err = isolate(
+            100,
+            "refused",
+            |e| *e == "refused",
+            |_| {
+                writes += 1;
+                async { Err("undefined table") }
+            },
+        )
+        .await
+        .unwrap_err();
+        assert_eq!((err, writes), ("undefined table", 1));
+    }
+
+    fn notification(user: &str, i: i64) -> StoredNotification {
+        StoredNotification {
+            notification: Notification {
+                notification_id: Notification::id_for(&format!("ev-{i}"), user),
+                user_id: user.into(),
+                kind: "k".into(),
+                title: "t".into(),
+                body: "b".into(),
+                link: None,
+                source_event_id: format!("ev-{i}"),
+                occurred_at: 1_700_000_000_000_000,
+                source_topic: "orders".into(),
+                source_partition: 0,
+                source_offset: i,
+                data: None,
+                inbox: true,
+                recipients: vec![],
+            },
+            stream_partition: 0,
+            stream_offset: i,
+        }
+    }
+
+    /// A random user id of 10,016 characters: over the btree limit of the inbox index even
+    /// compressed, so PostgreSQL refuses its row with 54000.
+    fn over_long_user() -> String {
+        (0..313).map(|_| uuid::Uuid::new_v4().simple().to_string()).collect()
+    }
+
+    /// The refusal the stage splits batches on, as PostgreSQL raises it for one row, and the parts
+    /// of [`Pending::part`] storing the rest of such a batch.
+    #[tokio::test]
+    async fn postgres_refuses_a_batch_with_an_over_long_user_id_and_its_parts_store_the_rest() {
+        let (store, _) = crate::testing::fresh_postgres().await.unwrap();
+        let mut pending = Pending::new();
+        for i in 0..5 {
+            let user = if i == 3 { over_long_user() } else { format!("u{i}") };
+            pending.batch.notifications.push(notification(&user, i));
+            pending.note(false, 0, i);
+        }
+        pending.batch.offsets = vec![OffsetUpdate { topic: "notifications".into(), partition: 0, next_offset: 5 }];
+        let e = store.write_batch("g", &pending.batch).await.unwrap_err();
+        assert_eq!(e.rejection(), Some("db-54000-program-limit-exceeded"), "{e}");
+        assert!(!e.is_retriable());
+        assert_eq!(store.count_notifications().await.unwrap(), 0, "a refused batch stores nothing");
+        let found = isolate(
+            5,
+            e,
+            |e| e.rejection().is_some(),
+            |part| {
+                let part = pending.part(part);
+                let store = store.clone();
+                async move { store.write_batch("g", &part).await.map(|_| ()) }
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(found.iter().map(|(u, _)| pending.units[*u].offset).collect::<Vec<_>>(), vec![3]);
+        assert_eq!(store.count_notifications().await.unwrap(), 4);
+        assert!(store.load_offsets("g", "notifications").await.unwrap().is_empty(), "parts carry no offsets");
+    }
+
+    #[test]
+    fn a_group_record_is_one_unit_and_records_without_rows_none() {
+        let mut p = Pending::new();
+        p.note(false, 0, 0); // dead-lettered or passed by: no rows
+        p.batch.notifications.push(notification("a", 1));
+        p.batch.notifications.push(notification("b", 1));
+        p.note(false, 0, 1);
+        p.batch.chat_changes.push(ChatChange { message_id: "m".into(), sender_id: "s".into(), text: None, at: 1 });
+        p.note(true, 2, 7);
+        assert_eq!(p.units.len(), 2);
+        assert_eq!(p.part(0..1).notifications.len(), 2);
+        let second = p.part(1..2);
+        assert_eq!((second.notifications.len(), second.chat_changes.len()), (0, 1));
+        assert_eq!(p.part(0..2).notifications.len() + p.part(0..2).chat_changes.len(), 3);
     }
 }

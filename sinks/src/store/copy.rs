@@ -23,7 +23,8 @@ pub enum CopyError {
 
 impl From<CopyError> for crate::StoreError {
     fn from(e: CopyError) -> Self {
-        crate::StoreError::Query(sqlx::Error::Encode(Box::new(e)))
+        // The row's own value is too large: a refusal of that row, not of the batch.
+        crate::StoreError::Rejected { reason: "copy-field-too-large", source: sqlx::Error::Encode(Box::new(e)) }
     }
 }
 

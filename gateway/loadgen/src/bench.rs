@@ -15,6 +15,7 @@ use serde_json::json;
 use self::cpu::start_wakeup_probe;
 use self::ingest_latency::{ingest_latency, LatencyLoad};
 use self::load::{NotificationSender, PACE_MS};
+use self::produce::{EventProducer, Via};
 use self::report::{comparison, emit, report};
 use self::stack::{up_args, wait_ready, Proc, Stack};
 use self::users::{wait_connected, Users};
@@ -32,6 +33,7 @@ mod load;
 mod metrics;
 mod multi;
 mod nchan;
+mod produce;
 mod record_times;
 mod report;
 mod stack;
@@ -39,7 +41,7 @@ mod sustained;
 mod users;
 
 /// Every scenario, in the order they run (`chat` and `chat_kill` only when named: `.ci/bench-chat`).
-const ALL: &str = "ingest_latency,broadcast,ingest_latency_embedded,nchan_fanout,nchan_broadcast,idle,fanout,campaign,sustained,multi";
+const ALL: &str = "ingest_latency,ingest_latency_kafka,broadcast,broadcast_kafka,ingest_latency_embedded,nchan_fanout,nchan_broadcast,idle,fanout,campaign,sustained,multi";
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -52,8 +54,8 @@ pub struct BenchArgs {
     /// topology.yaml.
     #[arg(long, default_value = "topology.yaml")]
     topology: PathBuf,
-    /// Scenarios to run, comma-separated: ingest_latency, broadcast, ingest_latency_embedded,
-    /// nchan_fanout, nchan_broadcast, idle, fanout, campaign, sustained, multi, chat, chat_kill (the
+    /// Scenarios to run, comma-separated: ingest_latency, ingest_latency_kafka, broadcast,
+    /// broadcast_kafka, ingest_latency_embedded, nchan_fanout, nchan_broadcast, idle, fanout, campaign, sustained, multi, chat, chat_kill (the
     /// chat ones need PostgreSQL at TIDINGS_TEST_PG). A `comparison` line follows when a tidings
     /// scenario and its nchan counterpart both ran.
     #[arg(long, value_delimiter = ',', default_value = ALL)]
@@ -158,47 +160,58 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     eprintln!("bench: prefix {prefix}, work dir {}", root.path().display());
     let mut results = HashMap::new();
 
-    // Latency through the whole chain, on one all-stages process per broker.
-    if run("ingest_latency") || run("broadcast") {
+    // Latency through the whole chain, on one all-stages process per broker: events sent over
+    // HTTP ingest, or produced straight to Kafka as upstream services do (`_kafka`).
+    let on_stack = ["ingest_latency", "ingest_latency_kafka", "broadcast", "broadcast_kafka"];
+    if on_stack.iter().any(|s| run(s)) {
         let stack_prefix = format!("{prefix}all.");
         match Stack::start(&bin, root.path(), "all-kafka", &topology, Some(&args.brokers), Some(&stack_prefix), &http)
             .await
         {
             Ok(mut stack) => {
                 let mut users = Users::new(&stack.url, "l");
-                if run("ingest_latency") {
-                    let v = ingest_latency(
-                        "ingest_latency",
-                        &stack,
-                        &mut users,
-                        LatencyLoad {
+                let producer = if run("ingest_latency_kafka") || run("broadcast_kafka") {
+                    let topics = [format!("{}orders", stack.prefix), format!("{}coupons", stack.prefix)];
+                    let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
+                    Some(EventProducer::new(&stack.brokers, &stack.registry, &topics).await)
+                } else {
+                    None
+                };
+                for name in on_stack.into_iter().filter(|s| run(s)) {
+                    let via = match (name.ends_with("_kafka"), &producer) {
+                        (false, _) => Via::Http(&stack.ingest, &http),
+                        (true, Some(Ok(p))) => Via::Kafka(p, &stack.prefix),
+                        (true, Some(Err(e))) => {
+                            report(&mut results, name, Err(anyhow::anyhow!("the Kafka producer: {e:#}")));
+                            continue;
+                        }
+                        (true, None) => unreachable!("a producer is made when a _kafka scenario runs"),
+                    };
+                    let v = if name.starts_with("ingest_latency") {
+                        let load = LatencyLoad {
                             users: args.latency_users,
                             rate: args.latency_rate,
                             warm: Duration::from_secs(args.latency_warm_secs),
                             rounds: args.latency_rounds,
                             timeline: args.timeline.clone(),
-                        },
-                        &http,
-                    )
-                    .await;
-                    report(&mut results, "ingest_latency", v);
-                }
-                if run("broadcast") {
-                    let v = broadcast::broadcast(
-                        &stack,
-                        &mut users,
-                        args.broadcast_users,
-                        args.campaigns,
-                        (args.campaign_rate, args.broadcast_rounds, Duration::from_secs(args.broadcast_warm_secs)),
-                        &http,
-                    )
-                    .await;
-                    report(&mut results, "broadcast", v);
+                        };
+                        ingest_latency(name, &stack, &mut users, load, via, &http).await
+                    } else {
+                        let shape =
+                            (args.campaign_rate, args.broadcast_rounds, Duration::from_secs(args.broadcast_warm_secs));
+                        broadcast::broadcast(name, &stack, &mut users, args.broadcast_users, args.campaigns, shape, via)
+                            .await
+                    };
+                    report(&mut results, name, v);
                 }
                 users.close().await;
                 stack.proc.shutdown().await;
             }
-            Err(e) => report(&mut results, "ingest_latency", Err(e)),
+            Err(e) => {
+                for name in on_stack.into_iter().filter(|s| run(s)) {
+                    report(&mut results, name, Err(anyhow::anyhow!("{e:#}")));
+                }
+            }
         }
     }
     if run("ingest_latency_embedded") {
@@ -221,6 +234,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                     rounds: args.latency_rounds,
                     timeline: args.timeline.clone(),
                 },
+                Via::Http(&stack.ingest, &http),
                 &http,
             )
             .await;
@@ -291,17 +305,19 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         wait_ready(&http, &url, Duration::from_secs(120)).await?;
         tokio::time::sleep(Duration::from_secs(2)).await;
 
+        // The tidings processes: this gateway, and templating + persistence.
+        let servers = [gw.pid(), core.pid()];
         let mut users = Users::new(&url, "b");
-        let (connected, v) = idle::idle(&gw, &url, &mut users, args.idle, &http).await;
+        let (connected, v) = idle::idle(&gw, &url, &mut users, args.idle, &servers, &http).await;
         emit(v);
         if run("fanout") {
-            emit(fanout::fanout(&users, &sender, args.fanout_users.min(connected)).await);
+            emit(fanout::fanout(&users, &sender, args.fanout_users.min(connected), &servers).await);
         }
         if run("campaign") {
-            emit(campaign::campaign(&users, connected, &ingest, &http).await?);
+            emit(campaign::campaign(&users, connected, &ingest, &http, &servers).await?);
         }
         if run("sustained") {
-            emit(sustained::sustained(&users, &sender, connected, args.rate, args.sustain_secs).await);
+            emit(sustained::sustained(&users, &sender, connected, args.rate, args.sustain_secs, &servers).await);
         }
         users.close().await;
         gw.shutdown().await;

@@ -77,7 +77,8 @@ pub struct Fleet<'a> {
     pub ramp: usize,
 }
 
-/// Starts `count` clients (users `from..from+count`) at the fleet's ramp.
+/// Starts `count` clients (users `from..from+count`) at the fleet's ramp; `on_event` sees each
+/// delivered notification's JSON (parsed, and checked for duplicates and order).
 pub async fn start_clients(
     fleet: &Fleet<'_>,
     from: usize,
@@ -85,6 +86,38 @@ pub async fn start_clients(
     stop: &CancellationToken,
     totals: &Arc<Totals>,
     on_event: Arc<dyn Fn(&serde_json::Value) + Send + Sync>,
+) -> Vec<tokio::task::JoinHandle<tidings_loadgen::Seen>> {
+    ramp_clients(fleet, from, count, |i, c| {
+        let (stop, totals, cb) = (stop.clone(), totals.clone(), on_event.clone());
+        tokio::spawn(async move { c.run(i, stop, totals, move |v, _| cb(v)).await })
+    })
+    .await
+}
+
+/// Like [`start_clients`] for a benchmark: `on_data` gets each delivered event's `data` text
+/// unparsed and nothing per event is kept, so the clients spend little of the cores they share
+/// with what they measure.
+pub async fn start_data_clients(
+    fleet: &Fleet<'_>,
+    from: usize,
+    count: usize,
+    stop: &CancellationToken,
+    totals: &Arc<Totals>,
+    on_data: Arc<dyn Fn(&str) + Send + Sync>,
+) -> Vec<tokio::task::JoinHandle<tidings_loadgen::Seen>> {
+    ramp_clients(fleet, from, count, |i, c| {
+        let (stop, totals, cb) = (stop.clone(), totals.clone(), on_data.clone());
+        tokio::spawn(async move { c.run_data(i, stop, totals, move |d, _| cb(d)).await })
+    })
+    .await
+}
+
+/// Mints each user's token and starts its client with `spawn`, at the fleet's ramp.
+async fn ramp_clients(
+    fleet: &Fleet<'_>,
+    from: usize,
+    count: usize,
+    mut spawn: impl FnMut(usize, Client) -> tokio::task::JoinHandle<tidings_loadgen::Seen>,
 ) -> Vec<tokio::task::JoinHandle<tidings_loadgen::Seen>> {
     let Fleet { gateways, prefix, secret, ramp } = *fleet;
     let http = http_client();
@@ -96,8 +129,7 @@ pub async fn start_clients(
             tidings_gateway::auth::mint_hs256(secret.as_bytes(), &user, Duration::from_secs(86_400), None, None)
                 .expect("token");
         let c = Client { gateways: gateways.to_vec(), token, http: http.clone(), reconnect_after_close: true };
-        let (stop, totals, cb) = (stop.clone(), totals.clone(), on_event.clone());
-        handles.push(tokio::spawn(async move { c.run(i, stop, totals, move |v, _| cb(v)).await }));
+        handles.push(spawn(i, c));
         if ramp > 0 && n % 100 == 99 {
             let due = started + Duration::from_secs_f64((n + 1) as f64 / ramp as f64);
             tokio::time::sleep_until(due.into()).await;

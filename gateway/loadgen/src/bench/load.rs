@@ -58,19 +58,19 @@ pub(super) async fn posted(posts: Vec<JoinHandle<(bool, i64)>>) -> Value {
     })
 }
 
-pub(super) fn order_paid(event_id: &str, user: &str, at_us: i64) -> String {
+/// An OrderPaid on `orders` (keyed by its order id, here its event id), as ingest takes it.
+pub(super) fn order_paid(event_id: &str, user: &str, at_us: i64) -> Value {
     json!({"event_id": event_id, "occurred_at": at_us, "order_id": event_id, "buyer_id": user, "locale": "en",
         "payload": {"OrderPaid": {"amount_cents": 4200, "currency": "EUR", "payment_method": "card"}}})
-    .to_string()
 }
 
-pub(super) fn campaign(id: &str, users: &[String], at_us: i64) -> String {
+/// A CampaignLaunched on `coupons` (keyed by its coupon id, here `id`) to `users`.
+pub(super) fn campaign(id: &str, users: &[String], at_us: i64) -> Value {
     json!({
         "event_id": id, "occurred_at": at_us, "coupon_id": id,
         "payload": {"CampaignLaunched": {"campaign_id": id, "title": "Benchmark sale",
             "discount_percent": 10, "audience": {"InlineAudience": {"user_ids": users}}}}
     })
-    .to_string()
 }
 
 pub(super) fn notification(user: &str, seq: usize) -> Notification {

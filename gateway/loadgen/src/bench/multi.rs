@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 use serde_json::{json, Value};
 
+use super::cpu::CpuWindow;
 use super::metrics::metric;
 use super::stack::{rss_bytes, wait_ready, Proc};
 
@@ -50,6 +51,8 @@ pub(super) async fn multi(
     let me = std::env::current_exe()?;
     let per = connections.div_ceil(gateways);
     let mut holders = Vec::new();
+    let pids: Vec<u32> = gws.iter().map(Proc::pid).collect();
+    let cpu = CpuWindow::start(&pids);
     let t = Instant::now();
     for k in 0..gateways {
         let count = per.min(connections - k * per);
@@ -62,6 +65,7 @@ pub(super) async fn multi(
             .spawn()?;
         holders.push(child);
     }
+    let cpu = cpu.with_clients(&holders.iter().map(std::process::Child::id).collect::<Vec<_>>());
     let mut lines: Vec<_> = holders
         .iter_mut()
         .map(|c| {
@@ -106,6 +110,7 @@ pub(super) async fn multi(
         "server_side_connections": server_total,
         "connect_secs": connect_secs,
         "per_gateway": per_gateway,
+        "cpu": cpu.end(0),
     });
     for h in &mut holders {
         let _ = Command::new("kill").arg("-TERM").arg(h.id().to_string()).status();

@@ -52,8 +52,8 @@ pub(super) async fn nchan_subscribe(
                                 e = events.next() => e,
                             };
                             let Some(Ok(ev)) = next else { break };
-                            if let Ok(v) = serde_json::from_str::<Value>(&ev.data) {
-                                samples.record(&v);
+                            if !ev.data.is_empty() {
+                                samples.record(&ev.data);
                             }
                         }
                         totals.connected.fetch_sub(1, Ordering::Relaxed);
@@ -98,7 +98,7 @@ pub(super) async fn nchan_run(
     tokio::time::sleep(Duration::from_secs(1)).await;
     samples.phase.store(1, Ordering::Relaxed);
     wakeups_late();
-    let cpu = CpuWindow::start(None);
+    let cpu = CpuWindow::start(&[]);
     let per_round = (publish.len() / rounds).max(1);
     let t = Instant::now();
     let (mut round_start, mut sending) = (t, Duration::ZERO);
@@ -123,7 +123,7 @@ pub(super) async fn nchan_run(
     let posts = posted(posts).await;
     let complete = wait_samples(&samples, 1, expected, Duration::from_secs(120)).await;
     let late = wakeups_late();
-    let cpu = CpuWindow::end(cpu, expected);
+    let cpu = cpu.end(samples.count(1));
     let mut v = samples.summary(1);
     v["client_wakeups_late"] = late;
     v["cpu"] = cpu;

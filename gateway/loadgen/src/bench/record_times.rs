@@ -12,13 +12,13 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use serde_json::{json, Value};
 use tidings_core::kafka::KafkaConfig;
 
-/// The CreateTime (ms) of every record on some topics, by topic and key, read from their start by
-/// an assigned consumer (no group rebalance to wait for). Producers stamp it when they produce, so
-/// it tells when each stage handed a record on. Stops when dropped.
 /// The newest CreateTime per (topic, key) and per (topic, `partition.offset`), and how many
 /// records each topic had.
 pub(super) type TimesSeen = (HashMap<(String, String), i64>, HashMap<String, usize>);
 
+/// The CreateTime (ms) of every record produced to some topics after it started, by topic and key,
+/// read by an assigned consumer (no group rebalance to wait for). Producers stamp it when they
+/// produce, so it tells when each stage handed a record on. Stops when dropped.
 pub(super) struct RecordTimes {
     /// Each topic's partition count: what the hops' request counts scale with.
     pub(super) partitions: serde_json::Map<String, Value>,
@@ -43,7 +43,9 @@ impl RecordTimes {
             }
             counts.insert(t.to_string(), json!(partitions));
             for p in 0..partitions as i32 {
-                tpl.add_partition_offset(t, p, Offset::Beginning)?;
+                // From the end: a scenario run after another on the same topics counts its own.
+                let (_, high) = consumer.fetch_watermarks(t, p, Duration::from_secs(10))?;
+                tpl.add_partition_offset(t, p, Offset::Offset(high))?;
             }
         }
         consumer.assign(&tpl)?;

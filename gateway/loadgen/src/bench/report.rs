@@ -8,8 +8,10 @@ use serde_json::{json, Value};
 pub(super) fn comparison(results: &HashMap<String, Value>) -> Option<Value> {
     let pairs = [
         ("ingest_latency", "nchan_fanout"),
+        ("ingest_latency_kafka", "nchan_fanout"),
         ("ingest_latency_embedded", "nchan_fanout"),
         ("broadcast", "nchan_broadcast"),
+        ("broadcast_kafka", "nchan_broadcast"),
     ];
     let mut out = serde_json::Map::new();
     for (ours, theirs) in pairs {

@@ -127,6 +127,8 @@ pub(super) struct Stack {
     /// What it runs on (the mock cluster's listener when embedded), from its endpoints.json.
     pub(super) brokers: String,
     pub(super) prefix: String,
+    /// Its embedded schema registry, where upstream producers look their schemas up.
+    pub(super) registry: String,
 }
 
 impl Stack {
@@ -145,8 +147,9 @@ impl Stack {
         let ep = proc.endpoints().await?;
         let field = |k: &str| ep[k].as_str().unwrap_or_default().to_string();
         let (url, ingest, brokers, prefix) = (field("http"), field("ingest"), field("brokers"), field("topic_prefix"));
+        let registry = field("schema_registry_url");
         wait_ready(http, &url, Duration::from_secs(120)).await?;
-        Ok(Stack { proc, url, ingest, brokers, prefix })
+        Ok(Stack { proc, url, ingest, brokers, prefix, registry })
     }
 }
 

@@ -6,19 +6,23 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use super::cpu::CpuWindow;
 use super::load::{notification, pace, NotificationSender};
 use super::users::{wait_samples, Users};
 
-/// `rate` notifications a second for `secs` seconds.
+/// `rate` notifications a second for `secs` seconds; `servers`: the tidings processes, for the CPU
+/// they spend per delivered notification.
 pub(super) async fn sustained(
     users: &Users,
     sender: &NotificationSender,
     connected: usize,
     rate: usize,
     secs: u64,
+    servers: &[u32],
 ) -> Value {
     let samples = &users.samples;
     samples.phase.store(3, Ordering::Relaxed);
+    let cpu = CpuWindow::start(servers);
     let total = rate * secs as usize;
     let t = Instant::now();
     let mut acks = Vec::with_capacity(total);
@@ -29,7 +33,9 @@ pub(super) async fn sustained(
     let produce_secs = t.elapsed().as_secs_f64();
     let acked = futures::future::join_all(acks).await.into_iter().filter(|ok| *ok).count();
     let complete = wait_samples(samples, 3, total, Duration::from_secs(120)).await;
+    let cpu = cpu.end(samples.count(3));
     let mut v = samples.summary(3);
+    v["cpu"] = cpu;
     v["scenario"] = json!("sustained");
     v["target_rate"] = json!(rate);
     v["achieved_produce_rate"] = json!(total as f64 / produce_secs);

@@ -11,7 +11,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::load::now_micros;
-use crate::{start_clients, user_id, Fleet};
+use crate::{start_data_clients, user_id, Fleet};
 
 /// One notification (or nchan message) as it arrived.
 pub(super) struct Arrival {
@@ -22,45 +22,56 @@ pub(super) struct Arrival {
     pub(super) position: String,
 }
 
-/// Arrivals of the current phase.
-#[derive(Default)]
-pub(super) struct Samples {
-    pub(super) phase: AtomicU8,
-    pub(super) by_phase: Mutex<HashMap<u8, Vec<Arrival>>>,
-}
-
-impl Samples {
-    pub(super) fn record(&self, v: &Value) {
-        let received_us = now_micros();
-        let Some(at) = v["occurred_at"].as_str().and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok()) else {
-            return;
-        };
-        let arrival = Arrival {
+impl Arrival {
+    /// Parses an event's data received at `received_us`; None without an RFC 3339 `occurred_at`.
+    fn parse(received_us: i64, data: &str) -> Option<Arrival> {
+        let v: Value = serde_json::from_str(data).ok()?;
+        let at = chrono::DateTime::parse_from_rfc3339(v["occurred_at"].as_str()?).ok()?;
+        Some(Arrival {
             received_us,
             occurred_us: at.timestamp_micros(),
             source_event_id: v["source_event_id"].as_str().unwrap_or_default().to_string(),
             position: v["position"].as_str().unwrap_or_default().to_string(),
-        };
+        })
+    }
+}
+
+/// What arrived in each phase: receipt time and the event's data as received, parsed only after
+/// the run ([`Samples::take`]) so that the clients spend as little CPU as they can while the box
+/// is measured.
+#[derive(Default)]
+pub(super) struct Samples {
+    pub(super) phase: AtomicU8,
+    pub(super) by_phase: Mutex<HashMap<u8, Vec<(i64, String)>>>,
+}
+
+impl Samples {
+    pub(super) fn record(&self, data: &str) {
+        let received_us = now_micros();
         let phase = self.phase.load(Ordering::Relaxed);
-        self.by_phase.lock().unwrap().entry(phase).or_default().push(arrival);
+        self.by_phase.lock().unwrap().entry(phase).or_default().push((received_us, data.to_owned()));
     }
 
     pub(super) fn count(&self, phase: u8) -> usize {
         self.by_phase.lock().unwrap().get(&phase).map_or(0, Vec::len)
     }
 
+    /// The phase's arrivals, parsed (ones without an `occurred_at` left out), and forgotten.
     pub(super) fn take(&self, phase: u8) -> Vec<Arrival> {
-        self.by_phase.lock().unwrap().remove(&phase).unwrap_or_default()
+        let raw = self.by_phase.lock().unwrap().remove(&phase).unwrap_or_default();
+        raw.iter().filter_map(|(at, data)| Arrival::parse(*at, data)).collect()
     }
 
+    /// How many of the phase's arrivals parsed, and their latency (receipt − `occurred_at`).
     pub(super) fn summary(&self, phase: u8) -> Value {
-        let lat: Vec<i64> = self
-            .by_phase
-            .lock()
-            .unwrap()
-            .get(&phase)
-            .map(|v| v.iter().map(|a| a.received_us - a.occurred_us).collect())
-            .unwrap_or_default();
+        let lat: Vec<i64> = {
+            let by_phase = self.by_phase.lock().unwrap();
+            let raw = by_phase.get(&phase).map_or(&[][..], Vec::as_slice);
+            raw.iter()
+                .filter_map(|(at, data)| Arrival::parse(*at, data))
+                .map(|a| a.received_us - a.occurred_us)
+                .collect()
+        };
         json!({ "received": lat.len(), "latency_ms": percentiles(lat) })
     }
 }
@@ -131,8 +142,8 @@ impl Users {
                 secret: tidings_gateway::auth::DEV_SECRET,
                 ramp: 4000,
             };
-            let cb = Arc::new(move |v: &Value| s.record(v));
-            self.clients.extend(start_clients(&fleet, from, n - from, &self.stop, &self.totals, cb).await);
+            let cb = Arc::new(move |data: &str| s.record(data));
+            self.clients.extend(start_data_clients(&fleet, from, n - from, &self.stop, &self.totals, cb).await);
         }
         wait_connected(&self.totals, n, timeout).await
     }
@@ -146,5 +157,33 @@ impl Users {
         for c in self.clients {
             let _ = c.await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn samples_parse_what_arrived_after_the_run() {
+        let samples = Samples::default();
+        samples.phase.store(7, Ordering::Relaxed);
+        samples.record(
+            r#"{"occurred_at":"2026-12-07T01:00:00.000250Z","source_event_id":"lat-0-l000001","position":"3.41"}"#,
+        );
+        samples.record(r#"{"no":"occurred_at"}"#);
+        samples.record("not json");
+        assert_eq!(samples.count(7), 3);
+        assert_eq!(samples.summary(7)["received"], 1);
+        let arrivals = samples.take(7);
+        assert_eq!(arrivals.len(), 1);
+        let a = &arrivals[0];
+        assert_eq!(
+            a.occurred_us,
+            chrono::DateTime::parse_from_rfc3339("2026-12-07T01:00:00.000250Z").unwrap().timestamp_micros()
+        );
+        assert!(a.received_us >= a.occurred_us, "received now, after the event's time");
+        assert_eq!((a.source_event_id.as_str(), a.position.as_str()), ("lat-0-l000001", "3.41"));
+        assert_eq!(samples.count(7), 0, "taken");
     }
 }

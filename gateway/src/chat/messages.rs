@@ -82,14 +82,15 @@ impl ChatState {
         Ok(access)
     }
 
-    /// A stored message of `room_id` that `user` sent and may still change.
+    /// A stored message of `room_id` that `user` sent and may still change, and the room's
+    /// member count.
     async fn own_message(
         &self,
         room_id: &str,
         message_id: &str,
         user: &str,
-    ) -> Result<tidings_sinks::store::chat::StoredMessage, ApiError> {
-        self.member_of(room_id, user).await?;
+    ) -> Result<(tidings_sinks::store::chat::StoredMessage, u64), ApiError> {
+        let room = self.member_of(room_id, user).await?;
         let m =
             self.store.chat_message(message_id).await?.filter(|m| m.room_id == room_id).ok_or_else(|| {
                 ApiError::new(StatusCode::NOT_FOUND, "message_not_found", "no such message in this room")
@@ -107,7 +108,7 @@ impl ChatState {
                 format!("messages can be changed for {:?} after sending", self.cfg.edit_window),
             ));
         }
-        Ok(m)
+        Ok((m, room.members))
     }
 
     /// The partition count of `topic` and the high watermark of one of its partitions, chosen from
@@ -158,6 +159,7 @@ pub async fn post(
         return Err(ApiError::new(StatusCode::CONFLICT, "room_closed", "the room is closed"));
     }
     state.check_rate(&user)?;
+    state.spend_write(&user, room.members)?;
     let at = now_micros();
     let payload = json!({"message_id": message_id, "sender_id": user, "text": msg.text});
     let produced = state.emit_at(&id, "MessageSent", payload, at).await?;
@@ -180,6 +182,7 @@ pub async fn history(
     Query(page): Query<Page>,
 ) -> Result<Json<Value>, ApiError> {
     state.member_of(&id, &user).await?;
+    state.spend_history(&user)?;
     let limit = page.limit.unwrap_or(50).clamp(1, 200);
     // The member's stream end first, the room's partition end second: a message produced after the
     // second has its copy produced after the first, so it arrives on the stream after `position`.
@@ -221,6 +224,8 @@ pub async fn read(
     Path(id): Path<String>,
     Body(up_to): Body<ReadUpTo>,
 ) -> Result<Json<Value>, ApiError> {
+    let room = state.member_of(&id, &user).await?;
+    state.spend_write(&user, room.members)?;
     let (read_seq, unread) = state.store.mark_room_read(&id, &user, up_to.seq).await?.ok_or_else(not_a_member)?;
     // The member's other tabs clear their count.
     state.emit(&id, "ReadUpTo", json!({"user_id": user, "seq": read_seq})).await?;
@@ -234,7 +239,8 @@ pub async fn edit(
     Body(edit): Body<Edit>,
 ) -> Result<Json<Value>, ApiError> {
     state.check_text(&edit.text)?;
-    let mut m = state.own_message(&id, &message_id, &user).await?;
+    let (mut m, members) = state.own_message(&id, &message_id, &user).await?;
+    state.spend_write(&user, members)?;
     state.emit(&id, "MessageEdited", json!({"message_id": message_id, "sender_id": user, "text": edit.text})).await?;
     m.text = edit.text;
     m.edited = true;
@@ -246,7 +252,8 @@ pub async fn delete(
     AuthUser(user): AuthUser,
     Path((id, message_id)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    state.own_message(&id, &message_id, &user).await?;
+    let (_, members) = state.own_message(&id, &message_id, &user).await?;
+    state.spend_write(&user, members)?;
     state.emit(&id, "MessageDeleted", json!({"message_id": message_id, "sender_id": user})).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -2,20 +2,23 @@
 //! group rooms found by tags, membership, messages, history and read positions. Rooms and
 //! membership are written to the store here and nowhere else; every change then becomes an event on
 //! `chat` keyed by room (the room's order is its partition's order, a message's offset its seq),
-//! produced by the gateway itself and answered after the broker's acknowledgement.
+//! produced by the gateway itself (through the outbox for store changes) and answered after the
+//! broker's acknowledgement. Every write spends from the user's budget (see [`ChatConfig`]).
 
+mod limits;
 mod messages;
+mod outbox;
 mod rooms;
+
+pub use outbox::ChatEvents;
 
 use axum::body::Bytes;
 use axum::extract::{FromRef, FromRequest, Request};
 use axum::http::StatusCode;
 use axum::routing::{get, patch, post};
 use axum::Router;
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
-use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 use tidings_sinks::store::chat::{Room, StoredMessage};
@@ -43,6 +46,28 @@ pub struct ChatConfig {
     pub send_rate: (u32, u32),
     /// How long a history read waits for the store to catch up with the room. Default 3 s.
     pub history_wait: Duration,
+    /// The write budget every change (send, edit, delete, read mark, join, leave, close, create)
+    /// spends from, per user: tokens per second and burst. Default 10 and 40.
+    pub write_rate: (f64, u32),
+    /// A change fanning out to a room's members costs `1 + members / fanout_per_token` tokens
+    /// (at most the burst). Default 100: a 2-member room costs 1, a 1,000-member one 11.
+    pub fanout_per_token: u64,
+    /// New direct inquiries per buyer, and per buyer and seller, per `inquiry_window` (all at once,
+    /// then refilled evenly over the window). Default 20 and 5 per hour.
+    pub inquiries_per_buyer: u32,
+    pub inquiries_per_pair: u32,
+    pub inquiry_window: Duration,
+    /// History pages a user may read per second, sustained, and in a burst. Default 5 and 20.
+    pub history_rate: (f64, u32),
+    /// Largest (and default) page of `GET /v1/rooms`. Default 200.
+    pub rooms_page: u32,
+    /// Users (and buyer–seller pairs) each budget remembers at most; past it the idle and then the
+    /// least recently active are forgotten (their budget starts full again). Default 100,000.
+    pub tracked_users: usize,
+    /// How often the outbox relay looks for events a request did not produce, and how old they
+    /// must be (longer than a request's own produce may take). Default 1 s and 10 s.
+    pub outbox_interval: Duration,
+    pub outbox_grace: Duration,
 }
 
 impl ChatConfig {
@@ -55,6 +80,16 @@ impl ChatConfig {
             edit_window: Duration::from_secs(15 * 60),
             send_rate: (5, 20),
             history_wait: Duration::from_secs(3),
+            write_rate: (10.0, 40),
+            fanout_per_token: 100,
+            inquiries_per_buyer: 20,
+            inquiries_per_pair: 5,
+            inquiry_window: Duration::from_secs(3600),
+            history_rate: (5.0, 20),
+            rooms_page: 200,
+            tracked_users: 100_000,
+            outbox_interval: Duration::from_secs(1),
+            outbox_grace: Duration::from_secs(10),
         }
     }
 }
@@ -64,11 +99,21 @@ impl ChatConfig {
 pub struct ChatState {
     pub store: Store,
     pub auth: Arc<AuthConfig>,
-    pub events: Arc<EventProducer>,
+    pub events: Arc<dyn ChatEvents>,
     pub cfg: Arc<ChatConfig>,
     /// Watermarks of the chat and notifications partitions, for consistent history pages.
     pub kafka: Arc<rdkafka::consumer::BaseConsumer>,
-    limiter: Arc<DefaultKeyedRateLimiter<String>>,
+    outbox: Arc<outbox::Outbox>,
+    budgets: Arc<Budgets>,
+}
+
+/// The per-user budgets, each bounded to `tracked_users` keys.
+struct Budgets {
+    sends: limits::Buckets,
+    writes: limits::Buckets,
+    history: limits::Buckets,
+    inquiries: limits::Buckets,
+    pairs: limits::Buckets,
 }
 
 impl FromRef<ChatState> for Arc<AuthConfig> {
@@ -78,6 +123,8 @@ impl FromRef<ChatState> for Arc<AuthConfig> {
 }
 
 impl ChatState {
+    /// The chat API producing with `events`. Starts the outbox relay when called on a Tokio runtime;
+    /// it stops once the state is dropped.
     pub fn new(
         store: Store,
         auth: Arc<AuthConfig>,
@@ -85,17 +132,59 @@ impl ChatState {
         cfg: ChatConfig,
         kafka: rdkafka::consumer::BaseConsumer,
     ) -> Self {
-        let (per_second, burst) = cfg.send_rate;
-        let quota = Quota::per_second(NonZeroU32::new(per_second.max(1)).expect("non-zero"))
-            .allow_burst(NonZeroU32::new(burst.max(1)).expect("non-zero"));
+        Self::with_events(store, auth, events, cfg, kafka)
+    }
+
+    /// [`Self::new`] with any [`ChatEvents`].
+    pub fn with_events(
+        store: Store,
+        auth: Arc<AuthConfig>,
+        events: Arc<dyn ChatEvents>,
+        cfg: ChatConfig,
+        kafka: rdkafka::consumer::BaseConsumer,
+    ) -> Self {
+        use limits::{Buckets, Rate};
+        let users = cfg.tracked_users;
+        let (sends, burst) = cfg.send_rate;
+        let budgets = Budgets {
+            sends: Buckets::new(Rate::per_second(f64::from(sends.max(1)), burst), users),
+            writes: Buckets::new(Rate::per_second(cfg.write_rate.0, cfg.write_rate.1), users),
+            history: Buckets::new(Rate::per_second(cfg.history_rate.0, cfg.history_rate.1), users),
+            inquiries: Buckets::new(Rate::per_window(cfg.inquiries_per_buyer, cfg.inquiry_window), users),
+            pairs: Buckets::new(Rate::per_window(cfg.inquiries_per_pair, cfg.inquiry_window), users),
+        };
+        let outbox = Arc::new(outbox::Outbox::new(store.clone(), events.clone(), cfg.topic.clone()));
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(outbox::relay(Arc::downgrade(&outbox), cfg.outbox_interval, cfg.outbox_grace));
+        }
         ChatState {
             store,
             auth,
             events,
             cfg: Arc::new(cfg),
             kafka: Arc::new(kafka),
-            limiter: Arc::new(RateLimiter::keyed(quota)),
+            outbox,
+            budgets: Arc::new(budgets),
         }
+    }
+
+    /// A chat event for `room_id` with `payload` under `branch`, occurring now, as JSON text for
+    /// the outbox.
+    fn event(&self, room_id: &str, branch: &str, payload: Value) -> String {
+        event_json(room_id, branch, payload, now_micros(), uuid::Uuid::new_v4()).to_string()
+    }
+
+    /// Produces the outbox's events of `room_id` (the request's own and any a failed produce
+    /// left); 503 with `Retry-After` while the broker fails (the events stay for a retry or the
+    /// relay). Answers the produced events.
+    async fn flush(&self, room_id: &str) -> Result<Vec<Value>, ApiError> {
+        self.outbox.flush(room_id).await.map_err(|e| {
+            if e.status() == StatusCode::SERVICE_UNAVAILABLE {
+                e.with_retry_after(1)
+            } else {
+                e
+            }
+        })
     }
 
     /// Produces a chat event for `room_id` (its key) with `payload` under `branch`, now.
@@ -112,13 +201,8 @@ impl ChatState {
             ("MessageSent", Some(id)) => uuid::Uuid::new_v5(&SENT_EVENTS, id.as_bytes()),
             _ => uuid::Uuid::new_v4(),
         };
-        let event = json!({
-            "event_id": event_id.to_string(),
-            "occurred_at": at,
-            "room_id": room_id,
-            "payload": { branch: payload },
-        });
-        self.events.produce(&self.cfg.topic, Some(room_id), &event, None).await
+        let event = event_json(room_id, branch, payload, at, event_id);
+        self.events.produce(&self.cfg.topic, room_id, &event).await
     }
 
     /// The room, or 404.
@@ -128,20 +212,53 @@ impl ChatState {
 
     /// 429 with `Retry-After` once `user` sends faster than the configured rate.
     fn check_rate(&self, user: &str) -> Result<(), ApiError> {
-        // The limiter keeps one small cell per user who sent recently; prune the idle ones now and then.
-        if self.limiter.len() > 100_000 {
-            self.limiter.retain_recent();
-        }
-        match self.limiter.check_key(&user.to_string()) {
-            Ok(()) => Ok(()),
-            Err(not_until) => {
-                let wait =
-                    not_until.wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default()));
-                Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", "too many messages; slow down")
-                    .with_retry_after(wait.as_secs().max(1)))
-            }
-        }
+        self.budgets
+            .sends
+            .take(user, 1.0)
+            .map_err(|wait| too_many("rate_limited", "too many messages; slow down", wait))
     }
+
+    /// Spends a change's cost from `user`'s write budget: 1, plus 1 per `fanout_per_token`
+    /// members it reaches. 429 with `Retry-After` when the budget is spent.
+    fn spend_write(&self, user: &str, members: u64) -> Result<(), ApiError> {
+        let cost = 1 + members / self.cfg.fanout_per_token.max(1);
+        self.budgets
+            .writes
+            .take(user, cost as f64)
+            .map_err(|wait| too_many("write_rate_limited", "too many chat changes; slow down", wait))
+    }
+
+    /// Spends one history read of `user`'s budget (429 beyond).
+    fn spend_history(&self, user: &str) -> Result<(), ApiError> {
+        self.budgets
+            .history
+            .take(user, 1.0)
+            .map_err(|wait| too_many("history_rate_limited", "too many history reads; slow down", wait))
+    }
+
+    /// Spends one new direct inquiry of `buyer`'s and of the (buyer, seller) pair's budgets (429
+    /// beyond; a refused one costs neither).
+    fn spend_inquiry(&self, buyer: &str, seller: &str) -> Result<(), ApiError> {
+        let pair = format!("{buyer}\0{seller}");
+        self.budgets.inquiries.take_both(buyer, &self.budgets.pairs, &pair, 1.0).map_err(|wait| {
+            too_many("inquiry_limit", "too many new inquiries; ask again later or use an existing one", wait)
+        })
+    }
+}
+
+fn too_many(code: &'static str, message: &str, wait: Duration) -> ApiError {
+    ApiError::new(StatusCode::TOO_MANY_REQUESTS, code, message)
+        .with_retry_after(wait.as_secs_f64().ceil().max(1.0) as u64)
+}
+
+/// A chat event as produced to `chat`.
+fn event_json(room_id: &str, branch: &str, payload: Value, at: i64, event_id: uuid::Uuid) -> Value {
+    json!({
+        "event_id": event_id.to_string(),
+        "occurred_at": at,
+        "room_id": room_id,
+        "payload": { branch: payload },
+    })
 }
 
 pub fn router(state: ChatState) -> Router {

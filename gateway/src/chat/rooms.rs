@@ -1,5 +1,5 @@
 //! Rooms: create (a direct inquiry or a tagged group room), list mine, find by tags, details,
-//! join, leave and close. Membership changes here and only here.
+//! join, leave and close. Membership changes here and only here, each with its event in the outbox.
 
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, Uri};
@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tidings_sinks::store::chat::NewRoom;
+use tidings_sinks::store::chat::{NewRoom, RoomsCursor};
 
 use super::{message_json, not_a_member, not_found, now_micros, room_json, Body, ChatState};
 use crate::auth::AuthUser;
@@ -58,7 +58,7 @@ pub async fn create(
     Body(req): Body<CreateRoom>,
 ) -> Result<Response, ApiError> {
     let now = now_micros();
-    let (room_id, kind, name, tags, product, members) = match req {
+    let (room_id, kind, name, tags, product, members, seller) = match req {
         CreateRoom::Group { name, tags } => {
             let name = bounded("name", &name, 100)?;
             let mut tags = tags.iter().map(|t| tag(t)).collect::<Result<Vec<_>, _>>()?;
@@ -67,7 +67,7 @@ pub async fn create(
             if tags.len() > MAX_TAGS {
                 return Err(invalid(format!("at most {MAX_TAGS} tags")));
             }
-            (uuid::Uuid::new_v4().to_string(), "group", name, tags, None, vec![user.clone()])
+            (uuid::Uuid::new_v4().to_string(), "group", name, tags, None, vec![user.clone()], None)
         }
         CreateRoom::Direct { product_id, seller_id } => {
             let product = bounded("product_id", &product_id, 100)?;
@@ -77,9 +77,17 @@ pub async fn create(
             }
             let key = format!("{product}\0{user}");
             let id = uuid::Uuid::new_v5(&DIRECT_ROOMS, key.as_bytes()).to_string();
-            (id, "direct", format!("Product {product}"), Vec::new(), Some(product), vec![user.clone(), seller])
+            let members = vec![user.clone(), seller.clone()];
+            (id, "direct", format!("Product {product}"), Vec::new(), Some(product), members, Some(seller))
         }
     };
+    state.spend_write(&user, members.len() as u64)?;
+    // Only a new inquiry counts against the buyer's inquiry budgets: asking again finds the same room.
+    if let Some(seller) = &seller {
+        if state.store.room(&room_id).await?.is_none() {
+            state.spend_inquiry(&user, seller)?;
+        }
+    }
     let new = NewRoom {
         room_id: &room_id,
         kind,
@@ -90,20 +98,43 @@ pub async fn create(
         members: &members,
         created_at: now,
     };
-    let created = state.store.create_room(&new).await?;
-    if created {
-        let payload = json!({"name": name, "creator_id": user, "members": members, "kind": kind, "tags": tags,
-            "product_id": product});
-        state.emit(&room_id, "RoomCreated", payload).await?;
-    }
+    let payload = json!({"name": name, "creator_id": user, "members": members, "kind": kind, "tags": tags,
+        "product_id": product});
+    let event = state.event(&room_id, "RoomCreated", payload);
+    let created = state.store.create_room_and_event(&new, Some(&event)).await?;
+    // Also on a repeat: a room whose event a failed produce left is announced now.
+    state.flush(&room_id).await?;
     let room = state.room(&room_id).await?;
     // Asking again for the same product's inquiry finds the same room.
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(room_json(&room))).into_response())
 }
 
-pub async fn mine(State(state): State<ChatState>, AuthUser(user): AuthUser) -> Result<Json<Value>, ApiError> {
-    let rooms = state.store.my_rooms(&user, 200).await?;
+/// `?limit=` (1 to the configured page, which is the default) and `?after=` (the `next` of the
+/// previous page). The most recently active first; `next` is null on the last page.
+pub async fn mine(State(state): State<ChatState>, AuthUser(user): AuthUser, uri: Uri) -> Result<Json<Value>, ApiError> {
+    let page = state.cfg.rooms_page.max(1);
+    let (mut limit, mut after) = (page, None);
+    for (k, v) in form_urlencoded::parse(uri.query().unwrap_or("").as_bytes()) {
+        match k.as_ref() {
+            "limit" => {
+                limit = v
+                    .parse()
+                    .ok()
+                    .filter(|l| (1..=page).contains(l))
+                    .ok_or_else(|| invalid(format!("limit must be 1 to {page}")))?
+            }
+            "after" => {
+                after = Some(parse_cursor(&v).ok_or_else(|| {
+                    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_cursor", "after must be a page's next")
+                })?)
+            }
+            "access_token" => {}
+            other => return Err(invalid(format!("unknown parameter {other:?}"))),
+        }
+    }
+    let rooms = state.store.my_rooms_after(&user, after.as_ref(), limit).await?;
+    let next = (rooms.len() == limit as usize).then(|| rooms.last().map(|r| cursor_text(&r.cursor()))).flatten();
     let rooms: Vec<Value> = rooms
         .iter()
         .map(|r| {
@@ -114,7 +145,20 @@ pub async fn mine(State(state): State<ChatState>, AuthUser(user): AuthUser) -> R
             j
         })
         .collect();
-    Ok(Json(json!({ "rooms": rooms })))
+    Ok(Json(json!({ "rooms": rooms, "next": next })))
+}
+
+/// A rooms page's cursor as the client sees it (opaque: `<seq>.<created_at>.<room id>`).
+fn cursor_text(c: &RoomsCursor) -> String {
+    format!("{}.{}.{}", c.top_seq, c.created_at, c.room_id)
+}
+
+fn parse_cursor(s: &str) -> Option<RoomsCursor> {
+    let mut parts = s.splitn(3, '.');
+    let top_seq = parts.next()?.parse().ok()?;
+    let created_at = parts.next()?.parse().ok()?;
+    let room_id = parts.next().filter(|r| !r.is_empty() && r.len() <= 200)?.to_string();
+    Some(RoomsCursor { top_seq, created_at, room_id })
 }
 
 /// `?tag=a&tag=b` (rooms with all of them), `limit` (1–100, default 20), `after` (a page's cursor).
@@ -173,9 +217,11 @@ pub async fn join(
     if room.closed {
         return Err(ApiError::new(StatusCode::CONFLICT, "room_closed", "the room is closed"));
     }
-    if state.store.join_room(&id, &user, now_micros()).await? {
-        state.emit(&id, "MemberJoined", json!({ "user_id": user })).await?;
-    }
+    state.spend_write(&user, room.members + 1)?;
+    let event = state.event(&id, "MemberJoined", json!({ "user_id": user }));
+    state.store.join_room_and_event(&id, &user, now_micros(), Some(&event)).await?;
+    // Also when a member already: a retry produces what a failed produce left.
+    state.flush(&id).await?;
     let room = state.room(&id).await?;
     Ok(Json(room_json(&room)))
 }
@@ -185,10 +231,16 @@ pub async fn leave(
     AuthUser(user): AuthUser,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    if !state.store.leave_room(&id, &user).await? {
+    let room = state.room(&id).await?;
+    state.spend_write(&user, room.members)?;
+    let event = state.event(&id, "MemberLeft", json!({ "user_id": user }));
+    let left = state.store.leave_room_and_event(&id, &user, now_micros(), Some(&event)).await?;
+    let produced = state.flush(&id).await?;
+    // A retry of a leave whose event a failed produce left: that event is out now, the leave done.
+    let retried = produced.iter().any(|e| e["payload"]["MemberLeft"]["user_id"] == json!(user));
+    if !left && !retried {
         return Err(not_a_member());
     }
-    state.emit(&id, "MemberLeft", json!({ "user_id": user })).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -202,10 +254,10 @@ pub async fn close(
     if room.kind != "group" || room.creator_id != user {
         return Err(ApiError::new(StatusCode::FORBIDDEN, "not_the_creator", "only the room's creator may close it"));
     }
-    if !room.closed {
-        state.store.close_room(&id).await?;
-        state.emit(&id, "RoomClosed", json!({ "by": user })).await?;
-    }
+    state.spend_write(&user, room.members)?;
+    let event = state.event(&id, "RoomClosed", json!({ "by": user }));
+    state.store.close_room_and_event(&id, now_micros(), Some(&event)).await?;
+    state.flush(&id).await?;
     let room = state.room(&id).await?;
     Ok(Json(room_json(&room)))
 }

@@ -112,6 +112,41 @@ pub struct ChatArgs {
     /// Chat messages a user may send in a burst, above the sustained rate.
     #[arg(long, env = "TIDINGS_CHAT_BURST", default_value_t = 20)]
     pub chat_burst: u32,
+    /// Write budget per user, in tokens per second, over every chat change: send, edit, delete,
+    /// read mark, join, leave, close, room creation (429 + Retry-After beyond). A change costs
+    /// 1 + (room members / --chat-fanout-per-token) tokens, at most the burst.
+    #[arg(long, env = "TIDINGS_CHAT_WRITE_RATE", default_value_t = 10.0)]
+    pub chat_write_rate: f64,
+    /// Write budget per user: tokens available at once.
+    #[arg(long, env = "TIDINGS_CHAT_WRITE_BURST", default_value_t = 40)]
+    pub chat_write_burst: u32,
+    /// Room members per extra token a chat change costs (it fans out to every member).
+    #[arg(long, env = "TIDINGS_CHAT_FANOUT_PER_TOKEN", default_value_t = 100)]
+    pub chat_fanout_per_token: u64,
+    /// New direct inquiries one buyer may open per --chat-inquiry-window-secs (429 beyond; asking
+    /// again about the same product is not new).
+    #[arg(long, env = "TIDINGS_CHAT_INQUIRIES_PER_BUYER", default_value_t = 20)]
+    pub chat_inquiries_per_buyer: u32,
+    /// New direct inquiries one buyer may open to one seller per --chat-inquiry-window-secs.
+    #[arg(long, env = "TIDINGS_CHAT_INQUIRIES_PER_PAIR", default_value_t = 5)]
+    pub chat_inquiries_per_pair: u32,
+    /// The inquiry limits' window, in seconds: all of a window's inquiries at once, then refilled
+    /// evenly over it.
+    #[arg(long, env = "TIDINGS_CHAT_INQUIRY_WINDOW_SECS", default_value_t = 3_600)]
+    pub chat_inquiry_window_secs: u64,
+    /// Room history pages a user may read per second, sustained (429 + Retry-After beyond).
+    #[arg(long, env = "TIDINGS_CHAT_HISTORY_RATE", default_value_t = 5.0)]
+    pub chat_history_rate: f64,
+    /// Room history pages a user may read in a burst.
+    #[arg(long, env = "TIDINGS_CHAT_HISTORY_BURST", default_value_t = 20)]
+    pub chat_history_burst: u32,
+    /// Largest and default page of `GET /v1/rooms` (later pages with `?after=<next>`).
+    #[arg(long, env = "TIDINGS_CHAT_ROOMS_PAGE", default_value_t = 200)]
+    pub chat_rooms_page: u32,
+    /// Users (and buyer-seller pairs) each chat budget remembers at most; past it the idle, then
+    /// the least recently active are forgotten.
+    #[arg(long, env = "TIDINGS_CHAT_TRACKED_USERS", default_value_t = 100_000)]
+    pub chat_tracked_users: usize,
 }
 
 /// Delivery over SSE: who owns which partition, and the bounds that keep memory flat.
@@ -465,6 +500,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             cfg.max_text_bytes = args.chat.chat_max_text_bytes;
             cfg.edit_window = Duration::from_secs(args.chat.chat_edit_window_secs);
             cfg.send_rate = (args.chat.chat_rate, args.chat.chat_burst);
+            cfg.write_rate = (args.chat.chat_write_rate, args.chat.chat_write_burst);
+            cfg.fanout_per_token = args.chat.chat_fanout_per_token;
+            cfg.inquiries_per_buyer = args.chat.chat_inquiries_per_buyer;
+            cfg.inquiries_per_pair = args.chat.chat_inquiries_per_pair;
+            cfg.inquiry_window = Duration::from_secs(args.chat.chat_inquiry_window_secs);
+            cfg.history_rate = (args.chat.chat_history_rate, args.chat.chat_history_burst);
+            cfg.rooms_page = args.chat.chat_rooms_page;
+            cfg.tracked_users = args.chat.chat_tracked_users;
             // Watermarks only: it never joins a group nor reads.
             let watermarks =
                 kafka.consumer_with(&format!("{}-watermarks", topo.group_name("chat-api")), &[], &[]).create()?;

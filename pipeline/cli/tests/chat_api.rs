@@ -3,7 +3,8 @@
 //! message on their stream once, a non-member gets 403 and none of the room's events; sizes, bad
 //! input and the send rate get 413/422/429 in the error shape; a direct inquiry is one room per
 //! (product, buyer); unread counts follow reads; history is newest first and carries a position;
-//! edits and deletes are the sender's own.
+//! edits and deletes are the sender's own. Every change spends from a per-user write budget, new
+//! inquiries and history reads have their own (429 beyond), and the room list pages with a cursor.
 
 mod common;
 
@@ -66,7 +67,15 @@ async fn rooms_messages_and_their_rules() {
     let up = Tidings::spawn_env(
         "chat",
         &Up::all(&brokers, &db_url, &prefix),
-        &[("TIDINGS_CHAT_RATE", "1"), ("TIDINGS_CHAT_BURST", "4"), ("TIDINGS_CHAT_MAX_TEXT_BYTES", "1000")],
+        &[
+            ("TIDINGS_CHAT_RATE", "1"),
+            ("TIDINGS_CHAT_BURST", "4"),
+            ("TIDINGS_CHAT_MAX_TEXT_BYTES", "1000"),
+            // This test polls history and changes rooms often; the budgets have their own test.
+            ("TIDINGS_CHAT_HISTORY_RATE", "1000"),
+            ("TIDINGS_CHAT_HISTORY_BURST", "1000"),
+            ("TIDINGS_CHAT_WRITE_BURST", "1000"),
+        ],
     );
     let mut up = up;
     let ep = up.endpoints(Duration::from_secs(60)).await;
@@ -330,7 +339,12 @@ async fn a_resume_older_than_the_ring_is_backfilled_from_kafka() {
     let Some(brokers) = common::brokers_or_skip() else { return };
     let (_pool, db_url) = common::fresh_pg().await;
     let prefix = common::unique_prefix();
-    let env = [("TIDINGS_RING_EVENTS", "4"), ("TIDINGS_CHAT_RATE", "1000"), ("TIDINGS_CHAT_BURST", "1000")];
+    let env = [
+        ("TIDINGS_RING_EVENTS", "4"),
+        ("TIDINGS_CHAT_RATE", "1000"),
+        ("TIDINGS_CHAT_BURST", "1000"),
+        ("TIDINGS_CHAT_WRITE_BURST", "1000"),
+    ];
     let mut up = Tidings::spawn_env("backfill", &Up::all(&brokers, &db_url, &prefix), &env);
     let ep = up.endpoints(Duration::from_secs(60)).await;
     let http = reqwest::Client::builder().timeout(Duration::from_secs(15)).build().unwrap();
@@ -411,6 +425,172 @@ async fn a_resume_older_than_the_ring_is_backfilled_from_kafka() {
     }
     let written = metric("tidings_gateway_event_age_at_write_seconds_count".to_string()).await;
     assert!(written > 0.0, "tidings_gateway_event_age_at_write_seconds missing or empty");
+    up.signal("TERM");
+    assert!(up.wait_exit(Duration::from_secs(30)).await.is_some_and(|s| s.success()), "{}", up.log_tail(20));
+}
+
+/// Answers of `n` calls in a row, and the error code and Retry-After of the first 429.
+async fn flood(
+    api: &Api,
+    n: usize,
+    mut call: impl FnMut(usize) -> (&'static str, String, Option<Value>),
+    user: &str,
+) -> (Vec<u16>, Option<(Value, String)>) {
+    let (mut statuses, mut refused) = (Vec::new(), None);
+    for i in 0..n {
+        let (method, path, body) = call(i);
+        let (status, body, headers) = api.call(method, user, &path, body).await;
+        if status == 429 && refused.is_none() {
+            let retry = headers.get("retry-after").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+            refused = Some((body["error"]["code"].clone(), retry));
+        }
+        statuses.push(status);
+    }
+    (statuses, refused)
+}
+
+/// Every change spends from the user's write budget (an edit flood and a join/leave flood end in
+/// 429 with Retry-After, and the other member's stream gets only what passed); new direct
+/// inquiries are capped per buyer and per buyer and seller (asking again is free); history reads
+/// have a budget; and a member of more rooms than a page pages through all of them with `next`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_budgets_inquiry_caps_history_limit_and_room_pages() {
+    let Some(brokers) = common::brokers_or_skip() else { return };
+    let (_pool, db_url) = common::fresh_pg().await;
+    let prefix = common::unique_prefix();
+    // Refills slow enough (one token per 10 s) that a flood's answers do not depend on its speed.
+    let env = [
+        ("TIDINGS_CHAT_WRITE_RATE", "0.1"),
+        ("TIDINGS_CHAT_WRITE_BURST", "10"),
+        ("TIDINGS_CHAT_INQUIRIES_PER_BUYER", "3"),
+        ("TIDINGS_CHAT_INQUIRIES_PER_PAIR", "2"),
+        ("TIDINGS_CHAT_HISTORY_RATE", "0.1"),
+        ("TIDINGS_CHAT_HISTORY_BURST", "3"),
+        ("TIDINGS_CHAT_ROOMS_PAGE", "5"),
+    ];
+    let mut up = Tidings::spawn_env("chat-budgets", &Up::all(&brokers, &db_url, &prefix), &env);
+    let ep = up.endpoints(Duration::from_secs(60)).await;
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(15)).build().unwrap();
+    let api = Api { http, base: ep.http.clone() };
+    common::await_ready(&api.http, &api.base, &[&up]).await;
+
+    // Alice's room (1 token of her 10), with Bob (his own budget) watching, and her message (1 more).
+    let started = std::time::Instant::now();
+    // Tokens refilled since `started`, at 0.1 per second.
+    let refilled = || (started.elapsed().as_secs_f64() * 0.1).floor() as usize;
+    let room = api
+        .ok("POST", "alice", "/v1/rooms", Some(json!({"kind": "group", "name": "Flood", "tags": ["flood"]})), 201)
+        .await;
+    let id = room["room_id"].as_str().unwrap().to_string();
+    api.ok("POST", "bob", &format!("/v1/rooms/{id}/members"), None, 200).await;
+    let bob = open_stream(&api, "bob").await;
+    let msgs = format!("/v1/rooms/{id}/messages");
+    let sent = api.ok("POST", "alice", &msgs, Some(json!({"text": "edit me"})), 201).await;
+    let edit = format!("{msgs}/{}", sent["message_id"].as_str().unwrap());
+    // An edit needs the message stored; a 404 before that costs nothing.
+    eventually("alice's message is stored", Duration::from_secs(20), Duration::from_millis(100), &[&up], || async {
+        match api.call("PATCH", "alice", &edit, Some(json!({"text": "edit 0"}))).await {
+            (200, _, _) => Ok(()),
+            (s, b, _) => Err(format!("{s} {b}")),
+        }
+    })
+    .await;
+
+    // 20 more edits: 7 tokens left (and any refilled since the start), then 429.
+    let (statuses, refused) =
+        flood(&api, 20, |i| ("PATCH", edit.clone(), Some(json!({"text": format!("edit {}", i + 1)}))), "alice").await;
+    let passed = statuses.iter().filter(|s| **s == 200).count();
+    let most = 7 + refilled();
+    assert!((7..=most).contains(&passed) && statuses.iter().all(|s| *s == 200 || *s == 429), "{statuses:?}");
+    let (code, retry) = refused.expect("an edit flood is refused");
+    assert_eq!(code, "write_rate_limited");
+    assert!(retry.parse::<u64>().is_ok_and(|s| s >= 1), "Retry-After {retry:?}");
+    // Bob's stream gets the edits that passed, and no more.
+    let edits = || bob.chat().iter().filter(|(e, _)| e == "chat.message_edited").count();
+    eventually(
+        "bob gets the edits that passed",
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        &[&up],
+        || async {
+            match edits() {
+                n if n == passed + 1 => Ok(()),
+                n => Err(format!("{n} edits on bob's stream")),
+            }
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(edits(), passed + 1, "refused edits reached bob's stream");
+
+    // A join/leave flood by Carol: 10 changes, then 429.
+    let before = refilled();
+    let (statuses, refused) = flood(
+        &api,
+        30,
+        |i| {
+            if i % 2 == 0 {
+                ("POST", format!("/v1/rooms/{id}/members"), None)
+            } else {
+                ("DELETE", format!("/v1/rooms/{id}/members/me"), None)
+            }
+        },
+        "carol",
+    )
+    .await;
+    let passed = statuses.iter().filter(|s| **s == 200 || **s == 204).count();
+    assert!((10..=10 + refilled() - before + 1).contains(&passed), "{statuses:?}");
+    assert_eq!(refused.expect("a join/leave flood is refused").0, "write_rate_limited");
+
+    // History: a burst of 3 reads, then 429.
+    let (statuses, refused) = flood(&api, 6, |_| ("GET", msgs.clone(), None), "bob").await;
+    assert!(statuses[3..].iter().filter(|s| **s == 429).count() >= 2, "{statuses:?}");
+    let (code, retry) = refused.expect("history reads are limited");
+    assert_eq!(code, "history_rate_limited");
+    assert!(retry.parse::<u64>().is_ok_and(|s| s >= 1), "Retry-After {retry:?}");
+
+    // Inquiries: 2 per buyer and seller, 3 per buyer; asking again about the same product is free.
+    let inquiry = |product: &str, seller: &str| json!({"kind": "direct", "product_id": product, "seller_id": seller});
+    api.ok("POST", "dan", "/v1/rooms", Some(inquiry("p1", "sam")), 201).await;
+    api.ok("POST", "dan", "/v1/rooms", Some(inquiry("p2", "sam")), 201).await;
+    let (status, body, headers) = api.call("POST", "dan", "/v1/rooms", Some(inquiry("p3", "sam"))).await;
+    assert_eq!((status, body["error"]["code"].clone()), (429, json!("inquiry_limit")), "{body}");
+    assert!(headers.contains_key("retry-after"));
+    api.ok("POST", "dan", "/v1/rooms", Some(inquiry("p1", "sam")), 200).await;
+    api.ok("POST", "dan", "/v1/rooms", Some(inquiry("q1", "sue")), 201).await;
+    let e = api.ok("POST", "dan", "/v1/rooms", Some(inquiry("q2", "sue")), 429).await;
+    assert_eq!(e["error"]["code"], "inquiry_limit");
+    let sams = api.ok("GET", "sam", "/v1/rooms", None, 200).await;
+    assert_eq!(sams["rooms"].as_array().unwrap().len(), 2, "{sams}");
+
+    // Pages: Pat is the seller of 12 inquiries, 5 a page.
+    let mut created = std::collections::BTreeSet::new();
+    for i in 0..12 {
+        let r = api.ok("POST", &format!("buyer{i}"), "/v1/rooms", Some(inquiry("x", "pat")), 201).await;
+        created.insert(r["room_id"].as_str().unwrap().to_string());
+    }
+    let (mut seen, mut sizes, mut path) = (Vec::new(), Vec::new(), "/v1/rooms".to_string());
+    loop {
+        let page = api.ok("GET", "pat", &path, None, 200).await;
+        let rooms = page["rooms"].as_array().unwrap();
+        sizes.push(rooms.len());
+        seen.extend(rooms.iter().map(|r| r["room_id"].as_str().unwrap().to_string()));
+        match page["next"].as_str() {
+            Some(next) => path = format!("/v1/rooms?after={next}"),
+            None => break,
+        }
+        assert!(sizes.len() < 10, "paging does not end: {sizes:?}");
+    }
+    assert_eq!(sizes, [5, 5, 2]);
+    assert_eq!(seen.len(), 12, "no room twice: {seen:?}");
+    assert_eq!(seen.into_iter().collect::<std::collections::BTreeSet<_>>(), created);
+    let e = api.ok("GET", "pat", "/v1/rooms?limit=6", None, 422).await;
+    assert_eq!(e["error"]["code"], "invalid_room");
+    let e = api.ok("GET", "pat", "/v1/rooms?after=nonsense", None, 422).await;
+    assert_eq!(e["error"]["code"], "invalid_cursor");
+    let two = api.ok("GET", "pat", "/v1/rooms?limit=2", None, 200).await;
+    assert_eq!((two["rooms"].as_array().unwrap().len(), two["next"].is_string()), (2, true));
+
     up.signal("TERM");
     assert!(up.wait_exit(Duration::from_secs(30)).await.is_some_and(|s| s.success()), "{}", up.log_tail(20));
 }

@@ -1,6 +1,8 @@
 //! Chat rooms, membership, read positions and history queries. Rooms and membership are written
 //! only by the gateway's chat API; history by the persistence stage from the `chat` topic. Every
-//! query is one text both backends run (see `on_pool!`).
+//! query is one text both backends run (see `on_pool!`). Each room or membership change is written
+//! with its event in `chat_outbox`, in one transaction, so the event is produced even if the first
+//! produce fails (see the gateway's chat outbox).
 
 use super::{count, Dialect, Store};
 use crate::error::StoreError;
@@ -35,6 +37,8 @@ pub struct MyRoom {
 pub struct RoomAccess {
     pub closed: bool,
     pub member: bool,
+    /// The room's member count (what a change fans out to).
+    pub members: u64,
     /// When asked about a message id: its (partition, offset) on `chat` if the room's history
     /// already holds it (a send retried after a lost answer).
     pub stored_at: Option<(i32, i64)>,
@@ -66,6 +70,34 @@ pub struct ChatChange {
     pub at: i64,
 }
 
+/// Where a page of a member's rooms ends: the next page starts after it. The list is ordered by
+/// the seq of the room's last message (-1 without), then creation time, then room id, all descending.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomsCursor {
+    pub top_seq: i64,
+    pub created_at: i64,
+    pub room_id: String,
+}
+
+impl MyRoom {
+    /// The cursor of the page ending with this room.
+    pub fn cursor(&self) -> RoomsCursor {
+        RoomsCursor {
+            top_seq: self.last_message.as_ref().map_or(-1, |m| m.seq),
+            created_at: self.room.created_at,
+            room_id: self.room.room_id.clone(),
+        }
+    }
+}
+
+/// A chat event waiting in the outbox: its row id, room (its key) and JSON.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxEvent {
+    pub id: i64,
+    pub room_id: String,
+    pub event: String,
+}
+
 /// A room to create.
 #[derive(Debug, Clone)]
 pub struct NewRoom<'a> {
@@ -78,6 +110,9 @@ pub struct NewRoom<'a> {
     pub members: &'a [String],
     pub created_at: i64,
 }
+
+/// A row of `room_access`: closed, member (0/1), member count, and where the message is stored.
+type AccessRow = (bool, i64, i64, Option<i32>, Option<i64>);
 
 #[derive(sqlx::FromRow)]
 struct RoomRow {
@@ -140,6 +175,7 @@ const MY_ROOMS: &str = include_str!("sql/chat_my_rooms.sql");
 const MESSAGES: &str = include_str!("sql/chat_messages.sql");
 const MESSAGE: &str = include_str!("sql/chat_message.sql");
 const UNREAD: &str = include_str!("sql/chat_unread.sql");
+const OUTBOX_INSERT: &str = "INSERT INTO chat_outbox (room_id, event, created_at) VALUES ($1, $2, $3)";
 const ROOM_COLUMNS: &str = "SELECT r.room_id, r.kind, r.name, r.creator_id, r.product_id, r.closed, r.created_at, \
     (SELECT count(*) FROM room_members c WHERE c.room_id = r.room_id) AS members FROM chat_rooms r";
 
@@ -163,6 +199,12 @@ impl Store {
     /// Creates `room` with its tags and members; false (and nothing changed) when a room with its
     /// id exists already (a direct room's id is derived from its product and buyer).
     pub async fn create_room(&self, room: &NewRoom<'_>) -> Result<bool, StoreError> {
+        self.create_room_and_event(room, None).await
+    }
+
+    /// [`Self::create_room`], writing `event` (JSON) to the outbox in the same transaction when the
+    /// room is created.
+    pub async fn create_room_and_event(&self, room: &NewRoom<'_>, event: Option<&str>) -> Result<bool, StoreError> {
         on_pool!(self, |pool, Db| {
             let mut tx = pool.begin().await?;
             let created = sqlx::query(
@@ -196,6 +238,14 @@ impl Store {
                     .bind(room.created_at)
                     .execute(&mut *tx)
                     .await?;
+                }
+                if let Some(event) = event {
+                    sqlx::query(OUTBOX_INSERT)
+                        .bind(Db::text(room.room_id))
+                        .bind(Db::text(event))
+                        .bind(room.created_at)
+                        .execute(&mut *tx)
+                        .await?;
                 }
             }
             tx.commit().await?;
@@ -245,10 +295,11 @@ impl Store {
         message_id: Option<&str>,
     ) -> Result<Option<RoomAccess>, StoreError> {
         const SQL: &str = "SELECT r.closed, (SELECT count(*) FROM room_members m WHERE m.room_id = r.room_id \
-                           AND m.user_id = $2) AS member, c.source_partition, c.source_offset FROM chat_rooms r \
+                           AND m.user_id = $2) AS member, (SELECT count(*) FROM room_members m \
+                           WHERE m.room_id = r.room_id) AS members, c.source_partition, c.source_offset FROM chat_rooms r \
                            LEFT JOIN chat_messages c ON c.message_id = $3 AND c.room_id = r.room_id \
                            WHERE r.room_id = $1";
-        let row: Option<(bool, i64, Option<i32>, Option<i64>)> = on_pool!(self, |pool, Db| {
+        let row: Option<AccessRow> = on_pool!(self, |pool, Db| {
             sqlx::query_as(SQL)
                 .bind(Db::text(room_id))
                 .bind(Db::text(user))
@@ -256,40 +307,143 @@ impl Store {
                 .fetch_optional(pool)
                 .await?
         });
-        Ok(row.map(|(closed, member, p, o)| RoomAccess { closed, member: member > 0, stored_at: p.zip(o) }))
+        Ok(row.map(|(closed, member, members, p, o)| RoomAccess {
+            closed,
+            member: member > 0,
+            members: count(members),
+            stored_at: p.zip(o),
+        }))
     }
 
     /// Adds `user` to `room`; false when they were a member already.
     pub async fn join_room(&self, room_id: &str, user: &str, at: i64) -> Result<bool, StoreError> {
+        self.join_room_and_event(room_id, user, at, None).await
+    }
+
+    /// [`Self::join_room`], writing `event` to the outbox in the same transaction when `user` joined.
+    pub async fn join_room_and_event(
+        &self,
+        room_id: &str,
+        user: &str,
+        at: i64,
+        event: Option<&str>,
+    ) -> Result<bool, StoreError> {
         const SQL: &str =
             "INSERT INTO room_members (room_id, user_id, joined_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING";
-        let n = on_pool!(self, |pool, Db| {
-            sqlx::query(SQL).bind(Db::text(room_id)).bind(Db::text(user)).bind(at).execute(pool).await?.rows_affected()
-        });
-        Ok(n > 0)
+        self.change_and_event(SQL, room_id, Some(user), Some(at), event, at).await
     }
 
     /// Removes `user` from `room`; false when they were not a member.
     pub async fn leave_room(&self, room_id: &str, user: &str) -> Result<bool, StoreError> {
+        self.leave_room_and_event(room_id, user, 0, None).await
+    }
+
+    /// [`Self::leave_room`], writing `event` to the outbox in the same transaction when `user` left.
+    pub async fn leave_room_and_event(
+        &self,
+        room_id: &str,
+        user: &str,
+        at: i64,
+        event: Option<&str>,
+    ) -> Result<bool, StoreError> {
         const SQL: &str = "DELETE FROM room_members WHERE room_id = $1 AND user_id = $2";
-        let n = on_pool!(self, |pool, Db| {
-            sqlx::query(SQL).bind(Db::text(room_id)).bind(Db::text(user)).execute(pool).await?.rows_affected()
-        });
-        Ok(n > 0)
+        self.change_and_event(SQL, room_id, Some(user), None, event, at).await
     }
 
     /// Closes `room` (no more joins or messages).
     pub async fn close_room(&self, room_id: &str) -> Result<(), StoreError> {
-        const SQL: &str = "UPDATE chat_rooms SET closed = true WHERE room_id = $1";
-        on_pool!(self, |pool, Db| sqlx::query(SQL).bind(Db::text(room_id)).execute(pool).await?.rows_affected());
+        self.close_room_and_event(room_id, 0, None).await.map(drop)
+    }
+
+    /// Closes `room`, writing `event` to the outbox in the same transaction; false when it was
+    /// closed already.
+    pub async fn close_room_and_event(&self, room_id: &str, at: i64, event: Option<&str>) -> Result<bool, StoreError> {
+        const SQL: &str = "UPDATE chat_rooms SET closed = true WHERE room_id = $1 AND NOT closed";
+        self.change_and_event(SQL, room_id, None, None, event, at).await
+    }
+
+    /// Runs `sql` on `room_id` (`$1`, then `user` and `joined_at` when given) and, when it changed
+    /// a row, inserts `event` into the outbox: one transaction.
+    async fn change_and_event(
+        &self,
+        sql: &'static str,
+        room_id: &str,
+        user: Option<&str>,
+        joined_at: Option<i64>,
+        event: Option<&str>,
+        at: i64,
+    ) -> Result<bool, StoreError> {
+        on_pool!(self, |pool, Db| {
+            let mut tx = pool.begin().await?;
+            let mut q = sqlx::query(sql).bind(Db::text(room_id));
+            if let Some(user) = user {
+                q = q.bind(Db::text(user));
+            }
+            if let Some(joined_at) = joined_at {
+                q = q.bind(joined_at);
+            }
+            let changed = q.execute(&mut *tx).await?.rows_affected() > 0;
+            if let (true, Some(event)) = (changed, event) {
+                sqlx::query(OUTBOX_INSERT)
+                    .bind(Db::text(room_id))
+                    .bind(Db::text(event))
+                    .bind(at)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            Ok(changed)
+        })
+    }
+
+    /// The outbox's oldest events of `room_id`, in the order they were written.
+    pub async fn outbox_of_room(&self, room_id: &str, limit: u32) -> Result<Vec<OutboxEvent>, StoreError> {
+        const SQL: &str = "SELECT id, room_id, event FROM chat_outbox WHERE room_id = $1 ORDER BY id LIMIT $2";
+        let rows: Vec<(i64, String, String)> = on_pool!(self, |pool, Db| {
+            sqlx::query_as(SQL).bind(Db::text(room_id)).bind(i64::from(limit)).fetch_all(pool).await?
+        });
+        Ok(rows.into_iter().map(|(id, room_id, event)| OutboxEvent { id, room_id, event }).collect())
+    }
+
+    /// Rooms with outbox events written before `before` (microseconds), oldest first, at most `limit`.
+    pub async fn outbox_rooms(&self, before: i64, limit: u32) -> Result<Vec<String>, StoreError> {
+        const SQL: &str = "SELECT room_id FROM chat_outbox WHERE created_at < $1 GROUP BY room_id \
+                           ORDER BY min(id) LIMIT $2";
+        let rows: Vec<(String,)> =
+            on_pool!(self, |pool, _Db| sqlx::query_as(SQL).bind(before).bind(i64::from(limit)).fetch_all(pool).await?);
+        Ok(rows.into_iter().map(|(r,)| r).collect())
+    }
+
+    /// Removes a produced event from the outbox.
+    pub async fn outbox_delete(&self, id: i64) -> Result<(), StoreError> {
+        const SQL: &str = "DELETE FROM chat_outbox WHERE id = $1";
+        on_pool!(self, |pool, _Db| sqlx::query(SQL).bind(id).execute(pool).await?.rows_affected());
         Ok(())
     }
 
     /// `user`'s rooms, the most recently active first, each with its unread count and last message.
     pub async fn my_rooms(&self, user: &str, limit: u32) -> Result<Vec<MyRoom>, StoreError> {
+        self.my_rooms_after(user, None, limit).await
+    }
+
+    /// A page of [`Self::my_rooms`]: the rooms after `after` (from the first when `None`).
+    pub async fn my_rooms_after(
+        &self,
+        user: &str,
+        after: Option<&RoomsCursor>,
+        limit: u32,
+    ) -> Result<Vec<MyRoom>, StoreError> {
+        // The first page starts before every room: no seq reaches i64::MAX.
+        let (top, created, id) = after.map_or((i64::MAX, i64::MAX, ""), |c| (c.top_seq, c.created_at, &c.room_id));
         let mut rooms: Vec<MyRoom> = on_pool!(self, |pool, Db| {
-            let rows: Vec<MyRoomRow<<Db as Dialect>::Time>> =
-                sqlx::query_as(MY_ROOMS).bind(Db::text(user)).bind(i64::from(limit)).fetch_all(pool).await?;
+            let rows: Vec<MyRoomRow<<Db as Dialect>::Time>> = sqlx::query_as(MY_ROOMS)
+                .bind(Db::text(user))
+                .bind(top)
+                .bind(created)
+                .bind(Db::text(id))
+                .bind(i64::from(limit))
+                .fetch_all(pool)
+                .await?;
             rows.into_iter()
                 .map(|r| {
                     let last_message = match (r.last_id, r.last_seq, r.last_sender, r.last_text, r.last_at) {

@@ -501,17 +501,17 @@ async fn chat_rooms_search_history_unread_and_edits(store: &Store) {
     // Membership and access.
     assert_eq!(
         store.room_access("r1", "bob", None).await.unwrap(),
-        Some(RoomAccess { closed: false, member: false, stored_at: None })
+        Some(RoomAccess { closed: false, member: false, members: 1, stored_at: None })
     );
     assert!(store.join_room("r1", "bob", 2).await.unwrap());
     assert!(!store.join_room("r1", "bob", 3).await.unwrap());
     assert_eq!(
         store.room_access("r1", "bob", None).await.unwrap(),
-        Some(RoomAccess { closed: false, member: true, stored_at: None })
+        Some(RoomAccess { closed: false, member: true, members: 2, stored_at: None })
     );
     assert_eq!(
         store.room_access("r2", "alice", None).await.unwrap(),
-        Some(RoomAccess { closed: true, member: true, stored_at: None })
+        Some(RoomAccess { closed: true, member: true, members: 1, stored_at: None })
     );
     assert_eq!(store.room_access("nope", "alice", None).await.unwrap(), None);
 

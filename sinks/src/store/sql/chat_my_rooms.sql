@@ -14,5 +14,7 @@ FROM (
     WHERE m.user_id = $1
 ) t
 LEFT JOIN chat_messages lm ON lm.room_id = t.room_id AND lm.source_offset = t.top_seq
-ORDER BY COALESCE(t.top_seq, -1) DESC, t.created_at DESC
-LIMIT $2
+-- A page starts after the cursor ($2, $3, $4) of the previous one's last room; room id breaks ties.
+WHERE (COALESCE(t.top_seq, -1), t.created_at, t.room_id) < ($2, $3, $4)
+ORDER BY COALESCE(t.top_seq, -1) DESC, t.created_at DESC, t.room_id DESC
+LIMIT $5

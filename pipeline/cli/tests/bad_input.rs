@@ -194,3 +194,81 @@ async fn every_bad_record_is_dead_lettered_once_and_nothing_blocks() {
     .unwrap();
     assert_eq!(stray, 0);
 }
+
+/// A notification the database refuses (a user id too long for PostgreSQL's inbox index, SQLSTATE
+/// 54000) produced among good ones straight to `notifications`: persistence dead-letters exactly
+/// that record with the SQLSTATE, stores the others and keeps running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notification_the_database_refuses_is_dead_lettered_and_the_rest_stored() {
+    let Some(brokers) = common::brokers_or_skip() else { return };
+    let (pool, db_url) = common::fresh_pg().await;
+    let prefix = common::unique_prefix();
+    let mut up = Tidings::spawn("up", &Up::all(&brokers, &db_url, &prefix));
+    let ep = up.endpoints(Duration::from_secs(60)).await;
+    let topic = format!("{prefix}notifications");
+    let dlq = format!("{prefix}tidings.dlq.persistence");
+    let registry = RegistryClient::new(&ep.schema_registry_url).unwrap();
+    let (id, schema) = registry.latest(&format!("{topic}-value")).await.expect("notifications schema registered");
+    let encoder = FramedEncoder::new(id, schema).unwrap();
+    let producer: FutureProducer = KafkaConfig::new(brokers.clone()).producer().create().unwrap();
+    // 10,016 random characters: over the btree index row limit (~2,700 bytes) even compressed.
+    let long_user: String = (0..313).map(|_| uuid::Uuid::new_v4().simple().to_string()).collect();
+    let mut bad_at = None;
+    for i in 0..9 {
+        let user = if i == 4 { long_user.clone() } else { format!("refusal-u{i}") };
+        let n = tidings_core::Notification {
+            notification_id: tidings_core::Notification::id_for(&format!("refusal-{i}"), &user),
+            user_id: user.clone(),
+            kind: "order.placed".into(),
+            title: format!("refusal {i}"),
+            body: "b".into(),
+            link: None,
+            source_event_id: format!("refusal-{i}"),
+            occurred_at: chrono::Utc::now().timestamp_micros(),
+            source_topic: "orders".into(),
+            source_partition: 0,
+            source_offset: i,
+            data: None,
+            inbox: true,
+            recipients: vec![],
+        };
+        let at = send(&producer, &topic, &user, Some(&encoder.encode(n.to_value()).unwrap())).await;
+        if i == 4 {
+            bad_at = Some(at);
+        }
+    }
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", format!("{prefix}dlq-reader-{}", uuid::Uuid::new_v4().simple()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[dlq.as_str()]).unwrap();
+    let m = match tokio::time::timeout(Duration::from_secs(60), consumer.recv()).await {
+        Ok(m) => m.unwrap(),
+        Err(_) => panic!("no dead letter within 60 s\n{}", up.log_tail(40)),
+    };
+    let h = m.headers().expect("dead letter without headers");
+    let get = |k: &str| header_str(h, k).unwrap_or_else(|| panic!("dead letter lacks header {k}")).to_string();
+    assert_eq!(get(H_DLQ_STAGE), "persistence");
+    assert_eq!(get(H_DLQ_REASON), "db-54000-program-limit-exceeded");
+    assert_eq!((get(H_DLQ_PARTITION).parse().unwrap(), get(H_DLQ_OFFSET).parse().unwrap()), bad_at.unwrap());
+    assert_eq!(m.key(), Some(long_user.as_bytes()), "the dead letter is a copy of the record");
+    eventually("the good notifications", Duration::from_secs(60), Duration::from_millis(250), &[&up], || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM notifications WHERE title LIKE 'refusal %'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        if n == 8 {
+            Ok(())
+        } else {
+            Err(format!("{n} of 8 rows"))
+        }
+    })
+    .await;
+    assert!(up.exited().is_none(), "tidings exited over a refused record\n{}", up.log_tail(40));
+    let http = reqwest::Client::new();
+    common::await_ready(&http, &ep.http, &[&up]).await;
+    common::sigterm(&mut up).await;
+}

@@ -166,6 +166,46 @@ async fn templating_renders_dead_letters_and_keeps_going() {
     drop(mock);
 }
 
+/// An output larger than the producer's `message.max.bytes` is refused before it leaves: its
+/// event is a dead letter (here without its payload, itself too large for that limit) and the
+/// partition goes on, without a restart. Before, the refusal restarted the stage on it forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_output_the_producer_refuses_as_too_large_is_a_dead_letter() {
+    let mock = MockCluster::new(1).unwrap();
+    let mut env = env(&mock).await;
+    let limit = 64 * 1024;
+    env.kafka.tuned.push(("message.max.bytes".into(), limit.to_string()));
+    let health = tidings_core::shutdown::StageHealth::default();
+    let stage = common::spawn_templating_with(&env, health.clone());
+    let (enc, schema) = encoder(&env, "orders-value").await;
+    // Without the limit: the events fit their topic.
+    let producer: FutureProducer = KafkaConfig::new(mock.bootstrap_servers()).producer().create().unwrap();
+    let mut huge = order("huge", "u1");
+    huge["order_id"] = "X".repeat(100_000).into();
+    let mut offsets = Vec::new();
+    for ev in [order("e1", "u1"), huge, order("e2", "u2")] {
+        let bytes = enc.encode(json_to_avro(schema, &ev).unwrap()).unwrap();
+        let rec = FutureRecord::to("orders").partition(0).key("k").payload(&bytes);
+        offsets.push(producer.send(rec, Duration::from_secs(5)).await.unwrap().offset);
+    }
+    let registry = RegistryClient::new(&env.registry_url).unwrap();
+    let mut sources = Vec::new();
+    for (_, value, _, _, _) in read(&consumer(&env, "notifications"), 2).await {
+        let v = registry.decode(&value.unwrap(), &NOTIFICATION_SCHEMA).await.unwrap();
+        sources.push(Notification::from_value(v).unwrap().source_event_id);
+    }
+    assert_eq!(sources, ["e1", "e2"]);
+    let (key, payload, headers, _, _) = read(&consumer(&env, "tidings.dlq.templating"), 1).await.remove(0);
+    let h = |k: &str| headers.iter().find(|(hk, _)| hk == k).map(|(_, v)| v.clone());
+    assert_eq!(h(H_DLQ_REASON).as_deref(), Some("output-too-large"), "{headers:?}");
+    assert_eq!(h(H_DLQ_OFFSET), Some(offsets[1].to_string()));
+    assert_eq!((key.as_deref(), payload), (Some(&b"k"[..]), None), "the key and coordinates, not the payload");
+    assert!(health.is_up() && !stage.is_finished(), "the stage went on without a restart");
+    env.token.cancel();
+    tokio::time::timeout(Duration::from_secs(20), stage).await.unwrap().unwrap().unwrap();
+    drop(mock);
+}
+
 /// A chat message's copies to the room's members are marked delivery-only (persistence passes
 /// them by undecoded); an inbox notification is not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -170,25 +170,89 @@ impl<C: ClientContext + 'static> DeadLetters<C> {
         reason: &'static str,
         error: &str,
     ) -> Result<DeliveryFuture, KafkaError> {
-        tracing::warn!(
-            stage = self.stage,
-            reason,
-            topic = msg.topic(),
-            partition = msg.partition(),
-            offset = msg.offset(),
-            "Record sent to the dead-letter topic {}: {error}",
-            self.topic
-        );
-        metrics::counter!("tidings_dead_letters_total", "stage" => self.stage, "reason" => reason).increment(1);
-        let headers = dlq_headers(msg.headers(), self.stage, reason, error, msg.topic(), msg.partition(), msg.offset());
+        self.send_copy(msg, reason, error, DeadCopy::Whole).await
+    }
+
+    /// Produces as much of `msg` as `copy` says, with the reason headers. A smaller copy is for
+    /// a record whose larger one the dead-letter topic can never take ([`unproducible`]).
+    pub async fn send_copy<M: Message + Sync>(
+        &self,
+        msg: &M,
+        reason: &'static str,
+        error: &str,
+        copy: DeadCopy,
+    ) -> Result<DeliveryFuture, KafkaError> {
+        if copy == DeadCopy::Whole {
+            tracing::warn!(
+                stage = self.stage,
+                reason,
+                topic = msg.topic(),
+                partition = msg.partition(),
+                offset = msg.offset(),
+                "Record sent to the dead-letter topic {}: {error}",
+                self.topic
+            );
+            metrics::counter!("tidings_dead_letters_total", "stage" => self.stage, "reason" => reason).increment(1);
+        } else {
+            tracing::warn!(
+                stage = self.stage,
+                reason,
+                topic = msg.topic(),
+                partition = msg.partition(),
+                offset = msg.offset(),
+                ?copy,
+                "The dead-letter topic {} refused the record's copy; sending a smaller one that names it.",
+                self.topic
+            );
+        }
+        let original = if copy == DeadCopy::Coordinates { None } else { msg.headers() };
+        let headers = dlq_headers(original, self.stage, reason, error, msg.topic(), msg.partition(), msg.offset());
         let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.topic).headers(headers);
-        if let Some(p) = msg.payload() {
+        if let (Some(p), DeadCopy::Whole) = (msg.payload(), copy) {
             rec = rec.payload(p);
         }
-        if let Some(k) = msg.key() {
+        if let (Some(k), DeadCopy::Whole | DeadCopy::NoPayload) = (msg.key(), copy) {
             rec = rec.key(k);
         }
         enqueue(&self.producer, rec).await
+    }
+}
+
+/// How much of a record its dead-letter copy carries: the whole record, then, if the dead-letter
+/// topic cannot take that, less, so that the record's partition always moves on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadCopy {
+    /// Key, payload and headers.
+    Whole,
+    /// Key and headers: the payload stays in the source topic, at the coordinates in the headers.
+    NoPayload,
+    /// Only the reason and the source coordinates.
+    Coordinates,
+}
+
+impl DeadCopy {
+    /// The next smaller copy, if any.
+    pub fn smaller(self) -> Option<DeadCopy> {
+        match self {
+            DeadCopy::Whole => Some(DeadCopy::NoPayload),
+            DeadCopy::NoPayload => Some(DeadCopy::Coordinates),
+            DeadCopy::Coordinates => None,
+        }
+    }
+}
+
+/// The reason a produce error says the record can never be written, by error code: sending it
+/// again (or restarting the stage) fails the same way, so the record is an outcome for the dead-
+/// letter topic, not a stage failure. `None` for errors a retry may fix.
+pub fn unproducible(e: &KafkaError) -> Option<&'static str> {
+    match e.rdkafka_error_code()? {
+        RDKafkaErrorCode::MessageSizeTooLarge
+        | RDKafkaErrorCode::MessageBatchTooLarge
+        | RDKafkaErrorCode::InvalidMessageSize => Some("output-too-large"),
+        RDKafkaErrorCode::InvalidRecord | RDKafkaErrorCode::InvalidMessage | RDKafkaErrorCode::BadMessage => {
+            Some("output-invalid")
+        }
+        _ => None,
     }
 }
 
@@ -323,6 +387,27 @@ mod tests {
         task.await.unwrap().unwrap();
         assert_eq!(finished.load(Ordering::SeqCst), 2, "the stopped attempt was finished too");
         assert!(!health.is_up());
+    }
+
+    #[test]
+    fn produce_errors_no_retry_can_fix_are_classified_by_code() {
+        let produce = |code| KafkaError::MessageProduction(code);
+        assert_eq!(unproducible(&produce(RDKafkaErrorCode::MessageSizeTooLarge)), Some("output-too-large"));
+        assert_eq!(unproducible(&produce(RDKafkaErrorCode::MessageBatchTooLarge)), Some("output-too-large"));
+        assert_eq!(unproducible(&produce(RDKafkaErrorCode::InvalidRecord)), Some("output-invalid"));
+        assert_eq!(unproducible(&produce(RDKafkaErrorCode::InvalidMessage)), Some("output-invalid"));
+        for transient in [
+            RDKafkaErrorCode::QueueFull,
+            RDKafkaErrorCode::MessageTimedOut,
+            RDKafkaErrorCode::NotLeaderForPartition,
+            RDKafkaErrorCode::BrokerTransportFailure,
+        ] {
+            assert_eq!(unproducible(&produce(transient)), None, "{transient:?}");
+        }
+        assert_eq!(unproducible(&KafkaError::Canceled), None);
+        assert_eq!(DeadCopy::Whole.smaller(), Some(DeadCopy::NoPayload));
+        assert_eq!(DeadCopy::NoPayload.smaller(), Some(DeadCopy::Coordinates));
+        assert_eq!(DeadCopy::Coordinates.smaller(), None);
     }
 
     #[tokio::test]

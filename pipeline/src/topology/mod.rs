@@ -140,6 +140,17 @@ pub struct TemplatingStage {
     /// keyed record per user, for other consumers of the topic that expect that. Default: true.
     #[serde(default = "default_true")]
     pub group_records: bool,
+    /// Largest rendered title or body, in bytes: a longer one is cut at a character boundary
+    /// and ends with `…[truncated]` (counted in `tidings_templating_truncated_total`), so one
+    /// huge event field cannot make its notifications too large for the output topic.
+    /// Default: 65536.
+    #[serde(default = "default_max_rendered_bytes")]
+    pub max_rendered_bytes: usize,
+    /// How long a chat room's members, once read from the store, are reused before they are read
+    /// again, in milliseconds. A room's cached members are also dropped when one of its
+    /// membership events passes and when its partition is assigned or revoked. Default: 60000.
+    #[serde(default = "default_room_cache_ttl_ms")]
+    pub room_cache_ttl_ms: u64,
 }
 
 /// `stages.persistence`: consumes notifications and chat events and bulk-writes them.
@@ -170,6 +181,12 @@ fn default_persistence_group() -> String {
 }
 fn default_max_in_flight() -> usize {
     20_000
+}
+fn default_max_rendered_bytes() -> usize {
+    64 * 1024
+}
+fn default_room_cache_ttl_ms() -> u64 {
+    60_000
 }
 fn default_batch_size() -> usize {
     20_000

@@ -92,12 +92,20 @@ pub fn order(event_id: &str, buyer: &str) -> serde_json::Value {
 
 /// The templating stage of `env`.
 pub fn spawn_templating(env: &Env) -> tokio::task::JoinHandle<Result<(), tidings_pipeline::error::StageError>> {
+    spawn_templating_with(env, Default::default())
+}
+
+/// The templating stage of `env`, reporting whether it runs (not waiting to restart) to `health`.
+pub fn spawn_templating_with(
+    env: &Env,
+    health: tidings_core::shutdown::StageHealth,
+) -> tokio::task::JoinHandle<Result<(), tidings_pipeline::error::StageError>> {
     tokio::spawn(templating::run(
         TemplatingConfig {
             kafka: env.kafka.clone(),
             registry: env.registry_url.clone().into(),
             topology: env.topo.clone(),
-            health: Default::default(),
+            health,
         },
         env.store.clone(),
         env.token.clone(),

@@ -9,7 +9,7 @@ pub mod render;
 use apache_avro::Schema;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::RDKafkaErrorCode;
-use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use serde_json::Value as Json;
 use std::collections::HashMap;
@@ -20,7 +20,7 @@ use tidings_core::json_avro::{avro_to_json, union_branch_name};
 use tidings_core::kafka::{header_str, KafkaConfig, H_DELIVERY_ONLY, H_TRACEPARENT};
 use tidings_core::notification::NOTIFICATION_SCHEMA_JSON;
 use tidings_core::retry::{until_done, GaveUp};
-use tidings_core::stage::{acknowledged, enqueue, DeadLetters, Processor};
+use tidings_core::stage::{acknowledged, enqueue, unproducible, DeadCopy, DeadLetters, Processor};
 use tidings_core::{
     trace, DecodeError, Notification, NotificationEncoder, RegistryClient, RegistryEndpoint, SharedFields,
 };
@@ -51,13 +51,22 @@ pub struct TemplatingConfig {
 /// Outputs of one input record (or of one page of its audience), awaiting acknowledgement before
 /// its offset may be stored.
 struct InFlight {
-    topic: String,
-    partition: i32,
-    offset: i64,
+    /// The input record: its coordinates, and what its dead letter copies if an output is refused.
+    input: Arc<OwnedMessage>,
     /// The record's last outputs: once they are acknowledged, its offset is stored.
     last: bool,
     deliveries: Vec<DeliveryFuture>,
+    /// The record's dead-letter copy, if it has one.
+    dead: Option<DeadLetter>,
     _permits: Option<OwnedSemaphorePermit>,
+}
+
+/// A dead letter on its way, with what it takes to send a smaller copy if the topic refuses it.
+struct DeadLetter {
+    delivery: DeliveryFuture,
+    reason: &'static str,
+    error: String,
+    copy: DeadCopy,
 }
 
 /// Runs the stage until `shutdown` on the shared skeleton, restarting it after transient failures
@@ -200,7 +209,7 @@ struct Stage {
     templater: Templater,
     producer: FutureProducer<ClientStats>,
     output: String,
-    dead: DeadLetters<ClientStats>,
+    dead: Arc<DeadLetters<ClientStats>>,
     consumer: Arc<StreamConsumer<ClientStats>>,
     shutdown: CancellationToken,
     /// Outputs awaiting acknowledgement, at most `max_in_flight`.
@@ -396,10 +405,11 @@ async fn start(
     info!(topics = ?topics, output = %output, "Templating stage consuming {topics:?} into {output}.");
     let max_in_flight = spec.max_in_flight.max(1);
     let (acks, rx) = mpsc::channel::<InFlight>(1024);
-    let acker = tokio::spawn(ack_in_order(rx, consumer.clone()));
+    let dead = Arc::new(DeadLetters::new(producer.clone(), topo.topic_name(&spec.dead_letter), STAGE));
+    let acker = tokio::spawn(ack_in_order(rx, consumer.clone(), dead.clone()));
     let stage = Stage {
         templater,
-        dead: DeadLetters::new(producer.clone(), topo.topic_name(&spec.dead_letter), STAGE),
+        dead,
         producer,
         output,
         consumer: consumer.clone(),
@@ -456,15 +466,39 @@ impl Processor for Stage {
     }
 }
 
-/// Awaits each record's outputs in consumption order and only then stores its offset.
+/// Awaits each record's outputs in consumption order and only then stores its offset. An output
+/// the brokers refuse for good ([`unproducible`]: too large, invalid) makes its record a dead
+/// letter instead of a stage failure, so the partition moves on.
 async fn ack_in_order(
     mut rx: mpsc::Receiver<InFlight>,
     consumer: Arc<StreamConsumer<ClientStats>>,
+    dead: Arc<DeadLetters<ClientStats>>,
 ) -> Result<(), StageError> {
+    // The last record dead-lettered for a refused output: the later pages of a segment campaign
+    // share its input and are refused alike, but it is one dead letter.
+    let mut refused_input: Option<Arc<OwnedMessage>> = None;
     while let Some(f) = rx.recv().await {
+        let input = &f.input;
+        let mut refused = None;
         for d in f.deliveries {
             if let Err(e) = acknowledged(d).await {
-                return Err(StageError::Delivery(format!("{}[{}]@{}: {e}", f.topic, f.partition, f.offset)));
+                match unproducible(&e) {
+                    Some(reason) => {
+                        refused.get_or_insert((reason, e));
+                    }
+                    None => return Err(StageError::Delivery(format!("{}: {e}", at(input)))),
+                }
+            }
+        }
+        if let Some(d) = f.dead {
+            settle_dead(&dead, input, d).await?;
+        }
+        if let Some((reason, e)) = refused {
+            if !refused_input.as_ref().is_some_and(|r| Arc::ptr_eq(r, input)) {
+                let error = format!("the brokers refused a notification of this event: {e}");
+                let d = send_dead(&dead, &**input, reason, error, DeadCopy::Whole).await?;
+                settle_dead(&dead, input, d).await?;
+                refused_input = Some(input.clone());
             }
         }
         if !f.last {
@@ -473,18 +507,59 @@ async fn ack_in_order(
         // The next offset to read, stated exactly: `store_offset` (librdkafka's legacy
         // rd_kafka_offset_store) adds one itself, which skipped a record on every restart.
         let mut next = rdkafka::TopicPartitionList::with_capacity(1);
-        next.add_partition_offset(&f.topic, f.partition, rdkafka::Offset::Offset(f.offset + 1))
+        next.add_partition_offset(input.topic(), input.partition(), rdkafka::Offset::Offset(input.offset() + 1))
             .map_err(|e| StageError::Delivery(e.to_string()))?;
         if let Err(e) = consumer.store_offsets(&next) {
             // The partition was revoked meanwhile; its new owner replays from the last commit.
-            debug!(error = %e, topic = %f.topic, partition = f.partition, "Offset not stored (partition no longer assigned).");
+            debug!(error = %e, topic = %input.topic(), partition = input.partition(), "Offset not stored (partition no longer assigned).");
         }
     }
     Ok(())
 }
 
+fn at(m: &OwnedMessage) -> String {
+    format!("{}[{}]@{}", m.topic(), m.partition(), m.offset())
+}
+
+/// Sends `msg`'s dead-letter copy, as `copy` or, while the topic can never take that, smaller.
+async fn send_dead<M: Message + Sync>(
+    dead: &DeadLetters<ClientStats>,
+    msg: &M,
+    reason: &'static str,
+    error: String,
+    mut copy: DeadCopy,
+) -> Result<DeadLetter, StageError> {
+    loop {
+        match dead.send_copy(msg, reason, &error, copy).await {
+            Ok(delivery) => return Ok(DeadLetter { delivery, reason, error, copy }),
+            Err(e) => match (unproducible(&e), copy.smaller()) {
+                (Some(_), Some(smaller)) => copy = smaller,
+                _ => return Err(e.into()),
+            },
+        }
+    }
+}
+
+/// Awaits a dead letter's acknowledgement; a copy the brokers refuse for good (a record too large
+/// for the dead-letter topic) is sent again smaller, down to its coordinates.
+async fn settle_dead(
+    dead: &DeadLetters<ClientStats>,
+    input: &OwnedMessage,
+    mut d: DeadLetter,
+) -> Result<(), StageError> {
+    loop {
+        match acknowledged(d.delivery).await {
+            Ok(_) => return Ok(()),
+            Err(e) => match (unproducible(&e), d.copy.smaller()) {
+                (Some(_), Some(smaller)) => d = send_dead(dead, input, d.reason, d.error, smaller).await?,
+                _ => return Err(StageError::Delivery(format!("dead letter of {}: {e}", at(input)))),
+            },
+        }
+    }
+}
+
 impl Stage {
-    async fn process_traced_record<M: Message + Sync>(&self, msg: &M) -> Result<(), StageError> {
+    async fn process_traced_record(&self, msg: &BorrowedMessage<'_>) -> Result<(), StageError> {
         let topic = msg.topic().to_string();
         let traceparent = msg.headers().and_then(|h| header_str(h, H_TRACEPARENT));
         let span = tracing::info_span!("templating.event", topic = %topic, partition = msg.partition(), offset = msg.offset(),
@@ -502,19 +577,21 @@ impl Stage {
 
     /// Produces the outputs of one record and hands them to the acknowledger: one batch per page
     /// of a segment audience (only the last one lets the record's offset be stored), else one.
-    async fn process_traced<M: Message + Sync>(
+    async fn process_traced(
         &self,
-        msg: &M,
+        msg: &BorrowedMessage<'_>,
         topic: String,
         headers: Option<OwnedHeaders>,
     ) -> Result<(), StageError> {
         let rec = RecordRef { topic: &topic, partition: msg.partition(), offset: msg.offset(), payload: msg.payload() };
         let mut outcome = self.templater.outcome(rec, &self.shutdown).await?;
+        let input = Arc::new(msg.detach());
         loop {
             let mut deliveries = Vec::new();
+            let mut dead = None;
             let mut notifications = match outcome {
                 Outcome::Dead { reason, error } => {
-                    deliveries.push(self.dead.send(msg, reason, &error).await?);
+                    dead = Some(send_dead(&self.dead, msg, reason, error, DeadCopy::Whole).await?);
                     Fanout::default()
                 }
                 Outcome::Notifications(f) => f,
@@ -541,6 +618,7 @@ impl Stage {
                         .insert(Header { key: H_DELIVERY_ONLY, value: Some("true") }),
                 ),
             };
+            let mut refused = None;
             while let Some(record) = records.next_record() {
                 let (target, payload) = record?;
                 let mut rec = match target {
@@ -551,7 +629,24 @@ impl Stage {
                 if let Some(h) = &headers {
                     rec = rec.headers(h.clone());
                 }
-                deliveries.push(enqueue(&self.producer, rec).await?);
+                match enqueue(&self.producer, rec).await {
+                    Ok(d) => deliveries.push(d),
+                    // Refused before it left (larger than the producer's `message.max.bytes`):
+                    // the record is a dead letter, its remaining outputs are not produced.
+                    Err(e) => match unproducible(&e) {
+                        Some(reason) => {
+                            refused = Some((reason, e));
+                            break;
+                        }
+                        None => return Err(e.into()),
+                    },
+                }
+            }
+            drop(records);
+            if let Some((reason, e)) = refused {
+                let error = format!("a notification of this event cannot be produced: {e}");
+                dead = Some(send_dead(&self.dead, msg, reason, error, DeadCopy::Whole).await?);
+                notifications.rest = None;
             }
             if !notifications.is_empty() {
                 debug!(
@@ -562,14 +657,7 @@ impl Stage {
                 );
             }
             let next = self.templater.next_page(&mut notifications, &self.shutdown).await?;
-            let inflight = InFlight {
-                topic: topic.clone(),
-                partition: msg.partition(),
-                offset: msg.offset(),
-                last: next.is_none(),
-                deliveries,
-                _permits: permits,
-            };
+            let inflight = InFlight { input: input.clone(), last: next.is_none(), deliveries, dead, _permits: permits };
             self.acks.send(inflight).await.map_err(|_| StageError::Delivery("acknowledger stopped".into()))?;
             match next {
                 Some(o) => outcome = o,

@@ -48,6 +48,30 @@ pub struct Renderer {
     env: Environment<'static>,
     /// Keyed by logical topic, then event name, so per-event lookups borrow instead of allocating.
     by_event: HashMap<String, HashMap<String, Compiled>>,
+    /// Largest title or body in bytes (`stages.templating.max_rendered_bytes`).
+    max_text: usize,
+    truncated_title: metrics::Counter,
+    truncated_body: metrics::Counter,
+}
+
+/// Ends a text cut at the rendered-size limit, so readers see it was cut.
+pub const TRUNCATED: &str = "…[truncated]";
+
+/// `text` if it fits in `max` bytes, else its longest prefix that ends on a character boundary
+/// and leaves room for [`TRUNCATED`], followed by it (never more than `max` bytes, unless `max`
+/// is smaller than the marker itself: then the marker alone). `None` when it fitted.
+pub fn truncate(text: &str, max: usize) -> Option<String> {
+    if text.len() <= max {
+        return None;
+    }
+    let mut cut = max.saturating_sub(TRUNCATED.len());
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let mut out = String::with_capacity(cut + TRUNCATED.len());
+    out.push_str(&text[..cut]);
+    out.push_str(TRUNCATED);
+    Some(out)
 }
 
 /// Texts rendered for one recipient (or for all, when they do not depend on the recipient).
@@ -120,7 +144,9 @@ impl Renderer {
                 .or_default()
                 .insert(spec.event.clone(), Compiled { spec: spec.clone(), per_recipient });
         }
-        Ok(Renderer { env, by_event })
+        let max_text = topology.stages.templating.max_rendered_bytes;
+        let truncated = |part: &'static str| metrics::counter!("tidings_templating_truncated_total", "part" => part);
+        Ok(Renderer { env, by_event, max_text, truncated_title: truncated("title"), truncated_body: truncated("body") })
     }
 
     fn compiled(&self, topic: &str, event: &str) -> Option<&Compiled> {
@@ -199,8 +225,8 @@ impl Renderer {
             };
             Ok(Rendered {
                 kind: c.spec.kind.clone(),
-                title: r("title", loc_key)?,
-                body: r("body", loc_key)?,
+                title: self.bounded(r("title", loc_key)?, &self.truncated_title),
+                body: self.bounded(r("body", loc_key)?, &self.truncated_body),
                 link: if c.spec.link.is_some() { Some(r("link", "")?) } else { None },
                 data: data.clone(),
                 inbox: c.spec.inbox,
@@ -211,6 +237,19 @@ impl Renderer {
         } else {
             let one = render_one(recipients.first().map(String::as_str).unwrap_or(""))?;
             Ok(vec![one; recipients.len().min(1)])
+        }
+    }
+}
+
+impl Renderer {
+    /// `text` cut to the configured size, counted in `counter` when it was.
+    fn bounded(&self, text: String, counter: &metrics::Counter) -> String {
+        match truncate(&text, self.max_text) {
+            Some(cut) => {
+                counter.increment(1);
+                cut
+            }
+            None => text,
         }
     }
 }
@@ -305,6 +344,41 @@ mod tests {
         let ev = json!({"order_id": "o", "buyer_id": "u", "payload": {}});
         let err = r.render("orders", "OrderShipped", &ev, &["u".into()]).unwrap_err();
         assert_eq!(err.reason_code(), "template-error", "{err}");
+    }
+
+    #[test]
+    fn truncation_cuts_at_a_char_boundary_and_marks_the_cut() {
+        assert_eq!(truncate("short", 64), None, "a text that fits is left alone");
+        assert_eq!(truncate(&"a".repeat(64), 64), None, "exactly the limit fits");
+        let cut = truncate(&"a".repeat(100), 64).unwrap();
+        assert_eq!(cut.len(), 64);
+        assert!(cut.ends_with(TRUNCATED) && cut.starts_with(&"a".repeat(64 - TRUNCATED.len())));
+        // Three-byte characters: the cut may not split one, so it ends up to two bytes short.
+        let korean = "주".repeat(100);
+        for max in 40..60 {
+            let cut = truncate(&korean, max).unwrap();
+            assert!(cut.len() <= max && cut.len() + 2 >= max, "{max}: {} bytes", cut.len());
+            let kept = cut.strip_suffix(TRUNCATED).unwrap();
+            assert!(kept.chars().all(|c| c == '주'), "{max}: {kept:?}");
+        }
+        assert_eq!(truncate("abcdef", 2).as_deref(), Some(TRUNCATED), "a limit below the marker keeps only it");
+    }
+
+    #[test]
+    fn rendered_titles_and_bodies_are_bounded_by_the_topology() {
+        let mut topo = topology();
+        topo.stages.templating.max_rendered_bytes = 1024;
+        let r = Renderer::new(&topo).unwrap();
+        let code = "X".repeat(3000);
+        let ev = json!({"order_id": code, "buyer_id": "u", "payload": {"carrier": "DHL", "tracking_number": code}});
+        let t = &r.render("orders", "OrderShipped", &ev, &["u".into()]).unwrap()[0];
+        assert_eq!((t.title.len(), t.body.len()), (1024, 1024));
+        assert!(t.title.ends_with(TRUNCATED) && t.body.ends_with(TRUNCATED));
+        assert!(t.title.starts_with("Order XXX") && t.body.starts_with("Your order is on its way"));
+        // The default leaves ordinary texts alone.
+        let r = Renderer::new(&topology()).unwrap();
+        let t = &r.render("orders", "OrderShipped", &ev, &["u".into()]).unwrap()[0];
+        assert!(!t.title.contains(TRUNCATED) && t.title.len() > 3000);
     }
 
     #[test]

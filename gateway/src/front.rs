@@ -15,10 +15,10 @@ use std::time::Duration;
 
 use axum::http::request::Parts;
 use axum::http::HeaderValue;
-use tidings_core::http::Limits;
+use tidings_core::http::{Limits, Permit};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -27,9 +27,6 @@ use crate::delivery::StreamState;
 
 /// Largest request head read before handing the connection to axum (which answers 431).
 const MAX_HEAD: usize = 16 * 1024;
-/// A write to a stream that does not complete within this drops the connection (a client that
-/// stopped reading, at a moment its queue had no reason to overflow, e.g. during shutdown).
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections sniffed but not yet taken by axum's accept loop.
 const HANDOFF_QUEUE: usize = 1024;
 
@@ -45,7 +42,7 @@ pub struct Replayed {
 }
 
 /// A connection on its way to axum, with its place under the connection cap.
-type Handoff = (Replayed, SocketAddr, OwnedSemaphorePermit);
+type Handoff = (Replayed, SocketAddr, Permit);
 
 impl AsyncRead for Replayed {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
@@ -94,9 +91,9 @@ pub struct FrontListener {
 impl tidings_core::http::Accept for FrontListener {
     type Io = Replayed;
 
-    async fn accept(&mut self) -> (Self::Io, SocketAddr, Option<OwnedSemaphorePermit>) {
+    async fn accept(&mut self) -> (Self::Io, SocketAddr, Permit) {
         match self.rx.recv().await {
-            Some((io, addr, permit)) => (io, addr, Some(permit)),
+            Some(handoff) => handoff,
             // The front stopped accepting (shutdown): the server loop's shutdown ends it.
             None => std::future::pending().await,
         }
@@ -128,8 +125,8 @@ pub fn front(
                     }
                 },
             };
-            // At the cap the connection is closed at once (and counted).
-            let Some(permit) = limits.admit() else { continue };
+            // At a cap (the listener's, or its address's) the connection is closed at once (and counted).
+            let Some(permit) = limits.admit(addr.ip()) else { continue };
             let (tx, stream, stop, limits) = (tx.clone(), stream.clone(), shutdown.clone(), limits.clone());
             tracker.spawn(async move { connection(sock, addr, permit, stream, tx, &limits, stop).await });
         }
@@ -140,7 +137,7 @@ pub fn front(
 async fn connection(
     mut sock: TcpStream,
     addr: SocketAddr,
-    permit: OwnedSemaphorePermit,
+    permit: Permit,
     stream: Option<StreamState>,
     handoff: mpsc::Sender<Handoff>,
     limits: &Limits,
@@ -151,9 +148,10 @@ async fn connection(
     let head = tokio::select! {
         r = tokio::time::timeout(limits.header_timeout, Box::pin(read_head(&mut sock))) => match r {
             Ok(Ok(h)) => h,
-            _ => return limits.release(permit),
+            Ok(Err(_)) => return,
+            Err(_) => return tidings_core::http::count_timeout(limits.name, "header"),
         },
-        _ = shutdown.cancelled() => return limits.release(permit),
+        _ = shutdown.cancelled() => return,
     };
     if let Some(state) = &stream {
         let opened = match stream_request(&head) {
@@ -167,15 +165,12 @@ async fn connection(
         };
         if let Some((sub, origin)) = opened {
             drop(head);
-            serve_stream(sock, StreamCursor::new(sub, state.hub.clone()), origin).await;
-            return limits.release(permit);
+            // The permit is held until the stream ends.
+            return serve_stream(sock, StreamCursor::new(sub, state.hub.clone()), origin, limits).await;
         }
     }
-    if let Err(mpsc::error::SendError((_, _, permit))) =
-        Box::pin(handoff.send((Replayed { head, pos: 0, inner: sock }, addr, permit))).await
-    {
-        limits.release(permit);
-    }
+    // If axum's loop has stopped (shutdown), the connection and its permit are dropped here.
+    let _ = Box::pin(handoff.send((Replayed { head, pos: 0, inner: sock }, addr, permit))).await;
 }
 
 /// Reads until the end of the request head, EOF, or `MAX_HEAD` bytes. Each read only scans what
@@ -229,9 +224,11 @@ pub fn stream_request(head: &[u8]) -> Option<Parts> {
     builder.body(()).ok().map(|r| r.into_parts().0)
 }
 
-/// Writes the stream until it ends, the client goes away, or the hub drops it as slow; with CORS
-/// headers for `origin` when it is an allowed one (see `crate::browser`).
-async fn serve_stream(mut sock: TcpStream, mut cursor: StreamCursor, origin: Option<HeaderValue>) {
+/// Writes the stream until it ends, the client goes away, the hub drops it as slow, or a write
+/// makes no progress for `limits.write_timeout` (a client that stopped reading at a moment its
+/// queue had no reason to overflow); with CORS headers for `origin` when it is an allowed one
+/// (see `crate::browser`).
+async fn serve_stream(mut sock: TcpStream, mut cursor: StreamCursor, origin: Option<HeaderValue>, limits: &Limits) {
     let mut head = STREAM_HEAD.to_vec();
     for (name, value) in origin.into_iter().flat_map(crate::browser::cors_headers) {
         head.extend_from_slice(name.as_str().as_bytes());
@@ -240,8 +237,10 @@ async fn serve_stream(mut sock: TcpStream, mut cursor: StreamCursor, origin: Opt
         head.extend_from_slice(b"\r\n");
     }
     head.extend_from_slice(b"\r\n");
-    if sock.write_all(&head).await.is_err() {
-        return;
+    match tokio::time::timeout(limits.write_timeout, sock.write_all(&head)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) => return,
+        Err(_) => return tidings_core::http::count_timeout(limits.name, "write"),
     }
     drop(head);
     let (mut rd, mut wr) = sock.split();
@@ -264,8 +263,15 @@ async fn serve_stream(mut sock: TcpStream, mut cursor: StreamCursor, origin: Opt
             Err(_) => return,
         };
         if sent < out.len() {
+            // A frame is small: its whole write is held to the timeout, not each step of it.
             let written = tokio::select! {
-                r = tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&out[sent..])) => matches!(r, Ok(Ok(()))),
+                r = tokio::time::timeout(limits.write_timeout, wr.write_all(&out[sent..])) => match r {
+                    Ok(r) => r.is_ok(),
+                    Err(_) => {
+                        tidings_core::http::count_timeout(limits.name, "write");
+                        false
+                    }
+                },
                 // A stalled client is cut off when its queue overflows, even mid-write.
                 _ = cursor.aborted() => false,
             };

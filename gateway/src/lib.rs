@@ -59,29 +59,18 @@ pub fn app(parts: Parts, readiness: Readiness) -> Router {
     if !metrics_elsewhere {
         router = router.merge(metrics::router());
     }
+    // Every route is under the listener's request timeout: `serve` puts it around the whole router.
     if let Some(stream) = stream {
-        router = router.merge(delivery::stream::router(stream.clone())).merge(
-            browser::session_router(stream)
-                .layer(axum::middleware::from_fn_with_state(REQUEST_TIMEOUT, tidings_core::http::request_timeout)),
-        );
+        router = router.merge(delivery::stream::router(stream.clone())).merge(browser::session_router(stream));
     }
     if let Some(chat) = chat {
-        router = router.merge(
-            chat::router(chat)
-                .layer(axum::middleware::from_fn_with_state(REQUEST_TIMEOUT, tidings_core::http::request_timeout)),
-        );
+        router = router.merge(chat::router(chat));
     }
     if let Some(inbox) = inbox {
-        router = router.merge(
-            inbox::router(inbox)
-                .layer(axum::middleware::from_fn_with_state(REQUEST_TIMEOUT, tidings_core::http::request_timeout)),
-        );
+        router = router.merge(inbox::router(inbox));
     }
     if let Some(web) = web {
-        router = router.merge(
-            web::router(web)
-                .layer(axum::middleware::from_fn_with_state(REQUEST_TIMEOUT, tidings_core::http::request_timeout)),
-        );
+        router = router.merge(web::router(web));
     }
     router
 }
@@ -93,12 +82,8 @@ pub fn metrics_app() -> Router {
 
 /// The ingest listener's router (services): `POST /v1/events/{topic}` and health.
 pub fn ingest_app(ingest: Arc<IngestState>, readiness: Readiness) -> Router {
-    let timeout = axum::middleware::from_fn_with_state(REQUEST_TIMEOUT, tidings_core::http::request_timeout);
-    Router::new().merge(health::router(readiness)).merge(ingest::router(ingest).layer(timeout))
+    Router::new().merge(health::router(readiness)).merge(ingest::router(ingest))
 }
-
-/// Requests that are not streams must complete, body read included, within this.
-const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Binds the gateway's listener. `send_buffer` fixes each connection's kernel send buffer
 /// (`SO_SNDBUF`, inherited by accepted sockets), which also turns off its autotuning: without it a
@@ -115,7 +100,7 @@ pub fn bind(addr: std::net::SocketAddr, send_buffer: Option<u32>) -> std::io::Re
 }
 
 /// Serves `app` on `listener` until `shutdown` is cancelled (every request through axum), within
-/// `limits` (header timeout, connection cap).
+/// `limits` (timeouts, connection caps; see [`Limits`]).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
@@ -127,8 +112,8 @@ pub async fn serve(
 }
 
 /// Serves `app` on `listener` with streams of `stream` written straight to their sockets (see
-/// `front`), within `limits`, until `shutdown` is cancelled; then waits for open streams to send
-/// their last event.
+/// `front`), within `limits` (streams too: connection caps, write timeout), until `shutdown` is
+/// cancelled; then waits for open streams to send their last event.
 pub async fn serve_gateway(
     listener: tokio::net::TcpListener,
     app: Router,

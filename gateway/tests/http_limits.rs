@@ -1,25 +1,79 @@
-//! What one client can hold on the gateway's HTTP listener: a request head trickled in (the first,
-//! or a later one on a keep-alive connection) is cut at the header timeout, and past the
-//! connection cap new connections are closed at once and counted.
+//! What one client can hold on the gateway's HTTP listeners: a request head trickled in (the first,
+//! or a later one on a keep-alive connection) is cut at the header timeout, a client that stops
+//! reading at the write timeout, an idle connection at the idle timeout, a slow request at the
+//! request timeout; past the connection cap (or the per-address cap, when on) new connections are
+//! closed at once; each of these is counted.
 
 use std::time::{Duration, Instant};
 
+use axum::Router;
+use tidings_gateway::web::WebConfig;
 use tidings_gateway::{Limits, Parts, Readiness};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 async fn gateway(limits: Limits) -> (String, CancellationToken) {
-    let listener = tidings_gateway::bind("127.0.0.1:0".parse().unwrap(), None).unwrap();
+    gateway_with(limits, tidings_gateway::app(Parts::default(), Readiness::default()), None).await
+}
+
+/// The public gateway (its TCP front included) serving `app`, with `send_buffer` as its sockets'
+/// kernel send buffer.
+async fn gateway_with(limits: Limits, app: Router, send_buffer: Option<u32>) -> (String, CancellationToken) {
+    let listener = tidings_gateway::bind("127.0.0.1:0".parse().unwrap(), send_buffer).unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    let app = tidings_gateway::app(Parts::default(), Readiness::default());
     let stop = CancellationToken::new();
     tokio::spawn(tidings_gateway::serve_gateway(listener, app, None, limits, stop.clone()));
     (addr, stop)
 }
 
+/// The gateway's `/metrics` text.
+async fn metrics(addr: &str) -> String {
+    let http = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+    http.get(format!("http://{addr}/metrics")).send().await.unwrap().text().await.unwrap()
+}
+
+/// The sum of the samples of `name` in `text` whose labels include every one of `labels`
+/// (0 when there are none).
+fn sample(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A counter's value in the gateway's `/metrics` (0 when absent).
+async fn counter(addr: &str, name: &str, labels: &[&str]) -> f64 {
+    sample(&metrics(addr).await, name, labels)
+}
+
+/// Sends a request for `path` on `sock` and reads its response; the response's status line.
+async fn get(sock: &mut TcpStream, path: &str) -> String {
+    sock.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&got).to_string();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase().strip_prefix("content-length: ").map(|v| v.trim().parse::<usize>())
+                })
+                .unwrap()
+                .unwrap();
+            if got.len() >= end + 4 + length {
+                return text.lines().next().unwrap().to_string();
+            }
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf)).await.unwrap().unwrap();
+        assert!(n > 0, "closed before answering: {text}");
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
 fn limits(header_timeout: Duration, max_connections: usize) -> Limits {
-    Limits { header_timeout, ..Limits::new(max_connections) }
+    Limits { header_timeout, ..Limits::new(max_connections).named("public") }
 }
 
 /// Reads until the peer closes the connection or `within` passes; whether it closed.
@@ -103,14 +157,130 @@ async fn past_the_connection_cap_new_connections_are_closed_and_counted() {
     // One leaves: there is room again, and the refusal shows in /metrics.
     drop(held.pop());
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let http = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
-    let text = http.get(format!("http://{addr}/metrics")).send().await.unwrap().text().await.unwrap();
-    let refused = text
-        .lines()
-        .find_map(|l| l.strip_prefix("tidings_http_connections_refused_total "))
-        .and_then(|v| v.trim().parse::<f64>().ok());
-    assert!(refused.is_some_and(|n| n >= 1.0), "no refusal counted in /metrics:\n{text}");
-    assert!(text.contains("tidings_http_open_connections"), "{text}");
+    let text = metrics(&addr).await;
+    let refused = sample(&text, "tidings_http_connections_refused_total", &[r#"reason="cap""#, r#"listener="public""#]);
+    assert!(refused >= 1.0, "no refusal counted in /metrics:\n{text}");
+    assert!(sample(&text, "tidings_http_open_connections", &[r#"listener="public""#]) >= 1.0, "{text}");
     stop.cancel();
     drop(held);
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_at_the_write_timeout() {
+    let limits = Limits { write_timeout: Duration::from_secs(1), ..limits(Duration::from_secs(30), 100) };
+    let web = WebConfig { kinds: vec![], dev_sign_in: None, gateways: vec![] };
+    let app = tidings_gateway::app(Parts { web: Some(web), ..Default::default() }, Readiness::default());
+    // Small kernel buffers on both sides, so the server's writes stall soon.
+    let (addr, stop) = gateway_with(limits, app, Some(4096)).await;
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut sock = socket.connect(addr.parse().unwrap()).await.unwrap();
+    // Many pipelined requests for a 30 KB file, none of whose answers is read.
+    const REQUESTS: usize = 200;
+    let request = b"GET /app.js HTTP/1.1\r\nhost: x\r\n\r\n";
+    sock.write_all(&request.repeat(REQUESTS)).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // By now the server has given up on the connection: reading finds its end (EOF or reset)
+    // after a fraction of the answers. Without the timeout the server would still be waiting,
+    // and go on sending every answer as they are read, then keep the connection open.
+    let (mut received, mut closed) = (0usize, false);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut buf = vec![0u8; 64 * 1024];
+    while Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(1), sock.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                closed = true;
+                break;
+            }
+            Ok(Ok(n)) => received += n,
+            Err(_) => {}
+        }
+    }
+    assert!(closed, "a client that read nothing for 3 s still has its connection ({received} bytes read since)");
+    assert!(received < REQUESTS * 30_000 / 2, "{received} bytes were sent to a client that did not read");
+    let timeouts = counter(&addr, "tidings_http_timeouts_total", &[r#"kind="write""#, r#"listener="public""#]).await;
+    assert!(timeouts >= 1.0, "no write timeout counted");
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn every_route_is_under_the_request_timeout() {
+    let limits = Limits { request_timeout: Duration::from_secs(1), ..limits(Duration::from_secs(30), 100) };
+    // The gateway's own routes (/healthz, /readyz, /metrics, …) answer at once; a route that
+    // takes long stands for any of them stalling (a readiness check, a render).
+    let app = tidings_gateway::app(Parts::default(), Readiness::default()).route(
+        "/slow",
+        axum::routing::get(|| async {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            "late"
+        }),
+    );
+    let (addr, stop) = gateway_with(limits, app, None).await;
+    let mut sock = TcpStream::connect(&addr).await.unwrap();
+    assert_eq!(get(&mut sock, "/healthz").await, "HTTP/1.1 200 OK");
+    let started = Instant::now();
+    assert_eq!(get(&mut sock, "/slow").await, "HTTP/1.1 408 Request Timeout");
+    assert!(started.elapsed() < Duration::from_secs(3), "408 only after {:?}", started.elapsed());
+    let timeouts = counter(&addr, "tidings_http_timeouts_total", &[r#"kind="request""#, r#"listener="public""#]).await;
+    assert!(timeouts >= 1.0, "no request timeout counted");
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed_at_the_idle_timeout_and_busy_ones_kept() {
+    let limits = Limits { idle_timeout: Duration::from_secs(1), ..limits(Duration::from_secs(30), 100) };
+    let (addr, stop) = gateway(limits.clone()).await;
+
+    // A keep-alive connection used every 400 ms for 3 s stays open.
+    let mut sock = TcpStream::connect(&addr).await.unwrap();
+    for _ in 0..8 {
+        assert_eq!(get(&mut sock, "/healthz").await, "HTTP/1.1 200 OK");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    // Left idle, it is closed after 1 s (the header timeout, 30 s, would be far later).
+    let started = Instant::now();
+    assert!(closed_within(&mut sock, Duration::from_secs(4)).await, "an idle keep-alive connection was kept");
+    assert!(started.elapsed() >= Duration::from_millis(900), "closed after only {:?}", started.elapsed());
+
+    // On a plain listener (ingest, registry, metrics), a connection that never sends a byte too.
+    let listener = tidings_gateway::bind("127.0.0.1:0".parse().unwrap(), None).unwrap();
+    let plain = listener.local_addr().unwrap();
+    let app = tidings_gateway::app(Parts::default(), Readiness::default());
+    tokio::spawn(tidings_gateway::serve(listener, app, limits.named("ingest"), stop.clone()));
+    let mut silent = TcpStream::connect(plain).await.unwrap();
+    assert!(closed_within(&mut silent, Duration::from_secs(4)).await, "a silent connection was kept");
+    let idle = counter(&addr, "tidings_http_timeouts_total", &[r#"kind="idle""#, r#"listener="ingest""#]).await;
+    assert!(idle >= 1.0, "no idle timeout counted");
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn the_per_address_cap_refuses_one_address_past_it_when_on() {
+    for per_ip in [2, 0] {
+        let (addr, stop) = gateway(limits(Duration::from_secs(30), 100).per_ip(per_ip)).await;
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            held.push(TcpStream::connect(&addr).await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut third = TcpStream::connect(&addr).await.unwrap();
+        if per_ip == 2 {
+            assert!(closed_within(&mut third, Duration::from_secs(2)).await, "a 3rd connection from one address");
+            // Another address is still served.
+            let other = TcpSocket::new_v4().unwrap();
+            other.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+            let mut other = other.connect(addr.parse().unwrap()).await.unwrap();
+            assert_eq!(get(&mut other, "/healthz").await, "HTTP/1.1 200 OK");
+            // Once one of the two leaves, the address has room again (for the metrics request).
+            drop(held.pop());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let refused = counter(&addr, "tidings_http_connections_refused_total", &[r#"reason="per_ip""#]).await;
+            assert!(refused >= 1.0, "no per-address refusal counted");
+        } else {
+            // Off (0): one address may open as many as the listener's cap.
+            assert_eq!(get(&mut third, "/healthz").await, "HTTP/1.1 200 OK");
+        }
+        stop.cancel();
+    }
 }

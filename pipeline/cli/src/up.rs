@@ -57,10 +57,40 @@ pub struct UpArgs {
     /// the public gateway port.
     #[arg(long, env = "TIDINGS_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
-    /// Open HTTP connections (streams included) this process holds at most, over all its
-    /// listeners; past it new connections are closed at once (`tidings_http_connections_refused_total`).
+    /// Open connections (streams included) the public gateway listener (--http) holds at most;
+    /// past it new connections are closed at once (`tidings_http_connections_refused_total`,
+    /// `reason="cap"`). Each listener has a cap of its own, so a full one locks out no other.
     #[arg(long, env = "TIDINGS_MAX_CONNECTIONS", default_value_t = 50_000)]
     pub max_connections: usize,
+    /// Open connections one client address may hold on the public gateway listener (`reason="per_ip"`
+    /// past it); 0, the default: no such cap (behind a proxy or a NAT many users share one address).
+    #[arg(long, env = "TIDINGS_MAX_CONNECTIONS_PER_IP", default_value_t = 0)]
+    pub max_connections_per_ip: usize,
+    /// Open connections the HTTP ingest listener (--ingest-listen) holds at most.
+    #[arg(long, env = "TIDINGS_INGEST_MAX_CONNECTIONS", default_value_t = 1_024)]
+    pub ingest_max_connections: usize,
+    /// Open connections the embedded schema registry's listener (--registry-listen) holds at most.
+    #[arg(long, env = "TIDINGS_REGISTRY_MAX_CONNECTIONS", default_value_t = 256)]
+    pub registry_max_connections: usize,
+    /// Open connections the /metrics listener (--metrics-listen) holds at most.
+    #[arg(long, env = "TIDINGS_METRICS_MAX_CONNECTIONS", default_value_t = 64)]
+    pub metrics_max_connections: usize,
+    /// Seconds a client has to send a complete request head, on every listener; for HTTP/1 this
+    /// also bounds the wait for a keep-alive connection's next request.
+    #[arg(long, env = "TIDINGS_HTTP_HEADER_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub http_header_timeout_secs: u64,
+    /// Seconds a request may take from its head to its response, body read included (408
+    /// beyond), on every listener and route; a stream's body is not bounded by it.
+    #[arg(long, env = "TIDINGS_HTTP_REQUEST_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub http_request_timeout_secs: u64,
+    /// Seconds a response write (streams included) may make no progress before its connection is
+    /// closed: a client that stopped reading is cut off (`tidings_http_timeouts_total`, `kind="write"`).
+    #[arg(long, env = "TIDINGS_HTTP_WRITE_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub http_write_timeout_secs: u64,
+    /// Seconds a connection may have no request in flight and write nothing before it is closed
+    /// (`kind="idle"`), on every listener.
+    #[arg(long, env = "TIDINGS_HTTP_IDLE_TIMEOUT_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub http_idle_timeout_secs: u64,
     /// Development mode: also accept user tokens signed with the public dev secret and the public
     /// dev ingest token. Never in production: anyone can mint those.
     #[arg(long, env = "TIDINGS_DEV")]
@@ -331,8 +361,15 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
 
     let token = CancellationToken::new();
     let mut tasks = TaskTree::new(token.clone());
-    // One connection cap and header timeout for every listener of this process.
-    let limits = tidings_gateway::Limits::new(args.max_connections);
+    // The same timeouts on every listener, and a connection cap for each: clients that fill the
+    // public one must not lock services out of ingest or the registry.
+    let http_limits = |name: &'static str, max_connections: usize| tidings_gateway::Limits {
+        header_timeout: Duration::from_secs(args.http_header_timeout_secs),
+        request_timeout: Duration::from_secs(args.http_request_timeout_secs),
+        write_timeout: Duration::from_secs(args.http_write_timeout_secs),
+        idle_timeout: Duration::from_secs(args.http_idle_timeout_secs),
+        ..tidings_gateway::Limits::new(max_connections).named(name)
+    };
     let readiness = Readiness::default();
 
     // Schema registry: external by URL, or the embedded one on its own listener.
@@ -348,7 +385,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             let addr = listener.local_addr()?;
             let write_token = registry_write_token(settings.registry_write_token, &args.infra.data_dir)?;
             let access = Access::new(write_token.clone(), args.registry_allow_hosts.iter().cloned());
-            let (t, limits) = (token.clone(), limits.clone());
+            let (t, limits) = (token.clone(), http_limits("registry", args.registry_max_connections));
             tasks.spawn("schema-registry", async move {
                 tidings_pipeline::registry::serve_with(listener, registry, access, limits, t).await
             });
@@ -484,7 +521,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             ingest_url = format!("http://{}", listener.local_addr()?);
             let app = tidings_gateway::ingest_app(ingest, readiness.clone());
             let t = token.clone();
-            let limits = limits.clone();
+            let limits = http_limits("ingest", args.ingest_max_connections);
             tasks.spawn("ingest", async move { tidings_gateway::serve(listener, app, limits, t).await });
             info!("HTTP ingest for services listening on {ingest_url} (POST /v1/events/{{topic}}, service token required).");
         }
@@ -570,13 +607,13 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         if let Some(addr) = args.metrics_listen {
             let listener = tidings_gateway::bind(addr, None).with_context(|| format!("binding /metrics to {addr}"))?;
             info!("Prometheus /metrics on http://{} only.", listener.local_addr()?);
-            let (t, limits) = (token.clone(), limits.clone());
+            let (t, limits) = (token.clone(), http_limits("metrics", args.metrics_max_connections));
             tasks.spawn("metrics", async move {
                 tidings_gateway::serve(listener, tidings_gateway::metrics_app(), limits, t).await
             });
         }
         let t = token.clone();
-        let limits = limits.clone();
+        let limits = http_limits("public", args.max_connections).per_ip(args.max_connections_per_ip);
         tasks.spawn(
             "gateway",
             async move { tidings_gateway::serve_gateway(listener, app, Some(stream), limits, t).await },

@@ -157,6 +157,12 @@ mod tests {
         for code in [1, 19, 2067, 1555, 11] {
             assert_ne!(sqlite_class(code, ErrorKind::Other), Class::Retriable, "{code}");
         }
+        assert_eq!(sqlite_class(18, ErrorKind::Other), Class::Data("db-sqlite-toobig"));
+        assert_eq!(sqlite_class(20, ErrorKind::Other), Class::Data("db-sqlite-mismatch"));
+        assert_eq!(sqlite_class(2067, ErrorKind::UniqueViolation), Class::Data("db-sqlite-constraint-unique"));
+        // SQLITE_ERROR (no such table, syntax) and SQLITE_CORRUPT: an operator's.
+        assert_eq!(sqlite_class(1, ErrorKind::Other), Class::Fatal);
+        assert_eq!(sqlite_class(11, ErrorKind::Other), Class::Fatal);
     }
 
     #[tokio::test]

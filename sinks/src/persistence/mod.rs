@@ -2,8 +2,7 @@
 //! size and time, and writes each batch with its next offsets in one database transaction. The
 //! database, not Kafka, holds the offsets: on assignment the consumer starts from them, so a crash
 //! at any instant neither loses nor duplicates a row. Kafka commits only feed lag monitoring.
-//! A batch the database refuses for its data is split until the refused records are found; those
-//! are dead-lettered with the SQLSTATE and the rest stored, so a bad record never stops the stage.
+//! Records the database refuses are isolated by splitting their batch, and dead-lettered.
 
 pub mod config;
 

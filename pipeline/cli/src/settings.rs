@@ -114,10 +114,11 @@ pub fn check(args: &UpArgs) -> Result<Settings, Vec<String>> {
         keys_ok &= r.is_ok();
         ok(r, "--jwt-public-key-file (TIDINGS_JWT_PUBLIC_KEY_FILE)");
     }
-    let auth = match keys_ok.then(|| args.jwt.auth_config(args.dev)) {
+    let needs_keys = runs("gateway") || runs("ingest");
+    let auth = match (keys_ok && needs_keys).then(|| args.jwt.auth_config(args.dev)) {
         Some(Ok(auth)) => Some(auth),
         Some(Err(e)) if runs("gateway") => {
-            ok(Err(format!("{e:#}")), "--jwt-secret / --jwt-public-key-file");
+            ok(Err(format!("{e:#}")), "user-token keys");
             None
         }
         // Ingest alone uses keys only to tell a user token from an unknown one.

@@ -36,6 +36,7 @@ on_both_backends!(
     notifications_after_resumes_oldest_first,
     nul_characters_do_not_fail_a_batch,
     chat_rooms_search_history_unread_and_edits,
+    chat_outbox_and_room_pages,
 );
 
 fn notification(user: &str, event: &str, stream_partition: i32, stream_offset: i64) -> StoredNotification {
@@ -569,4 +570,51 @@ async fn chat_rooms_search_history_unread_and_edits(store: &Store) {
     assert_eq!(store.room_unread("r1", "alice").await.unwrap(), Some((11, 0)));
     assert!(store.leave_room("r1", "bob").await.unwrap());
     assert!(!store.leave_room("r1", "bob").await.unwrap());
+}
+
+/// Membership changes write their event to the outbox in the same transaction, only when they
+/// change something; a member's room list pages with a cursor, ties broken by room id.
+async fn chat_outbox_and_room_pages(store: &Store) {
+    use super::chat::NewRoom;
+    let zed = vec!["zed".to_string()];
+    for id in ["a", "b", "c", "d", "e"] {
+        let room = NewRoom {
+            room_id: id,
+            kind: "group",
+            name: "Room",
+            creator_id: "zed",
+            product_id: None,
+            tags: &[],
+            members: &zed,
+            created_at: 7,
+        };
+        assert!(store.create_room_and_event(&room, Some(&format!("created {id}"))).await.unwrap());
+    }
+    assert!(store.join_room_and_event("a", "amy", 10, Some("joined")).await.unwrap());
+    assert!(!store.join_room_and_event("a", "amy", 11, Some("joined again")).await.unwrap());
+    assert!(store.leave_room_and_event("a", "amy", 12, Some("left")).await.unwrap());
+    assert!(!store.leave_room_and_event("a", "amy", 13, Some("left again")).await.unwrap());
+    assert!(store.close_room_and_event("a", 14, Some("closed")).await.unwrap());
+    assert!(!store.close_room_and_event("a", 15, Some("closed again")).await.unwrap());
+    let events = |rows: Vec<super::chat::OutboxEvent>| rows.into_iter().map(|r| r.event).collect::<Vec<_>>();
+    let pending = store.outbox_of_room("a", 10).await.unwrap();
+    assert_eq!(events(pending.clone()), ["created a", "joined", "left", "closed"], "in order, changes only");
+    assert_eq!(store.outbox_rooms(8, 10).await.unwrap(), ["a", "b", "c", "d", "e"], "written before 8");
+    assert!(store.outbox_rooms(7, 10).await.unwrap().is_empty(), "none written before 7");
+    for row in &pending[..2] {
+        store.outbox_delete(row.id).await.unwrap();
+    }
+    assert_eq!(events(store.outbox_of_room("a", 10).await.unwrap()), ["left", "closed"]);
+
+    // Five rooms alike but for their id, two a page.
+    let (mut seen, mut after) = (Vec::new(), None);
+    loop {
+        let page = store.my_rooms_after("zed", after.as_ref(), 2).await.unwrap();
+        seen.extend(page.iter().map(|r| r.room.room_id.clone()));
+        match page.last() {
+            Some(last) if page.len() == 2 => after = Some(last.cursor()),
+            _ => break,
+        }
+    }
+    assert_eq!(seen, ["e", "d", "c", "b", "a"]);
 }

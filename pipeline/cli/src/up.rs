@@ -698,3 +698,36 @@ async fn register_with_retry(
     }
     bail!("schema registry at {} unreachable", client.url())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A gateway beside the process that serves the embedded registry has no write token: the
+    /// schemas that process registered will do, and only those.
+    #[tokio::test]
+    async fn without_write_credentials_only_an_already_registered_schema_will_do() {
+        let (store, _dir) = tidings_sinks::testing::fresh_sqlite().await.unwrap();
+        let registry = tidings_pipeline::registry::Registry::open(store).await.unwrap();
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../topology.yaml");
+        let topo = Topology::load(&path).unwrap();
+        let subject = format!("{}-value", topo.topic_name("orders"));
+        let (orders, coupons) = (topo.schema_text("orders").unwrap(), topo.schema_text("coupons").unwrap());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let shutdown = CancellationToken::new();
+        let (access, limits) = (Access::new("t".repeat(32), []), tidings_core::http::Limits::default());
+        let server =
+            tidings_pipeline::registry::serve_with(listener, registry.clone(), access, limits, shutdown.clone());
+        tokio::spawn(server);
+        let client = RegistryClient::new(&url).unwrap();
+
+        let refused = register_with_retry(&client, &subject, orders, &topo, "orders").await;
+        assert!(refused.is_err(), "registered without the write token: {refused:?}");
+        let id = registry.register(&subject, orders).await.unwrap();
+        assert_eq!(register_with_retry(&client, &subject, orders, &topo, "orders").await.unwrap(), id);
+        let other = register_with_retry(&client, &subject, coupons, &topo, "coupons").await;
+        assert!(other.is_err(), "another schema passed as the registered one: {other:?}");
+        shutdown.cancel();
+    }
+}

@@ -140,6 +140,9 @@ async fn a_trickled_keep_alive_request_head_is_cut_at_the_header_timeout() {
         .await
     );
     assert!(started.elapsed() < Duration::from_secs(4), "cut only after {:?}", started.elapsed());
+    // Both counted (only this test lets a header timeout expire on a listener named "public").
+    let header = counter(&addr, "tidings_http_timeouts_total", &[r#"kind="header""#, r#"listener="public""#]).await;
+    assert!(header >= 2.0, "{header} header timeouts counted");
     stop.cancel();
 }
 
@@ -242,8 +245,15 @@ async fn idle_connections_are_closed_at_the_idle_timeout_and_busy_ones_kept() {
     let started = Instant::now();
     assert!(closed_within(&mut sock, Duration::from_secs(4)).await, "an idle keep-alive connection was kept");
     assert!(started.elapsed() >= Duration::from_millis(900), "closed after only {:?}", started.elapsed());
+    stop.cancel();
+}
 
-    // On a plain listener (ingest, registry, metrics), a connection that never sends a byte too.
+#[tokio::test]
+async fn a_silent_connection_to_a_plain_listener_is_closed_at_the_idle_timeout() {
+    // Ingest, the registry and /metrics have no front reading the first head: before its first
+    // byte, only the idle timeout bounds a connection there.
+    let limits = Limits { idle_timeout: Duration::from_secs(1), ..limits(Duration::from_secs(30), 100) };
+    let (addr, stop) = gateway(limits.clone()).await;
     let listener = tidings_gateway::bind("127.0.0.1:0".parse().unwrap(), None).unwrap();
     let plain = listener.local_addr().unwrap();
     let app = tidings_gateway::app(Parts::default(), Readiness::default());

@@ -74,7 +74,7 @@ impl Ring {
             // a broker that resumes at the next batch): only claim what was actually seen.
             self.covered_from = ev.offset;
         }
-        self.next = ev.offset + 1;
+        self.next = ev.offset.saturating_add(1);
         self.bytes += ev.size();
         self.events.push_back(ev);
         self.evict();
@@ -98,13 +98,14 @@ impl Ring {
         while over(self.events.len(), self.bytes, max_events, max_bytes) {
             let old = self.events.pop_front().expect("non-empty");
             self.bytes -= old.size();
-            self.covered_from = old.offset + 1;
+            self.covered_from = old.offset.saturating_add(1);
         }
     }
 
-    /// True when every event after `after` that was consumed is still here.
+    /// True when every event after `after` that was consumed is still here. `after` comes from a
+    /// client's `Last-Event-ID` (any offset up to `i64::MAX`), so no arithmetic on it may overflow.
     pub fn covers(&self, after: i64) -> bool {
-        after + 1 >= self.covered_from
+        after >= self.covered_from.saturating_sub(1)
     }
 
     /// The lowest offset from which the ring holds every consumed event.
@@ -114,7 +115,7 @@ impl Ring {
 
     /// The offset of the last consumed event (`start - 1` before any).
     pub fn last(&self) -> i64 {
-        self.next - 1
+        self.next.saturating_sub(1)
     }
 
     /// `user`'s events with an offset greater than `after`, oldest first.
@@ -144,6 +145,7 @@ impl Ring {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn ev(offset: i64, user: &str, len: usize) -> Arc<Event> {
         Arc::new(Event::new(0, offset, offset as u128, user, "k", bytes::Bytes::from(vec![b'x'; len]), 0))
@@ -207,6 +209,34 @@ mod tests {
         r.push(ev(110, "a", 1));
         assert_eq!(r.len(), 3);
         assert_eq!(r.covered_from(), 108);
+    }
+
+    /// A `Last-Event-ID` offset is the client's: `i64::MAX` and its neighbours are covered (they
+    /// are after everything), and asking never overflows.
+    #[test]
+    fn near_max_offsets_do_not_overflow() {
+        let mut r = Ring::new(10, 3, usize::MAX);
+        r.push(ev(10, "a", 1));
+        for after in [i64::MAX, i64::MAX - 1, i64::MAX - 2] {
+            assert!(r.covers(after), "{after}");
+            assert!(r.after("a", after).is_empty());
+        }
+        assert!(!r.covers(i64::MIN) && !r.covers(-1) && r.covers(9));
+        let mut top = Ring::new(i64::MAX - 2, 1, usize::MAX);
+        top.push(ev(i64::MAX - 1, "a", 1));
+        top.push(ev(i64::MAX, "a", 1));
+        assert_eq!(top.covered_from(), i64::MAX);
+        assert!(top.covers(i64::MAX) && top.covers(i64::MAX - 1) && !top.covers(i64::MAX - 2));
+    }
+
+    proptest! {
+        /// `covers` is the exact comparison `after + 1 >= covered_from`, over every i64 (the top
+        /// few, where `after + 1` would overflow, drawn as often as the rest).
+        #[test]
+        fn covers_is_exact_over_all_offsets(start in any::<i64>(), after in prop_oneof![any::<i64>(), i64::MAX - 3..=i64::MAX]) {
+            let r = Ring::new(start, 1, usize::MAX);
+            prop_assert_eq!(r.covers(after), i128::from(after) + 1 >= i128::from(start));
+        }
     }
 
     #[test]

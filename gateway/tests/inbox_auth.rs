@@ -1,6 +1,6 @@
 //! The inbox HTTP API behind JWT auth, served for real on a local port over a seeded SQLite store:
-//! token sources and rejections (missing, expired, forged, wrong iss/aud, alg none), per-user
-//! isolation, cursor paging, mark-read and the unread count.
+//! token sources (the Bearer header only) and rejections (missing, expired, forged, wrong iss/aud,
+//! alg none, a stream credential), per-user isolation, cursor paging, mark-read and the unread count.
 
 use serde_json::{json, Value};
 use std::collections::HashSet;
@@ -128,6 +128,11 @@ async fn start() -> Server {
     Server { base, http: reqwest::Client::new(), alice, bob, _dir: dir }
 }
 
+/// The server's keys, for minting what its `POST /v1/session` would.
+fn stream_config() -> AuthConfig {
+    AuthConfig { keys: vec![Key::hs256(SECRET)], ..Default::default() }
+}
+
 async fn seed(store: &Store, notifications: Vec<StoredNotification>) {
     let batch = Batch { notifications, ..Default::default() };
     assert_eq!(store.write_batch("test", &batch).await.unwrap().notifications_inserted, 10);
@@ -247,30 +252,36 @@ async fn rejects_missing_expired_and_forged_tokens() {
 }
 
 #[tokio::test]
-async fn accepts_es256_and_token_in_query_but_no_cookie() {
+async fn accepts_es256_but_no_query_token_no_cookie_and_no_stream_credential() {
     let s = start().await;
     let (status, body, _) = s.get("/v1/notifications?limit=100", Some(&es(&claims("alice"), EC_PRIVATE))).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["items"].as_array().unwrap().len(), s.alice.len());
 
-    let url = format!("{}/v1/notifications/unread_count?access_token={}", s.base, token("bob"));
-    let (status, body, _) = respond(s.http.get(url)).await;
-    assert_eq!((status, body["unread"].as_u64()), (200, Some(s.bob.len() as u64)), "{body}");
+    // A token in the query opens streams only (URLs end up in logs), whatever the name's encoding.
+    for path in ["/v1/notifications/unread_count?", "/v1/notifications?limit=100&"] {
+        for name in ["access_token", "access%5Ftoken"] {
+            let url = format!("{}{path}{name}={}", s.base, token("bob"));
+            assert_401(respond(s.http.get(url)).await, "missing_token");
+        }
+    }
 
-    let url = format!("{}/v1/notifications?limit=100&access_token={}", s.base, token("bob"));
-    let (status, body, _) = respond(s.http.get(url)).await;
-    assert_eq!(status, 200, "{body}");
-    let got: HashSet<String> =
-        body["items"].as_array().unwrap().iter().map(|i| i["id"].as_str().unwrap().to_string()).collect();
-    assert_eq!(got, ids(&s.bob).into_iter().collect());
-
-    // The session cookie opens streams only: no inbox read, and above all no mark-read (a request
-    // another site can make the browser send with the cookie attached).
-    let cookie = format!("theme=dark; tidings_session={}", token("bob"));
+    // The stream cookie opens streams only: no inbox read, and above all no mark-read (a request
+    // another site can make the browser send with the cookie attached). Neither does the user
+    // token in the cookie earlier versions set.
+    let credential = stream_config().mint_stream("bob", now() as u64 + 600).unwrap();
     let url = format!("{}/v1/notifications?limit=100", s.base);
-    assert_401(respond(s.http.get(url).header("cookie", &cookie)).await, "missing_token");
     let read = format!("{}/v1/notifications/{}/read", s.base, s.bob[0].notification.notification_id);
-    assert_401(respond(s.http.post(read).header("cookie", &cookie)).await, "missing_token");
+    for cookie in
+        [format!("theme=dark; tidings_stream={credential}"), format!("theme=dark; tidings_session={}", token("bob"))]
+    {
+        assert_401(respond(s.http.get(&url).header("cookie", &cookie)).await, "missing_token");
+        assert_401(respond(s.http.post(&read).header("cookie", &cookie)).await, "missing_token");
+    }
+    // Nor is the stream credential a bearer token.
+    assert_401(s.get("/v1/notifications", Some(&credential)).await, "invalid_token");
+    assert_eq!(s.mark(&s.bob[0].notification.notification_id.to_string(), &credential).await, 401);
+    assert_eq!(s.unread("bob").await, s.bob.len() as u64, "nothing was marked read");
 
     // `tidings token` mints what the gateway accepts.
     let minted = auth::mint_hs256(SECRET, "alice", Duration::from_secs(60), Some(ISSUER), Some(AUDIENCE)).unwrap();

@@ -34,6 +34,12 @@ fn token(sub: &str) -> String {
     token_with(sub, now() + 600, SECRET)
 }
 
+/// A stream credential for `user`, as `POST /v1/session` on any gateway with [`SECRET`] makes it.
+fn stream_credential(user: &str) -> String {
+    let auth = AuthConfig { keys: vec![Key::hs256(SECRET)], ..Default::default() };
+    auth.mint_stream(user, (now() + 600) as u64).unwrap()
+}
+
 fn notification(user: &str, n: usize) -> Notification {
     let event = format!("ev-{user}-{n}");
     Notification {
@@ -210,8 +216,13 @@ async fn tokens_and_isolation(direct: bool) {
     assert_eq!(alice_resp.headers()["content-type"], "text/event-stream");
     let bob_resp = http.get(format!("{url}?access_token={}", token(&bob))).send().await.unwrap();
     assert_eq!(bob_resp.status(), 200);
-    let cookie_resp = http.get(&url).header("cookie", format!("tidings_session={}", token(&bob))).send().await.unwrap();
+    // The cookie holds a stream credential (from POST /v1/session), never a user token.
+    let cookie = format!("tidings_stream={}", stream_credential(&bob));
+    let cookie_resp = http.get(&url).header("cookie", cookie).send().await.unwrap();
     assert_eq!(cookie_resp.status(), 200);
+    for cookie in [format!("tidings_stream={}", token(&bob)), format!("tidings_session={}", token(&bob))] {
+        assert_eq!(http.get(&url).header("cookie", &cookie).send().await.unwrap().status(), 401, "{cookie}");
+    }
     for i in 0..3 {
         gw.push("alice", i);
         gw.push(&bob, i);
@@ -233,6 +244,22 @@ async fn tokens_and_isolation(direct: bool) {
     // A Last-Event-ID that is not a position is refused, not silently ignored.
     let r = http.get(&url).bearer_auth(token("alice")).header("last-event-id", "garbage").send().await.unwrap();
     assert_eq!(r.status(), 422);
+    // One at (or next to) the largest offset is after everything: a stream, no overflow (it
+    // panicked the connection's task in debug builds, wrapped around in release).
+    let p = partition_for("alice", PARTITIONS);
+    for offset in [i64::MAX, i64::MAX - 1] {
+        let last = format!("{p}.{offset}");
+        let r = http.get(&url).bearer_auth(token("alice")).header("last-event-id", &last).send().await;
+        let r = r.unwrap_or_else(|e| panic!("{last}: {e}"));
+        assert_eq!(r.status(), 200, "{last}");
+        let mut r = r;
+        let first = tokio::time::timeout(Duration::from_secs(5), r.chunk()).await.expect("the stream opens");
+        let first = first.unwrap().expect("a chunk");
+        assert!(first.starts_with(b"retry:"), "{last}: {first:?}");
+    }
+    // Past i64 it is no position at all.
+    let r = http.get(&url).bearer_auth(token("alice")).header("last-event-id", format!("{p}.9223372036854775808"));
+    assert_eq!(r.send().await.unwrap().status(), 422);
     gw.stop.cancel();
 }
 
@@ -272,6 +299,13 @@ async fn unowned_partitions_redirect_to_the_owner_and_unknown_owners_answer_503(
     let location = r.headers()["location"].to_str().unwrap().to_string();
     assert_eq!(location, format!("{}/v1/stream?last_event_id=2.-1", b.url));
     assert!(!location.contains(&bearer), "the token was copied into Location");
+    // The name is compared decoded, as the owner's query parser reads it.
+    for name in ["access%5Ftoken", "%61ccess_token", "access_to%6Ben"] {
+        let r = http.get(format!("{}/v1/stream?x=1&{name}={bearer}&last_event_id=2.-1", a.url)).send().await.unwrap();
+        assert_eq!(r.status(), 307, "{name}");
+        let location = r.headers()["location"].to_str().unwrap();
+        assert_eq!(location, format!("{}/v1/stream?x=1&last_event_id=2.-1", b.url), "{name}");
+    }
     // Without a token the owner refuses; the client attaches it again (header or cookie).
     assert_eq!(http.get(&location).send().await.unwrap().status(), 401);
     let r = http.get(&location).bearer_auth(&bearer).send().await.unwrap();

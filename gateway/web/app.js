@@ -1,7 +1,9 @@
 // tidings web page: sign in, a live inbox and chat rooms, on the gateway's own API only.
 // Plain DOM code, no framework, no build step. All text from users goes in through textContent.
 //
-// Delivery: one EventSource on /v1/stream (session cookie from POST /v1/session). The id of the
+// Delivery: one EventSource on /v1/stream with the stream cookie from POST /v1/session (a
+// credential that opens streams only and lives minutes: renewed whenever the stream has to
+// reconnect, and when the browser's own reconnect was refused with it). The id of the
 // last event seen is kept in sessionStorage, and a new EventSource (after a reload) starts from
 // it with ?last_event_id=, so nothing sent while the page was away is lost; the browser itself
 // sends Last-Event-ID on its own reconnects (gateway restarts), which the gateway prefers to the
@@ -28,6 +30,8 @@ const state = {
   inboxCursor: null,
   unread: 0,
   rooms: new Map(), // room_id -> room (mine)
+  sessionAt: 0, // when the stream cookie was last renewed (ms)
+  retriedPosition: false, // the stream closed once since it last opened; kept its position then
   room: null, // the open room: { id, info, messages: Map(message_id -> message), before, maxSeq }
   searchTags: [],
   searchCursor: null,
@@ -151,6 +155,7 @@ async function signIn(token) {
     }
     throw new Error(`Sign-in refused: ${msg}`);
   }
+  state.sessionAt = Date.now();
   state.token = token;
   state.user = userOf(token);
   sessionStorage.setItem(TOKEN, token);
@@ -168,7 +173,7 @@ function signOut(message = '') {
   sessionStorage.removeItem(TOKEN);
   sessionStorage.removeItem(LAST_ID);
   sessionStorage.removeItem(RECENT);
-  Object.assign(state, { token: null, user: null, unread: 0, room: null, inboxCursor: null });
+  Object.assign(state, { token: null, user: null, unread: 0, room: null, inboxCursor: null, retriedPosition: false });
   state.inbox.clear();
   state.rooms.clear();
   $('inbox-list').replaceChildren();
@@ -178,6 +183,18 @@ function signOut(message = '') {
   setConn('offline', 'Signed out');
   show(false);
   $('signin-error').textContent = message;
+}
+
+/** A new stream cookie (a 401 signs out, see api). At most every 30 s unless `now`. */
+async function renewSession(now = false) {
+  if (!state.token || (!now && Date.now() - state.sessionAt < 30000)) return;
+  state.sessionAt = Date.now();
+  await api('POST', '/v1/session');
+}
+
+/** Before the browser reconnects on its own (after `retry:`), so it carries a fresh cookie. */
+function renewBeforeReconnect() {
+  renewSession().catch(() => {});
 }
 
 function show(signedIn) {
@@ -208,18 +225,26 @@ function openStream() {
   const es = new EventSource(url, { withCredentials: true });
   state.es = es;
   setConn('connecting', 'Connecting…');
-  es.addEventListener('open', () => setConn('live', 'Live'));
+  es.addEventListener('open', () => {
+    state.retriedPosition = false;
+    setConn('live', 'Live');
+  });
   es.addEventListener('error', () => {
     if (es.readyState === EventSource.CLOSED) streamClosed(es);
-    else setConn('reconnecting', 'Reconnecting…');
+    else {
+      renewBeforeReconnect();
+      setConn('reconnecting', 'Reconnecting…');
+    }
   });
   // The gateway cannot serve us this moment (starting, moving partitions): the browser retries.
   es.addEventListener('unavailable', (e) => {
     remember(e);
+    renewBeforeReconnect();
     setConn('reconnecting', 'Reconnecting…');
   });
   es.addEventListener('reconnect', (e) => {
     remember(e);
+    renewBeforeReconnect();
     setConn('reconnecting', 'Reconnecting…');
   });
   es.addEventListener('close', (e) => {
@@ -227,7 +252,10 @@ function openStream() {
     if (why === 'too_many_connections') {
       es.close();
       setConn('closed', 'Closed: open in too many tabs');
-    } else setConn('reconnecting', 'Reconnecting…');
+    } else {
+      renewBeforeReconnect();
+      setConn('reconnecting', 'Reconnecting…');
+    }
   });
   // We missed more than the gateway can replay: refetch everything, then carry on.
   es.addEventListener('reset', (e) => {
@@ -258,23 +286,29 @@ function safeJson(s) {
   }
 }
 
-/** EventSource gave up (401, 422, 500). Find out which, then sign out or start over. */
+/** EventSource gave up (401, 422, 500). Renew the stream cookie (a refused token signs out),
+ * then try the same position once more (the cookie had expired: a 401); if that closes too before
+ * opening, the position may be unknown to the gateway (422): start from the inbox. */
 async function streamClosed(es) {
   if (state.es !== es) return;
   setConn('reconnecting', 'Reconnecting…');
   try {
-    await api('GET', '/v1/notifications/unread_count'); // a 401 signs out
+    await renewSession(true);
   } catch {
     return;
   }
-  // Token still good: the position may be unknown to the gateway (422); start from the inbox.
-  sessionStorage.removeItem(LAST_ID);
-  setTimeout(() => {
-    if (state.es === es && state.token) {
-      refetchAll();
-      openStream();
-    }
-  }, 2000);
+  const fresh = state.retriedPosition;
+  state.retriedPosition = true;
+  if (fresh) sessionStorage.removeItem(LAST_ID);
+  setTimeout(
+    () => {
+      if (state.es === es && state.token) {
+        if (fresh) refetchAll();
+        openStream();
+      }
+    },
+    fresh ? 2000 : 0,
+  );
 }
 
 async function refetchAll() {

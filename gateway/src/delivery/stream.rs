@@ -250,12 +250,13 @@ pub async fn open_subscription(state: &StreamState, parts: &mut Parts) -> Result
             Some(url) if url != state.owners.self_url() => {
                 let mut location = format!("{}/v1/stream", url.trim_end_matches('/'));
                 // Everything but the token: a Location header ends up in logs and browser history.
+                // Names are compared decoded (`access%5Ftoken` is the token to the owner too).
                 let query: Vec<&str> = parts
                     .uri
                     .query()
                     .unwrap_or("")
                     .split('&')
-                    .filter(|kv| !kv.is_empty() && kv.split('=').next() != Some("access_token"))
+                    .filter(|kv| !kv.is_empty() && !crate::auth::is_token_param(kv))
                     .collect();
                 if !query.is_empty() {
                     location.push('?');
@@ -332,7 +333,7 @@ impl StreamCursor {
             if range.written >= self.hub.config().max_store_resume {
                 range.more = false;
                 range.reset = true;
-                let id = super::position_id(self.sub.partition(), range.before - 1);
+                let id = super::position_id(self.sub.partition(), range.before.saturating_sub(1));
                 return Some(Frame::Reset { id, reason: "position_too_old" });
             }
             // Cancel-safe: nothing changes until the page is in.

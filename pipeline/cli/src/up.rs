@@ -201,6 +201,10 @@ pub struct SseArgs {
     /// so the owner a browser is redirected to gets it. Unset: only the host that set it (any port).
     #[arg(long, env = "TIDINGS_COOKIE_DOMAIN")]
     pub cookie_domain: Option<String>,
+    /// Longest life of a stream credential (the `tidings_stream` cookie of `POST /v1/session`), in
+    /// seconds, at least 1; it never outlives the user token it was made from.
+    #[arg(long, env = "TIDINGS_STREAM_SESSION_SECS", default_value_t = 900)]
+    pub stream_session_secs: u64,
     /// Consumer group shared by all gateway instances (prefixed with the topic prefix).
     #[arg(long, env = "TIDINGS_DELIVERY_GROUP", default_value = "tidings-delivery")]
     pub delivery_group: String,
@@ -271,6 +275,11 @@ pub struct JwtArgs {
     /// Required `aud` claim.
     #[arg(long, env = "TIDINGS_JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,
+    /// Secret the stream credentials of `POST /v1/session` are signed with (a key derived from
+    /// it), at least 32 characters, the same on every gateway; it verifies no user token. Unset:
+    /// derived from --jwt-secret; with only --jwt-public-key-file, browser sessions answer 501.
+    #[arg(long, env = "TIDINGS_STREAM_SECRET", hide_env_values = true)]
+    pub stream_secret: Option<String>,
 }
 
 impl JwtArgs {
@@ -300,6 +309,15 @@ impl JwtArgs {
                 auth::DEV_SECRET
             );
             keys.push(Key::hs256(auth::DEV_SECRET.as_bytes()));
+        }
+        match &self.stream_secret {
+            Some(s) if s.len() < 32 => bail!("--stream-secret (TIDINGS_STREAM_SECRET) needs at least 32 characters"),
+            Some(s) => keys.push(Key::stream_only(s.as_bytes())),
+            None if self.jwt_secret.is_none() && self.jwt_public_key_file.is_some() => tracing::warn!(
+                "No --stream-secret and no --jwt-secret: browsers cannot open stream sessions (POST /v1/session \
+                 answers 501); set TIDINGS_STREAM_SECRET, the same on every gateway."
+            ),
+            None => {}
         }
         Ok(AuthConfig { issuer: self.jwt_issuer.clone(), audience: self.jwt_audience.clone(), keys })
     }
@@ -591,6 +609,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             cors_allow: settings.cors_allow,
             cookie_secure: args.sse.cookie_secure || advertised.starts_with("https://"),
             cookie_domain: args.sse.cookie_domain.clone(),
+            session_ttl: Duration::from_secs(args.sse.stream_session_secs.max(1)),
         };
         let stream = StreamState { hub, owners, auth, browser: Arc::new(browser) };
         let app = tidings_gateway::app(
@@ -702,6 +721,30 @@ async fn register_with_retry(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stream secret under 32 characters is refused; a long enough one signs stream credentials
+    /// that another gateway with the same one takes, whatever its user-token keys.
+    #[test]
+    fn the_stream_secret_is_checked_and_shared() {
+        #[derive(clap::Parser)]
+        struct Jwt {
+            #[command(flatten)]
+            jwt: JwtArgs,
+        }
+        let config = |args: &[&str]| {
+            <Jwt as clap::Parser>::try_parse_from([&["tidings"], args].concat()).unwrap().jwt.auth_config(true)
+        };
+        let short = "s".repeat(31);
+        let err = config(&["--stream-secret", &short]).unwrap_err();
+        assert!(err.to_string().contains("--stream-secret"), "{err}");
+        let secret = "s".repeat(32);
+        let a = config(&["--stream-secret", &secret]).unwrap();
+        let b = config(&["--stream-secret", &secret, "--jwt-secret", "another-user-token-secret"]).unwrap();
+        let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 60;
+        assert_eq!(b.verify_stream(&a.mint_stream("alice", exp).unwrap()).unwrap(), "alice");
+        let c = config(&["--stream-secret", &"t".repeat(32)]).unwrap();
+        assert!(c.verify_stream(&a.mint_stream("alice", exp).unwrap()).is_err());
+    }
 
     /// A gateway beside the process that serves the embedded registry has no write token: the
     /// schemas that process registered will do, and only those.

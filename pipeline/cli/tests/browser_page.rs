@@ -175,11 +175,13 @@ async fn inbox_unread(http: &reqwest::Client, url: &str, token: &str, want: i64,
 }
 
 fn gateway(name: &str, up: &Up<'_>, port: u16) -> Tidings {
-    // A quick browser retry (the gateway's `retry:`), so the restart below is short.
+    // A quick browser retry (the gateway's `retry:`), so the restart below is short. Stream
+    // cookies that expire after 3 s: every reconnect after that (a gateway restart, a move to
+    // another gateway) needs the page to renew its cookie.
     Tidings::spawn_at(
         name,
         up,
-        &[("TIDINGS_SSE_RETRY_MS", "250"), ("TIDINGS_GRACE_SECS", "5")],
+        &[("TIDINGS_SSE_RETRY_MS", "250"), ("TIDINGS_GRACE_SECS", "5"), ("TIDINGS_STREAM_SESSION_SECS", "3")],
         &format!("127.0.0.1:{port}"),
     )
 }

@@ -206,6 +206,70 @@ async fn an_output_the_producer_refuses_as_too_large_is_a_dead_letter() {
     drop(mock);
 }
 
+/// A room's cached members are forgotten when its partition is revoked and assigned again: while
+/// another instance owned the partition a member left (the store says so, the event passed
+/// there), and that member no longer receives the room's messages here. Before, they did until
+/// this instance itself saw a membership event of the room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_that_moves_away_and_back_forgets_its_rooms_members() {
+    use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
+    use templating::rooms::TemplatingContext;
+    use templating::{Outcome, RecordRef, Templater};
+
+    let mock = MockCluster::new(1).unwrap();
+    let env = env(&mock).await;
+    let members = ["alice".to_string(), "bob".to_string()];
+    let room = tidings_sinks::store::chat::NewRoom {
+        room_id: "r1",
+        kind: "group",
+        name: "Tea",
+        creator_id: "alice",
+        product_id: None,
+        tags: &[],
+        members: &members,
+        created_at: 1,
+    };
+    assert!(env.store.create_room(&room).await.unwrap());
+    let templater = Templater::new(env.topo.clone(), &env.registry_url, env.store.clone()).await.unwrap();
+    // The stage's consumer context, as the stage builds it; its rebalance hook is called directly.
+    let context = TemplatingContext::new(tidings_core::client_stats::ClientStats::new("test"), templater.rooms());
+    let consumer: BaseConsumer<TemplatingContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", mock.bootstrap_servers())
+        .set("group.id", "g")
+        .create_with_context(context)
+        .unwrap();
+    let (chat, schema) = encoder(&env, "chat-value").await;
+    let shutdown = CancellationToken::new();
+    let recipients = |offset: i64| {
+        let sent = json!({"event_id": format!("c{offset}"), "occurred_at": 1, "room_id": "r1",
+            "payload": {"MessageSent": {"message_id": format!("m{offset}"), "sender_id": "alice", "text": "hi"}}});
+        let bytes = chat.encode(json_to_avro(schema, &sent).unwrap()).unwrap();
+        let (templater, shutdown) = (&templater, &shutdown);
+        async move {
+            let rec = RecordRef { topic: "chat", partition: 3, offset, payload: Some(&bytes) };
+            match templater.outcome(rec, shutdown).await.unwrap() {
+                Outcome::Notifications(f) => {
+                    let mut users = f.recipients;
+                    users.sort();
+                    users
+                }
+                Outcome::Dead { reason, error } => panic!("{reason}: {error}"),
+            }
+        }
+    };
+    assert_eq!(recipients(0).await, ["alice", "bob"]);
+    assert!(env.store.leave_room("r1", "bob").await.unwrap());
+    assert_eq!(recipients(1).await, ["alice", "bob"], "cached: no membership event of the room passed here");
+    let mut moved = rdkafka::TopicPartitionList::new();
+    moved.add_partition("chat", 3);
+    consumer.context().post_rebalance(&consumer, &Rebalance::Revoke(&moved));
+    consumer.context().post_rebalance(&consumer, &Rebalance::Assign(&moved));
+    assert_eq!(recipients(2).await, ["alice"], "the member who left no longer receives");
+    drop(consumer);
+    env.token.cancel();
+    drop(mock);
+}
+
 /// A chat message's copies to the room's members are marked delivery-only (persistence passes
 /// them by undecoded); an inbox notification is not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

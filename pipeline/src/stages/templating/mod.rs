@@ -5,6 +5,7 @@
 //! are deterministic.
 
 pub mod render;
+pub mod rooms;
 
 use apache_avro::Schema;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
@@ -14,7 +15,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use serde_json::Value as Json;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tidings_core::client_stats::{reporting, ClientStats};
 use tidings_core::json_avro::{avro_to_json, union_branch_name};
 use tidings_core::kafka::{header_str, KafkaConfig, H_DELIVERY_ONLY, H_TRACEPARENT};
@@ -34,6 +35,7 @@ use crate::error::StageError;
 use crate::topology::Topology;
 pub use render::Rendered;
 use render::{Audience, RenderError, Renderer};
+use rooms::{RoomCache, TemplatingContext, MAX_CACHED_ROOMS};
 
 /// Name used in dead-letter headers and logs.
 pub const STAGE: &str = "templating";
@@ -92,14 +94,13 @@ pub struct Templater {
     /// Room members as last read from the store. A room's events arrive in order on its partition
     /// and the chat API changes membership in the store before it produces the event, so a room's
     /// entry is dropped whenever one of its membership events passes, and a message reads the store
-    /// only when its room changed since the last one (not once per message).
-    rooms: std::sync::Mutex<HashMap<String, Arc<Vec<String>>>>,
+    /// only when its room changed since the last one (not once per message). Entries also expire
+    /// and are dropped when their partition moves (see [`RoomCache`]).
+    rooms: Arc<RoomCache>,
 }
 
 /// Chat events after which a room's members are read from the store again.
 const MEMBERSHIP_EVENTS: [&str; 4] = ["RoomCreated", "MemberJoined", "MemberLeft", "RoomClosed"];
-/// Rooms whose members are remembered at most; past it the cache starts over.
-const MAX_CACHED_ROOMS: usize = 100_000;
 
 /// One consumed record as the templater sees it.
 #[derive(Debug, Clone, Copy)]
@@ -210,7 +211,7 @@ struct Stage {
     producer: FutureProducer<ClientStats>,
     output: String,
     dead: Arc<DeadLetters<ClientStats>>,
-    consumer: Arc<StreamConsumer<ClientStats>>,
+    consumer: Arc<StreamConsumer<TemplatingContext>>,
     shutdown: CancellationToken,
     /// Outputs awaiting acknowledgement, at most `max_in_flight`.
     budget: Arc<Semaphore>,
@@ -242,6 +243,7 @@ impl Templater {
         let id = registry.register(&format!("{output}-value"), NOTIFICATION_SCHEMA_JSON).await?;
         let encoder = NotificationEncoder::new(id).map_err(|e| StageError::Config(e.to_string()))?;
         let renderer = Renderer::new(&topology).map_err(|e| StageError::Config(e.to_string()))?;
+        let room_ttl = Duration::from_millis(spec.room_cache_ttl_ms);
         Ok(Templater {
             topology,
             registry,
@@ -250,8 +252,13 @@ impl Templater {
             readers,
             encoder,
             output_partitions: None,
-            rooms: Default::default(),
+            rooms: Arc::new(RoomCache::new(room_ttl, MAX_CACHED_ROOMS)),
         })
+    }
+
+    /// The room-member cache, for the consumer context that clears it on rebalances.
+    pub fn rooms(&self) -> Arc<RoomCache> {
+        self.rooms.clone()
     }
 
     /// From now on, recipients of one shared text who land on the same of the output topic's
@@ -377,7 +384,7 @@ async fn start(
     cfg: &TemplatingConfig,
     store: &Store,
     shutdown: &CancellationToken,
-) -> Result<(Stage, Arc<StreamConsumer<ClientStats>>), StageError> {
+) -> Result<(Stage, Arc<StreamConsumer<TemplatingContext>>), StageError> {
     let topo = cfg.topology.clone();
     let spec = &topo.stages.templating;
     let mut templater = Templater::new(topo.clone(), &cfg.registry, store.clone()).await?;
@@ -396,10 +403,9 @@ async fn start(
         .map_err(|e| StageError::Delivery(e.to_string()))??;
         templater.group_by_partition(count);
     }
-    let consumer: Arc<StreamConsumer<ClientStats>> = Arc::new(
-        reporting(cfg.kafka.consumer(&topo.group_name(&spec.group)))
-            .create_with_context(ClientStats::new("templating-consumer"))?,
-    );
+    let context = TemplatingContext::new(ClientStats::new("templating-consumer"), templater.rooms());
+    let consumer: Arc<StreamConsumer<TemplatingContext>> =
+        Arc::new(reporting(cfg.kafka.consumer(&topo.group_name(&spec.group))).create_with_context(context)?);
     let topics: Vec<String> = spec.inputs.iter().map(|t| topo.topic_name(t)).collect();
     consumer.subscribe(&topics.iter().map(String::as_str).collect::<Vec<_>>())?;
     info!(topics = ?topics, output = %output, "Templating stage consuming {topics:?} into {output}.");
@@ -471,7 +477,7 @@ impl Processor for Stage {
 /// letter instead of a stage failure, so the partition moves on.
 async fn ack_in_order(
     mut rx: mpsc::Receiver<InFlight>,
-    consumer: Arc<StreamConsumer<ClientStats>>,
+    consumer: Arc<StreamConsumer<TemplatingContext>>,
     dead: Arc<DeadLetters<ClientStats>>,
 ) -> Result<(), StageError> {
     // The last record dead-lettered for a refused output: the later pages of a segment campaign
@@ -729,20 +735,16 @@ impl Templater {
             }
             Audience::Room { room, exclude } => {
                 if MEMBERSHIP_EVENTS.contains(&event.as_str()) {
-                    self.rooms.lock().expect("lock").remove(&room);
+                    self.rooms.remove(topic, rec.partition, &room);
                 }
-                let cached = self.rooms.lock().expect("lock").get(&room).cloned();
+                let cached = self.rooms.get(topic, rec.partition, &room, Instant::now());
                 let members = match cached {
                     Some(m) => Ok(m),
                     None => retry(shutdown, "room lookup", || self.store.room_members(&room), |e| e.is_retriable())
                         .await?
                         .map(|m| {
                             let m = Arc::new(m);
-                            let mut rooms = self.rooms.lock().expect("lock");
-                            if rooms.len() >= MAX_CACHED_ROOMS {
-                                rooms.clear();
-                            }
-                            rooms.insert(room.clone(), m.clone());
+                            self.rooms.insert(topic, rec.partition, &room, m.clone(), Instant::now());
                             m
                         }),
                 };

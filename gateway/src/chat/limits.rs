@@ -1,5 +1,7 @@
 //! Per-user budgets of the chat API: token buckets keyed by user id (from a valid token), kept in a
 //! map of bounded size that forgets the idle and, past its capacity, the least recently used users.
+//! Written here rather than taken from `governor`: its keyed limiters keep every key until the
+//! caller prunes them, with no bound on their number; these maps have a fixed capacity.
 
 use std::collections::HashMap;
 use std::sync::Mutex;

@@ -142,13 +142,15 @@ pub struct TemplatingStage {
     pub group_records: bool,
     /// Largest rendered title or body, in bytes: a longer one is cut at a character boundary
     /// and ends with `…[truncated]` (counted in `tidings_templating_truncated_total`), so one
-    /// huge event field cannot make its notifications too large for the output topic.
+    /// huge event field cannot make its notifications too large for the output topic (an output
+    /// the topic still refuses makes its event a dead letter, reason `output-too-large`).
     /// Default: 65536.
     #[serde(default = "default_max_rendered_bytes")]
     pub max_rendered_bytes: usize,
     /// How long a chat room's members, once read from the store, are reused before they are read
     /// again, in milliseconds. A room's cached members are also dropped when one of its
-    /// membership events passes and when its partition is assigned or revoked. Default: 60000.
+    /// membership events passes and when its partition is assigned or revoked; 0 reads the
+    /// store for every message. At most 100,000 rooms are kept. Default: 60000.
     #[serde(default = "default_room_cache_ttl_ms")]
     pub room_cache_ttl_ms: u64,
 }

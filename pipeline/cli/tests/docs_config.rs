@@ -76,12 +76,10 @@ fn configuration_reference_matches_the_binary_help() {
     let lines: Vec<&str> = text.lines().collect();
     let found = blocks(&lines);
     let documented: Vec<String> = found.iter().map(|b| b.args.join(" ")).collect();
-    for required in ["up --help"] {
-        assert!(
-            documented.iter().any(|d| d == required),
-            "docs/configuration.md has no generated block for `tidings {required}`"
-        );
-    }
+    assert!(
+        documented.iter().any(|d| d == "up --help"),
+        "docs/configuration.md has no generated block for `tidings up --help`"
+    );
 
     let update = std::env::var("TIDINGS_UPDATE_DOCS").is_ok_and(|v| v == "1");
     let mut out: Vec<String> = Vec::with_capacity(lines.len());

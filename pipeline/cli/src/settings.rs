@@ -114,6 +114,12 @@ pub fn check(args: &UpArgs) -> Result<Settings, Vec<String>> {
         keys_ok &= r.is_ok();
         ok(r, "--jwt-public-key-file (TIDINGS_JWT_PUBLIC_KEY_FILE)");
     }
+    if let Some(secret) = &args.jwt.stream_secret {
+        // Checked here too (auth_config refuses it as well), so it is reported with the rest.
+        let r = if secret.len() < 32 { Err("needs at least 32 characters".to_string()) } else { Ok(()) };
+        keys_ok &= r.is_ok();
+        ok(r, "--stream-secret (TIDINGS_STREAM_SECRET)");
+    }
     let needs_keys = runs("gateway") || runs("ingest");
     let auth = match (keys_ok && needs_keys).then(|| args.jwt.auth_config(args.dev)) {
         Some(Ok(auth)) => Some(auth),

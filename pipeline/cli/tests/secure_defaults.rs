@@ -244,6 +244,8 @@ fn every_bad_setting_is_reported_at_once_before_anything_starts() {
         "mysql://db.example.com/tidings",
         "--kafka-opt",
         "enable.auto.commit=true",
+        "--stream-secret",
+        "too-short",
     ];
     // `command` with the three listeners on ports known to be free.
     let up = |data_dir: &Path| {
@@ -262,9 +264,15 @@ fn every_bad_setting_is_reported_at_once_before_anything_starts() {
         c
     };
     let (code, stderr) = refused_with(up, &[]);
-    for named in
-        ["--jwt-public-key-file", "--stages", "teleport", "--redirect-allow", "--database-url", "enable.auto.commit"]
-    {
+    for named in [
+        "--jwt-public-key-file",
+        "--stages",
+        "teleport",
+        "--redirect-allow",
+        "--database-url",
+        "enable.auto.commit",
+        "--stream-secret",
+    ] {
         assert!(stderr.contains(named), "{named} not reported:\n{stderr}");
     }
     assert_eq!(code, Some(64), "not a usage error:\n{stderr}");

@@ -91,8 +91,9 @@ pub struct UpArgs {
     /// (`kind="idle"`), on every listener.
     #[arg(long, env = "TIDINGS_HTTP_IDLE_TIMEOUT_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     pub http_idle_timeout_secs: u64,
-    /// Development mode: also accept user tokens signed with the public dev secret and the public
-    /// dev ingest token. Never in production: anyone can mint those.
+    /// Development mode: accept the public dev ingest token, short JWT secrets and, when no
+    /// --jwt-secret or --jwt-public-key-file is set, user tokens signed with the public dev secret.
+    /// Never in production: anyone can mint those.
     #[arg(long, env = "TIDINGS_DEV")]
     pub dev: bool,
     /// Listen address of the embedded schema registry (used when no --schema-registry-url).
@@ -262,8 +263,9 @@ impl SseArgs {
 /// to start unless `--dev` allows the public dev secret.
 #[derive(Args, Clone, Debug)]
 pub struct JwtArgs {
-    /// HS256 shared secret. Needed (or --jwt-public-key-file) unless --dev, which accepts the
-    /// public dev secret `tidings-dev-secret`.
+    /// HS256 shared secret, at least 32 bytes and not the public dev secret (both allowed only with
+    /// --dev). Needed (or --jwt-public-key-file) unless --dev, which then accepts the public dev
+    /// secret `tidings-dev-secret`.
     #[arg(long, env = "TIDINGS_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
     /// PEM public key: RS256 for an RSA key, ES256 for an EC P-256 key.

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Installs what the browser test (pipeline/cli/tests/browser_eventsource.rs) needs: Debian's
-# chromium (headless) and the pinned playwright-core from pipeline/cli/tests/browser/package-lock.json.
+# Installs what the browser test (tidings/tests/browser_eventsource.rs) needs: Debian's
+# chromium (headless) and the pinned playwright-core from tidings/tests/browser/package-lock.json.
 # Idempotent and quick once both are there:  bash compose/install-browser.sh
 # playwright-core downloads no browser of its own; the test points it at /usr/bin/chromium.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-project="$here/../pipeline/cli/tests/browser"
+project="$here/../tidings/tests/browser"
 
 if [ ! -x /usr/bin/chromium ]; then
     echo "chromium is not installed; installing it from Debian." >&2

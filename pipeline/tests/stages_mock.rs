@@ -1,6 +1,6 @@
 //! Both stages against the in-process librdkafka mock cluster and a SQLite store: fast checks of
 //! dead-lettering, fan-out and where the persistence stage starts. The same flows run against the
-//! real Apache Kafka broker and PostgreSQL in `pipeline/cli/tests/`.
+//! real Apache Kafka broker and PostgreSQL in `tidings/tests/`.
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Header, OwnedHeaders};

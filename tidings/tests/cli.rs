@@ -8,7 +8,7 @@ fn tidings(args: &[&str]) -> std::process::Output {
 }
 
 fn repo() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
 #[test]

@@ -5,7 +5,7 @@
 //
 //   node eventsource.mjs <gateway base URL> <user token> <event names, comma-separated>
 //
-// Used by pipeline/cli/tests/browser_eventsource.rs; CHROMIUM overrides /usr/bin/chromium.
+// Used by tidings/tests/browser_eventsource.rs; CHROMIUM overrides /usr/bin/chromium.
 import { chromium } from 'playwright-core';
 
 const [base, token, names] = process.argv.slice(2);

@@ -146,7 +146,7 @@ async fn fanout(
     brokers: Option<&str>,
     data_dir: &Path,
 ) -> Result<f64, BoxError> {
-    let topology = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../topology.yaml");
+    let topology = Path::new(env!("CARGO_MANIFEST_DIR")).join("../topology.yaml");
     let prefix = format!("bench{}-", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let log = data_dir.join("tidings-up.log");
     let log_file = std::fs::File::create(&log)?;

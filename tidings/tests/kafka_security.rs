@@ -146,7 +146,7 @@ struct TlsBroker {
 
 impl TlsBroker {
     fn start(port: u16, keystore: &Path, state: PathBuf) -> TlsBroker {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../compose/start-kafka.sh");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../compose/start-kafka.sh");
         let out = Command::new("bash")
             .arg(script)
             .env("PORT", port.to_string())
@@ -175,7 +175,7 @@ impl TlsBroker {
 
 impl Drop for TlsBroker {
     fn drop(&mut self) {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../compose/stop-kafka.sh");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../compose/stop-kafka.sh");
         let _ = Command::new("bash")
             .arg(script)
             .env("PORT", self.port.to_string())

@@ -18,7 +18,7 @@ impl Drop for Guard {
 }
 
 fn up(data: &Path, args: &[&str]) -> (Guard, serde_json::Value) {
-    let topology = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../topology.yaml");
+    let topology = Path::new(env!("CARGO_MANIFEST_DIR")).join("../topology.yaml");
     let log = std::fs::File::create(data.join("up.log")).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_tidings"))
         .env("TIDINGS_DATA_DIR", data)

@@ -19,14 +19,14 @@ impl Drop for Guard {
 fn tidings(data: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_tidings"));
     c.env("TIDINGS_DATA_DIR", data)
-        .env("TIDINGS_TOPOLOGY", Path::new(env!("CARGO_MANIFEST_DIR")).join("../../topology.yaml"))
+        .env("TIDINGS_TOPOLOGY", Path::new(env!("CARGO_MANIFEST_DIR")).join("../topology.yaml"))
         .env_remove("TIDINGS_BROKERS")
         .env_remove("TIDINGS_DATABASE_URL");
     c
 }
 
 fn up(data: &Path) -> Guard {
-    let topology = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../topology.yaml");
+    let topology = Path::new(env!("CARGO_MANIFEST_DIR")).join("../topology.yaml");
     let _ = std::fs::remove_file(data.join("endpoints.json"));
     let log = std::fs::File::create(data.join(format!("up-{}.log", uuid::Uuid::new_v4().simple()))).unwrap();
     let child = tidings(data)

@@ -148,7 +148,7 @@ fn spans_of(body: &[u8]) -> Vec<SpanInfo> {
 }
 
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

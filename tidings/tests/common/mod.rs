@@ -32,7 +32,7 @@ pub async fn fresh_pg() -> (sqlx::PgPool, String) {
 }
 
 pub fn topology_path() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../topology.yaml")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../topology.yaml")
 }
 
 /// What `tidings up` wrote to `<data-dir>/endpoints.json`.

@@ -754,7 +754,7 @@ mod tests {
     async fn without_write_credentials_only_an_already_registered_schema_will_do() {
         let (store, _dir) = tidings_sinks::testing::fresh_sqlite().await.unwrap();
         let registry = tidings_pipeline::registry::Registry::open(store).await.unwrap();
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../topology.yaml");
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../topology.yaml");
         let topo = Topology::load(&path).unwrap();
         let subject = format!("{}-value", topo.topic_name("orders"));
         let (orders, coupons) = (topo.schema_text("orders").unwrap(), topo.schema_text("coupons").unwrap());

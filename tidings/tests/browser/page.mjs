@@ -12,7 +12,7 @@
 //   wait {js, timeout_ms}      until the function body `js` returns something truthy; its value
 //   eval {js}                  the value the function body `js` returns
 //   screenshot {path}
-// Used by pipeline/cli/tests/browser_page.rs.
+// Used by tidings/tests/browser_page.rs.
 import { chromium } from 'playwright-core';
 import { createInterface } from 'node:readline';
 

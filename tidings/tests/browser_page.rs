@@ -21,7 +21,7 @@ const WHOLE: Duration = Duration::from_secs(240);
 const STEP: Duration = Duration::from_secs(45);
 
 fn screenshot_dir() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/browser");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/browser");
     std::fs::create_dir_all(&dir).expect("creating target/browser");
     dir
 }

@@ -10,7 +10,7 @@ const FENCE_OPEN: &str = "```text";
 const FENCE_CLOSE: &str = "```";
 
 fn doc_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../docs/configuration.md")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/configuration.md")
 }
 
 /// The help text as a reader sees it with nothing configured: no `TIDINGS_*` value of the test's

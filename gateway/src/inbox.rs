@@ -10,8 +10,8 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
-use tidings_sinks::store::InboxItem;
-use tidings_sinks::Store;
+use tidings_store::InboxItem;
+use tidings_store::Store;
 
 use crate::auth::{AuthConfig, AuthUser};
 use crate::delivery::stream::NotificationJson;

@@ -76,8 +76,8 @@ impl ApiError {
 }
 
 /// A store failure: 503 (with `Retry-After`) when a retry can help, else 500 without details.
-impl From<tidings_sinks::StoreError> for ApiError {
-    fn from(e: tidings_sinks::StoreError) -> Self {
+impl From<tidings_store::StoreError> for ApiError {
+    fn from(e: tidings_store::StoreError) -> Self {
         if e.is_retriable() {
             ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", e.to_string()).with_retry_after(1)
         } else {

@@ -48,7 +48,7 @@ async fn start_with(
     let auth = Arc::new(AuthConfig { keys: vec![Key::hs256(secret)], ..Default::default() });
     let (inbox, dir) = match inbox {
         true => {
-            let (store, dir) = tidings_sinks::testing::fresh_sqlite().await.unwrap();
+            let (store, dir) = tidings_store::testing::fresh_sqlite().await.unwrap();
             (Some(InboxState { store, auth: auth.clone() }), Some(dir))
         }
         false => (None, None),

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tidings_core::Notification;
 use tidings_gateway::auth::{self, AuthConfig, Key};
 use tidings_gateway::{InboxState, Readiness};
-use tidings_sinks::{Batch, Store, StoredNotification};
+use tidings_store::{Batch, Store, StoredNotification};
 
 const SECRET: &[u8] = b"test-secret";
 const ISSUER: &str = "tidings-test";
@@ -104,7 +104,7 @@ struct Server {
 }
 
 async fn start() -> Server {
-    let (store, dir) = tidings_sinks::testing::fresh_sqlite().await.unwrap();
+    let (store, dir) = tidings_store::testing::fresh_sqlite().await.unwrap();
     // Interleaved positions on two partitions, so pages cross partitions and bob's rows sit
     // between alice's.
     let alice: Vec<_> = [(0, 1), (0, 4), (0, 7), (1, 2), (1, 5), (1, 8), (1, 9)]

@@ -13,7 +13,7 @@ use tidings_gateway::delivery::hub::StoreResume;
 use tidings_gateway::delivery::stream::event_from_notification;
 use tidings_gateway::delivery::{partition_for, Event, Hub, HubConfig, Owners};
 use tidings_gateway::{Limits, Parts, Readiness, StreamState};
-use tidings_sinks::{Batch, OffsetUpdate, StoredNotification};
+use tidings_store::{Batch, OffsetUpdate, StoredNotification};
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
@@ -339,7 +339,7 @@ async fn unowned_partitions_redirect_to_the_owner_and_unknown_owners_answer_503(
 #[tokio::test]
 async fn resume_comes_from_the_ring_then_the_store_else_reset() {
     let _alone = RSS_ALONE.read().await;
-    let (store, _dir) = tidings_sinks::testing::fresh_sqlite().await.unwrap();
+    let (store, _dir) = tidings_store::testing::fresh_sqlite().await.unwrap();
     let resume = StoreResume { store: store.clone(), group: "persist".into(), topic: "notifications".into() };
     // Queues of 4: the store part of a resume is read in pages of 4.
     let cfg = HubConfig { ring_events: 5, queue_events: 4, ..HubConfig::default() };
@@ -397,7 +397,7 @@ async fn resume_comes_from_the_ring_then_the_store_else_reset() {
 #[tokio::test]
 async fn a_resume_longer_than_the_limit_ends_its_store_part_with_reset() {
     let _alone = RSS_ALONE.read().await;
-    let (store, _dir) = tidings_sinks::testing::fresh_sqlite().await.unwrap();
+    let (store, _dir) = tidings_store::testing::fresh_sqlite().await.unwrap();
     let resume = StoreResume { store: store.clone(), group: "persist".into(), topic: "notifications".into() };
     let cfg = HubConfig { ring_events: 5, queue_events: 4, max_store_resume: 6, ..HubConfig::default() };
     let gw = Gw::start(&[0, 1, 2, 3], cfg, Some(resume)).await;

@@ -104,7 +104,7 @@ async fn bench() -> Result<Json, BoxError> {
     let topology = Topology::load(&root.join("topology.yaml")).map_err(|e| e.to_string())?;
 
     // The embedded registry, in-process, over HTTP as the stage reaches it.
-    let (store, _dir) = tidings_sinks::testing::fresh_sqlite().await?;
+    let (store, _dir) = tidings_store::testing::fresh_sqlite().await?;
     let registry = tidings_pipeline::registry::Registry::open(store.clone()).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);

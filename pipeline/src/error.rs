@@ -1,7 +1,7 @@
 //! Errors of the pipeline stages, each saying whether a retry (restart of the stage) can help.
 
 use tidings_core::RegistryError;
-use tidings_sinks::StoreError;
+use tidings_store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StageError {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use sqlx::Connection;
-use tidings_sinks::Store;
+use tidings_store::Store;
 use tokio::process::{Child, Command};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -218,7 +218,7 @@ async fn drop_database(store: Store, url: &str) -> Result<(), BoxError> {
         pool.close().await;
     }
     let name = url.rsplit('/').next().ok_or("database URL has no name")?;
-    let mut admin = sqlx::PgConnection::connect(&tidings_sinks::testing::admin_url()).await?;
+    let mut admin = sqlx::PgConnection::connect(&tidings_store::testing::admin_url()).await?;
     sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut admin).await?;
     admin.close().await?;
     Ok(())
@@ -230,7 +230,7 @@ async fn bench() -> Result<Value, BoxError> {
         Err(_) => 100_000,
     };
     let brokers = std::env::var("TIDINGS_TEST_BROKERS").ok().filter(|b| !b.is_empty());
-    let (store, url) = tidings_sinks::testing::fresh_postgres().await?;
+    let (store, url) = tidings_store::testing::fresh_postgres().await?;
     let data_dir: PathBuf = std::env::temp_dir().join(format!("tidings-fanout-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&data_dir)?;
 

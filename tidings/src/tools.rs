@@ -11,7 +11,7 @@ use std::time::Duration;
 use tidings_core::json_avro::json_to_avro;
 use tidings_core::{FramedEncoder, RegistryClient};
 use tidings_pipeline::topology::{self, Topology};
-use tidings_sinks::Store;
+use tidings_store::Store;
 
 use crate::endpoints::{database_url, Endpoints};
 use crate::up::load_topology;

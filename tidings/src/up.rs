@@ -30,7 +30,7 @@ use tidings_pipeline::registry::Access;
 use tidings_pipeline::stages::templating::{self, TemplatingConfig};
 use tidings_pipeline::topology::{self, Topology};
 use tidings_sinks::persistence::{self, PersistenceConfig};
-use tidings_sinks::Store;
+use tidings_store::Store;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -752,7 +752,7 @@ mod tests {
     /// schemas that process registered will do, and only those.
     #[tokio::test]
     async fn without_write_credentials_only_an_already_registered_schema_will_do() {
-        let (store, _dir) = tidings_sinks::testing::fresh_sqlite().await.unwrap();
+        let (store, _dir) = tidings_store::testing::fresh_sqlite().await.unwrap();
         let registry = tidings_pipeline::registry::Registry::open(store).await.unwrap();
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../topology.yaml");
         let topo = Topology::load(&path).unwrap();

@@ -64,7 +64,7 @@ impl ChatState {
     }
 
     /// 404 without the room, 403 for non-members.
-    async fn member_of(&self, room_id: &str, user: &str) -> Result<tidings_sinks::store::chat::RoomAccess, ApiError> {
+    async fn member_of(&self, room_id: &str, user: &str) -> Result<tidings_store::chat::RoomAccess, ApiError> {
         self.member_with(room_id, user, None).await
     }
 
@@ -74,7 +74,7 @@ impl ChatState {
         room_id: &str,
         user: &str,
         message_id: Option<&str>,
-    ) -> Result<tidings_sinks::store::chat::RoomAccess, ApiError> {
+    ) -> Result<tidings_store::chat::RoomAccess, ApiError> {
         let access = self.store.room_access(room_id, user, message_id).await?.ok_or_else(not_found)?;
         if !access.member {
             return Err(not_a_member());
@@ -89,7 +89,7 @@ impl ChatState {
         room_id: &str,
         message_id: &str,
         user: &str,
-    ) -> Result<(tidings_sinks::store::chat::StoredMessage, u64), ApiError> {
+    ) -> Result<(tidings_store::chat::StoredMessage, u64), ApiError> {
         let room = self.member_of(room_id, user).await?;
         let m =
             self.store.chat_message(message_id).await?.filter(|m| m.room_id == room_id).ok_or_else(|| {

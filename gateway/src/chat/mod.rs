@@ -21,8 +21,8 @@ use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Duration;
-use tidings_sinks::store::chat::{Room, StoredMessage};
-use tidings_sinks::Store;
+use tidings_store::chat::{Room, StoredMessage};
+use tidings_store::Store;
 
 use crate::auth::AuthConfig;
 use crate::ingest::ApiError;

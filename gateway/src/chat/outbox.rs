@@ -6,7 +6,7 @@ use futures::future::BoxFuture;
 use serde_json::Value;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
-use tidings_sinks::Store;
+use tidings_store::Store;
 use tokio::sync::Mutex;
 
 use crate::ingest::ApiError;

@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tidings_sinks::store::chat::{NewRoom, RoomsCursor};
+use tidings_store::chat::{NewRoom, RoomsCursor};
 
 use super::{message_json, not_a_member, not_found, now_micros, room_json, Body, ChatState};
 use crate::auth::AuthUser;

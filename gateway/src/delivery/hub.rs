@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use metrics::{counter, gauge, Counter, Gauge};
-use tidings_sinks::{Store, StoreError};
+use tidings_store::{Store, StoreError};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use apache_avro::error::CompatibilityError;
 use apache_avro::schema_compatibility::{Compatibility, SchemaCompatibility};
 use apache_avro::Schema;
-use tidings_sinks::{Store, StoreError};
+use tidings_store::{Store, StoreError};
 
 pub use api::{guarded_router, router, serve, serve_with, Access};
 

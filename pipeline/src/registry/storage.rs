@@ -4,7 +4,7 @@
 
 use sqlx::pool::PoolConnection;
 use sqlx::{Postgres, Row, Sqlite, Transaction};
-use tidings_sinks::{Store, StoreError};
+use tidings_store::{Store, StoreError};
 
 use super::Mutation;
 

@@ -9,8 +9,8 @@ use schema_registry_converter::async_impl::avro::{AvroDecoder, AvroEncoder};
 use schema_registry_converter::async_impl::schema_registry::SrSettings;
 use schema_registry_converter::schema_registry_common::{SchemaType, SubjectNameStrategy, SuppliedSchema};
 use serde_json::{json, Value as Json};
-use tidings_sinks::testing::{fresh_postgres, fresh_sqlite};
-use tidings_sinks::Store;
+use tidings_store::testing::{fresh_postgres, fresh_sqlite};
+use tidings_store::Store;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 

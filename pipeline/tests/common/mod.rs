@@ -12,7 +12,7 @@ use tidings_core::{FramedEncoder, RegistryClient};
 use tidings_pipeline::registry::Registry;
 use tidings_pipeline::stages::templating::{self, TemplatingConfig};
 use tidings_pipeline::topology::Topology;
-use tidings_sinks::Store;
+use tidings_store::Store;
 use tokio_util::sync::CancellationToken;
 
 pub struct Env {
@@ -33,7 +33,7 @@ pub fn project_topology() -> Topology {
 /// An environment for `topo`, whose topics already exist on `kafka`'s broker: the registry holds
 /// each topic's schema under `<topic name>-value`.
 pub async fn env_on(kafka: KafkaConfig, topo: Topology) -> Env {
-    let (store, dir) = tidings_sinks::testing::fresh_sqlite().await.unwrap();
+    let (store, dir) = tidings_store::testing::fresh_sqlite().await.unwrap();
     let registry = Registry::open(store.clone()).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let registry_url = format!("http://{}", listener.local_addr().unwrap());

@@ -30,9 +30,8 @@ use tracing::{debug, error, info, warn, Instrument};
 
 pub use config::PersistenceConfig;
 
-use crate::store::chat::ChatChange;
-use crate::store::{Batch, ChatMessage, OffsetUpdate, StoredNotification};
-use crate::{Store, StoreError};
+use tidings_store::chat::ChatChange;
+use tidings_store::{Batch, ChatMessage, OffsetUpdate, Store, StoreError, StoredNotification};
 
 /// Name used in dead-letter headers and logs.
 pub const STAGE: &str = "persistence";
@@ -871,7 +870,7 @@ mod tests {
     /// of [`Pending::part`] storing the rest of such a batch.
     #[tokio::test]
     async fn postgres_refuses_a_batch_with_an_over_long_user_id_and_its_parts_store_the_rest() {
-        let (store, _) = crate::testing::fresh_postgres().await.unwrap();
+        let (store, _) = tidings_store::testing::fresh_postgres().await.unwrap();
         let mut pending = Pending::new();
         for i in 0..5 {
             let user = if i == 3 { over_long_user() } else { format!("u{i}") };

@@ -22,12 +22,12 @@ pub fn unique_prefix() -> String {
 
 /// A fresh, migrated PostgreSQL database: its pool and URL.
 pub async fn fresh_pg() -> (sqlx::PgPool, String) {
-    let (store, url) = tidings_sinks::testing::fresh_postgres().await.unwrap_or_else(|e| {
+    let (store, url) = tidings_store::testing::fresh_postgres().await.unwrap_or_else(|e| {
         panic!("cannot create a test database (is PostgreSQL at TIDINGS_TEST_PG / 127.0.0.1:5432 up?): {e}")
     });
     match store {
-        tidings_sinks::Store::Postgres(pool) => (pool, url),
-        tidings_sinks::Store::Sqlite(_) => panic!("fresh_postgres returned a SQLite store"),
+        tidings_store::Store::Postgres(pool) => (pool, url),
+        tidings_store::Store::Sqlite(_) => panic!("fresh_postgres returned a SQLite store"),
     }
 }
 

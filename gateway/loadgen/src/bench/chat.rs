@@ -257,8 +257,8 @@ pub async fn run(
         bail!("--chat-users ({}) must be a multiple of --chat-room-size ({})", o.users, o.room_size);
     }
     let rooms_n = o.users / o.room_size;
-    let (store, db) = tidings_sinks::testing::fresh_postgres().await.context("a fresh PostgreSQL database")?;
-    let tidings_sinks::Store::Postgres(pool) = store else { bail!("not a PostgreSQL store") };
+    let (store, db) = tidings_store::testing::fresh_postgres().await.context("a fresh PostgreSQL database")?;
+    let tidings_store::Store::Postgres(pool) = store else { bail!("not a PostgreSQL store") };
     let http = reqwest::Client::builder().connect_timeout(Duration::from_secs(5)).build()?;
     let base = |stages: &str| up_args(Some(brokers), Some(prefix), topology, &db, stages);
 

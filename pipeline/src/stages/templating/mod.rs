@@ -25,7 +25,7 @@ use tidings_core::stage::{acknowledged, enqueue, unproducible, DeadCopy, DeadLet
 use tidings_core::{
     trace, DecodeError, Notification, NotificationEncoder, RegistryClient, RegistryEndpoint, SharedFields,
 };
-use tidings_sinks::Store;
+use tidings_store::Store;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -811,7 +811,7 @@ impl Templater {
         segment: &str,
         after: Option<&str>,
         shutdown: &CancellationToken,
-    ) -> Result<Result<Vec<String>, tidings_sinks::StoreError>, StageError> {
+    ) -> Result<Result<Vec<String>, tidings_store::StoreError>, StageError> {
         retry(
             shutdown,
             "segment lookup",

@@ -1,4 +1,4 @@
-//! The store: PostgreSQL in production, SQLite as the embedded default. Queries whose SQL both accept
+//! The store (`tidings-store`): PostgreSQL in production, SQLite as the embedded default. Queries whose SQL both accept
 //! are written once here and `on_pool!` compiles the same text for each pool (no generic executor
 //! bounds); `postgres.rs` and `sqlite.rs` keep only connecting, bulk writes and their column types.
 
@@ -6,7 +6,7 @@ use sqlx::{PgPool, SqlitePool};
 use std::borrow::Cow;
 use std::collections::HashMap;
 
-use crate::error::StoreError;
+pub use crate::error::StoreError;
 
 /// Runs `$body` on the pool `$store` holds, with the type `$db` naming that backend (a [`Dialect`]).
 macro_rules! on_pool {
@@ -26,8 +26,10 @@ macro_rules! on_pool {
 
 pub mod chat;
 pub mod copy;
+pub mod error;
 pub mod postgres;
 pub mod sqlite;
+pub mod testing;
 #[cfg(test)]
 mod tests;
 

@@ -10,9 +10,11 @@ use tidings_core::kafka::{KafkaConfig, H_DLQ_ERROR, H_DLQ_OFFSET, H_DLQ_PARTITIO
 use tidings_core::Notification;
 use tidings_pipeline::topology::apply::apply_mock;
 use tidings_sinks::persistence::{self, PersistError, PersistenceConfig};
-use tidings_sinks::{Store, StoreError};
+use tidings_store::{Store, StoreError};
 use tokio_util::sync::CancellationToken;
 
+// The stage tests' shared environment (topology, embedded registry, store), kept with pipeline's.
+#[path = "../../pipeline/tests/common/mod.rs"]
 mod common;
 use common::{consumer, encoder, read, Env};
 
@@ -143,7 +145,7 @@ async fn refused_records_are_dead_lettered(env: &Env, store: Store, users: Vec<S
 async fn postgres_refusing_an_over_long_user_id_dead_letters_that_record_and_stores_the_rest() {
     let mock = MockCluster::new(1).unwrap();
     let env = env(&mock).await;
-    let (store, _) = tidings_sinks::testing::fresh_postgres().await.unwrap();
+    let (store, _) = tidings_store::testing::fresh_postgres().await.unwrap();
     let bad = [5, 17];
     let users: Vec<String> =
         (0..40).map(|i| if bad.contains(&i) { over_long_user() } else { format!("u{}", i % 9) }).collect();
@@ -177,7 +179,7 @@ async fn sqlite_refusing_a_record_by_constraint_dead_letters_it_and_stores_the_r
 async fn a_missing_table_still_stops_the_stage_with_an_error() {
     let mock = MockCluster::new(1).unwrap();
     let env = env(&mock).await;
-    let (store, url) = tidings_sinks::testing::fresh_postgres().await.unwrap();
+    let (store, url) = tidings_store::testing::fresh_postgres().await.unwrap();
     sqlx::query("DROP TABLE notifications").execute(&sqlx::PgPool::connect(&url).await.unwrap()).await.unwrap();
     produce(&env, &["u1".to_string(), "u2".to_string()]).await;
     let cfg = persistence_cfg(&env, "no-table");

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use sqlx::Connection;
 use tidings_core::Notification;
-use tidings_sinks::{Batch, OffsetUpdate, Store, StoredNotification};
+use tidings_store::{Batch, OffsetUpdate, Store, StoredNotification};
 
 /// Partitions of the `notifications` topic in topology.yaml; rows are spread over them.
 const PARTITIONS: i32 = 12;
@@ -232,7 +232,7 @@ async fn drop_database(store: Store, url: &str) -> Result<(), BoxError> {
         pool.close().await;
     }
     let name = url.rsplit('/').next().ok_or("database URL has no name")?;
-    let mut admin = sqlx::PgConnection::connect(&tidings_sinks::testing::admin_url()).await?;
+    let mut admin = sqlx::PgConnection::connect(&tidings_store::testing::admin_url()).await?;
     sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut admin).await?;
     admin.close().await?;
     Ok(())
@@ -241,7 +241,7 @@ async fn drop_database(store: Store, url: &str) -> Result<(), BoxError> {
 async fn bench() -> Result<serde_json::Value, BoxError> {
     let rows = env_usize("BENCH_ROWS", 500_000)? as u64;
     let batch_size = env_usize("BENCH_BATCH", 20_000)? as u64;
-    let (store, url) = tidings_sinks::testing::fresh_postgres().await?;
+    let (store, url) = tidings_store::testing::fresh_postgres().await?;
     let result = async {
         exec(&store, "CREATE TABLE notifications_raw (LIKE notifications INCLUDING ALL)").await?;
         let dir = tempfile::tempdir()?;

@@ -11,6 +11,7 @@ pub mod notification;
 pub mod registry;
 pub mod retry;
 pub mod shutdown;
+pub mod source;
 pub mod stage;
 pub mod testing;
 pub mod trace;

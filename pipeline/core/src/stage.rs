@@ -1,6 +1,7 @@
 //! The one stage skeleton: consume → process → dead-letter → commit, restarted after transient
 //! failures with a shutdown-aware backoff, reporting readiness and per-stage metrics. Templating,
 //! persistence and delivery are each a [`Processor`] that [`run`] drives; none has a loop of its own.
+//! An attempt reads a [`Source`]: a group subscription, or fixed offset ranges that end the run.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -17,6 +18,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::kafka::dlq_headers;
 use crate::shutdown::StageHealth;
+pub use crate::source::{IntoSource, OffsetRange, RangeError, RangeSource, Source};
+use crate::source::{Progress, Verdict};
 
 /// What a stage does with its records. [`run`] owns the loop around it.
 pub trait Processor: Send {
@@ -60,11 +63,12 @@ impl StageMetrics {
     }
 }
 
-/// Runs a stage until `shutdown`: each attempt `start`s a processor and its consumer and drives
-/// them; a failure `retriable` accepts restarts the attempt (from the stored offsets) after a
-/// backoff capped at 30 s, any other ends the stage. Failures after shutdown began count as a
-/// clean stop. `health` is up only while an attempt runs.
-pub async fn run<P, C, S, Fut>(
+/// Runs a stage until `shutdown`: each attempt `start`s a processor and its [`Source`] (or a
+/// subscribed consumer) and drives them; a failure `retriable` accepts restarts the attempt (from
+/// the stored offsets; a range source from its starts) after a backoff capped at 30 s, any other
+/// ends the stage. Failures after shutdown began count as a clean stop, and so does a range
+/// source read to its ends. `health` is up only while an attempt runs.
+pub async fn run<P, Src, S, Fut>(
     stage: &'static str,
     health: &StageHealth,
     shutdown: &CancellationToken,
@@ -73,16 +77,16 @@ pub async fn run<P, C, S, Fut>(
 ) -> Result<(), P::Error>
 where
     P: Processor,
-    C: ConsumerContext + 'static,
+    Src: IntoSource,
     S: FnMut() -> Fut,
-    Fut: Future<Output = Result<(P, Arc<StreamConsumer<C>>), P::Error>>,
+    Fut: Future<Output = Result<(P, Src), P::Error>>,
 {
     let metrics = StageMetrics::new(stage);
     let mut delays = crate::retry::schedule(Duration::from_millis(500), Duration::from_secs(30));
     loop {
         health.set(true);
         let result = match start().await {
-            Ok((processor, consumer)) => drive(stage, processor, &consumer, shutdown, &metrics).await,
+            Ok((processor, source)) => drive(stage, processor, source.into_source(), shutdown, &metrics).await,
             Err(e) => Err(e),
         };
         health.set(false);
@@ -111,11 +115,22 @@ enum Next<'a, D> {
 async fn drive<P: Processor, C: ConsumerContext + 'static>(
     stage: &'static str,
     mut processor: P,
-    consumer: &StreamConsumer<C>,
+    source: Source<C>,
     shutdown: &CancellationToken,
     metrics: &StageMetrics,
 ) -> Result<(), P::Error> {
+    let (consumer, mut ranges): (Arc<StreamConsumer<C>>, Option<Progress>) = match source {
+        Source::Consumer(c) => (c, None),
+        Source::Ranges(r) => {
+            let (c, p) = r.into_parts();
+            (c, Some(p))
+        }
+    };
     let ended = loop {
+        if ranges.as_ref().is_some_and(Progress::is_done) {
+            tracing::info!("The {stage} stage read every offset range it was given.");
+            break Ok(());
+        }
         let next = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break Ok(()),
@@ -124,6 +139,19 @@ async fn drive<P: Processor, C: ConsumerContext + 'static>(
         };
         let done = match next {
             Next::Due(due) => processor.on_due(due).await,
+            Next::Record(Ok(msg))
+                if ranges.as_mut().is_some_and(|r| {
+                    r.verdict(&consumer, msg.topic(), msg.partition(), msg.offset()) == Verdict::Skip
+                }) =>
+            {
+                Ok(())
+            }
+            Next::Record(Err(KafkaError::PartitionEOF(partition))) if ranges.is_some() => {
+                if let Some(r) = ranges.as_mut() {
+                    r.at_end_of(&consumer, partition);
+                }
+                Ok(())
+            }
             Next::Record(Ok(msg)) => {
                 metrics.records.increment(1);
                 if let Some(created) = msg.timestamp().to_millis() {
@@ -413,7 +441,7 @@ mod tests {
     #[tokio::test]
     async fn an_error_no_retry_can_fix_ends_the_stage() {
         let (health, shutdown) = (StageHealth::default(), CancellationToken::new());
-        let r = run::<Counting, rdkafka::consumer::DefaultConsumerContext, _, _>(
+        let r = run::<Counting, Arc<StreamConsumer>, _, _>(
             "test",
             &health,
             &shutdown,

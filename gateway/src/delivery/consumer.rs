@@ -6,12 +6,14 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::FutureProducer;
-use rdkafka::types::RDKafkaRespErr;
-use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use rdkafka::Offset;
+use tidings_core::consumer::{
+    blocking, tail, Assigned, RebalanceHooks, StageContext, Start, StartOffsets, Tail, WATERMARK_TIMEOUT,
+};
 use tidings_core::notification::NOTIFICATION_SCHEMA;
 use tidings_core::retry::{until_done, GaveUp};
 use tidings_core::stage::Processor;
@@ -19,7 +21,7 @@ use tidings_core::{DecodeError, Notification, RegistryClient};
 use tokio::runtime::{Handle, RuntimeFlavor};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use super::stream::events_from_record;
 use super::{owners, DeliveryConfig, Hub, Owners};
@@ -50,8 +52,6 @@ impl From<KafkaError> for DeliveryError {
     }
 }
 
-const WATERMARK_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// State shared between the rebalance callback and the main loop.
 #[derive(Default)]
 struct Shared {
@@ -63,89 +63,46 @@ struct Shared {
     wake: Notify,
 }
 
-struct DeliveryContext {
+/// The consumer's context: every assigned partition starts a ring's length before its end.
+type DeliveryContext = StageContext<HubHooks>;
+
+/// Tells the hub which partitions it serves, from where, and queues their announcements.
+struct HubHooks {
     hub: Arc<Hub>,
     topic: String,
     shared: Arc<Shared>,
-    multi_thread: bool,
 }
 
-impl ClientContext for DeliveryContext {
-    fn stats(&self, statistics: rdkafka::Statistics) {
-        tidings_core::client_stats::record("delivery-consumer", &statistics);
-    }
-}
-
-/// Runs blocking librdkafka calls from async code without stalling the runtime's other tasks.
-fn blocking<T>(multi_thread: bool, f: impl FnOnce() -> T) -> T {
-    if multi_thread {
-        tokio::task::block_in_place(f)
-    } else {
-        f()
-    }
-}
-
-/// Where to start reading `partition` (a ring's length before the end), the log start and the end.
-fn start_of<C: Consumer<X>, X: ConsumerContext>(
-    c: &C,
-    topic: &str,
-    partition: i32,
-    ring: usize,
-) -> Result<(i64, i64, i64), KafkaError> {
-    let (low, high) = c.fetch_watermarks(topic, partition, WATERMARK_TIMEOUT)?;
-    Ok(((high - ring as i64).max(low), low, high))
-}
-
-impl ConsumerContext for DeliveryContext {
-    // Eager assignors only: the assignment is rewritten with explicit start offsets.
-    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
-        let parts: Vec<i32> =
-            tpl.elements().iter().filter(|e| e.topic() == self.topic).map(|e| e.partition()).collect();
-        match err {
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                let ring = self.hub.config().ring_events;
-                for &p in &parts {
-                    match blocking(self.multi_thread, || start_of(consumer, &self.topic, p, ring)) {
-                        Ok((start, low, high)) => {
-                            if let Err(e) = tpl.set_partition_offset(&self.topic, p, Offset::Offset(start)) {
-                                error!(error = %e, "Could not set the start of partition {p}.");
-                            }
-                            self.hub.assign(p, start, high);
-                            self.hub.set_low_watermark(p, low);
-                        }
-                        Err(e) => {
-                            warn!(error = %e, "Watermarks of partition {p} unavailable; will retry and seek.");
-                            self.shared.pending.lock().expect("lock").insert(p);
-                        }
-                    }
+impl RebalanceHooks for HubHooks {
+    fn on_assign(&self, assigned: &[Assigned]) {
+        let mine = assigned.iter().filter(|a| a.topic == self.topic);
+        let parts: Vec<i32> = mine.clone().map(|a| a.partition).collect();
+        for a in mine {
+            match a.start {
+                Start::Tail(Tail { offset, low, high }) => {
+                    self.hub.assign(a.partition, offset, high);
+                    self.hub.set_low_watermark(a.partition, low);
                 }
-                self.hub.set_joined();
-                info!(partitions = ?parts, "Delivery owns {} partition(s) now.", parts.len());
-                if let Err(e) = consumer.assign(tpl) {
-                    error!(error = %e, "Assigning partitions failed.");
+                // Watermarks unavailable: `maintain` starts it once they come.
+                _ => {
+                    self.shared.pending.lock().expect("lock").insert(a.partition);
                 }
-                self.shared.to_announce.lock().expect("lock").extend(parts);
-                self.shared.wake.notify_one();
-            }
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
-                info!(partitions = ?parts, "Delivery gives up {} partition(s); their streams get `reconnect`.", parts.len());
-                self.hub.revoke(&parts);
-                {
-                    let mut pending = self.shared.pending.lock().expect("lock");
-                    parts.iter().for_each(|p| {
-                        pending.remove(p);
-                    });
-                }
-                if let Err(e) = consumer.unassign() {
-                    error!(error = %e, "Unassigning partitions failed.");
-                }
-            }
-            other => {
-                error!(error = ?other, "Rebalance error; dropping the assignment.");
-                self.hub.revoke(&self.hub.owned());
-                let _ = consumer.unassign();
             }
         }
+        self.hub.set_joined();
+        info!(partitions = ?parts, "Delivery owns {} partition(s) now.", parts.len());
+        self.shared.to_announce.lock().expect("lock").extend(parts);
+        self.shared.wake.notify_one();
+    }
+
+    fn on_revoke(&self, revoked: &[(String, i32)]) {
+        let parts: Vec<i32> = revoked.iter().filter(|(t, _)| *t == self.topic).map(|(_, p)| *p).collect();
+        info!(partitions = ?parts, "Delivery gives up {} partition(s); their streams get `reconnect`.", parts.len());
+        self.hub.revoke(&parts);
+        let mut pending = self.shared.pending.lock().expect("lock");
+        parts.iter().for_each(|p| {
+            pending.remove(p);
+        });
     }
 }
 
@@ -206,9 +163,9 @@ async fn start(
     let registry = RegistryClient::new(&cfg.registry).map_err(|e| DeliveryError::Config(e.to_string()))?;
     let multi_thread = Handle::current().runtime_flavor() == RuntimeFlavor::MultiThread;
     let shared = Arc::new(Shared::default());
-    let ctx = DeliveryContext { hub: hub.clone(), topic: cfg.topic.clone(), shared: shared.clone(), multi_thread };
-    // Nothing is committed: every owner starts a ring's length before the end (eager assignors,
-    // because the rebalance callback rewrites the assignment with those offsets).
+    let hooks = HubHooks { hub: hub.clone(), topic: cfg.topic.clone(), shared: shared.clone() };
+    let ctx = StageContext::new("delivery-consumer", StartOffsets::Tail(hub.config().ring_events), hooks);
+    // Nothing is committed: every owner starts a ring's length before the end.
     let cc = cfg.kafka.consumer_with(
         &cfg.group,
         &[("auto.offset.reset", "latest")],
@@ -344,9 +301,9 @@ fn maintain(
     let pending: Vec<i32> = shared.pending.lock().expect("lock").iter().copied().collect();
     for p in pending {
         let started = blocking(multi_thread, || {
-            let (start, low, high) = start_of(consumer, &cfg.topic, p, hub.config().ring_events)?;
-            consumer.seek(&cfg.topic, p, Offset::Offset(start), WATERMARK_TIMEOUT)?;
-            Ok::<_, KafkaError>((start, low, high))
+            let Tail { offset, low, high } = tail(consumer, &cfg.topic, p, hub.config().ring_events)?;
+            consumer.seek(&cfg.topic, p, Offset::Offset(offset), WATERMARK_TIMEOUT)?;
+            Ok::<_, KafkaError>((offset, low, high))
         });
         match started {
             Ok((start, low, high)) => {

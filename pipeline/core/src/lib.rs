@@ -3,6 +3,7 @@
 //! No stage logic lives here; the crate is small enough to fuzz and property-test in isolation.
 
 pub mod client_stats;
+pub mod consumer;
 pub mod error;
 pub mod http;
 pub mod json_avro;

@@ -7,17 +7,17 @@
 pub mod config;
 
 use apache_avro::Schema;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message, OwnedMessage, Timestamp};
 use rdkafka::producer::{DeliveryFuture, FutureProducer};
-use rdkafka::types::RDKafkaRespErr;
-use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 use std::collections::HashMap;
 use std::future::Future;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tidings_core::consumer::{StageContext, StartOffsets, StoredOffsets};
 use tidings_core::json_avro::{avro_to_json, union_branch_name};
 use tidings_core::kafka::{header_str, H_DELIVERY_ONLY, H_TRACEPARENT};
 use tidings_core::notification::NOTIFICATION_SCHEMA;
@@ -26,7 +26,7 @@ use tidings_core::stage::{acknowledged, DeadLetters, Processor};
 use tidings_core::{DecodeError, Notification, RegistryClient};
 use tokio::runtime::{Handle, RuntimeFlavor};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn, Instrument};
+use tracing::{debug, info, warn, Instrument};
 
 pub use config::PersistenceConfig;
 
@@ -65,8 +65,11 @@ impl PersistError {
 
 type Tp = (String, i32);
 
-/// Consumer context that starts every assigned partition at the offset stored in the database.
-struct SinkContext {
+/// The consumer's context: every assigned partition starts at the offset stored in the database.
+type SinkContext = StageContext;
+
+/// The next offsets stored in the database, read again on every assignment.
+struct DbOffsets {
     store: Store,
     group: String,
     /// Last known next offsets, kept current after each commit; used when the database cannot be
@@ -76,13 +79,7 @@ struct SinkContext {
     runtime: Handle,
 }
 
-impl ClientContext for SinkContext {
-    fn stats(&self, statistics: rdkafka::Statistics) {
-        tidings_core::client_stats::record("persistence-consumer", &statistics);
-    }
-}
-
-impl SinkContext {
+impl DbOffsets {
     fn fresh_offsets(&self, topics: &[String]) -> Option<HashMap<Tp, i64>> {
         // The rebalance callback runs inside `recv()` on a runtime worker; `block_in_place` lets
         // it wait for the database without stalling other tasks. Not possible on a
@@ -114,63 +111,21 @@ impl SinkContext {
     }
 }
 
-impl ConsumerContext for SinkContext {
-    // Eager rebalancing only (the default assignors): the assignment is rewritten with the
-    // database offsets and applied with `assign`, which is what cooperative protocols forbid.
-    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
-        match err {
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                let topics: Vec<String> = {
-                    let mut t: Vec<String> = tpl.elements().iter().map(|e| e.topic().to_string()).collect();
-                    t.sort();
-                    t.dedup();
-                    t
-                };
-                if let Some(fresh) = self.fresh_offsets(&topics) {
-                    let mut known = self.known.lock().expect("lock");
-                    for (k, v) in fresh {
-                        let e = known.entry(k).or_insert(v);
-                        *e = (*e).max(v);
-                    }
-                }
-                let known = self.known.lock().expect("lock").clone();
-                let mut assigned = Vec::new();
-                for e in tpl.elements() {
-                    let key = (e.topic().to_string(), e.partition());
-                    assigned.push((key.clone(), known.get(&key).copied()));
-                }
-                for ((topic, partition), next) in &assigned {
-                    let offset = match next {
-                        Some(o) => Offset::Offset(*o),
-                        None => Offset::Beginning,
-                    };
-                    if let Err(e) = tpl.set_partition_offset(topic, *partition, offset) {
-                        error!(error = %e, "Could not set the start offset of {topic}[{partition}].");
-                    }
-                }
-                info!(
-                    partitions = assigned.len(),
-                    "Assigned {} partition(s); starting each at its offset stored in the database.",
-                    assigned.len()
-                );
-                if let Err(e) = consumer.assign(tpl) {
-                    error!(error = %e, "Assigning partitions failed.");
-                }
-            }
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
-                info!(
-                    partitions = tpl.count(),
-                    "Partitions revoked; anything not yet committed to the database is re-read by their next owner."
-                );
-                if let Err(e) = consumer.unassign() {
-                    error!(error = %e, "Unassigning partitions failed.");
-                }
-            }
-            other => {
-                error!(error = ?other, "Rebalance error; keeping the current assignment.");
-                let _ = consumer.unassign();
+impl StoredOffsets for DbOffsets {
+    fn stored(&self, partitions: &[Tp]) -> HashMap<Tp, i64> {
+        let mut topics: Vec<String> = partitions.iter().map(|(t, _)| t.clone()).collect();
+        topics.sort();
+        topics.dedup();
+        if let Some(fresh) = self.fresh_offsets(&topics) {
+            let mut known = self.known.lock().expect("lock");
+            for (k, v) in fresh {
+                let e = known.entry(k).or_insert(v);
+                *e = (*e).max(v);
             }
         }
+        // Anything not yet committed to the database by a revoked partition's last owner is
+        // re-read from here.
+        self.known.lock().expect("lock").clone()
     }
 }
 
@@ -377,13 +332,10 @@ async fn start(
             known.lock().expect("lock").insert((t.clone(), p), o);
         }
     }
-    let ctx = SinkContext {
-        store: store.clone(),
-        group: cfg.group.clone(),
-        known: known.clone(),
-        runtime: Handle::current(),
-    };
-    // The database holds the offsets; eager assignors, because `rebalance` rewrites the assignment.
+    let offsets =
+        DbOffsets { store: store.clone(), group: cfg.group.clone(), known: known.clone(), runtime: Handle::current() };
+    let ctx = StageContext::new("persistence-consumer", StartOffsets::Stored(Box::new(offsets)), ());
+    // The database holds the offsets, applied at every assignment.
     // Batches wait up to `linger` anyway, so fetches need not return per record: at 2,000 events/s
     // a fetch answered as soon as any data is there makes this consumer one of the broker's busiest
     // clients (about one request per produce), on the cores delivery shares.

@@ -86,6 +86,7 @@ const RANGE_PINNED: &[(&str, &str)] = &[
 pub struct RangeSource<C: ConsumerContext + 'static = DefaultConsumerContext> {
     consumer: Arc<StreamConsumer<C>>,
     progress: Progress,
+    throwaway: String,
 }
 
 /// How far each range has been read.
@@ -137,7 +138,14 @@ impl<C: ConsumerContext + 'static> RangeSource<C> {
         }
         consumer.assign(&tpl)?;
         let done = ranges.iter().map(OffsetRange::is_empty).collect();
-        Ok(RangeSource { consumer: Arc::new(consumer), progress: Progress { ranges, done } })
+        let throwaway = config.get("group.id").unwrap_or_default().to_string();
+        Ok(RangeSource { consumer: Arc::new(consumer), progress: Progress { ranges, done }, throwaway })
+    }
+
+    /// The group id librdkafka requires for `assign`: unique to this source, never joined or
+    /// committed to, so no broker ever lists it as a group.
+    pub fn throwaway_group(&self) -> &str {
+        &self.throwaway
     }
 
     /// Every range has been read.

@@ -1,7 +1,7 @@
 //! The stage skeleton over explicit offset ranges on a real broker: exactly the records in the
 //! ranges are processed, the run ends by itself, and a live consumer group on the same topic is
 //! left as it was (offsets, membership) and keeps consuming. Also the same processor under a
-//! group subscription.
+//! group subscription, and the stage's record counter over a range whose end is a control record.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -13,7 +13,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Message};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tidings_core::kafka::KafkaConfig;
 use tidings_core::shutdown::StageHealth;
@@ -90,14 +90,14 @@ fn committed(brokers: &str, group: &str, topic: &str) -> BTreeMap<i32, Offset> {
     tpl.elements().iter().map(|e| (e.partition(), e.offset())).collect()
 }
 
-/// How many members `group` has, and the names of every group whose name starts with `prefix`.
-fn groups(brokers: &str, group: &str, prefix: &str) -> (usize, Vec<String>) {
+/// How many members `group` has, and which of `others` the broker lists as groups.
+fn groups(brokers: &str, group: &str, others: &[String]) -> (usize, Vec<String>) {
     let client: BaseConsumer = ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap();
     let live = client.fetch_group_list(Some(group), Duration::from_secs(10)).unwrap();
     let members = live.groups().iter().find(|g| g.name() == group).map_or(0, |g| g.members().len());
     let all = client.fetch_group_list(None, Duration::from_secs(10)).unwrap();
-    let named = all.groups().iter().map(|g| g.name().to_string()).filter(|n| n.starts_with(prefix)).collect();
-    (members, named)
+    let listed = all.groups().iter().map(|g| g.name().to_string()).filter(|n| others.contains(n)).collect();
+    (members, listed)
 }
 
 async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
@@ -152,14 +152,16 @@ async fn a_range_run_reads_exactly_its_ranges_ends_by_itself_and_leaves_the_live
     let (seen, finished) = (Arc::new(Mutex::new(Vec::new())), Arc::new(AtomicUsize::new(0)));
     let (health, shutdown) = (StageHealth::default(), CancellationToken::new());
     let kafka = KafkaConfig::new(&brokers);
-    let attempts = AtomicUsize::new(0);
+    let throwaways = Mutex::new(Vec::new());
     let run = stage::run(
         "replay",
         &health,
         &shutdown,
         || {
-            attempts.fetch_add(1, Ordering::SeqCst);
             let source = RangeSource::new(&kafka, ranges.clone()).map_err(|e| e.to_string());
+            if let Ok(s) = &source {
+                throwaways.lock().unwrap().push(s.throwaway_group().to_string());
+            }
             let processor = Recording { seen: seen.clone(), finished: finished.clone() };
             async move { Ok((processor, Source::Ranges(source?))) }
         },
@@ -167,7 +169,8 @@ async fn a_range_run_reads_exactly_its_ranges_ends_by_itself_and_leaves_the_live
     );
     // Nobody cancels `shutdown`: only reading every range ends the run.
     tokio::time::timeout(WAIT, run).await.expect("the range run ended by itself").unwrap();
-    assert_eq!(attempts.load(Ordering::SeqCst), 1, "no failed attempt");
+    let throwaways = throwaways.into_inner().unwrap();
+    assert_eq!(throwaways.len(), 1, "no failed attempt");
     assert_eq!(finished.load(Ordering::SeqCst), 1, "the processor was finished");
     assert!(!shutdown.is_cancelled());
 
@@ -178,7 +181,7 @@ async fn a_range_run_reads_exactly_its_ranges_ends_by_itself_and_leaves_the_live
 
     // The live group is as its member left it, and no other group appeared.
     assert_eq!(committed(&brokers, &live_group, &topic), all_read, "the range run moved the live group's offsets");
-    let (members, range_groups) = groups(&brokers, &live_group, "tidings-range-");
+    let (members, range_groups) = groups(&brokers, &live_group, &throwaways);
     assert_eq!(members, 1, "only the live member is in the live group");
     assert!(range_groups.is_empty(), "the range run left groups behind: {range_groups:?}");
 
@@ -223,4 +226,59 @@ async fn the_same_processor_under_a_group_subscription_reads_until_shutdown() {
     assert_eq!(finished.load(Ordering::SeqCst), 1);
     let all: BTreeSet<(i32, i64)> = (0..3).flat_map(|p| (0..PER_PARTITION).map(move |o| (p, o))).collect();
     assert_eq!(seen.lock().unwrap().iter().copied().collect::<BTreeSet<_>>(), all);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_ending_at_a_transaction_marker_ends_and_counts_only_what_it_processed() {
+    let Some(brokers) = tidings_core::testing::brokers_or_skip() else { return };
+    // The only recorder of this test binary; the other tests' stages have other labels.
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder().unwrap();
+    let id = uuid::Uuid::new_v4();
+    let topic = format!("stage-ranges-txn-{id}");
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", &brokers).create().unwrap();
+    let new = NewTopic::new(&topic, 1, TopicReplication::Fixed(1));
+    for r in admin.create_topics([&new], &AdminOptions::new()).await.unwrap() {
+        r.unwrap();
+    }
+    // Two transactions of 3 records: offsets 0-2, its commit marker at 3, then 4-6 and 7.
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("transactional.id", format!("stage-ranges-txn-{id}"))
+        .create()
+        .unwrap();
+    let t = Duration::from_secs(30);
+    tokio::task::block_in_place(|| producer.init_transactions(t)).unwrap();
+    for txn in 0..2 {
+        producer.begin_transaction().unwrap();
+        for i in 0..3 {
+            let payload = format!("{txn}-{i}");
+            let rec = FutureRecord::<str, str>::to(&topic).partition(0).payload(&payload);
+            producer.send(rec, t).await.map_err(|(e, _)| e).unwrap();
+        }
+        tokio::task::block_in_place(|| producer.commit_transaction(t)).unwrap();
+    }
+
+    // [0, 4): offset 3 holds no record, so only offset 4, past the end, closes the range.
+    let (seen, finished) = (Arc::new(Mutex::new(Vec::new())), Arc::new(AtomicUsize::new(0)));
+    let (health, shutdown) = (StageHealth::default(), CancellationToken::new());
+    let kafka = KafkaConfig::new(&brokers);
+    let run = stage::run(
+        "metered",
+        &health,
+        &shutdown,
+        || {
+            let source = RangeSource::new(&kafka, vec![OffsetRange::new(&topic, 0, 0, 4)]).map_err(|e| e.to_string());
+            let processor = Recording { seen: seen.clone(), finished: finished.clone() };
+            async move { Ok((processor, Source::Ranges(source?))) }
+        },
+        |_: &String| false,
+    );
+    tokio::time::timeout(WAIT, run).await.expect("the range run ended by itself").unwrap();
+    assert_eq!(finished.load(Ordering::SeqCst), 1);
+    assert_eq!(*seen.lock().unwrap(), [(0, 0), (0, 1), (0, 2)]);
+    let text = metrics.render();
+    let counted: Vec<&str> =
+        text.lines().filter(|l| l.starts_with("tidings_stage_records_total{stage=\"metered\"}")).collect();
+    assert_eq!(counted, ["tidings_stage_records_total{stage=\"metered\"} 3"], "{text}");
 }

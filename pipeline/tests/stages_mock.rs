@@ -171,7 +171,8 @@ async fn an_output_the_producer_refuses_as_too_large_is_a_dead_letter() {
 /// this instance itself saw a membership event of the room.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_that_moves_away_and_back_forgets_its_rooms_members() {
-    use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
+    use rdkafka::consumer::{BaseConsumer, ConsumerContext};
+    use rdkafka::types::RDKafkaRespErr;
     use templating::rooms::TemplatingContext;
     use templating::{Outcome, RecordRef, Templater};
 
@@ -190,8 +191,8 @@ async fn a_partition_that_moves_away_and_back_forgets_its_rooms_members() {
     };
     assert!(env.store.create_room(&room).await.unwrap());
     let templater = Templater::new(env.topo.clone(), &env.registry_url, env.store.clone()).await.unwrap();
-    // The stage's consumer context, as the stage builds it; its rebalance hook is called directly.
-    let context = TemplatingContext::new(tidings_core::client_stats::ClientStats::new("test"), templater.rooms());
+    // The stage's consumer context, as the stage builds it; its rebalance callback is called directly.
+    let context = templating::rooms::context("test", templater.rooms());
     let consumer: BaseConsumer<TemplatingContext> = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", mock.bootstrap_servers())
         .set("group.id", "g")
@@ -221,8 +222,8 @@ async fn a_partition_that_moves_away_and_back_forgets_its_rooms_members() {
     assert_eq!(recipients(1).await, ["alice", "bob"], "cached: no membership event of the room passed here");
     let mut moved = rdkafka::TopicPartitionList::new();
     moved.add_partition("chat", 3);
-    consumer.context().post_rebalance(&consumer, &Rebalance::Revoke(&moved));
-    consumer.context().post_rebalance(&consumer, &Rebalance::Assign(&moved));
+    consumer.context().rebalance(&consumer, RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS, &mut moved);
+    consumer.context().rebalance(&consumer, RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS, &mut moved);
     assert_eq!(recipients(2).await, ["alice"], "the member who left no longer receives");
     drop(consumer);
     env.token.cancel();

@@ -196,7 +196,8 @@ impl<H: RebalanceHooks> ConsumerContext for StageContext<H> {
                 error!(error = ?other, client = self.client, "Rebalance error; dropping the assignment.");
                 let held = consumer.assignment().map(|tpl| partitions(&tpl)).unwrap_or_default();
                 self.hooks.on_revoke(&held);
-                let _ = consumer.unassign();
+                // As rdkafka's own callback does under each protocol.
+                let _ = if cooperative { consumer.incremental_unassign(tpl) } else { consumer.unassign() };
             }
         }
     }

@@ -403,7 +403,7 @@ async fn start(
         .map_err(|e| StageError::Delivery(e.to_string()))??;
         templater.group_by_partition(count);
     }
-    let context = TemplatingContext::new(ClientStats::new("templating-consumer"), templater.rooms());
+    let context = rooms::context("templating-consumer", templater.rooms());
     let consumer: Arc<StreamConsumer<TemplatingContext>> =
         Arc::new(reporting(cfg.kafka.consumer(&topo.group_name(&spec.group))).create_with_context(context)?);
     let topics: Vec<String> = spec.inputs.iter().map(|t| topo.topic_name(t)).collect();

@@ -6,9 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
-use rdkafka::{ClientContext, Statistics, TopicPartitionList};
-use tidings_core::client_stats::ClientStats;
+use tidings_core::consumer::{Assigned, Partition, RebalanceHooks, StageContext, StartOffsets};
 
 /// Rooms whose members are remembered at most; past it expired entries go, then all.
 pub const MAX_CACHED_ROOMS: usize = 100_000;
@@ -71,10 +69,10 @@ impl RoomCache {
     }
 
     /// Forgets every room of the listed partitions.
-    pub fn forget(&self, partitions: &TopicPartitionList) {
+    pub fn forget<'a>(&self, partitions: impl IntoIterator<Item = &'a Partition>) {
         let mut inner = self.inner.lock().expect("lock");
-        for p in partitions.elements() {
-            if let Some(rooms) = inner.partitions.remove(&(p.topic().to_owned(), p.partition())) {
+        for p in partitions {
+            if let Some(rooms) = inner.partitions.remove(p) {
                 inner.len -= rooms.len();
             }
         }
@@ -90,33 +88,27 @@ impl RoomCache {
     }
 }
 
-/// The stage consumer's context: its statistics, and the rebalance hook that makes the room
-/// cache forget the partitions that move.
-pub struct TemplatingContext {
-    stats: ClientStats,
-    rooms: Arc<RoomCache>,
+/// The stage consumer's context: the group's committed offsets, its statistics, and the hooks
+/// that make the room cache forget the partitions that move.
+pub type TemplatingContext = StageContext<RoomHooks>;
+
+/// The stage consumer's context over `rooms`, recording statistics as `client`.
+pub fn context(client: &'static str, rooms: Arc<RoomCache>) -> TemplatingContext {
+    StageContext::new(client, StartOffsets::Committed, RoomHooks(rooms))
 }
 
-impl TemplatingContext {
-    pub fn new(stats: ClientStats, rooms: Arc<RoomCache>) -> Self {
-        TemplatingContext { stats, rooms }
+/// Assigned partitions may come back from another instance that saw their membership events;
+/// revoked ones are no longer this instance's to keep.
+pub struct RoomHooks(pub Arc<RoomCache>);
+
+impl RebalanceHooks for RoomHooks {
+    fn on_assign(&self, assigned: &[Assigned]) {
+        let parts: Vec<Partition> = assigned.iter().map(|a| (a.topic.clone(), a.partition)).collect();
+        self.0.forget(&parts);
     }
-}
 
-impl ClientContext for TemplatingContext {
-    fn stats(&self, statistics: Statistics) {
-        self.stats.stats(statistics);
-    }
-}
-
-impl ConsumerContext for TemplatingContext {
-    /// Assigned partitions may come back from another instance that saw their membership events;
-    /// revoked ones are no longer this instance's to keep.
-    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        match rebalance {
-            Rebalance::Assign(tpl) | Rebalance::Revoke(tpl) => self.rooms.forget(tpl),
-            Rebalance::Error(_) => {}
-        }
+    fn on_revoke(&self, revoked: &[Partition]) {
+        self.0.forget(revoked);
     }
 }
 
@@ -147,9 +139,7 @@ mod tests {
         cache.insert("chat", 1, "r1", members(&["a"]), t0);
         cache.insert("chat", 1, "r2", members(&["b"]), t0);
         cache.insert("chat", 2, "r3", members(&["c"]), t0);
-        let mut moved = TopicPartitionList::new();
-        moved.add_partition("chat", 1);
-        cache.forget(&moved);
+        cache.forget(&[("chat".to_string(), 1)]);
         assert_eq!(cache.len(), 1);
         assert!(cache.get("chat", 1, "r1", t0).is_none() && cache.get("chat", 2, "r3", t0).is_some());
         // Full: expired entries go first; if none have, all do.

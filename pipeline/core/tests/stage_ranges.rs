@@ -52,13 +52,18 @@ impl Processor for Recording {
     }
 }
 
-async fn topic_with_records(brokers: &str, name: &str) {
+async fn create_topic(brokers: &str, name: &str, partitions: i32) {
     let admin: AdminClient<DefaultClientContext> =
         ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap();
-    let topic = NewTopic::new(name, 3, TopicReplication::Fixed(1));
+    let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
     for r in admin.create_topics([&topic], &AdminOptions::new()).await.unwrap() {
         r.unwrap();
     }
+}
+
+/// A topic of 3 partitions with [`PER_PARTITION`] records on each.
+async fn topic_with_records(brokers: &str, name: &str) {
+    create_topic(brokers, name, 3).await;
     produce(brokers, name, PER_PARTITION).await;
 }
 
@@ -235,12 +240,7 @@ async fn a_range_ending_at_a_transaction_marker_ends_and_counts_only_what_it_pro
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder().unwrap();
     let id = uuid::Uuid::new_v4();
     let topic = format!("stage-ranges-txn-{id}");
-    let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", &brokers).create().unwrap();
-    let new = NewTopic::new(&topic, 1, TopicReplication::Fixed(1));
-    for r in admin.create_topics([&new], &AdminOptions::new()).await.unwrap() {
-        r.unwrap();
-    }
+    create_topic(&brokers, &topic, 1).await;
     // Two transactions of 3 records: offsets 0-2, its commit marker at 3, then 4-6 and 7.
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &brokers)

@@ -46,7 +46,8 @@ pub struct OffsetRange {
     pub topic: String,
     pub partition: i32,
     pub start: i64,
-    /// Exclusive. A range with `end <= start` is empty: read at once.
+    /// Exclusive. A range with `end <= start` is empty: read at once. A range ending past the
+    /// partition's end is read once records reach its end: the run waits for them.
     pub end: i64,
 }
 

@@ -12,17 +12,10 @@ use tidings_core::kafka::{KafkaConfig, H_DELIVERY_ONLY, H_DLQ_OFFSET, H_DLQ_REAS
 use tidings_core::notification::NOTIFICATION_SCHEMA;
 use tidings_core::{Notification, RegistryClient};
 use tidings_pipeline::stages::templating;
-use tidings_pipeline::topology::apply::apply_mock;
 use tokio_util::sync::CancellationToken;
 
 mod common;
-use common::{consumer, encoder, order, read, spawn_templating, Env};
-
-async fn env(mock: &MockCluster<'static, rdkafka::producer::DefaultProducerContext>) -> Env {
-    let topo = common::project_topology();
-    apply_mock(&topo, mock).unwrap();
-    common::env_on(KafkaConfig::new(mock.bootstrap_servers()), topo).await
-}
+use common::{consumer, encoder, env_mock as env, order, read, spawn_templating, Env};
 
 /// One recipient's notification as found on the notifications topic.
 #[derive(Debug)]

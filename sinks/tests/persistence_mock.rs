@@ -8,60 +8,15 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tidings_core::kafka::{KafkaConfig, H_DELIVERY_ONLY, H_DLQ_OFFSET, H_DLQ_REASON};
+use tidings_core::kafka::{H_DELIVERY_ONLY, H_DLQ_OFFSET, H_DLQ_REASON};
 use tidings_core::Notification;
-use tidings_pipeline::topology::apply::apply_mock;
-use tidings_sinks::persistence::{self, PersistenceConfig};
+use tidings_sinks::persistence;
 use tidings_store::Store;
 use tidings_store::{Batch, OffsetUpdate};
 use tokio_util::sync::CancellationToken;
 
-// The stage tests' shared environment (topology, embedded registry, store), kept with pipeline's.
-#[path = "../../pipeline/tests/common/mod.rs"]
-mod common;
-use common::{consumer, encoder, read, Env};
-
-async fn env(mock: &MockCluster<'static, rdkafka::producer::DefaultProducerContext>) -> Env {
-    let topo = common::project_topology();
-    apply_mock(&topo, mock).unwrap();
-    common::env_on(KafkaConfig::new(mock.bootstrap_servers()), topo).await
-}
-
-/// Notification number `i` for `user`, as the templating stage would emit it.
-fn notification(i: usize, user: &str, occurred_at: i64) -> Notification {
-    Notification {
-        notification_id: Notification::id_for(&format!("ev-{i}"), user),
-        user_id: user.into(),
-        kind: "k".into(),
-        title: format!("t{i}"),
-        body: "b".into(),
-        link: None,
-        source_event_id: format!("ev-{i}"),
-        occurred_at,
-        source_topic: "orders".into(),
-        source_partition: 0,
-        source_offset: i as i64,
-        data: None,
-        inbox: true,
-        recipients: vec![],
-    }
-}
-
-/// Persistence settings for the `notifications` topic of `env` under consumer group `group`.
-fn persistence_cfg(env: &Env, group: &str, batch_size: usize) -> PersistenceConfig {
-    PersistenceConfig {
-        kafka: env.kafka.clone(),
-        registry: env.registry_url.clone().into(),
-        group: group.into(),
-        notifications_topic: "notifications".into(),
-        chat_topic: None,
-        chat_schema: None,
-        dead_letter: "tidings.dlq.persistence".into(),
-        batch_size,
-        linger: Duration::from_millis(50),
-        health: Default::default(),
-    }
-}
+mod support;
+use support::{consumer, encoder, env, notification, persistence_cfg, read};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn persistence_starts_from_the_offsets_in_the_store_and_never_duplicates() {
@@ -93,7 +48,7 @@ async fn persistence_starts_from_the_offsets_in_the_store_and_never_duplicates()
         ..Batch::default()
     };
     env.store.write_batch(&group, &seed).await.unwrap();
-    let cfg = persistence_cfg(&env, &group, 3);
+    let cfg = persistence_cfg(&env, &group, 3, Duration::from_millis(50));
     let run = |token: CancellationToken| tokio::spawn(persistence::run(cfg.clone(), env.store.clone(), token));
     let wait_for = |n: u64| {
         let store = env.store.clone();
@@ -216,7 +171,7 @@ async fn persistence_waits_out_a_database_outage_without_losing_or_duplicating()
             }
         }
     };
-    let cfg = persistence_cfg(&env, "outage-test", 50);
+    let cfg = persistence_cfg(&env, "outage-test", 50, Duration::from_millis(50));
     let token = CancellationToken::new();
     let stage = tokio::spawn(persistence::run(cfg, proxied, token.clone()));
     send_all(produce(0..100)).await;
@@ -284,7 +239,7 @@ async fn persistence_dead_letters_what_it_cannot_store_and_keeps_going() {
         }
     }
     let token = CancellationToken::new();
-    let cfg = persistence_cfg(&env, "dlq-test", 100);
+    let cfg = persistence_cfg(&env, "dlq-test", 100, Duration::from_millis(50));
     let stage = tokio::spawn(persistence::run(cfg, env.store.clone(), token.clone()));
     let dead = read(&consumer(&env, "tidings.dlq.persistence"), expected.len()).await;
     for ((reason, offset), (_, _, headers, _, _)) in expected.iter().zip(&dead) {
@@ -339,7 +294,7 @@ async fn stopping_during_a_registry_outage_dead_letters_nothing_and_stores_no_of
         }
     });
     let group = "outage-group";
-    let mut cfg = persistence_cfg(&env, group, 100);
+    let mut cfg = persistence_cfg(&env, group, 100, Duration::from_millis(50));
     cfg.registry = dead_registry.as_str().into();
     let stop = CancellationToken::new();
     let stage = tokio::spawn(persistence::run(cfg, env.store.clone(), stop.clone()));
@@ -368,7 +323,11 @@ async fn stopping_during_a_registry_outage_dead_letters_nothing_and_stores_no_of
 
     // With the registry back, the next start stores all three.
     let stop = CancellationToken::new();
-    let stage = tokio::spawn(persistence::run(persistence_cfg(&env, group, 100), env.store.clone(), stop.clone()));
+    let stage = tokio::spawn(persistence::run(
+        persistence_cfg(&env, group, 100, Duration::from_millis(50)),
+        env.store.clone(),
+        stop.clone(),
+    ));
     let deadline = Instant::now() + Duration::from_secs(30);
     while env.store.count_notifications().await.unwrap() < 3 {
         assert!(Instant::now() < deadline, "the records were not stored after the registry came back");

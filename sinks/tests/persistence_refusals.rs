@@ -6,59 +6,15 @@ use rdkafka::consumer::Consumer;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use std::time::{Duration, Instant};
-use tidings_core::kafka::{KafkaConfig, H_DLQ_ERROR, H_DLQ_OFFSET, H_DLQ_PARTITION, H_DLQ_REASON, H_DLQ_TOPIC};
-use tidings_core::Notification;
-use tidings_pipeline::topology::apply::apply_mock;
-use tidings_sinks::persistence::{self, PersistError, PersistenceConfig};
+use tidings_core::kafka::{H_DLQ_ERROR, H_DLQ_OFFSET, H_DLQ_PARTITION, H_DLQ_REASON, H_DLQ_TOPIC};
+use tidings_sinks::persistence::{self, PersistError};
 use tidings_store::{Store, StoreError};
 use tokio_util::sync::CancellationToken;
 
-// The stage tests' shared environment (topology, embedded registry, store), kept with pipeline's.
-#[path = "../../pipeline/tests/common/mod.rs"]
-mod common;
-use common::{consumer, encoder, read, Env};
+mod support;
+use support::{consumer, encoder, env, notification, persistence_cfg, read, Env};
 
 const DLQ: &str = "tidings.dlq.persistence";
-
-async fn env(mock: &MockCluster<'static, rdkafka::producer::DefaultProducerContext>) -> Env {
-    let topo = common::project_topology();
-    apply_mock(&topo, mock).unwrap();
-    common::env_on(KafkaConfig::new(mock.bootstrap_servers()), topo).await
-}
-
-fn notification(i: usize, user: &str) -> Notification {
-    Notification {
-        notification_id: Notification::id_for(&format!("ev-{i}"), user),
-        user_id: user.into(),
-        kind: "k".into(),
-        title: format!("t{i}"),
-        body: "b".into(),
-        link: None,
-        source_event_id: format!("ev-{i}"),
-        occurred_at: 1_700_000_000_000_000,
-        source_topic: "orders".into(),
-        source_partition: 0,
-        source_offset: i as i64,
-        data: None,
-        inbox: true,
-        recipients: vec![],
-    }
-}
-
-fn persistence_cfg(env: &Env, group: &str) -> PersistenceConfig {
-    PersistenceConfig {
-        kafka: env.kafka.clone(),
-        registry: env.registry_url.clone().into(),
-        group: group.into(),
-        notifications_topic: "notifications".into(),
-        chat_topic: None,
-        chat_schema: None,
-        dead_letter: DLQ.into(),
-        batch_size: 1000,
-        linger: Duration::from_millis(200),
-        health: Default::default(),
-    }
-}
 
 /// A random user id of 10,016 characters: its inbox index row is over PostgreSQL's btree limit
 /// (about 2,700 bytes) even compressed, so the database refuses it with SQLSTATE 54000.
@@ -72,7 +28,7 @@ async fn produce(env: &Env, users: &[String]) -> Vec<(i32, i64, Vec<u8>)> {
     let producer: FutureProducer = env.kafka.producer().create().unwrap();
     let mut out = Vec::new();
     for (i, user) in users.iter().enumerate() {
-        let bytes = enc.encode(notification(i, user).to_value()).unwrap();
+        let bytes = enc.encode(notification(i, user, 1_700_000_000_000_000).to_value()).unwrap();
         let d = producer
             .send(FutureRecord::to("notifications").key(user).payload(&bytes), Duration::from_secs(5))
             .await
@@ -86,7 +42,7 @@ async fn produce(env: &Env, users: &[String]) -> Vec<(i32, i64, Vec<u8>)> {
 /// into `users`) dead-lettered with `reason` and every other one stored, with the stage still up.
 async fn refused_records_are_dead_lettered(env: &Env, store: Store, users: Vec<String>, bad: &[usize], reason: &str) {
     let sent = produce(env, &users).await;
-    let cfg = persistence_cfg(env, "refusals");
+    let cfg = persistence_cfg(env, "refusals", 1000, Duration::from_millis(200));
     let health = cfg.health.clone();
     let token = CancellationToken::new();
     let stage = tokio::spawn(persistence::run(cfg, store.clone(), token.clone()));
@@ -130,7 +86,7 @@ async fn refused_records_are_dead_lettered(env: &Env, store: Store, users: Vec<S
         stored.extend(store.inbox(user, None, 100).await.unwrap().into_iter().map(|i| i.notification.notification_id));
     }
     for (i, user) in users.iter().enumerate() {
-        let id = notification(i, user).notification_id;
+        let id = notification(i, user, 1_700_000_000_000_000).notification_id;
         assert_eq!(stored.contains(&id), !bad.contains(&i), "notification {i}");
     }
     assert!(!stage.is_finished(), "the stage stopped over a refused record");
@@ -182,7 +138,7 @@ async fn a_missing_table_still_stops_the_stage_with_an_error() {
     let (store, url) = tidings_store::testing::fresh_postgres().await.unwrap();
     sqlx::query("DROP TABLE notifications").execute(&sqlx::PgPool::connect(&url).await.unwrap()).await.unwrap();
     produce(&env, &["u1".to_string(), "u2".to_string()]).await;
-    let cfg = persistence_cfg(&env, "no-table");
+    let cfg = persistence_cfg(&env, "no-table", 1000, Duration::from_millis(200));
     let token = CancellationToken::new();
     let ended = tokio::time::timeout(Duration::from_secs(30), persistence::run(cfg, store.clone(), token))
         .await

@@ -30,6 +30,13 @@ pub fn project_topology() -> Topology {
     Topology::load(&root.join("topology.yaml")).unwrap()
 }
 
+/// An environment for the project's topology on `mock`, its topics created there.
+pub async fn env_mock(mock: &rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>) -> Env {
+    let topo = project_topology();
+    tidings_pipeline::topology::apply::apply_mock(&topo, mock).unwrap();
+    env_on(KafkaConfig::new(mock.bootstrap_servers()), topo).await
+}
+
 /// An environment for `topo`, whose topics already exist on `kafka`'s broker: the registry holds
 /// each topic's schema under `<topic name>-value`.
 pub async fn env_on(kafka: KafkaConfig, topo: Topology) -> Env {

@@ -234,12 +234,19 @@ impl<T> WriteTimeout<T> {
         &self.inner
     }
 
+    /// Bytes written count as activity for the idle timer; a flush does not: hyper flushes
+    /// whenever its task wakes, and the idle timer's own wake-up would otherwise renew itself.
+    fn wrote(&self, r: &Poll<io::Result<usize>>) {
+        if let (Some(a), Poll::Ready(Ok(n))) = (&self.activity, r) {
+            if *n > 0 {
+                a.touch();
+            }
+        }
+    }
+
     fn progress<R>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<R>>) -> Poll<io::Result<R>> {
         if r.is_ready() {
             self.stalled = false;
-            if let Some(a) = &self.activity {
-                a.touch();
-            }
             return r;
         }
         // The clock starts at the first write that found no room, not at each poll.
@@ -272,7 +279,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for WriteTimeout<T> {
 impl<T: AsyncWrite + Unpin> AsyncWrite for WriteTimeout<T> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        self.progress(cx, r)
+        let r = self.progress(cx, r);
+        self.wrote(&r);
+        r
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let r = Pin::new(&mut self.inner).poll_flush(cx);
@@ -288,7 +297,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for WriteTimeout<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        self.progress(cx, r)
+        let r = self.progress(cx, r);
+        self.wrote(&r);
+        r
     }
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()

@@ -358,7 +358,19 @@ pub fn browser_or_skip() -> bool {
 
 /// A port free right now (a gateway restarted on the same URL binds it again).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    // Below the kernel's ephemeral range (32768-60999 by default): a port it hands out for a `:0`
+    // bind or an outgoing connection can be taken by another test between this check and the
+    // process under test binding it (seen in CI: "Address already in use").
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let seed = std::process::id();
+    loop {
+        let port = 20_000 + (seed.wrapping_mul(7919).wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed)) % 12_000);
+        let port = u16::try_from(port).expect("under 32,000");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// A user token signed with the dev secret (what `tidings up --dev` accepts).

@@ -158,6 +158,22 @@ async fn an_output_the_producer_refuses_as_too_large_is_a_dead_letter() {
     drop(mock);
 }
 
+/// Group room `r1` ("Tea") of alice and bob, in the store.
+async fn create_tea_room(env: &Env) {
+    let members = ["alice".to_string(), "bob".to_string()];
+    let room = tidings_store::chat::NewRoom {
+        room_id: "r1",
+        kind: "group",
+        name: "Tea",
+        creator_id: "alice",
+        product_id: None,
+        tags: &[],
+        members: &members,
+        created_at: 1,
+    };
+    assert!(env.store.create_room(&room).await.unwrap());
+}
+
 /// A room's cached members are forgotten when its partition is revoked and assigned again: while
 /// another instance owned the partition a member left (the store says so, the event passed
 /// there), and that member no longer receives the room's messages here. Before, they did until
@@ -171,18 +187,7 @@ async fn a_partition_that_moves_away_and_back_forgets_its_rooms_members() {
 
     let mock = MockCluster::new(1).unwrap();
     let env = env(&mock).await;
-    let members = ["alice".to_string(), "bob".to_string()];
-    let room = tidings_store::chat::NewRoom {
-        room_id: "r1",
-        kind: "group",
-        name: "Tea",
-        creator_id: "alice",
-        product_id: None,
-        tags: &[],
-        members: &members,
-        created_at: 1,
-    };
-    assert!(env.store.create_room(&room).await.unwrap());
+    create_tea_room(&env).await;
     let templater = Templater::new(env.topo.clone(), &env.registry_url, env.store.clone()).await.unwrap();
     // The stage's consumer context, as the stage builds it; its rebalance callback is called directly.
     let context = templating::rooms::context("test", templater.rooms());
@@ -229,18 +234,7 @@ async fn a_partition_that_moves_away_and_back_forgets_its_rooms_members() {
 async fn chat_copies_are_marked_delivery_only_and_inbox_rows_are_not() {
     let mock = MockCluster::new(1).unwrap();
     let env = env(&mock).await;
-    let members = ["alice".to_string(), "bob".to_string()];
-    let room = tidings_store::chat::NewRoom {
-        room_id: "r1",
-        kind: "group",
-        name: "Tea",
-        creator_id: "alice",
-        product_id: None,
-        tags: &[],
-        members: &members,
-        created_at: 1,
-    };
-    assert!(env.store.create_room(&room).await.unwrap());
+    create_tea_room(&env).await;
     let stage = spawn_templating(&env);
     let producer: FutureProducer = env.kafka.producer().create().unwrap();
     let (chat, chat_schema) = encoder(&env, "chat-value").await;

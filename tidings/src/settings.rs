@@ -47,6 +47,15 @@ pub fn check_hs256_secret(secret: &str, dev: bool) -> Result<(), String> {
     Ok(())
 }
 
+/// Refuses a stream-credential secret short enough to guess (it signs every browser's stream
+/// session on every gateway). Checked here with every other setting; `auth_config` relies on it.
+pub fn check_stream_secret(secret: &str) -> Result<(), String> {
+    match secret.len() < MIN_HS256_SECRET_BYTES {
+        true => Err(format!("needs at least {MIN_HS256_SECRET_BYTES} characters")),
+        false => Ok(()),
+    }
+}
+
 /// Refuses a registry write token that is empty (basic auth with an empty password would match
 /// it) or short enough to guess.
 pub fn check_registry_write_token(token: &str) -> Result<(), String> {
@@ -115,8 +124,7 @@ pub fn check(args: &UpArgs) -> Result<Settings, Vec<String>> {
         ok(r, "--jwt-public-key-file (TIDINGS_JWT_PUBLIC_KEY_FILE)");
     }
     if let Some(secret) = &args.jwt.stream_secret {
-        // Checked here too (auth_config refuses it as well), so it is reported with the rest.
-        let r = if secret.len() < 32 { Err("needs at least 32 characters".to_string()) } else { Ok(()) };
+        let r = check_stream_secret(secret);
         keys_ok &= r.is_ok();
         ok(r, "--stream-secret (TIDINGS_STREAM_SECRET)");
     }

@@ -313,8 +313,11 @@ impl JwtArgs {
             keys.push(Key::hs256(auth::DEV_SECRET.as_bytes()));
         }
         match &self.stream_secret {
-            Some(s) if s.len() < 32 => bail!("--stream-secret (TIDINGS_STREAM_SECRET) needs at least 32 characters"),
-            Some(s) => keys.push(Key::stream_only(s.as_bytes())),
+            Some(s) => {
+                settings::check_stream_secret(s)
+                    .map_err(|e| anyhow::anyhow!("--stream-secret (TIDINGS_STREAM_SECRET) {e}"))?;
+                keys.push(Key::stream_only(s.as_bytes()));
+            }
             None if self.jwt_secret.is_none() && self.jwt_public_key_file.is_some() => tracing::warn!(
                 "No --stream-secret and no --jwt-secret: browsers cannot open stream sessions (POST /v1/session \
                  answers 501); set TIDINGS_STREAM_SECRET, the same on every gateway."

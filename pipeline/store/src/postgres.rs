@@ -12,9 +12,9 @@ use crate::error::StoreError;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
-const STAGING: &str = include_str!("sql/pg_staging.sql");
-const INSERT_NOTIFICATIONS: &str = include_str!("sql/pg_insert_notifications.sql");
-const INSERT_CHAT: &str = include_str!("sql/pg_insert_chat.sql");
+const STAGING: &str = include_str!("sql/postgres/staging.sql");
+const INSERT_NOTIFICATIONS: &str = include_str!("sql/postgres/insert_notifications.sql");
+const INSERT_CHAT: &str = include_str!("sql/postgres/insert_chat.sql");
 
 /// COPY data is sent whenever this much is encoded, bounding memory for any batch size.
 const COPY_CHUNK_BYTES: usize = 1 << 20;

@@ -12,8 +12,8 @@ use crate::error::StoreError;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
-const INSERT_NOTIFICATIONS: &str = include_str!("sql/sqlite_insert_notifications.sql");
-const INSERT_CHAT: &str = include_str!("sql/sqlite_insert_chat.sql");
+const INSERT_NOTIFICATIONS: &str = include_str!("sql/sqlite/insert_notifications.sql");
+const INSERT_CHAT: &str = include_str!("sql/sqlite/insert_chat.sql");
 
 /// Rows per multi-row statement: 13 parameters each stays far below SQLite's 32766-variable limit,
 /// and a fixed chunk size means all full chunks share one cached prepared statement.

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::ingest::ApiError;
+use crate::error::ApiError;
 
 /// HS256 secret of the embedded dev mode; never use it where tokens matter.
 pub const DEV_SECRET: &str = "tidings-dev-secret";

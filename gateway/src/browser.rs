@@ -19,7 +19,7 @@ use axum::Router;
 use crate::auth::{bearer_of, AuthError, TokenRejection, COOKIE_NAME, LEGACY_COOKIE_NAME};
 use crate::delivery::owners::RedirectAllow;
 use crate::delivery::StreamState;
-use crate::ingest::ApiError;
+use crate::error::ApiError;
 
 /// Default lifetime of a stream credential (the cookie), when the user token lives longer.
 pub const DEFAULT_SESSION_TTL: Duration = Duration::from_secs(15 * 60);

@@ -15,7 +15,7 @@ use tidings_store::Store;
 
 use crate::auth::{AuthConfig, AuthUser};
 use crate::delivery::stream::NotificationJson;
-use crate::ingest::ApiError;
+use crate::error::ApiError;
 
 /// Page size when the request gives none.
 pub const DEFAULT_LIMIT: u32 = 20;

@@ -12,6 +12,7 @@
 //! - `chat`: rooms, membership, messages, history and read positions (`/v1/rooms…`) for users.
 //! - `produce`: JSON → Avro → Kafka, shared by ingest and chat.
 //! - `metrics`: Prometheus `/metrics`.
+//! - `error`: `ApiError`, the JSON error answer every endpoint gives.
 //! - `web`: the web page at `/` (files compiled in), its `/config.json`, and in dev mode
 //!   `POST /v1/dev/token`.
 
@@ -19,6 +20,7 @@ pub mod auth;
 pub mod browser;
 pub mod chat;
 pub mod delivery;
+pub mod error;
 pub mod front;
 pub mod health;
 pub mod inbox;

@@ -14,7 +14,7 @@ use tidings_core::client_stats::ClientStats;
 use tidings_core::json_avro::json_to_avro;
 use tidings_core::{CodecError, FramedEncoder, RegistryClient};
 
-use crate::ingest::ApiError;
+use crate::error::ApiError;
 
 /// How long a looked-up schema is reused before asking the registry for the latest again.
 const SCHEMA_TTL: Duration = Duration::from_secs(30);

@@ -6,7 +6,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::auth::AuthConfig;
-use crate::ingest::ApiError;
+use crate::error::ApiError;
 
 /// The service token `tidings up --dev` accepts (and writes to its endpoints file for `demo`).
 /// Public on purpose: outside dev mode it is refused like any other unknown token.

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use super::{message_json, not_a_member, not_found, now_micros, rfc3339, Body, ChatState};
 use crate::auth::AuthUser;
 use crate::delivery::{partition_for, position_id};
-use crate::ingest::ApiError;
+use crate::error::ApiError;
 
 /// Namespace of message ids derived from a client's own id, so a retried send is the same message.
 const CLIENT_MESSAGES: uuid::Uuid = uuid::Uuid::from_u128(0x9b2d_7c41_0e6f_4a83_b5c9_1d07_e2a4_6f58);

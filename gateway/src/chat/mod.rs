@@ -25,7 +25,7 @@ use tidings_store::chat::{Room, StoredMessage};
 use tidings_store::Store;
 
 use crate::auth::AuthConfig;
-use crate::ingest::ApiError;
+use crate::error::ApiError;
 use crate::produce::{EventProducer, Produced};
 
 /// Chat settings, with their defaults.

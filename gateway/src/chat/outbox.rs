@@ -9,7 +9,7 @@ use std::time::Duration;
 use tidings_store::Store;
 use tokio::sync::Mutex;
 
-use crate::ingest::ApiError;
+use crate::error::ApiError;
 use crate::produce::{EventProducer, Produced};
 
 /// Where chat events go: the broker through an [`EventProducer`] (or a stand-in in tests).

@@ -11,7 +11,7 @@ use tidings_store::chat::{NewRoom, RoomsCursor};
 
 use super::{message_json, not_a_member, not_found, now_micros, room_json, Body, ChatState};
 use crate::auth::AuthUser;
-use crate::ingest::ApiError;
+use crate::error::ApiError;
 
 /// Namespace of direct room ids: one room per (product, buyer), whoever asks how often.
 const DIRECT_ROOMS: uuid::Uuid = uuid::Uuid::from_u128(0x3c8e_51f2_7a94_4b0e_a1d6_92c4_05e7_f318);

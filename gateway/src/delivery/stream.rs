@@ -22,7 +22,7 @@ use super::hub::{CloseReason, Frame, Queued, SubscribeError, Subscription};
 use super::{parse_position, Event, Hub, Owners};
 use crate::auth::AuthConfig;
 use crate::browser::BrowserAccess;
-use crate::ingest::ApiError;
+use crate::error::ApiError;
 
 /// Shared state of the stream endpoint.
 #[derive(Clone)]

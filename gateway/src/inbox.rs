@@ -14,7 +14,7 @@ use tidings_store::InboxItem;
 use tidings_store::Store;
 
 use crate::auth::{AuthConfig, AuthUser};
-use crate::delivery::stream::NotificationJson;
+use crate::delivery::events::NotificationJson;
 use crate::error::ApiError;
 
 /// Page size when the request gives none.

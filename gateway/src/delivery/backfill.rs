@@ -14,7 +14,7 @@ use tidings_core::kafka::KafkaConfig;
 use tidings_core::notification::NOTIFICATION_SCHEMA;
 use tidings_core::{DecodeError, Notification, RegistryClient};
 
-use super::stream::events_from_record;
+use super::events::events_from_record;
 use super::Event;
 
 /// Why a backfill failed (the resume then falls back to the store, or to `reset`).

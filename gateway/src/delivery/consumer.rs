@@ -23,7 +23,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::stream::events_from_record;
+use super::events::events_from_record;
 use super::{owners, DeliveryConfig, Hub, Owners};
 
 /// Why the delivery stage stopped.

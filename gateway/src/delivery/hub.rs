@@ -803,7 +803,7 @@ impl Hub {
             if item.stream_offset >= before {
                 return Ok((events, false));
             }
-            let e = super::stream::event_from_notification(partition, item.stream_offset, &item.notification, 0);
+            let e = super::events::event_from_notification(partition, item.stream_offset, &item.notification, 0);
             events.push(Arc::new(e));
         }
         Ok((events, full))

@@ -7,11 +7,13 @@
 //! - `backfill`: reads a range of a partition back from Kafka into its ring, for older resumes.
 //! - `consumer`: the Kafka side (assignment, rebalance, decoding) feeding the hub.
 //! - `owners`: the compacted owners topic mapping each partition to its gateway's URL.
+//! - `events`: a `notifications` record as the events its streams send (and the inbox's JSON).
 //! - `stream`: `GET /v1/stream`, the SSE endpoint.
 
 pub mod backfill;
 pub mod config;
 pub mod consumer;
+pub mod events;
 pub mod hub;
 pub mod owners;
 pub mod ring;

@@ -2,6 +2,7 @@
 //! infrastructure), `topology` checks and applies `topology.yaml`, `produce` and `demo` send
 //! events, `inbox` and `segment` read and load the store.
 
+mod config_file;
 mod demo;
 mod endpoints;
 mod settings;
@@ -295,7 +296,7 @@ fn print_token(
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let (cli, config_file) = config_file::parse_from::<Cli>(std::env::args_os().collect());
     let otlp_endpoint = match &cli.command {
         Command::Up(args) => args.otlp_endpoint.clone(),
         _ => std::env::var(opentelemetry_otlp::OTEL_EXPORTER_OTLP_ENDPOINT).ok(),
@@ -308,7 +309,10 @@ async fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Up(args) => up::run(args).await,
+        Command::Up(mut args) => {
+            args.config_file = config_file;
+            up::run(args).await
+        }
         Command::Topology(TopologyCmd::Check { topology }) => tools::topology_check(&topology),
         Command::Topology(TopologyCmd::Apply { infra }) => tools::topology_apply(&infra).await,
         Command::Produce { topic, infra } => tools::produce(&topic, &infra).await,

@@ -91,7 +91,8 @@ pub struct Settings {
 /// Checks every setting `up` can check without side effects; all refusals at once, each naming
 /// its setting.
 pub fn check(args: &UpArgs) -> Result<Settings, Vec<String>> {
-    let mut errors = Vec::new();
+    // The config file's refusals (unknown keys, values of the wrong type) come first.
+    let mut errors = args.config_file.errors.clone();
     let mut ok = |r: Result<(), String>, setting: &str| {
         if let Err(e) = r {
             errors.push(format!("{setting}: {e}"));

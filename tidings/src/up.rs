@@ -40,6 +40,14 @@ use crate::Infra;
 
 #[derive(Args, Debug)]
 pub struct UpArgs {
+    /// A TOML file of settings: the keys are this command's long flags without the dashes
+    /// (`http = "0.0.0.0:8080"`, `ingest-token = ["..."]`, `dev = true`), a list for a repeatable
+    /// flag. Its values replace the built-in defaults; env vars and flags still win over them.
+    #[arg(long, env = "TIDINGS_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
+    /// What reading --config found (refusals, warnings); filled in by the parser.
+    #[arg(skip)]
+    pub config_file: crate::config_file::Report,
     #[command(flatten)]
     pub infra: Infra,
     /// Listen address of the public HTTP gateway (streams, inbox, /healthz, /readyz, /metrics).
@@ -372,6 +380,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(settings::EX_USAGE));
         }
     };
+    for w in &args.config_file.warnings {
+        tracing::warn!("{w}");
+    }
     // The recorder first: a metric handle taken before it exists records nowhere, and the stages
     // take theirs when they start (templating's and persistence's were missing from /metrics).
     tidings_gateway::metrics::install();

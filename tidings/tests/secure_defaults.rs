@@ -143,6 +143,32 @@ async fn outside_dev_mode_only_configured_secrets_and_tokens_work() {
     assert!(!out.status.success(), "a 5-character service token was accepted");
 }
 
+/// A config file's secrets and lists are used as their flags would be (without the file's key,
+/// `up` outside --dev would refuse to start), and a flag still wins over the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_file_holds_what_flags_hold() {
+    use std::os::unix::fs::PermissionsExt;
+    let service = "svc-from-the-config-file-01";
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tidings.toml");
+    let text = format!("jwt-secret = \"{SECRET}\"\ningest-token = [\"{service}\"]\nhttp = \"127.0.0.1:1\"\n");
+    std::fs::write(&config, text).unwrap();
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // `command` passes --http 127.0.0.1:0, which must beat the file's port 1.
+    let (_up, ep) = start(&["--config", config.to_str().unwrap()]);
+    let (http, ingest) = (ep["http"].as_str().unwrap(), ep["ingest"].as_str().unwrap());
+    assert_ne!(http, "http://127.0.0.1:1", "the file's --http beat the flag");
+    let status = reqwest::Client::new()
+        .get(format!("{http}/v1/notifications"))
+        .bearer_auth(user_token(SECRET))
+        .send()
+        .await
+        .expect("GET")
+        .status();
+    assert_eq!(status, 200, "the file's jwt-secret is not the gateway's key");
+    assert_eq!(post(ingest, Some(service)).await.0, 202, "the file's ingest token is not accepted");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_can_move_off_the_public_port() {
     let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -227,7 +253,12 @@ fn every_bad_setting_is_reported_at_once_before_anything_starts() {
     let ports: Vec<String> = (0..3).map(|_| format!("127.0.0.1:{}", common::free_port())).collect();
     let key = tempfile::tempdir().unwrap();
     let missing_key = key.path().join("no-such-key.pem");
+    // A config file with a typo'd key beside a good one.
+    let config = key.path().join("tidings.toml");
+    std::fs::write(&config, "grace-secs = 5\nmax-conections = 100\n").unwrap();
     let args = [
+        "--config",
+        config.to_str().unwrap(),
         "--brokers",
         &brokers,
         "--topic-prefix",
@@ -272,6 +303,7 @@ fn every_bad_setting_is_reported_at_once_before_anything_starts() {
         "--database-url",
         "enable.auto.commit",
         "--stream-secret",
+        "unknown key `max-conections`",
     ] {
         assert!(stderr.contains(named), "{named} not reported:\n{stderr}");
     }

@@ -1,6 +1,6 @@
-//! Prometheus `/metrics`: the process-wide `metrics` recorder rendered as text. Installed once per
-//! process; the gateway's counters and gauges (connections, deliveries, resumes, closes, lag,
-//! queue depths) are recorded through the `metrics` macros wherever they happen.
+//! Prometheus `/metrics`: the process-wide `metrics` recorder rendered as text. Installed once, by
+//! the process's owner at start (the binary, before any stage takes a metric handle); counters and
+//! gauges are recorded through the `metrics` macros wherever they happen.
 
 use axum::routing::get;
 use axum::Router;
@@ -9,8 +9,9 @@ use std::sync::OnceLock;
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
-/// Installs the Prometheus recorder (first call) and returns its handle. Later calls, including
-/// from several gateways in one test process, share it.
+/// Installs the Prometheus recorder as the process's global one and returns its handle. For the
+/// process's owner, at start: a metric handle taken before records nowhere. Later calls (a test
+/// process's gateways) return the same handle.
 pub fn install() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
@@ -24,13 +25,31 @@ pub fn install() -> PrometheusHandle {
         .clone()
 }
 
+/// The installed recorder's handle; `None` before [`install`]. Never installs one.
+pub fn handle() -> Option<PrometheusHandle> {
+    HANDLE.get().cloned()
+}
+
+/// `GET /metrics`: the installed recorder's text (empty when none was installed).
 pub fn router() -> Router {
-    let handle = install();
     Router::new().route(
         "/metrics",
-        get(move || {
-            let h = handle.clone();
-            async move { ([("content-type", "text/plain; version=0.0.4")], h.render()) }
+        get(|| async {
+            let text = handle().map(|h| h.render()).unwrap_or_default();
+            ([("content-type", "text/plain; version=0.0.4")], text)
         }),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    /// Only the process's owner installs the recorder: a hub and the routers (what library users
+    /// and tests build) take no global slot.
+    #[test]
+    fn building_the_gateway_installs_no_recorder() {
+        let _hub = crate::delivery::Hub::new(Default::default(), None);
+        let _app = crate::app(crate::Parts::default(), crate::Readiness::default());
+        let _metrics = crate::metrics_app();
+        assert!(super::handle().is_none(), "a library call installed the recorder");
+    }
 }

@@ -20,6 +20,8 @@ async fn gateway(limits: Limits) -> (String, CancellationToken) {
 /// The public gateway (its TCP front included) serving `app`, with `send_buffer` as its sockets'
 /// kernel send buffer.
 async fn gateway_with(limits: Limits, app: Router, send_buffer: Option<u32>) -> (String, CancellationToken) {
+    // This test process's recorder: the refusals and timeouts are read back from /metrics.
+    tidings_gateway::metrics::install();
     let listener = tidings_gateway::bind("127.0.0.1:0".parse().unwrap(), send_buffer).unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let stop = CancellationToken::new();

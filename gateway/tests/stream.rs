@@ -82,6 +82,8 @@ impl Gw {
 
     /// `direct: false` serves every request through axum (the router alone, as a host app would).
     async fn start_with(owned: &[i32], cfg: HubConfig, store: Option<StoreResume>, direct: bool) -> Gw {
+        // This test process's recorder, before the hub takes its metric handles (/metrics is read).
+        tidings_gateway::metrics::install();
         // A fixed 16 KiB kernel send buffer per connection, as `tidings up` sets by default (64 KiB).
         let listener = tidings_gateway::bind("127.0.0.1:0".parse().unwrap(), Some(16 << 10)).unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());

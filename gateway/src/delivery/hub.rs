@@ -367,8 +367,6 @@ impl Hub {
 
     /// A hub that also backfills its rings from `log` for resumes older than them.
     pub fn with_log(cfg: HubConfig, store: Option<StoreResume>, log: Option<LogSource>) -> Arc<Hub> {
-        // Handles made before a recorder exists would record nowhere.
-        crate::metrics::install();
         Arc::new(Hub {
             cfg,
             partitions: RwLock::new(HashMap::new()),

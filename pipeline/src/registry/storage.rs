@@ -1,6 +1,6 @@
 //! SQL persistence of the registry in the `registry_*` tables of the store, for PostgreSQL and
-//! SQLite alike. The statements are the same text for both backends (`$n` placeholders work in
-//! both); only the connection types differ, which the `on_conn!` macro papers over.
+//! SQLite alike. The statements (`sql/`) are the same text for both backends (`$n` placeholders work
+//! in both); only the connection types differ, which the `on_conn!` macro papers over.
 
 use sqlx::pool::PoolConnection;
 use sqlx::{Postgres, Row, Sqlite, Transaction};
@@ -11,6 +11,17 @@ use super::Mutation;
 /// Key of the PostgreSQL advisory lock that serializes registry writes across processes
 /// ("tidingsr" in ASCII), so two instances never hand out the same id or version.
 const WRITE_LOCK_KEY: i64 = 0x7469_6469_6e67_7372;
+
+const LOCK_WRITES: &str = include_str!("sql/postgres/lock_writes.sql");
+const INSERT_SCHEMA: &str = include_str!("sql/insert_schema.sql");
+const INSERT_VERSION: &str = include_str!("sql/insert_version.sql");
+const SOFT_DELETE_VERSION: &str = include_str!("sql/soft_delete_version.sql");
+const HARD_DELETE_VERSION: &str = include_str!("sql/hard_delete_version.sql");
+const PUT_LEVEL: &str = include_str!("sql/put_level.sql");
+const DELETE_LEVEL: &str = include_str!("sql/delete_level.sql");
+const LOAD_VERSIONS: &str = include_str!("sql/load_versions.sql");
+const LOAD_SCHEMAS: &str = include_str!("sql/load_schemas.sql");
+const LOAD_CONFIG: &str = include_str!("sql/load_config.sql");
 
 pub(crate) struct SchemaRow {
     pub id: u32,
@@ -71,7 +82,7 @@ pub(crate) async fn begin(store: &Store) -> Result<Tx, StoreError> {
     let conn = match store {
         Store::Postgres(pool) => {
             let mut tx = pool.begin().await?;
-            sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(WRITE_LOCK_KEY).execute(&mut *tx).await?;
+            sqlx::query(LOCK_WRITES).bind(WRITE_LOCK_KEY).execute(&mut *tx).await?;
             Conn::Postgres(tx)
         }
         Store::Sqlite(pool) => Conn::Sqlite(pool.begin().await?),
@@ -89,37 +100,33 @@ impl Tx {
             Mutation::InsertSchema { id, schema_type, text, key, .. } => {
                 let id = to_db(*id)?;
                 on_conn!(&mut self.0, |c| {
-                    sqlx::query(
-                        "INSERT INTO registry_schemas (id, schema_type, schema, canonical) VALUES ($1, $2, $3, $4)",
-                    )
-                    .bind(id)
-                    .bind(schema_type)
-                    .bind(text)
-                    .bind(key)
-                    .execute(&mut **c)
-                    .await
-                    .map(|_| ())
+                    sqlx::query(INSERT_SCHEMA)
+                        .bind(id)
+                        .bind(schema_type)
+                        .bind(text)
+                        .bind(key)
+                        .execute(&mut **c)
+                        .await
+                        .map(|_| ())
                 })?;
             }
             Mutation::InsertVersion { subject, version, schema_id } => {
                 let (version, schema_id) = (to_db(*version)?, to_db(*schema_id)?);
                 on_conn!(&mut self.0, |c| {
-                    sqlx::query(
-                        "INSERT INTO registry_versions (subject, version, schema_id, deleted) VALUES ($1, $2, $3, $4)",
-                    )
-                    .bind(subject)
-                    .bind(version)
-                    .bind(schema_id)
-                    .bind(false)
-                    .execute(&mut **c)
-                    .await
-                    .map(|_| ())
+                    sqlx::query(INSERT_VERSION)
+                        .bind(subject)
+                        .bind(version)
+                        .bind(schema_id)
+                        .bind(false)
+                        .execute(&mut **c)
+                        .await
+                        .map(|_| ())
                 })?;
             }
             Mutation::SoftDeleteVersion { subject, version } => {
                 let version = to_db(*version)?;
                 on_conn!(&mut self.0, |c| {
-                    sqlx::query("UPDATE registry_versions SET deleted = $1 WHERE subject = $2 AND version = $3")
+                    sqlx::query(SOFT_DELETE_VERSION)
                         .bind(true)
                         .bind(subject)
                         .bind(version)
@@ -131,34 +138,17 @@ impl Tx {
             Mutation::HardDeleteVersion { subject, version } => {
                 let version = to_db(*version)?;
                 on_conn!(&mut self.0, |c| {
-                    sqlx::query("DELETE FROM registry_versions WHERE subject = $1 AND version = $2")
-                        .bind(subject)
-                        .bind(version)
-                        .execute(&mut **c)
-                        .await
-                        .map(|_| ())
+                    sqlx::query(HARD_DELETE_VERSION).bind(subject).bind(version).execute(&mut **c).await.map(|_| ())
                 })?;
             }
             Mutation::PutLevel { subject, level } => {
                 on_conn!(&mut self.0, |c| {
-                    sqlx::query(
-                        "INSERT INTO registry_config (subject, compatibility) VALUES ($1, $2) \
-                         ON CONFLICT (subject) DO UPDATE SET compatibility = EXCLUDED.compatibility",
-                    )
-                    .bind(subject)
-                    .bind(level.as_str())
-                    .execute(&mut **c)
-                    .await
-                    .map(|_| ())
+                    sqlx::query(PUT_LEVEL).bind(subject).bind(level.as_str()).execute(&mut **c).await.map(|_| ())
                 })?;
             }
             Mutation::DeleteLevel { subject } => {
                 on_conn!(&mut self.0, |c| {
-                    sqlx::query("DELETE FROM registry_config WHERE subject = $1")
-                        .bind(subject)
-                        .execute(&mut **c)
-                        .await
-                        .map(|_| ())
+                    sqlx::query(DELETE_LEVEL).bind(subject).execute(&mut **c).await.map(|_| ())
                 })?;
             }
         }
@@ -183,22 +173,20 @@ macro_rules! impl_load {
     ($conn:ty) => {
         impl LoadConn for $conn {
             async fn load(&mut self) -> Result<Snapshot, StoreError> {
-                let versions = sqlx::query(
-                    "SELECT subject, version, schema_id, deleted FROM registry_versions ORDER BY subject, version",
-                )
-                .fetch_all(&mut *self)
-                .await?
-                .iter()
-                .map(|row| {
-                    Ok(VersionRow {
-                        subject: row.try_get("subject")?,
-                        version: from_db(row.try_get("version")?)?,
-                        schema_id: from_db(row.try_get("schema_id")?)?,
-                        deleted: row.try_get("deleted")?,
+                let versions = sqlx::query(LOAD_VERSIONS)
+                    .fetch_all(&mut *self)
+                    .await?
+                    .iter()
+                    .map(|row| {
+                        Ok(VersionRow {
+                            subject: row.try_get("subject")?,
+                            version: from_db(row.try_get("version")?)?,
+                            schema_id: from_db(row.try_get("schema_id")?)?,
+                            deleted: row.try_get("deleted")?,
+                        })
                     })
-                })
-                .collect::<Result<Vec<_>, StoreError>>()?;
-                let schemas = sqlx::query("SELECT id, schema_type, schema FROM registry_schemas ORDER BY id")
+                    .collect::<Result<Vec<_>, StoreError>>()?;
+                let schemas = sqlx::query(LOAD_SCHEMAS)
                     .fetch_all(&mut *self)
                     .await?
                     .iter()
@@ -210,7 +198,7 @@ macro_rules! impl_load {
                         })
                     })
                     .collect::<Result<Vec<_>, StoreError>>()?;
-                let config = sqlx::query("SELECT subject, compatibility FROM registry_config")
+                let config = sqlx::query(LOAD_CONFIG)
                     .fetch_all(&mut *self)
                     .await?
                     .iter()

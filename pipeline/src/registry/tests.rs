@@ -383,6 +383,12 @@ async fn survives_restart(store: Store, url: &str) {
     registry.delete_version("things-value", VersionSelector::Number(1), false).await.unwrap();
     registry.set_level(Some("things-value"), CompatibilityLevel::FullTransitive).await.unwrap();
     registry.set_level(None, CompatibilityLevel::Forward).await.unwrap();
+    // A subject deleted for good, with the level it had: neither comes back.
+    assert_eq!(registry.register("gone-value", THING_V1).await.unwrap(), 2, "the same schema keeps its id");
+    registry.set_level(Some("gone-value"), CompatibilityLevel::None).await.unwrap();
+    registry.delete_level(Some("gone-value")).await.unwrap();
+    registry.delete_version("gone-value", VersionSelector::Number(1), false).await.unwrap();
+    registry.delete_version("gone-value", VersionSelector::Number(1), true).await.unwrap();
     drop(registry);
 
     let reopened = Registry::open(Store::connect(url).await.unwrap()).await.unwrap();
@@ -391,6 +397,8 @@ async fn survives_restart(store: Store, url: &str) {
     assert_eq!(reopened.versions("things-value", false).await.unwrap(), vec![2]);
     assert_eq!(reopened.versions("things-value", true).await.unwrap(), vec![1, 2]);
     assert_eq!(reopened.subjects(false), vec!["orders-value".to_string(), "things-value".to_string()]);
+    assert_eq!(reopened.subjects(true), vec!["orders-value".to_string(), "things-value".to_string()]);
+    assert_eq!(reopened.subject_level("gone-value"), None);
     assert_eq!(reopened.subject_level("things-value"), Some(CompatibilityLevel::FullTransitive));
     assert_eq!(reopened.global_level(), CompatibilityLevel::Forward);
     assert_eq!(reopened.register("orders-value", ORDER_EVENT).await.unwrap(), 1);

@@ -1,10 +1,10 @@
 //! Chat rooms, membership, read positions and history queries. Rooms and membership are written
 //! only by the gateway's chat API; history by the persistence stage from the `chat` topic. Every
-//! query is one text both backends run (see `on_pool!`). Each room or membership change is written
-//! with its event in `chat_outbox`, in one transaction, so the event is produced even if the first
-//! produce fails (see the gateway's chat outbox).
+//! query is one text both backends run (`sql/chat_*.sql`, see `on_pool!`). Each room or membership
+//! change is written with its event in `chat_outbox`, in one transaction, so the event is produced
+//! even if the first produce fails (see the gateway's chat outbox).
 
-use super::{count, Dialect, Store};
+use super::{count, with_bind_list, Dialect, Store};
 use crate::error::StoreError;
 
 /// A chat room as stored.
@@ -175,9 +175,20 @@ const MY_ROOMS: &str = include_str!("sql/chat_my_rooms.sql");
 const MESSAGES: &str = include_str!("sql/chat_messages.sql");
 const MESSAGE: &str = include_str!("sql/chat_message.sql");
 const UNREAD: &str = include_str!("sql/chat_unread.sql");
-const OUTBOX_INSERT: &str = "INSERT INTO chat_outbox (room_id, event, created_at) VALUES ($1, $2, $3)";
-const ROOM_COLUMNS: &str = "SELECT r.room_id, r.kind, r.name, r.creator_id, r.product_id, r.closed, r.created_at, \
-    (SELECT count(*) FROM room_members c WHERE c.room_id = r.room_id) AS members FROM chat_rooms r";
+const ROOM_TAGS: &str = include_str!("sql/chat_room_tags.sql");
+const SEARCH_ROOMS: &str = include_str!("sql/chat_search_rooms.sql");
+const SEARCH_ROOMS_AFTER: &str = include_str!("sql/chat_search_rooms_after.sql");
+const ROOM_ACCESS: &str = include_str!("sql/chat_room_access.sql");
+const CREATE_ROOM: &str = include_str!("sql/chat_create_room.sql");
+const ADD_ROOM_TAG: &str = include_str!("sql/chat_add_room_tag.sql");
+const ADD_MEMBER: &str = include_str!("sql/chat_add_member.sql");
+const REMOVE_MEMBER: &str = include_str!("sql/chat_remove_member.sql");
+const CLOSE_ROOM: &str = include_str!("sql/chat_close_room.sql");
+const MARK_READ: &str = include_str!("sql/chat_mark_read.sql");
+const OUTBOX_INSERT: &str = include_str!("sql/chat_outbox_insert.sql");
+const OUTBOX_OF_ROOM: &str = include_str!("sql/chat_outbox_of_room.sql");
+const OUTBOX_ROOMS: &str = include_str!("sql/chat_outbox_rooms.sql");
+const OUTBOX_DELETE: &str = include_str!("sql/chat_outbox_delete.sql");
 
 impl RoomRow {
     fn into_room(self, tags: Vec<String>) -> Room {
@@ -207,37 +218,32 @@ impl Store {
     pub async fn create_room_and_event(&self, room: &NewRoom<'_>, event: Option<&str>) -> Result<bool, StoreError> {
         on_pool!(self, |pool, Db| {
             let mut tx = pool.begin().await?;
-            let created = sqlx::query(
-                "INSERT INTO chat_rooms (room_id, kind, name, creator_id, product_id, created_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (room_id) DO NOTHING",
-            )
-            .bind(Db::text(room.room_id))
-            .bind(Db::text(room.kind))
-            .bind(Db::text(room.name))
-            .bind(Db::text(room.creator_id))
-            .bind(room.product_id.map(Db::text))
-            .bind(room.created_at)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
+            let created = sqlx::query(CREATE_ROOM)
+                .bind(Db::text(room.room_id))
+                .bind(Db::text(room.kind))
+                .bind(Db::text(room.name))
+                .bind(Db::text(room.creator_id))
+                .bind(room.product_id.map(Db::text))
+                .bind(room.created_at)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected()
                 > 0;
             if created {
                 for tag in room.tags {
-                    sqlx::query("INSERT INTO chat_room_tags (tag, room_id) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+                    sqlx::query(ADD_ROOM_TAG)
                         .bind(Db::text(tag))
                         .bind(Db::text(room.room_id))
                         .execute(&mut *tx)
                         .await?;
                 }
                 for user in room.members {
-                    sqlx::query(
-                        "INSERT INTO room_members (room_id, user_id, joined_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-                    )
-                    .bind(Db::text(room.room_id))
-                    .bind(Db::text(user))
-                    .bind(room.created_at)
-                    .execute(&mut *tx)
-                    .await?;
+                    sqlx::query(ADD_MEMBER)
+                        .bind(Db::text(room.room_id))
+                        .bind(Db::text(user))
+                        .bind(room.created_at)
+                        .execute(&mut *tx)
+                        .await?;
                 }
                 if let Some(event) = event {
                     sqlx::query(OUTBOX_INSERT)
@@ -271,14 +277,13 @@ impl Store {
         if rooms.is_empty() {
             return Ok(out);
         }
+        let sql = with_bind_list(ROOM_TAGS, 1, rooms.len());
         let rows: Vec<(String, String)> = on_pool!(self, |pool, Db| {
-            let mut q = sqlx::QueryBuilder::<Db>::new("SELECT room_id, tag FROM chat_room_tags WHERE room_id IN (");
-            let mut list = q.separated(", ");
+            let mut q = sqlx::query_as(&sql);
             for r in rooms {
-                list.push_bind(Db::text(r));
+                q = q.bind(Db::text(r));
             }
-            q.push(") ORDER BY tag");
-            q.build_query_as().fetch_all(pool).await?
+            q.fetch_all(pool).await?
         });
         for (room, tag) in rows {
             out.entry(room).or_default().push(tag);
@@ -294,13 +299,8 @@ impl Store {
         user: &str,
         message_id: Option<&str>,
     ) -> Result<Option<RoomAccess>, StoreError> {
-        const SQL: &str = "SELECT r.closed, (SELECT count(*) FROM room_members m WHERE m.room_id = r.room_id \
-                           AND m.user_id = $2) AS member, (SELECT count(*) FROM room_members m \
-                           WHERE m.room_id = r.room_id) AS members, c.source_partition, c.source_offset FROM chat_rooms r \
-                           LEFT JOIN chat_messages c ON c.message_id = $3 AND c.room_id = r.room_id \
-                           WHERE r.room_id = $1";
         let row: Option<AccessRow> = on_pool!(self, |pool, Db| {
-            sqlx::query_as(SQL)
+            sqlx::query_as(ROOM_ACCESS)
                 .bind(Db::text(room_id))
                 .bind(Db::text(user))
                 .bind(message_id.map(Db::text))
@@ -328,9 +328,7 @@ impl Store {
         at: i64,
         event: Option<&str>,
     ) -> Result<bool, StoreError> {
-        const SQL: &str =
-            "INSERT INTO room_members (room_id, user_id, joined_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING";
-        self.change_and_event(SQL, room_id, Some(user), Some(at), event, at).await
+        self.change_and_event(ADD_MEMBER, room_id, Some(user), Some(at), event, at).await
     }
 
     /// Removes `user` from `room`; false when they were not a member.
@@ -346,8 +344,7 @@ impl Store {
         at: i64,
         event: Option<&str>,
     ) -> Result<bool, StoreError> {
-        const SQL: &str = "DELETE FROM room_members WHERE room_id = $1 AND user_id = $2";
-        self.change_and_event(SQL, room_id, Some(user), None, event, at).await
+        self.change_and_event(REMOVE_MEMBER, room_id, Some(user), None, event, at).await
     }
 
     /// Closes `room` (no more joins or messages).
@@ -358,8 +355,7 @@ impl Store {
     /// Closes `room`, writing `event` to the outbox in the same transaction; false when it was
     /// closed already.
     pub async fn close_room_and_event(&self, room_id: &str, at: i64, event: Option<&str>) -> Result<bool, StoreError> {
-        const SQL: &str = "UPDATE chat_rooms SET closed = true WHERE room_id = $1 AND NOT closed";
-        self.change_and_event(SQL, room_id, None, None, event, at).await
+        self.change_and_event(CLOSE_ROOM, room_id, None, None, event, at).await
     }
 
     /// Runs `sql` on `room_id` (`$1`, then `user` and `joined_at` when given) and, when it changed
@@ -398,26 +394,25 @@ impl Store {
 
     /// The outbox's oldest events of `room_id`, in the order they were written.
     pub async fn outbox_of_room(&self, room_id: &str, limit: u32) -> Result<Vec<OutboxEvent>, StoreError> {
-        const SQL: &str = "SELECT id, room_id, event FROM chat_outbox WHERE room_id = $1 ORDER BY id LIMIT $2";
         let rows: Vec<(i64, String, String)> = on_pool!(self, |pool, Db| {
-            sqlx::query_as(SQL).bind(Db::text(room_id)).bind(i64::from(limit)).fetch_all(pool).await?
+            sqlx::query_as(OUTBOX_OF_ROOM).bind(Db::text(room_id)).bind(i64::from(limit)).fetch_all(pool).await?
         });
         Ok(rows.into_iter().map(|(id, room_id, event)| OutboxEvent { id, room_id, event }).collect())
     }
 
     /// Rooms with outbox events written before `before` (microseconds), oldest first, at most `limit`.
     pub async fn outbox_rooms(&self, before: i64, limit: u32) -> Result<Vec<String>, StoreError> {
-        const SQL: &str = "SELECT room_id FROM chat_outbox WHERE created_at < $1 GROUP BY room_id \
-                           ORDER BY min(id) LIMIT $2";
-        let rows: Vec<(String,)> =
-            on_pool!(self, |pool, _Db| sqlx::query_as(SQL).bind(before).bind(i64::from(limit)).fetch_all(pool).await?);
+        let rows: Vec<(String,)> = on_pool!(self, |pool, _Db| sqlx::query_as(OUTBOX_ROOMS)
+            .bind(before)
+            .bind(i64::from(limit))
+            .fetch_all(pool)
+            .await?);
         Ok(rows.into_iter().map(|(r,)| r).collect())
     }
 
     /// Removes a produced event from the outbox.
     pub async fn outbox_delete(&self, id: i64) -> Result<(), StoreError> {
-        const SQL: &str = "DELETE FROM chat_outbox WHERE id = $1";
-        on_pool!(self, |pool, _Db| sqlx::query(SQL).bind(id).execute(pool).await?.rows_affected());
+        on_pool!(self, |pool, _Db| sqlx::query(OUTBOX_DELETE).bind(id).execute(pool).await?.rows_affected());
         Ok(())
     }
 
@@ -486,23 +481,20 @@ impl Store {
         if tags.is_empty() {
             return Ok(Vec::new());
         }
+        // The tags' binds follow the fixed ones: $1 tag count, $2 limit and, on a later page, $3 after.
+        let sql = match after {
+            None => with_bind_list(SEARCH_ROOMS, 3, tags.len()),
+            Some(_) => with_bind_list(SEARCH_ROOMS_AFTER, 4, tags.len()),
+        };
         let rows: Vec<RoomRow> = on_pool!(self, |pool, Db| {
-            let mut q = sqlx::QueryBuilder::<Db>::new(ROOM_COLUMNS);
-            q.push(" WHERE r.kind = 'group' AND NOT r.closed AND r.room_id IN (SELECT room_id FROM chat_room_tags WHERE tag IN (");
-            let mut list = q.separated(", ");
-            for t in tags {
-                list.push_bind(Db::text(t));
-            }
-            q.push(") GROUP BY room_id HAVING count(DISTINCT tag) = ");
-            q.push_bind(tags.len() as i64);
-            q.push(")");
+            let mut q = sqlx::query_as(&sql).bind(tags.len() as i64).bind(i64::from(limit));
             if let Some(after) = after {
-                q.push(" AND r.room_id > ");
-                q.push_bind(Db::text(after));
+                q = q.bind(Db::text(after));
             }
-            q.push(" ORDER BY r.room_id LIMIT ");
-            q.push_bind(i64::from(limit));
-            q.build_query_as().fetch_all(pool).await?
+            for t in tags {
+                q = q.bind(Db::text(t));
+            }
+            q.fetch_all(pool).await?
         });
         let ids: Vec<String> = rows.iter().map(|r| r.room_id.clone()).collect();
         let mut all = self.tags_of(&ids).await?;
@@ -546,10 +538,14 @@ impl Store {
     /// Moves `user`'s read position in `room` up to `seq` (never back); the position and unread count
     /// after it, or `None` when `user` is not a member.
     pub async fn mark_room_read(&self, room_id: &str, user: &str, seq: i64) -> Result<Option<(i64, u64)>, StoreError> {
-        const SQL: &str = "UPDATE room_members SET read_seq = CASE WHEN read_seq < $3 THEN $3 ELSE read_seq END \
-                           WHERE room_id = $1 AND user_id = $2";
         let n = on_pool!(self, |pool, Db| {
-            sqlx::query(SQL).bind(Db::text(room_id)).bind(Db::text(user)).bind(seq).execute(pool).await?.rows_affected()
+            sqlx::query(MARK_READ)
+                .bind(Db::text(room_id))
+                .bind(Db::text(user))
+                .bind(seq)
+                .execute(pool)
+                .await?
+                .rows_affected()
         });
         if n == 0 {
             return Ok(None);

@@ -1,6 +1,6 @@
-//! The store (`tidings-store`): PostgreSQL in production, SQLite as the embedded default. Queries whose SQL both accept
-//! are written once here and `on_pool!` compiles the same text for each pool (no generic executor
-//! bounds); `postgres.rs` and `sqlite.rs` keep only connecting, bulk writes and their column types.
+//! The store (`tidings-store`): PostgreSQL in production, SQLite as the embedded default. Queries whose SQL both
+//! accept are written once (`sql/`, one statement per file) and `on_pool!` compiles the same text for each pool (no
+//! generic executor bounds); `postgres.rs` and `sqlite.rs` keep connecting, bulk writes (`sql/<backend>/`), types.
 
 use sqlx::{PgPool, SqlitePool};
 use std::borrow::Cow;
@@ -173,19 +173,47 @@ fn inbox_items<D: Dialect>(rows: Vec<InboxRowOf<D>>) -> Vec<InboxItem> {
         .collect()
 }
 
-/// Edits and deletes touch only the sender's own message; an edit never revives a deleted one (an
-/// edit racing a delete may arrive after it).
-const EDIT_MESSAGE: &str =
-    "UPDATE chat_messages SET text = $1, edited_at = $2 WHERE message_id = $3 AND sender_id = $4 AND NOT deleted";
-const DELETE_MESSAGE: &str =
-    "UPDATE chat_messages SET text = '', deleted = true, edited_at = $1 WHERE message_id = $2 AND sender_id = $3";
+const EDIT_MESSAGE: &str = include_str!("sql/chat_edit_message.sql");
+const DELETE_MESSAGE: &str = include_str!("sql/chat_delete_message.sql");
 const UPSERT_OFFSETS: &str = include_str!("sql/upsert_offsets.sql");
-const UPSERT_OFFSETS_CONFLICT: &str = include_str!("sql/upsert_offsets_conflict.sql");
+const LOAD_OFFSETS: &str = include_str!("sql/load_offsets.sql");
+const FORGET_OFFSETS: &str = include_str!("sql/forget_offsets.sql");
 const INBOX: &str = include_str!("sql/inbox.sql");
 const INBOX_BEFORE: &str = include_str!("sql/inbox_before.sql");
 const NOTIFICATIONS_AFTER: &str = include_str!("sql/notifications_after.sql");
+const UNREAD_COUNT: &str = include_str!("sql/unread_count.sql");
+const MARK_READ: &str = include_str!("sql/mark_read.sql");
+const COUNT_NOTIFICATIONS: &str = include_str!("sql/count_notifications.sql");
 const SEGMENT_PAGE: &str = include_str!("sql/segment_page.sql");
 const SEGMENT_PAGE_AFTER: &str = include_str!("sql/segment_page_after.sql");
+const ROOM_MEMBERS: &str = include_str!("sql/room_members.sql");
+
+/// Marks where a statement file has a part only known at run time (VALUES rows, the binds of an
+/// `IN (…)` list), which the code writes in its place; the fixed text stays in the file.
+const GENERATED: &str = "/* generated */";
+
+/// The text of statement `sql` before and after its generated part.
+fn around_generated(sql: &'static str) -> (&'static str, &'static str) {
+    sql.split_once(GENERATED).unwrap_or_else(|| panic!("statement without {GENERATED}: {sql}"))
+}
+
+/// Statement `sql` with `n` binds `$first, $first + 1, …` as its generated part: numbered after the
+/// statement's fixed ones, as both backends accept (`QueryBuilder` writes `?` on SQLite, which
+/// does not mix with `$n`).
+fn with_bind_list(sql: &'static str, first: usize, n: usize) -> String {
+    let (head, tail) = around_generated(sql);
+    let mut out = String::with_capacity(sql.len() + 6 * n);
+    out.push_str(head);
+    for i in 0..n {
+        if i > 0 {
+            out.push_str(", ");
+        }
+        out.push('$');
+        out.push_str(&(first + i).to_string());
+    }
+    out.push_str(tail);
+    out
+}
 
 fn count(n: i64) -> u64 {
     u64::try_from(n).unwrap_or(0)
@@ -227,14 +255,15 @@ impl Store {
             }
             let offsets = batch.merged_offsets();
             if !offsets.is_empty() {
-                let mut q = sqlx::QueryBuilder::<Db>::new(UPSERT_OFFSETS);
+                let (head, tail) = around_generated(UPSERT_OFFSETS);
+                let mut q = sqlx::QueryBuilder::<Db>::new(head);
                 q.push_values(&offsets, |mut row, &(topic, partition, next_offset)| {
                     row.push_bind(Db::text(consumer))
                         .push_bind(Db::text(topic))
                         .push_bind(partition)
                         .push_bind(next_offset);
                 });
-                q.push(UPSERT_OFFSETS_CONFLICT);
+                q.push(tail);
                 q.build().execute(&mut *tx).await?;
             }
             tx.commit().await?;
@@ -244,9 +273,8 @@ impl Store {
 
     /// The stored next offset per partition of `topic` for `consumer`.
     pub async fn load_offsets(&self, consumer: &str, topic: &str) -> Result<HashMap<i32, i64>, StoreError> {
-        const SQL: &str = "SELECT partition, next_offset FROM sink_offsets WHERE consumer = $1 AND topic = $2";
         let rows: Vec<(i32, i64)> = on_pool!(self, |pool, Db| {
-            sqlx::query_as(SQL).bind(Db::text(consumer)).bind(Db::text(topic)).fetch_all(pool).await?
+            sqlx::query_as(LOAD_OFFSETS).bind(Db::text(consumer)).bind(Db::text(topic)).fetch_all(pool).await?
         });
         Ok(rows.into_iter().collect())
     }
@@ -254,8 +282,11 @@ impl Store {
     /// Forgets every offset stored for `consumer`: for a broker that starts empty (the embedded
     /// mock cluster), offsets of an earlier run point past the end and would hide new records.
     pub async fn forget_offsets(&self, consumer: &str) -> Result<u64, StoreError> {
-        const SQL: &str = "DELETE FROM sink_offsets WHERE consumer = $1";
-        Ok(on_pool!(self, |pool, Db| sqlx::query(SQL).bind(Db::text(consumer)).execute(pool).await?.rows_affected()))
+        Ok(on_pool!(self, |pool, Db| sqlx::query(FORGET_OFFSETS)
+            .bind(Db::text(consumer))
+            .execute(pool)
+            .await?
+            .rows_affected()))
     }
 
     /// At most `limit` users of an audience segment, sorted, strictly after `after` (the last user of
@@ -285,7 +316,7 @@ impl Store {
 
     /// Members of a chat room, sorted.
     pub async fn room_members(&self, room: &str) -> Result<Vec<String>, StoreError> {
-        self.user_ids("SELECT user_id FROM room_members WHERE room_id = $1 ORDER BY user_id", room).await
+        self.user_ids(ROOM_MEMBERS, room).await
     }
 
     /// The user ids `sql` selects for its one text parameter `key`.
@@ -314,16 +345,17 @@ impl Store {
 
     /// How many of `user`'s notifications are unread.
     pub async fn unread_count(&self, user: &str) -> Result<u64, StoreError> {
-        const SQL: &str = "SELECT count(*) FROM notifications WHERE user_id = $1 AND read_at IS NULL";
-        Ok(count(on_pool!(self, |pool, Db| sqlx::query_scalar(SQL).bind(Db::text(user)).fetch_one(pool).await?)))
+        Ok(count(on_pool!(self, |pool, Db| sqlx::query_scalar(UNREAD_COUNT)
+            .bind(Db::text(user))
+            .fetch_one(pool)
+            .await?)))
     }
 
     /// Marks notification `id` read if it is `user`'s (keeping the first read time); false if there
     /// is no such notification of that user.
     pub async fn mark_read(&self, user: &str, id: uuid::Uuid) -> Result<bool, StoreError> {
-        const SQL: &str = "UPDATE notifications SET read_at = COALESCE(read_at, $3) WHERE id = $1 AND user_id = $2";
         let updated = on_pool!(self, |pool, Db| {
-            sqlx::query(SQL)
+            sqlx::query(MARK_READ)
                 .bind(<Db as Dialect>::Id::from(id))
                 .bind(Db::text(user))
                 .bind(Db::now())
@@ -336,8 +368,7 @@ impl Store {
 
     /// Total stored notifications.
     pub async fn count_notifications(&self) -> Result<u64, StoreError> {
-        const SQL: &str = "SELECT count(*) FROM notifications";
-        Ok(count(on_pool!(self, |pool, _Db| sqlx::query_scalar(SQL).fetch_one(pool).await?)))
+        Ok(count(on_pool!(self, |pool, _Db| sqlx::query_scalar(COUNT_NOTIFICATIONS).fetch_one(pool).await?)))
     }
 
     /// `user`'s notifications on stream `partition` after `after_offset`, oldest first (SSE resume).

@@ -15,6 +15,10 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres
 const STAGING: &str = include_str!("sql/postgres/staging.sql");
 const INSERT_NOTIFICATIONS: &str = include_str!("sql/postgres/insert_notifications.sql");
 const INSERT_CHAT: &str = include_str!("sql/postgres/insert_chat.sql");
+const COPY_NOTIFICATIONS: &str = include_str!("sql/postgres/copy_notifications_staging.sql");
+const COPY_CHAT: &str = include_str!("sql/postgres/copy_chat_staging.sql");
+const COPY_USERS: &str = include_str!("sql/postgres/copy_users_staging.sql");
+const ADD_SEGMENT_MEMBERS: &str = include_str!("sql/postgres/add_segment_members.sql");
 
 /// COPY data is sent whenever this much is encoded, bounding memory for any batch size.
 const COPY_CHUNK_BYTES: usize = 1 << 20;
@@ -123,12 +127,11 @@ impl Dialect for sqlx::Postgres {
     async fn insert_rows(conn: &mut PgConnection, batch: &Batch) -> Result<WriteStats, StoreError> {
         let mut stats = WriteStats::default();
         if !batch.notifications.is_empty() {
-            let copy = "COPY notifications_staging FROM STDIN (FORMAT binary)";
-            copy_rows(conn, copy, &batch.notifications, encode_notification).await?;
+            copy_rows(conn, COPY_NOTIFICATIONS, &batch.notifications, encode_notification).await?;
             stats.notifications_inserted = sqlx::query(INSERT_NOTIFICATIONS).execute(&mut *conn).await?.rows_affected();
         }
         if !batch.chat_messages.is_empty() {
-            copy_rows(conn, "COPY chat_staging FROM STDIN (FORMAT binary)", &batch.chat_messages, encode_chat).await?;
+            copy_rows(conn, COPY_CHAT, &batch.chat_messages, encode_chat).await?;
             stats.chat_inserted = sqlx::query(INSERT_CHAT).execute(&mut *conn).await?.rows_affected();
         }
         Ok(stats)
@@ -141,18 +144,13 @@ pub async fn add_segment_members(pool: &PgPool, segment: &str, users: &[String])
         return Ok(0);
     }
     let mut tx = pool.begin().await?;
-    copy_rows(&mut tx, "COPY users_staging FROM STDIN (FORMAT binary)", users, |enc, u| {
+    copy_rows(&mut tx, COPY_USERS, users, |enc, u| {
         enc.begin_row(1);
         enc.text(&pg_text(u))
     })
     .await?;
-    let added = sqlx::query(
-        "INSERT INTO audience_segments (segment, user_id) SELECT $1, user_id FROM users_staging ON CONFLICT DO NOTHING",
-    )
-    .bind(pg_text(segment).as_ref())
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
+    let added =
+        sqlx::query(ADD_SEGMENT_MEMBERS).bind(pg_text(segment).as_ref()).execute(&mut *tx).await?.rows_affected();
     tx.commit().await?;
     Ok(added)
 }

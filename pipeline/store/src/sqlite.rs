@@ -14,6 +14,7 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite")
 
 const INSERT_NOTIFICATIONS: &str = include_str!("sql/sqlite/insert_notifications.sql");
 const INSERT_CHAT: &str = include_str!("sql/sqlite/insert_chat.sql");
+const ADD_SEGMENT_MEMBERS: &str = include_str!("sql/sqlite/add_segment_members.sql");
 
 /// Rows per multi-row statement: 13 parameters each stays far below SQLite's 32766-variable limit,
 /// and a fixed chunk size means all full chunks share one cached prepared statement.
@@ -121,8 +122,7 @@ async fn insert_members(
 /// See [`crate::Store::add_segment_members`].
 pub async fn add_segment_members(pool: &SqlitePool, segment: &str, users: &[String]) -> Result<u64, StoreError> {
     let mut tx = pool.begin().await?;
-    let added =
-        insert_members(&mut tx, "INSERT OR IGNORE INTO audience_segments (segment, user_id) ", segment, users).await?;
+    let added = insert_members(&mut tx, ADD_SEGMENT_MEMBERS, segment, users).await?;
     tx.commit().await?;
     Ok(added)
 }

@@ -196,6 +196,12 @@ async fn offsets_are_saved_and_never_move_backward(store: &Store) {
     assert_eq!(store.write_batch("sink", &offsets_only).await.unwrap(), WriteStats::default());
     let saved = store.load_offsets("sink", "notifications").await.unwrap();
     assert_eq!(saved, HashMap::from([(0, 10), (1, 9), (2, 1)]));
+
+    // Forgetting is per consumer, over every topic.
+    store.write_batch("other", &Batch { offsets: vec![offset("chat", 0, 4)], ..Batch::default() }).await.unwrap();
+    assert_eq!(store.forget_offsets("sink").await.unwrap(), 4);
+    assert!(store.load_offsets("sink", "notifications").await.unwrap().is_empty());
+    assert_eq!(store.load_offsets("other", "chat").await.unwrap(), HashMap::from([(0, 4)]));
 }
 
 /// Many notifications over many users in one transaction, then 20k-row batches with the rate printed
@@ -492,6 +498,10 @@ async fn chat_rooms_search_history_unread_and_edits(store: &Store) {
     assert_eq!(found(store.search_rooms(&tags(&["tea", "green"]), None, 10).await.unwrap()), ["r1"]);
     assert_eq!(found(store.search_rooms(&tags(&["tea"]), Some("r1"), 10).await.unwrap()), ["r2"]);
     assert_eq!(found(store.search_rooms(&tags(&["tea"]), None, 1).await.unwrap()), ["r1"]);
+    // A later page with several tags: the tags' binds follow the tag count, limit and cursor.
+    let page = store.search_rooms(&tags(&["green", "tea"]), Some("r0"), 1).await.unwrap();
+    assert_eq!(page.iter().map(|r| (r.room_id.as_str(), r.tags.clone())).collect::<Vec<_>>(), [("r1", both.clone())]);
+    assert_eq!(found(store.search_rooms(&tags(&["tea"]), Some("r0"), 1).await.unwrap()), ["r1"]);
     store.close_room("r2").await.unwrap();
     assert_eq!(
         found(store.search_rooms(&tags(&["tea"]), None, 10).await.unwrap()),
@@ -544,6 +554,7 @@ async fn chat_rooms_search_history_unread_and_edits(store: &Store) {
     let last = mine[0].last_message.clone().unwrap();
     assert_eq!((last.message_id.as_str(), last.seq, mine[0].unread), ("m3", 12, 1));
     assert!(mine[1].last_message.is_none());
+    assert_eq!((mine[0].room.tags.clone(), mine[1].room.tags.clone()), (both.clone(), tea.clone()), "each its own");
 
     // Edits and deletes: the sender's only; a delete stops counting as unread.
     let change = |id: &str, sender: &str, text: Option<&str>| ChatChange {
@@ -617,4 +628,16 @@ async fn chat_outbox_and_room_pages(store: &Store) {
         }
     }
     assert_eq!(seen, ["e", "d", "c", "b", "a"]);
+}
+
+/// A statement's generated bind list is numbered after its fixed binds, in the file's text.
+#[test]
+fn bind_lists_are_numbered_after_the_fixed_binds() {
+    assert_eq!(
+        with_bind_list("SELECT 1 WHERE x = $1 AND y IN (/* generated */) LIMIT $2", 3, 3),
+        "SELECT 1 WHERE x = $1 AND y IN ($3, $4, $5) LIMIT $2"
+    );
+    assert_eq!(with_bind_list("IN (/* generated */)", 1, 1), "IN ($1)");
+    let (head, tail) = around_generated(UPSERT_OFFSETS);
+    assert!(head.trim_end().ends_with("next_offset)") && tail.trim_start().starts_with("ON CONFLICT"));
 }

@@ -1,0 +1,1 @@
+DELETE FROM registry_config WHERE subject = $1

@@ -1,0 +1,1 @@
+SELECT subject, compatibility FROM registry_config

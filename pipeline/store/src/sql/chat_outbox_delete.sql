@@ -1,0 +1,1 @@
+DELETE FROM chat_outbox WHERE id = $1

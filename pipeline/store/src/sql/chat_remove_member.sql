@@ -1,0 +1,1 @@
+DELETE FROM room_members WHERE room_id = $1 AND user_id = $2

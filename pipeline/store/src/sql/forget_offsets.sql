@@ -1,0 +1,1 @@
+DELETE FROM sink_offsets WHERE consumer = $1

@@ -1,0 +1,1 @@
+COPY chat_staging FROM STDIN (FORMAT binary)

@@ -1,0 +1,1 @@
+COPY notifications_staging FROM STDIN (FORMAT binary)

@@ -1,0 +1,1 @@
+COPY users_staging FROM STDIN (FORMAT binary)

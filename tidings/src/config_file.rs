@@ -2,6 +2,7 @@
 //! become the flags' defaults, so clap itself layers them: built-in default < file < env < flag.
 //! An unknown key, a value of the wrong type or an unreadable file is a refusal like any other.
 
+use clap::builder::ValueParser;
 use clap::{ArgAction, ArgMatches, Command, CommandFactory, FromArgMatches};
 use std::ffi::OsString;
 use std::path::Path;
@@ -152,6 +153,87 @@ fn readable_by_all(path: &Path, secrets: &[String]) -> Option<String> {
     })
 }
 
+/// A config file for `up` with every key commented out at its default, under its flag's help
+/// and env var: `tidings config-example`, and docs/configuration.md's reference of the keys.
+pub fn example(up: &Command) -> String {
+    let mut out = String::from(
+        "# tidings.toml: settings of `tidings up --config tidings.toml` (or TIDINGS_CONFIG).\n\
+         # Each key is a long flag of `tidings up` without the dashes; a repeatable flag takes an\n\
+         # array. The file replaces the built-in defaults below; env vars and flags win over it.\n",
+    );
+    for arg in up.get_arguments() {
+        let Some(long) = arg.get_long().filter(|l| !["help", CONFIG].contains(l)) else { continue };
+        out.push('\n');
+        let help = arg.get_long_help().or(arg.get_help()).map(|h| h.to_string()).unwrap_or_default();
+        for line in wrap(&help, 96) {
+            out.push_str(&format!("# {line}\n").replace("# \n", "#\n"));
+        }
+        let env = arg.get_env().map(|e| e.to_string_lossy().into_owned()).unwrap_or_default();
+        if arg.is_hide_env_values_set() {
+            out.push_str(&format!("# env: {env}. A secret: keep the file private (chmod 600).\n"));
+        } else if !env.is_empty() {
+            out.push_str(&format!("# env: {env}\n"));
+        }
+        out.push_str(&format!("# {long} = {}\n", example_value(arg)));
+    }
+    out
+}
+
+/// The flag's default as a TOML value, or a placeholder naming the value when it has none.
+fn example_value(arg: &clap::Arg) -> String {
+    let defaults: Vec<String> = arg.get_default_values().iter().map(|d| d.to_string_lossy().into_owned()).collect();
+    let placeholder = || {
+        let name = arg.get_value_names().and_then(|n| n.first()).map(|n| n.to_string()).unwrap_or_default();
+        format!("\"<{name}>\"")
+    };
+    let textual = [ValueParser::string().type_id(), ValueParser::path_buf().type_id()];
+    let quote = |v: &str| match v.parse::<f64>() {
+        Ok(_) if !textual.contains(&arg.get_value_parser().type_id()) => v.to_string(),
+        _ => format!("{v:?}"),
+    };
+    match arg.get_action() {
+        ArgAction::SetTrue => "false".into(),
+        ArgAction::Append => {
+            let delimiter = arg.get_value_delimiter();
+            let items: Vec<String> = defaults
+                .iter()
+                .flat_map(|d| match delimiter {
+                    Some(c) => d.split(c).map(str::to_string).collect(),
+                    None => vec![d.clone()],
+                })
+                .map(|v| quote(&v))
+                .collect();
+            match items.is_empty() {
+                true => format!("[{}]", placeholder()),
+                false => format!("[{}]", items.join(", ")),
+            }
+        }
+        _ => defaults.first().map(|d| quote(d)).unwrap_or_else(placeholder),
+    }
+}
+
+/// `text`'s paragraphs as lines of at most `width` characters (a longer word stays whole).
+fn wrap(text: &str, width: usize) -> Vec<String> {
+    let mut lines = Vec::new();
+    for (i, paragraph) in text.split("\n\n").enumerate() {
+        if i > 0 {
+            lines.push(String::new());
+        }
+        let mut line = String::new();
+        for word in paragraph.split_whitespace() {
+            if !line.is_empty() && line.len() + 1 + word.len() > width {
+                lines.push(std::mem::take(&mut line));
+            }
+            if !line.is_empty() {
+                line.push(' ');
+            }
+            line.push_str(word);
+        }
+        lines.push(line);
+    }
+    lines
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -241,5 +323,24 @@ mod tests {
         assert!(report.warnings.len() == 1 && report.warnings[0].contains("ingest-token"), "{:?}", report.warnings);
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert!(read(&path, &up).1.warnings.is_empty());
+    }
+
+    /// Every key of the example, uncommented, is accepted and gives `up` its built-in defaults.
+    #[test]
+    fn the_example_names_every_key_at_its_default() {
+        let _turn = ENV.lock().unwrap_or_else(|e| e.into_inner());
+        let cmd = Cli::command();
+        let up_cmd = cmd.find_subcommand("up").unwrap();
+        let text = example(up_cmd);
+        let keys: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("# ")).filter(|l| l.contains(" = ")).collect();
+        let flags = up_cmd.get_arguments().filter(|a| a.get_long().is_some_and(|l| !["help", CONFIG].contains(&l)));
+        assert_eq!(keys.len(), flags.count(), "{text}");
+        // Placeholders stand for values that have no default: leave those keys out.
+        let file: String = keys.iter().filter(|l| !l.contains("\"<")).map(|l| format!("{l}\n")).collect();
+        let (mut args, report) = up(&file, &[]);
+        assert!(report.errors.is_empty(), "{:?}\n{file}", report.errors);
+        let (mut defaults, _) = up("", &[]);
+        (args.config, defaults.config) = (None, None);
+        assert_eq!(format!("{args:?}"), format!("{defaults:?}"));
     }
 }

@@ -9,7 +9,7 @@ mod settings;
 mod tools;
 mod up;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use std::path::PathBuf;
@@ -138,6 +138,8 @@ enum Command {
         #[command(flatten)]
         infra: Infra,
     },
+    /// Print a tidings.toml for `tidings up --config`: every key, commented out at its default.
+    ConfigExample,
     /// Send a realistic mixed stream of order, coupon and chat events through the HTTP ingest.
     Demo(demo::DemoArgs),
     /// Show a user's stored notifications, newest first.
@@ -316,6 +318,10 @@ async fn main() -> ExitCode {
         Command::Topology(TopologyCmd::Check { topology }) => tools::topology_check(&topology),
         Command::Topology(TopologyCmd::Apply { infra }) => tools::topology_apply(&infra).await,
         Command::Produce { topic, infra } => tools::produce(&topic, &infra).await,
+        Command::ConfigExample => {
+            print!("{}", config_file::example(Cli::command().find_subcommand("up").expect("`up` is a subcommand")));
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Demo(args) => demo::run(args).await,
         Command::Inbox { user, limit, infra } => tools::inbox(&user, limit, &infra).await,
         Command::Stats { infra } => tools::stats(&infra).await,

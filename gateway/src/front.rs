@@ -158,7 +158,7 @@ async fn connection(
             // Boxed: the task keeps its largest state's size for its whole life, and this one
             // (token checks, a store read for the resume) is only needed for a moment.
             Some(mut parts) => {
-                let origin = crate::browser::allowed_origin(state, &parts.headers);
+                let origin = crate::delivery::browser::allowed_origin(state, &parts.headers);
                 Box::pin(open_subscription(state, &mut parts)).await.ok().map(|sub| (sub, origin))
             }
             None => None,
@@ -227,10 +227,10 @@ pub fn stream_request(head: &[u8]) -> Option<Parts> {
 /// Writes the stream until it ends, the client goes away, the hub drops it as slow, or a write
 /// makes no progress for `limits.write_timeout` (a client that stopped reading at a moment its
 /// queue had no reason to overflow); with CORS headers for `origin` when it is an allowed one
-/// (see `crate::browser`).
+/// (see `crate::delivery::browser`).
 async fn serve_stream(mut sock: TcpStream, mut cursor: StreamCursor, origin: Option<HeaderValue>, limits: &Limits) {
     let mut head = STREAM_HEAD.to_vec();
-    for (name, value) in origin.into_iter().flat_map(crate::browser::cors_headers) {
+    for (name, value) in origin.into_iter().flat_map(crate::delivery::browser::cors_headers) {
         head.extend_from_slice(name.as_str().as_bytes());
         head.extend_from_slice(b": ");
         head.extend_from_slice(value.as_bytes());

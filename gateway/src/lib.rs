@@ -6,7 +6,8 @@
 //!   the registered schema and produces Avro; `service_auth` checks the service credential.
 //! - `health`: `/healthz` (process up) and `/readyz` (stages running).
 //! - `auth`: JWT verification and the `AuthUser` extractor for user-facing endpoints.
-//! - `browser`: the stream's session cookie (`/v1/session`) and CORS, for plain EventSource clients.
+//! - `delivery::browser` (also `browser`): the stream's session cookie (`/v1/session`) and CORS, for
+//!   plain EventSource clients.
 //! - `inbox`: `GET /v1/notifications`, `GET /v1/notifications/unread_count`,
 //!   `POST /v1/notifications/{id}/read` for the token's user.
 //! - `chat`: rooms, membership, messages, history and read positions (`/v1/rooms…`) for users.
@@ -17,7 +18,6 @@
 //!   `POST /v1/dev/token`.
 
 pub mod auth;
-pub mod browser;
 pub mod chat;
 pub mod delivery;
 pub mod error;
@@ -36,6 +36,8 @@ pub use tidings_core::http::Limits;
 use tokio_util::sync::CancellationToken;
 
 pub use auth::{AuthConfig, AuthUser};
+/// The stream's browser side (cookie, CORS), also at its former path.
+pub use delivery::browser;
 pub use delivery::StreamState;
 pub use health::Readiness;
 pub use inbox::InboxState;
@@ -63,7 +65,8 @@ pub fn app(parts: Parts, readiness: Readiness) -> Router {
     }
     // Every route is under the listener's request timeout: `serve` puts it around the whole router.
     if let Some(stream) = stream {
-        router = router.merge(delivery::stream::router(stream.clone())).merge(browser::session_router(stream));
+        router =
+            router.merge(delivery::stream::router(stream.clone())).merge(delivery::browser::session_router(stream));
     }
     if let Some(chat) = chat {
         router = router.merge(chat::router(chat));

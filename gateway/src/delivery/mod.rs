@@ -9,8 +9,10 @@
 //! - `owners`: the compacted owners topic mapping each partition to its gateway's URL.
 //! - `events`: a `notifications` record as the events its streams send (and the inbox's JSON).
 //! - `stream`: `GET /v1/stream`, the SSE endpoint.
+//! - `browser`: what a plain EventSource needs: the stream cookie (`/v1/session`) and CORS.
 
 pub mod backfill;
+pub mod browser;
 pub mod config;
 pub mod consumer;
 pub mod events;
@@ -20,13 +22,26 @@ pub mod ring;
 pub mod stream;
 
 use bytes::Bytes;
+use std::sync::Arc;
+
+use crate::auth::AuthConfig;
+use browser::BrowserAccess;
 
 pub use config::{DeliveryConfig, HubConfig};
 pub use hub::{CloseReason, Hub};
 pub use owners::Owners;
-pub use stream::StreamState;
 
 pub use tidings_core::kafka::partition_for;
+
+/// Shared state of the stream endpoint.
+#[derive(Clone)]
+pub struct StreamState {
+    pub hub: Arc<Hub>,
+    pub owners: Arc<Owners>,
+    pub auth: Arc<AuthConfig>,
+    /// Session cookie and CORS settings for browsers.
+    pub browser: Arc<BrowserAccess>,
+}
 
 /// One notification as delivered: its stream position, user, kind and JSON body (shared by the
 /// ring and every connection queue it sits in).

@@ -18,25 +18,13 @@ use futures::stream;
 use serde_json::json;
 
 use super::hub::{CloseReason, Frame, Queued, SubscribeError, Subscription};
-use super::{parse_position, Event, Hub, Owners};
-use crate::auth::AuthConfig;
-use crate::browser::BrowserAccess;
+use super::{parse_position, Event, Hub, StreamState};
 use crate::error::ApiError;
-
-/// Shared state of the stream endpoint.
-#[derive(Clone)]
-pub struct StreamState {
-    pub hub: Arc<Hub>,
-    pub owners: Arc<Owners>,
-    pub auth: Arc<AuthConfig>,
-    /// Session cookie and CORS settings for browsers.
-    pub browser: Arc<BrowserAccess>,
-}
 
 pub fn router(state: StreamState) -> Router {
     Router::new()
-        .route("/v1/stream", get(open).options(crate::browser::preflight))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), crate::browser::cors))
+        .route("/v1/stream", get(open).options(super::browser::preflight))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), super::browser::cors))
         .with_state(state)
 }
 

@@ -14,7 +14,6 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 use tidings_core::client_stats::{reporting, ClientStats};
-use tidings_core::shutdown::StageHealth;
 use tidings_core::shutdown::TaskTree;
 use tidings_core::{RegistryClient, RegistryEndpoint};
 use tidings_gateway::auth::{self, Key};
@@ -489,39 +488,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
 
     let run = |name: &str| args.stages.iter().any(|s| s == name);
     if run("templating") {
-        let health = StageHealth::default();
-        let cfg = TemplatingConfig {
-            kafka: kafka.clone(),
-            registry: registry.clone(),
-            topology: topo.clone(),
-            health: health.clone(),
-        };
-        let (s, t) = (store.clone(), token.clone());
-        // Ready while running, not while waiting to restart after a broker or registry outage.
-        readiness.set_check("templating", move || health.is_up());
-        tasks.spawn("templating", async move { templating::run(cfg, s, t).await });
+        let cfg = TemplatingConfig::new(kafka.clone(), registry.clone(), topo.clone());
+        readiness.set_check("templating", templating::spawn(&mut tasks, cfg, store.clone()));
     }
     if run("persistence") {
-        let spec = &topo.stages.persistence;
-        let chat = spec.inputs.iter().find(|t| t.as_str() == "chat");
-        let notifications =
-            spec.inputs.iter().find(|t| t.as_str() != "chat").cloned().unwrap_or_else(|| "notifications".into());
-        let cfg = PersistenceConfig {
-            kafka: kafka.clone(),
-            registry: registry.clone(),
-            group: topo.group_name(&spec.group),
-            notifications_topic: topo.topic_name(&notifications),
-            chat_topic: chat.map(|c| topo.topic_name(c)),
-            chat_schema: chat.and_then(|c| topo.schema_text(c)).map(str::to_string),
-            dead_letter: topo.topic_name(&spec.dead_letter),
-            batch_size: spec.batch_size,
-            linger: Duration::from_millis(spec.linger_ms),
-            health: StageHealth::default(),
-        };
-        let (s, t) = (store.clone(), token.clone());
-        let health = cfg.health.clone();
-        readiness.set_check("persistence", move || health.is_up());
-        tasks.spawn("persistence", async move { persistence::run(cfg, s, t).await });
+        let cfg = PersistenceConfig::new(kafka.clone(), registry.clone(), &topo);
+        readiness.set_check("persistence", persistence::spawn(&mut tasks, cfg, store.clone()));
     }
     let (mut http, mut ingest_url) = (String::new(), String::new());
     // The gateway needs keys to check user tokens; ingest alone uses them, when it has them, only
@@ -606,21 +578,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         let allow = settings.redirect_allow;
         let gateways = allow.origins();
         let owners = Owners::with_allow(&advertised, &notifications, allow);
-        let dcfg = DeliveryConfig {
-            kafka: kafka.clone(),
-            registry: registry.clone(),
-            topic: notifications,
-            group: topo.group_name(&args.sse.delivery_group),
-            owners_topic: topo.topic_name(&args.sse.owners_topic),
-            health: StageHealth::default(),
-        };
-        {
-            let (h, o, t) = (hub.clone(), owners.clone(), token.clone());
-            let health = dcfg.health.clone();
-            tasks.spawn("delivery", async move { delivery::consumer::run(dcfg, h, o, t).await });
-            let h = hub.clone();
-            readiness.set_check("delivery", move || health.is_up() && h.is_ready());
-        }
+        let dcfg = DeliveryConfig::new(
+            kafka.clone(),
+            registry.clone(),
+            notifications,
+            topo.group_name(&args.sse.delivery_group),
+            topo.topic_name(&args.sse.owners_topic),
+        );
+        readiness.set_check("delivery", delivery::spawn(&mut tasks, dcfg, hub.clone(), owners.clone()));
         let browser = BrowserAccess {
             cors_allow: settings.cors_allow,
             cookie_secure: args.sse.cookie_secure || advertised.starts_with("https://"),

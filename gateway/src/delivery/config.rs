@@ -1,9 +1,14 @@
 //! Settings of the delivery stage: where it consumes from and how much it may buffer per
-//! partition and per connection. Every bound here is what keeps memory flat under any load.
+//! partition and per connection (every bound here keeps memory flat under any load), and
+//! [`spawn`], which starts it under the process's task tree.
 
+use std::sync::Arc;
 use std::time::Duration;
 use tidings_core::kafka::KafkaConfig;
+use tidings_core::shutdown::{StageHealth, TaskTree};
 use tidings_core::RegistryEndpoint;
+
+use super::{Hub, Owners};
 
 /// Bounds and timings of the hub (rings, connection queues, heartbeats).
 #[derive(Debug, Clone)]
@@ -71,4 +76,32 @@ pub struct DeliveryConfig {
     /// Physical owners topic (compacted, one partition): partition → owning gateway URL (this
     /// instance's URL is the `Owners` directory's `self_url`).
     pub owners_topic: String,
+}
+
+impl DeliveryConfig {
+    /// Delivery of the physical `topic` by `group`, announcing owned partitions on `owners_topic`.
+    pub fn new(
+        kafka: KafkaConfig,
+        registry: RegistryEndpoint,
+        topic: String,
+        group: String,
+        owners_topic: String,
+    ) -> Self {
+        DeliveryConfig { kafka, registry, health: StageHealth::default(), topic, group, owners_topic }
+    }
+}
+
+/// Runs the stage under `tasks` until their shutdown, feeding `hub` and announcing ownership
+/// through `owners`. The check it returns is true while the stage runs and the hub has caught
+/// up with its partitions (for `/readyz`).
+pub fn spawn(
+    tasks: &mut TaskTree,
+    cfg: DeliveryConfig,
+    hub: Arc<Hub>,
+    owners: Arc<Owners>,
+) -> impl Fn() -> bool + Send + Sync + 'static {
+    let health = cfg.health.clone();
+    let (shutdown, ready) = (tasks.token().clone(), hub.clone());
+    tasks.spawn(super::consumer::STAGE, async move { super::consumer::run(cfg, hub, owners, shutdown).await });
+    move || health.is_up() && ready.is_ready()
 }

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use crate::auth::AuthConfig;
 use browser::BrowserAccess;
 
-pub use config::{DeliveryConfig, HubConfig};
+pub use config::{spawn, DeliveryConfig, HubConfig};
 pub use hub::{CloseReason, Hub};
 pub use owners::Owners;
 

@@ -28,7 +28,7 @@ use tokio::runtime::{Handle, RuntimeFlavor};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
-pub use config::PersistenceConfig;
+pub use config::{spawn, PersistenceConfig};
 
 use tidings_store::chat::ChatChange;
 use tidings_store::{Batch, ChatMessage, OffsetUpdate, Store, StoreError, StoredNotification};

@@ -4,6 +4,7 @@
 //! in order, so a crash replays rather than loses; replays are harmless because notification ids
 //! are deterministic.
 
+pub mod config;
 pub mod render;
 pub mod rooms;
 
@@ -33,6 +34,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::error::StageError;
 use crate::topology::Topology;
+pub use config::spawn;
 pub use render::Rendered;
 use render::{Audience, RenderError, Renderer};
 use rooms::{RoomCache, TemplatingContext, MAX_CACHED_ROOMS};

@@ -1,0 +1,230 @@
+//! The hub: the partitions this gateway owns, each with its ring and the connections of its users.
+//! Appending an event and registering a connection happen under the partition's lock, so a resume
+//! never misses an event that arrives while it is being served, and never sends one twice.
+//!
+//! - `partition`: an owned partition, its ring and its streams; events in.
+//! - `resume`: how a stream starts (ring → backfill → store → reset).
+//! - `conn`: one open stream, its queue and its close.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use metrics::{counter, gauge, Counter, Gauge};
+use tidings_store::StoreError;
+
+use super::backfill::LogSource;
+use super::{partition_for, HubConfig};
+
+mod conn;
+mod partition;
+mod resume;
+
+pub use conn::{CloseReason, Conn, Frame, Queued, Subscription};
+use partition::Partition;
+pub use resume::StoreResume;
+
+/// How a resume was served (the `outcome` label of `tidings_gateway_resumes_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResumeOutcome {
+    /// No Last-Event-ID: live from the current position.
+    Fresh,
+    Ring,
+    Store,
+    Reset,
+}
+
+impl ResumeOutcome {
+    const ALL: [ResumeOutcome; 4] =
+        [ResumeOutcome::Fresh, ResumeOutcome::Ring, ResumeOutcome::Store, ResumeOutcome::Reset];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResumeOutcome::Fresh => "fresh",
+            ResumeOutcome::Ring => "ring",
+            ResumeOutcome::Store => "store",
+            ResumeOutcome::Reset => "reset",
+        }
+    }
+}
+
+/// Why a stream cannot be opened here.
+#[derive(Debug, thiserror::Error)]
+pub enum SubscribeError {
+    /// Another gateway owns the user's partition (or nobody does right now).
+    #[error("partition {0} is not owned by this gateway")]
+    NotOwned(i32),
+    /// Owned but still filling its ring, or the partition count is not known yet, or stopping.
+    #[error("not ready to serve partition {0} yet")]
+    NotReady(i32),
+    /// The store was needed for the resume and failed; retrying later can help when retriable.
+    #[error("the store could not serve the resume: {0}")]
+    Store(#[from] StoreError),
+}
+
+struct Metrics {
+    connections: Gauge,
+    queued_events: Gauge,
+    queued_bytes: Gauge,
+    owned: Gauge,
+    delivered: Counter,
+    /// Seconds from a live event's Kafka CreateTime to its stream taking it off its queue to
+    /// write it: the whole hop through this gateway (consume, decode, queue, schedule); recorded
+    /// for the streams whose id is a multiple of [`conn::AGE_SAMPLE`].
+    age_at_write: metrics::Histogram,
+    closes: HashMap<&'static str, Counter>,
+    resumes: HashMap<&'static str, Counter>,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        Metrics {
+            connections: gauge!("tidings_gateway_connections"),
+            queued_events: gauge!("tidings_gateway_queued_events"),
+            queued_bytes: gauge!("tidings_gateway_queued_bytes"),
+            owned: gauge!("tidings_gateway_owned_partitions"),
+            delivered: counter!("tidings_gateway_events_delivered_total"),
+            age_at_write: metrics::histogram!("tidings_gateway_event_age_at_write_seconds"),
+            closes: CloseReason::ALL
+                .iter()
+                .map(|r| (r.as_str(), counter!("tidings_gateway_closes_total", "reason" => r.as_str())))
+                .collect(),
+            resumes: ResumeOutcome::ALL
+                .iter()
+                .map(|o| (o.as_str(), counter!("tidings_gateway_resumes_total", "outcome" => o.as_str())))
+                .collect(),
+        }
+    }
+}
+
+/// All owned partitions of one gateway and their connections.
+pub struct Hub {
+    cfg: HubConfig,
+    partitions: RwLock<HashMap<i32, Arc<Mutex<Partition>>>>,
+    partition_count: AtomicI32,
+    /// The group has given this instance an assignment (possibly empty).
+    joined: AtomicBool,
+    closing: AtomicBool,
+    next_conn: AtomicU64,
+    store: Option<StoreResume>,
+    /// Where backfills read from; `None`: resumes older than the ring go to the store.
+    log: Option<LogSource>,
+    /// One backfill at a time per partition: resumes arriving meanwhile wait and use its result.
+    backfills: Mutex<HashMap<i32, Arc<tokio::sync::Mutex<()>>>>,
+    metrics: Metrics,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub").field("owned", &self.owned()).finish_non_exhaustive()
+    }
+}
+
+impl Hub {
+    pub fn new(cfg: HubConfig, store: Option<StoreResume>) -> Arc<Hub> {
+        Hub::with_log(cfg, store, None)
+    }
+
+    /// A hub that also backfills its rings from `log` for resumes older than them.
+    pub fn with_log(cfg: HubConfig, store: Option<StoreResume>, log: Option<LogSource>) -> Arc<Hub> {
+        Arc::new(Hub {
+            cfg,
+            partitions: RwLock::new(HashMap::new()),
+            partition_count: AtomicI32::new(0),
+            joined: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
+            // From 0: the first stream is among the sampled ones (AGE_SAMPLE).
+            next_conn: AtomicU64::new(0),
+            store,
+            log,
+            backfills: Mutex::new(HashMap::new()),
+            metrics: Metrics::new(),
+        })
+    }
+
+    pub fn config(&self) -> &HubConfig {
+        &self.cfg
+    }
+
+    /// Number of partitions of the notifications topic (0 until known).
+    pub fn set_partition_count(&self, n: i32) {
+        self.partition_count.store(n, Ordering::Relaxed);
+    }
+
+    /// The user's partition, once the partition count is known.
+    pub fn partition_of(&self, user: &str) -> Option<i32> {
+        match self.partition_count.load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(partition_for(user, n)),
+        }
+    }
+
+    /// Owned partitions, sorted.
+    pub fn owned(&self) -> Vec<i32> {
+        let mut v: Vec<i32> = self.partitions.read().expect("lock").keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
+    pub fn owns(&self, partition: i32) -> bool {
+        self.partitions.read().expect("lock").contains_key(&partition)
+    }
+
+    /// Ready: assigned by the group and every owned partition caught up (and not stopping).
+    pub fn is_ready(&self) -> bool {
+        self.joined.load(Ordering::Relaxed)
+            && !self.closing.load(Ordering::Relaxed)
+            && self.partitions.read().expect("lock").values().all(|p| p.lock().expect("lock").live)
+    }
+
+    /// Open streams.
+    pub fn connections(&self) -> usize {
+        let parts: Vec<_> = self.partitions.read().expect("lock").values().cloned().collect();
+        parts.iter().map(|p| p.lock().expect("lock").subs.values().map(Vec::len).sum::<usize>()).sum()
+    }
+}
+
+/// What the hub's tests share: a small hub, events, and a stream's frames so far.
+#[cfg(test)]
+mod testkit {
+    use super::*;
+    use crate::delivery::Event;
+    use bytes::Bytes;
+
+    pub(super) fn cfg() -> HubConfig {
+        HubConfig { ring_events: 8, queue_events: 4, max_connections_per_user: 2, ..HubConfig::default() }
+    }
+
+    pub(super) fn hub_with(user: &str, cfg: HubConfig) -> (Arc<Hub>, i32) {
+        let hub = Hub::new(cfg, None);
+        hub.set_partition_count(1);
+        hub.assign(0, 0, 0);
+        assert_eq!(hub.partition_of(user), Some(0));
+        (hub, 0)
+    }
+
+    pub(super) fn ev(offset: i64, user: &str) -> Event {
+        Event::new(0, offset, offset as u128, user, "k", Bytes::from(format!("{{\"n\":{offset}}}")), 0)
+    }
+
+    pub(super) fn offsets(frames: &[Frame]) -> Vec<i64> {
+        frames
+            .iter()
+            .filter_map(|f| match f {
+                Frame::Event(e) => Some(e.offset),
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub(super) fn drain(sub: &mut Subscription) -> Vec<Frame> {
+        let mut v = std::mem::take(&mut sub.backlog);
+        while let Ok(f) = sub.rx.try_recv() {
+            if let Queued::Event(e) = &f {
+                sub.conn.dequeued(e);
+            }
+            v.push(f.into());
+        }
+        v
+    }
+}

@@ -1,0 +1,214 @@
+//! The HTTP side of `up`: event ingest for services on its own listener, and the gateway
+//! (delivery over SSE, inbox, chat API, web page) on the public one, with `/metrics` on a third
+//! listener when asked. Each listener has its own connection cap.
+
+use anyhow::Context;
+use rdkafka::producer::FutureProducer;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tidings_core::client_stats::{reporting, ClientStats};
+use tidings_core::shutdown::TaskTree;
+use tidings_core::RegistryClient;
+use tidings_gateway::browser::BrowserAccess;
+use tidings_gateway::chat::{ChatConfig, ChatState};
+use tidings_gateway::delivery::backfill::LogSource;
+use tidings_gateway::delivery::hub::StoreResume;
+use tidings_gateway::delivery::owners::RedirectAllow;
+use tidings_gateway::delivery::{self, DeliveryConfig, Hub, Owners};
+use tidings_gateway::produce::EventProducer;
+use tidings_gateway::service_auth::ServiceTokens;
+use tidings_gateway::web::{DevSignIn, WebConfig};
+use tidings_gateway::{AuthConfig, InboxState, IngestState, IngestTopic, Parts, Readiness, StreamState};
+use tidings_pipeline::topology::Topology;
+use tracing::info;
+
+use super::infra::Infrastructure;
+use super::UpArgs;
+use crate::settings::Settings;
+
+/// Where the HTTP listeners are (`http://addr`); empty for one that is off.
+#[derive(Default)]
+pub struct Listening {
+    pub http: String,
+    pub ingest: String,
+}
+
+/// Serves ingest (when `ingest` or `gateway` runs and a service token is set) and the gateway
+/// (when `gateway` runs) under `tasks`.
+pub fn serve(
+    args: &UpArgs,
+    settings: Settings,
+    infra: &Infrastructure,
+    tasks: &mut TaskTree,
+    readiness: &Readiness,
+) -> anyhow::Result<Listening> {
+    let mut listening = Listening::default();
+    if !(args.runs("gateway") || args.runs("ingest")) {
+        return Ok(listening);
+    }
+    // The gateway needs keys to check user tokens; ingest alone uses them, when it has them, only
+    // to tell a user token (403) from an unknown one (401).
+    let auth = settings.auth.map(Arc::new);
+    // One producer of schema-checked JSON events for ingest and the chat API.
+    let producer: FutureProducer<ClientStats> =
+        reporting(infra.kafka.producer()).create_with_context(ClientStats::new("ingest-producer"))?;
+    let events = Arc::new(EventProducer::new(infra.registry_client.clone(), producer));
+    listening.ingest = ingest(args, infra, settings.ingest_tokens, events.clone(), auth.clone(), tasks, readiness)?;
+    if let (true, Some(auth)) = (args.runs("gateway"), auth) {
+        let origins = (settings.redirect_allow, settings.cors_allow);
+        listening.http = gateway(args, infra, auth, events, origins, tasks, readiness)?;
+    }
+    Ok(listening)
+}
+
+/// HTTP ingest on its own listener, for the templating stage's input topics (not chat, which
+/// only the chat API produces: it checks membership and the sender). Off without a token.
+fn ingest(
+    args: &UpArgs,
+    infra: &Infrastructure,
+    tokens: ServiceTokens,
+    events: Arc<EventProducer>,
+    users: Option<Arc<AuthConfig>>,
+    tasks: &mut TaskTree,
+    readiness: &Readiness,
+) -> anyhow::Result<String> {
+    let topo = &infra.topology;
+    let topics: HashMap<String, IngestTopic> = topo
+        .topics
+        .iter()
+        .filter(|(name, _)| topo.stages.templating.inputs.contains(name) && name.as_str() != "chat")
+        .map(|(name, spec)| {
+            (name.clone(), IngestTopic { physical: topo.topic_name(name), key_field: spec.key.clone() })
+        })
+        .collect();
+    if tokens.is_empty() {
+        info!("HTTP ingest is off: no --ingest-token (TIDINGS_INGEST_TOKENS) is set.");
+        return Ok(String::new());
+    }
+    let ingest = Arc::new(IngestState { topics, events, tokens, users });
+    let listener = tidings_gateway::bind(args.ingest_listen, None)
+        .with_context(|| format!("binding HTTP ingest to {}", args.ingest_listen))?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let app = tidings_gateway::ingest_app(ingest, readiness.clone());
+    let (t, limits) = (tasks.token().clone(), args.http_limits("ingest", args.ingest_max_connections));
+    tasks.spawn("ingest", async move { tidings_gateway::serve(listener, app, limits, t).await });
+    info!("HTTP ingest for services listening on {url} (POST /v1/events/{{topic}}, service token required).");
+    Ok(url)
+}
+
+/// The public gateway: delivery (this instance's share of the notifications partitions, streamed
+/// over SSE), the inbox, the chat API and the web page; `/metrics` here or on its own listener.
+fn gateway(
+    args: &UpArgs,
+    infra: &Infrastructure,
+    auth: Arc<AuthConfig>,
+    events: Arc<EventProducer>,
+    (redirect_allow, cors_allow): (RedirectAllow, RedirectAllow),
+    tasks: &mut TaskTree,
+    readiness: &Readiness,
+) -> anyhow::Result<String> {
+    let (topo, store) = (&infra.topology, &infra.store);
+    let inbox = InboxState { store: store.clone(), auth: auth.clone() };
+    let chat = chat(args, infra, auth.clone(), events)?;
+    let send_buffer = (args.sse.socket_send_buffer > 0).then_some(args.sse.socket_send_buffer);
+    let listener = tidings_gateway::bind(args.http, send_buffer)
+        .with_context(|| format!("binding the gateway to {}", args.http))?;
+    let http = format!("http://{}", listener.local_addr()?);
+    let advertised = args.sse.advertise_url.clone().unwrap_or_else(|| http.clone());
+
+    let notifications = topo.topic_name(&topo.stages.templating.output);
+    let persistence_group = topo.group_name(&topo.stages.persistence.group);
+    let resume = StoreResume { store: store.clone(), group: persistence_group, topic: notifications.clone() };
+    // Resumes older than a ring are backfilled from the notifications topic itself.
+    let log = LogSource {
+        kafka: infra.kafka.clone(),
+        registry: RegistryClient::new(&infra.registry).context("the schema registry client of backfills")?,
+        topic: notifications.clone(),
+        group: topo.group_name(&format!("{}-backfill", args.sse.delivery_group)),
+    };
+    let hub = Hub::with_log(args.sse.hub_config(), Some(resume), Some(log));
+    let gateways = redirect_allow.origins();
+    let owners = Owners::with_allow(&advertised, &notifications, redirect_allow);
+    let group = topo.group_name(&args.sse.delivery_group);
+    let owners_topic = topo.topic_name(&args.sse.owners_topic);
+    let dcfg = DeliveryConfig::new(infra.kafka.clone(), infra.registry.clone(), notifications, group, owners_topic);
+    readiness.set_check("delivery", delivery::spawn(tasks, dcfg, hub.clone(), owners.clone()));
+
+    let browser = BrowserAccess {
+        cors_allow,
+        cookie_secure: args.sse.cookie_secure || advertised.starts_with("https://"),
+        cookie_domain: args.sse.cookie_domain.clone(),
+        session_ttl: Duration::from_secs(args.sse.stream_session_secs.max(1)),
+    };
+    let stream = StreamState { hub, owners, auth, browser: Arc::new(browser) };
+    let parts = Parts {
+        inbox: Some(inbox),
+        chat: Some(chat),
+        stream: Some(stream.clone()),
+        metrics_elsewhere: args.metrics_listen.is_some(),
+        web: Some(web_config(topo, args, gateways)),
+    };
+    let app = tidings_gateway::app(parts, readiness.clone());
+    readiness.set("gateway", true);
+    if let Some(addr) = args.metrics_listen {
+        let listener = tidings_gateway::bind(addr, None).with_context(|| format!("binding /metrics to {addr}"))?;
+        info!("Prometheus /metrics on http://{} only.", listener.local_addr()?);
+        let (t, limits) = (tasks.token().clone(), args.http_limits("metrics", args.metrics_max_connections));
+        tasks.spawn("metrics", async move {
+            tidings_gateway::serve(listener, tidings_gateway::metrics_app(), limits, t).await
+        });
+    }
+    let t = tasks.token().clone();
+    let limits = args.http_limits("public", args.max_connections).per_ip(args.max_connections_per_ip);
+    tasks.spawn("gateway", async move { tidings_gateway::serve_gateway(listener, app, Some(stream), limits, t).await });
+    info!(
+        "Gateway listening on {http}, advertised as {advertised} (GET /v1/stream, GET /v1/notifications, \
+         GET /healthz, /readyz, /metrics); the web page at {http}/."
+    );
+    Ok(http)
+}
+
+/// The chat API's state and limits.
+fn chat(
+    args: &UpArgs,
+    infra: &Infrastructure,
+    auth: Arc<AuthConfig>,
+    events: Arc<EventProducer>,
+) -> anyhow::Result<ChatState> {
+    let topo = &infra.topology;
+    let mut cfg = ChatConfig::new(
+        topo.topic_name("chat"),
+        topo.group_name(&topo.stages.persistence.group),
+        topo.topic_name(&topo.stages.templating.output),
+    );
+    let c = &args.chat;
+    cfg.max_text_bytes = c.chat_max_text_bytes;
+    cfg.edit_window = Duration::from_secs(c.chat_edit_window_secs);
+    cfg.send_rate = (c.chat_rate, c.chat_burst);
+    cfg.write_rate = (c.chat_write_rate, c.chat_write_burst);
+    cfg.fanout_per_token = c.chat_fanout_per_token;
+    cfg.inquiries_per_buyer = c.chat_inquiries_per_buyer;
+    cfg.inquiries_per_pair = c.chat_inquiries_per_pair;
+    cfg.inquiry_window = Duration::from_secs(c.chat_inquiry_window_secs);
+    cfg.history_rate = (c.chat_history_rate, c.chat_history_burst);
+    cfg.rooms_page = c.chat_rooms_page;
+    cfg.tracked_users = c.chat_tracked_users;
+    // Watermarks only: it never joins a group nor reads.
+    let watermarks =
+        infra.kafka.consumer_with(&format!("{}-watermarks", topo.group_name("chat-api")), &[], &[]).create()?;
+    Ok(ChatState::new(infra.store.clone(), auth, events, cfg, watermarks))
+}
+
+/// The web page's settings: the kinds to listen for, dev sign-in when `--dev` and no key of its
+/// own (then the public dev secret is the gateway's only key, so the tokens it signs verify), and
+/// the gateways its stream may be redirected to.
+fn web_config(topo: &Topology, args: &UpArgs, gateways: Vec<String>) -> WebConfig {
+    let mut kinds: Vec<String> = topo.templates.iter().map(|t| t.kind.clone()).collect();
+    kinds.sort();
+    kinds.dedup();
+    let dev_key = args.dev && args.jwt.jwt_secret.is_none() && args.jwt.jwt_public_key_file.is_none();
+    let dev_sign_in =
+        dev_key.then(|| DevSignIn { issuer: args.jwt.jwt_issuer.clone(), audience: args.jwt.jwt_audience.clone() });
+    WebConfig { kinds, dev_sign_in, gateways }
+}

@@ -343,4 +343,28 @@ mod tests {
         (args.config, defaults.config) = (None, None);
         assert_eq!(format!("{args:?}"), format!("{defaults:?}"));
     }
+
+    /// The hand-written examples of docs/configuration.md are files `up` accepts.
+    #[test]
+    fn the_documented_examples_are_accepted() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/configuration.md");
+        let doc = std::fs::read_to_string(path).unwrap();
+        let lines: Vec<&str> = doc.lines().collect();
+        let up = Cli::command().find_subcommand("up").unwrap().clone();
+        let dir = tempfile::tempdir().unwrap();
+        let mut checked = 0;
+        for (i, _) in lines.iter().enumerate().filter(|(_, l)| l.trim() == "```toml") {
+            if i > 0 && lines[i - 1].contains("<!-- generated:") {
+                continue;
+            }
+            let body: Vec<&str> = lines[i + 1..].iter().take_while(|l| l.trim() != "```").copied().collect();
+            let file = dir.path().join(format!("example-{i}.toml"));
+            std::fs::write(&file, body.join("\n")).unwrap();
+            let (entries, report) = read(&file, &up);
+            assert!(report.errors.is_empty(), "the example at line {} is refused: {:?}", i + 1, report.errors);
+            assert!(!entries.is_empty(), "the example at line {} sets nothing", i + 1);
+            checked += 1;
+        }
+        assert!(checked > 0, "docs/configuration.md has no hand-written config file example");
+    }
 }

@@ -71,6 +71,15 @@ pub fn check_registry_write_token(token: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Refuses a URL other processes or browsers are sent to unless it is http(s) with a host.
+pub fn check_http_url(url: &str) -> Result<(), String> {
+    match reqwest::Url::parse(url) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some_and(|h| !h.is_empty()) => Ok(()),
+        Ok(u) => Err(format!("{url:?} is not an http(s) URL with a host (scheme {:?})", u.scheme())),
+        Err(e) => Err(format!("{url:?} is not a URL: {e}")),
+    }
+}
+
 /// What `up` runs with, once every setting was accepted.
 pub struct Settings {
     pub topology: Topology,
@@ -156,7 +165,13 @@ pub fn check(args: &UpArgs) -> Result<Settings, Vec<String>> {
         ok(BrowserAccess::check_domain(host.trim()), "--registry-allow-host (TIDINGS_REGISTRY_ALLOW_HOSTS)");
     }
     let external_registry = match &args.infra.schema_registry_url {
-        Some(url) => args.infra.registry(url.clone()).map_err(|e| ok(Err(format!("{e:#}")), "schema registry")).ok(),
+        Some(url) => match check_http_url(url) {
+            Ok(()) => args.infra.registry(url.clone()).map_err(|e| ok(Err(format!("{e:#}")), "schema registry")).ok(),
+            Err(e) => {
+                ok(Err(e), "--schema-registry-url (TIDINGS_SCHEMA_REGISTRY_URL)");
+                None
+            }
+        },
         None => None,
     };
 
@@ -168,6 +183,9 @@ pub fn check(args: &UpArgs) -> Result<Settings, Vec<String>> {
         ok(Err(e), "--cors-allow-origin (TIDINGS_CORS_ALLOW_ORIGINS)");
         RedirectAllow::default()
     });
+    if let Some(url) = &args.sse.advertise_url {
+        ok(check_http_url(url), "--advertise-url (TIDINGS_ADVERTISE_URL)");
+    }
     if let Some(d) = &args.sse.cookie_domain {
         ok(BrowserAccess::check_domain(d), "--cookie-domain (TIDINGS_COOKIE_DOMAIN)");
     }
@@ -183,6 +201,12 @@ pub fn check(args: &UpArgs) -> Result<Settings, Vec<String>> {
         "--database-url (TIDINGS_DATABASE_URL)",
     );
 
+    if let Some(path) = &args.infra.kafka_ssl_ca_location {
+        // librdkafka would fail on it only when the first client is created, after the data
+        // directory and the embedded registry's listener.
+        let r = std::fs::File::open(path).map(drop).map_err(|e| format!("cannot read {}: {e}", path.display()));
+        ok(r, "--kafka-ssl-ca-location (TIDINGS_KAFKA_SSL_CA_LOCATION)");
+    }
     let kafka = args.infra.kafka(String::new()).map_err(|e| ok(Err(format!("{e:#}")), "Kafka settings")).ok();
 
     let topology = match load_topology(&args.infra) {
@@ -245,5 +269,38 @@ mod tests {
         assert!(check_registry_write_token("").unwrap_err().contains("empty"));
         let short = check_registry_write_token("0123456789abcdef").unwrap_err();
         assert!(short.contains("16 characters"), "{short}");
+    }
+
+    /// Files that must be readable and URLs that must be http(s) are refused before anything
+    /// starts, together.
+    #[test]
+    fn unreadable_files_and_bad_urls_are_refused_together() {
+        let topology = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../topology.yaml");
+        let argv: Vec<std::ffi::OsString> = [
+            "tidings",
+            "up",
+            "--dev",
+            "--topology",
+            topology.to_str().unwrap(),
+            "--kafka-ssl-ca-location",
+            "/nonexistent/ca.pem",
+            "--advertise-url",
+            "gw-1.example.com:8080",
+            "--schema-registry-url",
+            "ftp://registry.example.com",
+        ]
+        .map(Into::into)
+        .into();
+        let (crate::Cli { command: crate::Command::Up(args) }, _) = crate::config_file::parse_from::<crate::Cli>(argv)
+        else {
+            unreachable!("parsed `up`")
+        };
+        let errors = check(&args).err().expect("refused").join("\n");
+        for named in ["--kafka-ssl-ca-location", "--advertise-url", "--schema-registry-url"] {
+            assert!(errors.contains(named), "{named} not reported:\n{errors}");
+        }
+        assert_eq!(check_http_url("https://gw-1.example.com"), Ok(()));
+        assert_eq!(check_http_url("http://10.0.0.5:8080/"), Ok(()));
+        assert!(check_http_url("https://").is_err());
     }
 }

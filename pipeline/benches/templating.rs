@@ -4,7 +4,12 @@
 //! (one event, thousands of recipients). Prints one JSON line.
 //! Env: BENCH_EVENTS (default 200000), BENCH_CAMPAIGNS (20) of BENCH_AUDIENCE users (10000) each.
 
+// The benches' shared `main`, kept beside tidings-core's bench (see its module documentation).
+#[path = "../core/benches/support/mod.rs"]
+mod support;
+
 use std::path::Path;
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -15,7 +20,7 @@ use tidings_pipeline::stages::templating::{Outcome, RecordRef, Target, Templater
 use tidings_pipeline::topology::Topology;
 use tokio_util::sync::CancellationToken;
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use support::{env_usize, BoxError};
 
 /// Events run before timing starts, so the registry fetch and reader construction are not counted
 /// (the stage does them once per schema id for the life of the process).
@@ -51,13 +56,6 @@ async fn template_one(
             Ok((fanout.len(), count, bytes))
         }
         Outcome::Dead { reason, error } => Err(format!("event dead-lettered ({reason}): {error}").into()),
-    }
-}
-
-fn env_usize(name: &str, default: usize) -> Result<usize, BoxError> {
-    match std::env::var(name) {
-        Ok(v) => Ok(v.parse::<usize>().map_err(|e| format!("{name}={v:?}: {e}"))?.max(1)),
-        Err(_) => Ok(default),
     }
 }
 
@@ -196,23 +194,8 @@ async fn bench() -> Result<Json, BoxError> {
     }))
 }
 
-fn main() -> std::process::ExitCode {
+fn main() -> ExitCode {
     // One thread: the figure is per core, and the stage handles one record at a time.
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("templating bench: tokio runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(bench()) {
-        Ok(json) => {
-            println!("{json}");
-            std::process::ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("templating bench failed: {e}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    let runtime = tokio::runtime::Builder::new_current_thread();
+    support::main("templating", include_str!("templating.rs"), runtime, bench)
 }

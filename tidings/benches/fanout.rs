@@ -3,16 +3,18 @@
 //! PostgreSQL (after a one-event warm-up, so group joins are not counted). Mock Kafka unless
 //! TIDINGS_TEST_BROKERS names a cluster. Prints one JSON line. Env: BENCH_AUDIENCE (default 100000).
 
+// The benches' shared `main`, kept beside tidings-core's bench (see its module documentation).
+#[path = "../../pipeline/core/benches/support/mod.rs"]
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use sqlx::Connection;
+use support::BoxError;
 use tidings_store::Store;
 use tokio::process::{Child, Command};
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 const SEGMENT: &str = "bench-fanout";
 /// How long `tidings up` may take to write its endpoints file and report ready.
@@ -213,22 +215,8 @@ async fn fanout(
     Ok(wall)
 }
 
-async fn drop_database(store: Store, url: &str) -> Result<(), BoxError> {
-    if let Store::Postgres(pool) = &store {
-        pool.close().await;
-    }
-    let name = url.rsplit('/').next().ok_or("database URL has no name")?;
-    let mut admin = sqlx::PgConnection::connect(&tidings_store::testing::admin_url()).await?;
-    sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut admin).await?;
-    admin.close().await?;
-    Ok(())
-}
-
 async fn bench() -> Result<Value, BoxError> {
-    let audience: u64 = match std::env::var("BENCH_AUDIENCE") {
-        Ok(v) => v.parse::<u64>().map_err(|e| format!("BENCH_AUDIENCE={v:?}: {e}"))?.max(1),
-        Err(_) => 100_000,
-    };
+    let audience = support::env_usize("BENCH_AUDIENCE", 100_000)? as u64;
     let brokers = std::env::var("TIDINGS_TEST_BROKERS").ok().filter(|b| !b.is_empty());
     let (store, url) = tidings_store::testing::fresh_postgres().await?;
     let data_dir: PathBuf = std::env::temp_dir().join(format!("tidings-fanout-{}", uuid::Uuid::new_v4().simple()));
@@ -243,7 +231,7 @@ async fn bench() -> Result<Value, BoxError> {
         fanout(&store, &url, audience, brokers.as_deref(), &data_dir).await
     }
     .await;
-    let dropped = drop_database(store, &url).await;
+    let dropped = tidings_store::testing::drop_postgres(store, &url).await;
     let _ = std::fs::remove_dir_all(&data_dir);
     let wall = result?;
     dropped?;
@@ -257,21 +245,6 @@ async fn bench() -> Result<Value, BoxError> {
 }
 
 fn main() -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("fan-out bench: tokio runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(bench()) {
-        Ok(json) => {
-            println!("{json}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("fan-out bench failed: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    let runtime = tokio::runtime::Builder::new_multi_thread();
+    support::main("fanout", include_str!("fanout.rs"), runtime, bench)
 }

@@ -3,7 +3,10 @@
 //! (apache-avro `Value`, schema validation, `from_value`), on one thread. Prints one JSON line.
 //! Env: BENCH_RECORDS (default 200000).
 
+mod support;
+
 use std::hint::black_box;
+use std::process::ExitCode;
 use std::time::Instant;
 
 use apache_avro::reader::datum::GenericDatumReader;
@@ -31,8 +34,14 @@ fn sample(data: Option<&str>, inbox: bool) -> Notification {
     }
 }
 
-fn main() {
-    let n: usize = std::env::var("BENCH_RECORDS").ok().and_then(|v| v.parse().ok()).unwrap_or(200_000);
+fn main() -> ExitCode {
+    // One thread, and no await inside: the figure is per core.
+    let runtime = tokio::runtime::Builder::new_current_thread();
+    support::main("notification_decode", include_str!("notification_decode.rs"), runtime, || async { bench() })
+}
+
+fn bench() -> Result<serde_json::Value, support::BoxError> {
+    let n = support::env_usize("BENCH_RECORDS", 200_000)?;
     let chat = r#"{"event_id":"c1","occurred_at":"2026-12-01T10:00:00Z","room_id":"r-17","event_type":"MessageSent","payload":{"message_id":"m-1","sender_id":"user-00007","text":"Does it come in size 44?"}}"#;
     let writer = GenericDatumWriter::builder(&NOTIFICATION_SCHEMA).build().expect("writer");
     let reader = GenericDatumReader::builder(&NOTIFICATION_SCHEMA).build().expect("reader");
@@ -64,5 +73,5 @@ fn main() {
             json!({"bytes": bytes.len(), "generic_per_sec": g.round(), "direct_per_sec": d.round(), "speedup": (d / g * 10.0).round() / 10.0}),
         );
     }
-    println!("{}", json!({"bench": "notification_decode", "records": n, "results": out, "threads": 1}));
+    Ok(json!({"bench": "notification_decode", "records": n, "results": out, "threads": 1}))
 }

@@ -4,12 +4,16 @@
 //! Then the same batches into a fresh SQLite file (the embedded default), timed the same way.
 //! Prints one JSON line. Env: BENCH_ROWS (default 500000), BENCH_BATCH (default 20000).
 
+// The benches' shared `main`, kept beside tidings-core's bench (see its module documentation).
+#[path = "../../core/benches/support/mod.rs"]
+mod support;
+
 use std::io::Write;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
-use sqlx::Connection;
+use support::{env_usize, BoxError};
 use tidings_core::Notification;
 use tidings_store::{Batch, OffsetUpdate, Store, StoredNotification};
 
@@ -22,15 +26,6 @@ const TOPIC: &str = "notifications";
 const RUNS: usize = 2;
 const COLUMNS: &str = "id, user_id, kind, title, body, link, source_event_id, occurred_at, \
                        source_topic, source_partition, source_offset, stream_partition, stream_offset";
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-fn env_usize(name: &str, default: usize) -> Result<usize, BoxError> {
-    match std::env::var(name) {
-        Ok(v) => Ok(v.parse::<usize>().map_err(|e| format!("{name}={v:?}: {e}"))?.max(1)),
-        Err(_) => Ok(default),
-    }
-}
 
 /// splitmix64: deterministic, dependency-free variety for the generated rows.
 fn mix(mut x: u64) -> u64 {
@@ -227,17 +222,6 @@ async fn run_psql(store: &Store, url: &str, csv: &Path, rows: u64) -> Result<Dur
     Ok(spent)
 }
 
-async fn drop_database(store: Store, url: &str) -> Result<(), BoxError> {
-    if let Store::Postgres(pool) = &store {
-        pool.close().await;
-    }
-    let name = url.rsplit('/').next().ok_or("database URL has no name")?;
-    let mut admin = sqlx::PgConnection::connect(&tidings_store::testing::admin_url()).await?;
-    sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut admin).await?;
-    admin.close().await?;
-    Ok(())
-}
-
 async fn bench() -> Result<serde_json::Value, BoxError> {
     let rows = env_usize("BENCH_ROWS", 500_000)? as u64;
     let batch_size = env_usize("BENCH_BATCH", 20_000)? as u64;
@@ -272,28 +256,13 @@ async fn bench() -> Result<serde_json::Value, BoxError> {
         }))
     }
     .await;
-    let dropped = drop_database(store, &url).await;
+    let dropped = tidings_store::testing::drop_postgres(store, &url).await;
     let json = result?;
     dropped?;
     Ok(json)
 }
 
-fn main() -> std::process::ExitCode {
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("persistence bench: tokio runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(bench()) {
-        Ok(json) => {
-            println!("{json}");
-            std::process::ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("persistence bench failed: {e}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+fn main() -> ExitCode {
+    let runtime = tokio::runtime::Builder::new_multi_thread();
+    support::main("persist", include_str!("persist.rs"), runtime, bench)
 }

@@ -4,6 +4,9 @@
 use crate::{Store, StoreError};
 use sqlx::Connection;
 
+mod drop;
+pub use drop::drop_postgres;
+
 /// The admin URL tests create their databases through.
 pub fn admin_url() -> String {
     std::env::var("TIDINGS_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())

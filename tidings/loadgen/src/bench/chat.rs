@@ -24,6 +24,7 @@ use tidings_loadgen::{Client, Seen, Totals};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use super::cpu::CpuWindow;
 use super::{now_micros, up_args, wait_ready, Proc};
 use crate::user_id;
 use tidings_loadgen::percentiles;
@@ -219,6 +220,17 @@ struct Procs {
 /// What the kill task saw: when it killed what, and how long until the replacement was ready.
 type KillLog = Arc<Mutex<Vec<Value>>>;
 
+/// The CPU window of the measured part, once it has started (the kill task tells it which tidings
+/// process ends and which replaces it).
+type SharedCpu = Arc<Mutex<Option<CpuWindow>>>;
+
+/// Applies `f` to the CPU window if the measured part has started it.
+fn in_window(cpu: &SharedCpu, f: impl FnOnce(&mut CpuWindow)) {
+    if let Some(w) = cpu.lock().unwrap().as_mut() {
+        f(w);
+    }
+}
+
 async fn wait_endpoints(procs: &Arc<tokio::sync::Mutex<Procs>>, i: usize) -> anyhow::Result<Value> {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -392,11 +404,12 @@ pub async fn run(
 
     // The kill task: persistence at a third of the measured run, the gateway at two thirds.
     let kills: KillLog = Arc::default();
+    let cpu: SharedCpu = Arc::default();
     let t0 = Instant::now() + Duration::from_millis(200);
     let measured_at = t0 + Duration::from_secs(o.warm_secs);
     let killer = if o.kill {
-        let (procs, kills, bin, root, url, http) =
-            (procs.clone(), kills.clone(), bin.to_path_buf(), root.to_path_buf(), url.clone(), http.clone());
+        let (procs, kills, cpu) = (procs.clone(), kills.clone(), cpu.clone());
+        let (bin, root, url, http) = (bin.to_path_buf(), root.to_path_buf(), url.clone(), http.clone());
         let third = Duration::from_secs_f64(o.secs as f64 / 3.0);
         let pers_index = pers_index.expect("kill mode has a persistence process");
         Some(tokio::spawn(async move {
@@ -406,13 +419,18 @@ pub async fn run(
             let at = Instant::now();
             {
                 let mut p = procs.lock().await;
+                in_window(&cpu, |w| w.server_ends(p.all[pers_index].pid()));
                 let _ = p.all[pers_index].child.kill();
                 let _ = p.all[pers_index].child.wait();
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
             let respawned = Proc::spawn(&bin, "chat-persistence-1", &root, &pers_args, &pers_env);
             match respawned {
-                Ok(p) => procs.lock().await.all[pers_index] = p,
+                Ok(new) => {
+                    let mut p = procs.lock().await;
+                    in_window(&cpu, |w| w.server_starts(new.pid()));
+                    p.all[pers_index] = new;
+                }
                 Err(e) => return Err(e),
             }
             let up = wait_endpoints(&procs, pers_index).await;
@@ -425,9 +443,11 @@ pub async fn run(
             let at = Instant::now();
             {
                 let mut p = procs.lock().await;
+                in_window(&cpu, |w| w.server_ends(p.all[gw_index].pid()));
                 let _ = p.all[gw_index].child.kill();
                 let _ = p.all[gw_index].child.wait();
                 p.all[gw_index] = Proc::spawn(&bin, "chat-gateway-1", &root, &gw_args, &gw_env)?;
+                in_window(&cpu, |w| w.server_starts(p.all[gw_index].pid()));
             }
             let ready = wait_ready(&http, &url, Duration::from_secs(60)).await;
             kills.lock().unwrap().push(json!({
@@ -480,6 +500,16 @@ pub async fn run(
             }
         }));
     }
+    // Deliveries so far: distinct messages on each member's stream.
+    let received = || inboxes.iter().map(|b| b.lock().unwrap().ids.len()).sum::<usize>();
+    // CPU over the measured part: from the end of the warm-up until the deliveries are in, per
+    // delivery in it. Started with the processes locked, so a kill cannot fall between the two.
+    tokio::time::sleep_until(measured_at.into()).await;
+    let received_before = {
+        let p = procs.lock().await;
+        *cpu.lock().unwrap() = Some(CpuWindow::start(&p.all.iter().map(Proc::pid).collect::<Vec<_>>()));
+        received()
+    };
     for s in senders {
         let _ = s.await;
     }
@@ -492,12 +522,12 @@ pub async fn run(
     // Deliveries: every acknowledged message to each member of its room.
     let acks = std::mem::take(&mut *acks.lock().unwrap());
     let expected = acks.len() * o.room_size;
-    let received = || inboxes.iter().map(|b| b.lock().unwrap().ids.len()).sum::<usize>();
     let deadline = Instant::now() + Duration::from_secs(if o.kill { 90 } else { 60 });
     while received() < expected && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let drain_secs = t0.elapsed().as_secs_f64() - send_secs;
+    let cpu = cpu.lock().unwrap().take().map(|w| w.end(received().saturating_sub(received_before)));
     // A moment more for late duplicates.
     tokio::time::sleep(Duration::from_secs(2)).await;
 
@@ -575,6 +605,7 @@ pub async fn run(
         "latency_ms": percentiles(others),
         "own_stream_latency_ms": percentiles(own),
         "send_to_201_ms": percentiles(answers),
+        "cpu": cpu,
     });
     let sends = json!({
         "target_send_rate": o.users as f64 * o.rate,

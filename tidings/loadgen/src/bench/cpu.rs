@@ -47,8 +47,11 @@ pub(super) fn wakeups_late() -> Value {
 /// shows what a change costs or saves per delivered event.
 pub(super) struct CpuWindow {
     box_ticks: (u64, u64),
-    /// Each tidings process and its ticks at the start.
+    /// Each tidings process and its ticks at the start (0 for one started inside the window).
     servers: Vec<(u32, u64)>,
+    /// Ticks spent inside the window by tidings processes that have ended (killed by chat_kill),
+    /// and whether any has.
+    ended_servers: (u64, bool),
     /// Other client processes and their ticks at the start.
     client_procs: Vec<(u32, u64)>,
     clients: u64,
@@ -85,6 +88,7 @@ impl CpuWindow {
         CpuWindow {
             box_ticks: box_ticks(),
             servers: servers.iter().map(|&p| (p, proc_ticks(Some(p)))).collect(),
+            ended_servers: (0, false),
             client_procs: Vec::new(),
             clients: proc_ticks(None),
         }
@@ -96,6 +100,21 @@ impl CpuWindow {
         self
     }
 
+    /// Tidings process `pid` is about to be killed: what it spent inside the window stays counted
+    /// (once it is gone, /proc no longer has its ticks). Call it just before the kill.
+    pub(super) fn server_ends(&mut self, pid: u32) {
+        if let Some(i) = self.servers.iter().position(|&(p, _)| p == pid) {
+            let (_, from) = self.servers.swap_remove(i);
+            self.ended_servers.0 += proc_ticks(Some(pid)).saturating_sub(from);
+            self.ended_servers.1 = true;
+        }
+    }
+
+    /// Tidings process `pid` started inside the window (a restart): all its CPU counts.
+    pub(super) fn server_starts(&mut self, pid: u32) {
+        self.servers.push((pid, 0));
+    }
+
     /// Cores used on average since `start`, and CPU µs per delivered event (`events` of the
     /// measured part; none when nothing was delivered, as with idle streams).
     pub(super) fn end(self, events: usize) -> Value {
@@ -103,9 +122,11 @@ impl CpuWindow {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
         let hz = 100.0; // USER_HZ: /proc reports clock ticks of 1/100 s on Linux
         let secs = |ticks: u64| ticks as f64 / hz;
-        let since = |procs: &[(u32, u64)]| procs.iter().map(|&(p, t)| proc_ticks(Some(p)).saturating_sub(t)).sum();
+        let since =
+            |procs: &[(u32, u64)]| procs.iter().map(|&(p, t)| proc_ticks(Some(p)).saturating_sub(t)).sum::<u64>();
         let busy = secs(busy1 - busy0);
-        let server = (!self.servers.is_empty()).then(|| secs(since(&self.servers)));
+        let (ended, any_ended) = self.ended_servers;
+        let server = (!self.servers.is_empty() || any_ended).then(|| secs(since(&self.servers) + ended));
         let clients = secs(proc_ticks(None).saturating_sub(self.clients) + since(&self.client_procs));
         let others = (busy - clients - server.unwrap_or(0.0)).max(0.0);
         let per_event = |s: f64| (events > 0).then(|| (s * 1e6 / events as f64).round());
@@ -182,6 +203,27 @@ mod tests {
         let server = v["secs"]["server"].as_f64().unwrap();
         assert!((0.4..1.5).contains(&server), "{v}");
         assert!(v["secs"]["clients"].as_f64().unwrap() < 0.1, "{v}");
+    }
+
+    #[test]
+    fn cpu_window_keeps_a_killed_server_and_counts_its_restart() {
+        let _one = ONE_WINDOW_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        let spin = || Command::new("sh").args(["-c", "while :; do :; done"]).spawn().expect("sh");
+        let mut first = spin();
+        let mut w = CpuWindow::start(&[first.id()]);
+        until_spent(first.id(), w.servers[0].1, 40);
+        w.server_ends(first.id());
+        let _ = first.kill();
+        let _ = first.wait();
+        let mut second = spin();
+        w.server_starts(second.id());
+        until_spent(second.id(), 0, 40);
+        let v = w.end(1);
+        let _ = second.kill();
+        let _ = second.wait();
+        // 0.4 s of CPU from the killed process (gone from /proc by now) and 0.4 s from its restart.
+        let server = v["secs"]["server"].as_f64().unwrap();
+        assert!((0.8..2.5).contains(&server), "{v}");
     }
 
     #[test]

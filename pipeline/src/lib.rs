@@ -5,9 +5,6 @@
 //! - `registry`: a Confluent-compatible schema registry served over HTTP, persisted in the store.
 //! - `stages::templating`: domain events → notifications keyed by user, with a dead-letter topic.
 
-pub mod error;
 pub mod registry;
 pub mod stages;
 pub mod topology;
-
-pub use error::StageError;

@@ -7,7 +7,7 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use std::time::{Duration, Instant};
 use tidings_core::kafka::{H_DLQ_ERROR, H_DLQ_OFFSET, H_DLQ_PARTITION, H_DLQ_REASON, H_DLQ_TOPIC};
-use tidings_sinks::persistence::{self, PersistError};
+use tidings_sinks::persistence;
 use tidings_store::{Store, StoreError};
 use tokio_util::sync::CancellationToken;
 
@@ -143,7 +143,9 @@ async fn a_missing_table_still_stops_the_stage_with_an_error() {
     let ended = tokio::time::timeout(Duration::from_secs(30), persistence::run(cfg, store.clone(), token))
         .await
         .expect("the stage kept running without its table");
-    assert!(matches!(ended, Err(PersistError::Store(StoreError::Query(_)))), "{ended:?}");
+    let err = ended.expect_err("the stage ends");
+    assert!(!err.is_retriable(), "{err}");
+    assert!(matches!(err.source_as::<StoreError>(), Some(StoreError::Query(_))), "{err:?}");
     let (_, high) = consumer(&env, DLQ).fetch_watermarks(DLQ, 0, Duration::from_secs(5)).unwrap();
     assert_eq!(high, 0, "a schema problem is not the records' fault: nothing is dead-lettered");
     assert!(store.load_offsets("no-table", "notifications").await.unwrap().is_empty());

@@ -16,7 +16,7 @@ use tidings_core::consumer::{
 };
 use tidings_core::notification::NOTIFICATION_SCHEMA;
 use tidings_core::retry::{until_done, GaveUp};
-use tidings_core::stage::Processor;
+use tidings_core::stage::{Processor, StageError, System};
 use tidings_core::{DecodeError, Notification, RegistryClient};
 use tokio::runtime::{Handle, RuntimeFlavor};
 use tokio::sync::Notify;
@@ -25,32 +25,6 @@ use tracing::{info, warn};
 
 use super::events::events_from_record;
 use super::{owners, DeliveryConfig, Hub, Owners};
-
-/// Why the delivery stage stopped.
-#[derive(Debug, thiserror::Error)]
-pub enum DeliveryError {
-    /// Broker unreachable, topic missing, request failed: restarting can help.
-    #[error("Kafka (retriable): {0}")]
-    Kafka(KafkaError),
-    /// The notifications topic does not exist (yet): retriable, it may be created.
-    #[error("topic {0} has no partitions (not created yet?); retrying")]
-    MissingTopic(String),
-    /// Bad settings: restarting does not help.
-    #[error("configuration (not retriable): {0}")]
-    Config(String),
-}
-
-impl DeliveryError {
-    pub fn is_retriable(&self) -> bool {
-        matches!(self, DeliveryError::Kafka(_) | DeliveryError::MissingTopic(_))
-    }
-}
-
-impl From<KafkaError> for DeliveryError {
-    fn from(e: KafkaError) -> Self {
-        DeliveryError::Kafka(e)
-    }
-}
 
 /// State shared between the rebalance callback and the main loop.
 #[derive(Default)]
@@ -113,15 +87,9 @@ pub async fn run(
     hub: Arc<Hub>,
     owners: Arc<Owners>,
     shutdown: CancellationToken,
-) -> Result<(), DeliveryError> {
-    let result = tidings_core::stage::run(
-        STAGE,
-        &cfg.health,
-        &shutdown,
-        || start(&cfg, &hub, &owners, &shutdown),
-        DeliveryError::is_retriable,
-    )
-    .await;
+) -> Result<(), StageError> {
+    let result =
+        tidings_core::stage::run(STAGE, &cfg.health, &shutdown, || start(&cfg, &hub, &owners, &shutdown)).await;
     hub.close_all();
     result
 }
@@ -139,7 +107,7 @@ struct Delivery {
     shared: Arc<Shared>,
     producer: FutureProducer,
     instance: String,
-    follower: tokio::task::JoinHandle<Result<(), DeliveryError>>,
+    follower: tokio::task::JoinHandle<Result<(), StageError>>,
     tick: tokio::time::Interval,
     ticks: u64,
     refreshing: Option<tokio::task::JoinHandle<()>>,
@@ -159,8 +127,8 @@ async fn start(
     hub: &Arc<Hub>,
     owners: &Arc<Owners>,
     shutdown: &CancellationToken,
-) -> Result<(Delivery, Arc<StreamConsumer<DeliveryContext>>), DeliveryError> {
-    let registry = RegistryClient::new(&cfg.registry).map_err(|e| DeliveryError::Config(e.to_string()))?;
+) -> Result<(Delivery, Arc<StreamConsumer<DeliveryContext>>), StageError> {
+    let registry = RegistryClient::new(&cfg.registry)?;
     let multi_thread = Handle::current().runtime_flavor() == RuntimeFlavor::MultiThread;
     let shared = Arc::new(Shared::default());
     let hooks = HubHooks { hub: hub.clone(), topic: cfg.topic.clone(), shared: shared.clone() };
@@ -176,7 +144,9 @@ async fn start(
 
     let count = blocking(multi_thread, || partition_count(consumer.as_ref(), &cfg.topic))?;
     if count == 0 {
-        return Err(DeliveryError::MissingTopic(cfg.topic.clone()));
+        // It may be created yet (the topology is applied by another process): retried.
+        let missing = format!("topic {} has no partitions (not created yet?)", cfg.topic);
+        return Err(StageError::external(System::Kafka, true, missing));
     }
     hub.set_partition_count(count);
     consumer.subscribe(&[&cfg.topic])?;
@@ -207,10 +177,9 @@ async fn start(
 }
 
 impl Processor for Delivery {
-    type Error = DeliveryError;
     type Due = Upkeep;
 
-    async fn process(&mut self, m: &BorrowedMessage<'_>) -> Result<(), DeliveryError> {
+    async fn process(&mut self, m: &BorrowedMessage<'_>) -> Result<(), StageError> {
         deliver(m, &self.registry, &self.hub, &self.shutdown).await;
         Ok(())
     }
@@ -226,7 +195,7 @@ impl Processor for Delivery {
         }
     }
 
-    async fn on_due(&mut self, due: Upkeep) -> Result<(), DeliveryError> {
+    async fn on_due(&mut self, due: Upkeep) -> Result<(), StageError> {
         let (cfg, hub, shared) = (&self.cfg, &self.hub, &self.shared);
         match due {
             Upkeep::Announce => {
@@ -256,7 +225,7 @@ impl Processor for Delivery {
         Ok(())
     }
 
-    async fn finish(self, ended: Result<(), DeliveryError>) -> Result<(), DeliveryError> {
+    async fn finish(self, ended: Result<(), StageError>) -> Result<(), StageError> {
         self.hub.close_all();
         self.follower.abort();
         // Leaving the group now (instead of when the session times out) moves our partitions at once.
@@ -269,7 +238,7 @@ impl Processor for Delivery {
     }
 }
 
-fn partition_count<C: Consumer<X>, X: ConsumerContext>(c: &C, topic: &str) -> Result<i32, DeliveryError> {
+fn partition_count<C: Consumer<X>, X: ConsumerContext>(c: &C, topic: &str) -> Result<i32, StageError> {
     Ok(tidings_core::kafka::partition_count(c.client(), topic, Duration::from_secs(10))?)
 }
 

@@ -16,7 +16,7 @@ use tidings_core::kafka::KafkaConfig;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::consumer::DeliveryError;
+use tidings_core::stage::StageError;
 
 /// One record of the owners topic; the key is `<notifications topic>/<partition>`, so compaction
 /// keeps the latest owner of each partition.
@@ -156,7 +156,7 @@ pub async fn announce(
     owners: &Owners,
     instance: &str,
     partitions: &[i32],
-) -> Result<(), DeliveryError> {
+) -> Result<(), StageError> {
     for &partition in partitions {
         let rec = OwnerRecord {
             topic: owners.topic.clone(),
@@ -170,7 +170,7 @@ pub async fn announce(
         producer
             .send(FutureRecord::to(owners_topic).key(&key).payload(&value).partition(0), Duration::from_secs(30))
             .await
-            .map_err(|(e, _)| DeliveryError::Kafka(e))?;
+            .map_err(|(e, _)| StageError::from(e))?;
         // Our own reader will see it too, but redirects from this instance should not wait for that.
         owners.apply(&rec);
     }
@@ -184,17 +184,17 @@ pub async fn follow(
     owners_topic: &str,
     owners: Arc<Owners>,
     shutdown: CancellationToken,
-) -> Result<(), DeliveryError> {
+) -> Result<(), StageError> {
     // Assigned, not subscribed: every instance reads the whole topic, and nothing is committed.
     let cc = kafka.consumer_with(
         &format!("tidings-owners-reader-{}", uuid::Uuid::new_v4()),
         &[("auto.offset.reset", "earliest")],
         &[("enable.auto.commit", "false")],
     );
-    let consumer: StreamConsumer = cc.create().map_err(DeliveryError::Kafka)?;
+    let consumer: StreamConsumer = cc.create()?;
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(owners_topic, 0, Offset::Beginning).map_err(DeliveryError::Kafka)?;
-    consumer.assign(&tpl).map_err(DeliveryError::Kafka)?;
+    tpl.add_partition_offset(owners_topic, 0, Offset::Beginning)?;
+    consumer.assign(&tpl)?;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),

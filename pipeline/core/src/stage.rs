@@ -2,6 +2,9 @@
 //! failures with a shutdown-aware backoff, reporting readiness and per-stage metrics. Templating,
 //! persistence and delivery are each a [`Processor`] that [`run`] drives; none has a loop of its own.
 //! An attempt reads a [`Source`]: a group subscription, or fixed offset ranges that end the run.
+//! Whether a failed attempt restarts is the [`StageError`]'s to say, not the stage's.
+
+mod error;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -20,27 +23,27 @@ use crate::kafka::dlq_headers;
 use crate::shutdown::StageHealth;
 pub use crate::source::{IntoSource, OffsetRange, RangeError, RangeSource, Source};
 use crate::source::{Progress, Verdict};
+pub use error::{BoxError, Domain, StageError, System};
 
 /// What a stage does with its records. [`run`] owns the loop around it.
 pub trait Processor: Send {
-    type Error: std::fmt::Display + Send;
     /// Work a stage waits for besides records (a batch deadline, a timer, its acknowledger).
     type Due: Send;
 
     /// Handles one record: produces its outputs or its dead-letter copy ([`DeadLetters`]). Its
     /// offset is the processor's to store or commit, once those outputs are safe.
-    fn process(&mut self, msg: &BorrowedMessage<'_>) -> impl Future<Output = Result<(), Self::Error>> + Send;
+    fn process(&mut self, msg: &BorrowedMessage<'_>) -> impl Future<Output = Result<(), StageError>> + Send;
 
     /// Resolves when something other than a record needs doing. Must be cancel-safe: it is
     /// dropped whenever a record or shutdown comes first.
     fn due(&mut self) -> impl Future<Output = Self::Due> + Send;
 
     /// Does what [`Processor::due`] announced.
-    fn on_due(&mut self, due: Self::Due) -> impl Future<Output = Result<(), Self::Error>> + Send;
+    fn on_due(&mut self, due: Self::Due) -> impl Future<Output = Result<(), StageError>> + Send;
 
     /// Ends an attempt with how its loop ended (`Ok` = shutdown): makes what was processed durable
     /// (drain acknowledgements, store the last batch, commit) and releases what the attempt holds.
-    fn finish(self, ended: Result<(), Self::Error>) -> impl Future<Output = Result<(), Self::Error>> + Send;
+    fn finish(self, ended: Result<(), StageError>) -> impl Future<Output = Result<(), StageError>> + Send;
 }
 
 /// The counters every stage reports, labelled `stage`.
@@ -64,22 +67,22 @@ impl StageMetrics {
 }
 
 /// Runs a stage until `shutdown`: each attempt `start`s a processor and its [`Source`] (or a
-/// subscribed consumer) and drives them; a failure `retriable` accepts restarts the attempt (from
-/// the stored offsets; a range source from its starts) after a backoff capped at 30 s, any other
-/// ends the stage. Failures after shutdown began count as a clean stop, and so does a range
-/// source read to its ends. `health` is up only while an attempt runs.
+/// subscribed consumer) and drives them; a failure that [`StageError::is_retriable`] (an outside
+/// system's, when its error says so) restarts the attempt (from the stored offsets; a range source
+/// from its starts) after a backoff capped at 30 s; any other (configuration, a bug, a refusal)
+/// ends the stage with it. Failures after shutdown began count as a clean stop, and so does a
+/// range source read to its ends. `health` is up only while an attempt runs.
 pub async fn run<P, Src, S, Fut>(
     stage: &'static str,
     health: &StageHealth,
     shutdown: &CancellationToken,
     mut start: S,
-    retriable: impl Fn(&P::Error) -> bool,
-) -> Result<(), P::Error>
+) -> Result<(), StageError>
 where
     P: Processor,
     Src: IntoSource,
     S: FnMut() -> Fut,
-    Fut: Future<Output = Result<(P, Src), P::Error>>,
+    Fut: Future<Output = Result<(P, Src), StageError>>,
 {
     let metrics = StageMetrics::new(stage);
     let mut delays = crate::retry::schedule(Duration::from_millis(500), Duration::from_secs(30));
@@ -93,7 +96,7 @@ where
         match result {
             Ok(()) => return Ok(()),
             Err(_) if shutdown.is_cancelled() => return Ok(()),
-            Err(e) if retriable(&e) => {
+            Err(e) if e.is_retriable() => {
                 metrics.restarts.increment(1);
                 let backoff = delays.next().unwrap_or(Duration::from_secs(30));
                 tracing::warn!(error = %e, "The {stage} stage failed; restarting from its stored offsets in {backoff:?}.");
@@ -118,7 +121,7 @@ async fn drive<P: Processor, C: ConsumerContext + 'static>(
     source: Source<C>,
     shutdown: &CancellationToken,
     metrics: &StageMetrics,
-) -> Result<(), P::Error> {
+) -> Result<(), StageError> {
     let (consumer, mut ranges): (Arc<StreamConsumer<C>>, Option<Progress>) = match source {
         Source::Consumer(c) => (c, None),
         Source::Ranges(r) => {
@@ -320,6 +323,11 @@ mod tests {
     use rdkafka::ClientConfig;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
+    /// What a broker outage looks like to a stage: a retriable Kafka error.
+    fn broker_went_away() -> StageError {
+        KafkaError::MessageProduction(RDKafkaErrorCode::AllBrokersDown).into()
+    }
+
     /// Counts records; fails its first attempt after the first record.
     struct Counting {
         seen: Arc<AtomicUsize>,
@@ -328,13 +336,12 @@ mod tests {
     }
 
     impl Processor for Counting {
-        type Error = String;
         type Due = ();
 
-        async fn process(&mut self, _msg: &BorrowedMessage<'_>) -> Result<(), String> {
+        async fn process(&mut self, _msg: &BorrowedMessage<'_>) -> Result<(), StageError> {
             self.seen.fetch_add(1, Ordering::SeqCst);
             if self.attempt == 0 {
-                return Err("broker went away".into());
+                return Err(broker_went_away());
             }
             Ok(())
         }
@@ -343,28 +350,28 @@ mod tests {
             std::future::pending()
         }
 
-        async fn on_due(&mut self, _: ()) -> Result<(), String> {
+        async fn on_due(&mut self, _: ()) -> Result<(), StageError> {
             Ok(())
         }
 
-        async fn finish(self, ended: Result<(), String>) -> Result<(), String> {
+        async fn finish(self, ended: Result<(), StageError>) -> Result<(), StageError> {
             self.finished.fetch_add(1, Ordering::SeqCst);
             ended
         }
     }
 
-    /// Runs a `Counting` stage whose "went away" errors are retriable.
+    /// Runs a `Counting` stage.
     fn spawn_run<S, Fut>(
         health: &StageHealth,
         shutdown: &CancellationToken,
         start: S,
-    ) -> tokio::task::JoinHandle<Result<(), String>>
+    ) -> tokio::task::JoinHandle<Result<(), StageError>>
     where
         S: FnMut() -> Fut + Send + 'static,
-        Fut: Future<Output = Result<(Counting, Arc<StreamConsumer>), String>> + Send,
+        Fut: Future<Output = Result<(Counting, Arc<StreamConsumer>), StageError>> + Send,
     {
         let (health, shutdown) = (health.clone(), shutdown.clone());
-        tokio::spawn(async move { run("test", &health, &shutdown, start, |e: &String| e.contains("went away")).await })
+        tokio::spawn(async move { run("test", &health, &shutdown, start).await })
     }
 
     #[tokio::test]
@@ -393,12 +400,11 @@ mod tests {
                     .set("group.id", "g")
                     .set("auto.offset.reset", "earliest")
                     .set("enable.auto.commit", "false")
-                    .create()
-                    .map_err(|e| e.to_string())?;
+                    .create()?;
                 // Assigned, not subscribed: no group rebalance to wait for between attempts.
                 let mut tpl = rdkafka::TopicPartitionList::new();
-                tpl.add_partition_offset("t", 0, rdkafka::Offset::Beginning).map_err(|e| e.to_string())?;
-                rdkafka::consumer::Consumer::assign(&consumer, &tpl).map_err(|e| e.to_string())?;
+                tpl.add_partition_offset("t", 0, rdkafka::Offset::Beginning)?;
+                rdkafka::consumer::Consumer::assign(&consumer, &tpl)?;
                 Ok((Counting { seen, attempt, finished }, Arc::new(consumer)))
             }
         });
@@ -438,19 +444,48 @@ mod tests {
         assert_eq!(DeadCopy::Coordinates.smaller(), None);
     }
 
-    #[tokio::test]
-    async fn an_error_no_retry_can_fix_ends_the_stage() {
+    /// Runs a stage whose every start fails with `error()`: how many attempts were made before
+    /// the stage ended, and with what. A stage that restarts instead runs into the timeout
+    /// (paused time passes it at once).
+    async fn attempts_until_the_stage_ends(error: fn() -> StageError) -> (usize, StageError) {
         let (health, shutdown) = (StageHealth::default(), CancellationToken::new());
-        let r = run::<Counting, Arc<StreamConsumer>, _, _>(
-            "test",
-            &health,
-            &shutdown,
-            || async { Err("bad configuration".to_string()) },
-            |e: &String| e.contains("went away"),
+        let attempts = AtomicUsize::new(0);
+        let ended = tokio::time::timeout(
+            Duration::from_secs(600),
+            run::<Counting, Arc<StreamConsumer>, _, _>("test", &health, &shutdown, || {
+                attempts.fetch_add(1, Ordering::SeqCst);
+                async move { Err(error()) }
+            }),
         )
         .await;
-        assert_eq!(r, Err("bad configuration".to_string()));
+        let attempts = attempts.load(Ordering::SeqCst);
+        let Ok(Err(e)) = ended else { panic!("the stage did not end after {attempts} attempts: {ended:?}") };
         assert!(!health.is_up());
+        (attempts, e)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_error_no_retry_can_fix_ends_the_stage() {
+        let (attempts, e) =
+            attempts_until_the_stage_ends(|| StageError::configuration("input topic has no schema")).await;
+        assert_eq!(attempts, 1, "a configuration error is not retried");
+        assert_eq!(e.domain(), Domain::Configuration);
+        assert!(e.to_string().contains("input topic has no schema"), "{e}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_internal_error_ends_the_stage() {
+        let (attempts, e) = attempts_until_the_stage_ends(|| StageError::internal("acknowledger stopped")).await;
+        assert_eq!(attempts, 1, "a bug is not retried");
+        assert_eq!(e.domain(), Domain::Internal);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refusal_by_kafka_ends_the_stage() {
+        let refused = || KafkaError::ConsumerCommit(RDKafkaErrorCode::GroupAuthorizationFailed).into();
+        let (attempts, e) = attempts_until_the_stage_ends(refused).await;
+        assert_eq!(attempts, 1, "an authorization failure is not retried");
+        assert_eq!(e.domain(), Domain::External(System::Kafka));
     }
 
     #[tokio::test(start_paused = true)]
@@ -462,14 +497,11 @@ mod tests {
             let n = attempts2.fetch_add(1, Ordering::SeqCst);
             async move {
                 if n == 0 {
-                    return Err("broker went away".to_string());
+                    return Err(broker_went_away());
                 }
                 // Never connects (nothing listens there): the attempt just runs.
-                let consumer: StreamConsumer = ClientConfig::new()
-                    .set("bootstrap.servers", "127.0.0.1:1")
-                    .set("group.id", "g")
-                    .create()
-                    .map_err(|e| e.to_string())?;
+                let consumer: StreamConsumer =
+                    ClientConfig::new().set("bootstrap.servers", "127.0.0.1:1").set("group.id", "g").create()?;
                 let counting = Counting { seen: Default::default(), attempt: 1, finished: Default::default() };
                 Ok((counting, Arc::new(consumer)))
             }

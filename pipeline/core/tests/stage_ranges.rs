@@ -17,7 +17,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tidings_core::kafka::KafkaConfig;
 use tidings_core::shutdown::StageHealth;
-use tidings_core::stage::{self, OffsetRange, Processor, RangeSource, Source};
+use tidings_core::stage::{self, OffsetRange, Processor, RangeSource, Source, StageError};
 use tokio_util::sync::CancellationToken;
 
 const PER_PARTITION: i64 = 10;
@@ -30,10 +30,9 @@ struct Recording {
 }
 
 impl Processor for Recording {
-    type Error = String;
     type Due = ();
 
-    async fn process(&mut self, msg: &BorrowedMessage<'_>) -> Result<(), String> {
+    async fn process(&mut self, msg: &BorrowedMessage<'_>) -> Result<(), StageError> {
         self.seen.lock().unwrap().push((msg.partition(), msg.offset()));
         Ok(())
     }
@@ -42,11 +41,11 @@ impl Processor for Recording {
         std::future::pending()
     }
 
-    async fn on_due(&mut self, _: ()) -> Result<(), String> {
+    async fn on_due(&mut self, _: ()) -> Result<(), StageError> {
         Ok(())
     }
 
-    async fn finish(self, ended: Result<(), String>) -> Result<(), String> {
+    async fn finish(self, ended: Result<(), StageError>) -> Result<(), StageError> {
         self.finished.fetch_add(1, Ordering::SeqCst);
         ended
     }
@@ -158,20 +157,14 @@ async fn a_range_run_reads_exactly_its_ranges_ends_by_itself_and_leaves_the_live
     let (health, shutdown) = (StageHealth::default(), CancellationToken::new());
     let kafka = KafkaConfig::new(&brokers);
     let throwaways = Mutex::new(Vec::new());
-    let run = stage::run(
-        "replay",
-        &health,
-        &shutdown,
-        || {
-            let source = RangeSource::new(&kafka, ranges.clone()).map_err(|e| e.to_string());
-            if let Ok(s) = &source {
-                throwaways.lock().unwrap().push(s.throwaway_group().to_string());
-            }
-            let processor = Recording { seen: seen.clone(), finished: finished.clone() };
-            async move { Ok((processor, Source::Ranges(source?))) }
-        },
-        |_: &String| true,
-    );
+    let run = stage::run("replay", &health, &shutdown, || {
+        let source = RangeSource::new(&kafka, ranges.clone()).map_err(StageError::from);
+        if let Ok(s) = &source {
+            throwaways.lock().unwrap().push(s.throwaway_group().to_string());
+        }
+        let processor = Recording { seen: seen.clone(), finished: finished.clone() };
+        async move { Ok((processor, Source::Ranges(source?))) }
+    });
     // Nobody cancels `shutdown`: only reading every range ends the run.
     tokio::time::timeout(WAIT, run).await.expect("the range run ended by itself").unwrap();
     let throwaways = throwaways.into_inner().unwrap();
@@ -213,14 +206,14 @@ async fn the_same_processor_under_a_group_subscription_reads_until_shutdown() {
         async move {
             let start = || {
                 let consumer: Result<StreamConsumer, _> = KafkaConfig::new(&brokers).consumer(&group).create();
-                let consumer = consumer.map_err(|e| e.to_string()).and_then(|c| {
-                    c.subscribe(&[&topic]).map_err(|e| e.to_string())?;
+                let consumer = consumer.map_err(StageError::from).and_then(|c| {
+                    c.subscribe(&[&topic])?;
                     Ok(Arc::new(c))
                 });
                 let processor = Recording { seen: seen.clone(), finished: finished.clone() };
                 async move { Ok((processor, consumer?)) }
             };
-            stage::run("subscribed", &health, &shutdown, start, |_: &String| true).await
+            stage::run("subscribed", &health, &shutdown, start).await
         }
     });
     wait_until("the subscribed stage read every record", || seen.lock().unwrap().len() == 30).await;
@@ -263,17 +256,11 @@ async fn a_range_ending_at_a_transaction_marker_ends_and_counts_only_what_it_pro
     let (seen, finished) = (Arc::new(Mutex::new(Vec::new())), Arc::new(AtomicUsize::new(0)));
     let (health, shutdown) = (StageHealth::default(), CancellationToken::new());
     let kafka = KafkaConfig::new(&brokers);
-    let run = stage::run(
-        "metered",
-        &health,
-        &shutdown,
-        || {
-            let source = RangeSource::new(&kafka, vec![OffsetRange::new(&topic, 0, 0, 4)]).map_err(|e| e.to_string());
-            let processor = Recording { seen: seen.clone(), finished: finished.clone() };
-            async move { Ok((processor, Source::Ranges(source?))) }
-        },
-        |_: &String| false,
-    );
+    let run = stage::run("metered", &health, &shutdown, || {
+        let source = RangeSource::new(&kafka, vec![OffsetRange::new(&topic, 0, 0, 4)]).map_err(StageError::from);
+        let processor = Recording { seen: seen.clone(), finished: finished.clone() };
+        async move { Ok((processor, Source::Ranges(source?))) }
+    });
     tokio::time::timeout(WAIT, run).await.expect("the range run ended by itself").unwrap();
     assert_eq!(finished.load(Ordering::SeqCst), 1);
     assert_eq!(*seen.lock().unwrap(), [(0, 0), (0, 1), (0, 2)]);

@@ -1,6 +1,8 @@
 //! Errors of the store, each saying whether a retry can help and whether the data itself was
 //! refused (classified by SQLSTATE on PostgreSQL and by result code on SQLite, never by message).
 
+use tidings_core::stage::{StageError, System};
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("invalid store configuration: {0}")]
@@ -142,6 +144,17 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
+/// To a stage, unusable store settings are configuration; anything else is the store failing,
+/// retried when [`StoreError::is_retriable`] says so.
+impl From<StoreError> for StageError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Config(m) => StageError::configuration(format!("store: {m}")),
+            e => StageError::external(System::Store, e.is_retriable(), e),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -253,5 +266,24 @@ mod tests {
         assert_eq!(e.rejection(), Some("db-22001-string-data-right-truncation"), "{e}");
         let e = StoreError::from(sqlx::query("SELECT * FROM missing_table").execute(&mut conn).await.unwrap_err());
         assert!(matches!(e, StoreError::Query(_)) && !e.is_retriable(), "{e:?}");
+    }
+
+    /// A stage restarts on what the store says may pass, and ends on what an operator must fix.
+    #[test]
+    fn a_stage_retries_only_what_the_store_calls_retriable() {
+        use tidings_core::stage::Domain;
+        let stage = |e: StoreError| {
+            let e = StageError::from(e);
+            (e.domain(), e.is_retriable())
+        };
+        let store = Domain::External(System::Store);
+        assert_eq!(stage(StoreError::Unavailable(sqlx::Error::PoolTimedOut)), (store, true));
+        let undefined = StoreError::Query(sqlx::Error::RowNotFound);
+        assert_eq!(stage(undefined), (store, false));
+        let refused = StoreError::Rejected { reason: "db-sqlite-toobig", source: sqlx::Error::RowNotFound };
+        assert_eq!(stage(refused), (store, false));
+        assert_eq!(stage(StoreError::Config("unsupported URL scheme".into())), (Domain::Configuration, false));
+        let kept = StageError::from(StoreError::Query(sqlx::Error::RowNotFound));
+        assert!(matches!(kept.source_as::<StoreError>(), Some(StoreError::Query(_))), "{kept:?}");
     }
 }

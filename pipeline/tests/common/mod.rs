@@ -98,7 +98,7 @@ pub fn order(event_id: &str, buyer: &str) -> serde_json::Value {
 }
 
 /// The templating stage of `env`.
-pub fn spawn_templating(env: &Env) -> tokio::task::JoinHandle<Result<(), tidings_pipeline::error::StageError>> {
+pub fn spawn_templating(env: &Env) -> tokio::task::JoinHandle<Result<(), tidings_core::StageError>> {
     spawn_templating_with(env, Default::default())
 }
 
@@ -106,7 +106,7 @@ pub fn spawn_templating(env: &Env) -> tokio::task::JoinHandle<Result<(), tidings
 pub fn spawn_templating_with(
     env: &Env,
     health: tidings_core::shutdown::StageHealth,
-) -> tokio::task::JoinHandle<Result<(), tidings_pipeline::error::StageError>> {
+) -> tokio::task::JoinHandle<Result<(), tidings_core::StageError>> {
     tokio::spawn(templating::run(
         TemplatingConfig {
             kafka: env.kafka.clone(),

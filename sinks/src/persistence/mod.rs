@@ -22,7 +22,7 @@ use tidings_core::json_avro::{avro_to_json, union_branch_name};
 use tidings_core::kafka::{header_str, H_DELIVERY_ONLY, H_TRACEPARENT};
 use tidings_core::notification::NOTIFICATION_SCHEMA;
 use tidings_core::retry::{until_done, GaveUp};
-use tidings_core::stage::{acknowledged, DeadLetters, Processor};
+use tidings_core::stage::{acknowledged, DeadLetters, Processor, StageError, System};
 use tidings_core::{DecodeError, Notification, RegistryClient};
 use tokio::runtime::{Handle, RuntimeFlavor};
 use tokio_util::sync::CancellationToken;
@@ -39,29 +39,6 @@ pub const STAGE: &str = "persistence";
 /// Timestamps the store accepts (years 1 to 9999, in microseconds since the Unix epoch). Anything
 /// else would fail its whole batch on every retry, so such a record is dead-lettered instead.
 const STORABLE_MICROS: std::ops::RangeInclusive<i64> = -62_135_596_800_000_000..=253_402_300_799_999_999;
-
-/// Errors that stop the stage.
-#[derive(Debug, thiserror::Error)]
-pub enum PersistError {
-    #[error("Kafka: {0}")]
-    Kafka(#[from] KafkaError),
-    #[error("store: {0}")]
-    Store(#[from] StoreError),
-    #[error("dead-letter delivery failed: {0}")]
-    DeadLetter(String),
-    #[error("configuration: {0}")]
-    Config(String),
-}
-
-impl PersistError {
-    pub fn is_retriable(&self) -> bool {
-        match self {
-            PersistError::Kafka(_) | PersistError::DeadLetter(_) => true,
-            PersistError::Store(e) => e.is_retriable(),
-            PersistError::Config(_) => false,
-        }
-    }
-}
 
 type Tp = (String, i32);
 
@@ -130,15 +107,8 @@ impl StoredOffsets for DbOffsets {
 }
 
 /// Runs the stage until `shutdown` on the shared skeleton, restarting after transient failures.
-pub async fn run(cfg: PersistenceConfig, store: Store, shutdown: CancellationToken) -> Result<(), PersistError> {
-    tidings_core::stage::run(
-        STAGE,
-        &cfg.health,
-        &shutdown,
-        || start(&cfg, &store, &shutdown),
-        PersistError::is_retriable,
-    )
-    .await
+pub async fn run(cfg: PersistenceConfig, store: Store, shutdown: CancellationToken) -> Result<(), StageError> {
+    tidings_core::stage::run(STAGE, &cfg.health, &shutdown, || start(&cfg, &store, &shutdown)).await
 }
 
 /// One attempt of the stage: the batch being built and what writing it needs.
@@ -312,15 +282,15 @@ async fn start(
     cfg: &PersistenceConfig,
     store: &Store,
     shutdown: &CancellationToken,
-) -> Result<(Sink, Arc<StreamConsumer<SinkContext>>), PersistError> {
-    let registry = RegistryClient::new(&cfg.registry).map_err(|e| PersistError::Config(e.to_string()))?;
+) -> Result<(Sink, Arc<StreamConsumer<SinkContext>>), StageError> {
+    let registry = RegistryClient::new(&cfg.registry)?;
     let chat_schema: Option<&'static Schema> = match (&cfg.chat_topic, &cfg.chat_schema) {
         (Some(_), Some(text)) => {
-            let s = Schema::parse_str(text).map_err(|e| PersistError::Config(format!("chat schema: {e}")))?;
+            let s = Schema::parse_str(text).map_err(|e| StageError::configuration(format!("chat schema: {e}")))?;
             // Leaked once per stage start so cached decoders can borrow it for 'static.
             Some(Box::leak(Box::new(s)))
         }
-        (Some(_), None) => return Err(PersistError::Config("chat_topic needs chat_schema".into())),
+        (Some(_), None) => return Err(StageError::configuration("chat_topic needs chat_schema")),
         _ => None,
     };
     let mut topics = vec![cfg.notifications_topic.clone()];
@@ -365,11 +335,10 @@ async fn start(
 }
 
 impl Processor for Sink {
-    type Error = PersistError;
     /// The batch's linger time is over.
     type Due = ();
 
-    async fn process(&mut self, m: &BorrowedMessage<'_>) -> Result<(), PersistError> {
+    async fn process(&mut self, m: &BorrowedMessage<'_>) -> Result<(), StageError> {
         self.take(m).await?;
         if self.pending.rows() >= self.cfg.batch_size || self.pending.records >= self.cfg.batch_size {
             self.flush(&self.shutdown.clone()).await?;
@@ -387,11 +356,11 @@ impl Processor for Sink {
         }
     }
 
-    async fn on_due(&mut self, (): ()) -> Result<(), PersistError> {
+    async fn on_due(&mut self, (): ()) -> Result<(), StageError> {
         self.flush(&self.shutdown.clone()).await
     }
 
-    async fn finish(mut self, ended: Result<(), PersistError>) -> Result<(), PersistError> {
+    async fn finish(mut self, ended: Result<(), StageError>) -> Result<(), StageError> {
         if ended.is_ok() && self.pending.records > 0 {
             // Shutdown: store what was consumed so a restart does not re-read it.
             self.flush(&CancellationToken::new()).await?;
@@ -403,7 +372,7 @@ impl Processor for Sink {
 
 impl Sink {
     /// Adds one record to the pending batch (or dead-letters it).
-    async fn take(&mut self, m: &BorrowedMessage<'_>) -> Result<(), PersistError> {
+    async fn take(&mut self, m: &BorrowedMessage<'_>) -> Result<(), StageError> {
         let Sink { cfg, registry, chat_schema, known, pending, shutdown, .. } = self;
         let chat_schema = *chat_schema;
         let key = (m.topic().to_string(), m.partition());
@@ -525,22 +494,22 @@ impl Sink {
         m: &BorrowedMessage<'_>,
         reason: &'static str,
         error: &str,
-    ) -> Result<(), PersistError> {
-        let delivery = self.dead.send(m, reason, error).await?;
+    ) -> Result<(), StageError> {
+        let delivery = self.dead.send(m, reason, error).await.map_err(|e| StageError::kafka(System::DeadLetter, e))?;
         self.pending.dead.push(delivery);
         Ok(())
     }
 
     /// Writes the pending batch and its offsets in one transaction, retrying while the database is
     /// unavailable (no offset advances meanwhile), then commits the offsets to Kafka for lag metrics.
-    async fn flush(&mut self, shutdown: &CancellationToken) -> Result<(), PersistError> {
+    async fn flush(&mut self, shutdown: &CancellationToken) -> Result<(), StageError> {
         let Sink { cfg, store, known, consumer, pending, dead, .. } = self;
         if pending.records == 0 {
             pending.started = None;
             return Ok(());
         }
         for d in pending.dead.drain(..) {
-            acknowledged(d).await.map_err(|e| PersistError::DeadLetter(e.to_string()))?;
+            acknowledged(d).await.map_err(|e| StageError::kafka(System::DeadLetter, e))?;
         }
         pending.batch.offsets = pending
             .next
@@ -577,12 +546,12 @@ impl Sink {
                     );
                     Ok(())
                 }
-                Err(GaveUp::ShutDown(e)) => Err(PersistError::Store(e)),
+                Err(GaveUp::ShutDown(e)) => Err(e.into()),
                 // The data, not the database: store the batch without the records it refuses.
                 Err(GaveUp::Failed(e)) if e.rejection().is_some() => {
                     store_around_refusals(cfg, store, dead, pending, e, shutdown).await
                 }
-                Err(GaveUp::Failed(e)) => Err(PersistError::from(e)),
+                Err(GaveUp::Failed(e)) => Err(e.into()),
             }
         };
         if let Err(e) = write.instrument(span.clone()).await {
@@ -621,7 +590,7 @@ async fn store_around_refusals(
     pending: &Pending,
     first: StoreError,
     shutdown: &CancellationToken,
-) -> Result<(), PersistError> {
+) -> Result<(), StageError> {
     let records = pending.units.len();
     warn!(error = %first, records, "The database refused a batch of {records} records; storing it in parts to find the refused records.");
     let mut writes = 0usize;
@@ -649,10 +618,13 @@ async fn store_around_refusals(
         let mut copies = read_back(cfg, &refused.iter().map(|(i, _)| pending.units[*i]).collect::<Vec<_>>()).await?;
         let mut deliveries = Vec::with_capacity(refused.len());
         for ((_, e), copy) in refused.iter().zip(&mut copies) {
-            deliveries.push(dead.send(copy, e.rejection().unwrap_or("db-rejected"), &e.to_string()).await?);
+            let reason = e.rejection().unwrap_or("db-rejected");
+            deliveries.push(
+                dead.send(copy, reason, &e.to_string()).await.map_err(|e| StageError::kafka(System::DeadLetter, e))?,
+            );
         }
         for d in deliveries {
-            acknowledged(d).await.map_err(|e| PersistError::DeadLetter(e.to_string()))?;
+            acknowledged(d).await.map_err(|e| StageError::kafka(System::DeadLetter, e))?;
         }
     }
     let offsets = Batch { offsets: pending.batch.offsets.clone(), ..Batch::default() };
@@ -666,7 +638,7 @@ async fn store_around_refusals(
     .await
     {
         Ok(_) => {}
-        Err(GaveUp::ShutDown(e) | GaveUp::Failed(e)) => return Err(PersistError::Store(e)),
+        Err(GaveUp::ShutDown(e) | GaveUp::Failed(e)) => return Err(e.into()),
     }
     info!(
         records,
@@ -682,7 +654,7 @@ async fn store_around_refusals(
 /// Reads `units`' records back from Kafka for their dead-letter copies: the batch keeps only the
 /// rows it decoded, and a refusal is rare enough to pay a fetch. A record no longer in the log
 /// (retention) is dead-lettered as its coordinates alone.
-async fn read_back(cfg: &PersistenceConfig, units: &[Unit]) -> Result<Vec<OwnedMessage>, PersistError> {
+async fn read_back(cfg: &PersistenceConfig, units: &[Unit]) -> Result<Vec<OwnedMessage>, StageError> {
     // Assigned partitions only, never subscribed: this consumer does not join the stage's group.
     let reader: StreamConsumer =
         cfg.kafka.consumer_with(&cfg.group, &[], &[("enable.auto.commit", "false")]).create()?;
@@ -704,10 +676,12 @@ async fn read_back(cfg: &PersistenceConfig, units: &[Unit]) -> Result<Vec<OwnedM
             }
         };
         let m = tokio::time::timeout(READ_BACK_TIMEOUT, read).await.map_err(|_| {
-            PersistError::DeadLetter(format!(
-                "could not read {topic}[{}] at offset {} back within {READ_BACK_TIMEOUT:?}",
+            // Retriable: the restart stores the batch again and isolates the same records.
+            let what = format!(
+                "could not read {topic}[{}] at offset {} back within {READ_BACK_TIMEOUT:?} for its dead letter",
                 u.partition, u.offset
-            ))
+            );
+            StageError::external(System::Kafka, true, what)
         })??;
         out.push(if m.offset() == u.offset {
             m

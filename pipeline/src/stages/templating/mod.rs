@@ -22,7 +22,7 @@ use tidings_core::json_avro::{avro_to_json, union_branch_name};
 use tidings_core::kafka::{header_str, KafkaConfig, H_DELIVERY_ONLY, H_TRACEPARENT};
 use tidings_core::notification::NOTIFICATION_SCHEMA_JSON;
 use tidings_core::retry::{until_done, GaveUp};
-use tidings_core::stage::{acknowledged, enqueue, unproducible, DeadCopy, DeadLetters, Processor};
+use tidings_core::stage::{acknowledged, enqueue, unproducible, DeadCopy, DeadLetters, Processor, StageError, System};
 use tidings_core::{
     trace, DecodeError, Notification, NotificationEncoder, RegistryClient, RegistryEndpoint, SharedFields,
 };
@@ -32,7 +32,6 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::error::StageError;
 use crate::topology::Topology;
 pub use config::spawn;
 pub use render::Rendered;
@@ -76,8 +75,7 @@ struct DeadLetter {
 /// Runs the stage until `shutdown` on the shared skeleton, restarting it after transient failures
 /// (broker or registry outages) with a capped backoff.
 pub async fn run(cfg: TemplatingConfig, store: Store, shutdown: CancellationToken) -> Result<(), StageError> {
-    tidings_core::stage::run(STAGE, &cfg.health, &shutdown, || start(&cfg, &store, &shutdown), StageError::is_retriable)
-        .await
+    tidings_core::stage::run(STAGE, &cfg.health, &shutdown, || start(&cfg, &store, &shutdown)).await
 }
 
 /// The per-event work of the stage without Kafka: decode through the registry, track chat
@@ -234,17 +232,18 @@ impl Templater {
         let registry = RegistryClient::new(registry)?;
         let mut readers = HashMap::new();
         for logical in &spec.inputs {
-            let schema = topology
-                .schema(logical)
-                .ok_or_else(|| StageError::Config(format!("input topic {logical} has no schema in topology.yaml")))?;
+            let schema = topology.schema(logical).ok_or_else(|| {
+                StageError::configuration(format!("input topic {logical} has no schema in topology.yaml"))
+            })?;
             // Leaked once per stage start: decoders borrow reader schemas for 'static so they can be
             // cached per writer schema id (see tidings_core::registry).
             readers.insert(topology.topic_name(logical), &*Box::leak(Box::new(schema.clone())));
         }
         let output = topology.topic_name(&spec.output);
         let id = registry.register(&format!("{output}-value"), NOTIFICATION_SCHEMA_JSON).await?;
-        let encoder = NotificationEncoder::new(id).map_err(|e| StageError::Config(e.to_string()))?;
-        let renderer = Renderer::new(&topology).map_err(|e| StageError::Config(e.to_string()))?;
+        let encoder = NotificationEncoder::new(id)
+            .map_err(|e| StageError::configuration(format!("the notification schema (id {id}): {e}")))?;
+        let renderer = Renderer::new(&topology).map_err(|e| StageError::configuration(e.to_string()))?;
         let room_ttl = Duration::from_millis(spec.room_cache_ttl_ms);
         Ok(Templater {
             topology,
@@ -300,7 +299,10 @@ impl Templater {
     }
 
     fn encode_shared(&self, fanout: &Fanout, i: usize) -> Result<Vec<u8>, StageError> {
-        self.encoder.shared(&fanout.shared(i)).map_err(|e| StageError::Config(e.to_string()))
+        // Rendered texts always fit the schema: failing here is a bug, not the event's fault.
+        self.encoder
+            .shared(&fanout.shared(i))
+            .map_err(|e| StageError::internal(format!("encoding a notification: {e}")))
     }
 }
 
@@ -401,8 +403,7 @@ async fn start(
             let client = rdkafka::producer::Producer::client(&client);
             tidings_core::kafka::partition_count(client, &topic, Duration::from_secs(10))
         })
-        .await
-        .map_err(|e| StageError::Delivery(e.to_string()))??;
+        .await??;
         templater.group_by_partition(count);
     }
     let context = rooms::context("templating-consumer", templater.rooms());
@@ -431,7 +432,6 @@ async fn start(
 }
 
 impl Processor for Stage {
-    type Error = StageError;
     /// How the acknowledger ended (only on a failed delivery or a dropped producer).
     type Due = Result<(), StageError>;
 
@@ -441,14 +441,15 @@ impl Processor for Stage {
 
     async fn due(&mut self) -> Self::Due {
         match self.acker.as_mut() {
-            Some(acker) => acker.await.unwrap_or_else(|e| Err(StageError::Delivery(e.to_string()))),
+            Some(acker) => acker.await.unwrap_or_else(|e| Err(e.into())),
             None => std::future::pending().await,
         }
     }
 
     async fn on_due(&mut self, ended: Self::Due) -> Result<(), StageError> {
         self.acker = None;
-        Err(ended.err().unwrap_or_else(|| StageError::Delivery("acknowledger stopped".into())))
+        // It ends by itself only on a failure: its sender lives as long as this attempt.
+        Err(ended.err().unwrap_or_else(|| StageError::internal("the acknowledger stopped while the stage ran")))
     }
 
     /// Lets every produced output be acknowledged and its offset stored, then commits what was
@@ -457,7 +458,7 @@ impl Processor for Stage {
         let Stage { acks, acker, consumer, shutdown, .. } = self;
         drop(acks);
         let drained = match acker {
-            Some(acker) => acker.await.unwrap_or_else(|e| Err(StageError::Delivery(e.to_string()))),
+            Some(acker) => acker.await.unwrap_or_else(|e| Err(e.into())),
             None => Ok(()),
         };
         if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
@@ -470,7 +471,9 @@ impl Processor for Stage {
             info!("Templating stage stopped after committing its offsets.");
             return Ok(());
         }
-        ended.and(drained)
+        // The acknowledger's failure first: a record's hand-over fails when it stopped, and its
+        // error (a refused or timed-out output) is the cause that decides the restart.
+        drained.and(ended)
     }
 }
 
@@ -494,7 +497,7 @@ async fn ack_in_order(
                     Some(reason) => {
                         refused.get_or_insert((reason, e));
                     }
-                    None => return Err(StageError::Delivery(format!("{}: {e}", at(input)))),
+                    None => return Err(StageError::from(e).context(format!("an output of {}", at(input)))),
                 }
             }
         }
@@ -515,8 +518,7 @@ async fn ack_in_order(
         // The next offset to read, stated exactly: `store_offset` (librdkafka's legacy
         // rd_kafka_offset_store) adds one itself, which skipped a record on every restart.
         let mut next = rdkafka::TopicPartitionList::with_capacity(1);
-        next.add_partition_offset(input.topic(), input.partition(), rdkafka::Offset::Offset(input.offset() + 1))
-            .map_err(|e| StageError::Delivery(e.to_string()))?;
+        next.add_partition_offset(input.topic(), input.partition(), rdkafka::Offset::Offset(input.offset() + 1))?;
         if let Err(e) = consumer.store_offsets(&next) {
             // The partition was revoked meanwhile; its new owner replays from the last commit.
             debug!(error = %e, topic = %input.topic(), partition = input.partition(), "Offset not stored (partition no longer assigned).");
@@ -542,7 +544,7 @@ async fn send_dead<M: Message + Sync>(
             Ok(delivery) => return Ok(DeadLetter { delivery, reason, error, copy }),
             Err(e) => match (unproducible(&e), copy.smaller()) {
                 (Some(_), Some(smaller)) => copy = smaller,
-                _ => return Err(e.into()),
+                _ => return Err(StageError::kafka(System::DeadLetter, e)),
             },
         }
     }
@@ -560,7 +562,11 @@ async fn settle_dead(
             Ok(_) => return Ok(()),
             Err(e) => match (unproducible(&e), d.copy.smaller()) {
                 (Some(_), Some(smaller)) => d = send_dead(dead, input, d.reason, d.error, smaller).await?,
-                _ => return Err(StageError::Delivery(format!("dead letter of {}: {e}", at(input)))),
+                _ => {
+                    return Err(
+                        StageError::kafka(System::DeadLetter, e).context(format!("the dead letter of {}", at(input)))
+                    )
+                }
             },
         }
     }
@@ -612,7 +618,7 @@ impl Stage {
                 n => {
                     let n = n.min(self.max_in_flight) as u32;
                     let permits = self.budget.clone().acquire_many_owned(n).await;
-                    Some(permits.map_err(|e| StageError::Delivery(e.to_string()))?)
+                    Some(permits.map_err(StageError::internal)?)
                 }
             };
             deliveries.reserve(records.remaining());
@@ -666,7 +672,8 @@ impl Stage {
             }
             let next = self.templater.next_page(&mut notifications, &self.shutdown).await?;
             let inflight = InFlight { input: input.clone(), last: next.is_none(), deliveries, dead, _permits: permits };
-            self.acks.send(inflight).await.map_err(|_| StageError::Delivery("acknowledger stopped".into()))?;
+            // Fails only once the acknowledger stopped on a failure, which `finish` reports.
+            self.acks.send(inflight).await.map_err(|_| StageError::internal("the acknowledger stopped"))?;
             match next {
                 Some(o) => outcome = o,
                 None => return Ok(()),
@@ -829,7 +836,7 @@ fn dead(e: RenderError) -> Outcome {
 }
 
 /// Retries `op` while its error is retriable (200 ms doubling to 30 s, the partition waits);
-/// the final result, or `Err(StageError)` when shutdown begins first.
+/// the final result, or its last error as a [`StageError`] when shutdown begins first.
 async fn retry<T, E, F, Fut>(
     shutdown: &CancellationToken,
     what: &str,
@@ -840,6 +847,7 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, E>>,
     E: std::fmt::Display,
+    StageError: From<E>,
 {
     match until_done(
         shutdown,
@@ -852,6 +860,6 @@ where
     {
         Ok(v) => Ok(Ok(v)),
         Err(GaveUp::Failed(e)) => Ok(Err(e)),
-        Err(GaveUp::ShutDown(_)) => Err(StageError::Delivery(format!("shut down while retrying {what}"))),
+        Err(GaveUp::ShutDown(e)) => Err(StageError::from(e).context(format!("shut down while retrying {what}"))),
     }
 }

@@ -629,3 +629,34 @@ fn allowed_hosts_are_loopback_the_listen_address_and_the_configured_names() {
     let on_all = access.with_listen("0.0.0.0".parse().unwrap());
     assert!(on_all.host_allowed("10.0.0.6:8081") && !on_all.host_allowed("evil.example"));
 }
+
+const COUPON_EVENT: &str = include_str!("../../../schemas/coupon_event.avsc");
+
+/// `coupon_event.avsc` as it was before the claim stage's decisions: without `claim_id` on
+/// CouponIssued and without the branches appended after CampaignLaunched.
+fn coupon_event_before_claims() -> String {
+    let mut schema: Json = serde_json::from_str(COUPON_EVENT).unwrap();
+    let payload = schema["fields"].as_array_mut().unwrap().iter_mut().find(|f| f["name"] == "payload").unwrap();
+    let branches = payload["type"].as_array_mut().unwrap();
+    let launched = branches.iter().position(|b| b["name"] == "CampaignLaunched").unwrap();
+    branches.truncate(launched + 1);
+    let issued = branches.iter_mut().find(|b| b["name"] == "CouponIssued").unwrap();
+    issued["fields"].as_array_mut().unwrap().retain(|f| f["name"] != "claim_id");
+    schema.to_string()
+}
+
+#[tokio::test]
+async fn the_claim_decisions_extend_the_coupons_schema_backward_compatibly() {
+    let (store, _dir) = fresh_sqlite().await.unwrap();
+    let registry = Registry::open(store).await.unwrap();
+    let before = coupon_event_before_claims();
+    assert_eq!(registry.register("coupons-value", &before).await.unwrap(), 1);
+    let problems = registry.check_compatibility("coupons-value", None, COUPON_EVENT, None).await.unwrap();
+    assert!(problems.is_empty(), "{problems:?}");
+    assert_eq!(registry.register("coupons-value", COUPON_EVENT).await.unwrap(), 2);
+    // The check can fail: a new field without a default is refused against the same version.
+    let mut no_default: Json = serde_json::from_str(COUPON_EVENT).unwrap();
+    no_default["fields"].as_array_mut().unwrap().push(json!({"name": "campaign", "type": "string"}));
+    let problems = registry.check_compatibility("coupons-value", None, &no_default.to_string(), None).await.unwrap();
+    assert!(!problems.is_empty(), "a field without a default must be refused");
+}

@@ -317,6 +317,46 @@ mod tests {
     }
 
     #[test]
+    fn claim_decisions_reach_the_claimant_rejections_live_only() {
+        let r = Renderer::new(&topology()).unwrap();
+        let rejected = json!({"event_id": "e1", "coupon_id": "c-1", "locale": "ko",
+            "payload": {"user_id": "u1", "claim_id": "k1", "reason": "sold_out"}});
+        assert_eq!(
+            r.audience("coupons", "ClaimRejected", &rejected).unwrap(),
+            Some(Audience::Users(vec!["u1".into()]))
+        );
+        let ko = r.render("coupons", "ClaimRejected", &rejected, &["u1".into()]).unwrap();
+        assert!(ko[0].body.contains("소진"), "{:?}", ko[0]);
+        assert!(!ko[0].inbox, "a rejection is shown live, not kept in the inbox");
+        let data: Json = serde_json::from_str(ko[0].data.as_deref().unwrap()).unwrap();
+        assert_eq!(
+            (data["event_type"].as_str(), data["payload"]["claim_id"].as_str()),
+            (Some("ClaimRejected"), Some("k1"))
+        );
+        for (reason, text) in [
+            ("already_claimed", "already hold"),
+            ("not_open", "not opened"),
+            ("closed", "closed"),
+            ("unknown_coupon", "no such"),
+        ] {
+            let ev = json!({"coupon_id": "c-1", "payload": {"user_id": "u1", "claim_id": "k1", "reason": reason}});
+            let en = r.render("coupons", "ClaimRejected", &ev, &["u1".into()]).unwrap();
+            assert!(en[0].body.contains(text), "{reason}: {:?}", en[0]);
+        }
+        let issued = json!({"coupon_id": "c-1", "payload": {"user_id": "u1", "code": "ABC", "discount_percent": 10,
+            "expires_at": 0, "claim_id": "k1"}});
+        let texts = r.render("coupons", "CouponIssued", &issued, &["u1".into()]).unwrap();
+        assert!(texts[0].inbox && texts[0].body.contains("ABC"), "{:?}", texts[0]);
+        let redeemed = json!({"coupon_id": "c-1", "payload": {"user_id": "u1", "code": "ABC", "order_id": "o-9"}});
+        let texts = r.render("coupons", "RedemptionAccepted", &redeemed, &["u1".into()]).unwrap();
+        assert!(texts[0].inbox && texts[0].body.contains("o-9"), "{:?}", texts[0]);
+        let mut refused = redeemed.clone();
+        refused["payload"]["reason"] = json!("already_redeemed");
+        let texts = r.render("coupons", "RedemptionRefused", &refused, &["u1".into()]).unwrap();
+        assert!(!texts[0].inbox && texts[0].body.contains("another order"), "{:?}", texts[0]);
+    }
+
+    #[test]
     fn a_chat_message_is_a_delivery_only_copy_to_the_whole_room_carrying_the_event() {
         let r = Renderer::new(&topology()).unwrap();
         let ev =

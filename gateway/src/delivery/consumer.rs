@@ -14,6 +14,7 @@ use rdkafka::Offset;
 use tidings_core::consumer::{
     blocking, tail, Assigned, RebalanceHooks, StageContext, Start, StartOffsets, Tail, WATERMARK_TIMEOUT,
 };
+use tidings_core::kafka::PARTITIONS_REFRESH;
 use tidings_core::notification::NOTIFICATION_SCHEMA;
 use tidings_core::retry::{until_done, GaveUp};
 use tidings_core::stage::{Processor, StageError, System};
@@ -24,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::events::events_from_record;
+use super::partitions::{self, PartitionFollow};
 use super::{owners, DeliveryConfig, Hub, Owners};
 
 /// State shared between the rebalance callback and the main loop.
@@ -111,6 +113,8 @@ struct Delivery {
     tick: tokio::time::Interval,
     ticks: u64,
     refreshing: Option<tokio::task::JoinHandle<()>>,
+    /// The partition count of the topic as followed while the stage runs.
+    follow: Arc<Mutex<PartitionFollow>>,
     multi_thread: bool,
     shutdown: CancellationToken,
 }
@@ -133,10 +137,12 @@ async fn start(
     let shared = Arc::new(Shared::default());
     let hooks = HubHooks { hub: hub.clone(), topic: cfg.topic.clone(), shared: shared.clone() };
     let ctx = StageContext::new("delivery-consumer", StartOffsets::Tail(hub.config().ring_events), hooks);
-    // Nothing is committed: every owner starts a ring's length before the end.
+    // Nothing is committed: every owner starts a ring's length before the end. Partitions added
+    // to the topic are taken within the metadata refresh (librdkafka's default is 5 minutes).
+    let refresh_ms = PARTITIONS_REFRESH.as_millis().to_string();
     let cc = cfg.kafka.consumer_with(
         &cfg.group,
-        &[("auto.offset.reset", "latest")],
+        &[("auto.offset.reset", "latest"), ("topic.metadata.refresh.interval.ms", &refresh_ms)],
         &[("enable.auto.commit", "false"), ("partition.assignment.strategy", "range,roundrobin")],
     );
     let cc = tidings_core::client_stats::reporting(cc);
@@ -149,6 +155,7 @@ async fn start(
         return Err(StageError::external(System::Kafka, true, missing));
     }
     hub.set_partition_count(count);
+    let follow = Arc::new(Mutex::new(PartitionFollow::new(count)));
     consumer.subscribe(&[&cfg.topic])?;
     let producer: FutureProducer = cfg.kafka.producer().create()?;
     let follower = {
@@ -170,6 +177,7 @@ async fn start(
         tick: tokio::time::interval(Duration::from_secs(2)),
         ticks: 0,
         refreshing: None,
+        follow,
         multi_thread,
         shutdown: shutdown.clone(),
     };
@@ -217,8 +225,8 @@ impl Processor for Delivery {
                 self.ticks += 1;
                 maintain(&self.consumer, cfg, hub, shared, self.multi_thread);
                 if self.ticks.is_multiple_of(5) && self.refreshing.as_ref().is_none_or(|j| j.is_finished()) {
-                    let (c, h, t) = (self.consumer.clone(), hub.clone(), cfg.topic.clone());
-                    self.refreshing = Some(tokio::task::spawn_blocking(move || refresh(&c, &t, &h)));
+                    let (c, h, t, f) = (self.consumer.clone(), hub.clone(), cfg.topic.clone(), self.follow.clone());
+                    self.refreshing = Some(tokio::task::spawn_blocking(move || refresh(&c, &t, &h, &f)));
                 }
             }
         }
@@ -244,7 +252,7 @@ fn partition_count<C: Consumer<X>, X: ConsumerContext>(c: &C, topic: &str) -> Re
 
 /// Refreshes per-partition lag and the partition count. Runs on a blocking thread beside the
 /// poll loop: a dozen broker round trips inline would hold up delivery every time.
-fn refresh(consumer: &StreamConsumer<DeliveryContext>, topic: &str, hub: &Hub) {
+fn refresh(consumer: &StreamConsumer<DeliveryContext>, topic: &str, hub: &Hub, follow: &Mutex<PartitionFollow>) {
     for p in hub.owned() {
         if let Ok((low, high)) = consumer.fetch_watermarks(topic, p, WATERMARK_TIMEOUT) {
             hub.set_low_watermark(p, low);
@@ -252,8 +260,8 @@ fn refresh(consumer: &StreamConsumer<DeliveryContext>, topic: &str, hub: &Hub) {
         }
     }
     if let Ok(n) = partition_count(consumer, topic) {
-        if n > 0 {
-            hub.set_partition_count(n);
+        if let Some(n) = follow.lock().expect("lock").observe(n, std::time::Instant::now()) {
+            partitions::apply(hub, n);
         }
     }
 }

@@ -18,6 +18,7 @@ pub mod consumer;
 pub mod events;
 pub mod hub;
 pub mod owners;
+pub mod partitions;
 pub mod ring;
 pub mod stream;
 

@@ -269,6 +269,14 @@ pub fn partition_count<C: rdkafka::client::ClientContext>(
     Ok(md.topics().iter().find(|t| t.name() == topic).map_or(0, |t| t.partitions().len() as i32))
 }
 
+/// How often templating reads the partition count of `notifications` again while it runs, to
+/// follow partitions added meanwhile. The gateways apply a new count only after twice this
+/// ([`PARTITIONS_SETTLE`]), so every running templating routes by it before any user moves.
+pub const PARTITIONS_REFRESH: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long the gateways see a new partition count before they route users by it.
+pub const PARTITIONS_SETTLE: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// Seconds from a record timestamp (ms since the epoch, e.g. its CreateTime) until now; 0 for one
 /// ahead of this clock. For the latency histograms of the stages and the gateway.
 pub fn age_secs(timestamp_ms: i64) -> f64 {

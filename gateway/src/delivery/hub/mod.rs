@@ -146,14 +146,35 @@ impl Hub {
         &self.cfg
     }
 
-    /// Number of partitions of the notifications topic (0 until known).
-    pub fn set_partition_count(&self, n: i32) {
-        self.partition_count.store(n, Ordering::Relaxed);
+    /// Number of partitions of the notifications topic (0 until known). When a known count changes,
+    /// the streams of users whose partition moved get `reconnect` (returns how many), so they come
+    /// back to their new partition's owner (and, resuming from the old one, get `reset`).
+    pub fn set_partition_count(&self, n: i32) -> usize {
+        let was = self.partition_count.swap(n, Ordering::SeqCst);
+        if was == 0 || was == n {
+            return 0;
+        }
+        let parts: Vec<_> = self.partitions.read().expect("lock").iter().map(|(p, s)| (*p, s.clone())).collect();
+        let mut moved = 0;
+        for (p, part) in parts {
+            part.lock().expect("lock").subs.retain(|user, subs| {
+                if partition_for(user, n) == p {
+                    return true;
+                }
+                for s in subs.drain(..) {
+                    moved += 1;
+                    self.count_close(CloseReason::PartitionRevoked);
+                    s.conn.close(CloseReason::PartitionRevoked);
+                }
+                false
+            });
+        }
+        moved
     }
 
     /// The user's partition, once the partition count is known.
     pub fn partition_of(&self, user: &str) -> Option<i32> {
-        match self.partition_count.load(Ordering::Relaxed) {
+        match self.partition_count.load(Ordering::SeqCst) {
             0 => None,
             n => Some(partition_for(user, n)),
         }

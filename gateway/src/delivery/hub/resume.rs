@@ -277,6 +277,12 @@ impl Hub {
             oldest.conn.close(CloseReason::TooManyConnections);
         }
         subs.push(Sub { conn: conn.clone(), after });
+        // The count changed since `subscribe` looked the partition up, and `set_partition_count`
+        // may have swept this partition before: this stream belongs elsewhere now.
+        if self.partition_of(user).is_some_and(|home| home != partition) {
+            self.count_close(CloseReason::PartitionRevoked);
+            conn.close(CloseReason::PartitionRevoked);
+        }
         self.metrics.connections.increment(1.0);
         if let Some(c) = self.metrics.resumes.get(outcome.as_str()) {
             c.increment(1);

@@ -5,6 +5,7 @@
 //! are deterministic.
 
 pub mod config;
+pub mod partitions;
 pub mod render;
 pub mod rooms;
 
@@ -219,6 +220,11 @@ struct Stage {
     /// To the acknowledger, which stores each record's offset once its outputs are acknowledged.
     acks: mpsc::Sender<InFlight>,
     acker: Option<JoinHandle<Result<(), StageError>>>,
+    /// The output topic's partition count, followed while the stage runs.
+    partitions: partitions::OutputPartitions,
+    /// The count this record's outputs are routed by (0: unknown, the producer's partitioner routes).
+    routing: i32,
+    group_records: bool,
 }
 
 impl Templater {
@@ -395,16 +401,13 @@ async fn start(
     let output = topo.topic_name(&spec.output);
     let producer: FutureProducer<ClientStats> =
         reporting(cfg.kafka.producer()).create_with_context(ClientStats::new("templating-producer"))?;
+    // Keyed and group records are routed by this one count, followed while the stage runs: a user's
+    // outputs never split between two counts, and the gateways move users only after it (see
+    // `tidings_core::kafka::PARTITIONS_SETTLE`).
+    let partitions = partitions::OutputPartitions::follow(&producer, &output).await?;
+    let routing = partitions.current();
     if spec.group_records {
-        // Read once per start: grouping must use the count the keyed records' partitioner and the
-        // gateways use (after partitions are added, restart templating with the gateways).
-        let (client, topic) = (producer.clone(), output.clone());
-        let count = tokio::task::spawn_blocking(move || {
-            let client = rdkafka::producer::Producer::client(&client);
-            tidings_core::kafka::partition_count(client, &topic, Duration::from_secs(10))
-        })
-        .await??;
-        templater.group_by_partition(count);
+        templater.group_by_partition(routing);
     }
     let context = rooms::context("templating-consumer", templater.rooms());
     let consumer: Arc<StreamConsumer<TemplatingContext>> =
@@ -427,6 +430,9 @@ async fn start(
         max_in_flight,
         acks,
         acker: Some(acker),
+        partitions,
+        routing,
+        group_records: spec.group_records,
     };
     Ok((stage, consumer))
 }
@@ -436,6 +442,14 @@ impl Processor for Stage {
     type Due = Result<(), StageError>;
 
     async fn process(&mut self, msg: &BorrowedMessage<'_>) -> Result<(), StageError> {
+        // Between records only, so all outputs (and pages) of one event use the same count.
+        let n = self.partitions.current();
+        if n != self.routing {
+            self.routing = n;
+            if self.group_records {
+                self.templater.group_by_partition(n);
+            }
+        }
         self.process_traced_record(msg).await
     }
 
@@ -636,6 +650,9 @@ impl Stage {
             while let Some(record) = records.next_record() {
                 let (target, payload) = record?;
                 let mut rec = match target {
+                    Target::User(user) if self.routing > 0 => FutureRecord::to(&self.output)
+                        .key(user)
+                        .partition(tidings_core::kafka::partition_for(user, self.routing)),
                     Target::User(user) => FutureRecord::to(&self.output).key(user),
                     Target::Partition(p) => FutureRecord::to(&self.output).partition(p),
                 }

@@ -22,14 +22,14 @@ use crate::settings;
 use crate::Infra;
 
 pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
+    for w in &args.config_file.warnings {
+        tracing::warn!("{w}");
+    }
     // Every setting first, all refusals at once, before anything is created, written or bound.
     let settings = match settings::check(&args) {
         Ok(s) => s,
         Err(errors) => return Ok(refuse(&errors)),
     };
-    for w in &args.config_file.warnings {
-        tracing::warn!("{w}");
-    }
     // The recorder first: a metric handle taken before it exists records nowhere, and the stages
     // take theirs when they start (templating's and persistence's were missing from /metrics).
     tidings_gateway::metrics::install();

@@ -25,6 +25,7 @@ macro_rules! on_pool {
 }
 
 pub mod chat;
+pub mod claims;
 pub mod copy;
 pub mod error;
 pub mod postgres;

@@ -1,5 +1,174 @@
 //! The claim stage: decides the claims and redemptions of limited-stock coupons in log order, one
 //! writer per `coupon-claims` partition, and writes each decision to `coupons`.
-//! - `decide`: the decisions, with no I/O.
+//!
+//! - `decide`: the decisions, with no I/O; `records`: records in and events out; `state`: the
+//!   decisions' state as stored; `ownership`: partitions taken at an epoch; `processor`: the loop.
+//!
+//! Exactness comes from three things. The state (definitions, holders, rejected claims,
+//! redemptions) and the next offset of a partition are committed in one store transaction per
+//! batch, so they never disagree. Every assignment bumps the partition's epoch in the store and
+//! every batch's transaction first checks it, so an owner that lost the partition can never
+//! commit. And decisions are a function of the committed state and the log alone (time is the
+//! record's timestamp, codes and event ids are derived), so records decided again after a crash
+//! or by the next owner are decided the same, with the same event ids.
+//!
+//! Decision events are produced *before* the batch commits and acknowledged first, not kept in a
+//! decided-table and relayed after it: a crash between the two re-decides the same records into
+//! the same events with the same ids, which downstream deduplicates (notification ids derive from
+//! event ids), so no outbox table, relay or second write per decision is needed, and an answer
+//! reaches `coupons` one produce after its record is read. A stale owner may also produce events
+//! before its commit is fenced; they are the same events, for the same reason.
 
 pub mod decide;
+pub mod ownership;
+pub mod processor;
+pub mod records;
+pub mod state;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::producer::FutureProducer;
+use tidings_core::consumer::{StageContext, StartOffsets};
+use tidings_core::kafka::KafkaConfig;
+use tidings_core::shutdown::StageHealth;
+use tidings_core::stage::{DeadLetters, StageError};
+use tidings_core::{FramedEncoder, RegistryClient, RegistryEndpoint};
+use tidings_store::Store;
+use tokio::runtime::Handle;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::topology::Topology;
+use ownership::Ownership;
+use processor::{Claims, ClaimsContext};
+
+/// Name used in dead-letter headers and logs.
+pub const STAGE: &str = "claims";
+
+/// The stage's input, output and dead-letter topics and its group, as named in topology.yaml.
+pub const INPUT: &str = "coupon-claims";
+pub const OUTPUT: &str = "coupons";
+pub const DEAD_LETTER: &str = "tidings.dlq.claims";
+pub const GROUP: &str = "tidings-claims";
+
+/// What the claim stage consumes and how it batches.
+#[derive(Debug, Clone)]
+pub struct ClaimsConfig {
+    pub kafka: KafkaConfig,
+    pub registry: RegistryEndpoint,
+    /// Consumer group; also the key of the epochs and offsets stored with the state.
+    pub group: String,
+    /// `coupon-claims` (cluster name).
+    pub input: String,
+    /// Reader schema text of `coupon-claims`.
+    pub input_schema: String,
+    /// `coupons` (cluster name).
+    pub output: String,
+    /// Writer schema text of `coupons`, registered at start.
+    pub output_schema: String,
+    /// Dead-letter topic (cluster name) for records that cannot be decided on.
+    pub dead_letter: String,
+    /// Most records decided per store transaction (default 10,000).
+    pub batch_size: usize,
+    /// Longest a decided record waits for its batch to commit (default 50 ms): the time an
+    /// answer may wait beyond its produce.
+    pub linger: Duration,
+    /// Up while the stage runs (not while it waits to restart); for `/readyz`.
+    pub health: StageHealth,
+}
+
+impl ClaimsConfig {
+    /// The stage on `topology`'s `coupon-claims`, `coupons` and `tidings.dlq.claims` topics,
+    /// with the default batch size and linger.
+    pub fn new(kafka: KafkaConfig, registry: RegistryEndpoint, topology: &Topology) -> Result<Self, StageError> {
+        let schema = |t: &str| {
+            topology
+                .schema_text(t)
+                .map(str::to_string)
+                .ok_or_else(|| StageError::configuration(format!("topology.yaml declares no schema for topic `{t}`")))
+        };
+        if !topology.topics.contains_key(DEAD_LETTER) {
+            return Err(StageError::configuration(format!("topology.yaml declares no topic `{DEAD_LETTER}`")));
+        }
+        Ok(ClaimsConfig {
+            kafka,
+            registry,
+            group: topology.group_name(GROUP),
+            input: topology.topic_name(INPUT),
+            input_schema: schema(INPUT)?,
+            output: topology.topic_name(OUTPUT),
+            output_schema: schema(OUTPUT)?,
+            dead_letter: topology.topic_name(DEAD_LETTER),
+            batch_size: 10_000,
+            linger: Duration::from_millis(50),
+            health: StageHealth::default(),
+        })
+    }
+}
+
+/// Runs the stage until `shutdown` on the shared skeleton, restarting after transient failures
+/// (each attempt takes its partitions again from the store). Needs a multi-thread runtime.
+pub async fn run(cfg: ClaimsConfig, store: Store, shutdown: CancellationToken) -> Result<(), StageError> {
+    let health = cfg.health.clone();
+    tidings_core::stage::run(STAGE, &health, &shutdown, || start(&cfg, &store, &shutdown)).await
+}
+
+async fn start(
+    cfg: &ClaimsConfig,
+    store: &Store,
+    shutdown: &CancellationToken,
+) -> Result<(Claims, Arc<StreamConsumer<ClaimsContext>>), StageError> {
+    if cfg.batch_size == 0 {
+        return Err(StageError::configuration("the claim stage's batch size must be at least 1"));
+    }
+    let parse = |text: &str, what: &str| {
+        apache_avro::Schema::parse_str(text)
+            .map_err(|e| StageError::configuration(format!("the {what} schema does not parse: {e}")))
+    };
+    // Leaked once per stage start so cached decoders can borrow it for 'static.
+    let reader: &'static _ = Box::leak(Box::new(parse(&cfg.input_schema, INPUT)?));
+    let registry = RegistryClient::new(cfg.registry.clone())?;
+    let id = registry.register(&format!("{}-value", cfg.output), &cfg.output_schema).await?;
+    let writer = registry.schema_by_id(id).await?;
+    let encoder = FramedEncoder::new(id, writer)
+        .map_err(|e| StageError::configuration(format!("the coupons schema (id {id}): {e}")))?;
+    let held = Arc::new(Mutex::new(HashMap::new()));
+    let ownership = Ownership {
+        store: store.clone(),
+        group: cfg.group.clone(),
+        topic: cfg.input.clone(),
+        held: held.clone(),
+        runtime: Handle::current(),
+    };
+    let ctx = StageContext::new("claims-consumer", StartOffsets::Stored(Box::new(ownership.clone())), ownership);
+    // The store holds the offsets (applied at every assignment); Kafka's would only mislead.
+    let cc = cfg.kafka.consumer_with(
+        &cfg.group,
+        &[],
+        &[("enable.auto.commit", "false"), ("partition.assignment.strategy", "range,roundrobin")],
+    );
+    let consumer: Arc<StreamConsumer<ClaimsContext>> =
+        Arc::new(tidings_core::client_stats::reporting(cc).create_with_context(ctx)?);
+    consumer.subscribe(&[cfg.input.as_str()])?;
+    let producer: FutureProducer = cfg.kafka.producer().create()?;
+    info!(input = %cfg.input, output = %cfg.output, batch_size = cfg.batch_size, "Claim stage deciding {} into {}.", cfg.input, cfg.output);
+    let claims = Claims {
+        cfg: cfg.clone(),
+        store: store.clone(),
+        registry,
+        reader,
+        writer,
+        encoder,
+        producer: producer.clone(),
+        dead: DeadLetters::new(producer, cfg.dead_letter.clone(), STAGE),
+        held,
+        parts: HashMap::new(),
+        pending: 0,
+        started: None,
+        shutdown: shutdown.clone(),
+    };
+    Ok((claims, consumer))
+}

@@ -1,0 +1,268 @@
+//! The claim stage on Apache Kafka and PostgreSQL: a stampede of claims (duplicates, retried
+//! claim ids, several ids per user) on one coupon, the stage dropped mid-run with decided but
+//! uncommitted records and started again, and a stale owner whose partition was taken: exactly
+//! `stock` issued, to the first claimants, no user twice, every claim exactly one decision.
+//! Needs `TIDINGS_TEST_BROKERS` and `TIDINGS_TEST_PG` (see compose/).
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+use common::{encoder, env_on, project_topology, Env};
+use rdkafka::admin::AdminClient;
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::{json, Value as Json};
+use tidings_core::json_avro::{avro_to_json, json_to_avro, union_branch_name};
+use tidings_core::kafka::KafkaConfig;
+use tidings_core::RegistryClient;
+use tidings_pipeline::stages::claims::{self, ClaimsConfig};
+use tidings_pipeline::topology::apply::apply;
+use tidings_store::Store;
+use tokio_util::sync::CancellationToken;
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+const COUPON: &str = "drop-1";
+const STOCK: usize = 40;
+const USERS: u64 = 60;
+const CLAIMS: usize = 4 * STOCK;
+
+/// The claims of the stampede, in log order: (user, claim id). A quarter retry an earlier claim
+/// (same user, same id), a quarter are an earlier claimant's new id, the rest a random user's new id.
+fn stampede() -> Vec<(String, String)> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut out: Vec<(String, String)> = Vec::new();
+    for i in 0..CLAIMS {
+        let pick = next();
+        let claim = match (pick % 4, out.is_empty()) {
+            (0, false) => out[(next() % out.len() as u64) as usize].clone(),
+            (1, false) => (out[(next() % out.len() as u64) as usize].0.clone(), format!("key-{i}")),
+            _ => (format!("user-{}", next() % USERS), format!("key-{i}")),
+        };
+        out.push(claim);
+    }
+    out
+}
+
+/// The users who must hold the coupon: the first `STOCK` distinct claimants in log order (every
+/// claim is inside the window and after the definition).
+fn expected_holders(log: &[(String, String)]) -> BTreeSet<String> {
+    let mut seen = Vec::new();
+    for (user, _) in log {
+        if !seen.contains(user) {
+            seen.push(user.clone());
+        }
+    }
+    seen.into_iter().take(STOCK).collect()
+}
+
+struct Run {
+    env: Env,
+    store: Store,
+    pg_url: String,
+    cfg: ClaimsConfig,
+    /// The coupon's partition and the offset after its last record.
+    partition: i32,
+    end: i64,
+    log: Vec<(String, String)>,
+}
+
+/// Topics under a fresh prefix, the registry, a fresh PostgreSQL store, and the coupon's
+/// definition followed by the stampede produced to `coupon-claims`.
+async fn setup() -> Run {
+    let brokers = tidings_core::testing::brokers_or_skip().expect("a broker");
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let topo = project_topology().with_prefix(&format!("it-{run}-"));
+    let admin: AdminClient<DefaultClientContext> = KafkaConfig::new(&brokers).admin().create().unwrap();
+    apply(&topo, &admin, TIMEOUT).await.expect("topics");
+    let env = env_on(KafkaConfig::new(&brokers), topo).await;
+    let (store, pg_url) = tidings_store::testing::fresh_postgres().await.unwrap();
+    let cfg = ClaimsConfig::new(env.kafka.clone(), env.registry_url.as_str().into(), &env.topo).unwrap();
+
+    let (enc, schema) = encoder(&env, &format!("{}-value", cfg.input)).await;
+    let producer: FutureProducer = env.kafka.producer().create().unwrap();
+    let send = |payload: Json| {
+        let event = json!({"event_id": uuid::Uuid::new_v4().to_string(), "occurred_at": 0, "coupon_id": COUPON,
+            "payload": payload});
+        let bytes = enc.encode(json_to_avro(schema, &event).unwrap()).unwrap();
+        let (producer, topic) = (producer.clone(), cfg.input.clone());
+        async move { producer.send(FutureRecord::to(&topic).key(COUPON).payload(&bytes), TIMEOUT).await.unwrap() }
+    };
+    let defined = send(json!({"CouponDefined": {"title": "Drop", "discount_percent": 30, "stock": STOCK,
+        "claim_opens_at": 0, "claim_closes_at": i64::MAX / 2, "valid_for_micros": 86_400_000_000i64}}))
+    .await;
+    let log = stampede();
+    let partition = defined.partition;
+    let mut last = defined;
+    for (user, key) in &log {
+        last = send(json!({"ClaimRequested": {"claim_id": key, "user_id": user}})).await;
+    }
+    assert_eq!(last.partition, partition, "one key, one partition");
+    Run { env, store, pg_url, cfg, partition, end: last.offset + 1, log }
+}
+
+impl Run {
+    fn spawn(
+        &self,
+        cfg: ClaimsConfig,
+    ) -> (CancellationToken, tokio::task::JoinHandle<Result<(), tidings_core::StageError>>) {
+        let token = CancellationToken::new();
+        let task = tokio::spawn(claims::run(cfg, self.store.clone(), token.clone()));
+        (token, task)
+    }
+
+    /// The stored next offset of the coupon's partition (`None` before the first commit).
+    async fn committed(&self) -> Option<i64> {
+        let row: Option<(Option<i64>,)> =
+            sqlx::query_as("SELECT next_offset FROM claim_partitions WHERE consumer = $1 AND partition = $2")
+                .bind(&self.cfg.group)
+                .bind(self.partition)
+                .fetch_optional(&sqlx::PgPool::connect(&self.pg_url).await.unwrap())
+                .await
+                .unwrap();
+        row.and_then(|r| r.0)
+    }
+
+    async fn wait_committed(&self, offset: i64) {
+        let deadline = Instant::now() + TIMEOUT;
+        while self.committed().await != Some(offset) {
+            assert!(Instant::now() < deadline, "offset {offset} not committed; at {:?}", self.committed().await);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn holders(&self) -> i64 {
+        let pool = sqlx::PgPool::connect(&self.pg_url).await.unwrap();
+        sqlx::query_as::<_, (i64,)>("SELECT count(*) FROM coupon_holders").fetch_one(&pool).await.unwrap().0
+    }
+}
+
+/// The claim decisions on `coupons` (each event id once; a re-produced event must be identical),
+/// read until every distinct claim of `log` has one and, with `to_end` (once no stage runs), to
+/// the end of the topic, so decisions produced again are compared too.
+async fn decisions(run: &Run, to_end: bool) -> BTreeMap<(String, String), Json> {
+    let wanted: BTreeSet<(String, String)> = run.log.iter().cloned().collect();
+    let c: StreamConsumer = run.env.kafka.consumer(&format!("reader-{}", uuid::Uuid::new_v4())).create().unwrap();
+    c.subscribe(&[run.cfg.output.as_str()]).unwrap();
+    let registry = RegistryClient::new(run.env.registry_url.as_str()).unwrap();
+    let (_, reader) = registry.latest(&format!("{}-value", run.cfg.output)).await.unwrap();
+    let mut by_id: HashMap<String, Json> = HashMap::new();
+    let mut by_claim: BTreeMap<(String, String), Json> = BTreeMap::new();
+    let mut records = 0;
+    if to_end {
+        for p in 0..run.env.topo.topics["coupons"].partitions {
+            let (low, high) = c.fetch_watermarks(&run.cfg.output, p, TIMEOUT).unwrap();
+            records += high - low;
+        }
+    }
+    let deadline = Instant::now() + TIMEOUT;
+    let mut read = 0;
+    while by_claim.len() < wanted.len() || read < records {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let m = tokio::time::timeout(left, c.recv())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of {} claims decided", by_claim.len(), wanted.len()))
+            .unwrap();
+        read += 1;
+        let value = registry.decode(m.payload().unwrap(), reader).await.unwrap();
+        let branch = union_branch_name(reader, &value, "payload").unwrap().to_string();
+        let mut event = avro_to_json(&value);
+        event["branch"] = json!(branch);
+        event["occurred_at"] = json!(null);
+        let id = event["event_id"].as_str().unwrap().to_string();
+        if let Some(before) = by_id.insert(id.clone(), event.clone()) {
+            assert_eq!(before, event, "event {id} produced twice with different contents");
+            continue;
+        }
+        let p = &event["payload"];
+        let claim = (p["user_id"].as_str().unwrap().to_string(), p["claim_id"].as_str().unwrap().to_string());
+        assert!(wanted.contains(&claim), "a decision of no claim: {event}");
+        let twice = by_claim.insert(claim.clone(), event);
+        assert!(twice.is_none(), "claim {claim:?} got two different decisions");
+    }
+    by_claim
+}
+
+/// Exactly `STOCK` issued, to the first claimants, no user twice; every other claim rejected with
+/// `already_claimed` (its user holds one) or `sold_out`.
+fn check_invariants(run: &Run, decided: &BTreeMap<(String, String), Json>) {
+    let mut issued: BTreeMap<String, usize> = BTreeMap::new();
+    for ((user, _), event) in decided {
+        match event["branch"].as_str().unwrap() {
+            "CouponIssued" => *issued.entry(user.clone()).or_default() += 1,
+            "ClaimRejected" => {
+                let reason = event["payload"]["reason"].as_str().unwrap();
+                assert!(["already_claimed", "sold_out"].contains(&reason), "{event}");
+            }
+            other => panic!("unexpected decision {other}"),
+        }
+    }
+    assert!(issued.values().all(|n| *n == 1), "a user was issued twice: {issued:?}");
+    assert_eq!(issued.len(), STOCK, "issued to {} users", issued.len());
+    assert_eq!(issued.keys().cloned().collect::<BTreeSet<_>>(), expected_holders(&run.log));
+}
+
+/// Dropped mid-run: every record decided and its event produced, the last partial batch not
+/// committed; the next run decides those records again into the same events, and commits them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_dropped_mid_run_and_started_again_issues_exactly_the_stock() {
+    let run = setup().await;
+    let records = CLAIMS as i64 + 1;
+    // Batches of 30 commit at once; the last 161 % 30 = 11 records would wait an hour.
+    let mut first = run.cfg.clone();
+    first.batch_size = 30;
+    first.linger = Duration::from_secs(3600);
+    assert_ne!(records % 30, 0);
+    let (_, task) = run.spawn(first);
+    let committed_before_drop = run.end - records % 30;
+    run.wait_committed(committed_before_drop).await;
+    // All decisions are out before the drop (the uncommitted ones too).
+    let before = decisions(&run, false).await;
+    task.abort();
+    assert!(task.await.unwrap_err().is_cancelled());
+    assert_eq!(run.committed().await, Some(committed_before_drop), "the dropped batch was not committed");
+
+    let (token, task) = run.spawn(run.cfg.clone());
+    run.wait_committed(run.end).await;
+    token.cancel();
+    task.await.unwrap().unwrap();
+    let after = decisions(&run, true).await;
+    assert_eq!(before, after, "decided again, the same decisions");
+    check_invariants(&run, &after);
+    assert_eq!(run.holders().await, STOCK as i64);
+}
+
+/// A new owner took the partition (its epoch bump, as its assignment does) while the old owner
+/// held decided records: the old owner's commit writes nothing, and the new owner decides them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_owner_commits_nothing_and_the_next_owner_decides_everything() {
+    let run = setup().await;
+    let mut stale = run.cfg.clone();
+    stale.batch_size = 100_000;
+    stale.linger = Duration::from_secs(3600);
+    let (token, task) = run.spawn(stale);
+    decisions(&run, false).await;
+    let taken = run.store.assign_claim_partition(&run.cfg.group, run.partition).await.unwrap();
+    assert_eq!(taken.next_offset, None);
+    // Stopping commits the held batch, which its epoch now fences.
+    token.cancel();
+    task.await.unwrap().unwrap();
+    assert_eq!(run.committed().await, None, "the stale owner moved the offset");
+    assert_eq!(run.holders().await, 0, "the stale owner wrote its state");
+
+    let (token, task) = run.spawn(run.cfg.clone());
+    run.wait_committed(run.end).await;
+    token.cancel();
+    task.await.unwrap().unwrap();
+    check_invariants(&run, &decisions(&run, true).await);
+    assert_eq!(run.holders().await, STOCK as i64);
+}

@@ -310,9 +310,15 @@ async fn start(
     // a fetch answered as soon as any data is there makes this consumer one of the broker's busiest
     // clients (about one request per produce), on the cores delivery shares.
     let wait = cfg.linger.as_millis().clamp(1, 100).to_string();
+    // Partitions added to a topic are taken within this (librdkafka's default is 5 minutes).
+    let refresh = tidings_core::kafka::PARTITIONS_REFRESH.as_millis().to_string();
     let cc = cfg.kafka.consumer_with(
         &cfg.group,
-        &[("fetch.min.bytes", "262144"), ("fetch.wait.max.ms", &wait)],
+        &[
+            ("fetch.min.bytes", "262144"),
+            ("fetch.wait.max.ms", &wait),
+            ("topic.metadata.refresh.interval.ms", &refresh),
+        ],
         &[("enable.auto.commit", "false"), ("partition.assignment.strategy", "range,roundrobin")],
     );
     let cc = tidings_core::client_stats::reporting(cc);

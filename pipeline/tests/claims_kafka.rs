@@ -17,7 +17,7 @@ use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{json, Value as Json};
 use tidings_core::json_avro::{avro_to_json, json_to_avro, union_branch_name};
-use tidings_core::kafka::KafkaConfig;
+use tidings_core::kafka::{KafkaConfig, H_DLQ_OFFSET, H_DLQ_PARTITION, H_DLQ_REASON};
 use tidings_core::RegistryClient;
 use tidings_pipeline::stages::claims::{self, ClaimsConfig};
 use tidings_pipeline::topology::apply::apply;
@@ -74,11 +74,18 @@ struct Run {
     partition: i32,
     end: i64,
     log: Vec<(String, String)>,
+    /// The offset of the record that is not Avro, if one was produced.
+    garbage: Option<i64>,
 }
 
 /// Topics under a fresh prefix, the registry, a fresh PostgreSQL store, and the coupon's
 /// definition followed by the stampede produced to `coupon-claims`.
 async fn setup() -> Run {
+    setup_with(None).await
+}
+
+/// [`setup`], with a record that is not Avro before claim `garbage_at`; returns its offset too.
+async fn setup_with(garbage_at: Option<usize>) -> Run {
     let brokers = tidings_core::testing::brokers_or_skip().expect("a broker");
     let run = uuid::Uuid::new_v4().simple().to_string();
     let topo = project_topology().with_prefix(&format!("it-{run}-"));
@@ -103,11 +110,16 @@ async fn setup() -> Run {
     let log = stampede();
     let partition = defined.partition;
     let mut last = defined;
-    for (user, key) in &log {
+    let mut garbage = None;
+    for (i, (user, key)) in log.iter().enumerate() {
+        if garbage_at == Some(i) {
+            let rec = FutureRecord::to(&cfg.input).key(COUPON).payload("not a claim");
+            garbage = Some(producer.send(rec, TIMEOUT).await.unwrap().offset);
+        }
         last = send(json!({"ClaimRequested": {"claim_id": key, "user_id": user}})).await;
     }
     assert_eq!(last.partition, partition, "one key, one partition");
-    Run { env, store, pg_url, cfg, partition, end: last.offset + 1, log }
+    Run { env, store, pg_url, cfg, partition, end: last.offset + 1, log, garbage }
 }
 
 impl Run {
@@ -265,4 +277,23 @@ async fn a_stale_owner_commits_nothing_and_the_next_owner_decides_everything() {
     task.await.unwrap().unwrap();
     check_invariants(&run, &decisions(&run, true).await);
     assert_eq!(run.holders().await, STOCK as i64);
+}
+
+/// A record that cannot be decoded is a dead letter with its reason and coordinates; the
+/// partition moves on and the claims after it are decided as if it were not there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_claim_is_a_dead_letter_and_the_partition_moves_on() {
+    let run = setup_with(Some(CLAIMS / 2)).await;
+    let (token, task) = run.spawn(run.cfg.clone());
+    run.wait_committed(run.end).await;
+    token.cancel();
+    task.await.unwrap().unwrap();
+    check_invariants(&run, &decisions(&run, true).await);
+    let dead = common::read(&common::consumer(&run.env, &run.cfg.dead_letter), 1).await;
+    let (key, value, headers, _, _) = &dead[0];
+    assert_eq!((key.as_deref(), value.as_deref()), (Some(COUPON.as_bytes()), Some(&b"not a claim"[..])));
+    let header = |k: &str| headers.iter().find(|(h, _)| h == k).map(|(_, v)| v.clone());
+    assert_eq!(header(H_DLQ_OFFSET), run.garbage.map(|o| o.to_string()));
+    assert_eq!(header(H_DLQ_PARTITION), Some(run.partition.to_string()));
+    assert!(header(H_DLQ_REASON).is_some_and(|r| !r.is_empty()), "{headers:?}");
 }

@@ -32,8 +32,8 @@ const CLAIMS: usize = 4 * STOCK;
 
 /// The claims of the stampede, in log order: (user, claim id). A quarter retry an earlier claim
 /// (same user, same id), a quarter are an earlier claimant's new id, the rest a random user's new id.
-fn stampede() -> Vec<(String, String)> {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+fn stampede(prefix: &str) -> Vec<(String, String)> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ prefix.len() as u64;
     let mut next = move || {
         x ^= x << 13;
         x ^= x >> 7;
@@ -45,8 +45,8 @@ fn stampede() -> Vec<(String, String)> {
         let pick = next();
         let claim = match (pick % 4, out.is_empty()) {
             (0, false) => out[(next() % out.len() as u64) as usize].clone(),
-            (1, false) => (out[(next() % out.len() as u64) as usize].0.clone(), format!("key-{i}")),
-            _ => (format!("user-{}", next() % USERS), format!("key-{i}")),
+            (1, false) => (out[(next() % out.len() as u64) as usize].0.clone(), format!("{prefix}key-{i}")),
+            _ => (format!("user-{}", next() % USERS), format!("{prefix}key-{i}")),
         };
         out.push(claim);
     }
@@ -76,6 +76,8 @@ struct Run {
     log: Vec<(String, String)>,
     /// The offset of the record that is not Avro, if one was produced.
     garbage: Option<i64>,
+    /// More coupons and their claims ([`Run::add_coupons`]).
+    more: Vec<(String, Vec<(String, String)>)>,
 }
 
 /// Topics under a fresh prefix, the registry, a fresh PostgreSQL store, and the coupon's
@@ -107,7 +109,7 @@ async fn setup_with(garbage_at: Option<usize>) -> Run {
     let defined = send(json!({"CouponDefined": {"title": "Drop", "discount_percent": 30, "stock": STOCK,
         "claim_opens_at": 0, "claim_closes_at": i64::MAX / 2, "valid_for_micros": 86_400_000_000i64}}))
     .await;
-    let log = stampede();
+    let log = stampede("");
     let partition = defined.partition;
     let mut last = defined;
     let mut garbage = None;
@@ -119,7 +121,7 @@ async fn setup_with(garbage_at: Option<usize>) -> Run {
         last = send(json!({"ClaimRequested": {"claim_id": key, "user_id": user}})).await;
     }
     assert_eq!(last.partition, partition, "one key, one partition");
-    Run { env, store, pg_url, cfg, partition, end: last.offset + 1, log, garbage }
+    Run { env, store, pg_url, cfg, partition, end: last.offset + 1, log, garbage, more: Vec::new() }
 }
 
 impl Run {
@@ -152,6 +154,76 @@ impl Run {
         }
     }
 
+    /// The sum of the stored next offsets of every partition: records committed, on topics
+    /// that start at offset 0.
+    async fn committed_records(&self) -> i64 {
+        let pool = sqlx::PgPool::connect(&self.pg_url).await.unwrap();
+        sqlx::query_as::<_, (Option<i64>,)>("SELECT sum(next_offset)::bigint FROM claim_partitions WHERE consumer = $1")
+            .bind(&self.cfg.group)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+            .0
+            .unwrap_or(0)
+    }
+
+    async fn wait_records_committed(&self, n: i64) {
+        let deadline = Instant::now() + TIMEOUT;
+        while self.committed_records().await != n {
+            assert!(Instant::now() < deadline, "{n} records not committed; {}", self.committed_records().await);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The highest epoch any partition was taken at.
+    async fn max_epoch(&self) -> i64 {
+        let pool = sqlx::PgPool::connect(&self.pg_url).await.unwrap();
+        sqlx::query_as::<_, (Option<i64>,)>("SELECT max(epoch) FROM claim_partitions WHERE consumer = $1")
+            .bind(&self.cfg.group)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+            .0
+            .unwrap_or(0)
+    }
+
+    /// Defines coupons `ids` (the same stock) and produces a stampede on each, interleaved;
+    /// returns how many records all coupons' partitions now hold.
+    async fn add_coupons(&mut self, ids: &[&str]) -> i64 {
+        let (enc, schema) = encoder(&self.env, &format!("{}-value", self.cfg.input)).await;
+        let producer: FutureProducer = self.env.kafka.producer().create().unwrap();
+        let send = |coupon: &str, payload: Json| {
+            let event = json!({"event_id": uuid::Uuid::new_v4().to_string(), "occurred_at": 0, "coupon_id": coupon,
+                "payload": payload});
+            let bytes = enc.encode(json_to_avro(schema, &event).unwrap()).unwrap();
+            let (producer, topic, coupon) = (producer.clone(), self.cfg.input.clone(), coupon.to_string());
+            async move {
+                producer.send(FutureRecord::to(&topic).key(&coupon).payload(&bytes), TIMEOUT).await.unwrap();
+            }
+        };
+        for id in ids {
+            send(
+                id,
+                json!({"CouponDefined": {"title": "Drop", "discount_percent": 30, "stock": STOCK,
+                "claim_opens_at": 0, "claim_closes_at": i64::MAX / 2, "valid_for_micros": 86_400_000_000i64}}),
+            )
+            .await;
+            self.more.push((id.to_string(), stampede(&format!("{id}/"))));
+        }
+        for i in 0..CLAIMS {
+            for (coupon, log) in &self.more {
+                let (user, key) = &log[i];
+                send(coupon, json!({"ClaimRequested": {"claim_id": key, "user_id": user}})).await;
+            }
+        }
+        let c: StreamConsumer = self.env.kafka.consumer("watermarks").create().unwrap();
+        let mut total = 0;
+        for p in 0..self.env.topo.topics["coupon-claims"].partitions {
+            total += c.fetch_watermarks(&self.cfg.input, p, TIMEOUT).unwrap().1;
+        }
+        total
+    }
+
     async fn holders(&self) -> i64 {
         let pool = sqlx::PgPool::connect(&self.pg_url).await.unwrap();
         sqlx::query_as::<_, (i64,)>("SELECT count(*) FROM coupon_holders").fetch_one(&pool).await.unwrap().0
@@ -162,7 +234,8 @@ impl Run {
 /// read until every distinct claim of `log` has one and, with `to_end` (once no stage runs), to
 /// the end of the topic, so decisions produced again are compared too.
 async fn decisions(run: &Run, to_end: bool) -> BTreeMap<(String, String), Json> {
-    let wanted: BTreeSet<(String, String)> = run.log.iter().cloned().collect();
+    let wanted: BTreeSet<(String, String)> =
+        run.log.iter().chain(run.more.iter().flat_map(|(_, log)| log)).cloned().collect();
     let c: StreamConsumer = run.env.kafka.consumer(&format!("reader-{}", uuid::Uuid::new_v4())).create().unwrap();
     c.subscribe(&[run.cfg.output.as_str()]).unwrap();
     let registry = RegistryClient::new(run.env.registry_url.as_str()).unwrap();
@@ -207,8 +280,13 @@ async fn decisions(run: &Run, to_end: bool) -> BTreeMap<(String, String), Json> 
 /// Exactly `STOCK` issued, to the first claimants, no user twice; every other claim rejected with
 /// `already_claimed` (its user holds one) or `sold_out`.
 fn check_invariants(run: &Run, decided: &BTreeMap<(String, String), Json>) {
+    check_coupon(COUPON, &run.log, decided);
+}
+
+/// [`check_invariants`] for coupon `coupon`, whose claims in log order are `log`.
+fn check_coupon(coupon: &str, log: &[(String, String)], decided: &BTreeMap<(String, String), Json>) {
     let mut issued: BTreeMap<String, usize> = BTreeMap::new();
-    for ((user, _), event) in decided {
+    for ((user, _), event) in decided.iter().filter(|(_, e)| e["coupon_id"] == coupon) {
         match event["branch"].as_str().unwrap() {
             "CouponIssued" => *issued.entry(user.clone()).or_default() += 1,
             "ClaimRejected" => {
@@ -220,7 +298,7 @@ fn check_invariants(run: &Run, decided: &BTreeMap<(String, String), Json>) {
     }
     assert!(issued.values().all(|n| *n == 1), "a user was issued twice: {issued:?}");
     assert_eq!(issued.len(), STOCK, "issued to {} users", issued.len());
-    assert_eq!(issued.keys().cloned().collect::<BTreeSet<_>>(), expected_holders(&run.log));
+    assert_eq!(issued.keys().cloned().collect::<BTreeSet<_>>(), expected_holders(log), "{coupon}");
 }
 
 /// Dropped mid-run: every record decided and its event produced, the last partial batch not
@@ -296,4 +374,42 @@ async fn an_undecodable_claim_is_a_dead_letter_and_the_partition_moves_on() {
     assert_eq!(header(H_DLQ_OFFSET), run.garbage.map(|o| o.to_string()));
     assert_eq!(header(H_DLQ_PARTITION), Some(run.partition.to_string()));
     assert!(header(H_DLQ_REASON).is_some_and(|r| !r.is_empty()), "{headers:?}");
+}
+
+/// Two owners in one group over five coupons: the first holds an uncommitted batch when the
+/// second joins (a rebalance moves partitions between them), then is dropped; the second takes
+/// every partition over. Each coupon still issues exactly its stock to its first claimants.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn owners_joining_and_dropped_issue_exactly_each_coupons_stock() {
+    let mut run = setup().await;
+    let total = run.add_coupons(&["drop-2", "drop-3", "drop-4", "drop-5"]).await;
+    assert_eq!(total, 5 * (CLAIMS as i64 + 1));
+    let mut first = run.cfg.clone();
+    first.batch_size = 30;
+    first.linger = Duration::from_secs(3600);
+    assert_ne!(total % 30, 0);
+    let (_, a) = run.spawn(first);
+    run.wait_records_committed(total - total % 30).await;
+    let epoch = run.max_epoch().await;
+    let mut second = run.cfg.clone();
+    second.batch_size = 25;
+    second.linger = Duration::from_millis(20);
+    let (token, b) = run.spawn(second);
+    // The join reassigned partitions (each assignment takes its partition at a new epoch).
+    let deadline = Instant::now() + TIMEOUT;
+    while run.max_epoch().await == epoch {
+        assert!(Instant::now() < deadline, "no rebalance");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    a.abort();
+    assert!(a.await.unwrap_err().is_cancelled());
+    run.wait_records_committed(total).await;
+    token.cancel();
+    b.await.unwrap().unwrap();
+    let decided = decisions(&run, true).await;
+    check_invariants(&run, &decided);
+    for (coupon, log) in &run.more {
+        check_coupon(coupon, log, &decided);
+    }
+    assert_eq!(run.holders().await, 5 * STOCK as i64);
 }

@@ -300,7 +300,11 @@ fn print_token(
 async fn main() -> ExitCode {
     let (cli, config_file) = config_file::parse_from::<Cli>(std::env::args_os().collect());
     let otlp_endpoint = match &cli.command {
-        Command::Up(args) => args.otlp_endpoint.clone(),
+        // A malformed endpoint is refused by `up`'s settings check with every other setting (exit
+        // 64); until then the log goes to stderr only.
+        Command::Up(args) => {
+            args.otlp_endpoint.clone().filter(|u| u.trim().is_empty() || settings::check_http_url(u.trim()).is_ok())
+        }
         _ => std::env::var(opentelemetry_otlp::OTEL_EXPORTER_OTLP_ENDPOINT).ok(),
     };
     let provider = match init_tracing(otlp_endpoint.as_deref()) {

@@ -189,6 +189,9 @@ pub fn check(args: &UpArgs) -> Result<Settings, Vec<String>> {
     if let Some(d) = &args.sse.cookie_domain {
         ok(BrowserAccess::check_domain(d), "--cookie-domain (TIDINGS_COOKIE_DOMAIN)");
     }
+    if let Some(url) = args.otlp_endpoint.as_deref().filter(|u| !u.trim().is_empty()) {
+        ok(check_http_url(url.trim()), "--otlp-endpoint (OTEL_EXPORTER_OTLP_ENDPOINT)");
+    }
 
     let database_url = args
         .infra
@@ -288,6 +291,8 @@ mod tests {
             "gw-1.example.com:8080",
             "--schema-registry-url",
             "ftp://registry.example.com",
+            "--otlp-endpoint",
+            "collector:4318",
         ]
         .map(Into::into)
         .into();
@@ -296,7 +301,7 @@ mod tests {
             unreachable!("parsed `up`")
         };
         let errors = check(&args).err().expect("refused").join("\n");
-        for named in ["--kafka-ssl-ca-location", "--advertise-url", "--schema-registry-url"] {
+        for named in ["--kafka-ssl-ca-location", "--advertise-url", "--schema-registry-url", "--otlp-endpoint"] {
             assert!(errors.contains(named), "{named} not reported:\n{errors}");
         }
         assert_eq!(check_http_url("https://gw-1.example.com"), Ok(()));

@@ -19,6 +19,6 @@ pub mod trace;
 pub mod wire;
 
 pub use error::{CodecError, RegistryError};
-pub use stage::StageError;
 pub use notification::{Notification, NotificationEncoder, SharedFields};
 pub use registry::{DecodeError, FramedEncoder, RegistryClient, RegistryEndpoint};
+pub use stage::StageError;

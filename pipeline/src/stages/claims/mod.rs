@@ -37,7 +37,7 @@ use tidings_core::shutdown::StageHealth;
 use tidings_core::stage::{DeadLetters, StageError};
 use tidings_core::{FramedEncoder, RegistryClient, RegistryEndpoint};
 use tidings_store::Store;
-use tokio::runtime::Handle;
+use tokio::runtime::{Handle, RuntimeFlavor};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -124,6 +124,10 @@ async fn start(
     if cfg.batch_size == 0 {
         return Err(StageError::configuration("the claim stage's batch size must be at least 1"));
     }
+    // Taking a partition waits for the store inside the rebalance callback (`block_in_place`).
+    if Handle::current().runtime_flavor() != RuntimeFlavor::MultiThread {
+        return Err(StageError::configuration("the claim stage needs a multi-thread tokio runtime"));
+    }
     let parse = |text: &str, what: &str| {
         apache_avro::Schema::parse_str(text)
             .map_err(|e| StageError::configuration(format!("the {what} schema does not parse: {e}")))
@@ -171,4 +175,35 @@ async fn start(
         shutdown: shutdown.clone(),
     };
     Ok((claims, consumer))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> ClaimsConfig {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let topology = Topology::load(&root.join("topology.yaml")).unwrap().with_prefix("t-");
+        ClaimsConfig::new(KafkaConfig::new("127.0.0.1:1"), "http://127.0.0.1:1".into(), &topology).unwrap()
+    }
+
+    #[test]
+    fn the_config_names_the_topologys_topics() {
+        let cfg = config();
+        assert_eq!((cfg.input.as_str(), cfg.output.as_str()), ("t-coupon-claims", "t-coupons"));
+        assert_eq!((cfg.dead_letter.as_str(), cfg.group.as_str()), ("t-tidings.dlq.claims", "t-tidings-claims"));
+        assert!(cfg.input_schema.contains("ClaimRequested") && cfg.output_schema.contains("ClaimRejected"));
+    }
+
+    /// Refused before anything is connected, instead of a partition that can never be taken.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_current_thread_runtime_is_a_configuration_error() {
+        let (store, _dir) = tidings_store::testing::fresh_sqlite().await.unwrap();
+        let err = run(config(), store, CancellationToken::new()).await.unwrap_err();
+        assert!(matches!(err, StageError::Configuration(_)), "{err}");
+        let mut cfg = config();
+        cfg.batch_size = 0;
+        let (store, _dir) = tidings_store::testing::fresh_sqlite().await.unwrap();
+        assert!(matches!(run(cfg, store, CancellationToken::new()).await, Err(StageError::Configuration(_))));
+    }
 }

@@ -413,3 +413,16 @@ async fn owners_joining_and_dropped_issue_exactly_each_coupons_stock() {
     }
     assert_eq!(run.holders().await, 5 * STOCK as i64);
 }
+
+/// The state is kept by partition: started on a topic whose partition count differs from the one
+/// its state was decided under, the stage refuses with a configuration error and decides nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_partition_count_than_the_states_is_refused() {
+    let run = setup().await;
+    let partitions = run.env.topo.topics["coupon-claims"].partitions;
+    assert_eq!(run.store.pin_claim_partitions(&run.cfg.group, partitions * 2).await.unwrap(), partitions * 2);
+    let err = claims::run(run.cfg.clone(), run.store.clone(), CancellationToken::new()).await.unwrap_err();
+    assert!(matches!(err, tidings_core::StageError::Configuration(_)), "{err}");
+    assert!(err.to_string().contains(&format!("has {partitions} partitions")), "{err}");
+    assert_eq!(run.committed().await, None);
+}

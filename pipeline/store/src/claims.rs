@@ -6,6 +6,7 @@ use super::{around_generated, Dialect, Store};
 use crate::error::StoreError;
 
 const ASSIGN: &str = include_str!("sql/claims_assign.sql");
+const PIN_PARTITIONS: &str = include_str!("sql/claims_pin_partitions.sql");
 const FENCE: &str = include_str!("sql/claims_fence.sql");
 const INSERT_DEFINITIONS: &str = include_str!("sql/claims_insert_definitions.sql");
 const INSERT_HOLDERS: &str = include_str!("sql/claims_insert_holders.sql");
@@ -94,6 +95,15 @@ pub enum ClaimCommit {
 }
 
 impl Store {
+    /// The input's partition count the state of `consumer` is kept under: `partitions` on the
+    /// first call, what the first call recorded on every later one.
+    pub async fn pin_claim_partitions(&self, consumer: &str, partitions: i32) -> Result<i32, StoreError> {
+        let (pinned,): (i32,) = on_pool!(self, |pool, _Db| {
+            sqlx::query_as(PIN_PARTITIONS).bind(consumer).bind(partitions).fetch_one(pool).await?
+        });
+        Ok(pinned)
+    }
+
     /// Takes `partition` of the claim stage's input for a new owner (on assignment): bumps its
     /// epoch, which fences every earlier owner, and returns it with the stored next offset.
     pub async fn assign_claim_partition(&self, consumer: &str, partition: i32) -> Result<ClaimOwnership, StoreError> {

@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::producer::FutureProducer;
+use rdkafka::producer::{FutureProducer, Producer};
 use tidings_core::consumer::{StageContext, StartOffsets};
 use tidings_core::kafka::KafkaConfig;
 use tidings_core::shutdown::StageHealth;
@@ -116,6 +116,29 @@ pub async fn run(cfg: ClaimsConfig, store: Store, shutdown: CancellationToken) -
     tidings_core::stage::run(STAGE, &health, &shutdown, || start(&cfg, &store, &shutdown)).await
 }
 
+/// Refuses to run if `coupon-claims` has another partition count than the one the stored state
+/// was decided under (recorded on the first start): the state is kept by partition, and another
+/// count would move a coupon's records to an owner that does not hold its state.
+async fn check_partitions(cfg: &ClaimsConfig, store: &Store, producer: &FutureProducer) -> Result<(), StageError> {
+    let (client, topic) = (producer.clone(), cfg.input.clone());
+    let count = tokio::task::spawn_blocking(move || {
+        tidings_core::kafka::partition_count(client.client(), &topic, Duration::from_secs(10))
+    })
+    .await??;
+    if count == 0 {
+        return Err(StageError::configuration(format!("topic {} does not exist; apply the topology first", cfg.input)));
+    }
+    let pinned = store.pin_claim_partitions(&cfg.group, count).await?;
+    if pinned != count {
+        return Err(StageError::configuration(format!(
+            "topic {} has {count} partitions, but the claim stage's state was decided with {pinned}: \
+             coupons would move to partitions whose owners do not hold their state",
+            cfg.input
+        )));
+    }
+    Ok(())
+}
+
 async fn start(
     cfg: &ClaimsConfig,
     store: &Store,
@@ -158,6 +181,7 @@ async fn start(
         Arc::new(tidings_core::client_stats::reporting(cc).create_with_context(ctx)?);
     consumer.subscribe(&[cfg.input.as_str()])?;
     let producer: FutureProducer = cfg.kafka.producer().create()?;
+    check_partitions(cfg, store, &producer).await?;
     info!(input = %cfg.input, output = %cfg.output, batch_size = cfg.batch_size, "Claim stage deciding {} into {}.", cfg.input, cfg.output);
     let claims = Claims {
         cfg: cfg.clone(),

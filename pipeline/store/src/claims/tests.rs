@@ -20,7 +20,7 @@ macro_rules! on_both_backends {
     )* };
 }
 
-on_both_backends!(a_stale_owner_cannot_commit, rows_and_offset_commit_together);
+on_both_backends!(a_stale_owner_cannot_commit, rows_and_offset_commit_together, the_first_partition_count_holds);
 
 const GROUP: &str = "tidings-claims";
 
@@ -124,4 +124,11 @@ async fn rows_and_offset_commit_together(store: &Store) {
     };
     assert_eq!(store.commit_claims(GROUP, 0, reread.epoch, &many, 12).await.unwrap(), ClaimCommit::Committed);
     assert_eq!(store.load_claim_rows(0).await.unwrap().holders.len(), 1 + users.len());
+}
+
+async fn the_first_partition_count_holds(store: &Store) {
+    assert_eq!(store.pin_claim_partitions(GROUP, 6).await.unwrap(), 6);
+    assert_eq!(store.pin_claim_partitions(GROUP, 6).await.unwrap(), 6);
+    assert_eq!(store.pin_claim_partitions(GROUP, 12).await.unwrap(), 6, "a later count does not replace it");
+    assert_eq!(store.pin_claim_partitions("other", 12).await.unwrap(), 12);
 }

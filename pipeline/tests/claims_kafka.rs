@@ -268,6 +268,9 @@ async fn decisions(run: &Run, to_end: bool) -> BTreeMap<(String, String), Json> 
             assert_eq!(before, event, "event {id} produced twice with different contents");
             continue;
         }
+        if event["branch"].as_str().is_some_and(|b| b.starts_with("Redemption")) {
+            continue;
+        }
         let p = &event["payload"];
         let claim = (p["user_id"].as_str().unwrap().to_string(), p["claim_id"].as_str().unwrap().to_string());
         assert!(wanted.contains(&claim), "a decision of no claim: {event}");
@@ -425,4 +428,84 @@ async fn another_partition_count_than_the_states_is_refused() {
     assert!(matches!(err, tidings_core::StageError::Configuration(_)), "{err}");
     assert!(err.to_string().contains(&format!("has {partitions} partitions")), "{err}");
     assert_eq!(run.committed().await, None);
+}
+
+/// Every event on `coupons`, each id once (a re-produced event must be identical), read to the
+/// end of the topic; only once no stage runs.
+async fn events_to_end(run: &Run) -> Vec<Json> {
+    let c: StreamConsumer = run.env.kafka.consumer(&format!("reader-{}", uuid::Uuid::new_v4())).create().unwrap();
+    c.subscribe(&[run.cfg.output.as_str()]).unwrap();
+    let registry = RegistryClient::new(run.env.registry_url.as_str()).unwrap();
+    let (_, reader) = registry.latest(&format!("{}-value", run.cfg.output)).await.unwrap();
+    let mut records = 0;
+    for p in 0..run.env.topo.topics["coupons"].partitions {
+        let (low, high) = c.fetch_watermarks(&run.cfg.output, p, TIMEOUT).unwrap();
+        records += high - low;
+    }
+    let mut by_id: BTreeMap<String, Json> = BTreeMap::new();
+    for _ in 0..records {
+        let m = tokio::time::timeout(TIMEOUT, c.recv()).await.expect("a record").unwrap();
+        let value = registry.decode(m.payload().unwrap(), reader).await.unwrap();
+        let mut event = avro_to_json(&value);
+        event["branch"] = json!(union_branch_name(reader, &value, "payload").unwrap());
+        event["occurred_at"] = json!(null);
+        let id = event["event_id"].as_str().unwrap().to_string();
+        if let Some(before) = by_id.insert(id.clone(), event.clone()) {
+            assert_eq!(before, event, "event {id} produced twice with different contents");
+        }
+    }
+    by_id.into_values().collect()
+}
+
+/// An issued code redeemed for one order, the stage restarted, then the same code for a second
+/// order, the first order's request retried and a stranger's request with a code not theirs:
+/// exactly one redemption accepted, the second order refused `already_redeemed`, the stranger
+/// `unknown_code`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_issued_code_is_redeemed_for_one_order_only() {
+    let run = setup().await;
+    let holder = expected_holders(&run.log).into_iter().next().unwrap();
+    let stranger = (0..USERS).map(|u| format!("user-{u}")).find(|u| !expected_holders(&run.log).contains(u)).unwrap();
+    let code = claims::decide::code_for(COUPON, &holder);
+    let (enc, schema) = encoder(&run.env, &format!("{}-value", run.cfg.input)).await;
+    let producer: FutureProducer = run.env.kafka.producer().create().unwrap();
+    let redeem = |user: String, code: String, order: &str| {
+        let event = json!({"event_id": uuid::Uuid::new_v4().to_string(), "occurred_at": 0, "coupon_id": COUPON,
+            "payload": {"RedemptionRequested": {"user_id": user, "code": code, "order_id": order}}});
+        let bytes = enc.encode(json_to_avro(schema, &event).unwrap()).unwrap();
+        let (producer, topic) = (producer.clone(), run.cfg.input.clone());
+        async move { producer.send(FutureRecord::to(&topic).key(COUPON).payload(&bytes), TIMEOUT).await.unwrap().offset }
+    };
+    let stage = || async {
+        let (token, task) = run.spawn(run.cfg.clone());
+        let end = {
+            let c: StreamConsumer = run.env.kafka.consumer("watermarks").create().unwrap();
+            c.fetch_watermarks(&run.cfg.input, run.partition, TIMEOUT).unwrap().1
+        };
+        run.wait_committed(end).await;
+        token.cancel();
+        task.await.unwrap().unwrap();
+    };
+    redeem(holder.clone(), code.clone(), "order-1").await;
+    stage().await;
+    redeem(holder.clone(), code.clone(), "order-2").await;
+    redeem(holder.clone(), code.clone(), "order-1").await;
+    redeem(stranger, code.clone(), "order-3").await;
+    stage().await;
+
+    let redemptions: Vec<Json> = events_to_end(&run)
+        .await
+        .into_iter()
+        .filter(|e| e["branch"].as_str().unwrap().starts_with("Redemption"))
+        .collect();
+    let outcome = |order: &str| {
+        let of: Vec<&Json> = redemptions.iter().filter(|e| e["payload"]["order_id"] == order).collect();
+        assert_eq!(of.len(), 1, "{order}: {of:?}");
+        (of[0]["branch"].as_str().unwrap().to_string(), of[0]["payload"]["reason"].as_str().map(str::to_string))
+    };
+    assert_eq!(outcome("order-1"), ("RedemptionAccepted".to_string(), None));
+    assert_eq!(outcome("order-2"), ("RedemptionRefused".to_string(), Some("already_redeemed".to_string())));
+    assert_eq!(outcome("order-3"), ("RedemptionRefused".to_string(), Some("unknown_code".to_string())));
+    let accepted = redemptions.iter().filter(|e| e["branch"] == "RedemptionAccepted").count();
+    assert_eq!(accepted, 1, "{redemptions:?}");
 }

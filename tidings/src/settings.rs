@@ -22,7 +22,7 @@ pub const MIN_HS256_SECRET_BYTES: usize = 32;
 pub const MIN_REGISTRY_WRITE_TOKEN_LEN: usize = 32;
 
 /// The stages `up` knows.
-pub const STAGES: [&str; 4] = ["templating", "persistence", "gateway", "ingest"];
+pub const STAGES: [&str; 5] = ["templating", "persistence", "gateway", "ingest", "claims"];
 
 /// Refuses an HS256 secret anyone could know or guess: an empty one (an unset variable of a
 /// deployment template) always; the public dev secret and short ones unless `dev`.
@@ -113,7 +113,7 @@ pub fn check(args: &UpArgs) -> Result<Settings, Vec<String>> {
         if unknown.is_empty() {
             Ok(())
         } else {
-            Err(format!("unknown stage(s) {unknown:?} (expected templating, persistence, gateway or ingest)"))
+            Err(format!("unknown stage(s) {unknown:?} (expected templating, persistence, gateway, ingest or claims)"))
         },
         "--stages (TIDINGS_STAGES)",
     );
@@ -229,6 +229,23 @@ pub fn check(args: &UpArgs) -> Result<Settings, Vec<String>> {
                 )),
                 "--owners-topic (TIDINGS_OWNERS_TOPIC)",
             );
+        }
+    }
+
+    if let (Some(topo), true) = (&topology, runs("claims")) {
+        use tidings_pipeline::stages::claims::{DEAD_LETTER, INPUT, OUTPUT};
+        for (topic, schema) in [(INPUT, true), (OUTPUT, true), (DEAD_LETTER, false)] {
+            let missing = match schema {
+                true => topo.schema_text(topic).is_none(),
+                false => !topo.topics.contains_key(topic),
+            };
+            if missing {
+                let what = if schema { "topic with a schema" } else { "topic" };
+                ok(
+                    Err(format!("the claim stage needs the {what} {topic:?} in {}", args.infra.topology.display())),
+                    "--stages (TIDINGS_STAGES)",
+                );
+            }
         }
     }
 

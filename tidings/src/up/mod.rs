@@ -38,7 +38,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     let readiness = Readiness::default();
 
     let infra = infra::start(&args, &settings, &mut tasks).await?;
-    stages::spawn(&args, &infra, &mut tasks, &readiness);
+    stages::spawn(&args, &infra, &mut tasks, &readiness)?;
     let listening = gateway::serve(&args, settings, &infra, &mut tasks, &readiness)?;
 
     let endpoints = Endpoints {

@@ -3,14 +3,16 @@
 
 use tidings_core::shutdown::TaskTree;
 use tidings_gateway::Readiness;
+use tidings_pipeline::stages::claims::{self, ClaimsConfig};
 use tidings_pipeline::stages::templating::{self, TemplatingConfig};
 use tidings_sinks::persistence::{self, PersistenceConfig};
 
 use super::infra::Infrastructure;
 use super::UpArgs;
 
-/// Spawns templating and persistence when selected.
-pub fn spawn(args: &UpArgs, infra: &Infrastructure, tasks: &mut TaskTree, readiness: &Readiness) {
+/// Spawns templating, persistence and the claim stage when selected. Fails only on a claim-stage
+/// topology `settings::check` already refused.
+pub fn spawn(args: &UpArgs, infra: &Infrastructure, tasks: &mut TaskTree, readiness: &Readiness) -> anyhow::Result<()> {
     let (kafka, registry) = (&infra.kafka, &infra.registry);
     if args.runs("templating") {
         let cfg = TemplatingConfig::new(kafka.clone(), registry.clone(), infra.topology.clone());
@@ -20,4 +22,22 @@ pub fn spawn(args: &UpArgs, infra: &Infrastructure, tasks: &mut TaskTree, readin
         let cfg = PersistenceConfig::new(kafka.clone(), registry.clone(), &infra.topology);
         readiness.set_check("persistence", persistence::spawn(tasks, cfg, infra.store.clone()));
     }
+    if args.runs("claims") {
+        // Topics, group and schemas from topology.yaml; batch size and linger are the stage's defaults.
+        let cfg = ClaimsConfig::new(kafka.clone(), registry.clone(), &infra.topology)?;
+        readiness.set_check("claims", spawn_claims(tasks, cfg, infra.store.clone()));
+    }
+    Ok(())
+}
+
+/// Runs the claim stage under `tasks`; the returned check is its readiness.
+fn spawn_claims(
+    tasks: &mut TaskTree,
+    cfg: ClaimsConfig,
+    store: tidings_store::Store,
+) -> impl Fn() -> bool + Send + Sync + 'static {
+    let health = cfg.health.clone();
+    let shutdown = tasks.token().clone();
+    tasks.spawn(claims::STAGE, async move { claims::run(cfg, store, shutdown).await });
+    move || health.is_up()
 }

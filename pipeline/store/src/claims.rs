@@ -16,6 +16,7 @@ const LOAD_DEFINITIONS: &str = include_str!("sql/claims_load_definitions.sql");
 const LOAD_HOLDERS: &str = include_str!("sql/claims_load_holders.sql");
 const LOAD_REJECTIONS: &str = include_str!("sql/claims_load_rejections.sql");
 const LOAD_REDEMPTIONS: &str = include_str!("sql/claims_load_redemptions.sql");
+const FIND_REJECTIONS: &str = include_str!("sql/claims_find_rejections.sql");
 
 /// Rows per INSERT statement: 8 binds each at most stays under SQLite's 32,766 bind limit.
 const ROWS_PER_STATEMENT: usize = 2_000;
@@ -115,13 +116,58 @@ impl Store {
 
     /// The state of every coupon on `partition`, as committed.
     pub async fn load_claim_rows(&self, partition: i32) -> Result<ClaimRows, StoreError> {
+        self.load_claims(partition, true).await
+    }
+
+    /// What an owner keeps of `partition` in memory: its definitions, holders and redemptions,
+    /// bounded by its coupons' stock; `rejections` is empty (see [`Store::find_claim_rejections`]).
+    pub async fn load_claim_coupons(&self, partition: i32) -> Result<ClaimRows, StoreError> {
+        self.load_claims(partition, false).await
+    }
+
+    /// The stored rejections among `claims` (coupon id, user id, claim id), in no order: one
+    /// statement per 2,000 claims, so a batch's claims are looked up together.
+    pub async fn find_claim_rejections(
+        &self,
+        claims: &[(String, String, String)],
+    ) -> Result<Vec<RejectionRow>, StoreError> {
+        let mut found = Vec::new();
+        for chunk in claims.chunks(ROWS_PER_STATEMENT) {
+            let (head, tail) = around_generated(FIND_REJECTIONS);
+            let rows: Vec<(String, String, String, String)> = on_pool!(self, |pool, Db| {
+                let mut q = sqlx::QueryBuilder::<Db>::new(head);
+                q.push("VALUES ");
+                let mut first = true;
+                for (coupon_id, user_id, claim_id) in chunk {
+                    q.push(if first { "(" } else { ", (" });
+                    first = false;
+                    q.push_bind(coupon_id.as_str()).push(", ").push_bind(user_id.as_str()).push(", ");
+                    q.push_bind(claim_id.as_str()).push(")");
+                }
+                q.push(tail);
+                q.build_query_as().fetch_all(pool).await?
+            });
+            found.extend(rows.into_iter().map(|(coupon_id, user_id, claim_id, reason)| RejectionRow {
+                coupon_id,
+                user_id,
+                claim_id,
+                reason,
+            }));
+        }
+        Ok(found)
+    }
+
+    async fn load_claims(&self, partition: i32, with_rejections: bool) -> Result<ClaimRows, StoreError> {
         on_pool!(self, |pool, _Db| {
             let definitions: Vec<(String, String, i32, i32, i64, i64, i64)> =
                 sqlx::query_as(LOAD_DEFINITIONS).bind(partition).fetch_all(pool).await?;
             let holders: Vec<(String, String, String, String, i64)> =
                 sqlx::query_as(LOAD_HOLDERS).bind(partition).fetch_all(pool).await?;
-            let rejections: Vec<(String, String, String, String)> =
-                sqlx::query_as(LOAD_REJECTIONS).bind(partition).fetch_all(pool).await?;
+            let rejections: Vec<(String, String, String, String)> = if with_rejections {
+                sqlx::query_as(LOAD_REJECTIONS).bind(partition).fetch_all(pool).await?
+            } else {
+                Vec::new()
+            };
             let redemptions: Vec<(String, String, String)> =
                 sqlx::query_as(LOAD_REDEMPTIONS).bind(partition).fetch_all(pool).await?;
             Ok(ClaimRows {

@@ -20,7 +20,12 @@ macro_rules! on_both_backends {
     )* };
 }
 
-on_both_backends!(a_stale_owner_cannot_commit, rows_and_offset_commit_together, the_first_partition_count_holds);
+on_both_backends!(
+    a_stale_owner_cannot_commit,
+    rows_and_offset_commit_together,
+    the_first_partition_count_holds,
+    rejections_are_found_by_claim,
+);
 
 const GROUP: &str = "tidings-claims";
 
@@ -131,4 +136,30 @@ async fn the_first_partition_count_holds(store: &Store) {
     assert_eq!(store.pin_claim_partitions(GROUP, 6).await.unwrap(), 6);
     assert_eq!(store.pin_claim_partitions(GROUP, 12).await.unwrap(), 6, "a later count does not replace it");
     assert_eq!(store.pin_claim_partitions("other", 12).await.unwrap(), 12);
+}
+
+/// An owner loads a partition without its rejections and finds those of a batch's claims by key,
+/// on any partition, many claims at once (more than one statement's worth).
+async fn rejections_are_found_by_claim(store: &Store) {
+    let owner = store.assign_claim_partition(GROUP, 2).await.unwrap();
+    let mut batch = rows("c-1", &["a"]);
+    batch.rejections.extend((0..2_500).map(|i| RejectionRow {
+        coupon_id: "c-1".into(),
+        user_id: format!("u{i}"),
+        claim_id: "k".into(),
+        reason: "closed".into(),
+    }));
+    store.commit_claims(GROUP, 2, owner.epoch, &batch, 3).await.unwrap();
+    let coupons = store.load_claim_coupons(2).await.unwrap();
+    assert_eq!(coupons, ClaimRows { rejections: Vec::new(), ..batch.clone() });
+    let key = |c: &str, u: &str, k: &str| (c.to_string(), u.to_string(), k.to_string());
+    let mut asked =
+        vec![key("c-1", "late", "k"), key("c-1", "late", "k2"), key("c-2", "late", "k"), key("c-1", "a", "k-a")];
+    asked.extend((0..2_500).rev().map(|i| key("c-1", &format!("u{i}"), "k")));
+    let mut found = store.find_claim_rejections(&asked).await.unwrap();
+    found.sort_by(|a, b| (&a.user_id, &a.claim_id).cmp(&(&b.user_id, &b.claim_id)));
+    let mut expected = batch.rejections.clone();
+    expected.sort_by(|a, b| (&a.user_id, &a.claim_id).cmp(&(&b.user_id, &b.claim_id)));
+    assert_eq!(found, expected);
+    assert!(store.find_claim_rejections(&[]).await.unwrap().is_empty());
 }

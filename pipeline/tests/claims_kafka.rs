@@ -95,7 +95,9 @@ async fn setup_with(garbage_at: Option<usize>) -> Run {
     apply(&topo, &admin, TIMEOUT).await.expect("topics");
     let env = env_on(KafkaConfig::new(&brokers), topo).await;
     let (store, pg_url) = tidings_store::testing::fresh_postgres().await.unwrap();
-    let cfg = ClaimsConfig::new(env.kafka.clone(), env.registry_url.as_str().into(), &env.topo).unwrap();
+    let mut cfg = ClaimsConfig::new(env.kafka.clone(), env.registry_url.as_str().into(), &env.topo).unwrap();
+    // A tiny cache: retried claims are answered from the store's rejections, looked up per batch.
+    cfg.rejection_cache = 2;
 
     let (enc, schema) = encoder(&env, &format!("{}-value", cfg.input)).await;
     let producer: FutureProducer = env.kafka.producer().create().unwrap();

@@ -5,7 +5,7 @@
 //!   decisions' state as stored; `ownership`: partitions taken at an epoch; `processor`: the loop.
 //!
 //! Exactness comes from three things. The state (definitions, holders, rejected claims,
-//! redemptions) and the next offset of a partition are committed in one store transaction per
+//! redemptions; in memory only what is bounded, rejected claims looked up per batch) and the next offset of a partition are committed in one store transaction per
 //! batch, so they never disagree. Every assignment bumps the partition's epoch in the store and
 //! every batch's transaction first checks it, so an owner that lost the partition can never
 //! commit. And decisions are a function of the committed state and the log alone (time is the
@@ -16,7 +16,7 @@
 //! decided-table and relayed after it: a crash between the two re-decides the same records into
 //! the same events with the same ids, which downstream deduplicates (notification ids derive from
 //! event ids), so no outbox table, relay or second write per decision is needed, and an answer
-//! reaches `coupons` one produce after its record is read. A stale owner may also produce events
+//! reaches `coupons` one produce after its batch is decided. A stale owner may also produce events
 //! before its commit is fenced; they are the same events, for the same reason.
 
 pub mod decide;
@@ -76,13 +76,25 @@ pub struct ClaimsConfig {
     /// Longest a decided record waits for its batch to commit (default 50 ms): the time an
     /// answer may wait beyond its produce.
     pub linger: Duration,
+    /// Longest a record waits to be decided with the records read after it (default 5 ms): the
+    /// claims read within it are decided together, their earlier rejections looked up in one
+    /// store query. Their decisions are produced then, before their batch commits.
+    pub decide_linger: Duration,
+    /// Most coupons defined per `coupon-claims` partition (default 10,000): a partition's
+    /// coupons, their holders (at most their stock) and redemptions are kept in memory; a new
+    /// coupon's definition past this is a dead letter (`too-many-coupons`).
+    pub max_coupons: usize,
+    /// Rejected claims remembered per partition after their batch (default 100,000), so a
+    /// retried claim is answered without asking the store; the store answers the others, one
+    /// look-up per batch. 0 keeps none.
+    pub rejection_cache: usize,
     /// Up while the stage runs (not while it waits to restart); for `/readyz`.
     pub health: StageHealth,
 }
 
 impl ClaimsConfig {
     /// The stage on `topology`'s `coupon-claims`, `coupons` and `tidings.dlq.claims` topics,
-    /// with the default batch size and linger.
+    /// with the default batch size, linger and memory bounds.
     pub fn new(kafka: KafkaConfig, registry: RegistryEndpoint, topology: &Topology) -> Result<Self, StageError> {
         let schema = |t: &str| {
             topology
@@ -104,6 +116,9 @@ impl ClaimsConfig {
             dead_letter: topology.topic_name(DEAD_LETTER),
             batch_size: 10_000,
             linger: Duration::from_millis(50),
+            decide_linger: Duration::from_millis(5),
+            max_coupons: 10_000,
+            rejection_cache: 100_000,
             health: StageHealth::default(),
         })
     }
@@ -146,6 +161,9 @@ async fn start(
 ) -> Result<(Claims, Arc<StreamConsumer<ClaimsContext>>), StageError> {
     if cfg.batch_size == 0 {
         return Err(StageError::configuration("the claim stage's batch size must be at least 1"));
+    }
+    if cfg.max_coupons == 0 {
+        return Err(StageError::configuration("the claim stage's max coupons per partition must be at least 1"));
     }
     // Taking a partition waits for the store inside the rebalance callback (`block_in_place`).
     if Handle::current().runtime_flavor() != RuntimeFlavor::MultiThread {
@@ -196,6 +214,7 @@ async fn start(
         parts: HashMap::new(),
         pending: 0,
         started: None,
+        undecided: None,
         shutdown: shutdown.clone(),
     };
     Ok((claims, consumer))
@@ -229,5 +248,10 @@ mod tests {
         cfg.batch_size = 0;
         let (store, _dir) = tidings_store::testing::fresh_sqlite().await.unwrap();
         assert!(matches!(run(cfg, store, CancellationToken::new()).await, Err(StageError::Configuration(_))));
+        let mut cfg = config();
+        cfg.max_coupons = 0;
+        let (store, _dir) = tidings_store::testing::fresh_sqlite().await.unwrap();
+        let err = run(cfg, store, CancellationToken::new()).await.unwrap_err();
+        assert!(err.to_string().contains("max coupons"), "{err}");
     }
 }

@@ -1,12 +1,13 @@
-//! The claim stage as a [`Processor`]: decides each record of an owned partition in log order on
-//! that partition's state, produces each decision to `coupons`, and per batch awaits those
-//! acknowledgements, then commits the batch's state and next offset in one fenced transaction.
+//! The claim stage as a [`Processor`]: gathers the records read of each owned partition, decides
+//! them together in log order (the rejections their claims need looked up in one store query) and
+//! produces each decision to `coupons`; per batch awaits those acknowledgements, then commits the
+//! batch's state and next offset in one fenced transaction.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use apache_avro::Schema;
-use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::message::{BorrowedMessage, Message, OwnedMessage};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use tidings_core::consumer::StageContext;
 use tidings_core::retry::{until_done, GaveUp};
@@ -17,18 +18,30 @@ use tidings_store::Store;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::decide::{CouponState, Decision};
+use super::decide::{Decision, Request};
 use super::ownership::{Held, Holdings, Ownership};
-use super::records::{claim_record, coupons_value, decision_event, Undecidable};
-use super::{state, ClaimsConfig};
+use super::records::{claim_record, coupons_value, decision_event, ClaimRecord, Undecidable};
+use super::state::PartState;
+use super::ClaimsConfig;
 
 /// The stage's consumer context: start at the stored offsets, forget revoked partitions.
 pub type ClaimsContext = StageContext<Ownership>;
 
-/// One owned partition: its coupons and the batch decided on them but not yet committed.
+/// A decodable record waiting to be decided with the records read with it.
+struct Pending {
+    rec: ClaimRecord,
+    /// The record's timestamp, microseconds.
+    at: i64,
+    /// A definition's record, kept for its dead letter if it is refused.
+    message: Option<OwnedMessage>,
+}
+
+/// One owned partition: its coupons and the batch read (decided in groups) but not committed.
 pub(super) struct Part {
     epoch: i64,
-    coupons: HashMap<String, CouponState>,
+    state: PartState,
+    /// Records read and not decided yet, in log order.
+    records: Vec<Pending>,
     /// The next offset to decide; records below it were decided already.
     next: i64,
     /// Whether `next` moved since the last commit.
@@ -49,15 +62,24 @@ pub struct Claims {
     pub(super) dead: DeadLetters,
     pub(super) held: Holdings,
     pub(super) parts: HashMap<i32, Part>,
-    /// Records decided since the last commit, and when the first of them was.
+    /// Records read since the last commit, and when the first of them was.
     pub(super) pending: usize,
     pub(super) started: Option<Instant>,
+    /// When the first record read and not yet decided was.
+    pub(super) undecided: Option<Instant>,
     pub(super) shutdown: CancellationToken,
 }
 
+/// What is due.
+pub enum Due {
+    /// The records read are decided and their decisions produced (`decide_linger` is over).
+    Decide,
+    /// The batch commits (its `linger` is over).
+    Commit,
+}
+
 impl Processor for Claims {
-    /// The batch's linger time is over.
-    type Due = ();
+    type Due = Due;
 
     async fn process(&mut self, msg: &BorrowedMessage<'_>) -> Result<(), StageError> {
         self.decide(msg).await?;
@@ -67,18 +89,30 @@ impl Processor for Claims {
         Ok(())
     }
 
-    fn due(&mut self) -> impl std::future::Future<Output = ()> + Send {
-        let deadline = self.started.map(|s| s + self.cfg.linger);
+    fn due(&mut self) -> impl std::future::Future<Output = Due> + Send {
+        let commit = self.started.map(|s| (s + self.cfg.linger, Due::Commit));
+        let decide = self.undecided.map(|s| (s + self.cfg.decide_linger, Due::Decide));
+        let first = match (commit, decide) {
+            (Some(c), Some(d)) if d.0 < c.0 => Some(d),
+            (Some(c), _) => Some(c),
+            (None, d) => d,
+        };
         async move {
-            match deadline {
-                Some(d) => tokio::time::sleep_until(d.into()).await,
+            match first {
+                Some((at, due)) => {
+                    tokio::time::sleep_until(at.into()).await;
+                    due
+                }
                 None => std::future::pending().await,
             }
         }
     }
 
-    async fn on_due(&mut self, (): ()) -> Result<(), StageError> {
-        self.commit().await
+    async fn on_due(&mut self, due: Due) -> Result<(), StageError> {
+        match due {
+            Due::Decide => self.decide_read().await,
+            Due::Commit => self.commit().await,
+        }
     }
 
     async fn finish(mut self, ended: Result<(), StageError>) -> Result<(), StageError> {
@@ -92,7 +126,7 @@ impl Processor for Claims {
 }
 
 impl Claims {
-    /// Decides one record (or dead-letters it) into its partition's batch.
+    /// Adds one record to its partition's batch, or dead-letters it if it cannot be decided on.
     async fn decide(&mut self, msg: &BorrowedMessage<'_>) -> Result<(), StageError> {
         let p = msg.partition();
         let held = self.held.lock().expect("lock").get(&p).copied();
@@ -115,13 +149,20 @@ impl Claims {
             if dropped.as_ref().is_some_and(|d| d.moved) {
                 info!(partition = p, "Claim partition {p} was taken again; its uncommitted batch is decided again.");
             }
-            let rows = self.store.load_claim_rows(p).await?;
-            let coupons = state::from_rows(rows).map_err(StageError::internal)?;
+            let rows = self.store.load_claim_coupons(p).await?;
+            let state =
+                PartState::new(rows, self.cfg.max_coupons, self.cfg.rejection_cache).map_err(StageError::internal)?;
             let next = stored_next.unwrap_or(0);
-            self.parts.insert(
-                p,
-                Part { epoch, coupons, next, moved: false, rows: ClaimRows::default(), deliveries: Vec::new() },
-            );
+            let part = Part {
+                epoch,
+                state,
+                records: Vec::new(),
+                next,
+                moved: false,
+                rows: ClaimRows::default(),
+                deliveries: Vec::new(),
+            };
+            self.parts.insert(p, part);
         }
         let part = self.parts.get_mut(&p).expect("inserted above");
         if msg.offset() < part.next {
@@ -145,54 +186,107 @@ impl Claims {
             },
         };
         let at = msg.timestamp().to_millis().map(|ms| ms.saturating_mul(1000));
-        let outcome = match (decoded, at) {
+        let undecidable = match (decoded, at) {
             (Ok(rec), Some(at)) => {
-                let coupon = part.coupons.entry(rec.coupon_id.clone()).or_default();
-                let decided = coupon.decide(&rec.coupon_id, &rec.request, at);
-                let discount = coupon.definition.as_ref().map_or(0, |d| d.discount_percent);
-                if let Decision::DefinitionRefused(why) = &decided.decision {
-                    Err(Undecidable { reason: "invalid-definition", error: why.clone() })
-                } else {
-                    state::add_rows(&mut part.rows, &rec.coupon_id, &rec.request, &decided);
-                    Ok(decision_event(&rec, &decided.decision, discount, at).map(|e| (rec.coupon_id, e)))
-                }
+                // Decided with the records read with it, their rejections looked up together.
+                let message = matches!(rec.request, Request::Define(_)).then(|| msg.detach());
+                part.records.push(Pending { rec, at, message });
+                None
             }
-            (Ok(_), None) => Err(Undecidable { reason: "no-timestamp", error: "record has no timestamp".into() }),
-            (Err(u), _) => Err(u),
+            (Ok(_), None) => Some(Undecidable { reason: "no-timestamp", error: "record has no timestamp".into() }),
+            (Err(u), _) => Some(u),
         };
-        let delivery = match outcome {
-            Ok(None) => None,
-            Ok(Some((coupon_id, event))) => {
-                let value = coupons_value(self.writer, &event)
-                    .map_err(|e| StageError::internal(format!("a decision does not fit the coupons schema: {e}")))?;
-                let bytes = self
-                    .encoder
-                    .encode(value)
-                    .map_err(|e| StageError::internal(format!("encoding a decision: {e}")))?;
-                let rec = FutureRecord::to(&self.cfg.output).key(coupon_id.as_str()).payload(&bytes);
-                Some(enqueue(&self.producer, rec).await?)
-            }
-            Err(u) => {
-                warn!(partition = p, offset = msg.offset(), reason = u.reason, error = %u.error, "Claim record is a dead letter.");
-                Some(
-                    self.dead
-                        .send(msg, u.reason, &u.error)
-                        .await
-                        .map_err(|e| StageError::kafka(System::DeadLetter, e))?,
-                )
-            }
-        };
-        part.deliveries.extend(delivery);
+        if let Some(u) = undecidable {
+            warn!(partition = p, offset = msg.offset(), reason = u.reason, error = %u.error, "Claim record is a dead letter.");
+            let delivery =
+                self.dead.send(msg, u.reason, &u.error).await.map_err(|e| StageError::kafka(System::DeadLetter, e))?;
+            part.deliveries.push(delivery);
+        }
+        let read = !part.records.is_empty();
         part.next = msg.offset() + 1;
         part.moved = true;
         self.pending += 1;
         self.started.get_or_insert_with(Instant::now);
+        if read {
+            self.undecided.get_or_insert_with(Instant::now);
+        }
         Ok(())
     }
 
-    /// Commits every partition's batch: its events acknowledged first, then its rows and next
+    /// Decides the records read in every partition.
+    async fn decide_read(&mut self) -> Result<(), StageError> {
+        let read: Vec<i32> = self.parts.iter().filter(|(_, part)| !part.records.is_empty()).map(|(p, _)| *p).collect();
+        for p in read {
+            self.decide_batch(p).await?;
+        }
+        self.undecided = None;
+        Ok(())
+    }
+
+    /// Decides the records read in partition `p`: one store look-up for the rejections their
+    /// claims need, then each in log order, its decision produced to `coupons` (or the record
+    /// dead-lettered). The batch's rejections stay in memory until it commits.
+    async fn decide_batch(&mut self, p: i32) -> Result<(), StageError> {
+        let part = self.parts.get_mut(&p).expect("a partition with a batch");
+        if part.records.is_empty() {
+            return Ok(());
+        }
+        let ask = part.state.begin(part.records.iter().map(|r| (r.rec.coupon_id.as_str(), &r.rec.request)));
+        let found = self.store.find_claim_rejections(&ask).await?;
+        part.state.found(found).map_err(StageError::internal)?;
+        for Pending { rec, at, message } in std::mem::take(&mut part.records) {
+            let outcome = match part.state.decide(&rec.coupon_id, &rec.request, at) {
+                Ok(decided) => match &decided.decision {
+                    Decision::DefinitionRefused(why) => {
+                        Err(Undecidable { reason: "invalid-definition", error: why.clone() })
+                    }
+                    decision => {
+                        let discount = part
+                            .state
+                            .coupon(&rec.coupon_id)
+                            .and_then(|c| c.definition.as_ref())
+                            .map_or(0, |d| d.discount_percent);
+                        super::state::add_rows(&mut part.rows, &rec.coupon_id, &rec.request, &decided);
+                        Ok(decision_event(&rec, decision, discount, at))
+                    }
+                },
+                Err(why) => Err(Undecidable { reason: "too-many-coupons", error: why }),
+            };
+            let delivery = match outcome {
+                Ok(None) => None,
+                Ok(Some(event)) => {
+                    let value = coupons_value(self.writer, &event).map_err(|e| {
+                        StageError::internal(format!("a decision does not fit the coupons schema: {e}"))
+                    })?;
+                    let bytes = self
+                        .encoder
+                        .encode(value)
+                        .map_err(|e| StageError::internal(format!("encoding a decision: {e}")))?;
+                    let record = FutureRecord::to(&self.cfg.output).key(rec.coupon_id.as_str()).payload(&bytes);
+                    Some(enqueue(&self.producer, record).await?)
+                }
+                Err(u) => {
+                    // Only a definition is refused, and its record was kept for this.
+                    let msg =
+                        message.ok_or_else(|| StageError::internal("a refused record that is not a definition"))?;
+                    warn!(partition = p, offset = msg.offset(), reason = u.reason, error = %u.error, "Claim record is a dead letter.");
+                    Some(
+                        self.dead
+                            .send(&msg, u.reason, &u.error)
+                            .await
+                            .map_err(|e| StageError::kafka(System::DeadLetter, e))?,
+                    )
+                }
+            };
+            part.deliveries.extend(delivery);
+        }
+        Ok(())
+    }
+
+    /// Commits every partition's batch: decided, its events acknowledged, then its rows and next
     /// offset in one transaction fenced by the partition's epoch.
     async fn commit(&mut self) -> Result<(), StageError> {
+        self.decide_read().await?;
         let mut fenced = Vec::new();
         for (p, part) in self.parts.iter_mut().filter(|(_, part)| part.moved) {
             for d in part.deliveries.drain(..) {
@@ -200,7 +294,10 @@ impl Claims {
             }
             let rows = std::mem::take(&mut part.rows);
             match self.store.commit_claims(&self.cfg.group, *p, part.epoch, &rows, part.next).await? {
-                ClaimCommit::Committed => part.moved = false,
+                ClaimCommit::Committed => {
+                    part.moved = false;
+                    part.state.end();
+                }
                 ClaimCommit::Fenced => fenced.push((*p, part.epoch)),
             }
         }

@@ -3,6 +3,7 @@
 //! events, `inbox` and `segment` read and load the store.
 
 mod config_file;
+mod coupon_verify;
 mod demo;
 mod endpoints;
 mod settings;
@@ -131,6 +132,9 @@ enum Command {
     /// Check or apply topology.yaml.
     #[command(subcommand)]
     Topology(TopologyCmd),
+    /// Check the claim stage's decisions.
+    #[command(subcommand)]
+    Coupon(CouponCmd),
     /// Produce JSON events (one per line on stdin) to a topic as Avro through the registry.
     Produce {
         /// Logical topic name from topology.yaml (e.g. orders).
@@ -178,6 +182,20 @@ enum Command {
     Segment {
         /// Segment name, as used by `SegmentAudience.segment`.
         name: String,
+        #[command(flatten)]
+        infra: Infra,
+    },
+}
+
+#[derive(Subcommand)]
+enum CouponCmd {
+    /// Re-read the coupon-claims log and the decisions on `coupons` (start to current end) and the
+    /// store's claim tables, and check every invariant of the claim stage; exit 1 on a violation, 2 if it cannot read them.
+    /// Run it when the stage has decided the log to its end (a claim not yet decided counts).
+    Verify {
+        /// Check only this coupon id.
+        #[arg(long)]
+        coupon: Option<String>,
         #[command(flatten)]
         infra: Infra,
     },
@@ -322,6 +340,7 @@ async fn main() -> ExitCode {
         Command::Topology(TopologyCmd::Check { topology }) => tools::topology_check(&topology),
         Command::Topology(TopologyCmd::Apply { infra }) => tools::topology_apply(&infra).await,
         Command::Produce { topic, infra } => tools::produce(&topic, &infra).await,
+        Command::Coupon(CouponCmd::Verify { coupon, infra }) => coupon_verify::run(coupon.as_deref(), &infra).await,
         Command::ConfigExample => {
             print!("{}", config_file::example(Cli::command().find_subcommand("up").expect("`up` is a subcommand")));
             Ok(ExitCode::SUCCESS)

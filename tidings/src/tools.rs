@@ -36,7 +36,7 @@ pub fn topology_check(path: &Path) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn brokers(infra: &Infra) -> anyhow::Result<String> {
+pub(crate) fn brokers(infra: &Infra) -> anyhow::Result<String> {
     infra
         .brokers
         .clone()
@@ -44,7 +44,7 @@ fn brokers(infra: &Infra) -> anyhow::Result<String> {
         .context("no --brokers given and no running `tidings up` found (its endpoints.json)")
 }
 
-fn registry_url(infra: &Infra) -> anyhow::Result<String> {
+pub(crate) fn registry_url(infra: &Infra) -> anyhow::Result<String> {
     infra
         .schema_registry_url
         .clone()
@@ -52,7 +52,7 @@ fn registry_url(infra: &Infra) -> anyhow::Result<String> {
         .context("no --schema-registry-url given and no running `tidings up` found (its endpoints.json)")
 }
 
-fn topology_with_running_prefix(infra: &Infra) -> anyhow::Result<Topology> {
+pub(crate) fn topology_with_running_prefix(infra: &Infra) -> anyhow::Result<Topology> {
     let topo = load_topology(infra)?;
     if infra.topic_prefix.is_none() {
         if let Some(e) = Endpoints::read(&infra.data_dir) {

@@ -134,3 +134,53 @@ async fn up_with_the_claims_stage_issues_exactly_the_stock() {
     let (mut proc_, _ep, _pool) = decided_run().await;
     common::sigterm(&mut proc_).await;
 }
+
+/// `tidings coupon verify --coupon COUPON`: its exit code and stdout.
+fn verify(ep: &Endpoints) -> (Option<i32>, String) {
+    let out = tidings(ep, &["coupon", "verify", "--coupon", COUPON], "");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    (out.status.code(), format!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr)))
+}
+
+/// The verifier agrees with a correct run, and names a violation planted in the store (a holder
+/// past the stock) and one planted on `coupons` (a second decision, an issue past the stock).
+#[tokio::test(flavor = "multi_thread")]
+async fn coupon_verify_agrees_with_the_stage_and_names_planted_violations() {
+    // The process stays up: its embedded registry serves the schemas.
+    let (mut proc_, ep, pool) = decided_run().await;
+    let (code, out) = verify(&ep);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains(&format!("coupon {COUPON}: stock {STOCK},")), "{out}");
+    assert!(out.contains(&format!("{STOCK} issued")) && out.contains("All invariants hold"), "{out}");
+
+    // A second holder row past the stock, for a user no CouponIssued names.
+    sqlx::query(
+        "INSERT INTO coupon_holders (coupon_id, user_id, partition, claim_id, code, expires_at)
+         SELECT coupon_id, 'intruder', partition, 'k', 'PLANTED', 0 FROM coupon_holders WHERE coupon_id = $1 LIMIT 1",
+    )
+    .bind(COUPON)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let (code, out) = verify(&ep);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("VIOLATION") && out.contains("\"intruder\"") && out.contains("coupon_holders"), "{out}");
+    assert!(out.contains(&format!("more than its stock {STOCK}")), "{out}");
+    sqlx::query("DELETE FROM coupon_holders WHERE user_id = 'intruder'").execute(&pool).await.unwrap();
+    assert_eq!(verify(&ep).0, Some(0), "the planted row was the only violation");
+
+    // An extra CouponIssued on `coupons` for a rejected claimant: past the stock, a second decision.
+    let late = format!("user-{}", USERS - 1);
+    let issued = json!({"event_id": uuid::Uuid::new_v4().to_string(), "occurred_at": 0, "coupon_id": COUPON,
+        "payload": {"CouponIssued": {"user_id": late, "code": "PLANTED", "discount_percent": 20, "expires_at": 0,
+        "claim_id": format!("key-{}", USERS - 1)}}});
+    let out = tidings(&ep, &["produce", "coupons"], &issued.to_string());
+    assert!(out.status.success(), "produce failed: {}", String::from_utf8_lossy(&out.stderr));
+    let (code, out) = verify(&ep);
+    assert_eq!(code, Some(1), "{out}");
+    let named = |s: &str| out.lines().any(|l| l.contains("VIOLATION") && l.contains(s));
+    assert!(named(&format!("claim (\"{late}\", \"key-{}\")", USERS - 1)) && named("2 decisions"), "{out}");
+    assert!(named(&format!("user \"{late}\" was issued a coupon at")) && named("offset"), "{out}");
+    assert!(named(&format!("more than its stock {STOCK}")), "{out}");
+    common::sigterm(&mut proc_).await;
+}

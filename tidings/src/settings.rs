@@ -325,4 +325,37 @@ mod tests {
         assert_eq!(check_http_url("http://10.0.0.5:8080/"), Ok(()));
         assert!(check_http_url("https://").is_err());
     }
+
+    /// `--stages claims` is refused, naming the topics, by a topology without the claim stage's
+    /// topics; the same topology is accepted without it.
+    #[test]
+    fn the_claim_stage_needs_its_topics() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let dir = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(root.join("schemas"), dir.path().join("schemas")).unwrap();
+        let yaml = std::fs::read_to_string(root.join("topology.yaml")).unwrap();
+        let without: String = yaml
+            .lines()
+            .filter(|l| !l.contains("coupon-claims:") && !l.contains("tidings.dlq.claims:"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let topology = dir.path().join("topology.yaml");
+        std::fs::write(&topology, without).unwrap();
+        let check_with = |stages: &str| {
+            let argv: Vec<std::ffi::OsString> =
+                ["tidings", "up", "--dev", "--topology", topology.to_str().unwrap(), "--stages", stages]
+                    .map(Into::into)
+                    .into();
+            let (crate::Cli { command: crate::Command::Up(args) }, _) =
+                crate::config_file::parse_from::<crate::Cli>(argv)
+            else {
+                unreachable!("parsed `up`")
+            };
+            check(&args).err().map(|e| e.join("\n"))
+        };
+        let errors = check_with("templating,claims").expect("refused");
+        assert!(errors.contains("\"coupon-claims\"") && errors.contains("\"tidings.dlq.claims\""), "{errors}");
+        assert!(!errors.contains("\"coupons\""), "{errors}");
+        assert_eq!(check_with("templating"), None);
+    }
 }

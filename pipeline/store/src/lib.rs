@@ -24,6 +24,26 @@ macro_rules! on_pool {
     };
 }
 
+// Declared before the modules whose tests use it (a macro's scope is textual).
+#[cfg(test)]
+/// Runs each named `async fn check(&Store)` once on PostgreSQL and once on SQLite.
+macro_rules! on_both_backends {
+    ($($check:ident),* $(,)?) => { $(
+        mod $check {
+            #[tokio::test]
+            async fn postgres() {
+                let (store, _url) = crate::testing::fresh_postgres().await.unwrap();
+                super::$check(&store).await;
+            }
+            #[tokio::test]
+            async fn sqlite() {
+                let (store, _dir) = crate::testing::fresh_sqlite().await.unwrap();
+                super::$check(&store).await;
+            }
+        }
+    )* };
+}
+
 pub mod chat;
 pub mod claims;
 pub mod copy;

@@ -5,24 +5,6 @@ use super::*;
 use std::time::Instant;
 use tidings_core::Notification;
 
-/// Runs each named `async fn check(&Store)` once on PostgreSQL and once on SQLite.
-macro_rules! on_both_backends {
-    ($($check:ident),* $(,)?) => { $(
-        mod $check {
-            #[tokio::test]
-            async fn postgres() {
-                let (store, _url) = crate::testing::fresh_postgres().await.unwrap();
-                super::$check(&store).await;
-            }
-            #[tokio::test]
-            async fn sqlite() {
-                let (store, _dir) = crate::testing::fresh_sqlite().await.unwrap();
-                super::$check(&store).await;
-            }
-        }
-    )* };
-}
-
 on_both_backends!(
     write_batch_inserts_rows,
     same_batch_twice_inserts_nothing,

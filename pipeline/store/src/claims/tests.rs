@@ -3,23 +3,6 @@
 
 use super::*;
 
-macro_rules! on_both_backends {
-    ($($check:ident),* $(,)?) => { $(
-        mod $check {
-            #[tokio::test]
-            async fn postgres() {
-                let (store, _url) = crate::testing::fresh_postgres().await.unwrap();
-                super::$check(&store).await;
-            }
-            #[tokio::test]
-            async fn sqlite() {
-                let (store, _dir) = crate::testing::fresh_sqlite().await.unwrap();
-                super::$check(&store).await;
-            }
-        }
-    )* };
-}
-
 on_both_backends!(
     a_stale_owner_cannot_commit,
     rows_and_offset_commit_together,

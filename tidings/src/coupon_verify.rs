@@ -7,15 +7,19 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::Message;
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{BorrowedMessage, Message};
 use serde_json::Value as Json;
+use std::sync::{Arc, Mutex};
 use tidings_core::json_avro::{avro_to_json, union_branch_name};
 use tidings_core::kafka::KafkaConfig;
+use tidings_core::shutdown::StageHealth;
+use tidings_core::stage::{self, OffsetRange, Processor, RangeSource, Source};
 use tidings_core::RegistryClient;
+use tidings_core::StageError;
 use tidings_pipeline::stages::claims::{INPUT, OUTPUT};
 use tidings_store::Store;
+use tokio_util::sync::CancellationToken;
 
 use crate::endpoints::database_url;
 use crate::tools::{brokers, registry_url, topology_with_running_prefix};
@@ -321,6 +325,8 @@ fn check_coupon(
 
 /// Every record of `topic` from each partition's start to its end as of now, decoded with the
 /// latest registered schema (`Err` for a record that does not decode); and the partition count.
+/// Read by the stage skeleton over a range source, as a replay is: no group is joined or committed
+/// to, and a partition whose last offsets are control records still ends.
 async fn read_topic(
     kafka: &KafkaConfig,
     registry: &RegistryClient,
@@ -328,44 +334,62 @@ async fn read_topic(
 ) -> anyhow::Result<(i32, Vec<Result<Record, String>>)> {
     let (_, reader) =
         registry.latest(&format!("{topic}-value")).await.with_context(|| format!("the schema of {topic}"))?;
-    // A group id librdkafka wants; partitions are assigned, so no group is joined or committed to.
-    let group = format!("tidings-coupon-verify-{}", uuid::Uuid::new_v4().simple());
-    let consumer: StreamConsumer = kafka.consumer_with(&group, &[], &[("enable.auto.commit", "false")]).create()?;
-    let md = consumer.fetch_metadata(Some(topic), READ_TIMEOUT)?;
-    let partitions = md.topics().first().map_or(0, |t| t.partitions().len()) as i32;
+    let probe: BaseConsumer = kafka.consumer_with("tidings-coupon-verify", &[], &[]).create()?;
+    let partitions = tidings_core::kafka::partition_count(probe.client(), topic, READ_TIMEOUT)?;
     anyhow::ensure!(partitions > 0, "topic {topic} does not exist");
-    let mut ends: BTreeMap<i32, i64> = BTreeMap::new();
-    let mut tpl = TopicPartitionList::new();
+    let mut ranges = Vec::new();
     for p in 0..partitions {
-        let (low, high) = consumer.fetch_watermarks(topic, p, READ_TIMEOUT)?;
-        if high > low {
-            ends.insert(p, high);
-            tpl.add_partition_offset(topic, p, Offset::Offset(low))?;
-        }
+        let (low, high) = probe.fetch_watermarks(topic, p, READ_TIMEOUT)?;
+        ranges.push(OffsetRange::new(topic, p, low, high));
     }
-    consumer.assign(&tpl)?;
-    let mut out = Vec::new();
-    while !ends.is_empty() {
-        let m = tokio::time::timeout(READ_TIMEOUT, consumer.recv())
-            .await
-            .with_context(|| format!("no record of {topic} within {READ_TIMEOUT:?} before its end"))??;
-        let (p, o) = (m.partition(), m.offset());
-        let Some(&end) = ends.get(&p) else { continue };
-        if o + 1 >= end {
-            ends.remove(&p);
-        }
-        if o >= end {
-            continue;
-        }
+    let out = Arc::new(Mutex::new(Vec::new()));
+    let (health, shutdown) = (StageHealth::default(), CancellationToken::new());
+    let run = stage::run("coupon-verify", &health, &shutdown, || {
+        out.lock().expect("lock").clear(); // a retried attempt reads its ranges again
+        let source = RangeSource::new(kafka, ranges.clone()).map_err(StageError::from);
+        let collect = Collect { registry: registry.clone(), reader, out: out.clone() };
+        async move { Ok((collect, Source::Ranges(source?))) }
+    });
+    tokio::time::timeout(READ_TIMEOUT, run)
+        .await
+        .with_context(|| format!("{topic} was not read to its end within {READ_TIMEOUT:?}"))??;
+    let out = std::mem::take(&mut *out.lock().expect("lock"));
+    Ok((partitions, out))
+}
+
+/// Decodes each record of the ranges into `out`.
+struct Collect {
+    registry: RegistryClient,
+    reader: &'static apache_avro::Schema,
+    out: Arc<Mutex<Vec<Result<Record, String>>>>,
+}
+
+impl Processor for Collect {
+    type Due = ();
+
+    async fn process(&mut self, m: &BorrowedMessage<'_>) -> Result<(), StageError> {
         let micros = m.timestamp().to_millis().map(|ms| ms.saturating_mul(1000));
         let decoded = match m.payload() {
-            Some(bytes) => registry.decode(bytes, reader).await.map_err(|e| e.to_string()),
+            Some(bytes) => self.registry.decode(bytes, self.reader).await.map_err(|e| e.to_string()),
             None => Err("no value".to_string()),
         };
-        out.push(decoded.and_then(|value| {
-            let branch = union_branch_name(reader, &value, "payload").ok_or("no payload branch")?.to_string();
-            Ok(Record { at: (p, o), micros, branch, event: avro_to_json(&value) })
-        }));
+        let record = decoded.and_then(|value| {
+            let branch = union_branch_name(self.reader, &value, "payload").ok_or("no payload branch")?.to_string();
+            Ok(Record { at: (m.partition(), m.offset()), micros, branch, event: avro_to_json(&value) })
+        });
+        self.out.lock().expect("lock").push(record);
+        Ok(())
     }
-    Ok((partitions, out))
+
+    fn due(&mut self) -> impl std::future::Future<Output = ()> + Send {
+        std::future::pending()
+    }
+
+    async fn on_due(&mut self, _: ()) -> Result<(), StageError> {
+        Ok(())
+    }
+
+    async fn finish(self, ended: Result<(), StageError>) -> Result<(), StageError> {
+        ended
+    }
 }

@@ -5,6 +5,9 @@
 use super::{around_generated, Dialect, Store};
 use crate::error::StoreError;
 
+mod read;
+pub use read::{CouponRow, DecidedClaim, HeldCoupon};
+
 const ASSIGN: &str = include_str!("sql/claims_assign.sql");
 const PIN_PARTITIONS: &str = include_str!("sql/claims_pin_partitions.sql");
 const FENCE: &str = include_str!("sql/claims_fence.sql");

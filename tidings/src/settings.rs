@@ -233,8 +233,9 @@ pub fn check(args: &UpArgs) -> Result<Settings, Vec<String>> {
     }
 
     if let (Some(topo), true) = (&topology, runs("claims")) {
-        use tidings_pipeline::stages::claims::{DEAD_LETTER, INPUT, OUTPUT};
-        for (topic, schema) in [(INPUT, true), (OUTPUT, true), (DEAD_LETTER, false)] {
+        use tidings_pipeline::stages::claims::{INPUT, OUTPUT};
+        let dead_letter = topo.stages.claims.dead_letter.as_str();
+        for (topic, schema) in [(INPUT, true), (OUTPUT, true), (dead_letter, false)] {
             let missing = match schema {
                 true => topo.schema_text(topic).is_none(),
                 false => !topo.topics.contains_key(topic),
@@ -334,6 +335,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::os::unix::fs::symlink(root.join("schemas"), dir.path().join("schemas")).unwrap();
         let yaml = std::fs::read_to_string(root.join("topology.yaml")).unwrap();
+        // A topology from before the claim stage: neither its topics nor its `stages.claims`.
+        let (start, end) = (yaml.find("\n  claims:\n").expect("stages.claims"), yaml.find("\ntemplates:").unwrap());
+        let yaml = format!("{}{}", &yaml[..start], &yaml[end..]);
         let without: String = yaml
             .lines()
             .filter(|l| !l.contains("coupon-claims:") && !l.contains("tidings.dlq.claims:"))

@@ -12,9 +12,10 @@ use serde::Deserializer;
 use serde_yaml::Value;
 
 use super::{
-    Diagnostic, LoadedSchema, PersistenceStage, Recipients, Stages, TemplateSpec, TemplatingStage, TopicSpec, Topology,
-    TopologyErrors,
+    ClaimsStage, Diagnostic, LoadedSchema, PersistenceStage, Recipients, Stages, TemplateSpec, TemplatingStage,
+    TopicSpec, Topology, TopologyErrors,
 };
+use crate::stages::claims::{INPUT as CLAIMS_INPUT, OUTPUT as CLAIMS_OUTPUT};
 
 /// Kafka's limit on topic name length.
 const MAX_TOPIC_NAME: usize = 249;
@@ -55,7 +56,8 @@ pub(super) fn parse(text: &str, source: &str, base_dir: &Path) -> Result<Topolog
     Ok(Topology {
         topic_prefix: parsed.topic_prefix,
         topics: parsed.topics,
-        stages: Stages { templating, persistence },
+        // Without a `stages.claims` section the claim stage runs with its defaults.
+        stages: Stages { templating, persistence, claims: parsed.claims.unwrap_or_default() },
         templates: parsed.templates.into_iter().map(|(_, t)| t).collect(),
         warnings: checker.warnings,
         schemas,
@@ -261,6 +263,8 @@ struct Parsed {
     topics: BTreeMap<String, TopicSpec>,
     templating: Option<TemplatingStage>,
     persistence: Option<PersistenceStage>,
+    /// `stages.claims`, when the file has it (it is optional).
+    claims: Option<ClaimsStage>,
     /// With their index in the file.
     templates: Vec<(usize, TemplateSpec)>,
 }
@@ -397,9 +401,13 @@ impl Checker<'_> {
                 Value::String(n) if n == "persistence" => {
                     parsed.persistence = self.extract(&path.key(n));
                 }
-                other => {
-                    self.error(path, format!("unknown stage {other:?}; the stages are `templating` and `persistence`"))
+                Value::String(n) if n == "claims" => {
+                    parsed.claims = self.extract(&path.key(n));
                 }
+                other => self.error(
+                    path,
+                    format!("unknown stage {other:?}; the stages are `templating`, `persistence` and `claims`"),
+                ),
             }
         }
         for required in ["templating", "persistence"] {
@@ -464,6 +472,9 @@ impl Checker<'_> {
         }
         if let Some(stage) = &parsed.persistence {
             self.check_persistence(parsed, stage);
+        }
+        if let Some(stage) = &parsed.claims {
+            self.check_claims(parsed, stage);
         }
         let mut seen: HashMap<(&str, &str), usize> = HashMap::new();
         for (i, t) in &parsed.templates {
@@ -621,6 +632,41 @@ impl Checker<'_> {
         }
         if stage.batch_size == 0 {
             self.error(&path.key("batch_size"), "batch_size must be at least 1");
+        }
+    }
+
+    /// Only when the file has `stages.claims`: a topology without the claim stage's topics still
+    /// loads, and `tidings up --stages claims` refuses it then.
+    fn check_claims(&mut self, parsed: &Parsed, stage: &ClaimsStage) {
+        let path = YamlPath::default().key("stages").key("claims");
+        for (topic, why) in [
+            (CLAIMS_INPUT, "the claim stage decodes its input with it"),
+            (CLAIMS_OUTPUT, "the claim stage encodes its decisions with it"),
+        ] {
+            self.check_topic_ref(parsed, &path, topic, Some(why));
+        }
+        let dlq = path.key("dead_letter");
+        if self.check_topic_ref(parsed, &dlq, &stage.dead_letter, None)
+            && [CLAIMS_INPUT, CLAIMS_OUTPUT].contains(&stage.dead_letter.as_str())
+        {
+            self.error(&dlq, "the dead-letter topic must not be the claim stage's input or output");
+        }
+        let group = path.key("group");
+        if stage.group.is_empty() {
+            self.error(&group, "the consumer group must not be empty");
+        }
+        let others = [parsed.templating.as_ref().map(|t| &t.group), parsed.persistence.as_ref().map(|p| &p.group)];
+        if others.into_iter().flatten().any(|g| *g == stage.group) {
+            self.error(
+                &group,
+                "another stage uses the same consumer group; they would take partitions from each other",
+            );
+        }
+        if stage.batch_size == 0 {
+            self.error(&path.key("batch_size"), "batch_size must be at least 1");
+        }
+        if stage.max_coupons == 0 {
+            self.error(&path.key("max_coupons"), "max_coupons must be at least 1");
         }
     }
 
@@ -980,6 +1026,17 @@ templates:
         assert_eq!(t.stages.persistence.batch_size, 10);
         assert_eq!(t.stages.persistence.linger_ms, 250);
         assert_eq!(t.stages.persistence.group, "tidings-persistence");
+        // No `stages.claims`: the claim stage's defaults.
+        assert_eq!(t.stages.claims, super::super::ClaimsStage::default());
+        assert_eq!(
+            (t.stages.claims.batch_size, t.stages.claims.linger_ms, t.stages.claims.decide_linger_ms),
+            (10_000, 50, 5)
+        );
+        assert_eq!((t.stages.claims.max_coupons, t.stages.claims.rejection_cache), (10_000, 100_000));
+        assert_eq!(
+            (t.stages.claims.group.as_str(), t.stages.claims.dead_letter.as_str()),
+            ("tidings-claims", "tidings.dlq.claims")
+        );
         assert_eq!(
             t.topics["dlq"].kafka_configs(),
             vec![("cleanup.policy".to_owned(), "compact".to_owned()), ("retention.ms".to_owned(), "-1".to_owned())]
@@ -1130,6 +1187,80 @@ templates:
         ] {
             assert!(text.contains(needle), "missing `{needle}` in:\n{text}");
         }
+    }
+
+    const CLAIMS_TOPICS: &str = r#"
+topics:
+  coupons: { partitions: 1, replication_factor: 1, schema: schemas/coupon_event.avsc }
+  coupon-claims: { partitions: 1, replication_factor: 1, schema: schemas/coupon_claim.avsc }
+  notifications: { partitions: 1, replication_factor: 1, schema: schemas/notification.avsc }
+  dlq: { partitions: 1, replication_factor: 1 }
+"#;
+
+    /// `stages.claims` with `claims`, after a templating stage with a mistake of its own.
+    fn with_claims(claims: &str) -> Result<Topology, super::super::TopologyErrors> {
+        let yaml = format!(
+            "{CLAIMS_TOPICS}stages:\n  templating: {{ inputs: [coupons], output: notification, dead_letter: dlq }}\n  \
+             persistence: {{ inputs: [notifications], dead_letter: dlq }}\n  claims: {claims}\n"
+        );
+        Topology::from_str(&yaml, &workspace())
+    }
+
+    /// A bad key or value in `stages.claims` is reported with the file's other mistakes.
+    #[test]
+    fn claims_stage_mistakes_are_reported_with_the_others() {
+        let templating = "stages.templating.output: topic `notification` is not declared";
+        let cases: [(&str, &[&str]); 3] = [
+            ("{ batch_sise: 5 }", &["stages.claims: unknown field `batch_sise`, expected one of `dead_letter`"]),
+            ("{ linger_ms: soon }", &["stages.claims.linger_ms: invalid type: string \"soon\", expected u64"]),
+            (
+                "{ dead_letter: coupons, group: tidings-persistence, batch_size: 0, max_coupons: 0, rejection_cache: 0 }",
+                &[
+                    "stages.claims.dead_letter: the dead-letter topic must not be the claim stage's input or output",
+                    "stages.claims.group: another stage uses the same consumer group",
+                    "stages.claims.batch_size: batch_size must be at least 1",
+                    "stages.claims.max_coupons: max_coupons must be at least 1",
+                ],
+            ),
+        ];
+        for (claims, needles) in cases {
+            let err = with_claims(claims).unwrap_err();
+            let text = err.to_string();
+            for needle in needles.iter().chain([&templating]) {
+                assert!(text.contains(needle), "missing `{needle}` in:\n{text}");
+            }
+            assert_eq!(err.0.len(), needles.len() + 1, "{text}");
+        }
+        // The claim stage's topics must be declared when its section is there.
+        let yaml = VALID.replace("    batch_size: 10\n", "    batch_size: 10\n  claims: { dead_letter: nowhere }\n");
+        let text = Topology::from_str(&yaml, &workspace()).unwrap_err().to_string();
+        for needle in
+            ["stages.claims: topic `coupon-claims` is not declared", "stages.claims: topic `coupons` is not declared"]
+        {
+            assert!(text.contains(needle), "missing `{needle}` in:\n{text}");
+        }
+        assert!(text.contains("stages.claims.dead_letter: topic `nowhere` is not declared"), "{text}");
+    }
+
+    #[test]
+    fn claims_stage_settings_load() {
+        let yaml = CLAIMS_TOPICS.to_owned()
+            + "  claims-dlq: { partitions: 1, replication_factor: 1 }\nstages:\n  \
+               templating: { inputs: [coupons], output: notifications, dead_letter: dlq }\n  \
+               persistence: { inputs: [notifications], dead_letter: dlq }\n  \
+               claims: { dead_letter: claims-dlq, group: g, batch_size: 7, linger_ms: 9, decide_linger_ms: 0, \
+               max_coupons: 3, rejection_cache: 0 }\n";
+        let t = Topology::from_str(&yaml, &workspace()).unwrap_or_else(|e| panic!("{e}"));
+        let expected = super::super::ClaimsStage {
+            dead_letter: "claims-dlq".into(),
+            group: "g".into(),
+            batch_size: 7,
+            linger_ms: 9,
+            decide_linger_ms: 0,
+            max_coupons: 3,
+            rejection_cache: 0,
+        };
+        assert_eq!(t.stages.claims, expected);
     }
 
     #[test]

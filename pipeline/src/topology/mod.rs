@@ -107,13 +107,16 @@ impl CleanupPolicy {
     }
 }
 
-/// The pipeline's two stages; both are required.
+/// The pipeline's stages: templating and persistence are required; the claim stage's section is
+/// optional (its defaults apply without it).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Stages {
     /// Turns domain events into notifications.
     pub templating: TemplatingStage,
     /// Writes notifications (and chat messages) to the database.
     pub persistence: PersistenceStage,
+    /// Decides coupon claims and redemptions (`tidings up --stages claims`).
+    pub claims: ClaimsStage,
 }
 
 /// `stages.templating`: consumes domain events, renders templates, produces notifications.
@@ -173,6 +176,79 @@ pub struct PersistenceStage {
     /// How long a partial batch may wait for more records before it is written. Default: 250.
     #[serde(default = "default_linger_ms")]
     pub linger_ms: u64,
+}
+
+/// `stages.claims`: the claim stage's group, dead-letter topic, batching and memory bounds. It
+/// reads `coupon-claims` and writes its decisions to `coupons`. Optional: without it every field
+/// takes its default, so a topology written before the claim stage still loads.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimsStage {
+    /// Logical topic receiving claim records that cannot be decided on (undecodable, a coupon
+    /// past `max_coupons`), with their original bytes and error headers. Must be declared, and
+    /// must not be `coupon-claims` or `coupons`. Default: `tidings.dlq.claims`.
+    #[serde(default = "default_claims_dead_letter")]
+    pub dead_letter: String,
+    /// Consumer group (prefixed with `topic_prefix`); also the key of the epochs and offsets
+    /// stored with the stage's state, so changing it starts the state afresh. Must differ from
+    /// the other stages' groups. Default: `tidings-claims`.
+    #[serde(default = "default_claims_group")]
+    pub group: String,
+    /// Most records decided per store transaction, at least 1. Default: 10000.
+    #[serde(default = "default_claims_batch_size")]
+    pub batch_size: usize,
+    /// Longest a decided record waits for its batch to commit, in milliseconds. Default: 50.
+    #[serde(default = "default_claims_linger_ms")]
+    pub linger_ms: u64,
+    /// Longest a record waits to be decided together with the records read after it, in
+    /// milliseconds (their earlier rejections are looked up in one store query). Default: 5.
+    #[serde(default = "default_claims_decide_linger_ms")]
+    pub decide_linger_ms: u64,
+    /// Most coupons defined per `coupon-claims` partition, at least 1 (their definitions,
+    /// holders and redemptions stay in memory); a definition past it is a dead letter
+    /// (`too-many-coupons`). Default: 10000.
+    #[serde(default = "default_claims_max_coupons")]
+    pub max_coupons: usize,
+    /// Rejected claims remembered per partition, so a retried claim is answered without asking
+    /// the store; 0 keeps none. Default: 100000.
+    #[serde(default = "default_claims_rejection_cache")]
+    pub rejection_cache: usize,
+}
+
+impl Default for ClaimsStage {
+    fn default() -> Self {
+        ClaimsStage {
+            dead_letter: default_claims_dead_letter(),
+            group: default_claims_group(),
+            batch_size: default_claims_batch_size(),
+            linger_ms: default_claims_linger_ms(),
+            decide_linger_ms: default_claims_decide_linger_ms(),
+            max_coupons: default_claims_max_coupons(),
+            rejection_cache: default_claims_rejection_cache(),
+        }
+    }
+}
+
+fn default_claims_dead_letter() -> String {
+    crate::stages::claims::DEAD_LETTER.to_owned()
+}
+fn default_claims_group() -> String {
+    crate::stages::claims::GROUP.to_owned()
+}
+fn default_claims_batch_size() -> usize {
+    10_000
+}
+fn default_claims_linger_ms() -> u64 {
+    50
+}
+fn default_claims_decide_linger_ms() -> u64 {
+    5
+}
+fn default_claims_max_coupons() -> usize {
+    10_000
+}
+fn default_claims_rejection_cache() -> usize {
+    100_000
 }
 
 fn default_templating_group() -> String {

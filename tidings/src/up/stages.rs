@@ -23,7 +23,7 @@ pub fn spawn(args: &UpArgs, infra: &Infrastructure, tasks: &mut TaskTree, readin
         readiness.set_check("persistence", persistence::spawn(tasks, cfg, infra.store.clone()));
     }
     if args.runs("claims") {
-        // Topics, group and schemas from topology.yaml; batch size and linger are the stage's defaults.
+        // Topics, schemas, group, batching and memory bounds from topology.yaml (`stages.claims`).
         let cfg = ClaimsConfig::new(kafka.clone(), registry.clone(), &infra.topology)?;
         readiness.set_check("claims", spawn_claims(tasks, cfg, infra.store.clone()));
     }

@@ -48,9 +48,10 @@ use processor::{Claims, ClaimsContext};
 /// Name used in dead-letter headers and logs.
 pub const STAGE: &str = "claims";
 
-/// The stage's input, output and dead-letter topics and its group, as named in topology.yaml.
+/// The stage's input and output topics, as named in topology.yaml.
 pub const INPUT: &str = "coupon-claims";
 pub const OUTPUT: &str = "coupons";
+/// The default dead-letter topic and group (`stages.claims.dead_letter` / `.group`).
 pub const DEAD_LETTER: &str = "tidings.dlq.claims";
 pub const GROUP: &str = "tidings-claims";
 
@@ -93,32 +94,33 @@ pub struct ClaimsConfig {
 }
 
 impl ClaimsConfig {
-    /// The stage on `topology`'s `coupon-claims`, `coupons` and `tidings.dlq.claims` topics,
-    /// with the default batch size, linger and memory bounds.
+    /// The stage on `topology`'s `coupon-claims` and `coupons` topics, with the group,
+    /// dead-letter topic, batching and memory bounds of its `stages.claims` (or their defaults).
     pub fn new(kafka: KafkaConfig, registry: RegistryEndpoint, topology: &Topology) -> Result<Self, StageError> {
+        let stage = &topology.stages.claims;
         let schema = |t: &str| {
             topology
                 .schema_text(t)
                 .map(str::to_string)
                 .ok_or_else(|| StageError::configuration(format!("topology.yaml declares no schema for topic `{t}`")))
         };
-        if !topology.topics.contains_key(DEAD_LETTER) {
-            return Err(StageError::configuration(format!("topology.yaml declares no topic `{DEAD_LETTER}`")));
+        if !topology.topics.contains_key(&stage.dead_letter) {
+            return Err(StageError::configuration(format!("topology.yaml declares no topic `{}`", stage.dead_letter)));
         }
         Ok(ClaimsConfig {
             kafka,
             registry,
-            group: topology.group_name(GROUP),
+            group: topology.group_name(&stage.group),
             input: topology.topic_name(INPUT),
             input_schema: schema(INPUT)?,
             output: topology.topic_name(OUTPUT),
             output_schema: schema(OUTPUT)?,
-            dead_letter: topology.topic_name(DEAD_LETTER),
-            batch_size: 10_000,
-            linger: Duration::from_millis(50),
-            decide_linger: Duration::from_millis(5),
-            max_coupons: 10_000,
-            rejection_cache: 100_000,
+            dead_letter: topology.topic_name(&stage.dead_letter),
+            batch_size: stage.batch_size,
+            linger: Duration::from_millis(stage.linger_ms),
+            decide_linger: Duration::from_millis(stage.decide_linger_ms),
+            max_coupons: stage.max_coupons,
+            rejection_cache: stage.rejection_cache,
             health: StageHealth::default(),
         })
     }
@@ -236,6 +238,30 @@ mod tests {
         assert_eq!((cfg.input.as_str(), cfg.output.as_str()), ("t-coupon-claims", "t-coupons"));
         assert_eq!((cfg.dead_letter.as_str(), cfg.group.as_str()), ("t-tidings.dlq.claims", "t-tidings-claims"));
         assert!(cfg.input_schema.contains("ClaimRequested") && cfg.output_schema.contains("ClaimRejected"));
+    }
+
+    /// `stages.claims` of topology.yaml reaches the config; without it, the defaults.
+    #[test]
+    fn the_config_takes_the_topologys_claims_settings() {
+        let cfg = config();
+        assert_eq!(
+            (cfg.batch_size, cfg.linger, cfg.decide_linger),
+            (10_000, Duration::from_millis(50), Duration::from_millis(5))
+        );
+        assert_eq!((cfg.max_coupons, cfg.rejection_cache), (10_000, 100_000));
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let yaml = std::fs::read_to_string(root.join("topology.yaml")).unwrap();
+        let start = yaml.find("\n  claims:\n").expect("a stages.claims section") + 1;
+        let end = start + yaml[start..].find("\n\n").expect("the section ends");
+        let section =
+            "  claims:\n    dead_letter: tidings.dlq.persistence\n    group: other-claims\n    batch_size: 7\n    \
+                       linger_ms: 9\n    decide_linger_ms: 0\n    max_coupons: 3\n    rejection_cache: 11";
+        let yaml = format!("{}{section}{}", &yaml[..start], &yaml[end..]);
+        let topology = Topology::from_str(&yaml, &root).unwrap_or_else(|e| panic!("{e}")).with_prefix("t-");
+        let cfg = ClaimsConfig::new(KafkaConfig::new("127.0.0.1:1"), "http://127.0.0.1:1".into(), &topology).unwrap();
+        assert_eq!((cfg.dead_letter.as_str(), cfg.group.as_str()), ("t-tidings.dlq.persistence", "t-other-claims"));
+        assert_eq!((cfg.batch_size, cfg.linger, cfg.decide_linger), (7, Duration::from_millis(9), Duration::ZERO));
+        assert_eq!((cfg.max_coupons, cfg.rejection_cache), (3, 11));
     }
 
     /// Refused before anything is connected, instead of a partition that can never be taken.

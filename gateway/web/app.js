@@ -1,4 +1,4 @@
-// tidings web page: sign in, a live inbox and chat rooms, on the gateway's own API only.
+// tidings web page: sign in, a live inbox, a coupon drop and chat rooms, on the gateway's own API only.
 // Plain DOM code, no framework, no build step. All text from users goes in through textContent.
 //
 // Delivery: one EventSource on /v1/stream with the stream cookie from POST /v1/session (a
@@ -35,6 +35,8 @@ const state = {
   room: null, // the open room: { id, info, messages: Map(message_id -> message), before, maxSeq }
   searchTags: [],
   searchCursor: null,
+  couponsApi: true, // false when the gateway has no coupon API (GET /v1/coupons answers 404)
+  coupons: new Map(), // coupon id -> { info, li, claim: see claimCoupon, checked }
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -89,8 +91,8 @@ class ApiError extends Error {
   }
 }
 
-async function api(method, path, body, attempt = 0) {
-  const headers = { Authorization: `Bearer ${state.token}` };
+async function api(method, path, body, { attempt = 0, headers: extra = {} } = {}) {
+  const headers = { Authorization: `Bearer ${state.token}`, ...extra };
   if (body !== undefined) headers['Content-Type'] = 'application/json';
   const r = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
   if (r.status === 401) {
@@ -102,7 +104,7 @@ async function api(method, path, body, attempt = 0) {
   if (r.status === 503 && method === 'GET' && attempt < 5) {
     const secs = Math.min(Number(r.headers.get('Retry-After')) || 1, 3);
     await new Promise((res) => setTimeout(res, secs * 1000));
-    return api(method, path, body, attempt + 1);
+    return api(method, path, body, { attempt: attempt + 1, headers: extra });
   }
   if (!r.ok) {
     let err = {};
@@ -161,7 +163,7 @@ async function signIn(token) {
   sessionStorage.setItem(TOKEN, token);
   $('who').textContent = `Signed in as ${state.user}`;
   show(true);
-  await Promise.all([loadInbox(), loadRooms()]);
+  await Promise.all([loadInbox(), loadRooms(), probeCoupons()]);
   openStream();
   route();
 }
@@ -176,7 +178,10 @@ function signOut(message = '') {
   Object.assign(state, { token: null, user: null, unread: 0, room: null, inboxCursor: null, retriedPosition: false });
   state.inbox.clear();
   state.rooms.clear();
+  state.coupons.clear();
+  clearTimeout(couponTimer);
   $('inbox-list').replaceChildren();
+  $('coupon-list').replaceChildren();
   $('room-list').replaceChildren();
   $('search-results').replaceChildren();
   $('messages').replaceChildren();
@@ -268,8 +273,14 @@ function openStream() {
     es.addEventListener(kind, (e) => {
       remember(e);
       const data = safeJson(e.data);
-      if (kind.startsWith('chat.')) onChatEvent(kind, data);
-      else onNotification(data);
+      if (kind.startsWith('chat.')) {
+        onChatEvent(kind, data);
+        return;
+      }
+      // A claim's rejection the coupon drop shows is read out from there; others from here.
+      const shown = kind.startsWith('coupon.') && onCouponEvent(kind, data);
+      if (!DELIVERY_ONLY.has(kind)) onNotification(data);
+      else if (!shown) announce(`${data.title}: ${data.body}`);
     });
   }
 }
@@ -377,7 +388,13 @@ function addInboxItem(it, live) {
   state.inbox.set(it.id, it);
   const li = el(
     'li',
-    { class: it.read ? '' : 'unread', 'data-id': it.id, 'data-source': it.source_event_id || '', 'data-position': it.position },
+    {
+      class: it.read ? '' : 'unread',
+      'data-id': it.id,
+      'data-kind': it.kind,
+      'data-source': it.source_event_id || '',
+      'data-position': it.position,
+    },
     el('span', { class: 'title', text: it.title }),
     el('span', { text: it.body }),
     el('span', { class: 'row' }, el('span', { class: 'meta', text: `${fmtTime(it.occurred_at)} · ${it.kind}` })),
@@ -769,6 +786,336 @@ function noteActivity(roomId, m, reading) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Coupon drop
+//
+// The coupons whose claim window has not closed, with their stock left (GET /v1/coupons: read
+// from the store, up to a second old, and it says when), refreshed every COUPON_POLL_MS while
+// their view is open and the page visible. A claim is POST …/claims with an Idempotency-Key; the
+// answer is 201 issued (with the code), 409 with the reason, or 202 pending, which the stream
+// (coupon.issued, coupon.claim_rejected) or GET …/claims/me, asked with growing pauses, settles.
+// When a claim's answer never came (network error, 5xx, 429), its key is kept and the next press
+// sends it again: the server takes that as the same claim, never as a second one.
+
+const COUPON_POLL_MS = 1500;
+/** Kinds the topology delivers but never keeps in the inbox (`inbox: false`): read out only. */
+const DELIVERY_ONLY = new Set(['coupon.claim_rejected', 'coupon.redemption_refused']);
+/** Why a claim was not issued, in plain words, by the reason the server gives. */
+const REASONS = {
+  sold_out: 'Sold out: every coupon was taken before your claim.',
+  already_claimed: 'You already hold this coupon (see your inbox).',
+  not_open: 'Not open yet: claiming has not started.',
+  closed: 'Closed: claiming has ended.',
+  unknown_coupon: 'Unknown: there is no such coupon.',
+};
+/** Pauses before each ask of …/claims/me about a pending claim (the stream usually comes first). */
+const PENDING_PAUSES_MS = [300, 600, 1000, 1500, 2000, 3000, 5000, 5000, 10000, 10000];
+
+let couponTimer = null;
+let couponLoading = false;
+let couponAgain = false;
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const settled = (claim) => claim.status === 'issued' || claim.status === 'rejected';
+
+function fmtClock(v) {
+  const d = new Date(v);
+  return Number.isNaN(d.getTime()) ? '' : d.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit', second: '2-digit' });
+}
+
+/** The list, and whether this gateway has the coupon API at all (its tab shows only then). */
+async function loadCoupons() {
+  let r;
+  try {
+    r = await api('GET', '/v1/coupons');
+  } catch (e) {
+    if (e.status === 404) {
+      state.couponsApi = false;
+      $('tab-coupons').hidden = true;
+      return;
+    }
+    throw e;
+  }
+  state.couponsApi = true;
+  $('tab-coupons').hidden = false;
+  renderCoupons(r.coupons || [], r.as_of);
+}
+
+/** At sign-in: a failure other than "no such API" leaves the tab there, and its view retries. */
+function probeCoupons() {
+  return loadCoupons().catch(() => {});
+}
+
+function couponsShown() {
+  return Boolean(state.token) && !$('view-coupons').hidden && !document.hidden;
+}
+
+/** Refreshes the list now and then every COUPON_POLL_MS while its view is open and the page
+ * visible; anywhere else it stops. One request at a time: a call during one runs right after it. */
+async function refreshCoupons() {
+  clearTimeout(couponTimer);
+  couponTimer = null;
+  if (!couponsShown()) return;
+  if (couponLoading) {
+    couponAgain = true;
+    return;
+  }
+  couponLoading = true;
+  couponAgain = false;
+  try {
+    await loadCoupons();
+  } catch (e) {
+    $('coupons-fresh').textContent = `Could not refresh the coupons (${e.message}); trying again.`;
+  } finally {
+    couponLoading = false;
+  }
+  if (couponsShown() && !couponTimer) couponTimer = setTimeout(refreshCoupons, couponAgain ? 0 : COUPON_POLL_MS);
+}
+
+function renderCoupons(list, asOf) {
+  const ul = $('coupon-list');
+  const seen = new Set();
+  let prev = null;
+  for (const info of list) {
+    seen.add(info.id);
+    let c = state.coupons.get(info.id);
+    if (!c) {
+      c = { info, li: null, claim: { status: 'idle', key: null, retryKey: null } };
+      c.li = couponItem(c);
+      state.coupons.set(info.id, c);
+      findHeld(c);
+    }
+    c.info = info;
+    // The server's order (newest opening first). Items are updated in place and moved only when
+    // out of place: a keyboard user's focus stays on the button they are on.
+    const want = prev ? prev.nextSibling : ul.firstChild;
+    if (c.li !== want) ul.insertBefore(c.li, want);
+    prev = c.li;
+    renderCoupon(c);
+  }
+  for (const [id, c] of state.coupons) {
+    // Gone from the list (its window closed); kept while a claim on it is still being answered.
+    if (!seen.has(id) && (settled(c.claim) || c.claim.status === 'idle')) {
+      c.li.remove();
+      state.coupons.delete(id);
+    }
+  }
+  $('coupons-empty').hidden = state.coupons.size > 0;
+  if (asOf) $('coupons-fresh').textContent = `Stock left as of ${fmtClock(asOf)}; it refreshes by itself.`;
+}
+
+function couponItem(c) {
+  const button = el('button', { type: 'button', class: 'claim' });
+  button.addEventListener('click', () => claimCoupon(c));
+  return el(
+    'li',
+    { 'data-coupon-id': c.info.id },
+    el('span', { class: 'row' }, el('span', { class: 'title' }), el('span', { class: 'tag discount' })),
+    el('span', { class: 'meta window' }),
+    el('span', { class: 'stock' }),
+    el('span', { class: 'row' }, button),
+    el('p', { class: 'outcome' }),
+  );
+}
+
+/** The claim button's label and whether it can be pressed now. */
+function buttonState(c) {
+  const { info, claim } = c;
+  if (claim.status === 'claiming' || claim.status === 'pending') return ['Claiming…', false];
+  if (claim.status === 'issued' || (claim.status === 'rejected' && claim.reason === 'already_claimed')) return ['Claimed', false];
+  if (info.status === 'closed' || (claim.status === 'rejected' && claim.reason === 'closed')) return ['Closed', false];
+  if (info.status === 'upcoming') return ['Not open yet', false];
+  if (info.status === 'sold_out' || info.stock_left <= 0 || (claim.status === 'rejected' && claim.reason === 'sold_out')) {
+    return ['Sold out', false];
+  }
+  if (claim.status === 'failed' && claim.retryKey) return ['Try again', true];
+  return ['Claim', true];
+}
+
+function windowText(info) {
+  switch (info.status) {
+    case 'upcoming':
+      return `Opens at ${fmtTime(info.claim_opens_at)}`;
+    case 'sold_out':
+      return 'Sold out';
+    case 'closed':
+      return 'Closed';
+    default:
+      return `Open until ${fmtTime(info.claim_closes_at)}`;
+  }
+}
+
+/** The outcome of the user's claim, as nodes (the code in its own element) and as one text. */
+function outcomeOf(claim) {
+  switch (claim.status) {
+    case 'claiming':
+      return ['Claiming…'];
+    case 'pending':
+      return ['Your claim is in; waiting for the decision…'];
+    case 'issued':
+      return [
+        'Yours! Code ',
+        el('strong', { class: 'code', text: claim.code }),
+        claim.expires_at ? `, valid until ${fmtTime(claim.expires_at)}.` : '.',
+        ' It is in your inbox.',
+      ];
+    case 'rejected':
+      return [REASONS[claim.reason] || `Not claimed (${claim.reason}).`];
+    case 'failed':
+      return [claim.message];
+    default:
+      return [];
+  }
+}
+
+function renderCoupon(c) {
+  const { info, li, claim } = c;
+  const q = (s) => li.querySelector(s);
+  li.dataset.status = info.status;
+  q('.title').textContent = info.title;
+  q('.discount').textContent = `${info.discount_percent}% off`;
+  q('.window').textContent = windowText(info);
+  const stock = q('.stock');
+  stock.dataset.left = String(info.stock_left);
+  stock.textContent = `${info.stock_left} of ${info.stock} left`;
+  const [label, enabled] = buttonState(c);
+  const b = q('button.claim');
+  b.textContent = label;
+  b.setAttribute('aria-label', `${label}: ${info.title}`);
+  // aria-disabled rather than disabled: a focused button keeps the focus while its claim runs.
+  b.setAttribute('aria-disabled', String(!enabled));
+  const o = q('.outcome');
+  o.dataset.outcome = claim.status === 'rejected' ? claim.reason : claim.status;
+  o.replaceChildren(...outcomeOf(claim));
+}
+
+/** Reads the outcome out (once per change; the list's refreshes are not announced). */
+function sayOutcome(c) {
+  const text = outcomeOf(c.claim).map((n) => (typeof n === 'string' ? n : n.textContent)).join('');
+  $('coupon-live').textContent = `${c.info.title}: ${text}`;
+}
+
+async function claimCoupon(c) {
+  if (!buttonState(c)[1]) return; // aria-disabled: pressing it does nothing
+  const key = c.claim.retryKey || randomId();
+  const claim = { status: 'claiming', key, retryKey: key };
+  c.claim = claim;
+  renderCoupon(c);
+  sayOutcome(c);
+  let r;
+  try {
+    r = await api('POST', `/v1/coupons/${encodeURIComponent(c.info.id)}/claims`, {}, { headers: { 'Idempotency-Key': key } });
+  } catch (e) {
+    if (c.claim !== claim || settled(claim)) return; // the stream was first
+    if ((e.status === 409 || e.status === 404) && e.code in REASONS) {
+      settleClaim(c, key, { status: 'rejected', reason: e.code });
+    } else if (e.status === undefined || e.status >= 500 || e.status === 429) {
+      // The claim may have been taken: the next press sends the same key, so it stays one claim.
+      failClaim(c, claim, `No decision came back (${e.message}). Press Try again: it stays the same claim.`, true);
+    } else {
+      failClaim(c, claim, `Not claimed: ${e.message}`, false);
+    }
+    return;
+  }
+  if (c.claim !== claim || settled(claim)) return;
+  if (r.status === 'issued') {
+    settleClaim(c, key, { status: 'issued', code: r.code, expires_at: r.expires_at });
+  } else {
+    claim.status = 'pending';
+    renderCoupon(c);
+    sayOutcome(c);
+    awaitDecision(c, claim);
+  }
+}
+
+function failClaim(c, claim, message, retry) {
+  Object.assign(claim, { status: 'failed', message, retryKey: retry ? claim.key : null });
+  renderCoupon(c);
+  sayOutcome(c);
+}
+
+/** The decision of claim `key` (from the POST's answer, the stream or …/claims/me), once. */
+function settleClaim(c, key, outcome) {
+  if (c.claim.key !== key || settled(c.claim)) return;
+  Object.assign(c.claim, outcome, { retryKey: null });
+  renderCoupon(c);
+  sayOutcome(c);
+  refreshCoupons(); // the stock moved
+}
+
+/** GET …/claims/me: the user's latest decided claim on the coupon, or null when there is none. */
+async function decidedClaim(id) {
+  try {
+    return await api('GET', `/v1/coupons/${encodeURIComponent(id)}/claims/me`);
+  } catch (e) {
+    if (e.status === 404) return null;
+    throw e;
+  }
+}
+
+/** Asks the server about `claim` once; settles it when decided. */
+async function askDecision(c, claim) {
+  let d;
+  try {
+    d = await decidedClaim(c.info.id);
+  } catch {
+    return;
+  }
+  // Another claim's decision (an earlier one of ours) is not this one's.
+  if (!d || (d.claim_id && d.claim_id !== claim.key)) return;
+  if (d.status === 'issued') settleClaim(c, claim.key, { status: 'issued', code: d.code, expires_at: d.expires_at });
+  else if (d.status === 'rejected') settleClaim(c, claim.key, { status: 'rejected', reason: d.reason });
+}
+
+/** A 202: asks …/claims/me with growing pauses until the claim is settled (often by the stream). */
+async function awaitDecision(c, claim) {
+  for (const ms of PENDING_PAUSES_MS) {
+    await sleep(ms);
+    if (c.claim !== claim || claim.status !== 'pending') return;
+    await askDecision(c, claim);
+  }
+  if (c.claim === claim && claim.status === 'pending') {
+    failClaim(c, claim, 'No decision yet. Press Try again to ask once more: it stays the same claim.', true);
+  }
+}
+
+/** A coupon seen for the first time (a reload, another tab's claim): show it as ours if we hold it. */
+async function findHeld(c) {
+  let d;
+  try {
+    d = await decidedClaim(c.info.id);
+  } catch {
+    return;
+  }
+  if (d && d.status === 'issued' && c.claim.status === 'idle') {
+    c.claim = { status: 'issued', key: null, retryKey: null, code: d.code, expires_at: d.expires_at };
+    renderCoupon(c);
+  }
+}
+
+/** coupon.* from the stream: settles a claim of ours on that coupon, and the stock moved. Whether
+ * it was the rejection of the claim the drop shows. */
+function onCouponEvent(kind, n) {
+  let ev = n.event;
+  if (typeof ev === 'string') ev = safeJson(ev);
+  const link = /^\/coupons\/([^/?#]+)/.exec(n.link || '');
+  const id = (ev && ev.coupon_id) || (link && decodeURIComponent(link[1]));
+  const c = id && state.coupons.get(id);
+  let shown = false;
+  if (c && kind === 'coupon.claim_rejected' && ev) {
+    // The payload of the event's type, whether or not the union arrives wrapped in its branch name.
+    const p = (ev.payload && ev.payload[ev.event_type]) || ev.payload || {};
+    if (p.claim_id && p.reason) settleClaim(c, p.claim_id, { status: 'rejected', reason: p.reason });
+    shown = Boolean(p.claim_id) && p.claim_id === c.claim.key;
+  } else if (c && kind === 'coupon.issued' && !settled(c.claim)) {
+    // This notification names no claim: the server says which (and the code).
+    if (c.claim.key) askDecision(c, c.claim);
+    else findHeld(c);
+  }
+  if (id) refreshCoupons();
+  return shown;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Views (the hash is the view, so a reload comes back to it)
 
 function route() {
@@ -779,15 +1126,18 @@ function route() {
   if (m && state.chat) view = 'room';
   else if (h === '#/rooms' && state.chat) view = 'rooms';
   else if (h === '#/find' && state.chat) view = 'find';
-  for (const v of ['inbox', 'rooms', 'find', 'room']) $(`view-${v}`).hidden = v !== view;
-  for (const [tab, v] of [['tab-inbox', 'inbox'], ['tab-rooms', 'rooms'], ['tab-find', 'find']]) {
+  else if (h === '#/coupons' && state.couponsApi) view = 'coupons';
+  for (const v of ['inbox', 'coupons', 'rooms', 'find', 'room']) $(`view-${v}`).hidden = v !== view;
+  const tabs = [['tab-inbox', 'inbox'], ['tab-coupons', 'coupons'], ['tab-rooms', 'rooms'], ['tab-find', 'find']];
+  for (const [tab, v] of tabs) {
     if (v === view || (v === 'rooms' && view === 'room')) $(tab).setAttribute('aria-current', 'page');
     else $(tab).removeAttribute('aria-current');
   }
   if (view === 'room') openRoom(decodeURIComponent(m[1]));
   else state.room = null;
+  refreshCoupons(); // starts the coupon list's refreshes in its view, stops them elsewhere
   // Move focus to the view's heading, so keyboard and screen reader users land in it.
-  const heading = { inbox: 'inbox-h', rooms: 'rooms-h', find: 'find-h', room: 'room-title' }[view];
+  const heading = { inbox: 'inbox-h', coupons: 'coupons-h', rooms: 'rooms-h', find: 'find-h', room: 'room-title' }[view];
   if (document.activeElement === document.body || document.activeElement?.closest('nav')) $(heading).focus();
 }
 
@@ -834,7 +1184,10 @@ async function start() {
   });
   $('send-form').addEventListener('submit', send);
   window.addEventListener('hashchange', route);
-  document.addEventListener('visibilitychange', () => markRoomRead());
+  document.addEventListener('visibilitychange', () => {
+    markRoomRead();
+    refreshCoupons();
+  });
 
   const saved = sessionStorage.getItem(TOKEN);
   if (saved) {

@@ -11,6 +11,8 @@
 //! - `inbox`: `GET /v1/notifications`, `GET /v1/notifications/unread_count`,
 //!   `POST /v1/notifications/{id}/read` for the token's user.
 //! - `chat`: rooms, membership, messages, history and read positions (`/v1/rooms…`) for users.
+//! - `coupons`: coupon definitions, claims and redemptions (`/v1/coupons…`), answered with the
+//!   claim stage's decisions.
 //! - `produce`: JSON → Avro → Kafka, shared by ingest and chat.
 //! - `metrics`: Prometheus `/metrics`.
 //! - `error`: `ApiError`, the JSON error answer every endpoint gives.
@@ -19,6 +21,7 @@
 
 pub mod auth;
 pub mod chat;
+pub mod coupons;
 pub mod delivery;
 pub mod error;
 pub mod front;
@@ -48,6 +51,7 @@ pub use ingest::{IngestState, IngestTopic};
 pub struct Parts {
     pub inbox: Option<InboxState>,
     pub chat: Option<chat::ChatState>,
+    pub coupons: Option<coupons::CouponState>,
     pub stream: Option<StreamState>,
     /// `/metrics` is served on a listener of its own ([`metrics_app`]), not here.
     pub metrics_elsewhere: bool,
@@ -58,7 +62,7 @@ pub struct Parts {
 /// The public gateway's router (browsers): health and metrics always, the other parts when given.
 /// Ingest is not among them: it has its own listener ([`ingest_app`]).
 pub fn app(parts: Parts, readiness: Readiness) -> Router {
-    let Parts { inbox, chat, stream, metrics_elsewhere, web } = parts;
+    let Parts { inbox, chat, coupons, stream, metrics_elsewhere, web } = parts;
     let mut router = Router::new().merge(health::router(readiness));
     if !metrics_elsewhere {
         router = router.merge(metrics::router());
@@ -70,6 +74,9 @@ pub fn app(parts: Parts, readiness: Readiness) -> Router {
     }
     if let Some(chat) = chat {
         router = router.merge(chat::router(chat));
+    }
+    if let Some(coupons) = coupons {
+        router = router.merge(coupons::router(coupons));
     }
     if let Some(inbox) = inbox {
         router = router.merge(inbox::router(inbox));

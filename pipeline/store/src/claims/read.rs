@@ -67,7 +67,7 @@ impl Store {
     /// Coupon `coupon_id` with its issued count, if it is defined.
     pub async fn coupon(&self, coupon_id: &str) -> Result<Option<CouponRow>, StoreError> {
         let row: Option<CouponTuple> =
-            on_pool!(self, |pool, Db| { sqlx::query_as(COUPON).bind(Db::text(coupon_id)).fetch_optional(pool).await? });
+            on_pool!(self, |pool, Db| sqlx::query_as(COUPON).bind(Db::text(coupon_id)).fetch_optional(pool).await?);
         Ok(row.map(coupon_row))
     }
 

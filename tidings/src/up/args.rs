@@ -110,6 +110,25 @@ pub struct UpArgs {
     pub sse: SseArgs,
     #[command(flatten)]
     pub chat: ChatArgs,
+    #[command(flatten)]
+    pub coupons: CouponArgs,
+}
+
+/// The coupon API's waits and bound.
+#[derive(Args, Clone, Debug)]
+pub struct CouponArgs {
+    /// Milliseconds `POST /v1/coupons/{id}/claims` (and `POST /v1/coupons`) waits for the claim
+    /// stage's decision before answering 202 with where to ask later.
+    #[arg(long, env = "TIDINGS_COUPON_CLAIM_WAIT_MS", default_value_t = 500)]
+    pub coupon_claim_wait_ms: u64,
+    /// Milliseconds `POST /v1/coupons/{id}/redemptions` waits for the claim stage's decision
+    /// before answering 503 `decision_pending` (a retry with the same code and order_id gets it).
+    #[arg(long, env = "TIDINGS_COUPON_REDEMPTION_WAIT_MS", default_value_t = 5_000)]
+    pub coupon_redemption_wait_ms: u64,
+    /// Coupon requests waiting for their decision at most, per gateway; past it a claim answers
+    /// 202 at once and a redemption 503 `decision_pending` without being produced.
+    #[arg(long, env = "TIDINGS_COUPON_MAX_WAITING", default_value_t = 10_000)]
+    pub coupon_max_waiting: usize,
 }
 
 /// The chat API's limits.

@@ -12,6 +12,7 @@ use tidings_core::shutdown::TaskTree;
 use tidings_core::RegistryClient;
 use tidings_gateway::browser::BrowserAccess;
 use tidings_gateway::chat::{ChatConfig, ChatState};
+use tidings_gateway::coupons::{CouponConfig, CouponState, DecisionSource};
 use tidings_gateway::delivery::backfill::LogSource;
 use tidings_gateway::delivery::hub::StoreResume;
 use tidings_gateway::delivery::owners::RedirectAllow;
@@ -20,6 +21,7 @@ use tidings_gateway::produce::EventProducer;
 use tidings_gateway::service_auth::ServiceTokens;
 use tidings_gateway::web::{DevSignIn, WebConfig};
 use tidings_gateway::{AuthConfig, InboxState, IngestState, IngestTopic, Parts, Readiness, StreamState};
+use tidings_pipeline::stages::claims;
 use tidings_pipeline::topology::Topology;
 use tracing::info;
 
@@ -54,10 +56,13 @@ pub fn serve(
     let producer: FutureProducer<ClientStats> =
         reporting(infra.kafka.producer()).create_with_context(ClientStats::new("ingest-producer"))?;
     let events = Arc::new(EventProducer::new(infra.registry_client.clone(), producer));
+    // The coupon API takes the same service tokens as ingest, to define coupons and redeem codes.
+    let services = settings.ingest_tokens.clone();
     listening.ingest = ingest(args, infra, settings.ingest_tokens, events.clone(), auth.clone(), tasks, readiness)?;
     if let (true, Some(auth)) = (args.runs("gateway"), auth) {
         let origins = (settings.redirect_allow, settings.cors_allow);
-        listening.http = gateway(args, infra, auth, events, origins, tasks, readiness)?;
+        let coupons = coupons(args, infra, auth.clone(), services, events.clone(), tasks, readiness)?;
+        listening.http = gateway(args, infra, auth, (events, coupons), origins, tasks, readiness)?;
     }
     Ok(listening)
 }
@@ -103,7 +108,7 @@ fn gateway(
     args: &UpArgs,
     infra: &Infrastructure,
     auth: Arc<AuthConfig>,
-    events: Arc<EventProducer>,
+    (events, coupons): (Arc<EventProducer>, Option<CouponState>),
     (redirect_allow, cors_allow): (RedirectAllow, RedirectAllow),
     tasks: &mut TaskTree,
     readiness: &Readiness,
@@ -145,6 +150,7 @@ fn gateway(
     let parts = Parts {
         inbox: Some(inbox),
         chat: Some(chat),
+        coupons,
         stream: Some(stream.clone()),
         metrics_elsewhere: args.metrics_listen.is_some(),
         web: Some(web_config(topo, args, gateways)),
@@ -167,6 +173,44 @@ fn gateway(
          GET /healthz, /readyz, /metrics); the web page at {http}/."
     );
     Ok(http)
+}
+
+/// The coupon API's state, and its reader of decisions on `coupons` (ready once assigned at the
+/// partitions' ends); off when the topology declares no claim stage topics.
+fn coupons(
+    args: &UpArgs,
+    infra: &Infrastructure,
+    auth: Arc<AuthConfig>,
+    services: ServiceTokens,
+    events: Arc<EventProducer>,
+    tasks: &mut TaskTree,
+    readiness: &Readiness,
+) -> anyhow::Result<Option<CouponState>> {
+    let topo = &infra.topology;
+    if !(topo.topics.contains_key(claims::INPUT) && topo.topics.contains_key(claims::OUTPUT)) {
+        info!("The coupon API is off: the topology declares no {} and {} topics.", claims::INPUT, claims::OUTPUT);
+        return Ok(None);
+    }
+    let c = &args.coupons;
+    let mut cfg = CouponConfig::new(topo.topic_name(claims::INPUT));
+    cfg.claim_wait = Duration::from_millis(c.coupon_claim_wait_ms);
+    cfg.redemption_wait = Duration::from_millis(c.coupon_redemption_wait_ms);
+    cfg.max_waiting = c.coupon_max_waiting;
+    let state = CouponState::new(infra.store.clone(), auth, services, events, cfg);
+    let source = DecisionSource {
+        kafka: infra.kafka.clone(),
+        registry: infra.registry_client.clone(),
+        topic: topo.topic_name(claims::OUTPUT),
+        group: topo.group_name("coupon-api-decisions"),
+    };
+    let (waiters, ready, token) = (state.waiters.clone(), readiness.clone(), tasks.token().clone());
+    readiness.set("coupon-decisions", false);
+    tasks.spawn("coupon-decisions", async move {
+        let reader = source.start(waiters).await?;
+        ready.set("coupon-decisions", true);
+        reader.run(token).await
+    });
+    Ok(Some(state))
 }
 
 /// The chat API's state and limits.

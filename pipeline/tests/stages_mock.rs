@@ -319,3 +319,58 @@ async fn a_segment_campaign_is_produced_page_by_page_to_every_member() {
     drop(group);
     drop(mock);
 }
+
+/// A segment replaced in the middle of a campaign's fan-out: every page after the first still
+/// comes from the version the first page was read from, so the audience is all old, never a mix;
+/// a version deleted mid fan-out is a dead letter, not a fan-out that ends early as if complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_segment_replaced_during_a_fan_out_does_not_change_its_audience() {
+    use templating::{Outcome, RecordRef, Templater};
+    use tidings_store::segments::SegmentChange;
+
+    let mock = MockCluster::new(1).unwrap();
+    let env = env(&mock).await;
+    let size = 2 * templating::SEGMENT_PAGE as usize + 1;
+    let old: Vec<String> = (0..size).map(|i| format!("old-{i:05}")).collect();
+    let new: Vec<String> = (0..size).map(|i| format!("new-{i:05}")).collect();
+    let replace = |users: Vec<String>, keep: Duration| {
+        let store = env.store.clone();
+        async move {
+            let mut load = store.begin_segment_load("everyone").await.unwrap();
+            load.add(&users).await.unwrap();
+            load.finish(SegmentChange::Replace, keep).await.unwrap();
+        }
+    };
+    replace(old.clone(), Duration::from_secs(3600)).await;
+    let templater = Templater::new(env.topo.clone(), &env.registry_url, env.store.clone()).await.unwrap();
+    let (enc, schema) = encoder(&env, "coupons-value").await;
+    let ev = json!({"event_id": "camp-swap", "occurred_at": 1, "coupon_id": "camp-swap", "payload": {"CampaignLaunched": {
+        "campaign_id": "camp-swap", "title": "Sale", "discount_percent": 30, "audience": {"SegmentAudience": {"segment": "everyone"}}}}});
+    let bytes = enc.encode(json_to_avro(schema, &ev).unwrap()).unwrap();
+    let shutdown = CancellationToken::new();
+    let first =
+        || templater.outcome(RecordRef { topic: "coupons", partition: 0, offset: 0, payload: Some(&bytes) }, &shutdown);
+
+    let Outcome::Notifications(mut fanout) = first().await.unwrap() else { panic!("dead letter") };
+    let mut audience = std::mem::take(&mut fanout.recipients);
+    replace(new.clone(), Duration::from_secs(3600)).await;
+    while let Some(outcome) = templater.next_page(&mut fanout, &shutdown).await.unwrap() {
+        let Outcome::Notifications(page) = outcome else { panic!("dead letter") };
+        audience.extend(page.recipients.iter().cloned());
+        fanout = page;
+    }
+    let from_old = audience.iter().filter(|u| u.starts_with("old-")).count();
+    assert!(audience == old, "{from_old} of {} recipients from the version of the first page", audience.len());
+
+    // A new fan-out reads the new version; once the old versions are gone (kept for nothing here),
+    // the next page says so.
+    let Outcome::Notifications(mut fanout) = first().await.unwrap() else { panic!("dead letter") };
+    assert_eq!(fanout.recipients[0], new[0]);
+    replace(old.clone(), Duration::ZERO).await;
+    match templater.next_page(&mut fanout, &shutdown).await.unwrap() {
+        Some(Outcome::Dead { reason, .. }) => assert_eq!(reason, "segment-version-gone"),
+        other => panic!("expected a dead letter, got {other:?}"),
+    }
+    env.token.cancel();
+    drop(mock);
+}

@@ -49,6 +49,7 @@ pub mod claims;
 pub mod copy;
 pub mod error;
 pub mod postgres;
+pub mod segments;
 pub mod sqlite;
 pub mod testing;
 #[cfg(test)]
@@ -310,8 +311,9 @@ impl Store {
             .rows_affected()))
     }
 
-    /// At most `limit` users of an audience segment, sorted, strictly after `after` (the last user of
-    /// the previous page): a large audience in pages, each one index range scan.
+    /// At most `limit` users of an audience segment's current version, sorted, strictly after `after`
+    /// (the last user of the previous page): a large audience in pages, each one index range scan. A
+    /// reader that must not see a replace midway pages a pinned version ([`Store::segment_version_page`]).
     pub async fn segment_members_page(
         &self,
         segment: &str,
@@ -325,14 +327,6 @@ impl Store {
             };
             query.bind(i64::from(limit)).fetch_all(pool).await?
         }))
-    }
-
-    /// Adds users to a segment (idempotent); returns how many were new.
-    pub async fn add_segment_members(&self, segment: &str, users: &[String]) -> Result<u64, StoreError> {
-        match self {
-            Store::Postgres(p) => postgres::add_segment_members(p, segment, users).await,
-            Store::Sqlite(p) => sqlite::add_segment_members(p, segment, users).await,
-        }
     }
 
     /// Members of a chat room, sorted.

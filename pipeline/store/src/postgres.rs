@@ -138,8 +138,9 @@ impl Dialect for sqlx::Postgres {
     }
 }
 
-/// See [`crate::Store::add_segment_members`]. Segments can hold millions of users, hence COPY.
-pub async fn add_segment_members(pool: &PgPool, segment: &str, users: &[String]) -> Result<u64, StoreError> {
+/// Adds a batch of users to segment version `version` in one transaction; returns how many were
+/// new. Segments can hold millions of users, hence COPY.
+pub async fn add_version_members(pool: &PgPool, version: i64, users: &[String]) -> Result<u64, StoreError> {
     if users.is_empty() {
         return Ok(0);
     }
@@ -149,8 +150,7 @@ pub async fn add_segment_members(pool: &PgPool, segment: &str, users: &[String])
         enc.text(&pg_text(u))
     })
     .await?;
-    let added =
-        sqlx::query(ADD_SEGMENT_MEMBERS).bind(pg_text(segment).as_ref()).execute(&mut *tx).await?.rows_affected();
+    let added = sqlx::query(ADD_SEGMENT_MEMBERS).bind(version).execute(&mut *tx).await?.rows_affected();
     tx.commit().await?;
     Ok(added)
 }

@@ -101,28 +101,18 @@ impl Dialect for sqlx::Sqlite {
     }
 }
 
-/// Inserts `(key, user)` pairs into a two-column membership table, ignoring existing ones.
-async fn insert_members(
-    conn: &mut SqliteConnection,
-    head: &'static str,
-    key: &str,
-    users: &[String],
-) -> Result<u64, StoreError> {
+/// Adds a batch of users to segment version `version` in one transaction, ignoring existing ones;
+/// returns how many were new.
+pub async fn add_version_members(pool: &SqlitePool, version: i64, users: &[String]) -> Result<u64, StoreError> {
+    let mut tx = pool.begin().await?;
     let mut added = 0;
     for chunk in users.chunks(MEMBERS_PER_STATEMENT) {
-        let mut q = QueryBuilder::<Sqlite>::new(head);
+        let mut q = QueryBuilder::<Sqlite>::new(ADD_SEGMENT_MEMBERS);
         q.push_values(chunk, |mut row, u| {
-            row.push_bind(key).push_bind(u.as_str());
+            row.push_bind(version).push_bind(u.as_str());
         });
-        added += q.build().execute(&mut *conn).await?.rows_affected();
+        added += q.build().execute(&mut *tx).await?.rows_affected();
     }
-    Ok(added)
-}
-
-/// See [`crate::Store::add_segment_members`].
-pub async fn add_segment_members(pool: &SqlitePool, segment: &str, users: &[String]) -> Result<u64, StoreError> {
-    let mut tx = pool.begin().await?;
-    let added = insert_members(&mut tx, ADD_SEGMENT_MEMBERS, segment, users).await?;
     tx.commit().await?;
     Ok(added)
 }

@@ -144,6 +144,9 @@ pub const SEGMENT_PAGE: u32 = 5_000;
 #[derive(Debug)]
 pub struct SegmentRest {
     segment: String,
+    /// The segment's version the first page was read from: every page reads it, so a replace
+    /// during the fan-out reaches no one of this event (the whole audience is the old one).
+    version: i64,
     after: String,
     logical: String,
     event: String,
@@ -739,11 +742,12 @@ impl Templater {
             Audience::Segment(seg) => {
                 let members = self.segment_page(&seg, None, shutdown).await?;
                 match members {
-                    Ok(m) if !m.is_empty() => {
+                    Ok(Some((version, m))) if !m.is_empty() => {
                         if m.len() == SEGMENT_PAGE as usize {
                             rest = Some(SegmentRest {
                                 after: m.last().cloned().unwrap_or_default(),
                                 segment: seg,
+                                version,
                                 logical: logical.to_string(),
                                 event: event.clone(),
                                 json: json.clone(),
@@ -753,7 +757,7 @@ impl Templater {
                     }
                     Ok(_) => {
                         return Ok(dead(RenderError::MissingRecipient(format!(
-                            "audience segment {seg:?} has no members"
+                            "audience segment {seg:?} is unknown or has no members"
                         ))))
                     }
                     Err(e) => return Err(e.into()),
@@ -809,9 +813,20 @@ impl Templater {
         shutdown: &CancellationToken,
     ) -> Result<Option<Outcome>, StageError> {
         let Some(rest) = fanout.rest.take() else { return Ok(None) };
-        let recipients = match self.segment_page(&rest.segment, Some(&rest.after), shutdown).await? {
-            Ok(m) if m.is_empty() => return Ok(None),
-            Ok(m) => m,
+        let recipients = match self.segment_page(&rest.segment, Some((rest.version, &rest.after)), shutdown).await? {
+            Ok(Some((_, m))) if m.is_empty() => return Ok(None),
+            Ok(Some((_, m))) => m,
+            // Kept far longer than a fan-out takes; if it went, the rest of this audience is lost
+            // and the dead letter says so rather than ending the fan-out as if complete.
+            Ok(None) => {
+                return Ok(Some(Outcome::Dead {
+                    reason: "segment-version-gone",
+                    error: format!(
+                        "segment {:?} version {} was deleted during the fan-out, after user {:?}",
+                        rest.segment, rest.version, rest.after
+                    ),
+                }))
+            }
             Err(e) => return Err(e.into()),
         };
         let texts = match self.renderer.render(&rest.logical, &rest.event, &rest.json, &recipients) {
@@ -832,17 +847,29 @@ impl Templater {
         })))
     }
 
+    /// A page of `segment`: the first of its current version (which it returns to pin), or the one
+    /// after `(version, user)`. `None`: no such segment, or the pinned version is gone.
     async fn segment_page(
         &self,
         segment: &str,
-        after: Option<&str>,
+        after: Option<(i64, &str)>,
         shutdown: &CancellationToken,
-    ) -> Result<Result<Vec<String>, tidings_store::StoreError>, StageError> {
+    ) -> Result<Result<Option<(i64, Vec<String>)>, tidings_store::StoreError>, StageError> {
         retry(
             shutdown,
             "segment lookup",
-            || self.store.segment_members_page(segment, after, SEGMENT_PAGE),
-            |e| e.is_retriable(),
+            || async move {
+                let (version, after) = match after {
+                    Some((version, user)) => (version, Some(user)),
+                    None => match self.store.segment(segment).await? {
+                        Some(info) => (info.version, None),
+                        None => return Ok(None),
+                    },
+                };
+                let page = self.store.segment_version_page(version, after, SEGMENT_PAGE).await?;
+                Ok(page.map(|p| (version, p)))
+            },
+            |e: &tidings_store::StoreError| e.is_retriable(),
         )
         .await
     }

@@ -1,3 +1,3 @@
--- Head of a multi-row insert: sqlite.rs appends the VALUES rows, (segment, user) each, a chunk per
+-- Head of a multi-row insert: sqlite.rs appends the VALUES rows, (version, user) each, a chunk per
 -- statement.
-INSERT OR IGNORE INTO audience_segments (segment, user_id)
+INSERT OR IGNORE INTO segment_members (version, user_id)

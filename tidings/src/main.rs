@@ -3,6 +3,7 @@
 //! events, `inbox` and `segment` read and load the store.
 
 mod config_file;
+mod coupon_create;
 mod coupon_verify;
 mod demo;
 mod endpoints;
@@ -132,7 +133,7 @@ enum Command {
     /// Check or apply topology.yaml.
     #[command(subcommand)]
     Topology(TopologyCmd),
-    /// Check the claim stage's decisions.
+    /// Define coupons and check the claim stage's decisions.
     #[command(subcommand)]
     Coupon(CouponCmd),
     /// Produce JSON events (one per line on stdin) to a topic as Avro through the registry.
@@ -189,6 +190,9 @@ enum Command {
 
 #[derive(Subcommand)]
 enum CouponCmd {
+    /// Define a coupon: its CouponDefined record produced to `coupon-claims`, checked as `POST /v1/coupons`
+    /// checks it (exit 64 naming every bad flag).
+    Create(coupon_create::CreateArgs),
     /// Re-read the coupon-claims log and the decisions on `coupons` (start to current end) and the
     /// store's claim tables, and check every invariant of the claim stage; exit 1 on a violation, 2 if it cannot read them.
     /// Run it when the stage has decided the log to its end (a claim not yet decided counts).
@@ -340,6 +344,7 @@ async fn main() -> ExitCode {
         Command::Topology(TopologyCmd::Check { topology }) => tools::topology_check(&topology),
         Command::Topology(TopologyCmd::Apply { infra }) => tools::topology_apply(&infra).await,
         Command::Produce { topic, infra } => tools::produce(&topic, &infra).await,
+        Command::Coupon(CouponCmd::Create(args)) => coupon_create::run(&args).await,
         Command::Coupon(CouponCmd::Verify { coupon, infra }) => coupon_verify::run(coupon.as_deref(), &infra).await,
         Command::ConfigExample => {
             print!("{}", config_file::example(Cli::command().find_subcommand("up").expect("`up` is a subcommand")));

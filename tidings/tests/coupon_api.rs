@@ -80,6 +80,21 @@ async fn claim(http: &Client, ep: &Endpoints, coupon: &str, user: &str, key: &st
     call(http, Method::POST, &url, Some(&user_token(user)), Some(key), None).await
 }
 
+/// `tidings coupon create` against the running `up`, with a title, closing and validity besides `args`.
+fn create_cli(ep: &Endpoints, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_tidings"))
+        .args(["coupon", "create", "--title", "From the CLI", "--closes-at", "2099-01-01T00:00:00Z"])
+        .args(["--valid-for-secs", "3600"])
+        .args(args)
+        .args(["--brokers", &ep.brokers, "--schema-registry-url", &ep.schema_registry_url])
+        .args(["--topic-prefix", &ep.topic_prefix])
+        .arg("--topology")
+        .arg(common::topology_path())
+        .env("TIDINGS_LOG", "warn")
+        .output()
+        .expect("running tidings coupon create")
+}
+
 /// `GET url` as `user` until its 200 answer satisfies `done` (30 s at most): the answer.
 async fn settled(http: &Client, url: &str, user: &str, proc_: &Tidings, done: impl Fn(&Value) -> bool) -> Value {
     let what = format!("GET {url} as {user}");
@@ -179,6 +194,22 @@ async fn coupons_are_defined_read_and_claimed_with_their_decisions() {
     assert_eq!((status, code_of(&body)), (StatusCode::NOT_FOUND, "no_decided_claim"), "{body}");
     let drop = settled(&http, &format!("{coupons}/drop"), "alice", &proc_, |b| b["stock_left"] == 0).await;
     assert_eq!(drop["status"], "sold_out", "{drop}");
+
+    // `tidings coupon create` checks as the API does (exit 64 naming each bad flag, nothing
+    // produced) and defines a coupon the API then serves.
+    let before = common::high_watermarks(&ep.brokers, &claims_topic).await;
+    let bad = create_cli(&ep, &["--id", "cli drop", "--stock", "0", "--discount-percent", "5"]);
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("--id:") && stderr.contains("--stock:") && !stderr.contains("--discount-percent"),
+        "{stderr}"
+    );
+    assert_eq!(common::high_watermarks(&ep.brokers, &claims_topic).await, before, "nothing produced");
+    let good = create_cli(&ep, &["--id", "cli-drop", "--stock", "7", "--discount-percent", "5"]);
+    assert!(good.status.success(), "{}", String::from_utf8_lossy(&good.stderr));
+    let cli = settled(&http, &format!("{coupons}/cli-drop"), "alice", &proc_, |b| b["id"] == "cli-drop").await;
+    assert_eq!((cli["stock_left"].as_u64(), cli["discount_percent"].as_u64()), (Some(7), Some(5)), "{cli}");
 
     // The issued coupon reaches alice's inbox as a notification.
     let inbox = format!("{}/v1/notifications", ep.http);

@@ -14,6 +14,7 @@
 //! - `coupons`: coupon definitions, claims and redemptions (`/v1/coupons…`), answered with the
 //!   claim stage's decisions.
 //! - `produce`: JSON → Avro → Kafka, shared by ingest and chat.
+//! - `segments`: campaign audiences for services (`/v1/segments…`, a service token).
 //! - `metrics`: Prometheus `/metrics`.
 //! - `error`: `ApiError`, the JSON error answer every endpoint gives.
 //! - `web`: the web page at `/` (files compiled in), its `/config.json`, and in dev mode
@@ -30,6 +31,7 @@ pub mod inbox;
 pub mod ingest;
 pub mod metrics;
 pub mod produce;
+pub mod segments;
 pub mod service_auth;
 pub mod web;
 
@@ -57,12 +59,14 @@ pub struct Parts {
     pub metrics_elsewhere: bool,
     /// The web page at `/` (and dev sign-in, when its config says so).
     pub web: Option<web::WebConfig>,
+    /// Campaign audiences for services.
+    pub segments: Option<Arc<segments::SegmentsState>>,
 }
 
 /// The public gateway's router (browsers): health and metrics always, the other parts when given.
 /// Ingest is not among them: it has its own listener ([`ingest_app`]).
 pub fn app(parts: Parts, readiness: Readiness) -> Router {
-    let Parts { inbox, chat, coupons, stream, metrics_elsewhere, web } = parts;
+    let Parts { inbox, chat, coupons, stream, metrics_elsewhere, web, segments } = parts;
     let mut router = Router::new().merge(health::router(readiness));
     if !metrics_elsewhere {
         router = router.merge(metrics::router());
@@ -83,6 +87,9 @@ pub fn app(parts: Parts, readiness: Readiness) -> Router {
     }
     if let Some(web) = web {
         router = router.merge(web::router(web));
+    }
+    if let Some(segments) = segments {
+        router = router.merge(segments::router(segments));
     }
     router
 }

@@ -1,12 +1,13 @@
 //! The `tidings` command: `up` runs every stage (on embedded defaults unless pointed at real
 //! infrastructure), `topology` checks and applies `topology.yaml`, `produce` and `demo` send
-//! events, `inbox` and `segment` read and load the store.
+//! events, `inbox` reads the store and `segment` loads campaign audiences.
 
 mod config_file;
 mod coupon_create;
 mod coupon_verify;
 mod demo;
 mod endpoints;
+mod segment;
 mod settings;
 mod tools;
 mod up;
@@ -179,13 +180,9 @@ enum Command {
         #[arg(long, env = "TIDINGS_JWT_AUDIENCE")]
         jwt_audience: Option<String>,
     },
-    /// Load a named audience segment (one user id per line on stdin) for campaigns.
-    Segment {
-        /// Segment name, as used by `SegmentAudience.segment`.
-        name: String,
-        #[command(flatten)]
-        infra: Infra,
-    },
+    /// Audience segments for campaigns: import (replace) from CSV, append, remove, list, show, delete.
+    #[command(subcommand)]
+    Segment(segment::SegmentCmd),
 }
 
 #[derive(Subcommand)]
@@ -353,7 +350,7 @@ async fn main() -> ExitCode {
         Command::Demo(args) => demo::run(args).await,
         Command::Inbox { user, limit, infra } => tools::inbox(&user, limit, &infra).await,
         Command::Stats { infra } => tools::stats(&infra).await,
-        Command::Segment { name, infra } => tools::segment(&name, &infra).await,
+        Command::Segment(cmd) => segment::run(cmd).await,
         Command::Token { user, ttl_secs, jwt_secret, jwt_issuer, jwt_audience } => {
             print_token(&user, ttl_secs, jwt_secret.as_deref(), jwt_issuer.as_deref(), jwt_audience.as_deref())
         }

@@ -1,4 +1,4 @@
-//! The small commands: topology check/apply, produce, inbox, stats and segment loading.
+//! The small commands: topology check/apply, produce, inbox and stats.
 
 use anyhow::{bail, Context};
 use rdkafka::admin::AdminClient;
@@ -132,19 +132,5 @@ pub async fn inbox(user: &str, limit: u32, infra: &Infra) -> anyhow::Result<Exit
 pub async fn stats(infra: &Infra) -> anyhow::Result<ExitCode> {
     let store = Store::connect(&database_url(infra)).await?;
     println!("{}", serde_json::json!({ "notifications": store.count_notifications().await? }));
-    Ok(ExitCode::SUCCESS)
-}
-
-pub async fn segment(name: &str, infra: &Infra) -> anyhow::Result<ExitCode> {
-    let store = Store::connect(&database_url(infra)).await?;
-    let users: Vec<String> = std::io::stdin()
-        .lock()
-        .lines()
-        .map_while(Result::ok)
-        .map(|l| l.trim().to_string())
-        .filter(|l| !l.is_empty())
-        .collect();
-    let added = store.add_segment_members(name, &users).await?;
-    println!("segment {name}: {} user(s) read, {added} new", users.len());
     Ok(ExitCode::SUCCESS)
 }

@@ -8,7 +8,7 @@ use super::{count, Store};
 use crate::error::StoreError;
 
 pub mod csv;
-pub use self::csv::{read_in_background, BadRow, Column, CsvIds, CsvRules, IdBatch};
+pub use self::csv::{check_id, read_in_background, BadRow, Column, CsvIds, CsvRules, IdBatch};
 
 const BEGIN: &str = include_str!("sql/segments_begin.sql");
 const VERSION_EXISTS: &str = include_str!("sql/segments_version_exists.sql");
@@ -392,6 +392,25 @@ pub async fn import(
     }
     let changed = load.finish(change, keep).await?;
     Ok(Imported { changed, rows, bad_total, bad })
+}
+
+/// `ids`, already checked (see [`csv::check_id`]), as the batches [`import`] takes, `batch_ids` at a time.
+pub fn batches_of(ids: Vec<String>, batch_ids: usize) -> tokio::sync::mpsc::Receiver<Result<IdBatch, SegmentError>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    tokio::spawn(async move {
+        let mut ids = ids.into_iter();
+        loop {
+            let chunk: Vec<String> = ids.by_ref().take(batch_ids.max(1)).collect();
+            if chunk.is_empty() {
+                return;
+            }
+            let rows = chunk.len() as u64;
+            if tx.send(Ok(IdBatch { ids: chunk, bad: Vec::new(), rows, bytes: 0 })).await.is_err() {
+                return;
+            }
+        }
+    });
+    rx
 }
 
 #[cfg(test)]

@@ -112,6 +112,8 @@ pub struct UpArgs {
     pub chat: ChatArgs,
     #[command(flatten)]
     pub coupons: CouponArgs,
+    #[command(flatten)]
+    pub segments: crate::segment::SegmentApiArgs,
 }
 
 /// The coupon API's waits and bound.

@@ -18,6 +18,7 @@ use tidings_gateway::delivery::hub::StoreResume;
 use tidings_gateway::delivery::owners::RedirectAllow;
 use tidings_gateway::delivery::{self, DeliveryConfig, Hub, Owners};
 use tidings_gateway::produce::EventProducer;
+use tidings_gateway::segments::SegmentsState;
 use tidings_gateway::service_auth::ServiceTokens;
 use tidings_gateway::web::{DevSignIn, WebConfig};
 use tidings_gateway::{AuthConfig, InboxState, IngestState, IngestTopic, Parts, Readiness, StreamState};
@@ -61,8 +62,10 @@ pub fn serve(
     listening.ingest = ingest(args, infra, settings.ingest_tokens, events.clone(), auth.clone(), tasks, readiness)?;
     if let (true, Some(auth)) = (args.runs("gateway"), auth) {
         let origins = (settings.redirect_allow, settings.cors_allow);
+        // Segments take the same service tokens too, to load campaign audiences.
+        let segments = args.segments.state(infra.store.clone(), services.clone(), Some(auth.clone()));
         let coupons = coupons(args, infra, auth.clone(), services, events.clone(), tasks, readiness)?;
-        listening.http = gateway(args, infra, auth, (events, coupons), origins, tasks, readiness)?;
+        listening.http = gateway(args, infra, auth, (events, coupons, segments), origins, tasks, readiness)?;
     }
     Ok(listening)
 }
@@ -108,7 +111,7 @@ fn gateway(
     args: &UpArgs,
     infra: &Infrastructure,
     auth: Arc<AuthConfig>,
-    (events, coupons): (Arc<EventProducer>, Option<CouponState>),
+    (events, coupons, segments): (Arc<EventProducer>, Option<CouponState>, Option<Arc<SegmentsState>>),
     (redirect_allow, cors_allow): (RedirectAllow, RedirectAllow),
     tasks: &mut TaskTree,
     readiness: &Readiness,
@@ -154,6 +157,7 @@ fn gateway(
         stream: Some(stream.clone()),
         metrics_elsewhere: args.metrics_listen.is_some(),
         web: Some(web_config(topo, args, gateways)),
+        segments,
     };
     let app = tidings_gateway::app(parts, readiness.clone());
     readiness.set("gateway", true);

@@ -153,17 +153,23 @@ impl<R: Read> CsvIds<R> {
             return Err(format!("{n} column(s); there is no column {}", self.index + 1));
         };
         let id = std::str::from_utf8(field).map_err(|_| "the user id is not UTF-8".to_string())?.trim();
-        if id.is_empty() {
-            return Err("empty user id".into());
-        }
-        if id.contains('\0') {
-            return Err("the user id contains a NUL character".into());
-        }
-        if id.len() > self.rules.max_id_bytes {
-            return Err(format!("user id of {} bytes, longer than {}", id.len(), self.rules.max_id_bytes));
-        }
+        check_id(id, self.rules.max_id_bytes)?;
         Ok(id.to_string())
     }
+}
+
+/// What is wrong with user id `id`, if anything: empty, a NUL character, longer than `max_bytes`.
+pub fn check_id(id: &str, max_bytes: usize) -> Result<(), String> {
+    if id.is_empty() {
+        return Err("empty user id".into());
+    }
+    if id.contains('\0') {
+        return Err("the user id contains a NUL character".into());
+    }
+    if id.len() > max_bytes {
+        return Err(format!("user id of {} bytes, longer than {max_bytes}", id.len()));
+    }
+    Ok(())
 }
 
 /// `inner`, with a newline added at the end if it has none, so the last record ends like the others.

@@ -25,6 +25,7 @@ use self::load::now_micros;
 mod broadcast;
 mod campaign;
 mod chat;
+mod claims;
 mod cpu;
 mod fanout;
 mod idle;
@@ -40,7 +41,8 @@ mod stack;
 mod sustained;
 mod users;
 
-/// Every scenario, in the order they run (`chat` and `chat_kill` only when named: `.ci/bench-chat`).
+/// Every scenario, in the order they run (`chat` and `chat_kill` only when named: `.ci/bench-chat`;
+/// `claims_decide` and `claims_hot_row` only when named: `.ci/bench-claims`).
 const ALL: &str = "ingest_latency,ingest_latency_kafka,broadcast,broadcast_kafka,ingest_latency_embedded,nchan_fanout,nchan_broadcast,idle,fanout,campaign,sustained,multi";
 
 #[derive(clap::Args)]
@@ -55,8 +57,8 @@ pub struct BenchArgs {
     #[arg(long, default_value = "topology.yaml")]
     topology: PathBuf,
     /// Scenarios to run, comma-separated: ingest_latency, ingest_latency_kafka, broadcast,
-    /// broadcast_kafka, ingest_latency_embedded, nchan_fanout, nchan_broadcast, idle, fanout, campaign, sustained, multi, chat, chat_kill (the
-    /// chat ones need PostgreSQL at TIDINGS_TEST_PG). A `comparison` line follows when a tidings
+    /// broadcast_kafka, ingest_latency_embedded, nchan_fanout, nchan_broadcast, idle, fanout, campaign, sustained, multi, chat, chat_kill,
+    /// claims_decide, claims_hot_row (the chat and claim ones need PostgreSQL at TIDINGS_TEST_PG). A `comparison` line follows when a tidings
     /// scenario and its nchan counterpart both ran.
     #[arg(long, value_delimiter = ',', default_value = ALL)]
     scenarios: Vec<String>,
@@ -140,6 +142,21 @@ pub struct BenchArgs {
     /// Seconds of the same chat load before the measured ones.
     #[arg(long, default_value_t = 5)]
     chat_warm_secs: u64,
+    /// Claims in claims_decide's log, all on one hot coupon (`.ci/bench-claims`).
+    #[arg(long, default_value_t = 1_000_000)]
+    claims: usize,
+    /// Distinct users making claims_decide's claims.
+    #[arg(long, default_value_t = 200_000)]
+    claim_users: usize,
+    /// The hot coupon's stock in claims_decide.
+    #[arg(long, default_value_t = 100_000)]
+    claim_stock: usize,
+    /// Claims of the log's start that claims_hot_row decides (its stock scaled to the same share).
+    #[arg(long, default_value_t = 100_000)]
+    hot_row_claims: usize,
+    /// Concurrent PostgreSQL connections of claims_hot_row.
+    #[arg(long, default_value_t = 64)]
+    hot_row_connections: u32,
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -263,6 +280,39 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if let Some(v) = comparison(&results) {
         emit(v);
+    }
+
+    if run("claims_decide") || run("claims_hot_row") {
+        let o = claims::ClaimOpts {
+            claims: args.claims,
+            users: args.claim_users,
+            stock: args.claim_stock,
+            hot_row_claims: args.hot_row_claims,
+            hot_row_connections: args.hot_row_connections,
+        };
+        let claims_prefix = format!("{prefix}claims.");
+        let decided = if run("claims_decide") {
+            let v = claims::decide(&bin, root.path(), &topology, &args.brokers, &claims_prefix, &o).await;
+            match v {
+                Ok((v, log)) => {
+                    report(&mut results, "claims_decide", Ok(v));
+                    Some(log)
+                }
+                Err(e) => {
+                    report(&mut results, "claims_decide", Err(e));
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        if run("claims_hot_row") {
+            let log = decided.unwrap_or_else(|| claims::log(&o));
+            report(&mut results, "claims_hot_row", claims::hot_row(&log, &o).await);
+            if let (Some(a), Some(c)) = (results.get("claims_decide"), results.get("claims_hot_row")) {
+                emit(claims::comparison(a, c));
+            }
+        }
     }
 
     for (name, kill) in [("chat", false), ("chat_kill", true)] {

@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 
 /// Starts `up` with the claim stage and the gateway. The claim wait is long so that the answers
 /// of this test are decisions, never 202 because the stage was slow on a busy machine.
-async fn start() -> (Tidings, Endpoints, Client) {
+async fn start(extra_env: &[(&'static str, &'static str)]) -> (Tidings, Endpoints, Client) {
     let brokers = brokers_or_skip().expect("TIDINGS_TEST_BROKERS");
     let (_pool, db) = fresh_pg().await;
     let prefix = unique_prefix();
@@ -25,7 +25,8 @@ async fn start() -> (Tidings, Endpoints, Client) {
         stages: "templating,persistence,claims,gateway",
         registry_url: None,
     };
-    let env = [("TIDINGS_COUPON_CLAIM_WAIT_MS", "15000"), ("TIDINGS_COUPON_REDEMPTION_WAIT_MS", "15000")];
+    let mut env = vec![("TIDINGS_COUPON_CLAIM_WAIT_MS", "15000"), ("TIDINGS_COUPON_REDEMPTION_WAIT_MS", "15000")];
+    env.extend_from_slice(extra_env);
     let mut proc_ = Tidings::spawn_env("coupons", &up, &env);
     let ep = proc_.endpoints(Duration::from_secs(60)).await;
     let http = Client::new();
@@ -111,7 +112,7 @@ async fn settled(http: &Client, url: &str, user: &str, proc_: &Tidings, done: im
 
 #[tokio::test(flavor = "multi_thread")]
 async fn coupons_are_defined_read_and_claimed_with_their_decisions() {
-    let (mut proc_, ep, http) = start().await;
+    let (mut proc_, ep, http) = start(&[]).await;
     let coupons = format!("{}/v1/coupons", ep.http);
     let alice = user_token("alice");
 
@@ -239,7 +240,7 @@ async fn coupons_are_defined_read_and_claimed_with_their_decisions() {
 /// the accepted order retried is accepted again, the other is refused `already_redeemed`.
 #[tokio::test(flavor = "multi_thread")]
 async fn one_code_redeemed_from_two_orders_at_once_is_redeemed_once() {
-    let (mut proc_, ep, http) = start().await;
+    let (mut proc_, ep, http) = start(&[]).await;
     create(&http, &ep, &coupon("single", 1), &proc_).await;
     let (status, issued) = claim(&http, &ep, "single", "alice", "k").await;
     assert_eq!(status, StatusCode::CREATED, "{issued}");
@@ -282,5 +283,31 @@ async fn one_code_redeemed_from_two_orders_at_once_is_redeemed_once() {
 
     let me = format!("{}/v1/coupons/single/claims/me", ep.http);
     settled(&http, &me, "alice", &proc_, |b| b["redeemed"] == true).await;
+    common::sigterm(&mut proc_).await;
+}
+
+/// Past `--coupon-max-waiting` nothing waits: a claim is produced and answers 202 at once (its
+/// decision is found later under `claims/me`), a redemption answers 503 and is not produced.
+#[tokio::test(flavor = "multi_thread")]
+async fn past_the_waiting_bound_claims_answer_pending_and_redemptions_are_refused() {
+    let (mut proc_, ep, http) = start(&[("TIDINGS_COUPON_MAX_WAITING", "0")]).await;
+    create(&http, &ep, &coupon("bounded", 1), &proc_).await;
+    let started = std::time::Instant::now();
+    let (status, body) = claim(&http, &ep, "bounded", "alice", "k").await;
+    assert_eq!((status, body["status"].as_str()), (StatusCode::ACCEPTED, Some("pending")), "{body}");
+    assert!(started.elapsed() < Duration::from_secs(10), "answered without the 15 s claim wait");
+    let me = format!("{}/v1/coupons/bounded/claims/me", ep.http);
+    let mine = settled(&http, &me, "alice", &proc_, |b| b["status"] == "issued").await;
+
+    let claims_topic = format!("{}coupon-claims", ep.topic_prefix);
+    let before = common::high_watermarks(&ep.brokers, &claims_topic).await;
+    let url = format!("{}/v1/coupons/bounded/redemptions", ep.http);
+    let order = json!({"user_id": "alice", "code": mine["code"], "order_id": "o-1"});
+    let resp = http.post(&url).bearer_auth(ingest_token()).json(&order).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(resp.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string()), Some("1".into()));
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(code_of(&body), "decision_pending", "{body}");
+    assert_eq!(common::high_watermarks(&ep.brokers, &claims_topic).await, before, "the redemption was not produced");
     common::sigterm(&mut proc_).await;
 }

@@ -149,8 +149,10 @@ async fn coupons_are_defined_read_and_claimed_with_their_decisions() {
         call(&http, Method::POST, &coupons, Some(ingest_token()), None, Some(&coupon("drop", 3))).await;
     assert_eq!((status, code_of(&body)), (StatusCode::CONFLICT, "coupon_exists"), "{body}");
 
-    // Reading: users only.
+    // Reading: users only (a service token never acts as a user).
     assert_eq!(call(&http, Method::GET, &coupons, None, None, None).await.0, StatusCode::UNAUTHORIZED);
+    let (status, _) = call(&http, Method::GET, &coupons, Some(ingest_token()), None, None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
     let (status, list) = call(&http, Method::GET, &coupons, Some(&alice), None, None).await;
     assert_eq!(status, StatusCode::OK, "{list}");
     assert_eq!(list["coupons"][0]["id"], "drop", "{list}");
@@ -167,6 +169,11 @@ async fn coupons_are_defined_read_and_claimed_with_their_decisions() {
     assert_eq!((status, code_of(&body)), (StatusCode::BAD_REQUEST, "idempotency_key_required"), "{body}");
     let (status, body) = claim(&http, &ep, "drop", "alice", "has space").await;
     assert_eq!((status, code_of(&body)), (StatusCode::BAD_REQUEST, "bad_idempotency_key"), "{body}");
+    let (status, body) =
+        call(&http, Method::POST, &url, Some(&alice), Some("k-0"), Some(&json!({"user_id": "bob"}))).await;
+    assert_eq!((status, code_of(&body)), (StatusCode::UNPROCESSABLE_ENTITY, "invalid_body"), "{body}");
+    let (status, _) = call(&http, Method::POST, &url, Some(ingest_token()), Some("k-0"), None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "a service token claims for nobody");
     let (status, body) = claim(&http, &ep, "nope", "alice", "k-1").await;
     assert_eq!((status, code_of(&body)), (StatusCode::NOT_FOUND, "unknown_coupon"), "{body}");
     assert_eq!(common::high_watermarks(&ep.brokers, &claims_topic).await, before, "a refused claim is not produced");
@@ -293,8 +300,17 @@ async fn past_the_waiting_bound_claims_answer_pending_and_redemptions_are_refuse
     let (mut proc_, ep, http) = start(&[("TIDINGS_COUPON_MAX_WAITING", "0")]).await;
     create(&http, &ep, &coupon("bounded", 1), &proc_).await;
     let started = std::time::Instant::now();
-    let (status, body) = claim(&http, &ep, "bounded", "alice", "k").await;
+    let resp = http
+        .post(format!("{}/v1/coupons/bounded/claims", ep.http))
+        .bearer_auth(user_token("alice"))
+        .header("idempotency-key", "k")
+        .send()
+        .await
+        .unwrap();
+    let location = resp.headers().get("location").map(|v| v.to_str().unwrap().to_string());
+    let (status, body) = (resp.status(), resp.json::<Value>().await.unwrap());
     assert_eq!((status, body["status"].as_str()), (StatusCode::ACCEPTED, Some("pending")), "{body}");
+    assert_eq!(location.as_deref(), Some("/v1/coupons/bounded/claims/me"));
     assert!(started.elapsed() < Duration::from_secs(10), "answered without the 15 s claim wait");
     let me = format!("{}/v1/coupons/bounded/claims/me", ep.http);
     let mine = settled(&http, &me, "alice", &proc_, |b| b["status"] == "issued").await;

@@ -24,17 +24,16 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::{json, Value as Json};
 use sqlx::Connection;
-use tidings_core::json_avro::{avro_to_json, json_to_avro, union_branch_name};
+use tidings_core::json_avro::{avro_to_json, union_branch_name};
 use tidings_core::kafka::{partition_for, KafkaConfig};
-use tidings_core::{FramedEncoder, RegistryClient};
-use tokio::sync::Notify;
+use tidings_core::RegistryClient;
 
 const STOCK: usize = 1_000;
 const USERS: usize = 5_000;
 const CLAIMS: usize = 20_000;
-/// Claims in flight at once, each waiting for its decision (at most [`CLAIM_WAIT`]).
+/// Claims in flight at once, each waiting for its answer (the gateway waits for the decision up
+/// to its claim wait, 500 ms by default, then answers 202).
 const IN_FLIGHT: usize = 64;
-const CLAIM_WAIT: Duration = Duration::from_millis(500);
 /// Claims sent per second at most, so the run lasts long enough for the processes to come and
 /// go while claims are being decided (about 30 s of claims).
 const RATE: u64 = 700;
@@ -91,25 +90,18 @@ struct Decisions {
     issued: HashMap<String, usize>,
 }
 
-/// The decisions so far, shared by the reader and the test; `notify` wakes waiting claims.
+/// The decisions so far, shared by the reader and the test.
 #[derive(Default)]
 struct Watch {
     state: Mutex<Decisions>,
     /// Distinct claims decided.
     decided: AtomicUsize,
     issued: AtomicUsize,
-    notify: Notify,
 }
 
 impl Watch {
     fn decided(&self) -> usize {
         self.decided.load(Ordering::SeqCst)
-    }
-
-    /// The decision of a claim: (branch, code or reason), if one was read.
-    fn decision(&self, claim: &(String, String)) -> Option<(String, String)> {
-        let state = self.state.lock().unwrap();
-        state.by_claim.get(claim).and_then(|d| d.first()).map(|(_, b, r)| (b.clone(), r.clone()))
     }
 }
 
@@ -153,66 +145,75 @@ async fn read_decisions(brokers: String, registry: RegistryClient, topic: String
         if decisions.len() == 1 {
             watch.decided.fetch_add(1, Ordering::SeqCst);
         }
-        drop(state);
-        watch.notify.notify_waiters();
     }
 }
 
-/// How claims reach `coupon-claims`.
+/// A claimant of the coupon API: users' `POST /v1/coupons/{id}/claims` on the gateway.
 struct Claimant {
-    producer: FutureProducer,
-    encoder: FramedEncoder,
-    schema: &'static apache_avro::Schema,
-    topic: String,
+    http: reqwest::Client,
+    /// The gateway's base URL.
+    base: String,
     coupon: String,
+    /// A user token per user.
+    tokens: HashMap<String, String>,
+    /// Every answer: the claim, the status, and the code (201) or the error code (409).
+    answers: Mutex<Vec<(Claim, u16, String)>>,
 }
 
 impl Claimant {
-    async fn produce(&self, payload: Json) {
-        let event = json!({"event_id": uuid::Uuid::new_v4().to_string(), "occurred_at": 0,
-            "coupon_id": self.coupon, "payload": payload});
-        let bytes = self.encoder.encode(json_to_avro(self.schema, &event).unwrap()).unwrap();
-        let rec = FutureRecord::to(&self.topic).key(self.coupon.as_str()).payload(&bytes[..]);
-        self.producer.send(rec, Duration::from_secs(30)).await.expect("claim record acknowledged");
-    }
-
-    async fn define(&self) {
-        self.produce(json!({"CouponDefined": {"title": "Stampede", "discount_percent": 25, "stock": STOCK,
-            "claim_opens_at": 0, "claim_closes_at": i64::MAX / 2, "valid_for_micros": 86_400_000_000i64}}))
-            .await;
-    }
-
-    /// Sends one claim and waits (bounded) for its decision, as a client of the claim API does.
-    async fn claim(&self, user: &str, key: &str, watch: &Watch) {
-        self.produce(json!({"ClaimRequested": {"claim_id": key, "user_id": user}})).await;
-        let claim = (user.to_string(), key.to_string());
-        let _ = tokio::time::timeout(CLAIM_WAIT, async {
-            loop {
-                let notified = watch.notify.notified();
-                if watch.decision(&claim).is_some() {
-                    return;
-                }
-                notified.await;
+    /// Defines the coupon as a service and waits until the gateway knows it.
+    async fn define(&self, procs: &[&Tidings]) {
+        let body = json!({"id": self.coupon, "title": "Stampede", "discount_percent": 25, "stock": STOCK,
+            "claim_opens_at": "2020-01-01T00:00:00Z", "claim_closes_at": "2099-01-01T00:00:00Z",
+            "valid_for_secs": 86_400});
+        let resp = self.http.post(format!("{}/v1/coupons", self.base)).bearer_auth(common::ingest_token()).json(&body);
+        let resp = resp.send().await.expect("POST /v1/coupons");
+        let status = resp.status().as_u16();
+        assert!(matches!(status, 201 | 202), "defining the coupon: {status} {}", resp.text().await.unwrap_or_default());
+        let url = format!("{}/v1/coupons/{}", self.base, self.coupon);
+        let token = common::user_token("user-0");
+        eventually("the coupon to be defined", Duration::from_secs(30), Duration::from_millis(50), procs, || async {
+            let resp = self.http.get(&url).bearer_auth(&token).send().await.map_err(|e| e.to_string())?;
+            match resp.status().as_u16() {
+                200 => Ok(()),
+                s => Err(format!("{s} {}", resp.text().await.unwrap_or_default())),
             }
         })
         .await;
     }
+
+    /// One claim, as a browser sends it: the answer is its decision (201 / 409), or 202 if the
+    /// decision took longer than the gateway's claim wait.
+    async fn claim(&self, user: &str, key: &str) {
+        let resp = self
+            .http
+            .post(format!("{}/v1/coupons/{}/claims", self.base, self.coupon))
+            .bearer_auth(&self.tokens[user])
+            .header("idempotency-key", key)
+            .send()
+            .await
+            .expect("POST /v1/coupons/{id}/claims");
+        let status = resp.status().as_u16();
+        let body: Json = resp.json().await.unwrap_or(Json::Null);
+        let detail = match status {
+            201 => body["code"].as_str(),
+            409 => body["error"]["code"].as_str(),
+            202 => body["status"].as_str(),
+            _ => panic!("claim ({user}, {key}) answered {status}: {body}"),
+        };
+        let detail = detail.unwrap_or_else(|| panic!("claim ({user}, {key}) answered {status}: {body}")).to_string();
+        self.answers.lock().unwrap().push(((user.to_string(), key.to_string()), status, detail));
+    }
 }
 
 /// Sends the claims from [`IN_FLIGHT`] tasks at [`RATE`] at most, never one at or past `gate`.
-async fn send_all(
-    claimant: Arc<Claimant>,
-    log: Arc<Vec<(String, String)>>,
-    watch: Arc<Watch>,
-    gate: Arc<AtomicUsize>,
-    sent: Arc<AtomicUsize>,
-) {
+async fn send_all(claimant: Arc<Claimant>, log: Arc<Vec<Claim>>, gate: Arc<AtomicUsize>, sent: Arc<AtomicUsize>) {
     let next = Arc::new(AtomicUsize::new(0));
     let pace = Arc::new(tokio::sync::Mutex::new(tokio::time::Instant::now()));
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..IN_FLIGHT {
-        let (claimant, log, watch, gate, sent, next, pace) =
-            (claimant.clone(), log.clone(), watch.clone(), gate.clone(), sent.clone(), next.clone(), pace.clone());
+        let (claimant, log, gate, sent, next, pace) =
+            (claimant.clone(), log.clone(), gate.clone(), sent.clone(), next.clone(), pace.clone());
         tasks.spawn(async move {
             loop {
                 let i = next.fetch_add(1, Ordering::SeqCst);
@@ -229,7 +230,7 @@ async fn send_all(
                 };
                 tokio::time::sleep_until(slot).await;
                 let (user, key) = &log[i];
-                claimant.claim(user, key, &watch).await;
+                claimant.claim(user, key).await;
                 sent.fetch_add(1, Ordering::SeqCst);
             }
         });
@@ -378,8 +379,8 @@ async fn a_stampede_through_kills_and_rebalances_issues_exactly_the_stock() {
         .unwrap_or_else(|| uuid::Uuid::new_v4().as_u64_pair().0);
     eprintln!("topic prefix {prefix}, database {db}, claims seed {seed} (TIDINGS_STAMPEDE_SEED replays it)");
 
-    // The core serves the embedded registry and creates the topics.
-    let core_up = Up { brokers: &brokers, database_url: &db, prefix: &prefix, stages: "ingest", registry_url: None };
+    // The core serves the embedded registry, creates the topics and serves the coupon API.
+    let core_up = Up { brokers: &brokers, database_url: &db, prefix: &prefix, stages: "gateway", registry_url: None };
     let core_env = [("TIDINGS_REGISTRY_WRITE_TOKEN", REGISTRY_TOKEN)];
     let mut core = Tidings::spawn_env("core", &core_up, &core_env);
     let ep: Endpoints = core.endpoints(Duration::from_secs(60)).await;
@@ -409,22 +410,20 @@ async fn a_stampede_through_kills_and_rebalances_issues_exactly_the_stock() {
     let watch = Arc::new(Watch::default());
     let reader =
         tokio::spawn(read_decisions(brokers.clone(), registry.clone(), format!("{prefix}coupons"), watch.clone()));
-    let claims_topic = format!("{prefix}coupon-claims");
-    let (id, schema) = registry.latest(&format!("{claims_topic}-value")).await.unwrap();
-    let claimant = Arc::new(Claimant {
-        producer: KafkaConfig::new(brokers.clone()).producer().create().unwrap(),
-        encoder: FramedEncoder::new(id, schema).unwrap(),
-        schema,
-        topic: claims_topic,
-        coupon: coupon.clone(),
-    });
-    claimant.define().await;
-
     let log = Arc::new(stampede(seed));
+    let claimant = Arc::new(Claimant {
+        http: reqwest::Client::builder().pool_max_idle_per_host(IN_FLIGHT).build().unwrap(),
+        base: ep.http.clone(),
+        coupon: coupon.clone(),
+        tokens: log.iter().map(|(u, _)| (u.clone(), common::user_token(u))).collect(),
+        answers: Mutex::new(Vec::new()),
+    });
+    claimant.define(&[&core, &a]).await;
+
     let distinct: BTreeSet<&(String, String)> = log.iter().collect();
     let gate = Arc::new(AtomicUsize::new(4_000));
     let sent = Arc::new(AtomicUsize::new(0));
-    let sending = tokio::spawn(send_all(claimant.clone(), log.clone(), watch.clone(), gate.clone(), sent.clone()));
+    let sending = tokio::spawn(send_all(claimant.clone(), log.clone(), gate.clone(), sent.clone()));
     let run_started = Instant::now();
     // (what, claims sent, distinct claims decided, coupons issued) at each step.
     let mut steps: Vec<(String, usize, usize, usize)> = Vec::new();
@@ -515,6 +514,27 @@ async fn a_stampede_through_kills_and_rebalances_issues_exactly_the_stock() {
         eprintln!("{} claims, {} distinct, decided: {reasons:?}", log.len(), distinct.len());
         assert!(
             reasons.get("already_claimed").is_some_and(|n| *n > 0) && reasons.get("sold_out").is_some_and(|n| *n > 0)
+        );
+
+        // Every answer the users got is the decision on `coupons`: 201 with its code, 409 with
+        // its reason (202: decided after the gateway's wait).
+        let answers = claimant.answers.lock().unwrap();
+        assert_eq!(answers.len(), CLAIMS);
+        let mut statuses: BTreeMap<u16, usize> = BTreeMap::new();
+        for (claim, status, detail) in answers.iter() {
+            *statuses.entry(*status).or_default() += 1;
+            let (_, branch, decided) = &state.by_claim[claim][0];
+            let agrees = match status {
+                201 => branch == "CouponIssued" && decided == detail,
+                409 => branch == "ClaimRejected" && decided == detail,
+                _ => detail == "pending",
+            };
+            assert!(agrees, "{claim:?} answered {status} {detail}, but was decided {branch} {decided}");
+        }
+        eprintln!("answers by status: {statuses:?}");
+        assert!(
+            statuses.get(&201).is_some_and(|n| *n > 0) && statuses.get(&409).is_some_and(|n| *n > 0),
+            "{statuses:?}"
         );
     }
     reader.abort();

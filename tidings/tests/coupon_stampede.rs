@@ -1,10 +1,12 @@
 //! The coupon stampede on Apache Kafka and PostgreSQL: 20,000 claims from 5,000 users (retries
 //! with the same idempotency key and new claims with new keys) on one coupon with stock 1,000,
-//! while the claim stage (its own `tidings up --stages claims` process) is SIGKILLed twice and a
-//! second claim-stage process joins and leaves, taking the coupon's partition and giving it back.
+//! sent as users send them (`POST /v1/coupons/{id}/claims` on a gateway process), while the claim
+//! stage (its own `tidings up --stages claims` process) is SIGKILLed twice and a second
+//! claim-stage process joins and leaves (SIGTERM), taking the coupon's partition and giving it
+//! back; each step is triggered by the coupons seen issued, so all of them land mid-issue.
 //! Afterwards: exactly 1,000 issued, no user twice, every claim exactly one decision on `coupons`,
-//! and `tidings coupon verify` agrees; the same verifier, run on a copy of the data with one
-//! violation planted, names it. Needs `TIDINGS_TEST_BROKERS` and `TIDINGS_TEST_PG`.
+//! every answer the decision, and `tidings coupon verify` agrees; the same verifier, run on a copy
+//! of the data with one violation planted, names it. Needs `TIDINGS_TEST_BROKERS` and `TIDINGS_TEST_PG`.
 
 mod common;
 

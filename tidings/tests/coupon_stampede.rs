@@ -585,11 +585,13 @@ async fn a_stampede_through_kills_and_rebalances_issues_exactly_the_stock() {
     let (code, out) = verify(&brokers, copy_registry, &copy_db, &copy_prefix, &coupon);
     assert_eq!(code, Some(0), "coupon verify on the unchanged copy:\n{out}");
 
-    // Planted in the copy: a second decision, CouponIssued, for a claim that was rejected.
-    let (user, key) = {
+    // Planted in the copy: a second decision, CouponIssued, for a claim that was rejected, and a
+    // holder row for another user who was issued nothing.
+    let (user, key, intruder) = {
         let state = watch.state.lock().unwrap();
-        let rejected = distinct.iter().find(|c| state.by_claim[*c][0].2 == "sold_out").unwrap();
-        (rejected.0.clone(), rejected.1.clone())
+        let mut never: Vec<&Claim> = distinct.iter().copied().filter(|c| !state.issued.contains_key(&c.0)).collect();
+        never.dedup_by(|a, b| a.0 == b.0);
+        (never[0].0.clone(), never[0].1.clone(), never[1].0.clone())
     };
     let planted = json!({"event_id": uuid::Uuid::new_v4().to_string(), "occurred_at": 0, "coupon_id": coupon,
         "payload": {"CouponIssued": {"user_id": user, "code": "PLANTED", "discount_percent": 25, "expires_at": 0,
@@ -597,11 +599,24 @@ async fn a_stampede_through_kills_and_rebalances_issues_exactly_the_stock() {
     let (code, out) =
         tidings(&["produce", "coupons"], &brokers, copy_registry, &copy_db, &copy_prefix, &planted.to_string());
     assert_eq!(code, Some(0), "producing the planted decision:\n{out}");
+    let copy_pool = sqlx::PgPool::connect(&copy_db).await.unwrap();
+    sqlx::query(
+        "INSERT INTO coupon_holders (coupon_id, user_id, partition, claim_id, code, expires_at)
+         SELECT coupon_id, $2, partition, 'planted', 'PLANTED-ROW', 0 FROM coupon_holders WHERE coupon_id = $1 LIMIT 1",
+    )
+    .bind(&coupon)
+    .bind(&intruder)
+    .execute(&copy_pool)
+    .await
+    .unwrap();
+    copy_pool.close().await;
     let (code, out) = verify(&brokers, copy_registry, &copy_db, &copy_prefix, &coupon);
-    assert_eq!(code, Some(1), "coupon verify on the copy with a planted decision:\n{out}");
+    assert_eq!(code, Some(1), "coupon verify on the copy with planted violations:\n{out}");
     let named = |s: &str| out.lines().any(|l| l.contains("VIOLATION") && l.contains(s));
     assert!(named(&format!("claim (\"{user}\", \"{key}\")")) && named("2 decisions"), "{out}");
-    assert!(named(&format!("more than its stock {STOCK}")), "{out}");
+    assert!(named(&format!("{} users were issued a coupon, more than its stock {STOCK}", STOCK + 1)), "{out}");
+    assert!(named(&format!("the store holds user \"{intruder}\"")) && named("coupon_holders"), "{out}");
+    assert!(named(&format!("the store holds {} holders (coupon_holders), more than its stock", STOCK + 1)), "{out}");
     eprintln!("[{:.1}s] {out}", started.elapsed().as_secs_f64());
     // The originals are untouched: the run still verifies (through the copy's registry).
     let (code, out) = verify(&brokers, copy_registry, &db, &prefix, &coupon);

@@ -1,4 +1,4 @@
-//! `topology.yaml`: the single file that declares tidings' Kafka topics, its two stages and the
+//! `topology.yaml`: the single file that declares tidings' Kafka topics, its stages and the
 //! notification templates. [`Topology::load`] parses it and runs every check in `check`, reporting
 //! all problems at once; [`apply`] makes a Kafka cluster's topics match it.
 

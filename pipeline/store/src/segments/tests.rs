@@ -80,6 +80,48 @@ fn segment_names_are_checked() {
     }
 }
 
+/// An endless CSV of 14-byte rows: an import that held its input whole would never end.
+struct Endless {
+    produced: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    next: u64,
+}
+
+impl std::io::Read for Endless {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let mut n = 0;
+        if self.next == 0 {
+            buf[..8].copy_from_slice(b"user_id\n");
+            n = 8;
+            self.next = 1;
+        }
+        while n + 14 <= buf.len() {
+            buf[n..n + 14].copy_from_slice(format!("user-{:08}\n", self.next).as_bytes());
+            self.next += 1;
+            n += 14;
+        }
+        self.produced.fetch_add(n as u64, std::sync::atomic::Ordering::SeqCst);
+        Ok(n)
+    }
+}
+
+/// The reader runs at most two batches ahead of the loader, whatever the input's size: memory
+/// for a million-row file is a few batches, not the file.
+#[tokio::test]
+async fn reading_runs_at_most_two_batches_ahead_of_the_loader() {
+    let produced = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let input = Endless { produced: produced.clone(), next: 0 };
+    let mut batches = read_in_background(input, rules(), 1_000);
+    let first = batches.recv().await.unwrap().unwrap();
+    assert_eq!((first.ids.len(), first.ids[0].as_str()), (1_000, "user-00000001"));
+    // Long enough for an unbounded reader to produce megabytes.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let read = produced.load(std::sync::atomic::Ordering::SeqCst);
+    // The batch taken, two queued, one being filled, and the CSV reader's buffer.
+    let bound = 4 * 1_000 * 14 + 64 * 1024;
+    assert!(read < bound, "{read} bytes read ahead of the loader (bound {bound})");
+    drop(batches);
+}
+
 /// Imports `text` into `segment` as `change` says, 3 ids per batch.
 async fn import_text(
     store: &Store,

@@ -23,6 +23,7 @@ pub enum SegmentCmd {
     /// Replace a segment's members with the user ids of a CSV file, atomically: a campaign reading the
     /// segment sees all of the old members or all of the new ones. Exit 65 if the file is refused.
     Import {
+        /// Segment name (A-Z a-z 0-9 . _ : -), as a campaign's `SegmentAudience.segment` names it.
         name: String,
         /// The CSV file (`-`: standard input).
         file: PathBuf,
@@ -31,6 +32,7 @@ pub enum SegmentCmd {
     },
     /// Add the user ids of a CSV file (same format as import) to a segment, creating it if needed.
     Append {
+        /// Segment name.
         name: String,
         /// The CSV file (`-` or none: standard input; with --no-header, one user id per line).
         #[arg(default_value = "-")]
@@ -40,6 +42,7 @@ pub enum SegmentCmd {
     },
     /// Remove the user ids of a CSV file (same format as import) from a segment.
     Remove {
+        /// Segment name.
         name: String,
         /// The CSV file (`-` or none: standard input).
         #[arg(default_value = "-")]
@@ -54,12 +57,14 @@ pub enum SegmentCmd {
     },
     /// Show a segment's size and when it last changed.
     Show {
+        /// Segment name.
         name: String,
         #[command(flatten)]
         infra: Infra,
     },
     /// Delete a segment.
     Delete {
+        /// Segment name.
         name: String,
         /// How long campaigns already reading the segment may still read it, in seconds.
         #[arg(long, env = "TIDINGS_SEGMENT_KEEP_REPLACED_SECS", default_value_t = 3600)]

@@ -1042,10 +1042,12 @@ function settleClaim(c, key, outcome) {
   refreshCoupons(); // the stock moved
 }
 
-/** GET …/claims/me: the user's latest decided claim on the coupon, or null when there is none. */
-async function decidedClaim(id) {
+/** GET …/claims/me: the decision of claim `key`, or without one the coupon the user holds (else
+ * their most final rejection); null when there is none yet. */
+async function decidedClaim(id, key) {
+  const headers = key ? { 'Idempotency-Key': key } : {};
   try {
-    return await api('GET', `/v1/coupons/${encodeURIComponent(id)}/claims/me`);
+    return await api('GET', `/v1/coupons/${encodeURIComponent(id)}/claims/me`, undefined, { headers });
   } catch (e) {
     if (e.status === 404) return null;
     throw e;
@@ -1056,7 +1058,7 @@ async function decidedClaim(id) {
 async function askDecision(c, claim) {
   let d;
   try {
-    d = await decidedClaim(c.info.id);
+    d = await decidedClaim(c.info.id, claim.key);
   } catch {
     return;
   }

@@ -80,6 +80,8 @@ fn stampede(seed: u64) -> Vec<(String, String)> {
 type Claim = (String, String);
 /// One decision event: (event id, branch, code or reason).
 type Decision = (String, String, String);
+/// A PostgreSQL session: client port, start, state and its last query.
+type Session = (Option<i32>, Option<String>, Option<String>, Option<String>);
 
 /// Every decision read from `coupons`, deduplicated by event id (a record decided again after a
 /// crash or by the next owner repeats its event's id).
@@ -373,7 +375,17 @@ async fn a_stampede_through_kills_and_rebalances_issues_exactly_the_stock() {
     let started = Instant::now();
     let brokers = common::brokers_or_skip().expect("TIDINGS_TEST_BROKERS");
     let (pool, db) = fresh_pg().await;
-    pool.close().await; // the database is copied later: no connection of the test may stay open
+    // The database is copied later (as a template), so no session of the test may stay on it; a
+    // connection the migrations used can outlive its pool's close, so it is ended here, before
+    // any process uses the database.
+    pool.close().await;
+    let orig_name = db.rsplit('/').next().unwrap().to_string();
+    let mut admin = sqlx::PgConnection::connect(&tidings_store::testing::admin_url()).await.unwrap();
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+        .bind(&orig_name)
+        .execute(&mut admin)
+        .await
+        .unwrap();
     let prefix = unique_prefix();
     let seed: u64 = std::env::var("TIDINGS_STAMPEDE_SEED")
         .ok()
@@ -551,17 +563,17 @@ async fn a_stampede_through_kills_and_rebalances_issues_exactly_the_stock() {
     // by a process on the copy (whose registry is the copied one, with the same schema ids).
     common::sigterm(&mut core).await;
     let copy_db = format!("{db}_copy");
-    let (orig_name, copy_name) = (db.rsplit('/').next().unwrap(), copy_db.rsplit('/').next().unwrap());
-    let mut admin = sqlx::PgConnection::connect(&tidings_store::testing::admin_url()).await.unwrap();
+    let copy_name = copy_db.rsplit('/').next().unwrap();
     // A template must have no sessions; those of the stopped processes end a moment after them.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let sessions: Vec<(Option<String>, Option<String>)> =
-            sqlx::query_as("SELECT application_name, state FROM pg_stat_activity WHERE datname = $1")
-                .bind(orig_name)
-                .fetch_all(&mut admin)
-                .await
-                .unwrap();
+        let sessions: Vec<Session> = sqlx::query_as(
+            "SELECT client_port, backend_start::text, state, left(query, 200) FROM pg_stat_activity WHERE datname = $1",
+        )
+        .bind(&orig_name)
+        .fetch_all(&mut admin)
+        .await
+        .unwrap();
         if sessions.is_empty() {
             break;
         }

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tidings_core::json_avro::{avro_to_json, union_branch_name};
 use tidings_core::kafka::KafkaConfig;
+use tidings_core::stage::{StageError, System};
 use tidings_core::{RegistryClient, RegistryError};
 use tokio_util::sync::CancellationToken;
 
@@ -30,6 +31,19 @@ pub enum DecisionsError {
     NoTopic(String),
     #[error("reading the ends of the partitions failed: {0}")]
     Join(#[from] tokio::task::JoinError),
+}
+
+impl DecisionsError {
+    /// Whether starting again may succeed: a Kafka error the stages would retry (a leader moving
+    /// while fresh topics settle, a broker restarting), a registry that is unreachable or
+    /// throttling, or a subject no one has registered yet (the claim stage registers it).
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            DecisionsError::Kafka(e) => StageError::kafka(System::Kafka, e.clone()).is_retriable(),
+            DecisionsError::Registry(_, e) => e.is_retriable() || matches!(e, RegistryError::UnknownSubject(_)),
+            DecisionsError::NoTopic(_) | DecisionsError::Join(_) => false,
+        }
+    }
 }
 
 /// Where decisions are read from.
@@ -170,5 +184,20 @@ mod tests {
             "claim_id": null}));
         assert_eq!(decision("CouponIssued", &not_a_claim), None, "issued without a claim");
         assert_eq!(decision("CampaignLaunched", &event(json!({}))), None);
+    }
+
+    /// A start that fails while fresh topics settle is tried again; a missing topic is not.
+    #[test]
+    fn only_passing_failures_restart_the_reader() {
+        use rdkafka::types::RDKafkaErrorCode;
+        let moving = KafkaError::MetadataFetch(RDKafkaErrorCode::NotLeaderForPartition);
+        assert!(DecisionsError::Kafka(moving).is_retriable());
+        let unregistered = RegistryError::UnknownSubject("coupons-value".into());
+        assert!(DecisionsError::Registry("coupons-value".into(), unregistered).is_retriable());
+        let invalid = RegistryError::InvalidSchema("coupons-value".into(), "bad".into());
+        assert!(!DecisionsError::Registry("coupons-value".into(), invalid).is_retriable());
+        assert!(!DecisionsError::NoTopic("coupons".into()).is_retriable());
+        let config = KafkaError::ClientCreation("bad settings".into());
+        assert!(!DecisionsError::Kafka(config).is_retriable());
     }
 }

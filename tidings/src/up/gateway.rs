@@ -24,7 +24,7 @@ use tidings_gateway::web::{DevSignIn, WebConfig};
 use tidings_gateway::{AuthConfig, InboxState, IngestState, IngestTopic, Parts, Readiness, StreamState};
 use tidings_pipeline::stages::claims;
 use tidings_pipeline::topology::Topology;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::infra::Infrastructure;
 use super::UpArgs;
@@ -210,7 +210,23 @@ fn coupons(
     let (waiters, ready, token) = (state.waiters.clone(), readiness.clone(), tasks.token().clone());
     readiness.set("coupon-decisions", false);
     tasks.spawn("coupon-decisions", async move {
-        let reader = source.start(waiters).await?;
+        // Retried like a stage's start: right after the topics are created their leaders may
+        // still move, and the `coupons` subject may not be registered yet.
+        let mut backoff = Duration::from_millis(250);
+        let reader = loop {
+            match source.clone().start(waiters.clone()).await {
+                Ok(reader) => break reader,
+                Err(e) if e.is_retriable() => {
+                    warn!(error = %e, "The coupon API's decision reader could not start; retrying in {backoff:?}.");
+                    tokio::select! {
+                        _ = token.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+                Err(e) => return Err(e),
+            }
+        };
         ready.set("coupon-decisions", true);
         reader.run(token).await
     });

@@ -9,10 +9,13 @@
 //   open {url, width, height}  a new context (own cookies and storage: one user) with one page
 //   goto {url} · reload · leave (to about:blank: the page is gone, its tab storage stays)
 //   fill {selector, value} · press {selector, key} (focuses it, then the key) · click {selector}
+//   key {key}                  presses a key where the focus is (Tab moves it, as a user would)
+//   together {steps}           runs the commands in `steps` (each with its own ctx) at the same
+//                              time: their values in order
 //   wait {js, timeout_ms}      until the function body `js` returns something truthy; its value
 //   eval {js}                  the value the function body `js` returns
 //   screenshot {path}
-// Used by tidings/tests/browser_page.rs.
+// Used by tidings/tests/browser_page.rs and tidings/tests/browser_coupons.rs.
 import { chromium } from 'playwright-core';
 import { createInterface } from 'node:readline';
 
@@ -60,6 +63,11 @@ async function run(c) {
     case 'click':
       await page(c.ctx).click(c.selector);
       return null;
+    case 'key':
+      await page(c.ctx).keyboard.press(c.key);
+      return null;
+    case 'together':
+      return await Promise.all(c.steps.map((s) => run(s).then((v) => v ?? null)));
     case 'wait': {
       const h = await page(c.ctx).waitForFunction(new Function(c.js), null, {
         timeout: c.timeout_ms || 20000,

@@ -8,117 +8,13 @@
 
 mod common;
 
-use common::{await_ready, browser_dir, browser_or_skip, chromium, eventually, fresh_pg, unique_prefix, Tidings, Up};
+use common::browser::Browser;
+use common::{await_ready, browser_or_skip, eventually, fresh_pg, unique_prefix, Tidings, Up};
 use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdin, ChildStdout};
 
 /// The whole test, beyond which it fails (every process is killed on the way out).
 const WHOLE: Duration = Duration::from_secs(240);
-/// One browser command (a wait included) at most.
-const STEP: Duration = Duration::from_secs(45);
-/// A condition on a page, at most.
-const WAIT_MS: u64 = 30_000;
-
-/// The node driver: one command at a time, each answered by one line (`together` runs several).
-struct Browser {
-    child: Child,
-    stdin: ChildStdin,
-    lines: Lines<BufReader<ChildStdout>>,
-    next: u64,
-}
-
-impl Browser {
-    fn start() -> Browser {
-        let mut child = tokio::process::Command::new("node")
-            .arg(browser_dir().join("page.mjs"))
-            .env("CHROMIUM", chromium())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("starting node (is Node.js installed?)");
-        let stdin = child.stdin.take().unwrap();
-        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        Browser { child, stdin, lines, next: 0 }
-    }
-
-    /// Runs `cmd` in context `ctx`: its value, or the driver's error (with what the page showed).
-    async fn try_call(&mut self, ctx: &str, mut cmd: Value) -> Result<Value, Value> {
-        self.next += 1;
-        let id = self.next;
-        cmd["id"] = json!(id);
-        cmd["ctx"] = json!(ctx);
-        let mut line = cmd.to_string();
-        line.push('\n');
-        self.stdin.write_all(line.as_bytes()).await.expect("writing to the driver");
-        let answer = tokio::time::timeout(STEP, async {
-            loop {
-                let Some(line) = self.lines.next_line().await.expect("reading the driver") else {
-                    panic!("the browser driver exited during {cmd}");
-                };
-                let Ok(v) = serde_json::from_str::<Value>(&line) else {
-                    eprintln!("driver (not JSON): {line}");
-                    continue;
-                };
-                if v["id"] == id {
-                    return v;
-                }
-                eprintln!("page: {line}");
-                assert_ne!(v["kind"], "pageerror", "the page threw: {v}");
-            }
-        })
-        .await
-        .unwrap_or_else(|_| panic!("no answer from the browser to {cmd} within {STEP:?}"));
-        if answer["kind"] == "done" {
-            Ok(answer["value"].clone())
-        } else {
-            Err(answer)
-        }
-    }
-
-    async fn call(&mut self, ctx: &str, cmd: Value) -> Value {
-        match self.try_call(ctx, cmd.clone()).await {
-            Ok(v) => v,
-            Err(e) => panic!("browser command {cmd} in {ctx} failed: {}\npage text:\n{}", e["error"], e["page_text"]),
-        }
-    }
-
-    /// Waits until the function body `js` returns something truthy in `ctx`'s page: its value.
-    async fn wait(&mut self, ctx: &str, what: &str, js: &str) -> Value {
-        match self.try_call(ctx, json!({"cmd": "wait", "js": js, "timeout_ms": WAIT_MS})).await {
-            Ok(v) => v,
-            Err(e) => {
-                let now = self.try_call(ctx, json!({"cmd": "eval", "js": DROP})).await;
-                panic!(
-                    "{ctx}: waiting for {what} failed: {}\ncoupon drop now: {now:?}\npage text:\n{}",
-                    e["error"], e["page_text"]
-                )
-            }
-        }
-    }
-
-    async fn eval(&mut self, ctx: &str, js: &str) -> Value {
-        self.call(ctx, json!({"cmd": "eval", "js": js})).await
-    }
-
-    async fn screenshot(&mut self, ctx: &str, name: &str) {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/browser");
-        std::fs::create_dir_all(&dir).expect("creating target/browser");
-        let path: PathBuf = dir.join(format!("{name}.png"));
-        self.call(ctx, json!({"cmd": "screenshot", "path": path})).await;
-        eprintln!("screenshot {}", path.display());
-    }
-
-    async fn close(mut self) {
-        drop(self.stdin);
-        let _ = tokio::time::timeout(Duration::from_secs(20), self.child.wait()).await;
-    }
-}
 
 /// What the test reads of the coupon drop: per coupon its stock left, button and outcome; the
 /// live region; where the focus is; the inbox.
@@ -296,7 +192,7 @@ async fn race(brokers: String, answer: Answer) {
     }
 
     // Alice on a desktop with the mouse, Bob on a phone with the keyboard only.
-    let mut b = Browser::start();
+    let mut b = Browser::start(DROP);
     for (user, width, height) in [("alice", 1280, 800), ("bob", 390, 844)] {
         let status =
             b.call(user, json!({"cmd": "open", "url": format!("{url}/"), "width": width, "height": height})).await;

@@ -7,124 +7,13 @@
 
 mod common;
 
-use common::{await_ready, browser_dir, browser_or_skip, chromium, eventually, free_port, sigterm, Tidings, Up};
+use common::browser::Browser;
+use common::{await_ready, browser_or_skip, eventually, free_port, sigterm, Tidings, Up};
 use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdin, ChildStdout};
 
 /// The whole test, beyond which it fails (every process is killed on the way out).
 const WHOLE: Duration = Duration::from_secs(240);
-/// One browser command (a wait included) at most.
-const STEP: Duration = Duration::from_secs(45);
-
-fn screenshot_dir() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/browser");
-    std::fs::create_dir_all(&dir).expect("creating target/browser");
-    dir
-}
-
-/// The node driver: one command at a time, each answered by one line.
-struct Browser {
-    child: Child,
-    stdin: ChildStdin,
-    lines: Lines<BufReader<ChildStdout>>,
-    next: u64,
-}
-
-impl Browser {
-    fn start() -> Browser {
-        let mut child = tokio::process::Command::new("node")
-            .arg(browser_dir().join("page.mjs"))
-            .env("CHROMIUM", chromium())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("starting node (is Node.js installed?)");
-        let stdin = child.stdin.take().unwrap();
-        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        Browser { child, stdin, lines, next: 0 }
-    }
-
-    /// Runs `cmd` in context `ctx`: its value, or the driver's error (with what the page showed).
-    async fn try_call(&mut self, ctx: &str, mut cmd: Value) -> Result<Value, Value> {
-        self.next += 1;
-        let id = self.next;
-        cmd["id"] = json!(id);
-        cmd["ctx"] = json!(ctx);
-        let mut line = cmd.to_string();
-        line.push('\n');
-        self.stdin.write_all(line.as_bytes()).await.expect("writing to the driver");
-        let answer = tokio::time::timeout(STEP, async {
-            loop {
-                let Some(line) = self.lines.next_line().await.expect("reading the driver") else {
-                    panic!("the browser driver exited during {cmd}");
-                };
-                let Ok(v) = serde_json::from_str::<Value>(&line) else {
-                    eprintln!("driver (not JSON): {line}");
-                    continue;
-                };
-                if v["id"] == id {
-                    return v;
-                }
-                // Console output and page errors of the page, to follow the story.
-                eprintln!("page: {line}");
-                assert_ne!(v["kind"], "pageerror", "the page threw: {v}");
-            }
-        })
-        .await
-        .unwrap_or_else(|_| panic!("no answer from the browser to {cmd} within {STEP:?}"));
-        if answer["kind"] == "done" {
-            Ok(answer["value"].clone())
-        } else {
-            Err(answer)
-        }
-    }
-
-    async fn call(&mut self, ctx: &str, cmd: Value) -> Value {
-        match self.try_call(ctx, cmd.clone()).await {
-            Ok(v) => v,
-            Err(e) => panic!("browser command {cmd} in {ctx} failed: {}\npage text:\n{}", e["error"], e["page_text"]),
-        }
-    }
-
-    /// Waits until the function body `js` returns something truthy in `ctx`'s page.
-    async fn wait(&mut self, ctx: &str, what: &str, js: &str) -> Value {
-        match self.try_call(ctx, json!({"cmd": "wait", "js": js, "timeout_ms": 30_000})).await {
-            Ok(v) => v,
-            Err(e) => {
-                let now = self.try_call(ctx, json!({"cmd": "eval", "js": SNAPSHOT})).await;
-                panic!(
-                    "{ctx}: waiting for {what} failed: {}\npage now: {now:?}\npage text:\n{}",
-                    e["error"], e["page_text"]
-                )
-            }
-        }
-    }
-
-    async fn eval(&mut self, ctx: &str, js: &str) -> Value {
-        self.call(ctx, json!({"cmd": "eval", "js": js})).await
-    }
-
-    async fn snapshot(&mut self, ctx: &str) -> Value {
-        self.eval(ctx, SNAPSHOT).await
-    }
-
-    async fn screenshot(&mut self, ctx: &str, name: &str) {
-        let path = screenshot_dir().join(format!("{name}.png"));
-        self.call(ctx, json!({"cmd": "screenshot", "path": path})).await;
-        eprintln!("screenshot {}", path.display());
-    }
-
-    async fn close(mut self) {
-        drop(self.stdin);
-        let _ = tokio::time::timeout(Duration::from_secs(20), self.child.wait()).await;
-    }
-}
 
 /// What a test checks of the page: connection state, inbox (source event ids, newest first, with
 /// read flags), the unread badge.
@@ -296,7 +185,7 @@ async fn inbox(brokers: String) {
     assert_eq!(unread_count(&http, &url, &token).await, 0, "the dev token is accepted");
 
     // Signed out, then signed in as a demo user with the keyboard, on a phone-sized viewport.
-    let mut b = Browser::start();
+    let mut b = Browser::start(SNAPSHOT);
     let status = b.call("alice", json!({"cmd": "open", "url": format!("{url}/"), "width": 390, "height": 844})).await;
     assert_eq!(status, 200);
     b.wait("alice", "the page to start", "return document.body.dataset.ready === '1'").await;
@@ -488,7 +377,7 @@ async fn web_page_chat_two_users_live_across_reloads_and_a_gateway_restart() {
 async fn chat(brokers: String) {
     let mut st = Stack::start(brokers).await;
     let (url, http) = (st.url.clone(), st.http.clone());
-    let mut b = Browser::start();
+    let mut b = Browser::start(SNAPSHOT);
     for user in ["alice", "bob"] {
         b.call(user, json!({"cmd": "open", "url": format!("{url}/"), "width": 390, "height": 844})).await;
         b.wait(user, "the page to start", "return document.body.dataset.ready === '1'").await;
@@ -717,7 +606,7 @@ async fn two_origins(brokers: String) {
     let csp = r.headers()["content-security-policy"].to_str().unwrap().to_string();
     assert!(csp.contains(&format!("connect-src 'self' {a} {b_url};")), "{csp}");
 
-    let mut b = Browser::start();
+    let mut b = Browser::start(SNAPSHOT);
     let status = b.call(&user, json!({"cmd": "open", "url": format!("{a}/"), "width": 390, "height": 844})).await;
     assert_eq!(status, 200);
     b.wait(&user, "the page to start", "return document.body.dataset.ready === '1'").await;

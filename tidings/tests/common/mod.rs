@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 pub use tidings_core::testing::brokers_or_skip;
 
+pub mod browser;
+
 /// A topic prefix no other test run shares, so tests can run side by side on one broker.
 pub fn unique_prefix() -> String {
     let id = uuid::Uuid::new_v4().simple().to_string();

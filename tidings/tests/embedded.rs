@@ -1,7 +1,8 @@
 //! README's run command on its embedded defaults (mock Kafka, SQLite, embedded registry): `up`,
 //! `demo`, notifications stored and readable with `stats`/`inbox`; SIGTERM stops it cleanly; a
 //! second run over the same data directory stores the second demo's notifications too; `produce`
-//! turns JSON lines into Avro events and reports a bad line with its field path.
+//! turns JSON lines into Avro events and reports a bad line with its field path; the gateway serves
+//! the segment API with the dev service token.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -195,4 +196,30 @@ async fn stream_on_embedded_defaults_ends_with_reconnect_on_sigterm() {
     }
     assert!(g.0.try_wait().unwrap().unwrap().success());
     demo_run.await.unwrap();
+}
+
+/// `up --dev` serves the segment API on the gateway with the service token it writes to its
+/// endpoints file: a CSV replaces a segment that `tidings segment show` then reads from the same
+/// store; a user token is refused with 403.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_serves_the_segment_api_with_the_service_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_path_buf();
+    let g = up(&data);
+    let ep: serde_json::Value = serde_json::from_slice(&std::fs::read(data.join("endpoints.json")).unwrap()).unwrap();
+    let (http_url, service) = (ep["http"].as_str().unwrap(), ep["ingest_token"].as_str().unwrap());
+    let http = reqwest::Client::new();
+    let url = format!("{http_url}/v1/segments/vip");
+    let put = http.put(&url).bearer_auth(service).header("content-type", "text/csv").body("user_id\nu1\nu2\n");
+    let resp = put.send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["segment"]["size"], 2, "{body}");
+    let out = tidings(&data).args(["segment", "show", "vip"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("segment vip: 2 user(s)"), "{out:?}");
+    let out = tidings(&data).args(["token", "--user", "u1"]).output().unwrap();
+    let user = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert_eq!(http.get(&url).bearer_auth(&user).send().await.unwrap().status(), 403);
+    assert_eq!(http.get(&url).send().await.unwrap().status(), 401);
+    terminate(g);
 }

@@ -243,7 +243,10 @@ pub fn check(args: &UpArgs) -> Result<Settings, Vec<String>> {
             if missing {
                 let what = if schema { "topic with a schema" } else { "topic" };
                 ok(
-                    Err(format!("the claim stage needs the {what} {topic:?} in {}", args.infra.topology.display())),
+                    Err(format!(
+                        "the claim stage needs the {what} {topic:?} in {} (or leave claims out of --stages)",
+                        args.infra.topology.display()
+                    )),
                     "--stages (TIDINGS_STAGES)",
                 );
             }

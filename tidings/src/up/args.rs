@@ -93,9 +93,15 @@ pub struct UpArgs {
     #[arg(long = "registry-allow-host", env = "TIDINGS_REGISTRY_ALLOW_HOSTS", value_delimiter = ',')]
     pub registry_allow_hosts: Vec<String>,
     /// Stages to run, comma-separated: templating, persistence, gateway (which includes HTTP
-    /// ingest), ingest (HTTP ingest alone, no delivery: e.g. an ingest tier of its own), claims
-    /// (the coupon claim stage: `coupon-claims` decided into `coupons`; not run unless named).
-    #[arg(long, env = "TIDINGS_STAGES", value_delimiter = ',', default_value = "templating,persistence,gateway")]
+    /// ingest and, when the topology declares its topics, the coupon API), ingest (HTTP ingest
+    /// alone, no delivery: e.g. an ingest tier of its own), claims (the coupon claim stage:
+    /// `coupon-claims` decided into `coupons`).
+    #[arg(
+        long,
+        env = "TIDINGS_STAGES",
+        value_delimiter = ',',
+        default_value = "templating,persistence,gateway,claims"
+    )]
     pub stages: Vec<String>,
     /// Seconds to let tasks finish their work after SIGTERM before exiting anyway.
     #[arg(long, env = "TIDINGS_GRACE_SECS", default_value_t = 15)]

@@ -7,7 +7,6 @@
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -21,7 +20,7 @@ use tracing::Instrument;
 use crate::auth::AuthConfig;
 use crate::error::ApiError;
 use crate::produce::EventProducer;
-use crate::service_auth::ServiceTokens;
+use crate::service_auth::{require_service, ServiceGuard, ServiceTokens};
 
 /// Largest accepted event body.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -48,20 +47,12 @@ pub fn router(state: Arc<IngestState>) -> Router {
     Router::new()
         .route("/v1/events/{topic}", post(ingest))
         // The credential is checked before the body is read.
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_service))
+        .route_layer(axum::middleware::from_fn_with_state(
+            ServiceGuard { tokens: state.tokens.clone(), users: state.users.clone() },
+            require_service,
+        ))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
-}
-
-async fn require_service(
-    State(state): State<Arc<IngestState>>,
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    match state.tokens.check(req.headers(), state.users.as_deref()) {
-        Ok(()) => next.run(req).await,
-        Err(e) => e.into_response(),
-    }
 }
 
 async fn ingest(

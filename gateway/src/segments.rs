@@ -6,7 +6,6 @@
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::Deserialize;
@@ -18,7 +17,7 @@ use tidings_store::Store;
 
 use crate::auth::AuthConfig;
 use crate::error::ApiError;
-use crate::service_auth::ServiceTokens;
+use crate::service_auth::{require_service, ServiceGuard, ServiceTokens};
 
 /// Limits of the segment endpoints.
 #[derive(Debug, Clone)]
@@ -62,20 +61,12 @@ pub fn router(state: Arc<SegmentsState>) -> Router {
         .route("/v1/segments", get(list))
         .route("/v1/segments/{name}", get(show).put(replace).post(append).delete(delete))
         // The credential is checked before the body is read.
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_service))
+        .route_layer(axum::middleware::from_fn_with_state(
+            ServiceGuard { tokens: state.tokens.clone(), users: state.users.clone() },
+            require_service,
+        ))
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
         .with_state(state)
-}
-
-async fn require_service(
-    State(state): State<Arc<SegmentsState>>,
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    match state.tokens.check(req.headers(), state.users.as_deref()) {
-        Ok(()) => next.run(req).await,
-        Err(e) => e.into_response(),
-    }
 }
 
 fn info_json(s: &SegmentInfo) -> Value {

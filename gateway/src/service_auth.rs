@@ -1,7 +1,12 @@
 //! Service credentials: what upstream services present to produce events over HTTP ingest.
 //! Static bearer tokens, configured by the operator; a browser user's JWT never passes.
 
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -65,20 +70,33 @@ impl ServiceTokens {
             return Err(ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "missing_credential",
-                "event ingest needs a service token: Authorization: Bearer <token>",
+                "this endpoint is for services: Authorization: Bearer <service token>",
             ));
         };
         if self.accepts(token) {
             return Ok(());
         }
         if users.is_some_and(|u| u.verify(token).is_ok()) {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "user_token",
-                "a user token cannot produce events; ingest is for services",
-            ));
+            return Err(ApiError::new(StatusCode::FORBIDDEN, "user_token", "a user token cannot act as a service"));
         }
         Err(ApiError::new(StatusCode::UNAUTHORIZED, "invalid_credential", "the service token is not known"))
+    }
+}
+
+/// What a services-only router checks before it reads a body: the service tokens, and the user
+/// tokens it tells apart (403 instead of 401).
+#[derive(Clone)]
+pub struct ServiceGuard {
+    pub tokens: ServiceTokens,
+    pub users: Option<Arc<AuthConfig>>,
+}
+
+/// Middleware (`route_layer(from_fn_with_state(guard, require_service))`) passing only requests
+/// with a service token, before their body is read.
+pub async fn require_service(State(guard): State<ServiceGuard>, req: Request, next: Next) -> Response {
+    match guard.tokens.check(req.headers(), guard.users.as_deref()) {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
     }
 }
 

@@ -88,6 +88,7 @@ fn notif(user: &str, partition: i32, offset: i64) -> StoredNotification {
             source_offset: offset,
             data: None,
             inbox: true,
+            category: String::new(),
             recipients: vec![],
         },
         stream_partition: partition,

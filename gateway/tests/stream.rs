@@ -56,6 +56,7 @@ fn notification(user: &str, n: usize) -> Notification {
         source_offset: n as i64,
         data: None,
         inbox: true,
+        category: String::new(),
         recipients: vec![],
     }
 }

@@ -230,6 +230,7 @@ async fn a_notification_the_database_refuses_is_dead_lettered_and_the_rest_store
             source_offset: i,
             data: None,
             inbox: true,
+            category: String::new(),
             recipients: vec![],
         };
         let at = send(&producer, &topic, &user, Some(&encoder.encode(n.to_value()).unwrap())).await;

@@ -42,6 +42,7 @@ fn notification(u: usize, n: usize) -> Notification {
         source_offset: n as i64,
         data: None,
         inbox: true,
+        category: String::new(),
         recipients: vec![],
     }
 }

@@ -48,6 +48,7 @@ fn notification(i: usize) -> Notification {
         source_offset: i as i64,
         data: None,
         inbox: true,
+        category: String::new(),
         recipients: vec![],
     }
 }

@@ -134,6 +134,7 @@ pub(crate) mod tests {
             source_offset: 3,
             data: data.map(str::to_string),
             inbox: false,
+            category: String::new(),
             recipients: vec![],
         }
     }

@@ -30,6 +30,7 @@ fn sample(data: Option<&str>, inbox: bool) -> Notification {
         source_offset: 123_456,
         data: data.map(str::to_string),
         inbox,
+        category: String::new(),
         recipients: vec![],
     }
 }

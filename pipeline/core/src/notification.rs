@@ -37,6 +37,8 @@ pub struct Notification {
     pub data: Option<String>,
     /// False for delivery-only copies (chat messages to room members): streamed, never stored.
     pub inbox: bool,
+    /// The template's category (`categories` in topology.yaml); empty in older records.
+    pub category: String,
     /// Empty for one user's notification; else a group record standing for the notification of
     /// each of these users (see [`Notification::for_each_recipient`]).
     pub recipients: Vec<String>,
@@ -82,6 +84,7 @@ impl Notification {
             ("source_offset".into(), Value::Long(self.source_offset)),
             ("data".into(), optional_string(self.data.as_deref())),
             ("inbox".into(), Value::Boolean(self.inbox)),
+            ("category".into(), Value::String(self.category.clone())),
             ("recipients".into(), Value::Array(self.recipients.iter().cloned().map(Value::String).collect())),
         ])
     }
@@ -105,6 +108,7 @@ impl Notification {
             source_offset: 0,
             data: None,
             inbox: true,
+            category: String::new(),
             recipients: Vec::new(),
         };
         for (name, v) in fields {
@@ -131,6 +135,7 @@ impl Notification {
                 ("data", Value::String(s)) => n.data = Some(s),
                 ("data", Value::Null) => n.data = None,
                 ("inbox", Value::Boolean(b)) => n.inbox = b,
+                ("category", Value::String(s)) => n.category = s,
                 ("recipients", Value::Array(items)) => {
                     n.recipients = items
                         .into_iter()
@@ -173,6 +178,7 @@ impl Notification {
             source_offset: r.long()?,
             data: r.optional_string()?.map(str::to_owned),
             inbox: r.boolean()?,
+            category: r.string()?.to_owned(),
             recipients: r.string_array()?,
         };
         if !r.0.is_empty() {
@@ -278,6 +284,7 @@ pub struct SharedFields<'a> {
     pub source_offset: i64,
     pub data: Option<&'a str>,
     pub inbox: bool,
+    pub category: &'a str,
 }
 
 /// [`NOTIFICATION_SCHEMA`] without its first two fields (`notification_id`, `user_id`) and its last
@@ -327,6 +334,7 @@ impl NotificationEncoder {
             ("source_offset".into(), Value::Long(f.source_offset)),
             ("data".into(), optional_string(f.data)),
             ("inbox".into(), Value::Boolean(f.inbox)),
+            ("category".into(), Value::String(f.category.to_string())),
         ]);
         self.shared.write_value_to_vec(value).map_err(|e| CodecError::Avro(e.to_string()))
     }
@@ -394,7 +402,7 @@ mod tests {
             event in ".{0,40}", user in ".{0,200}", kind in "[a-z.]{1,20}", title in ".{0,300}",
             body in ".{0,3000}", link in proptest::option::of(".{0,50}"), occurred_at in any::<i64>(),
             topic in "[a-z.]{1,30}", partition in any::<i32>(), offset in any::<i64>(), schema_id in any::<u32>(),
-            data in proptest::option::of(".{0,200}"), inbox in any::<bool>(),
+            data in proptest::option::of(".{0,200}"), inbox in any::<bool>(), category in "[a-z]{0,12}",
             recipients in proptest::collection::vec(".{0,30}", 0..5), group in any::<bool>(),
         ) {
             // A group record (nil id, no user) or one user's notification.
@@ -414,6 +422,7 @@ mod tests {
                 source_offset: offset,
                 data: data.clone(),
                 inbox,
+                category: category.clone(),
                 recipients: recipients.clone(),
             };
             let full = crate::FramedEncoder::new(schema_id, &NOTIFICATION_SCHEMA).unwrap().encode(n.to_value()).unwrap();
@@ -421,7 +430,7 @@ mod tests {
             let shared = enc.shared(&SharedFields {
                 kind: &kind, title: &title, body: &body, link: link.as_deref(), source_event_id: &event,
                 occurred_at, source_topic: &topic, source_partition: partition, source_offset: offset,
-                data: data.as_deref(), inbox,
+                data: data.as_deref(), inbox, category: &category,
             }).unwrap();
             let mut out = vec![1, 2, 3];
             let names: Vec<&str> = recipients.iter().map(String::as_str).collect();
@@ -444,7 +453,7 @@ mod tests {
                 notification_id: Notification::id_for("e", "u"),
                 user_id: "u".into(), kind: "k".into(), title, body: "b".into(), link: None,
                 source_event_id: "e".into(), occurred_at: 7, source_topic: "t".into(), source_partition: 1,
-                source_offset: offset, data, inbox: false, recipients,
+                source_offset: offset, data, inbox: false, category: "orders".into(), recipients,
             };
             let writer = apache_avro::writer::datum::GenericDatumWriter::builder(&NOTIFICATION_SCHEMA).build().unwrap();
             let mut bytes = writer.write_value_to_vec(n.to_value()).unwrap();
@@ -500,6 +509,7 @@ mod tests {
             source_offset: 42,
             data: None,
             inbox: true,
+            category: String::new(),
             recipients: vec![],
         };
         let writer = apache_avro::writer::datum::GenericDatumWriter::builder(&NOTIFICATION_SCHEMA).build().unwrap();
@@ -525,6 +535,7 @@ mod tests {
             source_offset: 9,
             data: None,
             inbox: true,
+            category: String::new(),
             recipients: vec!["a".into(), "b".into()],
         };
         let mut seen = Vec::new();

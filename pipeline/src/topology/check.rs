@@ -12,8 +12,8 @@ use serde::Deserializer;
 use serde_yaml::Value;
 
 use super::{
-    ClaimsStage, Diagnostic, LoadedSchema, PersistenceStage, Recipients, Stages, TemplateSpec, TemplatingStage,
-    TopicSpec, Topology, TopologyErrors,
+    CategorySpec, ClaimsStage, Diagnostic, LoadedSchema, PersistenceStage, Recipients, Stages, TemplateSpec,
+    TemplatingStage, TopicSpec, Topology, TopologyErrors,
 };
 use crate::stages::claims::{INPUT as CLAIMS_INPUT, OUTPUT as CLAIMS_OUTPUT};
 
@@ -23,7 +23,7 @@ const MAX_TOPIC_NAME: usize = 249;
 const JINJA_GLOBALS: [&str; 4] = ["range", "dict", "namespace", "debug"];
 /// Context variables the templating stage adds next to the event fields.
 const EXTRA_CONTEXT: [&str; 2] = ["event_type", "recipient"];
-const ROOT_KEYS: [&str; 4] = ["topic_prefix", "topics", "stages", "templates"];
+const ROOT_KEYS: [&str; 5] = ["topic_prefix", "topics", "stages", "categories", "templates"];
 
 /// Parses and checks a topology; `source` names the file in diagnostics.
 pub(super) fn parse(text: &str, source: &str, base_dir: &Path) -> Result<Topology, TopologyErrors> {
@@ -58,7 +58,18 @@ pub(super) fn parse(text: &str, source: &str, base_dir: &Path) -> Result<Topolog
         topics: parsed.topics,
         // Without a `stages.claims` section the claim stage runs with its defaults.
         stages: Stages { templating, persistence, claims: parsed.claims.unwrap_or_default() },
-        templates: parsed.templates.into_iter().map(|(_, t)| t).collect(),
+        templates: parsed
+            .templates
+            .into_iter()
+            .map(|(_, mut t)| {
+                // A template without a category is in its topic's (documented default).
+                if t.category.is_empty() {
+                    t.category = t.topic.clone();
+                }
+                t
+            })
+            .collect(),
+        categories: parsed.categories,
         warnings: checker.warnings,
         schemas,
     })
@@ -267,6 +278,7 @@ struct Parsed {
     claims: Option<ClaimsStage>,
     /// With their index in the file.
     templates: Vec<(usize, TemplateSpec)>,
+    categories: BTreeMap<String, CategorySpec>,
 }
 
 struct Checker<'a> {
@@ -360,6 +372,7 @@ impl Checker<'_> {
                 "topics" => self.structure_topics(&path, value, &mut parsed),
                 "stages" => self.structure_stages(&path, value, &mut parsed),
                 "templates" => self.structure_templates(&path, value, &mut parsed),
+                "categories" => self.structure_categories(&path, value, &mut parsed),
                 other => self.error(&path, format!("unknown key `{other}`; expected one of {}", ROOT_KEYS.join(", "))),
             }
         }
@@ -385,6 +398,26 @@ impl Checker<'_> {
             if let Some(spec) = self.extract::<TopicSpec>(&path.key(name)) {
                 parsed.topics.insert(name.clone(), spec);
             }
+        }
+    }
+
+    fn structure_categories(&mut self, path: &YamlPath, value: &Value, parsed: &mut Parsed) {
+        let categories = match value {
+            Value::Mapping(m) => m,
+            Value::Null => return,
+            _ => {
+                self.error(path, "`categories` must be a mapping from category name to its settings");
+                return;
+            }
+        };
+        for (name, _) in categories {
+            let Value::String(name) = name else {
+                self.error(path, format!("category names must be strings, found {name:?}"));
+                continue;
+            };
+            // Kept even when its settings are wrong, so templates naming it are not reported too.
+            let spec = self.extract::<Option<CategorySpec>>(&path.key(name)).flatten().unwrap_or_default();
+            parsed.categories.insert(name.clone(), spec);
         }
     }
 
@@ -466,6 +499,15 @@ impl Checker<'_> {
         }
         for (name, spec) in &parsed.topics {
             self.check_topic(parsed, name, spec, views.get(name.as_str()));
+        }
+        for name in parsed.categories.keys() {
+            // Names travel in URLs, JSON and metric labels.
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+                self.error(
+                    &top.key("categories").key(name),
+                    "category names may only contain ASCII letters, digits, `_` and `-`",
+                );
+            }
         }
         if let Some(stage) = &parsed.templating {
             self.check_templating(parsed, stage, &views);
@@ -723,6 +765,7 @@ impl Checker<'_> {
         if t.kind.trim().is_empty() {
             self.error(&path.key("kind"), "kind must not be empty");
         }
+        self.check_category(parsed, path, t);
 
         let topic_path = path.key("topic");
         if !parsed.declared.contains(&t.topic) {
@@ -805,6 +848,32 @@ impl Checker<'_> {
                 }
                 Ok(_) => {}
             }
+        }
+    }
+}
+
+impl Checker<'_> {
+    /// An explicit category must be declared under `categories`; so must a template's default
+    /// (its topic's name) once the file declares categories at all.
+    fn check_category(&mut self, parsed: &Parsed, path: &YamlPath, t: &TemplateSpec) {
+        let declared = || parsed.categories.keys().map(String::as_str).collect::<Vec<_>>().join(", ");
+        if !t.category.is_empty() {
+            if !parsed.categories.contains_key(&t.category) {
+                let known = if parsed.categories.is_empty() { "none".to_owned() } else { declared() };
+                self.error(
+                    &path.key("category"),
+                    format!("unknown category `{}`; the categories declared are: {known}", t.category),
+                );
+            }
+        } else if !parsed.categories.is_empty() && !parsed.categories.contains_key(&t.topic) {
+            self.error(
+                path,
+                format!(
+                    "no `category`, and its default (the topic name `{}`) is not declared under `categories` ({})",
+                    t.topic,
+                    declared()
+                ),
+            );
         }
     }
 }
@@ -1187,6 +1256,55 @@ templates:
         ] {
             assert!(text.contains(needle), "missing `{needle}` in:\n{text}");
         }
+    }
+
+    /// A file without `categories` still loads, each template in its topic's category; declared
+    /// categories are loaded and an unknown one is reported with the other mistakes.
+    #[test]
+    fn categories_default_to_the_topic_and_unknown_ones_are_refused() {
+        let t = Topology::from_str(VALID, &workspace()).unwrap();
+        assert!(t.categories.is_empty());
+        assert_eq!(t.templates[0].category, "orders", "the topic's name by default");
+        assert!(!t.is_critical("orders"));
+
+        let declared = VALID.replace(
+            "templates:\n",
+            "categories:\n  orders: { description: Orders }\n  payment: { critical: true }\ntemplates:\n",
+        );
+        let t = Topology::from_str(&declared, &workspace()).unwrap();
+        assert_eq!(t.categories["orders"].description, "Orders");
+        assert!(t.is_critical("payment") && !t.is_critical("orders") && !t.is_critical("nothing"));
+        let explicit = declared.replace("    kind: order.placed\n", "    kind: order.placed\n    category: payment\n");
+        assert_eq!(Topology::from_str(&explicit, &workspace()).unwrap().templates[0].category, "payment");
+
+        // An unknown category, reported together with another mistake.
+        let wrong = declared
+            .replace("    kind: order.placed\n", "    kind: order.placed\n    category: marketing\n")
+            .replace("batch_size: 10", "batch_size: lots");
+        let err = Topology::from_str(&wrong, &workspace()).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains(
+                "templates[0].category: unknown category `marketing`; the categories declared are: orders, payment"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("stages.persistence.batch_size"), "{text}");
+        assert_eq!(err.0.len(), 2, "{text}");
+        // Once categories are declared, a template's default must be one of them too.
+        let undeclared = VALID.replace("templates:\n", "categories:\n  payment: { critical: true }\ntemplates:\n");
+        let text = Topology::from_str(&undeclared, &workspace()).unwrap_err().to_string();
+        assert!(text.contains("its default (the topic name `orders`) is not declared"), "{text}");
+        // A bad name and an unknown key of a category.
+        let bad = VALID.replace(
+            "templates:\n",
+            "categories:\n  orders: {}\n  \"a b\": { critical: true, colour: red }\ntemplates:\n",
+        );
+        let err = Topology::from_str(&bad, &workspace()).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("categories.a b: unknown field `colour`"), "{text}");
+        assert!(text.contains("categories.a b: category names may only contain"), "{text}");
+        assert_eq!(err.0.len(), 2, "{text}");
     }
 
     const CLAIMS_TOPICS: &str = r#"

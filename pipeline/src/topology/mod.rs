@@ -28,6 +28,9 @@ pub struct Topology {
     pub stages: Stages,
     /// Notification templates, in file order.
     pub templates: Vec<TemplateSpec>,
+    /// Notification categories by name (`categories`): what users opt out of. Default: none, and
+    /// then each template's category is its topic's name (not critical).
+    pub categories: BTreeMap<String, CategorySpec>,
     /// Problems that do not stop the pipeline, e.g. an input event type with no template
     /// (the templating stage skips such events).
     pub warnings: Vec<Diagnostic>,
@@ -273,6 +276,20 @@ fn default_linger_ms() -> u64 {
     250
 }
 
+/// One entry of `categories`: a kind of notification a user may opt out of, unless it is critical.
+/// Written as `name: { critical: true, description: "..." }`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CategorySpec {
+    /// Critical notifications (a payment, a delivery) reach every user: they cannot be opted out
+    /// of. Default: false.
+    #[serde(default)]
+    pub critical: bool,
+    /// One line shown next to the category on the preferences page. Default: empty.
+    #[serde(default)]
+    pub description: String,
+}
+
 /// One entry of `templates`: how one event type on one topic becomes notifications.
 ///
 /// Texts are minijinja templates. Their context is the decoded event as JSON (envelope fields
@@ -287,6 +304,12 @@ pub struct TemplateSpec {
     pub event: String,
     /// Notification kind stored with each notification, e.g. `order.placed`. Required.
     pub kind: String,
+    /// Category of these notifications, one of `categories` (what preferences opt out of).
+    /// Default: the template's topic name, which must then be declared when `categories` is.
+    /// Preferences apply to inbox notifications only (`inbox: true`): delivery-only copies (a
+    /// room's chat messages, the answer to a user's own claim) are never dropped by them.
+    #[serde(default)]
+    pub category: String,
     /// Who is notified. Required.
     pub recipients: Recipients,
     /// Title template. Required.
@@ -553,6 +576,11 @@ impl Topology {
     /// The parsed Avro schema of a logical topic, if it has one.
     pub fn schema(&self, logical_topic: &str) -> Option<&apache_avro::Schema> {
         self.schemas.get(logical_topic).map(|s| &s.parsed)
+    }
+
+    /// Whether `category` is declared critical (a category not declared is not).
+    pub fn is_critical(&self, category: &str) -> bool {
+        self.categories.get(category).is_some_and(|c| c.critical)
     }
 
     /// The template for `event` (a payload branch name) on a logical topic.

@@ -94,6 +94,7 @@ fn row(i: u64) -> StoredNotification {
             source_offset: i_signed / 6,
             data: None,
             inbox: true,
+            category: String::new(),
             recipients: vec![],
         },
         stream_partition: (i % PARTITIONS as u64) as i32,

@@ -49,6 +49,7 @@ pub mod claims;
 pub mod copy;
 pub mod error;
 pub mod postgres;
+pub mod preferences;
 pub mod segments;
 pub mod sqlite;
 pub mod testing;
@@ -186,6 +187,7 @@ fn inbox_items<D: Dialect>(rows: Vec<InboxRowOf<D>>) -> Vec<InboxItem> {
                 source_offset: r.source_offset,
                 data: None,
                 inbox: true,
+                category: String::new(),
                 recipients: vec![],
             },
             stream_partition: r.stream_partition,

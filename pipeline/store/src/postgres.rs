@@ -78,7 +78,7 @@ async fn copy_rows<T>(
 /// One `notifications_staging` row; field order is the staging table's column order.
 fn encode_notification(enc: &mut CopyEncoder, s: &StoredNotification) -> Result<(), CopyError> {
     let n = &s.notification;
-    enc.begin_row(13);
+    enc.begin_row(14);
     enc.uuid(&n.notification_id);
     enc.text(&pg_text(&n.user_id))?;
     enc.text(&pg_text(&n.kind))?;
@@ -92,6 +92,7 @@ fn encode_notification(enc: &mut CopyEncoder, s: &StoredNotification) -> Result<
     enc.i64(n.source_offset);
     enc.i32(s.stream_partition);
     enc.i64(s.stream_offset);
+    enc.text(&pg_text(&n.category))?;
     Ok(())
 }
 

@@ -16,7 +16,7 @@ const INSERT_NOTIFICATIONS: &str = include_str!("sql/sqlite/insert_notifications
 const INSERT_CHAT: &str = include_str!("sql/sqlite/insert_chat.sql");
 const ADD_SEGMENT_MEMBERS: &str = include_str!("sql/sqlite/add_segment_members.sql");
 
-/// Rows per multi-row statement: 13 parameters each stays far below SQLite's 32766-variable limit,
+/// Rows per multi-row statement: 14 parameters each stays far below SQLite's 32766-variable limit,
 /// and a fixed chunk size means all full chunks share one cached prepared statement.
 const ROWS_PER_INSERT: usize = 256;
 /// Rows per membership statement (2 parameters each).
@@ -80,7 +80,8 @@ impl Dialect for sqlx::Sqlite {
                     .push_bind(n.source_partition)
                     .push_bind(n.source_offset)
                     .push_bind(s.stream_partition)
-                    .push_bind(s.stream_offset);
+                    .push_bind(s.stream_offset)
+                    .push_bind(n.category.as_str());
             });
             stats.notifications_inserted += q.build().execute(&mut *conn).await?.rows_affected();
         }

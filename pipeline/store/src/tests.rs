@@ -37,6 +37,7 @@ fn notification(user: &str, event: &str, stream_partition: i32, stream_offset: i
             source_offset: 1000 + stream_offset,
             data: None,
             inbox: true,
+            category: String::new(),
             recipients: vec![],
         },
         stream_partition,

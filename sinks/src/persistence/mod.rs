@@ -785,6 +785,7 @@ mod tests {
                 source_offset: i,
                 data: None,
                 inbox: true,
+                category: String::new(),
                 recipients: vec![],
             },
             stream_partition: 0,

@@ -28,6 +28,7 @@ pub fn notification(i: usize, user: &str, occurred_at: i64) -> Notification {
         source_offset: i as i64,
         data: None,
         inbox: true,
+        category: String::new(),
         recipients: vec![],
     }
 }

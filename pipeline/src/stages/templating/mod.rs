@@ -184,6 +184,7 @@ impl Fanout {
             source_offset: self.source_offset,
             data: t.data.as_deref(),
             inbox: t.inbox,
+            category: &t.category,
         }
     }
 
@@ -204,6 +205,7 @@ impl Fanout {
             source_offset: self.source_offset,
             data: t.data.clone(),
             inbox: t.inbox,
+            category: t.category.clone(),
             recipients: vec![],
         }
     }

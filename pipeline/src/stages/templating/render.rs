@@ -84,6 +84,8 @@ pub struct Rendered {
     /// The event as JSON, when the template asks for it (`data: event`).
     pub data: Option<String>,
     pub inbox: bool,
+    /// The template's category (what preferences opt out of).
+    pub category: String,
 }
 
 fn name(topic: &str, event: &str, locale: &str, part: &str) -> String {
@@ -230,6 +232,7 @@ impl Renderer {
                 link: if c.spec.link.is_some() { Some(r("link", "")?) } else { None },
                 data: data.clone(),
                 inbox: c.spec.inbox,
+                category: c.spec.category.clone(),
             })
         };
         if c.per_recipient {

@@ -89,6 +89,7 @@ pub(super) fn notification(user: &str, seq: usize) -> Notification {
         source_offset: seq as i64,
         data: None,
         inbox: true,
+        category: String::new(),
         recipients: vec![],
     }
 }

@@ -14,7 +14,8 @@ CREATE TEMP TABLE IF NOT EXISTS notifications_staging (
     source_partition integer,
     source_offset    bigint,
     stream_partition integer,
-    stream_offset    bigint
+    stream_offset    bigint,
+    category         text
 ) ON COMMIT DELETE ROWS;
 
 CREATE TEMP TABLE IF NOT EXISTS chat_staging (

@@ -2,5 +2,5 @@
 -- stored (same id) are skipped.
 INSERT OR IGNORE INTO notifications (
     id, user_id, kind, title, body, link, source_event_id, occurred_at,
-    source_topic, source_partition, source_offset, stream_partition, stream_offset
+    source_topic, source_partition, source_offset, stream_partition, stream_offset, category
 ) 

@@ -1,0 +1,1 @@
+DELETE FROM user_opt_outs WHERE user_id = $1

@@ -1,8 +1,8 @@
-//! The authenticated user's inbox over HTTP: a cursor-paged list (newest first), the unread count,
-//! and marking one notification read. Every query is scoped to the token's user, so another user's
-//! notifications are never listed, counted or revealed (a foreign id answers 404 like a missing one).
+//! The authenticated user's inbox over HTTP: a cursor-paged list (newest first) and its archive, the
+//! unread count, marking one or all read, archiving. Every query is scoped to the token's user, so
+//! another user's notifications are never listed, counted or revealed (a foreign id answers 404).
 
-use axum::extract::rejection::QueryRejection;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{FromRef, Path, Query, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
@@ -40,6 +40,9 @@ pub fn router(state: InboxState) -> Router {
         .route("/v1/notifications", get(list))
         .route("/v1/notifications/unread_count", get(unread_count))
         .route("/v1/notifications/{id}/read", post(mark_read))
+        .route("/v1/notifications/read_all", post(mark_all_read))
+        .route("/v1/notifications/{id}/archive", post(archive))
+        .route("/v1/notifications/{id}/unarchive", post(unarchive))
         .with_state(state)
 }
 
@@ -58,17 +61,21 @@ fn decode_cursor(c: &str) -> Option<(i32, i64)> {
     Some((p.parse().ok()?, o.parse().ok()?))
 }
 
-fn item_json(item: &InboxItem) -> Value {
-    // Same shape as the stream's `data:`, plus the read flag.
+fn item_json(item: &InboxItem, archived: bool) -> Value {
+    // Same shape as the stream's `data:`, plus the read and archived flags.
     let mut json = NotificationJson::new(&item.notification, item.stream_partition, item.stream_offset);
     json.read = Some(item.read);
-    serde_json::to_value(json).expect("notification serializes")
+    let mut value = serde_json::to_value(json).expect("notification serializes");
+    value["archived"] = Value::Bool(archived);
+    value
 }
 
 #[derive(Deserialize)]
 struct ListParams {
     limit: Option<String>,
     cursor: Option<String>,
+    /// `true` lists the archive instead of the inbox.
+    archived: Option<String>,
 }
 
 async fn list(
@@ -94,8 +101,24 @@ async fn list(
             ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_cursor", "cursor is not one this API returned")
         })?),
     };
+    let archived = match params.archived.as_deref() {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(_) => {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_archived",
+                "archived must be true or false",
+            ))
+        }
+    };
     // One extra row tells whether another page exists, so the last page says next_cursor: null.
-    let mut items = state.store.inbox(&user, before, limit + 1).await.map_err(ApiError::from)?;
+    let mut items = if archived {
+        state.store.archived(&user, before, limit + 1).await
+    } else {
+        state.store.inbox(&user, before, limit + 1).await
+    }
+    .map_err(ApiError::from)?;
     let more = items.len() > limit as usize;
     items.truncate(limit as usize);
     let next_cursor = match items.last() {
@@ -103,7 +126,7 @@ async fn list(
         _ => Value::Null,
     };
     Ok(Json(json!({
-        "items": items.iter().map(item_json).collect::<Vec<_>>(),
+        "items": items.iter().map(|i| item_json(i, archived)).collect::<Vec<_>>(),
         "next_cursor": next_cursor,
     })))
 }
@@ -113,18 +136,75 @@ async fn unread_count(State(state): State<InboxState>, AuthUser(user): AuthUser)
     Ok(Json(json!({ "unread": n })))
 }
 
+fn notification_id(id: &str) -> Result<uuid::Uuid, ApiError> {
+    uuid::Uuid::parse_str(id)
+        .map_err(|_| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_id", "notification id is not a UUID"))
+}
+
+/// 204 when the store found the user's notification, else 404.
+fn found(found: bool) -> Result<StatusCode, ApiError> {
+    if found {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such notification"))
+    }
+}
+
 async fn mark_read(
     State(state): State<InboxState>,
     AuthUser(user): AuthUser,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let id = uuid::Uuid::parse_str(&id)
-        .map_err(|_| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_id", "notification id is not a UUID"))?;
-    if state.store.mark_read(&user, id).await.map_err(ApiError::from)? {
-        Ok(StatusCode::NO_CONTENT)
-    } else {
-        Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such notification"))
+    let id = notification_id(&id)?;
+    found(state.store.mark_read(&user, id).await.map_err(ApiError::from)?)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReadAllBody {
+    /// The newest notification the client showed: it and everything before it in the inbox's order
+    /// are marked read, and one that arrived after it stays unread.
+    up_to: String,
+}
+
+/// `POST /v1/notifications/read_all` with `{"up_to": "<id>"}`: answers `{"marked": n}`.
+async fn mark_all_read(
+    State(state): State<InboxState>,
+    AuthUser(user): AuthUser,
+    body: Result<Json<Value>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let invalid = |message: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body", message);
+    let Json(body) = body.map_err(|e| invalid(e.body_text()))?;
+    // Only an object: serde would also take `["<id>"]` for the struct.
+    if !body.is_object() {
+        return Err(invalid(r#"the body is {"up_to": "<notification id>"}"#.into()));
     }
+    let body: ReadAllBody = serde_json::from_value(body).map_err(|e| invalid(e.to_string()))?;
+    let up_to = notification_id(&body.up_to).map_err(|e| e.with_path("up_to".into()))?;
+    match state.store.mark_all_read(&user, up_to).await.map_err(ApiError::from)? {
+        Some(marked) => Ok(Json(json!({ "marked": marked }))),
+        None => {
+            Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such notification").with_path("up_to".into()))
+        }
+    }
+}
+
+async fn archive(
+    State(state): State<InboxState>,
+    AuthUser(user): AuthUser,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let id = notification_id(&id)?;
+    found(state.store.archive(&user, id).await.map_err(ApiError::from)?)
+}
+
+async fn unarchive(
+    State(state): State<InboxState>,
+    AuthUser(user): AuthUser,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let id = notification_id(&id)?;
+    found(state.store.unarchive(&user, id).await.map_err(ApiError::from)?)
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! The inbox HTTP API behind JWT auth, served for real on a local port over a seeded SQLite store:
 //! token sources (the Bearer header only) and rejections (missing, expired, forged, wrong iss/aud,
-//! alg none, a stream credential), per-user isolation, cursor paging, mark-read and the unread count.
+//! alg none, a stream credential), per-user isolation, cursor paging, mark-read and the unread count,
+//! mark-all-read up to what the client saw, archiving and the archived list.
 
 use serde_json::{json, Value};
 use std::collections::HashSet;
@@ -101,6 +102,7 @@ struct Server {
     http: reqwest::Client,
     alice: Vec<StoredNotification>,
     bob: Vec<StoredNotification>,
+    store: Store,
     _dir: tempfile::TempDir,
 }
 
@@ -120,13 +122,16 @@ async fn start() -> Server {
         keys: vec![Key::hs256(SECRET), Key::from_public_pem(EC_PUBLIC.as_bytes()).unwrap()],
     };
     let app = tidings_gateway::app(
-        tidings_gateway::Parts { inbox: Some(InboxState { store, auth: Arc::new(auth) }), ..Default::default() },
+        tidings_gateway::Parts {
+            inbox: Some(InboxState { store: store.clone(), auth: Arc::new(auth) }),
+            ..Default::default()
+        },
         Readiness::default(),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await });
-    Server { base, http: reqwest::Client::new(), alice, bob, _dir: dir }
+    Server { base, http: reqwest::Client::new(), alice, bob, store, _dir: dir }
 }
 
 /// The server's keys, for minting what its `POST /v1/session` would.
@@ -151,6 +156,41 @@ impl Server {
     async fn mark(&self, id: &str, token: &str) -> u16 {
         let url = format!("{}/v1/notifications/{id}/read", self.base);
         self.http.post(url).bearer_auth(token).send().await.unwrap().status().as_u16()
+    }
+
+    /// `POST path` with an optional token and JSON body: (status, body).
+    async fn post(&self, path: &str, token: Option<&str>, body: Option<Value>) -> (u16, Value) {
+        let mut req = self.http.post(format!("{}{path}", self.base));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let (status, body, _) = respond(req).await;
+        (status, body)
+    }
+
+    /// Ids of every item of `user`'s inbox (`archived` false) or archive, paged at `limit`.
+    async fn listed(&self, user: &str, archived: bool, limit: u32) -> Vec<String> {
+        let (mut ids, mut cursor, mut pages) = (Vec::new(), String::new(), 0);
+        loop {
+            let path = format!("/v1/notifications?archived={archived}&limit={limit}&cursor={cursor}");
+            let (status, body, _) = self.get(&path, Some(&token(user))).await;
+            assert_eq!(status, 200, "{body}");
+            pages += 1;
+            let page = body["items"].as_array().unwrap();
+            assert!(page.len() <= limit as usize);
+            for item in page {
+                assert_eq!(item["archived"], archived, "{item}");
+                ids.push(item["id"].as_str().unwrap().to_string());
+            }
+            match body["next_cursor"].as_str() {
+                Some(c) => cursor = c.to_string(),
+                None => return ids,
+            }
+            assert!(pages < 50, "paging does not end");
+        }
     }
 
     async fn unread(&self, user: &str) -> u64 {
@@ -381,4 +421,119 @@ async fn mark_read_is_scoped_to_the_owner() {
 
 fn uuid_of_nothing() -> String {
     Notification::id_for("no-such-event", "alice").to_string()
+}
+
+/// Alice's ids newest first (the inbox's order).
+fn newest_first(items: &[StoredNotification]) -> Vec<String> {
+    let mut sorted = items.to_vec();
+    sorted.sort_by_key(|n| std::cmp::Reverse((n.stream_partition, n.stream_offset)));
+    ids(&sorted)
+}
+
+#[tokio::test]
+async fn read_all_and_archive_need_a_token_and_the_owner() {
+    let s = start().await;
+    let bobs = s.bob[0].notification.notification_id.to_string();
+    let own = s.alice[0].notification.notification_id.to_string();
+    let (status, body) = s.post("/v1/notifications/read_all", None, Some(json!({"up_to": own}))).await;
+    assert_eq!((status, &body["error"]["code"]), (401, &json!("missing_token")), "{body}");
+    for action in ["archive", "unarchive"] {
+        let (status, body) = s.post(&format!("/v1/notifications/{own}/{action}"), None, None).await;
+        assert_eq!((status, &body["error"]["code"]), (401, &json!("missing_token")), "{action}: {body}");
+    }
+    assert_401(s.get("/v1/notifications?archived=true", None).await, "missing_token");
+
+    // Another user's id answers like a missing one, and changes nothing of theirs.
+    let alice = token("alice");
+    let (status, body) = s.post("/v1/notifications/read_all", Some(&alice), Some(json!({"up_to": bobs}))).await;
+    assert_eq!((status, &body["error"]["code"]), (404, &json!("not_found")), "{body}");
+    for action in ["archive", "unarchive"] {
+        let (status, body) = s.post(&format!("/v1/notifications/{bobs}/{action}"), Some(&alice), None).await;
+        assert_eq!((status, &body["error"]["code"]), (404, &json!("not_found")), "{action}: {body}");
+        let missing = uuid_of_nothing();
+        assert_eq!(s.post(&format!("/v1/notifications/{missing}/{action}"), Some(&alice), None).await.0, 404);
+    }
+    assert_eq!(s.unread("bob").await, 3);
+    assert_eq!(s.unread("alice").await, 7);
+    assert_eq!(s.listed("bob", false, 100).await.len(), 3);
+    assert!(s.listed("bob", true, 100).await.is_empty());
+
+    // Bad ids, bodies and flags are 422 and change nothing.
+    for body in [json!({}), json!({"up_to": "nope"}), json!({"up_to": own, "extra": 1}), json!([own])] {
+        let (status, answer) = s.post("/v1/notifications/read_all", Some(&alice), Some(body.clone())).await;
+        assert_eq!(status, 422, "{body}: {answer}");
+    }
+    assert_eq!(s.post("/v1/notifications/not-a-uuid/archive", Some(&alice), None).await.0, 422);
+    assert_eq!(s.post("/v1/notifications/not-a-uuid/unarchive", Some(&alice), None).await.0, 422);
+    let (status, body, _) = s.get("/v1/notifications?archived=yes", Some(&alice)).await;
+    assert_eq!((status, &body["error"]["code"]), (422, &json!("invalid_archived")), "{body}");
+    assert_eq!(s.unread("alice").await, 7);
+}
+
+#[tokio::test]
+async fn read_all_leaves_a_notification_that_arrived_after_the_page_unread() {
+    let s = start().await;
+    let alice = token("alice");
+    // The page the client shows; then a new notification lands before the click.
+    let (_, page, _) = s.get("/v1/notifications?limit=100", Some(&alice)).await;
+    let newest_shown = page["items"][0]["id"].as_str().unwrap().to_string();
+    let late = notif("alice", 1, 20);
+    let batch = Batch { notifications: vec![late.clone()], ..Default::default() };
+    assert_eq!(s.store.write_batch("test", &batch).await.unwrap().notifications_inserted, 1);
+    assert_eq!(s.unread("alice").await, 8);
+
+    let (status, body) = s.post("/v1/notifications/read_all", Some(&alice), Some(json!({"up_to": newest_shown}))).await;
+    assert_eq!((status, body), (200, json!({"marked": 7})));
+    assert_eq!(s.unread("alice").await, 1);
+    let (_, page, _) = s.get("/v1/notifications?limit=100", Some(&alice)).await;
+    for item in page["items"].as_array().unwrap() {
+        let is_late = item["id"] == late.notification.notification_id.to_string().as_str();
+        assert_eq!(item["read"], !is_late, "{item}");
+    }
+    assert_eq!(s.unread("bob").await, 3, "bob's notifications are untouched");
+
+    // Again: nothing left to mark up to that point.
+    let (status, body) = s.post("/v1/notifications/read_all", Some(&alice), Some(json!({"up_to": newest_shown}))).await;
+    assert_eq!((status, body), (200, json!({"marked": 0})));
+}
+
+#[tokio::test]
+async fn archive_round_trip_and_archived_pages() {
+    let s = start().await;
+    let alice = token("alice");
+    let order = newest_first(&s.alice);
+    // Archive every other one, newest first: 4 archived, 3 left.
+    let archived: Vec<String> = order.iter().step_by(2).cloned().collect();
+    let kept: Vec<String> = order.iter().skip(1).step_by(2).cloned().collect();
+    for id in &archived {
+        assert_eq!(s.post(&format!("/v1/notifications/{id}/archive"), Some(&alice), None).await.0, 204);
+    }
+    assert_eq!(s.post(&format!("/v1/notifications/{}/archive", archived[0]), Some(&alice), None).await.0, 204);
+    assert_eq!(s.unread("alice").await, 3, "archived ones are not counted");
+    for limit in [1, 3, 100] {
+        assert_eq!(s.listed("alice", true, limit).await, archived, "archive at limit {limit}");
+        assert_eq!(s.listed("alice", false, limit).await, kept, "inbox at limit {limit}");
+    }
+    // The default list is the inbox.
+    let (_, body, _) = s.get("/v1/notifications?limit=100", Some(&alice)).await;
+    let listed: Vec<&str> = body["items"].as_array().unwrap().iter().map(|i| i["id"].as_str().unwrap()).collect();
+    assert_eq!(listed, kept);
+
+    // Mark-all-read up to the newest of the inbox leaves the archived ones unread.
+    let (status, body) = s.post("/v1/notifications/read_all", Some(&alice), Some(json!({"up_to": kept[0]}))).await;
+    assert_eq!((status, body), (200, json!({"marked": 3})));
+    assert_eq!(s.unread("alice").await, 0);
+
+    // Back into the inbox, in its place, still unread.
+    let back = &archived[1];
+    assert_eq!(s.post(&format!("/v1/notifications/{back}/unarchive"), Some(&alice), None).await.0, 204);
+    assert_eq!(s.post(&format!("/v1/notifications/{back}/unarchive"), Some(&alice), None).await.0, 204);
+    assert_eq!(s.unread("alice").await, 1);
+    let mut inbox = kept.clone();
+    inbox.push(back.clone());
+    inbox.sort_by_key(|id| order.iter().position(|o| o == id));
+    assert_eq!(s.listed("alice", false, 2).await, inbox);
+    let rest: Vec<String> = archived.iter().filter(|id| *id != back).cloned().collect();
+    assert_eq!(s.listed("alice", true, 2).await, rest);
+    assert!(s.listed("bob", true, 100).await.is_empty());
 }

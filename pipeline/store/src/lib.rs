@@ -204,6 +204,12 @@ const LOAD_OFFSETS: &str = include_str!("sql/load_offsets.sql");
 const FORGET_OFFSETS: &str = include_str!("sql/forget_offsets.sql");
 const INBOX: &str = include_str!("sql/inbox.sql");
 const INBOX_BEFORE: &str = include_str!("sql/inbox_before.sql");
+const ARCHIVED: &str = include_str!("sql/archived.sql");
+const ARCHIVED_BEFORE: &str = include_str!("sql/archived_before.sql");
+const NOTIFICATION_POSITION: &str = include_str!("sql/notification_position.sql");
+const MARK_ALL_READ: &str = include_str!("sql/mark_all_read.sql");
+const ARCHIVE: &str = include_str!("sql/archive.sql");
+const UNARCHIVE: &str = include_str!("sql/unarchive.sql");
 const NOTIFICATIONS_AFTER: &str = include_str!("sql/notifications_after.sql");
 const UNREAD_COUNT: &str = include_str!("sql/unread_count.sql");
 const MARK_READ: &str = include_str!("sql/mark_read.sql");
@@ -341,26 +347,105 @@ impl Store {
         Ok(on_pool!(self, |pool, Db| sqlx::query_scalar(sql).bind(Db::text(key)).fetch_all(pool).await?))
     }
 
-    /// A page of `user`'s notifications, newest first (by stream partition, then stream offset).
-    /// `before` is the (partition, offset) of the last item of the previous page.
+    /// A page of `user`'s inbox (archived notifications left out), newest first (by stream partition,
+    /// then stream offset). `before` is the (partition, offset) of the last item of the previous page.
     pub async fn inbox(
         &self,
         user: &str,
         before: Option<(i32, i64)>,
         limit: u32,
     ) -> Result<Vec<InboxItem>, StoreError> {
+        self.page(INBOX, INBOX_BEFORE, user, before, limit).await
+    }
+
+    /// A page of `user`'s archived notifications, in the inbox's order and with its cursor.
+    pub async fn archived(
+        &self,
+        user: &str,
+        before: Option<(i32, i64)>,
+        limit: u32,
+    ) -> Result<Vec<InboxItem>, StoreError> {
+        self.page(ARCHIVED, ARCHIVED_BEFORE, user, before, limit).await
+    }
+
+    /// A page of `first` (binds: user, limit) or, after a cursor, of `after_cursor` (binds: user,
+    /// partition, offset, limit).
+    async fn page(
+        &self,
+        first: &'static str,
+        after_cursor: &'static str,
+        user: &str,
+        before: Option<(i32, i64)>,
+        limit: u32,
+    ) -> Result<Vec<InboxItem>, StoreError> {
         Ok(on_pool!(self, |pool, Db| {
             let query = match before {
-                None => sqlx::query_as::<_, InboxRowOf<Db>>(INBOX).bind(Db::text(user)),
+                None => sqlx::query_as::<_, InboxRowOf<Db>>(first).bind(Db::text(user)),
                 Some((partition, offset)) => {
-                    sqlx::query_as(INBOX_BEFORE).bind(Db::text(user)).bind(partition).bind(offset)
+                    sqlx::query_as(after_cursor).bind(Db::text(user)).bind(partition).bind(offset)
                 }
             };
             inbox_items::<Db>(query.bind(i64::from(limit)).fetch_all(pool).await?)
         }))
     }
 
-    /// How many of `user`'s notifications are unread.
+    /// Marks read every unread inbox notification of `user` at or before notification `up_to` in
+    /// the inbox's order (the newest one the client showed), so one stored meanwhile stays unread;
+    /// archived ones are left as they are. Answers how many were marked, or `None` if `up_to` is
+    /// not a notification of `user`.
+    pub async fn mark_all_read(&self, user: &str, up_to: uuid::Uuid) -> Result<Option<u64>, StoreError> {
+        Ok(on_pool!(self, |pool, Db| {
+            let position: Option<(i32, i64)> = sqlx::query_as(NOTIFICATION_POSITION)
+                .bind(<Db as Dialect>::Id::from(up_to))
+                .bind(Db::text(user))
+                .fetch_optional(pool)
+                .await?;
+            match position {
+                None => None,
+                Some((partition, offset)) => Some(
+                    sqlx::query(MARK_ALL_READ)
+                        .bind(Db::text(user))
+                        .bind(partition)
+                        .bind(offset)
+                        .bind(Db::now())
+                        .execute(pool)
+                        .await?
+                        .rows_affected(),
+                ),
+            }
+        }))
+    }
+
+    /// Moves notification `id` out of `user`'s inbox into their archive (keeping the first archive
+    /// time); false if there is no such notification of that user.
+    pub async fn archive(&self, user: &str, id: uuid::Uuid) -> Result<bool, StoreError> {
+        let updated = on_pool!(self, |pool, Db| {
+            sqlx::query(ARCHIVE)
+                .bind(<Db as Dialect>::Id::from(id))
+                .bind(Db::text(user))
+                .bind(Db::now())
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
+        Ok(updated > 0)
+    }
+
+    /// Moves notification `id` back into `user`'s inbox; false if there is no such notification of
+    /// that user.
+    pub async fn unarchive(&self, user: &str, id: uuid::Uuid) -> Result<bool, StoreError> {
+        let updated = on_pool!(self, |pool, Db| {
+            sqlx::query(UNARCHIVE)
+                .bind(<Db as Dialect>::Id::from(id))
+                .bind(Db::text(user))
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
+        Ok(updated > 0)
+    }
+
+    /// How many of `user`'s inbox notifications (archived ones left out) are unread.
     pub async fn unread_count(&self, user: &str) -> Result<u64, StoreError> {
         Ok(count(on_pool!(self, |pool, Db| sqlx::query_scalar(UNREAD_COUNT)
             .bind(Db::text(user))

@@ -15,6 +15,8 @@ on_both_backends!(
     rooms_add_and_remove,
     inbox_pages_with_cursor,
     unread_and_mark_read,
+    mark_all_read_stops_at_the_position_seen,
+    archive_leaves_the_inbox_and_the_unread_count,
     notifications_after_resumes_oldest_first,
     nul_characters_do_not_fail_a_batch,
     chat_rooms_search_history_unread_and_edits,
@@ -374,6 +376,75 @@ async fn unread_and_mark_read(store: &Store) {
     let read: Vec<(i64, bool)> = inbox.iter().map(|i| (i.stream_offset, i.read)).collect();
     assert_eq!(read, vec![(3, false), (2, true), (1, false)]);
     assert!(!store.inbox("bob", None, 10).await.unwrap()[0].read);
+}
+
+async fn mark_all_read_stops_at_the_position_seen(store: &Store) {
+    let mut notifications: Vec<StoredNotification> =
+        (0..5).map(|i| notification("alice", &format!("a{i}"), 1, 10 + i)).collect();
+    notifications.push(notification("bob", "b0", 1, 12));
+    store.write_batch("sink", &Batch { notifications, ..Batch::default() }).await.unwrap();
+    let id = |event: &str, user: &str| Notification::id_for(event, user);
+    assert!(store.mark_read("alice", id("a1", "alice")).await.unwrap());
+    assert!(store.archive("alice", id("a0", "alice")).await.unwrap());
+
+    // The client showed a3 as newest; a4 arrived meanwhile. a1 was read, a0 archived: neither counts.
+    assert_eq!(store.mark_all_read("alice", id("a3", "alice")).await.unwrap(), Some(2));
+    assert_eq!(store.unread_count("alice").await.unwrap(), 1);
+    let read: Vec<(i64, bool)> =
+        store.inbox("alice", None, 10).await.unwrap().iter().map(|i| (i.stream_offset, i.read)).collect();
+    assert_eq!(read, vec![(14, false), (13, true), (12, true), (11, true)]);
+    assert!(!store.archived("alice", None, 10).await.unwrap()[0].read, "archived ones are left as they are");
+    assert_eq!(store.unread_count("bob").await.unwrap(), 1, "another user's rows at the same positions");
+
+    // Again changes nothing; another user's id or an unknown one is no position of alice's.
+    assert_eq!(store.mark_all_read("alice", id("a3", "alice")).await.unwrap(), Some(0));
+    assert_eq!(store.mark_all_read("alice", id("b0", "bob")).await.unwrap(), None);
+    assert_eq!(store.mark_all_read("alice", uuid::Uuid::new_v4()).await.unwrap(), None);
+    assert_eq!(store.unread_count("alice").await.unwrap(), 1);
+    assert_eq!(store.mark_all_read("alice", id("a4", "alice")).await.unwrap(), Some(1));
+    assert_eq!(store.unread_count("alice").await.unwrap(), 0);
+}
+
+async fn archive_leaves_the_inbox_and_the_unread_count(store: &Store) {
+    let mut notifications: Vec<StoredNotification> =
+        (0..12).map(|i| notification("alice", &format!("a{i}"), 2, 100 + i)).collect();
+    notifications.push(notification("bob", "a3", 2, 50));
+    store.write_batch("sink", &Batch { notifications, ..Batch::default() }).await.unwrap();
+    let id = |i: i64| Notification::id_for(&format!("a{i}"), "alice");
+    let archived = [1, 4, 5, 8, 11];
+    for &i in &archived {
+        assert!(store.archive("alice", id(i)).await.unwrap());
+    }
+    assert!(store.archive("alice", id(4)).await.unwrap(), "archiving again still finds it");
+    assert!(!store.archive("alice", Notification::id_for("a3", "bob")).await.unwrap());
+    assert!(!store.unarchive("alice", Notification::id_for("a3", "bob")).await.unwrap());
+    assert!(!store.archive("alice", uuid::Uuid::new_v4()).await.unwrap());
+    assert_eq!(store.unread_count("alice").await.unwrap(), 7);
+    assert_eq!(store.inbox("bob", None, 10).await.unwrap().len(), 1);
+
+    // Both lists page by cursor, newest first, and split alice's rows between them.
+    let all = |archived_list: bool| async move {
+        let (mut seen, mut cursor) = (Vec::new(), None);
+        loop {
+            let page = if archived_list {
+                store.archived("alice", cursor, 2).await.unwrap()
+            } else {
+                store.inbox("alice", cursor, 2).await.unwrap()
+            };
+            let Some(last) = page.last() else { return seen };
+            cursor = Some((last.stream_partition, last.stream_offset));
+            seen.extend(page.iter().map(|i| i.stream_offset - 100));
+        }
+    };
+    assert_eq!(all(true).await, vec![11, 8, 5, 4, 1]);
+    assert_eq!(all(false).await, vec![10, 9, 7, 6, 3, 2, 0]);
+
+    assert!(store.unarchive("alice", id(8)).await.unwrap());
+    assert!(store.unarchive("alice", id(8)).await.unwrap(), "unarchiving again still finds it");
+    assert_eq!(all(true).await, vec![11, 5, 4, 1]);
+    assert_eq!(all(false).await, vec![10, 9, 8, 7, 6, 3, 2, 0]);
+    assert_eq!(store.unread_count("alice").await.unwrap(), 8);
+    assert_eq!(store.unread_count("bob").await.unwrap(), 1);
 }
 
 async fn notifications_after_resumes_oldest_first(store: &Store) {

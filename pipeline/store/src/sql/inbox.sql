@@ -1,7 +1,8 @@
--- Both backends: the first page of a user's inbox, newest first. $1 user, $2 limit.
+-- Both backends: the first page of a user's inbox (archived ones left out), newest first. $1 user,
+-- $2 limit.
 SELECT id, user_id, kind, title, body, link, source_event_id, occurred_at, source_topic,
        source_partition, source_offset, stream_partition, stream_offset, read_at IS NOT NULL AS read
 FROM notifications
-WHERE user_id = $1
+WHERE user_id = $1 AND archived_at IS NULL
 ORDER BY stream_partition DESC, stream_offset DESC
 LIMIT $2

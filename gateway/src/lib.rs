@@ -10,6 +10,7 @@
 //!   plain EventSource clients.
 //! - `inbox`: `GET /v1/notifications`, `GET /v1/notifications/unread_count`,
 //!   `POST /v1/notifications/{id}/read` for the token's user.
+//! - `preferences`: `GET`/`PUT /v1/me/preferences` (opted-out categories, time zone, quiet hours).
 //! - `chat`: rooms, membership, messages, history and read positions (`/v1/rooms…`) for users.
 //! - `coupons`: coupon definitions, claims and redemptions (`/v1/coupons…`), answered with the
 //!   claim stage's decisions.
@@ -30,6 +31,7 @@ pub mod health;
 pub mod inbox;
 pub mod ingest;
 pub mod metrics;
+pub mod preferences;
 pub mod produce;
 pub mod segments;
 pub mod service_auth;
@@ -61,12 +63,14 @@ pub struct Parts {
     pub web: Option<web::WebConfig>,
     /// Campaign audiences for services.
     pub segments: Option<Arc<segments::SegmentsState>>,
+    /// Each user's notification preferences.
+    pub preferences: Option<preferences::PreferencesState>,
 }
 
 /// The public gateway's router (browsers): health and metrics always, the other parts when given.
 /// Ingest is not among them: it has its own listener ([`ingest_app`]).
 pub fn app(parts: Parts, readiness: Readiness) -> Router {
-    let Parts { inbox, chat, coupons, stream, metrics_elsewhere, web, segments } = parts;
+    let Parts { inbox, chat, coupons, stream, metrics_elsewhere, web, segments, preferences } = parts;
     let mut router = Router::new().merge(health::router(readiness));
     if !metrics_elsewhere {
         router = router.merge(metrics::router());
@@ -90,6 +94,9 @@ pub fn app(parts: Parts, readiness: Readiness) -> Router {
     }
     if let Some(segments) = segments {
         router = router.merge(segments::router(segments));
+    }
+    if let Some(preferences) = preferences {
+        router = router.merge(preferences::router(preferences));
     }
     router
 }

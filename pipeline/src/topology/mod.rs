@@ -578,6 +578,19 @@ impl Topology {
         self.schemas.get(logical_topic).map(|s| &s.parsed)
     }
 
+    /// Every category a notification can have, in file order of `categories`, then the templates'
+    /// default categories a file without `categories` gives them (not critical, no description).
+    pub fn category_list(&self) -> Vec<(String, CategorySpec)> {
+        let mut out: Vec<(String, CategorySpec)> =
+            self.categories.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        for t in &self.templates {
+            if !out.iter().any(|(name, _)| *name == t.category) {
+                out.push((t.category.clone(), CategorySpec::default()));
+            }
+        }
+        out
+    }
+
     /// Whether `category` is declared critical (a category not declared is not).
     pub fn is_critical(&self, category: &str) -> bool {
         self.categories.get(category).is_some_and(|c| c.critical)

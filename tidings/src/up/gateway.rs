@@ -17,6 +17,7 @@ use tidings_gateway::delivery::backfill::LogSource;
 use tidings_gateway::delivery::hub::StoreResume;
 use tidings_gateway::delivery::owners::RedirectAllow;
 use tidings_gateway::delivery::{self, DeliveryConfig, Hub, Owners};
+use tidings_gateway::preferences::{Category, PreferencesState};
 use tidings_gateway::produce::EventProducer;
 use tidings_gateway::segments::SegmentsState;
 use tidings_gateway::service_auth::ServiceTokens;
@@ -118,6 +119,13 @@ fn gateway(
 ) -> anyhow::Result<String> {
     let (topo, store) = (&infra.topology, &infra.store);
     let inbox = InboxState { store: store.clone(), auth: auth.clone() };
+    let categories = topo.category_list().into_iter().map(|(name, c)| Category {
+        name,
+        critical: c.critical,
+        description: c.description,
+    });
+    let preferences =
+        PreferencesState { store: store.clone(), auth: auth.clone(), categories: Arc::new(categories.collect()) };
     let chat = chat(args, infra, auth.clone(), events)?;
     let send_buffer = (args.sse.socket_send_buffer > 0).then_some(args.sse.socket_send_buffer);
     let listener = tidings_gateway::bind(args.http, send_buffer)
@@ -158,6 +166,7 @@ fn gateway(
         metrics_elsewhere: args.metrics_listen.is_some(),
         web: Some(web_config(topo, args, gateways)),
         segments,
+        preferences: Some(preferences),
     };
     let app = tidings_gateway::app(parts, readiness.clone());
     readiness.set("gateway", true);

@@ -423,6 +423,30 @@ fn uuid_of_nothing() -> String {
     Notification::id_for("no-such-event", "alice").to_string()
 }
 
+#[tokio::test]
+async fn unread_count_per_category_leaves_out_read_and_archived() {
+    let s = start().await;
+    let alice = token("alice");
+    let (status, body, _) = s.get("/v1/notifications/unread_count", Some(&alice)).await;
+    // The seeded rows predate categories: they count in `unread` only.
+    assert_eq!((status, body), (200, json!({"unread": 7, "by_category": {}})));
+    let categorized = |offset: i64, category: &str| {
+        let mut n = notif("alice", 3, offset);
+        n.notification.category = category.into();
+        n
+    };
+    let new = vec![categorized(1, "orders"), categorized(2, "orders"), categorized(3, "marketing")];
+    let batch = Batch { notifications: new.clone(), ..Default::default() };
+    assert_eq!(s.store.write_batch("test", &batch).await.unwrap().notifications_inserted, 3);
+    let id = |n: &StoredNotification| n.notification.notification_id.to_string();
+    assert_eq!(s.mark(&id(&new[0]), &alice).await, 204);
+    assert_eq!(s.post(&format!("/v1/notifications/{}/archive", id(&new[2])), Some(&alice), None).await.0, 204);
+    let (status, body, _) = s.get("/v1/notifications/unread_count", Some(&alice)).await;
+    assert_eq!((status, body), (200, json!({"unread": 8, "by_category": {"orders": 1}})));
+    let (_, body, _) = s.get("/v1/notifications/unread_count", Some(&token("bob"))).await;
+    assert_eq!(body, json!({"unread": 3, "by_category": {}}));
+}
+
 /// Alice's ids newest first (the inbox's order).
 fn newest_first(items: &[StoredNotification]) -> Vec<String> {
     let mut sorted = items.to_vec();

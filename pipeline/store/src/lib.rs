@@ -135,6 +135,13 @@ pub struct InboxItem {
     pub read: bool,
 }
 
+/// A user's unread inbox notifications: all of them, and per category.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UnreadCounts {
+    pub total: u64,
+    pub by_category: Vec<(String, u64)>,
+}
+
 /// What the backends do differently behind the same SQL: column types, text, and bulk inserts.
 trait Dialect: sqlx::Database {
     /// A notification id: `uuid` on PostgreSQL, hyphenated text on SQLite.
@@ -210,6 +217,7 @@ const NOTIFICATION_POSITION: &str = include_str!("sql/notification_position.sql"
 const MARK_ALL_READ: &str = include_str!("sql/mark_all_read.sql");
 const ARCHIVE: &str = include_str!("sql/archive.sql");
 const UNARCHIVE: &str = include_str!("sql/unarchive.sql");
+const UNREAD_BY_CATEGORY: &str = include_str!("sql/unread_by_category.sql");
 const NOTIFICATIONS_AFTER: &str = include_str!("sql/notifications_after.sql");
 const UNREAD_COUNT: &str = include_str!("sql/unread_count.sql");
 const MARK_READ: &str = include_str!("sql/mark_read.sql");
@@ -451,6 +459,17 @@ impl Store {
             .bind(Db::text(user))
             .fetch_one(pool)
             .await?)))
+    }
+
+    /// How many of `user`'s inbox notifications are unread, in all and per category (sorted by
+    /// category); one query. Those stored before categories existed (the empty category) count in
+    /// the total only.
+    pub async fn unread_counts(&self, user: &str) -> Result<UnreadCounts, StoreError> {
+        let rows: Vec<(String, i64)> =
+            on_pool!(self, |pool, Db| sqlx::query_as(UNREAD_BY_CATEGORY).bind(Db::text(user)).fetch_all(pool).await?);
+        let total = rows.iter().map(|(_, n)| count(*n)).sum();
+        let by_category = rows.into_iter().filter(|(c, _)| !c.is_empty()).map(|(c, n)| (c, count(n))).collect();
+        Ok(UnreadCounts { total, by_category })
     }
 
     /// Marks notification `id` read if it is `user`'s (keeping the first read time); false if there

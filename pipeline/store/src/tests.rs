@@ -17,6 +17,7 @@ on_both_backends!(
     unread_and_mark_read,
     mark_all_read_stops_at_the_position_seen,
     archive_leaves_the_inbox_and_the_unread_count,
+    unread_counts_per_category,
     notifications_after_resumes_oldest_first,
     nul_characters_do_not_fail_a_batch,
     chat_rooms_search_history_unread_and_edits,
@@ -445,6 +446,37 @@ async fn archive_leaves_the_inbox_and_the_unread_count(store: &Store) {
     assert_eq!(all(false).await, vec![10, 9, 8, 7, 6, 3, 2, 0]);
     assert_eq!(store.unread_count("alice").await.unwrap(), 8);
     assert_eq!(store.unread_count("bob").await.unwrap(), 1);
+}
+
+async fn unread_counts_per_category(store: &Store) {
+    let categorized = |user: &str, event: &str, offset: i64, category: &str| {
+        let mut n = notification(user, event, 0, offset);
+        n.notification.category = category.into();
+        n
+    };
+    let notifications = vec![
+        categorized("alice", "o1", 1, "orders"),
+        categorized("alice", "o2", 2, "orders"),
+        categorized("alice", "o3", 3, "orders"),
+        categorized("alice", "m1", 4, "marketing"),
+        categorized("alice", "m2", 5, "marketing"),
+        categorized("alice", "old", 6, ""),
+        categorized("bob", "p1", 7, "payment"),
+    ];
+    store.write_batch("sink", &Batch { notifications, ..Batch::default() }).await.unwrap();
+    assert!(store.mark_read("alice", Notification::id_for("o1", "alice")).await.unwrap());
+    assert!(store.archive("alice", Notification::id_for("m2", "alice")).await.unwrap());
+
+    let counts = store.unread_counts("alice").await.unwrap();
+    let by = |v: &[(&str, u64)]| v.iter().map(|(c, n)| (c.to_string(), *n)).collect::<Vec<_>>();
+    // The row without a category counts in the total only; read and archived ones nowhere.
+    assert_eq!(counts, UnreadCounts { total: 4, by_category: by(&[("marketing", 1), ("orders", 2)]) });
+    assert_eq!(counts.total, store.unread_count("alice").await.unwrap());
+    assert_eq!(
+        store.unread_counts("bob").await.unwrap(),
+        UnreadCounts { total: 1, by_category: by(&[("payment", 1)]) }
+    );
+    assert_eq!(store.unread_counts("nobody").await.unwrap(), UnreadCounts::default());
 }
 
 async fn notifications_after_resumes_oldest_first(store: &Store) {

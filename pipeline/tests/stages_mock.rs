@@ -374,3 +374,65 @@ async fn a_segment_replaced_during_a_fan_out_does_not_change_its_audience() {
     env.token.cancel();
     drop(mock);
 }
+
+/// Preferences before producing: a segment campaign (several pages, grouped by partition) skips the
+/// members who opted out of `campaigns`, wherever they are in the audience, and the pages still
+/// cover everyone else once; a notification of a critical category (`delivery`) reaches a user even
+/// with an opt-out row for it (a category made critical after the user opted out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opted_out_members_get_no_campaign_and_critical_notifications_still_go() {
+    use tidings_store::preferences::Preferences;
+    let mock = MockCluster::new(1).unwrap();
+    let env = env(&mock).await;
+    let page = templating::SEGMENT_PAGE as usize;
+    let members = 2 * page + 1;
+    let users: Vec<String> = (0..members).map(|i| format!("m-{i:05}")).collect();
+    env.store.add_segment_members("everyone", &users).await.unwrap();
+    // Opted out: on the first page, on the last member of a full page, and the very last member.
+    let out = [&users[7], &users[page - 1], &users[page + 3], &users[members - 1]];
+    for u in out {
+        let prefs = Preferences { opt_out: vec!["campaigns".into(), "delivery".into()], ..Preferences::default() };
+        env.store.set_preferences(u, &prefs, 1).await.unwrap();
+    }
+    // Another category's opt-out does not matter to a campaign.
+    let coupons_only = Preferences { opt_out: vec!["coupons".into()], ..Preferences::default() };
+    env.store.set_preferences(&users[8], &coupons_only, 1).await.unwrap();
+    let stage = spawn_templating(&env);
+    let (enc, schema) = encoder(&env, "coupons-value").await;
+    let ev = json!({"event_id": "camp-pref", "occurred_at": 1, "coupon_id": "camp-pref", "payload": {"CampaignLaunched": {
+        "campaign_id": "camp-pref", "title": "Sale", "discount_percent": 30, "audience": {"SegmentAudience": {"segment": "everyone"}}}}});
+    let producer: FutureProducer = env.kafka.producer().create().unwrap();
+    let bytes = enc.encode(json_to_avro(schema, &ev).unwrap()).unwrap();
+    producer.send(FutureRecord::to("coupons").key("camp-pref").payload(&bytes), Duration::from_secs(5)).await.unwrap();
+    // Then an order shipped (critical `delivery`) to an opted-out member: it follows the campaign.
+    let (enc, schema) = encoder(&env, "orders-value").await;
+    let bytes = enc.encode(json_to_avro(schema, &order("ship-1", out[0])).unwrap()).unwrap();
+    producer.send(FutureRecord::to("orders").key("o-ship-1").payload(&bytes), Duration::from_secs(5)).await.unwrap();
+
+    let c = consumer(&env, "notifications");
+    let wanted = members - out.len() + 1;
+    let (received, _) = tokio::time::timeout(Duration::from_secs(60), read_recipients(&env, &c, wanted))
+        .await
+        .expect("every notification but the opted-out members' arrives");
+    let mut campaign: Vec<String> = received
+        .iter()
+        .filter(|r| r.notification.kind == "coupon.campaign")
+        .map(|r| {
+            assert_eq!(r.notification.category, "campaigns");
+            r.notification.user_id.clone()
+        })
+        .collect();
+    campaign.sort();
+    let want: Vec<String> = users.iter().filter(|u| !out.contains(u)).cloned().collect();
+    let leaked: Vec<&String> = campaign.iter().filter(|u| out.contains(u)).collect();
+    assert!(leaked.is_empty(), "opted out, yet notified: {leaked:?}");
+    assert!(campaign == want, "every member but the opted-out ones, once ({} of {})", campaign.len(), want.len());
+    let shipped: Vec<&Notification> =
+        received.iter().map(|r| &r.notification).filter(|n| n.kind == "order.shipped").collect();
+    assert_eq!(shipped.len(), 1, "the critical notification is produced");
+    assert_eq!((shipped[0].user_id.as_str(), shipped[0].category.as_str()), (out[0].as_str(), "delivery"));
+    env.token.cancel();
+    tokio::time::timeout(Duration::from_secs(20), stage).await.unwrap().unwrap().unwrap();
+    drop(c);
+    drop(mock);
+}

@@ -13,9 +13,9 @@ const CLEAR_OPT_OUTS: &str = include_str!("sql/preferences_clear_opt_outs.sql");
 const ADD_OPT_OUT: &str = include_str!("sql/preferences_add_opt_out.sql");
 const OPTED_OUT: &str = include_str!("sql/preferences_opted_out.sql");
 
-/// User ids per opt-out look-up statement: a 5,000-user audience page is 5 statements, each far
-/// below SQLite's 32,766 and PostgreSQL's 65,535 bind limits.
-pub const OPTED_OUT_CHUNK: usize = 1_000;
+/// User ids per opt-out look-up statement: a 5,000-user audience page is one statement, below
+/// SQLite's 32,766 and PostgreSQL's 65,535 bind limits.
+pub const OPTED_OUT_CHUNK: usize = 5_000;
 
 /// A user's saved preferences. A user who never saved any has [`Preferences::default`].
 #[derive(Debug, Clone, PartialEq, Eq)]

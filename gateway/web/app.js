@@ -404,6 +404,7 @@ function addInboxItem(it, live) {
     b.addEventListener('click', () => markRead(it, li, b));
     li.querySelector('.row').append(b);
   }
+  li.querySelector('.row').append(archiveButton(it, li));
   li.dataset.live = live ? '1' : '0';
   const list = $('inbox-list');
   const after = [...list.children].find((c) => newer(it.position, c.dataset.position));
@@ -444,6 +445,138 @@ function renderInboxMeta() {
   $('inbox-empty').hidden = state.inbox.size > 0;
   $('inbox-more').hidden = !state.inboxCursor;
   document.title = state.unread ? `(${state.unread}) tidings` : 'tidings';
+}
+
+// ---------------------------------------------------------------------------------------------
+// Inbox: mark all read, archive, and the archived list
+
+const archived = { cursor: null };
+
+function setUpInboxTools() {
+  $('inbox-read-all').addEventListener('click', () => markAllRead().catch(() => {}));
+  $('archived-more').addEventListener('click', () => loadArchived(true).catch(() => {}));
+}
+
+/** POSTs `path`; a live notification the store does not have yet answers 404 for a moment, so
+ * that is asked again a little later (as markRead does). Answers the body, or throws. */
+async function postStored(path, body) {
+  for (let attempt = 0; ; attempt++) {
+    try {
+      return await api('POST', path, body);
+    } catch (e) {
+      if (e.status !== 404 || attempt >= 10) throw e;
+      await new Promise((r) => setTimeout(r, 300 * (attempt + 1)));
+    }
+  }
+}
+
+/** Marks read everything up to the newest item shown: one that arrives meanwhile stays unread. */
+async function markAllRead() {
+  const first = $('inbox-list').firstElementChild;
+  const upTo = first && state.inbox.get(first.dataset.id);
+  if (!upTo) {
+    $('inbox-status').textContent = 'Nothing to mark read.';
+    return;
+  }
+  let answer;
+  try {
+    answer = await postStored('/v1/notifications/read_all', { up_to: upTo.id });
+  } catch (e) {
+    $('inbox-status').textContent = `Could not mark all read: ${e.message}`;
+    return;
+  }
+  for (const li of $('inbox-list').children) {
+    const it = state.inbox.get(li.dataset.id);
+    if (!it || it.read || newer(it.position, upTo.position)) continue;
+    it.read = true;
+    li.classList.remove('unread');
+    li.querySelector('button[aria-label^="Mark read"]')?.remove();
+  }
+  saveRecent(loadRecent().map((r) => (newer(r.position, upTo.position) ? r : { ...r, read: true })));
+  state.unread = Math.max(0, state.unread - answer.marked);
+  renderInboxMeta();
+  $('inbox-status').textContent = answer.marked === 1 ? 'Marked 1 notification read.' : `Marked ${answer.marked} notifications read.`;
+}
+
+function archiveButton(it, li) {
+  const b = el('button', { type: 'button', class: 'secondary', text: 'Archive', 'aria-label': `Archive: ${it.title}` });
+  b.addEventListener('click', () => archiveItem(it, li, b));
+  return b;
+}
+
+/** Focus for keyboard users after `li` leaves its list: the same button on a neighbour, else `heading`. */
+function focusAfterRemoval(li, label, heading) {
+  const next = li.nextElementSibling || li.previousElementSibling;
+  const target = next?.querySelector(`button[aria-label^="${label}"]`) || $(heading);
+  target.focus();
+}
+
+async function archiveItem(it, li, button) {
+  // Asked before disabling: a disabled button loses the focus.
+  const hadFocus = document.activeElement === button;
+  button.disabled = true;
+  try {
+    await postStored(`/v1/notifications/${encodeURIComponent(it.id)}/archive`);
+  } catch (e) {
+    button.disabled = false;
+    $('inbox-status').textContent = `Could not archive: ${e.message}`;
+    return;
+  }
+  if (hadFocus) focusAfterRemoval(li, 'Archive', 'inbox-h');
+  li.remove();
+  state.inbox.delete(it.id);
+  if (!it.read) state.unread = Math.max(0, state.unread - 1);
+  saveRecent(loadRecent().filter((r) => r.id !== it.id));
+  renderInboxMeta();
+  $('inbox-status').textContent = `Archived: ${it.title}`;
+}
+
+async function loadArchived(more = false) {
+  const after = more && archived.cursor ? `&cursor=${encodeURIComponent(archived.cursor)}` : '';
+  const page = await api('GET', `/v1/notifications?archived=true&limit=20${after}`);
+  if (!more) $('archived-list').replaceChildren();
+  for (const it of page.items) $('archived-list').append(archivedItem(it));
+  archived.cursor = page.next_cursor;
+  renderArchivedMeta();
+}
+
+function archivedItem(it) {
+  const b = el('button', { type: 'button', class: 'secondary', text: 'Move to inbox', 'aria-label': `Move to inbox: ${it.title}` });
+  const li = el(
+    'li',
+    { class: it.read ? '' : 'unread', 'data-id': it.id, 'data-source': it.source_event_id || '', 'data-position': it.position },
+    el('span', { class: 'title', text: it.title }),
+    el('span', { text: it.body }),
+    el('span', { class: 'row' }, el('span', { class: 'meta', text: `${fmtTime(it.occurred_at)} · ${it.kind}` }), b),
+  );
+  b.addEventListener('click', () => unarchiveItem(it, li, b));
+  return li;
+}
+
+async function unarchiveItem(it, li, button) {
+  const hadFocus = document.activeElement === button;
+  button.disabled = true;
+  try {
+    await api('POST', `/v1/notifications/${encodeURIComponent(it.id)}/unarchive`);
+  } catch (e) {
+    button.disabled = false;
+    $('archived-status').textContent = `Could not move to the inbox: ${e.message}`;
+    return;
+  }
+  if (hadFocus) focusAfterRemoval(li, 'Move to inbox', 'archived-h');
+  li.remove();
+  renderArchivedMeta();
+  $('archived-status').textContent = `Moved to the inbox: ${it.title}`;
+  // Back in the inbox in its place, if that place is among the loaded items (else a later page).
+  const last = $('inbox-list').lastElementChild;
+  if (!state.inboxCursor || (last && newer(it.position, last.dataset.position))) addInboxItem({ ...it, archived: false }, false);
+  if (!it.read) state.unread += 1;
+  renderInboxMeta();
+}
+
+function renderArchivedMeta() {
+  $('archived-empty').hidden = $('archived-list').children.length > 0;
+  $('archived-more').hidden = !archived.cursor;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1129,17 +1262,21 @@ function route() {
   else if (h === '#/rooms' && state.chat) view = 'rooms';
   else if (h === '#/find' && state.chat) view = 'find';
   else if (h === '#/coupons' && state.couponsApi) view = 'coupons';
-  for (const v of ['inbox', 'coupons', 'rooms', 'find', 'room']) $(`view-${v}`).hidden = v !== view;
+  else if (h === '#/archived') view = 'archived';
+  for (const v of ['inbox', 'coupons', 'rooms', 'find', 'room', 'archived']) $(`view-${v}`).hidden = v !== view;
   const tabs = [['tab-inbox', 'inbox'], ['tab-coupons', 'coupons'], ['tab-rooms', 'rooms'], ['tab-find', 'find']];
   for (const [tab, v] of tabs) {
-    if (v === view || (v === 'rooms' && view === 'room')) $(tab).setAttribute('aria-current', 'page');
+    const current = v === view || (v === 'rooms' && view === 'room') || (v === 'inbox' && view === 'archived');
+    if (current) $(tab).setAttribute('aria-current', 'page');
     else $(tab).removeAttribute('aria-current');
   }
   if (view === 'room') openRoom(decodeURIComponent(m[1]));
   else state.room = null;
+  if (view === 'archived') loadArchived().catch(() => {});
   refreshCoupons(); // starts the coupon list's refreshes in its view, stops them elsewhere
   // Move focus to the view's heading, so keyboard and screen reader users land in it.
-  const heading = { inbox: 'inbox-h', coupons: 'coupons-h', rooms: 'rooms-h', find: 'find-h', room: 'room-title' }[view];
+  const headings = { inbox: 'inbox-h', coupons: 'coupons-h', rooms: 'rooms-h', find: 'find-h', room: 'room-title' };
+  const heading = { ...headings, archived: 'archived-h' }[view];
   if (document.activeElement === document.body || document.activeElement?.closest('nav')) $(heading).focus();
 }
 
@@ -1177,6 +1314,7 @@ async function start() {
   });
   $('sign-out').addEventListener('click', () => signOut());
   $('inbox-more').addEventListener('click', () => loadMoreInbox().catch(() => {}));
+  setUpInboxTools();
   $('create-form').addEventListener('submit', createRoom);
   $('search-form').addEventListener('submit', (e) => search(e));
   $('search-more').addEventListener('click', () => search(null, true));

@@ -281,6 +281,44 @@ async fn inbox(brokers: String) {
     inbox_unread(&http, &url, &token, 5, Duration::from_secs(20), &[&st.core, &st.gw]).await;
     b.screenshot("alice", "inbox-after-restart").await;
 
+    // Archive by keyboard: ev-6 leaves the list and the badge, focus goes to the next item's
+    // archive button, and the server's count follows.
+    let archive = "li[data-source='ev-6'] button[aria-label^='Archive']";
+    b.call("alice", json!({"cmd": "press", "selector": archive, "key": "Enter"})).await;
+    b.wait(
+        "alice",
+        "ev-6 to leave the inbox",
+        "return document.querySelector(\"#inbox-list li[data-source='ev-6']\") === null",
+    )
+    .await;
+    let s = b.snapshot("alice").await;
+    assert_eq!(s["sources"], json!(["ev-5", "ev-4", "ev-3", "ev-2", "ev-1"]), "after archiving: {s}");
+    assert_eq!(s["badge"], "4", "{s}");
+    let focused = b.eval("alice", "return document.activeElement.closest('li')?.dataset.source || null").await;
+    assert_eq!(focused, "ev-5", "focus after archiving");
+    inbox_unread(&http, &url, &token, 4, Duration::from_secs(10), &[&st.core, &st.gw]).await;
+
+    // Mark all read by keyboard: no item unread, the badge hidden, the server's count 0.
+    b.call("alice", json!({"cmd": "press", "selector": "#inbox-read-all", "key": "Enter"})).await;
+    b.wait("alice", "the badge to go away", "return document.getElementById('inbox-badge').hidden").await;
+    let s = b.snapshot("alice").await;
+    assert_eq!(s["unread_items"], json!([]), "after mark all read: {s}");
+    let said = b.eval("alice", "return document.getElementById('inbox-status').textContent").await;
+    assert_eq!(said, "Marked 4 notifications read.");
+    inbox_unread(&http, &url, &token, 0, Duration::from_secs(10), &[&st.core, &st.gw]).await;
+
+    // The Archived view lists ev-6, still unread; moving it back puts it in the inbox, unread.
+    b.call("alice", json!({"cmd": "press", "selector": "#inbox-archived", "key": "Enter"})).await;
+    let back = "#archived-list li[data-source='ev-6'] button";
+    b.wait("alice", "ev-6 in the archive", &format!("return document.querySelector({}) !== null", json!(back))).await;
+    b.screenshot("alice", "archived").await;
+    b.call("alice", json!({"cmd": "press", "selector": back, "key": "Enter"})).await;
+    b.wait("alice", "the archive to be empty", "return !document.getElementById('archived-empty').hidden").await;
+    let s = b.snapshot("alice").await;
+    assert_eq!(s["sources"], json!(["ev-6", "ev-5", "ev-4", "ev-3", "ev-2", "ev-1"]), "after moving back: {s}");
+    assert_eq!((&s["unread_items"], &s["badge"]), (&json!(["ev-6"]), &json!("1")), "{s}");
+    inbox_unread(&http, &url, &token, 1, Duration::from_secs(10), &[&st.core, &st.gw]).await;
+
     // Signing out closes the stream and forgets the token (a reload stays signed out).
     b.call("alice", json!({"cmd": "click", "selector": "#sign-out"})).await;
     b.call("alice", json!({"cmd": "reload"})).await;

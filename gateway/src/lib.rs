@@ -8,8 +8,9 @@
 //! - `auth`: JWT verification and the `AuthUser` extractor for user-facing endpoints.
 //! - `delivery::browser` (also `browser`): the stream's session cookie (`/v1/session`) and CORS, for
 //!   plain EventSource clients.
-//! - `inbox`: `GET /v1/notifications`, `GET /v1/notifications/unread_count`,
-//!   `POST /v1/notifications/{id}/read` for the token's user.
+//! - `inbox`: `GET /v1/notifications` (`?archived=true`: the archive), `GET
+//!   /v1/notifications/unread_count`, `POST /v1/notifications/{id}/read|archive|unarchive` and
+//!   `POST /v1/notifications/read_all` for the token's user.
 //! - `preferences`: `GET`/`PUT /v1/me/preferences` (opted-out categories, time zone, quiet hours).
 //! - `chat`: rooms, membership, messages, history and read positions (`/v1/rooms…`) for users.
 //! - `coupons`: coupon definitions, claims and redemptions (`/v1/coupons…`), answered with the

@@ -445,6 +445,7 @@ function renderInboxMeta() {
   $('inbox-empty').hidden = state.inbox.size > 0;
   $('inbox-more').hidden = !state.inboxCursor;
   document.title = state.unread ? `(${state.unread}) tidings` : 'tidings';
+  showCategories();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -573,6 +574,28 @@ async function unarchiveItem(it, li, button) {
   if (!it.read) state.unread += 1;
   renderInboxMeta();
 }
+
+/** Unread per category, from the server. A live notification can reach the page before the store
+ * has it: while the server's total differs from the badge, it is asked again (a few times). */
+const categories = { behind: 0 };
+function showCategories() {
+  categories.behind = 0;
+  refreshCategories();
+}
+const refreshCategories = debounce(async () => {
+  if (!state.token) return;
+  let counts;
+  try {
+    counts = await api('GET', '/v1/notifications/unread_count');
+  } catch {
+    return;
+  }
+  const parts = Object.entries(counts.by_category || {}).map(([category, n]) => `${category} ${n}`);
+  $('inbox-categories').textContent = parts.length ? `Unread by category: ${parts.join(' · ')}` : '';
+  $('inbox-categories').hidden = parts.length === 0;
+  categories.behind = counts.unread === state.unread ? 0 : categories.behind + 1;
+  if (categories.behind > 0 && categories.behind <= 10) refreshCategories();
+}, 500);
 
 function renderArchivedMeta() {
   $('archived-empty').hidden = $('archived-list').children.length > 0;

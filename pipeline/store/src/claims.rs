@@ -2,6 +2,7 @@
 //! fenced by a per-partition epoch that every assignment bumps (`claim_partitions`), so a stale
 //! owner after a rebalance can never commit. Rows are plain values; the stage owns their meaning.
 
+use super::copy::CopyEncoder;
 use super::{around_generated, Dialect, Store};
 use crate::error::StoreError;
 
@@ -20,6 +21,9 @@ const LOAD_HOLDERS: &str = include_str!("sql/claims_load_holders.sql");
 const LOAD_REJECTIONS: &str = include_str!("sql/claims_load_rejections.sql");
 const LOAD_REDEMPTIONS: &str = include_str!("sql/claims_load_redemptions.sql");
 const FIND_REJECTIONS: &str = include_str!("sql/claims_find_rejections.sql");
+const FIND_REJECTIONS_PG: &str = include_str!("sql/postgres/claims_find_rejections.sql");
+const COPY_HOLDERS: &str = include_str!("sql/postgres/claims_copy_holders.sql");
+const COPY_REJECTIONS: &str = include_str!("sql/postgres/claims_copy_rejections.sql");
 
 /// Rows per INSERT statement: 8 binds each at most stays under SQLite's 32,766 bind limit.
 const ROWS_PER_STATEMENT: usize = 2_000;
@@ -129,35 +133,48 @@ impl Store {
     }
 
     /// The stored rejections among `claims` (coupon id, user id, claim id), in no order: one
-    /// statement per 2,000 claims, so a batch's claims are looked up together.
+    /// statement for them all on PostgreSQL (an index probe per claim), one per 2,000 claims on
+    /// SQLite, so a batch's claims are looked up together.
     pub async fn find_claim_rejections(
         &self,
         claims: &[(String, String, String)],
     ) -> Result<Vec<RejectionRow>, StoreError> {
-        let mut found = Vec::new();
-        for chunk in claims.chunks(ROWS_PER_STATEMENT) {
-            let (head, tail) = around_generated(FIND_REJECTIONS);
-            let rows: Vec<(String, String, String, String)> = on_pool!(self, |pool, Db| {
-                let mut q = sqlx::QueryBuilder::<Db>::new(head);
-                q.push("VALUES ");
-                let mut first = true;
-                for (coupon_id, user_id, claim_id) in chunk {
-                    q.push(if first { "(" } else { ", (" });
-                    first = false;
-                    q.push_bind(coupon_id.as_str()).push(", ").push_bind(user_id.as_str()).push(", ");
-                    q.push_bind(claim_id.as_str()).push(")");
-                }
-                q.push(tail);
-                q.build_query_as().fetch_all(pool).await?
-            });
-            found.extend(rows.into_iter().map(|(coupon_id, user_id, claim_id, reason)| RejectionRow {
-                coupon_id,
-                user_id,
-                claim_id,
-                reason,
-            }));
+        if claims.is_empty() {
+            return Ok(Vec::new());
         }
-        Ok(found)
+        let rows: Vec<(String, String, String, String)> = match self {
+            Store::Postgres(pool) => {
+                let column = |f: fn(&(String, String, String)) -> &str| claims.iter().map(f).collect::<Vec<&str>>();
+                sqlx::query_as(FIND_REJECTIONS_PG)
+                    .bind(column(|c| &c.0))
+                    .bind(column(|c| &c.1))
+                    .bind(column(|c| &c.2))
+                    .fetch_all(pool)
+                    .await?
+            }
+            Store::Sqlite(pool) => {
+                let mut found = Vec::new();
+                for chunk in claims.chunks(ROWS_PER_STATEMENT) {
+                    let (head, tail) = around_generated(FIND_REJECTIONS);
+                    let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(head);
+                    q.push("VALUES ");
+                    let mut first = true;
+                    for (coupon_id, user_id, claim_id) in chunk {
+                        q.push(if first { "(" } else { ", (" });
+                        first = false;
+                        q.push_bind(coupon_id.as_str()).push(", ").push_bind(user_id.as_str()).push(", ");
+                        q.push_bind(claim_id.as_str()).push(")");
+                    }
+                    q.push(tail);
+                    found.extend(q.build_query_as::<(String, String, String, String)>().fetch_all(pool).await?);
+                }
+                found
+            }
+        };
+        Ok(rows
+            .into_iter()
+            .map(|(coupon_id, user_id, claim_id, reason)| RejectionRow { coupon_id, user_id, claim_id, reason })
+            .collect())
     }
 
     async fn load_claims(&self, partition: i32, with_rejections: bool) -> Result<ClaimRows, StoreError> {
@@ -248,29 +265,7 @@ impl Store {
                 });
                 q.build().execute(&mut *tx).await?;
             }
-            for chunk in rows.holders.chunks(ROWS_PER_STATEMENT) {
-                let mut q = builder::<Db>(INSERT_HOLDERS);
-                q.push_values(chunk, |mut r, h| {
-                    r.push_bind(h.coupon_id.as_str())
-                        .push_bind(h.user_id.as_str())
-                        .push_bind(partition)
-                        .push_bind(h.claim_id.as_str())
-                        .push_bind(h.code.as_str())
-                        .push_bind(h.expires_at);
-                });
-                q.build().execute(&mut *tx).await?;
-            }
-            for chunk in rows.rejections.chunks(ROWS_PER_STATEMENT) {
-                let mut q = builder::<Db>(INSERT_REJECTIONS);
-                q.push_values(chunk, |mut r, j| {
-                    r.push_bind(j.coupon_id.as_str())
-                        .push_bind(j.user_id.as_str())
-                        .push_bind(j.claim_id.as_str())
-                        .push_bind(partition)
-                        .push_bind(j.reason.as_str());
-                });
-                q.build().execute(&mut *tx).await?;
-            }
+            Db::write_decided(&mut *tx, partition, &rows.holders, &rows.rejections).await?;
             for chunk in rows.redemptions.chunks(ROWS_PER_STATEMENT) {
                 let mut q = builder::<Db>(INSERT_REDEMPTIONS);
                 q.push_values(chunk, |mut r, x| {
@@ -284,6 +279,95 @@ impl Store {
             tx.commit().await?;
             Ok(ClaimCommit::Committed)
         })
+    }
+}
+
+/// How a backend writes a batch's issued and rejected claims, most of its rows.
+trait DecidedRows: Dialect {
+    async fn write_decided(
+        conn: &mut Self::Connection,
+        partition: i32,
+        holders: &[HolderRow],
+        rejections: &[RejectionRow],
+    ) -> Result<(), StoreError>;
+}
+
+/// Binary COPY straight into the tables: a batch's 10,000 rows took 65-97 ms as multi-row
+/// INSERTs of 2,000 rows (parsing and binding 10,000 parameters per statement).
+impl DecidedRows for sqlx::Postgres {
+    async fn write_decided(
+        conn: &mut sqlx::PgConnection,
+        partition: i32,
+        holders: &[HolderRow],
+        rejections: &[RejectionRow],
+    ) -> Result<(), StoreError> {
+        if !holders.is_empty() {
+            let mut enc = CopyEncoder::with_capacity(holders.len() * 96);
+            for h in holders {
+                enc.begin_row(6);
+                enc.text(&h.coupon_id)?;
+                enc.text(&h.user_id)?;
+                enc.i32(partition);
+                enc.text(&h.claim_id)?;
+                enc.text(&h.code)?;
+                enc.i64(h.expires_at);
+            }
+            copy_in(conn, COPY_HOLDERS, enc).await?;
+        }
+        if !rejections.is_empty() {
+            let mut enc = CopyEncoder::with_capacity(rejections.len() * 80);
+            for j in rejections {
+                enc.begin_row(5);
+                enc.text(&j.coupon_id)?;
+                enc.text(&j.user_id)?;
+                enc.text(&j.claim_id)?;
+                enc.i32(partition);
+                enc.text(&j.reason)?;
+            }
+            copy_in(conn, COPY_REJECTIONS, enc).await?;
+        }
+        Ok(())
+    }
+}
+
+async fn copy_in(conn: &mut sqlx::PgConnection, statement: &str, enc: CopyEncoder) -> Result<(), StoreError> {
+    let mut copy = conn.copy_in_raw(statement).await?;
+    copy.send(enc.finish()).await?;
+    copy.finish().await?;
+    Ok(())
+}
+
+impl DecidedRows for sqlx::Sqlite {
+    async fn write_decided(
+        conn: &mut sqlx::SqliteConnection,
+        partition: i32,
+        holders: &[HolderRow],
+        rejections: &[RejectionRow],
+    ) -> Result<(), StoreError> {
+        for chunk in holders.chunks(ROWS_PER_STATEMENT) {
+            let mut q = builder::<sqlx::Sqlite>(INSERT_HOLDERS);
+            q.push_values(chunk, |mut r, h| {
+                r.push_bind(h.coupon_id.as_str())
+                    .push_bind(h.user_id.as_str())
+                    .push_bind(partition)
+                    .push_bind(h.claim_id.as_str())
+                    .push_bind(h.code.as_str())
+                    .push_bind(h.expires_at);
+            });
+            q.build().execute(&mut *conn).await?;
+        }
+        for chunk in rejections.chunks(ROWS_PER_STATEMENT) {
+            let mut q = builder::<sqlx::Sqlite>(INSERT_REJECTIONS);
+            q.push_values(chunk, |mut r, j| {
+                r.push_bind(j.coupon_id.as_str())
+                    .push_bind(j.user_id.as_str())
+                    .push_bind(j.claim_id.as_str())
+                    .push_bind(partition)
+                    .push_bind(j.reason.as_str());
+            });
+            q.build().execute(&mut *conn).await?;
+        }
+        Ok(())
     }
 }
 

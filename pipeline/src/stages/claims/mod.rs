@@ -210,6 +210,7 @@ async fn start(
         reader,
         writer,
         encoder,
+        direct: processor::Direct::of(reader, writer),
         producer: producer.clone(),
         dead: DeadLetters::new(producer, cfg.dead_letter.clone(), STAGE),
         held,

@@ -2,6 +2,11 @@
 //! them together in log order (the rejections their claims need looked up in one store query) and
 //! produces each decision to `coupons`; per batch awaits those acknowledgements, then commits the
 //! batch's state and next offset in one fenced transaction.
+//!
+//! Metrics: `tidings_claims_decisions_total{outcome, reason}` (reason for rejections and
+//! refusals), `tidings_claims_batch_records` and `tidings_claims_commit_seconds` per committed
+//! batch, `tidings_claims_lookup_seconds` per group of claims decided; dead letters are core's
+//! `tidings_dead_letters_total{stage="claims", reason}`.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -18,9 +23,12 @@ use tidings_store::Store;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::decide::{Decision, Request};
+use super::decide::{Decision, RefuseReason, RejectReason, Request};
 use super::ownership::{Held, Holdings, Ownership};
-use super::records::{claim_record, coupons_value, decision_event, ClaimRecord, Undecidable};
+use super::records::{
+    claim_record, claim_record_datum, claim_record_value, coupons_value, decision_event, encode_decision, reads_direct,
+    writes_direct, Claim, ClaimRecord, Undecidable,
+};
 use super::state::PartState;
 use super::ClaimsConfig;
 
@@ -46,9 +54,26 @@ pub(super) struct Part {
     next: i64,
     /// Whether `next` moved since the last commit.
     moved: bool,
+    /// Records read since the last commit (the batch's size).
+    read: usize,
     rows: ClaimRows,
     /// The batch's decision events and dead letters, acknowledged before the batch commits.
     deliveries: Vec<DeliveryFuture>,
+}
+
+/// Which of the direct codecs the registered schemas allow (see `records`).
+#[derive(Debug, Clone, Copy)]
+pub struct Direct {
+    /// The reader schema is the one `claim_record_datum` reads.
+    pub read: bool,
+    /// The `coupons` writer schema is the one `encode_decision` writes.
+    pub write: bool,
+}
+
+impl Direct {
+    pub fn of(reader: &Schema, writer: &Schema) -> Self {
+        Direct { read: reads_direct(reader), write: writes_direct(writer) }
+    }
 }
 
 pub struct Claims {
@@ -58,6 +83,7 @@ pub struct Claims {
     pub(super) reader: &'static Schema,
     pub(super) writer: &'static Schema,
     pub(super) encoder: FramedEncoder,
+    pub(super) direct: Direct,
     pub(super) producer: FutureProducer,
     pub(super) dead: DeadLetters,
     pub(super) held: Holdings,
@@ -159,6 +185,7 @@ impl Claims {
                 records: Vec::new(),
                 next,
                 moved: false,
+                read: 0,
                 rows: ClaimRows::default(),
                 deliveries: Vec::new(),
             };
@@ -174,12 +201,12 @@ impl Claims {
                 &self.shutdown,
                 || "Decoding a claim through the schema registry".to_string(),
                 (Duration::from_millis(200), Duration::from_secs(30)),
-                || self.registry.decode(payload, self.reader),
+                || decode_claim(&self.registry, self.reader, self.direct.read, payload),
                 DecodeError::is_retriable,
             )
             .await
             {
-                Ok(v) => claim_record(self.reader, &v),
+                Ok(claim) => claim,
                 Err(GaveUp::Failed(e)) => Err(Undecidable { reason: e.reason_code(), error: e.to_string() }),
                 // Not decided: the partition does not move past it, the next start reads it again.
                 Err(GaveUp::ShutDown(_)) => return Ok(()),
@@ -205,6 +232,7 @@ impl Claims {
         let read = !part.records.is_empty();
         part.next = msg.offset() + 1;
         part.moved = true;
+        part.read += 1;
         self.pending += 1;
         self.started.get_or_insert_with(Instant::now);
         if read {
@@ -232,8 +260,11 @@ impl Claims {
             return Ok(());
         }
         let ask = part.state.begin(part.records.iter().map(|r| (r.rec.coupon_id.as_str(), &r.rec.request)));
+        let looking = Instant::now();
         let found = self.store.find_claim_rejections(&ask).await?;
+        metrics::histogram!("tidings_claims_lookup_seconds").record(looking.elapsed().as_secs_f64());
         part.state.found(found).map_err(StageError::internal)?;
+        let mut tally = Tally::default();
         for Pending { rec, at, message } in std::mem::take(&mut part.records) {
             let outcome = match part.state.decide(&rec.coupon_id, &rec.request, at) {
                 Ok(decided) => match &decided.decision {
@@ -241,27 +272,30 @@ impl Claims {
                         Err(Undecidable { reason: "invalid-definition", error: why.clone() })
                     }
                     decision => {
+                        tally.add(decision);
                         let discount = part
                             .state
                             .coupon(&rec.coupon_id)
                             .and_then(|c| c.definition.as_ref())
                             .map_or(0, |d| d.discount_percent);
                         super::state::add_rows(&mut part.rows, &rec.coupon_id, &rec.request, &decided);
-                        Ok(decision_event(&rec, decision, discount, at))
+                        if self.direct.write {
+                            let mut out = Vec::with_capacity(160);
+                            let id = self.encoder.schema_id();
+                            Ok(encode_decision(id, &rec, decision, discount, at, &mut out).then_some(out))
+                        } else {
+                            match decision_event(&rec, decision, discount, at) {
+                                Some(event) => Ok(Some(encode_generic(self.writer, &self.encoder, &event)?)),
+                                None => Ok(None),
+                            }
+                        }
                     }
                 },
                 Err(why) => Err(Undecidable { reason: "too-many-coupons", error: why }),
             };
             let delivery = match outcome {
                 Ok(None) => None,
-                Ok(Some(event)) => {
-                    let value = coupons_value(self.writer, &event).map_err(|e| {
-                        StageError::internal(format!("a decision does not fit the coupons schema: {e}"))
-                    })?;
-                    let bytes = self
-                        .encoder
-                        .encode(value)
-                        .map_err(|e| StageError::internal(format!("encoding a decision: {e}")))?;
+                Ok(Some(bytes)) => {
                     let record = FutureRecord::to(&self.cfg.output).key(rec.coupon_id.as_str()).payload(&bytes);
                     Some(enqueue(&self.producer, record).await?)
                 }
@@ -280,6 +314,7 @@ impl Claims {
             };
             part.deliveries.extend(delivery);
         }
+        tally.record();
         Ok(())
     }
 
@@ -293,7 +328,10 @@ impl Claims {
                 acknowledged(d).await.map_err(|e| StageError::kafka(System::Kafka, e))?;
             }
             let rows = std::mem::take(&mut part.rows);
-            match self.store.commit_claims(&self.cfg.group, *p, part.epoch, &rows, part.next).await? {
+            let committing = Instant::now();
+            let committed = self.store.commit_claims(&self.cfg.group, *p, part.epoch, &rows, part.next).await?;
+            batch_committed(std::mem::take(&mut part.read), committing.elapsed());
+            match committed {
                 ClaimCommit::Committed => {
                     part.moved = false;
                     part.state.end();
@@ -319,5 +357,151 @@ impl Claims {
         self.pending = 0;
         self.started = None;
         Ok(())
+    }
+}
+
+/// A record's claim: read directly when `direct` (the reader is the direct decoder's schema) and
+/// its writer schema is the reader (the usual case), else through the registry's resolution.
+async fn decode_claim(
+    registry: &RegistryClient,
+    reader: &'static Schema,
+    direct: bool,
+    payload: &[u8],
+) -> Result<Claim, DecodeError> {
+    if direct {
+        return registry.decode_as(payload, reader, claim_record_datum, claim_record_value).await;
+    }
+    Ok(claim_record(reader, &registry.decode(payload, reader).await?))
+}
+
+/// A decision event through the generic path (JSON → Avro value → framed bytes), for a `coupons`
+/// schema the direct encoder was not written for.
+fn encode_generic(writer: &Schema, encoder: &FramedEncoder, event: &serde_json::Value) -> Result<Vec<u8>, StageError> {
+    let value = coupons_value(writer, event)
+        .map_err(|e| StageError::internal(format!("a decision does not fit the coupons schema: {e}")))?;
+    encoder.encode(value).map_err(|e| StageError::internal(format!("encoding a decision: {e}")))
+}
+
+/// A decided group's decisions by outcome (and reason), added to the counters once per group
+/// rather than looked up once per decision.
+#[derive(Debug, Default)]
+struct Tally {
+    issued: u64,
+    redeemed: u64,
+    rejected: [u64; RejectReason::ALL.len()],
+    refused: [u64; REFUSE_REASONS.len()],
+}
+
+const REFUSE_REASONS: [RefuseReason; 4] =
+    [RefuseReason::UnknownCoupon, RefuseReason::UnknownCode, RefuseReason::Expired, RefuseReason::AlreadyRedeemed];
+
+impl Tally {
+    fn add(&mut self, decision: &Decision) {
+        match decision {
+            Decision::Issued { .. } => self.issued += 1,
+            Decision::Redeemed { .. } => self.redeemed += 1,
+            Decision::Rejected { reason, .. } => {
+                self.rejected[RejectReason::ALL.iter().position(|r| r == reason).expect("listed")] += 1
+            }
+            Decision::Refused { reason, .. } => {
+                self.refused[REFUSE_REASONS.iter().position(|r| r == reason).expect("listed")] += 1
+            }
+            Decision::Defined | Decision::DefinitionRefused(_) => {}
+        }
+    }
+
+    /// Adds the counts to `tidings_claims_decisions_total`.
+    fn record(&self) {
+        const NAME: &str = "tidings_claims_decisions_total";
+        let add = |n: u64, outcome: &'static str, reason: Option<&'static str>| {
+            if n > 0 {
+                match reason {
+                    Some(reason) => metrics::counter!(NAME, "outcome" => outcome, "reason" => reason).increment(n),
+                    None => metrics::counter!(NAME, "outcome" => outcome).increment(n),
+                }
+            }
+        };
+        add(self.issued, "issued", None);
+        add(self.redeemed, "redeemed", None);
+        for (n, r) in self.rejected.iter().zip(RejectReason::ALL) {
+            add(*n, "rejected", Some(r.as_str()));
+        }
+        for (n, r) in self.refused.iter().zip(REFUSE_REASONS) {
+            add(*n, "refused", Some(r.as_str()));
+        }
+    }
+}
+
+/// A batch of `records` records (decided, dead-lettered or skipped) committed in `took`.
+fn batch_committed(records: usize, took: Duration) {
+    metrics::histogram!("tidings_claims_batch_records").record(records as f64);
+    metrics::histogram!("tidings_claims_commit_seconds").record(took.as_secs_f64());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stages::claims::decide::Issue;
+    use metrics_exporter_prometheus::PrometheusBuilder;
+    use rdkafka::message::OwnedMessage;
+    use rdkafka::Timestamp;
+
+    /// Every decision counts under its outcome (rejections and refusals with their reason), and a
+    /// committed batch's size and commit time are observed.
+    #[test]
+    fn decisions_and_batches_are_counted() {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            let mut tally = Tally::default();
+            let issue = Issue { claim_id: "k".into(), code: "C".into(), expires_at: 1 };
+            tally.add(&Decision::Issued { user_id: "u".into(), issue });
+            let rejected = |reason| Decision::Rejected { user_id: "u".into(), claim_id: "k".into(), reason };
+            tally.add(&rejected(RejectReason::SoldOut));
+            tally.add(&rejected(RejectReason::SoldOut));
+            tally.add(&rejected(RejectReason::AlreadyClaimed));
+            tally.add(&Decision::Redeemed { user_id: "u".into(), code: "C".into(), order_id: "o".into() });
+            let refused = Decision::Refused {
+                user_id: "u".into(),
+                code: "C".into(),
+                order_id: "o".into(),
+                reason: RefuseReason::AlreadyRedeemed,
+            };
+            tally.add(&refused);
+            tally.add(&Decision::Defined);
+            tally.record();
+            batch_committed(4_000, Duration::from_millis(30));
+        });
+        let text = handle.render();
+        for line in [
+            r#"tidings_claims_decisions_total{outcome="issued"} 1"#,
+            r#"tidings_claims_decisions_total{outcome="rejected",reason="sold_out"} 2"#,
+            r#"tidings_claims_decisions_total{outcome="rejected",reason="already_claimed"} 1"#,
+            r#"tidings_claims_decisions_total{outcome="redeemed"} 1"#,
+            r#"tidings_claims_decisions_total{outcome="refused",reason="already_redeemed"} 1"#,
+            "tidings_claims_batch_records_sum 4000",
+            "tidings_claims_commit_seconds_count 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no line {line:?} in:\n{text}");
+        }
+        assert!(!text.contains(r#"reason="not_open""#), "a reason nothing was rejected for: {text}");
+    }
+
+    /// A claim record that cannot be decided on is counted as the claim stage's dead letter by
+    /// its reason.
+    #[tokio::test(flavor = "current_thread")]
+    async fn dead_letters_are_counted_by_reason() {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let _local = metrics::set_default_local_recorder(&recorder);
+        // Nothing listens there: the record waits in the producer's queue, counted when sent.
+        let producer: FutureProducer =
+            tidings_core::kafka::KafkaConfig::new("127.0.0.1:1").producer().create().unwrap();
+        let dead = DeadLetters::new(producer, "t-dlq".into(), super::super::STAGE);
+        let msg = OwnedMessage::new(Some(vec![1]), None, "t-claims".into(), Timestamp::now(), 0, 7, None);
+        let _delivery = dead.send(&msg, "malformed", "bad bytes").await.unwrap();
+        let text = handle.render();
+        let line = r#"tidings_dead_letters_total{stage="claims",reason="malformed"} 1"#;
+        assert!(text.lines().any(|l| l == line), "no line {line:?} in:\n{text}");
     }
 }

@@ -1274,6 +1274,70 @@ function onCouponEvent(kind, n) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Preferences: the categories a user gets (critical ones always on), time zone, quiet hours
+
+async function loadPreferences() {
+  $('prefs-error').textContent = '';
+  renderPreferences(await api('GET', '/v1/me/preferences'));
+}
+
+function renderPreferences(p) {
+  const box = $('prefs-categories');
+  box.replaceChildren(el('legend', { text: 'Notify me about' }));
+  for (const c of p.categories) {
+    const id = `prefs-cat-${c.name}`;
+    const input = el('input', {
+      type: 'checkbox', id, name: 'category', value: c.name,
+      checked: c.critical || !p.opt_out.includes(c.name), disabled: c.critical,
+    });
+    const note = c.critical ? ' (always on)' : '';
+    const text = c.description ? `${c.name}: ${c.description}${note}` : `${c.name}${note}`;
+    box.append(el('div', { class: 'check' }, input, el('label', { htmlFor: id, text })));
+  }
+  $('prefs-tz').value = p.time_zone;
+  $('prefs-quiet-on').checked = Boolean(p.quiet_hours);
+  if (p.quiet_hours) {
+    $('prefs-quiet-start').value = p.quiet_hours.start;
+    $('prefs-quiet-end').value = p.quiet_hours.end;
+  }
+  syncQuietHours();
+}
+
+function syncQuietHours() {
+  const on = $('prefs-quiet-on').checked;
+  $('prefs-quiet-start').disabled = !on;
+  $('prefs-quiet-end').disabled = !on;
+}
+
+async function savePreferences(e) {
+  e.preventDefault();
+  $('prefs-error').textContent = '';
+  $('prefs-status').textContent = 'Saving…';
+  const boxes = [...document.querySelectorAll('#prefs-categories input[name=category]')];
+  const body = {
+    opt_out: boxes.filter((i) => !i.disabled && !i.checked).map((i) => i.value),
+    time_zone: $('prefs-tz').value.trim(),
+    quiet_hours: $('prefs-quiet-on').checked
+      ? { start: $('prefs-quiet-start').value, end: $('prefs-quiet-end').value }
+      : null,
+  };
+  try {
+    renderPreferences(await api('PUT', '/v1/me/preferences', body));
+    $('prefs-status').textContent = 'Preferences saved.';
+  } catch (err) {
+    $('prefs-status').textContent = '';
+    $('prefs-error').textContent = `Not saved: ${err.message}`;
+  }
+}
+
+function setUpPreferences() {
+  $('prefs-form').addEventListener('submit', savePreferences);
+  $('prefs-quiet-on').addEventListener('change', syncQuietHours);
+  const zones = Intl.supportedValuesOf ? Intl.supportedValuesOf('timeZone') : [];
+  $('prefs-tz-list').replaceChildren(...zones.map((z) => el('option', { value: z })));
+}
+
+// ---------------------------------------------------------------------------------------------
 // Views (the hash is the view, so a reload comes back to it)
 
 function route() {
@@ -1286,8 +1350,9 @@ function route() {
   else if (h === '#/find' && state.chat) view = 'find';
   else if (h === '#/coupons' && state.couponsApi) view = 'coupons';
   else if (h === '#/archived') view = 'archived';
-  for (const v of ['inbox', 'coupons', 'rooms', 'find', 'room', 'archived']) $(`view-${v}`).hidden = v !== view;
-  const tabs = [['tab-inbox', 'inbox'], ['tab-coupons', 'coupons'], ['tab-rooms', 'rooms'], ['tab-find', 'find']];
+  else if (h === '#/preferences') view = 'preferences';
+  for (const v of ['inbox', 'coupons', 'rooms', 'find', 'room', 'archived', 'preferences']) $(`view-${v}`).hidden = v !== view;
+  const tabs = [['tab-inbox', 'inbox'], ['tab-coupons', 'coupons'], ['tab-rooms', 'rooms'], ['tab-find', 'find'], ['tab-preferences', 'preferences']];
   for (const [tab, v] of tabs) {
     const current = v === view || (v === 'rooms' && view === 'room') || (v === 'inbox' && view === 'archived');
     if (current) $(tab).setAttribute('aria-current', 'page');
@@ -1296,10 +1361,11 @@ function route() {
   if (view === 'room') openRoom(decodeURIComponent(m[1]));
   else state.room = null;
   if (view === 'archived') loadArchived().catch(() => {});
+  if (view === 'preferences') loadPreferences().catch(() => {});
   refreshCoupons(); // starts the coupon list's refreshes in its view, stops them elsewhere
   // Move focus to the view's heading, so keyboard and screen reader users land in it.
   const headings = { inbox: 'inbox-h', coupons: 'coupons-h', rooms: 'rooms-h', find: 'find-h', room: 'room-title' };
-  const heading = { ...headings, archived: 'archived-h' }[view];
+  const heading = { ...headings, archived: 'archived-h', preferences: 'prefs-h' }[view];
   if (document.activeElement === document.body || document.activeElement?.closest('nav')) $(heading).focus();
 }
 
@@ -1338,6 +1404,7 @@ async function start() {
   $('sign-out').addEventListener('click', () => signOut());
   $('inbox-more').addEventListener('click', () => loadMoreInbox().catch(() => {}));
   setUpInboxTools();
+  setUpPreferences();
   $('create-form').addEventListener('submit', createRoom);
   $('search-form').addEventListener('submit', (e) => search(e));
   $('search-more').addEventListener('click', () => search(null, true));

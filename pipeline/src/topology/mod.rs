@@ -578,8 +578,8 @@ impl Topology {
         self.schemas.get(logical_topic).map(|s| &s.parsed)
     }
 
-    /// Every category a notification can have, in file order of `categories`, then the templates'
-    /// default categories a file without `categories` gives them (not critical, no description).
+    /// Every category a notification can have: `categories` by name, then the templates' default
+    /// categories a file without `categories` gives them (not critical, no description).
     pub fn category_list(&self) -> Vec<(String, CategorySpec)> {
         let mut out: Vec<(String, CategorySpec)> =
             self.categories.iter().map(|(k, v)| (k.clone(), v.clone())).collect();

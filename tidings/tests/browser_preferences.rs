@@ -4,6 +4,8 @@
 //! another user then reaches only the other one's page, live, while an order's delivery (critical)
 //! still reaches theirs.
 
+// This test needs no broker, so the shared helpers' broker check goes unused here.
+#[allow(unused_imports)]
 mod common;
 
 use common::browser::Browser;
@@ -62,10 +64,8 @@ async fn embedded() -> (Embedded, Value) {
     let mut up = Embedded { child, dir };
     let path = up.dir.path().join("endpoints.json");
     for _ in 0..600 {
-        if let Ok(ep) = std::fs::read(&path).map(|t| serde_json::from_slice::<Value>(&t)) {
-            if let Ok(ep) = ep {
-                return (up, ep);
-            }
+        if let Ok(Ok(ep)) = std::fs::read(&path).map(|t| serde_json::from_slice::<Value>(&t)) {
+            return (up, ep);
         }
         if let Some(status) = up.child.try_wait().unwrap() {
             panic!("tidings up exited ({status}):\n{}", up.log());

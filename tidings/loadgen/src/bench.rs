@@ -42,7 +42,7 @@ mod sustained;
 mod users;
 
 /// Every scenario, in the order they run (`chat` and `chat_kill` only when named: `.ci/bench-chat`;
-/// `claims_decide` and `claims_hot_row` only when named: `.ci/bench-claims`).
+/// `claims_decide`, `claims_hot_row` and `claims_http` only when named: `.ci/bench-claims`).
 const ALL: &str = "ingest_latency,ingest_latency_kafka,broadcast,broadcast_kafka,ingest_latency_embedded,nchan_fanout,nchan_broadcast,idle,fanout,campaign,sustained,multi";
 
 #[derive(clap::Args)]
@@ -58,7 +58,7 @@ pub struct BenchArgs {
     topology: PathBuf,
     /// Scenarios to run, comma-separated: ingest_latency, ingest_latency_kafka, broadcast,
     /// broadcast_kafka, ingest_latency_embedded, nchan_fanout, nchan_broadcast, idle, fanout, campaign, sustained, multi, chat, chat_kill,
-    /// claims_decide, claims_hot_row (the chat and claim ones need PostgreSQL at TIDINGS_TEST_PG). A `comparison` line follows when a tidings
+    /// claims_decide, claims_hot_row, claims_http (the chat and claim ones need PostgreSQL at TIDINGS_TEST_PG). A `comparison` line follows when a tidings
     /// scenario and its nchan counterpart both ran.
     #[arg(long, value_delimiter = ',', default_value = ALL)]
     scenarios: Vec<String>,
@@ -157,6 +157,12 @@ pub struct BenchArgs {
     /// Concurrent PostgreSQL connections of claims_hot_row.
     #[arg(long, default_value_t = 64)]
     hot_row_connections: u32,
+    /// Users claiming over HTTP at once in claims_http, one claim each.
+    #[arg(long, default_value_t = 5_000)]
+    http_claimants: usize,
+    /// The coupon's stock in claims_http.
+    #[arg(long, default_value_t = 1_000)]
+    http_claim_stock: usize,
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -313,6 +319,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 emit(claims::comparison(a, c));
             }
         }
+    }
+
+    if run("claims_http") {
+        let o = claims::HttpOpts { users: args.http_claimants, stock: args.http_claim_stock };
+        let http_prefix = format!("{prefix}claims-http.");
+        let v = claims::http(&bin, root.path(), &topology, &args.brokers, &http_prefix, &o).await;
+        report(&mut results, "claims_http", v);
     }
 
     for (name, kill) in [("chat", false), ("chat_kill", true)] {

@@ -57,6 +57,32 @@ fn claim(k: usize, users: usize) -> (String, String) {
     (format!("user-{u:07}"), format!("claim-{u:07}-{key_round}"))
 }
 
+/// A new empty database on the test server (`TIDINGS_TEST_PG`), left for `tidings up` to migrate
+/// (so a `tidings` binary of another commit, with other migrations, runs on it too): a small pool
+/// on it and its URL.
+async fn fresh_database(connections: u32) -> anyhow::Result<(sqlx::PgPool, String)> {
+    use sqlx::Connection;
+    let admin = tidings_store::testing::admin_url();
+    let name = format!("tidings_bench_{}", uuid::Uuid::new_v4().simple());
+    let mut conn = sqlx::PgConnection::connect(&admin).await?;
+    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut conn).await?;
+    conn.close().await?;
+    let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
+    let url = format!("{base}/{name}");
+    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(connections).connect(&url).await?;
+    Ok((pool, url))
+}
+
+/// Drops a database [`fresh_database`] made (best effort: a leftover only takes disk).
+async fn drop_database(pool: sqlx::PgPool, url: &str) {
+    use sqlx::Connection;
+    pool.close().await;
+    let Some((_, name)) = url.rsplit_once('/') else { return };
+    if let Ok(mut conn) = sqlx::PgConnection::connect(&tidings_store::testing::admin_url()).await {
+        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut conn).await;
+    }
+}
+
 /// `e` with the last lines of `proc`'s log (its work directory goes when the benchmark ends).
 fn with_log(e: anyhow::Error, proc: &Proc) -> anyhow::Error {
     let log = std::fs::read_to_string(proc.dir.join("log")).unwrap_or_default();
@@ -331,8 +357,8 @@ pub async fn decide(
     o: &ClaimOpts,
 ) -> anyhow::Result<(Value, Vec<(String, String)>)> {
     ensure!(o.users > 0 && o.claims >= o.users && o.stock > 0, "claims ≥ users > 0 and stock > 0");
-    let (store, db) = tidings_store::testing::fresh_postgres().await.context("a fresh PostgreSQL database")?;
-    let tidings_store::Store::Postgres(pool) = &store else { bail!("not a PostgreSQL store") };
+    let (pool, db) = fresh_database(2).await.context("a fresh PostgreSQL database")?;
+    let pool = &pool;
     let input = format!("{prefix}coupon-claims");
     let output = format!("{prefix}coupons");
 
@@ -371,11 +397,13 @@ pub async fn decide(
     let mut first: Option<(Instant, i64, CpuWindow)> = None;
     let deadline = Instant::now() + Duration::from_secs(900);
     let (done_at, (first_at, from, window)) = loop {
+        // An error before the stage's process has migrated the database: not yet.
         let next: Option<(Option<i64>,)> =
             sqlx::query_as("SELECT next_offset FROM claim_partitions WHERE partition = $1")
                 .bind(partition)
                 .fetch_optional(pool)
-                .await?;
+                .await
+                .unwrap_or(None);
         if let Some(n) = next.and_then(|(n,)| n) {
             if first.is_none() {
                 first = Some((Instant::now(), n, CpuWindow::start(&[stage.pid()])));
@@ -410,7 +438,7 @@ pub async fn decide(
         .fetch_one(pool)
         .await?;
     ensure!(holders as usize == o.stock && distinct == holders, "store: {holders} holders, {distinct} distinct users");
-    let _ = tidings_store::testing::drop_postgres(store, &db).await;
+    drop_database(pool.clone(), &db).await;
     Ok((
         json!({
             "scenario": "claims_decide",
@@ -438,7 +466,8 @@ pub async fn hot_row(log: &[(String, String)], o: &ClaimOpts) -> anyhow::Result<
     let n = o.hot_row_claims.min(log.len());
     let stock = (o.stock as u128 * n as u128 / log.len().max(1) as u128) as i32;
     ensure!(n > 0 && stock > 0, "no claims or no stock for the hot-row design");
-    let (store, db) = tidings_store::testing::fresh_postgres().await.context("a fresh PostgreSQL database")?;
+    let (admin_pool, db) = fresh_database(1).await.context("a fresh PostgreSQL database")?;
+    admin_pool.close().await;
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(o.hot_row_connections)
         .min_connections(o.hot_row_connections)
@@ -512,8 +541,7 @@ pub async fn hot_row(log: &[(String, String)], o: &ClaimOpts) -> anyhow::Result<
     )
     .fetch_one(&pool)
     .await?;
-    pool.close().await;
-    let _ = tidings_store::testing::drop_postgres(store, &db).await;
+    drop_database(pool, &db).await;
     let v = json!({
         "scenario": "claims_hot_row",
         "claims": n, "of_log": log.len(), "stock": stock, "connections": o.hot_row_connections,
@@ -571,4 +599,178 @@ mod tests {
         assert_eq!((d.str(), d.str()), (Some("claim-1"), Some("user-1")));
         assert!(d.0.is_empty());
     }
+}
+
+/// claims_http's settings.
+#[derive(Debug, Clone)]
+pub struct HttpOpts {
+    /// Users claiming at once, one claim each.
+    pub users: usize,
+    /// The coupon's stock.
+    pub stock: usize,
+}
+
+/// claims_http: one `tidings up --stages gateway,claims` on a fresh PostgreSQL database; a coupon
+/// defined over `POST /v1/coupons`, then every user's `POST /v1/coupons/{id}/claims` released at
+/// once (each on its own connection, opened before): claim → answer p50/p99 and the answers by
+/// status; then, once every claim is decided in the store, issued = stock.
+pub async fn http(
+    bin: &Path,
+    root: &Path,
+    topology: &Path,
+    brokers: &str,
+    prefix: &str,
+    o: &HttpOpts,
+) -> anyhow::Result<Value> {
+    const HTTP_COUPON: &str = "bench-http-drop";
+    let (pool, db) = fresh_database(2).await.context("a fresh PostgreSQL database")?;
+    let args = up_args(Some(brokers), Some(prefix), topology, &db, "gateway,claims");
+    let mut proc_ = Proc::spawn(bin, "claims-http", root, &args, &[])?;
+    let v = async {
+        let ep = proc_.endpoints().await.map_err(|e| with_log(e, &proc_))?;
+        let url = ep["http"].as_str().unwrap_or_default().to_string();
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build()?;
+        super::wait_ready(&http, &url, Duration::from_secs(120)).await.map_err(|e| with_log(e, &proc_))?;
+        eprintln!("bench: the coupon API is up at {url}");
+        let body = json!({"id": HTTP_COUPON, "title": "Bench HTTP drop", "discount_percent": 20, "stock": o.stock,
+            "claim_opens_at": "2020-01-01T00:00:00Z", "claim_closes_at": "2099-01-01T00:00:00Z", "valid_for_secs": 86_400});
+        let resp = http
+            .post(format!("{url}/v1/coupons"))
+            .bearer_auth(tidings_gateway::service_auth::DEV_SERVICE_TOKEN)
+            .json(&body)
+            .send()
+            .await?;
+        ensure!(matches!(resp.status().as_u16(), 201 | 202), "defining the coupon: {} {}", resp.status(), resp.text().await?);
+        let token = |u: &str| {
+            tidings_gateway::auth::mint_hs256(
+                tidings_gateway::auth::DEV_SECRET.as_bytes(),
+                u,
+                Duration::from_secs(86_400),
+                None,
+                None,
+            )
+        };
+        let first = token("user-0000000")?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let r = http.get(format!("{url}/v1/coupons/{HTTP_COUPON}")).bearer_auth(&first).send().await?;
+            if r.status() == 200 {
+                break;
+            }
+            ensure!(Instant::now() < deadline, "the coupon was not defined in 60 s: {}", r.status());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+
+        // Each user its own client (one connection), opened by a first request, then all released.
+        let go = Arc::new(tokio::sync::Barrier::new(o.users + 1));
+        // Connections are opened a few hundred at a time: thousands of connects at once overflow
+        // the listener's accept queue and wait out SYN retransmits.
+        let connecting = Arc::new(tokio::sync::Semaphore::new(256));
+        let mut tasks = Vec::with_capacity(o.users);
+        for i in 0..o.users {
+            let user = format!("user-{i:07}");
+            let (tok, go, url, connecting) = (token(&user)?, go.clone(), url.clone(), connecting.clone());
+            tasks.push(tokio::spawn(async move {
+                let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).pool_max_idle_per_host(1).build();
+                // Connected first; a user whose connection failed still meets the others at the
+                // release (or it would never come) and then reports the failure.
+                let permit = connecting.acquire_owned().await;
+                // A connection the listener closed at once (its accept queue overflowing) is
+                // opened again, at most five times.
+                let mut ready = Err(anyhow::anyhow!("not connected"));
+                for _ in 0..5 {
+                    ready = match &client {
+                        Ok(c) => match c.get(format!("{url}/healthz")).send().await {
+                            Ok(r) => r.bytes().await.map(drop).map_err(anyhow::Error::from),
+                            Err(e) => Err(e.into()),
+                        },
+                        Err(e) => Err(anyhow::anyhow!("{e}")),
+                    };
+                    if ready.is_ok() || client.is_err() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                drop(permit);
+                go.wait().await;
+                ready?;
+                let client = client?;
+                let at = Instant::now();
+                let resp = client
+                    .post(format!("{url}/v1/coupons/{HTTP_COUPON}/claims"))
+                    .bearer_auth(&tok)
+                    .header("idempotency-key", format!("bench-{user}"))
+                    .send()
+                    .await?;
+                let status = resp.status().as_u16();
+                resp.bytes().await?;
+                Ok::<_, anyhow::Error>((status, at.elapsed().as_micros() as i64))
+            }));
+        }
+        eprintln!("bench: {} claimants connecting", o.users);
+        let server = [proc_.pid()];
+        go.wait().await;
+        let (t, cpu) = (Instant::now(), CpuWindow::start(&server));
+        let mut by_status: HashMap<u16, usize> = HashMap::new();
+        let (mut latencies, mut failed) = (Vec::with_capacity(o.users), 0);
+        for task in tasks {
+            match task.await? {
+                Ok((status, us)) => {
+                    *by_status.entry(status).or_default() += 1;
+                    latencies.push(us);
+                }
+                Err(e) => {
+                    if failed == 0 {
+                        eprintln!("bench: a claim failed: {e:#}");
+                    }
+                    failed += 1
+                }
+            }
+        }
+        let answered_secs = t.elapsed().as_secs_f64();
+        // Every claim decided (those answered 202 too): issued = stock, the rest rejected.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let (holders, distinct, rejections) = loop {
+            let (h, d, r): (i64, i64, i64) = sqlx::query_as(
+                "SELECT (SELECT count(*) FROM coupon_holders WHERE coupon_id = $1), \
+                 (SELECT count(DISTINCT user_id) FROM coupon_holders WHERE coupon_id = $1), \
+                 (SELECT count(*) FROM coupon_rejections WHERE coupon_id = $1)",
+            )
+            .bind(HTTP_COUPON)
+            .fetch_one(&pool)
+            .await?;
+            if usize::try_from(h + r).unwrap_or(0) >= o.users - failed || Instant::now() > deadline {
+                break (h, d, r);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let cpu = cpu.end(o.users);
+        let count = |s: u16| by_status.get(&s).copied().unwrap_or(0);
+        let v = json!({
+            "scenario": "claims_http",
+            "users": o.users, "stock": o.stock,
+            "latency_ms": percentiles(latencies),
+            "answered_secs": answered_secs,
+            "answers": {"201": count(201), "409": count(409), "202": count(202),
+                "other": o.users - failed - count(201) - count(409) - count(202), "failed": failed},
+            "store": {"issued": holders, "distinct_holders": distinct, "rejected": rejections},
+            "cpu": cpu,
+            "note": "every user's POST /v1/coupons/{id}/claims released at once (each on a connection opened before; failed = connections the listener closed five times or claims without an answer), one `tidings up --stages gateway,claims` on Apache Kafka + PostgreSQL; latency from the release to the answer (201 issued, 409 rejected, 202 not decided within the claim wait); store = the claim tables once every claim is decided",
+        });
+        // `failed`: users whose connection could not be opened (or whose claim got no answer),
+        // reported; every claim sent must be decided, and exactly the stock issued.
+        ensure!(
+            holders as usize == o.stock
+                && distinct == holders
+                && count(201) <= o.stock
+                && usize::try_from(holders + rejections).unwrap_or(0) >= o.users - failed,
+            "the stampede broke an invariant: {v}"
+        );
+        Ok(v)
+    }
+    .await
+    .map_err(|e| with_log(e, &proc_));
+    proc_.shutdown().await;
+    drop_database(pool, &db).await;
+    v
 }

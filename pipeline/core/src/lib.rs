@@ -2,6 +2,7 @@
 //! conversion, the cached schema-registry client, the notification record and Kafka client settings.
 //! No stage logic lives here; the crate is small enough to fuzz and property-test in isolation.
 
+pub mod avro_binary;
 pub mod client_stats;
 pub mod consumer;
 pub mod error;

@@ -6,6 +6,7 @@ use apache_avro::Schema;
 use serde::{Deserialize, Serialize};
 use std::sync::LazyLock;
 
+use crate::avro_binary::{put_long, put_string, Datum};
 use crate::error::CodecError;
 
 /// The Avro schema of `notifications` values, compiled once.
@@ -160,7 +161,7 @@ impl Notification {
     /// (`bash .ci/bench decode`) on the schema of every record delivery reads. Accepts exactly what
     /// that path accepts and gives the same notification (property-tested here, fuzzed in `fuzz/`).
     pub fn decode_datum(datum: &[u8]) -> Result<Self, CodecError> {
-        let mut r = Datum(datum);
+        let mut r = Datum::new(datum);
         let id = r.string()?;
         let notification_id =
             id.parse().map_err(|_| CodecError::Avro(format!("notification_id {id:?} is not a UUID")))?;
@@ -181,91 +182,8 @@ impl Notification {
             category: r.string()?.to_owned(),
             recipients: r.string_array()?,
         };
-        if !r.0.is_empty() {
-            return Err(CodecError::Avro(format!("{} trailing bytes after the datum", r.0.len())));
-        }
+        r.end()?;
         Ok(n)
-    }
-}
-
-/// The unread rest of a datum.
-struct Datum<'a>(&'a [u8]);
-
-impl<'a> Datum<'a> {
-    fn byte(&mut self) -> Result<u8, CodecError> {
-        let (&b, rest) = self.0.split_first().ok_or_else(|| CodecError::Avro("datum is truncated".into()))?;
-        self.0 = rest;
-        Ok(b)
-    }
-
-    fn long(&mut self) -> Result<i64, CodecError> {
-        let mut z: u64 = 0;
-        for i in 0..10 {
-            let b = self.byte()?;
-            // In the tenth byte only the lowest bit fits; the rest is dropped, as apache-avro does.
-            z |= u64::from(b & 0x7f) << (7 * i);
-            if b & 0x80 == 0 {
-                return Ok((z >> 1) as i64 ^ -((z & 1) as i64));
-            }
-        }
-        Err(CodecError::Avro("varint longer than 10 bytes".into()))
-    }
-
-    fn int(&mut self) -> Result<i32, CodecError> {
-        let v = self.long()?;
-        i32::try_from(v).map_err(|_| CodecError::Avro(format!("int {v} out of range")))
-    }
-
-    fn string(&mut self) -> Result<&'a str, CodecError> {
-        let len = self.long()?;
-        let len = usize::try_from(len)
-            .ok()
-            .filter(|l| *l <= self.0.len())
-            .ok_or_else(|| CodecError::Avro(format!("string length {len} beyond the datum")))?;
-        let (text, rest) = self.0.split_at(len);
-        self.0 = rest;
-        std::str::from_utf8(text).map_err(|e| CodecError::Avro(format!("string is not UTF-8: {e}")))
-    }
-
-    /// A `["null", "string"]` union.
-    fn optional_string(&mut self) -> Result<Option<&'a str>, CodecError> {
-        match self.long()? {
-            0 => Ok(None),
-            1 => self.string().map(Some),
-            i => Err(CodecError::Avro(format!("union branch {i} of [null, string]"))),
-        }
-    }
-
-    /// An array of strings: blocks of a count and that many items, ended by a zero count; a
-    /// negative count means its absolute value, followed by the block's size in bytes.
-    fn string_array(&mut self) -> Result<Vec<String>, CodecError> {
-        let mut items = Vec::new();
-        loop {
-            let count = match self.long()? {
-                0 => return Ok(items),
-                c if c < 0 => {
-                    self.long()?;
-                    c.checked_neg().ok_or_else(|| CodecError::Avro("array block count overflows".into()))?
-                }
-                c => c,
-            };
-            // Every item takes at least one byte: a count beyond what is left cannot be real.
-            if count as u64 > self.0.len() as u64 {
-                return Err(CodecError::Avro(format!("array block of {count} items beyond the datum")));
-            }
-            items.reserve(count as usize);
-            for _ in 0..count {
-                items.push(self.string()?.to_owned());
-            }
-        }
-    }
-
-    fn boolean(&mut self) -> Result<bool, CodecError> {
-        match self.byte()? {
-            0 => Ok(false),
-            1 => Ok(true),
-            b => Err(CodecError::Avro(format!("boolean byte {b}"))),
-        }
     }
 }
 
@@ -345,14 +263,14 @@ impl NotificationEncoder {
         out.clear();
         crate::wire::frame_into(self.schema_id, &[], out);
         let mut buf = uuid::Uuid::encode_buffer();
-        put_avro_string(id.hyphenated().encode_lower(&mut buf), out);
-        put_avro_string(user_id, out);
+        put_string(id.hyphenated().encode_lower(&mut buf), out);
+        put_string(user_id, out);
         out.extend_from_slice(shared);
         // One block with every item, then the zero count that ends an array.
         if !recipients.is_empty() {
-            put_avro_long(recipients.len() as i64, out);
+            put_long(recipients.len() as i64, out);
             for r in recipients {
-                put_avro_string(r, out);
+                put_string(r, out);
             }
         }
         out.push(0);
@@ -370,24 +288,6 @@ fn optional_string(s: Option<&str>) -> Value {
         None => Value::Union(0, Box::new(Value::Null)),
         Some(s) => Value::Union(1, Box::new(Value::String(s.to_string()))),
     }
-}
-
-/// An Avro string: zig-zag varint length, then the UTF-8 bytes. Written here because
-/// apache-avro keeps its varint writer crate-private and building a `Value` per recipient is the
-/// cost this encoder exists to avoid.
-fn put_avro_string(s: &str, out: &mut Vec<u8>) {
-    put_avro_long(s.len() as i64, out);
-    out.extend_from_slice(s.as_bytes());
-}
-
-/// An Avro long: zig-zag, then a little-endian base-128 varint.
-fn put_avro_long(v: i64, out: &mut Vec<u8>) {
-    let mut z = ((v << 1) ^ (v >> 63)) as u64;
-    while z >= 0x80 {
-        out.push((z as u8 & 0x7f) | 0x80);
-        z >>= 7;
-    }
-    out.push(z as u8);
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ use std::sync::LazyLock;
 use apache_avro::types::Value;
 use apache_avro::Schema;
 use serde_json::{json, Value as Json};
+use tidings_core::avro_binary::{put_long, put_string, Datum};
 use tidings_core::json_avro::{avro_to_json, json_to_avro, union_branch_name};
 use tidings_core::CodecError;
 
@@ -162,7 +163,7 @@ pub fn claim_record_value(value: Value) -> Result<Claim, CodecError> {
 /// per claim. Accepts exactly the datums that path accepts (`Err` for the rest) and gives the same
 /// claim or dead-letter reason (property-tested below).
 pub fn claim_record_datum(datum: &[u8]) -> Result<Claim, CodecError> {
-    let mut r = Datum(datum);
+    let mut r = Datum::new(datum);
     r.string()?; // event_id
     r.long()?; // occurred_at
     let coupon_id = r.string()?;
@@ -174,17 +175,15 @@ pub fn claim_record_datum(datum: &[u8]) -> Result<Claim, CodecError> {
     }
     let raw = match r.long()? {
         0 => {
-            let (title, discount, stock) = (r.string()?, r.int()?, r.int()?);
+            let (title, discount, stock) = (r.string()?, i64::from(r.int()?), i64::from(r.int()?));
             let times = [r.long()?, r.long()?, r.long()?];
-            Raw::Define(title, discount, stock, times, r.int()?)
+            Raw::Define(title, discount, stock, times, i64::from(r.int()?))
         }
         1 => Raw::Claim(r.string()?, r.string()?),
         2 => Raw::Redeem(r.string()?, r.string()?, r.string()?),
         i => return Err(CodecError::Avro(format!("union branch {i} of payload"))),
     };
-    if !r.0.is_empty() {
-        return Err(CodecError::Avro(format!("{} trailing bytes after the datum", r.0.len())));
-    }
+    r.end()?;
     // The datum is whole: now what it says, checked as claim_record checks it.
     let record = || -> Claim {
         let coupon_id = checked_id(coupon_id, "coupon_id")?.to_string();
@@ -203,56 +202,6 @@ pub fn claim_record_datum(datum: &[u8]) -> Result<Claim, CodecError> {
         Ok(ClaimRecord { coupon_id, locale: locale.map(str::to_string), request })
     };
     Ok(record())
-}
-
-/// The unread rest of a datum.
-struct Datum<'a>(&'a [u8]);
-
-impl<'a> Datum<'a> {
-    fn byte(&mut self) -> Result<u8, CodecError> {
-        let (&b, rest) = self.0.split_first().ok_or_else(|| CodecError::Avro("datum is truncated".into()))?;
-        self.0 = rest;
-        Ok(b)
-    }
-
-    fn long(&mut self) -> Result<i64, CodecError> {
-        let mut z: u64 = 0;
-        for i in 0..10 {
-            let b = self.byte()?;
-            // In the tenth byte only the lowest bit fits; the rest is dropped, as apache-avro does.
-            z |= u64::from(b & 0x7f) << (7 * i);
-            if b & 0x80 == 0 {
-                return Ok((z >> 1) as i64 ^ -((z & 1) as i64));
-            }
-        }
-        Err(CodecError::Avro("varint longer than 10 bytes".into()))
-    }
-
-    /// An Avro int (range-checked, as apache-avro does), widened.
-    fn int(&mut self) -> Result<i64, CodecError> {
-        let v = self.long()?;
-        i32::try_from(v).map(i64::from).map_err(|_| CodecError::Avro(format!("int {v} out of range")))
-    }
-
-    fn string(&mut self) -> Result<&'a str, CodecError> {
-        let len = self.long()?;
-        let len = usize::try_from(len)
-            .ok()
-            .filter(|l| *l <= self.0.len())
-            .ok_or_else(|| CodecError::Avro(format!("string length {len} beyond the datum")))?;
-        let (text, rest) = self.0.split_at(len);
-        self.0 = rest;
-        std::str::from_utf8(text).map_err(|e| CodecError::Avro(format!("string is not UTF-8: {e}")))
-    }
-
-    /// A `["null", "string"]` union.
-    fn optional_string(&mut self) -> Result<Option<&'a str>, CodecError> {
-        match self.long()? {
-            0 => Ok(None),
-            1 => self.string().map(Some),
-            i => Err(CodecError::Avro(format!("union branch {i} of [null, string]"))),
-        }
-    }
 }
 
 /// Appends the framed `coupons` event of `decision` (schema id `schema_id`, a schema for which
@@ -333,21 +282,6 @@ fn refuse_symbol(r: RefuseReason) -> i64 {
         RefuseReason::Expired => 2,
         RefuseReason::AlreadyRedeemed => 3,
     }
-}
-
-fn put_string(s: &str, out: &mut Vec<u8>) {
-    put_long(s.len() as i64, out);
-    out.extend_from_slice(s.as_bytes());
-}
-
-/// An Avro long: zig-zag, then a little-endian base-128 varint.
-fn put_long(v: i64, out: &mut Vec<u8>) {
-    let mut z = ((v << 1) ^ (v >> 63)) as u64;
-    while z >= 0x80 {
-        out.push((z as u8 & 0x7f) | 0x80);
-        z >>= 7;
-    }
-    out.push(z as u8);
 }
 
 #[cfg(test)]

@@ -130,8 +130,11 @@ mod tests {
             let mut out = Vec::new();
             put_long(v, &mut out);
             put_string(&s, &mut out);
-            let mut theirs = apache_avro::to_avro_datum(&apache_avro::Schema::Long, apache_avro::types::Value::Long(v)).unwrap();
-            theirs.extend(apache_avro::to_avro_datum(&apache_avro::Schema::String, apache_avro::types::Value::String(s.clone())).unwrap());
+            let encode = |schema: &apache_avro::Schema, value: apache_avro::types::Value| {
+                apache_avro::writer::datum::GenericDatumWriter::builder(schema).build().unwrap().write_value_to_vec(value).unwrap()
+            };
+            let mut theirs = encode(&apache_avro::Schema::Long, apache_avro::types::Value::Long(v));
+            theirs.extend(encode(&apache_avro::Schema::String, apache_avro::types::Value::String(s.clone())));
             prop_assert_eq!(&out, &theirs);
             let mut r = Datum::new(&out);
             prop_assert_eq!(r.long().unwrap(), v);

@@ -318,6 +318,13 @@ async fn inbox(brokers: String) {
     assert_eq!(s["sources"], json!(["ev-6", "ev-5", "ev-4", "ev-3", "ev-2", "ev-1"]), "after moving back: {s}");
     assert_eq!((&s["unread_items"], &s["badge"]), (&json!(["ev-6"]), &json!("1")), "{s}");
     inbox_unread(&http, &url, &token, 1, Duration::from_secs(10), &[&st.core, &st.gw]).await;
+    // And the inbox says what is unread per category (order.placed is in `orders`).
+    b.wait(
+        "alice",
+        "the unread count per category",
+        "return document.getElementById('inbox-categories').textContent === 'Unread by category: orders 1'",
+    )
+    .await;
 
     // Signing out closes the stream and forgets the token (a reload stays signed out).
     b.call("alice", json!({"cmd": "click", "selector": "#sign-out"})).await;

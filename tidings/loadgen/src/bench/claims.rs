@@ -19,6 +19,7 @@ use rdkafka::message::{DeliveryResult, Message};
 use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{json, Value};
+use tidings_core::avro_binary::{put_long, put_string, Datum};
 use tidings_core::json_avro::{avro_to_json, union_branch_name};
 use tidings_core::kafka::KafkaConfig;
 use tidings_core::RegistryClient;
@@ -95,30 +96,15 @@ pub fn log(o: &ClaimOpts) -> Vec<(String, String)> {
     (0..o.claims).map(|k| claim(k, o.users)).collect()
 }
 
-/// An Avro long: zig-zag, then a little-endian base-128 varint.
-fn put_long(v: i64, out: &mut Vec<u8>) {
-    let mut z = ((v << 1) ^ (v >> 63)) as u64;
-    while z >= 0x80 {
-        out.push((z as u8 & 0x7f) | 0x80);
-        z >>= 7;
-    }
-    out.push(z as u8);
-}
-
-fn put_str(s: &str, out: &mut Vec<u8>) {
-    put_long(s.len() as i64, out);
-    out.extend_from_slice(s.as_bytes());
-}
-
 /// A framed `coupon-claims` record (schemas/coupon_claim.avsc, field order) with `payload`'s
 /// union branch `branch` and its fields already encoded.
 fn claim_record(schema_id: u32, event_id: &str, branch: i64, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(64 + payload.len());
     out.push(0);
     out.extend_from_slice(&schema_id.to_be_bytes());
-    put_str(event_id, &mut out);
+    put_string(event_id, &mut out);
     put_long(now_micros(), &mut out);
-    put_str(COUPON, &mut out);
+    put_string(COUPON, &mut out);
     put_long(0, &mut out); // locale: null
     put_long(branch, &mut out);
     out.extend_from_slice(payload);
@@ -127,7 +113,7 @@ fn claim_record(schema_id: u32, event_id: &str, branch: i64, payload: &[u8]) -> 
 
 fn definition(schema_id: u32, stock: usize) -> Vec<u8> {
     let mut p = Vec::new();
-    put_str("Bench drop", &mut p);
+    put_string("Bench drop", &mut p);
     put_long(20, &mut p); // discount_percent
     put_long(stock as i64, &mut p);
     put_long(0, &mut p); // claim_opens_at
@@ -139,8 +125,8 @@ fn definition(schema_id: u32, stock: usize) -> Vec<u8> {
 
 fn claim_requested(schema_id: u32, k: usize, user: &str, claim_id: &str) -> Vec<u8> {
     let mut p = Vec::with_capacity(48);
-    put_str(claim_id, &mut p);
-    put_str(user, &mut p);
+    put_string(claim_id, &mut p);
+    put_string(user, &mut p);
     claim_record(schema_id, &format!("bench-claim-{k}"), 1, &p)
 }
 
@@ -216,58 +202,31 @@ struct Decided {
     issued: bool,
 }
 
-/// The unread rest of a `coupons` datum (schemas/coupon_event.avsc), for the few fields checked.
-struct Datum<'a>(&'a [u8]);
-
-impl<'a> Datum<'a> {
-    fn long(&mut self) -> Option<i64> {
-        let mut z: u64 = 0;
-        for i in 0..10 {
-            let (&b, rest) = self.0.split_first()?;
-            self.0 = rest;
-            z |= u64::from(b & 0x7f) << (7 * i);
-            if b & 0x80 == 0 {
-                return Some((z >> 1) as i64 ^ -((z & 1) as i64));
-            }
+/// A CouponIssued or ClaimRejected decision (schemas/coupon_event.avsc, the few fields checked);
+/// `None` for anything else.
+fn decision(bytes: &[u8]) -> Option<Decided> {
+    let mut d = Datum::new(bytes.get(5..)?);
+    let event_id = d.string().ok()?.to_string();
+    d.long().ok()?;
+    d.string().ok()?;
+    d.optional_string().ok()?;
+    match d.long().ok()? {
+        0 => {
+            let user_id = d.string().ok()?.to_string();
+            d.string().ok()?;
+            d.long().ok()?;
+            d.long().ok()?;
+            let claim_id = d.optional_string().ok()?.unwrap_or_default().to_string();
+            Some(Decided { event_id, user_id, claim_id, issued: true })
         }
-        None
-    }
-
-    fn str(&mut self) -> Option<&'a str> {
-        let len = usize::try_from(self.long()?).ok().filter(|l| *l <= self.0.len())?;
-        let (s, rest) = self.0.split_at(len);
-        self.0 = rest;
-        std::str::from_utf8(s).ok()
-    }
-
-    /// A CouponIssued or ClaimRejected decision; `None` for anything else.
-    fn decision(bytes: &'a [u8]) -> Option<Decided> {
-        let mut d = Datum(bytes.get(5..)?);
-        let event_id = d.str()?.to_string();
-        d.long()?;
-        d.str()?;
-        if d.long()? == 1 {
-            d.str()?;
+        3 => {
+            let user_id = d.string().ok()?.to_string();
+            let claim_id = d.string().ok()?.to_string();
+            Some(Decided { event_id, user_id, claim_id, issued: false })
         }
-        match d.long()? {
-            0 => {
-                let user_id = d.str()?.to_string();
-                d.str()?;
-                d.long()?;
-                d.long()?;
-                let claim_id = if d.long()? == 1 { d.str()?.to_string() } else { String::new() };
-                Some(Decided { event_id, user_id, claim_id, issued: true })
-            }
-            3 => {
-                let user_id = d.str()?.to_string();
-                let claim_id = d.str()?.to_string();
-                Some(Decided { event_id, user_id, claim_id, issued: false })
-            }
-            _ => None,
-        }
+        _ => None,
     }
 }
-
 /// Reads every decision on `coupons` for the hot coupon and checks them against the log.
 async fn check_decisions(
     brokers: &str,
@@ -292,7 +251,7 @@ async fn check_decisions(
         let m = m?;
         next = m.offset() + 1;
         let bytes = m.payload().unwrap_or_default();
-        let d = Datum::decision(bytes).with_context(|| format!("decision at offset {} does not decode", m.offset()))?;
+        let d = decision(bytes).with_context(|| format!("decision at offset {} does not decode", m.offset()))?;
         if !first_checked {
             // The lean reader agrees with the schema's own decoding on the first decision.
             let value = registry.decode(bytes, reader).await?;
@@ -591,13 +550,13 @@ mod tests {
     fn a_precomputed_claim_has_the_schemas_layout() {
         let bytes = claim_requested(7, 3, "user-1", "claim-1");
         assert_eq!(&bytes[..5], &[0, 0, 0, 0, 7]);
-        let mut d = Datum(&bytes[5..]);
-        assert_eq!(d.str(), Some("bench-claim-3"));
-        assert!(d.long().is_some());
-        assert_eq!(d.str(), Some(COUPON));
-        assert_eq!((d.long(), d.long()), (Some(0), Some(1)));
-        assert_eq!((d.str(), d.str()), (Some("claim-1"), Some("user-1")));
-        assert!(d.0.is_empty());
+        let mut d = Datum::new(&bytes[5..]);
+        assert_eq!(d.string().unwrap(), "bench-claim-3");
+        assert!(d.long().is_ok());
+        assert_eq!(d.string().unwrap(), COUPON);
+        assert_eq!((d.long().unwrap(), d.long().unwrap()), (0, 1));
+        assert_eq!((d.string().unwrap(), d.string().unwrap()), ("claim-1", "user-1"));
+        assert!(d.end().is_ok());
     }
 }
 

@@ -339,7 +339,13 @@ mod tests {
         std::os::unix::fs::symlink(root.join("schemas"), dir.path().join("schemas")).unwrap();
         let yaml = std::fs::read_to_string(root.join("topology.yaml")).unwrap();
         // A topology from before the claim stage: neither its topics nor its `stages.claims`.
-        let (start, end) = (yaml.find("\n  claims:\n").expect("stages.claims"), yaml.find("\ntemplates:").unwrap());
+        // `stages.claims` ends at the next top-level line (a key or comment at column 0).
+        let start = yaml.find("\n  claims:\n").expect("stages.claims");
+        let end = yaml[start + 1..]
+            .match_indices('\n')
+            .map(|(i, _)| start + 1 + i)
+            .find(|&i| yaml[i + 1..].starts_with(|c: char| c == '#' || c.is_ascii_alphabetic()))
+            .expect("a section after stages");
         let yaml = format!("{}{}", &yaml[..start], &yaml[end..]);
         let without: String = yaml
             .lines()

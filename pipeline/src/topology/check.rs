@@ -12,10 +12,14 @@ use serde::Deserializer;
 use serde_yaml::Value;
 
 use super::{
-    CategorySpec, ClaimsStage, Diagnostic, LoadedSchema, PersistenceStage, Recipients, Stages, TemplateSpec,
-    TemplatingStage, TopicSpec, Topology, TopologyErrors,
+    CategorySpec, ClaimsStage, Diagnostic, LoadedSchema, PersistenceStage, Recipients, SchedulerStage, Stages,
+    TemplateSpec, TemplatingStage, TopicSpec, Topology, TopologyErrors,
 };
 use crate::stages::claims::{INPUT as CLAIMS_INPUT, OUTPUT as CLAIMS_OUTPUT};
+
+/// The logical topic of campaigns: its events carry their own title and body templates, so the
+/// templates of `topology.yaml` need none for it.
+pub const CAMPAIGNS_TOPIC: &str = "campaigns";
 
 /// Kafka's limit on topic name length.
 const MAX_TOPIC_NAME: usize = 249;
@@ -57,7 +61,12 @@ pub(super) fn parse(text: &str, source: &str, base_dir: &Path) -> Result<Topolog
         topic_prefix: parsed.topic_prefix,
         topics: parsed.topics,
         // Without a `stages.claims` section the claim stage runs with its defaults.
-        stages: Stages { templating, persistence, claims: parsed.claims.unwrap_or_default() },
+        stages: Stages {
+            templating,
+            persistence,
+            claims: parsed.claims.unwrap_or_default(),
+            scheduler: parsed.scheduler.unwrap_or_default(),
+        },
         templates: parsed
             .templates
             .into_iter()
@@ -276,6 +285,8 @@ struct Parsed {
     persistence: Option<PersistenceStage>,
     /// `stages.claims`, when the file has it (it is optional).
     claims: Option<ClaimsStage>,
+    /// `stages.scheduler`, when the file has it (it is optional).
+    scheduler: Option<SchedulerStage>,
     /// With their index in the file.
     templates: Vec<(usize, TemplateSpec)>,
     categories: BTreeMap<String, CategorySpec>,
@@ -437,9 +448,14 @@ impl Checker<'_> {
                 Value::String(n) if n == "claims" => {
                     parsed.claims = self.extract(&path.key(n));
                 }
+                Value::String(n) if n == "scheduler" => {
+                    parsed.scheduler = self.extract(&path.key(n));
+                }
                 other => self.error(
                     path,
-                    format!("unknown stage {other:?}; the stages are `templating`, `persistence` and `claims`"),
+                    format!(
+                        "unknown stage {other:?}; the stages are `templating`, `persistence`, `claims` and `scheduler`"
+                    ),
                 ),
             }
         }
@@ -518,6 +534,9 @@ impl Checker<'_> {
         if let Some(stage) = &parsed.claims {
             self.check_claims(parsed, stage);
         }
+        if let Some(stage) = &parsed.scheduler {
+            self.check_scheduler(parsed, stage);
+        }
         let mut seen: HashMap<(&str, &str), usize> = HashMap::new();
         for (i, t) in &parsed.templates {
             let path = top.key("templates").index(*i);
@@ -535,6 +554,10 @@ impl Checker<'_> {
         // Events the templating stage will see but cannot render.
         if let Some(stage) = &parsed.templating {
             for (i, input) in stage.inputs.iter().enumerate() {
+                // A campaign carries its own templates (see the templating stage's campaigns).
+                if input == CAMPAIGNS_TOPIC {
+                    continue;
+                }
                 let Some(Ok(branches)) = views.get(input.as_str()).map(SchemaView::branches) else {
                     continue;
                 };
@@ -709,6 +732,38 @@ impl Checker<'_> {
         }
         if stage.max_coupons == 0 {
             self.error(&path.key("max_coupons"), "max_coupons must be at least 1");
+        }
+    }
+
+    /// Only when the file has `stages.scheduler`: a topology without its topics still loads (no
+    /// notification is then held), and `tidings up --stages scheduler` refuses it.
+    fn check_scheduler(&mut self, parsed: &Parsed, stage: &SchedulerStage) {
+        let path = YamlPath::default().key("stages").key("scheduler");
+        self.check_topic_ref(parsed, &path.key("input"), &stage.input, None);
+        let dlq = path.key("dead_letter");
+        if self.check_topic_ref(parsed, &dlq, &stage.dead_letter, None) && stage.dead_letter == stage.input {
+            self.error(&dlq, "the dead-letter topic must not be the scheduler's input");
+        }
+        let group = path.key("group");
+        if stage.group.is_empty() {
+            self.error(&group, "the consumer group must not be empty");
+        }
+        let others = [
+            parsed.templating.as_ref().map(|t| &t.group),
+            parsed.persistence.as_ref().map(|p| &p.group),
+            parsed.claims.as_ref().map(|c| &c.group),
+        ];
+        if others.into_iter().flatten().any(|g| *g == stage.group) {
+            self.error(
+                &group,
+                "another stage uses the same consumer group; they would take partitions from each other",
+            );
+        }
+        if stage.tick_ms == 0 {
+            self.error(&path.key("tick_ms"), "tick_ms must be at least 1");
+        }
+        if stage.batch_size == 0 {
+            self.error(&path.key("batch_size"), "batch_size must be at least 1");
         }
     }
 

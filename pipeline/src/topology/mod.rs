@@ -120,6 +120,8 @@ pub struct Stages {
     pub persistence: PersistenceStage,
     /// Decides coupon claims and redemptions (`tidings up --stages claims`).
     pub claims: ClaimsStage,
+    /// Releases held notifications and scheduled campaigns at their time (`--stages scheduler`).
+    pub scheduler: SchedulerStage,
 }
 
 /// `stages.templating`: consumes domain events, renders templates, produces notifications.
@@ -252,6 +254,78 @@ fn default_claims_max_coupons() -> usize {
 }
 fn default_claims_rejection_cache() -> usize {
     100_000
+}
+
+/// `stages.scheduler`: the stage that keeps records templating holds (a notification inside its
+/// user's quiet hours, a campaign whose `send_at` is later) and produces each to its destination
+/// at its time. Optional: without it every field takes its default.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchedulerStage {
+    /// Logical topic of the held records (templating writes them; the headers
+    /// `tidings.release-at|release-to|release-id` say when, where and under which id). Must be
+    /// declared. Default: `tidings.scheduled`.
+    #[serde(default = "default_scheduler_input")]
+    pub input: String,
+    /// Logical topic receiving held records that cannot be kept (missing or bad release
+    /// headers), with their original bytes and error headers. Default: `tidings.dlq.scheduler`.
+    #[serde(default = "default_scheduler_dead_letter")]
+    pub dead_letter: String,
+    /// Consumer group (prefixed with `topic_prefix`); must differ from the other stages' groups.
+    /// Default: `tidings-scheduler`.
+    #[serde(default = "default_scheduler_group")]
+    pub group: String,
+    /// How often due records are looked for, in milliseconds, at least 1. Default: 1000.
+    #[serde(default = "default_scheduler_tick_ms")]
+    pub tick_ms: u64,
+    /// Most records released per store query, at least 1. Default: 1000.
+    #[serde(default = "default_scheduler_batch_size")]
+    pub batch_size: usize,
+    /// Notifications held for quiet hours are released over this many milliseconds after the
+    /// window ends (each at a point derived from its id), not all at the window's edge.
+    /// Default: 1800000 (30 minutes).
+    #[serde(default = "default_scheduler_release_spread_ms")]
+    pub release_spread_ms: u64,
+    /// How long a released record's id is kept, in milliseconds, so a copy of it arriving later
+    /// (a replay upstream) is not released again. Default: 604800000 (7 days).
+    #[serde(default = "default_scheduler_retain_released_ms")]
+    pub retain_released_ms: u64,
+}
+
+impl Default for SchedulerStage {
+    fn default() -> Self {
+        SchedulerStage {
+            input: default_scheduler_input(),
+            dead_letter: default_scheduler_dead_letter(),
+            group: default_scheduler_group(),
+            tick_ms: default_scheduler_tick_ms(),
+            batch_size: default_scheduler_batch_size(),
+            release_spread_ms: default_scheduler_release_spread_ms(),
+            retain_released_ms: default_scheduler_retain_released_ms(),
+        }
+    }
+}
+
+fn default_scheduler_input() -> String {
+    "tidings.scheduled".to_owned()
+}
+fn default_scheduler_dead_letter() -> String {
+    "tidings.dlq.scheduler".to_owned()
+}
+fn default_scheduler_group() -> String {
+    "tidings-scheduler".to_owned()
+}
+fn default_scheduler_tick_ms() -> u64 {
+    1_000
+}
+fn default_scheduler_batch_size() -> usize {
+    1_000
+}
+fn default_scheduler_release_spread_ms() -> u64 {
+    30 * 60 * 1_000
+}
+fn default_scheduler_retain_released_ms() -> u64 {
+    7 * 24 * 3_600 * 1_000
 }
 
 fn default_templating_group() -> String {

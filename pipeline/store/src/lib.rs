@@ -44,6 +44,7 @@ macro_rules! on_both_backends {
     )* };
 }
 
+pub mod campaign_deliveries;
 pub mod chat;
 pub mod claims;
 pub mod copy;

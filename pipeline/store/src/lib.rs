@@ -45,6 +45,7 @@ macro_rules! on_both_backends {
 }
 
 pub mod campaign_deliveries;
+pub mod campaigns;
 pub mod chat;
 pub mod claims;
 pub mod copy;

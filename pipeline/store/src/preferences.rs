@@ -12,6 +12,8 @@ const UPSERT: &str = include_str!("sql/preferences_upsert.sql");
 const CLEAR_OPT_OUTS: &str = include_str!("sql/preferences_clear_opt_outs.sql");
 const ADD_OPT_OUT: &str = include_str!("sql/preferences_add_opt_out.sql");
 const OPTED_OUT: &str = include_str!("sql/preferences_opted_out.sql");
+const SET_LOCALE: &str = include_str!("sql/preferences_set_locale.sql");
+const LOCALE: &str = include_str!("sql/preferences_locale.sql");
 
 /// User ids per opt-out look-up statement: a 5,000-user audience page is one statement, below
 /// SQLite's 32,766 and PostgreSQL's 65,535 bind limits.
@@ -62,8 +64,38 @@ impl Store {
         })
     }
 
-    /// Replaces `user`'s preferences in one transaction (a reader sees the old or the new ones).
+    /// `user`'s saved locale (campaign texts are picked by it); `None` if none or no preferences.
+    pub async fn preference_locale(&self, user: &str) -> Result<Option<String>, StoreError> {
+        let row: Option<Option<String>> =
+            on_pool!(self, |pool, Db| sqlx::query_scalar(LOCALE).bind(Db::text(user)).fetch_optional(pool).await?);
+        Ok(row.flatten())
+    }
+
+    /// Replaces `user`'s preferences in one transaction (a reader sees the old or the new ones); a
+    /// saved locale is kept.
     pub async fn set_preferences(&self, user: &str, prefs: &Preferences, now_micros: i64) -> Result<(), StoreError> {
+        self.write_preferences(user, prefs, None, now_micros).await
+    }
+
+    /// Replaces `user`'s preferences and locale (`None`: the campaigns' defaults) in one transaction.
+    pub async fn set_preferences_and_locale(
+        &self,
+        user: &str,
+        prefs: &Preferences,
+        locale: Option<&str>,
+        now_micros: i64,
+    ) -> Result<(), StoreError> {
+        self.write_preferences(user, prefs, Some(locale), now_micros).await
+    }
+
+    /// `locale`: `Some` replaces the saved one, `None` keeps it.
+    async fn write_preferences(
+        &self,
+        user: &str,
+        prefs: &Preferences,
+        locale: Option<Option<&str>>,
+        now_micros: i64,
+    ) -> Result<(), StoreError> {
         on_pool!(self, |pool, Db| {
             let mut tx = pool.begin().await?;
             let (start, end) = match prefs.quiet_hours {
@@ -81,6 +113,9 @@ impl Store {
             sqlx::query(CLEAR_OPT_OUTS).bind(Db::text(user)).execute(&mut *tx).await?;
             for category in &prefs.opt_out {
                 sqlx::query(ADD_OPT_OUT).bind(Db::text(category)).bind(Db::text(user)).execute(&mut *tx).await?;
+            }
+            if let Some(locale) = locale {
+                sqlx::query(SET_LOCALE).bind(Db::text(user)).bind(locale.map(Db::text)).execute(&mut *tx).await?;
             }
             tx.commit().await?;
             Ok(())
@@ -165,8 +200,17 @@ mod tests {
         // A replace drops what the new preferences leave out.
         let fewer = Preferences { opt_out: vec!["coupons".into()], time_zone: "UTC".into(), quiet_hours: None };
         store.set_preferences("u1", &fewer, 2).await.unwrap();
-        assert_eq!(store.preferences("u1").await.unwrap(), Some(fewer));
+        assert_eq!(store.preferences("u1").await.unwrap(), Some(fewer.clone()));
         assert_eq!(store.preferences("u2").await.unwrap(), None, "another user is untouched");
+        // The locale is replaced with the preferences that name it, kept by those that do not.
+        assert_eq!(store.preference_locale("u1").await.unwrap(), None);
+        store.set_preferences_and_locale("u1", &fewer, Some("ko"), 3).await.unwrap();
+        assert_eq!(store.preference_locale("u1").await.unwrap().as_deref(), Some("ko"));
+        store.set_preferences("u1", &fewer, 4).await.unwrap();
+        assert_eq!(store.preference_locale("u1").await.unwrap().as_deref(), Some("ko"));
+        store.set_preferences_and_locale("u1", &fewer, None, 5).await.unwrap();
+        assert_eq!(store.preference_locale("u1").await.unwrap(), None);
+        assert_eq!(store.preference_locale("u2").await.unwrap(), None);
     }
 
     async fn opted_out_answers_per_category_in_chunks(store: &Store) {

@@ -46,6 +46,8 @@ macro_rules! on_both_backends {
 
 pub mod campaign_deliveries;
 pub mod campaigns;
+pub mod audience;
+pub mod campaign_progress;
 pub mod chat;
 pub mod claims;
 pub mod copy;

@@ -4,8 +4,11 @@
 //! in order, so a crash replays rather than loses; replays are harmless because notification ids
 //! are deterministic.
 
+pub mod audience;
+pub mod campaigns;
 pub mod config;
 pub mod partitions;
+pub mod quiet;
 pub mod render;
 pub mod rooms;
 
@@ -15,7 +18,7 @@ use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use serde_json::Value as Json;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tidings_core::client_stats::{reporting, ClientStats};
@@ -27,6 +30,7 @@ use tidings_core::stage::{acknowledged, enqueue, unproducible, DeadCopy, DeadLet
 use tidings_core::{
     trace, DecodeError, Notification, NotificationEncoder, RegistryClient, RegistryEndpoint, SharedFields,
 };
+use tidings_store::campaign_progress::CampaignProgress;
 use tidings_store::Store;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
@@ -62,6 +66,8 @@ struct InFlight {
     deliveries: Vec<DeliveryFuture>,
     /// The record's dead-letter copy, if it has one.
     dead: Option<DeadLetter>,
+    /// A campaign's progress, written once these outputs (and all before them) are acknowledged.
+    checkpoint: Option<CampaignProgress>,
     _permits: Option<OwnedSemaphorePermit>,
 }
 
@@ -98,6 +104,11 @@ pub struct Templater {
     /// only when its room changed since the last one (not once per message). Entries also expire
     /// and are dropped when their partition moves (see [`RoomCache`]).
     rooms: Arc<RoomCache>,
+    /// The full name of the scheduled topic, if the topology declares it; without it nothing is
+    /// held (quiet hours and `send_at` are not applied).
+    scheduled: Option<String>,
+    /// Logical input topics carrying campaign events (schema `tidings.campaigns.CampaignEvent`).
+    campaign_topics: HashSet<String>,
 }
 
 /// Chat events after which a room's members are read from the store again.
@@ -111,6 +122,25 @@ pub struct RecordRef<'a> {
     pub offset: i64,
     pub payload: Option<&'a [u8]>,
 }
+
+/// What the record's metadata says beyond its coordinates.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RecordMeta {
+    /// The record's timestamp in microseconds since the epoch: the instant quiet hours and a
+    /// campaign's `send_at` are judged at (the event's `occurred_at` when the record has none).
+    pub timestamp: Option<i64>,
+    /// The scheduler released it (header `tidings.released-at`): it is not held again.
+    pub released: bool,
+}
+
+/// Header of a record on the scheduled topic: when to release it (decimal microseconds since the epoch).
+pub const H_RELEASE_AT: &str = "tidings.release-at";
+/// Header of a record on the scheduled topic: the full topic name to release it to.
+pub const H_RELEASE_TO: &str = "tidings.release-to";
+/// Header of a record on the scheduled topic: its deterministic id (notification id or event id).
+pub const H_RELEASE_ID: &str = "tidings.release-id";
+/// Header the scheduler adds to a record it released (so it is not held again).
+pub const H_RELEASED_AT: &str = "tidings.released-at";
 
 /// The outcome of one record: notifications to produce, or why it goes to the dead-letter topic.
 #[derive(Debug)]
@@ -132,8 +162,34 @@ pub struct Fanout {
     pub recipients: Vec<String>,
     /// One text for every recipient, or one per recipient (same order).
     pub texts: Vec<Rendered>,
-    /// Set when `recipients` is one page of a segment audience with more after it.
-    pub rest: Option<SegmentRest>,
+    /// Set when `recipients` is one page of an audience with more after it.
+    pub rest: Option<Rest>,
+    /// Not empty: these recipients are inside their quiet hours. Each one's notification goes,
+    /// keyed by user, to the scheduled topic, released at the time given here (same order).
+    pub hold: Vec<i64>,
+    /// More outputs of the same page (another locale's text, the held recipients), produced
+    /// before the next page is read.
+    pub siblings: Vec<Fanout>,
+    /// A campaign's progress once this page is acknowledged (moves to the page's last sibling).
+    pub checkpoint: Option<CampaignProgress>,
+    /// Set instead of notifications: the input record itself is held on the scheduled topic.
+    pub schedule: Option<Schedule>,
+}
+
+/// What is left of an audience after a page.
+#[derive(Debug)]
+pub enum Rest {
+    Segment(SegmentRest),
+    Campaign(Box<campaigns::CampaignRest>),
+}
+
+/// The input record held whole on the scheduled topic (a campaign whose `send_at` is later).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Schedule {
+    pub key: String,
+    pub release_at: i64,
+    pub release_to: String,
+    pub release_id: String,
 }
 
 /// Recipients of a segment audience are read this many at a time, so a campaign to 100,000 users
@@ -151,6 +207,8 @@ pub struct SegmentRest {
     logical: String,
     event: String,
     json: Json,
+    /// The record's time, which quiet hours are judged at.
+    at: i64,
 }
 
 impl Fanout {
@@ -209,6 +267,21 @@ impl Fanout {
             recipients: vec![],
         }
     }
+
+    /// A fan-out of the same event (coordinates, id) to other recipients with other texts.
+    fn sibling(&self, recipients: Vec<String>, texts: Vec<Rendered>, hold: Vec<i64>) -> Fanout {
+        Fanout {
+            event_id: self.event_id.clone(),
+            occurred_at: self.occurred_at,
+            source_topic: self.source_topic.clone(),
+            source_partition: self.source_partition,
+            source_offset: self.source_offset,
+            recipients,
+            texts,
+            hold,
+            ..Fanout::default()
+        }
+    }
 }
 
 /// The templater plus Kafka: one attempt of the stage.
@@ -242,10 +315,14 @@ impl Templater {
         let spec = &topology.stages.templating;
         let registry = RegistryClient::new(registry)?;
         let mut readers = HashMap::new();
+        let mut campaign_topics = HashSet::new();
         for logical in &spec.inputs {
             let schema = topology.schema(logical).ok_or_else(|| {
                 StageError::configuration(format!("input topic {logical} has no schema in topology.yaml"))
             })?;
+            if campaigns::is_campaign_schema(schema) {
+                campaign_topics.insert(logical.clone());
+            }
             // Leaked once per stage start: decoders borrow reader schemas for 'static so they can be
             // cached per writer schema id (see tidings_core::registry).
             readers.insert(topology.topic_name(logical), &*Box::leak(Box::new(schema.clone())));
@@ -256,7 +333,14 @@ impl Templater {
             .map_err(|e| StageError::configuration(format!("the notification schema (id {id}): {e}")))?;
         let renderer = Renderer::new(&topology).map_err(|e| StageError::configuration(e.to_string()))?;
         let room_ttl = Duration::from_millis(spec.room_cache_ttl_ms);
+        let held = &topology.stages.scheduler.input;
+        let scheduled = topology.topics.contains_key(held).then(|| topology.topic_name(held));
+        if scheduled.is_none() {
+            warn!(topic = %held, "topology.yaml declares no topic {held} (stages.scheduler.input): notifications inside quiet hours and campaigns with a later send_at are produced at once, not held.");
+        }
         Ok(Templater {
+            scheduled,
+            campaign_topics,
             topology,
             registry,
             store,
@@ -289,7 +373,8 @@ impl Templater {
         let mut singles = Vec::new();
         let mut groups = Vec::new();
         match (self.output_partitions, &common) {
-            (Some(n), Some(_)) if fanout.len() > 1 => {
+            // Held notifications go one per user, keyed by the user, as the scheduler releases them.
+            (Some(n), Some(_)) if fanout.len() > 1 && fanout.hold.is_empty() => {
                 let mut buckets: Vec<Vec<&'a str>> = vec![Vec::new(); n as usize];
                 for user in &fanout.recipients {
                     buckets[tidings_core::kafka::partition_for(user, n) as usize].push(user);
@@ -423,7 +508,7 @@ async fn start(
     let max_in_flight = spec.max_in_flight.max(1);
     let (acks, rx) = mpsc::channel::<InFlight>(1024);
     let dead = Arc::new(DeadLetters::new(producer.clone(), topo.topic_name(&spec.dead_letter), STAGE));
-    let acker = tokio::spawn(ack_in_order(rx, consumer.clone(), dead.clone()));
+    let acker = tokio::spawn(ack_in_order(rx, consumer.clone(), dead.clone(), store.clone(), shutdown.clone()));
     let stage = Stage {
         templater,
         dead,
@@ -496,13 +581,16 @@ impl Processor for Stage {
     }
 }
 
-/// Awaits each record's outputs in consumption order and only then stores its offset. An output
-/// the brokers refuse for good ([`unproducible`]: too large, invalid) makes its record a dead
-/// letter instead of a stage failure, so the partition moves on.
+/// Awaits each record's outputs in consumption order and only then stores its offset (and a
+/// campaign page's checkpoint). An output the brokers refuse for good ([`unproducible`]: too
+/// large, invalid) makes its record a dead letter instead of a stage failure, so the partition
+/// moves on.
 async fn ack_in_order(
     mut rx: mpsc::Receiver<InFlight>,
     consumer: Arc<StreamConsumer<TemplatingContext>>,
     dead: Arc<DeadLetters<ClientStats>>,
+    store: Store,
+    shutdown: CancellationToken,
 ) -> Result<(), StageError> {
     // The last record dead-lettered for a refused output: the later pages of a segment campaign
     // share its input and are refused alike, but it is one dead letter.
@@ -531,6 +619,10 @@ async fn ack_in_order(
                 refused_input = Some(input.clone());
             }
         }
+        if let Some(p) = &f.checkpoint {
+            // Every output of this page and of all before it is acknowledged: a restart resumes after it.
+            retry(&shutdown, "campaign checkpoint", || store.checkpoint_campaign(p), |e| e.is_retriable()).await??;
+        }
         if !f.last {
             continue;
         }
@@ -544,6 +636,15 @@ async fn ack_in_order(
         }
     }
     Ok(())
+}
+
+/// `headers` plus the three a record on the scheduled topic carries.
+fn release_headers(headers: Option<OwnedHeaders>, at: i64, to: &str, id: &str) -> OwnedHeaders {
+    headers
+        .unwrap_or_else(|| OwnedHeaders::new_with_capacity(3))
+        .insert(Header { key: H_RELEASE_AT, value: Some(&at.to_string()) })
+        .insert(Header { key: H_RELEASE_TO, value: Some(to) })
+        .insert(Header { key: H_RELEASE_ID, value: Some(id) })
 }
 
 fn at(m: &OwnedMessage) -> String {
@@ -617,7 +718,11 @@ impl Stage {
         headers: Option<OwnedHeaders>,
     ) -> Result<(), StageError> {
         let rec = RecordRef { topic: &topic, partition: msg.partition(), offset: msg.offset(), payload: msg.payload() };
-        let mut outcome = self.templater.outcome(rec, &self.shutdown).await?;
+        let meta = RecordMeta {
+            timestamp: msg.timestamp().to_millis().map(|ms| ms.saturating_mul(1000)),
+            released: msg.headers().is_some_and(|h| header_str(h, H_RELEASED_AT).is_some()),
+        };
+        let mut outcome = self.templater.outcome_at(rec, meta, &self.shutdown).await?;
         let input = Arc::new(msg.detach());
         loop {
             let mut deliveries = Vec::new();
@@ -652,19 +757,48 @@ impl Stage {
                 ),
             };
             let mut refused = None;
+            // The input itself, held on the scheduled topic until its `send_at`.
+            if let (Some(s), Some(to)) = (&notifications.schedule, self.templater.scheduled.as_deref()) {
+                let h = release_headers(headers.clone(), s.release_at, &s.release_to, &s.release_id);
+                let rec = FutureRecord::to(to).key(&s.key).payload(msg.payload().unwrap_or_default()).headers(h);
+                match enqueue(&self.producer, rec).await {
+                    Ok(d) => deliveries.push(d),
+                    Err(e) => match unproducible(&e) {
+                        Some(reason) => refused = Some((reason, e)),
+                        None => return Err(e.into()),
+                    },
+                }
+            }
+            let held_to = match (notifications.hold.is_empty(), self.templater.scheduled.as_deref()) {
+                (false, Some(to)) => Some(to),
+                _ => None,
+            };
+            let mut i = 0;
             while let Some(record) = records.next_record() {
                 let (target, payload) = record?;
-                let mut rec = match target {
-                    Target::User(user) if self.routing > 0 => FutureRecord::to(&self.output)
+                let mut rec = match (target, held_to) {
+                    // Held: one record per user (no group records, see `encoded`), in recipient order.
+                    (Target::User(user), Some(to)) => FutureRecord::to(to).key(user),
+                    (Target::User(user), None) if self.routing > 0 => FutureRecord::to(&self.output)
                         .key(user)
                         .partition(tidings_core::kafka::partition_for(user, self.routing)),
-                    Target::User(user) => FutureRecord::to(&self.output).key(user),
-                    Target::Partition(p) => FutureRecord::to(&self.output).partition(p),
+                    (Target::User(user), None) => FutureRecord::to(&self.output).key(user),
+                    (Target::Partition(p), _) => FutureRecord::to(&self.output).partition(p),
                 }
                 .payload(payload);
-                if let Some(h) = &headers {
-                    rec = rec.headers(h.clone());
+                match (target, held_to) {
+                    (Target::User(user), Some(_)) => {
+                        let id = Notification::id_for(&notifications.event_id, user).to_string();
+                        let at = notifications.hold[i];
+                        rec = rec.headers(release_headers(headers.clone(), at, &self.output, &id));
+                    }
+                    _ => {
+                        if let Some(h) = &headers {
+                            rec = rec.headers(h.clone());
+                        }
+                    }
                 }
+                i += 1;
                 match enqueue(&self.producer, rec).await {
                     Ok(d) => deliveries.push(d),
                     // Refused before it left (larger than the producer's `message.max.bytes`):
@@ -693,7 +827,14 @@ impl Stage {
                 );
             }
             let next = self.templater.next_page(&mut notifications, &self.shutdown).await?;
-            let inflight = InFlight { input: input.clone(), last: next.is_none(), deliveries, dead, _permits: permits };
+            let inflight = InFlight {
+                input: input.clone(),
+                last: next.is_none(),
+                deliveries,
+                dead,
+                checkpoint: notifications.checkpoint.take(),
+                _permits: permits,
+            };
             // Fails only once the acknowledger stopped on a failure, which `finish` reports.
             self.acks.send(inflight).await.map_err(|_| StageError::internal("the acknowledger stopped"))?;
             match next {
@@ -707,6 +848,17 @@ impl Stage {
 impl Templater {
     /// What one record turns into. `Err` only for failures a retry of the whole stage can fix.
     pub async fn outcome(&self, rec: RecordRef<'_>, shutdown: &CancellationToken) -> Result<Outcome, StageError> {
+        self.outcome_at(rec, RecordMeta::default(), shutdown).await
+    }
+
+    /// [`Templater::outcome`] of a record whose timestamp and headers `meta` gives (quiet hours
+    /// and a campaign's `send_at` are judged at its timestamp).
+    pub async fn outcome_at(
+        &self,
+        rec: RecordRef<'_>,
+        meta: RecordMeta,
+        shutdown: &CancellationToken,
+    ) -> Result<Outcome, StageError> {
         let topic = rec.topic;
         let Some(reader) = self.readers.get(topic).copied() else {
             return Ok(Outcome::Dead {
@@ -733,6 +885,11 @@ impl Templater {
         else {
             return Ok(Outcome::Dead { reason: "missing-field", error: "event has no event_id or occurred_at".into() });
         };
+        let at = meta.timestamp.unwrap_or(occurred_at);
+        if self.campaign_topics.contains(logical) {
+            let source = campaigns::Source { rec, at, released: meta.released, event_id, occurred_at };
+            return self.campaign(source, &event, &json, shutdown).await;
+        }
         let audience = match self.renderer.audience(logical, &event, &json) {
             Ok(Some(a)) => a,
             Ok(None) => return Ok(Outcome::Notifications(Fanout::default())),
@@ -753,6 +910,7 @@ impl Templater {
                                 logical: logical.to_string(),
                                 event: event.clone(),
                                 json: json.clone(),
+                                at,
                             });
                         }
                         m
@@ -791,31 +949,77 @@ impl Templater {
                 }
             }
         };
-        let recipients = self.without_opted_out(logical, &event, recipients, shutdown).await?;
-        let texts = match self.renderer.render(logical, &event, &json, &recipients) {
-            Ok(t) => t,
-            Err(e) => return Ok(dead(e)),
-        };
-        Ok(Outcome::Notifications(Fanout {
+        let fanout = Fanout {
             event_id: event_id.to_string(),
             occurred_at,
             source_topic: topic.to_string(),
             source_partition: rec.partition,
             source_offset: rec.offset,
-            recipients,
-            texts,
-            rest,
-        }))
+            rest: rest.map(Rest::Segment),
+            ..Fanout::default()
+        };
+        self.page(fanout, logical, &event, &json, recipients, at, shutdown).await
     }
 
-    /// The next page of a segment audience after `fanout` (same event, same coordinates), or
-    /// `None` once the audience is done; a page whose texts fail to render dead-letters the event.
+    /// `fanout` (an event's coordinates) to the page `recipients` after preferences: the users who
+    /// opted out dropped, those inside quiet hours in a held sibling, texts rendered for each.
+    #[allow(clippy::too_many_arguments)]
+    async fn page(
+        &self,
+        mut fanout: Fanout,
+        logical: &str,
+        event: &str,
+        json: &Json,
+        recipients: Vec<String>,
+        at: i64,
+        shutdown: &CancellationToken,
+    ) -> Result<Outcome, StageError> {
+        let (recipients, held) =
+            self.apply_preferences(logical, event, &fanout.event_id, recipients, at, shutdown).await?;
+        let texts = match self.renderer.render(logical, event, json, &recipients) {
+            Ok(t) => t,
+            Err(e) => return Ok(dead(e)),
+        };
+        if !held.is_empty() {
+            let (users, release): (Vec<String>, Vec<i64>) = held.into_iter().unzip();
+            let held_texts = match self.renderer.render(logical, event, json, &users) {
+                Ok(t) => t,
+                Err(e) => return Ok(dead(e)),
+            };
+            fanout.siblings.push(fanout.sibling(users, held_texts, release));
+        }
+        fanout.recipients = recipients;
+        fanout.texts = texts;
+        Ok(Outcome::Notifications(fanout))
+    }
+
+    /// What follows `fanout` (same event, same coordinates): its next sibling, else the next page
+    /// of its audience, or `None` once the event is done; a page whose texts fail to render
+    /// dead-letters the event.
     pub async fn next_page(
         &self,
         fanout: &mut Fanout,
         shutdown: &CancellationToken,
     ) -> Result<Option<Outcome>, StageError> {
-        let Some(rest) = fanout.rest.take() else { return Ok(None) };
+        if let Some(mut sibling) = fanout.siblings.pop() {
+            sibling.siblings = std::mem::take(&mut fanout.siblings);
+            sibling.rest = fanout.rest.take();
+            sibling.checkpoint = fanout.checkpoint.take();
+            return Ok(Some(Outcome::Notifications(sibling)));
+        }
+        let next = Fanout {
+            event_id: std::mem::take(&mut fanout.event_id),
+            occurred_at: fanout.occurred_at,
+            source_topic: std::mem::take(&mut fanout.source_topic),
+            source_partition: fanout.source_partition,
+            source_offset: fanout.source_offset,
+            ..Fanout::default()
+        };
+        let rest = match fanout.rest.take() {
+            None => return Ok(None),
+            Some(Rest::Campaign(c)) => return self.campaign_page(next, c, shutdown).await.map(Some),
+            Some(Rest::Segment(r)) => r,
+        };
         let recipients = match self.segment_page(&rest.segment, Some((rest.version, &rest.after)), shutdown).await? {
             Ok(Some((_, m))) if m.is_empty() => return Ok(None),
             Ok(Some((_, m))) => m,
@@ -835,52 +1039,82 @@ impl Templater {
         // Where the next page starts is the whole page's last member, whoever of it opted out.
         let more = recipients.len() == SEGMENT_PAGE as usize;
         let after = recipients.last().cloned().unwrap_or_default();
-        let recipients = self.without_opted_out(&rest.logical, &rest.event, recipients, shutdown).await?;
-        let texts = match self.renderer.render(&rest.logical, &rest.event, &rest.json, &recipients) {
-            Ok(t) => t,
-            Err(e) => return Ok(Some(dead(e))),
-        };
-        let rest = more.then_some(SegmentRest { after, ..rest });
-        Ok(Some(Outcome::Notifications(Fanout {
-            event_id: std::mem::take(&mut fanout.event_id),
-            occurred_at: fanout.occurred_at,
-            source_topic: std::mem::take(&mut fanout.source_topic),
-            source_partition: fanout.source_partition,
-            source_offset: fanout.source_offset,
-            recipients,
-            texts,
-            rest,
-        })))
+        let (logical, event, json, at) = (rest.logical.clone(), rest.event.clone(), rest.json.clone(), rest.at);
+        let next = Fanout { rest: more.then(|| Rest::Segment(SegmentRest { after, ..rest })), ..next };
+        Ok(Some(self.page(next, &logical, &event, &json, recipients, at, shutdown).await?))
     }
 
-    /// `recipients` without the users who opted out of the template's category, looked up in one
-    /// store query per page (counted in `tidings_notifications_suppressed_total`). A critical
-    /// category, a delivery-only copy (chat messages to a room, the answer to a user's claim) and a
-    /// room's members are never filtered: preferences govern inbox notifications only.
-    async fn without_opted_out(
+    /// `recipients` without the users who opted out of the template's category, and those inside
+    /// their quiet hours at `at` apart with their release times; the page's preferences come from
+    /// one store query (counted in `tidings_notifications_suppressed_total` and
+    /// `tidings_notifications_held_total`). A critical category, a delivery-only copy (chat
+    /// messages to a room, the answer to a user's claim) and a room's members are never filtered:
+    /// preferences govern inbox notifications only.
+    async fn apply_preferences(
         &self,
         logical: &str,
         event: &str,
+        event_id: &str,
         recipients: Vec<String>,
+        at: i64,
         shutdown: &CancellationToken,
-    ) -> Result<Vec<String>, StageError> {
-        let Some(t) = self.topology.template(logical, event) else { return Ok(recipients) };
+    ) -> Result<(Vec<String>, Vec<(String, i64)>), StageError> {
+        let Some(t) = self.topology.template(logical, event) else { return Ok((recipients, Vec::new())) };
         let exempt =
             !t.inbox || matches!(t.recipients, Recipients::Room { .. }) || self.topology.is_critical(&t.category);
         if exempt || recipients.is_empty() {
-            return Ok(recipients);
+            return Ok((recipients, Vec::new()));
         }
-        let out =
-            retry(shutdown, "opt-out lookup", || self.store.opted_out(&t.category, &recipients), |e| e.is_retriable())
-                .await??;
-        if out.is_empty() {
-            return Ok(recipients);
-        }
+        let prefs = self.page_preferences(&t.category, &recipients, shutdown).await?;
         let before = recipients.len();
-        let kept: Vec<String> = recipients.into_iter().filter(|u| !out.contains(u)).collect();
-        metrics::counter!("tidings_notifications_suppressed_total", "category" => t.category.clone(), "reason" => "opted_out")
-            .increment((before - kept.len()) as u64);
-        Ok(kept)
+        let mut held = Vec::new();
+        let mut kept = Vec::with_capacity(recipients.len());
+        for user in recipients {
+            if prefs.opted_out.contains(&user) {
+                continue;
+            }
+            match self.hold_until(prefs.saved.get(&user), at, event_id, &user) {
+                Some(release) => held.push((user, release)),
+                None => kept.push(user),
+            }
+        }
+        let dropped = before - kept.len() - held.len();
+        if dropped > 0 {
+            metrics::counter!("tidings_notifications_suppressed_total", "category" => t.category.clone(), "reason" => "opted_out")
+                .increment(dropped as u64);
+        }
+        if !held.is_empty() {
+            metrics::counter!("tidings_notifications_held_total", "category" => t.category.clone())
+                .increment(held.len() as u64);
+        }
+        Ok((kept, held))
+    }
+
+    /// The preferences of a page of recipients, in one store query (retried while retriable).
+    async fn page_preferences(
+        &self,
+        category: &str,
+        users: &[String],
+        shutdown: &CancellationToken,
+    ) -> Result<tidings_store::audience::PagePreferences, StageError> {
+        Ok(retry(shutdown, "preferences lookup", || self.store.page_preferences(category, users), |e| e.is_retriable())
+            .await??)
+    }
+
+    /// When `user`'s notification of `event_id` is released if their quiet hours hold it at `at`;
+    /// `None`: it goes now (no quiet hours then, or nowhere to hold it).
+    fn hold_until(
+        &self,
+        saved: Option<&tidings_store::audience::Recipient>,
+        at: i64,
+        event_id: &str,
+        user: &str,
+    ) -> Option<i64> {
+        self.scheduled.as_ref()?;
+        let saved = saved?;
+        let end = quiet::window_end(at, quiet::zone(&saved.time_zone), saved.quiet_hours?)?;
+        let spread = self.topology.stages.scheduler.release_spread_ms;
+        Some(quiet::release_at(end, Notification::id_for(event_id, user), spread))
     }
 
     /// A page of `segment`: the first of its current version (which it returns to pin), or the one

@@ -22,7 +22,7 @@ pub const MIN_HS256_SECRET_BYTES: usize = 32;
 pub const MIN_REGISTRY_WRITE_TOKEN_LEN: usize = 32;
 
 /// The stages `up` knows.
-pub const STAGES: [&str; 5] = ["templating", "persistence", "gateway", "ingest", "claims"];
+pub const STAGES: [&str; 6] = ["templating", "persistence", "gateway", "ingest", "claims", "scheduler"];
 
 /// Refuses an HS256 secret anyone could know or guess: an empty one (an unset variable of a
 /// deployment template) always; the public dev secret and short ones unless `dev`.
@@ -113,7 +113,9 @@ pub fn check(args: &UpArgs) -> Result<Settings, Vec<String>> {
         if unknown.is_empty() {
             Ok(())
         } else {
-            Err(format!("unknown stage(s) {unknown:?} (expected templating, persistence, gateway, ingest or claims)"))
+            Err(format!(
+                "unknown stage(s) {unknown:?} (expected templating, persistence, gateway, ingest, claims or scheduler)"
+            ))
         },
         "--stages (TIDINGS_STAGES)",
     );
@@ -253,6 +255,30 @@ pub fn check(args: &UpArgs) -> Result<Settings, Vec<String>> {
         }
     }
 
+    if let (Some(topo), true) = (&topology, runs("scheduler")) {
+        let stage = &topo.stages.scheduler;
+        for topic in [&stage.input, &stage.dead_letter] {
+            if !topo.topics.contains_key(topic) {
+                ok(
+                    Err(format!(
+                        "the scheduler needs the topic {topic:?} in {} (or leave scheduler out of --stages)",
+                        args.infra.topology.display()
+                    )),
+                    "--stages (TIDINGS_STAGES)",
+                );
+            }
+        }
+    }
+    if let (Some(path), false) = (&args.clock_file, args.dev) {
+        ok(
+            Err(format!(
+                "{} would replace the scheduler's clock: only for tests, with --dev (TIDINGS_DEV)",
+                path.display()
+            )),
+            "--clock-file (TIDINGS_CLOCK_FILE)",
+        );
+    }
+
     match (topology, kafka) {
         (Some(topology), Some(kafka)) if errors.is_empty() => Ok(Settings {
             topology,
@@ -370,5 +396,28 @@ mod tests {
         assert!(errors.contains("\"coupon-claims\"") && errors.contains("\"tidings.dlq.claims\""), "{errors}");
         assert!(!errors.contains("\"coupons\""), "{errors}");
         assert_eq!(check_with("templating"), None);
+    }
+
+    /// `--clock-file` replaces the scheduler's clock: refused without --dev, naming itself.
+    #[test]
+    fn a_clock_file_needs_dev() {
+        let topology = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../topology.yaml");
+        let check_with = |dev: bool| {
+            let mut argv = vec!["tidings", "up", "--topology", topology.to_str().unwrap(), "--clock-file", "/tmp/now"];
+            argv.extend(["--stages", "scheduler"]);
+            if dev {
+                argv.push("--dev");
+            }
+            let argv: Vec<std::ffi::OsString> = argv.into_iter().map(Into::into).collect();
+            let (crate::Cli { command: crate::Command::Up(args) }, _) =
+                crate::config_file::parse_from::<crate::Cli>(argv)
+            else {
+                unreachable!("parsed `up`")
+            };
+            check(&args).err().map(|e| e.join("\n"))
+        };
+        let errors = check_with(false).expect("refused without --dev");
+        assert!(errors.contains("--clock-file (TIDINGS_CLOCK_FILE)") && errors.contains("--dev"), "{errors}");
+        assert_eq!(check_with(true), None);
     }
 }

@@ -95,14 +95,20 @@ pub struct UpArgs {
     /// Stages to run, comma-separated: templating, persistence, gateway (which includes HTTP
     /// ingest and, when the topology declares its topics, the coupon API), ingest (HTTP ingest
     /// alone, no delivery: e.g. an ingest tier of its own), claims (the coupon claim stage:
-    /// `coupon-claims` decided into `coupons`).
+    /// `coupon-claims` decided into `coupons`), scheduler (releases what templating holds on
+    /// `tidings.scheduled`, quiet hours and scheduled campaigns, at its time).
     #[arg(
         long,
         env = "TIDINGS_STAGES",
         value_delimiter = ',',
-        default_value = "templating,persistence,gateway,claims"
+        default_value = "templating,persistence,gateway,claims,scheduler"
     )]
     pub stages: Vec<String>,
+    /// Testing only, needs --dev: the scheduler stage reads "now" from this file at every tick (an
+    /// RFC 3339 time or integer microseconds since the epoch) instead of the system clock, so a
+    /// test moves time past a release by writing it.
+    #[arg(long, env = "TIDINGS_CLOCK_FILE")]
+    pub clock_file: Option<std::path::PathBuf>,
     /// Seconds to let tasks finish their work after SIGTERM before exiting anyway.
     #[arg(long, env = "TIDINGS_GRACE_SECS", default_value_t = 15)]
     pub grace_secs: u64,
@@ -252,6 +258,11 @@ pub struct SseArgs {
     /// away while a gateway restarted); 0 sends those resumes to the store (no chat copies there).
     #[arg(long, env = "TIDINGS_RING_BACKFILL_EVENTS", default_value_t = 65536)]
     pub ring_backfill_events: usize,
+    /// Campaigns whose delivered counts (campaign notifications written to streams, added to the
+    /// store every second) this gateway keeps at once; past it the least recently seen campaign's
+    /// count is written and forgotten.
+    #[arg(long, env = "TIDINGS_CAMPAIGN_COUNTS_MAX", default_value_t = 1000)]
+    pub campaign_counts_max: usize,
 }
 
 impl SseArgs {
@@ -265,6 +276,7 @@ impl SseArgs {
             heartbeat: Duration::from_secs(self.sse_heartbeat_secs.max(1)),
             retry: Duration::from_millis(self.sse_retry_ms),
             backfill_events: self.ring_backfill_events,
+            max_campaigns: self.campaign_counts_max,
             ..HubConfig::default()
         }
     }

@@ -4,14 +4,15 @@
 use tidings_core::shutdown::TaskTree;
 use tidings_gateway::Readiness;
 use tidings_pipeline::stages::claims::{self, ClaimsConfig};
+use tidings_pipeline::stages::scheduler::{self, FileClock, SchedulerConfig};
 use tidings_pipeline::stages::templating::{self, TemplatingConfig};
 use tidings_sinks::persistence::{self, PersistenceConfig};
 
 use super::infra::Infrastructure;
 use super::UpArgs;
 
-/// Spawns templating, persistence and the claim stage when selected. Fails only on a claim-stage
-/// topology `settings::check` already refused.
+/// Spawns templating, persistence, the claim stage and the scheduler when selected. Fails only on
+/// a claim-stage or scheduler topology `settings::check` already refused.
 pub fn spawn(args: &UpArgs, infra: &Infrastructure, tasks: &mut TaskTree, readiness: &Readiness) -> anyhow::Result<()> {
     let (kafka, registry) = (&infra.kafka, &infra.registry);
     if args.runs("templating") {
@@ -26,6 +27,19 @@ pub fn spawn(args: &UpArgs, infra: &Infrastructure, tasks: &mut TaskTree, readin
         // Topics, schemas, group, batching and memory bounds from topology.yaml (`stages.claims`).
         let cfg = ClaimsConfig::new(kafka.clone(), registry.clone(), &infra.topology)?;
         readiness.set_check("claims", spawn_claims(tasks, cfg, infra.store.clone()));
+    }
+    if args.runs("scheduler") {
+        // Topics, group, tick and batching from topology.yaml (`stages.scheduler`).
+        let mut cfg = SchedulerConfig::new(kafka.clone(), &infra.topology)?;
+        if let Some(path) = &args.clock_file {
+            // `settings::check` refused it without --dev.
+            tracing::warn!(
+                "The scheduler reads the time from {} (--clock-file), not the system clock.",
+                path.display()
+            );
+            cfg = cfg.with_clock(std::sync::Arc::new(FileClock::new(path)));
+        }
+        readiness.set_check("scheduler", scheduler::spawn(tasks, cfg, infra.store.clone()));
     }
     Ok(())
 }

@@ -41,6 +41,9 @@ pub struct HubConfig {
     /// How long a backfilled ring keeps the larger bounds (the reconnect herd after a gateway
     /// restart comes within seconds). Default 60 s.
     pub backfill_hold: Duration,
+    /// Campaigns whose delivered counts are kept at once (campaign ids come from Kafka records);
+    /// past it the least recently touched is flushed and forgotten. Default 1000.
+    pub max_campaigns: usize,
 }
 
 impl Default for HubConfig {
@@ -58,6 +61,7 @@ impl Default for HubConfig {
             backfill_events: 65536,
             backfill_bytes: 16 << 20,
             backfill_hold: Duration::from_secs(60),
+            max_campaigns: super::campaigns::DEFAULT_MAX_CAMPAIGNS,
         }
     }
 }

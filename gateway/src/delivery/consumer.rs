@@ -24,7 +24,6 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::events::events_from_record;
 use super::partitions::{self, PartitionFollow};
 use super::{owners, DeliveryConfig, Hub, Owners};
 
@@ -323,7 +322,7 @@ async fn deliver(m: &BorrowedMessage<'_>, registry: &RegistryClient, hub: &Hub, 
     };
     let ts = m.timestamp().to_millis().unwrap_or(0);
     // A group record is one event per recipient, all at this position.
-    let events = events_from_record(p, o, n, ts);
+    let events = hub.events_of(p, o, n, ts);
     for e in &events {
         if let Some(home) = hub.partition_of(&e.user).filter(|home| *home != p) {
             // Keyed by something other than the user id with murmur2 (or grouped by another

@@ -10,9 +10,11 @@
 //! - `events`: a `notifications` record as the events its streams send (and the inbox's JSON).
 //! - `stream`: `GET /v1/stream`, the SSE endpoint.
 //! - `browser`: what a plain EventSource needs: the stream cookie (`/v1/session`) and CORS.
+//! - `campaigns`: per-campaign counts of notifications written to streams, flushed to the store.
 
 pub mod backfill;
 pub mod browser;
+pub mod campaigns;
 pub mod config;
 pub mod consumer;
 pub mod events;
@@ -58,11 +60,13 @@ pub struct Event {
     pub data: Bytes,
     /// The Kafka record timestamp (ms since the epoch), for end-to-end latency.
     pub timestamp_ms: i64,
+    /// A campaign notification's delivered counter, bumped by each stream that writes it.
+    pub campaign: Option<Arc<campaigns::Delivered>>,
 }
 
 impl Event {
     pub fn new(partition: i32, offset: i64, id: u128, user: &str, kind: &str, data: Bytes, timestamp_ms: i64) -> Self {
-        Event { partition, offset, id, user: user.into(), kind: kind.into(), data, timestamp_ms }
+        Event { partition, offset, id, user: user.into(), kind: kind.into(), data, timestamp_ms, campaign: None }
     }
 
     /// Approximate memory held by this event, for the byte bounds of rings and queues.

@@ -335,6 +335,9 @@ impl StreamCursor {
             }
             Frame::Event(e) => {
                 self.hub.delivered();
+                if let Some(c) = &e.campaign {
+                    c.wrote();
+                }
                 let _ = write!(out, "id: {}.{}\nevent: ", e.partition, e.offset);
                 // A field value cannot hold a line break; kinds come from topology.yaml.
                 out.extend(e.kind.bytes().filter(|b| *b != b'\n' && *b != b'\r'));

@@ -150,6 +150,10 @@ fn gateway(
     let owners_topic = topo.topic_name(&args.sse.owners_topic);
     let dcfg = DeliveryConfig::new(infra.kafka.clone(), infra.registry.clone(), notifications, group, owners_topic);
     readiness.set_check("delivery", delivery::spawn(tasks, dcfg, hub.clone(), owners.clone()));
+    let instance = delivery::campaigns::instance_id(&advertised);
+    let every = delivery::campaigns::FLUSH_EVERY;
+    let counts = delivery::campaigns::flush_counts(hub.clone(), store.clone(), instance, every, tasks.token().clone());
+    tasks.spawn("campaign-deliveries", counts);
 
     let browser = BrowserAccess {
         cors_allow,

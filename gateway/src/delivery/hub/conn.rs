@@ -170,6 +170,7 @@ impl Drop for Subscription {
         self.hub.metrics.queued_bytes.decrement(left as f64);
         self.hub.metrics.queued_events.decrement(self.rx.len() as f64);
         self.hub.metrics.connections.decrement(1.0);
+        self.hub.open_streams.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

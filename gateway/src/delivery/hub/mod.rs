@@ -7,13 +7,14 @@
 //! - `conn`: one open stream, its queue and its close.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use metrics::{counter, gauge, Counter, Gauge};
 use tidings_store::StoreError;
 
 use super::backfill::LogSource;
+use super::campaigns::CampaignCounts;
 use super::{partition_for, HubConfig};
 
 mod conn;
@@ -112,6 +113,10 @@ pub struct Hub {
     /// One backfill at a time per partition: resumes arriving meanwhile wait and use its result.
     backfills: Mutex<HashMap<i32, Arc<tokio::sync::Mutex<()>>>>,
     metrics: Metrics,
+    /// Delivered counts of the campaigns seen lately.
+    campaigns: CampaignCounts,
+    /// Subscriptions not dropped yet (streams still writing, even after `close_all`).
+    open_streams: AtomicUsize,
 }
 
 impl std::fmt::Debug for Hub {
@@ -128,7 +133,6 @@ impl Hub {
     /// A hub that also backfills its rings from `log` for resumes older than them.
     pub fn with_log(cfg: HubConfig, store: Option<StoreResume>, log: Option<LogSource>) -> Arc<Hub> {
         Arc::new(Hub {
-            cfg,
             partitions: RwLock::new(HashMap::new()),
             partition_count: AtomicI32::new(0),
             joined: AtomicBool::new(false),
@@ -139,11 +143,24 @@ impl Hub {
             log,
             backfills: Mutex::new(HashMap::new()),
             metrics: Metrics::new(),
+            campaigns: CampaignCounts::new(cfg.max_campaigns),
+            open_streams: AtomicUsize::new(0),
+            cfg,
         })
     }
 
     pub fn config(&self) -> &HubConfig {
         &self.cfg
+    }
+
+    /// Delivered counts of campaigns (see `delivery::campaigns`).
+    pub fn campaigns(&self) -> &CampaignCounts {
+        &self.campaigns
+    }
+
+    /// Streams registered and not ended yet, including those closed but still writing their queue.
+    pub fn open_streams(&self) -> usize {
+        self.open_streams.load(Ordering::Relaxed)
     }
 
     /// Number of partitions of the notifications topic (0 until known). When a known count changes,

@@ -284,6 +284,7 @@ impl Hub {
             conn.close(CloseReason::PartitionRevoked);
         }
         self.metrics.connections.increment(1.0);
+        self.open_streams.fetch_add(1, Ordering::Relaxed);
         if let Some(c) = self.metrics.resumes.get(outcome.as_str()) {
             c.increment(1);
         }

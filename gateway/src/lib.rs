@@ -17,12 +17,14 @@
 //!   claim stage's decisions.
 //! - `produce`: JSON → Avro → Kafka, shared by ingest and chat.
 //! - `segments`: campaign audiences for services (`/v1/segments…`, a service token).
+//! - `campaigns`: campaign launches, dry runs, status and cancels for services (`/v1/campaigns…`).
 //! - `metrics`: Prometheus `/metrics`.
 //! - `error`: `ApiError`, the JSON error answer every endpoint gives.
 //! - `web`: the web page at `/` (files compiled in), its `/config.json`, and in dev mode
 //!   `POST /v1/dev/token`.
 
 pub mod auth;
+pub mod campaigns;
 pub mod chat;
 pub mod coupons;
 pub mod delivery;
@@ -66,12 +68,14 @@ pub struct Parts {
     pub segments: Option<Arc<segments::SegmentsState>>,
     /// Each user's notification preferences.
     pub preferences: Option<preferences::PreferencesState>,
+    /// Campaigns for services.
+    pub campaigns: Option<Arc<campaigns::CampaignsState>>,
 }
 
 /// The public gateway's router (browsers): health and metrics always, the other parts when given.
 /// Ingest is not among them: it has its own listener ([`ingest_app`]).
 pub fn app(parts: Parts, readiness: Readiness) -> Router {
-    let Parts { inbox, chat, coupons, stream, metrics_elsewhere, web, segments, preferences } = parts;
+    let Parts { inbox, chat, coupons, stream, metrics_elsewhere, web, segments, preferences, campaigns } = parts;
     let mut router = Router::new().merge(health::router(readiness));
     if !metrics_elsewhere {
         router = router.merge(metrics::router());
@@ -98,6 +102,9 @@ pub fn app(parts: Parts, readiness: Readiness) -> Router {
     }
     if let Some(preferences) = preferences {
         router = router.merge(preferences::router(preferences));
+    }
+    if let Some(campaigns) = campaigns {
+        router = router.merge(campaigns::router(campaigns));
     }
     router
 }

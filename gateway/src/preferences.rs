@@ -1,6 +1,6 @@
 //! The authenticated user's notification preferences: `GET`/`PUT /v1/me/preferences`. A user opts
-//! out of categories (never a critical one) and sets a time zone and quiet hours; every problem of a
-//! refused body is named in one 422 answer, and nothing is stored unless the whole body is valid.
+//! out of categories (never a critical one) and sets a time zone, quiet hours and a locale; every
+//! problem of a refused body is named in one 422 answer, and nothing is stored unless it is all valid.
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, FromRef, State};
@@ -62,6 +62,23 @@ struct Body {
     time_zone: String,
     #[serde(default)]
     quiet_hours: Option<QuietHoursJson>,
+    /// The language tag campaign texts are picked by; absent or null: each campaign's default.
+    #[serde(default)]
+    locale: Option<String>,
+}
+
+/// Longest language tag accepted (BCP 47 allows long private-use tags; 35 covers real ones).
+pub const MAX_LOCALE_CHARS: usize = 35;
+
+/// Whether `tag` looks like a BCP 47 language tag: a 2 to 8 letter language, then subtags of 1 to
+/// 8 letters or digits joined by `-` (`en`, `ko`, `pt-BR`, `zh-Hant-TW`).
+pub fn valid_locale(tag: &str) -> bool {
+    let mut parts = tag.split('-');
+    let lang_ok =
+        parts.next().is_some_and(|l| (2..=8).contains(&l.len()) && l.bytes().all(|b| b.is_ascii_alphabetic()));
+    lang_ok
+        && tag.len() <= MAX_LOCALE_CHARS
+        && parts.all(|p| (1..=8).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_alphanumeric()))
 }
 
 fn utc() -> String {
@@ -108,10 +125,16 @@ fn hhmm(minutes: u16) -> String {
     format!("{:02}:{:02}", minutes / 60, minutes % 60)
 }
 
-/// Checks a body against the categories; on success the preferences to store (opt-outs sorted and
-/// de-duplicated), else every problem found.
-fn validate(body: Body, categories: &[Category]) -> Result<Preferences, Vec<Problem>> {
+/// Checks a body against the categories; on success the preferences and locale to store (opt-outs
+/// sorted and de-duplicated), else every problem found.
+fn validate(body: Body, categories: &[Category]) -> Result<(Preferences, Option<String>), Vec<Problem>> {
     let mut problems = Vec::new();
+    if let Some(tag) = body.locale.as_deref().filter(|t| !valid_locale(t)) {
+        problems.push(Problem {
+            path: "locale".into(),
+            message: format!("{tag:?} is not a language tag such as en, ko or pt-BR"),
+        });
+    }
     let mut opt_out = Vec::new();
     for (i, name) in body.opt_out.into_iter().enumerate() {
         let path = format!("opt_out[{i}]");
@@ -159,14 +182,15 @@ fn validate(body: Body, categories: &[Category]) -> Result<Preferences, Vec<Prob
         }
     }
     if problems.is_empty() {
-        Ok(Preferences { opt_out, time_zone: body.time_zone, quiet_hours })
+        Ok((Preferences { opt_out, time_zone: body.time_zone, quiet_hours }, body.locale))
     } else {
         Err(problems)
     }
 }
 
-fn answer(prefs: &Preferences, categories: &[Category]) -> Value {
+fn answer(prefs: &Preferences, locale: Option<&str>, categories: &[Category]) -> Value {
     json!({
+        "locale": locale,
         "opt_out": prefs.opt_out,
         "time_zone": prefs.time_zone,
         "quiet_hours": prefs.quiet_hours.map(|q| json!({"start": hhmm(q.start_minute), "end": hhmm(q.end_minute)})),
@@ -176,7 +200,8 @@ fn answer(prefs: &Preferences, categories: &[Category]) -> Value {
 
 async fn read(State(state): State<PreferencesState>, AuthUser(user): AuthUser) -> Result<Json<Value>, ApiError> {
     let prefs = state.store.preferences(&user).await?.unwrap_or_default();
-    Ok(Json(answer(&prefs, &state.categories)))
+    let locale = state.store.preference_locale(&user).await?;
+    Ok(Json(answer(&prefs, locale.as_deref(), &state.categories)))
 }
 
 async fn replace(
@@ -191,12 +216,13 @@ async fn replace(
         // types or unknown fields.
         ApiError::new(status, code, e.body_text())
     })?;
-    let prefs = match validate(body, &state.categories) {
+    let (prefs, locale) = match validate(body, &state.categories) {
         Ok(p) => p,
         Err(problems) => return Ok(Invalid(problems).into_response()),
     };
-    state.store.set_preferences(&user, &prefs, chrono::Utc::now().timestamp_micros()).await?;
-    Ok(Json(answer(&prefs, &state.categories)).into_response())
+    let now = chrono::Utc::now().timestamp_micros();
+    state.store.set_preferences_and_locale(&user, &prefs, locale.as_deref(), now).await?;
+    Ok(Json(answer(&prefs, locale.as_deref(), &state.categories)).into_response())
 }
 
 #[cfg(test)]
@@ -212,5 +238,16 @@ mod tests {
             assert_eq!(parse_hhmm(bad), None, "{bad:?}");
         }
         assert_eq!(hhmm(8 * 60 + 5), "08:05");
+    }
+
+    #[test]
+    fn locales_are_language_tags() {
+        for good in ["en", "ko", "pt-BR", "zh-Hant-TW", "es-419", "gsw"] {
+            assert!(valid_locale(good), "{good:?}");
+        }
+        for bad in ["", "e", "en_US", "en-", "-en", "1a", "en-toolongsubtag", "ko kr", &"a".repeat(9), "en-\u{e9}"] {
+            assert!(!valid_locale(bad), "{bad:?}");
+        }
+        assert!(!valid_locale(&format!("en{}", "-abcdefgh".repeat(4))), "longer than {MAX_LOCALE_CHARS}");
     }
 }

@@ -165,3 +165,26 @@ async fn a_bad_body_names_each_problem_and_stores_nothing() {
     let (status, body) = s.put(Some("alice"), huge).await;
     assert_eq!((status, body["error"]["code"].as_str()), (413, Some("body_too_large")), "{body}");
 }
+
+#[tokio::test]
+async fn a_locale_is_saved_replaced_and_checked() {
+    let s = start().await;
+    assert_eq!(s.get(Some("alice")).await.1["locale"], Value::Null, "no locale: each campaign's default");
+    let (status, body) = s.put(Some("alice"), json!({"locale": "pt-BR", "time_zone": "Asia/Seoul"}).to_string()).await;
+    assert_eq!((status, body["locale"].clone()), (200, json!("pt-BR")), "{body}");
+    assert_eq!(s.get(Some("alice")).await.1["locale"], "pt-BR");
+    assert_eq!(s.get(Some("bob")).await.1["locale"], Value::Null);
+    // Malformed: 422 naming it with the other problems, nothing stored.
+    let (status, body) =
+        s.put(Some("alice"), json!({"locale": "pt_BR!", "time_zone": "Mars/Olympus"}).to_string()).await;
+    assert_eq!(status, 422, "{body}");
+    let paths: Vec<&str> =
+        body["error"]["problems"].as_array().unwrap().iter().map(|p| p["path"].as_str().unwrap()).collect();
+    assert_eq!(paths, ["locale", "time_zone"], "{body}");
+    assert!(body["error"]["problems"][0]["message"].as_str().unwrap().contains("\"pt_BR!\" is not a language tag"));
+    assert_eq!(s.get(Some("alice")).await.1["locale"], "pt-BR");
+    // A body without one is a replace to none.
+    let (status, _) = s.put(Some("alice"), json!({"opt_out": []}).to_string()).await;
+    assert_eq!(status, 200);
+    assert_eq!(s.get(Some("alice")).await.1["locale"], Value::Null);
+}

@@ -171,6 +171,7 @@ fn gateway(
         web: Some(web_config(topo, args, gateways)),
         segments,
         preferences: Some(preferences),
+        campaigns: None,
     };
     let app = tidings_gateway::app(parts, readiness.clone());
     readiness.set("gateway", true);

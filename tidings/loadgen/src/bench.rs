@@ -24,6 +24,7 @@ use self::load::now_micros;
 
 mod broadcast;
 mod campaign;
+mod campaigns;
 mod chat;
 mod claims;
 mod cpu;
@@ -42,7 +43,8 @@ mod sustained;
 mod users;
 
 /// Every scenario, in the order they run (`chat` and `chat_kill` only when named: `.ci/bench-chat`;
-/// `claims_decide`, `claims_hot_row` and `claims_http` only when named: `.ci/bench-claims`).
+/// `claims_decide`, `claims_hot_row` and `claims_http` only when named: `.ci/bench-claims`;
+/// `csv_import`, `campaign_100k` and `campaign_1m` only when named: `.ci/bench-campaigns`).
 const ALL: &str = "ingest_latency,ingest_latency_kafka,broadcast,broadcast_kafka,ingest_latency_embedded,nchan_fanout,nchan_broadcast,idle,fanout,campaign,sustained,multi";
 
 #[derive(clap::Args)]
@@ -58,7 +60,7 @@ pub struct BenchArgs {
     topology: PathBuf,
     /// Scenarios to run, comma-separated: ingest_latency, ingest_latency_kafka, broadcast,
     /// broadcast_kafka, ingest_latency_embedded, nchan_fanout, nchan_broadcast, idle, fanout, campaign, sustained, multi, chat, chat_kill,
-    /// claims_decide, claims_hot_row, claims_http (the chat and claim ones need PostgreSQL at TIDINGS_TEST_PG). A `comparison` line follows when a tidings
+    /// claims_decide, claims_hot_row, claims_http, csv_import, campaign_100k, campaign_1m (the chat, claim and campaign ones need PostgreSQL at TIDINGS_TEST_PG). A `comparison` line follows when a tidings
     /// scenario and its nchan counterpart both ran.
     #[arg(long, value_delimiter = ',', default_value = ALL)]
     scenarios: Vec<String>,
@@ -163,6 +165,18 @@ pub struct BenchArgs {
     /// The coupon's stock in claims_http.
     #[arg(long, default_value_t = 1_000)]
     http_claim_stock: usize,
+    /// Rows of csv_import's CSV file (`tidings segment import` against psql `\copy`).
+    #[arg(long, default_value_t = 1_000_000)]
+    import_rows: usize,
+    /// Users of campaign_100k's segment.
+    #[arg(long, default_value_t = 100_000)]
+    campaign_users: usize,
+    /// SSE users connected during the campaign scenarios (the segments' first users).
+    #[arg(long, default_value_t = 10_000)]
+    campaign_sse_users: usize,
+    /// Users of campaign_1m's segment.
+    #[arg(long, default_value_t = 1_000_000)]
+    campaign_big_users: usize,
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -326,6 +340,17 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let http_prefix = format!("{prefix}claims-http.");
         let v = claims::http(&bin, root.path(), &topology, &args.brokers, &http_prefix, &o).await;
         report(&mut results, "claims_http", v);
+    }
+
+    if ["csv_import", "campaign_100k", "campaign_1m"].iter().any(|s| run(s)) {
+        let o = campaigns::CampaignOpts {
+            import_rows: args.import_rows,
+            users: args.campaign_users,
+            sse_users: args.campaign_sse_users,
+            big_users: args.campaign_big_users,
+        };
+        let campaigns_prefix = format!("{prefix}campaigns.");
+        campaigns::run(&bin, root.path(), &topology, &args.brokers, &campaigns_prefix, &run, &o, &mut results).await;
     }
 
     for (name, kill) in [("chat", false), ("chat_kill", true)] {

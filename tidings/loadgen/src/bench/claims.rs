@@ -61,7 +61,7 @@ fn claim(k: usize, users: usize) -> (String, String) {
 /// A new empty database on the test server (`TIDINGS_TEST_PG`), left for `tidings up` to migrate
 /// (so a `tidings` binary of another commit, with other migrations, runs on it too): a small pool
 /// on it and its URL.
-async fn fresh_database(connections: u32) -> anyhow::Result<(sqlx::PgPool, String)> {
+pub(super) async fn fresh_database(connections: u32) -> anyhow::Result<(sqlx::PgPool, String)> {
     use sqlx::Connection;
     let admin = tidings_store::testing::admin_url();
     let name = format!("tidings_bench_{}", uuid::Uuid::new_v4().simple());
@@ -75,7 +75,7 @@ async fn fresh_database(connections: u32) -> anyhow::Result<(sqlx::PgPool, Strin
 }
 
 /// Drops a database [`fresh_database`] made (best effort: a leftover only takes disk).
-async fn drop_database(pool: sqlx::PgPool, url: &str) {
+pub(super) async fn drop_database(pool: sqlx::PgPool, url: &str) {
     use sqlx::Connection;
     pool.close().await;
     let Some((_, name)) = url.rsplit_once('/') else { return };
@@ -85,7 +85,7 @@ async fn drop_database(pool: sqlx::PgPool, url: &str) {
 }
 
 /// `e` with the last lines of `proc`'s log (its work directory goes when the benchmark ends).
-fn with_log(e: anyhow::Error, proc: &Proc) -> anyhow::Error {
+pub(super) fn with_log(e: anyhow::Error, proc: &Proc) -> anyhow::Error {
     let log = std::fs::read_to_string(proc.dir.join("log")).unwrap_or_default();
     let tail: Vec<&str> = log.lines().rev().take(8).collect();
     anyhow::anyhow!("{e:#}: {}", tail.into_iter().rev().collect::<Vec<_>>().join(" | "))

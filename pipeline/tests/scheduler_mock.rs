@@ -3,6 +3,7 @@
 //! not due waits for the clock; a record without valid release headers is a dead letter with its
 //! reason; a restart releases nothing again, and a release whose mark was lost goes out again the same.
 
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::mocking::MockCluster;
@@ -77,8 +78,15 @@ async fn stored(store: &Store, id: &str) -> bool {
     panic!("{id} was never stored");
 }
 
+/// The value of one sample (name and labels as rendered) of `handle`'s metrics.
+fn sample(handle: &PrometheusHandle, name: &str) -> Option<f64> {
+    handle.render().lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn due_records_are_released_once_at_their_time_and_bad_ones_are_dead_letters() {
+    // The stage records from its own tasks: the process-wide recorder (this binary's only test).
+    let metrics = PrometheusBuilder::new().install_recorder().unwrap();
     let mock = MockCluster::new(1).unwrap();
     let env = env(&mock).await;
     let dir = tempfile::tempdir().unwrap();
@@ -131,6 +139,12 @@ async fn due_records_are_released_once_at_their_time_and_bad_ones_are_dead_lette
     assert!(!stored(&env.store, "campaign:c2").await, "released before its time");
     assert_eq!(records(&notifications, "campaigns", 6), 0);
     assert_eq!(records(&notifications, "notifications", 12), 1, "n1 once");
+    assert_eq!(sample(&metrics, "tidings_scheduler_held"), Some(1.0), "c2 is held");
+    let dead = |reason: &str| {
+        sample(&metrics, &format!(r#"tidings_dead_letters_total{{stage="scheduler",reason="{reason}"}}"#))
+    };
+    assert_eq!(dead("bad-release-at"), Some(1.0));
+    assert_eq!(dead("missing-release-header"), Some(1.0));
 
     std::fs::write(&clock, "2027-01-15T08:01:00Z").unwrap();
     let campaigns = consumer(&env, "campaigns");
@@ -160,6 +174,10 @@ async fn due_records_are_released_once_at_their_time_and_bad_ones_are_dead_lette
     let (key, value, headers, _, _) = read(&notifications, 1).await.remove(0);
     assert_eq!((key.as_deref(), value.as_deref()), (Some(&b"u1"[..]), Some(&b"n1-bytes"[..])));
     assert!(headers.contains(&(H_RELEASED_AT.to_string(), past.clone())), "{headers:?}");
+    assert!(stored(&env.store, "n1").await);
     token.cancel();
     stage.await.unwrap().unwrap();
+    let released = |to: &str| sample(&metrics, &format!(r#"tidings_scheduler_released_total{{to="{to}"}}"#));
+    assert_eq!((released("notifications"), released("campaigns")), (Some(3.0), Some(1.0)), "n1, n6, n1 again; c2");
+    assert_eq!(sample(&metrics, "tidings_scheduler_held"), Some(0.0));
 }

@@ -5,14 +5,10 @@ use std::collections::HashSet;
 
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 
-/// Decimal microseconds since the epoch (UTF-8): when the record is released.
-pub const H_RELEASE_AT: &str = "tidings.release-at";
-/// The full (prefixed) topic name the record is produced to.
-pub const H_RELEASE_TO: &str = "tidings.release-to";
-/// The record's deterministic id (a notification id, a campaign's event id).
-pub const H_RELEASE_ID: &str = "tidings.release-id";
-/// Added on release: the release-at it was released for (decimal microseconds).
-pub const H_RELEASED_AT: &str = "tidings.released-at";
+/// The headers templating writes (release-at: decimal microseconds since the epoch; release-to:
+/// the full topic name; release-id: the deterministic id) and the one a release adds (released-at:
+/// the release-at it was released for), named once for both stages.
+pub use crate::stages::templating::{H_RELEASED_AT, H_RELEASE_AT, H_RELEASE_ID, H_RELEASE_TO};
 
 /// Longest release id kept (bytes): ids are UUIDs or `campaign:<id>`; a key of the store's index.
 pub const MAX_RELEASE_ID_BYTES: usize = 512;

@@ -86,6 +86,10 @@ pub fn release_of<H: Headers>(headers: Option<&H>, destinations: &HashSet<String
             format!("{H_RELEASE_ID} has {} bytes; it needs 1 to {MAX_RELEASE_ID_BYTES}", id.len()),
         ));
     }
+    // PostgreSQL text cannot hold NUL: the store would refuse the whole batch it is in.
+    if id.chars().any(char::is_control) {
+        return Err(Unreleasable::new("bad-release-id", format!("{H_RELEASE_ID} {id:?} has control characters")));
+    }
     Ok(Release { at, to: to.to_string(), id: id.to_string(), other })
 }
 
@@ -207,6 +211,7 @@ mod tests {
         assert_eq!(reason(&[ok[0], ok[1], (H_RELEASE_ID, Some(b""))]).reason, "bad-release-id");
         let long = vec![b'x'; MAX_RELEASE_ID_BYTES + 1];
         assert_eq!(reason(&[ok[0], ok[1], (H_RELEASE_ID, Some(&long))]).reason, "bad-release-id");
+        assert_eq!(reason(&[ok[0], ok[1], (H_RELEASE_ID, Some(b"n\x001"))]).reason, "bad-release-id");
         assert_eq!(reason(&[ok[0], ok[1], ok[2], ok[0]]).reason, "duplicate-release-header");
     }
 

@@ -25,6 +25,7 @@ const state = {
   user: null,
   kinds: [],
   chat: true, // false when the gateway has no chat API (GET /v1/rooms answers 404)
+  prefsLocale: false, // the gateway's preferences have a `locale` (sent back on save)
   es: null,
   inbox: new Map(), // notification id -> item
   inboxCursor: null,
@@ -382,6 +383,11 @@ function onNotification(n) {
   announce(`New notification: ${n.title}`);
 }
 
+/** When, what kind and under which category (what a user opts out of): `10:50 AM · campaign · campaigns`. */
+function itemMeta(it) {
+  return [fmtTime(it.occurred_at), it.kind, it.category].filter(Boolean).join(' · ');
+}
+
 /** Inserts an item in position order (newest first); `live` ones are new to the server's count. */
 function addInboxItem(it, live) {
   if (state.inbox.has(it.id)) return;
@@ -397,7 +403,7 @@ function addInboxItem(it, live) {
     },
     el('span', { class: 'title', text: it.title }),
     el('span', { text: it.body }),
-    el('span', { class: 'row' }, el('span', { class: 'meta', text: `${fmtTime(it.occurred_at)} · ${it.kind}` })),
+    el('span', { class: 'row' }, el('span', { class: 'meta', text: itemMeta(it) })),
   );
   if (!it.read) {
     const b = el('button', { type: 'button', class: 'secondary', text: 'Mark read', 'aria-label': `Mark read: ${it.title}` });
@@ -548,7 +554,7 @@ function archivedItem(it) {
     { class: it.read ? '' : 'unread', 'data-id': it.id, 'data-source': it.source_event_id || '', 'data-position': it.position },
     el('span', { class: 'title', text: it.title }),
     el('span', { text: it.body }),
-    el('span', { class: 'row' }, el('span', { class: 'meta', text: `${fmtTime(it.occurred_at)} · ${it.kind}` }), b),
+    el('span', { class: 'row' }, el('span', { class: 'meta', text: itemMeta(it) }), b),
   );
   b.addEventListener('click', () => unarchiveItem(it, li, b));
   return li;
@@ -1274,7 +1280,8 @@ function onCouponEvent(kind, n) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Preferences: the categories a user gets (critical ones always on), time zone, quiet hours
+// Preferences: the categories a user gets (critical ones always on), time zone, quiet hours and
+// the language campaigns are shown in (when the gateway answers with a `locale`)
 
 async function loadPreferences() {
   $('prefs-error').textContent = '';
@@ -1295,6 +1302,10 @@ function renderPreferences(p) {
     box.append(el('div', { class: 'check' }, input, el('label', { htmlFor: id, text })));
   }
   $('prefs-tz').value = p.time_zone;
+  // A gateway without locales answers none, and would refuse the field in a save.
+  state.prefsLocale = 'locale' in p;
+  $('prefs-locale-field').hidden = !state.prefsLocale;
+  $('prefs-locale').value = p.locale || '';
   $('prefs-quiet-on').checked = Boolean(p.quiet_hours);
   if (p.quiet_hours) {
     $('prefs-quiet-start').value = p.quiet_hours.start;
@@ -1321,6 +1332,7 @@ async function savePreferences(e) {
       ? { start: $('prefs-quiet-start').value, end: $('prefs-quiet-end').value }
       : null,
   };
+  if (state.prefsLocale) body.locale = $('prefs-locale').value.trim() || null;
   try {
     renderPreferences(await api('PUT', '/v1/me/preferences', body));
     $('prefs-status').textContent = 'Preferences saved.';

@@ -18,6 +18,9 @@ pub struct NotificationJson<'a> {
     /// RFC 3339, from the source event's `occurred_at`.
     pub occurred_at: Option<String>,
     pub source_event_id: &'a str,
+    /// The category it was sent under (topology.yaml `categories:`); absent when it has none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub category: Option<&'a str>,
     /// The stream position `partition.offset` (the SSE id; also a Last-Event-ID to resume from).
     pub position: String,
     /// Inbox only.
@@ -43,6 +46,7 @@ impl<'a> NotificationJson<'a> {
             occurred_at: chrono::DateTime::from_timestamp_micros(n.occurred_at)
                 .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)),
             source_event_id: &n.source_event_id,
+            category: Some(n.category.as_str()).filter(|c| !c.is_empty()),
             position: super::position_id(partition, offset),
             read: None,
             event: n.data.as_deref().and_then(EventJson::new),

@@ -283,6 +283,10 @@ fn chat(
 /// the gateways its stream may be redirected to.
 fn web_config(topo: &Topology, args: &UpArgs, gateways: Vec<String>) -> WebConfig {
     let mut kinds: Vec<String> = topo.templates.iter().map(|t| t.kind.clone()).collect();
+    // Campaign notifications are made by templating from the campaigns topic, not by a template.
+    if topo.stages.templating.inputs.iter().any(|i| i == "campaigns") {
+        kinds.push(delivery::campaigns::CAMPAIGN_KIND.to_string());
+    }
     kinds.sort();
     kinds.dedup();
     let dev_key = args.dev && args.jwt.jwt_secret.is_none() && args.jwt.jwt_public_key_file.is_none();

@@ -1,0 +1,227 @@
+//! A campaign on the web page, in headless Chromium, on `tidings up`'s embedded defaults (mock Kafka,
+//! SQLite, embedded registry): one user opts out of campaigns on the Preferences view, the other sets
+//! quiet hours that do not include now and a locale there; a campaign launched to both on the
+//! `campaigns` topic appears live (no reload) in the second one's inbox, in their language and with
+//! its category, never in the first one's page or inbox, and that one stream counts as delivered.
+
+// This test needs no broker, so the shared helpers' broker check goes unused here.
+#[allow(unused_imports)]
+mod common;
+
+use chrono::Timelike;
+use common::browser::Browser;
+use common::{browser_or_skip, eventually, user_token};
+use serde_json::{json, Value};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const SNAPSHOT: &str = r#"
+    return {
+        view: location.hash,
+        status: document.getElementById('prefs-status')?.textContent,
+        error: document.getElementById('prefs-error')?.textContent,
+        locale: document.getElementById('prefs-locale')?.value,
+        inbox: [...document.querySelectorAll('#inbox-list li')].map((li) => [li.dataset.source, li.textContent]),
+        loaded: window.__loaded || null,
+    };
+"#;
+
+/// A `tidings up --dev` on embedded defaults, killed on drop.
+struct Embedded {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Embedded {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Embedded {
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("up.log")).unwrap_or_default()
+    }
+}
+
+async fn embedded() -> (Embedded, Value) {
+    let dir = tempfile::Builder::new().prefix("tidings-campaign-page-").tempdir().unwrap();
+    let topology = Path::new(env!("CARGO_MANIFEST_DIR")).join("../topology.yaml");
+    let log = std::fs::File::create(dir.path().join("up.log")).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_tidings"))
+        .env("TIDINGS_DATA_DIR", dir.path())
+        .env_remove("TIDINGS_BROKERS")
+        .env_remove("TIDINGS_DATABASE_URL")
+        .args(["up", "--dev", "--http", "127.0.0.1:0", "--registry-listen", "127.0.0.1:0"])
+        .args(["--ingest-listen", "127.0.0.1:0", "--topology"])
+        .arg(topology)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let mut up = Embedded { child, dir };
+    let path = up.dir.path().join("endpoints.json");
+    for _ in 0..600 {
+        if let Ok(Ok(ep)) = std::fs::read(&path).map(|t| serde_json::from_slice::<Value>(&t)) {
+            return (up, ep);
+        }
+        if let Some(status) = up.child.try_wait().unwrap() {
+            panic!("tidings up exited ({status}):\n{}", up.log());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("tidings up did not start within 60 s:\n{}", up.log());
+}
+
+async fn sign_in(b: &mut Browser, url: &str, user: &str) {
+    b.call(user, json!({"cmd": "open", "url": format!("{url}/"), "width": 390, "height": 844})).await;
+    b.call(user, json!({"cmd": "fill", "selector": "#dev-user", "value": user})).await;
+    b.call(user, json!({"cmd": "press", "selector": "#dev-user", "key": "Enter"})).await;
+    b.wait(user, "signed in", "return !document.getElementById('app').hidden").await;
+}
+
+/// To the Preferences view by keyboard and its categories loaded.
+async fn preferences_view(b: &mut Browser, user: &str) {
+    b.call(user, json!({"cmd": "press", "selector": "#tab-preferences", "key": "Enter"})).await;
+    b.wait(user, "the categories", "return document.querySelectorAll('#prefs-categories input').length > 0").await;
+}
+
+async fn save(b: &mut Browser, user: &str) {
+    b.call(user, json!({"cmd": "press", "selector": "#prefs-form button[type=submit]", "key": "Enter"})).await;
+    b.wait(user, "saved", "return document.getElementById('prefs-status').textContent === 'Preferences saved.'").await;
+}
+
+async fn get_json(http: &reqwest::Client, url: &str, user: &str) -> Result<Value, String> {
+    let r = http.get(url).bearer_auth(user_token(user)).send().await.map_err(|e| e.to_string())?;
+    if !r.status().is_success() {
+        return Err(format!("{url}: {}", r.status()));
+    }
+    r.json().await.map_err(|e| e.to_string())
+}
+
+/// The `source_event_id`s of `user`'s stored inbox.
+async fn stored_sources(http: &reqwest::Client, url: &str, user: &str) -> Result<Vec<String>, String> {
+    let body = get_json(http, &format!("{url}/v1/notifications"), user).await?;
+    Ok(body["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i["source_event_id"].as_str().map(str::to_owned))
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_campaign_reaches_live_only_the_user_who_did_not_opt_out() {
+    if !browser_or_skip() {
+        return;
+    }
+    tokio::time::timeout(Duration::from_secs(180), run()).await.expect("the campaign page test did not finish in time");
+}
+
+async fn run() {
+    let (up, ep) = embedded().await;
+    let url = ep["http"].as_str().unwrap().to_owned();
+    let ingest_url = ep["ingest"].as_str().unwrap().to_owned();
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    eventually("the gateway to be ready", Duration::from_secs(60), Duration::from_millis(200), &[], || {
+        common::ready(&http, &url)
+    })
+    .await;
+    let mut b = Browser::start(SNAPSHOT);
+    let (out, keen) = ("opted-out", "keen");
+
+    // The first user opts out of campaigns on the page.
+    sign_in(&mut b, &url, out).await;
+    preferences_view(&mut b, out).await;
+    b.call(out, json!({"cmd": "press", "selector": "#prefs-cat-campaigns", "key": "Space"})).await;
+    save(&mut b, out).await;
+    let saved = get_json(&http, &format!("{url}/v1/me/preferences"), out).await.unwrap();
+    assert_eq!(saved["opt_out"], json!(["campaigns"]), "{saved}");
+    assert_eq!(saved["quiet_hours"], Value::Null, "{saved}");
+
+    // The second sets quiet hours that do not include now (two to three hours from now, UTC) and
+    // Korean as the language of campaigns.
+    sign_in(&mut b, &url, keen).await;
+    preferences_view(&mut b, keen).await;
+    let now = chrono::Utc::now();
+    let hhmm = |h: u32| format!("{:02}:{:02}", (now.hour() + h) % 24, now.minute());
+    let (start, end) = (hhmm(2), hhmm(3));
+    b.call(keen, json!({"cmd": "fill", "selector": "#prefs-tz", "value": "UTC"})).await;
+    b.call(keen, json!({"cmd": "press", "selector": "#prefs-quiet-on", "key": "Space"})).await;
+    b.call(keen, json!({"cmd": "fill", "selector": "#prefs-quiet-start", "value": start})).await;
+    b.call(keen, json!({"cmd": "fill", "selector": "#prefs-quiet-end", "value": end})).await;
+    b.wait(keen, "the locale field", "return !document.getElementById('prefs-locale-field').hidden").await;
+    b.call(keen, json!({"cmd": "fill", "selector": "#prefs-locale", "value": "ko"})).await;
+    save(&mut b, keen).await;
+    let saved = get_json(&http, &format!("{url}/v1/me/preferences"), keen).await.unwrap();
+    assert_eq!(saved["quiet_hours"], json!({"start": start, "end": end}), "{saved}");
+    assert_eq!((&saved["time_zone"], &saved["locale"], &saved["opt_out"]), (&json!("UTC"), &json!("ko"), &json!([])));
+    // The page shows what was saved after a reload of the view.
+    b.call(keen, json!({"cmd": "press", "selector": "#tab-inbox", "key": "Enter"})).await;
+    preferences_view(&mut b, keen).await;
+    b.wait(keen, "the saved locale", "return document.getElementById('prefs-locale').value === 'ko'").await;
+
+    // Both pages on their inbox, marked: a reload would drop the mark.
+    for user in [out, keen] {
+        b.call(user, json!({"cmd": "press", "selector": "#tab-inbox", "key": "Enter"})).await;
+        b.wait(user, "the inbox", "return !document.getElementById('view-inbox').hidden").await;
+        b.eval(user, "window.__loaded = 'before the campaign'; return true").await;
+    }
+
+    let id = format!("page-{}", uuid::Uuid::new_v4().simple());
+    let event_id = format!("campaign:{id}");
+    let launched = json!({"event_id": event_id, "occurred_at": chrono::Utc::now().timestamp_micros(), "campaign_id": id,
+        "payload": {"CampaignLaunched": {"category": "campaigns", "title": "Spring sale", "body": "For {{ recipient }}",
+        "link": null, "default_locale": "en", "locales": [{"locale": "ko", "title": "봄 세일", "body": "{{ recipient }}님께"}],
+        "segments": [], "user_ids": [out, keen], "send_at": null, "launched_by": "browser-test"}}});
+    let r = http
+        .post(format!("{ingest_url}/v1/events/campaigns"))
+        .bearer_auth(common::ingest_token())
+        .json(&launched)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap_or_default());
+
+    let item = format!("document.querySelector(\"#inbox-list li[data-source='{event_id}']\")");
+    b.wait(keen, "the campaign, live", &format!("return Boolean({item})")).await;
+    let shown = b
+        .eval(keen, &format!("const li = {item}; return [li.dataset.kind, li.textContent, window.__loaded || null]"))
+        .await;
+    assert_eq!(shown[0], "campaign", "{shown}");
+    let text = shown[1].as_str().unwrap();
+    assert!(text.contains("봄 세일") && text.contains("keen님께"), "not in the user's language: {text}");
+    assert!(text.contains("campaigns"), "the category is not shown: {text}");
+    assert_eq!(shown[2], "before the campaign", "the page was reloaded");
+
+    // Stored for the one, after which the other has it neither stored nor on the page.
+    eventually("the campaign stored", Duration::from_secs(30), Duration::from_millis(200), &[], || async {
+        let got = stored_sources(&http, &url, keen).await?;
+        if got.contains(&event_id) {
+            Ok(())
+        } else {
+            Err(format!("{got:?}\n{}", up.log()))
+        }
+    })
+    .await;
+    let theirs = stored_sources(&http, &url, out).await.unwrap();
+    assert!(!theirs.contains(&event_id), "stored for the user who opted out: {theirs:?}");
+    assert_eq!(b.eval(out, &format!("return Boolean({item})")).await, json!(false));
+    assert_eq!(b.eval(out, "return window.__loaded || null").await, "before the campaign");
+
+    // One stream wrote it: the gateway's delivered count reaches the store within its flush period.
+    let db = format!("sqlite://{}/tidings.db", up.dir.path().display());
+    let store = tidings_store::Store::connect(&db).await.unwrap();
+    eventually("the delivered count", Duration::from_secs(10), Duration::from_millis(200), &[], || async {
+        match store.campaign_delivered(&id).await.map_err(|e| e.to_string())? {
+            1 => Ok(()),
+            n => Err(format!("{n} delivered")),
+        }
+    })
+    .await;
+    b.close().await;
+    drop(up);
+}

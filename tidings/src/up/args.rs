@@ -95,14 +95,20 @@ pub struct UpArgs {
     /// Stages to run, comma-separated: templating, persistence, gateway (which includes HTTP
     /// ingest and, when the topology declares its topics, the coupon API), ingest (HTTP ingest
     /// alone, no delivery: e.g. an ingest tier of its own), claims (the coupon claim stage:
-    /// `coupon-claims` decided into `coupons`).
+    /// `coupon-claims` decided into `coupons`), scheduler (releases what templating holds on
+    /// `tidings.scheduled`, quiet hours and scheduled campaigns, at its time).
     #[arg(
         long,
         env = "TIDINGS_STAGES",
         value_delimiter = ',',
-        default_value = "templating,persistence,gateway,claims"
+        default_value = "templating,persistence,gateway,claims,scheduler"
     )]
     pub stages: Vec<String>,
+    /// Testing only, needs --dev: the scheduler stage reads "now" from this file at every tick (an
+    /// RFC 3339 time or integer microseconds since the epoch) instead of the system clock, so a
+    /// test moves time past a release by writing it.
+    #[arg(long, env = "TIDINGS_CLOCK_FILE")]
+    pub clock_file: Option<std::path::PathBuf>,
     /// Seconds to let tasks finish their work after SIGTERM before exiting anyway.
     #[arg(long, env = "TIDINGS_GRACE_SECS", default_value_t = 15)]
     pub grace_secs: u64,

@@ -339,3 +339,70 @@ async fn a_restarted_fan_out_produces_only_the_rest() {
     stop(&env, stage).await;
     drop(mock);
 }
+
+/// Building a campaign's pages writes no progress (only the stage's acknowledger does, once a
+/// page's outputs are acknowledged), and each page's checkpoint rides on its last output batch:
+/// when it is written, every user up to its cursor is in that batch or an earlier one, and no
+/// later batch holds one of them. A page here is split by locale and quiet hours into siblings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pages_checkpoint_follows_all_of_its_outputs() {
+    use templating::{Outcome, RecordMeta, RecordRef, Templater};
+    use tokio_util::sync::CancellationToken;
+
+    let mock = MockCluster::new(1).unwrap();
+    let env = env(&mock).await;
+    let page = templating::SEGMENT_PAGE as usize;
+    let all = users(0..page + 1);
+    env.store.add_segment_members("seg", &all).await.unwrap();
+    let night = Preferences {
+        quiet_hours: Some(QuietHours { start_minute: 22 * 60, end_minute: 8 * 60 }),
+        ..Preferences::default()
+    };
+    for u in ["u-00010", "u-04999", "u-05000"] {
+        env.store.set_preferences(u, &night, 1).await.unwrap();
+    }
+    for u in ["u-00020", "u-00021"] {
+        env.store.set_preferences(u, &Preferences::default(), 1).await.unwrap();
+    }
+    on_sqlite(&env, "UPDATE user_preferences SET locale = 'ko' WHERE user_id IN ('u-00020', 'u-00021')").await;
+    let templater = Templater::new(env.topo.clone(), &env.registry_url, env.store.clone()).await.unwrap();
+    let ev = launch(
+        "c5",
+        json!({"segments": ["seg"], "locales": [{"locale": "ko", "title": "세일", "body": "{{ recipient }}"}]}),
+    );
+    let (enc, schema) = encoder(&env, "campaigns-value").await;
+    let bytes = enc.encode(json_to_avro(schema, &ev).unwrap()).unwrap();
+    let shutdown = CancellationToken::new();
+    let rec = RecordRef { topic: "campaigns", partition: 0, offset: 0, payload: Some(&bytes) };
+    let meta = RecordMeta { timestamp: Some(NIGHT_MS * 1000), released: false };
+    let mut next = Some(templater.outcome_at(rec, meta, &shutdown).await.unwrap());
+    // Per batch as the stage hands them to its acknowledger: its users (held ones too), its checkpoint.
+    let mut batches: Vec<(Vec<String>, Option<CampaignProgress>)> = Vec::new();
+    while let Some(outcome) = next {
+        let Outcome::Notifications(mut fanout) = outcome else { panic!("dead letter: {outcome:?}") };
+        let held = !fanout.hold.is_empty();
+        next = templater.next_page(&mut fanout, &shutdown).await.unwrap();
+        let users = fanout.recipients.clone();
+        assert!(!held || users.iter().all(|u| ["u-00010", "u-04999", "u-05000"].contains(&u.as_str())));
+        batches.push((users, fanout.checkpoint.take()));
+    }
+    assert_eq!(env.store.campaign_progress("c5").await.unwrap(), None, "nothing written before acknowledgements");
+    let checkpoints: Vec<(usize, &CampaignProgress)> =
+        batches.iter().enumerate().filter_map(|(i, (_, c))| c.as_ref().map(|c| (i, c))).collect();
+    assert_eq!(checkpoints.len(), 2, "one per page");
+    assert!(batches.len() > 3, "the first page is split by locale and quiet hours: {} batches", batches.len());
+    let (first, last) = (checkpoints[0].1, checkpoints[1].1);
+    assert_eq!((first.cursor.as_deref(), first.finished_at), (Some("u-04999"), None));
+    assert_eq!((first.produced, first.held), (page as i64 - 2, 2));
+    assert_eq!(last.cursor.as_deref(), Some("u-05000"));
+    assert!(last.finished_at.is_some() && last.held == 3 && last.produced == page as i64 - 2);
+    for (i, c) in &checkpoints {
+        let cursor = c.cursor.as_deref().unwrap();
+        let up_to: usize = batches[..=*i].iter().map(|(u, _)| u.iter().filter(|u| u.as_str() <= cursor).count()).sum();
+        let later = batches[i + 1..].iter().flat_map(|(u, _)| u).filter(|u| u.as_str() <= cursor).count();
+        assert_eq!((up_to, later), (all.iter().filter(|u| u.as_str() <= cursor).count(), 0), "checkpoint {cursor}");
+    }
+    assert!(batches.iter().any(|(u, _)| u == &["u-00020".to_string(), "u-00021".to_string()]), "ko users apart");
+    env.token.cancel();
+    drop(mock);
+}

@@ -68,7 +68,7 @@ async fn start() -> Server {
         .collect();
     let campaigns = Campaigns {
         store: store.clone(),
-        events,
+        events: Some(events),
         topic: TOPIC.into(),
         categories: Arc::new(categories),
         config: CampaignsConfig { max_inline_users: 5, ..CampaignsConfig::default() },

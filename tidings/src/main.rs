@@ -1,8 +1,10 @@
 //! The `tidings` command: `up` runs every stage (on embedded defaults unless pointed at real
 //! infrastructure), `topology` checks and applies `topology.yaml`, `produce` and `demo` send
-//! events, `inbox` reads the store and `segment` loads campaign audiences.
+//! events, `inbox` reads the store, `segment` loads campaign audiences and `campaign` launches,
+//! lists, shows and cancels campaigns.
 
 mod config_file;
+mod campaign;
 mod coupon_create;
 mod coupon_verify;
 mod demo;
@@ -183,6 +185,9 @@ enum Command {
     /// Audience segments for campaigns: import (replace) from CSV, append, remove, list, show, delete.
     #[command(subcommand)]
     Segment(segment::SegmentCmd),
+    /// Campaigns: launch (or --dry-run), list, show, cancel.
+    #[command(subcommand)]
+    Campaign(campaign::CampaignCmd),
 }
 
 #[derive(Subcommand)]
@@ -351,6 +356,7 @@ async fn main() -> ExitCode {
         Command::Inbox { user, limit, infra } => tools::inbox(&user, limit, &infra).await,
         Command::Stats { infra } => tools::stats(&infra).await,
         Command::Segment(cmd) => segment::run(cmd).await,
+        Command::Campaign(cmd) => campaign::run(cmd).await,
         Command::Token { user, ttl_secs, jwt_secret, jwt_issuer, jwt_audience } => {
             print_token(&user, ttl_secs, jwt_secret.as_deref(), jwt_issuer.as_deref(), jwt_audience.as_deref())
         }

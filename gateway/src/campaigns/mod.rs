@@ -114,7 +114,9 @@ pub enum Launched {
 #[derive(Clone)]
 pub struct Campaigns {
     pub store: Store,
-    pub events: Arc<EventProducer>,
+    /// Produces the campaign records; `None` for dry runs and reads only (a launch or cancel
+    /// then fails before it changes anything).
+    pub events: Option<Arc<EventProducer>>,
     /// The physical `campaigns` topic.
     pub topic: String,
     /// The topology's categories (a campaign's must be one of them).
@@ -127,12 +129,9 @@ fn now_micros() -> i64 {
 }
 
 impl Campaigns {
-    /// Checks `body` (a launch request) and, unless it is a dry run, stores and produces the
-    /// campaign. The same id with the same definition is a retry: nothing new is stored, and the
-    /// launch record is produced again (same event id, so absorbed downstream) while templating
-    /// has not yet picked it up, in case the first answer was lost before it reached Kafka.
-    pub async fn launch(&self, body: &Value, launched_by: &str) -> Result<Launched, CampaignError> {
-        let now = now_micros();
+    /// Checks a launch request received at `now` (microseconds): the request itself, and that its
+    /// segments exist and have members; every problem at once. Nothing is written.
+    pub async fn check(&self, body: &Value, now: i64) -> Result<Launch, CampaignError> {
         let checked = validation::check(body, &self.categories, &self.config, now);
         let mut problems = checked.as_ref().err().cloned().unwrap_or_default();
         // Whether the named segments exist and have members is reported with the other problems.
@@ -151,19 +150,30 @@ impl Campaigns {
                 Some(_) => {}
             }
         }
-        let launch = match checked {
-            Ok(launch) if problems.is_empty() => launch,
-            _ => return Err(CampaignError::Invalid(problems)),
-        };
+        match checked {
+            Ok(launch) if problems.is_empty() => Ok(launch),
+            _ => Err(CampaignError::Invalid(problems)),
+        }
+    }
+
+    /// Checks `body` (a launch request) and, unless it is a dry run, stores and produces the
+    /// campaign. The same id with the same definition is a retry: nothing new is stored, and the
+    /// launch record is produced again (same event id, so absorbed downstream) while templating
+    /// has not yet picked it up, in case the first answer was lost before it reached Kafka.
+    pub async fn launch(&self, body: &Value, launched_by: &str) -> Result<Launched, CampaignError> {
+        let now = now_micros();
+        let launch = self.check(body, now).await?;
         let def = launch.definition;
         let critical = self.categories.iter().any(|c| c.name == def.category && c.critical);
         if launch.dry_run {
+            // Nothing is produced: no producer is needed.
             let counts = dry_run::count(&self.store, &def, critical, chrono::Utc::now()).await?;
             return Ok(Launched::DryRun(def, counts));
         }
         if let Some(stored) = self.retry_of(&def).await? {
             return Ok(Launched::Retried(stored));
         }
+        let events = self.events()?;
         let counts = dry_run::count(&self.store, &def, critical, chrono::Utc::now()).await?;
         let row = NewCampaign {
             campaign_id: def.campaign_id.clone(),
@@ -182,7 +192,7 @@ impl Campaigns {
                 None => Err(CampaignError::Exists(def.campaign_id)),
             };
         }
-        self.produce(&def.campaign_id, &records::launched(&def, launched_by, now)).await?;
+        produce(events, &self.topic, &def.campaign_id, &records::launched(&def, launched_by, now)).await?;
         Ok(Launched::Created(def, counts))
     }
 
@@ -196,14 +206,20 @@ impl Campaigns {
             return Err(CampaignError::Exists(def.campaign_id.clone()));
         }
         if stored.started_at.is_none() && stored.status(now_micros()) != CampaignStatus::Cancelled {
-            self.produce(&def.campaign_id, &records::launched(def, &stored.launched_by, stored.created_at)).await?;
+            let record = records::launched(def, &stored.launched_by, stored.created_at);
+            produce(self.events()?, &self.topic, &def.campaign_id, &record).await?;
         }
         Ok(Some(stored))
     }
 
-    async fn produce(&self, campaign_id: &str, record: &Value) -> Result<(), CampaignError> {
-        self.events.produce(&self.topic, Some(campaign_id), record, None).await.map_err(CampaignError::Produce)?;
-        Ok(())
+    fn events(&self) -> Result<&EventProducer, CampaignError> {
+        self.events.as_deref().ok_or_else(|| {
+            CampaignError::Produce(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no_producer",
+                "campaigns cannot be launched or cancelled here: no Kafka producer",
+            ))
+        })
     }
 
     /// Campaign `id`, or `Unknown`.
@@ -222,10 +238,16 @@ impl Campaigns {
         if row.status(now) == CampaignStatus::Done {
             return Err(CampaignError::Finished(id.to_string()));
         }
+        let events = self.events()?;
         self.store.cancel_campaign(id, now).await?;
-        self.produce(id, &records::cancelled(id, reason, now)).await?;
+        produce(events, &self.topic, id, &records::cancelled(id, reason, now)).await?;
         self.show(id).await
     }
+}
+
+async fn produce(events: &EventProducer, topic: &str, key: &str, record: &Value) -> Result<(), CampaignError> {
+    events.produce(topic, Some(key), record, None).await.map_err(CampaignError::Produce)?;
+    Ok(())
 }
 
 fn rfc3339(micros: Option<i64>) -> Value {

@@ -126,6 +126,8 @@ pub struct UpArgs {
     pub coupons: CouponArgs,
     #[command(flatten)]
     pub segments: crate::segment::SegmentApiArgs,
+    #[command(flatten)]
+    pub campaigns: crate::campaign::CampaignApiArgs,
 }
 
 /// The coupon API's waits and bound.

@@ -11,6 +11,7 @@ use tidings_core::client_stats::{reporting, ClientStats};
 use tidings_core::shutdown::TaskTree;
 use tidings_core::RegistryClient;
 use tidings_gateway::browser::BrowserAccess;
+use tidings_gateway::campaigns::CampaignsState;
 use tidings_gateway::chat::{ChatConfig, ChatState};
 use tidings_gateway::coupons::{CouponConfig, CouponState, DecisionSource};
 use tidings_gateway::delivery::backfill::LogSource;
@@ -65,8 +66,17 @@ pub fn serve(
         let origins = (settings.redirect_allow, settings.cors_allow);
         // Segments take the same service tokens too, to load campaign audiences.
         let segments = args.segments.state(infra.store.clone(), services.clone(), Some(auth.clone()));
+        // Campaigns too, to launch, list and cancel them.
+        let campaigns = args.campaigns.state(
+            infra.store.clone(),
+            &infra.topology,
+            events.clone(),
+            services.clone(),
+            Some(auth.clone()),
+        );
         let coupons = coupons(args, infra, auth.clone(), services, events.clone(), tasks, readiness)?;
-        listening.http = gateway(args, infra, auth, (events, coupons, segments), origins, tasks, readiness)?;
+        let parts = (events, coupons, segments, campaigns);
+        listening.http = gateway(args, infra, auth, parts, origins, tasks, readiness)?;
     }
     Ok(listening)
 }
@@ -106,13 +116,17 @@ fn ingest(
     Ok(url)
 }
 
+/// The producer and the parts of the gateway for services (each off without its settings).
+type ServiceParts =
+    (Arc<EventProducer>, Option<CouponState>, Option<Arc<SegmentsState>>, Option<Arc<CampaignsState>>);
+
 /// The public gateway: delivery (this instance's share of the notifications partitions, streamed
 /// over SSE), the inbox, the chat API and the web page; `/metrics` here or on its own listener.
 fn gateway(
     args: &UpArgs,
     infra: &Infrastructure,
     auth: Arc<AuthConfig>,
-    (events, coupons, segments): (Arc<EventProducer>, Option<CouponState>, Option<Arc<SegmentsState>>),
+    (events, coupons, segments, campaigns): ServiceParts,
     (redirect_allow, cors_allow): (RedirectAllow, RedirectAllow),
     tasks: &mut TaskTree,
     readiness: &Readiness,
@@ -171,7 +185,7 @@ fn gateway(
         web: Some(web_config(topo, args, gateways)),
         segments,
         preferences: Some(preferences),
-        campaigns: None,
+        campaigns,
     };
     let app = tidings_gateway::app(parts, readiness.clone());
     readiness.set("gateway", true);

@@ -54,6 +54,7 @@ pub mod copy;
 pub mod error;
 pub mod postgres;
 pub mod preferences;
+pub mod scheduled;
 pub mod segments;
 pub mod sqlite;
 pub mod testing;

@@ -406,3 +406,33 @@ async fn a_pages_checkpoint_follows_all_of_its_outputs() {
     env.token.cancel();
     drop(mock);
 }
+
+/// A topology without the scheduler's topic holds nothing: a user inside quiet hours gets the
+/// campaign at once and a later `send_at` fans out now (the stage warns at start).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_scheduled_topic_nothing_is_held() {
+    use templating::{Outcome, RecordMeta, RecordRef, Templater};
+    use tokio_util::sync::CancellationToken;
+
+    let mock = MockCluster::new(1).unwrap();
+    let env = env(&mock).await;
+    let night = Preferences {
+        quiet_hours: Some(QuietHours { start_minute: 22 * 60, end_minute: 8 * 60 }),
+        ..Preferences::default()
+    };
+    env.store.set_preferences("night", &night, 1).await.unwrap();
+    let mut topo = (*env.topo).clone();
+    topo.topics.remove("tidings.scheduled");
+    let templater = Templater::new(std::sync::Arc::new(topo), &env.registry_url, env.store.clone()).await.unwrap();
+    let ev = launch("c6", json!({"user_ids": ["night"], "send_at": NIGHT_MS * 1000 + 3_600_000_000i64}));
+    let (enc, schema) = encoder(&env, "campaigns-value").await;
+    let bytes = enc.encode(json_to_avro(schema, &ev).unwrap()).unwrap();
+    let rec = RecordRef { topic: "campaigns", partition: 0, offset: 0, payload: Some(&bytes) };
+    let meta = RecordMeta { timestamp: Some(NIGHT_MS * 1000), released: false };
+    let outcome = templater.outcome_at(rec, meta, &CancellationToken::new()).await.unwrap();
+    let Outcome::Notifications(fanout) = outcome else { panic!("dead letter: {outcome:?}") };
+    assert!(fanout.schedule.is_none() && fanout.hold.is_empty() && fanout.siblings.is_empty());
+    assert_eq!(fanout.recipients, ["night"]);
+    env.token.cancel();
+    drop(mock);
+}

@@ -49,14 +49,17 @@ fn records(c: &StreamConsumer, topic: &str, partitions: i32) -> i64 {
     (0..partitions).map(|p| c.fetch_watermarks(topic, p, Duration::from_secs(5)).unwrap().1).sum()
 }
 
+/// The stage, its clock the file `clock`, storing and releasing `batch` records at a time.
 fn spawn(
     env: &Env,
     clock: &std::path::Path,
     token: &CancellationToken,
+    batch: usize,
 ) -> tokio::task::JoinHandle<Result<(), tidings_core::StageError>> {
     let mut cfg =
         SchedulerConfig::new(env.kafka.clone(), &env.topo).unwrap().with_clock(Arc::new(FileClock::new(clock)));
     cfg.tick = Duration::from_millis(50);
+    cfg.batch_size = batch;
     tokio::spawn(scheduler::run(cfg, env.store.clone(), token.clone()))
 }
 
@@ -105,7 +108,7 @@ async fn due_records_are_released_once_at_their_time_and_bad_ones_are_dead_lette
     hold(&producer, "u5", b"bad-time", Some("soon".into()), Some("notifications"), Some("n5")).await;
 
     let token = CancellationToken::new();
-    let stage = spawn(&env, &clock, &token);
+    let stage = spawn(&env, &clock, &token, 1_000);
     let notifications = consumer(&env, "notifications");
     let released = read(&notifications, 1).await;
     let (key, value, headers, _, _) = &released[0];
@@ -153,16 +156,26 @@ async fn due_records_are_released_once_at_their_time_and_bad_ones_are_dead_lette
     assert!(headers.contains(&(H_RELEASED_AT.to_string(), later.clone())), "{headers:?}");
     assert!(stored(&env.store, "campaign:c2").await);
 
-    // A restart reads nothing again and releases nothing again; a new due record still goes.
+    // A restart reads nothing again and releases nothing again; new due records held meanwhile
+    // go, each once, in batches of 2.
     token.cancel();
     stage.await.unwrap().unwrap();
+    let later: Vec<String> = (6..12).map(|i| format!("u{i}")).collect();
+    for (i, user) in later.iter().enumerate() {
+        let id = format!("n{}", i + 6);
+        hold(&producer, user, format!("{id}-bytes").as_bytes(), Some(past.clone()), Some("notifications"), Some(&id))
+            .await;
+    }
     let token = CancellationToken::new();
-    let stage = spawn(&env, &clock, &token);
-    hold(&producer, "u6", b"n6-bytes", Some(past.clone()), Some("notifications"), Some("n6")).await;
-    let (key, ..) = read(&notifications, 1).await.remove(0);
-    assert_eq!(key.as_deref(), Some(&b"u6"[..]));
+    let stage = spawn(&env, &clock, &token, 2);
+    let mut keys: Vec<String> =
+        read(&notifications, 6).await.into_iter().map(|r| String::from_utf8(r.0.unwrap()).unwrap()).collect();
+    keys.sort();
+    let mut want = later.clone();
+    want.sort();
+    assert_eq!(keys, want);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(records(&notifications, "notifications", 12), 2, "n1 and n6, each once");
+    assert_eq!(records(&notifications, "notifications", 12), 7, "n1 and n6 to n11, each once");
     assert_eq!(records(&notifications, "campaigns", 6), 1);
 
     // A release produced but never marked (the process died in between) goes out again, the same.
@@ -178,6 +191,6 @@ async fn due_records_are_released_once_at_their_time_and_bad_ones_are_dead_lette
     token.cancel();
     stage.await.unwrap().unwrap();
     let released = |to: &str| sample(&metrics, &format!(r#"tidings_scheduler_released_total{{to="{to}"}}"#));
-    assert_eq!((released("notifications"), released("campaigns")), (Some(3.0), Some(1.0)), "n1, n6, n1 again; c2");
+    assert_eq!((released("notifications"), released("campaigns")), (Some(8.0), Some(1.0)), "n1, n6-n11, n1 again; c2");
     assert_eq!(sample(&metrics, "tidings_scheduler_held"), Some(0.0));
 }

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::RDKafkaErrorCode;
@@ -77,7 +77,10 @@ impl Processor for Scheduler {
     async fn on_due(&mut self, _: ()) -> Result<(), StageError> {
         self.store_read().await?;
         let more = self.release().await?;
-        self.next_tick = if more { Instant::now() } else { Instant::now() + self.cfg.tick };
+        // After a full batch the next one is due almost at once; the millisecond lets the consumer
+        // be polled in between (records read, rebalances served) while a backlog drains.
+        let wait = if more { Duration::from_millis(1) } else { self.cfg.tick };
+        self.next_tick = Instant::now() + wait;
         Ok(())
     }
 

@@ -71,7 +71,12 @@ async fn start() -> Server {
         events: Some(events),
         topic: TOPIC.into(),
         categories: Arc::new(categories),
-        config: CampaignsConfig { max_inline_users: 5, ..CampaignsConfig::default() },
+        config: CampaignsConfig {
+            max_inline_users: 5,
+            max_segments: 3,
+            max_body_bytes: 16 * 1024,
+            ..CampaignsConfig::default()
+        },
     };
     let users = AuthConfig { keys: vec![Key::hs256(SECRET)], ..Default::default() };
     let state =
@@ -223,6 +228,18 @@ async fn a_bad_launch_names_every_problem_and_writes_nothing() {
     );
     let r = s.http.post(format!("{}/v1/campaigns", s.base)).bearer_auth(SERVICE).body("{").send().await.unwrap();
     assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    // The limits on segments and on the body.
+    let mut many = launch("c2");
+    many["audience"] = json!({"segments": ["s1", "s2", "s3", "s4"]});
+    let (status, answer) = s.post("/v1/campaigns", &many).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
+    let problems = answer["error"]["problems"].as_array().unwrap();
+    assert_eq!(problems[0], json!({"path": "audience.segments", "message": "4 segments, more than 3"}), "{answer}");
+    assert_eq!(problems.len(), 4, "the segments over the limit are not looked up: {answer}");
+    let mut large = launch("c3");
+    large["body"] = json!("x".repeat(16 * 1024));
+    let (status, _) = s.post("/v1/campaigns", &large).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
     assert!(s.store.campaigns(None, 10).await.unwrap().is_empty(), "a refused launch stored a campaign");
     assert!(s.records().is_empty(), "a refused launch produced a record");
 }

@@ -406,7 +406,7 @@ async fn launch(args: &LaunchArgs) -> anyhow::Result<ExitCode> {
             (counts.json(&def), text)
         }
         Ok(Launched::Created(def, counts)) => {
-            let status = if def.send_at.is_some() { "scheduled" } else { "sending" };
+            let status = def.initial_status(chrono::Utc::now().timestamp_micros());
             let text = format!(
                 "campaign {} launched ({status}): {} user(s) will receive it; see `tidings campaign show {}`.",
                 def.campaign_id, counts.will_receive, def.campaign_id

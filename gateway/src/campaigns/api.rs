@@ -34,11 +34,7 @@ pub async fn launch(State(state): State<Arc<CampaignsState>>, body: Bytes) -> Re
             (StatusCode::OK, Json(v)).into_response()
         }
         Launched::Created(def, counts) => {
-            let status = if def.send_at_micros().is_some_and(|t| t > chrono::Utc::now().timestamp_micros()) {
-                "scheduled"
-            } else {
-                "sending"
-            };
+            let status = def.initial_status(chrono::Utc::now().timestamp_micros());
             (StatusCode::CREATED, Json(launched_json(&def, &counts, status))).into_response()
         }
         Launched::Retried(row) => (StatusCode::OK, Json(campaign_json(&row, false))).into_response(),

@@ -60,6 +60,15 @@ impl Definition {
         self.send_at.as_deref().and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok()).map(|t| t.timestamp_micros())
     }
 
+    /// A just launched campaign's status at `now` (microseconds): scheduled while `send_at` is ahead.
+    pub fn initial_status(&self, now: i64) -> &'static str {
+        if self.send_at_micros().is_some_and(|t| t > now) {
+            "scheduled"
+        } else {
+            "sending"
+        }
+    }
+
     pub fn event_id(&self) -> String {
         format!("campaign:{}", self.campaign_id)
     }

@@ -1,8 +1,9 @@
 //! Held and scheduled sends on a real broker and PostgreSQL: one `tidings up` runs templating,
 //! persistence and the gateway, another only the scheduler, its clock a file the test writes.
 //! A campaign inside a user's quiet hours is held (a critical notification is not) and released
-//! once after the window, within the spread; a campaign whose send_at is later is held whole,
-//! survives scheduler restarts (SIGTERM, SIGKILL) and reaches every user once when its time comes.
+//! once after the window, within the spread; a campaign launched through the campaign API with a
+//! later send_at is held whole, survives scheduler restarts (SIGTERM, SIGKILL) and reaches every
+//! user once when its time comes.
 
 mod common;
 
@@ -181,8 +182,18 @@ async fn a_scheduled_campaign_waits_for_send_at_through_scheduler_restarts() {
     let users: Vec<String> = (0..25).map(|i| format!("sc{i:02}")).collect();
     let id = uuid::Uuid::new_v4().to_string();
     let send_at = now + Span::hours(1);
-    let launched = campaign(&id, "Tomorrow's sale", &users, Some(send_at.timestamp_micros()));
-    common::accept(&http, &ep.ingest, "campaigns", &launched, &main).await;
+    // Launched through the campaign API (a service token), for later.
+    let api = format!("{}/v1/campaigns", ep.http);
+    let body = json!({"campaign_id": id, "category": "campaigns", "title": "Tomorrow's sale",
+        "body": "Hello {{ recipient }}", "audience": {"user_ids": users}, "send_at": send_at.to_rfc3339()});
+    let resp = http.post(&api).bearer_auth(common::ingest_token()).json(&body).send().await.unwrap();
+    let status = resp.status().as_u16();
+    let launched: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!((status, &launched["status"]), (201, &json!("scheduled")), "{launched}");
+    let show = || async {
+        let resp = http.get(format!("{api}/{id}")).bearer_auth(common::ingest_token()).send().await.unwrap();
+        resp.json::<serde_json::Value>().await.unwrap()
+    };
     let event_id = format!("campaign:{id}");
     let held = eventually(
         "the campaign held",
@@ -210,6 +221,7 @@ async fn a_scheduled_campaign_waits_for_send_at_through_scheduler_restarts() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(common::count_notifications(&pool).await, 0, "nothing before send_at");
     assert_eq!(scheduled(&pool).await, vec![held.clone()], "still held, once");
+    assert_eq!(show().await["status"], "scheduled");
 
     set_clock(&clock, send_at + Span::seconds(1));
     let procs = [&main, &sched];
@@ -230,6 +242,8 @@ async fn a_scheduled_campaign_waits_for_send_at_through_scheduler_restarts() {
     for (nid, user, kind) in &rows {
         assert_eq!((*nid, kind.as_str()), (Notification::id_for(&event_id, user), "campaign"), "{user}");
     }
+    let shown = show().await;
+    assert_eq!((&shown["status"], &shown["counts"]["stored"]), (&json!("done"), &json!(25)), "{shown}");
     let released = scheduled(&pool).await.remove(0);
     assert!(released.3.is_some(), "marked released: {released:?}");
     // The launch and its one release: the campaign went through templating twice, no more.

@@ -436,3 +436,46 @@ async fn without_a_scheduled_topic_nothing_is_held() {
     env.token.cancel();
     drop(mock);
 }
+
+/// A campaign page counts each user's outcome: `tidings_campaign_notifications_total{outcome}`,
+/// plus the category's `tidings_notifications_suppressed_total` and `tidings_notifications_held_total`.
+/// One thread, so the test's own recorder sees every count.
+#[tokio::test(flavor = "current_thread")]
+async fn a_campaign_page_counts_produced_held_and_suppressed_users() {
+    use metrics_exporter_prometheus::PrometheusBuilder;
+    use templating::{Outcome, RecordMeta, RecordRef, Templater};
+    use tokio_util::sync::CancellationToken;
+
+    let recorder = PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    let _guard = metrics::set_default_local_recorder(&recorder);
+    let mock = MockCluster::new(1).unwrap();
+    let env = env(&mock).await;
+    let night = Preferences {
+        quiet_hours: Some(QuietHours { start_minute: 22 * 60, end_minute: 8 * 60 }),
+        ..Preferences::default()
+    };
+    env.store.set_preferences("night", &night, 1).await.unwrap();
+    let out = Preferences { opt_out: vec!["campaigns".into()], ..Preferences::default() };
+    env.store.set_preferences("out", &out, 1).await.unwrap();
+    let templater = Templater::new(env.topo.clone(), &env.registry_url, env.store.clone()).await.unwrap();
+    let ev = launch("c7", json!({"user_ids": ["night", "out", "day", "noon"]}));
+    let (enc, schema) = encoder(&env, "campaigns-value").await;
+    let bytes = enc.encode(json_to_avro(schema, &ev).unwrap()).unwrap();
+    let rec = RecordRef { topic: "campaigns", partition: 0, offset: 0, payload: Some(&bytes) };
+    let meta = RecordMeta { timestamp: Some(NIGHT_MS * 1000), released: false };
+    let outcome = templater.outcome_at(rec, meta, &CancellationToken::new()).await.unwrap();
+    assert!(matches!(outcome, Outcome::Notifications(_)), "{outcome:?}");
+    let text = handle.render();
+    for line in [
+        r#"tidings_campaign_notifications_total{outcome="produced"} 2"#,
+        r#"tidings_campaign_notifications_total{outcome="held"} 1"#,
+        r#"tidings_campaign_notifications_total{outcome="suppressed"} 1"#,
+        r#"tidings_notifications_held_total{category="campaigns"} 1"#,
+        r#"tidings_notifications_suppressed_total{category="campaigns",reason="opted_out"} 1"#,
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} not in:\n{text}");
+    }
+    env.token.cancel();
+    drop(mock);
+}

@@ -455,13 +455,13 @@ async fn watch_stored(
     up: &Up,
     id: &str,
     timeout: Duration,
-    mut on_tick: impl FnMut(),
+    mut on_tick: impl FnMut(Option<&Progress>),
 ) -> anyhow::Result<(i64, Progress)> {
     let deadline = Instant::now() + timeout;
     let mut end: Option<i64> = None;
     loop {
-        on_tick();
         let p = progress(&env.pool, id).await?;
+        on_tick(p.as_ref());
         if let Some(p) = p.as_ref().filter(|p| p.finished_at.is_some()) {
             if end.is_none() {
                 end = Some(up.notifications_end()?);
@@ -486,7 +486,7 @@ async fn watch_stored(
 }
 
 async fn wait_stored(env: &Env<'_>, up: &Up, id: &str, n: usize, timeout: Duration) -> anyhow::Result<()> {
-    watch_stored(env, up, id, timeout, || {}).await?;
+    watch_stored(env, up, id, timeout, |_| {}).await?;
     let (rows,): (i64,) =
         sqlx::query_as("SELECT count(*) FROM notifications WHERE kind = 'campaign' AND source_event_id = $1")
             .bind(format!("campaign:{id}"))
@@ -494,6 +494,51 @@ async fn wait_stored(env: &Env<'_>, up: &Up, id: &str, n: usize, timeout: Durati
             .await?;
     ensure!(rows as usize == n, "warm-up campaign: {rows} rows stored, not {n}");
     Ok(())
+}
+
+/// At most `max` of `items`, evenly spaced, the first and last kept.
+fn thin<T: Copy>(items: &[T], max: usize) -> Vec<T> {
+    if items.len() <= max || max < 2 {
+        return items.to_vec();
+    }
+    (0..max).map(|i| items[i * (items.len() - 1) / (max - 1)]).collect()
+}
+
+/// CPU of what the tidings process waits on, beside it: every `postgres` process (the server the
+/// tests share, so other databases' work counts too) and the benchmark's broker (its pid in
+/// TIDINGS_BENCH_KAFKA_PID, which .ci/bench-campaigns sets).
+struct Beside {
+    postgres: u64,
+    kafka: Option<(u32, u64)>,
+}
+
+/// User + system ticks of every process named `postgres` (its live processes now).
+fn postgres_ticks() -> u64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return 0 };
+    dir.filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let comm = stat.split_once('(')?.1.rsplit_once(')')?.0;
+            (comm == "postgres").then(|| stat_state_ticks(pid).map(|(_, t)| t)).flatten()
+        })
+        .sum()
+}
+
+impl Beside {
+    fn start() -> Beside {
+        let kafka = std::env::var("TIDINGS_BENCH_KAFKA_PID").ok().and_then(|p| p.trim().parse::<u32>().ok());
+        Beside { postgres: postgres_ticks(), kafka: kafka.and_then(|pid| Some((pid, stat_state_ticks(pid)?.1))) }
+    }
+
+    /// Seconds of CPU since `start` (PostgreSQL's: backends that ended in between are missed, and
+    /// ones that started count whole).
+    fn end(self) -> Value {
+        let postgres = postgres_ticks().saturating_sub(self.postgres) as f64 / 100.0;
+        let kafka = self.kafka.and_then(|(pid, t)| Some(stat_state_ticks(pid)?.1.saturating_sub(t) as f64 / 100.0));
+        json!({"postgres_secs": postgres, "kafka_broker_secs": kafka,
+            "note": "CPU seconds over the same window: every postgres process of the shared server (other databases' too), the benchmark's broker"})
+    }
 }
 
 /// Seconds from `from_us` to `to_us`.
@@ -521,14 +566,20 @@ async fn campaign(
     let samples = &users.samples;
     samples.phase.store(phase, std::sync::atomic::Ordering::Relaxed);
     let cpu = CpuWindow::start(&[up.proc_.pid()]);
+    let beside = Beside::start();
     let t0 = now_micros();
     up.launch(&id, &[segment_name(n)], &[], t0).await?;
     let acked = now_micros();
     let mut delivered_seen: Option<i64> = None;
+    // (µs, users produced) at each change of templating's checkpoint.
+    let mut produced: Vec<(i64, i64)> = Vec::new();
     let timeout = Duration::from_secs(if big { 600 } else { 120 });
-    let (stored_seen, p) = watch_stored(env, up, &id, timeout, || {
+    let (stored_seen, p) = watch_stored(env, up, &id, timeout, |p| {
         if delivered_seen.is_none() && samples.count(phase) >= sse {
             delivered_seen = Some(now_micros());
+        }
+        if let Some(p) = p.filter(|p| produced.last().is_none_or(|l| l.1 != p.produced)) {
+            produced.push((now_micros(), p.produced));
         }
     })
     .await?;
@@ -538,6 +589,7 @@ async fn campaign(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let cpu = cpu.end(n);
+    let beside = beside.end();
 
     let (rows, distinct, first, median, p90, last): (i64, i64, i64, i64, i64, i64) = sqlx::query_as(
         "SELECT count(*), count(DISTINCT user_id), \
@@ -550,6 +602,17 @@ async fn campaign(
     .bind(&event_id)
     .fetch_one(&env.pool)
     .await?;
+
+    // Rows by stored_at: persistence's transactions (stored_at is the transaction's start).
+    let txs: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT (extract(epoch FROM stored_at) * 1e6)::bigint AS at, count(*) FROM notifications \
+         WHERE kind = 'campaign' AND source_event_id = $1 GROUP BY at ORDER BY at",
+    )
+    .bind(&event_id)
+    .fetch_all(&env.pool)
+    .await?;
+    let transactions: Vec<Value> = thin(&txs, 40).iter().map(|&(at, rows)| json!([ms(t0, at), rows])).collect();
+    let timeline: Vec<Value> = thin(&produced, 25).iter().map(|&(at, n)| json!([ms(t0, at), n])).collect();
 
     let arrivals = samples.take(phase);
     let ours: Vec<i64> = arrivals.iter().filter(|a| a.source_event_id == event_id).map(|a| a.received_us).collect();
@@ -595,7 +658,11 @@ async fn campaign(
             "persistence_rows_per_sec": per_sec(rows as usize, first, last),
         },
         "progress": {"produced": p.produced, "held": p.held, "suppressed": p.suppressed},
+        "produced_timeline": {"ms_users": timeline, "note": "[ms after the launch, users produced] at each templating checkpoint the benchmark saw (every 20 ms), at most 25 shown"},
+        "store_transactions": {"count": txs.len(), "ms_rows": transactions,
+            "note": "[ms after the launch the transaction started, rows] per persistence transaction (rows grouped by stored_at), at most 40 shown"},
         "cpu": cpu,
+        "cpu_beside": beside,
         "note": "one `tidings up --stages templating,persistence,gateway` on Apache Kafka + PostgreSQL; the CampaignLaunched (segment bench-N imported by `tidings segment import`, templates without the recipient, a ko locale) produced straight to `campaigns` as an upstream service does, encoded with the schema tidings registered; stored = templating finished and persistence's stored offsets reached the notifications topic's end, watched every 20 ms, then the rows counted; delivered = the last of the connected SSE users (the segment's first ones, lean loadgen clients in this process) received it; cpu.per_event_us.server = tidings' CPU per notification (over launch → all stored and delivered), clients = this process's SSE clients",
     });
     ensure!(rows as usize == n && distinct == rows, "the campaign broke an invariant: {v}");
@@ -634,6 +701,14 @@ mod tests {
             lines,
             ["c000000,c000000@example.com", "c000001,c000001@example.com", "c000002,c000002@example.com"]
         );
+    }
+
+    #[test]
+    fn thin_keeps_the_ends_and_at_most_max() {
+        let v: Vec<usize> = (0..100).collect();
+        let t = thin(&v, 5);
+        assert_eq!(t, [0, 24, 49, 74, 99]);
+        assert_eq!(thin(&v[..3], 5), [0, 1, 2]);
     }
 
     /// A child's peak RSS and CPU are read from /proc before it is reaped.

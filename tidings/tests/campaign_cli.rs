@@ -1,9 +1,14 @@
 //! `tidings campaign` on a SQLite store: every bad flag of a launch named at once with exit 64 and
 //! nothing stored, a dry run's counts (overlapping segments, an inline user, an opt-out), a launch
 //! without a reachable Kafka refused before anything is stored, and list / show / cancel exit codes.
+//! Then on Apache Kafka and PostgreSQL beside a running `tidings up`: a launch fanned out and
+//! stored, shown done by the CLI and the gateway's API, a retry and a conflicting launch.
+
+mod common;
 
 use serde_json::Value;
 use std::process::{Command, Output};
+use std::time::Duration;
 use tidings_store::preferences::Preferences;
 use tidings_store::Store;
 
@@ -202,4 +207,74 @@ async fn list_show_and_cancel() {
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(text(&o).contains("is done"), "{}", text(&o));
     assert!(store.campaign("old").await.unwrap().unwrap().cancelled_at.is_none());
+}
+
+#[tokio::test]
+async fn a_launch_reaches_its_users_through_a_running_tidings_up() {
+    let Some(brokers) = common::brokers_or_skip() else { return };
+    let (_pool, db) = common::fresh_pg().await;
+    let prefix = common::unique_prefix();
+    let mut up = common::Tidings::spawn("campaign-cli", &common::Up::all(&brokers, &db, &prefix));
+    let ep = up.endpoints(Duration::from_secs(60)).await;
+    let http = reqwest::Client::new();
+    common::await_ready(&http, &ep.http, &[&up]).await;
+    let cli = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_tidings"))
+            .args(args)
+            .args(["--brokers", &ep.brokers, "--schema-registry-url", &ep.schema_registry_url])
+            .args(["--database-url", &ep.database_url, "--topic-prefix", &ep.topic_prefix])
+            .arg("--topology")
+            .arg(common::topology_path())
+            .output()
+            .expect("run tidings")
+    };
+    let launch = ["campaign", "launch", "--id", "cli-1", "--category", "campaigns", "--title", "Hi {{ recipient }}"];
+    let o = cli(&[&launch[..], &["--body", "Sale", "--user", "cli-a", "--user", "cli-b", "--json"]].concat());
+    assert!(o.status.success(), "{}\n{}", text(&o), up.log_tail(30));
+    let answer: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!((answer["status"].as_str(), answer["will_receive"].as_u64()), (Some("sending"), Some(2)), "{answer}");
+
+    // Fanned out and stored: done with both stored, as the CLI and the API show it.
+    let shown = common::eventually(
+        "the campaign to be done",
+        Duration::from_secs(60),
+        Duration::from_millis(300),
+        &[&up],
+        || async {
+            let o = cli(&["campaign", "show", "cli-1", "--json"]);
+            let v: Value = serde_json::from_slice(&o.stdout).map_err(|e| format!("{e}: {}", text(&o)))?;
+            if v["status"] == "done" && v["counts"]["stored"] == 2 {
+                Ok(v)
+            } else {
+                Err(v.to_string())
+            }
+        },
+    )
+    .await;
+    assert_eq!(shown["counts"]["produced"], 2, "{shown}");
+    let api: Value = http
+        .get(format!("{}/v1/campaigns/cli-1", ep.http))
+        .bearer_auth(common::ingest_token())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (api["status"].as_str(), api["launched_by"].as_str().map(|l| l.starts_with("cli"))),
+        (Some("done"), Some(true)),
+        "{api}"
+    );
+
+    // The same launch again is a retry; another definition under the id is refused; done cannot be cancelled.
+    let o = cli(&[&launch[..], &["--body", "Sale", "--user", "cli-b", "--user", "cli-a"]].concat());
+    assert!(o.status.success() && text(&o).contains("was launched before"), "{}", text(&o));
+    let o = cli(&[&launch[..], &["--body", "Other", "--user", "cli-a"]].concat());
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("another campaign with id \"cli-1\" exists"), "{}", text(&o));
+    let o = cli(&["campaign", "cancel", "cli-1"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert_eq!(common::count_notifications(&_pool).await, 2, "the retry produced nothing new");
+    common::sigterm(&mut up).await;
 }

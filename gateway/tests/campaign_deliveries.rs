@@ -1,6 +1,7 @@
 //! Campaign delivered counts end to end within the gateway (the hub fed directly, no broker):
 //! users connected over `GET /v1/stream` get a campaign notification, and `campaign_deliveries`
-//! holds one per stream that wrote it, flushed every period and once more on shutdown.
+//! holds one per stream that wrote it (live, or resumed from the store), flushed every period and
+//! once more on shutdown.
 
 use serde_json::json;
 use std::sync::Arc;
@@ -8,9 +9,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tidings_core::Notification;
 use tidings_gateway::auth::{AuthConfig, Key};
 use tidings_gateway::delivery::campaigns::flush_counts;
+use tidings_gateway::delivery::hub::StoreResume;
 use tidings_gateway::delivery::{partition_for, Hub, HubConfig, Owners};
 use tidings_gateway::{Limits, Parts, Readiness, StreamState};
-use tidings_store::Store;
+use tidings_store::{Batch, OffsetUpdate, Store, StoredNotification};
 use tokio_util::sync::CancellationToken;
 
 const SECRET: &[u8] = b"campaign-deliveries-test-secret";
@@ -53,9 +55,13 @@ struct Gw {
 
 impl Gw {
     async fn start() -> Gw {
+        Self::start_with(HubConfig::default(), None).await
+    }
+
+    async fn start_with(cfg: HubConfig, store: Option<StoreResume>) -> Gw {
         let listener = tidings_gateway::bind("127.0.0.1:0".parse().unwrap(), None).unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
-        let hub = Hub::new(HubConfig::default(), None);
+        let hub = Hub::new(cfg, store);
         hub.set_partition_count(PARTITIONS);
         for p in 0..PARTITIONS {
             hub.assign(p, 0, 0);
@@ -71,7 +77,7 @@ impl Gw {
     }
 
     /// Consumes `n` at the next offset of its user's partition, as the delivery consumer does.
-    fn consume(&self, n: Notification) {
+    fn consume(&self, n: Notification) -> (i32, i64) {
         let p = partition_for(&n.user_id, PARTITIONS);
         let offset = {
             let mut next = self.next.lock().unwrap();
@@ -79,6 +85,7 @@ impl Gw {
             next[p as usize] - 1
         };
         self.hub.push_all(self.hub.events_of(p, offset, n, 0));
+        (p, offset)
     }
 
     async fn open(&self, user: &str) -> reqwest::Response {
@@ -95,11 +102,16 @@ impl Gw {
 
 /// Reads the stream into `seen` until it holds an event named `kind` (panics after 10 s).
 async fn read_until(resp: &mut reqwest::Response, seen: &mut String, kind: &str) {
+    read_until_n(resp, seen, kind, 1).await
+}
+
+/// Reads the stream into `seen` until it holds `n` events named `kind` (panics after 10 s).
+async fn read_until_n(resp: &mut reqwest::Response, seen: &mut String, kind: &str, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !seen.contains(&format!("\nevent: {kind}\n")) {
+    while seen.matches(&format!("\nevent: {kind}\n")).count() < n {
         match tokio::time::timeout_at(deadline.into(), resp.chunk()).await {
             Ok(Ok(Some(c))) => seen.push_str(std::str::from_utf8(&c).unwrap()),
-            other => panic!("no {kind} event on the stream ({other:?}); got {seen:?}"),
+            other => panic!("not {n} {kind} events on the stream ({other:?}); got {seen:?}"),
         }
     }
 }
@@ -183,5 +195,49 @@ async fn counts_written_since_the_last_flush_are_flushed_on_shutdown() {
     flusher.await.unwrap().unwrap();
     assert_eq!(store.campaign_delivered("autumn").await.unwrap(), 1);
     read_until(&mut stream, &mut seen, "reconnect").await;
+    gw.stop.cancel();
+}
+
+#[tokio::test]
+async fn a_resume_from_the_store_counts_what_it_writes() {
+    let (store, _dir) = tidings_store::testing::fresh_sqlite().await.unwrap();
+    let resume = StoreResume { store: store.clone(), group: "persist".into(), topic: "notifications".into() };
+    // A ring of 2: of 5 notifications, the first 3 come back from the store.
+    let gw = Gw::start_with(HubConfig { ring_events: 2, ..HubConfig::default() }, Some(resume)).await;
+    let flush_stop = CancellationToken::new();
+    let flusher = tokio::spawn(flush_counts(
+        gw.hub.clone(),
+        store.clone(),
+        "gw-test".into(),
+        Duration::from_millis(100),
+        flush_stop.clone(),
+    ));
+    // Consumed while fay was away (no stream wrote them), and persisted.
+    let mut batch = Batch::default();
+    for i in 0..5 {
+        let n = notification(&format!("c{i}"), "fay", "campaign");
+        let (p, o) = gw.consume(n.clone());
+        batch.notifications.push(StoredNotification { notification: n, stream_partition: p, stream_offset: o });
+        batch.offsets = vec![OffsetUpdate { topic: "notifications".into(), partition: p, next_offset: o + 1 }];
+    }
+    store.write_batch("persist", &batch).await.unwrap();
+    let p = partition_for("fay", PARTITIONS);
+    let mut resp = reqwest::Client::new()
+        .get(format!("{}/v1/stream", gw.url))
+        .bearer_auth(token("fay"))
+        .header("last-event-id", format!("{p}.-1"))
+        .send()
+        .await
+        .unwrap();
+    let mut seen = String::new();
+    // Three from the store, `resync`, two from the ring.
+    read_until(&mut resp, &mut seen, "resync").await;
+    read_until_n(&mut resp, &mut seen, "campaign", 5).await;
+    for i in 0..5 {
+        delivered_becomes(&store, &format!("c{i}"), 1).await;
+    }
+    gw.hub.close_all();
+    flush_stop.cancel();
+    flusher.await.unwrap().unwrap();
     gw.stop.cancel();
 }

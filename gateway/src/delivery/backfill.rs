@@ -14,7 +14,7 @@ use tidings_core::kafka::KafkaConfig;
 use tidings_core::notification::NOTIFICATION_SCHEMA;
 use tidings_core::{DecodeError, Notification, RegistryClient};
 
-use super::events::events_from_record;
+use super::campaigns::CampaignCounts;
 use super::Event;
 
 /// Why a backfill failed (the resume then falls back to the store, or to `reset`).
@@ -54,7 +54,14 @@ const IDLE: Duration = Duration::from_secs(5);
 impl LogSource {
     /// Every notification of `partition` with an offset in [`from`, `to`), oldest first. Records
     /// that do not decode are left out, as delivery skips them (persistence dead-letters them).
-    pub async fn read(&self, partition: i32, from: i64, to: i64) -> Result<Vec<Arc<Event>>, BackfillError> {
+    /// Campaign notifications carry their counter from `counts`.
+    pub async fn read(
+        &self,
+        partition: i32,
+        from: i64,
+        to: i64,
+        counts: &CampaignCounts,
+    ) -> Result<Vec<Arc<Event>>, BackfillError> {
         let mut out = Vec::new();
         if from >= to {
             return Ok(out);
@@ -98,7 +105,7 @@ impl LogSource {
                 match decoded {
                     Ok(n) => {
                         let ts = m.timestamp().to_millis().unwrap_or(0);
-                        out.extend(events_from_record(partition, o, n, ts).into_iter().map(Arc::new));
+                        out.extend(counts.events_of(partition, o, n, ts).into_iter().map(Arc::new));
                     }
                     Err(e) if e.is_retriable() => return Err(e.into()),
                     Err(_) => {}

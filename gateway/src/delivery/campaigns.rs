@@ -147,11 +147,12 @@ impl CampaignCounts {
     }
 }
 
-impl Hub {
-    /// The delivered forms of one consumed record ([`events_from_record`]); a campaign's carry the
-    /// campaign's counter, which the streams writing them bump.
+impl CampaignCounts {
+    /// The delivered forms of a notification at a stream position ([`events_from_record`]); a
+    /// campaign's carry the campaign's counter, which the streams writing them bump. Every way an
+    /// event reaches a stream goes through here: consumed, backfilled from Kafka, resumed from the store.
     pub fn events_of(&self, partition: i32, offset: i64, n: Notification, timestamp_ms: i64) -> Vec<Event> {
-        let counter = (n.kind == CAMPAIGN_KIND).then(|| self.campaigns().counter(campaign_id_of(&n.source_event_id)));
+        let counter = (n.kind == CAMPAIGN_KIND).then(|| self.counter(campaign_id_of(&n.source_event_id)));
         let mut events = events_from_record(partition, offset, n, timestamp_ms);
         if let Some(c) = counter {
             for e in &mut events {
@@ -159,6 +160,13 @@ impl Hub {
             }
         }
         events
+    }
+}
+
+impl Hub {
+    /// [`CampaignCounts::events_of`] with this hub's counts.
+    pub fn events_of(&self, partition: i32, offset: i64, n: Notification, timestamp_ms: i64) -> Vec<Event> {
+        self.campaigns().events_of(partition, offset, n, timestamp_ms)
     }
 }
 

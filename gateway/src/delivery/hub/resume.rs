@@ -181,7 +181,7 @@ impl Hub {
             to
         };
         let t = Instant::now();
-        let read = tokio::time::timeout(BACKFILL_TIMEOUT, log.read(partition, after + 1, to)).await;
+        let read = tokio::time::timeout(BACKFILL_TIMEOUT, log.read(partition, after + 1, to, &self.campaigns)).await;
         let outcome = match read {
             Ok(Ok(events)) => {
                 let mut g = part.lock().expect("lock");
@@ -246,9 +246,9 @@ impl Hub {
             if item.stream_offset >= before {
                 return Ok((events, false));
             }
-            let e =
-                crate::delivery::events::event_from_notification(partition, item.stream_offset, &item.notification, 0);
-            events.push(Arc::new(e));
+            // Stored rows are one user's each: one event (a campaign's with its counter).
+            events
+                .extend(self.events_of(partition, item.stream_offset, item.notification, 0).into_iter().map(Arc::new));
         }
         Ok((events, full))
     }

@@ -253,3 +253,95 @@ async fn a_scheduled_campaign_waits_for_send_at_through_scheduler_restarts() {
     common::sigterm(&mut sched).await;
     common::sigterm(&mut main).await;
 }
+
+/// Whether `group` is stable with `n` members, each holding partitions.
+fn group_split(brokers: &str, group: &str, n: usize) -> Result<(), String> {
+    use rdkafka::consumer::Consumer;
+    let client: rdkafka::consumer::BaseConsumer =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", brokers).create().map_err(|e| e.to_string())?;
+    let list = client.fetch_group_list(Some(group), Duration::from_secs(10)).map_err(|e| e.to_string())?;
+    let g = list.groups().first().ok_or("no group")?;
+    let assigned = g.members().iter().filter(|m| m.assignment().is_some_and(|a| a.len() > 8)).count();
+    match (g.state(), g.members().len(), assigned) {
+        ("Stable", m, a) if m == n && a == n => Ok(()),
+        (state, m, a) => Err(format!("{state}: {m} members, {a} with partitions")),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_schedulers_split_the_partitions_and_release_each_campaign_once() {
+    let Some(brokers) = common::brokers_or_skip() else { return };
+    let (pool, db_url) = common::fresh_pg().await;
+    let prefix = common::unique_prefix();
+    let mut main = Tidings::spawn("split-main", &Up::all(&brokers, &db_url, &prefix));
+    let ep = main.endpoints(Duration::from_secs(60)).await;
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(15)).build().unwrap();
+    common::await_ready(&http, &ep.http, &[&main]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = dir.path().join("now");
+    let now = Utc::now();
+    set_clock(&clock, now);
+    let mut a = scheduler("scheduler-a", &brokers, &db_url, &prefix, &ep.schema_registry_url, &clock);
+    let mut b = scheduler("scheduler-b", &brokers, &db_url, &prefix, &ep.schema_registry_url, &clock);
+    a.endpoints(Duration::from_secs(60)).await;
+    b.endpoints(Duration::from_secs(60)).await;
+    let group = format!("{prefix}tidings-scheduler");
+    let procs = [&main, &a, &b];
+    eventually(
+        "the schedulers to split the partitions",
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+        &procs,
+        || async { group_split(&brokers, &group, 2) },
+    )
+    .await;
+
+    // Twelve campaigns for later (on the partitions of both), two users each.
+    let send_at = now + Span::hours(2);
+    // Two campaigns on each of the 6 partitions of `campaigns` (keyed by campaign id), so both
+    // schedulers hold some.
+    let mut per_partition = [0; 6];
+    let ids: Vec<String> = std::iter::repeat_with(|| uuid::Uuid::new_v4().to_string())
+        .filter(|id| {
+            let p = tidings_core::kafka::partition_for(id, 6) as usize;
+            per_partition[p] += 1;
+            per_partition[p] <= 2
+        })
+        .take(12)
+        .collect();
+    for (i, id) in ids.iter().enumerate() {
+        let users = [format!("sp{i:02}a"), format!("sp{i:02}b")];
+        let launched = campaign(id, "Split sale", &users, Some(send_at.timestamp_micros()));
+        common::accept(&http, &ep.ingest, "campaigns", &launched, &main).await;
+    }
+    eventually("12 campaigns held", Duration::from_secs(30), Duration::from_millis(200), &procs, || async {
+        match scheduled(&pool).await.len() {
+            12 => Ok(()),
+            n => Err(format!("{n} held")),
+        }
+    })
+    .await;
+    group_split(&brokers, &group, 2).expect("still split");
+    set_clock(&clock, send_at + Span::seconds(1));
+    eventually("every user's notification", Duration::from_secs(60), Duration::from_millis(250), &procs, || async {
+        match common::count_notifications(&pool).await {
+            24 => Ok(()),
+            n => Err(format!("{n} rows")),
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(scheduled(&pool).await.iter().all(|r| r.3.is_some()), "all marked released");
+    // Each campaign's launch and its one release: no partition was released by both.
+    let records: i64 = common::high_watermarks(&brokers, &format!("{prefix}campaigns")).await.iter().sum();
+    assert_eq!(records, 24, "12 launches and 12 releases");
+    assert_eq!(common::count_notifications(&pool).await, 24);
+    // Each scheduler released what its partitions held.
+    for s in [&a, &b] {
+        let log = s.log_tail(400);
+        assert!(log.contains(&format!("to {prefix}campaigns.")), "{} released nothing:\n{log}", s.name);
+    }
+    common::sigterm(&mut a).await;
+    common::sigterm(&mut b).await;
+    common::sigterm(&mut main).await;
+}

@@ -204,6 +204,7 @@ impl Scheduler {
         let ids: Vec<&str> = due.iter().map(|r| r.release_id.as_str()).collect();
         self.store.mark_released(&ids, at).await?;
         for (to, n) in released {
+            info!(released = n, to, "Released {n} held record(s) to {to}.");
             metrics::counter!("tidings_scheduler_released_total", "to" => to.to_string()).increment(n);
         }
         Ok(())

@@ -377,7 +377,14 @@ async fn a_campaign_to_100k_users_through_a_templating_kill_reaches_each_once() 
     assert_eq!(covered as i64, at_kill.0, "recipients up to the cursor at the kill = its produced count");
 
     // A second campaign to the connected users, launched after the first one was done: once each
-    // of them has it, their partitions were consumed past every record of the first one.
+    // of them has it, their partitions were consumed past every record of the first one; the
+    // opted-out users' partitions too, each shared with connected users who get it.
+    let topology = tidings_pipeline::topology::Topology::load(&common::topology_path()).unwrap();
+    let partitions = topology.topics["notifications"].partitions;
+    let partition = |u: &str| tidings_core::kafka::partition_for(u, partitions);
+    let covered_parts: BTreeSet<i32> = connected.iter().filter(|u| !opted.contains(*u)).map(|u| partition(u)).collect();
+    let uncovered: Vec<_> = connected_opted.iter().filter(|u| !covered_parts.contains(&partition(u))).collect();
+    assert!(uncovered.is_empty(), "opted-out users alone on their notifications partition: {uncovered:?}");
     let barrier_id = format!("{campaign_id}-after");
     let barrier = json!({"campaign_id": barrier_id, "category": "campaigns", "title": "Last call",
         "body": "The winter sale ends tonight.", "audience": {"user_ids": connected}});

@@ -1,8 +1,9 @@
 //! A campaign on the web page, in headless Chromium, on `tidings up`'s embedded defaults (mock Kafka,
 //! SQLite, embedded registry): one user opts out of campaigns on the Preferences view, the other sets
-//! quiet hours that do not include now and a locale there; a campaign launched to both on the
-//! `campaigns` topic appears live (no reload) in the second one's inbox, in their language and with
-//! its category, never in the first one's page or inbox, and that one stream counts as delivered.
+//! quiet hours that do not include now and a locale there; a campaign launched to both through
+//! `POST /v1/campaigns` (its dry run counting one opted out) appears live (no reload) in the second
+//! one's inbox, in their language and with its category, never in the first one's page or inbox,
+//! and the campaign's status counts it stored once and delivered once (one stream wrote it).
 
 // This test needs no broker, so the shared helpers' broker check goes unused here.
 #[allow(unused_imports)]
@@ -124,7 +125,6 @@ async fn a_campaign_reaches_live_only_the_user_who_did_not_opt_out() {
 async fn run() {
     let (up, ep) = embedded().await;
     let url = ep["http"].as_str().unwrap().to_owned();
-    let ingest_url = ep["ingest"].as_str().unwrap().to_owned();
     let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
     eventually("the gateway to be ready", Duration::from_secs(60), Duration::from_millis(200), &[], || {
         common::ready(&http, &url)
@@ -173,18 +173,20 @@ async fn run() {
 
     let id = format!("page-{}", uuid::Uuid::new_v4().simple());
     let event_id = format!("campaign:{id}");
-    let launched = json!({"event_id": event_id, "occurred_at": chrono::Utc::now().timestamp_micros(), "campaign_id": id,
-        "payload": {"CampaignLaunched": {"category": "campaigns", "title": "Spring sale", "body": "For {{ recipient }}",
-        "link": null, "default_locale": "en", "locales": [{"locale": "ko", "title": "봄 세일", "body": "{{ recipient }}님께"}],
-        "segments": [], "user_ids": [out, keen], "send_at": null, "launched_by": "browser-test"}}});
+    let launch = json!({"campaign_id": id, "category": "campaigns", "title": "Spring sale", "body": "For {{ recipient }}",
+        "locales": {"ko": {"title": "봄 세일", "body": "{{ recipient }}님께"}}, "audience": {"user_ids": [out, keen]}});
     let r = http
-        .post(format!("{ingest_url}/v1/events/campaigns"))
+        .post(format!("{url}/v1/campaigns"))
         .bearer_auth(common::ingest_token())
-        .json(&launched)
+        .json(&launch)
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap_or_default());
+    assert_eq!(r.status(), 201);
+    let launched: Value = r.json().await.unwrap();
+    let counted =
+        [&launched["audience"], &launched["opted_out"], &launched["in_quiet_hours_now"], &launched["will_receive"]];
+    assert_eq!(counted, [&json!(2), &json!(1), &json!(0), &json!(1)], "{launched}");
 
     let item = format!("document.querySelector(\"#inbox-list li[data-source='{event_id}']\")");
     b.wait(keen, "the campaign, live", &format!("return Boolean({item})")).await;
@@ -213,12 +215,16 @@ async fn run() {
     assert_eq!(b.eval(out, "return window.__loaded || null").await, "before the campaign");
 
     // One stream wrote it: the gateway's delivered count reaches the store within its flush period.
-    let db = format!("sqlite://{}/tidings.db", up.dir.path().display());
-    let store = tidings_store::Store::connect(&db).await.unwrap();
-    eventually("the delivered count", Duration::from_secs(10), Duration::from_millis(200), &[], || async {
-        match store.campaign_delivered(&id).await.map_err(|e| e.to_string())? {
-            1 => Ok(()),
-            n => Err(format!("{n} delivered")),
+    let status = format!("{url}/v1/campaigns/{id}");
+    let service = |u: String| http.get(u).bearer_auth(common::ingest_token()).send();
+    eventually("stored and delivered once", Duration::from_secs(10), Duration::from_millis(200), &[], || async {
+        let c: Value =
+            service(status.clone()).await.map_err(|e| e.to_string())?.json().await.map_err(|e| e.to_string())?;
+        let counts = &c["counts"];
+        if (&counts["stored"], &counts["delivered"], &counts["suppressed"]) == (&json!(1), &json!(1), &json!(1)) {
+            Ok(())
+        } else {
+            Err(c.to_string())
         }
     })
     .await;

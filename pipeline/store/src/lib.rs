@@ -44,10 +44,10 @@ macro_rules! on_both_backends {
     )* };
 }
 
-pub mod campaign_deliveries;
-pub mod campaigns;
 pub mod audience;
+pub mod campaign_deliveries;
 pub mod campaign_progress;
+pub mod campaigns;
 pub mod chat;
 pub mod claims;
 pub mod copy;

@@ -38,6 +38,13 @@ impl ApiError {
     }
 }
 
+/// `code: message`, as a command line tool prints an answer it did not get.
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
 /// A store failure: 503 (with `Retry-After`) when a retry can help, else 500 without details.
 impl From<tidings_store::StoreError> for ApiError {
     fn from(e: tidings_store::StoreError) -> Self {

@@ -385,3 +385,22 @@ async fn campaigns_are_listed_shown_and_cancelled_with_their_status() {
     );
     assert_eq!(s.get("/v1/campaigns/now").await.1["status"], "done");
 }
+
+#[tokio::test]
+async fn without_a_producer_only_dry_runs_go_through_and_nothing_is_stored() {
+    let (store, _dir) = tidings_store::testing::fresh_sqlite().await.unwrap();
+    let categories = vec![Category { name: "campaigns".into(), critical: false, description: String::new() }];
+    let c = Campaigns {
+        store: store.clone(),
+        events: None,
+        topic: TOPIC.into(),
+        categories: Arc::new(categories),
+        config: CampaignsConfig::default(),
+    };
+    let mut dry = launch("p1");
+    dry["dry_run"] = json!(true);
+    assert!(matches!(c.launch(&dry, "test").await, Ok(tidings_gateway::campaigns::Launched::DryRun(..))));
+    let err = c.launch(&launch("p1"), "test").await.unwrap_err();
+    assert!(err.to_string().contains("no_producer: campaigns cannot be launched"), "{err}");
+    assert!(store.campaign("p1").await.unwrap().is_none(), "stored without a way to produce it");
+}

@@ -67,7 +67,7 @@ pub enum CampaignError {
     #[error("the store failed: {0}")]
     Store(#[from] tidings_store::StoreError),
     /// Producing the campaign's record failed; the definition is stored, a retry produces it.
-    #[error("producing the campaign's record failed: {0:?}")]
+    #[error("producing the campaign's record failed ({0}); what was stored stays, and a retry is safe")]
     Produce(ApiError),
 }
 

@@ -237,10 +237,18 @@ async fn migrate(env: &Env<'_>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// psql `\copy` of `file` into `table` (made by `ddl`, dropped afterwards), watched.
-async fn psql_copy(env: &Env<'_>, table: &str, ddl: &str, file: &Path, n: usize) -> anyhow::Result<Value> {
+/// psql `\copy` of `file` (CSV, with a header row if `header`) into `table` (made by `ddl`,
+/// dropped afterwards), watched.
+async fn psql_copy(
+    env: &Env<'_>,
+    table: &str,
+    ddl: &str,
+    file: &Path,
+    n: usize,
+    header: bool,
+) -> anyhow::Result<Value> {
     sqlx::query(ddl).execute(&env.pool).await?;
-    let copy = format!("\\copy {table} FROM '{}' WITH (FORMAT csv, HEADER true)", file.display());
+    let copy = format!("\\copy {table} FROM '{}' WITH (FORMAT csv, HEADER {header})", file.display());
     let mut cmd = Command::new("psql");
     cmd.args([env.db.as_str(), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-c", &copy]);
     let w = run_watched(cmd, &env.root.join(format!("psql-{table}.log"))).await;
@@ -265,7 +273,7 @@ async fn csv_import(env: &mut Env<'_>, n: usize) -> anyhow::Result<Value> {
     let box_busy = (box1.0 - box0.0) as f64 / (box1.1 - box0.1).max(1) as f64;
     let rate = n as f64 / w.secs;
     let plain =
-        psql_copy(env, "bench_peer_plain", "CREATE TABLE bench_peer_plain (user_id text, email text)", &file, n)
+        psql_copy(env, "bench_peer_plain", "CREATE TABLE bench_peer_plain (user_id text, email text)", &file, n, true)
             .await
             .context("the psql \\copy peer (plain table)")?;
     let keyed = psql_copy(
@@ -274,6 +282,7 @@ async fn csv_import(env: &mut Env<'_>, n: usize) -> anyhow::Result<Value> {
         "CREATE TABLE bench_peer_keyed (user_id text PRIMARY KEY, email text)",
         &file,
         n,
+        true,
     )
     .await
     .context("the psql \\copy peer (keyed table)")?;
@@ -541,6 +550,27 @@ impl Beside {
     }
 }
 
+/// The project's ceiling for persistence: psql `\copy` of the campaign's stored rows (exported
+/// first, untimed) into a table like `notifications` with all its indexes, in one statement.
+async fn copy_peer(env: &Env<'_>, event_id: &str, n: usize) -> anyhow::Result<Value> {
+    let file = env.root.join("campaign-rows.csv");
+    let export = format!(
+        "\\copy (SELECT * FROM notifications WHERE kind = 'campaign' AND source_event_id = '{}') TO '{}' WITH (FORMAT csv)",
+        event_id.replace('\'', "''"),
+        file.display()
+    );
+    let mut cmd = Command::new("psql");
+    cmd.args([env.db.as_str(), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-c", &export]);
+    let w = run_watched(cmd, &env.root.join("psql-export.log")).await?;
+    ensure!(w.status.success(), "psql \\copy of the rows to a file exited {}", w.status);
+    let ddl = "CREATE TABLE bench_peer_notifications (LIKE notifications INCLUDING ALL)";
+    let v = psql_copy(env, "bench_peer_notifications", ddl, &file, n, false).await;
+    let _ = std::fs::remove_file(&file);
+    let mut v = v?;
+    v["note"] = json!("psql \\copy (CSV) of the same rows into a table LIKE notifications INCLUDING ALL (its primary key and indexes), one statement, after the campaign with tidings idle");
+    Ok(v)
+}
+
 /// Seconds from `from_us` to `to_us`.
 fn secs(from_us: i64, to_us: i64) -> f64 {
     (to_us - from_us) as f64 / 1e6
@@ -636,6 +666,12 @@ async fn campaign(
             "users": AIM_USERS, "connected": AIM_SSE_USERS})
     };
     let per_sec = |count: usize, from: i64, to: i64| (to > from).then(|| (count as f64 / secs(from, to)).round());
+    // From the first transaction's start to the last one seen committed.
+    let persistence_rate = per_sec(rows as usize, first, stored_seen);
+    let peer = match copy_peer(env, &event_id, rows as usize).await {
+        Ok(v) => v,
+        Err(e) => json!({"error": format!("{e:#}")}),
+    };
     let finished = p.finished_at.unwrap_or(p.updated_at);
     let v = json!({
         "scenario": name,
@@ -655,7 +691,9 @@ async fn campaign(
         },
         "rates": {
             "templating_users_per_sec": per_sec(n, p.started_at, finished),
-            "persistence_rows_per_sec": per_sec(rows as usize, first, last),
+            "persistence_rows_per_sec": persistence_rate,
+            "psql_copy_rows_per_sec": peer["rows_per_sec"],
+            "persistence_ratio_to_psql_copy": peer["rows_per_sec"].as_f64().zip(persistence_rate).map(|(p, r)| (r / p * 100.0).round() / 100.0),
         },
         "progress": {"produced": p.produced, "held": p.held, "suppressed": p.suppressed},
         "produced_timeline": {"ms_users": timeline, "note": "[ms after the launch, users produced] at each templating checkpoint the benchmark saw (every 20 ms), at most 25 shown"},
@@ -663,6 +701,7 @@ async fn campaign(
             "note": "[ms after the launch the transaction started, rows] per persistence transaction (rows grouped by stored_at), at most 40 shown"},
         "cpu": cpu,
         "cpu_beside": beside,
+        "peer": peer,
         "note": "one `tidings up --stages templating,persistence,gateway` on Apache Kafka + PostgreSQL; the CampaignLaunched (segment bench-N imported by `tidings segment import`, templates without the recipient, a ko locale) produced straight to `campaigns` as an upstream service does, encoded with the schema tidings registered; stored = templating finished and persistence's stored offsets reached the notifications topic's end, watched every 20 ms, then the rows counted; delivered = the last of the connected SSE users (the segment's first ones, lean loadgen clients in this process) received it; cpu.per_event_us.server = tidings' CPU per notification (over launch → all stored and delivered), clients = this process's SSE clients",
     });
     ensure!(rows as usize == n && distinct == rows, "the campaign broke an invariant: {v}");

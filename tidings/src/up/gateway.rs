@@ -117,8 +117,7 @@ fn ingest(
 }
 
 /// The producer and the parts of the gateway for services (each off without its settings).
-type ServiceParts =
-    (Arc<EventProducer>, Option<CouponState>, Option<Arc<SegmentsState>>, Option<Arc<CampaignsState>>);
+type ServiceParts = (Arc<EventProducer>, Option<CouponState>, Option<Arc<SegmentsState>>, Option<Arc<CampaignsState>>);
 
 /// The public gateway: delivery (this instance's share of the notifications partitions, streamed
 /// over SSE), the inbox, the chat API and the web page; `/metrics` here or on its own listener.

@@ -188,6 +188,24 @@ async fn due_records_are_released_once_at_their_time_and_bad_ones_are_dead_lette
     assert_eq!((key.as_deref(), value.as_deref()), (Some(&b"u1"[..]), Some(&b"n1-bytes"[..])));
     assert!(headers.contains(&(H_RELEASED_AT.to_string(), past.clone())), "{headers:?}");
     assert!(stored(&env.store, "n1").await);
+
+    // Released rows are kept for retain_released (7 days) after their release, then purged.
+    let rows = || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM scheduled_releases").fetch_one(pool).await.unwrap();
+        n
+    };
+    assert_eq!(rows().await, 8, "n1, c2, n6 to n11");
+    std::fs::write(&clock, (T0 + 60 * SECOND + 7 * 24 * 3_600 * SECOND - SECOND).to_string()).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(rows().await, 8, "kept until their retention is over");
+    std::fs::write(&clock, (T0 + 8 * 24 * 3_600 * SECOND).to_string()).unwrap();
+    for _ in 0..100 {
+        if rows().await == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(rows().await, 0, "purged after their retention");
     token.cancel();
     stage.await.unwrap().unwrap();
     let released = |to: &str| sample(&metrics, &format!(r#"tidings_scheduler_released_total{{to="{to}"}}"#));

@@ -54,6 +54,7 @@ pub mod copy;
 pub mod error;
 pub mod postgres;
 pub mod preferences;
+pub mod replays;
 pub mod scheduled;
 pub mod segments;
 pub mod sqlite;
@@ -214,6 +215,7 @@ const DELETE_MESSAGE: &str = include_str!("sql/chat_delete_message.sql");
 const UPSERT_OFFSETS: &str = include_str!("sql/upsert_offsets.sql");
 const LOAD_OFFSETS: &str = include_str!("sql/load_offsets.sql");
 const FORGET_OFFSETS: &str = include_str!("sql/forget_offsets.sql");
+const SET_OFFSETS: &str = include_str!("sql/set_offsets.sql");
 const INBOX: &str = include_str!("sql/inbox.sql");
 const INBOX_BEFORE: &str = include_str!("sql/inbox_before.sql");
 const ARCHIVED: &str = include_str!("sql/archived.sql");
@@ -330,6 +332,25 @@ impl Store {
             .execute(pool)
             .await?
             .rows_affected()))
+    }
+
+    /// Sets the stored next offsets of `consumer` to `offsets` (topic, partition, next offset), backward
+    /// too, in one transaction: for `tidings offsets reset` while the stage is stopped.
+    pub async fn set_offsets(&self, consumer: &str, offsets: &[(String, i32, i64)]) -> Result<(), StoreError> {
+        on_pool!(self, |pool, Db| {
+            let mut tx = pool.begin().await?;
+            for (topic, partition, next_offset) in offsets {
+                sqlx::query(SET_OFFSETS)
+                    .bind(Db::text(consumer))
+                    .bind(Db::text(topic))
+                    .bind(*partition)
+                    .bind(*next_offset)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+        });
+        Ok(())
     }
 
     /// At most `limit` users of an audience segment's current version, sorted, strictly after `after`

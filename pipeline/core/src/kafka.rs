@@ -14,6 +14,20 @@ pub const H_DLQ_PARTITION: &str = "tidings.dlq.partition";
 pub const H_DLQ_OFFSET: &str = "tidings.dlq.offset";
 /// Header naming the stage that gave up on the record.
 pub const H_DLQ_STAGE: &str = "tidings.dlq.stage";
+/// How many times `tidings dlq replay` re-drove the record (decimal text): set on the re-driven
+/// record and carried into its next dead letter, so a record that keeps failing is quarantined.
+pub const H_DLQ_REPLAY_COUNT: &str = "tidings.dlq.replay-count";
+/// The original coordinates and error as Kafka Connect's dead-letter queue writes them (UTF-8
+/// text), for tools that read Connect's headers.
+pub const H_CONNECT_TOPIC: &str = "__connect.errors.topic";
+pub const H_CONNECT_PARTITION: &str = "__connect.errors.partition";
+pub const H_CONNECT_OFFSET: &str = "__connect.errors.offset";
+pub const H_CONNECT_MESSAGE: &str = "__connect.errors.exception.message";
+/// The original coordinates as Spring Kafka's DeadLetterPublishingRecoverer writes them: the
+/// topic as UTF-8, the partition as a 4-byte and the offset as an 8-byte big-endian integer.
+pub const H_SPRING_TOPIC: &str = "kafka_dlt-original-topic";
+pub const H_SPRING_PARTITION: &str = "kafka_dlt-original-partition";
+pub const H_SPRING_OFFSET: &str = "kafka_dlt-original-offset";
 /// W3C trace context header (https://www.w3.org/TR/trace-context/).
 pub const H_TRACEPARENT: &str = "traceparent";
 /// Set (to `true`) by templating on delivery-only notifications (chat copies, `inbox: false`), so
@@ -148,9 +162,19 @@ impl KafkaConfig {
     }
 }
 
-/// Headers for a dead-lettered copy of a record.
+/// Whether `key` is a header a dead letter writes (tidings', Kafka Connect's or Spring's): an
+/// earlier dead letter's copy of it is dropped, not repeated.
+pub fn is_dlq_header(key: &str) -> bool {
+    key.starts_with("tidings.dlq.") || key.starts_with("__connect.errors.") || key.starts_with("kafka_dlt-")
+}
+
+/// Headers for a dead-lettered copy of a record: the original's own headers (unless `original` is
+/// `None`), then why and where from, under tidings', Kafka Connect's and Spring's names.
+/// `replay_count` is the original's [`H_DLQ_REPLAY_COUNT`], kept so re-drives stay counted.
+#[allow(clippy::too_many_arguments)]
 pub fn dlq_headers<H: Headers>(
     original: Option<&H>,
+    replay_count: Option<&str>,
     stage: &str,
     reason: &str,
     error: &str,
@@ -158,22 +182,33 @@ pub fn dlq_headers<H: Headers>(
     partition: i32,
     offset: i64,
 ) -> OwnedHeaders {
-    let mut h = OwnedHeaders::new_with_capacity(8);
+    let mut h = OwnedHeaders::new_with_capacity(16);
     if let Some(orig) = original {
         for header in orig.iter() {
-            if !header.key.starts_with("tidings.dlq.") {
+            if !is_dlq_header(header.key) {
                 h = h.insert(Header { key: header.key, value: header.value });
             }
         }
     }
-    let partition = partition.to_string();
-    let offset = offset.to_string();
-    h.insert(Header { key: H_DLQ_STAGE, value: Some(stage) })
+    let partition_text = partition.to_string();
+    let offset_text = offset.to_string();
+    h = h
+        .insert(Header { key: H_DLQ_STAGE, value: Some(stage) })
         .insert(Header { key: H_DLQ_REASON, value: Some(reason) })
         .insert(Header { key: H_DLQ_ERROR, value: Some(error) })
         .insert(Header { key: H_DLQ_TOPIC, value: Some(topic) })
-        .insert(Header { key: H_DLQ_PARTITION, value: Some(&partition) })
-        .insert(Header { key: H_DLQ_OFFSET, value: Some(&offset) })
+        .insert(Header { key: H_DLQ_PARTITION, value: Some(&partition_text) })
+        .insert(Header { key: H_DLQ_OFFSET, value: Some(&offset_text) });
+    if let Some(n) = replay_count {
+        h = h.insert(Header { key: H_DLQ_REPLAY_COUNT, value: Some(n) });
+    }
+    h.insert(Header { key: H_CONNECT_TOPIC, value: Some(topic) })
+        .insert(Header { key: H_CONNECT_PARTITION, value: Some(&partition_text) })
+        .insert(Header { key: H_CONNECT_OFFSET, value: Some(&offset_text) })
+        .insert(Header { key: H_CONNECT_MESSAGE, value: Some(error) })
+        .insert(Header { key: H_SPRING_TOPIC, value: Some(topic) })
+        .insert(Header { key: H_SPRING_PARTITION, value: Some(&partition.to_be_bytes()[..]) })
+        .insert(Header { key: H_SPRING_OFFSET, value: Some(&offset.to_be_bytes()[..]) })
 }
 
 /// Reads a UTF-8 header value.
@@ -294,6 +329,46 @@ pub fn partition_for(user: &str, partitions: i32) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dead_letter_headers_carry_connect_and_spring_names_and_the_replay_count() {
+        let original = OwnedHeaders::new()
+            .insert(Header { key: "traceparent", value: Some("00-abc-def-01") })
+            // An earlier dead letter's headers (a re-driven record): replaced, not repeated.
+            .insert(Header { key: H_DLQ_REASON, value: Some("old-reason") })
+            .insert(Header { key: H_DLQ_REPLAY_COUNT, value: Some("2") })
+            .insert(Header { key: H_CONNECT_OFFSET, value: Some("1") })
+            .insert(Header { key: H_SPRING_OFFSET, value: Some(&1i64.to_be_bytes()[..]) });
+        let h =
+            dlq_headers(Some(&original), Some("2"), "templating", "unknown-schema-id", "no id 7", "orders", 3, 4242);
+        let all: Vec<(String, Vec<u8>)> =
+            h.iter().map(|x| (x.key.to_string(), x.value.unwrap_or_default().to_vec())).collect();
+        let one = |k: &str| {
+            let v: Vec<&Vec<u8>> = all.iter().filter(|(key, _)| key == k).map(|(_, v)| v).collect();
+            assert_eq!(v.len(), 1, "{k} once in {all:?}");
+            v[0].clone()
+        };
+        assert_eq!(one("traceparent"), b"00-abc-def-01");
+        assert_eq!(one(H_DLQ_REASON), b"unknown-schema-id");
+        assert_eq!(one(H_DLQ_REPLAY_COUNT), b"2");
+        assert_eq!(one(H_DLQ_TOPIC), b"orders");
+        assert_eq!(one(H_DLQ_PARTITION), b"3");
+        assert_eq!(one(H_DLQ_OFFSET), b"4242");
+        // Kafka Connect writes text.
+        assert_eq!(one(H_CONNECT_TOPIC), b"orders");
+        assert_eq!(one(H_CONNECT_PARTITION), b"3");
+        assert_eq!(one(H_CONNECT_OFFSET), b"4242");
+        assert_eq!(one(H_CONNECT_MESSAGE), b"no id 7");
+        // Spring writes the partition as a 4-byte and the offset as an 8-byte big-endian integer.
+        assert_eq!(one(H_SPRING_TOPIC), b"orders");
+        assert_eq!(one(H_SPRING_PARTITION), [0, 0, 0, 3]);
+        assert_eq!(one(H_SPRING_OFFSET), [0, 0, 0, 0, 0, 0, 0x10, 0x92]);
+        // A record never re-driven has no count; a copy without the original's headers still has one.
+        let fresh = dlq_headers(None::<&OwnedHeaders>, None, "persistence", "r", "e", "t", 0, 0);
+        assert!(fresh.iter().all(|x| x.key != H_DLQ_REPLAY_COUNT));
+        let bare = dlq_headers(None::<&OwnedHeaders>, Some("1"), "persistence", "r", "e", "t", 0, 0);
+        assert_eq!(bare.iter().filter(|x| x.key == H_DLQ_REPLAY_COUNT).count(), 1);
+    }
 
     #[test]
     fn murmur2_matches_kafka() {

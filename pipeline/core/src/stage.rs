@@ -19,7 +19,7 @@ use rdkafka::producer::future_producer::Delivery;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use tokio_util::sync::CancellationToken;
 
-use crate::kafka::dlq_headers;
+use crate::kafka::{dlq_headers, header_str, H_DLQ_REPLAY_COUNT};
 use crate::shutdown::StageHealth;
 pub use crate::source::{IntoSource, OffsetRange, RangeError, RangeSource, Source};
 use crate::source::{Progress, Verdict};
@@ -237,7 +237,11 @@ impl<C: ClientContext + 'static> DeadLetters<C> {
             );
         }
         let original = if copy == DeadCopy::Coordinates { None } else { msg.headers() };
-        let headers = dlq_headers(original, self.stage, reason, error, msg.topic(), msg.partition(), msg.offset());
+        // The re-drive count survives even the smallest copy: it is what stops a record that keeps
+        // failing from being re-driven for ever.
+        let replay_count = msg.headers().and_then(|h| header_str(h, H_DLQ_REPLAY_COUNT));
+        let headers =
+            dlq_headers(original, replay_count, self.stage, reason, error, msg.topic(), msg.partition(), msg.offset());
         let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.topic).headers(headers);
         if let (Some(p), DeadCopy::Whole) = (msg.payload(), copy) {
             rec = rec.payload(p);
@@ -372,6 +376,55 @@ mod tests {
     {
         let (health, shutdown) = (health.clone(), shutdown.clone());
         tokio::spawn(async move { run("test", &health, &shutdown, start).await })
+    }
+
+    /// A re-driven record (with `tidings.dlq.replay-count`) that fails again: its dead letter keeps
+    /// the count, whatever copy the dead-letter topic could take, and names the source as Kafka
+    /// Connect and Spring do.
+    #[tokio::test]
+    async fn a_dead_letter_carries_the_replay_count_and_the_connect_and_spring_headers() {
+        use crate::kafka::{H_CONNECT_OFFSET, H_SPRING_OFFSET, H_SPRING_PARTITION};
+        use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage, Timestamp};
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("dlq", 1, 1).unwrap();
+        let brokers = cluster.bootstrap_servers();
+        let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", &brokers).create().unwrap();
+        let dead = DeadLetters::new(producer, "dlq".into(), "test");
+        let headers = OwnedHeaders::new().insert(Header { key: H_DLQ_REPLAY_COUNT, value: Some("2") });
+        let msg = OwnedMessage::new(
+            Some(b"v".to_vec()),
+            Some(b"k".to_vec()),
+            "orders".into(),
+            Timestamp::NotAvailable,
+            5,
+            77,
+            Some(headers),
+        );
+        for copy in [DeadCopy::Whole, DeadCopy::Coordinates] {
+            dead.send_copy(&msg, "unknown-schema-id", "boom", copy).await.unwrap().await.unwrap().unwrap();
+        }
+        let consumer: rdkafka::consumer::BaseConsumer =
+            ClientConfig::new().set("bootstrap.servers", &brokers).set("group.id", "r").create().unwrap();
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        tpl.add_partition_offset("dlq", 0, rdkafka::Offset::Beginning).unwrap();
+        rdkafka::consumer::Consumer::assign(&consumer, &tpl).unwrap();
+        let mut got = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while got.len() < 2 && std::time::Instant::now() < deadline {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+                let h = m.headers().expect("headers").detach();
+                got.push(h);
+            }
+        }
+        assert_eq!(got.len(), 2, "both copies read back");
+        for h in &got {
+            let value = |k: &str| h.iter().find(|x| x.key == k).and_then(|x| x.value).map(<[u8]>::to_vec);
+            assert_eq!(value(H_DLQ_REPLAY_COUNT), Some(b"2".to_vec()));
+            assert_eq!(value(H_CONNECT_OFFSET), Some(b"77".to_vec()));
+            assert_eq!(value(H_SPRING_PARTITION), Some(5i32.to_be_bytes().to_vec()));
+            assert_eq!(value(H_SPRING_OFFSET), Some(77i64.to_be_bytes().to_vec()));
+            assert_eq!(h.iter().filter(|x| x.key == H_DLQ_REPLAY_COUNT).count(), 1);
+        }
     }
 
     #[tokio::test]

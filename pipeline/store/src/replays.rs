@@ -2,7 +2,9 @@
 //! once, the filters, the progress saved after each committed batch and the outcome, so the same
 //! command (same fingerprint) resumes where it stopped and `tidings replay list` shows the history.
 
-use super::{Dialect, Store, StoreError};
+use super::{with_bind_list, Dialect, Store, StoreError};
+use std::collections::HashSet;
+use uuid::Uuid;
 
 const INSERT: &str = include_str!("sql/replays_insert.sql");
 const UNFINISHED: &str = include_str!("sql/replays_unfinished.sql");
@@ -10,6 +12,7 @@ const PROGRESS: &str = include_str!("sql/replays_progress.sql");
 const FINISH: &str = include_str!("sql/replays_finish.sql");
 const LIST: &str = include_str!("sql/replays_list.sql");
 const GET: &str = include_str!("sql/replays_get.sql");
+const STORED_IDS: &str = include_str!("sql/replays_stored_ids.sql");
 
 /// What was replayed: a range of a topic through a stage, or dead letters re-driven.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -221,13 +224,64 @@ impl Store {
             on_pool!(self, |pool, _Db| sqlx::query_as(LIST).bind(kind.as_str()).bind(limit).fetch_all(pool).await?);
         rows.into_iter().map(Replay::try_from).collect()
     }
+
+    /// The ones of `ids` stored as notifications: a replay's dry run counts them as already
+    /// present (the idempotent write would skip them). Ask for a bounded batch at a time.
+    pub async fn stored_notification_ids(&self, ids: &[Uuid]) -> Result<HashSet<Uuid>, StoreError> {
+        if ids.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let sql = with_bind_list(STORED_IDS, 1, ids.len());
+        let found: Vec<Uuid> = on_pool!(self, |pool, Db| {
+            let mut q = sqlx::query_scalar::<_, <Db as Dialect>::Id>(&sql);
+            for id in ids {
+                q = q.bind(<Db as Dialect>::Id::from(*id));
+            }
+            q.fetch_all(pool).await?.into_iter().map(Into::into).collect()
+        });
+        Ok(found.into_iter().collect())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    on_both_backends!(resumes_the_unfinished_one_by_fingerprint, lists_by_kind_newest_first);
+    on_both_backends!(
+        resumes_the_unfinished_one_by_fingerprint,
+        lists_by_kind_newest_first,
+        finds_the_stored_ones_of_a_batch_of_ids
+    );
+
+    async fn finds_the_stored_ones_of_a_batch_of_ids(store: &Store) {
+        let n = |event: &str| crate::StoredNotification {
+            notification: tidings_core::Notification {
+                notification_id: tidings_core::Notification::id_for(event, "u1"),
+                user_id: "u1".into(),
+                kind: "k".into(),
+                title: "t".into(),
+                body: "b".into(),
+                link: None,
+                source_event_id: event.into(),
+                occurred_at: 1_700_000_000_000_000,
+                source_topic: "orders".into(),
+                source_partition: 0,
+                source_offset: 0,
+                data: None,
+                inbox: true,
+                category: String::new(),
+                recipients: vec![],
+            },
+            stream_partition: 0,
+            stream_offset: 0,
+        };
+        let batch = crate::Batch { notifications: vec![n("e1"), n("e3")], ..Default::default() };
+        store.write_batch("g", &batch).await.unwrap();
+        let ids: Vec<Uuid> = ["e1", "e2", "e3"].iter().map(|e| n(e).notification.notification_id).collect();
+        let got = store.stored_notification_ids(&ids).await.unwrap();
+        assert_eq!(got, HashSet::from([ids[0], ids[2]]));
+        assert!(store.stored_notification_ids(&[]).await.unwrap().is_empty());
+    }
 
     fn replay(id: &str, kind: ReplayKind, fingerprint: &str, at: i64) -> Replay {
         Replay {

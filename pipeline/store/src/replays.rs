@@ -69,6 +69,11 @@ impl ReplayOutcome {
     }
 }
 
+/// A backend's id as a uuid (generic: on PostgreSQL it is one already).
+fn uuid_of<I: Into<Uuid>>(id: I) -> Uuid {
+    id.into()
+}
+
 fn undecodable(column: &str, value: &str) -> StoreError {
     StoreError::Query(sqlx::Error::Decode(format!("replays.{column}: unknown value {value:?}").into()))
 }
@@ -237,7 +242,7 @@ impl Store {
             for id in ids {
                 q = q.bind(<Db as Dialect>::Id::from(*id));
             }
-            q.fetch_all(pool).await?.into_iter().map(Into::into).collect()
+            q.fetch_all(pool).await?.into_iter().map(uuid_of).collect()
         });
         Ok(found.into_iter().collect())
     }

@@ -12,6 +12,7 @@ pub use read::{CouponRow, DecidedClaim, HeldCoupon};
 const ASSIGN: &str = include_str!("sql/claims_assign.sql");
 const PIN_PARTITIONS: &str = include_str!("sql/claims_pin_partitions.sql");
 const FENCE: &str = include_str!("sql/claims_fence.sql");
+const OFFSETS: &str = include_str!("sql/claims_offsets.sql");
 const INSERT_DEFINITIONS: &str = include_str!("sql/claims_insert_definitions.sql");
 const INSERT_HOLDERS: &str = include_str!("sql/claims_insert_holders.sql");
 const INSERT_REJECTIONS: &str = include_str!("sql/claims_insert_rejections.sql");
@@ -119,6 +120,11 @@ impl Store {
             sqlx::query_as(ASSIGN).bind(consumer).bind(partition).fetch_one(pool).await?
         });
         Ok(ClaimOwnership { epoch, next_offset })
+    }
+
+    /// The next offset of each claim partition of `consumer` that has committed a batch (read only).
+    pub async fn claim_offsets(&self, consumer: &str) -> Result<Vec<(i32, i64)>, StoreError> {
+        Ok(on_pool!(self, |pool, _Db| sqlx::query_as(OFFSETS).bind(consumer).fetch_all(pool).await?))
     }
 
     /// The state of every coupon on `partition`, as committed.

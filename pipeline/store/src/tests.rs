@@ -9,6 +9,7 @@ on_both_backends!(
     write_batch_inserts_rows,
     same_batch_twice_inserts_nothing,
     offsets_are_saved_and_never_move_backward,
+    offsets_are_set_backward_for_a_reset,
     large_batches_go_through,
     segments_are_idempotent,
     segment_pages_concatenate_to_the_sorted_members,
@@ -188,6 +189,32 @@ async fn offsets_are_saved_and_never_move_backward(store: &Store) {
     assert_eq!(store.forget_offsets("sink").await.unwrap(), 4);
     assert!(store.load_offsets("sink", "notifications").await.unwrap().is_empty());
     assert_eq!(store.load_offsets("other", "chat").await.unwrap(), HashMap::from([(0, 4)]));
+}
+
+/// `tidings offsets reset`: offsets set backward and forward, a partition without a row created, other
+/// consumers untouched; the claim stage's offsets are read without bumping an epoch.
+async fn offsets_are_set_backward_for_a_reset(store: &Store) {
+    let batch =
+        Batch { offsets: vec![offset("notifications", 0, 10), offset("notifications", 1, 5)], ..Batch::default() };
+    store.write_batch("sink", &batch).await.unwrap();
+    store.write_batch("other", &batch).await.unwrap();
+    let reset = [("notifications".to_string(), 0, 2), ("notifications".to_string(), 1, 7), ("chat".to_string(), 3, 0)];
+    store.set_offsets("sink", &reset).await.unwrap();
+    assert_eq!(store.load_offsets("sink", "notifications").await.unwrap(), HashMap::from([(0, 2), (1, 7)]));
+    assert_eq!(store.load_offsets("sink", "chat").await.unwrap(), HashMap::from([(3, 0)]));
+    assert_eq!(store.load_offsets("other", "notifications").await.unwrap(), HashMap::from([(0, 10), (1, 5)]));
+
+    assert!(store.claim_offsets("claims").await.unwrap().is_empty());
+    let owner = store.assign_claim_partition("claims", 4).await.unwrap();
+    assert!(store.claim_offsets("claims").await.unwrap().is_empty(), "no offset committed yet");
+    let rows = claims::ClaimRows::default();
+    store.commit_claims("claims", 4, owner.epoch, &rows, 17).await.unwrap();
+    assert_eq!(store.claim_offsets("claims").await.unwrap(), vec![(4, 17)]);
+    assert_eq!(
+        store.assign_claim_partition("claims", 4).await.unwrap().epoch,
+        owner.epoch + 1,
+        "reads bumped no epoch"
+    );
 }
 
 /// Many notifications over many users in one transaction, then 20k-row batches with the rate printed

@@ -9,6 +9,7 @@ mod coupon_create;
 mod coupon_verify;
 mod demo;
 mod endpoints;
+mod offsets;
 mod replay;
 mod segment;
 mod settings;
@@ -189,6 +190,9 @@ enum Command {
     /// Campaigns: launch (or --dry-run), list, show, cancel.
     #[command(subcommand)]
     Campaign(campaign::CampaignCmd),
+    /// The stage groups' offsets: show them (state, members, lag), reset an idle group's.
+    #[command(subcommand)]
+    Offsets(offsets::OffsetsCmd),
     /// Replay a time or offset range of a topic through a stage beside the running stages
     /// (dry run unless --execute); `replay list` shows the recorded replays.
     Replay(replay::ReplayCmd),
@@ -361,6 +365,7 @@ async fn main() -> ExitCode {
         Command::Stats { infra } => tools::stats(&infra).await,
         Command::Segment(cmd) => segment::run(cmd).await,
         Command::Campaign(cmd) => campaign::run(cmd).await,
+        Command::Offsets(cmd) => offsets::run(cmd).await,
         Command::Replay(cmd) => replay::run(cmd).await,
         Command::Token { user, ttl_secs, jwt_secret, jwt_issuer, jwt_audience } => {
             print_token(&user, ttl_secs, jwt_secret.as_deref(), jwt_issuer.as_deref(), jwt_audience.as_deref())

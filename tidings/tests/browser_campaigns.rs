@@ -10,11 +10,9 @@
 mod common;
 
 use chrono::Timelike;
-use common::browser::Browser;
-use common::{browser_or_skip, eventually, user_token};
+use common::browser::{preferences_view, save_preferences, sign_in, Browser};
+use common::{await_ready, browser_or_skip, eventually, stored_sources, user_token, Embedded};
 use serde_json::{json, Value};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 const SNAPSHOT: &str = r#"
@@ -28,90 +26,12 @@ const SNAPSHOT: &str = r#"
     };
 "#;
 
-/// A `tidings up --dev` on embedded defaults, killed on drop.
-struct Embedded {
-    child: Child,
-    dir: tempfile::TempDir,
-}
-
-impl Drop for Embedded {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Embedded {
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("up.log")).unwrap_or_default()
-    }
-}
-
-async fn embedded() -> (Embedded, Value) {
-    let dir = tempfile::Builder::new().prefix("tidings-campaign-page-").tempdir().unwrap();
-    let topology = Path::new(env!("CARGO_MANIFEST_DIR")).join("../topology.yaml");
-    let log = std::fs::File::create(dir.path().join("up.log")).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_tidings"))
-        .env("TIDINGS_DATA_DIR", dir.path())
-        .env_remove("TIDINGS_BROKERS")
-        .env_remove("TIDINGS_DATABASE_URL")
-        .args(["up", "--dev", "--http", "127.0.0.1:0", "--registry-listen", "127.0.0.1:0"])
-        .args(["--ingest-listen", "127.0.0.1:0", "--topology"])
-        .arg(topology)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let mut up = Embedded { child, dir };
-    let path = up.dir.path().join("endpoints.json");
-    for _ in 0..600 {
-        if let Ok(Ok(ep)) = std::fs::read(&path).map(|t| serde_json::from_slice::<Value>(&t)) {
-            return (up, ep);
-        }
-        if let Some(status) = up.child.try_wait().unwrap() {
-            panic!("tidings up exited ({status}):\n{}", up.log());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("tidings up did not start within 60 s:\n{}", up.log());
-}
-
-async fn sign_in(b: &mut Browser, url: &str, user: &str) {
-    b.call(user, json!({"cmd": "open", "url": format!("{url}/"), "width": 390, "height": 844})).await;
-    b.call(user, json!({"cmd": "fill", "selector": "#dev-user", "value": user})).await;
-    b.call(user, json!({"cmd": "press", "selector": "#dev-user", "key": "Enter"})).await;
-    b.wait(user, "signed in", "return !document.getElementById('app').hidden").await;
-}
-
-/// To the Preferences view by keyboard and its categories loaded.
-async fn preferences_view(b: &mut Browser, user: &str) {
-    b.call(user, json!({"cmd": "press", "selector": "#tab-preferences", "key": "Enter"})).await;
-    b.wait(user, "the categories", "return document.querySelectorAll('#prefs-categories input').length > 0").await;
-}
-
-async fn save(b: &mut Browser, user: &str) {
-    b.call(user, json!({"cmd": "press", "selector": "#prefs-form button[type=submit]", "key": "Enter"})).await;
-    b.wait(user, "saved", "return document.getElementById('prefs-status').textContent === 'Preferences saved.'").await;
-}
-
 async fn get_json(http: &reqwest::Client, url: &str, user: &str) -> Result<Value, String> {
     let r = http.get(url).bearer_auth(user_token(user)).send().await.map_err(|e| e.to_string())?;
     if !r.status().is_success() {
         return Err(format!("{url}: {}", r.status()));
     }
     r.json().await.map_err(|e| e.to_string())
-}
-
-/// The `source_event_id`s of `user`'s stored inbox.
-async fn stored_sources(http: &reqwest::Client, url: &str, user: &str) -> Result<Vec<String>, String> {
-    let body = get_json(http, &format!("{url}/v1/notifications"), user).await?;
-    Ok(body["items"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|i| i["source_event_id"].as_str().map(str::to_owned))
-        .collect())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -123,13 +43,10 @@ async fn a_campaign_reaches_live_only_the_user_who_did_not_opt_out() {
 }
 
 async fn run() {
-    let (up, ep) = embedded().await;
+    let (up, ep) = Embedded::start("tidings-campaign-page-").await;
     let url = ep["http"].as_str().unwrap().to_owned();
     let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
-    eventually("the gateway to be ready", Duration::from_secs(60), Duration::from_millis(200), &[], || {
-        common::ready(&http, &url)
-    })
-    .await;
+    await_ready(&http, &url, &[]).await;
     let mut b = Browser::start(SNAPSHOT);
     let (out, keen) = ("opted-out", "keen");
 
@@ -137,7 +54,7 @@ async fn run() {
     sign_in(&mut b, &url, out).await;
     preferences_view(&mut b, out).await;
     b.call(out, json!({"cmd": "press", "selector": "#prefs-cat-campaigns", "key": "Space"})).await;
-    save(&mut b, out).await;
+    save_preferences(&mut b, out).await;
     let saved = get_json(&http, &format!("{url}/v1/me/preferences"), out).await.unwrap();
     assert_eq!(saved["opt_out"], json!(["campaigns"]), "{saved}");
     assert_eq!(saved["quiet_hours"], Value::Null, "{saved}");
@@ -155,7 +72,7 @@ async fn run() {
     b.call(keen, json!({"cmd": "fill", "selector": "#prefs-quiet-end", "value": end})).await;
     b.wait(keen, "the locale field", "return !document.getElementById('prefs-locale-field').hidden").await;
     b.call(keen, json!({"cmd": "fill", "selector": "#prefs-locale", "value": "ko"})).await;
-    save(&mut b, keen).await;
+    save_preferences(&mut b, keen).await;
     let saved = get_json(&http, &format!("{url}/v1/me/preferences"), keen).await.unwrap();
     assert_eq!(saved["quiet_hours"], json!({"start": start, "end": end}), "{saved}");
     assert_eq!((&saved["time_zone"], &saved["locale"], &saved["opt_out"]), (&json!("UTC"), &json!("ko"), &json!([])));

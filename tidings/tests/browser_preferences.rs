@@ -8,11 +8,9 @@
 #[allow(unused_imports)]
 mod common;
 
-use common::browser::Browser;
-use common::{browser_or_skip, eventually, user_token};
+use common::browser::{preferences_view, save_preferences, sign_in, Browser};
+use common::{await_ready, browser_or_skip, eventually, stored_sources, user_token, Embedded};
 use serde_json::{json, Value};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 const SNAPSHOT: &str = r#"
@@ -26,55 +24,6 @@ const SNAPSHOT: &str = r#"
     };
 "#;
 
-/// A `tidings up --dev` on embedded defaults, killed on drop.
-struct Embedded {
-    child: Child,
-    dir: tempfile::TempDir,
-}
-
-impl Drop for Embedded {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Embedded {
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("up.log")).unwrap_or_default()
-    }
-}
-
-async fn embedded() -> (Embedded, Value) {
-    let dir = tempfile::Builder::new().prefix("tidings-prefs-page-").tempdir().unwrap();
-    let topology = Path::new(env!("CARGO_MANIFEST_DIR")).join("../topology.yaml");
-    let log = std::fs::File::create(dir.path().join("up.log")).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_tidings"))
-        .env("TIDINGS_DATA_DIR", dir.path())
-        .env_remove("TIDINGS_BROKERS")
-        .env_remove("TIDINGS_DATABASE_URL")
-        .args(["up", "--dev", "--http", "127.0.0.1:0", "--registry-listen", "127.0.0.1:0"])
-        .args(["--ingest-listen", "127.0.0.1:0", "--topology"])
-        .arg(topology)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let mut up = Embedded { child, dir };
-    let path = up.dir.path().join("endpoints.json");
-    for _ in 0..600 {
-        if let Ok(Ok(ep)) = std::fs::read(&path).map(|t| serde_json::from_slice::<Value>(&t)) {
-            return (up, ep);
-        }
-        if let Some(status) = up.child.try_wait().unwrap() {
-            panic!("tidings up exited ({status}):\n{}", up.log());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("tidings up did not start within 60 s:\n{}", up.log());
-}
-
 async fn ingest(http: &reqwest::Client, ingest: &str, topic: &str, body: &Value) {
     let r = http
         .post(format!("{ingest}/v1/events/{topic}"))
@@ -84,13 +33,6 @@ async fn ingest(http: &reqwest::Client, ingest: &str, topic: &str, body: &Value)
         .await
         .unwrap();
     assert_eq!(r.status(), 202, "{}", r.text().await.unwrap_or_default());
-}
-
-async fn sign_in(b: &mut Browser, url: &str, user: &str) {
-    b.call(user, json!({"cmd": "open", "url": format!("{url}/"), "width": 390, "height": 844})).await;
-    b.call(user, json!({"cmd": "fill", "selector": "#dev-user", "value": user})).await;
-    b.call(user, json!({"cmd": "press", "selector": "#dev-user", "key": "Enter"})).await;
-    b.wait(user, "signed in", "return !document.getElementById('app').hidden").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -104,22 +46,17 @@ async fn preferences_set_on_the_page_keep_a_campaign_away_but_not_a_delivery() {
 }
 
 async fn run() {
-    let (up, ep) = embedded().await;
+    let (up, ep) = Embedded::start("tidings-prefs-page-").await;
     let url = ep["http"].as_str().unwrap().to_owned();
     let ingest_url = ep["ingest"].as_str().unwrap().to_owned();
     let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
     // Delivery streams only once its partitions are assigned (`/readyz`), as a user's page expects.
-    eventually("the gateway to be ready", Duration::from_secs(60), Duration::from_millis(200), &[], || {
-        common::ready(&http, &url)
-    })
-    .await;
+    await_ready(&http, &url, &[]).await;
     let mut b = Browser::start(SNAPSHOT);
     let (quiet, keen) = ("quiet", "keen");
 
     sign_in(&mut b, &url, quiet).await;
-    // To the view by keyboard: the tab link, then Enter.
-    b.call(quiet, json!({"cmd": "press", "selector": "#tab-preferences", "key": "Enter"})).await;
-    b.wait(quiet, "the categories", "return document.querySelectorAll('#prefs-categories input').length > 0").await;
+    preferences_view(&mut b, quiet).await;
     let boxes = b
         .eval(quiet, "return [...document.querySelectorAll('#prefs-categories input')].map((i) => [i.value, i.checked, i.disabled])")
         .await;
@@ -133,8 +70,7 @@ async fn run() {
     b.call(quiet, json!({"cmd": "fill", "selector": "#prefs-tz", "value": "Asia/Seoul"})).await;
     b.call(quiet, json!({"cmd": "press", "selector": "#prefs-quiet-on", "key": "Space"})).await;
     b.call(quiet, json!({"cmd": "fill", "selector": "#prefs-quiet-start", "value": "21:30"})).await;
-    b.call(quiet, json!({"cmd": "press", "selector": "#prefs-form button[type=submit]", "key": "Enter"})).await;
-    b.wait(quiet, "saved", "return document.getElementById('prefs-status').textContent === 'Preferences saved.'").await;
+    save_preferences(&mut b, quiet).await;
     let saved: Value = http
         .get(format!("{url}/v1/me/preferences"))
         .bearer_auth(user_token(quiet))
@@ -182,23 +118,8 @@ async fn run() {
     let has =
         |source: &str| format!("return Boolean(document.querySelector(\"#inbox-list li[data-source='{source}']\"))");
     b.wait(keen, "the campaign, live", &has(&campaign)).await;
-    let stored_for = |user: &'static str| {
-        let (http, url) = (http.clone(), url.clone());
-        async move {
-            let r = http.get(format!("{url}/v1/notifications")).bearer_auth(user_token(user)).send().await;
-            let body: Value = r.map_err(|e| e.to_string())?.json().await.map_err(|e| e.to_string())?;
-            Ok::<Vec<String>, String>(
-                body["items"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|i| i["source_event_id"].as_str().map(str::to_owned))
-                    .collect(),
-            )
-        }
-    };
     eventually("the shipment stored", Duration::from_secs(30), Duration::from_millis(200), &[], || async {
-        let got = stored_for(quiet).await?;
+        let got = stored_sources(&http, &url, quiet).await?;
         if got.contains(&shipped) {
             Ok(())
         } else {

@@ -4,6 +4,10 @@
 //! turns JSON lines into Avro events and reports a bad line with its field path; the gateway serves
 //! the segment API with the dev service token.
 
+// Only the embedded start of the shared helpers is used here.
+#[allow(unused_imports)]
+mod common;
+
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -27,18 +31,9 @@ fn tidings(data: &Path) -> Command {
 }
 
 fn up(data: &Path) -> Guard {
-    let topology = Path::new(env!("CARGO_MANIFEST_DIR")).join("../topology.yaml");
     let _ = std::fs::remove_file(data.join("endpoints.json"));
     let log = std::fs::File::create(data.join(format!("up-{}.log", uuid::Uuid::new_v4().simple()))).unwrap();
-    let child = tidings(data)
-        .args(["up", "--dev", "--http", "127.0.0.1:0", "--registry-listen", "127.0.0.1:0"])
-        .args(["--ingest-listen", "127.0.0.1:0", "--topology"])
-        .arg(topology)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let child = common::embedded_up(data, log).spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     while !data.join("endpoints.json").exists() {
         assert!(Instant::now() < deadline, "tidings up did not start within 60 s");

@@ -2,10 +2,14 @@
 //! taken by clients that send nothing, HTTP ingest and the embedded registry still accept and
 //! answer (on the embedded defaults: mock Kafka, SQLite, embedded registry).
 
+// Only the embedded start of the shared helpers is used here.
+#[allow(unused_imports)]
+mod common;
+
 use std::io::Read;
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 struct Guard(Child);
@@ -18,21 +22,8 @@ impl Drop for Guard {
 }
 
 fn up(data: &Path, args: &[&str]) -> (Guard, serde_json::Value) {
-    let topology = Path::new(env!("CARGO_MANIFEST_DIR")).join("../topology.yaml");
     let log = std::fs::File::create(data.join("up.log")).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_tidings"))
-        .env("TIDINGS_DATA_DIR", data)
-        .env_remove("TIDINGS_BROKERS")
-        .env_remove("TIDINGS_DATABASE_URL")
-        .args(["up", "--dev", "--http", "127.0.0.1:0", "--registry-listen", "127.0.0.1:0"])
-        .args(["--ingest-listen", "127.0.0.1:0", "--topology"])
-        .arg(topology)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let child = common::embedded_up(data, log).args(args).spawn().unwrap();
     let guard = Guard(child);
     let deadline = Instant::now() + Duration::from_secs(60);
     let path = data.join("endpoints.json");

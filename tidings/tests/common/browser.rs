@@ -124,3 +124,24 @@ impl Browser {
         let _ = tokio::time::timeout(Duration::from_secs(20), self.child.wait()).await;
     }
 }
+
+/// Opens the page at `url` in context `user` (a phone-sized window) and signs in as `user` with
+/// the dev sign-in, by keyboard.
+pub async fn sign_in(b: &mut Browser, url: &str, user: &str) {
+    b.call(user, json!({"cmd": "open", "url": format!("{url}/"), "width": 390, "height": 844})).await;
+    b.call(user, json!({"cmd": "fill", "selector": "#dev-user", "value": user})).await;
+    b.call(user, json!({"cmd": "press", "selector": "#dev-user", "key": "Enter"})).await;
+    b.wait(user, "signed in", "return !document.getElementById('app').hidden").await;
+}
+
+/// To the Preferences view by keyboard (the tab link, then Enter) and its categories loaded.
+pub async fn preferences_view(b: &mut Browser, user: &str) {
+    b.call(user, json!({"cmd": "press", "selector": "#tab-preferences", "key": "Enter"})).await;
+    b.wait(user, "the categories", "return document.querySelectorAll('#prefs-categories input').length > 0").await;
+}
+
+/// Submits the Preferences form with Enter and waits for the page to say it saved.
+pub async fn save_preferences(b: &mut Browser, user: &str) {
+    b.call(user, json!({"cmd": "press", "selector": "#prefs-form button[type=submit]", "key": "Enter"})).await;
+    b.wait(user, "saved", "return document.getElementById('prefs-status').textContent === 'Preferences saved.'").await;
+}

@@ -358,6 +358,79 @@ pub fn browser_or_skip() -> bool {
     false
 }
 
+/// `tidings up --dev` on its embedded defaults (mock Kafka, SQLite, embedded registry) in the data
+/// directory `data`, every listener on a port of its choosing (see `endpoints.json`); stdin and
+/// stdout closed, stderr to `log`.
+pub fn embedded_up(data: &Path, log: File) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tidings"));
+    cmd.env("TIDINGS_DATA_DIR", data)
+        .env_remove("TIDINGS_BROKERS")
+        .env_remove("TIDINGS_DATABASE_URL")
+        .args(["up", "--dev", "--http", "127.0.0.1:0", "--registry-listen", "127.0.0.1:0"])
+        .args(["--ingest-listen", "127.0.0.1:0", "--topology"])
+        .arg(topology_path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+    cmd
+}
+
+/// A [`embedded_up`] in a temporary directory of its own, killed on drop.
+pub struct Embedded {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Embedded {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Embedded {
+    /// Starts one (`prefix` names its directory) and waits (60 s at most) for its
+    /// `endpoints.json`: the process and what that file says.
+    pub async fn start(prefix: &str) -> (Embedded, serde_json::Value) {
+        let dir = tempfile::Builder::new().prefix(prefix).tempdir().unwrap();
+        let log = File::create(dir.path().join("up.log")).unwrap();
+        let child = embedded_up(dir.path(), log).spawn().unwrap();
+        let mut up = Embedded { child, dir };
+        let path = up.dir.path().join("endpoints.json");
+        for _ in 0..600 {
+            if let Ok(Ok(ep)) = std::fs::read(&path).map(|t| serde_json::from_slice::<serde_json::Value>(&t)) {
+                return (up, ep);
+            }
+            if let Some(status) = up.child.try_wait().unwrap() {
+                panic!("tidings up exited ({status}):\n{}", up.log());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("tidings up did not start within 60 s:\n{}", up.log());
+    }
+
+    /// Its stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("up.log")).unwrap_or_default()
+    }
+}
+
+/// The `source_event_id`s of `user`'s stored inbox (`GET /v1/notifications` on the gateway at `url`).
+pub async fn stored_sources(http: &reqwest::Client, url: &str, user: &str) -> Result<Vec<String>, String> {
+    let r = http.get(format!("{url}/v1/notifications")).bearer_auth(user_token(user)).send().await;
+    let r = r.map_err(|e| e.to_string())?;
+    if !r.status().is_success() {
+        return Err(format!("{url}/v1/notifications: {}", r.status()));
+    }
+    let body: serde_json::Value = r.json().await.map_err(|e| e.to_string())?;
+    Ok(body["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i["source_event_id"].as_str().map(str::to_owned))
+        .collect())
+}
+
 /// A port free right now (a gateway restarted on the same URL binds it again).
 pub fn free_port() -> u16 {
     // Below the kernel's ephemeral range (32768-60999 by default): a port it hands out for a `:0`

@@ -8,19 +8,58 @@
 mod common;
 
 use chrono::{DateTime, Duration as Span, Timelike, Utc};
-use common::{eventually, open_stream, user_token, Tidings, Up};
+use common::{eventually, open_stream, user_token, Endpoints, Tidings, Up};
 use serde_json::json;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tidings_core::Notification;
 
 /// What `stages.scheduler.release_spread_ms` of topology.yaml says (the default).
 const SPREAD: Span = Span::minutes(30);
 
-/// The scheduler process beside `main`, using its registry, its clock the file `clock`.
-fn scheduler(name: &str, brokers: &str, db_url: &str, prefix: &str, registry: &str, clock: &Path) -> Tidings {
-    let up = Up { brokers, database_url: db_url, prefix, stages: "scheduler", registry_url: Some(registry) };
-    Tidings::spawn_env(name, &up, &[("TIDINGS_CLOCK_FILE", clock.to_str().unwrap())])
+/// One test's `tidings up` of templating, persistence and the gateway on a fresh database, ready,
+/// and the schedulers' clock: a file set to `now`.
+struct Main {
+    brokers: String,
+    pool: sqlx::PgPool,
+    db_url: String,
+    prefix: String,
+    main: Tidings,
+    ep: Endpoints,
+    http: reqwest::Client,
+    clock: PathBuf,
+    now: DateTime<Utc>,
+    _dir: tempfile::TempDir,
+}
+
+impl Main {
+    /// `None` where the test is skipped (no broker).
+    async fn start(name: &str) -> Option<Main> {
+        let brokers = common::brokers_or_skip()?;
+        let (pool, db_url) = common::fresh_pg().await;
+        let prefix = common::unique_prefix();
+        let mut main = Tidings::spawn(name, &Up::all(&brokers, &db_url, &prefix));
+        let ep = main.endpoints(Duration::from_secs(60)).await;
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(15)).build().unwrap();
+        common::await_ready(&http, &ep.http, &[&main]).await;
+        let dir = tempfile::tempdir().unwrap();
+        let clock = dir.path().join("now");
+        let now = Utc::now();
+        set_clock(&clock, now);
+        Some(Main { brokers, pool, db_url, prefix, main, ep, http, clock, now, _dir: dir })
+    }
+
+    /// A scheduler process beside it, using its registry, its clock the file `clock`.
+    fn scheduler(&self, name: &str) -> Tidings {
+        let up = Up {
+            brokers: &self.brokers,
+            database_url: &self.db_url,
+            prefix: &self.prefix,
+            stages: "scheduler",
+            registry_url: Some(&self.ep.schema_registry_url),
+        };
+        Tidings::spawn_env(name, &up, &[("TIDINGS_CLOCK_FILE", self.clock.to_str().unwrap())])
+    }
 }
 
 fn set_clock(clock: &Path, at: DateTime<Utc>) {
@@ -38,6 +77,28 @@ async fn scheduled(pool: &sqlx::PgPool) -> Vec<(String, String, i64, Option<i64>
         .unwrap()
 }
 
+/// Waits until the scheduler holds exactly one row: that row.
+async fn held_one(pool: &sqlx::PgPool, procs: &[&Tidings]) -> (String, String, i64, Option<i64>) {
+    eventually("the campaign held", Duration::from_secs(30), Duration::from_millis(200), procs, || async {
+        match scheduled(pool).await.as_slice() {
+            [row] => Ok(row.clone()),
+            rows => Err(format!("{rows:?}")),
+        }
+    })
+    .await
+}
+
+/// Waits (`within`) until the store holds `n` notifications.
+async fn await_stored(what: &str, pool: &sqlx::PgPool, n: i64, within: Duration, procs: &[&Tidings]) {
+    eventually(what, within, Duration::from_millis(200), procs, || async {
+        match common::count_notifications(pool).await {
+            count if count == n => Ok(()),
+            count => Err(format!("{count} rows")),
+        }
+    })
+    .await;
+}
+
 /// A CampaignLaunched event for `campaigns` (ingest's JSON), to `users`, sent at `send_at` or now.
 fn campaign(id: &str, title: &str, users: &[String], send_at: Option<i64>) -> serde_json::Value {
     json!({"event_id": format!("campaign:{id}"), "occurred_at": Utc::now().timestamp_micros(), "campaign_id": id,
@@ -53,18 +114,10 @@ fn stream_client() -> reqwest::Client {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_campaign_in_quiet_hours_is_held_and_released_once_after_the_window() {
-    let Some(brokers) = common::brokers_or_skip() else { return };
-    let (pool, db_url) = common::fresh_pg().await;
-    let prefix = common::unique_prefix();
-    let mut main = Tidings::spawn("quiet-main", &Up::all(&brokers, &db_url, &prefix));
-    let ep = main.endpoints(Duration::from_secs(60)).await;
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(15)).build().unwrap();
-    common::await_ready(&http, &ep.http, &[&main]).await;
-    let dir = tempfile::tempdir().unwrap();
-    let clock = dir.path().join("now");
-    let now = Utc::now();
-    set_clock(&clock, now);
-    let mut sched = scheduler("quiet-scheduler", &brokers, &db_url, &prefix, &ep.schema_registry_url, &clock);
+    let Some(mut setup) = Main::start("quiet-main").await else { return };
+    let Main { brokers, pool, prefix, ep, http, clock, now, .. } = &setup;
+    let now = *now;
+    let mut sched = setup.scheduler("quiet-scheduler");
     sched.endpoints(Duration::from_secs(60)).await;
 
     // Quiet hours from an hour ago to an hour from now in Seoul (UTC+9, no daylight saving time).
@@ -85,15 +138,15 @@ async fn a_campaign_in_quiet_hours_is_held_and_released_once_after_the_window() 
 
     let stream = open_stream(&stream_client(), &ep.http, user, None).await;
     let id = uuid::Uuid::new_v4().to_string();
-    common::accept(&http, &ep.ingest, "campaigns", &campaign(&id, "Night sale", &[user.to_string()], None), &main)
+    common::accept(http, &ep.ingest, "campaigns", &campaign(&id, "Night sale", &[user.to_string()], None), &setup.main)
         .await;
     let paid = json!({"event_id": uuid::Uuid::new_v4().to_string(), "occurred_at": Utc::now().timestamp_micros(),
         "order_id": "o-qh-1", "buyer_id": user, "locale": null,
         "payload": {"OrderPaid": {"amount_cents": 1200, "currency": "EUR", "payment_method": "card"}}});
-    common::accept(&http, &ep.ingest, "orders", &paid, &main).await;
+    common::accept(http, &ep.ingest, "orders", &paid, &setup.main).await;
 
     // The payment (critical) arrives at once; the campaign is held by the scheduler.
-    let procs = [&main, &sched];
+    let procs = [&setup.main, &sched];
     eventually("the payment, live", Duration::from_secs(30), Duration::from_millis(100), &procs, || async {
         match stream.named(|e| e == "order.paid").len() {
             1 => Ok(()),
@@ -102,13 +155,7 @@ async fn a_campaign_in_quiet_hours_is_held_and_released_once_after_the_window() 
     })
     .await;
     let notification_id = Notification::id_for(&format!("campaign:{id}"), user).to_string();
-    let held = eventually("the campaign held", Duration::from_secs(30), Duration::from_millis(200), &procs, || async {
-        match scheduled(&pool).await.as_slice() {
-            [row] => Ok(row.clone()),
-            rows => Err(format!("{rows:?}")),
-        }
-    })
-    .await;
+    let held = held_one(pool, &procs).await;
     assert_eq!(
         (held.0.as_str(), held.1.as_str()),
         (notification_id.as_str(), format!("{prefix}notifications").as_str())
@@ -117,19 +164,13 @@ async fn a_campaign_in_quiet_hours_is_held_and_released_once_after_the_window() 
     let (end, last) = (window_end.timestamp_micros(), (window_end + SPREAD).timestamp_micros());
     assert!((end..last).contains(&release_at), "released at {release_at}, not within the spread after {end}");
     assert_eq!(held.3, None, "not released yet");
-    eventually("the payment stored", Duration::from_secs(30), Duration::from_millis(200), &procs, || async {
-        match common::count_notifications(&pool).await {
-            1 => Ok(()),
-            n => Err(format!("{n} rows")),
-        }
-    })
-    .await;
-    let stored: Vec<(String,)> = sqlx::query_as("SELECT kind FROM notifications").fetch_all(&pool).await.unwrap();
+    await_stored("the payment stored", pool, 1, Duration::from_secs(30), &procs).await;
+    let stored: Vec<(String,)> = sqlx::query_as("SELECT kind FROM notifications").fetch_all(pool).await.unwrap();
     assert_eq!(stored, vec![("order.paid".to_string(),)], "only the payment is in the inbox");
     assert!(stream.named(|e| e == "campaign").is_empty(), "{:?}", stream.names());
 
     // The clock passes the window's end and the spread: released, once.
-    set_clock(&clock, window_end + SPREAD + Span::minutes(1));
+    set_clock(clock, window_end + SPREAD + Span::minutes(1));
     eventually("the campaign, live", Duration::from_secs(30), Duration::from_millis(100), &procs, || async {
         match stream.named(|e| e == "campaign").len() {
             1 => Ok(()),
@@ -137,45 +178,31 @@ async fn a_campaign_in_quiet_hours_is_held_and_released_once_after_the_window() 
         }
     })
     .await;
-    eventually("both stored", Duration::from_secs(30), Duration::from_millis(200), &procs, || async {
-        match common::count_notifications(&pool).await {
-            2 => Ok(()),
-            n => Err(format!("{n} rows")),
-        }
-    })
-    .await;
+    await_stored("both stored", pool, 2, Duration::from_secs(30), &procs).await;
     let got = &stream.named(|e| e == "campaign")[0].1;
     assert_eq!(got["id"], json!(notification_id));
     assert_eq!(got["title"], "Night sale");
-    let row = scheduled(&pool).await.remove(0);
+    let row = scheduled(pool).await.remove(0);
     assert!(row.3.is_some(), "marked released: {row:?}");
     // A few more ticks (1 s each) change nothing: one campaign record on the topic, one row.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let records: i64 = common::high_watermarks(&brokers, &format!("{prefix}notifications")).await.iter().sum();
+    let records: i64 = common::high_watermarks(brokers, &format!("{prefix}notifications")).await.iter().sum();
     assert_eq!(records, 2, "the payment and the released campaign, each once");
     assert_eq!(stream.named(|e| e == "campaign").len(), 1);
     let rows: Vec<(String, String)> =
-        sqlx::query_as("SELECT kind, user_id FROM notifications ORDER BY kind").fetch_all(&pool).await.unwrap();
+        sqlx::query_as("SELECT kind, user_id FROM notifications ORDER BY kind").fetch_all(pool).await.unwrap();
     assert_eq!(rows, vec![("campaign".into(), user.into()), ("order.paid".into(), user.into())]);
 
     common::sigterm(&mut sched).await;
-    common::sigterm(&mut main).await;
+    common::sigterm(&mut setup.main).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scheduled_campaign_waits_for_send_at_through_scheduler_restarts() {
-    let Some(brokers) = common::brokers_or_skip() else { return };
-    let (pool, db_url) = common::fresh_pg().await;
-    let prefix = common::unique_prefix();
-    let mut main = Tidings::spawn("scheduled-main", &Up::all(&brokers, &db_url, &prefix));
-    let ep = main.endpoints(Duration::from_secs(60)).await;
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(15)).build().unwrap();
-    common::await_ready(&http, &ep.http, &[&main]).await;
-    let dir = tempfile::tempdir().unwrap();
-    let clock = dir.path().join("now");
-    let now = Utc::now();
-    set_clock(&clock, now);
-    let start = |name: &str| scheduler(name, &brokers, &db_url, &prefix, &ep.schema_registry_url, &clock);
+    let Some(mut setup) = Main::start("scheduled-main").await else { return };
+    let Main { brokers, pool, prefix, ep, http, clock, now, .. } = &setup;
+    let now = *now;
+    let start = |name: &str| setup.scheduler(name);
     let mut sched = start("scheduler-1");
     sched.endpoints(Duration::from_secs(60)).await;
 
@@ -195,19 +222,7 @@ async fn a_scheduled_campaign_waits_for_send_at_through_scheduler_restarts() {
         resp.json::<serde_json::Value>().await.unwrap()
     };
     let event_id = format!("campaign:{id}");
-    let held = eventually(
-        "the campaign held",
-        Duration::from_secs(30),
-        Duration::from_millis(200),
-        &[&main, &sched],
-        || async {
-            match scheduled(&pool).await.as_slice() {
-                [row] => Ok(row.clone()),
-                rows => Err(format!("{rows:?}")),
-            }
-        },
-    )
-    .await;
+    let held = held_one(pool, &[&setup.main, &sched]).await;
     assert_eq!(held, (event_id.clone(), format!("{prefix}campaigns"), send_at.timestamp_micros(), None));
 
     // Restarts of the scheduler before send_at: a clean one, then a kill -9.
@@ -219,22 +234,16 @@ async fn a_scheduled_campaign_waits_for_send_at_through_scheduler_restarts() {
     let mut sched = start("scheduler-3");
     sched.endpoints(Duration::from_secs(60)).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(common::count_notifications(&pool).await, 0, "nothing before send_at");
-    assert_eq!(scheduled(&pool).await, vec![held.clone()], "still held, once");
+    assert_eq!(common::count_notifications(pool).await, 0, "nothing before send_at");
+    assert_eq!(scheduled(pool).await, vec![held.clone()], "still held, once");
     assert_eq!(show().await["status"], "scheduled");
 
-    set_clock(&clock, send_at + Span::seconds(1));
-    let procs = [&main, &sched];
-    eventually("every user's notification", Duration::from_secs(60), Duration::from_millis(250), &procs, || async {
-        match common::count_notifications(&pool).await {
-            25 => Ok(()),
-            n => Err(format!("{n} rows")),
-        }
-    })
-    .await;
+    set_clock(clock, send_at + Span::seconds(1));
+    let procs = [&setup.main, &sched];
+    await_stored("every user's notification", pool, 25, Duration::from_secs(60), &procs).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let rows: Vec<(uuid::Uuid, String, String)> =
-        sqlx::query_as("SELECT id, user_id, kind FROM notifications ORDER BY user_id").fetch_all(&pool).await.unwrap();
+        sqlx::query_as("SELECT id, user_id, kind FROM notifications ORDER BY user_id").fetch_all(pool).await.unwrap();
     assert_eq!(
         rows.iter().map(|r| r.1.as_str()).collect::<Vec<_>>(),
         users.iter().map(String::as_str).collect::<Vec<_>>()
@@ -244,14 +253,14 @@ async fn a_scheduled_campaign_waits_for_send_at_through_scheduler_restarts() {
     }
     let shown = show().await;
     assert_eq!((&shown["status"], &shown["counts"]["stored"]), (&json!("done"), &json!(25)), "{shown}");
-    let released = scheduled(&pool).await.remove(0);
+    let released = scheduled(pool).await.remove(0);
     assert!(released.3.is_some(), "marked released: {released:?}");
     // The launch and its one release: the campaign went through templating twice, no more.
-    let records: i64 = common::high_watermarks(&brokers, &format!("{prefix}campaigns")).await.iter().sum();
+    let records: i64 = common::high_watermarks(brokers, &format!("{prefix}campaigns")).await.iter().sum();
     assert_eq!(records, 2, "the launch and one release");
 
     common::sigterm(&mut sched).await;
-    common::sigterm(&mut main).await;
+    common::sigterm(&mut setup.main).await;
 }
 
 /// Whether `group` is stable with `n` members, each holding partitions.
@@ -270,29 +279,21 @@ fn group_split(brokers: &str, group: &str, n: usize) -> Result<(), String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_schedulers_split_the_partitions_and_release_each_campaign_once() {
-    let Some(brokers) = common::brokers_or_skip() else { return };
-    let (pool, db_url) = common::fresh_pg().await;
-    let prefix = common::unique_prefix();
-    let mut main = Tidings::spawn("split-main", &Up::all(&brokers, &db_url, &prefix));
-    let ep = main.endpoints(Duration::from_secs(60)).await;
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(15)).build().unwrap();
-    common::await_ready(&http, &ep.http, &[&main]).await;
-    let dir = tempfile::tempdir().unwrap();
-    let clock = dir.path().join("now");
-    let now = Utc::now();
-    set_clock(&clock, now);
-    let mut a = scheduler("scheduler-a", &brokers, &db_url, &prefix, &ep.schema_registry_url, &clock);
-    let mut b = scheduler("scheduler-b", &brokers, &db_url, &prefix, &ep.schema_registry_url, &clock);
+    let Some(mut setup) = Main::start("split-main").await else { return };
+    let Main { brokers, pool, prefix, ep, http, clock, now, .. } = &setup;
+    let now = *now;
+    let mut a = setup.scheduler("scheduler-a");
+    let mut b = setup.scheduler("scheduler-b");
     a.endpoints(Duration::from_secs(60)).await;
     b.endpoints(Duration::from_secs(60)).await;
     let group = format!("{prefix}tidings-scheduler");
-    let procs = [&main, &a, &b];
+    let procs = [&setup.main, &a, &b];
     eventually(
         "the schedulers to split the partitions",
         Duration::from_secs(60),
         Duration::from_millis(500),
         &procs,
-        || async { group_split(&brokers, &group, 2) },
+        || async { group_split(brokers, &group, 2) },
     )
     .await;
 
@@ -312,30 +313,24 @@ async fn two_schedulers_split_the_partitions_and_release_each_campaign_once() {
     for (i, id) in ids.iter().enumerate() {
         let users = [format!("sp{i:02}a"), format!("sp{i:02}b")];
         let launched = campaign(id, "Split sale", &users, Some(send_at.timestamp_micros()));
-        common::accept(&http, &ep.ingest, "campaigns", &launched, &main).await;
+        common::accept(http, &ep.ingest, "campaigns", &launched, &setup.main).await;
     }
     eventually("12 campaigns held", Duration::from_secs(30), Duration::from_millis(200), &procs, || async {
-        match scheduled(&pool).await.len() {
+        match scheduled(pool).await.len() {
             12 => Ok(()),
             n => Err(format!("{n} held")),
         }
     })
     .await;
-    group_split(&brokers, &group, 2).expect("still split");
-    set_clock(&clock, send_at + Span::seconds(1));
-    eventually("every user's notification", Duration::from_secs(60), Duration::from_millis(250), &procs, || async {
-        match common::count_notifications(&pool).await {
-            24 => Ok(()),
-            n => Err(format!("{n} rows")),
-        }
-    })
-    .await;
+    group_split(brokers, &group, 2).expect("still split");
+    set_clock(clock, send_at + Span::seconds(1));
+    await_stored("every user's notification", pool, 24, Duration::from_secs(60), &procs).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(scheduled(&pool).await.iter().all(|r| r.3.is_some()), "all marked released");
+    assert!(scheduled(pool).await.iter().all(|r| r.3.is_some()), "all marked released");
     // Each campaign's launch and its one release: no partition was released by both.
-    let records: i64 = common::high_watermarks(&brokers, &format!("{prefix}campaigns")).await.iter().sum();
+    let records: i64 = common::high_watermarks(brokers, &format!("{prefix}campaigns")).await.iter().sum();
     assert_eq!(records, 24, "12 launches and 12 releases");
-    assert_eq!(common::count_notifications(&pool).await, 24);
+    assert_eq!(common::count_notifications(pool).await, 24);
     // Each scheduler released what its partitions held.
     for s in [&a, &b] {
         let log = s.log_tail(400);
@@ -343,5 +338,5 @@ async fn two_schedulers_split_the_partitions_and_release_each_campaign_once() {
     }
     common::sigterm(&mut a).await;
     common::sigterm(&mut b).await;
-    common::sigterm(&mut main).await;
+    common::sigterm(&mut setup.main).await;
 }

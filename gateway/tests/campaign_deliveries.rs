@@ -100,6 +100,28 @@ impl Gw {
     }
 }
 
+/// `flush_counts` of a gateway's hub into a store, running in the background.
+struct Flusher {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), std::convert::Infallible>>,
+}
+
+impl Flusher {
+    fn start(gw: &Gw, store: &Store, every: Duration) -> Flusher {
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(flush_counts(gw.hub.clone(), store.clone(), "gw-test".into(), every, stop.clone()));
+        Flusher { stop, task }
+    }
+
+    /// Shuts down as the delivery consumer does: the streams end with `reconnect`, then the
+    /// flusher stops after its last flush.
+    async fn shut_down(self, gw: &Gw) {
+        gw.hub.close_all();
+        self.stop.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
 /// Reads the stream into `seen` until it holds an event named `kind` (panics after 10 s).
 async fn read_until(resp: &mut reqwest::Response, seen: &mut String, kind: &str) {
     read_until_n(resp, seen, kind, 1).await
@@ -133,14 +155,7 @@ async fn delivered_becomes(store: &Store, campaign: &str, want: u64) {
 async fn connected_users_getting_a_campaign_are_counted_in_the_store() {
     let (store, _dir) = tidings_store::testing::fresh_sqlite().await.unwrap();
     let gw = Gw::start().await;
-    let flush_stop = CancellationToken::new();
-    let flusher = tokio::spawn(flush_counts(
-        gw.hub.clone(),
-        store.clone(),
-        "gw-test".into(),
-        Duration::from_millis(100),
-        flush_stop.clone(),
-    ));
+    let flusher = Flusher::start(&gw, &store, Duration::from_millis(100));
     // ann has two tabs open: each stream that writes it counts.
     let mut streams = Vec::new();
     for user in ["ann", "ann", "bob", "cy"] {
@@ -165,9 +180,7 @@ async fn connected_users_getting_a_campaign_are_counted_in_the_store() {
     // Several flush periods later, still 4 (dee was not connected; nothing counted twice).
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(store.campaign_delivered("spring").await.unwrap(), 4);
-    gw.hub.close_all();
-    flush_stop.cancel();
-    flusher.await.unwrap().unwrap();
+    flusher.shut_down(&gw).await;
     gw.stop.cancel();
 }
 
@@ -175,24 +188,14 @@ async fn connected_users_getting_a_campaign_are_counted_in_the_store() {
 async fn counts_written_since_the_last_flush_are_flushed_on_shutdown() {
     let (store, _dir) = tidings_store::testing::fresh_sqlite().await.unwrap();
     let gw = Gw::start().await;
-    let flush_stop = CancellationToken::new();
     // A period no test waits out: only the shutdown's flush writes.
-    let flusher = tokio::spawn(flush_counts(
-        gw.hub.clone(),
-        store.clone(),
-        "gw-test".into(),
-        Duration::from_secs(3600),
-        flush_stop.clone(),
-    ));
+    let flusher = Flusher::start(&gw, &store, Duration::from_secs(3600));
     let (mut stream, mut seen) = (gw.open("eve").await, String::new());
     gw.consume(notification("autumn", "eve", "campaign"));
     read_until(&mut stream, &mut seen, "campaign").await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(store.campaign_delivered("autumn").await.unwrap(), 0, "flushed before the shutdown");
-    // Shutting down as the delivery consumer does: the streams end with `reconnect`.
-    gw.hub.close_all();
-    flush_stop.cancel();
-    flusher.await.unwrap().unwrap();
+    flusher.shut_down(&gw).await;
     assert_eq!(store.campaign_delivered("autumn").await.unwrap(), 1);
     read_until(&mut stream, &mut seen, "reconnect").await;
     gw.stop.cancel();
@@ -204,14 +207,7 @@ async fn a_resume_from_the_store_counts_what_it_writes() {
     let resume = StoreResume { store: store.clone(), group: "persist".into(), topic: "notifications".into() };
     // A ring of 2: of 5 notifications, the first 3 come back from the store.
     let gw = Gw::start_with(HubConfig { ring_events: 2, ..HubConfig::default() }, Some(resume)).await;
-    let flush_stop = CancellationToken::new();
-    let flusher = tokio::spawn(flush_counts(
-        gw.hub.clone(),
-        store.clone(),
-        "gw-test".into(),
-        Duration::from_millis(100),
-        flush_stop.clone(),
-    ));
+    let flusher = Flusher::start(&gw, &store, Duration::from_millis(100));
     // Consumed while fay was away (no stream wrote them), and persisted.
     let mut batch = Batch::default();
     for i in 0..5 {
@@ -236,8 +232,6 @@ async fn a_resume_from_the_store_counts_what_it_writes() {
     for i in 0..5 {
         delivered_becomes(&store, &format!("c{i}"), 1).await;
     }
-    gw.hub.close_all();
-    flush_stop.cancel();
-    flusher.await.unwrap().unwrap();
+    flusher.shut_down(&gw).await;
     gw.stop.cancel();
 }

@@ -48,6 +48,13 @@ impl Env {
     }
 }
 
+/// `campaign launch --title <title>` and `flags`, split at spaces (none of their values has one).
+fn launch<'a>(title: &'a str, flags: &'a str) -> Vec<&'a str> {
+    let mut args = vec!["campaign", "launch", "--title", title];
+    args.extend(flags.split_whitespace());
+    args
+}
+
 fn text(o: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
@@ -100,63 +107,18 @@ async fn launch_flags_dry_run_and_exit_codes() {
     assert!(env.store().await.campaigns(None, 10).await.unwrap().is_empty());
 
     // A dry run: u1..u4 and u5 once each, u2 opted out.
-    let o = env.run(&[
-        "campaign",
-        "launch",
-        "--id",
-        "spring",
-        "--category",
-        "campaigns",
-        "--title",
-        "Hi {{ recipient }}",
-        "--body",
-        "Sale",
-        "--segment",
-        "a",
-        "--segment",
-        "b",
-        "--user",
-        "u5",
-        "--user",
-        "u4",
-        "--dry-run",
-        "--json",
-    ]);
+    let flags = "--id spring --category campaigns --body Sale --segment a --segment b --user u5 --user u4";
+    let o = env.run(&launch("Hi {{ recipient }}", &format!("{flags} --dry-run --json")));
     assert!(o.status.success(), "{}", text(&o));
     let answer: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!((answer["audience"].as_u64(), answer["opted_out"].as_u64()), (Some(5), Some(1)), "{answer}");
     assert_eq!((answer["will_receive"].as_u64(), answer["estimated_send_ms"].as_u64()), (Some(4), Some(1)));
-    let o = env.run(&[
-        "campaign",
-        "launch",
-        "--category",
-        "campaigns",
-        "--title",
-        "T",
-        "--body",
-        "B",
-        "--segment",
-        "a",
-        "--dry-run",
-    ]);
+    let o = env.run(&launch("T", "--category campaigns --body B --segment a --dry-run"));
     assert!(text(&o).contains("audience 3 user(s), 1 opted out of campaigns, 2 will receive it"), "{}", text(&o));
     assert!(env.store().await.campaigns(None, 10).await.unwrap().is_empty(), "a dry run stored a campaign");
 
     // A real launch needs Kafka: without one it fails (exit 1) before anything is stored.
-    let o = env.run(&[
-        "campaign",
-        "launch",
-        "--id",
-        "spring",
-        "--category",
-        "campaigns",
-        "--title",
-        "T",
-        "--body",
-        "B",
-        "--user",
-        "u1",
-    ]);
+    let o = env.run(&launch("T", "--id spring --category campaigns --body B --user u1"));
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(text(&o).contains("no running `tidings up` found"), "{}", text(&o));
     assert!(env.store().await.campaign("spring").await.unwrap().is_none());

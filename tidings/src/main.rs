@@ -8,6 +8,7 @@ mod campaign;
 mod coupon_create;
 mod coupon_verify;
 mod demo;
+mod dlq;
 mod endpoints;
 mod offsets;
 mod replay;
@@ -190,6 +191,10 @@ enum Command {
     /// Campaigns: launch (or --dry-run), list, show, cancel.
     #[command(subcommand)]
     Campaign(campaign::CampaignCmd),
+    /// Dead letters: list (counts by reason and source), show (decoded), replay (re-drive after
+    /// a fix, dry run unless --execute), purge.
+    #[command(subcommand)]
+    Dlq(dlq::DlqCmd),
     /// The stage groups' offsets: show them (state, members, lag), reset an idle group's.
     #[command(subcommand)]
     Offsets(offsets::OffsetsCmd),
@@ -365,6 +370,7 @@ async fn main() -> ExitCode {
         Command::Stats { infra } => tools::stats(&infra).await,
         Command::Segment(cmd) => segment::run(cmd).await,
         Command::Campaign(cmd) => campaign::run(cmd).await,
+        Command::Dlq(cmd) => dlq::run(cmd).await,
         Command::Offsets(cmd) => offsets::run(cmd).await,
         Command::Replay(cmd) => replay::run(cmd).await,
         Command::Token { user, ttl_secs, jwt_secret, jwt_issuer, jwt_audience } => {

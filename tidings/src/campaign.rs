@@ -429,16 +429,9 @@ async fn launch(args: &LaunchArgs) -> anyhow::Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
-
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        launch: LaunchArgs,
-    }
 
     fn parse(args: &[&str]) -> LaunchArgs {
-        Cli::try_parse_from([&["launch"], args].concat()).unwrap().launch
+        crate::tools::parse_flags(args)
     }
 
     #[test]

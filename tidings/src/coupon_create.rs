@@ -113,16 +113,9 @@ pub async fn run(args: &CreateArgs) -> anyhow::Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
-
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        create: CreateArgs,
-    }
 
     fn parse(args: &[&str]) -> CreateArgs {
-        Cli::try_parse_from([&["create"], args].concat()).unwrap().create
+        crate::tools::parse_flags(args)
     }
 
     #[test]

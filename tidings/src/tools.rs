@@ -17,6 +17,14 @@ use crate::endpoints::{database_url, Endpoints};
 use crate::up::load_topology;
 use crate::Infra;
 
+/// `args` parsed as a command's flags `A` (for the commands' tests: what clap makes of a command line).
+#[cfg(test)]
+pub(crate) fn parse_flags<A: clap::Args + clap::FromArgMatches>(args: &[&str]) -> A {
+    let cmd = A::augment_args(clap::Command::new("tidings"));
+    let matches = cmd.try_get_matches_from(std::iter::once("tidings").chain(args.iter().copied())).unwrap();
+    A::from_arg_matches(&matches).unwrap()
+}
+
 pub fn topology_check(path: &Path) -> anyhow::Result<ExitCode> {
     match Topology::load(path) {
         Ok(t) => {

@@ -51,7 +51,8 @@ impl EventProducer {
             }
         }
         let (id, schema) = self.registry.latest(&format!("{physical}-value")).await.map_err(|e| {
-            if e.is_retriable() {
+            // Refused credentials are this server's configuration, not the caller's topic.
+            if e.is_retriable() || matches!(e, tidings_core::RegistryError::Unauthorized(..)) {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "registry_unavailable", e.to_string())
             } else {
                 ApiError::new(StatusCode::NOT_FOUND, "schema_not_found", e.to_string())

@@ -343,3 +343,41 @@ async fn the_embedded_registry_takes_writes_only_with_its_generated_token() {
     let read = client.get(format!("{base}/subjects/probe-value/versions")).send().await.unwrap();
     assert_eq!(read.status(), 200, "reads stay open");
 }
+
+/// A templating-only `up` beside another's embedded registry, without its write token: the
+/// topology's schemas are there already (reads do), but registering templating's output is
+/// refused (401), a configuration error: `up` exits non-zero naming the credential settings
+/// instead of restarting the stage with a growing backoff.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_without_registry_write_credentials_ends_up_naming_the_setting() {
+    let (_first, ep) = start(&["--dev"]);
+    let registry = ep["schema_registry_url"].as_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("up.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut child = command(dir.path(), &["--dev", "--stages", "templating", "--schema-registry-url", registry])
+        .env_remove("TIDINGS_SCHEMA_REGISTRY_BEARER_TOKEN")
+        .env_remove("TIDINGS_SCHEMA_REGISTRY_BASIC_AUTH")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("`up` still runs after 60 s:\n{}", std::fs::read_to_string(&log_path).unwrap_or_default());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let stderr = std::fs::read_to_string(&log_path).unwrap_or_default();
+    assert!(!status.success(), "`up` exited cleanly:\n{stderr}");
+    assert!(
+        stderr.contains("templating") && stderr.contains("HTTP 401") && stderr.contains("TIDINGS_REGISTRY_WRITE_TOKEN"),
+        "the error does not name the stage, the status and the setting:\n{stderr}"
+    );
+}

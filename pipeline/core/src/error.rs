@@ -24,9 +24,14 @@ pub enum RegistryError {
     Rejected(String),
     #[error("schema registry unreachable or failing: {0}")]
     Unavailable(String),
-    /// 401/403: the credentials are wrong or lack a permission (retried; alert an operator).
+    /// 401/403: the credentials are missing, wrong or lack a permission: a configuration error,
+    /// not retried (a restart sends the same credentials).
     #[error("schema registry refused our credentials (HTTP {0}): {1}")]
     Unauthorized(u16, String),
+    /// Another 4xx (not 404, 408 or 429): the request itself is wrong, e.g. a schema incompatible
+    /// with the subject's versions (409); not retried.
+    #[error("schema registry refused the request (HTTP {0}): {1}")]
+    Refused(u16, String),
     /// 429: over the registry's request quota (retried).
     #[error("schema registry throttled us (HTTP 429): {0}")]
     Throttled(String),
@@ -38,8 +43,15 @@ pub enum RegistryError {
 }
 
 impl RegistryError {
-    /// Whether the same request may succeed later.
+    /// Whether the same request may succeed later: an outage (5xx, 408, a timeout, a refused
+    /// connection) or a quota (429), never a refusal.
     pub fn is_retriable(&self) -> bool {
-        matches!(self, RegistryError::Unavailable(_) | RegistryError::Unauthorized(..) | RegistryError::Throttled(_))
+        matches!(self, RegistryError::Unavailable(_) | RegistryError::Throttled(_))
+    }
+
+    /// Whether only a change of settings can fix it: unusable client settings, refused
+    /// credentials (401/403) or another refused request (4xx).
+    pub fn is_configuration(&self) -> bool {
+        matches!(self, RegistryError::Config(_) | RegistryError::Unauthorized(..) | RegistryError::Refused(..))
     }
 }

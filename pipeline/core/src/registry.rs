@@ -16,6 +16,13 @@ use std::time::Duration;
 use crate::error::{CodecError, RegistryError};
 use crate::wire;
 
+/// The settings that hold this process's registry credentials, named when the registry refuses
+/// them (401/403).
+pub const CREDENTIAL_SETTINGS: &str = "--schema-registry-bearer-token (TIDINGS_SCHEMA_REGISTRY_BEARER_TOKEN) or \
+     --schema-registry-basic-auth (TIDINGS_SCHEMA_REGISTRY_BASIC_AUTH); for the embedded registry of another \
+     `tidings up`, its write token: that process's --registry-write-token (TIDINGS_REGISTRY_WRITE_TOKEN) or \
+     <data-dir>/registry-write-token";
+
 /// Largest single allocation the Avro decoder may make.
 pub const MAX_AVRO_ALLOCATION: usize = 64 * 1024 * 1024;
 
@@ -137,9 +144,9 @@ enum Auth {
     Bearer(String),
 }
 
-/// Classifies an answer by its HTTP status: 404 → `not_found`; 401/403 → `Unauthorized` and 429 →
-/// `Throttled` (retried and alerted: credentials and quotas get fixed, the records stay good);
-/// 408 and 5xx → `Unavailable`; other 4xx → `Rejected` (the request itself is wrong).
+/// Classifies an answer by its HTTP status: 404 → `not_found`; 401/403 → `Unauthorized` (the
+/// settings' credentials: not retried); 429 → `Throttled` and 408, 5xx → `Unavailable` (retried);
+/// other 4xx → `Refused` (the request itself is wrong).
 fn classify(status: reqwest::StatusCode, body: &str, not_found: impl FnOnce() -> RegistryError) -> RegistryError {
     // Confluent's error body is {"error_code", "message"}; anything else is shown as it came.
     let message = serde_json::from_str::<serde_json::Value>(body)
@@ -151,6 +158,7 @@ fn classify(status: reqwest::StatusCode, body: &str, not_found: impl FnOnce() ->
         401 | 403 => RegistryError::Unauthorized(status.as_u16(), message),
         429 => RegistryError::Throttled(message),
         408 | 500..=599 => RegistryError::Unavailable(format!("HTTP {status}: {message}")),
+        400..=499 => RegistryError::Refused(status.as_u16(), message),
         _ => RegistryError::Rejected(format!("HTTP {status}: {message}")),
     }
 }
@@ -333,7 +341,8 @@ impl RegistryClient {
             None => {
                 let writer = self.schema_by_id(id).await.map_err(|e| match e {
                     RegistryError::UnknownSchemaId(id) => DecodeError::UnknownSchemaId(id),
-                    // Outages, credentials and quotas get fixed; the record stays good.
+                    // Outages, credentials and quotas get fixed; the record stays good: its decode
+                    // waits rather than dead-letter it (reads need no write credentials).
                     e @ (RegistryError::Unavailable(_)
                     | RegistryError::Unauthorized(..)
                     | RegistryError::Throttled(_)) => DecodeError::RegistryUnavailable(e.to_string()),

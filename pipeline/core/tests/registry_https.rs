@@ -1,11 +1,18 @@
 //! The registry client against an https, credential-checking registry (Confluent Cloud style):
 //! a TLS stand-in with a CA and certificate generated here answers `GET /schemas/ids/1` only
 //! with the expected `Authorization`; the client must trust the given CA and send the credentials.
+//! Plain stand-ins answering one status show how each is classified, by the client and by a stage.
 
+use rdkafka::consumer::StreamConsumer;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tidings_core::shutdown::StageHealth;
+use tidings_core::stage::{self, Domain, Processor, StageError};
 use tidings_core::{RegistryClient, RegistryEndpoint, RegistryError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
 
 /// A CA and a server certificate for 127.0.0.1: (ca, cert, key) as PEM bytes.
 fn certs(dir: &Path) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
@@ -133,28 +140,96 @@ async fn answering(status: u16) -> String {
     url
 }
 
-/// Registry errors are classified by status: credentials and quotas are retried (a record whose
-/// schema cannot be fetched for those reasons is never dead-lettered), 404 is an unknown id.
+/// Registry errors are classified by status: outages and quotas are retried, credentials (401/403)
+/// and other refusals (4xx) are configuration, 404 is an unknown id. A record whose schema cannot
+/// be fetched for want of the registry or of credentials is never dead-lettered: its decode waits.
 #[tokio::test]
 async fn registry_errors_are_classified_by_status() {
-    for (status, retriable) in
-        [(401, true), (403, true), (429, true), (500, true), (503, true), (404, false), (400, false)]
-    {
+    for (status, retriable, configuration, decode_retriable) in [
+        (401, false, true, true),
+        (403, false, true, true),
+        (429, true, false, true),
+        (500, true, false, true),
+        (503, true, false, true),
+        (404, false, false, false),
+        (400, false, true, false),
+        (409, false, true, false),
+    ] {
         let client = RegistryClient::new(answering(status).await.as_str()).unwrap();
         let err = client.schema_by_id(7).await.unwrap_err();
         assert_eq!(err.is_retriable(), retriable, "HTTP {status}: {err:?}");
+        assert_eq!(err.is_configuration(), configuration, "HTTP {status}: {err:?}");
         match status {
             401 | 403 => assert!(matches!(err, RegistryError::Unauthorized(s, _) if s == status), "{err:?}"),
             429 => assert!(matches!(err, RegistryError::Throttled(_)), "{err:?}"),
             404 => assert!(matches!(err, RegistryError::UnknownSchemaId(7)), "{err:?}"),
+            400 | 409 => assert!(matches!(err, RegistryError::Refused(s, _) if s == status), "{err:?}"),
             _ => {}
         }
-        // Decoding a record of that schema id: retried (registry-unavailable), not dead-lettered.
         let framed = tidings_core::wire::frame(7, &[2, b'x']);
         let decode = client.decode(&framed, &tidings_core::notification::NOTIFICATION_SCHEMA).await.unwrap_err();
-        assert_eq!(decode.is_retriable(), retriable, "HTTP {status}: decode gave {decode:?}");
+        assert_eq!(decode.is_retriable(), decode_retriable, "HTTP {status}: decode gave {decode:?}");
         if status == 404 {
             assert_eq!(decode.reason_code(), "unknown-schema-id");
         }
     }
+}
+
+/// A processor for stages whose start fails before any record.
+struct Idle;
+
+impl Processor for Idle {
+    type Due = ();
+    async fn process(&mut self, _: &rdkafka::message::BorrowedMessage<'_>) -> Result<(), StageError> {
+        Ok(())
+    }
+    fn due(&mut self) -> impl std::future::Future<Output = ()> + Send {
+        std::future::pending()
+    }
+    async fn on_due(&mut self, _: ()) -> Result<(), StageError> {
+        Ok(())
+    }
+    async fn finish(self, ended: Result<(), StageError>) -> Result<(), StageError> {
+        ended
+    }
+}
+
+/// Runs a stage whose start registers a schema with a registry answering `status` to everything:
+/// (how it ended, how many times it started) once it ended or started `enough` times.
+async fn stage_registering_with(status: u16, enough: usize) -> (Option<Result<(), StageError>>, usize) {
+    let client = RegistryClient::new(answering(status).await.as_str()).unwrap();
+    let (health, shutdown) = (StageHealth::default(), CancellationToken::new());
+    let starts = Arc::new(AtomicUsize::new(0));
+    let (counted, stop) = (starts.clone(), shutdown.clone());
+    let start = move || {
+        let (client, counted, stop) = (client.clone(), counted.clone(), stop.clone());
+        async move {
+            if counted.fetch_add(1, Ordering::SeqCst) + 1 >= enough {
+                stop.cancel();
+            }
+            client.register("notifications-value", r#""string""#).await?;
+            unreachable!("the stand-in registered a schema")
+        }
+    };
+    let run = stage::run::<Idle, Arc<StreamConsumer>, _, _>("test", &health, &shutdown, start);
+    let ended = tokio::time::timeout(Duration::from_secs(60), run).await.ok();
+    let ended = if shutdown.is_cancelled() { None } else { ended };
+    (ended, starts.load(Ordering::SeqCst))
+}
+
+/// A stage whose registry refuses its credentials at start ends at once with a configuration
+/// error naming the credential settings, instead of restarting with a growing backoff; an outage
+/// (503) restarts it.
+#[tokio::test]
+async fn a_stage_refused_by_the_registry_stops_and_one_facing_an_outage_restarts() {
+    for status in [401, 403] {
+        let (ended, starts) = stage_registering_with(status, 3).await;
+        let err = ended.expect("the stage restarted until stopped").expect_err("the stage ended cleanly");
+        assert_eq!((err.domain(), starts), (Domain::Configuration, 1), "HTTP {status}: {err}");
+        assert!(err.to_string().contains("TIDINGS_SCHEMA_REGISTRY_BEARER_TOKEN"), "{err}");
+        assert!(err.to_string().contains("TIDINGS_REGISTRY_WRITE_TOKEN"), "{err}");
+    }
+    let (ended, starts) = stage_registering_with(503, 2).await;
+    assert!(ended.is_none(), "a 503 ended the stage: {ended:?}");
+    assert_eq!(starts, 2, "a 503 was not retried");
 }

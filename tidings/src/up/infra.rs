@@ -172,7 +172,10 @@ async fn register_with_retry(
                         return Ok(id);
                     }
                 }
-                return Err(anyhow::anyhow!("registering {subject}: {e}"));
+                return Err(anyhow::anyhow!(
+                    "registering {subject}: {e}; set credentials the registry accepts for writes: {}",
+                    tidings_core::registry::CREDENTIAL_SETTINGS
+                ));
             }
             Err(e) if e.is_retriable() => {
                 tracing::warn!(error = %e, "Schema registry not reachable; retrying in {delay:?}.");

@@ -243,11 +243,17 @@ impl From<KafkaError> for StageError {
     }
 }
 
-/// Unusable client settings are configuration; the rest as [`RegistryError::is_retriable`] says.
+/// Unusable client settings, refused credentials (401/403) and other refused requests (4xx) are
+/// configuration: a restart would send the same; the rest as [`RegistryError::is_retriable`] says.
 impl From<RegistryError> for StageError {
     fn from(e: RegistryError) -> Self {
         match e {
             RegistryError::Config(m) => StageError::Configuration(format!("schema registry client: {m}")),
+            e @ RegistryError::Unauthorized(..) => StageError::Configuration(format!(
+                "{e}; set credentials the registry accepts for this (writes need write access): {}",
+                crate::registry::CREDENTIAL_SETTINGS
+            )),
+            e @ RegistryError::Refused(..) => StageError::Configuration(e.to_string()),
             e => StageError::external(System::SchemaRegistry, e.is_retriable(), e),
         }
     }
@@ -345,7 +351,12 @@ mod tests {
         let external = Domain::External(System::SchemaRegistry);
         assert_eq!(registry(RegistryError::Unavailable("connection refused".into())), (external, true));
         assert_eq!(registry(RegistryError::Throttled("slow down".into())), (external, true));
-        assert_eq!(registry(RegistryError::Rejected("incompatible".into())), (external, false));
+        assert_eq!(registry(RegistryError::Rejected("the answer is not JSON".into())), (external, false));
+        assert_eq!(registry(RegistryError::Unauthorized(401, "no".into())), (Domain::Configuration, false));
+        assert_eq!(registry(RegistryError::Unauthorized(403, "no".into())), (Domain::Configuration, false));
+        assert_eq!(registry(RegistryError::Refused(409, "incompatible".into())), (Domain::Configuration, false));
+        let refused = StageError::from(RegistryError::Unauthorized(401, "Unauthorized".into())).to_string();
+        assert!(refused.contains("TIDINGS_SCHEMA_REGISTRY_BEARER_TOKEN"), "{refused}");
         assert_eq!(registry(RegistryError::UnknownSubject("s".into())), (external, false));
         assert_eq!(registry(RegistryError::Config("URL is not http(s)".into())), (Domain::Configuration, false));
         let decode = StageError::from(DecodeError::RegistryUnavailable("timed out".into()));

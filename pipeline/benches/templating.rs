@@ -55,7 +55,9 @@ async fn template_one(
             }
             Ok((fanout.len(), count, bytes))
         }
-        Outcome::Dead { reason, error } => Err(format!("event dead-lettered ({reason}): {error}").into()),
+        Outcome::Dead { reason, error } | Outcome::CampaignFailed { reason, error, .. } => {
+            Err(format!("event dead-lettered ({reason}): {error}").into())
+        }
     }
 }
 

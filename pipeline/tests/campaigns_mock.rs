@@ -308,6 +308,7 @@ async fn a_restarted_fan_out_produces_only_the_rest() {
         updated_at: 2,
         finished_at: None,
         cancelled_at: None,
+        failed_reason: None,
     };
     env.store.checkpoint_campaign(&checkpoint).await.unwrap();
     let done = CampaignProgress { campaign_id: "c-done".into(), finished_at: Some(3), ..checkpoint.clone() };
@@ -336,6 +337,32 @@ async fn a_restarted_fan_out_produces_only_the_rest() {
     let (_, _, headers, _, _) = read(&consumer(&env, "tidings.dlq.templating"), 1).await.remove(0);
     let reason = headers.iter().find(|(k, _)| k == H_DLQ_REASON).map(|(_, v)| v.as_str());
     assert_eq!(reason, Some("template-error"));
+    let bad = wait_finished(&env, "c-bad").await;
+    assert!(bad.failed_reason.as_deref().is_some_and(|r| r.starts_with("template-error: ")), "{bad:?}");
+    assert_eq!(env.store.campaign_progress("c4").await.unwrap().unwrap().failed_reason, None);
+    stop(&env, stage).await;
+    drop(mock);
+}
+
+/// A campaign whose text fails to render on its second page (for one user of it) is dead-lettered
+/// there and finished as failed with the reason, keeping the first page's cursor and counts, so
+/// its status is `failed`, not `sending` for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_campaign_dead_lettered_on_a_later_page_is_finished_as_failed() {
+    let mock = MockCluster::new(1).unwrap();
+    let env = env(&mock).await;
+    let page = templating::SEGMENT_PAGE as usize;
+    env.store.add_segment_members("seg", &users(0..page + 10)).await.unwrap();
+    let stage = spawn_templating(&env);
+    let body = r#"{% if recipient == "u-05003" %}{{ nope }}{% endif %}Hi {{ recipient }}"#;
+    send_campaign(&env, &launch("c8", json!({"segments": ["seg"], "body": body})), None).await;
+    let (_, _, headers, _, _) = read(&consumer(&env, "tidings.dlq.templating"), 1).await.remove(0);
+    let reason = headers.iter().find(|(k, _)| k == H_DLQ_REASON).map(|(_, v)| v.as_str());
+    assert_eq!(reason, Some("template-error"));
+    let failed = wait_finished(&env, "c8").await;
+    assert!(failed.failed_reason.as_deref().is_some_and(|r| r.starts_with("template-error: ")), "{failed:?}");
+    assert_eq!((failed.cursor.as_deref(), failed.produced), (Some("u-04999"), page as i64), "the first page's");
+    assert_eq!(everything(&env, "notifications").await.len(), page, "the first page only");
     stop(&env, stage).await;
     drop(mock);
 }

@@ -211,7 +211,9 @@ async fn a_partition_that_moves_away_and_back_forgets_its_rooms_members() {
                     users.sort();
                     users
                 }
-                Outcome::Dead { reason, error } => panic!("{reason}: {error}"),
+                Outcome::Dead { reason, error } | Outcome::CampaignFailed { reason, error, .. } => {
+                    panic!("{reason}: {error}")
+                }
             }
         }
     };

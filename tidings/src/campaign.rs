@@ -339,6 +339,9 @@ pub async fn run(cmd: CampaignCmd) -> anyhow::Result<ExitCode> {
                 Some(row) if json => println!("{}", serde_json::to_string_pretty(&campaign_json(&row, true))?),
                 Some(row) => {
                     println!("{}", line(&row));
+                    if let Some(reason) = &row.failed_reason {
+                        println!("failed: {reason}");
+                    }
                     println!("definition: {}", row.definition);
                 }
                 None => return failed(CampaignError::Unknown(campaign_id)),
@@ -349,7 +352,12 @@ pub async fn run(cmd: CampaignCmd) -> anyhow::Result<ExitCode> {
             // An unknown or finished campaign is reported as such, with or without a reachable Kafka.
             match store(&infra).await?.campaign(&campaign_id).await? {
                 None => return failed(CampaignError::Unknown(campaign_id)),
-                Some(row) if row.status(chrono::Utc::now().timestamp_micros()) == CampaignStatus::Done => {
+                Some(row)
+                    if matches!(
+                        row.status(chrono::Utc::now().timestamp_micros()),
+                        CampaignStatus::Done | CampaignStatus::Failed
+                    ) =>
+                {
                     return failed(CampaignError::Finished(campaign_id))
                 }
                 Some(_) => {}

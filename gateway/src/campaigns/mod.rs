@@ -235,7 +235,7 @@ impl Campaigns {
     pub async fn cancel(&self, id: &str, reason: Option<&str>) -> Result<CampaignRow, CampaignError> {
         let row = self.show(id).await?;
         let now = now_micros();
-        if row.status(now) == CampaignStatus::Done {
+        if matches!(row.status(now), CampaignStatus::Done | CampaignStatus::Failed) {
             return Err(CampaignError::Finished(id.to_string()));
         }
         let events = self.events()?;
@@ -269,6 +269,8 @@ pub fn campaign_json(c: &CampaignRow, definition: bool) -> Value {
         "launched_by": c.launched_by,
         "cancelled_at": rfc3339(c.cancelled_at.or(c.progress_cancelled_at)),
         "finished_at": rfc3339(c.finished_at),
+        // Set with status `failed`: why the fan-out stopped short (its launch was dead-lettered).
+        "failed_reason": c.failed_reason,
         "counts": {
             "produced": c.produced.unwrap_or(0),
             "held": c.held.unwrap_or(0),
@@ -312,4 +314,49 @@ pub fn router(state: Arc<CampaignsState>) -> Router {
         ))
         .layer(DefaultBodyLimit::max(state.campaigns.config.max_body_bytes))
         .with_state(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row() -> CampaignRow {
+        CampaignRow {
+            campaign_id: "c1".into(),
+            event_id: "campaign:c1".into(),
+            category: "campaigns".into(),
+            definition: "{}".into(),
+            send_at: None,
+            created_at: 1,
+            launched_by: "ops".into(),
+            audience_estimate: Some(10),
+            cancelled_at: None,
+            started_at: Some(2),
+            produced: Some(5000),
+            held: Some(0),
+            suppressed: Some(0),
+            finished_at: None,
+            progress_cancelled_at: None,
+            failed_reason: None,
+            stored: 5000,
+            delivered: 0,
+        }
+    }
+
+    /// A fan-out that stopped short (its launch dead-lettered on a later page) shows `failed` with
+    /// its reason, not `sending` or `done`; a cancel still wins.
+    #[test]
+    fn a_failed_fan_out_shows_failed_with_its_reason() {
+        let sending = campaign_json(&row(), false);
+        assert_eq!((sending["status"].as_str(), &sending["failed_reason"]), (Some("sending"), &Value::Null));
+        let done = campaign_json(&CampaignRow { finished_at: Some(3), ..row() }, false);
+        assert_eq!(done["status"], "done");
+        let reason = "segment-version-gone: segment \"vip\" version 7 was deleted during the fan-out";
+        let failed = CampaignRow { finished_at: Some(3), failed_reason: Some(reason.into()), ..row() };
+        let v = campaign_json(&failed, false);
+        assert_eq!((v["status"].as_str(), v["failed_reason"].as_str()), (Some("failed"), Some(reason)));
+        assert_eq!(v["counts"]["produced"], 5000, "what the pages before it produced");
+        let cancelled = CampaignRow { cancelled_at: Some(4), ..failed };
+        assert_eq!(campaign_json(&cancelled, false)["status"], "cancelled");
+    }
 }

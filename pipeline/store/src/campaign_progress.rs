@@ -25,6 +25,8 @@ pub struct CampaignProgress {
     pub updated_at: i64,
     pub finished_at: Option<i64>,
     pub cancelled_at: Option<i64>,
+    /// Why the fan-out stopped short (its launch record was dead-lettered); set with `finished_at`.
+    pub failed_reason: Option<String>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -39,6 +41,7 @@ struct Row {
     updated_at: i64,
     finished_at: Option<i64>,
     cancelled_at: Option<i64>,
+    failed_reason: Option<String>,
 }
 
 impl Store {
@@ -58,6 +61,7 @@ impl Store {
             updated_at: r.updated_at,
             finished_at: r.finished_at,
             cancelled_at: r.cancelled_at,
+            failed_reason: r.failed_reason,
         }))
     }
 
@@ -71,8 +75,9 @@ impl Store {
         Ok(!at.is_empty())
     }
 
-    /// Records `p` once its page's notifications are acknowledged. `started_at` is only written
-    /// by the first checkpoint; a finish or cancel already recorded stays.
+    /// Records `p` once its page's notifications are acknowledged (or, failed, once its launch's
+    /// dead letter is). `started_at` is only written by the first checkpoint; a finish (with its
+    /// failure, if any) or cancel already recorded stays.
     pub async fn checkpoint_campaign(&self, p: &CampaignProgress) -> Result<(), StoreError> {
         on_pool!(self, |pool, Db| sqlx::query(CHECKPOINT)
             .bind(Db::text(&p.campaign_id))
@@ -85,6 +90,7 @@ impl Store {
             .bind(p.started_at)
             .bind(p.updated_at)
             .bind(p.finished_at)
+            .bind(p.failed_reason.as_deref().map(Db::text))
             .execute(pool)
             .await
             .map(|_| ())?);
@@ -109,7 +115,7 @@ impl Store {
 mod tests {
     use super::*;
 
-    on_both_backends!(checkpoints_resume_and_keep_a_finish, cancels_from_either_side);
+    on_both_backends!(checkpoints_resume_and_keep_a_finish, cancels_from_either_side, a_failure_finishes_and_stays);
 
     fn progress(cursor: &str, produced: i64, at: i64, finished: Option<i64>) -> CampaignProgress {
         CampaignProgress {
@@ -124,6 +130,7 @@ mod tests {
             updated_at: at,
             finished_at: finished,
             cancelled_at: None,
+            failed_reason: None,
         }
     }
 
@@ -169,5 +176,20 @@ mod tests {
         .unwrap()
         });
         assert!(store.campaign_cancelled("c3").await.unwrap());
+    }
+
+    async fn a_failure_finishes_and_stays(store: &Store) {
+        store.checkpoint_campaign(&progress("u-05000", 5000, 10, None)).await.unwrap();
+        let failed = CampaignProgress {
+            failed_reason: Some("template-error: title: undefined value".into()),
+            ..progress("u-05000", 5000, 20, Some(20))
+        };
+        store.checkpoint_campaign(&failed).await.unwrap();
+        let got = store.campaign_progress("c1").await.unwrap().unwrap();
+        assert_eq!((got.finished_at, got.failed_reason.as_deref()), (Some(20), failed.failed_reason.as_deref()));
+        // A later write (a replayed page, a finish) neither clears nor replaces the failure.
+        store.checkpoint_campaign(&progress("u-10000", 9990, 30, Some(30))).await.unwrap();
+        let got = store.campaign_progress("c1").await.unwrap().unwrap();
+        assert_eq!((got.finished_at, got.failed_reason.as_deref()), (Some(20), failed.failed_reason.as_deref()));
     }
 }

@@ -50,6 +50,8 @@ pub struct CampaignRow {
     pub finished_at: Option<i64>,
     /// Templating's record of a cancel it applied.
     pub progress_cancelled_at: Option<i64>,
+    /// Why templating stopped the fan-out short (its launch record was dead-lettered).
+    pub failed_reason: Option<String>,
     /// Notifications of the campaign in the store.
     pub stored: i64,
     /// Notifications of the campaign written to streams, summed over gateways.
@@ -65,6 +67,8 @@ pub enum CampaignStatus {
     Sending,
     Done,
     Cancelled,
+    /// Stopped short: its launch record was dead-lettered (see `failed_reason`).
+    Failed,
 }
 
 impl CampaignStatus {
@@ -74,16 +78,20 @@ impl CampaignStatus {
             CampaignStatus::Sending => "sending",
             CampaignStatus::Done => "done",
             CampaignStatus::Cancelled => "cancelled",
+            CampaignStatus::Failed => "failed",
         }
     }
 }
 
 impl CampaignRow {
-    /// Its status at `now` (microseconds): cancelled if either side recorded a cancel, done once
-    /// templating finished, sending once it started, else scheduled while `send_at` is ahead.
+    /// Its status at `now` (microseconds): cancelled if either side recorded a cancel, failed or
+    /// done once templating finished (failed: with a reason), sending once it started, else
+    /// scheduled while `send_at` is ahead.
     pub fn status(&self, now: i64) -> CampaignStatus {
         if self.cancelled_at.is_some() || self.progress_cancelled_at.is_some() {
             CampaignStatus::Cancelled
+        } else if self.failed_reason.is_some() {
+            CampaignStatus::Failed
         } else if self.finished_at.is_some() {
             CampaignStatus::Done
         } else if self.started_at.is_some() {
@@ -412,5 +420,18 @@ mod tests {
             .map(drop)
             .unwrap());
         assert_eq!(store.campaign("c1").await.unwrap().unwrap().status(1), CampaignStatus::Done);
+        on_pool!(store, |pool, _Db| sqlx::query(
+            "UPDATE campaign_progress SET failed_reason = 'segment-version-gone: vip' WHERE campaign_id = 'c1'"
+        )
+        .execute(pool)
+        .await
+        .map(drop)
+        .unwrap());
+        let c1 = store.campaign("c1").await.unwrap().unwrap();
+        assert_eq!(
+            (c1.status(1), c1.failed_reason.as_deref()),
+            (CampaignStatus::Failed, Some("segment-version-gone: vip"))
+        );
+        assert_eq!(store.campaigns(None, 10).await.unwrap()[2].status(1), CampaignStatus::Failed);
     }
 }

@@ -90,6 +90,34 @@ fn missing(what: &str) -> Outcome {
     Outcome::Dead { reason: "missing-field", error: format!("CampaignLaunched has no {what}") }
 }
 
+/// `outcome`, a dead letter of campaign `campaign_id`'s launch, with the checkpoint that records
+/// it finished and failed (from `progress` when one exists, keeping its cursor and counters).
+fn failed(outcome: Outcome, campaign_id: &str, event_id: &str, progress: Option<CampaignProgress>) -> Outcome {
+    let Outcome::Dead { reason, error } = outcome else { return outcome };
+    let now = now_micros();
+    let base = progress.unwrap_or_else(|| CampaignProgress {
+        campaign_id: campaign_id.to_owned(),
+        event_id: event_id.to_owned(),
+        cursor: None,
+        segment_versions: "{}".to_owned(),
+        produced: 0,
+        held: 0,
+        suppressed: 0,
+        started_at: now,
+        updated_at: now,
+        finished_at: None,
+        cancelled_at: None,
+        failed_reason: None,
+    });
+    let checkpoint = CampaignProgress {
+        updated_at: now,
+        finished_at: Some(now),
+        failed_reason: Some(format!("{reason}: {error}")),
+        ..base
+    };
+    Outcome::CampaignFailed { reason, error, checkpoint }
+}
+
 fn strings(v: &Json) -> Vec<String> {
     v.as_array().map(|a| a.iter().filter_map(Json::as_str).map(str::to_owned).collect()).unwrap_or_default()
 }
@@ -151,6 +179,7 @@ impl CampaignRest {
             updated_at: now,
             finished_at: finished.then_some(now),
             cancelled_at: None,
+            failed_reason: None,
         }
     }
 }
@@ -217,7 +246,7 @@ impl Templater {
         }
         let p = &json["payload"];
         let Some(category) = p.get("category").and_then(Json::as_str).filter(|s| !s.is_empty()) else {
-            return Ok(missing("category"));
+            return Ok(failed(missing("category"), campaign_id, src.event_id, None));
         };
         let locales: Vec<(String, String, String)> = p
             .get("locales")
@@ -233,7 +262,7 @@ impl Templater {
             .unwrap_or_default();
         let (env, per_recipient) = match compile(p, &locales) {
             Ok(c) => c,
-            Err(e) => return Ok(dead(e)),
+            Err(e) => return Ok(failed(dead(e), campaign_id, src.event_id, None)),
         };
         if let (Some(send_at), Some(_)) = (p.get("send_at").and_then(Json::as_i64), &self.scheduled) {
             if send_at > src.at && !src.released {
@@ -268,9 +297,10 @@ impl Templater {
                     match info {
                         Some(i) => i.version,
                         None => {
-                            return Ok(dead(RenderError::MissingRecipient(format!(
+                            let unknown = dead(RenderError::MissingRecipient(format!(
                                 "campaign {campaign_id}: audience segment {seg:?} is unknown"
-                            ))))
+                            )));
+                            return Ok(failed(unknown, campaign_id, src.event_id, progress));
                         }
                     }
                 }
@@ -304,7 +334,8 @@ impl Templater {
 
     /// The next page of campaign `c` (at most [`SEGMENT_PAGE`] users), as `base` (its coordinates)
     /// and siblings per locale and for the held users; its checkpoint rides on the last of them.
-    /// A cancelled campaign ends here, finished, with nothing more produced.
+    /// A cancelled campaign ends here, finished, with nothing more produced; one that cannot go on
+    /// (a segment version gone, a text that fails to render) ends finished and failed.
     pub(super) async fn campaign_page(
         &self,
         mut base: Fanout,
@@ -324,6 +355,9 @@ impl Templater {
             base.checkpoint = Some(c.progress(true));
             return Ok(Outcome::Notifications(base));
         }
+        // A failed page records the checkpoint of the pages before it, with the failure.
+        let before = c.progress(false);
+        let fail = |outcome: Outcome| failed(outcome, &before.campaign_id, &before.event_id, Some(before.clone()));
         let limit = SEGMENT_PAGE as usize;
         let mut page = Vec::with_capacity(limit);
         loop {
@@ -336,13 +370,13 @@ impl Templater {
                         c.merge.refill(&r, members, full);
                     }
                     None => {
-                        return Ok(Outcome::Dead {
+                        return Ok(fail(Outcome::Dead {
                             reason: "segment-version-gone",
                             error: format!(
                                 "campaign {}: segment {:?} version {version} was deleted during the fan-out, after user {:?}",
                                 c.campaign_id, r.segment, r.after
                             ),
-                        })
+                        }))
                     }
                 }
             }
@@ -386,7 +420,7 @@ impl Templater {
             };
             match texts {
                 Ok(texts) => parts.push((users, texts, release)),
-                Err(e) => return Ok(dead(e)),
+                Err(e) => return Ok(fail(dead(e))),
             }
         }
         c.produced += produced as i64;

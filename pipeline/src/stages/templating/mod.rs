@@ -146,7 +146,18 @@ pub const H_RELEASED_AT: &str = "tidings.released-at";
 #[derive(Debug)]
 pub enum Outcome {
     Notifications(Fanout),
-    Dead { reason: &'static str, error: String },
+    Dead {
+        reason: &'static str,
+        error: String,
+    },
+    /// A campaign's launch record goes to the dead-letter topic (on its first page or a later
+    /// one); once the dead letter is acknowledged, `checkpoint` records the campaign finished with
+    /// the reason, so it shows `failed` rather than `sending` for ever.
+    CampaignFailed {
+        reason: &'static str,
+        error: String,
+        checkpoint: CampaignProgress,
+    },
 }
 
 /// The notifications of one event, one per recipient. They share the event's coordinates and,
@@ -292,7 +303,7 @@ struct Stage {
     dead: Arc<DeadLetters<ClientStats>>,
     consumer: Arc<StreamConsumer<TemplatingContext>>,
     shutdown: CancellationToken,
-    /// Outputs awaiting acknowledgement, at most `max_in_flight`.
+    /// Output records (a group record counts once) awaiting acknowledgement, at most `max_in_flight`.
     budget: Arc<Semaphore>,
     max_in_flight: usize,
     /// To the acknowledger, which stores each record's offset once its outputs are acknowledged.
@@ -731,6 +742,10 @@ impl Stage {
                 Outcome::Dead { reason, error } => {
                     dead = Some(send_dead(&self.dead, msg, reason, error, DeadCopy::Whole).await?);
                     Fanout::default()
+                }
+                Outcome::CampaignFailed { reason, error, checkpoint } => {
+                    dead = Some(send_dead(&self.dead, msg, reason, error, DeadCopy::Whole).await?);
+                    Fanout { checkpoint: Some(checkpoint), ..Fanout::default() }
                 }
                 Outcome::Notifications(f) => f,
             };

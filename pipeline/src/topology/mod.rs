@@ -139,8 +139,13 @@ pub struct TemplatingStage {
     /// Consumer group (prefixed with `topic_prefix`). Default: `tidings-templating`.
     #[serde(default = "default_templating_group")]
     pub group: String,
-    /// Notifications produced but not yet acknowledged by the brokers; when reached, consuming
-    /// pauses until acks arrive (bounds memory and the replay window). Default: 20000.
+    /// Kafka records produced but not yet acknowledged by the brokers; when reached, consuming
+    /// pauses until acks arrive. It counts records, not notifications: a keyed notification is one
+    /// record, a group record (`group_records`) carries a partition's share of a page (a 5,000-user
+    /// campaign page is about a dozen records), and a single fan-out larger than the budget takes
+    /// all of it. It bounds the output bytes held by the producer; a crash re-emits at most what was
+    /// not acknowledged: the unacknowledged pages of a campaign (it resumes after its last
+    /// checkpoint) and the outputs of records whose offsets were not stored. Default: 20000.
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: usize,
     /// Recipients of one shared text on the same output partition get one group record

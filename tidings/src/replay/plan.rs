@@ -10,6 +10,8 @@ use std::time::Duration;
 
 /// How long one broker request (metadata, watermarks, offsets for times) may take.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// Metadata requests before a topic that answers with an error is called unknown.
+const METADATA_ATTEMPTS: u32 = 4;
 
 /// Input no broker or database state can make work (exit 64): an unknown topic or partition,
 /// `--from` after `--to`, a range below the log start.
@@ -151,13 +153,27 @@ pub fn resolve(partition: i32, log_start: i64, log_end: i64, from: Found, to: Fo
 
 /// The topic's partitions (all, or `only`), each with its log bounds.
 pub fn partitions(client: &BaseConsumer, topic: &str, only: &[i32]) -> anyhow::Result<Vec<(i32, i64, i64)>> {
-    let md = client.fetch_metadata(Some(topic), REQUEST_TIMEOUT).context("reading the topic's metadata")?;
-    let all: Vec<i32> = md
-        .topics()
-        .iter()
-        .find(|t| t.name() == topic && t.error().is_none())
-        .map(|t| t.partitions().iter().map(|p| p.id()).collect())
-        .unwrap_or_default();
+    // A broker may answer a topic's metadata with a transient error (a leader election): asked
+    // again a few times before the topic is called unknown.
+    let mut all: Vec<i32> = Vec::new();
+    for attempt in 0..METADATA_ATTEMPTS {
+        let md = client.fetch_metadata(Some(topic), REQUEST_TIMEOUT).context("reading the topic's metadata")?;
+        let t = md.topics().iter().find(|t| t.name() == topic);
+        match t.map(|t| (t.error(), t.partitions().iter().map(|p| p.id()).collect::<Vec<_>>())) {
+            Some((None, ids)) if !ids.is_empty() => {
+                all = ids;
+                break;
+            }
+            Some((Some(e), _)) if attempt + 1 == METADATA_ATTEMPTS => {
+                let code = rdkafka::types::RDKafkaRespErr::from(e);
+                if code != rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART {
+                    anyhow::bail!("the metadata of topic {topic}: {}", rdkafka::error::RDKafkaErrorCode::from(code));
+                }
+            }
+            _ => {}
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
     if all.is_empty() {
         return Err(BadInput(format!("topic {topic} does not exist on the cluster")).into());
     }

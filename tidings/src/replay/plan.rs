@@ -165,7 +165,7 @@ pub fn partitions(client: &BaseConsumer, topic: &str, only: &[i32]) -> anyhow::R
                 break;
             }
             Some((Some(e), _)) if attempt + 1 == METADATA_ATTEMPTS => {
-                let code = rdkafka::types::RDKafkaRespErr::from(e);
+                let code = e;
                 if code != rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART {
                     anyhow::bail!("the metadata of topic {topic}: {}", rdkafka::error::RDKafkaErrorCode::from(code));
                 }

@@ -384,6 +384,23 @@ async fn campaigns_are_listed_shown_and_cancelled_with_their_status() {
         "{answer}"
     );
     assert_eq!(s.get("/v1/campaigns/now").await.1["status"], "done");
+    // Failed: finished short of its audience (its launch dead-lettered on a later page), with why;
+    // nothing left to cancel either.
+    let reason = "template-error: template body: undefined value";
+    s.sql(&format!("UPDATE campaign_progress SET failed_reason = '{reason}' WHERE campaign_id = 'now'")).await;
+    let (status, shown) = s.get("/v1/campaigns/now").await;
+    assert_eq!(
+        (status, shown["status"].as_str(), shown["failed_reason"].as_str()),
+        (StatusCode::OK, Some("failed"), Some(reason))
+    );
+    let (_, list) = s.get("/v1/campaigns").await;
+    assert_eq!(list["campaigns"][1]["status"], "failed", "{list}");
+    let (status, answer) = s.post("/v1/campaigns/now/cancel", &json!({})).await;
+    assert_eq!(
+        (status, answer["error"]["code"].clone()),
+        (StatusCode::CONFLICT, json!("campaign_finished")),
+        "{answer}"
+    );
 }
 
 #[tokio::test]

@@ -4,6 +4,7 @@
 //! lists, shows and cancels campaigns.
 
 mod config_file;
+mod audit;
 mod campaign;
 mod coupon_create;
 mod coupon_verify;
@@ -198,6 +199,9 @@ enum Command {
     /// The stage groups' offsets: show them (state, members, lag), reset an idle group's.
     #[command(subcommand)]
     Offsets(offsets::OffsetsCmd),
+    /// Completeness of a time range, per bucket: records in, stored, delivery-only, dead-lettered,
+    /// in flight and missing (exit 3 when any is missing).
+    Audit(audit::AuditArgs),
     /// Replay a time or offset range of a topic through a stage beside the running stages
     /// (dry run unless --execute); `replay list` shows the recorded replays.
     Replay(replay::ReplayCmd),
@@ -372,6 +376,7 @@ async fn main() -> ExitCode {
         Command::Campaign(cmd) => campaign::run(cmd).await,
         Command::Dlq(cmd) => dlq::run(cmd).await,
         Command::Offsets(cmd) => offsets::run(cmd).await,
+        Command::Audit(args) => audit::run(args).await,
         Command::Replay(cmd) => replay::run(cmd).await,
         Command::Token { user, ttl_secs, jwt_secret, jwt_issuer, jwt_audience } => {
             print_token(&user, ttl_secs, jwt_secret.as_deref(), jwt_issuer.as_deref(), jwt_audience.as_deref())

@@ -20,7 +20,7 @@ use crate::tools::{brokers, topology_with_running_prefix};
 use crate::Infra;
 
 /// How long one broker request (metadata, watermarks, offsets, commit) may take.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Exit code of a request that names no group, topic or partition of tidings, or an offset
 /// outside a partition's log (EX_USAGE), and of a reset of the claim stage.
@@ -153,7 +153,7 @@ fn pick<'a>(groups: &'a [StageGroup], name: &str) -> Result<&'a StageGroup, Stri
 }
 
 /// A relative time (`-2h`) or an RFC 3339 one, as milliseconds since the epoch.
-fn parse_time(s: &str, now_ms: i64) -> Result<i64, String> {
+pub(crate) fn parse_time(s: &str, now_ms: i64) -> Result<i64, String> {
     let s = s.trim();
     if let Some(rel) = s.strip_prefix('-') {
         let split = rel.find(|c: char| !c.is_ascii_digit()).unwrap_or(rel.len());
@@ -328,7 +328,9 @@ async fn view_of(infra: &Infra, g: &StageGroup) -> anyhow::Result<(BaseConsumer,
 }
 
 /// Runs a blocking librdkafka call on the blocking pool.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> anyhow::Result<T> + Send + 'static) -> anyhow::Result<T> {
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
     tokio::task::spawn_blocking(f).await.context("broker call panicked")?
 }
 
@@ -536,7 +538,7 @@ fn refusal(view: &GroupView) -> String {
 
 /// Per partition, the offset of the first record at or after `ms`; a partition with no such
 /// record resolves to its end (`end`, read with the plan), never to its start.
-fn at_time(client: &BaseConsumer, wanted: &[(String, i32, i64)], ms: i64) -> anyhow::Result<Vec<i64>> {
+pub(crate) fn at_time(client: &BaseConsumer, wanted: &[(String, i32, i64)], ms: i64) -> anyhow::Result<Vec<i64>> {
     let mut tpl = TopicPartitionList::new();
     for (topic, p, _) in wanted {
         tpl.add_partition_offset(topic, *p, Offset::Offset(ms))?;

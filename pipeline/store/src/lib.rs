@@ -229,6 +229,7 @@ const NOTIFICATIONS_AFTER: &str = include_str!("sql/notifications_after.sql");
 const UNREAD_COUNT: &str = include_str!("sql/unread_count.sql");
 const MARK_READ: &str = include_str!("sql/mark_read.sql");
 const COUNT_NOTIFICATIONS: &str = include_str!("sql/count_notifications.sql");
+const STORED_POSITIONS: &str = include_str!("sql/stored_positions.sql");
 const SEGMENT_PAGE: &str = include_str!("sql/segment_page.sql");
 const SEGMENT_PAGE_AFTER: &str = include_str!("sql/segment_page_after.sql");
 const ROOM_MEMBERS: &str = include_str!("sql/room_members.sql");
@@ -516,6 +517,15 @@ impl Store {
     /// Total stored notifications.
     pub async fn count_notifications(&self) -> Result<u64, StoreError> {
         Ok(count(on_pool!(self, |pool, _Db| sqlx::query_scalar(COUNT_NOTIFICATIONS).fetch_one(pool).await?)))
+    }
+
+    /// The stream positions (partition, offset) in `offsets` with at least one stored notification.
+    pub async fn stored_positions(&self, offsets: std::ops::Range<i64>) -> Result<Vec<(i32, i64)>, StoreError> {
+        Ok(on_pool!(self, |pool, _Db| sqlx::query_as(STORED_POSITIONS)
+            .bind(offsets.start)
+            .bind(offsets.end)
+            .fetch_all(pool)
+            .await?))
     }
 
     /// `user`'s notifications on stream `partition` after `after_offset`, oldest first (SSE resume).

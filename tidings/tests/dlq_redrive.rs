@@ -153,9 +153,48 @@ async fn poison_events_are_re_driven_once_in_key_order_and_a_hopeless_one_is_qua
     assert_eq!(count_notifications(&pool).await, 0, "a dry run re-drives nothing");
     assert_eq!(count(&brokers, &dlq_topic).await, 6);
 
+    // Stopped (SIGINT) once the record shows letters done, then resumed by the same command.
+    let slow = Command::new(env!("CARGO_BIN_EXE_tidings"))
+        .args(["dlq", "replay", "--execute", "--rate", "1"])
+        .args(["--brokers", &brokers, "--database-url", &db_url, "--schema-registry-url", &ep.schema_registry_url])
+        .args(["--topic-prefix", &prefix])
+        .arg("--topology")
+        .arg(common::topology_path())
+        .env("TIDINGS_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let done_so_far = || async {
+        let p: Option<String> = sqlx::query_scalar("SELECT progress FROM replays WHERE kind = 'dlq' AND topic = $1")
+            .bind(&dlq_topic)
+            .fetch_optional(&pool)
+            .await
+            .unwrap();
+        p.and_then(|p| serde_json::from_str::<Value>(&p).ok()).and_then(|p| p["0"].as_i64()).unwrap_or(0)
+    };
+    eventually("a saved progress", Duration::from_secs(30), Duration::from_millis(100), &[&up], || async {
+        match done_so_far().await {
+            n if n >= 1 => Ok(()),
+            n => Err(format!("progress {n}")),
+        }
+    })
+    .await;
+    let kill = Command::new("kill").args(["-INT", &slow.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let stopped = slow.wait_with_output().unwrap();
+    eprintln!("stopped run: {}", String::from_utf8_lossy(&stopped.stdout));
+    assert_eq!(stopped.status.code(), Some(130), "a stopped re-drive exits 130");
+    let (outcome, at): (String, String) =
+        sqlx::query_as("SELECT outcome, progress FROM replays WHERE kind = 'dlq' AND topic = $1")
+            .bind(&dlq_topic)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(outcome, "stopped", "{at}");
+    assert!(done_so_far().await < 6, "stopped before the end: {at}");
     let (ok, out) = run(&["replay", "--execute"]);
     assert!(ok, "{out}");
-    assert!(out.contains("6 re-driven, 0 quarantined"), "{out}");
+    assert!(out.contains("6 re-driven, 0 quarantined"), "resumed and counted across both: {out}");
     eventually("5 notifications", Duration::from_secs(60), Duration::from_millis(250), &[&up], || async {
         let n = count_notifications(&pool).await;
         if n == 5 {
@@ -195,6 +234,21 @@ async fn poison_events_are_re_driven_once_in_key_order_and_a_hopeless_one_is_qua
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(count(&brokers, &dlq_topic).await, 9, "the quarantined letter is not re-driven again");
 
+    // Purge: DeleteRecords below the end; a dry run first.
+    let low = |topic: String| {
+        let brokers = brokers.clone();
+        let c: rdkafka::consumer::BaseConsumer = KafkaConfig::new(brokers).consumer("dlq-watermarks").create().unwrap();
+        c.fetch_watermarks(&topic, 0, Duration::from_secs(10)).unwrap().0
+    };
+    let (ok, out) = run(&["purge", "--dlq", "tidings.dlq.quarantine", "--all"]);
+    assert!(ok && out.contains("1 letter(s) would be deleted"), "{out}");
+    assert_eq!(low(quarantine.clone()), 0);
+    let (ok, out) = run(&["purge", "--dlq", "tidings.dlq.quarantine", "--all", "--execute"]);
+    assert!(ok && out.contains("1 letter(s) deleted"), "{out}");
+    assert_eq!(low(quarantine.clone()), 1);
+    let (ok, out) = run(&["list", "--dlq", "tidings.dlq.quarantine"]);
+    assert!(ok && out.contains("0 letter(s)"), "{out}");
+
     // Stored once each, streamed once each, every order's events in the order they were produced.
     assert_eq!(count_notifications(&pool).await, 5);
     let distinct: i64 =
@@ -212,7 +266,7 @@ async fn poison_events_are_re_driven_once_in_key_order_and_a_hopeless_one_is_qua
             .fetch_all(&pool)
             .await
             .unwrap();
-    assert_eq!(runs.len(), 5, "every executed re-drive is recorded: {runs:?}");
+    assert_eq!(runs.len(), 5, "every executed re-drive is recorded (the stopped one resumed): {runs:?}");
     assert!(runs.iter().all(|(o, _)| o == "done"), "{runs:?}");
     assert!(runs[0].1.contains("\"redriven\":6"), "{runs:?}");
 }

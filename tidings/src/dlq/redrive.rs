@@ -27,8 +27,10 @@ use crate::Infra;
 pub const H_QUARANTINED_FROM: &str = "tidings.dlq.quarantined-from";
 /// Earlier recorded re-drives looked at to skip letters they already handled.
 const HISTORY: i64 = 10_000;
-/// Letters produced between two saves of the progress.
+/// Letters produced between two saves of the progress, and the longest time between two saves
+/// while letters are being produced (a slow --rate still leaves a recent point to resume from).
 const SAVE_EVERY: usize = 500;
+const SAVE_AFTER: Duration = Duration::from_secs(1);
 /// Seconds between plain progress lines.
 const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 
@@ -195,7 +197,7 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         let mut reader = Reader::new(&kafka, &topic, &todo)?;
         let mut pending: Vec<DeliveryFuture> = Vec::new();
         let (started, mut produced, mut listed) = (Instant::now(), 0u64, 0usize);
-        let mut last_line = Instant::now();
+        let (mut last_line, mut last_save) = (Instant::now(), Instant::now());
         let ended: anyhow::Result<bool> = async {
             while let Some(l) = reader.next().await? {
                 counts.read += 1;
@@ -222,7 +224,8 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
                     }
                 }
                 progress.insert(l.partition, next);
-                if pending.len() >= SAVE_EVERY {
+                if pending.len() >= SAVE_EVERY || (!pending.is_empty() && last_save.elapsed() >= SAVE_AFTER) {
+                    last_save = Instant::now();
                     save(&store, replay_id.as_deref(), &mut pending, &progress, &counts).await?;
                 }
                 if args.execute && last_line.elapsed() >= PROGRESS_EVERY {

@@ -48,6 +48,11 @@ fn notification(i: usize) -> Notification {
     }
 }
 
+/// The single key of a JSON object (a union value written as `{"branch": value}`), or "".
+fn schema_name(v: &serde_json::Value) -> &str {
+    v.as_object().and_then(|o| o.keys().next()).map_or("", String::as_str)
+}
+
 fn rfc3339(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms).unwrap().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
@@ -380,6 +385,57 @@ async fn a_from_after_every_record_is_an_empty_plan_at_the_end_and_out_of_order_
     assert_eq!(counts(&out, "        3"), vec![3, 0, 2, 8, 6], "{out}");
     assert_eq!(counts(&out, "Read "), vec![6, 1], "read, out of order: {out}");
     assert_eq!(&counts(&out, "Would insert")[..3], &[6, 0, 0]);
+
+    // Export: the same range as JSON Lines and as an Avro container, decoded, with coordinates.
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["range.jsonl", "range.avro"] {
+        let path = dir.path().join(name);
+        let file = path.to_str().unwrap();
+        let (code, out) = infra.run(&[
+            "--topic",
+            "notifications",
+            "--from",
+            &from,
+            "--to",
+            &to,
+            "--partition",
+            "3",
+            "--export",
+            file,
+        ]);
+        assert_eq!(code, 0, "{out}");
+        assert!(out.contains("Exported 6 records"), "{out}");
+        let got: Vec<(i64, i64, String)> = if name.ends_with(".jsonl") {
+            std::fs::read_to_string(&path)
+                .unwrap()
+                .lines()
+                .map(|l| {
+                    let j: serde_json::Value = serde_json::from_str(l).unwrap();
+                    assert_eq!((j["partition"].as_i64(), j["key"].as_str()), (Some(3), j["value"]["user_id"].as_str()));
+                    (
+                        j["offset"].as_i64().unwrap(),
+                        j["timestamp_ms"].as_i64().unwrap(),
+                        j["value"]["title"].as_str().unwrap().to_string(),
+                    )
+                })
+                .collect()
+        } else {
+            let reader = apache_avro::Reader::new(std::fs::File::open(&path).unwrap()).unwrap();
+            reader
+                .map(|v| {
+                    let j = tidings_core::json_avro::avro_to_json(&v.unwrap());
+                    let ts = j["timestamp_ms"].as_i64().or_else(|| j["timestamp_ms"]["long"].as_i64()).unwrap();
+                    let value =
+                        if j["value"]["title"].is_null() { &j["value"][schema_name(&j["value"])] } else { &j["value"] };
+                    (j["offset"].as_i64().unwrap(), ts, value["title"].as_str().unwrap().to_string())
+                })
+                .collect()
+        };
+        let want: Vec<(i64, i64, String)> = (2..8)
+            .map(|i| (i as i64, if i == 6 { T0 + 1_000 } else { T0 + i as i64 * 1_000 }, format!("Notification {i}")))
+            .collect();
+        assert_eq!(got, want, "{name}");
+    }
 
     // Bad input: --from after --to, an unknown topic, an offset below... (none here: log start 0).
     let (code, out) = infra.run(&["--topic", "notifications", "--from", &to, "--to", &from]);

@@ -2,6 +2,7 @@
 //! a stage's idempotent write path beside the live groups (an assign-only range source, nothing
 //! committed, no stored offset written). Dry run by default; `--execute` records and resumes it.
 
+pub mod export;
 pub mod plan;
 
 use anyhow::Context;
@@ -131,6 +132,11 @@ struct RunArgs {
     /// Run it (default: a dry run that changes nothing).
     #[arg(long)]
     execute: bool,
+    /// Write the range's records (after the filters), decoded, with their topic, partition,
+    /// offset, timestamp, key and headers to FILE instead: JSON Lines, or an Avro object container
+    /// file when FILE ends in `.avro`. Any topic of the topology with a schema; nothing is stored.
+    #[arg(long, value_name = "FILE", conflicts_with = "execute")]
+    export: Option<std::path::PathBuf>,
     /// Most records read per second; 0: no limit.
     #[arg(long, env = "TIDINGS_REPLAY_RATE", default_value_t = 0)]
     rate: u32,
@@ -249,7 +255,7 @@ async fn replay(a: RunArgs) -> anyhow::Result<ExitCode> {
     let registry = a.infra.registry(registry_url(&a.infra)?)?;
     let cfg = PersistenceConfig::new(kafka.clone(), registry.clone(), &topo);
     let physical = topo.topic_name(&logical);
-    if physical != cfg.notifications_topic {
+    if a.export.is_none() && physical != cfg.notifications_topic {
         return Err(bad(format!(
             "the {} stage replays its notifications topic ({}), not {logical:?}",
             a.stage.name(),
@@ -270,6 +276,41 @@ async fn replay(a: RunArgs) -> anyhow::Result<ExitCode> {
     };
     plan::check_bounds(from, to).map_err(bad)?;
     let filters = Filters { event_types: a.event_type.clone(), key: a.key.clone(), headers: a.header.clone() };
+    if let Some(path) = &a.export {
+        let (Some(reader), Some(text)) = (topo.schema(&logical), topo.schema_text(&logical)) else {
+            return Err(bad(format!("topic {logical:?} has no schema in the topology: nothing to decode it with")));
+        };
+        // Once per command: the decoders borrow the reader schema for 'static.
+        let reader: &'static apache_avro::Schema = Box::leak(Box::new(reader.clone()));
+        let plan = make_plan(&kafka, &physical, &a.partition, from, to).await?;
+        println!("Export of {} to {}", plan.topic, path.display());
+        print_ranges(&plan, &filters);
+        if plan.offsets() == 0 {
+            println!("Nothing to export: {}", empty_reason(&plan, from));
+            return Ok(ExitCode::SUCCESS);
+        }
+        let shutdown = CancellationToken::new();
+        spawn_signals(shutdown.clone());
+        let show = Show::new(plan.offsets() as u64, 0);
+        let counts =
+            export::run(path, &plan, &kafka, RegistryClient::new(registry)?, reader, text, &filters, &show, &shutdown)
+                .await;
+        show.done();
+        let c = counts.map_err(|e| anyhow::anyhow!("the export failed: {e}"))?;
+        let exported = c.read - c.filtered_out;
+        println!(
+            "Exported {exported} records to {} (read {}, filtered out {}, out of order {}).",
+            path.display(),
+            c.read,
+            c.filtered_out,
+            c.out_of_order
+        );
+        if shutdown.is_cancelled() {
+            println!("Stopped before the end of the range: the file holds what was read.");
+            return Ok(ExitCode::from(EXIT_STOPPED));
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let fp = fingerprint(&logical, a.stage, &a, &filters);
     let store = Store::connect(&database_url(&a.infra)).await.context("connecting to the store")?;
 
@@ -285,12 +326,7 @@ async fn replay(a: RunArgs) -> anyhow::Result<ExitCode> {
             };
             (plan, state)
         }
-        None => {
-            let client: BaseConsumer = kafka.admin().create()?;
-            let (topic, only) = (physical.clone(), a.partition.clone());
-            let plan = tokio::task::spawn_blocking(move || plan::make(&client, &topic, &only, from, to)).await??;
-            (plan, State::default())
-        }
+        None => (make_plan(&kafka, &physical, &a.partition, from, to).await?, State::default()),
     };
     print_plan(&plan, a.stage, a.execute, &filters);
     if let Some(r) = &resumed {
@@ -387,6 +423,13 @@ async fn replay(a: RunArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Resolves the plan through the broker (blocking client calls, off the runtime's workers).
+async fn make_plan(kafka: &KafkaConfig, topic: &str, only: &[i32], from: Bound, to: Bound) -> anyhow::Result<Plan> {
+    let client: BaseConsumer = kafka.admin().create()?;
+    let (topic, only) = (topic.to_string(), only.to_vec());
+    tokio::task::spawn_blocking(move || plan::make(&client, &topic, &only, from, to)).await?
+}
+
 fn micros_rfc3339(us: i64) -> String {
     plan::millis_rfc3339(us / 1_000)
 }
@@ -410,6 +453,10 @@ fn empty_reason(plan: &Plan, from: Bound) -> String {
 fn print_plan(plan: &Plan, stage: Stage, execute: bool, filters: &Filters) {
     let mode = if execute { "execute" } else { "dry run" };
     println!("Replay of {} through {} ({mode})", plan.topic, stage.name());
+    print_ranges(plan, filters);
+}
+
+fn print_ranges(plan: &Plan, filters: &Filters) {
     println!("{:>9} {:>12} {:>12} {:>12} {:>12}", "partition", "log start", "start", "end", "records");
     for p in &plan.partitions {
         println!("{:>9} {:>12} {:>12} {:>12} {:>12}", p.partition, p.log_start, p.start, p.end, p.len());

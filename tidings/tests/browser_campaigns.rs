@@ -11,7 +11,7 @@ mod common;
 
 use chrono::Timelike;
 use common::browser::{preferences_view, save_preferences, sign_in, Browser};
-use common::{await_ready, browser_or_skip, eventually, stored_sources, user_token, Embedded};
+use common::{await_ready, browser_or_skip, eventually, get_json, stored_sources, user_token, Embedded};
 use serde_json::{json, Value};
 use std::time::Duration;
 
@@ -25,14 +25,6 @@ const SNAPSHOT: &str = r#"
         loaded: window.__loaded || null,
     };
 "#;
-
-async fn get_json(http: &reqwest::Client, url: &str, user: &str) -> Result<Value, String> {
-    let r = http.get(url).bearer_auth(user_token(user)).send().await.map_err(|e| e.to_string())?;
-    if !r.status().is_success() {
-        return Err(format!("{url}: {}", r.status()));
-    }
-    r.json().await.map_err(|e| e.to_string())
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_campaign_reaches_live_only_the_user_who_did_not_opt_out() {
@@ -55,7 +47,7 @@ async fn run() {
     preferences_view(&mut b, out).await;
     b.call(out, json!({"cmd": "press", "selector": "#prefs-cat-campaigns", "key": "Space"})).await;
     save_preferences(&mut b, out).await;
-    let saved = get_json(&http, &format!("{url}/v1/me/preferences"), out).await.unwrap();
+    let saved = get_json(&http, &format!("{url}/v1/me/preferences"), &user_token(out)).await.unwrap();
     assert_eq!(saved["opt_out"], json!(["campaigns"]), "{saved}");
     assert_eq!(saved["quiet_hours"], Value::Null, "{saved}");
 
@@ -73,7 +65,7 @@ async fn run() {
     b.wait(keen, "the locale field", "return !document.getElementById('prefs-locale-field').hidden").await;
     b.call(keen, json!({"cmd": "fill", "selector": "#prefs-locale", "value": "ko"})).await;
     save_preferences(&mut b, keen).await;
-    let saved = get_json(&http, &format!("{url}/v1/me/preferences"), keen).await.unwrap();
+    let saved = get_json(&http, &format!("{url}/v1/me/preferences"), &user_token(keen)).await.unwrap();
     assert_eq!(saved["quiet_hours"], json!({"start": start, "end": end}), "{saved}");
     assert_eq!((&saved["time_zone"], &saved["locale"], &saved["opt_out"]), (&json!("UTC"), &json!("ko"), &json!([])));
     // The page shows what was saved after a reload of the view.
@@ -133,10 +125,8 @@ async fn run() {
 
     // One stream wrote it: the gateway's delivered count reaches the store within its flush period.
     let status = format!("{url}/v1/campaigns/{id}");
-    let service = |u: String| http.get(u).bearer_auth(common::ingest_token()).send();
     eventually("stored and delivered once", Duration::from_secs(10), Duration::from_millis(200), &[], || async {
-        let c: Value =
-            service(status.clone()).await.map_err(|e| e.to_string())?.json().await.map_err(|e| e.to_string())?;
+        let c = get_json(&http, &status, common::ingest_token()).await?;
         let counts = &c["counts"];
         if (&counts["stored"], &counts["delivered"], &counts["suppressed"]) == (&json!(1), &json!(1), &json!(1)) {
             Ok(())

@@ -9,7 +9,7 @@
 mod common;
 
 use common::browser::{preferences_view, save_preferences, sign_in, Browser};
-use common::{await_ready, browser_or_skip, eventually, stored_sources, user_token, Embedded};
+use common::{await_ready, browser_or_skip, eventually, get_json, stored_sources, user_token, Embedded};
 use serde_json::{json, Value};
 use std::time::Duration;
 
@@ -71,15 +71,7 @@ async fn run() {
     b.call(quiet, json!({"cmd": "press", "selector": "#prefs-quiet-on", "key": "Space"})).await;
     b.call(quiet, json!({"cmd": "fill", "selector": "#prefs-quiet-start", "value": "21:30"})).await;
     save_preferences(&mut b, quiet).await;
-    let saved: Value = http
-        .get(format!("{url}/v1/me/preferences"))
-        .bearer_auth(user_token(quiet))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let saved = get_json(&http, &format!("{url}/v1/me/preferences"), &user_token(quiet)).await.unwrap();
     assert_eq!(saved["opt_out"], json!(["campaigns"]), "{saved}");
     assert_eq!(saved["time_zone"], "Asia/Seoul");
     assert_eq!(saved["quiet_hours"], json!({"start": "21:30", "end": "08:00"}));
@@ -129,15 +121,7 @@ async fn run() {
     .await;
     b.wait(quiet, "the shipment, live", &has(&shipped)).await;
     // The campaign was the quiet user's notification before the shipment, had it been produced.
-    let stored: Value = http
-        .get(format!("{url}/v1/notifications"))
-        .bearer_auth(user_token(quiet))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stored = get_json(&http, &format!("{url}/v1/notifications"), &user_token(quiet)).await.unwrap();
     let sources: Vec<&str> =
         stored["items"].as_array().unwrap().iter().filter_map(|i| i["source_event_id"].as_str()).collect();
     assert!(!sources.contains(&campaign.as_str()), "{stored}");

@@ -214,15 +214,8 @@ async fn a_launch_reaches_its_users_through_a_running_tidings_up() {
     )
     .await;
     assert_eq!(shown["counts"]["produced"], 2, "{shown}");
-    let api: Value = http
-        .get(format!("{}/v1/campaigns/cli-1", ep.http))
-        .bearer_auth(common::ingest_token())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let api =
+        common::get_json(&http, &format!("{}/v1/campaigns/cli-1", ep.http), common::ingest_token()).await.unwrap();
     assert_eq!(
         (api["status"].as_str(), api["launched_by"].as_str().map(|l| l.starts_with("cli"))),
         (Some("done"), Some(true)),

@@ -415,14 +415,18 @@ impl Embedded {
     }
 }
 
+/// The JSON answer of a GET of `url` with the bearer `token`; an error unless it succeeded.
+pub async fn get_json(http: &reqwest::Client, url: &str, token: &str) -> Result<serde_json::Value, String> {
+    let r = http.get(url).bearer_auth(token).send().await.map_err(|e| e.to_string())?;
+    if !r.status().is_success() {
+        return Err(format!("{url}: {}", r.status()));
+    }
+    r.json().await.map_err(|e| e.to_string())
+}
+
 /// The `source_event_id`s of `user`'s stored inbox (`GET /v1/notifications` on the gateway at `url`).
 pub async fn stored_sources(http: &reqwest::Client, url: &str, user: &str) -> Result<Vec<String>, String> {
-    let r = http.get(format!("{url}/v1/notifications")).bearer_auth(user_token(user)).send().await;
-    let r = r.map_err(|e| e.to_string())?;
-    if !r.status().is_success() {
-        return Err(format!("{url}/v1/notifications: {}", r.status()));
-    }
-    let body: serde_json::Value = r.json().await.map_err(|e| e.to_string())?;
+    let body = get_json(http, &format!("{url}/v1/notifications"), &user_token(user)).await?;
     Ok(body["items"]
         .as_array()
         .into_iter()

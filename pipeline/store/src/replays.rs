@@ -13,6 +13,25 @@ const FINISH: &str = include_str!("sql/replays_finish.sql");
 const LIST: &str = include_str!("sql/replays_list.sql");
 const GET: &str = include_str!("sql/replays_get.sql");
 const STORED_IDS: &str = include_str!("sql/replays_stored_ids.sql");
+const TEXTS: &str = include_str!("sql/replays_texts.sql");
+const REPLACE_TEXT: &str = include_str!("sql/replays_replace_text.sql");
+
+/// A notification's texts as a templating backfill compares and replaces them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotificationText {
+    pub id: Uuid,
+    pub title: String,
+    pub body: String,
+    pub link: Option<String>,
+}
+
+#[derive(sqlx::FromRow)]
+struct TextRow<Id> {
+    id: Id,
+    title: String,
+    body: String,
+    link: Option<String>,
+}
 
 /// What was replayed: a range of a topic through a stage, or dead letters re-driven.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -246,6 +265,48 @@ impl Store {
         });
         Ok(found.into_iter().collect())
     }
+
+    /// The stored texts of those of `ids` that are stored. Ask for a bounded batch at a time.
+    pub async fn notification_texts(&self, ids: &[Uuid]) -> Result<Vec<NotificationText>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sql = with_bind_list(TEXTS, 1, ids.len());
+        let texts = on_pool!(self, |pool, Db| {
+            let mut q = sqlx::query_as::<_, TextRow<<Db as Dialect>::Id>>(&sql);
+            for id in ids {
+                q = q.bind(<Db as Dialect>::Id::from(*id));
+            }
+            q.fetch_all(pool)
+                .await?
+                .into_iter()
+                .map(|r| NotificationText { id: uuid_of(r.id), title: r.title, body: r.body, link: r.link })
+                .collect()
+        });
+        Ok(texts)
+    }
+
+    /// Replaces the texts of the stored notifications among `texts` (same ids: no row is added),
+    /// in one transaction. Returns how many rows changed (rows already so, or not stored, don't).
+    pub async fn replace_notification_texts(&self, texts: &[NotificationText]) -> Result<u64, StoreError> {
+        let changed = on_pool!(self, |pool, Db| {
+            let mut tx = pool.begin().await?;
+            let mut changed = 0u64;
+            for t in texts {
+                changed += sqlx::query(REPLACE_TEXT)
+                    .bind(<Db as Dialect>::Id::from(t.id))
+                    .bind(Db::text(&t.title))
+                    .bind(Db::text(&t.body))
+                    .bind(t.link.as_deref().map(Db::text))
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+            }
+            tx.commit().await?;
+            changed
+        });
+        Ok(changed)
+    }
 }
 
 #[cfg(test)]
@@ -286,6 +347,21 @@ mod tests {
         let got = store.stored_notification_ids(&ids).await.unwrap();
         assert_eq!(got, HashSet::from([ids[0], ids[2]]));
         assert!(store.stored_notification_ids(&[]).await.unwrap().is_empty());
+
+        // A backfill's texts: replaced in place for stored ids, nothing added for the others.
+        let text = |id: Uuid, title: &str, link: Option<&str>| NotificationText {
+            id,
+            title: title.into(),
+            body: "b".into(),
+            link: link.map(str::to_string),
+        };
+        let new = [text(ids[0], "t2", None), text(ids[1], "t2", None), text(ids[2], "t", Some("/x"))];
+        assert_eq!(store.replace_notification_texts(&new).await.unwrap(), 2, "e1's title and e3's link");
+        assert_eq!(store.replace_notification_texts(&new).await.unwrap(), 0, "already so");
+        let mut got = store.notification_texts(&ids).await.unwrap();
+        got.sort_by_key(|t| t.id != ids[0]);
+        assert_eq!(got, vec![new[0].clone(), new[2].clone()]);
+        assert_eq!(store.count_notifications().await.unwrap(), 2);
     }
 
     fn replay(id: &str, kind: ReplayKind, fingerprint: &str, at: i64) -> Replay {

@@ -1,6 +1,6 @@
-//! `tidings audit`: per time bucket, what persistence did with the notifications records of a time
-//! range (in, stored, delivery-only, dead-lettered, still in flight) and what is missing, from the
-//! topic, its dead-letter topic, the stage's stored offsets and the store's rows.
+//! `tidings audit`: per time bucket, what a stage did with the records of a time range: in, out,
+//! delivery-only, dead-lettered, still in flight, and the rest (missing), from its input topics, its
+//! dead-letter topic, its offsets and its output (templating: notifications; persistence: the rows).
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
@@ -12,11 +12,14 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 use tidings_core::kafka::{header_str, H_DELIVERY_ONLY, H_DLQ_OFFSET, H_DLQ_PARTITION, H_DLQ_TOPIC};
+use tidings_core::notification::NOTIFICATION_SCHEMA;
+use tidings_core::{Notification, RegistryClient};
+use tidings_pipeline::topology::Topology;
 use tidings_store::Store;
 
 use crate::endpoints::database_url;
 use crate::offsets::{at_time, blocking, parse_time, REQUEST_TIMEOUT};
-use crate::tools::{brokers, topology_with_running_prefix};
+use crate::tools::{brokers, registry_url, topology_with_running_prefix};
 use crate::Infra;
 
 /// Exit code when records are missing (read, not in flight, neither stored nor dead-lettered nor
@@ -34,9 +37,10 @@ pub struct AuditArgs {
     /// End of the range, exclusive; same forms. Default: now.
     #[arg(long, allow_hyphen_values = true)]
     to: Option<String>,
-    /// The stage audited: persistence (its input `notifications` against the store).
-    #[arg(long, value_enum, default_value = "persistence")]
-    stage: AuditStage,
+    /// The stage audited: templating (its inputs against the notifications produced from them) or
+    /// persistence (`notifications` against the stored rows). Default: both.
+    #[arg(long, value_enum)]
+    stage: Option<AuditStage>,
     /// Width of a time bucket: `<n>s`, `<n>m`, `<n>h` or `<n>d`.
     #[arg(long, default_value = "1m")]
     bucket: String,
@@ -53,16 +57,20 @@ pub struct AuditArgs {
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum AuditStage {
+    Templating,
     Persistence,
 }
 
-/// One bucket's counts. `in` = `out` + `delivery_only` + `dead` + `in_flight` + `missing`.
+/// One bucket's counts. `in` = `out` + `delivery_only` + `dead` + `in_flight` + `missing`. For
+/// templating, `missing` also counts events that rightly made nothing (no template for their type,
+/// every recipient opted out, held until a later time): it is reported, not an error.
 #[derive(Debug, Default, Clone, Copy, Serialize, PartialEq, Eq)]
 struct Counts {
     /// Records on the topic with a timestamp in the bucket.
     #[serde(rename = "in")]
     read: u64,
-    /// Stored: at least one row at the record's stream position.
+    /// Persistence: at least one row stored at the record's stream position. Templating: at least
+    /// one notification produced from the record.
     out: u64,
     /// Delivery-only notifications: streamed, never stored, by design.
     delivery_only: u64,
@@ -92,8 +100,16 @@ struct Bucket {
     counts: Counts,
 }
 
-/// A record of the audited range: partition, offset, timestamp (ms), delivery-only.
-type Seen = (i32, i64, i64, bool);
+#[derive(Serialize)]
+struct StageReport {
+    stage: &'static str,
+    topics: Vec<String>,
+    buckets: Vec<Bucket>,
+    total: Counts,
+}
+
+/// A record of the audited range: topic, partition, offset, timestamp (ms), delivery-only.
+type Seen = (String, i32, i64, i64, bool);
 
 /// Width of a bucket in milliseconds.
 fn parse_bucket(s: &str) -> Result<i64, String> {
@@ -141,108 +157,267 @@ pub async fn run(args: AuditArgs) -> anyhow::Result<ExitCode> {
             args.bucket, args.max_buckets
         ));
     }
-    let AuditStage::Persistence = args.stage;
     let topo = topology_with_running_prefix(&args.infra)?;
+    let stages = match args.stage {
+        Some(s) => vec![s],
+        None => vec![AuditStage::Templating, AuditStage::Persistence],
+    };
+    let range = Range { from, to, width };
+    let mut reports = Vec::new();
+    for stage in stages {
+        reports.push(match stage {
+            AuditStage::Templating => templating(&args.infra, &topo, range).await?,
+            AuditStage::Persistence => persistence(&args.infra, &topo, range).await?,
+        });
+    }
+    if args.json {
+        let report = serde_json::json!({
+            "from": rfc3339(from), "to": rfc3339(to), "bucket_ms": width, "stages": reports,
+        });
+        println!("{report}");
+    } else {
+        for r in &reports {
+            print_report(r, range, &args.bucket);
+        }
+    }
+    let lost = reports.iter().find(|r| r.stage == "persistence").map_or(0, |r| r.total.missing);
+    if lost > 0 {
+        eprintln!("{lost} record(s) missing: read and processed by persistence, yet neither stored nor dead-lettered.");
+        return Ok(ExitCode::from(EXIT_MISSING));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Clone, Copy)]
+struct Range {
+    from: i64,
+    to: i64,
+    width: i64,
+}
+
+fn print_report(r: &StageReport, range: Range, bucket: &str) {
+    println!(
+        "{}: {} from {} to {} in buckets of {bucket}",
+        r.stage,
+        r.topics.join(", "),
+        rfc3339(range.from),
+        rfc3339(range.to)
+    );
+    let line = |label: &str, c: &Counts| {
+        println!(
+            "{label:<26} {:>9} {:>9} {:>13} {:>7} {:>9} {:>8}",
+            c.read, c.out, c.delivery_only, c.dead, c.in_flight, c.missing
+        )
+    };
+    let last = if r.stage == "templating" { "NO-OUTPUT" } else { "MISSING" };
+    println!(
+        "{:<26} {:>9} {:>9} {:>13} {:>7} {:>9} {:>8}",
+        "BUCKET", "IN", "OUT", "DELIVERY-ONLY", "DEAD", "IN-FLIGHT", last
+    );
+    for b in &r.buckets {
+        line(&b.start, &b.counts);
+    }
+    line("TOTAL", &r.total);
+}
+
+/// A reader of explicit ranges: assign-only, never committed, in no group.
+fn reader(kafka: &tidings_core::kafka::KafkaConfig) -> anyhow::Result<BaseConsumer> {
+    let mut cfg = kafka.admin();
+    cfg.set("group.id", format!("tidings-audit-{}", uuid::Uuid::new_v4().simple()))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false");
+    Ok(cfg.create()?)
+}
+
+/// The source coordinates (topic, partition, offset) of the dead letters on `dlq` since `from`.
+fn dead_letters(
+    kafka: &tidings_core::kafka::KafkaConfig,
+    dlq: &str,
+    from: i64,
+) -> anyhow::Result<HashSet<(String, i32, i64)>> {
+    // Dead letters are written after their record was read, so at or after `from`.
+    Ok(read_range(&reader(kafka)?, dlq, from, None, false)?.into_iter().filter_map(|r| r.source).collect())
+}
+
+/// Buckets `seen` by timestamp, each record classified by `class`.
+fn report(
+    stage: &'static str,
+    topics: Vec<String>,
+    range: Range,
+    seen: &[Seen],
+    class: impl Fn(&Seen) -> Class,
+) -> StageReport {
+    let mut by_bucket: BTreeMap<i64, Counts> = BTreeMap::new();
+    for s in seen {
+        let c = by_bucket.entry((s.3 - range.from) / range.width).or_default();
+        c.read += 1;
+        match class(s) {
+            Class::InFlight => c.in_flight += 1,
+            Class::DeliveryOnly => c.delivery_only += 1,
+            Class::Dead => c.dead += 1,
+            Class::Out => c.out += 1,
+            Class::Missing => c.missing += 1,
+        }
+    }
+    let mut total = Counts::default();
+    let buckets = by_bucket
+        .iter()
+        .map(|(i, c)| {
+            total.add(c);
+            Bucket { start: rfc3339(range.from + i * range.width), counts: *c }
+        })
+        .collect();
+    StageReport { stage, topics, buckets, total }
+}
+
+enum Class {
+    InFlight,
+    DeliveryOnly,
+    Dead,
+    Out,
+    Missing,
+}
+
+/// Templating: its inputs' records against its committed offsets, its dead letters and the source
+/// coordinates of the notifications produced since `from`.
+async fn templating(infra: &Infra, topo: &Topology, range: Range) -> anyhow::Result<StageReport> {
+    let spec = &topo.stages.templating;
+    let group = topo.group_name(&spec.group);
+    let topics: Vec<String> = spec.inputs.iter().map(|t| topo.topic_name(t)).collect();
+    let output = topo.topic_name(&spec.output);
+    let dlq = topo.topic_name(&spec.dead_letter);
+    let kafka = infra.kafka(brokers(infra)?)?;
+    let (seen, committed, dead, produced) = {
+        let topics = topics.clone();
+        blocking(move || {
+            let r = reader(&kafka)?;
+            let mut seen = Vec::new();
+            for t in &topics {
+                seen.extend(read_range(&r, t, range.from, Some(range.to), false)?.into_iter().map(Read::seen));
+            }
+            let mut tpl = TopicPartitionList::new();
+            for s in &seen {
+                if tpl.find_partition(&s.0, s.1).is_none() {
+                    tpl.add_partition(&s.0, s.1);
+                }
+            }
+            let mut cfg = kafka.admin();
+            cfg.set("group.id", &group).set("enable.auto.commit", "false");
+            let client: BaseConsumer = cfg.create()?;
+            let committed: HashMap<(String, i32), i64> = client
+                .committed_offsets(tpl, REQUEST_TIMEOUT)
+                .context("reading templating's committed offsets")?
+                .elements()
+                .iter()
+                .filter_map(|e| match e.offset() {
+                    Offset::Offset(o) => Some(((e.topic().to_string(), e.partition()), o)),
+                    _ => None,
+                })
+                .collect();
+            let dead = dead_letters(&kafka, &dlq, range.from)?;
+            let produced = read_range(&reader(&kafka)?, &output, range.from, None, true)?;
+            Ok((seen, committed, dead, produced))
+        })
+        .await?
+    };
+    let registry = RegistryClient::new(infra.registry(registry_url(infra)?)?)?;
+    let mut sources: HashSet<(String, i32, i64)> = HashSet::new();
+    for r in produced {
+        let Some(payload) = r.payload else { continue };
+        // A record that does not decode is persistence's to dead-letter; it names no source here.
+        if let Ok(n) = registry
+            .decode_as(&payload, &NOTIFICATION_SCHEMA, Notification::decode_datum, Notification::from_value)
+            .await
+        {
+            sources.insert((n.source_topic, n.source_partition, n.source_offset));
+        }
+    }
+    Ok(report("templating", topics, range, &seen, |s| {
+        let key = (s.0.clone(), s.1, s.2);
+        if committed.get(&(s.0.clone(), s.1)).is_none_or(|next| s.2 >= *next) {
+            Class::InFlight
+        } else if dead.contains(&key) {
+            Class::Dead
+        } else if sources.contains(&key) {
+            Class::Out
+        } else {
+            Class::Missing
+        }
+    }))
+}
+
+/// Persistence: `notifications` against its stored offsets, its dead letters and the stored rows'
+/// stream positions.
+async fn persistence(infra: &Infra, topo: &Topology, range: Range) -> anyhow::Result<StageReport> {
     let spec = &topo.stages.persistence;
     let group = topo.group_name(&spec.group);
     let topic = topo.topic_name("notifications");
     let dlq = topo.topic_name(&spec.dead_letter);
-
-    let kafka = args.infra.kafka(brokers(&args.infra)?)?;
-    let make = move || -> anyhow::Result<BaseConsumer> {
-        let mut cfg = kafka.admin();
-        // Assign-only and never committed: this reader joins no group.
-        cfg.set("group.id", format!("tidings-audit-{}", uuid::Uuid::new_v4().simple()))
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("enable.partition.eof", "false");
-        Ok(cfg.create()?)
-    };
+    let kafka = infra.kafka(brokers(infra)?)?;
     let (seen, dead) = {
-        let (topic, dlq) = (topic.clone(), dlq.clone());
+        let topic = topic.clone();
         blocking(move || {
-            let reader = make()?;
-            let seen = read_range(&reader, &topic, from, Some(to))?;
-            // Dead letters are written after their record was read, so at or after `from`.
-            let dead: HashSet<(i32, i64)> = read_range(&make()?, &dlq, from, None)
-                .map(|letters| letters.into_iter().filter_map(|(.., src)| src).filter(|(t, ..)| *t == topic))?
-                .map(|(_, p, o)| (p, o))
+            let seen: Vec<Seen> = read_range(&reader(&kafka)?, &topic, range.from, Some(range.to), false)?
+                .into_iter()
+                .map(Read::seen)
                 .collect();
-            Ok((seen.into_iter().map(|(p, o, ts, d, _)| (p, o, ts, d)).collect::<Vec<Seen>>(), dead))
+            Ok((seen, dead_letters(&kafka, &dlq, range.from)?))
         })
         .await?
     };
-    let store = Store::connect(&database_url(&args.infra)).await?;
+    let store = Store::connect(&database_url(infra)).await?;
     let stored_offsets = store.load_offsets(&group, &topic).await?;
-    let (lo, hi) = seen.iter().fold((i64::MAX, i64::MIN), |(lo, hi), s| (lo.min(s.1), hi.max(s.1)));
+    let (lo, hi) = seen.iter().fold((i64::MAX, i64::MIN), |(lo, hi), s| (lo.min(s.2), hi.max(s.2)));
     let stored: HashSet<(i32, i64)> =
         if seen.is_empty() { HashSet::new() } else { store.stored_positions(lo..hi + 1).await?.into_iter().collect() };
-
-    let mut by_bucket: BTreeMap<i64, Counts> = BTreeMap::new();
-    for &(p, o, ts, delivery_only) in &seen {
-        let c = by_bucket.entry((ts - from) / width).or_default();
-        c.read += 1;
-        if stored_offsets.get(&p).is_none_or(|next| o >= *next) {
-            c.in_flight += 1;
-        } else if delivery_only {
-            c.delivery_only += 1;
-        } else if dead.contains(&(p, o)) {
-            c.dead += 1;
-        } else if stored.contains(&(p, o)) {
-            c.out += 1;
+    Ok(report("persistence", vec![topic.clone()], range, &seen, |s| {
+        if stored_offsets.get(&s.1).is_none_or(|next| s.2 >= *next) {
+            Class::InFlight
+        } else if s.4 {
+            Class::DeliveryOnly
+        } else if dead.contains(&(s.0.clone(), s.1, s.2)) {
+            Class::Dead
+        } else if stored.contains(&(s.1, s.2)) {
+            Class::Out
         } else {
-            c.missing += 1;
+            Class::Missing
         }
-    }
-    let mut total = Counts::default();
-    let rows: Vec<Bucket> = by_bucket
-        .iter()
-        .map(|(i, c)| {
-            total.add(c);
-            Bucket { start: rfc3339(from + i * width), counts: *c }
-        })
-        .collect();
-    if args.json {
-        let report = serde_json::json!({
-            "stage": "persistence", "topic": topic, "from": rfc3339(from), "to": rfc3339(to),
-            "bucket_ms": width, "buckets": rows, "total": total,
-        });
-        println!("{report}");
-    } else {
-        println!("persistence: {topic} from {} to {} in buckets of {}", rfc3339(from), rfc3339(to), args.bucket);
-        let line = |label: &str, c: &Counts| {
-            println!(
-                "{label:<26} {:>9} {:>9} {:>13} {:>7} {:>9} {:>8}",
-                c.read, c.out, c.delivery_only, c.dead, c.in_flight, c.missing
-            )
-        };
-        println!(
-            "{:<26} {:>9} {:>9} {:>13} {:>7} {:>9} {:>8}",
-            "BUCKET", "IN", "OUT", "DELIVERY-ONLY", "DEAD", "IN-FLIGHT", "MISSING"
-        );
-        for b in &rows {
-            line(&b.start, &b.counts);
-        }
-        line("TOTAL", &total);
-    }
-    if total.missing > 0 {
-        eprintln!("{} record(s) missing: read and processed, yet neither stored nor dead-lettered.", total.missing);
-        return Ok(ExitCode::from(EXIT_MISSING));
-    }
-    Ok(ExitCode::SUCCESS)
+    }))
 }
 
 fn rfc3339(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms).map(|t| t.to_rfc3339()).unwrap_or_else(|| ms.to_string())
 }
 
-/// A record read: partition, offset, timestamp, delivery-only, and for a dead letter the
-/// coordinates of the record it copies.
-type Read = (i32, i64, i64, bool, Option<(String, i32, i64)>);
+/// A record read.
+struct Read {
+    topic: String,
+    partition: i32,
+    offset: i64,
+    timestamp: i64,
+    delivery_only: bool,
+    /// For a dead letter: the coordinates of the record it copies.
+    source: Option<(String, i32, i64)>,
+    /// Kept only when asked for.
+    payload: Option<Vec<u8>>,
+}
+
+impl Read {
+    fn seen(self) -> Seen {
+        (self.topic, self.partition, self.offset, self.timestamp, self.delivery_only)
+    }
+}
 
 /// The records of `topic` from the first at or after `from` to the first at or after `to` (the log's
 /// end without one), each partition's bounds resolved once; only those timestamped inside the range.
-fn read_range(reader: &BaseConsumer, topic: &str, from: i64, to: Option<i64>) -> anyhow::Result<Vec<Read>> {
+fn read_range(
+    reader: &BaseConsumer,
+    topic: &str,
+    from: i64,
+    to: Option<i64>,
+    keep_payload: bool,
+) -> anyhow::Result<Vec<Read>> {
     let md = reader.fetch_metadata(Some(topic), REQUEST_TIMEOUT).with_context(|| format!("metadata of {topic}"))?;
     let parts = match md.topics().iter().find(|t| t.name() == topic) {
         Some(t) if t.error().is_none() && !t.partitions().is_empty() => t.partitions().len(),
@@ -305,7 +480,15 @@ fn read_range(reader: &BaseConsumer, topic: &str, from: i64, to: Option<i64>) ->
             (Some(t), Some(p), Some(o)) => Some((t.to_string(), p, o)),
             _ => None,
         };
-        out.push((m.partition(), m.offset(), ts, delivery_only, source));
+        out.push(Read {
+            topic: topic.to_string(),
+            partition: m.partition(),
+            offset: m.offset(),
+            timestamp: ts,
+            delivery_only,
+            source,
+            payload: if keep_payload { m.payload().map(<[u8]>::to_vec) } else { None },
+        });
     }
     Ok(out)
 }

@@ -1,6 +1,7 @@
-//! `tidings audit` on Apache Kafka and PostgreSQL: a known set of notifications (stored ones and
-//! poison records that persistence dead-letters) adds up, in = out + dead with nothing in flight or
-//! missing, bucket by bucket; a deleted row shows as missing (exit 3).
+//! `tidings audit` on Apache Kafka and PostgreSQL: a known set of records (orders that become
+//! notifications, poison orders templating dead-letters, poison notifications persistence
+//! dead-letters) adds up for both stages, in = out + dead with nothing in flight or missing, bucket
+//! by bucket; a deleted row shows as missing (exit 3).
 
 mod common;
 
@@ -35,18 +36,19 @@ async fn a_known_set_of_records_adds_up() {
     eprintln!("topic prefix {prefix}, database {db_url}");
     let data_dir = tempfile::tempdir().unwrap();
     let data = data_dir.path().to_str().unwrap().to_string();
+    let stages = Up { stages: "templating,persistence", ..Up::core(&brokers, &db_url, &prefix) };
+    let mut up = Tidings::spawn("up", &stages);
+    let ep = up.endpoints(Duration::from_secs(60)).await;
     let env = [
         ("TIDINGS_BROKERS", brokers.as_str()),
         ("TIDINGS_DATABASE_URL", db_url.as_str()),
         ("TIDINGS_TOPIC_PREFIX", prefix.as_str()),
         ("TIDINGS_DATA_DIR", data.as_str()),
+        ("TIDINGS_SCHEMA_REGISTRY_URL", ep.schema_registry_url.as_str()),
     ];
-    let stages = Up { stages: "templating,persistence", ..Up::core(&brokers, &db_url, &prefix) };
-    let mut up = Tidings::spawn("up", &stages);
-    let ep = up.endpoints(Duration::from_secs(60)).await;
     let start = chrono::Utc::now().timestamp_millis();
 
-    // Eight orders (one stored notification each) and three poison notifications records.
+    // Eight orders (one stored notification each), two poison orders and three poison notifications.
     let orders = format!("{prefix}orders");
     let registry = RegistryClient::new(ep.schema_registry_url.as_str()).unwrap();
     let (id, schema) = registry.latest(&format!("{orders}-value")).await.unwrap();
@@ -59,6 +61,11 @@ async fn a_known_set_of_records_adds_up() {
         let bytes = encoder.encode(json_to_avro(schema, &event).unwrap()).unwrap();
         let key = format!("o-audit-{i}");
         producer.send(FutureRecord::to(&orders).key(&key).payload(&bytes), Duration::from_secs(10)).await.unwrap();
+    }
+    for i in 0..2 {
+        let key = format!("poison-order-{i}");
+        let rec = FutureRecord::to(&orders).key(&key).payload(b"not an order".as_slice());
+        producer.send(rec, Duration::from_secs(10)).await.unwrap();
     }
     let notifications = format!("{prefix}notifications");
     for i in 0..3 {
@@ -75,16 +82,19 @@ async fn a_known_set_of_records_adds_up() {
         }
     })
     .await;
-    let dlq = format!("{prefix}tidings.dlq.persistence");
-    eventually("3 dead letters", Duration::from_secs(60), Duration::from_millis(250), &[&up], || async {
-        let n: i64 = common::high_watermarks(&brokers, &dlq).await.iter().sum();
-        if n == 3 {
-            Ok(())
-        } else {
-            Err(format!("{n} dead letters"))
-        }
-    })
-    .await;
+    for (stage, n) in [("persistence", 3), ("templating", 2)] {
+        let dlq = format!("{prefix}tidings.dlq.{stage}");
+        let what = format!("{n} dead letters of {stage}");
+        eventually(&what, Duration::from_secs(60), Duration::from_millis(250), &[&up], || async {
+            let got: i64 = common::high_watermarks(&brokers, &dlq).await.iter().sum();
+            if got == n {
+                Ok(())
+            } else {
+                Err(format!("{got} dead letters"))
+            }
+        })
+        .await;
+    }
 
     // Once persistence has stored its offsets to the end, nothing is in flight and all adds up.
     let from = chrono::DateTime::from_timestamp_millis(start - 60_000).unwrap().to_rfc3339();
@@ -93,11 +103,17 @@ async fn a_known_set_of_records_adds_up() {
         all.extend_from_slice(args);
         tidings(&env, &all)
     };
+    let stage = |v: &Value, name: &str| -> Value {
+        let stages = v["stages"].as_array().unwrap();
+        stages.iter().find(|s| s["stage"] == name).cloned().unwrap_or_else(|| panic!("no {name} in {v}"))
+    };
     let report =
         eventually("nothing in flight", Duration::from_secs(60), Duration::from_millis(500), &[&up], || async {
             let o = audit(&[]);
             let v: Value = serde_json::from_slice(&o.stdout).map_err(|e| format!("{e}: {}", text(&o)))?;
-            if v["total"]["in_flight"] == 0 {
+            let stages = v["stages"].as_array().unwrap();
+            let flying: i64 = stages.iter().map(|s| s["total"]["in_flight"].as_i64().unwrap()).sum();
+            if flying == 0 {
                 Ok((o, v))
             } else {
                 Err(v.to_string())
@@ -106,23 +122,33 @@ async fn a_known_set_of_records_adds_up() {
         .await;
     let (o, v) = report;
     assert!(o.status.success(), "{}", text(&o));
-    let t = &v["total"];
-    assert_eq!((t["in"].as_i64(), t["out"].as_i64(), t["dead"].as_i64()), (Some(11), Some(8), Some(3)), "{v}");
-    assert_eq!((t["missing"].as_i64(), t["delivery_only"].as_i64()), (Some(0), Some(0)), "{v}");
-    for b in v["buckets"].as_array().unwrap() {
-        let n = |k: &str| b[k].as_i64().unwrap();
-        assert_eq!(n("in"), n("out") + n("dead") + n("delivery_only") + n("in_flight") + n("missing"), "{b}");
+    // (stage, in, out, dead)
+    for (name, read, out, dead) in [("templating", 10, 8, 2), ("persistence", 11, 8, 3)] {
+        let s = stage(&v, name);
+        let t = &s["total"];
+        assert_eq!(
+            (t["in"].as_i64(), t["out"].as_i64(), t["dead"].as_i64()),
+            (Some(read), Some(out), Some(dead)),
+            "{s}"
+        );
+        assert_eq!((t["missing"].as_i64(), t["delivery_only"].as_i64()), (Some(0), Some(0)), "{s}");
+        for b in s["buckets"].as_array().unwrap() {
+            let n = |k: &str| b[k].as_i64().unwrap();
+            assert_eq!(n("in"), n("out") + n("dead") + n("delivery_only") + n("in_flight") + n("missing"), "{b}");
+        }
+        let sum: i64 = s["buckets"].as_array().unwrap().iter().map(|b| b["in"].as_i64().unwrap()).sum();
+        assert_eq!(sum, read, "{s}");
     }
-    let sum: i64 = v["buckets"].as_array().unwrap().iter().map(|b| b["in"].as_i64().unwrap()).sum();
-    assert_eq!(sum, 11, "{v}");
 
     // A row lost from the table shows as missing, and the audit fails.
     common::sigterm(&mut up).await;
     sqlx::query("DELETE FROM notifications WHERE user_id = 'u-audit-3'").execute(&pool).await.unwrap();
-    let o = audit(&[]);
+    let o = audit(&["--stage", "persistence"]);
     assert_eq!(o.status.code(), Some(3), "{}", text(&o));
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!((v["total"]["out"].as_i64(), v["total"]["missing"].as_i64()), (Some(7), Some(1)), "{v}");
+    assert_eq!(v["stages"].as_array().unwrap().len(), 1, "{v}");
+    let t = &stage(&v, "persistence")["total"];
+    assert_eq!((t["out"].as_i64(), t["missing"].as_i64()), (Some(7), Some(1)), "{v}");
 
     // Bad ranges are refused before anything is read.
     let o = tidings(&env, &["audit", "--from", "-1m", "--to", "-2m"]);

@@ -23,8 +23,9 @@ use tidings_core::retry::{until_done, GaveUp};
 use tidings_core::source::{OffsetRange, RangeSource, Source};
 use tidings_core::stage::{acknowledged, DeadLetters, Processor, StageError, System};
 use tidings_core::{DecodeError, Notification, RegistryClient};
+use tidings_pipeline::stages::templating::{Outcome, RecordMeta, RecordRef, Templater};
 use tidings_sinks::persistence::PersistenceConfig;
-use tidings_store::replays::{Replay, ReplayKind, ReplayOutcome};
+use tidings_store::replays::{NotificationText, Replay, ReplayKind, ReplayOutcome};
 use tidings_store::{Batch, Store, StoredNotification};
 use tokio_util::sync::CancellationToken;
 
@@ -68,12 +69,18 @@ enum ReplaySub {
 enum Stage {
     /// The bulk-persistence stage: notifications into the store (rows already stored are skipped).
     Persistence,
+    /// Templating, as a backfill of stored texts: each event of an input topic is rendered with
+    /// the topology's templates as they are now and the stored notifications it made (same ids)
+    /// get the new title, body and link in place. No new id, no new row, nothing produced or
+    /// delivered; notifications not stored are left to a persistence replay.
+    Templating,
 }
 
 impl Stage {
     fn name(self) -> &'static str {
         match self {
             Stage::Persistence => "persistence",
+            Stage::Templating => "templating",
         }
     }
 }
@@ -194,6 +201,9 @@ pub struct Counts {
     pub dead_lettered: u64,
     /// Delivery-only records and notifications without an inbox row: nothing to store.
     pub passed_by: u64,
+    /// Templating backfill: rendered notifications the store does not have (left alone).
+    #[serde(default)]
+    pub missing_rows: u64,
 }
 
 /// Where each partition got to: the next offset to read.
@@ -255,7 +265,11 @@ async fn replay(a: RunArgs) -> anyhow::Result<ExitCode> {
     let registry = a.infra.registry(registry_url(&a.infra)?)?;
     let cfg = PersistenceConfig::new(kafka.clone(), registry.clone(), &topo);
     let physical = topo.topic_name(&logical);
-    if a.export.is_none() && physical != cfg.notifications_topic {
+    let templating_input = topo.stages.templating.inputs.contains(&logical);
+    if a.export.is_none() && a.stage == Stage::Templating && !templating_input {
+        return Err(bad(format!("templating reads {:?}, not {logical:?}", topo.stages.templating.inputs)));
+    }
+    if a.export.is_none() && a.stage == Stage::Persistence && physical != cfg.notifications_topic {
         return Err(bad(format!(
             "the {} stage replays its notifications topic ({}), not {logical:?}",
             a.stage.name(),
@@ -379,7 +393,16 @@ async fn replay(a: RunArgs) -> anyhow::Result<ExitCode> {
     spawn_signals(shutdown.clone());
     let state = Arc::new(Mutex::new(state));
     let show = Show::new(plan.offsets() as u64, state.lock().expect("lock").counts.read);
+    let templater = match a.stage {
+        Stage::Templating => Some(
+            Templater::new(Arc::new(topo.clone()), registry.clone(), store.clone())
+                .await
+                .map_err(|e| anyhow::anyhow!("the templates: {e}"))?,
+        ),
+        Stage::Persistence => None,
+    };
     let job = Job {
+        templater,
         execute: a.execute,
         kafka,
         registry: RegistryClient::new(registry)?,
@@ -410,7 +433,7 @@ async fn replay(a: RunArgs) -> anyhow::Result<ExitCode> {
         let (p, c) = (serde_json::to_string(&progress)?, serde_json::to_string(&counts)?);
         store.finish_replay(id, outcome, &p, &c, now_micros()).await?;
     }
-    print_summary(&counts, a.execute, &filters);
+    print_summary(&counts, a.stage, a.execute, &filters);
     if let Err(e) = ended {
         return Err(anyhow::anyhow!("the replay failed: {e}"));
     }
@@ -467,7 +490,7 @@ fn print_ranges(plan: &Plan, filters: &Filters) {
     }
 }
 
-fn print_summary(c: &Counts, execute: bool, filters: &Filters) {
+fn print_summary(c: &Counts, stage: Stage, execute: bool, filters: &Filters) {
     println!(
         "Read {} records; {} out of order (timestamp earlier than one before it on its partition).",
         c.read, c.out_of_order
@@ -478,7 +501,14 @@ fn print_summary(c: &Counts, execute: bool, filters: &Filters) {
             println!("The filters matched none of the {} records read.", c.read);
         }
     }
-    if execute {
+    if stage == Stage::Templating {
+        let (did, verb) =
+            if execute { ("Replaced", "") } else { ("Would replace", " (nothing was changed; --execute runs it)") };
+        println!(
+            "{did} the texts of {} rows, already current {}, not stored {}, dead letters skipped {}{verb}.",
+            c.written_rows, c.present_rows, c.missing_rows, c.dead_lettered
+        );
+    } else if execute {
         println!(
             "Written {} rows, already present {}, dead-lettered {} records, passed by {}.",
             c.written_rows, c.present_rows, c.dead_lettered, c.passed_by
@@ -560,6 +590,8 @@ impl Show {
 
 /// What every attempt of one run needs.
 struct Job {
+    /// Set for a templating backfill: renders each event as the live stage would.
+    templater: Option<Templater>,
     execute: bool,
     kafka: KafkaConfig,
     registry: RegistryClient,
@@ -675,6 +707,9 @@ impl Replayer<'_> {
             self.count(|c| c.filtered_out += 1);
             return Ok(());
         }
+        if let Some(t) = &job.templater {
+            return self.render(t, m, ts).await;
+        }
         if m.headers().and_then(|h| header_str(h, H_DELIVERY_ONLY)) == Some("true") {
             self.count(|c| c.passed_by += 1);
             return Ok(());
@@ -719,6 +754,70 @@ impl Replayer<'_> {
         Ok(())
     }
 
+    /// Templating: the notifications the event renders to now, as rows whose texts replace the stored ones.
+    async fn render(&mut self, t: &Templater, m: &BorrowedMessage<'_>, ts: Option<i64>) -> Result<(), StageError> {
+        let job = self.job;
+        let rec = RecordRef { topic: m.topic(), partition: m.partition(), offset: m.offset(), payload: m.payload() };
+        let meta = RecordMeta { timestamp: ts.map(|t| t * 1_000), released: false };
+        let fanout = match t.outcome_at(rec, meta, &job.shutdown).await? {
+            Outcome::Notifications(f) => f,
+            // The live stage dead-lettered it already: counted, not sent again.
+            Outcome::Dead { .. } | Outcome::CampaignFailed { .. } => {
+                self.count(|c| c.dead_lettered += 1);
+                return Ok(());
+            }
+        };
+        let mut matched = false;
+        for f in std::iter::once(&fanout).chain(fanout.siblings.iter()) {
+            for i in 0..f.len() {
+                let n = f.notification(i);
+                if !job.filters.event_types.is_empty() && !job.filters.event_types.contains(&n.kind) {
+                    continue;
+                }
+                matched = true;
+                self.rows.push(StoredNotification {
+                    notification: n,
+                    stream_partition: m.partition(),
+                    stream_offset: m.offset(),
+                });
+            }
+        }
+        if !matched {
+            self.count(|c| if job.filters.event_types.is_empty() { c.passed_by += 1 } else { c.filtered_out += 1 });
+        }
+        Ok(())
+    }
+
+    /// Templating: compares (dry) or replaces the stored texts of the pending rows. Returns
+    /// (replaced, already so, not stored).
+    async fn backfill(&self, rows: &[StoredNotification]) -> Result<(u64, u64, u64), StageError> {
+        let job = self.job;
+        let (mut replaced, mut same, mut missing) = (0u64, 0u64, 0u64);
+        for chunk in rows.chunks(LOOKUP_CHUNK) {
+            let ids: Vec<uuid::Uuid> = chunk.iter().map(|r| r.notification.notification_id).collect();
+            let stored: std::collections::HashMap<uuid::Uuid, NotificationText> =
+                job.store.notification_texts(&ids).await?.into_iter().map(|t| (t.id, t)).collect();
+            let mut changed = Vec::new();
+            for r in chunk {
+                let n = &r.notification;
+                let new = NotificationText {
+                    id: n.notification_id,
+                    title: n.title.clone(),
+                    body: n.body.clone(),
+                    link: n.link.clone(),
+                };
+                match stored.get(&n.notification_id) {
+                    None => missing += 1,
+                    Some(old) if *old == new => same += 1,
+                    Some(_) => changed.push(new),
+                }
+            }
+            replaced +=
+                if job.execute { job.store.replace_notification_texts(&changed).await? } else { changed.len() as u64 };
+        }
+        Ok((replaced, same, missing))
+    }
+
     /// Stores (dry: looks up) the pending rows, then saves the progress they reach.
     async fn flush(&mut self) -> Result<(), StageError> {
         let job = self.job;
@@ -729,7 +828,12 @@ impl Replayer<'_> {
             acknowledged(d).await.map_err(|e| StageError::kafka(System::DeadLetter, e))?;
         }
         let rows = std::mem::take(&mut self.rows);
-        let (written, present) = if job.execute {
+        let mut missing = 0;
+        let (written, present) = if job.templater.is_some() {
+            let (replaced, same, absent) = self.backfill(&rows).await?;
+            missing = absent;
+            (replaced, same)
+        } else if job.execute {
             // The live stage's idempotent batch write, with no offsets: rows already stored are skipped.
             let batch = Batch { notifications: rows, ..Batch::default() };
             let total = batch.notifications.len() as u64;
@@ -763,6 +867,7 @@ impl Replayer<'_> {
             c.out_of_order += p.out_of_order;
             c.dead_lettered += p.dead_lettered;
             c.passed_by += p.passed_by;
+            c.missing_rows += missing;
             c.written_rows += written;
             c.present_rows += present;
             for (p, n) in &self.next {

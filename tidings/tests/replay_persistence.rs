@@ -386,6 +386,13 @@ async fn a_from_after_every_record_is_an_empty_plan_at_the_end_and_out_of_order_
     assert_eq!(counts(&out, "Read "), vec![6, 1], "read, out of order: {out}");
     assert_eq!(&counts(&out, "Would insert")[..3], &[6, 0, 0]);
 
+    // --rate: 6 records at 5/s take at least 1.2 s (the 6th is due 1.2 s after the start).
+    let started = std::time::Instant::now();
+    let (code, out) =
+        infra.run(&["--topic", "notifications", "--from", &from, "--to", &to, "--partition", "3", "--rate", "5"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(started.elapsed() >= Duration::from_millis(1_200), "--rate 5 read 6 records in {:?}", started.elapsed());
+
     // Export: the same range as JSON Lines and as an Avro container, decoded, with coordinates.
     let dir = tempfile::tempdir().unwrap();
     for name in ["range.jsonl", "range.avro"] {

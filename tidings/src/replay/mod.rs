@@ -113,10 +113,10 @@ struct RunArgs {
     #[arg(long, value_enum, default_value = "persistence")]
     stage: Stage,
     /// Start (inclusive): RFC 3339 (`2026-11-20T00:00:00Z`) or relative to now (`-2h`, `-30m`, `-1d`).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     from: Option<String>,
     /// End (exclusive), as --from. Default: each partition's end when planned.
-    #[arg(long, conflicts_with = "to_offset")]
+    #[arg(long, conflicts_with = "to_offset", allow_hyphen_values = true)]
     to: Option<String>,
     /// Start at this offset on each replayed partition (instead of --from).
     #[arg(long, conflicts_with = "from")]
@@ -959,4 +959,54 @@ async fn list(limit: i64, infra: &Infra) -> anyhow::Result<ExitCode> {
         println!("    plan {}  filters {}  progress {}  counts {}", r.plan, r.filters, r.progress, r.counts);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    fn fp(args: &[&str]) -> String {
+        let cli = Cli::try_parse_from(std::iter::once("replay").chain(args.iter().copied())).unwrap();
+        let filters = Filters {
+            event_types: cli.run.event_type.clone(),
+            key: cli.run.key.clone(),
+            headers: cli.run.header.clone(),
+        };
+        fingerprint("notifications", cli.run.stage, &cli.run, &filters)
+    }
+
+    #[test]
+    fn the_same_command_has_the_same_fingerprint() {
+        let base = ["--topic", "notifications", "--from", "-2h", "--partition", "1,0"];
+        // --execute, --rate and the batch size do not change what is replayed.
+        assert_eq!(
+            fp(&base),
+            fp(&[
+                "--topic",
+                "notifications",
+                "--from",
+                "-2h",
+                "--partition",
+                "0",
+                "--partition",
+                "1",
+                "--execute",
+                "--rate",
+                "9"
+            ])
+        );
+        assert_ne!(fp(&base), fp(&["--topic", "notifications", "--from", "-3h", "--partition", "0,1"]));
+        assert_ne!(fp(&base), fp(&["--topic", "notifications", "--from", "-2h", "--partition", "0,1", "--key", "u1"]));
+        assert_ne!(
+            fp(&base),
+            fp(&["--topic", "notifications", "--from", "-2h", "--partition", "0,1", "--stage", "templating"])
+        );
+    }
 }

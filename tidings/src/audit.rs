@@ -48,6 +48,10 @@ pub struct AuditArgs {
     /// is refused before anything is read.
     #[arg(long, env = "TIDINGS_AUDIT_MAX_BUCKETS", default_value_t = 10_000)]
     max_buckets: u64,
+    /// Most records one topic's read may hold (the range's records, or the dead letters and
+    /// notifications since --from); past it the audit stops with an error: audit a shorter range.
+    #[arg(long, env = "TIDINGS_AUDIT_MAX_RECORDS", default_value_t = 2_000_000)]
+    max_records: usize,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -162,7 +166,7 @@ pub async fn run(args: AuditArgs) -> anyhow::Result<ExitCode> {
         Some(s) => vec![s],
         None => vec![AuditStage::Templating, AuditStage::Persistence],
     };
-    let range = Range { from, to, width };
+    let range = Range { from, to, width, max_records: args.max_records };
     let mut reports = Vec::new();
     for stage in stages {
         reports.push(match stage {
@@ -193,6 +197,7 @@ struct Range {
     from: i64,
     to: i64,
     width: i64,
+    max_records: usize,
 }
 
 fn print_report(r: &StageReport, range: Range, bucket: &str) {
@@ -234,10 +239,13 @@ fn reader(kafka: &tidings_core::kafka::KafkaConfig) -> anyhow::Result<BaseConsum
 fn dead_letters(
     kafka: &tidings_core::kafka::KafkaConfig,
     dlq: &str,
-    from: i64,
+    range: Range,
 ) -> anyhow::Result<HashSet<(String, i32, i64)>> {
     // Dead letters are written after their record was read, so at or after `from`.
-    Ok(read_range(&reader(kafka)?, dlq, from, None, false)?.into_iter().filter_map(|r| r.source).collect())
+    Ok(read_range(&reader(kafka)?, dlq, range.from, None, false, range.max_records)?
+        .into_iter()
+        .filter_map(|r| r.source)
+        .collect())
 }
 
 /// Buckets `seen` by timestamp, each record classified by `class`.
@@ -294,7 +302,11 @@ async fn templating(infra: &Infra, topo: &Topology, range: Range) -> anyhow::Res
             let r = reader(&kafka)?;
             let mut seen = Vec::new();
             for t in &topics {
-                seen.extend(read_range(&r, t, range.from, Some(range.to), false)?.into_iter().map(Read::seen));
+                seen.extend(
+                    read_range(&r, t, range.from, Some(range.to), false, range.max_records)?
+                        .into_iter()
+                        .map(Read::seen),
+                );
             }
             let mut tpl = TopicPartitionList::new();
             for s in &seen {
@@ -315,8 +327,8 @@ async fn templating(infra: &Infra, topo: &Topology, range: Range) -> anyhow::Res
                     _ => None,
                 })
                 .collect();
-            let dead = dead_letters(&kafka, &dlq, range.from)?;
-            let produced = read_range(&reader(&kafka)?, &output, range.from, None, true)?;
+            let dead = dead_letters(&kafka, &dlq, range)?;
+            let produced = read_range(&reader(&kafka)?, &output, range.from, None, true, range.max_records)?;
             Ok((seen, committed, dead, produced))
         })
         .await?
@@ -358,11 +370,12 @@ async fn persistence(infra: &Infra, topo: &Topology, range: Range) -> anyhow::Re
     let (seen, dead) = {
         let topic = topic.clone();
         blocking(move || {
-            let seen: Vec<Seen> = read_range(&reader(&kafka)?, &topic, range.from, Some(range.to), false)?
-                .into_iter()
-                .map(Read::seen)
-                .collect();
-            Ok((seen, dead_letters(&kafka, &dlq, range.from)?))
+            let seen: Vec<Seen> =
+                read_range(&reader(&kafka)?, &topic, range.from, Some(range.to), false, range.max_records)?
+                    .into_iter()
+                    .map(Read::seen)
+                    .collect();
+            Ok((seen, dead_letters(&kafka, &dlq, range)?))
         })
         .await?
     };
@@ -417,6 +430,7 @@ fn read_range(
     from: i64,
     to: Option<i64>,
     keep_payload: bool,
+    limit: usize,
 ) -> anyhow::Result<Vec<Read>> {
     let md = reader.fetch_metadata(Some(topic), REQUEST_TIMEOUT).with_context(|| format!("metadata of {topic}"))?;
     let parts = match md.topics().iter().find(|t| t.name() == topic) {
@@ -480,6 +494,9 @@ fn read_range(
             (Some(t), Some(p), Some(o)) => Some((t.to_string(), p, o)),
             _ => None,
         };
+        if out.len() >= limit {
+            bail!("more than {limit} records to read on {topic} (--max-records): audit a shorter range");
+        }
         out.push(Read {
             topic: topic.to_string(),
             partition: m.partition(),

@@ -150,6 +150,11 @@ async fn a_known_set_of_records_adds_up() {
     let t = &stage(&v, "persistence")["total"];
     assert_eq!((t["out"].as_i64(), t["missing"].as_i64()), (Some(7), Some(1)), "{v}");
 
+    // More records than --max-records: stopped with an error, not held.
+    let o = audit(&["--stage", "persistence", "--max-records", "5"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("more than 5 records") && text(&o).contains("--max-records"), "{}", text(&o));
+
     // Bad ranges are refused before anything is read.
     let o = tidings(&env, &["audit", "--from", "-1m", "--to", "-2m"]);
     assert_eq!(o.status.code(), Some(64), "{}", text(&o));

@@ -3,9 +3,9 @@
 //! events, `inbox` reads the store, `segment` loads campaign audiences and `campaign` launches,
 //! lists, shows and cancels campaigns.
 
-mod config_file;
 mod audit;
 mod campaign;
+mod config_file;
 mod coupon_create;
 mod coupon_verify;
 mod demo;

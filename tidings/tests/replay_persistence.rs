@@ -354,7 +354,7 @@ async fn replay_restores_a_deleted_slice_beside_live_persistence_and_resumes_aft
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_from_after_every_record_is_an_empty_plan_at_the_end_and_out_of_order_timestamps_are_counted() {
     let Some(brokers) = common::brokers_or_skip() else { return };
-    let (_pool, db_url) = common::fresh_pg().await;
+    let (pool, db_url) = common::fresh_pg().await;
     let prefix = common::unique_prefix();
     let mut gw = Tidings::spawn(
         "gateway",
@@ -443,6 +443,54 @@ async fn a_from_after_every_record_is_an_empty_plan_at_the_end_and_out_of_order_
             .collect();
         assert_eq!(got, want, "{name}");
     }
+
+    // SIGTERM: the replay stops after its batch, records outcome stopped (exit 130), and the same
+    // command resumes from the saved progress to the end.
+    let args = [
+        "--topic",
+        "notifications",
+        "--from",
+        &from,
+        "--to",
+        &to,
+        "--partition",
+        "3",
+        "--execute",
+        "--rate",
+        "2",
+        "--batch-size",
+        "1",
+    ];
+    let mut child = infra.replay(&args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    eventually(
+        "the replay's first saved batch",
+        Duration::from_secs(30),
+        Duration::from_millis(20),
+        &[&gw],
+        || async {
+            let progress: Option<String> =
+                sqlx::query_scalar("SELECT progress FROM replays").fetch_optional(&pool).await.unwrap();
+            match progress {
+                Some(p) if p != "{}" => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(130), "stopped");
+    let (outcome, progress): (String, String) =
+        sqlx::query_as("SELECT outcome, progress FROM replays").fetch_one(&pool).await.unwrap();
+    let next: serde_json::Value = serde_json::from_str(&progress).unwrap();
+    assert_eq!(outcome, "stopped");
+    assert!(next["3"].as_i64().unwrap() < 8, "stopped before the end: {progress}");
+    let (code, out) = infra.run(&args);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("Resuming replay"), "{out}");
+    let (outcome, progress): (String, String) =
+        sqlx::query_as("SELECT outcome, progress FROM replays").fetch_one(&pool).await.unwrap();
+    assert_eq!((outcome.as_str(), progress.as_str()), ("done", r#"{"3":8}"#));
+    assert_eq!(count_notifications(&pool).await, 6);
 
     // Bad input: --from after --to, an unknown topic, an offset below... (none here: log start 0).
     let (code, out) = infra.run(&["--topic", "notifications", "--from", &to, "--to", &from]);

@@ -183,7 +183,14 @@ async fn replay_restores_a_deleted_slice_beside_live_persistence_and_resumes_aft
     let topic = format!("{prefix}notifications");
     let group = format!("{prefix}tidings-persistence");
     let registry = RegistryClient::new(&ep.schema_registry_url).unwrap();
-    let (id, schema) = registry.latest(&format!("{topic}-value")).await.unwrap();
+    let (id, schema) = eventually(
+        "the notifications schema",
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        &[&live],
+        || async { registry.latest(&format!("{topic}-value")).await.map_err(|e| e.to_string()) },
+    )
+    .await;
     let encoder = FramedEncoder::new(id, schema).unwrap();
     let live_encoder = FramedEncoder::new(id, schema).unwrap();
     let producer: FutureProducer = KafkaConfig::new(brokers.clone()).producer().create().unwrap();
@@ -363,7 +370,11 @@ async fn a_from_after_every_record_is_an_empty_plan_at_the_end_and_out_of_order_
     let ep = gw.endpoints(Duration::from_secs(60)).await;
     let topic = format!("{prefix}notifications");
     let registry = RegistryClient::new(&ep.schema_registry_url).unwrap();
-    let (id, schema) = registry.latest(&format!("{topic}-value")).await.unwrap();
+    let (id, schema) =
+        eventually("the notifications schema", Duration::from_secs(30), Duration::from_millis(200), &[&gw], || async {
+            registry.latest(&format!("{topic}-value")).await.map_err(|e| e.to_string())
+        })
+        .await;
     let encoder = FramedEncoder::new(id, schema).unwrap();
     let producer: FutureProducer = KafkaConfig::new(brokers.clone()).producer().create().unwrap();
     // Partition 3: offsets 0..10 at T0 + 0..9 s, except offset 6, stamped 1 s (out of order).
@@ -492,6 +503,23 @@ async fn a_from_after_every_record_is_an_empty_plan_at_the_end_and_out_of_order_
     assert_eq!((outcome.as_str(), progress.as_str()), ("done", r#"{"3":8}"#));
     assert_eq!(count_notifications(&pool).await, 6);
 
+    // A record the database refuses (a user id past the inbox index's limit, PostgreSQL 54000)
+    // among good ones: the others are stored, it goes to the dead-letter topic with its reason.
+    let mut poison = notification(100);
+    poison.user_id = (0..313).map(|_| uuid::Uuid::new_v4().simple().to_string()).collect();
+    poison.notification_id = Notification::id_for(&poison.source_event_id, &poison.user_id);
+    for n in [notification(101), poison, notification(102)] {
+        let payload = encoder.encode(n.to_value()).unwrap();
+        let rec = FutureRecord::to(&topic).key("k").payload(&payload[..]).partition(4);
+        producer.send(rec, Duration::from_secs(10)).await.map_err(|(e, _)| e).unwrap();
+    }
+    let (code, out) = infra.run(&["--topic", "notifications", "--from-offset", "0", "--partition", "4", "--execute"]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(&counts(&out, "Written")[..3], &[2, 0, 1], "written, present, dead-lettered");
+    let dlq = common::high_watermarks(&brokers, &format!("{}tidings.dlq.persistence", infra.prefix)).await;
+    assert_eq!(dlq.iter().sum::<i64>(), 1, "one dead letter");
+    assert_eq!(count_notifications(&pool).await, 8);
+
     // Bad input: --from after --to, an unknown topic, an offset below... (none here: log start 0).
     let (code, out) = infra.run(&["--topic", "notifications", "--from", &to, "--to", &from]);
     assert_eq!(code, 64, "{out}");
@@ -500,6 +528,6 @@ async fn a_from_after_every_record_is_an_empty_plan_at_the_end_and_out_of_order_
     assert_eq!(code, 64, "{out}");
     let (code, out) = infra.run(&["--topic", "notifications", "--from", &from, "--event-type", "no.such.type"]);
     assert_eq!(code, 0);
-    assert!(out.contains("The filters matched none of the 8 records read."), "{out}");
+    assert!(out.contains("The filters matched none of the 11 records read."), "{out}");
     assert!(gw.exited().is_none());
 }

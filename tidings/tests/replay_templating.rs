@@ -73,7 +73,11 @@ async fn a_changed_template_replaces_the_texts_of_exactly_the_replayed_range_wit
     let ep = up.endpoints(Duration::from_secs(60)).await;
     let topic = format!("{prefix}orders");
     let registry = RegistryClient::new(&ep.schema_registry_url).unwrap();
-    let (id, schema) = registry.latest(&format!("{topic}-value")).await.unwrap();
+    let (id, schema) =
+        eventually("the orders schema", Duration::from_secs(30), Duration::from_millis(200), &[&up], || async {
+            registry.latest(&format!("{topic}-value")).await.map_err(|e| e.to_string())
+        })
+        .await;
     let encoder = FramedEncoder::new(id, schema).unwrap();
     let producer: FutureProducer = KafkaConfig::new(brokers.clone()).producer().create().unwrap();
     for i in 0..ORDERS {

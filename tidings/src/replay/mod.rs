@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::{ArgGroup, Args, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use rdkafka::consumer::BaseConsumer;
-use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::message::{BorrowedMessage, Message, OwnedMessage};
 use rdkafka::producer::{DeliveryFuture, FutureProducer};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
@@ -636,6 +636,8 @@ impl Job {
                 job: self,
                 dead,
                 rows: Vec::new(),
+                units: Vec::new(),
+                units_rows_stored: 0,
                 next: BTreeMap::new(),
                 dead_sent: Vec::new(),
                 records: 0,
@@ -656,6 +658,10 @@ struct Replayer<'a> {
     job: &'a Job,
     dead: Option<DeadLetters>,
     rows: Vec<StoredNotification>,
+    /// Execute: each record that put rows in the batch, with the end of its rows there.
+    units: Vec<(OwnedMessage, usize)>,
+    /// Rows of the batch being flushed that were not refused.
+    units_rows_stored: u64,
     /// Next offset per partition covered by the pending batch.
     next: BTreeMap<i32, i64>,
     dead_sent: Vec<DeliveryFuture>,
@@ -748,6 +754,10 @@ impl Replayer<'_> {
                         stream_offset: m.offset(),
                     })
                 });
+                if job.execute {
+                    // Kept until the batch is stored: a record the database refuses is dead-lettered whole.
+                    self.units.push((m.detach(), self.rows.len()));
+                }
             }
             Err(e) => return self.dead_letter(m, "malformed-avro", &e.to_string()).await,
         }
@@ -818,6 +828,57 @@ impl Replayer<'_> {
         Ok((replaced, same, missing))
     }
 
+    /// The live stage's idempotent batch write, with no offsets, retried while the database is
+    /// unavailable. Returns the rows inserted (the others were stored already).
+    async fn write(&self, batch: &Batch) -> Result<u64, tidings_store::StoreError> {
+        let rows = batch.notifications.len();
+        until_done(
+            &self.job.shutdown,
+            || format!("Storing a batch of {rows} replayed rows"),
+            (Duration::from_millis(500), Duration::from_secs(30)),
+            || self.job.store.write_batch("tidings-replay", batch),
+            tidings_store::StoreError::is_retriable,
+        )
+        .await
+        .map(|s| s.notifications_inserted)
+        .map_err(|g| match g {
+            GaveUp::Failed(e) | GaveUp::ShutDown(e) => e,
+        })
+    }
+
+    /// A batch the database refused: each record's rows written alone; a record refused again
+    /// goes to the dead-letter topic with the refusal as its reason, as in the live stage.
+    /// Returns the rows inserted; `units_rows_stored` counts the rows not refused.
+    async fn store_around_refusals(&mut self, rows: &[StoredNotification]) -> Result<u64, StageError> {
+        let units = std::mem::take(&mut self.units);
+        let (mut inserted, mut start) = (0u64, 0usize);
+        self.units_rows_stored = 0;
+        for (m, end) in &units {
+            let part = Batch { notifications: rows[start..*end].to_vec(), ..Batch::default() };
+            match self.write(&part).await {
+                Ok(n) => {
+                    inserted += n;
+                    self.units_rows_stored += part.notifications.len() as u64;
+                }
+                Err(e) => match e.rejection() {
+                    Some(reason) => {
+                        self.count(|c| c.dead_lettered += 1);
+                        if let Some(dead) = &self.dead {
+                            let d = dead
+                                .send(m, reason, &e.to_string())
+                                .await
+                                .map_err(|e| StageError::kafka(System::DeadLetter, e))?;
+                            acknowledged(d).await.map_err(|e| StageError::kafka(System::DeadLetter, e))?;
+                        }
+                    }
+                    None => return Err(e.into()),
+                },
+            }
+            start = *end;
+        }
+        Ok(inserted)
+    }
+
     /// Stores (dry: looks up) the pending rows, then saves the progress they reach.
     async fn flush(&mut self) -> Result<(), StageError> {
         let job = self.job;
@@ -828,6 +889,7 @@ impl Replayer<'_> {
             acknowledged(d).await.map_err(|e| StageError::kafka(System::DeadLetter, e))?;
         }
         let rows = std::mem::take(&mut self.rows);
+        self.units_rows_stored = rows.len() as u64;
         let mut missing = 0;
         let (written, present) = if job.templater.is_some() {
             let (replaced, same, absent) = self.backfill(&rows).await?;
@@ -837,18 +899,14 @@ impl Replayer<'_> {
             // The live stage's idempotent batch write, with no offsets: rows already stored are skipped.
             let batch = Batch { notifications: rows, ..Batch::default() };
             let total = batch.notifications.len() as u64;
-            let stats = until_done(
-                &job.shutdown,
-                || format!("Storing a batch of {total} replayed rows"),
-                (Duration::from_millis(500), Duration::from_secs(30)),
-                || job.store.write_batch("tidings-replay", &batch),
-                tidings_store::StoreError::is_retriable,
-            )
-            .await
-            .map_err(|g| match g {
-                GaveUp::Failed(e) | GaveUp::ShutDown(e) => StageError::from(e),
-            })?;
-            (stats.notifications_inserted, total - stats.notifications_inserted)
+            let inserted = match self.write(&batch).await {
+                Ok(inserted) => inserted,
+                // The data, not the database: each record's rows alone, the refused ones dead-lettered.
+                Err(e) if e.rejection().is_some() => self.store_around_refusals(&batch.notifications).await?,
+                Err(e) => return Err(e.into()),
+            };
+            let refused = total - self.units_rows_stored;
+            (inserted, total - refused - inserted)
         } else {
             let mut present = 0u64;
             for chunk in rows.chunks(LOOKUP_CHUNK) {
@@ -882,6 +940,7 @@ impl Replayer<'_> {
             job.store.save_replay_progress(id, &progress, &counts, now_micros()).await?;
         }
         self.next.clear();
+        self.units.clear();
         self.records = 0;
         Ok(())
     }

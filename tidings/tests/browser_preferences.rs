@@ -85,6 +85,7 @@ async fn run() {
     )
     .await;
     b.call(quiet, json!({"cmd": "goto", "url": format!("{url}/#/inbox")})).await;
+    b.wait(quiet, "the stream to be live", "return document.getElementById('conn').dataset.state === 'live'").await;
 
     sign_in(&mut b, &url, keen).await;
     let campaign = uuid::Uuid::new_v4().to_string();

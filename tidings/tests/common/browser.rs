@@ -132,6 +132,9 @@ pub async fn sign_in(b: &mut Browser, url: &str, user: &str) {
     b.call(user, json!({"cmd": "fill", "selector": "#dev-user", "value": user})).await;
     b.call(user, json!({"cmd": "press", "selector": "#dev-user", "key": "Enter"})).await;
     b.wait(user, "signed in", "return !document.getElementById('app').hidden").await;
+    // A first stream starts from now: an event produced before it opens reaches the page only
+    // through the inbox it loaded before, so tests produce after this.
+    b.wait(user, "the stream to be live", "return document.getElementById('conn').dataset.state === 'live'").await;
 }
 
 /// To the Preferences view by keyboard (the tab link, then Enter) and its categories loaded.

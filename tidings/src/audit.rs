@@ -18,7 +18,8 @@ use tidings_pipeline::topology::Topology;
 use tidings_store::Store;
 
 use crate::endpoints::database_url;
-use crate::offsets::{at_time, blocking, parse_time, REQUEST_TIMEOUT};
+use crate::offsets::{at_time, blocking, REQUEST_TIMEOUT};
+use crate::tools::parse_time;
 use crate::tools::{brokers, registry_url, topology_with_running_prefix};
 use crate::Infra;
 

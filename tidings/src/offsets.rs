@@ -16,6 +16,7 @@ use tidings_pipeline::topology::Topology;
 use tidings_store::Store;
 
 use crate::endpoints::database_url;
+use crate::tools::parse_time;
 use crate::tools::{brokers, topology_with_running_prefix};
 use crate::Infra;
 
@@ -150,35 +151,6 @@ fn pick<'a>(groups: &'a [StageGroup], name: &str) -> Result<&'a StageGroup, Stri
         let known: Vec<String> = groups.iter().map(|g| format!("{} ({})", g.stage, g.group)).collect();
         format!("unknown group {name:?}; tidings' stage groups are: {}", known.join(", "))
     })
-}
-
-/// A relative time (`-2h`) or an RFC 3339 one, as milliseconds since the epoch.
-pub(crate) fn parse_time(s: &str, now_ms: i64) -> Result<i64, String> {
-    let s = s.trim();
-    if let Some(rel) = s.strip_prefix('-') {
-        let split = rel.find(|c: char| !c.is_ascii_digit()).unwrap_or(rel.len());
-        let (n, unit) = rel.split_at(split);
-        let n: i64 = n.parse().map_err(|_| format!("{s:?}: expected -<number><s|m|h|d>, e.g. -2h"))?;
-        let unit_ms = match unit {
-            "s" => 1_000,
-            "m" => 60_000,
-            "h" => 3_600_000,
-            "d" => 86_400_000,
-            _ => return Err(format!("{s:?}: the unit must be s, m, h or d (e.g. -2h)")),
-        };
-        return n
-            .checked_mul(unit_ms)
-            .map(|d| now_ms - d)
-            .filter(|t| *t >= 0)
-            .ok_or_else(|| format!("{s:?} is before 1970"));
-    }
-    let t = chrono::DateTime::parse_from_rfc3339(s)
-        .map_err(|e| format!("{s:?} is neither RFC 3339 (2026-11-20T00:00:00Z) nor relative (-2h): {e}"))?;
-    let ms = t.timestamp_millis();
-    if ms < 0 {
-        return Err(format!("{s:?} is before 1970"));
-    }
-    Ok(ms)
 }
 
 /// A stage group as the broker and the store see it.
@@ -563,20 +535,6 @@ pub(crate) fn at_time(client: &BaseConsumer, wanted: &[(String, i32, i64)], ms: 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn times_parse_relative_and_rfc3339() {
-        let now = 1_800_000_000_000;
-        assert_eq!(parse_time("-2h", now), Ok(now - 7_200_000));
-        assert_eq!(parse_time("-30m", now), Ok(now - 1_800_000));
-        assert_eq!(parse_time("-1d", now), Ok(now - 86_400_000));
-        assert_eq!(parse_time("-45s", now), Ok(now - 45_000));
-        assert_eq!(parse_time("2026-11-20T00:00:00Z", now), Ok(1_795_132_800_000));
-        assert_eq!(parse_time("2026-11-20T01:00:00+01:00", now), Ok(1_795_132_800_000));
-        assert!(parse_time("-2x", now).unwrap_err().contains("unit"));
-        assert!(parse_time("yesterday", now).unwrap_err().contains("RFC 3339"));
-        assert!(parse_time("1960-01-01T00:00:00Z", now).unwrap_err().contains("1970"));
-    }
 
     #[test]
     fn unknown_group_lists_the_known_ones() {

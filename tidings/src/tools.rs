@@ -25,6 +25,36 @@ pub(crate) fn parse_flags<A: clap::Args + clap::FromArgMatches>(args: &[&str]) -
     A::from_arg_matches(&matches).unwrap()
 }
 
+/// A time bound of the data tools (replay, dlq, offsets, audit): RFC 3339 (`2026-11-20T00:00:00Z`)
+/// or relative to `now_ms` (`-90s`, `-30m`, `-2h`, `-1d`), as milliseconds since the epoch.
+pub(crate) fn parse_time(s: &str, now_ms: i64) -> Result<i64, String> {
+    let s = s.trim();
+    if let Some(rel) = s.strip_prefix('-') {
+        let split = rel.find(|c: char| !c.is_ascii_digit()).unwrap_or(rel.len());
+        let (n, unit) = rel.split_at(split);
+        let n: i64 = n.parse().map_err(|_| format!("{s:?}: expected -<number><s|m|h|d>, e.g. -2h"))?;
+        let unit_ms = match unit {
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            _ => return Err(format!("{s:?}: the unit must be s, m, h or d (e.g. -2h)")),
+        };
+        return n
+            .checked_mul(unit_ms)
+            .map(|d| now_ms - d)
+            .filter(|t| *t >= 0)
+            .ok_or_else(|| format!("{s:?} is before 1970"));
+    }
+    let t = chrono::DateTime::parse_from_rfc3339(s)
+        .map_err(|e| format!("{s:?} is neither RFC 3339 (2026-11-20T00:00:00Z) nor relative (-2h): {e}"))?;
+    let ms = t.timestamp_millis();
+    if ms < 0 {
+        return Err(format!("{s:?} is before 1970"));
+    }
+    Ok(ms)
+}
+
 pub fn topology_check(path: &Path) -> anyhow::Result<ExitCode> {
     match Topology::load(path) {
         Ok(t) => {
@@ -141,4 +171,23 @@ pub async fn stats(infra: &Infra) -> anyhow::Result<ExitCode> {
     let store = Store::connect(&database_url(infra)).await?;
     println!("{}", serde_json::json!({ "notifications": store.count_notifications().await? }));
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_parse_relative_and_rfc3339() {
+        let now = 1_800_000_000_000;
+        assert_eq!(parse_time("-2h", now), Ok(now - 7_200_000));
+        assert_eq!(parse_time("-30m", now), Ok(now - 1_800_000));
+        assert_eq!(parse_time("-1d", now), Ok(now - 86_400_000));
+        assert_eq!(parse_time("-45s", now), Ok(now - 45_000));
+        assert_eq!(parse_time("2026-11-20T00:00:00Z", now), Ok(1_795_132_800_000));
+        assert_eq!(parse_time("2026-11-20T01:00:00+01:00", now), Ok(1_795_132_800_000));
+        assert!(parse_time("-2x", now).unwrap_err().contains("unit"));
+        assert!(parse_time("yesterday", now).unwrap_err().contains("RFC 3339"));
+        assert!(parse_time("1960-01-01T00:00:00Z", now).unwrap_err().contains("1970"));
+    }
 }

@@ -277,7 +277,7 @@ async fn replay(a: RunArgs) -> anyhow::Result<ExitCode> {
         )));
     }
     let now_ms = chrono::Utc::now().timestamp_millis();
-    let time = |s: &str, flag: &str| plan::parse_time(s, now_ms).map_err(|e| bad(format!("{flag}: {e}")));
+    let time = |s: &str, flag: &str| crate::tools::parse_time(s, now_ms).map_err(|e| bad(format!("{flag}: {e}")));
     let from = match (&a.from, a.from_offset) {
         (Some(s), _) => Bound::Time(time(s, "--from")?),
         (None, Some(o)) => Bound::Offset(o),

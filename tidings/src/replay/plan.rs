@@ -70,36 +70,6 @@ impl Plan {
     }
 }
 
-/// Parses a time bound: RFC 3339 (`2026-11-20T00:00:00Z`) or relative to `now_ms` (`-2h`, `-30m`,
-/// `-90s`, `-1d`). Milliseconds since the Unix epoch.
-pub fn parse_time(s: &str, now_ms: i64) -> Result<i64, String> {
-    let s = s.trim();
-    if let Some(rel) = s.strip_prefix('-') {
-        let split = rel.find(|c: char| !c.is_ascii_digit()).unwrap_or(rel.len());
-        let (n, unit) = rel.split_at(split);
-        let n: i64 = n.parse().map_err(|_| format!("{s:?}: expected -<number><s|m|h|d>, e.g. -2h"))?;
-        let unit_ms = match unit {
-            "s" => 1_000,
-            "m" => 60_000,
-            "h" => 3_600_000,
-            "d" => 86_400_000,
-            _ => return Err(format!("{s:?}: the unit must be s, m, h or d (e.g. -2h)")),
-        };
-        return n
-            .checked_mul(unit_ms)
-            .map(|d| now_ms - d)
-            .filter(|t| *t >= 0)
-            .ok_or_else(|| format!("{s:?} is before 1970"));
-    }
-    let t = chrono::DateTime::parse_from_rfc3339(s)
-        .map_err(|e| format!("{s:?} is neither RFC 3339 (2026-11-20T00:00:00Z) nor relative (-2h): {e}"))?;
-    let ms = t.timestamp_millis();
-    if ms < 0 {
-        return Err(format!("{s:?} is before 1970"));
-    }
-    Ok(ms)
-}
-
 /// Refuses bounds that cannot make a range whatever the log holds: `--from` after `--to`.
 pub fn check_bounds(from: Bound, to: Bound) -> Result<(), String> {
     match (from, to) {
@@ -284,16 +254,5 @@ mod tests {
         assert!(check_bounds(Bound::Offset(-1), Bound::End).is_err());
         assert!(check_bounds(Bound::Time(1_000), Bound::Time(1_000)).is_ok(), "an empty range, not an error");
         assert!(check_bounds(Bound::Time(1_000), Bound::End).is_ok());
-    }
-
-    #[test]
-    fn times_parse_relative_and_rfc3339() {
-        let now = 10 * 3_600_000;
-        assert_eq!(parse_time("-2h", now), Ok(8 * 3_600_000));
-        assert_eq!(parse_time("-30m", now), Ok(now - 1_800_000));
-        assert_eq!(parse_time("1970-01-01T00:00:01Z", now), Ok(1_000));
-        assert!(parse_time("-2y", now).is_err());
-        assert!(parse_time("yesterday", now).is_err());
-        assert!(parse_time("-11h", now).unwrap_err().contains("before 1970"));
     }
 }

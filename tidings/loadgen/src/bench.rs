@@ -37,6 +37,7 @@ mod multi;
 mod nchan;
 mod produce;
 mod record_times;
+mod replay;
 mod report;
 mod stack;
 mod sustained;
@@ -44,7 +45,8 @@ mod users;
 
 /// Every scenario, in the order they run (`chat` and `chat_kill` only when named: `.ci/bench-chat`;
 /// `claims_decide`, `claims_hot_row` and `claims_http` only when named: `.ci/bench-claims`;
-/// `csv_import`, `campaign_100k` and `campaign_1m` only when named: `.ci/bench-campaigns`).
+/// `csv_import`, `campaign_100k` and `campaign_1m` only when named: `.ci/bench-campaigns`; `replay_1m`
+/// only when named: `.ci/bench-replay`).
 const ALL: &str = "ingest_latency,ingest_latency_kafka,broadcast,broadcast_kafka,ingest_latency_embedded,nchan_fanout,nchan_broadcast,idle,fanout,campaign,sustained,multi";
 
 #[derive(clap::Args)]
@@ -60,7 +62,7 @@ pub struct BenchArgs {
     topology: PathBuf,
     /// Scenarios to run, comma-separated: ingest_latency, ingest_latency_kafka, broadcast,
     /// broadcast_kafka, ingest_latency_embedded, nchan_fanout, nchan_broadcast, idle, fanout, campaign, sustained, multi, chat, chat_kill,
-    /// claims_decide, claims_hot_row, claims_http, csv_import, campaign_100k, campaign_1m (the chat, claim and campaign ones need PostgreSQL at TIDINGS_TEST_PG). A `comparison` line follows when a tidings
+    /// claims_decide, claims_hot_row, claims_http, csv_import, campaign_100k, campaign_1m, replay_1m (the chat, claim and campaign ones need PostgreSQL at TIDINGS_TEST_PG). A `comparison` line follows when a tidings
     /// scenario and its nchan counterpart both ran.
     #[arg(long, value_delimiter = ',', default_value = ALL)]
     scenarios: Vec<String>,
@@ -177,6 +179,22 @@ pub struct BenchArgs {
     /// Users of campaign_1m's segment.
     #[arg(long, default_value_t = 1_000_000)]
     campaign_big_users: usize,
+    /// Notifications replay_1m persists (a campaign to a segment this size) and replays
+    /// (`.ci/bench-replay`).
+    #[arg(long, default_value_t = 1_000_000)]
+    replay_notifications: usize,
+    /// Connected SSE users receiving replay_1m's live load.
+    #[arg(long, default_value_t = 300)]
+    replay_sse_users: usize,
+    /// Live events per second produced to `orders` during replay_1m.
+    #[arg(long, default_value_t = 300)]
+    replay_live_rate: usize,
+    /// Seconds of replay_1m's live load measured without the replay.
+    #[arg(long, default_value_t = 20)]
+    replay_baseline_secs: u64,
+    /// Percent of replay_1m's rows deleted before the replay (users whose number mod 100 is below it).
+    #[arg(long, default_value_t = 10)]
+    replay_delete_percent: u32,
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -351,6 +369,18 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         };
         let campaigns_prefix = format!("{prefix}campaigns.");
         campaigns::run(&bin, root.path(), &topology, &args.brokers, &campaigns_prefix, &run, &o, &mut results).await;
+    }
+    if run("replay_1m") {
+        let o = replay::ReplayOpts {
+            notifications: args.replay_notifications,
+            sse_users: args.replay_sse_users,
+            live_rate: args.replay_live_rate,
+            baseline_secs: args.replay_baseline_secs,
+            delete_percent: args.replay_delete_percent,
+        };
+        let replay_prefix = format!("{prefix}replay.");
+        let v = replay::run(&bin, root.path(), &topology, &args.brokers, &replay_prefix, &o).await;
+        report(&mut results, "replay_1m", v);
     }
 
     for (name, kill) in [("chat", false), ("chat_kill", true)] {

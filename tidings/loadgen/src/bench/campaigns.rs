@@ -25,7 +25,7 @@ use super::users::Users;
 use super::{now_micros, up_args, wait_ready, Proc};
 
 /// User ids are `c000000`, `c000001`, …: the SSE users (`Users` with this prefix) are the first ones.
-const USER_PREFIX: &str = "c";
+pub(super) const USER_PREFIX: &str = "c";
 
 /// The sizes issue 25 states its aims for; other sizes report their times with `met: null`.
 const AIM_USERS: usize = 100_000;
@@ -50,16 +50,16 @@ pub struct CampaignOpts {
 
 /// Where the scenarios run: one fresh PostgreSQL database for the segments, the peer's tables
 /// and the campaigns, one topic prefix.
-struct Env<'a> {
-    bin: &'a Path,
-    root: &'a Path,
-    topology: &'a Path,
-    brokers: &'a str,
-    prefix: &'a str,
-    db: String,
-    pool: sqlx::PgPool,
+pub(super) struct Env<'a> {
+    pub(super) bin: &'a Path,
+    pub(super) root: &'a Path,
+    pub(super) topology: &'a Path,
+    pub(super) brokers: &'a str,
+    pub(super) prefix: &'a str,
+    pub(super) db: String,
+    pub(super) pool: sqlx::PgPool,
     /// Segment sizes already imported (segment `bench-<size>`).
-    imported: HashSet<usize>,
+    pub(super) imported: HashSet<usize>,
 }
 
 /// Runs the named ones of csv_import, campaign_100k and campaign_1m, reporting each line.
@@ -129,11 +129,11 @@ fn write_csv(path: &Path, n: usize) -> anyhow::Result<u64> {
 }
 
 /// A child process watched to its end through /proc: wall time, peak RSS (VmHWM) and CPU.
-struct Watched {
-    status: ExitStatus,
-    secs: f64,
-    peak_rss_bytes: u64,
-    cpu_secs: f64,
+pub(super) struct Watched {
+    pub(super) status: ExitStatus,
+    pub(super) secs: f64,
+    pub(super) peak_rss_bytes: u64,
+    pub(super) cpu_secs: f64,
 }
 
 /// A field of /proc/<pid>/status in kB, as bytes.
@@ -154,7 +154,7 @@ fn stat_state_ticks(pid: u32) -> Option<(char, u64)> {
 /// Runs `cmd` (output to `log`) and watches it every 10 ms until it exits: its peak RSS is the
 /// last VmHWM read (a high-water mark, so at most the last 10 ms of growth are missed), its CPU
 /// what /proc shows once it is a zombie (still unreaped, its times complete).
-async fn run_watched(mut cmd: Command, log: &Path) -> anyhow::Result<Watched> {
+pub(super) async fn run_watched(mut cmd: Command, log: &Path) -> anyhow::Result<Watched> {
     let out = std::fs::File::create(log)?;
     let t = Instant::now();
     let mut child = cmd
@@ -197,13 +197,13 @@ fn csv_file(env: &Env<'_>, n: usize) -> anyhow::Result<(PathBuf, u64)> {
     Ok((path, bytes))
 }
 
-fn segment_name(n: usize) -> String {
+pub(super) fn segment_name(n: usize) -> String {
     format!("bench-{n}")
 }
 
 /// `tidings segment import bench-<n>` of the CSV of users `0..n`, watched; checks the segment's
 /// size afterwards.
-async fn import_segment(env: &mut Env<'_>, n: usize) -> anyhow::Result<(Watched, u64)> {
+pub(super) async fn import_segment(env: &mut Env<'_>, n: usize) -> anyhow::Result<(Watched, u64)> {
     let (file, bytes) = csv_file(env, n)?;
     let name = segment_name(n);
     let mut cmd = Command::new(env.bin);
@@ -226,7 +226,7 @@ async fn import_segment(env: &mut Env<'_>, n: usize) -> anyhow::Result<(Watched,
 
 /// Migrates the fresh database with the `tidings` binary under test (its own migrations, so a
 /// binary of another commit runs on it too), outside any measured part.
-async fn migrate(env: &Env<'_>) -> anyhow::Result<()> {
+pub(super) async fn migrate(env: &Env<'_>) -> anyhow::Result<()> {
     let mut cmd = Command::new(env.bin);
     cmd.args(["segment", "list", "--database-url", &env.db])
         .arg("--data-dir")
@@ -306,9 +306,9 @@ async fn csv_import(env: &mut Env<'_>, n: usize) -> anyhow::Result<Value> {
 type Encode = Box<dyn Fn(&Value) -> anyhow::Result<Vec<u8>> + Send + Sync>;
 
 /// The running `tidings up` the campaigns go through, and how a launch reaches it.
-struct Up {
-    proc_: Proc,
-    url: String,
+pub(super) struct Up {
+    pub(super) proc_: Proc,
+    pub(super) url: String,
     encode: Encode,
     producer: FutureProducer,
     campaigns_topic: String,
@@ -317,7 +317,7 @@ struct Up {
 }
 
 impl Up {
-    async fn start(env: &Env<'_>) -> anyhow::Result<Up> {
+    pub(super) async fn start(env: &Env<'_>) -> anyhow::Result<Up> {
         let args =
             up_args(Some(env.brokers), Some(env.prefix), env.topology, &env.db, "templating,persistence,gateway");
         let mut proc_ = Proc::spawn(env.bin, "campaigns", env.root, &args, &[])?;
@@ -349,7 +349,13 @@ impl Up {
 
     /// Produces a CampaignLaunched (event id `campaign:<id>`) to `campaigns` as an upstream
     /// service would, occurred_at = `at_us`; answers once the broker acknowledged it.
-    async fn launch(&self, id: &str, segments: &[String], user_ids: &[String], at_us: i64) -> anyhow::Result<()> {
+    pub(super) async fn launch(
+        &self,
+        id: &str,
+        segments: &[String],
+        user_ids: &[String],
+        at_us: i64,
+    ) -> anyhow::Result<()> {
         let event = json!({
             "event_id": format!("campaign:{id}"), "occurred_at": at_us, "campaign_id": id,
             "payload": {"CampaignLaunched": {
@@ -428,7 +434,7 @@ async fn campaign_scenarios(
 
 /// A campaign's fan-out progress row (templating's checkpoint), times in µs.
 #[derive(sqlx::FromRow, Default, Clone, Debug)]
-struct Progress {
+pub(super) struct Progress {
     started_at: i64,
     updated_at: i64,
     finished_at: Option<i64>,
@@ -459,7 +465,7 @@ async fn stored_offsets(pool: &sqlx::PgPool, topic: &str) -> anyhow::Result<i64>
 /// and persistence's stored offsets reached the notifications topic's end at that point. Watched
 /// every 20 ms with two index lookups (counting the rows as they grow would load the database
 /// being measured); `on_tick` runs at each look.
-async fn watch_stored(
+pub(super) async fn watch_stored(
     env: &Env<'_>,
     up: &Up,
     id: &str,
@@ -494,7 +500,7 @@ async fn watch_stored(
     }
 }
 
-async fn wait_stored(env: &Env<'_>, up: &Up, id: &str, n: usize, timeout: Duration) -> anyhow::Result<()> {
+pub(super) async fn wait_stored(env: &Env<'_>, up: &Up, id: &str, n: usize, timeout: Duration) -> anyhow::Result<()> {
     watch_stored(env, up, id, timeout, |_| {}).await?;
     let (rows,): (i64,) =
         sqlx::query_as("SELECT count(*) FROM notifications WHERE kind = 'campaign' AND source_event_id = $1")
@@ -516,7 +522,7 @@ fn thin<T: Copy>(items: &[T], max: usize) -> Vec<T> {
 /// CPU of what the tidings process waits on, beside it: every `postgres` process (the server the
 /// tests share, so other databases' work counts too) and the benchmark's broker (its pid in
 /// TIDINGS_BENCH_KAFKA_PID, which .ci/bench-campaigns sets).
-struct Beside {
+pub(super) struct Beside {
     postgres: u64,
     kafka: Option<(u32, u64)>,
 }
@@ -535,14 +541,14 @@ fn postgres_ticks() -> u64 {
 }
 
 impl Beside {
-    fn start() -> Beside {
+    pub(super) fn start() -> Beside {
         let kafka = std::env::var("TIDINGS_BENCH_KAFKA_PID").ok().and_then(|p| p.trim().parse::<u32>().ok());
         Beside { postgres: postgres_ticks(), kafka: kafka.and_then(|pid| Some((pid, stat_state_ticks(pid)?.1))) }
     }
 
     /// Seconds of CPU since `start` (PostgreSQL's: backends that ended in between are missed, and
     /// ones that started count whole).
-    fn end(self) -> Value {
+    pub(super) fn end(self) -> Value {
         let postgres = postgres_ticks().saturating_sub(self.postgres) as f64 / 100.0;
         let kafka = self.kafka.and_then(|(pid, t)| Some(stat_state_ticks(pid)?.1.saturating_sub(t) as f64 / 100.0));
         json!({"postgres_secs": postgres, "kafka_broker_secs": kafka,
@@ -552,7 +558,7 @@ impl Beside {
 
 /// The project's ceiling for persistence: psql `\copy` of the campaign's stored rows (exported
 /// first, untimed) into a table like `notifications` with all its indexes, in one statement.
-async fn copy_peer(env: &Env<'_>, event_id: &str, n: usize) -> anyhow::Result<Value> {
+pub(super) async fn copy_peer(env: &Env<'_>, event_id: &str, n: usize) -> anyhow::Result<Value> {
     let file = env.root.join("campaign-rows.csv");
     let export = format!(
         "\\copy (SELECT * FROM notifications WHERE kind = 'campaign' AND source_event_id = '{}') TO '{}' WITH (FORMAT csv)",

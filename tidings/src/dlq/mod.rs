@@ -302,4 +302,3 @@ async fn purge(logical: &str, before: Option<&str>, execute: bool, infra: &Infra
     println!("{total} letter(s) deleted{}.", if failed { " in part" } else { "" });
     Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }
-

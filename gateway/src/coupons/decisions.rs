@@ -36,12 +36,15 @@ pub enum DecisionsError {
 impl DecisionsError {
     /// Whether starting again may succeed: a Kafka error the stages would retry (a leader moving
     /// while fresh topics settle, a broker restarting), a registry that is unreachable or
-    /// throttling, or a subject no one has registered yet (the claim stage registers it).
+    /// throttling, a subject no one has registered yet (the claim stage registers it), or a topic
+    /// this client's metadata does not show yet (`up` checked or created it just before, and a
+    /// fresh client's first metadata may predate that, as the stages' "no partitions" is retried).
     pub fn is_retriable(&self) -> bool {
         match self {
             DecisionsError::Kafka(e) => StageError::kafka(System::Kafka, e.clone()).is_retriable(),
             DecisionsError::Registry(_, e) => e.is_retriable() || matches!(e, RegistryError::UnknownSubject(_)),
-            DecisionsError::NoTopic(_) | DecisionsError::Join(_) => false,
+            DecisionsError::NoTopic(_) => true,
+            DecisionsError::Join(_) => false,
         }
     }
 }
@@ -186,7 +189,8 @@ mod tests {
         assert_eq!(decision("CampaignLaunched", &event(json!({}))), None);
     }
 
-    /// A start that fails while fresh topics settle is tried again; a missing topic is not.
+    /// A start that fails while fresh topics settle is tried again, a topic not yet in the
+    /// metadata too; a bad schema or bad settings are not.
     #[test]
     fn only_passing_failures_restart_the_reader() {
         use rdkafka::types::RDKafkaErrorCode;
@@ -196,7 +200,7 @@ mod tests {
         assert!(DecisionsError::Registry("coupons-value".into(), unregistered).is_retriable());
         let invalid = RegistryError::InvalidSchema("coupons-value".into(), "bad".into());
         assert!(!DecisionsError::Registry("coupons-value".into(), invalid).is_retriable());
-        assert!(!DecisionsError::NoTopic("coupons".into()).is_retriable());
+        assert!(DecisionsError::NoTopic("coupons".into()).is_retriable());
         let config = KafkaError::ClientCreation("bad settings".into());
         assert!(!DecisionsError::Kafka(config).is_retriable());
     }

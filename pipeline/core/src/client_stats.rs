@@ -2,6 +2,7 @@
 //! queue wait and the request queue wait, so a slow hop can be pinned on a client's queue, the
 //! network or the broker, and the requests it sent by kind (each produce request carries one
 //! partition in librdkafka). Clients report every `statistics.interval.ms` (10 s unless overridden).
+//! A consumer's report also gives its group's lag, under the names Kafka operators alert on.
 
 use metrics::Label;
 use rdkafka::client::ClientContext;
@@ -102,9 +103,58 @@ pub fn samples(client: &str, s: &Statistics) -> Vec<Sample> {
     out
 }
 
+/// The lag gauges of a consumer's report, for its `group`: per assigned partition
+/// `kafka_consumergroup_lag` (messages from its stored position, or else its committed one, to the
+/// high watermark), and per topic `kafka_consumergroup_lag_sum`. librdkafka reports −1 while a
+/// partition's lag is unknown (no position or watermark yet): such a partition is left out of both,
+/// so a sum never counts it.
+pub fn lag_samples(group: &str, s: &Statistics) -> Vec<Sample> {
+    let mut out = Vec::new();
+    let mut topics: Vec<_> = s.topics.iter().collect();
+    topics.sort_by(|a, b| a.0.cmp(b.0));
+    for (topic, t) in topics {
+        let mut partitions: Vec<_> = t.partitions.values().filter(|p| p.partition >= 0 && p.desired).collect();
+        partitions.sort_by_key(|p| p.partition);
+        let mut sum = None;
+        for p in partitions {
+            let lag = if p.consumer_lag_stored >= 0 { p.consumer_lag_stored } else { p.consumer_lag };
+            if lag < 0 {
+                continue;
+            }
+            *sum.get_or_insert(0) += lag;
+            out.push(Sample {
+                name: "kafka_consumergroup_lag",
+                labels: vec![
+                    ("consumergroup", group.into()),
+                    ("topic", topic.clone()),
+                    ("partition", p.partition.to_string()),
+                ],
+                value: lag as f64,
+            });
+        }
+        if let Some(sum) = sum {
+            out.push(Sample {
+                name: "kafka_consumergroup_lag_sum",
+                labels: vec![("consumergroup", group.into()), ("topic", topic.clone())],
+                value: sum as f64,
+            });
+        }
+    }
+    out
+}
+
+/// Sets the lag gauges of a consumer's report for its `group` (see [`lag_samples`]).
+pub fn record_lag(group: &str, s: &Statistics) {
+    set(lag_samples(group, s));
+}
+
 /// Sets the gauges of one report (for contexts that have other work too, e.g. rebalancing).
 pub fn record(client: &str, s: &Statistics) {
-    for x in samples(client, s) {
+    set(samples(client, s));
+}
+
+fn set(samples: Vec<Sample>) {
+    for x in samples {
         let labels: Vec<Label> = x.labels.into_iter().map(|(k, v)| Label::new(k, v)).collect();
         metrics::gauge!(x.name, labels).set(x.value);
     }
@@ -127,6 +177,8 @@ mod tests {
             *self.0.lock().unwrap() = Some(statistics);
         }
     }
+
+    impl ConsumerContext for Keep {}
 
     impl rdkafka::producer::ProducerContext for Keep {
         type DeliveryOpaque = ();
@@ -180,5 +232,70 @@ mod tests {
         let produced = found.iter().find(|x| x.name == "tidings_kafka_requests").expect("request counts");
         assert_eq!(produced.labels[2], ("request", "Produce".to_string()));
         assert!(produced.value >= 1.0, "{produced:?}");
+    }
+
+    #[test]
+    fn a_consumers_report_gives_its_groups_lag_without_unknowns() {
+        use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+        use rdkafka::{Offset, TopicPartitionList};
+        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+        cluster.create_topic("t", 2, 1).unwrap();
+        let producer: BaseProducer<Keep> = ClientConfig::new()
+            .set("bootstrap.servers", cluster.bootstrap_servers())
+            .create_with_context(Keep::default())
+            .unwrap();
+        for _ in 0..5 {
+            producer.send(BaseRecord::<(), str>::to("t").partition(0).payload("x")).unwrap();
+        }
+        producer.send(BaseRecord::<(), str>::to("t").partition(1).payload("x")).unwrap();
+        producer.flush(Duration::from_secs(5)).unwrap();
+        let consumer: BaseConsumer<Keep> = ClientConfig::new()
+            .set("bootstrap.servers", cluster.bootstrap_servers())
+            .set("group.id", "g")
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("statistics.interval.ms", "100")
+            .create_with_context(Keep::default())
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset("t", 0, Offset::Offset(2)).unwrap();
+        tpl.add_partition_offset("t", 1, Offset::Offset(0)).unwrap();
+        consumer.commit(&tpl, CommitMode::Sync).unwrap();
+        // From the committed offsets, which the client then knows (an explicit start it would not).
+        tpl.set_all_offsets(Offset::Stored).unwrap();
+        consumer.assign(&tpl).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        // Committed at 2 of 5 and at 0 of 1: lags 3 and 1 once both watermarks are known.
+        let (report, lags) = loop {
+            let _ = consumer.poll(Duration::from_millis(50));
+            let report = consumer.context().0.lock().unwrap().clone();
+            if let Some(r) = report {
+                let got = lag_samples("g", &r);
+                if got.iter().filter(|x| x.name == "kafka_consumergroup_lag").count() == 2 {
+                    break (r, got);
+                }
+            }
+            assert!(Instant::now() < deadline, "no report with both partitions' lag");
+        };
+        let value = |got: &[Sample], name: &str, partition: Option<&str>| {
+            got.iter()
+                .find(|x| x.name == name && partition.is_none_or(|p| x.labels.get(2).is_some_and(|l| l.1 == p)))
+                .map(|x| x.value)
+        };
+        assert_eq!(value(&lags, "kafka_consumergroup_lag", Some("0")), Some(3.0), "{lags:?}");
+        assert_eq!(value(&lags, "kafka_consumergroup_lag", Some("1")), Some(1.0), "{lags:?}");
+        assert_eq!(value(&lags, "kafka_consumergroup_lag_sum", None), Some(4.0), "{lags:?}");
+        assert_eq!(lags[0].labels[..2], [("consumergroup", "g".to_string()), ("topic", "t".to_string())]);
+        // A partition whose lag librdkafka does not know (−1) is in neither the gauges nor the sum.
+        let mut unknown = report.clone();
+        let p1 = unknown.topics.get_mut("t").unwrap().partitions.get_mut(&1).unwrap();
+        (p1.consumer_lag, p1.consumer_lag_stored) = (-1, -1);
+        let got = lag_samples("g", &unknown);
+        assert_eq!(value(&got, "kafka_consumergroup_lag", Some("1")), None, "{got:?}");
+        assert_eq!(value(&got, "kafka_consumergroup_lag_sum", None), Some(3.0), "{got:?}");
+        for p in unknown.topics.get_mut("t").unwrap().partitions.values_mut() {
+            (p.consumer_lag, p.consumer_lag_stored) = (-1, -1);
+        }
+        assert!(lag_samples("g", &unknown).is_empty(), "no sum of unknowns");
     }
 }

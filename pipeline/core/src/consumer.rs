@@ -86,6 +86,8 @@ impl RebalanceHooks for () {}
 /// [`crate::client_stats::reporting`]).
 pub struct StageContext<H: RebalanceHooks = ()> {
     client: &'static str,
+    /// The consumer's group, whose lag its statistics report (see [`StageContext::with_group`]).
+    group: Option<String>,
     start: StartOffsets,
     hooks: H,
     /// Blocking broker calls in the callback go through `block_in_place` when the runtime allows.
@@ -95,7 +97,14 @@ pub struct StageContext<H: RebalanceHooks = ()> {
 impl<H: RebalanceHooks> StageContext<H> {
     pub fn new(client: &'static str, start: StartOffsets, hooks: H) -> Self {
         let multi_thread = Handle::try_current().is_ok_and(|h| h.runtime_flavor() == RuntimeFlavor::MultiThread);
-        StageContext { client, start, hooks, multi_thread }
+        StageContext { client, group: None, start, hooks, multi_thread }
+    }
+
+    /// Records the lag of `group` (the consumer's `group.id`) from the statistics reports too:
+    /// librdkafka's reports do not name the group.
+    pub fn with_group(mut self, group: impl Into<String>) -> Self {
+        self.group = Some(group.into());
+        self
     }
 
     pub fn hooks(&self) -> &H {
@@ -152,6 +161,9 @@ fn partitions(tpl: &TopicPartitionList) -> Vec<Partition> {
 impl<H: RebalanceHooks> ClientContext for StageContext<H> {
     fn stats(&self, statistics: Statistics) {
         crate::client_stats::record(self.client, &statistics);
+        if let Some(group) = &self.group {
+            crate::client_stats::record_lag(group, &statistics);
+        }
     }
 }
 

@@ -304,7 +304,8 @@ async fn start(
     }
     let offsets =
         DbOffsets { store: store.clone(), group: cfg.group.clone(), known: known.clone(), runtime: Handle::current() };
-    let ctx = StageContext::new("persistence-consumer", StartOffsets::Stored(Box::new(offsets)), ());
+    let ctx =
+        StageContext::new("persistence-consumer", StartOffsets::Stored(Box::new(offsets)), ()).with_group(&cfg.group);
     // The database holds the offsets, applied at every assignment.
     // Batches wait up to `linger` anyway, so fetches need not return per record: at 2,000 events/s
     // a fetch answered as soon as any data is there makes this consumer one of the broker's busiest

@@ -151,7 +151,7 @@ async fn start(
         return Err(StageError::configuration("the scheduler's tick must be at least 1 ms"));
     }
     let owned = Owned { topic: cfg.input.clone(), partitions: Arc::default() };
-    let ctx = StageContext::new("scheduler-consumer", StartOffsets::Committed, owned.clone());
+    let ctx = StageContext::new("scheduler-consumer", StartOffsets::Committed, owned.clone()).with_group(&cfg.group);
     let consumer: Arc<StreamConsumer<SchedulerContext>> =
         Arc::new(tidings_core::client_stats::reporting(cfg.kafka.consumer(&cfg.group)).create_with_context(ctx)?);
     consumer.subscribe(&[cfg.input.as_str()])?;

@@ -510,9 +510,10 @@ async fn start(
     if spec.group_records {
         templater.group_by_partition(routing);
     }
-    let context = rooms::context("templating-consumer", templater.rooms());
+    let group = topo.group_name(&spec.group);
+    let context = rooms::context("templating-consumer", templater.rooms()).with_group(&group);
     let consumer: Arc<StreamConsumer<TemplatingContext>> =
-        Arc::new(reporting(cfg.kafka.consumer(&topo.group_name(&spec.group))).create_with_context(context)?);
+        Arc::new(reporting(cfg.kafka.consumer(&group)).create_with_context(context)?);
     let topics: Vec<String> = spec.inputs.iter().map(|t| topo.topic_name(t)).collect();
     consumer.subscribe(&topics.iter().map(String::as_str).collect::<Vec<_>>())?;
     info!(topics = ?topics, output = %output, "Templating stage consuming {topics:?} into {output}.");

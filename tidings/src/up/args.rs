@@ -13,6 +13,11 @@ use tracing::info;
 use crate::settings;
 use crate::Infra;
 
+/// Where a process without the gateway serves `/metrics` when `--metrics-listen` is unset (the
+/// port OpenTelemetry and Prometheus exporters conventionally use).
+pub const DEFAULT_METRICS_LISTEN: SocketAddr =
+    SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 9464));
+
 #[derive(Args, Debug)]
 pub struct UpArgs {
     /// A TOML file of settings: the keys are this command's long flags without the dashes
@@ -37,7 +42,9 @@ pub struct UpArgs {
     #[arg(long = "ingest-token", env = "TIDINGS_INGEST_TOKENS", value_delimiter = ',', hide_env_values = true)]
     pub ingest_tokens: Vec<String>,
     /// Serve `/metrics` on this address only (e.g. a port only the scraper reaches) instead of on
-    /// the public gateway port.
+    /// the public gateway port. A process without the gateway (e.g. `--stages templating`) serves
+    /// `/metrics`, `/healthz` and `/readyz` here, on 127.0.0.1:9464 when unset (if another process
+    /// already holds that default port, with a warning, on none).
     #[arg(long, env = "TIDINGS_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
     /// Open connections (streams included) the public gateway listener (--http) holds at most;

@@ -1,6 +1,7 @@
 //! The HTTP side of `up`: event ingest for services on its own listener, and the gateway
 //! (delivery over SSE, inbox, chat API, web page) on the public one, with `/metrics` on a third
-//! listener when asked. Each listener has its own connection cap.
+//! listener when asked (always, for a process without the gateway). Each listener has its own
+//! connection cap.
 
 use anyhow::Context;
 use rdkafka::producer::FutureProducer;
@@ -28,6 +29,7 @@ use tidings_pipeline::stages::claims;
 use tidings_pipeline::topology::Topology;
 use tracing::{info, warn};
 
+use super::args::DEFAULT_METRICS_LISTEN;
 use super::infra::Infrastructure;
 use super::UpArgs;
 use crate::settings::Settings;
@@ -49,6 +51,9 @@ pub fn serve(
     readiness: &Readiness,
 ) -> anyhow::Result<Listening> {
     let mut listening = Listening::default();
+    if !args.runs("gateway") {
+        metrics(args, tasks, readiness)?;
+    }
     if !(args.runs("gateway") || args.runs("ingest")) {
         return Ok(listening);
     }
@@ -79,6 +84,26 @@ pub fn serve(
         listening.http = gateway(args, infra, auth, parts, origins, tasks, readiness)?;
     }
     Ok(listening)
+}
+
+/// `/metrics` with `/healthz` and `/readyz` for a process without the gateway (whose public port
+/// serves them otherwise), on `--metrics-listen` or [`DEFAULT_METRICS_LISTEN`]. Only the default
+/// may be taken (another process on the host): then a warning, not a refusal.
+fn metrics(args: &UpArgs, tasks: &mut TaskTree, readiness: &Readiness) -> anyhow::Result<()> {
+    let addr = args.metrics_listen.unwrap_or(DEFAULT_METRICS_LISTEN);
+    let listener = match tidings_gateway::bind(addr, None) {
+        Ok(l) => l,
+        Err(e) if args.metrics_listen.is_none() && e.kind() == std::io::ErrorKind::AddrInUse => {
+            warn!("/metrics is not served: the default {addr} is taken; set --metrics-listen.");
+            return Ok(());
+        }
+        Err(e) => return Err(e).with_context(|| format!("binding /metrics to {addr}")),
+    };
+    info!("Prometheus /metrics (and /healthz, /readyz) on http://{}.", listener.local_addr()?);
+    let app = tidings_gateway::metrics_app().merge(tidings_gateway::health::router(readiness.clone()));
+    let (t, limits) = (tasks.token().clone(), args.http_limits("metrics", args.metrics_max_connections));
+    tasks.spawn("metrics", async move { tidings_gateway::serve(listener, app, limits, t).await });
+    Ok(())
 }
 
 /// HTTP ingest on its own listener, for the templating stage's input topics (not chat, which

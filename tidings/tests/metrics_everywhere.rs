@@ -90,8 +90,8 @@ async fn stage_only_processes_serve_their_groups_lag() {
     for url in [&t_url, &p_url] {
         common::await_ready(&http, url, &[&ingest, &templating, &persistence]).await;
     }
-    // An ingest-only process serves them too (its readiness is its ingest listener's business).
-    for path in ["metrics", "healthz"] {
+    // An ingest-only process serves them too, and is ready once its ingest listener is up.
+    for path in ["metrics", "healthz", "readyz"] {
         let r = http.get(format!("http://{ingest_metrics}/{path}")).send().await.expect("ingest's metrics listener");
         assert_eq!(r.status(), 200, "ingest's /{path}");
     }

@@ -137,6 +137,9 @@ fn ingest(
     let app = tidings_gateway::ingest_app(ingest, readiness.clone());
     let (t, limits) = (tasks.token().clone(), args.http_limits("ingest", args.ingest_max_connections));
     tasks.spawn("ingest", async move { tidings_gateway::serve(listener, app, limits, t).await });
+    // Ready once it listens: its producer reports broker trouble per request (503), and a process
+    // running ingest alone has no other component that would make /readyz answer 200.
+    readiness.set("ingest", true);
     info!("HTTP ingest for services listening on {url} (POST /v1/events/{{topic}}, service token required).");
     Ok(url)
 }

@@ -200,18 +200,7 @@ fn refused_with(up: impl Fn(&Path) -> Command, env: &[(&str, &str)]) -> (Option<
     let log_path = parent.path().join("stderr.log");
     let log = std::fs::File::create(&log_path).unwrap();
     let mut child = up(&data_dir).envs(env.iter().copied()).stdout(Stdio::null()).stderr(log).spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("`up` started instead of refusing:\n{}", std::fs::read_to_string(&log_path).unwrap_or_default());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = exit_within(&mut child, Duration::from_secs(30), &log_path, "`up` started instead of refusing");
     let stderr = std::fs::read_to_string(&log_path).unwrap_or_default();
     assert!(!data_dir.exists(), "a refused `up` created its data directory:\n{stderr}");
     (status.code(), stderr)
@@ -362,22 +351,32 @@ async fn a_stage_without_registry_write_credentials_ends_up_naming_the_setting()
         .stderr(log)
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("`up` still runs after 60 s:\n{}", std::fs::read_to_string(&log_path).unwrap_or_default());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let status = exit_within(&mut child, Duration::from_secs(60), &log_path, "`up` still runs after 60 s");
     let stderr = std::fs::read_to_string(&log_path).unwrap_or_default();
     assert!(!status.success(), "`up` exited cleanly:\n{stderr}");
     assert!(
         stderr.contains("templating") && stderr.contains("HTTP 401") && stderr.contains("TIDINGS_REGISTRY_WRITE_TOKEN"),
         "the error does not name the stage, the status and the setting:\n{stderr}"
     );
+}
+
+/// Waits for `child` to exit within `limit`; past it, kills it and fails with `what` and its log.
+fn exit_within(
+    child: &mut std::process::Child,
+    limit: Duration,
+    log: &std::path::Path,
+    what: &str,
+) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what}:\n{}", std::fs::read_to_string(log).unwrap_or_default());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

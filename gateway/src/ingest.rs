@@ -98,6 +98,8 @@ async fn ingest_event(
     let key = t.key_field.as_ref().and_then(|k| json.get(k)).and_then(Value::as_str);
     let traceparent = header_str(&trace_headers, H_TRACEPARENT).unwrap_or_default().to_string();
     let produced = state.events.produce(&t.physical, key, &json, Some(trace_headers)).await?;
+    // Events accepted per topic (its topology name: one of the few the lookup above let through).
+    metrics::counter!("tidings_ingest_events_total", "topic" => topic.to_string()).increment(1);
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({

@@ -9,6 +9,7 @@ pub mod error;
 pub mod http;
 pub mod json_avro;
 pub mod kafka;
+pub mod lag;
 pub mod notification;
 pub mod registry;
 pub mod retry;

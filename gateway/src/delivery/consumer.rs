@@ -135,7 +135,8 @@ async fn start(
     let multi_thread = Handle::current().runtime_flavor() == RuntimeFlavor::MultiThread;
     let shared = Arc::new(Shared::default());
     let hooks = HubHooks { hub: hub.clone(), topic: cfg.topic.clone(), shared: shared.clone() };
-    let ctx = StageContext::new("delivery-consumer", StartOffsets::Tail(hub.config().ring_events), hooks);
+    let ctx =
+        StageContext::new("delivery-consumer", StartOffsets::Tail(hub.config().ring_events), hooks).with_group(&cfg.group);
     // Nothing is committed: every owner starts a ring's length before the end. Partitions added
     // to the topic are taken within the metadata refresh (librdkafka's default is 5 minutes).
     let refresh_ms = PARTITIONS_REFRESH.as_millis().to_string();

@@ -104,8 +104,8 @@ pub fn samples(client: &str, s: &Statistics) -> Vec<Sample> {
 }
 
 /// The lag gauges of a consumer's report, for its `group`: per assigned partition
-/// `kafka_consumergroup_lag` (messages from its stored position, or else its committed one, to the
-/// high watermark), and per topic `kafka_consumergroup_lag_sum`. librdkafka reports −1 while a
+/// `kafka_consumergroup_lag` (messages from its stored position, or else its committed one, or
+/// else the next offset handed to the stage, to the high watermark), and per topic `kafka_consumergroup_lag_sum`. librdkafka reports −1 while a
 /// partition's lag is unknown (no position or watermark yet): such a partition is left out of both,
 /// so a sum never counts it.
 pub fn lag_samples(group: &str, s: &Statistics) -> Vec<Sample> {
@@ -117,10 +117,18 @@ pub fn lag_samples(group: &str, s: &Statistics) -> Vec<Sample> {
         partitions.sort_by_key(|p| p.partition);
         let mut sum = None;
         for p in partitions {
-            let lag = if p.consumer_lag_stored >= 0 { p.consumer_lag_stored } else { p.consumer_lag };
-            if lag < 0 {
+            let end = if p.ls_offset >= 0 { p.ls_offset } else { p.hi_offset };
+            let lag = if p.consumer_lag_stored >= 0 {
+                p.consumer_lag_stored
+            } else if p.consumer_lag >= 0 {
+                p.consumer_lag
+            } else if p.app_offset >= 0 && end >= 0 {
+                // A group that stores and commits nothing in Kafka (delivery, claims): from the
+                // next record handed to the stage.
+                (end - p.app_offset).max(0)
+            } else {
                 continue;
-            }
+            };
             *sum.get_or_insert(0) += lag;
             out.push(Sample {
                 name: "kafka_consumergroup_lag",
@@ -289,12 +297,12 @@ mod tests {
         // A partition whose lag librdkafka does not know (−1) is in neither the gauges nor the sum.
         let mut unknown = report.clone();
         let p1 = unknown.topics.get_mut("t").unwrap().partitions.get_mut(&1).unwrap();
-        (p1.consumer_lag, p1.consumer_lag_stored) = (-1, -1);
+        (p1.consumer_lag, p1.consumer_lag_stored, p1.app_offset) = (-1, -1, -1);
         let got = lag_samples("g", &unknown);
         assert_eq!(value(&got, "kafka_consumergroup_lag", Some("1")), None, "{got:?}");
         assert_eq!(value(&got, "kafka_consumergroup_lag_sum", None), Some(3.0), "{got:?}");
         for p in unknown.topics.get_mut("t").unwrap().partitions.values_mut() {
-            (p.consumer_lag, p.consumer_lag_stored) = (-1, -1);
+            (p.consumer_lag, p.consumer_lag_stored, p.app_offset) = (-1, -1, -1);
         }
         assert!(lag_samples("g", &unknown).is_empty(), "no sum of unknowns");
     }

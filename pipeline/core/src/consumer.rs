@@ -163,6 +163,7 @@ impl<H: RebalanceHooks> ClientContext for StageContext<H> {
         crate::client_stats::record(self.client, &statistics);
         if let Some(group) = &self.group {
             crate::client_stats::record_lag(group, &statistics);
+            crate::lag::observe(group, &statistics);
         }
     }
 }

@@ -139,14 +139,12 @@ impl LagReader {
                 seconds,
             });
         }
-        let behind: Vec<usize> = (0..out.len()).filter(|&i| out[i].seconds.is_none()).collect();
+        let behind: Vec<(String, i32, i64)> =
+            out.iter().filter(|l| l.seconds.is_none()).map(|l| (l.topic.clone(), l.partition, l.position)).collect();
         if !behind.is_empty() {
-            let stamps =
-                self.timestamps(behind.iter().map(|&i| (&out[i].topic, out[i].partition, out[i].position)), deadline);
-            let now = now_ms();
-            for i in behind {
-                let key = (out[i].topic.clone(), out[i].partition);
-                out[i].seconds = stamps.get(&key).map(|ts| (now - ts).max(0) as f64 / 1000.0);
+            let seconds = self.seconds_at(&behind, deadline);
+            for l in out.iter_mut().filter(|l| l.seconds.is_none()) {
+                l.seconds = seconds.get(&(l.topic.clone(), l.partition)).copied();
             }
         }
         Ok(out)
@@ -166,44 +164,64 @@ impl LagReader {
         }
     }
 
-    /// The timestamp (ms) of the first record at or after each position, read until `deadline`;
-    /// partitions whose record did not arrive are missing from the answer.
-    fn timestamps<'a>(
-        &self,
-        at: impl Iterator<Item = (&'a String, i32, i64)>,
-        deadline: Instant,
-    ) -> HashMap<(String, i32), i64> {
-        let mut tpl = TopicPartitionList::new();
-        let mut want: HashMap<(String, i32), i64> = HashMap::new();
-        for (topic, partition, offset) in at {
-            if tpl.add_partition_offset(topic, partition, Offset::Offset(offset)).is_ok() {
-                want.insert((topic.clone(), partition), offset);
+    /// Seconds behind of each of `at` (topic, partition, position): now minus the timestamp of
+    /// the first record at or after the position, or 0 when there is none (only transaction
+    /// markers follow it). Read until `deadline`; partitions not answered by then are missing.
+    pub fn seconds_at(&self, at: &[(String, i32, i64)], deadline: Instant) -> HashMap<(String, i32), f64> {
+        let mut out = HashMap::new();
+        let mut topics: Vec<&str> = at.iter().map(|(t, _, _)| t.as_str()).collect();
+        topics.sort_unstable();
+        topics.dedup();
+        let now = now_ms();
+        // One topic at a time: an end-of-partition event names only the partition.
+        for topic in topics {
+            let want: HashMap<i32, i64> = at.iter().filter(|(t, _, _)| t == topic).map(|(_, p, o)| (*p, *o)).collect();
+            for (partition, ts) in self.timestamps(topic, &want, deadline) {
+                out.insert((topic.to_string(), partition), ts.map_or(0.0, |ts| (now - ts).max(0) as f64 / 1000.0));
             }
+        }
+        out
+    }
+
+    /// The timestamp (ms) of the first record at or after each position of `topic`'s partitions
+    /// (`None`: no record there, the partition ended first), read until `deadline`; partitions not
+    /// answered by then, or whose record has no timestamp, are missing from the answer.
+    fn timestamps(&self, topic: &str, want: &HashMap<i32, i64>, deadline: Instant) -> HashMap<i32, Option<i64>> {
+        let mut tpl = TopicPartitionList::new();
+        for (partition, offset) in want {
+            let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset));
         }
         let mut got = HashMap::new();
         if self.records.assign(&tpl).is_err() {
             return got;
         }
-        while got.len() < want.len() {
+        let mut pending = want.len();
+        while pending > 0 {
             let wait = left(deadline);
             if wait.is_zero() {
                 break;
             }
-            let Some(Ok(m)) = self.records.poll(wait.min(Duration::from_millis(100))) else { continue };
-            let key = (m.topic().to_string(), m.partition());
-            // A record fetched before this assignment (an earlier read) is older than the position.
-            if got.contains_key(&key) || want.get(&key).is_none_or(|&o| m.offset() < o) {
+            let (partition, ts) = match self.records.poll(wait.min(Duration::from_millis(100))) {
+                Some(Ok(m)) => {
+                    // A record fetched before this assignment (an earlier read) is older than the position.
+                    if m.topic() != topic || want.get(&m.partition()).is_none_or(|&o| m.offset() < o) {
+                        continue;
+                    }
+                    let ts = match m.timestamp() {
+                        Timestamp::CreateTime(t) | Timestamp::LogAppendTime(t) if t >= 0 => Some(Some(t)),
+                        _ => None,
+                    };
+                    (m.partition(), ts)
+                }
+                Some(Err(KafkaError::PartitionEOF(p))) => (p, Some(None)),
+                _ => continue,
+            };
+            if !want.contains_key(&partition) || got.contains_key(&partition) {
                 continue;
             }
-            let ts = match m.timestamp() {
-                Timestamp::CreateTime(t) | Timestamp::LogAppendTime(t) if t >= 0 => Some(t),
-                _ => None,
-            };
+            pending -= 1;
             if let Some(ts) = ts {
-                got.insert(key, ts);
-            } else {
-                // Unknown for good: stop waiting for it.
-                want.remove(&key);
+                got.insert(partition, ts);
             }
         }
         // Nothing stays assigned between reads: no prefetching for nobody.
@@ -231,7 +249,8 @@ fn reader_config(cfg: &KafkaConfig) -> ClientConfig {
     let mut c = cfg.admin();
     c.set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
-        .set("enable.partition.eof", "false")
+        // The end of a partition says no record follows a position (only transaction markers).
+        .set("enable.partition.eof", "true")
         .set("queued.min.messages", "1")
         .set("max.partition.fetch.bytes", "65536");
     c
@@ -243,4 +262,123 @@ fn left(deadline: Instant) -> Duration {
 
 fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// Where a consumer of this process stands on one partition, from its statistics report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Standing {
+    pub topic: String,
+    pub partition: i32,
+    /// Its stored offset, else its committed one, else (a group that commits nothing, like
+    /// delivery) the next offset handed to the application; `None` while none is known.
+    pub position: Option<i64>,
+    /// The last stable offset (the end a read_committed consumer sees), else the high watermark.
+    pub end: Option<i64>,
+}
+
+/// The partitions a consumer's statistics report says it holds, and where it stands on each.
+pub fn standings(s: &rdkafka::Statistics) -> Vec<Standing> {
+    let known = |o: i64| (o >= 0).then_some(o);
+    let mut out = Vec::new();
+    for (topic, t) in &s.topics {
+        for p in t.partitions.values().filter(|p| p.partition >= 0 && p.desired) {
+            out.push(Standing {
+                topic: topic.clone(),
+                partition: p.partition,
+                position: known(p.stored_offset).or(known(p.committed_offset)).or(known(p.app_offset)),
+                end: known(p.ls_offset).or(known(p.hi_offset)),
+            });
+        }
+    }
+    out.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+    out
+}
+
+/// The brokers the lag-in-seconds readers use; unset, no process-wide gauges are kept.
+static GAUGES_FROM: std::sync::OnceLock<KafkaConfig> = std::sync::OnceLock::new();
+/// One reader thread per consumer group of this process (the groups of its stages: a handful).
+static WORKERS: std::sync::Mutex<Option<HashMap<String, std::sync::mpsc::SyncSender<Vec<Standing>>>>> =
+    std::sync::Mutex::new(None);
+/// How long one refresh may read records for.
+const REFRESH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Turns on `kafka_consumergroup_lag_seconds{consumergroup,topic,partition}` and
+/// `kafka_consumergroup_lag_seconds_max{consumergroup,topic}` for every group whose consumer
+/// reports statistics ([`crate::consumer::StageContext::with_group`]), read with `cfg`'s brokers.
+/// Once per process (the binary, at start); later calls change nothing.
+pub fn enable_gauges(cfg: &KafkaConfig) {
+    let _ = GAUGES_FROM.set(cfg.clone());
+}
+
+/// Hands a consumer's statistics to its group's reader thread, which reads the records at the
+/// positions of the partitions behind and sets the gauges. Never blocks: a report that comes
+/// while the previous one is still being read is skipped (the next one is as good).
+pub fn observe(group: &str, s: &rdkafka::Statistics) {
+    let Some(cfg) = GAUGES_FROM.get() else { return };
+    let mut workers = WORKERS.lock().unwrap_or_else(|e| e.into_inner());
+    let workers = workers.get_or_insert_with(HashMap::new);
+    if !workers.contains_key(group) {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Standing>>(1);
+        let (cfg, name) = (cfg.clone(), group.to_string());
+        let spawned =
+            std::thread::Builder::new().name(format!("lag-{group}")).spawn(move || gauge_loop(&cfg, &name, rx));
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "No thread for the lag in seconds of group {group}; its gauges stay unset.");
+            return;
+        }
+        workers.insert(group.to_string(), tx);
+    }
+    if let Some(tx) = workers.get(group) {
+        let _ = tx.try_send(standings(s));
+    }
+}
+
+fn gauge_loop(cfg: &KafkaConfig, group: &str, rx: std::sync::mpsc::Receiver<Vec<Standing>>) {
+    let reader = match LagReader::new(cfg, group) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "No lag in seconds for group {group}: its reader could not start.");
+            return;
+        }
+    };
+    while let Ok(standings) = rx.recv() {
+        let lags = seconds_of(&reader, &standings, Instant::now() + REFRESH_TIMEOUT);
+        let mut max: HashMap<&str, f64> = HashMap::new();
+        for (topic, partition, seconds) in &lags {
+            let labels =
+                [("consumergroup", group.to_string()), ("topic", topic.clone()), ("partition", partition.to_string())];
+            metrics::gauge!("kafka_consumergroup_lag_seconds", &labels).set(*seconds);
+            let m = max.entry(topic.as_str()).or_insert(0.0);
+            *m = m.max(*seconds);
+        }
+        for (topic, max) in max {
+            metrics::gauge!("kafka_consumergroup_lag_seconds_max", "consumergroup" => group.to_string(), "topic" => topic.to_string())
+                .set(max);
+        }
+    }
+}
+
+/// Seconds behind per partition of `standings` whose position and end are known: 0 when caught
+/// up (no record read), else from the record at the position; partitions not read in time are
+/// left out (unknown), so neither a gauge nor a maximum counts them.
+pub fn seconds_of(reader: &LagReader, standings: &[Standing], deadline: Instant) -> Vec<(String, i32, f64)> {
+    let mut out = Vec::new();
+    let mut behind = Vec::new();
+    for s in standings {
+        let (Some(position), Some(end)) = (s.position, s.end) else { continue };
+        if position >= end {
+            out.push((s.topic.clone(), s.partition, 0.0));
+        } else {
+            behind.push((s.topic.clone(), s.partition, position));
+        }
+    }
+    if !behind.is_empty() {
+        let seconds = reader.seconds_at(&behind, deadline);
+        for (topic, partition, _) in behind {
+            if let Some(&x) = seconds.get(&(topic.clone(), partition)) {
+                out.push((topic, partition, x));
+            }
+        }
+    }
+    out
 }

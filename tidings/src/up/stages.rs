@@ -14,6 +14,8 @@ use super::UpArgs;
 /// Spawns templating, persistence, the claim stage and the scheduler when selected. Fails only on
 /// a claim-stage or scheduler topology `settings::check` already refused.
 pub fn spawn(args: &UpArgs, infra: &Infrastructure, tasks: &mut TaskTree, readiness: &Readiness) -> anyhow::Result<()> {
+    // Lag in seconds for every group a consumer of this process reports statistics for.
+    tidings_core::lag::enable_gauges(&infra.kafka);
     let (kafka, registry) = (&infra.kafka, &infra.registry);
     if args.runs("templating") {
         let cfg = TemplatingConfig::new(kafka.clone(), registry.clone(), infra.topology.clone());

@@ -190,7 +190,8 @@ async fn start(
         held: held.clone(),
         runtime: Handle::current(),
     };
-    let ctx = StageContext::new("claims-consumer", StartOffsets::Stored(Box::new(ownership.clone())), ownership);
+    let ctx = StageContext::new("claims-consumer", StartOffsets::Stored(Box::new(ownership.clone())), ownership)
+        .with_group(&cfg.group);
     // The store holds the offsets (applied at every assignment); Kafka's would only mislead.
     let cc = cfg.kafka.consumer_with(
         &cfg.group,

@@ -195,11 +195,13 @@ impl<H: RebalanceHooks> ConsumerContext for StageContext<H> {
                 }
                 info!(client = self.client, partitions = assigned.len(), "Assigned {} partition(s).", assigned.len());
                 self.hooks.on_assign(&assigned);
+                crate::status::local::assigned(self.client, assigned.iter().map(|a| (a.topic.as_str(), a.partition)));
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 let parts = partitions(tpl);
                 info!(client = self.client, partitions = parts.len(), "{} partition(s) revoked.", parts.len());
                 self.hooks.on_revoke(&parts);
+                crate::status::local::revoked(self.client, parts.iter().map(|(t, p)| (t.as_str(), *p)));
                 let done = if cooperative { consumer.incremental_unassign(tpl) } else { consumer.unassign() };
                 if let Err(e) = done {
                     error!(error = %e, "Unassigning partitions failed.");
@@ -209,6 +211,7 @@ impl<H: RebalanceHooks> ConsumerContext for StageContext<H> {
                 error!(error = ?other, client = self.client, "Rebalance error; dropping the assignment.");
                 let held = consumer.assignment().map(|tpl| partitions(&tpl)).unwrap_or_default();
                 self.hooks.on_revoke(&held);
+                crate::status::local::revoked(self.client, held.iter().map(|(t, p)| (t.as_str(), *p)));
                 // As rdkafka's own callback does under each protocol.
                 let _ = if cooperative { consumer.incremental_unassign(tpl) } else { consumer.unassign() };
             }

@@ -16,6 +16,7 @@ pub mod retry;
 pub mod shutdown;
 pub mod source;
 pub mod stage;
+pub mod status;
 pub mod testing;
 pub mod trace;
 pub mod wire;

@@ -19,6 +19,7 @@
 //! - `segments`: campaign audiences for services (`/v1/segments…`, a service token).
 //! - `campaigns`: campaign launches, dry runs, status and cancels for services (`/v1/campaigns…`).
 //! - `metrics`: Prometheus `/metrics`.
+//! - `status`: `GET /v1/status` (the system's state, for services and admin users).
 //! - `error`: `ApiError`, the JSON error answer every endpoint gives.
 //! - `web`: the web page at `/` (files compiled in), its `/config.json`, and in dev mode
 //!   `POST /v1/dev/token`.
@@ -38,6 +39,7 @@ pub mod preferences;
 pub mod produce;
 pub mod segments;
 pub mod service_auth;
+pub mod status;
 pub mod web;
 
 use axum::Router;
@@ -70,12 +72,15 @@ pub struct Parts {
     pub preferences: Option<preferences::PreferencesState>,
     /// Campaigns for services.
     pub campaigns: Option<Arc<campaigns::CampaignsState>>,
+    /// `GET /v1/status` for services and admin users.
+    pub status: Option<status::StatusState>,
 }
 
 /// The public gateway's router (browsers): health and metrics always, the other parts when given.
 /// Ingest is not among them: it has its own listener ([`ingest_app`]).
 pub fn app(parts: Parts, readiness: Readiness) -> Router {
-    let Parts { inbox, chat, coupons, stream, metrics_elsewhere, web, segments, preferences, campaigns } = parts;
+    let Parts { inbox, chat, coupons, stream, metrics_elsewhere, web, segments, preferences, campaigns, status } =
+        parts;
     let mut router = Router::new().merge(health::router(readiness));
     if !metrics_elsewhere {
         router = router.merge(metrics::router());
@@ -105,6 +110,9 @@ pub fn app(parts: Parts, readiness: Readiness) -> Router {
     }
     if let Some(campaigns) = campaigns {
         router = router.merge(campaigns::router(campaigns));
+    }
+    if let Some(status) = status {
+        router = router.merge(status::router(status));
     }
     router
 }

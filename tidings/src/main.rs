@@ -15,6 +15,7 @@ mod offsets;
 mod replay;
 mod segment;
 mod settings;
+mod status;
 mod tools;
 mod up;
 
@@ -205,6 +206,10 @@ enum Command {
     /// Replay a time or offset range of a topic through a stage beside the running stages
     /// (dry run unless --execute); `replay list` shows the recorded replays.
     Replay(replay::ReplayCmd),
+    /// The system at a glance: topology, instances and the partitions they own, lag and state per
+    /// group over a window (OK, lagging, stalled, stopped), dead letters by reason, streams per
+    /// gateway. Exit 3 when any group is not OK.
+    Status(status::StatusArgs),
 }
 
 #[derive(Subcommand)]
@@ -378,6 +383,7 @@ async fn main() -> ExitCode {
         Command::Offsets(cmd) => offsets::run(cmd).await,
         Command::Audit(args) => audit::run(args).await,
         Command::Replay(cmd) => replay::run(cmd).await,
+        Command::Status(args) => status::run(args).await,
         Command::Token { user, ttl_secs, jwt_secret, jwt_issuer, jwt_audience } => {
             print_token(&user, ttl_secs, jwt_secret.as_deref(), jwt_issuer.as_deref(), jwt_audience.as_deref())
         }

@@ -123,6 +123,13 @@ pub struct UpArgs {
     /// <url>/v1/traces. Unset: no export, only the traceparent headers travel.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
+    /// User ids (`sub` of their tokens) that may read `GET /v1/status` and see the web page's
+    /// Status view; comma-separated in the env var. Default: none (services only).
+    #[arg(long = "admin-user", env = "TIDINGS_ADMIN_USERS", value_delimiter = ',')]
+    pub admin_users: Vec<String>,
+    /// Seconds of lag samples `GET /v1/status` judges each group's state over.
+    #[arg(long, env = "TIDINGS_STATUS_WINDOW_SECS", default_value_t = 60)]
+    pub status_window_secs: u64,
     #[command(flatten)]
     pub jwt: JwtArgs,
     #[command(flatten)]

@@ -213,6 +213,7 @@ fn gateway(
         segments,
         preferences: Some(preferences),
         campaigns,
+        status: super::instance::gateway_status(args, infra, stream.auth.clone(), &stream.hub, &advertised),
     };
     let app = tidings_gateway::app(parts, readiness.clone());
     readiness.set("gateway", true);

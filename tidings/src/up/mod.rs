@@ -5,6 +5,7 @@
 mod args;
 mod gateway;
 mod infra;
+mod instance;
 mod stages;
 
 use std::process::ExitCode;
@@ -40,6 +41,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     let infra = infra::start(&args, &settings, &mut tasks).await?;
     stages::spawn(&args, &infra, &mut tasks, &readiness)?;
     let listening = gateway::serve(&args, settings, &infra, &mut tasks, &readiness)?;
+    instance::spawn(&args, &infra, &mut tasks);
 
     let endpoints = Endpoints {
         brokers: infra.brokers.clone(),

@@ -246,41 +246,72 @@ enum TopologyCmd {
 /// Default log filter when TIDINGS_LOG is unset.
 const DEFAULT_LOG: &str = "info,librdkafka=warn,rdkafka=warn,sqlx=warn";
 
-/// Logs to stderr; with an OTLP endpoint, also exports the stages' spans (`ingest`,
-/// `templating.event`, `persistence.batch`, ...) through a batch processor. Returns the provider
-/// to flush on exit.
+/// Logs to stderr; with an OTLP endpoint, also exports tidings' spans (`send {topic}`,
+/// `process {topic}`, `sse write`; see tidings_core::trace) through a batch processor. Returns
+/// the provider to flush on exit.
 fn init_tracing(otlp_endpoint: Option<&str>) -> anyhow::Result<Option<SdkTracerProvider>> {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::{EnvFilter, Layer};
     let filter = EnvFilter::try_from_env("TIDINGS_LOG").unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG));
-    let Some(url) = otlp_traces_url(otlp_endpoint) else {
+    let env = |k: &str| std::env::var(k).ok();
+    let export = otlp_traces_url(otlp_endpoint, env);
+    let Some(url) = export.url else {
         tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+        export.warnings.iter().for_each(|w| tracing::warn!("{w}"));
         return Ok(None);
     };
+    // The sampler follows OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG, which the SDK reads.
     let provider = otlp_provider(&url)?;
     tidings_core::trace::install_propagator();
-    // Only tidings' own spans are exported, whatever TIDINGS_LOG lets through to the log: library
-    // spans would be noise, and the exporter's own logs must never feed back into it.
-    let otel = tracing_opentelemetry::layer()
-        .with_tracer(provider.tracer("tidings"))
-        .with_filter(tracing_subscriber::filter::Targets::new().with_target("tidings", tracing::Level::INFO));
     tracing_subscriber::registry()
         .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(filter))
-        .with(otel)
+        .with(tidings_core::trace::otel_layer(provider.tracer("tidings")))
         .init();
+    export.warnings.iter().for_each(|w| tracing::warn!("{w}"));
     tracing::info!("Exporting spans over OTLP/HTTP to {url}.");
     Ok(Some(provider))
 }
 
-/// Where spans go: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT as is (it wins, per the OTel spec), else
-/// `<endpoint>/v1/traces`. None: no export.
-fn otlp_traces_url(endpoint: Option<&str>) -> Option<String> {
-    let nonempty = |s: String| (!s.trim().is_empty()).then_some(s);
-    std::env::var(opentelemetry_otlp::OTEL_EXPORTER_OTLP_TRACES_ENDPOINT)
-        .ok()
-        .and_then(nonempty)
-        .or_else(|| endpoint.map(|e| format!("{}/v1/traces", e.trim().trim_end_matches('/'))).and_then(nonempty))
+/// Where spans go, and what in the variables was ignored.
+#[derive(Debug, PartialEq)]
+struct TracesExport {
+    url: Option<String>,
+    warnings: Vec<String>,
+}
+
+/// The spec's OTLP/HTTP traces endpoint when OTEL_TRACES_EXPORTER=otlp names none.
+const DEFAULT_OTLP_TRACES: &str = "http://localhost:4318/v1/traces";
+
+/// Where spans go, from the standard variables (`env`) the SDK leaves to its caller: nowhere with
+/// OTEL_SDK_DISABLED=true or OTEL_TRACES_EXPORTER=none; else OTEL_EXPORTER_OTLP_TRACES_ENDPOINT
+/// as is (it wins, per the OTel spec), else `<endpoint>/v1/traces`; else, only with an explicit
+/// OTEL_TRACES_EXPORTER=otlp, the spec's default endpoint. Off unless asked for.
+fn otlp_traces_url(endpoint: Option<&str>, env: impl Fn(&str) -> Option<String>) -> TracesExport {
+    let mut warnings = Vec::new();
+    let var = |k: &str| env(k).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
+    let off = TracesExport { url: None, warnings: Vec::new() };
+    match var("OTEL_SDK_DISABLED").map(|v| v.to_ascii_lowercase()) {
+        Some(v) if v == "true" => return off,
+        Some(v) if v != "false" => warnings.push(format!("Ignoring OTEL_SDK_DISABLED={v} (true or false).")),
+        _ => {}
+    }
+    let explicit = match var("OTEL_TRACES_EXPORTER").map(|v| v.to_ascii_lowercase()) {
+        Some(v) if v == "none" => return off,
+        Some(v) if v == "otlp" => true,
+        Some(v) => {
+            warnings.push(format!("Ignoring OTEL_TRACES_EXPORTER={v}: tidings exports over otlp or none."));
+            false
+        }
+        None => false,
+    };
+    let url = var(opentelemetry_otlp::OTEL_EXPORTER_OTLP_TRACES_ENDPOINT)
+        .or_else(|| {
+            let e = endpoint.map(str::trim).filter(|e| !e.is_empty())?;
+            Some(format!("{}/v1/traces", e.trim_end_matches('/')))
+        })
+        .or_else(|| explicit.then(|| DEFAULT_OTLP_TRACES.to_string()));
+    TracesExport { url, warnings }
 }
 
 fn otlp_provider(url: &str) -> anyhow::Result<SdkTracerProvider> {
@@ -397,5 +428,33 @@ async fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn url(endpoint: Option<&str>, vars: &[(&str, &str)]) -> TracesExport {
+        let vars: std::collections::HashMap<String, String> =
+            vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        otlp_traces_url(endpoint, |k| vars.get(k).cloned())
+    }
+
+    #[test]
+    fn traces_are_exported_only_when_asked_for() {
+        assert_eq!(url(None, &[]).url, None, "off by default");
+        assert_eq!(url(Some(" "), &[]).url, None);
+        assert_eq!(url(Some("http://c:4318/"), &[]).url.as_deref(), Some("http://c:4318/v1/traces"));
+        let traces = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://t:1/x");
+        assert_eq!(url(Some("http://c:4318"), &[traces]).url.as_deref(), Some("http://t:1/x"), "the signal's own wins");
+        let otlp = ("OTEL_TRACES_EXPORTER", "otlp");
+        assert_eq!(url(None, &[otlp]).url.as_deref(), Some(DEFAULT_OTLP_TRACES));
+        for off in [("OTEL_SDK_DISABLED", "TRUE"), ("OTEL_TRACES_EXPORTER", "none")] {
+            assert_eq!(url(Some("http://c:4318"), &[off, traces]), TracesExport { url: None, warnings: vec![] });
+        }
+        let odd = url(Some("http://c:4318"), &[("OTEL_SDK_DISABLED", "yes"), ("OTEL_TRACES_EXPORTER", "zipkin")]);
+        assert_eq!(odd.url.as_deref(), Some("http://c:4318/v1/traces"), "unknown values are ignored");
+        assert_eq!(odd.warnings.len(), 2, "{:?}", odd.warnings);
     }
 }

@@ -1,6 +1,7 @@
 //! OTLP export end to end: `tidings up` on its embedded defaults, with OTEL_EXPORTER_OTLP_ENDPOINT
-//! pointing at a fake collector in this test, turns one ingested event into one trace: `ingest`
-//! (child of the caller's traceparent) → `templating.event` → a `persistence.batch` linked to it.
+//! pointing at a fake collector in this test, turns one ingested event into one trace: `send orders`
+//! (ingest, child of the caller's traceparent) → `process orders` (templating) → `send
+//! notifications`, and persistence's batch `process notifications` linked to the last.
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -237,12 +238,15 @@ async fn one_event_is_one_trace_from_ingest_through_persistence() {
             .filter(|b| b.windows(16).any(|w| w == raw_trace_id.as_slice()))
             .flat_map(|b| spans_of(b))
             .collect();
-        let ingest = spans.iter().find(|s| s.name == "ingest" && s.trace_id == trace_id).cloned();
-        let templating = spans.iter().find(|s| s.name == "templating.event" && s.trace_id == trace_id).cloned();
-        let batch = templating.as_ref().and_then(|t| {
+        let ingest = spans.iter().find(|s| s.name == "send orders" && s.trace_id == trace_id).cloned();
+        let templating = spans.iter().find(|s| s.name == "process orders" && s.trace_id == trace_id).cloned();
+        let send = templating.as_ref().and_then(|t| {
+            spans.iter().find(|s| s.name == "send notifications" && s.parent_span_id == t.span_id).cloned()
+        });
+        let batch = send.as_ref().and_then(|t| {
             spans
                 .iter()
-                .find(|s| s.name == "persistence.batch" && s.links.contains(&(trace_id.clone(), t.span_id.clone())))
+                .find(|s| s.name == "process notifications" && s.links.contains(&(trace_id.clone(), t.span_id.clone())))
                 .cloned()
         });
         if let (Some(i), Some(t), Some(b)) = (&ingest, &templating, &batch) {
@@ -266,7 +270,7 @@ async fn one_event_is_one_trace_from_ingest_through_persistence() {
 
     // ingest is the caller's child, templating is ingest's child, the batch links to templating.
     assert_eq!(ingest.parent_span_id, caller_span, "ingest's parent is the request's traceparent");
-    assert_eq!(templating.parent_span_id, ingest.span_id, "templating.event's parent is the ingest span");
+    assert_eq!(templating.parent_span_id, ingest.span_id, "templating's parent is the ingest span");
     assert_ne!(templating.span_id, ingest.span_id);
     assert_eq!(ingest.service, "tidings");
     assert_eq!(batch.service, "tidings");

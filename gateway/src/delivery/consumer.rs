@@ -18,14 +18,15 @@ use tidings_core::kafka::PARTITIONS_REFRESH;
 use tidings_core::notification::NOTIFICATION_SCHEMA;
 use tidings_core::retry::{until_done, GaveUp};
 use tidings_core::stage::{Processor, StageError, System};
+use tidings_core::trace;
 use tidings_core::{DecodeError, Notification, RegistryClient};
 use tokio::runtime::{Handle, RuntimeFlavor};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{info, warn, Instrument};
 
 use super::partitions::{self, PartitionFollow};
-use super::{owners, DeliveryConfig, Hub, Owners};
+use super::{owners, DeliveryConfig, Hub, Owners, Traced};
 
 /// State shared between the rebalance callback and the main loop.
 #[derive(Default)]
@@ -135,8 +136,8 @@ async fn start(
     let multi_thread = Handle::current().runtime_flavor() == RuntimeFlavor::MultiThread;
     let shared = Arc::new(Shared::default());
     let hooks = HubHooks { hub: hub.clone(), topic: cfg.topic.clone(), shared: shared.clone() };
-    let ctx =
-        StageContext::new("delivery-consumer", StartOffsets::Tail(hub.config().ring_events), hooks).with_group(&cfg.group);
+    let ctx = StageContext::new("delivery-consumer", StartOffsets::Tail(hub.config().ring_events), hooks)
+        .with_group(&cfg.group);
     // Nothing is committed: every owner starts a ring's length before the end. Partitions added
     // to the topic are taken within the metadata refresh (librdkafka's default is 5 minutes).
     let refresh_ms = PARTITIONS_REFRESH.as_millis().to_string();
@@ -188,7 +189,8 @@ impl Processor for Delivery {
     type Due = Upkeep;
 
     async fn process(&mut self, m: &BorrowedMessage<'_>) -> Result<(), StageError> {
-        deliver(m, &self.registry, &self.hub, &self.shutdown).await;
+        let span = process_span(m, &self.cfg.group);
+        deliver(m, &self.registry, &self.hub, &self.shutdown, &span).instrument(span.clone()).await;
         Ok(())
     }
 
@@ -298,9 +300,37 @@ fn maintain(
     }
 }
 
+/// The record's consumer span (messaging conventions), the child of its producer span. DEBUG, as
+/// every messaging span (see tidings_core::trace): nothing is built unless traced.
+fn process_span(m: &BorrowedMessage<'_>, group: &str) -> tracing::Span {
+    let span = tracing::debug_span!(
+        "process",
+        otel.name = %format_args!("process {}", m.topic()),
+        otel.kind = "consumer",
+        messaging.system = trace::MESSAGING_SYSTEM,
+        messaging.operation.type = "process",
+        messaging.operation.name = "process",
+        messaging.destination.name = m.topic(),
+        messaging.destination.partition.id = %m.partition(),
+        messaging.kafka.offset = m.offset(),
+        messaging.consumer.group.name = group,
+    );
+    if let (false, Some(h)) = (span.is_disabled(), m.headers()) {
+        trace::set_span_parent(&span, trace::extract_context(h));
+    }
+    span
+}
+
 /// Decodes one notification and hands it to the hub. Undecodable records are skipped here (the
 /// persistence stage dead-letters the same record with its reason); a registry outage is waited out.
-async fn deliver(m: &BorrowedMessage<'_>, registry: &RegistryClient, hub: &Hub, shutdown: &CancellationToken) {
+/// While `span` is traced, each event carries it for the streams' write spans.
+async fn deliver(
+    m: &BorrowedMessage<'_>,
+    registry: &RegistryClient,
+    hub: &Hub,
+    shutdown: &CancellationToken,
+    span: &tracing::Span,
+) {
     let (p, o) = (m.partition(), m.offset());
     let Some(payload) = m.payload() else {
         hub.skip(p, o);
@@ -323,7 +353,13 @@ async fn deliver(m: &BorrowedMessage<'_>, registry: &RegistryClient, hub: &Hub, 
     };
     let ts = m.timestamp().to_millis().unwrap_or(0);
     // A group record is one event per recipient, all at this position.
-    let events = hub.events_of(p, o, n, ts);
+    let mut events = hub.events_of(p, o, n, ts);
+    if let Some(r) = trace::SpanRef::of(span) {
+        let group = events.len() > 1;
+        for e in &mut events {
+            e.trace = Some(if group { Traced::Linked(r.clone()) } else { Traced::Child(r.clone()) });
+        }
+    }
     for e in &events {
         if let Some(home) = hub.partition_of(&e.user).filter(|home| *home != p) {
             // Keyed by something other than the user id with murmur2 (or grouped by another

@@ -62,11 +62,36 @@ pub struct Event {
     pub timestamp_ms: i64,
     /// A campaign notification's delivered counter, bumped by each stream that writes it.
     pub campaign: Option<Arc<campaigns::Delivered>>,
+    /// The span of the record it came from, while traced: each stream's write of it is a span.
+    pub trace: Option<Traced>,
+}
+
+/// How a stream's write of an event joins the trace of the record's `process` span.
+#[derive(Debug, Clone)]
+pub enum Traced {
+    /// A record for one user: the write is the span's child, the end of the event's trace.
+    Child(tidings_core::trace::SpanRef),
+    /// One recipient of a group record (a room message or campaign page for many users): the
+    /// write starts a trace of its own linked to the record's span. Each recipient's write
+    /// happens later on its own stream, after the record's span ended, so the link goes from the
+    /// write to the record (the SDK takes links only while a span is open); and a campaign's
+    /// thousands of writes neither swell one trace nor share its sampling decision.
+    Linked(tidings_core::trace::SpanRef),
 }
 
 impl Event {
     pub fn new(partition: i32, offset: i64, id: u128, user: &str, kind: &str, data: Bytes, timestamp_ms: i64) -> Self {
-        Event { partition, offset, id, user: user.into(), kind: kind.into(), data, timestamp_ms, campaign: None }
+        Event {
+            partition,
+            offset,
+            id,
+            user: user.into(),
+            kind: kind.into(),
+            data,
+            timestamp_ms,
+            campaign: None,
+            trace: None,
+        }
     }
 
     /// Approximate memory held by this event, for the byte bounds of rings and queues.

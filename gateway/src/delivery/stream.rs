@@ -18,7 +18,7 @@ use futures::stream;
 use serde_json::json;
 
 use super::hub::{CloseReason, Frame, Queued, SubscribeError, Subscription};
-use super::{parse_position, Event, Hub, StreamState};
+use super::{parse_position, Event, Hub, StreamState, Traced};
 use crate::error::ApiError;
 
 pub fn router(state: StreamState) -> Router {
@@ -334,6 +334,8 @@ impl StreamCursor {
                 }
             }
             Frame::Event(e) => {
+                // The write's span, only for an event whose record was traced.
+                let _write = e.trace.as_ref().map(|t| write_span(&e, t).entered());
                 self.hub.delivered();
                 if let Some(c) = &e.campaign {
                     c.wrote();
@@ -364,6 +366,22 @@ impl StreamCursor {
         }
         out.push(b'\n');
     }
+}
+
+/// The span of one stream's write of a traced event: the SSE framing into the stream's buffer,
+/// which the connection writes to its socket right after.
+fn write_span(e: &Event, t: &Traced) -> tracing::Span {
+    let span = tracing::debug_span!(
+        parent: None,
+        "sse write",
+        messaging.destination.partition.id = %e.partition,
+        messaging.kafka.offset = e.offset,
+    );
+    match t {
+        Traced::Child(r) => r.parent_of(&span),
+        Traced::Linked(r) => r.link_from(&span),
+    }
+    span
 }
 
 #[cfg(test)]

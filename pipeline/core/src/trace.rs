@@ -1,6 +1,11 @@
 //! W3C trace context (`traceparent`) carried in Kafka headers from ingest through templating to
 //! notifications, so one trace id follows an event end to end. With an OpenTelemetry layer
-//! installed, stage spans take their parent from these headers and put their own context back.
+//! installed ([`otel_layer`]), stage spans take their parent from these headers and put their own back.
+//!
+//! The stages' spans follow the OpenTelemetry messaging conventions (v1.44): `send {topic}`
+//! (producer), `process {topic}` (consumer), `messaging.*` attributes. They are DEBUG spans, so
+//! the log's default INFO filter disables them at their call sites (no span work, no
+//! allocation) unless [`otel_layer`] asks for them.
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::TraceContextExt;
@@ -10,6 +15,57 @@ use rdkafka::message::{Header, Headers, OwnedHeaders};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::kafka::H_TRACEPARENT;
+
+/// `messaging.system` of every span here.
+pub const MESSAGING_SYSTEM: &str = "kafka";
+
+/// The OpenTelemetry layer for tidings' spans: every `tidings*` span down to DEBUG (the stages'
+/// messaging spans are DEBUG, see the module docs), and their INFO events as span events. Other
+/// crates' spans are noise here, and the exporter's own logs must never feed back into it.
+pub fn otel_layer<S>(tracer: opentelemetry_sdk::trace::Tracer) -> impl tracing_subscriber::Layer<S>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    use tracing_subscriber::Layer;
+    let ours = tracing_subscriber::filter::filter_fn(|m| {
+        let max = if m.is_span() { tracing::Level::DEBUG } else { tracing::Level::INFO };
+        m.target().starts_with("tidings") && *m.level() <= max
+    });
+    tracing_opentelemetry::layer().with_tracer(tracer).with_filter(ours)
+}
+
+/// A span's context kept with work done after the span ended (a delivered event written to its
+/// streams later): boxed, so the work that is not traced carries a null pointer and allocates nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpanRef(Box<opentelemetry::trace::SpanContext>);
+
+impl SpanRef {
+    /// `span`'s context when an OpenTelemetry layer records it.
+    pub fn of(span: &tracing::Span) -> Option<SpanRef> {
+        if span.is_disabled() {
+            return None;
+        }
+        let cx = span.context();
+        let sc = cx.span().span_context().clone();
+        sc.is_valid().then(|| SpanRef(Box::new(sc)))
+    }
+
+    /// Makes this the parent of `span` (before it is first entered).
+    pub fn parent_of(&self, span: &tracing::Span) {
+        let _ = span.set_parent(Context::new().with_remote_span_context((*self.0).clone()));
+    }
+
+    /// Links `span` to this context.
+    pub fn link_from(&self, span: &tracing::Span) {
+        span.add_link((*self.0).clone());
+    }
+
+    /// The W3C `traceparent` of this context.
+    pub fn traceparent(&self) -> String {
+        let sc = &self.0;
+        format!("00-{}-{}-{:02x}", sc.trace_id(), sc.span_id(), sc.trace_flags().to_u8())
+    }
+}
 
 /// Parses `00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>`; returns (trace id, span id).
 pub fn parse_traceparent(v: &str) -> Option<(&str, &str)> {

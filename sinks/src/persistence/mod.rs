@@ -153,9 +153,12 @@ struct Unit {
 /// Most links one batch span carries (the SDK's default link limit); later records go unlinked.
 const MAX_BATCH_LINKS: usize = 128;
 
-/// The `persistence.batch` span: open from the batch's first record until it is stored, linked
-/// to the trace of each record (notifications are many traces' children, so links, not a parent).
-/// Headers are only read while an OpenTelemetry layer records the span.
+/// The batch's `process {topic}` span (messaging conventions; the topic of its first record, as a
+/// batch rarely mixes chat in): open from the batch's first record until it is stored, linked to
+/// the context of each record (a batch has many parents, so links, as the conventions say).
+/// Headers are only read while an OpenTelemetry layer records the span. No `commit` span: the
+/// offsets are written in the batch's own transaction, and the Kafka commit after it only feeds
+/// lag monitoring.
 struct BatchTrace {
     span: tracing::Span,
     traced: bool,
@@ -169,11 +172,20 @@ impl BatchTrace {
         BatchTrace { span: tracing::Span::none(), traced: false, links: 0, last: Vec::new() }
     }
 
-    fn start() -> Self {
-        let span = tracing::info_span!(
-            "persistence.batch",
-            rows = tracing::field::Empty,
-            otel.status_code = tracing::field::Empty
+    fn start(m: &BorrowedMessage<'_>, group: &str) -> Self {
+        // DEBUG, as every messaging span (see tidings_core::trace): nothing is built unless traced.
+        let span = tracing::debug_span!(
+            "process",
+            otel.name = %format_args!("process {}", m.topic()),
+            otel.kind = "consumer",
+            otel.status_code = tracing::field::Empty,
+            messaging.system = tidings_core::trace::MESSAGING_SYSTEM,
+            messaging.operation.type = "process",
+            messaging.operation.name = "process",
+            messaging.destination.name = m.topic(),
+            messaging.consumer.group.name = group,
+            messaging.batch.message_count = tracing::field::Empty,
+            tidings.rows = tracing::field::Empty,
         );
         let traced = tidings_core::trace::is_traced(&span);
         BatchTrace { span, traced, links: 0, last: Vec::new() }
@@ -425,7 +437,7 @@ impl Sink {
         };
         if pending.started.is_none() {
             pending.started = Some(Instant::now());
-            pending.trace = BatchTrace::start();
+            pending.trace = BatchTrace::start(m, &cfg.group);
         }
         pending.records += 1;
         pending.next.insert(key, m.offset() + 1);
@@ -529,7 +541,10 @@ impl Sink {
             .collect();
         let rows = pending.rows();
         let span = pending.trace.span.clone();
-        span.record("rows", rows);
+        if pending.trace.traced {
+            span.record("tidings.rows", rows);
+            span.record("messaging.batch.message_count", pending.records);
+        }
         let batch = &pending.batch;
         let pending = &*pending;
         let write = async {

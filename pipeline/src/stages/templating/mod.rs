@@ -314,6 +314,8 @@ struct Stage {
     /// The count this record's outputs are routed by (0: unknown, the producer's partitioner routes).
     routing: i32,
     group_records: bool,
+    /// The consumer group, for the spans' `messaging.consumer.group.name`.
+    group: String,
 }
 
 impl Templater {
@@ -535,6 +537,7 @@ async fn start(
         partitions,
         routing,
         group_records: spec.group_records,
+        group,
     };
     Ok((stage, consumer))
 }
@@ -708,17 +711,26 @@ impl Stage {
     async fn process_traced_record(&self, msg: &BorrowedMessage<'_>) -> Result<(), StageError> {
         let topic = msg.topic().to_string();
         let traceparent = msg.headers().and_then(|h| header_str(h, H_TRACEPARENT));
-        let span = tracing::info_span!("templating.event", topic = %topic, partition = msg.partition(), offset = msg.offset(),
-            traceparent = traceparent.unwrap_or(""));
-        if let Some(h) = msg.headers() {
+        // The consumer span of the messaging conventions, the child of the record's producer span.
+        // DEBUG, as every messaging span (see tidings_core::trace): nothing is built unless traced.
+        let span = tracing::debug_span!(
+            "process",
+            otel.name = %format_args!("process {topic}"),
+            otel.kind = "consumer",
+            messaging.system = trace::MESSAGING_SYSTEM,
+            messaging.operation.type = "process",
+            messaging.operation.name = "process",
+            messaging.destination.name = %topic,
+            messaging.destination.partition.id = %msg.partition(),
+            messaging.kafka.offset = msg.offset(),
+            messaging.consumer.group.name = %self.group,
+        );
+        if let (false, Some(h)) = (span.is_disabled(), msg.headers()) {
             trace::set_span_parent(&span, trace::extract_context(h));
         }
-        // Outputs carry this span's context (the event's child) when OpenTelemetry records it,
-        // else the incoming traceparent as is.
-        let headers = trace::propagation_headers(&span, traceparent);
         // Instrumented rather than entered: a guard held across awaits would leak this span into
         // whatever else runs on the worker meanwhile.
-        self.process_traced(msg, topic, headers).instrument(span).await
+        self.process_traced(msg, topic, traceparent).instrument(span).await
     }
 
     /// Produces the outputs of one record and hands them to the acknowledger: one batch per page
@@ -727,7 +739,7 @@ impl Stage {
         &self,
         msg: &BorrowedMessage<'_>,
         topic: String,
-        headers: Option<OwnedHeaders>,
+        traceparent: Option<&str>,
     ) -> Result<(), StageError> {
         let rec = RecordRef { topic: &topic, partition: msg.partition(), offset: msg.offset(), payload: msg.payload() };
         let meta = RecordMeta {
@@ -735,6 +747,24 @@ impl Stage {
             released: msg.headers().is_some_and(|h| header_str(h, H_RELEASED_AT).is_some()),
         };
         let mut outcome = self.templater.outcome_at(rec, meta, &self.shutdown).await?;
+        // The producer span of this record's outputs (all pages of a fan-out), the child of the
+        // process span; the outputs carry its context, or without OpenTelemetry the incoming
+        // traceparent as is. Ends when the last output is handed to the producer.
+        let send = match &outcome {
+            Outcome::Notifications(f) if !f.is_empty() || f.schedule.is_some() => tracing::debug_span!(
+                "send",
+                otel.name = %format_args!("send {}", self.output),
+                otel.kind = "producer",
+                messaging.system = trace::MESSAGING_SYSTEM,
+                messaging.operation.type = "send",
+                messaging.operation.name = "send",
+                messaging.destination.name = %self.output,
+                messaging.batch.message_count = tracing::field::Empty,
+            ),
+            _ => tracing::Span::none(),
+        };
+        let headers = trace::propagation_headers(&send, traceparent);
+        let mut sent = 0usize;
         let input = Arc::new(msg.detach());
         loop {
             let mut deliveries = Vec::new();
@@ -842,6 +872,7 @@ impl Stage {
                     notifications.len()
                 );
             }
+            sent += deliveries.len();
             let next = self.templater.next_page(&mut notifications, &self.shutdown).await?;
             let inflight = InFlight {
                 input: input.clone(),
@@ -855,7 +886,13 @@ impl Stage {
             self.acks.send(inflight).await.map_err(|_| StageError::internal("the acknowledger stopped"))?;
             match next {
                 Some(o) => outcome = o,
-                None => return Ok(()),
+                None => {
+                    // The conventions count batches only: one record is not a batch.
+                    if sent != 1 {
+                        send.record("messaging.batch.message_count", sent);
+                    }
+                    return Ok(());
+                }
             }
         }
     }

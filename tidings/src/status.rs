@@ -99,14 +99,15 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let topo = topology_with_running_prefix(&args.infra)?;
     let kafka = args.infra.kafka(brokers(&args.infra)?)?;
     let collector = Arc::new(Collector::new(&kafka, spec(&topo, None))?);
-    // Five looks over the window (one a second at most), the first now.
+    // Five looks over the window (one a second at most, two at least), the first now.
     let every = (args.window / 5).max(Duration::from_secs(1));
     let start = Instant::now();
     let mut samples = Vec::new();
     loop {
         let c = collector.clone();
         samples.push(tokio::task::spawn_blocking(move || c.sample()).await??);
-        if start.elapsed() + every > args.window + Duration::from_millis(100) {
+        // Two looks at least: a stall shows only between two.
+        if samples.len() >= 2 && start.elapsed() + every > args.window + Duration::from_millis(100) {
             break;
         }
         tokio::time::sleep(every).await;

@@ -4,7 +4,8 @@
 //! with its own `traceparent` (Avro in the Confluent wire format, as upstream services write),
 //! each give one trace id with the messaging conventions' spans: `send orders` → `process orders`
 //! → `send notifications` → `process notifications` (delivery) → `sse write`, and persistence's
-//! batch `process notifications` linked to the record's context.
+//! batch `process notifications` linked to the record's context. A group record (a room message
+//! for two members) gives each member's `sse write` a trace of its own, linked to the record's span.
 
 use opentelemetry::trace::{SpanId, SpanKind, TraceId, TracerProvider as _};
 use opentelemetry::Value;
@@ -257,8 +258,17 @@ async fn each_event_is_one_trace_from_ingest_to_the_sse_write() {
     // A stream for each buyer, open before their event (a first stream starts from now).
     let http = reqwest::Client::new();
     let (http_buyer, kafka_buyer) = (format!("u-http-{run}"), format!("u-kafka-{run}"));
+    // Two members of a room whose message is one group record on their common partition.
+    let partitions = topo.topics["notifications"].partitions;
+    let members: Vec<String> = {
+        let on = |u: &String| tidings_core::kafka::partition_for(u, partitions);
+        let first = format!("u-room-{run}-0");
+        let p = on(&first);
+        let second = (1..).map(|i| format!("u-room-{run}-{i}")).find(|u| on(u) == p).unwrap();
+        vec![first, second]
+    };
     let mut streams = Vec::new();
-    for user in [&http_buyer, &kafka_buyer] {
+    for user in [&http_buyer, &kafka_buyer, &members[0], &members[1]] {
         let token = tidings_gateway::auth::mint_hs256(SECRET, user, Duration::from_secs(600), None, None).unwrap();
         let deadline = Instant::now() + Duration::from_secs(45);
         let mut resp = loop {
@@ -391,5 +401,72 @@ async fn each_event_is_one_trace_from_ingest_to_the_sse_write() {
             t.batch.span_context.trace_id(),
         );
     }
+
+    // A group record: delivery's span is the record's child, and each member's write starts a
+    // trace of its own linked to it.
+    let (group_trace, group_parent) =
+        (TraceId::from_hex(&format!("{:032x}", 7)).unwrap(), SpanId::from_hex(&format!("{:016x}", 7)).unwrap());
+    let message = format!("ev-room-{run}");
+    let n = tidings_core::Notification {
+        notification_id: uuid::Uuid::nil(),
+        user_id: String::new(),
+        kind: "chat.message".into(),
+        title: "Tea room".into(),
+        body: message.clone(),
+        link: None,
+        source_event_id: message.clone(),
+        occurred_at: chrono::Utc::now().timestamp_micros(),
+        source_topic: topo.topic_name("chat"),
+        source_partition: 0,
+        source_offset: 0,
+        data: None,
+        inbox: true,
+        category: String::new(),
+        recipients: members.clone(),
+    };
+    let (id, schema) = registry_client.latest(&format!("{}-value", names.notifications)).await.unwrap();
+    let payload = FramedEncoder::new(id, schema).unwrap().encode(n.to_value()).unwrap();
+    let tp = format!("00-{group_trace}-{group_parent}-01");
+    let headers = OwnedHeaders::new().insert(Header { key: "traceparent", value: Some(&tp) });
+    let partition = tidings_core::kafka::partition_for(&members[0], partitions);
+    let rec = FutureRecord::<(), _>::to(&names.notifications).partition(partition).payload(&payload).headers(headers);
+    client.send(rec, WAIT).await.expect("producing the group record");
+    for s in &mut streams[2..] {
+        sse_event_with(s, &message).await;
+    }
+    let deadline = Instant::now() + WAIT;
+    let (record, writes) = loop {
+        let spans = exporter.get_finished_spans().unwrap();
+        let record = spans.iter().find(|s| {
+            s.parent_span_id == group_parent
+                && attr(s, "messaging.consumer.group.name").is_some_and(|g| g.as_str() == names.delivery_group.as_str())
+        });
+        if let Some(record) = record {
+            let linked =
+                |s: &&SpanData| s.links.iter().any(|l| l.span_context.span_id() == record.span_context.span_id());
+            let writes: Vec<SpanData> =
+                spans.iter().filter(|s| s.name == "sse write").filter(linked).cloned().collect();
+            if writes.len() == members.len() {
+                break (record.clone(), writes);
+            }
+        }
+        assert!(Instant::now() < deadline, "no write spans linked to the group record within {WAIT:?}: {spans:#?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(record.span_context.trace_id(), group_trace);
+    assert_process_record(&record, &names.notifications, &names.delivery_group);
+    for w in &writes {
+        assert_eq!(w.parent_span_id, SpanId::INVALID, "a recipient's write is the root of its own trace");
+        assert_ne!(w.span_context.trace_id(), group_trace);
+        assert_eq!(int_attr(w, "messaging.kafka.offset"), int_attr(&record, "messaging.kafka.offset"));
+    }
+    assert_ne!(writes[0].span_context.trace_id(), writes[1].span_context.trace_id(), "a trace per recipient");
+    eprintln!(
+        "Group record trace {group_trace}:\n  (the producer's span {group_parent})\n    {} [{:?}]\n  \
+         linked from {} sse write spans, each the root of its own trace",
+        record.name,
+        record.span_kind,
+        writes.len()
+    );
     stop.cancel();
 }

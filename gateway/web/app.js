@@ -38,6 +38,7 @@ const state = {
   searchCursor: null,
   couponsApi: true, // false when the gateway has no coupon API (GET /v1/coupons answers 404)
   coupons: new Map(), // coupon id -> { info, li, claim: see claimCoupon, checked }
+  admin: false, // GET /v1/status answered 200: the Status view is shown
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -164,7 +165,7 @@ async function signIn(token) {
   sessionStorage.setItem(TOKEN, token);
   $('who').textContent = `Signed in as ${state.user}`;
   show(true);
-  await Promise.all([loadInbox(), loadRooms(), probeCoupons()]);
+  await Promise.all([loadInbox(), loadRooms(), probeCoupons(), probeStatus()]);
   openStream();
   route();
 }
@@ -181,6 +182,10 @@ function signOut(message = '') {
   state.rooms.clear();
   state.coupons.clear();
   clearTimeout(couponTimer);
+  clearTimeout(statusTimer);
+  state.admin = false;
+  $('tab-status').hidden = true;
+  $('status-body').replaceChildren();
   $('inbox-list').replaceChildren();
   $('coupon-list').replaceChildren();
   $('room-list').replaceChildren();
@@ -1350,6 +1355,103 @@ function setUpPreferences() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Status (admins and services only: GET /v1/status answers a plain user 403, and its tab stays hidden)
+
+const STATUS_POLL_MS = 5000;
+let statusTimer = null;
+let statusLoading = false;
+
+/** At sign-in: whether this user may read the status (200) and so sees its tab. */
+async function probeStatus() {
+  try {
+    const r = await fetch('/v1/status', { headers: { Authorization: `Bearer ${state.token}` } });
+    state.admin = r.ok;
+    if (r.ok) renderStatus(await r.json());
+  } catch {
+    state.admin = false;
+  }
+  $('tab-status').hidden = !state.admin;
+}
+
+function statusShown() {
+  return Boolean(state.token) && state.admin && !$('view-status').hidden && !document.hidden;
+}
+
+/** Refreshes the status now and then every STATUS_POLL_MS while its view is open and the page
+ * visible; anywhere else it stops. One request at a time. */
+async function refreshStatus() {
+  clearTimeout(statusTimer);
+  statusTimer = null;
+  if (!statusShown() || statusLoading) return;
+  statusLoading = true;
+  try {
+    renderStatus(await api('GET', '/v1/status'));
+  } catch (e) {
+    $('status-summary').textContent = `Could not refresh the status (${e.message}); trying again.`;
+  } finally {
+    statusLoading = false;
+    if (statusShown()) statusTimer = setTimeout(refreshStatus, STATUS_POLL_MS);
+  }
+}
+
+function statusTable(caption, head, rows) {
+  const tr = (cells, tag) => el('tr', {}, ...cells.map((c) => el(tag, { text: c == null ? '-' : String(c) })));
+  return el(
+    'table',
+    { class: 'status-table' },
+    el('caption', { text: caption }),
+    el('thead', {}, tr(head, 'th')),
+    el('tbody', {}, ...rows.map((r) => tr(r, 'td'))),
+  );
+}
+
+const secs = (s) => (s == null ? '-' : s.toFixed(1));
+
+function renderStatus(r) {
+  const bad = r.groups.filter((g) => g.state !== 'ok');
+  const when = new Date(r.generated_at_ms).toLocaleTimeString();
+  $('status-summary').textContent = r.ok
+    ? `All groups OK (${when}).`
+    : `${bad.length} group(s) not OK: ${bad.map((g) => `${g.stage} ${g.state}`).join(', ')} (${when}).`;
+  $('status-summary').dataset.ok = r.ok ? '1' : '0';
+  const groups = statusTable(
+    'Groups',
+    ['Stage', 'Group', 'State', 'Members', 'Instances', 'Lag', 'Lag seconds', 'Why'],
+    r.groups.map((g) => [g.stage, g.group, g.state, g.members, g.instances.length, g.lag_messages, secs(g.lag_seconds), g.reason || '']),
+  );
+  const instances = statusTable(
+    'Instances',
+    ['Instance', 'Host', 'PID', 'Stages', 'Partitions', 'Gateway'],
+    r.instances.map((a) => [
+      a.instance,
+      a.host,
+      a.pid,
+      a.stages.join(', '),
+      Object.values(a.groups).reduce((n, o) => n + o.partitions.length, 0),
+      a.gateway ? a.gateway.url : '',
+    ]),
+  );
+  const partitions = statusTable(
+    'Partitions and owners',
+    ['Group', 'Partition', 'Owner', 'Lag', 'Lag seconds', 'State'],
+    r.groups.flatMap((g) =>
+      g.partitions.map((p) => [g.group, `${p.topic}[${p.partition}]`, p.owners.join(', ') || '(none)', p.lag_messages, secs(p.lag_seconds), p.state]),
+    ),
+  );
+  const letters = statusTable(
+    'Dead letters',
+    ['Topic', 'Reason', 'Letters'],
+    r.dead_letters.flatMap((d) => [[d.topic, '(all)', d.total], ...Object.entries(d.by_reason).map(([k, n]) => [d.topic, k, n])]),
+  );
+  const gateways = statusTable(
+    'Gateways',
+    ['Instance', 'URL', 'Streams', 'Partitions'],
+    r.gateways.map((g) => [g.instance, g.url, g.streams, g.partitions]),
+  );
+  $('status-body').replaceChildren(groups, gateways, letters, instances, partitions);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Views (the hash is the view, so a reload comes back to it)
 
 function route() {
@@ -1363,8 +1465,9 @@ function route() {
   else if (h === '#/coupons' && state.couponsApi) view = 'coupons';
   else if (h === '#/archived') view = 'archived';
   else if (h === '#/preferences') view = 'preferences';
-  for (const v of ['inbox', 'coupons', 'rooms', 'find', 'room', 'archived', 'preferences']) $(`view-${v}`).hidden = v !== view;
-  const tabs = [['tab-inbox', 'inbox'], ['tab-coupons', 'coupons'], ['tab-rooms', 'rooms'], ['tab-find', 'find'], ['tab-preferences', 'preferences']];
+  else if (h === '#/status' && state.admin) view = 'status';
+  for (const v of ['inbox', 'coupons', 'rooms', 'find', 'room', 'archived', 'preferences', 'status']) $(`view-${v}`).hidden = v !== view;
+  const tabs = [['tab-inbox', 'inbox'], ['tab-coupons', 'coupons'], ['tab-rooms', 'rooms'], ['tab-find', 'find'], ['tab-preferences', 'preferences'], ['tab-status', 'status']];
   for (const [tab, v] of tabs) {
     const current = v === view || (v === 'rooms' && view === 'room') || (v === 'inbox' && view === 'archived');
     if (current) $(tab).setAttribute('aria-current', 'page');
@@ -1375,9 +1478,10 @@ function route() {
   if (view === 'archived') loadArchived().catch(() => {});
   if (view === 'preferences') loadPreferences().catch(() => {});
   refreshCoupons(); // starts the coupon list's refreshes in its view, stops them elsewhere
+  refreshStatus(); // likewise for the status
   // Move focus to the view's heading, so keyboard and screen reader users land in it.
   const headings = { inbox: 'inbox-h', coupons: 'coupons-h', rooms: 'rooms-h', find: 'find-h', room: 'room-title' };
-  const heading = { ...headings, archived: 'archived-h', preferences: 'prefs-h' }[view];
+  const heading = { ...headings, archived: 'archived-h', preferences: 'prefs-h', status: 'status-h' }[view];
   if (document.activeElement === document.body || document.activeElement?.closest('nav')) $(heading).focus();
 }
 
@@ -1429,6 +1533,7 @@ async function start() {
   document.addEventListener('visibilitychange', () => {
     markRoomRead();
     refreshCoupons();
+    refreshStatus();
   });
 
   const saved = sessionStorage.getItem(TOKEN);

@@ -59,12 +59,6 @@ impl SpanRef {
     pub fn link_from(&self, span: &tracing::Span) {
         span.add_link((*self.0).clone());
     }
-
-    /// The W3C `traceparent` of this context.
-    pub fn traceparent(&self) -> String {
-        let sc = &self.0;
-        format!("00-{}-{}-{:02x}", sc.trace_id(), sc.span_id(), sc.trace_flags().to_u8())
-    }
 }
 
 /// Parses `00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>`; returns (trace id, span id).
@@ -227,6 +221,7 @@ mod tests {
     use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanProcessor};
     use std::sync::{Arc, Mutex};
     use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::Layer;
 
     const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
@@ -338,6 +333,50 @@ mod tests {
         assert!(!is_traced(&span));
         assert_eq!(tp_of(&propagation_headers(&span, Some(TP)).unwrap()), TP);
         assert!(propagation_headers(&span, None).is_none());
+    }
+
+    #[test]
+    fn a_span_ref_parents_or_links_a_later_span() {
+        let (sub, spans) = otel_subscriber();
+        tracing::subscriber::with_default(sub, || {
+            let record = tracing::info_span!("record");
+            let r = SpanRef::of(&record).expect("a recorded span has a context");
+            drop(record);
+            let child = tracing::info_span!(parent: None, "child");
+            r.parent_of(&child);
+            drop(child);
+            let linked = tracing::info_span!(parent: None, "linked");
+            r.link_from(&linked);
+        });
+        let done = spans.0.lock().unwrap();
+        let by = |n: &str| done.iter().find(|s| s.name == n).unwrap();
+        let (record, child, linked) = (by("record"), by("child"), by("linked"));
+        assert_eq!(child.parent_span_id, record.span_context.span_id());
+        assert_eq!(child.span_context.trace_id(), record.span_context.trace_id());
+        assert_eq!(linked.parent_span_id, opentelemetry::trace::SpanId::INVALID);
+        assert_ne!(linked.span_context.trace_id(), record.span_context.trace_id());
+        assert_eq!(linked.links[0].span_context.span_id(), record.span_context.span_id());
+        // Without an OpenTelemetry layer there is nothing to keep.
+        assert!(SpanRef::of(&tracing::info_span!("untraced")).is_none());
+    }
+
+    /// The exporting layer takes tidings' DEBUG spans and nothing of other crates, whatever the
+    /// log's own filter lets through.
+    #[test]
+    fn the_otel_layer_takes_tidings_spans_down_to_debug() {
+        let spans = Collect::default();
+        let provider = SdkTracerProvider::builder().with_span_processor(spans.clone()).build();
+        let log = tracing_subscriber::fmt::layer()
+            .with_test_writer()
+            .with_filter(tracing_subscriber::filter::LevelFilter::INFO);
+        let sub = tracing_subscriber::registry().with(log).with(otel_layer(provider.tracer("test")));
+        tracing::subscriber::with_default(sub, || {
+            let _ = tracing::debug_span!("ours");
+            let _ = tracing::debug_span!(target: "rdkafka", "theirs");
+            let _ = tracing::trace_span!("too fine");
+        });
+        let names: Vec<String> = spans.0.lock().unwrap().iter().map(|s| s.name.to_string()).collect();
+        assert_eq!(names, ["ours"]);
     }
 
     proptest! {

@@ -2,7 +2,7 @@
 //! or a user listed as an admin (`--admin-user`); any other user gets 403, no credential 401.
 //! Lag is sampled on request and kept for the window, so each answer judges the recent past.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -76,16 +76,29 @@ pub struct LiveStatus {
     collector: Arc<Collector>,
     window: Duration,
     samples: tokio::sync::Mutex<VecDeque<Sample>>,
+    /// Where the groups with `offsets_in_store` keep their offsets.
+    store: Option<tidings_store::Store>,
 }
 
 impl LiveStatus {
-    pub fn new(collector: Collector, window: Duration) -> Self {
-        LiveStatus { collector: Arc::new(collector), window, samples: Default::default() }
+    pub fn new(collector: Collector, window: Duration, store: Option<tidings_store::Store>) -> Self {
+        LiveStatus { collector: Arc::new(collector), window, samples: Default::default(), store }
     }
 
     async fn sample(&self) -> Result<Sample, String> {
+        let mut stored = HashMap::new();
+        if let Some(store) = &self.store {
+            for g in self.collector.spec().groups.iter().filter(|g| g.offsets_in_store) {
+                if let Ok(rows) = store.claim_offsets(&g.group).await {
+                    stored.insert(g.group.clone(), rows.into_iter().collect());
+                }
+            }
+        }
         let c = self.collector.clone();
-        tokio::task::spawn_blocking(move || c.sample()).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())
+        tokio::task::spawn_blocking(move || c.sample(&stored))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
     }
 
     async fn build(&self) -> Result<StatusReport, String> {

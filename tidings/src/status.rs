@@ -2,6 +2,7 @@
 //! state over a window (OK, lagging, stalled, stopped; see `tidings_core::status::eval`), dead
 //! letters by reason and streams per gateway, as a table or JSON. Exit 3 when a group is not OK.
 
+use std::collections::HashMap;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,6 +12,7 @@ use tidings_core::status::{Collector, GroupSpec, StatusReport, StatusSpec};
 use tidings_pipeline::stages::claims;
 use tidings_pipeline::topology::Topology;
 
+use crate::endpoints::database_url;
 use crate::tools::{brokers, topology_with_running_prefix};
 use crate::Infra;
 
@@ -45,6 +47,7 @@ pub fn spec(topo: &Topology, delivery_group: Option<&str>) -> StatusSpec {
         output: output.map(|o| topo.topic_name(o)),
         dead_letter: Some(topo.topic_name(dlq)),
         commits: true,
+        offsets_in_store: false,
         required,
     };
     let mut groups = vec![
@@ -77,7 +80,10 @@ pub fn spec(topo: &Topology, delivery_group: Option<&str>) -> StatusSpec {
     }
     if topo.topics.contains_key(claims::INPUT) && topo.topics.contains_key(claims::OUTPUT) {
         let input = vec![topo.topic_name(claims::INPUT)];
-        groups.push(group("claims", &st.claims.group, input, Some(claims::OUTPUT), &st.claims.dead_letter, false));
+        let mut g = group("claims", &st.claims.group, input, Some(claims::OUTPUT), &st.claims.dead_letter, false);
+        // Committed with its decisions in the database, never to Kafka.
+        g.offsets_in_store = true;
+        groups.push(g);
     }
     if let Some(d) = delivery_group {
         groups.push(GroupSpec {
@@ -87,6 +93,7 @@ pub fn spec(topo: &Topology, delivery_group: Option<&str>) -> StatusSpec {
             output: None,
             dead_letter: None,
             commits: false,
+            offsets_in_store: false,
             required: false,
         });
     }
@@ -99,13 +106,25 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let topo = topology_with_running_prefix(&args.infra)?;
     let kafka = args.infra.kafka(brokers(&args.infra)?)?;
     let collector = Arc::new(Collector::new(&kafka, spec(&topo, None))?);
+    // The claim stage's offsets are in the database: without it, its lag is not shown.
+    let store = match tidings_store::Store::connect(&database_url(&args.infra)).await {
+        Ok(s) => Some(s),
+        Err(e) => {
+            eprintln!("warning: the claim stage's lag is not shown: its offsets are in the database ({e})");
+            None
+        }
+    };
     // Five looks over the window (one a second at most, two at least), the first now.
     let every = (args.window / 5).max(Duration::from_secs(1));
     let start = Instant::now();
     let mut samples = Vec::new();
     loop {
+        let stored = match &store {
+            Some(store) => stored_offsets(store, collector.spec()).await,
+            None => HashMap::new(),
+        };
         let c = collector.clone();
-        samples.push(tokio::task::spawn_blocking(move || c.sample()).await??);
+        samples.push(tokio::task::spawn_blocking(move || c.sample(&stored)).await??);
         // Two looks at least: a stall shows only between two.
         if samples.len() >= 2 && start.elapsed() + every > args.window + Duration::from_millis(100) {
             break;
@@ -121,6 +140,21 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
         print!("{}", table(&report));
     }
     Ok(if report.ok { ExitCode::SUCCESS } else { ExitCode::from(EX_NOT_OK) })
+}
+
+/// The next offsets of the groups that keep them in `store` (the claim stage), by group; a
+/// group whose read failed is left out (its lag is then not shown).
+pub async fn stored_offsets(store: &tidings_store::Store, spec: &StatusSpec) -> HashMap<String, HashMap<i32, i64>> {
+    let mut out = HashMap::new();
+    for g in spec.groups.iter().filter(|g| g.offsets_in_store) {
+        match store.claim_offsets(&g.group).await {
+            Ok(rows) => {
+                out.insert(g.group.clone(), rows.into_iter().collect());
+            }
+            Err(e) => tracing::warn!(error = %e, "The stored offsets of {} are unreadable.", g.group),
+        }
+    }
+    out
 }
 
 fn parse_window(s: &str) -> Result<Duration, String> {

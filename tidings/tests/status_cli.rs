@@ -17,9 +17,10 @@ use tidings_core::kafka::{partition_for, KafkaConfig};
 const NOTIFICATION_PARTITIONS: i32 = 12;
 
 /// `tidings status --json` over a short window: its exit code and report.
-fn status(brokers: &str, prefix: &str) -> (i32, Value) {
+fn status(brokers: &str, prefix: &str, db: &str) -> (i32, Value) {
     let out = Command::new(env!("CARGO_BIN_EXE_tidings"))
-        .args(["status", "--json", "--window", "2s", "--brokers", brokers, "--topic-prefix", prefix, "--topology"])
+        .args(["status", "--json", "--window", "2s", "--brokers", brokers, "--topic-prefix", prefix])
+        .args(["--database-url", db, "--topology"])
         .arg(common::topology_path())
         .env("TIDINGS_LOG", "warn")
         .output()
@@ -92,8 +93,13 @@ async fn status_shows_owners_lag_dead_letters_streams_and_a_stopped_stage() {
     eprintln!("topic prefix {prefix}");
     let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
 
-    let up =
-        Up { brokers: &brokers, database_url: &db, prefix: &prefix, stages: "templating,ingest", registry_url: None };
+    let up = Up {
+        brokers: &brokers,
+        database_url: &db,
+        prefix: &prefix,
+        stages: "templating,ingest,claims",
+        registry_url: None,
+    };
     let metrics = [("TIDINGS_METRICS_LISTEN", "127.0.0.1:0")];
     let mut core = Tidings::spawn_env("core", &up, &metrics);
     let ep = core.endpoints(Duration::from_secs(60)).await;
@@ -117,6 +123,26 @@ async fn status_shows_owners_lag_dead_letters_streams_and_a_stopped_stage() {
         producer.send(rec, Duration::from_secs(10)).await.unwrap();
     }
     orders(&http, &ep.ingest, 5, &core).await;
+    // A coupon and a claim, decided by the claim stage, which keeps its offsets in the database.
+    let coupon = |payload: Value| {
+        json!({"event_id": uuid::Uuid::new_v4().to_string(), "occurred_at": 0, "coupon_id": "status-coupon", "payload": payload})
+            .to_string()
+    };
+    let lines = [
+        coupon(json!({"CouponDefined": {"title": "Drop", "discount_percent": 20, "stock": 1,
+            "claim_opens_at": 0, "claim_closes_at": i64::MAX / 2, "valid_for_micros": 86_400_000_000i64}})),
+        coupon(json!({"ClaimRequested": {"claim_id": "c1", "user_id": "claimer"}})),
+    ];
+    let mut produce = Command::new(env!("CARGO_BIN_EXE_tidings"))
+        .args(["produce", "coupon-claims", "--brokers", &brokers, "--topic-prefix", &prefix])
+        .args(["--schema-registry-url", &ep.schema_registry_url, "--topology"])
+        .arg(common::topology_path())
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    produce.stdin.take().unwrap().write_all(lines.join("\n").as_bytes()).unwrap();
+    assert!(produce.wait().unwrap().success(), "producing the coupon");
 
     // Every partition owned once, by the gateway announcing it; all groups OK with no lag.
     let report = eventually(
@@ -125,9 +151,9 @@ async fn status_shows_owners_lag_dead_letters_streams_and_a_stopped_stage() {
         Duration::from_millis(500),
         &procs,
         || async {
-            let (code, r) = status(&brokers, &prefix);
+            let (code, r) = status(&brokers, &prefix, &db);
             owners(&r)?;
-            for stage in ["templating", "persistence"] {
+            for stage in ["templating", "persistence", "claims"] {
                 let g = group(&r, stage)?;
                 if g["state"] != "ok" || g["lag_messages"] != 0 {
                     return Err(format!("{stage}: {} lag {} ({})", g["state"], g["lag_messages"], g["reason"]));
@@ -173,7 +199,7 @@ async fn status_shows_owners_lag_dead_letters_streams_and_a_stopped_stage() {
         streams.push(common::open_stream(&http, &urls[owner], &user, None).await);
     }
     eventually("the streams per gateway", Duration::from_secs(30), Duration::from_millis(500), &procs, || async {
-        let (_, r) = status(&brokers, &prefix);
+        let (_, r) = status(&brokers, &prefix, &db);
         let seen: BTreeMap<String, u64> = r["gateways"]
             .as_array()
             .into_iter()
@@ -193,7 +219,7 @@ async fn status_shows_owners_lag_dead_letters_streams_and_a_stopped_stage() {
     orders(&http, &ep.ingest, 3, &core).await;
     let procs = [&core, &g1, &g2];
     eventually("persistence shown stopped", Duration::from_secs(60), Duration::from_millis(500), &procs, || async {
-        let (code, r) = status(&brokers, &prefix);
+        let (code, r) = status(&brokers, &prefix, &db);
         let g = group(&r, "persistence")?;
         let lag = g["lag_messages"].as_i64().unwrap_or(0);
         if g["state"] != "stopped" || lag < 3 || g["instances"] != json!([]) {
@@ -211,7 +237,8 @@ async fn status_shows_owners_lag_dead_letters_streams_and_a_stopped_stage() {
 
     // The table says the same.
     let out = Command::new(env!("CARGO_BIN_EXE_tidings"))
-        .args(["status", "--window", "1s", "--brokers", &brokers, "--topic-prefix", &prefix, "--topology"])
+        .args(["status", "--window", "1s", "--brokers", &brokers, "--topic-prefix", &prefix])
+        .args(["--database-url", &db, "--topology"])
         .arg(common::topology_path())
         .env("TIDINGS_LOG", "warn")
         .output()

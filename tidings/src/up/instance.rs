@@ -150,7 +150,7 @@ pub fn gateway_status(
     let services = tidings_gateway::service_auth::ServiceTokens::new(tokens).unwrap_or_default();
     let window = Duration::from_secs(args.status_window_secs.max(1));
     Some(StatusState {
-        source: Arc::new(LiveStatus::new(collector, window)),
+        source: Arc::new(LiveStatus::new(collector, window, Some(infra.store.clone()))),
         services,
         auth,
         admins: Arc::new(args.admin_users.iter().map(|u| u.trim().to_string()).filter(|u| !u.is_empty()).collect()),

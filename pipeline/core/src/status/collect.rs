@@ -41,6 +41,9 @@ pub struct GroupSpec {
     pub dead_letter: Option<String>,
     /// Whether it commits offsets to Kafka (delivery does not: it has no lag to read).
     pub commits: bool,
+    /// Its offsets are kept in the database, not Kafka (the claim stage): the caller passes them
+    /// to [`Collector::sample`]; without them its lag is not read.
+    pub offsets_in_store: bool,
     /// Judged even when no instance ever announced it (templating, persistence); an optional
     /// stage is only judged once some instance runs it or the broker knows its group.
     pub required: bool,
@@ -67,7 +70,10 @@ pub struct GroupSample {
     pub spec: GroupSpec,
     /// `None`: the broker did not say.
     pub members: Option<usize>,
-    /// Per partition (commits groups), or the partitions with no lag (others).
+    /// Whether `lag` is its lag (else only its partitions: a group that commits nothing, or keeps
+    /// its offsets in a database the caller did not read).
+    pub lag_known: bool,
+    /// Per partition.
     pub lag: Vec<PartitionLag>,
     pub error: Option<String>,
 }
@@ -143,8 +149,9 @@ impl Collector {
             .collect())
     }
 
-    /// One sample: the instances, and every group's members and lag.
-    pub fn sample(&self) -> Result<Sample, StatusError> {
+    /// One sample: the instances, and every group's members and lag. `stored`: the next offset
+    /// per partition of the groups whose offsets are kept in the database, by group.
+    pub fn sample(&self, stored: &HashMap<String, HashMap<i32, i64>>) -> Result<Sample, StatusError> {
         let instances = self.instances()?;
         let mut specs = self.spec.groups.clone();
         // Groups only instances know of (the gateways' delivery group).
@@ -158,6 +165,7 @@ impl Collector {
                         output: None,
                         dead_letter: None,
                         commits: false,
+                        offsets_in_store: false,
                         required: false,
                     });
                 }
@@ -166,11 +174,13 @@ impl Collector {
         let mut groups = BTreeMap::new();
         for spec in specs {
             let members = self.members(&spec.group);
-            let (lag, error) = match self.lag_of(&spec) {
+            let stored = stored.get(&spec.group);
+            let lag_known = spec.commits && !(spec.offsets_in_store && stored.is_none());
+            let (lag, error) = match self.lag_of(&spec, stored) {
                 Ok(l) => (l, None),
                 Err(e) => (Vec::new(), Some(e)),
             };
-            groups.insert(spec.group.clone(), GroupSample { spec, members, lag, error });
+            groups.insert(spec.group.clone(), GroupSample { spec, members, lag_known, lag, error });
         }
         Ok(Sample { at_ms: now_ms(), instances, groups })
     }
@@ -180,9 +190,9 @@ impl Collector {
         Some(list.groups().iter().find(|g| g.name() == group).map_or(0, |g| g.members().len()))
     }
 
-    fn lag_of(&self, spec: &GroupSpec) -> Result<Vec<PartitionLag>, String> {
+    fn lag_of(&self, spec: &GroupSpec, stored: Option<&HashMap<i32, i64>>) -> Result<Vec<PartitionLag>, String> {
         let topics: Vec<&str> = spec.topics.iter().map(String::as_str).collect();
-        if !spec.commits {
+        if !spec.commits || (spec.offsets_in_store && stored.is_none()) {
             // Partitions only: a group that commits nothing has no lag to read.
             let mut out = Vec::new();
             for t in topics {
@@ -206,6 +216,15 @@ impl Collector {
         if !readers.contains_key(&spec.group) {
             let r = LagReader::new(&self.kafka, &spec.group).map_err(|e| e.to_string())?;
             readers.insert(spec.group.clone(), r);
+        }
+        if let (true, Some(stored)) = (spec.offsets_in_store, stored) {
+            let mut positions = Vec::new();
+            for t in &topics {
+                for p in partitions(&self.client, t).map_err(|e| format!("{t}: {e}"))? {
+                    positions.push((t.to_string(), p, stored.get(&p).copied()));
+                }
+            }
+            return readers[&spec.group].read_at(&positions, REQUEST * 2).map_err(|e| e.to_string());
         }
         readers[&spec.group].read(&topics, REQUEST * 2).map_err(|e| e.to_string())
     }
@@ -255,7 +274,8 @@ pub fn report(topology: &StatusSpec, samples: &[Sample], dead_letters: Vec<DeadL
         }
         // Each partition's points through the window, from the samples that read it.
         let mut points: BTreeMap<(String, i32), Vec<Point>> = BTreeMap::new();
-        if g.spec.commits {
+        let tracked = g.lag_known;
+        if tracked {
             for s in samples {
                 for p in s.groups.get(name).map(|g| g.lag.as_slice()).unwrap_or_default() {
                     let pt = Point { committed: p.committed, lag: p.messages };
@@ -282,14 +302,14 @@ pub fn report(topology: &StatusSpec, samples: &[Sample], dead_letters: Vec<DeadL
                     partition: p.partition,
                     owners: owners.get(&tp).cloned().unwrap_or_default(),
                     committed: p.committed,
-                    high: g.spec.commits.then_some(p.high),
-                    lag_messages: g.spec.commits.then_some(p.messages),
-                    lag_seconds: if g.spec.commits { p.seconds } else { None },
+                    high: tracked.then_some(p.high),
+                    lag_messages: tracked.then_some(p.messages),
+                    lag_seconds: if tracked { p.seconds } else { None },
                     state: pstate,
                 }
             })
             .collect();
-        let lag_messages = g.spec.commits.then(|| partitions.iter().filter_map(|p| p.lag_messages).sum());
+        let lag_messages = tracked.then(|| partitions.iter().filter_map(|p| p.lag_messages).sum());
         let lag_seconds = partitions.iter().filter_map(|p| p.lag_seconds).reduce(f64::max);
         groups.push(GroupStatus {
             stage: g.spec.stage.clone(),

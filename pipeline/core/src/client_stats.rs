@@ -104,38 +104,27 @@ pub fn samples(client: &str, s: &Statistics) -> Vec<Sample> {
 }
 
 /// The lag gauges of a consumer's report, for its `group`: per assigned partition
-/// `kafka_consumergroup_lag` (messages from its stored position, or else its committed one, or
-/// else the next offset handed to the stage, to the high watermark), and per topic `kafka_consumergroup_lag_sum`. librdkafka reports −1 while a
-/// partition's lag is unknown (no position or watermark yet): such a partition is left out of both,
-/// so a sum never counts it.
+/// `kafka_consumergroup_lag` (messages from its position, see [`crate::lag::standings`], to the
+/// last stable offset or high watermark), and per topic `kafka_consumergroup_lag_sum`. A partition
+/// whose position or end is not known yet (librdkafka's −1001) is left out of both, so a sum never
+/// counts it.
 pub fn lag_samples(group: &str, s: &Statistics) -> Vec<Sample> {
     let mut out = Vec::new();
-    let mut topics: Vec<_> = s.topics.iter().collect();
-    topics.sort_by(|a, b| a.0.cmp(b.0));
-    for (topic, t) in topics {
-        let mut partitions: Vec<_> = t.partitions.values().filter(|p| p.partition >= 0 && p.desired).collect();
-        partitions.sort_by_key(|p| p.partition);
+    let standings = crate::lag::standings(group, s);
+    let mut topics: Vec<&str> = standings.iter().map(|x| x.topic.as_str()).collect();
+    topics.dedup();
+    for topic in topics {
         let mut sum = None;
-        for p in partitions {
-            let end = if p.ls_offset >= 0 { p.ls_offset } else { p.hi_offset };
-            let lag = if p.consumer_lag_stored >= 0 {
-                p.consumer_lag_stored
-            } else if p.consumer_lag >= 0 {
-                p.consumer_lag
-            } else if p.app_offset >= 0 && end >= 0 {
-                // A group that stores and commits nothing in Kafka (delivery, claims): from the
-                // next record handed to the stage.
-                (end - p.app_offset).max(0)
-            } else {
-                continue;
-            };
+        for x in standings.iter().filter(|x| x.topic == topic) {
+            let (Some(position), Some(end)) = (x.position, x.end) else { continue };
+            let lag = (end - position).max(0);
             *sum.get_or_insert(0) += lag;
             out.push(Sample {
                 name: "kafka_consumergroup_lag",
                 labels: vec![
                     ("consumergroup", group.into()),
-                    ("topic", topic.clone()),
-                    ("partition", p.partition.to_string()),
+                    ("topic", topic.to_string()),
+                    ("partition", x.partition.to_string()),
                 ],
                 value: lag as f64,
             });
@@ -143,7 +132,7 @@ pub fn lag_samples(group: &str, s: &Statistics) -> Vec<Sample> {
         if let Some(sum) = sum {
             out.push(Sample {
                 name: "kafka_consumergroup_lag_sum",
-                labels: vec![("consumergroup", group.into()), ("topic", topic.clone())],
+                labels: vec![("consumergroup", group.into()), ("topic", topic.to_string())],
                 value: sum as f64,
             });
         }
@@ -297,12 +286,12 @@ mod tests {
         // A partition whose lag librdkafka does not know (−1) is in neither the gauges nor the sum.
         let mut unknown = report.clone();
         let p1 = unknown.topics.get_mut("t").unwrap().partitions.get_mut(&1).unwrap();
-        (p1.consumer_lag, p1.consumer_lag_stored, p1.app_offset) = (-1, -1, -1);
+        (p1.stored_offset, p1.committed_offset, p1.app_offset) = (-1001, -1001, -1001);
         let got = lag_samples("g", &unknown);
         assert_eq!(value(&got, "kafka_consumergroup_lag", Some("1")), None, "{got:?}");
         assert_eq!(value(&got, "kafka_consumergroup_lag_sum", None), Some(3.0), "{got:?}");
         for p in unknown.topics.get_mut("t").unwrap().partitions.values_mut() {
-            (p.consumer_lag, p.consumer_lag_stored, p.app_offset) = (-1, -1, -1);
+            (p.stored_offset, p.committed_offset, p.app_offset) = (-1001, -1001, -1001);
         }
         assert!(lag_samples("g", &unknown).is_empty(), "no sum of unknowns");
     }

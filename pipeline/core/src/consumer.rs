@@ -111,6 +111,23 @@ impl<H: RebalanceHooks> StageContext<H> {
         &self.hooks
     }
 
+    /// Keeps the lag gauges' positions of the group's partitions: a stored start (the stage's own
+    /// offsets) is where its lag counts from until its work moves on; revoked ones are forgotten.
+    fn lag_positions(&self, assigned: &[Assigned], revoked: &[Partition]) {
+        let Some(group) = &self.group else { return };
+        crate::lag::forget(group, revoked.iter().map(|(t, p)| (t.as_str(), *p)));
+        if matches!(self.start, StartOffsets::Stored(_)) {
+            for a in assigned {
+                // Nothing stored: from the log's start (0, raised to its first offset).
+                let from = match a.start {
+                    Start::Offset(o) => o,
+                    _ => 0,
+                };
+                crate::lag::durable(group, &a.topic, a.partition, from);
+            }
+        }
+    }
+
     /// Where each of `partitions` starts under the policy.
     fn starts<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>, partitions: &[Partition]) -> Vec<Start> {
         match &self.start {
@@ -195,12 +212,14 @@ impl<H: RebalanceHooks> ConsumerContext for StageContext<H> {
                 }
                 info!(client = self.client, partitions = assigned.len(), "Assigned {} partition(s).", assigned.len());
                 self.hooks.on_assign(&assigned);
+                self.lag_positions(&assigned, &[]);
                 crate::status::local::assigned(self.client, assigned.iter().map(|a| (a.topic.as_str(), a.partition)));
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 let parts = partitions(tpl);
                 info!(client = self.client, partitions = parts.len(), "{} partition(s) revoked.", parts.len());
                 self.hooks.on_revoke(&parts);
+                self.lag_positions(&[], &parts);
                 crate::status::local::revoked(self.client, parts.iter().map(|(t, p)| (t.as_str(), *p)));
                 let done = if cooperative { consumer.incremental_unassign(tpl) } else { consumer.unassign() };
                 if let Err(e) = done {
@@ -211,6 +230,7 @@ impl<H: RebalanceHooks> ConsumerContext for StageContext<H> {
                 error!(error = ?other, client = self.client, "Rebalance error; dropping the assignment.");
                 let held = consumer.assignment().map(|tpl| partitions(&tpl)).unwrap_or_default();
                 self.hooks.on_revoke(&held);
+                self.lag_positions(&[], &held);
                 crate::status::local::revoked(self.client, held.iter().map(|(t, p)| (t.as_str(), *p)));
                 // As rdkafka's own callback does under each protocol.
                 let _ = if cooperative { consumer.incremental_unassign(tpl) } else { consumer.unassign() };

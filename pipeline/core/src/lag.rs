@@ -269,23 +269,56 @@ fn now_ms() -> i64 {
 pub struct Standing {
     pub topic: String,
     pub partition: i32,
-    /// Its stored offset, else its committed one, else (a group that commits nothing, like
-    /// delivery) the next offset handed to the application; `None` while none is known.
+    /// See [`standings`]; `None` while none is known.
     pub position: Option<i64>,
     /// The last stable offset (the end a read_committed consumer sees), else the high watermark.
     pub end: Option<i64>,
 }
 
-/// The partitions a consumer's statistics report says it holds, and where it stands on each.
-pub fn standings(s: &rdkafka::Statistics) -> Vec<Standing> {
+/// Next offsets that stages keeping their offsets outside Kafka (persistence, claims) made
+/// durable, per group, topic and partition: only partitions this process holds (see [`forget`]).
+static DURABLE: std::sync::Mutex<Option<HashMap<GroupPartition, i64>>> = std::sync::Mutex::new(None);
+
+/// A group, a topic and one of its partitions.
+type GroupPartition = (String, String, i32);
+
+/// Says that `group`'s work on `topic`/`partition` is durable up to `next` (the next offset to
+/// read): what a stage keeping its offsets in its database stored on assignment or after a batch.
+/// It is the position lag is counted from, ahead of the Kafka commit that may follow it.
+pub fn durable(group: &str, topic: &str, partition: i32, next: i64) {
+    let mut map = DURABLE.lock().unwrap_or_else(|e| e.into_inner());
+    map.get_or_insert_with(HashMap::new).insert((group.to_string(), topic.to_string(), partition), next);
+}
+
+/// Forgets the durable positions of partitions `group` no longer holds.
+pub fn forget<'a>(group: &str, partitions: impl IntoIterator<Item = (&'a str, i32)>) {
+    let mut map = DURABLE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(map) = map.as_mut() {
+        for (topic, partition) in partitions {
+            map.remove(&(group.to_string(), topic.to_string(), partition));
+        }
+    }
+}
+
+/// The partitions a consumer of `group` holds by its statistics report, and where it stands on
+/// each: its stored offset, else the position its stage made durable ([`durable`]), else its
+/// committed offset, else the next offset handed to the stage.
+pub fn standings(group: &str, s: &rdkafka::Statistics) -> Vec<Standing> {
     let known = |o: i64| (o >= 0).then_some(o);
+    let durable = DURABLE.lock().unwrap_or_else(|e| e.into_inner());
     let mut out = Vec::new();
     for (topic, t) in &s.topics {
         for p in t.partitions.values().filter(|p| p.partition >= 0 && p.desired) {
+            let kept = durable.as_ref().and_then(|m| m.get(&(group.to_string(), topic.clone(), p.partition)).copied());
             out.push(Standing {
                 topic: topic.clone(),
                 partition: p.partition,
-                position: known(p.stored_offset).or(known(p.committed_offset)).or(known(p.app_offset)),
+                position: known(p.stored_offset)
+                    .or(kept)
+                    .or(known(p.committed_offset))
+                    .or(known(p.app_offset))
+                    // Records below the log's start are gone: the group resumes at its start.
+                    .map(|o| known(p.lo_offset).map_or(o, |lo| o.max(lo))),
                 end: known(p.ls_offset).or(known(p.hi_offset)),
             });
         }
@@ -329,7 +362,7 @@ pub fn observe(group: &str, s: &rdkafka::Statistics) {
         workers.insert(group.to_string(), tx);
     }
     if let Some(tx) = workers.get(group) {
-        let _ = tx.try_send(standings(s));
+        let _ = tx.try_send(standings(group, s));
     }
 }
 

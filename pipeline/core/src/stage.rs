@@ -48,9 +48,12 @@ pub trait Processor: Send {
 
 /// The counters every stage reports, labelled `stage`.
 struct StageMetrics {
-    records: Counter,
+    records_in: Counter,
     /// Seconds from a record's CreateTime to its consumption here: the hop into this stage.
     age: metrics::Histogram,
+    /// Seconds the stage spent on each record ([`Processor::process`]) and each due piece of work
+    /// ([`Processor::on_due`]: a batch's write, a commit).
+    processing: metrics::Histogram,
     consumer_errors: Counter,
     restarts: Counter,
 }
@@ -58,10 +61,56 @@ struct StageMetrics {
 impl StageMetrics {
     fn new(stage: &'static str) -> Self {
         StageMetrics {
-            records: metrics::counter!("tidings_stage_records_total", "stage" => stage),
+            records_in: metrics::counter!("tidings_stage_records_in_total", "stage" => stage),
             age: metrics::histogram!("tidings_stage_record_age_seconds", "stage" => stage),
+            processing: metrics::histogram!("tidings_stage_processing_seconds", "stage" => stage),
             consumer_errors: metrics::counter!("tidings_stage_consumer_errors_total", "stage" => stage),
             restarts: metrics::counter!("tidings_stage_restarts_total", "stage" => stage),
+        }
+    }
+}
+
+/// What a stage wrote: `records` outputs (records produced, rows stored), counted in
+/// `tidings_stage_records_out_total{stage}`. Delivery's are its stream writes
+/// (`tidings_gateway_events_delivered_total`), not counted twice here.
+pub fn records_out(stage: &'static str, records: u64) {
+    metrics::counter!("tidings_stage_records_out_total", "stage" => stage).increment(records);
+}
+
+/// A batch of `records` input records made durable together (a database transaction, a commit),
+/// observed in the `tidings_stage_batch_records{stage}` histogram.
+pub fn batch(stage: &'static str, records: usize) {
+    metrics::histogram!("tidings_stage_batch_records", "stage" => stage).record(records as f64);
+}
+
+/// Where an event's end-to-end latency ends: `stored` in the database, or `delivered` (written to
+/// a browser's stream).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reached {
+    Stored,
+    Delivered,
+}
+
+impl Reached {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reached::Stored => "stored",
+            Reached::Delivered => "delivered",
+        }
+    }
+
+    /// The `tidings_end_to_end_seconds{to}` histogram: an event's `occurred_at` to now.
+    pub fn histogram(self) -> metrics::Histogram {
+        metrics::histogram!("tidings_end_to_end_seconds", "to" => self.as_str())
+    }
+
+    /// Observes, for each `occurred_at` (microseconds since the epoch, as notifications carry it),
+    /// the seconds until now. Clocks of other hosts can be ahead: a negative age counts as 0.
+    pub fn observe(self, occurred_at_micros: impl IntoIterator<Item = i64>) {
+        let h = self.histogram();
+        let now = chrono::Utc::now().timestamp_micros();
+        for at in occurred_at_micros {
+            h.record((now - at).max(0) as f64 / 1e6);
         }
     }
 }
@@ -141,7 +190,12 @@ async fn drive<P: Processor, C: ConsumerContext + 'static>(
             msg = consumer.recv() => Next::Record(msg),
         };
         let done = match next {
-            Next::Due(due) => processor.on_due(due).await,
+            Next::Due(due) => {
+                let started = std::time::Instant::now();
+                let done = processor.on_due(due).await;
+                metrics.processing.record(started.elapsed().as_secs_f64());
+                done
+            }
             Next::Record(Ok(msg))
                 if ranges.as_mut().is_some_and(|r| {
                     r.verdict(&consumer, msg.topic(), msg.partition(), msg.offset()) == Verdict::Skip
@@ -156,11 +210,14 @@ async fn drive<P: Processor, C: ConsumerContext + 'static>(
                 Ok(())
             }
             Next::Record(Ok(msg)) => {
-                metrics.records.increment(1);
+                metrics.records_in.increment(1);
                 if let Some(created) = msg.timestamp().to_millis() {
                     metrics.age.record(crate::kafka::age_secs(created));
                 }
-                processor.process(&msg).await
+                let started = std::time::Instant::now();
+                let done = processor.process(&msg).await;
+                metrics.processing.record(started.elapsed().as_secs_f64());
+                done
             }
             Next::Record(Err(e)) => {
                 // librdkafka reports broker trouble here and recovers by itself; the stage goes on.

@@ -266,6 +266,8 @@ async fn a_range_ending_at_a_transaction_marker_ends_and_counts_only_what_it_pro
     assert_eq!(*seen.lock().unwrap(), [(0, 0), (0, 1), (0, 2)]);
     let text = metrics.render();
     let counted: Vec<&str> =
-        text.lines().filter(|l| l.starts_with("tidings_stage_records_total{stage=\"metered\"}")).collect();
-    assert_eq!(counted, ["tidings_stage_records_total{stage=\"metered\"} 3"], "{text}");
+        text.lines().filter(|l| l.starts_with("tidings_stage_records_in_total{stage=\"metered\"}")).collect();
+    assert_eq!(counted, ["tidings_stage_records_in_total{stage=\"metered\"} 3"], "{text}");
+    // Each record's processing is timed (the range's end is no record).
+    assert!(text.lines().any(|l| l == "tidings_stage_processing_seconds_count{stage=\"metered\"} 3"), "{text}");
 }

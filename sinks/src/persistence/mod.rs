@@ -585,12 +585,17 @@ impl Sink {
             let mut k = known.lock().expect("lock");
             for ((topic, partition), next) in &pending.next {
                 k.insert((topic.clone(), *partition), *next);
+                tidings_core::lag::durable(&cfg.group, topic, *partition, *next);
                 let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*next));
             }
         }
         if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
             debug!(error = %e, "Kafka offset commit (for lag monitoring only) failed.");
         }
+        let notifications = pending.batch.notifications.iter().map(|n| n.notification.occurred_at);
+        tidings_core::stage::Reached::Stored.observe(notifications);
+        tidings_core::stage::batch(STAGE, pending.records);
+        tidings_core::stage::records_out(STAGE, rows as u64);
         self.pending = Pending::new();
         Ok(())
     }

@@ -4,8 +4,8 @@
 //! batch's state and next offset in one fenced transaction.
 //!
 //! Metrics: `tidings_claims_decisions_total{outcome, reason}` (reason for rejections and
-//! refusals), `tidings_claims_batch_records` and `tidings_claims_commit_seconds` per committed
-//! batch, `tidings_claims_lookup_seconds` per group of claims decided; dead letters are core's
+//! refusals), `tidings_stage_batch_records{stage="claims"}` and `tidings_claims_commit_seconds` per
+//! committed batch, `tidings_claims_lookup_seconds` per group of claims decided; dead letters are core's
 //! `tidings_dead_letters_total{stage="claims", reason}`.
 
 use std::collections::HashMap;
@@ -333,6 +333,7 @@ impl Claims {
             batch_committed(std::mem::take(&mut part.read), committing.elapsed());
             match committed {
                 ClaimCommit::Committed => {
+                    tidings_core::lag::durable(&self.cfg.group, &self.cfg.input, *p, part.next);
                     part.moved = false;
                     part.state.end();
                 }
@@ -434,7 +435,7 @@ impl Tally {
 
 /// A batch of `records` records (decided, dead-lettered or skipped) committed in `took`.
 fn batch_committed(records: usize, took: Duration) {
-    metrics::histogram!("tidings_claims_batch_records").record(records as f64);
+    tidings_core::stage::batch(super::STAGE, records);
     metrics::histogram!("tidings_claims_commit_seconds").record(took.as_secs_f64());
 }
 
@@ -479,7 +480,7 @@ mod tests {
             r#"tidings_claims_decisions_total{outcome="rejected",reason="already_claimed"} 1"#,
             r#"tidings_claims_decisions_total{outcome="redeemed"} 1"#,
             r#"tidings_claims_decisions_total{outcome="refused",reason="already_redeemed"} 1"#,
-            "tidings_claims_batch_records_sum 4000",
+            r#"tidings_stage_batch_records_sum{stage="claims"} 4000"#,
             "tidings_claims_commit_seconds_count 1",
         ] {
             assert!(text.lines().any(|l| l == line), "no line {line:?} in:\n{text}");

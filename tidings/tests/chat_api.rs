@@ -418,13 +418,13 @@ async fn a_resume_older_than_the_ring_is_backfilled_from_kafka() {
     assert!(backfills >= 1.0, "no backfill ran");
     // Every stage of the process reports, not only the gateway's (whose start installs nothing now).
     for stage in ["templating", "persistence", "delivery"] {
-        let records = metric(format!(r#"tidings_stage_records_total{{stage="{stage}"}}"#)).await;
-        assert!(records > 0.0, "{stage}: tidings_stage_records_total missing or 0");
+        let records = metric(format!(r#"tidings_stage_records_in_total{{stage="{stage}"}}"#)).await;
+        assert!(records > 0.0, "{stage}: tidings_stage_records_in_total missing or 0");
         let ages = metric(format!(r#"tidings_stage_record_age_seconds_count{{stage="{stage}"}}"#)).await;
         assert!(ages > 0.0, "{stage}: tidings_stage_record_age_seconds missing or empty");
     }
-    let written = metric("tidings_gateway_event_age_at_write_seconds_count".to_string()).await;
-    assert!(written > 0.0, "tidings_gateway_event_age_at_write_seconds missing or empty");
+    let written = metric(r#"tidings_end_to_end_seconds_count{to="delivered"}"#.to_string()).await;
+    assert!(written > 0.0, "tidings_end_to_end_seconds{{to=\"delivered\"}} missing or empty");
     up.signal("TERM");
     assert!(up.wait_exit(Duration::from_secs(30)).await.is_some_and(|s| s.success()), "{}", up.log_tail(20));
 }

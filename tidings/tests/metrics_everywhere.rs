@@ -1,6 +1,8 @@
-//! Every `tidings up` process serves `/metrics`, whatever `--stages` it runs: a templating-only and
-//! a persistence-only process on Apache Kafka and PostgreSQL report their groups' consumer lag
-//! (`kafka_consumergroup_lag`, `_lag_sum`), which rises while templating is stopped and falls again.
+//! Every `tidings up` process serves `/metrics`, whatever `--stages` it runs: templating-only,
+//! persistence-only and gateway-only processes on Apache Kafka and PostgreSQL report their groups'
+//! consumer lag in messages (`kafka_consumergroup_lag`, `_lag_sum`) and in seconds
+//! (`kafka_consumergroup_lag_seconds`, `_max`), and their latencies as bucketed histograms; the lag
+//! of a stopped stage is what its restarted process reports first, and it falls back to 0.
 
 mod common;
 
@@ -30,6 +32,45 @@ async fn sample(http: &reqwest::Client, url: &str, name: &str, labels: &[String]
         .find(|l| labels.iter().all(|x| l.contains(x.as_str())))
         .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .ok_or_else(|| format!("{url}: no {name} with {labels:?} in /metrics:\n{text}"))
+}
+
+/// Whether `/metrics` at `url` has a bucket line of histogram `name` with each of `labels`, and
+/// the histogram's count (with those labels) is above 0.
+async fn histogram(http: &reqwest::Client, url: &str, name: &str, labels: &[String]) -> Result<(), String> {
+    sample(http, url, &format!("{name}_bucket"), &[labels, &["le=\"+Inf\"".to_string()]].concat()).await?;
+    match sample(http, url, &format!("{name}_count"), labels).await? {
+        n if n > 0.0 => Ok(()),
+        _ => Err(format!("{url}: {name} {labels:?} has no observations")),
+    }
+}
+
+/// Follows `what`'s lag (`name` with `labels`) at `url` until it is 0 after having been above 0;
+/// returns the highest value seen.
+async fn lag_falls(
+    http: &reqwest::Client,
+    url: &str,
+    name: &'static str,
+    labels: &[String],
+    what: &str,
+    procs: &[&Tidings],
+) -> f64 {
+    let highest = std::sync::Arc::new(std::sync::Mutex::new(0.0_f64));
+    eventually(what, Duration::from_secs(90), Duration::from_millis(20), procs, || {
+        let (http, highest, url, labels) = (http.clone(), highest.clone(), url.to_string(), labels.to_vec());
+        async move {
+            let lag = sample(&http, &url, name, &labels).await?;
+            let mut highest = highest.lock().unwrap();
+            *highest = highest.max(lag);
+            if lag == 0.0 && *highest > 0.0 {
+                Ok(())
+            } else {
+                Err(format!("{name} {lag}, highest {highest}"))
+            }
+        }
+    })
+    .await;
+    let highest = *highest.lock().unwrap();
+    highest
 }
 
 /// Posts `n` OrderPlaced events over HTTP ingest, 16 at a time.
@@ -84,29 +125,41 @@ async fn stage_only_processes_serve_their_groups_lag() {
         ("TIDINGS_SCHEMA_REGISTRY_BEARER_TOKEN", REGISTRY_TOKEN),
     ];
     let mut templating = Tidings::spawn_env("templating", &templating_up, &t_env);
-    let mut persistence =
-        Tidings::spawn_env("persistence", &stage("persistence"), &[STATS, ("TIDINGS_METRICS_LISTEN", &p_metrics)]);
+    let persistence_up = stage("persistence");
+    let p_env = [STATS, ("TIDINGS_METRICS_LISTEN", p_metrics.as_str())];
+    let mut persistence = Tidings::spawn_env("persistence", &persistence_up, &p_env);
+    // A gateway-only process serves /metrics on its own HTTP listener.
+    let mut gateway = Tidings::spawn_env("gateway", &stage("gateway"), &[STATS]);
+    let g_url = gateway.endpoints(Duration::from_secs(60)).await.http;
     let (t_url, p_url) = (format!("http://{t_metrics}"), format!("http://{p_metrics}"));
-    for url in [&t_url, &p_url] {
-        common::await_ready(&http, url, &[&ingest, &templating, &persistence]).await;
+    for url in [&t_url, &p_url, &g_url] {
+        common::await_ready(&http, url, &[&ingest, &templating, &persistence, &gateway]).await;
     }
     // An ingest-only process serves them too, and is ready once its ingest listener is up.
     for path in ["metrics", "healthz", "readyz"] {
         let r = http.get(format!("http://{ingest_metrics}/{path}")).send().await.expect("ingest's metrics listener");
         assert_eq!(r.status(), 200, "ingest's /{path}");
     }
+    // Buyer u0's stream: its orders' notifications are written to it (end to end, `delivered`).
+    let stream = common::open_stream(&http, &g_url, "u0", None).await;
 
-    let t_lag = vec![format!("consumergroup=\"{prefix}tidings-templating\""), format!("topic=\"{prefix}orders\"")];
-    let p_lag =
-        vec![format!("consumergroup=\"{prefix}tidings-persistence\""), format!("topic=\"{prefix}notifications\"")];
-    let procs = [&ingest, &templating, &persistence];
+    let group_topic = |group: &str, topic: &str| {
+        vec![format!("consumergroup=\"{prefix}{group}\""), format!("topic=\"{prefix}{topic}\"")]
+    };
+    let t_lag = group_topic("tidings-templating", "orders");
+    let p_lag = group_topic("tidings-persistence", "notifications");
+    let g_lag = group_topic("tidings-delivery", "notifications");
+    let procs = [&ingest, &templating, &persistence, &gateway];
     let caught_up = |url: String, labels: Vec<String>, what: &'static str| {
         let http = http.clone();
         async move {
-            match sample(&http, &url, "kafka_consumergroup_lag_sum", &labels).await? {
-                0.0 => Ok(()),
-                lag => Err(format!("{what} lag {lag}")),
+            for name in ["kafka_consumergroup_lag_sum", "kafka_consumergroup_lag_seconds_max"] {
+                match sample(&http, &url, name, &labels).await? {
+                    0.0 => {}
+                    lag => return Err(format!("{what} {name} {lag}")),
+                }
             }
+            Ok(())
         }
     };
     orders(&http, &ep.ingest, 20).await;
@@ -117,40 +170,97 @@ async fn stage_only_processes_serve_their_groups_lag() {
         }
     })
     .await;
-    // Both stage-only processes serve their group's lag, per partition and summed, caught up.
-    eventually("both groups caught up", Duration::from_secs(30), Duration::from_millis(100), &procs, || async {
+    // Each stage-only process serves its group's lag, per partition and summed, in messages and in
+    // seconds, caught up.
+    eventually("every group caught up", Duration::from_secs(30), Duration::from_millis(100), &procs, || async {
         caught_up(t_url.clone(), t_lag.clone(), "templating").await?;
-        caught_up(p_url.clone(), p_lag.clone(), "persistence").await
+        caught_up(p_url.clone(), p_lag.clone(), "persistence").await?;
+        caught_up(g_url.clone(), g_lag.clone(), "delivery").await
     })
     .await;
-    let partition = [t_lag.clone(), vec!["partition=\"0\"".to_string()]].concat();
-    let lag = sample(&http, &t_url, "kafka_consumergroup_lag", &partition).await.unwrap();
-    assert_eq!(lag, 0.0, "templating's partition 0 lag");
-
-    // Templating stopped while orders arrive: its group's lag is what the restarted process reports
-    // first, and it falls back to 0 as the process catches up.
-    sigterm(&mut templating).await;
-    orders(&http, &ep.ingest, 1_000).await;
-    let mut templating = Tidings::spawn_env("templating-again", &templating_up, &t_env);
-    let procs = [&ingest, &templating, &persistence];
-    let highest = std::sync::Arc::new(std::sync::Mutex::new(0.0_f64));
-    eventually("templating's lag back to 0", Duration::from_secs(90), Duration::from_millis(20), &procs, || {
-        let (http, highest) = (http.clone(), highest.clone());
-        let (url, labels) = (t_url.clone(), t_lag.clone());
+    for (url, labels) in [(&t_url, &t_lag), (&p_url, &p_lag), (&g_url, &g_lag)] {
+        let partition = [labels.clone(), vec!["partition=\"0\"".to_string()]].concat();
+        for name in ["kafka_consumergroup_lag", "kafka_consumergroup_lag_seconds"] {
+            assert_eq!(sample(&http, url, name, &partition).await.unwrap(), 0.0, "{name} {partition:?}");
+        }
+    }
+    // The latencies are Prometheus histograms with buckets, per stage and end to end.
+    eventually("the u0 stream got its orders", Duration::from_secs(30), Duration::from_millis(100), &procs, || {
+        let n = stream.names().len();
         async move {
-            let lag = sample(&http, &url, "kafka_consumergroup_lag_sum", &labels).await?;
-            let mut highest = highest.lock().unwrap();
-            *highest = highest.max(lag);
-            if lag == 0.0 && *highest > 0.0 {
+            if n > 0 {
                 Ok(())
             } else {
-                Err(format!("lag {lag}, highest {highest}"))
+                Err("no event yet".to_string())
             }
         }
     })
     .await;
-    let highest = *highest.lock().unwrap();
+    let stage_label = |s: &str| vec![format!("stage=\"{s}\"")];
+    let to = |t: &str| vec![format!("to=\"{t}\"")];
+    eventually("every histogram observed", Duration::from_secs(30), Duration::from_millis(200), &procs, || async {
+        histogram(&http, &t_url, "tidings_stage_processing_seconds", &stage_label("templating")).await?;
+        histogram(&http, &p_url, "tidings_stage_processing_seconds", &stage_label("persistence")).await?;
+        histogram(&http, &p_url, "tidings_stage_batch_records", &stage_label("persistence")).await?;
+        histogram(&http, &p_url, "tidings_end_to_end_seconds", &to("stored")).await?;
+        histogram(&http, &g_url, "tidings_stage_processing_seconds", &stage_label("delivery")).await?;
+        histogram(&http, &g_url, "tidings_end_to_end_seconds", &to("delivered")).await
+    })
+    .await;
+    for (url, stage) in [(&t_url, "templating"), (&p_url, "persistence"), (&g_url, "delivery")] {
+        let labels = stage_label(stage);
+        let records_in = sample(&http, url, "tidings_stage_records_in_total", &labels).await.unwrap();
+        assert!(records_in >= 1.0, "{stage}: tidings_stage_records_in_total {records_in}");
+    }
+    let stored = sample(&http, &p_url, "tidings_stage_records_out_total", &stage_label("persistence")).await.unwrap();
+    assert!(stored >= 20.0, "persistence stored {stored} rows");
+    let text = http.get(format!("{p_url}/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(!text.contains("quantile="), "a summary left in /metrics:\n{text}");
+
+    // Templating and persistence stopped while orders arrive: each group's lag is what its
+    // restarted process reports first (in seconds at least as long as the orders waited), and it
+    // falls back to 0 as the process catches up.
+    sigterm(&mut templating).await;
+    sigterm(&mut persistence).await;
+    orders(&http, &ep.ingest, 1_000).await;
+    let stopped = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut templating = Tidings::spawn_env("templating-again", &templating_up, &t_env);
+    let procs = [&ingest, &templating, &persistence, &gateway];
+    let waited = stopped.elapsed().as_secs_f64();
+    let highest =
+        lag_falls(&http, &t_url, "kafka_consumergroup_lag_sum", &t_lag, "templating's lag back to 0", &procs).await;
     assert!(highest > 0.0 && highest <= 1_000.0, "templating's lag after the stop: {highest}");
+    let highest_s =
+        lag_falls(&http, &t_url, "kafka_consumergroup_lag_seconds_max", &t_lag, "templating's lag in s", &procs).await;
+    assert!(highest_s >= waited - 0.5 && highest_s < 120.0, "templating's lag after the stop: {highest_s} s");
+    // Templating wrote 1,000 notifications while persistence was stopped. Persistence keeps its
+    // offsets in PostgreSQL: restarted while its table is locked, it reads but stores nothing, so
+    // its lag (from the offsets in the database) is seen growing until the lock goes.
+    let mut lock = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE notifications IN SHARE MODE").execute(&mut *lock).await.unwrap();
+    let mut persistence = Tidings::spawn_env("persistence-again", &persistence_up, &p_env);
+    let procs = [&ingest, &templating, &persistence, &gateway];
+    let first = std::sync::Arc::new(std::sync::Mutex::new(None::<f64>));
+    eventually("persistence's lag growing", Duration::from_secs(60), Duration::from_millis(100), &procs, || {
+        let (http, url, labels, first) = (http.clone(), p_url.clone(), p_lag.clone(), first.clone());
+        async move {
+            let lag = sample(&http, &url, "kafka_consumergroup_lag_seconds_max", &labels).await?;
+            let messages = sample(&http, &url, "kafka_consumergroup_lag_sum", &labels).await?;
+            let first = *first.lock().unwrap().get_or_insert(lag);
+            if lag > first + 1.0 && messages >= 1_000.0 {
+                Ok(())
+            } else {
+                Err(format!("lag {lag} s (first {first} s), {messages} messages"))
+            }
+        }
+    })
+    .await;
+    assert_eq!(common::count_notifications(&pool).await, 20, "stored through the lock");
+    lock.rollback().await.unwrap();
+    let highest_s =
+        lag_falls(&http, &p_url, "kafka_consumergroup_lag_seconds_max", &p_lag, "persistence's lag in s", &procs).await;
+    assert!((2.0..120.0).contains(&highest_s), "persistence's lag after the stop: {highest_s} s");
     eventually("1,020 rows stored", Duration::from_secs(60), Duration::from_millis(200), &procs, || async {
         match common::count_notifications(&pool).await {
             1_020 => Ok(()),
@@ -158,7 +268,7 @@ async fn stage_only_processes_serve_their_groups_lag() {
         }
     })
     .await;
-    for p in [&mut templating, &mut persistence, &mut ingest] {
+    for p in [&mut templating, &mut persistence, &mut gateway, &mut ingest] {
         sigterm(p).await;
     }
 }

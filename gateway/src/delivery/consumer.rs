@@ -351,7 +351,7 @@ async fn deliver(
             return;
         }
     };
-    let ts = m.timestamp().to_millis().unwrap_or(0);
+    let ts = if n.occurred_at > 0 { n.occurred_at / 1000 } else { m.timestamp().to_millis().unwrap_or(0) };
     // A group record is one event per recipient, all at this position.
     let mut events = hub.events_of(p, o, n, ts);
     if let Some(r) = trace::SpanRef::of(span) {

@@ -58,7 +58,8 @@ pub struct Event {
     pub kind: Box<str>,
     /// The notification as JSON (the SSE `data:`).
     pub data: Bytes,
-    /// The Kafka record timestamp (ms since the epoch), for end-to-end latency.
+    /// The event's `occurred_at` (ms since the epoch; a backfilled one's record timestamp), for
+    /// end-to-end latency.
     pub timestamp_ms: i64,
     /// A campaign notification's delivered counter, bumped by each stream that writes it.
     pub campaign: Option<Arc<campaigns::Delivered>>,

@@ -112,7 +112,7 @@ pub async fn sigterm(g: &mut Tidings) {
 }
 
 /// The value of one sample of the gateway's `/metrics`: `sample` is its name with any labels as
-/// written there, e.g. `tidings_stage_records_total{stage="templating"}`.
+/// written there, e.g. `tidings_stage_records_in_total{stage="templating"}`.
 pub async fn metric(http: &reqwest::Client, url: &str, sample: &str) -> Result<f64, String> {
     let text = http.get(format!("{url}/metrics")).send().await.map_err(|e| format!("{url}: {e}"))?;
     let text = text.text().await.map_err(|e| format!("{url}: {e}"))?;

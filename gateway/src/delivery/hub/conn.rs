@@ -96,7 +96,7 @@ impl From<Queued> for Frame {
     }
 }
 
-/// One stream in this many records `tidings_gateway_event_age_at_write_seconds`.
+/// One stream in this many records `tidings_end_to_end_seconds{to="delivered"}`.
 const AGE_SAMPLE: u64 = 16;
 
 /// One open stream.

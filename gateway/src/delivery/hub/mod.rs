@@ -69,9 +69,10 @@ struct Metrics {
     queued_bytes: Gauge,
     owned: Gauge,
     delivered: Counter,
-    /// Seconds from a live event's Kafka CreateTime to its stream taking it off its queue to
-    /// write it: the whole hop through this gateway (consume, decode, queue, schedule); recorded
-    /// for the streams whose id is a multiple of [`conn::AGE_SAMPLE`].
+    /// `tidings_end_to_end_seconds{to="delivered"}`: seconds from a live event's `occurred_at`
+    /// to its stream taking it off its queue to write it (every hop from the source, through
+    /// this gateway's consume, decode, queue and schedule); recorded for the streams whose id is
+    /// a multiple of [`conn::AGE_SAMPLE`].
     age_at_write: metrics::Histogram,
     closes: HashMap<&'static str, Counter>,
     resumes: HashMap<&'static str, Counter>,
@@ -85,7 +86,7 @@ impl Metrics {
             queued_bytes: gauge!("tidings_gateway_queued_bytes"),
             owned: gauge!("tidings_gateway_owned_partitions"),
             delivered: counter!("tidings_gateway_events_delivered_total"),
-            age_at_write: metrics::histogram!("tidings_gateway_event_age_at_write_seconds"),
+            age_at_write: tidings_core::stage::Reached::Delivered.histogram(),
             closes: CloseReason::ALL
                 .iter()
                 .map(|r| (r.as_str(), counter!("tidings_gateway_closes_total", "reason" => r.as_str())))

@@ -446,3 +446,103 @@ fn read_to_end(
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::Owned;
+
+    fn spec(stage: &str, group: &str, required: bool) -> GroupSpec {
+        GroupSpec {
+            stage: stage.into(),
+            group: group.into(),
+            topics: vec!["t".into()],
+            output: None,
+            dead_letter: None,
+            commits: true,
+            offsets_in_store: false,
+            required,
+        }
+    }
+
+    fn lag(partition: i32, committed: i64, high: i64) -> PartitionLag {
+        let messages = high - committed;
+        let seconds = Some(if messages == 0 { 0.0 } else { 5.0 });
+        PartitionLag {
+            topic: "t".into(),
+            partition,
+            committed: Some(committed),
+            low: 0,
+            high,
+            position: committed,
+            messages,
+            seconds,
+        }
+    }
+
+    fn instance(id: &str, group: &str, partitions: &[i32]) -> Announcement {
+        let owned = Owned {
+            stage: "templating".into(),
+            topics: vec!["t".into()],
+            partitions: partitions.iter().map(|&p| TopicPartition { topic: "t".into(), partition: p }).collect(),
+        };
+        Announcement {
+            instance: id.into(),
+            host: "h".into(),
+            pid: 1,
+            stages: vec!["templating".into()],
+            groups: BTreeMap::from([(group.to_string(), owned)]),
+            gateway: None,
+            started_at_ms: 0,
+            updated_at_ms: 0,
+            interval_ms: 3000,
+        }
+    }
+
+    fn sample(at_ms: i64, instances: Vec<Announcement>, groups: Vec<(GroupSpec, Vec<PartitionLag>)>) -> Sample {
+        let groups = groups
+            .into_iter()
+            .map(|(spec, lag)| {
+                let g = GroupSample { spec: spec.clone(), members: Some(1), lag_known: true, lag, error: None };
+                (spec.group, g)
+            })
+            .collect();
+        Sample { at_ms, instances, groups }
+    }
+
+    /// Owners come from the announcements (two claims of one partition show both), the state
+    /// from the samples, and an optional group nobody runs or knows is left out.
+    #[test]
+    fn a_report_from_samples() {
+        let g = spec("templating", "tg", true);
+        let unused = spec("claims", "cg", false);
+        let topo =
+            StatusSpec { instances_topic: "i".into(), groups: vec![g.clone(), unused.clone()], dead_letters: vec![] };
+        let who = vec![instance("a", "tg", &[0, 1]), instance("b", "tg", &[1])];
+        let no_lag = |p| PartitionLag { committed: None, ..lag(p, 0, 0) };
+        let mut samples: Vec<Sample> = (0..3)
+            .map(|i| {
+                sample(
+                    i * 1000,
+                    who.clone(),
+                    vec![(g.clone(), vec![lag(0, 10 + i, 10 + i), lag(1, 5, 9)]), (unused.clone(), vec![no_lag(0)])],
+                )
+            })
+            .collect();
+        // Nobody in the claims group, and nothing committed there.
+        for s in &mut samples {
+            s.groups.get_mut("cg").unwrap().members = Some(0);
+        }
+        let r = report(&topo, &samples, vec![]);
+        assert_eq!(r.window_ms, 2000);
+        assert_eq!(r.groups.len(), 1, "the unused claims group is left out: {:?}", r.groups);
+        let tg = &r.groups[0];
+        assert_eq!(tg.state, State::Stalled, "partition 1 is behind and its offset never moved");
+        assert_eq!(tg.lag_messages, Some(4));
+        assert_eq!(tg.lag_seconds, Some(5.0));
+        assert_eq!(tg.partitions[0].owners, ["a"]);
+        assert_eq!(tg.partitions[1].owners, ["a", "b"]);
+        assert_eq!(tg.partitions[0].state, State::Ok);
+        assert!(!r.ok);
+    }
+}

@@ -214,6 +214,8 @@ async fn stage_only_processes_serve_their_groups_lag() {
     }
     let stored = sample(&http, &p_url, "tidings_stage_records_out_total", &stage_label("persistence")).await.unwrap();
     assert!(stored >= 20.0, "persistence stored {stored} rows");
+    let produced = sample(&http, &t_url, "tidings_stage_records_out_total", &stage_label("templating")).await.unwrap();
+    assert!(produced >= 20.0, "templating produced {produced} records");
     let text = http.get(format!("{p_url}/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(!text.contains("quantile="), "a summary left in /metrics:\n{text}");
 

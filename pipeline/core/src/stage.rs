@@ -70,11 +70,18 @@ impl StageMetrics {
     }
 }
 
-/// What a stage wrote: `records` outputs (records produced, rows stored), counted in
-/// `tidings_stage_records_out_total{stage}`. Delivery's are its stream writes
-/// (`tidings_gateway_events_delivered_total`), not counted twice here.
+/// What a stage wrote: `records` outputs (templating's acknowledged records, persistence's rows
+/// stored), counted in `tidings_stage_records_out_total{stage}`. Stages whose outputs have a
+/// counter of their own with more labels are not counted twice: delivery's stream writes
+/// (`tidings_gateway_events_delivered_total`), the scheduler's releases
+/// (`tidings_scheduler_released_total{to}`), claims' decisions (`tidings_claims_decisions_total`).
 pub fn records_out(stage: &'static str, records: u64) {
-    metrics::counter!("tidings_stage_records_out_total", "stage" => stage).increment(records);
+    records_out_counter(stage).increment(records);
+}
+
+/// The [`records_out`] counter, for a loop that counts often.
+pub fn records_out_counter(stage: &'static str) -> Counter {
+    metrics::counter!("tidings_stage_records_out_total", "stage" => stage)
 }
 
 /// A batch of `records` input records made durable together (a database transaction, a commit),

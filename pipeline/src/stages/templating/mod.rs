@@ -610,9 +610,11 @@ async fn ack_in_order(
     // The last record dead-lettered for a refused output: the later pages of a segment campaign
     // share its input and are refused alike, but it is one dead letter.
     let mut refused_input: Option<Arc<OwnedMessage>> = None;
+    let records_out = tidings_core::stage::records_out_counter(STAGE);
     while let Some(f) = rx.recv().await {
         let input = &f.input;
         let mut refused = None;
+        let produced = f.deliveries.len() as u64;
         for d in f.deliveries {
             if let Err(e) = acknowledged(d).await {
                 match unproducible(&e) {
@@ -623,6 +625,7 @@ async fn ack_in_order(
                 }
             }
         }
+        records_out.increment(produced);
         if let Some(d) = f.dead {
             settle_dead(&dead, input, d).await?;
         }

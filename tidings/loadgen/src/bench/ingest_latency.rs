@@ -156,7 +156,7 @@ pub(super) async fn ingest_latency(
         "notifications_record_to_stream": percentiles(delivery),
         "note": "from Kafka CreateTime, whole milliseconds: each hop is ±1 ms",
         "consumed_after_ms": stage_ages(http, &stack.url).await,
-        "consumed_after_note": "the stages' own tidings_stage_record_age_seconds (CreateTime → consumed) and, as gateway_write, tidings_gateway_event_age_at_write_seconds (notifications CreateTime → its stream takes it to write), over the whole run (warm-up included)",
+        "consumed_after_note": "the stages' own tidings_stage_record_age_seconds (CreateTime → consumed) and, as delivered, tidings_end_to_end_seconds{to=\"delivered\"} (occurred_at → its stream takes it to write), over the whole run (warm-up included), from their buckets (histogram_quantile)",
         "kafka_clients_ms": client_windows(http, &stack.url).await,
         "kafka_requests_per_event": client_requests(http, &stack.url, (rounds + measured_rounds) * n).await,
         "kafka_requests_note": "requests each client sent (Produce, Fetch) per event posted in the run, warm-up included, counted to its last statistics report (up to 10 s before this line, so a little low); librdkafka puts one partition in a produce request",

@@ -78,19 +78,6 @@ fn quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
     None
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn quantiles_interpolate_within_buckets() {
-        let b = [(0.01, 50.0), (0.1, 90.0), (1.0, 100.0), (f64::INFINITY, 100.0)];
-        assert_eq!(super::quantile(&b, 0.5), Some(0.01));
-        assert!((super::quantile(&b, 0.7).unwrap() - 0.055).abs() < 1e-9);
-        assert!((super::quantile(&b, 0.99).unwrap() - 0.91).abs() < 1e-9);
-        assert_eq!(super::quantile(&[(1.0, 0.0), (f64::INFINITY, 0.0)], 0.5), None);
-        assert_eq!(super::quantile(&[(1.0, 1.0), (f64::INFINITY, 4.0)], 0.9), Some(1.0));
-    }
-}
-
 /// Requests tidings' clients sent (librdkafka's counts, its last report) per event posted in the
 /// whole run, per client and kind: what the partition count costs each hop.
 pub(super) async fn client_requests(http: &reqwest::Client, url: &str, events: usize) -> Value {
@@ -129,4 +116,17 @@ pub(super) async fn client_windows(http: &reqwest::Client, url: &str) -> Value {
         }
     }
     Value::Object(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn quantiles_interpolate_within_buckets() {
+        let b = [(0.01, 50.0), (0.1, 90.0), (1.0, 100.0), (f64::INFINITY, 100.0)];
+        assert_eq!(super::quantile(&b, 0.5), Some(0.01));
+        assert!((super::quantile(&b, 0.7).unwrap() - 0.055).abs() < 1e-9);
+        assert!((super::quantile(&b, 0.99).unwrap() - 0.91).abs() < 1e-9);
+        assert_eq!(super::quantile(&[(1.0, 0.0), (f64::INFINITY, 0.0)], 0.5), None);
+        assert_eq!(super::quantile(&[(1.0, 1.0), (f64::INFINITY, 4.0)], 0.9), Some(1.0));
+    }
 }

@@ -1,6 +1,6 @@
-//! A consumer group's lag per partition, in messages and in seconds: committed offsets and
-//! watermarks from the brokers, and the timestamp of the first record the group has not yet
-//! consumed, read by a consumer outside the group assigned at that offset. Blocking, and bounded in time.
+//! A consumer group's lag per partition in messages and in seconds, exact from the timestamp of
+//! the record at its position (read by a consumer outside the group, within a deadline): for
+//! `tidings status` ([`LagReader`]) and for every process's lag gauges ([`observe`]).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};

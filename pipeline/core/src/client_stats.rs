@@ -283,6 +283,14 @@ mod tests {
         assert_eq!(value(&lags, "kafka_consumergroup_lag", Some("1")), Some(1.0), "{lags:?}");
         assert_eq!(value(&lags, "kafka_consumergroup_lag_sum", None), Some(4.0), "{lags:?}");
         assert_eq!(lags[0].labels[..2], [("consumergroup", "g".to_string()), ("topic", "t".to_string())]);
+        // A stage keeping its offsets in its database says where they are: that position counts,
+        // ahead of the Kafka commit; once forgotten (revoked), the commit counts again.
+        crate::lag::durable("g-durable", "t", 0, 1);
+        let durable = lag_samples("g-durable", &report);
+        assert_eq!(value(&durable, "kafka_consumergroup_lag", Some("0")), Some(4.0), "{durable:?}");
+        crate::lag::forget("g-durable", [("t", 0)]);
+        let committed = lag_samples("g-durable", &report);
+        assert_eq!(value(&committed, "kafka_consumergroup_lag", Some("0")), Some(3.0), "{committed:?}");
         // A partition whose lag librdkafka does not know (−1) is in neither the gauges nor the sum.
         let mut unknown = report.clone();
         let p1 = unknown.topics.get_mut("t").unwrap().partitions.get_mut(&1).unwrap();

@@ -109,14 +109,19 @@ pub fn samples(client: &str, s: &Statistics) -> Vec<Sample> {
 /// whose position or end is not known yet (librdkafka's −1001) is left out of both, so a sum never
 /// counts it.
 pub fn lag_samples(group: &str, s: &Statistics) -> Vec<Sample> {
+    lag_samples_at(group, &crate::lag::positions(group, &crate::lag::standings(s)))
+}
+
+/// The lag gauges of `group` at `(topic, partition, position, end)` (sorted by topic), leaving
+/// out partitions whose position or end is not known.
+pub fn lag_samples_at(group: &str, at: &[(String, i32, Option<i64>, Option<i64>)]) -> Vec<Sample> {
     let mut out = Vec::new();
-    let standings = crate::lag::standings(group, s);
-    let mut topics: Vec<&str> = standings.iter().map(|x| x.topic.as_str()).collect();
+    let mut topics: Vec<&str> = at.iter().map(|x| x.0.as_str()).collect();
     topics.dedup();
     for topic in topics {
         let mut sum = None;
-        for x in standings.iter().filter(|x| x.topic == topic) {
-            let (Some(position), Some(end)) = (x.position, x.end) else { continue };
+        for (_, partition, position, end) in at.iter().filter(|x| x.0 == topic) {
+            let (Some(position), Some(end)) = (position, end) else { continue };
             let lag = (end - position).max(0);
             *sum.get_or_insert(0) += lag;
             out.push(Sample {
@@ -124,7 +129,7 @@ pub fn lag_samples(group: &str, s: &Statistics) -> Vec<Sample> {
                 labels: vec![
                     ("consumergroup", group.into()),
                     ("topic", topic.to_string()),
-                    ("partition", x.partition.to_string()),
+                    ("partition", partition.to_string()),
                 ],
                 value: lag as f64,
             });
@@ -138,6 +143,11 @@ pub fn lag_samples(group: &str, s: &Statistics) -> Vec<Sample> {
         }
     }
     out
+}
+
+/// Sets the lag gauges of `group` at these positions (see [`lag_samples_at`]).
+pub fn set_lag(group: &str, at: &[(String, i32, Option<i64>, Option<i64>)]) {
+    set(lag_samples_at(group, at));
 }
 
 /// Sets the lag gauges of a consumer's report for its `group` (see [`lag_samples`]).

@@ -179,8 +179,10 @@ impl<H: RebalanceHooks> ClientContext for StageContext<H> {
     fn stats(&self, statistics: Statistics) {
         crate::client_stats::record(self.client, &statistics);
         if let Some(group) = &self.group {
-            crate::client_stats::record_lag(group, &statistics);
-            crate::lag::observe(group, &statistics);
+            // The group's reader thread sets its lag gauges, if the process runs them.
+            if !crate::lag::observe(group, &statistics) {
+                crate::client_stats::record_lag(group, &statistics);
+            }
         }
     }
 }

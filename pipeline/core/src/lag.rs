@@ -264,15 +264,31 @@ fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
-/// Where a consumer of this process stands on one partition, from its statistics report.
+/// Where a consumer of this process stands on one partition, from its statistics report
+/// (librdkafka's −1001 for "not known" is `None`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Standing {
     pub topic: String,
     pub partition: i32,
-    /// See [`standings`]; `None` while none is known.
-    pub position: Option<i64>,
+    /// The offset the stage stored (for Kafka to commit).
+    pub stored: Option<i64>,
+    pub committed: Option<i64>,
+    /// The next offset handed to the stage.
+    pub consumed: Option<i64>,
+    /// The log's first offset.
+    pub low: Option<i64>,
     /// The last stable offset (the end a read_committed consumer sees), else the high watermark.
     pub end: Option<i64>,
+}
+
+impl Standing {
+    /// The position lag counts from: the stored offset, else the one the stage made `durable`,
+    /// else the committed one, else (a group that commits nothing, like delivery) the next offset
+    /// handed to the stage; raised to the log's first offset (records below it are gone).
+    pub fn position(&self, durable: Option<i64>) -> Option<i64> {
+        let at = self.stored.or(durable).or(self.committed).or(self.consumed)?;
+        Some(self.low.map_or(at, |low| at.max(low)))
+    }
 }
 
 /// Next offsets that stages keeping their offsets outside Kafka (persistence, claims) made
@@ -300,25 +316,19 @@ pub fn forget<'a>(group: &str, partitions: impl IntoIterator<Item = (&'a str, i3
     }
 }
 
-/// The partitions a consumer of `group` holds by its statistics report, and where it stands on
-/// each: its stored offset, else the position its stage made durable ([`durable`]), else its
-/// committed offset, else the next offset handed to the stage.
-pub fn standings(group: &str, s: &rdkafka::Statistics) -> Vec<Standing> {
+/// The partitions a consumer holds by its statistics report, and where it stands on each.
+pub fn standings(s: &rdkafka::Statistics) -> Vec<Standing> {
     let known = |o: i64| (o >= 0).then_some(o);
-    let durable = DURABLE.lock().unwrap_or_else(|e| e.into_inner());
     let mut out = Vec::new();
     for (topic, t) in &s.topics {
         for p in t.partitions.values().filter(|p| p.partition >= 0 && p.desired) {
-            let kept = durable.as_ref().and_then(|m| m.get(&(group.to_string(), topic.clone(), p.partition)).copied());
             out.push(Standing {
                 topic: topic.clone(),
                 partition: p.partition,
-                position: known(p.stored_offset)
-                    .or(kept)
-                    .or(known(p.committed_offset))
-                    .or(known(p.app_offset))
-                    // Records below the log's start are gone: the group resumes at its start.
-                    .map(|o| known(p.lo_offset).map_or(o, |lo| o.max(lo))),
+                stored: known(p.stored_offset),
+                committed: known(p.committed_offset),
+                consumed: known(p.app_offset),
+                low: known(p.lo_offset),
                 end: known(p.ls_offset).or(known(p.hi_offset)),
             });
         }
@@ -327,27 +337,44 @@ pub fn standings(group: &str, s: &rdkafka::Statistics) -> Vec<Standing> {
     out
 }
 
-/// The brokers the lag-in-seconds readers use; unset, no process-wide gauges are kept.
+/// `(topic, partition, position, end)` of each of `standings`, with `group`'s durable positions.
+pub fn positions(group: &str, standings: &[Standing]) -> Vec<(String, i32, Option<i64>, Option<i64>)> {
+    let map = DURABLE.lock().unwrap_or_else(|e| e.into_inner());
+    standings
+        .iter()
+        .map(|s| {
+            let kept = map.as_ref().and_then(|m| m.get(&(group.to_string(), s.topic.clone(), s.partition)).copied());
+            (s.topic.clone(), s.partition, s.position(kept), s.end)
+        })
+        .collect()
+}
+
+/// The brokers the lag readers use; unset, no reader threads run.
 static GAUGES_FROM: std::sync::OnceLock<KafkaConfig> = std::sync::OnceLock::new();
 /// One reader thread per consumer group of this process (the groups of its stages: a handful).
 static WORKERS: std::sync::Mutex<Option<HashMap<String, std::sync::mpsc::SyncSender<Vec<Standing>>>>> =
     std::sync::Mutex::new(None);
 /// How long one refresh may read records for.
 const REFRESH_TIMEOUT: Duration = Duration::from_secs(5);
+/// A consumer busy in a long write is not polled, so its reports stop: after this long without
+/// one, the reader refreshes by itself (watermarks, durable positions, records).
+const IDLE_REFRESH: Duration = Duration::from_secs(3);
 
-/// Turns on `kafka_consumergroup_lag_seconds{consumergroup,topic,partition}` and
-/// `kafka_consumergroup_lag_seconds_max{consumergroup,topic}` for every group whose consumer
+/// Turns on reader threads that keep `kafka_consumergroup_lag{consumergroup,topic,partition}`,
+/// `kafka_consumergroup_lag_sum`, `kafka_consumergroup_lag_seconds{consumergroup,topic,partition}`
+/// and `kafka_consumergroup_lag_seconds_max{consumergroup,topic}` for every group whose consumer
 /// reports statistics ([`crate::consumer::StageContext::with_group`]), read with `cfg`'s brokers.
 /// Once per process (the binary, at start); later calls change nothing.
 pub fn enable_gauges(cfg: &KafkaConfig) {
     let _ = GAUGES_FROM.set(cfg.clone());
 }
 
-/// Hands a consumer's statistics to its group's reader thread, which reads the records at the
-/// positions of the partitions behind and sets the gauges. Never blocks: a report that comes
-/// while the previous one is still being read is skipped (the next one is as good).
-pub fn observe(group: &str, s: &rdkafka::Statistics) {
-    let Some(cfg) = GAUGES_FROM.get() else { return };
+/// Hands a consumer's statistics to its group's reader thread, which sets the group's lag gauges
+/// (reading the records at the positions of the partitions behind). Never blocks: a report that
+/// comes while the previous one is still being read is skipped (the next one is as good). `false`
+/// when no reader runs ([`enable_gauges`] was not called): the caller sets the gauges in messages.
+pub fn observe(group: &str, s: &rdkafka::Statistics) -> bool {
+    let Some(cfg) = GAUGES_FROM.get() else { return false };
     let mut workers = WORKERS.lock().unwrap_or_else(|e| e.into_inner());
     let workers = workers.get_or_insert_with(HashMap::new);
     if !workers.contains_key(group) {
@@ -356,14 +383,15 @@ pub fn observe(group: &str, s: &rdkafka::Statistics) {
         let spawned =
             std::thread::Builder::new().name(format!("lag-{group}")).spawn(move || gauge_loop(&cfg, &name, rx));
         if let Err(e) = spawned {
-            tracing::warn!(error = %e, "No thread for the lag in seconds of group {group}; its gauges stay unset.");
-            return;
+            tracing::warn!(error = %e, "No thread for the lag of group {group}; its gauges come from the reports alone.");
+            return false;
         }
         workers.insert(group.to_string(), tx);
     }
     if let Some(tx) = workers.get(group) {
-        let _ = tx.try_send(standings(group, s));
+        let _ = tx.try_send(standings(s));
     }
+    true
 }
 
 fn gauge_loop(cfg: &KafkaConfig, group: &str, rx: std::sync::mpsc::Receiver<Vec<Standing>>) {
@@ -374,8 +402,24 @@ fn gauge_loop(cfg: &KafkaConfig, group: &str, rx: std::sync::mpsc::Receiver<Vec<
             return;
         }
     };
-    while let Ok(standings) = rx.recv() {
-        let lags = seconds_of(&reader, &standings, Instant::now() + REFRESH_TIMEOUT);
+    let mut last: Vec<Standing> = Vec::new();
+    loop {
+        match rx.recv_timeout(IDLE_REFRESH) {
+            Ok(report) => last = report,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                // No report: the log's end moved on without the consumer knowing.
+                let deadline = Instant::now() + REFRESH_TIMEOUT;
+                for s in &mut last {
+                    if let Ok((low, high)) = reader.records.fetch_watermarks(&s.topic, s.partition, left(deadline)) {
+                        (s.low, s.end) = (Some(low), Some(high));
+                    }
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+        }
+        let at = positions(group, &last);
+        crate::client_stats::set_lag(group, &at);
+        let lags = seconds_of(&reader, &at, Instant::now() + REFRESH_TIMEOUT);
         let mut max: HashMap<&str, f64> = HashMap::new();
         for (topic, partition, seconds) in &lags {
             let labels =
@@ -385,24 +429,29 @@ fn gauge_loop(cfg: &KafkaConfig, group: &str, rx: std::sync::mpsc::Receiver<Vec<
             *m = m.max(*seconds);
         }
         for (topic, max) in max {
-            metrics::gauge!("kafka_consumergroup_lag_seconds_max", "consumergroup" => group.to_string(), "topic" => topic.to_string())
-                .set(max);
+            let labels = [("consumergroup", group.to_string()), ("topic", topic.to_string())];
+            metrics::gauge!("kafka_consumergroup_lag_seconds_max", &labels).set(max);
         }
     }
 }
 
-/// Seconds behind per partition of `standings` whose position and end are known: 0 when caught
-/// up (no record read), else from the record at the position; partitions not read in time are
-/// left out (unknown), so neither a gauge nor a maximum counts them.
-pub fn seconds_of(reader: &LagReader, standings: &[Standing], deadline: Instant) -> Vec<(String, i32, f64)> {
+/// Seconds behind per partition of `at` (`(topic, partition, position, end)`, see [`positions`])
+/// whose position and end are known: 0 when caught up (no record read), else from the record at
+/// the position; partitions not read in time are left out (unknown), so neither a gauge nor a
+/// maximum counts them.
+pub fn seconds_of(
+    reader: &LagReader,
+    at: &[(String, i32, Option<i64>, Option<i64>)],
+    deadline: Instant,
+) -> Vec<(String, i32, f64)> {
     let mut out = Vec::new();
     let mut behind = Vec::new();
-    for s in standings {
-        let (Some(position), Some(end)) = (s.position, s.end) else { continue };
+    for (topic, partition, position, end) in at {
+        let (Some(position), Some(end)) = (*position, *end) else { continue };
         if position >= end {
-            out.push((s.topic.clone(), s.partition, 0.0));
+            out.push((topic.clone(), *partition, 0.0));
         } else {
-            behind.push((s.topic.clone(), s.partition, position));
+            behind.push((topic.clone(), *partition, position));
         }
     }
     if !behind.is_empty() {

@@ -356,8 +356,8 @@ static WORKERS: std::sync::Mutex<Option<HashMap<String, std::sync::mpsc::SyncSen
     std::sync::Mutex::new(None);
 /// How long one refresh may read records for.
 const REFRESH_TIMEOUT: Duration = Duration::from_secs(5);
-/// A consumer busy in a long write is not polled, so its reports stop: after this long without
-/// one, the reader refreshes by itself (watermarks, durable positions, records).
+/// A consumer busy in a long write is not polled, so its reports stop: once two intervals passed
+/// without one, the reader refreshes by itself this often (watermarks, durable positions, records).
 const IDLE_REFRESH: Duration = Duration::from_secs(3);
 
 /// Turns on reader threads that keep `kafka_consumergroup_lag{consumergroup,topic,partition}`,
@@ -403,9 +403,21 @@ fn gauge_loop(cfg: &KafkaConfig, group: &str, rx: std::sync::mpsc::Receiver<Vec<
         }
     };
     let mut last: Vec<Standing> = Vec::new();
+    // When the last report came, and the time between the last two (the statistics interval;
+    // tidings' default, client_stats::STATS_INTERVAL_MS, until two reports tell).
+    let (mut reported, mut interval): (Option<Instant>, Duration) = (None, Duration::from_secs(10));
     loop {
         match rx.recv_timeout(IDLE_REFRESH) {
-            Ok(report) => last = report,
+            Ok(report) => {
+                if let Some(r) = reported {
+                    interval = r.elapsed();
+                }
+                (last, reported) = (report, Some(Instant::now()));
+            }
+            // Reports are due: a refresh now would pair old positions with a newer end.
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) if reported.is_none_or(|r| r.elapsed() < 2 * interval) => {
+                continue
+            }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                 // No report: the log's end moved on without the consumer knowing.
                 let deadline = Instant::now() + REFRESH_TIMEOUT;

@@ -96,6 +96,14 @@ fn up_demo_inbox_on_embedded_defaults_across_a_restart() {
     let text = String::from_utf8_lossy(&inbox.stdout);
     assert!(inbox.status.success() && text.contains("u0001:") && text.contains("unread"), "{text}");
 
+    // `tidings status` on the embedded cluster sees the running process and judges every stage OK.
+    let out = tidings(data).args(["status", "--json", "--window", "1s"]).output().unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("status --json: {e}: {}", String::from_utf8_lossy(&out.stderr)));
+    let instances = report["instances"].as_array().expect("instances");
+    assert_eq!(instances.len(), 1, "the one up process announced itself: {report:#}");
+    assert_eq!(out.status.code(), Some(0), "every group OK on a running system: {report:#}");
+
     // `tidings produce`: JSON lines in, Avro out; a bad line is reported with its field path and skipped.
     let mut child =
         tidings(data).args(["produce", "orders"]).stdin(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();

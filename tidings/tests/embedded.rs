@@ -213,8 +213,17 @@ async fn up_serves_the_segment_api_with_the_service_token() {
     let (http_url, service) = (ep["http"].as_str().unwrap(), ep["ingest_token"].as_str().unwrap());
     let http = reqwest::Client::new();
     let url = format!("{http_url}/v1/segments/vip");
-    let put = http.put(&url).bearer_auth(service).header("content-type", "text/csv").body("user_id\nu1\nu2\n");
-    let resp = put.send().await.unwrap();
+    // 503 with Retry-After is the API's answer while SQLite's one writer is busy (stages starting on
+    // a loaded machine): a client retries it, as this one does, for 15 s at most.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let resp = loop {
+        let put = http.put(&url).bearer_auth(service).header("content-type", "text/csv").body("user_id\nu1\nu2\n");
+        let resp = put.send().await.unwrap();
+        if resp.status() != 503 || resp.headers().get("retry-after").is_none() || Instant::now() > deadline {
+            break resp;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
     assert_eq!(resp.status(), 200);
     let body: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(body["segment"]["size"], 2, "{body}");
